@@ -1,0 +1,46 @@
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include <caf/error.hpp>
+#include <caf/make_message.hpp>
+
+namespace tailor::messages {
+
+// Every error code Tailor puts on the wire (DLQ records, error results,
+// job.failed events). The wire spelling is to_string(errc); it is part of
+// the contract with consumers, so values may be added but never renamed.
+enum class errc : uint8_t {
+  none = 0,
+  // Unreadable input: answered on tailor.dlq.
+  invalid_json,
+  not_an_object,
+  missing_field,
+  wrong_type,
+  invalid_id,
+  too_large,
+  unknown_type,
+  unsupported_schema_version,
+  // Readable but ungrantable: answered to the requester.
+  invalid_argument,
+  out_of_bounds,
+  path_escape,
+  unknown_base_model,
+  no_ready_model,
+  model_not_found,
+  model_not_owned,
+  model_not_ready,
+  duplicate_request_id,
+  quota_exceeded,
+  internal,
+};
+
+std::string to_string(errc code);
+
+// True for codes that answer an unreadable event (tailor.dlq).
+bool is_unreadable(errc code);
+
+}  // namespace tailor::messages
+
+CAF_ERROR_CODE_ENUM(tailor::messages::errc, "tailor_msg")

@@ -1,0 +1,155 @@
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <variant>
+#include <vector>
+
+#include "messages/errc.hpp"
+#include "messages/limits.hpp"
+
+// The events of design section 3: parsing with validation for what clients
+// send, serialization for what Tailor sends. JSON never leaves this folder
+// as anything but std::string.
+namespace tailor::messages {
+
+inline constexpr int schema_version = 1;
+
+// Which input topic an event came from; each accepts its own types only.
+enum class input_topic : uint8_t { onboarding, inference, control };
+
+struct hyperparameters {
+  std::optional<int64_t> rank;
+  std::optional<double> alpha;
+  std::optional<int64_t> steps;
+  std::optional<double> learning_rate;
+  std::optional<int64_t> batch_size;
+  std::optional<uint64_t> seed;
+};
+
+struct onboarding_request {
+  std::string request_id;
+  std::string user_id;
+  std::optional<std::string> base_model;
+  std::vector<std::string> texts;       // either texts ...
+  std::optional<std::string> data_ref;  // ... or a file under the data directory
+  hyperparameters hparams;
+  std::vector<std::string> prompts;
+};
+
+struct inference_request {
+  std::string request_id;
+  std::string user_id;
+  std::optional<std::string> model_id;
+  std::string prompt;
+  std::optional<int64_t> max_tokens;
+  std::optional<double> temperature;
+  std::optional<int64_t> top_k;
+  std::optional<double> top_p;
+  std::optional<uint64_t> seed;
+  std::vector<std::string> stop;
+};
+
+struct job_cancel {
+  std::string user_id;
+  std::string job_id;
+};
+
+struct inference_cancel {
+  std::string user_id;
+  std::string request_id;
+};
+
+using request = std::variant<onboarding_request, inference_request, job_cancel, inference_cancel>;
+
+// A rejected event. `user_id`/`request_id` are set when the requester could be
+// identified and the event had the right shape: then the rejection is answered
+// to the requester; otherwise (unreadable) it goes to tailor.dlq.
+struct rejection {
+  errc code = errc::none;
+  std::string message;  // names the field and the reason
+  std::string type;     // the event type, when it was readable
+  std::string user_id;
+  std::string request_id;
+  bool answerable() const { return !is_unreadable(code) && !user_id.empty(); }
+};
+
+// A parsed request plus the hash of its canonical JSON (dedup key payload).
+struct parsed_request {
+  request value;
+  uint64_t payload_hash = 0;
+};
+
+using parse_result = std::variant<parsed_request, rejection>;
+
+// Parses and validates one event read from `topic`.
+parse_result parse_event(input_topic topic, std::string_view bytes, const limits& lim);
+
+// --- What Tailor writes -----------------------------------------------------
+
+struct error_info {
+  errc code = errc::none;
+  std::string message;
+};
+
+struct timings_ms {
+  double queue = 0, adapter_load = 0, prefill = 0, decode = 0, total = 0;
+};
+
+struct inference_result {
+  std::string request_id;
+  std::string user_id;
+  std::string model_id;  // empty when no model was chosen
+  std::string text;
+  std::string finish_reason;  // stop|length|cancelled|deadline; empty on error
+  timings_ms timings;
+  std::optional<error_info> error;
+};
+
+struct progress_info {
+  int64_t step = 0, steps = 0;
+  double loss = 0;
+};
+
+// type: job.queued|job.admitted|job.training|job.progress|job.saving|
+//       job.retrying|job.failed|job.cancelled|model.ready
+struct job_event {
+  std::string type;
+  std::string job_id;
+  std::string request_id;
+  std::string user_id;
+  std::optional<std::string> model_id;
+  std::optional<progress_info> progress;
+  std::optional<error_info> error;
+};
+
+struct dlq_record {
+  error_info error;
+  std::string topic;
+  int32_t partition = -1;
+  int64_t offset = -1;
+  std::string key;
+  std::string payload;  // original bytes; base64 on the wire
+};
+
+std::string to_json(const inference_result& x);
+std::string to_json(const job_event& x);
+std::string to_json(const dlq_record& x);
+
+// Serialize a client request (used by tailorctl and tests).
+std::string to_json(const onboarding_request& x);
+std::string to_json(const inference_request& x);
+std::string to_json(const job_cancel& x);
+std::string to_json(const inference_cancel& x);
+
+std::string base64_encode(std::string_view bytes);
+
+// Replaces every invalid UTF-8 sequence with U+FFFD.
+std::string repair_utf8(std::string_view bytes);
+
+// FNV-1a 64, stable across builds and machines.
+uint64_t fnv1a64(std::string_view bytes, uint64_t seed = 0xcbf29ce484222325ULL);
+
+}  // namespace tailor::messages

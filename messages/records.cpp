@@ -1,0 +1,133 @@
+#include "messages/records.hpp"
+
+#include <nlohmann/json.hpp>
+
+namespace tailor::messages {
+
+namespace {
+
+using json = nlohmann::json;
+
+std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+// Parses `s` and hands the object to `fill`; false on any malformed input.
+template <class F>
+bool load(std::string_view s, F fill) {
+  json j = json::parse(s.begin(), s.end(), nullptr, false);
+  if (!j.is_object()) return false;
+  try {
+    fill(j);
+  } catch (const json::exception&) {
+    return false;  // edge: a corrupt record is reported, never thrown further
+  }
+  return true;
+}
+
+}  // namespace
+
+std::string to_json(const job_record& x) {
+  return dump(json{{"job_id", x.job_id},
+                   {"request_id", x.request_id},
+                   {"user_id", x.user_id},
+                   {"base_model", x.base_model},
+                   {"status", x.status},
+                   {"hyperparameters", x.hyperparameters},
+                   {"attempts", x.attempts},
+                   {"created_ms", x.created_ms},
+                   {"updated_ms", x.updated_ms},
+                   {"error_code", x.error_code},
+                   {"error_message", x.error_message},
+                   {"model_id", x.model_id}});
+}
+
+bool from_json(std::string_view s, job_record& x) {
+  return load(s, [&](const json& j) {
+    j.at("job_id").get_to(x.job_id);
+    j.at("request_id").get_to(x.request_id);
+    j.at("user_id").get_to(x.user_id);
+    j.at("base_model").get_to(x.base_model);
+    j.at("status").get_to(x.status);
+    j.at("hyperparameters").get_to(x.hyperparameters);
+    j.at("attempts").get_to(x.attempts);
+    j.at("created_ms").get_to(x.created_ms);
+    j.at("updated_ms").get_to(x.updated_ms);
+    j.at("error_code").get_to(x.error_code);
+    j.at("error_message").get_to(x.error_message);
+    j.at("model_id").get_to(x.model_id);
+  });
+}
+
+std::string to_json(const model_record& x) {
+  return dump(json{{"model_id", x.model_id},
+                   {"user_id", x.user_id},
+                   {"base_model", x.base_model},
+                   {"artifact_path", x.artifact_path},
+                   {"checksum", x.checksum},
+                   {"status", x.status},
+                   {"created_ms", x.created_ms},
+                   {"job_id", x.job_id}});
+}
+
+bool from_json(std::string_view s, model_record& x) {
+  return load(s, [&](const json& j) {
+    j.at("model_id").get_to(x.model_id);
+    j.at("user_id").get_to(x.user_id);
+    j.at("base_model").get_to(x.base_model);
+    j.at("artifact_path").get_to(x.artifact_path);
+    j.at("checksum").get_to(x.checksum);
+    j.at("status").get_to(x.status);
+    j.at("created_ms").get_to(x.created_ms);
+    j.at("job_id").get_to(x.job_id);
+  });
+}
+
+std::string to_json(const request_record& x) {
+  json answers = json::array();
+  for (const auto& a : x.answers)
+    answers.push_back({{"to", static_cast<int>(a.to)}, {"key", a.key}, {"payload", a.payload}});
+  return dump(json{{"user_id", x.user_id},
+                   {"request_id", x.request_id},
+                   {"kind", x.kind},
+                   {"payload_hash", x.payload_hash},
+                   {"job_id", x.job_id},
+                   {"answers", answers},
+                   {"created_ms", x.created_ms}});
+}
+
+bool from_json(std::string_view s, request_record& x) {
+  return load(s, [&](const json& j) {
+    j.at("user_id").get_to(x.user_id);
+    j.at("request_id").get_to(x.request_id);
+    j.at("kind").get_to(x.kind);
+    j.at("payload_hash").get_to(x.payload_hash);
+    j.at("job_id").get_to(x.job_id);
+    j.at("created_ms").get_to(x.created_ms);
+    x.answers.clear();
+    for (const auto& a : j.at("answers")) {
+      int to = a.at("to").get<int>();
+      if (to < 0 || to > 2) throw json::other_error::create(501, "bad channel", &a);
+      x.answers.push_back({static_cast<channel>(to), a.at("key").get<std::string>(),
+                           a.at("payload").get<std::string>()});
+    }
+  });
+}
+
+std::string to_json(const history_entry& x) {
+  return dump(json{{"user_id", x.user_id},
+                   {"time_ms", x.time_ms},
+                   {"request_id", x.request_id},
+                   {"input", x.input},
+                   {"output", x.output}});
+}
+
+bool from_json(std::string_view s, history_entry& x) {
+  return load(s, [&](const json& j) {
+    j.at("user_id").get_to(x.user_id);
+    j.at("time_ms").get_to(x.time_ms);
+    j.at("request_id").get_to(x.request_id);
+    j.at("input").get_to(x.input);
+    j.at("output").get_to(x.output);
+  });
+}
+
+}  // namespace tailor::messages

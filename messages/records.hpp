@@ -1,0 +1,109 @@
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <caf/meta/type_name.hpp>
+
+// Records that storage/ persists and actors/ pass around. Plain fields only,
+// so each has a CAF inspect and a JSON form (records.cpp).
+namespace tailor::messages {
+
+// Where an outgoing event goes; egress maps each to its configured topic.
+enum class channel : uint8_t { results = 0, events = 1, dlq = 2 };
+
+struct outgoing_message {
+  channel to = channel::results;
+  std::string key;
+  std::string payload;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, outgoing_message& x) {
+  return f(caf::meta::type_name("outgoing_message"), x.to, x.key, x.payload);
+}
+
+// Job states; design section 1 and issue 4. Stored as their names.
+struct job_record {
+  std::string job_id;
+  std::string request_id;
+  std::string user_id;
+  std::string base_model;
+  std::string status;           // queued|admitted|training|saving|ready|retrying|failed|cancelled
+  std::string hyperparameters;  // JSON object as given (defaults applied later)
+  int64_t attempts = 0;
+  int64_t created_ms = 0;
+  int64_t updated_ms = 0;
+  std::string error_code;
+  std::string error_message;
+  std::string model_id;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, job_record& x) {
+  return f(caf::meta::type_name("job_record"), x.job_id, x.request_id, x.user_id, x.base_model,
+           x.status, x.hyperparameters, x.attempts, x.created_ms, x.updated_ms, x.error_code,
+           x.error_message, x.model_id);
+}
+
+struct model_record {
+  std::string model_id;
+  std::string user_id;
+  std::string base_model;
+  std::string artifact_path;
+  std::string checksum;
+  std::string status;  // ready|deleted
+  int64_t created_ms = 0;
+  std::string job_id;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, model_record& x) {
+  return f(caf::meta::type_name("model_record"), x.model_id, x.user_id, x.base_model,
+           x.artifact_path, x.checksum, x.status, x.created_ms, x.job_id);
+}
+
+// One handled request, keyed by (user_id, request_id): the dedup entry.
+// `answers` are the exact messages published for it, so a redelivered request
+// is answered again with identical bytes.
+struct request_record {
+  std::string user_id;
+  std::string request_id;
+  std::string kind;  // onboarding|inference
+  uint64_t payload_hash = 0;
+  std::string job_id;
+  std::vector<outgoing_message> answers;
+  int64_t created_ms = 0;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, request_record& x) {
+  return f(caf::meta::type_name("request_record"), x.user_id, x.request_id, x.kind,
+           x.payload_hash, x.job_id, x.answers, x.created_ms);
+}
+
+struct history_entry {
+  std::string user_id;
+  int64_t time_ms = 0;
+  std::string request_id;
+  std::string input;   // the request's JSON
+  std::string output;  // the answer's JSON
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, history_entry& x) {
+  return f(caf::meta::type_name("history_entry"), x.user_id, x.time_ms, x.request_id, x.input,
+           x.output);
+}
+
+std::string to_json(const job_record& x);
+std::string to_json(const model_record& x);
+std::string to_json(const request_record& x);
+std::string to_json(const history_entry& x);
+bool from_json(std::string_view s, job_record& x);
+bool from_json(std::string_view s, model_record& x);
+bool from_json(std::string_view s, request_record& x);
+bool from_json(std::string_view s, history_entry& x);
+
+}  // namespace tailor::messages

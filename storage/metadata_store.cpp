@@ -1,0 +1,302 @@
+#include "storage/metadata_store.hpp"
+
+#include <chrono>
+#include <mutex>
+
+#include <nlohmann/json.hpp>
+#include <rocksdb/db.h>
+#include <rocksdb/write_batch.h>
+
+namespace tailor::storage {
+
+std::string to_string(errc code) {
+  switch (code) {
+    case errc::none: return "none";
+    case errc::io_error: return "io_error";
+    case errc::not_found: return "not_found";
+    case errc::invalid_transition: return "invalid_transition";
+    case errc::already_exists: return "already_exists";
+    case errc::corrupt_record: return "corrupt_record";
+  }
+  return "unknown";
+}
+
+namespace {
+
+const std::vector<std::string> table_names = {"users", "models", "jobs", "requests", "history"};
+enum table : std::size_t { users = 0, models, jobs, requests, history, table_count };
+
+caf::error io(const rocksdb::Status& s, const char* what) {
+  return caf::make_error(errc::io_error, std::string(what) + ": " + s.ToString());
+}
+
+std::string request_key(const std::string& user_id, const std::string& request_id) {
+  std::string k = user_id;
+  k.push_back('\0');
+  k += request_id;
+  return k;
+}
+
+void put_be64(std::string& out, uint64_t v) {
+  for (int i = 7; i >= 0; --i) out.push_back(static_cast<char>((v >> (i * 8)) & 0xff));
+}
+
+}  // namespace
+
+struct metadata_store::impl {
+  rocksdb::DB* db = nullptr;
+  std::vector<rocksdb::ColumnFamilyHandle*> cf;
+  rocksdb::WriteOptions wopts;
+  // Serializes read-modify-write sequences (transitions, model lists).
+  std::mutex rmw;
+  std::atomic<uint64_t> history_seq{0};
+
+  rocksdb::ColumnFamilyHandle* t(table x) { return cf[x]; }
+
+  caf::error write(rocksdb::WriteBatch& batch, const char* what) {
+    auto s = db->Write(wopts, &batch);
+    return s.ok() ? caf::error{} : io(s, what);
+  }
+
+  // Reads `key` from `tab` into `out`; not_found when absent.
+  caf::error get(table tab, const std::string& key, std::string& out) {
+    auto s = db->Get(rocksdb::ReadOptions(), t(tab), key, &out);
+    if (s.IsNotFound()) return caf::make_error(errc::not_found, table_names[tab] + " has no " + key);
+    return s.ok() ? caf::error{} : io(s, "get");
+  }
+
+  template <class Record>
+  caf::expected<Record> get_record(table tab, const std::string& key) {
+    std::string raw;
+    if (auto err = get(tab, key, raw)) return err;
+    Record r;
+    if (!messages::from_json(raw, r))
+      return caf::make_error(errc::corrupt_record, table_names[tab] + "/" + key + " does not parse");
+    return r;
+  }
+};
+
+metadata_store::~metadata_store() {
+  if (impl_ && impl_->db) {
+    for (auto* h : impl_->cf) {
+      auto s = impl_->db->DestroyColumnFamilyHandle(h);
+      (void)s;  // closing: nothing left to report to
+    }
+    delete impl_->db;
+  }
+}
+
+caf::expected<std::unique_ptr<metadata_store>> metadata_store::open(const std::string& path,
+                                                                    store_options opts) {
+  std::unique_ptr<metadata_store> store(new metadata_store);
+  store->impl_ = std::make_unique<impl>();
+  auto& im = *store->impl_;
+  rocksdb::DBOptions dbo;
+  dbo.create_if_missing = true;
+  dbo.create_missing_column_families = true;
+  dbo.keep_log_file_num = 4;
+  std::vector<rocksdb::ColumnFamilyDescriptor> cfs;
+  cfs.emplace_back(rocksdb::kDefaultColumnFamilyName, rocksdb::ColumnFamilyOptions());
+  for (const auto& n : table_names) cfs.emplace_back(n, rocksdb::ColumnFamilyOptions());
+  std::vector<rocksdb::ColumnFamilyHandle*> handles;
+  auto s = rocksdb::DB::Open(dbo, path, cfs, &handles, &im.db);
+  if (!s.ok()) return io(s, ("open " + path).c_str());
+  // handles[0] is the default family; ours follow in table order.
+  im.cf.assign(handles.begin() + 1, handles.end());
+  auto ds = im.db->DestroyColumnFamilyHandle(handles[0]);
+  if (!ds.ok()) return io(ds, "release default column family");
+  im.wopts.sync = opts.sync_writes;
+  im.history_seq = static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::microseconds>(
+          std::chrono::system_clock::now().time_since_epoch())
+          .count());
+  return store;
+}
+
+bool metadata_store::is_allowed_transition(const std::string& from, const std::string& to) {
+  static const std::vector<std::pair<std::string, std::vector<std::string>>> edges = {
+      {"queued", {"admitted", "failed", "cancelled"}},
+      {"admitted", {"training", "retrying", "failed", "cancelled", "queued"}},
+      {"training", {"saving", "retrying", "failed", "cancelled", "admitted"}},
+      {"saving", {"ready", "retrying", "failed", "admitted"}},
+      {"retrying", {"queued", "admitted", "failed", "cancelled"}},
+  };
+  for (const auto& [f, tos] : edges)
+    if (f == from)
+      for (const auto& t : tos)
+        if (t == to) return true;
+  return false;
+}
+
+caf::error metadata_store::create_job(const job_record& job, const request_record& req) {
+  auto& im = *impl_;
+  std::lock_guard<std::mutex> guard(im.rmw);
+  std::string existing;
+  auto err = im.get(jobs, job.job_id, existing);
+  if (!err) return caf::make_error(errc::already_exists, "job " + job.job_id + " exists");
+  if (err != errc::not_found) return err;
+  rocksdb::WriteBatch batch;
+  batch.Put(im.t(jobs), job.job_id, messages::to_json(job));
+  batch.Put(im.t(requests), request_key(req.user_id, req.request_id), messages::to_json(req));
+  return im.write(batch, "create job");
+}
+
+caf::expected<job_record> metadata_store::get_job(const std::string& job_id) {
+  return impl_->get_record<job_record>(jobs, job_id);
+}
+
+caf::expected<job_record> metadata_store::transition_job(const std::string& job_id,
+                                                         const std::string& from,
+                                                         const std::string& to,
+                                                         const job_record* update) {
+  auto& im = *impl_;
+  std::lock_guard<std::mutex> guard(im.rmw);
+  auto job = im.get_record<job_record>(jobs, job_id);
+  if (!job) return job.error();
+  if (job->status != from)
+    return caf::make_error(errc::invalid_transition,
+                           "job " + job_id + " is " + job->status + ", not " + from);
+  if (!is_allowed_transition(from, to))
+    return caf::make_error(errc::invalid_transition, "job " + job_id + ": " + from + " -> " + to +
+                                                         " is not a transition of the job state machine");
+  job->status = to;
+  job->updated_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                        std::chrono::system_clock::now().time_since_epoch())
+                        .count();
+  if (update) {
+    if (!update->error_code.empty()) job->error_code = update->error_code;
+    if (!update->error_message.empty()) job->error_message = update->error_message;
+    if (!update->model_id.empty()) job->model_id = update->model_id;
+    job->attempts = std::max(job->attempts, update->attempts);
+  }
+  rocksdb::WriteBatch batch;
+  batch.Put(im.t(jobs), job_id, messages::to_json(*job));
+  if (auto err = im.write(batch, "transition job")) return err;
+  return job;
+}
+
+caf::expected<std::vector<job_record>> metadata_store::list_jobs(const std::string& status,
+                                                                 std::size_t limit) {
+  auto& im = *impl_;
+  std::vector<job_record> out;
+  std::unique_ptr<rocksdb::Iterator> it(im.db->NewIterator(rocksdb::ReadOptions(), im.t(jobs)));
+  for (it->SeekToFirst(); it->Valid() && out.size() < limit; it->Next()) {
+    job_record r;
+    if (!messages::from_json(it->value().ToStringView(), r))
+      return caf::make_error(errc::corrupt_record, "jobs/" + it->key().ToString() + " does not parse");
+    if (status.empty() || r.status == status) out.push_back(std::move(r));
+  }
+  if (!it->status().ok()) return io(it->status(), "list jobs");
+  return out;
+}
+
+caf::error metadata_store::register_model(const model_record& model, const std::string& job_id) {
+  auto& im = *impl_;
+  std::lock_guard<std::mutex> guard(im.rmw);
+  std::string raw;
+  nlohmann::json ids = nlohmann::json::array();
+  auto err = im.get(users, model.user_id, raw);
+  if (!err) {
+    ids = nlohmann::json::parse(raw, nullptr, false);
+    if (!ids.is_array())
+      return caf::make_error(errc::corrupt_record, "users/" + model.user_id + " does not parse");
+  } else if (err != errc::not_found) {
+    return err;
+  }
+  for (const auto& id : ids)
+    if (id == model.model_id)
+      return caf::make_error(errc::already_exists, "model " + model.model_id + " exists");
+  ids.insert(ids.begin(), model.model_id);
+  rocksdb::WriteBatch batch;
+  batch.Put(im.t(users), model.user_id, ids.dump());
+  batch.Put(im.t(models), model.model_id, messages::to_json(model));
+  if (!job_id.empty()) {
+    auto job = im.get_record<job_record>(jobs, job_id);
+    if (!job) return job.error();
+    if (job->status != "saving")
+      return caf::make_error(errc::invalid_transition, "job " + job_id + " is " + job->status + ", not saving");
+    job->status = "ready";
+    job->model_id = model.model_id;
+    job->updated_ms = model.created_ms;
+    batch.Put(im.t(jobs), job_id, messages::to_json(*job));
+  }
+  return im.write(batch, "register model");
+}
+
+caf::expected<model_record> metadata_store::get_model(const std::string& model_id) {
+  return impl_->get_record<model_record>(models, model_id);
+}
+
+caf::expected<std::vector<model_record>> metadata_store::list_models(const std::string& user_id) {
+  auto& im = *impl_;
+  std::string raw;
+  std::vector<model_record> out;
+  auto err = im.get(users, user_id, raw);
+  if (err == errc::not_found) return out;
+  if (err) return err;
+  auto ids = nlohmann::json::parse(raw, nullptr, false);
+  if (!ids.is_array()) return caf::make_error(errc::corrupt_record, "users/" + user_id + " does not parse");
+  for (const auto& id : ids) {
+    if (!id.is_string()) return caf::make_error(errc::corrupt_record, "users/" + user_id + " holds a non-string");
+    auto m = im.get_record<model_record>(models, id.get<std::string>());
+    if (!m) return m.error();
+    out.push_back(std::move(*m));
+  }
+  return out;
+}
+
+caf::expected<std::optional<request_record>> metadata_store::find_request(
+    const std::string& user_id, const std::string& request_id) {
+  auto r = impl_->get_record<request_record>(requests, request_key(user_id, request_id));
+  if (r) return std::optional<request_record>(std::move(*r));
+  if (r.error() == errc::not_found) return std::optional<request_record>();
+  return r.error();
+}
+
+caf::error metadata_store::put_request(const request_record& req) {
+  rocksdb::WriteBatch batch;
+  batch.Put(impl_->t(requests), request_key(req.user_id, req.request_id), messages::to_json(req));
+  return impl_->write(batch, "put request");
+}
+
+caf::error metadata_store::append_history(const history_entry& entry) {
+  std::string key = entry.user_id;
+  key.push_back('\0');
+  put_be64(key, static_cast<uint64_t>(entry.time_ms));
+  put_be64(key, impl_->history_seq.fetch_add(1));
+  rocksdb::WriteBatch batch;
+  batch.Put(impl_->t(history), key, messages::to_json(entry));
+  return impl_->write(batch, "append history");
+}
+
+caf::expected<history_page> metadata_store::page_history(const std::string& user_id,
+                                                         const std::string& after,
+                                                         std::size_t limit) {
+  auto& im = *impl_;
+  std::string prefix = user_id;
+  prefix.push_back('\0');
+  history_page page;
+  std::unique_ptr<rocksdb::Iterator> it(im.db->NewIterator(rocksdb::ReadOptions(), im.t(history)));
+  if (after.empty()) {
+    it->Seek(prefix);
+  } else {
+    it->Seek(after);
+    if (it->Valid() && it->key().ToStringView() == after) it->Next();
+  }
+  std::string last;
+  for (; it->Valid() && it->key().starts_with(prefix); it->Next()) {
+    if (page.entries.size() == limit) {
+      page.next = last;
+      break;
+    }
+    history_entry e;
+    if (!messages::from_json(it->value().ToStringView(), e))
+      return caf::make_error(errc::corrupt_record, "history entry of " + user_id + " does not parse");
+    page.entries.push_back(std::move(e));
+    last = it->key().ToString();
+  }
+  if (!it->status().ok()) return io(it->status(), "page history");
+  return page;
+}
+
+}  // namespace tailor::storage

@@ -1,0 +1,85 @@
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <caf/expected.hpp>
+
+#include "messages/records.hpp"
+#include "storage/errc.hpp"
+
+namespace rocksdb {
+class DB;
+class ColumnFamilyHandle;
+}  // namespace rocksdb
+
+namespace tailor::storage {
+
+using messages::history_entry;
+using messages::job_record;
+using messages::model_record;
+using messages::request_record;
+
+struct store_options {
+  // fsync the WAL on every write. Off by default: the WAL already survives a
+  // killed process; on, it also survives a power cut, at a cost per write.
+  bool sync_writes = false;
+};
+
+// A page of a user's history, oldest first; `next` resumes after the last entry.
+struct history_page {
+  std::vector<history_entry> entries;
+  std::string next;  // empty at the end
+};
+
+// The RocksDB tables of design section 4, one column family each. Every
+// operation that touches several tables is one WriteBatch. Thread-safe.
+class metadata_store {
+ public:
+  static caf::expected<std::unique_ptr<metadata_store>> open(const std::string& path,
+                                                             store_options opts = {});
+  ~metadata_store();
+  metadata_store(const metadata_store&) = delete;
+  metadata_store& operator=(const metadata_store&) = delete;
+
+  // --- jobs ---------------------------------------------------------------
+  // Creates the job and records the request that created it, atomically.
+  caf::error create_job(const job_record& job, const request_record& req);
+  caf::expected<job_record> get_job(const std::string& job_id);
+  // Moves a job from `from` to `to`; refused unless the job is in `from` and
+  // the edge is part of the state machine. `update` may set error/model fields.
+  caf::expected<job_record> transition_job(const std::string& job_id, const std::string& from,
+                                           const std::string& to,
+                                           const job_record* update = nullptr);
+  // Jobs, optionally only those in `status`; at most `limit`, by job id.
+  caf::expected<std::vector<job_record>> list_jobs(const std::string& status, std::size_t limit);
+
+  // --- models -------------------------------------------------------------
+  // Adds the model to its user's list (newest first) and the models table,
+  // and moves `job_id` (if given) from saving to ready, in one batch.
+  caf::error register_model(const model_record& model, const std::string& job_id = {});
+  caf::expected<model_record> get_model(const std::string& model_id);
+  caf::expected<std::vector<model_record>> list_models(const std::string& user_id);
+
+  // --- requests (dedup) ---------------------------------------------------
+  caf::expected<std::optional<request_record>> find_request(const std::string& user_id,
+                                                            const std::string& request_id);
+  caf::error put_request(const request_record& req);
+
+  // --- history ------------------------------------------------------------
+  caf::error append_history(const history_entry& entry);
+  caf::expected<history_page> page_history(const std::string& user_id, const std::string& after,
+                                           std::size_t limit);
+
+  static bool is_allowed_transition(const std::string& from, const std::string& to);
+
+ private:
+  metadata_store() = default;
+  struct impl;
+  std::unique_ptr<impl> impl_;
+};
+
+}  // namespace tailor::storage

@@ -1,0 +1,366 @@
+// Unit tests of messages/: every validation rule of design section 3 and the
+// round trips of what Tailor writes.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "messages/events.hpp"
+#include "messages/ids.hpp"
+#include "messages/records.hpp"
+
+using namespace tailor::messages;
+using json = nlohmann::json;
+
+namespace {
+
+limits lim;
+
+json onboarding() {
+  return {{"type", "onboarding.request"}, {"schema_version", 1}, {"request_id", "r1"},
+          {"user_id", "u1"}, {"texts", {"hello", "world"}}};
+}
+
+json inference() {
+  return {{"type", "inference.request"}, {"schema_version", 1}, {"request_id", "q1"},
+          {"user_id", "u1"}, {"prompt", "hi"}};
+}
+
+rejection reject_bytes(input_topic topic, const std::string& bytes) {
+  auto r = parse_event(topic, bytes, lim);
+  EXPECT_TRUE(std::holds_alternative<rejection>(r)) << bytes;
+  return std::holds_alternative<rejection>(r) ? std::get<rejection>(r) : rejection{};
+}
+
+rejection reject(input_topic topic, const json& j) { return reject_bytes(topic, j.dump()); }
+
+template <class T>
+T accept(input_topic topic, const json& j) {
+  auto r = parse_event(topic, j.dump(), lim);
+  if (auto* rej = std::get_if<rejection>(&r)) {
+    ADD_FAILURE() << j.dump() << " rejected: " << rej->message;
+    return T{};
+  }
+  return std::get<T>(std::get<parsed_request>(r).value);
+}
+
+}  // namespace
+
+TEST(Ids, AcceptsTheIdAlphabetUpTo128) {
+  EXPECT_TRUE(is_valid_id("a"));
+  EXPECT_TRUE(is_valid_id("User_1.x:y-z"));
+  EXPECT_TRUE(is_valid_id(std::string(128, 'a')));
+  EXPECT_FALSE(is_valid_id(""));
+  EXPECT_FALSE(is_valid_id(std::string(129, 'a')));
+  EXPECT_FALSE(is_valid_id("a b"));
+  EXPECT_FALSE(is_valid_id("a#1"));
+  EXPECT_FALSE(is_valid_id("a/b"));
+  EXPECT_FALSE(is_valid_id("é"));
+}
+
+TEST(Parse, UnreadableEventsAreDlqWithCodeAndField) {
+  auto r = reject_bytes(input_topic::onboarding, "{not json");
+  EXPECT_EQ(r.code, errc::invalid_json);
+  EXPECT_FALSE(r.answerable());
+  EXPECT_EQ(reject_bytes(input_topic::onboarding, "[1,2]").code, errc::not_an_object);
+  EXPECT_EQ(reject_bytes(input_topic::onboarding, "\"x\"").code, errc::not_an_object);
+
+  auto j = onboarding();
+  j.erase("type");
+  r = reject(input_topic::onboarding, j);
+  EXPECT_EQ(r.code, errc::missing_field);
+  EXPECT_EQ(r.message, "type: is required");
+
+  j = onboarding();
+  j["type"] = 5;
+  EXPECT_EQ(reject(input_topic::onboarding, j).code, errc::wrong_type);
+
+  j = onboarding();
+  j.erase("schema_version");
+  EXPECT_EQ(reject(input_topic::onboarding, j).code, errc::missing_field);
+  j["schema_version"] = 2;
+  r = reject(input_topic::onboarding, j);
+  EXPECT_EQ(r.code, errc::unsupported_schema_version);
+  EXPECT_NE(r.message.find("schema_version"), std::string::npos);
+  j["schema_version"] = "1";
+  EXPECT_EQ(reject(input_topic::onboarding, j).code, errc::wrong_type);
+}
+
+TEST(Parse, EachTopicAcceptsOnlyItsTypes) {
+  auto r = reject(input_topic::inference, onboarding());
+  EXPECT_EQ(r.code, errc::unknown_type);
+  EXPECT_NE(r.message.find("inference.request"), std::string::npos);
+  EXPECT_EQ(reject(input_topic::onboarding, inference()).code, errc::unknown_type);
+  EXPECT_EQ(reject(input_topic::control, inference()).code, errc::unknown_type);
+}
+
+TEST(Parse, IdsAreRequiredAndChecked) {
+  for (const char* field : {"user_id", "request_id"}) {
+    auto j = onboarding();
+    j.erase(field);
+    auto r = reject(input_topic::onboarding, j);
+    EXPECT_EQ(r.code, errc::missing_field) << field;
+    EXPECT_EQ(r.message, std::string(field) + ": is required");
+    j[field] = "bad id";
+    r = reject(input_topic::onboarding, j);
+    EXPECT_EQ(r.code, errc::invalid_id) << field;
+    EXPECT_FALSE(r.answerable());
+    j[field] = 7;
+    EXPECT_EQ(reject(input_topic::onboarding, j).code, errc::wrong_type);
+    j[field] = "x#1";  // '#' is reserved for generated ids
+    EXPECT_EQ(reject(input_topic::onboarding, j).code, errc::invalid_id);
+  }
+  auto j = inference();
+  j["model_id"] = "";
+  EXPECT_EQ(reject(input_topic::inference, j).code, errc::invalid_id);
+  j = onboarding();
+  j["base_model"] = "a/b";
+  EXPECT_EQ(reject(input_topic::onboarding, j).code, errc::invalid_id);
+}
+
+TEST(Parse, OnboardingAcceptsAFullRequest) {
+  auto j = onboarding();
+  j["base_model"] = "tiny";
+  j["prompts"] = {"p1"};
+  j["hyperparameters"] = {{"rank", 8}, {"alpha", 16.0}, {"steps", 100},
+                          {"learning_rate", 0.001}, {"batch_size", 8}, {"seed", 42}};
+  auto x = accept<onboarding_request>(input_topic::onboarding, j);
+  EXPECT_EQ(x.user_id, "u1");
+  EXPECT_EQ(x.request_id, "r1");
+  EXPECT_EQ(x.base_model.value_or(""), "tiny");
+  EXPECT_EQ(x.texts, (std::vector<std::string>{"hello", "world"}));
+  EXPECT_EQ(x.prompts, std::vector<std::string>{"p1"});
+  EXPECT_EQ(x.hparams.rank.value_or(0), 8);
+  EXPECT_DOUBLE_EQ(x.hparams.alpha.value_or(0), 16.0);
+  EXPECT_EQ(x.hparams.steps.value_or(0), 100);
+  EXPECT_EQ(x.hparams.batch_size.value_or(0), 8);
+  EXPECT_EQ(x.hparams.seed.value_or(0), 42u);
+  // Serializing and parsing again gives the same request.
+  auto again = accept<onboarding_request>(input_topic::onboarding, json::parse(to_json(x)));
+  EXPECT_EQ(to_json(again), to_json(x));
+}
+
+TEST(Parse, OnboardingDataRules) {
+  auto j = onboarding();
+  j.erase("texts");
+  auto r = reject(input_topic::onboarding, j);
+  EXPECT_EQ(r.code, errc::missing_field);
+  EXPECT_NE(r.message.find("data_ref"), std::string::npos);
+
+  j["data_ref"] = "users/u1.txt";
+  EXPECT_EQ(accept<onboarding_request>(input_topic::onboarding, j).data_ref.value_or(""),
+            "users/u1.txt");
+
+  j["texts"] = {"a"};
+  r = reject(input_topic::onboarding, j);
+  EXPECT_EQ(r.code, errc::invalid_argument);
+  EXPECT_TRUE(r.answerable());
+  EXPECT_EQ(r.user_id, "u1");
+  EXPECT_EQ(r.request_id, "r1");
+
+  for (const char* escape : {"../x", "/etc/passwd", "a/../../b", "a/.."}) {
+    auto k = onboarding();
+    k.erase("texts");
+    k["data_ref"] = escape;
+    r = reject(input_topic::onboarding, k);
+    EXPECT_EQ(r.code, errc::path_escape) << escape;
+    EXPECT_TRUE(r.answerable());
+  }
+
+  j = onboarding();
+  j["texts"] = json::array();
+  EXPECT_EQ(reject(input_topic::onboarding, j).code, errc::invalid_argument);
+  j["texts"] = {"a", 3};
+  r = reject(input_topic::onboarding, j);
+  EXPECT_EQ(r.code, errc::wrong_type);
+  EXPECT_EQ(r.message, "texts[1]: must be a string");
+  j["texts"] = "a";
+  EXPECT_EQ(reject(input_topic::onboarding, j).code, errc::wrong_type);
+  j["texts"] = {std::string(lim.max_texts_bytes + 1, 'x')};
+  EXPECT_EQ(reject(input_topic::onboarding, j).code, errc::too_large);
+  j = onboarding();
+  j["prompts"] = json::array();
+  for (std::size_t i = 0; i <= lim.max_prompts; ++i) j["prompts"].push_back("p");
+  EXPECT_EQ(reject(input_topic::onboarding, j).code, errc::too_large);
+}
+
+TEST(Parse, HyperparametersTypesAndBounds) {
+  auto j = onboarding();
+  j["hyperparameters"] = 3;
+  EXPECT_EQ(reject(input_topic::onboarding, j).code, errc::wrong_type);
+  j["hyperparameters"] = {{"rank", "8"}};
+  auto r = reject(input_topic::onboarding, j);
+  EXPECT_EQ(r.code, errc::wrong_type);
+  EXPECT_EQ(r.message, "hyperparameters.rank: must be an integer");
+  j["hyperparameters"] = {{"rank", 8.5}};
+  EXPECT_EQ(reject(input_topic::onboarding, j).code, errc::wrong_type);
+  j["hyperparameters"] = {{"learning_rate", "fast"}};
+  EXPECT_EQ(reject(input_topic::onboarding, j).code, errc::wrong_type);
+
+  const auto& b = lim.hyperparameters;
+  std::vector<std::pair<std::string, json>> out_of_bounds = {
+      {"rank", b.max_rank + 1},        {"rank", 0},
+      {"alpha", -1.0},                 {"steps", b.max_steps + 1},
+      {"learning_rate", 2.0},          {"batch_size", 0},
+      {"batch_size", b.max_batch_size + 1}};
+  for (const auto& [field, value] : out_of_bounds) {
+    j["hyperparameters"] = {{field, value}};
+    r = reject(input_topic::onboarding, j);
+    EXPECT_EQ(r.code, errc::out_of_bounds) << field << "=" << value;
+    EXPECT_TRUE(r.answerable());
+    EXPECT_EQ(r.message.rfind("hyperparameters." + field + ": must be", 0), 0u) << r.message;
+  }
+  j["hyperparameters"] = {{"rank", 65}};
+  r = reject(input_topic::onboarding, j);
+  EXPECT_EQ(r.message, "hyperparameters.rank: must be an integer in [1, 64]");
+  j["hyperparameters"] = {{"seed", -1}};
+  EXPECT_EQ(reject(input_topic::onboarding, j).code, errc::invalid_argument);
+}
+
+TEST(Parse, InferenceFieldsAndRanges) {
+  auto j = inference();
+  j["model_id"] = "m1";
+  j["max_tokens"] = 64;
+  j["temperature"] = 0.7;
+  j["top_k"] = 40;
+  j["top_p"] = 0.9;
+  j["seed"] = 7;
+  j["stop"] = {"\n\n"};
+  auto x = accept<inference_request>(input_topic::inference, j);
+  EXPECT_EQ(x.prompt, "hi");
+  EXPECT_EQ(x.model_id.value_or(""), "m1");
+  EXPECT_EQ(x.max_tokens.value_or(0), 64);
+  EXPECT_EQ(x.top_k.value_or(0), 40);
+  EXPECT_EQ(x.seed.value_or(0), 7u);
+  EXPECT_EQ(x.stop, std::vector<std::string>{"\n\n"});
+  auto again = accept<inference_request>(input_topic::inference, json::parse(to_json(x)));
+  EXPECT_EQ(to_json(again), to_json(x));
+
+  j = inference();
+  j.erase("prompt");
+  EXPECT_EQ(reject(input_topic::inference, j).code, errc::missing_field);
+  j["prompt"] = std::string(lim.max_prompt_bytes + 1, 'p');
+  EXPECT_EQ(reject(input_topic::inference, j).code, errc::too_large);
+
+  j = inference();
+  j["max_tokens"] = "10";
+  EXPECT_EQ(reject(input_topic::inference, j).code, errc::wrong_type);
+  for (int bad : {0, 4097}) {
+    j["max_tokens"] = bad;
+    auto r = reject(input_topic::inference, j);
+    EXPECT_EQ(r.code, errc::invalid_argument);
+    EXPECT_EQ(r.message, "max_tokens: must be an integer in [1, 4096]");
+    EXPECT_TRUE(r.answerable());
+  }
+  j = inference();
+  j["temperature"] = -0.1;
+  EXPECT_EQ(reject(input_topic::inference, j).code, errc::invalid_argument);
+  j = inference();
+  j["top_p"] = 0.0;
+  EXPECT_EQ(reject(input_topic::inference, j).message, "top_p: must be a number in (0, 1]");
+  j = inference();
+  j["top_k"] = -1;
+  EXPECT_EQ(reject(input_topic::inference, j).code, errc::invalid_argument);
+  j = inference();
+  j["stop"] = {""};
+  EXPECT_EQ(reject(input_topic::inference, j).code, errc::invalid_argument);
+  j["stop"] = {"a", "b", "c", "d", "e"};
+  EXPECT_EQ(reject(input_topic::inference, j).code, errc::too_large);
+}
+
+TEST(Parse, ControlEvents) {
+  json c = {{"type", "job.cancel"}, {"schema_version", 1}, {"user_id", "u1"}, {"job_id", "j1"}};
+  auto jc = accept<job_cancel>(input_topic::control, c);
+  EXPECT_EQ(jc.job_id, "j1");
+  c.erase("job_id");
+  EXPECT_EQ(reject(input_topic::control, c).code, errc::missing_field);
+  json ic = {{"type", "inference.cancel"}, {"schema_version", 1}, {"user_id", "u1"}, {"request_id", "q1"}};
+  EXPECT_EQ(accept<inference_cancel>(input_topic::control, ic).request_id, "q1");
+  EXPECT_EQ(to_json(accept<inference_cancel>(input_topic::control, ic)), ic.dump());
+}
+
+TEST(Parse, EventSizeLimit) {
+  limits small;
+  small.max_event_bytes = 64;
+  auto j = onboarding();
+  j["texts"] = {std::string(100, 'x')};
+  auto r = parse_event(input_topic::onboarding, j.dump(), small);
+  ASSERT_TRUE(std::holds_alternative<rejection>(r));
+  EXPECT_EQ(std::get<rejection>(r).code, errc::too_large);
+}
+
+TEST(Parse, PayloadHashIgnoresKeyOrderButNotContent) {
+  std::string a = R"({"type":"inference.request","schema_version":1,"request_id":"q","user_id":"u","prompt":"x"})";
+  std::string b = R"({"prompt":"x","user_id":"u","request_id":"q","schema_version":1,"type":"inference.request"})";
+  std::string c = R"({"type":"inference.request","schema_version":1,"request_id":"q","user_id":"u","prompt":"y"})";
+  auto h = [](const std::string& s) {
+    return std::get<parsed_request>(parse_event(input_topic::inference, s, lim)).payload_hash;
+  };
+  EXPECT_EQ(h(a), h(b));
+  EXPECT_NE(h(a), h(c));
+}
+
+TEST(Write, ResultsEventsAndDlqCarryTheContractFields) {
+  inference_result ok{"q1", "u1", "m1", "hello", "stop", {1, 2, 3, 4, 10}, std::nullopt};
+  auto j = json::parse(to_json(ok));
+  EXPECT_EQ(j["type"], "inference.result");
+  EXPECT_EQ(j["schema_version"], 1);
+  EXPECT_EQ(j["text"], "hello");
+  EXPECT_EQ(j["finish_reason"], "stop");
+  EXPECT_EQ(j["timings_ms"]["total"], 10.0);
+
+  inference_result err{"q1", "u1", "", "", "", {}, error_info{errc::no_ready_model, "user u1 has no ready model"}};
+  j = json::parse(to_json(err));
+  EXPECT_EQ(j["error"]["code"], "no_ready_model");
+  EXPECT_EQ(j["error"]["message"], "user u1 has no ready model");
+  EXPECT_FALSE(j.contains("text"));
+
+  job_event ev{"job.failed", "j1", "r1", "u1", std::nullopt, std::nullopt,
+               error_info{errc::out_of_bounds, "hyperparameters.rank: ..."}};
+  j = json::parse(to_json(ev));
+  EXPECT_EQ(j["type"], "job.failed");
+  EXPECT_EQ(j["job_id"], "j1");
+  EXPECT_EQ(j["error"]["code"], "out_of_bounds");
+  job_event prog{"job.progress", "j1", "r1", "u1", std::nullopt, progress_info{3, 10, 1.5}, std::nullopt};
+  EXPECT_EQ(json::parse(to_json(prog))["progress"]["steps"], 10);
+
+  dlq_record d{{errc::invalid_json, "event: is not valid JSON"}, "tailor.inference", 2, 17, "k", "\xff{"};
+  j = json::parse(to_json(d));
+  EXPECT_EQ(j["type"], "dlq.record");
+  EXPECT_EQ(j["source"]["topic"], "tailor.inference");
+  EXPECT_EQ(j["source"]["partition"], 2);
+  EXPECT_EQ(j["source"]["offset"], 17);
+  EXPECT_EQ(j["payload_base64"], "/3s=");
+}
+
+TEST(Write, Base64) {
+  EXPECT_EQ(base64_encode(""), "");
+  EXPECT_EQ(base64_encode("f"), "Zg==");
+  EXPECT_EQ(base64_encode("fo"), "Zm8=");
+  EXPECT_EQ(base64_encode("foo"), "Zm9v");
+  EXPECT_EQ(base64_encode("foobar"), "Zm9vYmFy");
+}
+
+TEST(Write, InvalidUtf8IsRepaired) {
+  EXPECT_EQ(repair_utf8("abc"), "abc");
+  EXPECT_EQ(repair_utf8("h\xc3\xa9"), "h\xc3\xa9");
+  EXPECT_EQ(repair_utf8("a\xff" "b"), "a\xEF\xBF\xBD" "b");
+  EXPECT_EQ(repair_utf8("\xc3"), "\xEF\xBF\xBD");              // truncated
+  EXPECT_EQ(repair_utf8("\xc0\xaf"), "\xEF\xBF\xBD\xEF\xBF\xBD");  // overlong
+  EXPECT_EQ(repair_utf8("\xed\xa0\x80"), "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD");  // surrogate
+  inference_result r{"q", "u", "m", "bad\xfe", "stop", {}, std::nullopt};
+  EXPECT_EQ(json::parse(to_json(r))["text"], "bad\xEF\xBF\xBD");
+}
+
+TEST(Records, RoundTripThroughJson) {
+  request_record rr{"u1", "r1", "onboarding", 0xdeadbeefcafef00dULL, "j1",
+                    {{channel::events, "u1", "{\"a\":1}"}, {channel::results, "u1", "x"}}, 123};
+  request_record back;
+  ASSERT_TRUE(from_json(to_json(rr), back));
+  EXPECT_EQ(to_json(back), to_json(rr));
+  EXPECT_EQ(back.payload_hash, rr.payload_hash);
+  ASSERT_EQ(back.answers.size(), 2u);
+  EXPECT_EQ(back.answers[0].to, channel::events);
+  job_record jr;
+  EXPECT_FALSE(from_json("{}", jr));
+  EXPECT_FALSE(from_json("nope", jr));
+}

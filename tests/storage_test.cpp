@@ -1,0 +1,217 @@
+// Unit tests of storage/: every operation of the metadata store on a real
+// RocksDB in a temporary directory, atomicity of multi-table writes, and
+// durability across reopen and a killed process.
+#include <gtest/gtest.h>
+
+#include <csignal>
+#include <filesystem>
+#include <random>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "storage/metadata_store.hpp"
+
+using namespace tailor::storage;
+namespace fs = std::filesystem;
+using tailor::messages::channel;
+
+namespace {
+
+class StoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("tailor-store-" + std::to_string(::getpid()) + "-" + std::to_string(std::random_device{}()));
+    reopen();
+  }
+  void TearDown() override {
+    store_.reset();
+    fs::remove_all(dir_);
+  }
+  void reopen() {
+    store_.reset();
+    auto s = metadata_store::open(dir_.string());
+    ASSERT_TRUE(s) << caf::to_string(s.error());
+    store_ = std::move(*s);
+  }
+  static job_record job(const std::string& id, const std::string& user = "u1") {
+    job_record j;
+    j.job_id = id;
+    j.request_id = "r-" + id;
+    j.user_id = user;
+    j.base_model = "tiny";
+    j.status = "queued";
+    j.hyperparameters = "{}";
+    j.created_ms = j.updated_ms = 1000;
+    return j;
+  }
+  static request_record request(const std::string& user, const std::string& req, uint64_t hash = 1) {
+    return request_record{user, req, "onboarding", hash, "", {{channel::events, user, "{}"}}, 1000};
+  }
+  static model_record model(const std::string& id, const std::string& user, int64_t t) {
+    return model_record{id, user, "tiny", "/a/" + id, "abc", "ready", t, ""};
+  }
+
+  fs::path dir_;
+  std::unique_ptr<metadata_store> store_;
+};
+
+}  // namespace
+
+TEST_F(StoreTest, CreateAndGetJobRecordsItsRequest) {
+  auto rq = request("u1", "r-j1", 77);
+  rq.job_id = "j1";
+  ASSERT_FALSE(store_->create_job(job("j1"), rq));
+  auto j = store_->get_job("j1");
+  ASSERT_TRUE(j);
+  EXPECT_EQ(j->status, "queued");
+  EXPECT_EQ(j->user_id, "u1");
+  auto r = store_->find_request("u1", "r-j1");
+  ASSERT_TRUE(r);
+  ASSERT_TRUE(r->has_value());
+  EXPECT_EQ((*r)->payload_hash, 77u);
+  EXPECT_EQ((*r)->job_id, "j1");
+  EXPECT_EQ(store_->get_job("nope").error(), errc::not_found);
+}
+
+TEST_F(StoreTest, CreatingAnExistingJobWritesNothing) {
+  ASSERT_FALSE(store_->create_job(job("j1"), request("u1", "a")));
+  auto err = store_->create_job(job("j1"), request("u1", "b"));
+  EXPECT_EQ(err, errc::already_exists);
+  auto r = store_->find_request("u1", "b");
+  ASSERT_TRUE(r);
+  EXPECT_FALSE(r->has_value()) << "the request of a refused job must not be recorded";
+}
+
+TEST_F(StoreTest, TransitionsFollowTheStateMachine) {
+  ASSERT_FALSE(store_->create_job(job("j1"), request("u1", "a")));
+  auto t = store_->transition_job("j1", "queued", "admitted");
+  ASSERT_TRUE(t);
+  EXPECT_EQ(t->status, "admitted");
+  // From a state the job is not in: refused, nothing changes.
+  auto bad = store_->transition_job("j1", "queued", "admitted");
+  EXPECT_EQ(bad.error(), errc::invalid_transition);
+  // An edge the machine does not have.
+  EXPECT_EQ(store_->transition_job("j1", "admitted", "ready").error(), errc::invalid_transition);
+  EXPECT_EQ(store_->get_job("j1")->status, "admitted");
+  job_record upd;
+  upd.error_code = "internal";
+  upd.error_message = "boom";
+  upd.attempts = 2;
+  auto f = store_->transition_job("j1", "admitted", "failed", &upd);
+  ASSERT_TRUE(f);
+  EXPECT_EQ(f->error_code, "internal");
+  EXPECT_EQ(f->attempts, 2);
+  // Terminal states have no way out.
+  EXPECT_EQ(store_->transition_job("j1", "failed", "queued").error(), errc::invalid_transition);
+  EXPECT_EQ(store_->transition_job("none", "queued", "admitted").error(), errc::not_found);
+  EXPECT_TRUE(metadata_store::is_allowed_transition("saving", "ready"));
+  EXPECT_FALSE(metadata_store::is_allowed_transition("ready", "saving"));
+  EXPECT_FALSE(metadata_store::is_allowed_transition("cancelled", "queued"));
+}
+
+TEST_F(StoreTest, ListJobsFiltersByStatus) {
+  for (int i = 0; i < 5; ++i)
+    ASSERT_FALSE(store_->create_job(job("j" + std::to_string(i)), request("u1", "r" + std::to_string(i))));
+  ASSERT_TRUE(store_->transition_job("j2", "queued", "admitted"));
+  EXPECT_EQ(store_->list_jobs("", 100)->size(), 5u);
+  EXPECT_EQ(store_->list_jobs("", 3)->size(), 3u);
+  auto admitted = store_->list_jobs("admitted", 100);
+  ASSERT_EQ(admitted->size(), 1u);
+  EXPECT_EQ((*admitted)[0].job_id, "j2");
+}
+
+TEST_F(StoreTest, ModelsAreListedNewestFirstPerUser) {
+  ASSERT_FALSE(store_->register_model(model("m1", "u1", 1)));
+  ASSERT_FALSE(store_->register_model(model("m2", "u1", 2)));
+  ASSERT_FALSE(store_->register_model(model("m3", "u2", 3)));
+  auto u1 = store_->list_models("u1");
+  ASSERT_TRUE(u1);
+  ASSERT_EQ(u1->size(), 2u);
+  EXPECT_EQ((*u1)[0].model_id, "m2");
+  EXPECT_EQ((*u1)[1].model_id, "m1");
+  EXPECT_EQ(store_->list_models("u2")->size(), 1u);
+  EXPECT_TRUE(store_->list_models("nobody")->empty());
+  EXPECT_EQ(store_->get_model("m3")->user_id, "u2");
+  EXPECT_EQ(store_->register_model(model("m1", "u1", 4)), errc::already_exists);
+}
+
+TEST_F(StoreTest, RegisteringAModelFinishesItsJobAtomically) {
+  ASSERT_FALSE(store_->create_job(job("j1"), request("u1", "a")));
+  // The job is not in `saving`: the whole batch is refused, no table changes.
+  EXPECT_EQ(store_->register_model(model("m1", "u1", 5), "j1"), errc::invalid_transition);
+  EXPECT_TRUE(store_->list_models("u1")->empty());
+  EXPECT_EQ(store_->get_model("m1").error(), errc::not_found);
+  ASSERT_TRUE(store_->transition_job("j1", "queued", "admitted"));
+  ASSERT_TRUE(store_->transition_job("j1", "admitted", "training"));
+  ASSERT_TRUE(store_->transition_job("j1", "training", "saving"));
+  ASSERT_FALSE(store_->register_model(model("m1", "u1", 5), "j1"));
+  auto j = store_->get_job("j1");
+  EXPECT_EQ(j->status, "ready");
+  EXPECT_EQ(j->model_id, "m1");
+  EXPECT_EQ(store_->list_models("u1")->size(), 1u);
+}
+
+TEST_F(StoreTest, RequestsAreKeyedByUserAndRequestId) {
+  ASSERT_FALSE(store_->put_request(request("u1", "same", 1)));
+  ASSERT_FALSE(store_->put_request(request("u2", "same", 2)));
+  EXPECT_EQ((*store_->find_request("u1", "same"))->payload_hash, 1u);
+  EXPECT_EQ((*store_->find_request("u2", "same"))->payload_hash, 2u);
+  EXPECT_FALSE(store_->find_request("u3", "same")->has_value());
+  // A user id that is a prefix of another must not see its requests.
+  ASSERT_FALSE(store_->put_request(request("u", "1same", 3)));
+  EXPECT_FALSE(store_->find_request("u1", "1same")->has_value());
+}
+
+TEST_F(StoreTest, HistoryPagesInTimeOrderPerUser) {
+  for (int i = 0; i < 7; ++i)
+    ASSERT_FALSE(store_->append_history({"u1", 100 + i, "q" + std::to_string(i), "in", "out"}));
+  ASSERT_FALSE(store_->append_history({"u10", 50, "other", "in", "out"}));
+  std::vector<std::string> seen;
+  std::string cursor;
+  int pages = 0;
+  do {
+    auto p = store_->page_history("u1", cursor, 3);
+    ASSERT_TRUE(p);
+    for (auto& e : p->entries) seen.push_back(e.request_id);
+    cursor = p->next;
+    ++pages;
+  } while (!cursor.empty() && pages < 10);
+  EXPECT_EQ(pages, 3);
+  EXPECT_EQ(seen, (std::vector<std::string>{"q0", "q1", "q2", "q3", "q4", "q5", "q6"}));
+}
+
+TEST_F(StoreTest, DataSurvivesReopen) {
+  ASSERT_FALSE(store_->create_job(job("j1"), request("u1", "a")));
+  ASSERT_FALSE(store_->register_model(model("m1", "u1", 1)));
+  ASSERT_FALSE(store_->append_history({"u1", 1, "q", "in", "out"}));
+  reopen();
+  EXPECT_EQ(store_->get_job("j1")->status, "queued");
+  EXPECT_EQ(store_->list_models("u1")->size(), 1u);
+  EXPECT_TRUE(store_->find_request("u1", "a")->has_value());
+  EXPECT_EQ(store_->page_history("u1", "", 10)->entries.size(), 1u);
+}
+
+TEST_F(StoreTest, DataSurvivesAKilledProcess) {
+  store_.reset();
+  pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    auto s = metadata_store::open(dir_.string());
+    if (!s) ::_exit(2);
+    for (int i = 0; i < 100; ++i) {
+      auto rq = request("u1", "r" + std::to_string(i));
+      if ((*s)->create_job(job("j" + std::to_string(i)), rq)) ::_exit(3);
+    }
+    ::kill(::getpid(), SIGKILL);  // no close, no flush: only the WAL remains
+    ::_exit(4);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFSIGNALED(status)) << "child exited with " << WEXITSTATUS(status);
+  reopen();
+  auto jobs = store_->list_jobs("", 1000);
+  ASSERT_TRUE(jobs);
+  EXPECT_EQ(jobs->size(), 100u);
+  EXPECT_TRUE(store_->find_request("u1", "r99")->has_value());
+}
