@@ -23,6 +23,9 @@ std::string to_string(errc code) {
     case errc::model_not_ready: return "model_not_ready";
     case errc::duplicate_request_id: return "duplicate_request_id";
     case errc::quota_exceeded: return "quota_exceeded";
+    case errc::unavailable: return "unavailable";
+    case errc::job_not_found: return "job_not_found";
+    case errc::job_not_cancellable: return "job_not_cancellable";
     case errc::internal: return "internal";
   }
   return "unknown";

@@ -33,6 +33,9 @@ enum class errc : uint8_t {
   model_not_ready,
   duplicate_request_id,
   quota_exceeded,
+  unavailable,
+  job_not_found,
+  job_not_cancellable,
   internal,
 };
 

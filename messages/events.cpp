@@ -305,6 +305,7 @@ parse_result parse_event(input_topic topic, std::string_view bytes, const limits
     r.error.type = type;
     r.error.user_id = user_id;
     r.error.request_id = request_id;
+    if (r.error.answerable()) r.error.payload_hash = fnv1a64(doc.dump());
     return std::move(r.error);
   }
   out.payload_hash = fnv1a64(doc.dump());

@@ -73,6 +73,7 @@ struct rejection {
   std::string type;     // the event type, when it was readable
   std::string user_id;
   std::string request_id;
+  uint64_t payload_hash = 0;  // set when answerable, for dedup
   bool answerable() const { return !is_unreadable(code) && !user_id.empty(); }
 };
 

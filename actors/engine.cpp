@@ -1,0 +1,146 @@
+#include "actors/engine.hpp"
+
+#include <filesystem>
+#include <thread>
+
+#include <caf/actor_system.hpp>
+#include <caf/actor_system_config.hpp>
+#include <caf/scoped_actor.hpp>
+#include <spdlog/spdlog.h>
+
+#include "actors/admin_server.hpp"
+#include "actors/kafka.hpp"
+
+namespace tailor::actors {
+
+namespace {
+
+ingress_actor spawn_ingress(supervisor_actor::stateful_pointer<supervisor_state> self) {
+  auto& st = self->state;
+  auto a = self->spawn<caf::detached>(ingress, st.cfg, st.users, st.out, st.stats);
+  self->monitor(a);
+  return a;
+}
+
+}  // namespace
+
+supervisor_actor::behavior_type supervisor(supervisor_actor::stateful_pointer<supervisor_state> self,
+                                           engine_config cfg, std::shared_ptr<metrics> stats,
+                                           std::shared_ptr<storage::metadata_store> db) {
+  auto& st = self->state;
+  st.cfg = std::move(cfg);
+  st.stats = std::move(stats);
+  st.db = self->spawn<caf::detached>(store, std::move(db));
+  st.out = self->spawn<caf::detached>(egress, st.cfg.kafka, st.stats);
+  st.users = self->spawn(registry, st.cfg, st.db, st.stats);
+  st.input = spawn_ingress(self);
+  self->set_down_handler([self](caf::down_msg& dm) {
+    auto& st = self->state;
+    if (st.input.address() != dm.source || st.stopping) return;
+    spdlog::error("ingress failed ({}); restarting it", caf::to_string(dm.reason));
+    // A fresh consumer rejoins the group; uncommitted events are redelivered.
+    st.input = spawn_ingress(self);
+  });
+  return {
+      [self](stop_atom) -> caf::result<caf::ok_atom> {
+        auto& st = self->state;
+        st.stopping = true;
+        auto rp = self->make_response_promise<caf::ok_atom>();
+        auto finish = [self, rp]() mutable {
+          auto& st = self->state;
+          // Ingresses are gone: nothing new is published; the egress flushes on exit.
+          spdlog::info("shutdown: consumers closed; flushing the producer");
+          self->send_exit(st.out, caf::exit_reason::user_shutdown);
+          self->send_exit(st.users, caf::exit_reason::user_shutdown);
+          self->send_exit(st.db, caf::exit_reason::user_shutdown);
+          rp.deliver(caf::ok_atom_v);
+        };
+        self->request(st.input, std::chrono::seconds(30), stop_atom_v)
+            .then([finish](caf::ok_atom) mutable { finish(); },
+                  [finish](caf::error& err) mutable {
+                    spdlog::error("shutdown: ingress did not stop cleanly: {}", caf::to_string(err));
+                    finish();
+                  });
+        return rp;
+      },
+  };
+}
+
+std::unique_ptr<engine> engine::start(engine_config cfg, std::string& err) {
+  std::unique_ptr<engine> e(new engine);
+  if (cfg.data_dir.empty()) cfg.data_dir = tailor_home() + "/engine";
+  std::error_code ec;
+  std::filesystem::create_directories(cfg.data_dir, ec);
+  if (ec) {
+    err = "data_dir " + cfg.data_dir + ": " + ec.message();
+    return nullptr;
+  }
+  const auto& t = cfg.kafka.topics;
+  std::vector<std::string> topics = {t.onboarding, t.inference, t.control, t.results, t.events, t.dlq};
+  if (cfg.kafka.bootstrap_servers.empty()) {
+    e->mock_ = mock_cluster::start(1, err);
+    if (!e->mock_) return nullptr;
+    cfg.kafka.bootstrap_servers = e->mock_->bootstrap();
+    for (const auto& topic : topics)
+      if (err = e->mock_->create_topic(topic, cfg.kafka.topic_partitions); !err.empty()) return nullptr;
+    spdlog::info("embedded Kafka (librdkafka mock cluster) at {}", cfg.kafka.bootstrap_servers);
+  } else if (cfg.kafka.create_topics) {
+    if (err = create_topics(cfg.kafka, topics); !err.empty()) return nullptr;
+  }
+  auto db = storage::metadata_store::open(cfg.data_dir + "/metadata", {cfg.sync_writes});
+  if (!db) {
+    err = caf::to_string(db.error());
+    return nullptr;
+  }
+  std::shared_ptr<storage::metadata_store> shared_db(std::move(*db));
+  e->cfg_ = cfg;
+  e->stats_ = std::make_shared<metrics>();
+  e->sys_cfg_ = std::make_unique<caf::actor_system_config>();
+  e->sys_cfg_->add_message_types<caf::id_block::tailor>();
+  e->sys_cfg_->add_error_category(caf::atom("tailor_msg"), [](uint8_t code, caf::atom_value, const caf::message& ctx) {
+    return "tailor_msg: " + messages::to_string(static_cast<messages::errc>(code)) + " " + caf::to_string(ctx);
+  });
+  e->sys_cfg_->add_error_category(caf::atom("tailor_db"), [](uint8_t code, caf::atom_value, const caf::message& ctx) {
+    return "tailor_db: " + storage::to_string(static_cast<storage::errc>(code)) + " " + caf::to_string(ctx);
+  });
+  e->sys_ = std::make_unique<caf::actor_system>(*e->sys_cfg_);
+  e->supervisor_ = e->sys_->spawn(supervisor, cfg, e->stats_, shared_db);
+  // The admin API reads through a store actor of its own over the same
+  // (thread-safe) database, so operators' reads never queue behind events.
+  e->admin_db_ = e->sys_->spawn<caf::detached>(store, shared_db);
+  e->admin_ = std::make_unique<admin_server>(*e->sys_, e->admin_db_, e->stats_, 3);
+  e->admin_port_ = e->admin_->start(cfg.admin_host, cfg.admin_port);
+  if (e->admin_port_ < 0) {
+    err = "admin API: cannot listen on " + cfg.admin_host + ":" + std::to_string(cfg.admin_port);
+    e->stop();
+    return nullptr;
+  }
+  return e;
+}
+
+bool engine::ready() const { return stats_ && stats_->ready(3); }
+
+void engine::stop() {
+  if (stopped_ || !sys_) return;
+  stopped_ = true;
+  if (admin_) admin_->stop();
+  {
+    caf::scoped_actor self{*sys_};
+    self->request(supervisor_, std::chrono::seconds(60), stop_atom_v)
+        .receive([](caf::ok_atom) {}, [](caf::error& err) {
+          spdlog::error("shutdown: {}", caf::to_string(err));
+        });
+    self->send_exit(supervisor_, caf::exit_reason::user_shutdown);
+    self->send_exit(admin_db_, caf::exit_reason::user_shutdown);
+  }
+  admin_.reset();
+  // A detached actor's thread ends only once no handle refers to it.
+  admin_db_ = nullptr;
+  supervisor_ = nullptr;
+  sys_.reset();  // waits for every actor: the egress flushes in its destructor
+  mock_.reset();
+}
+
+engine::~engine() { stop(); }
+
+}  // namespace tailor::actors

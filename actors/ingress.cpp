@@ -1,0 +1,276 @@
+#include "actors/ingress.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include "actors/kafka.hpp"
+
+namespace tailor::actors {
+
+namespace {
+
+using self_ptr = ingress_actor::stateful_pointer<ingress_state>;
+
+constexpr auto route_timeout = std::chrono::seconds(120);
+constexpr auto retry_delay = std::chrono::seconds(1);
+
+// Rebalance callbacks run inside consume(), on the ingress actor's thread.
+class rebalance_handler : public RdKafka::RebalanceCb {
+ public:
+  explicit rebalance_handler(ingress_state* st) : st_(st) {}
+  void rebalance_cb(RdKafka::KafkaConsumer* consumer, RdKafka::ErrorCode err,
+                    std::vector<RdKafka::TopicPartition*>& parts) override;
+
+ private:
+  ingress_state* st_;
+};
+
+void commit(ingress_state& st, bool sync) {
+  if (!st.dirty || !st.consumer) return;
+  std::vector<RdKafka::TopicPartition*> offsets;
+  for (auto& [key, prog] : st.partitions)
+    if (prog.committable >= 0) offsets.push_back(RdKafka::TopicPartition::create(key.first, key.second, prog.committable));
+  if (!offsets.empty()) {
+    auto rc = sync ? st.consumer->commitSync(offsets) : st.consumer->commitAsync(offsets);
+    if (rc != RdKafka::ERR_NO_ERROR && rc != RdKafka::ERR__NO_OFFSET)
+      spdlog::warn("ingress: commit failed: {}", RdKafka::err2str(rc));
+  }
+  RdKafka::TopicPartition::destroy(offsets);
+  st.dirty = false;
+}
+
+// The assigned partitions of `topic` (all topics when empty).
+std::vector<RdKafka::TopicPartition*> assigned(ingress_state& st, const std::string& topic) {
+  std::vector<RdKafka::TopicPartition*> parts, out;
+  if (st.consumer->assignment(parts) != RdKafka::ERR_NO_ERROR) return out;
+  for (auto* tp : parts) {
+    if (topic.empty() || tp->topic() == topic) out.push_back(tp);
+    else delete tp;
+  }
+  return out;
+}
+
+void set_paused(ingress_state& st, const std::string& topic, bool pause) {
+  auto& in = st.inputs[topic];
+  if (in.paused == pause) return;
+  auto parts = assigned(st, topic);
+  auto rc = pause ? st.consumer->pause(parts) : st.consumer->resume(parts);
+  RdKafka::TopicPartition::destroy(parts);
+  if (rc != RdKafka::ERR_NO_ERROR) {
+    spdlog::warn("ingress {}: {} failed: {}", topic, pause ? "pause" : "resume", RdKafka::err2str(rc));
+    return;
+  }
+  in.paused = pause;
+  st.stats->set_paused(topic, pause);
+  spdlog::debug("ingress {}: {}", topic, pause ? "paused (backpressure)" : "resumed");
+}
+
+void rebalance_handler::rebalance_cb(RdKafka::KafkaConsumer* consumer, RdKafka::ErrorCode err,
+                                     std::vector<RdKafka::TopicPartition*>& parts) {
+  if (err == RdKafka::ERR__ASSIGN_PARTITIONS) {
+    auto rc = consumer->assign(parts);
+    if (rc != RdKafka::ERR_NO_ERROR) spdlog::error("ingress: assign failed: {}", RdKafka::err2str(rc));
+    for (auto& [topic, in] : st_->inputs) {
+      if (!in.paused) continue;
+      in.paused = false;  // re-applied to the new assignment
+      set_paused(*st_, topic, true);
+    }
+    for (auto& [topic, in] : st_->inputs) st_->stats->set_ready(topic);
+    spdlog::info("ingress: assigned {} partitions", parts.size());
+  } else {
+    // Commit what is answered; events still in flight are redelivered to the
+    // partitions' next owner, who answers them from the stored result.
+    commit(*st_, true);
+    st_->partitions.clear();
+    ++st_->generation;
+    auto rc = consumer->unassign();
+    if (rc != RdKafka::ERR_NO_ERROR) spdlog::error("ingress: unassign failed: {}", RdKafka::err2str(rc));
+    spdlog::info("ingress: partitions revoked");
+  }
+}
+
+void mark_answered(self_ptr self, const incoming_event& ev, uint64_t generation) {
+  auto& st = self->state;
+  auto& in = st.inputs[ev.topic];
+  --in.in_flight;
+  st.stats->set_in_flight(ev.topic, in.in_flight);
+  if (in.paused && in.in_flight <= st.cfg.max_in_flight / 2) set_paused(st, ev.topic, false);
+  if (generation != st.generation) return;  // partition was revoked meanwhile
+  auto it = st.partitions.find({ev.topic, ev.partition});
+  if (it == st.partitions.end()) return;
+  auto& prog = it->second;
+  prog.outstanding[ev.offset] = true;
+  while (!prog.outstanding.empty() && prog.outstanding.begin()->second) {
+    prog.committable = prog.outstanding.begin()->first + 1;
+    prog.outstanding.erase(prog.outstanding.begin());
+    st.dirty = true;
+  }
+}
+
+void count_errors(metrics& stats, const std::vector<outgoing_message>& out) {
+  static const std::string marker = "\"error\":{\"code\":\"";
+  for (const auto& m : out) {
+    if (m.to == channel::dlq) continue;
+    auto pos = m.payload.find(marker);
+    if (pos == std::string::npos) continue;
+    auto start = pos + marker.size();
+    stats.count_error(m.payload.substr(start, m.payload.find('"', start) - start));
+  }
+}
+
+void later(self_ptr self, std::function<void()> f) {
+  self->state.retries.emplace_back(std::chrono::steady_clock::now() + retry_delay, std::move(f));
+}
+
+void publish(self_ptr self, std::shared_ptr<incoming_event> ev, std::vector<outgoing_message> out,
+             uint64_t generation) {
+  self->request(self->state.out, route_timeout, publish_atom_v, out)
+      .then([self, ev, out, generation](caf::ok_atom) {
+              count_errors(*self->state.stats, out);
+              mark_answered(self, *ev, generation);
+            },
+            [self, ev, out, generation](caf::error& err) {
+              spdlog::error("ingress {}: answer of {}/{} not delivered, retrying: {}", ev->topic, ev->partition,
+                            ev->offset, caf::to_string(err));
+              later(self, [self, ev, out, generation] { publish(self, ev, out, generation); });
+            });
+}
+
+// Hands one event to its user actor (or straight to the DLQ) and publishes the
+// answer. A failure anywhere retries the event after a delay: effects are
+// idempotent by (user_id, request_id), so a retry never duplicates them.
+void dispatch(self_ptr self, std::shared_ptr<incoming_event> ev, uint64_t generation) {
+  auto& st = self->state;
+  auto* rej = std::get_if<rejection>(&ev->parsed);
+  if (rej && !rej->answerable()) {
+    dlq_record rec{{rej->code, rej->message}, ev->topic, ev->partition, ev->offset, ev->key, ev->payload};
+    st.stats->count_dlq();
+    st.stats->count_error(to_string(rej->code));
+    publish(self, ev, {{channel::dlq, ev->key, to_json(rec)}}, generation);
+    return;
+  }
+  self->request(st.registry, route_timeout, route_atom_v, *ev)
+      .then([self, ev, generation](std::vector<outgoing_message>& out) { publish(self, ev, std::move(out), generation); },
+            [self, ev, generation](caf::error& err) {
+              spdlog::error("ingress {}: event {}/{} not handled, retrying: {}", ev->topic, ev->partition,
+                            ev->offset, caf::to_string(err));
+              later(self, [self, ev, generation] { dispatch(self, ev, generation); });
+            });
+}
+
+void update_lag(ingress_state& st) {
+  auto now = std::chrono::steady_clock::now();
+  if (now < st.next_lag_check) return;
+  st.next_lag_check = now + std::chrono::seconds(2);
+  auto parts = assigned(st, "");
+  std::map<std::string, int64_t> lag;
+  for (auto& [topic, in] : st.inputs) lag[topic] = 0;
+  if (st.consumer->position(parts) == RdKafka::ERR_NO_ERROR) {
+    for (auto* tp : parts) {
+      int64_t lo = 0, hi = 0;
+      if (st.consumer->get_watermark_offsets(tp->topic(), tp->partition(), &lo, &hi) != RdKafka::ERR_NO_ERROR)
+        continue;
+      auto pos = tp->offset() >= 0 ? tp->offset() : lo;
+      if (hi > pos) lag[tp->topic()] += hi - pos;
+    }
+    for (auto& [topic, n] : lag) st.stats->set_lag(topic, n);
+  }
+  RdKafka::TopicPartition::destroy(parts);
+}
+
+}  // namespace
+
+ingress_state::~ingress_state() {
+  if (!consumer) return;
+  commit(*this, true);
+  consumer->close();
+}
+
+ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_state> self, engine_config cfg,
+                                     registry_actor registry, egress_actor out, std::shared_ptr<metrics> stats) {
+  auto& st = self->state;
+  st.cfg = std::move(cfg);
+  const auto& t = st.cfg.kafka.topics;
+  st.inputs[t.onboarding].kind = input_topic::onboarding;
+  st.inputs[t.inference].kind = input_topic::inference;
+  st.inputs[t.control].kind = input_topic::control;
+  st.registry = std::move(registry);
+  st.out = std::move(out);
+  st.stats = std::move(stats);
+  st.on_rebalance = std::make_unique<rebalance_handler>(&st);
+  std::string err;
+  auto conf = make_conf(st.cfg.kafka,
+                        {{"group.id", st.cfg.kafka.group_id},
+                         {"partition.assignment.strategy", "range"},
+                         {"enable.auto.commit", "false"},
+                         {"enable.auto.offset.store", "false"},
+                         {"auto.offset.reset", "earliest"},
+                         {"enable.partition.eof", "false"},
+                         {"client.id", "tailord-ingress"}},
+                        err);
+  if (conf && conf->set("rebalance_cb", st.on_rebalance.get(), err) == RdKafka::Conf::CONF_OK)
+    st.consumer.reset(RdKafka::KafkaConsumer::create(conf.get(), err));
+  RdKafka::ErrorCode rc = RdKafka::ERR_NO_ERROR;
+  if (st.consumer) rc = st.consumer->subscribe({t.onboarding, t.inference, t.control});
+  if (!st.consumer || rc != RdKafka::ERR_NO_ERROR) {
+    if (rc != RdKafka::ERR_NO_ERROR) err = RdKafka::err2str(rc);
+    spdlog::critical("ingress: cannot consume: {}", err);
+    self->quit(caf::make_error(caf::sec::runtime_error, err));
+    return ingress_actor::behavior_type::make_empty_behavior();
+  }
+  self->send(self, poll_atom_v);
+  return {
+      [self](poll_atom) {
+        auto& st = self->state;
+        if (st.stopping) return;
+        bool busy = false;
+        for (auto& [topic, in] : st.inputs) busy = busy || in.in_flight > 0;
+        // Short waits while answers are pending keep their latency low.
+        int timeout = busy ? 2 : 100;
+        for (int n = 0; n < 64; ++n) {
+          std::unique_ptr<RdKafka::Message> msg(st.consumer->consume(n == 0 ? timeout : 0));
+          if (msg->err() == RdKafka::ERR__TIMED_OUT) break;
+          if (msg->err() != RdKafka::ERR_NO_ERROR) {
+            spdlog::warn("ingress: {}", msg->errstr());
+            break;
+          }
+          auto it = st.inputs.find(msg->topic_name());
+          if (it == st.inputs.end()) continue;
+          auto& in = it->second;
+          st.stats->count_in(it->first);
+          auto ev = std::make_shared<incoming_event>();
+          ev->topic = it->first;
+          ev->partition = msg->partition();
+          ev->offset = msg->offset();
+          if (msg->key()) ev->key = *msg->key();
+          ev->payload.assign(static_cast<const char*>(msg->payload()), msg->len());
+          ev->parsed = parse_event(in.kind, ev->payload, st.cfg.limits);
+          st.partitions[{ev->topic, ev->partition}].outstanding[ev->offset] = false;
+          ++in.in_flight;
+          st.stats->set_in_flight(ev->topic, in.in_flight);
+          dispatch(self, ev, st.generation);
+          if (in.in_flight >= st.cfg.max_in_flight) set_paused(st, ev->topic, true);
+        }
+        auto now = std::chrono::steady_clock::now();
+        while (!st.retries.empty() && st.retries.front().first <= now) {
+          auto retry = std::move(st.retries.front().second);
+          st.retries.pop_front();
+          if (!st.stopping) retry();
+        }
+        commit(st, false);
+        update_lag(st);
+        self->send(self, poll_atom_v);
+      },
+      [self](stop_atom) -> caf::ok_atom {
+        auto& st = self->state;
+        st.stopping = true;
+        commit(st, true);
+        st.consumer->close();
+        st.consumer.reset();
+        spdlog::info("ingress: offsets committed, left the group");
+        self->quit();
+        return caf::ok_atom_v;
+      },
+  };
+}
+
+}  // namespace tailor::actors

@@ -1,0 +1,69 @@
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+
+#include <caf/typed_actor.hpp>
+#include <caf/typed_event_based_actor.hpp>
+
+#include <librdkafka/rdkafkacpp.h>
+
+#include "actors/config.hpp"
+#include "actors/egress.hpp"
+#include "actors/metrics.hpp"
+#include "actors/user.hpp"
+#include "messages/type_ids.hpp"
+
+
+namespace tailor::actors {
+
+// The process's consumer-group member for all input topics: it parses each
+// event, sends unreadable ones to the DLQ and readable ones to their user
+// actor, publishes the answers, and commits an offset only once every event
+// before it has been answered (persisted and delivered). One consumer for all
+// input topics, with the range assignor, keeps partition p of every topic on
+// the same instance: a user's onboarding, inference and control events meet
+// at one user actor (co-partitioning, as in Kafka Streams). A topic with too
+// many events in flight has its partitions paused, so a backlog waits in
+// Kafka rather than in memory. `poll` drives the loop; `stop` commits what is
+// done and leaves the group.
+using ingress_actor = caf::typed_actor<caf::reacts_to<poll_atom>, caf::replies_to<stop_atom>::with<caf::ok_atom>>;
+
+struct ingress_state {
+  struct input {
+    input_topic kind = input_topic::onboarding;
+    int64_t in_flight = 0;
+    bool paused = false;
+  };
+  struct partition_progress {
+    std::map<int64_t, bool> outstanding;  // offset -> answered
+    int64_t committable = -1;             // next offset to commit, -1: nothing new
+  };
+  using partition_key = std::pair<std::string, int32_t>;
+  engine_config cfg;
+  std::map<std::string, input> inputs;  // by topic name
+  registry_actor registry;
+  egress_actor out;
+  std::shared_ptr<metrics> stats;
+  std::unique_ptr<RdKafka::RebalanceCb> on_rebalance;
+  std::unique_ptr<RdKafka::KafkaConsumer> consumer;
+  std::map<partition_key, partition_progress> partitions;
+  bool stopping = false;
+  bool dirty = false;       // committable offsets not yet committed
+  uint64_t generation = 0;  // bumped on every revoke: late answers of revoked partitions are dropped
+  std::chrono::steady_clock::time_point next_lag_check{};
+  // Events whose handling failed, re-run from the poll loop once due.
+  std::deque<std::pair<std::chrono::steady_clock::time_point, std::function<void()>>> retries;
+  ~ingress_state();
+  static inline const char* name = "tailor.ingress";
+};
+
+ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_state> self, engine_config cfg,
+                                     registry_actor registry, egress_actor out, std::shared_ptr<metrics> stats);
+
+}  // namespace tailor::actors

@@ -1,0 +1,124 @@
+#include "actors/kafka.hpp"
+
+#include <librdkafka/rdkafka.h>
+#include <librdkafka/rdkafka_mock.h>
+#include <librdkafka/rdkafkacpp.h>
+
+namespace tailor::actors {
+
+std::unique_ptr<mock_cluster> mock_cluster::start(int brokers, std::string& err) {
+  std::unique_ptr<mock_cluster> mc(new mock_cluster);
+  char errstr[512];
+  rd_kafka_conf_t* conf = rd_kafka_conf_new();
+  if (rd_kafka_conf_set(conf, "log_level", "3", errstr, sizeof(errstr)) != RD_KAFKA_CONF_OK) {
+    rd_kafka_conf_destroy(conf);
+    err = errstr;
+    return nullptr;
+  }
+  mc->rk_ = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
+  if (!mc->rk_) {
+    err = std::string("mock cluster host: ") + errstr;
+    return nullptr;
+  }
+  mc->cluster_ = rd_kafka_mock_cluster_new(mc->rk_, brokers);
+  if (!mc->cluster_) {
+    err = "could not create the mock cluster";
+    return nullptr;
+  }
+  mc->bootstrap_ = rd_kafka_mock_cluster_bootstraps(mc->cluster_);
+  return mc;
+}
+
+mock_cluster::~mock_cluster() {
+  if (cluster_) rd_kafka_mock_cluster_destroy(cluster_);
+  if (rk_) rd_kafka_destroy(rk_);
+}
+
+std::string mock_cluster::create_topic(const std::string& name, int partitions) {
+  auto e = rd_kafka_mock_topic_create(cluster_, name.c_str(), partitions, 1);
+  if (e != RD_KAFKA_RESP_ERR_NO_ERROR) return "mock topic " + name + ": " + rd_kafka_err2str(e);
+  return {};
+}
+
+std::unique_ptr<RdKafka::Conf> make_conf(const kafka_config& cfg,
+                                         const std::vector<std::pair<std::string, std::string>>& extra,
+                                         std::string& err) {
+  std::unique_ptr<RdKafka::Conf> conf(RdKafka::Conf::create(RdKafka::Conf::CONF_GLOBAL));
+  auto set = [&](const std::string& k, const std::string& v) {
+    if (conf->set(k, v, err) != RdKafka::Conf::CONF_OK) {
+      err = "kafka property " + k + ": " + err;
+      return false;
+    }
+    return true;
+  };
+  if (!set("bootstrap.servers", cfg.bootstrap_servers)) return nullptr;
+  for (const auto& [k, v] : extra)
+    if (!set(k, v)) return nullptr;
+  for (const auto& [k, v] : cfg.properties)
+    if (!set(k, v)) return nullptr;
+  return conf;
+}
+
+std::string create_topics(const kafka_config& cfg, const std::vector<std::string>& topics,
+                          int timeout_ms) {
+  char errstr[512];
+  rd_kafka_conf_t* conf = rd_kafka_conf_new();
+  auto set = [&](const std::string& k, const std::string& v) {
+    return rd_kafka_conf_set(conf, k.c_str(), v.c_str(), errstr, sizeof(errstr)) == RD_KAFKA_CONF_OK;
+  };
+  bool ok = set("bootstrap.servers", cfg.bootstrap_servers);
+  for (const auto& [k, v] : cfg.properties) ok = ok && set(k, v);
+  if (!ok) {
+    rd_kafka_conf_destroy(conf);
+    return std::string("admin client: ") + errstr;
+  }
+  rd_kafka_t* rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
+  if (!rk) return std::string("admin client: ") + errstr;
+  std::vector<rd_kafka_NewTopic_t*> specs;
+  std::string result;
+  for (const auto& t : topics) {
+    auto* nt = rd_kafka_NewTopic_new(t.c_str(), cfg.topic_partitions, cfg.replication_factor, errstr,
+                                      sizeof(errstr));
+    if (!nt) {
+      result = "topic " + t + ": " + errstr;
+      break;
+    }
+    specs.push_back(nt);
+  }
+  rd_kafka_queue_t* q = rd_kafka_queue_new(rk);
+  if (result.empty()) {
+    rd_kafka_AdminOptions_t* opts = rd_kafka_AdminOptions_new(rk, RD_KAFKA_ADMIN_OP_CREATETOPICS);
+    if (rd_kafka_AdminOptions_set_operation_timeout(opts, timeout_ms, errstr, sizeof(errstr)) ||
+        rd_kafka_AdminOptions_set_request_timeout(opts, timeout_ms, errstr, sizeof(errstr))) {
+      result = std::string("admin options: ") + errstr;
+    } else {
+      rd_kafka_CreateTopics(rk, specs.data(), specs.size(), opts, q);
+      rd_kafka_event_t* ev = rd_kafka_queue_poll(q, timeout_ms + 5000);
+      if (!ev) {
+        result = "create topics: no answer from the cluster within " + std::to_string(timeout_ms) + " ms";
+      } else if (rd_kafka_event_error(ev)) {
+        result = std::string("create topics: ") + rd_kafka_event_error_string(ev);
+      } else {
+        const rd_kafka_CreateTopics_result_t* res = rd_kafka_event_CreateTopics_result(ev);
+        size_t n = 0;
+        const rd_kafka_topic_result_t** tr = rd_kafka_CreateTopics_result_topics(res, &n);
+        for (size_t i = 0; i < n; ++i) {
+          auto e = rd_kafka_topic_result_error(tr[i]);
+          if (e != RD_KAFKA_RESP_ERR_NO_ERROR && e != RD_KAFKA_RESP_ERR_TOPIC_ALREADY_EXISTS) {
+            result = std::string("topic ") + rd_kafka_topic_result_name(tr[i]) + ": " +
+                     rd_kafka_err2str(e);
+            break;
+          }
+        }
+      }
+      if (ev) rd_kafka_event_destroy(ev);
+    }
+    rd_kafka_AdminOptions_destroy(opts);
+  }
+  for (auto* s : specs) rd_kafka_NewTopic_destroy(s);
+  rd_kafka_queue_destroy(q);
+  rd_kafka_destroy(rk);
+  return result;
+}
+
+}  // namespace tailor::actors

@@ -1,0 +1,46 @@
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+
+namespace tailor::actors {
+
+// Process-wide counters and gauges, rendered in Prometheus text format by
+// the admin API. Written from actors, read from the HTTP thread.
+class metrics {
+ public:
+  void count_in(const std::string& topic) { add(events_in_, topic, 1); }
+  void count_out(const std::string& topic) { add(events_out_, topic, 1); }
+  void count_error(const std::string& code) { add(errors_, code, 1); }
+  void count_dlq() { dlq_.fetch_add(1); }
+  void set_lag(const std::string& topic, int64_t lag) { set(lag_, topic, lag); }
+  void add_users(int64_t delta) { users_.fetch_add(delta); }
+  void set_ready(const std::string& topic) { set(joined_, topic, 1); }
+  void set_in_flight(const std::string& topic, int64_t n) { set(in_flight_, topic, n); }
+  void set_paused(const std::string& topic, bool paused) { set(paused_, topic, paused ? 1 : 0); }
+
+  // True once every one of `expected` input topics has joined its group.
+  bool ready(std::size_t expected) const;
+  std::string render() const;
+
+ private:
+  void add(std::map<std::string, int64_t>& m, const std::string& k, int64_t d) {
+    std::lock_guard<std::mutex> g(mtx_);
+    m[k] += d;
+  }
+  void set(std::map<std::string, int64_t>& m, const std::string& k, int64_t v) {
+    std::lock_guard<std::mutex> g(mtx_);
+    m[k] = v;
+  }
+
+  mutable std::mutex mtx_;
+  std::map<std::string, int64_t> events_in_, events_out_, errors_, lag_, joined_, in_flight_,
+      paused_;
+  std::atomic<int64_t> dlq_{0};
+  std::atomic<int64_t> users_{0};
+};
+
+}  // namespace tailor::actors

@@ -1,0 +1,38 @@
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <caf/typed_actor.hpp>
+#include <caf/typed_event_based_actor.hpp>
+
+#include "messages/type_ids.hpp"
+#include "storage/metadata_store.hpp"
+
+namespace tailor::actors {
+
+using namespace tailor::messages;
+
+// Owns the RocksDB metadata store; runs detached so that disk writes never
+// block CAF's shared scheduler. Lookups that may find nothing answer with a
+// vector of zero or one records.
+using store_actor = caf::typed_actor<
+    caf::replies_to<lookup_atom, std::string, std::string>::with<std::vector<request_record>>,
+    caf::replies_to<create_atom, job_record, request_record>::with<caf::ok_atom>,
+    caf::replies_to<record_atom, request_record>::with<caf::ok_atom>,
+    caf::replies_to<models_atom, std::string>::with<std::vector<model_record>>,
+    caf::replies_to<model_atom, std::string>::with<std::vector<model_record>>,
+    caf::replies_to<jobs_atom, std::string, uint64_t>::with<std::vector<job_record>>,
+    caf::replies_to<job_atom, std::string>::with<std::vector<job_record>>,
+    caf::replies_to<cancel_atom, std::string, std::string>::with<job_record>>;
+
+struct store_state {
+  std::shared_ptr<storage::metadata_store> db;
+  static inline const char* name = "tailor.store";
+};
+
+store_actor::behavior_type store(store_actor::stateful_pointer<store_state> self,
+                                 std::shared_ptr<storage::metadata_store> db);
+
+}  // namespace tailor::actors

@@ -1,0 +1,297 @@
+#include "actors/user.hpp"
+
+#include <chrono>
+#include <cstdio>
+
+#include <spdlog/spdlog.h>
+
+namespace tailor::actors {
+
+namespace {
+
+using answers = std::vector<outgoing_message>;
+using user_ptr = user_actor::stateful_pointer<user_state>;
+using promise_t = caf::typed_response_promise<answers>;
+
+constexpr auto store_timeout = std::chrono::seconds(30);
+
+int64_t now_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+outgoing_message job_answer(const job_event& ev) { return {channel::events, ev.user_id, to_json(ev)}; }
+
+outgoing_message error_answer(const std::string& type, const std::string& user_id,
+                              const std::string& request_id, errc code, std::string message) {
+  if (type == "onboarding.request") {
+    // No job exists; the event names the id the job would have had.
+    return job_answer(job_event{"job.failed", job_id_for(user_id, request_id), request_id, user_id,
+                                std::nullopt, std::nullopt, error_info{code, std::move(message)}});
+  }
+  inference_result r;
+  r.request_id = request_id;
+  r.user_id = user_id;
+  r.error = error_info{code, std::move(message)};
+  return {channel::results, user_id, to_json(r)};
+}
+
+request_record make_record(const user_state& st, const std::string& request_id, const std::string& type,
+                           uint64_t hash, answers out) {
+  request_record rec;
+  rec.user_id = st.user_id;
+  rec.request_id = request_id;
+  rec.kind = type == "onboarding.request" ? "onboarding" : "inference";
+  rec.payload_hash = hash;
+  rec.answers = std::move(out);
+  rec.created_ms = now_ms();
+  return rec;
+}
+
+// Persists the request with its answers, then replies with them: an answer
+// is never published before it could be replayed.
+void record_and_reply(user_ptr self, promise_t rp, request_record rec) {
+  self->request(self->state.db, store_timeout, record_atom_v, rec)
+      .await([=](caf::ok_atom) mutable { rp.deliver(rec.answers); },
+             [=](caf::error& err) mutable { rp.deliver(std::move(err)); });
+}
+
+// Replays the stored answer of a known (user_id, request_id), refuses a reused
+// id with another payload, or hands a new request to `fresh`.
+template <class Fresh>
+void with_dedup(user_ptr self, promise_t rp, std::string request_id, uint64_t hash, std::string type,
+                Fresh fresh) {
+  auto user_id = self->state.user_id;
+  self->request(self->state.db, store_timeout, lookup_atom_v, user_id, request_id)
+      .await(
+          [=](std::vector<request_record>& found) mutable {
+            if (found.empty()) {
+              fresh();
+              return;
+            }
+            auto& rec = found.front();
+            if (rec.payload_hash == hash) {
+              rp.deliver(std::move(rec.answers));
+              return;
+            }
+            rp.deliver(answers{error_answer(type, user_id, request_id, errc::duplicate_request_id,
+                                            "request_id: " + request_id + " was already used by user " +
+                                                user_id + " for a different request")});
+          },
+          [=](caf::error& err) mutable { rp.deliver(std::move(err)); });
+}
+
+void handle_rejection(user_ptr self, promise_t rp, rejection rej) {
+  with_dedup(self, rp, rej.request_id, rej.payload_hash, rej.type, [=]() mutable {
+    answers out{error_answer(rej.type, rej.user_id, rej.request_id, rej.code, rej.message)};
+    record_and_reply(self, rp, make_record(self->state, rej.request_id, rej.type, rej.payload_hash, out));
+  });
+}
+
+void handle_onboarding(user_ptr self, promise_t rp, onboarding_request x, uint64_t hash) {
+  const std::string type = "onboarding.request";
+  with_dedup(self, rp, x.request_id, hash, type, [=]() mutable {
+    auto& st = self->state;
+    auto base = x.base_model.value_or(st.cfg.default_base_model);
+    if (std::find(st.cfg.base_models.begin(), st.cfg.base_models.end(), base) == st.cfg.base_models.end()) {
+      answers out{error_answer(type, st.user_id, x.request_id, errc::unknown_base_model,
+                               "base_model: '" + base + "' is not served here")};
+      return record_and_reply(self, rp, make_record(st, x.request_id, type, hash, out));
+    }
+    job_record job;
+    job.job_id = job_id_for(st.user_id, x.request_id);
+    job.request_id = x.request_id;
+    job.user_id = st.user_id;
+    job.base_model = base;
+    job.status = "queued";
+    job.hyperparameters = to_json(x);  // the full request: training reads its data and settings
+    job.created_ms = job.updated_ms = now_ms();
+    answers out{job_answer(job_event{"job.queued", job.job_id, x.request_id, st.user_id, std::nullopt,
+                                     std::nullopt, std::nullopt})};
+    auto rec = make_record(st, x.request_id, type, hash, out);
+    rec.job_id = job.job_id;
+    self->request(st.db, store_timeout, create_atom_v, job, rec)
+        .await([=](caf::ok_atom) mutable { rp.deliver(out); },
+               [=](caf::error& err) mutable { rp.deliver(std::move(err)); });
+  });
+}
+
+void handle_inference(user_ptr self, promise_t rp, inference_request x, uint64_t hash) {
+  const std::string type = "inference.request";
+  with_dedup(self, rp, x.request_id, hash, type, [=]() mutable {
+    auto& st = self->state;
+    auto answer = [=](errc code, std::string msg) mutable {
+      answers out{error_answer(type, self->state.user_id, x.request_id, code, std::move(msg))};
+      record_and_reply(self, rp, make_record(self->state, x.request_id, type, hash, out));
+    };
+    // Serving arrives with the GPU actors; until then a ready model has no
+    // one to run it, and the requester is told so.
+    auto no_server = [](const model_record& m) {
+      return "model " + m.model_id + ": no GPU actor serves base model " + m.base_model + " in this build";
+    };
+    if (x.model_id) {
+      auto model_id = *x.model_id;
+      self->request(st.db, store_timeout, model_atom_v, model_id)
+          .await(
+              [=](std::vector<model_record>& found) mutable {
+                if (found.empty()) return answer(errc::model_not_found, "model_id: " + model_id + " does not exist");
+                const auto& m = found.front();
+                if (m.user_id != self->state.user_id)
+                  return answer(errc::model_not_owned,
+                                "model_id: " + model_id + " does not belong to user " + self->state.user_id);
+                if (m.status != "ready")
+                  return answer(errc::model_not_ready, "model_id: " + model_id + " is " + m.status);
+                answer(errc::unavailable, no_server(m));
+              },
+              [=](caf::error& err) mutable { rp.deliver(std::move(err)); });
+      return;
+    }
+    self->request(st.db, store_timeout, models_atom_v, st.user_id)
+        .await(
+            [=](std::vector<model_record>& models) mutable {
+              for (const auto& m : models)
+                if (m.status == "ready") return answer(errc::unavailable, no_server(m));
+              answer(errc::no_ready_model, "user " + self->state.user_id + " has no ready model");
+            },
+            [=](caf::error& err) mutable { rp.deliver(std::move(err)); });
+  });
+}
+
+void handle_job_cancel(user_ptr self, promise_t rp, job_cancel x) {
+  auto& st = self->state;
+  auto reject = [=](const job_record* job, errc code, std::string msg) mutable {
+    job_event ev{"job.cancel_rejected", x.job_id, job ? job->request_id : "", x.user_id,
+                 std::nullopt, std::nullopt, error_info{code, std::move(msg)}};
+    rp.deliver(answers{job_answer(ev)});
+  };
+  self->request(st.db, store_timeout, job_atom_v, x.job_id)
+      .await(
+          [=](std::vector<job_record>& found) mutable {
+            if (found.empty() || found.front().user_id != x.user_id)
+              return reject(nullptr, errc::job_not_found,
+                            "job_id: " + x.job_id + " is not a job of user " + x.user_id);
+            auto job = found.front();
+            auto cancelled = [=](const job_record& j) {
+              return answers{job_answer(job_event{"job.cancelled", j.job_id, j.request_id, j.user_id,
+                                                  std::nullopt, std::nullopt, std::nullopt})};
+            };
+            // A redelivered cancel is answered as the first one was.
+            if (job.status == "cancelled") {
+              rp.deliver(cancelled(job));
+              return;
+            }
+            if (job.status != "queued" && job.status != "retrying")
+              return reject(&job, errc::job_not_cancellable, "job " + x.job_id + " is " + job.status);
+            self->request(self->state.db, store_timeout, cancel_atom_v, x.job_id, job.status)
+                .await([=](job_record& j) mutable { rp.deliver(cancelled(j)); },
+                       [=](caf::error& err) mutable {
+                         reject(&job, errc::job_not_cancellable, "job " + x.job_id + ": " + caf::to_string(err));
+                       });
+          },
+          [=](caf::error& err) mutable { rp.deliver(std::move(err)); });
+}
+
+const std::string& user_of(const parse_result& r) {
+  if (auto* rej = std::get_if<rejection>(&r)) return rej->user_id;
+  return std::visit([](const auto& x) -> const std::string& { return x.user_id; },
+                    std::get<parsed_request>(r).value);
+}
+
+}  // namespace
+
+std::string job_id_for(const std::string& user_id, const std::string& request_id) {
+  std::string key = user_id;
+  key.push_back('\0');
+  key += request_id;
+  char buf[24];
+  std::snprintf(buf, sizeof(buf), "job-%016llx", static_cast<unsigned long long>(fnv1a64(key)));
+  return buf;
+}
+
+user_actor::behavior_type user(user_actor::stateful_pointer<user_state> self, std::string user_id,
+                               engine_config cfg, store_actor db, registry_actor registry) {
+  auto& st = self->state;
+  st.user_id = std::move(user_id);
+  st.cfg = std::move(cfg);
+  st.db = std::move(db);
+  st.registry = std::move(registry);
+  self->delayed_send(self, std::chrono::seconds(st.cfg.user_idle_seconds), idle_atom_v);
+  return {
+      [self](handle_atom, incoming_event& ev) -> caf::result<answers> {
+        ++self->state.handled;
+        auto rp = self->make_response_promise<answers>();
+        if (auto* rej = std::get_if<rejection>(&ev.parsed)) {
+          handle_rejection(self, rp, std::move(*rej));
+          return rp;
+        }
+        auto& pr = std::get<parsed_request>(ev.parsed);
+        std::visit(
+            [&](auto& x) {
+              using T = std::decay_t<decltype(x)>;
+              if constexpr (std::is_same_v<T, onboarding_request>) handle_onboarding(self, rp, std::move(x), pr.payload_hash);
+              else if constexpr (std::is_same_v<T, inference_request>) handle_inference(self, rp, std::move(x), pr.payload_hash);
+              else if constexpr (std::is_same_v<T, job_cancel>) handle_job_cancel(self, rp, std::move(x));
+              else rp.deliver(answers{});  // nothing runs yet that a cancel could stop
+            },
+            pr.value);
+        return rp;
+      },
+      [self](idle_atom) {
+        auto& st = self->state;
+        if (st.handled == st.handled_at_last_check) self->send(st.registry, idle_atom_v, st.user_id, st.handled);
+        st.handled_at_last_check = st.handled;
+        self->delayed_send(self, std::chrono::seconds(st.cfg.user_idle_seconds), idle_atom_v);
+      },
+      [self](stop_atom) { self->quit(); },
+  };
+}
+
+registry_actor::behavior_type registry(registry_actor::stateful_pointer<registry_state> self,
+                                       engine_config cfg, store_actor db, std::shared_ptr<metrics> stats) {
+  self->state.cfg = std::move(cfg);
+  self->state.db = std::move(db);
+  self->state.stats = std::move(stats);
+  // User actors are not linked to the registry (one failing must not take
+  // the others down), so the registry stops them when it goes.
+  self->attach_functor([self] {
+    for (auto& [id, e] : self->state.users) caf::anon_send_exit(e.actor, caf::exit_reason::user_shutdown);
+  });
+  self->set_down_handler([self](caf::down_msg& dm) {
+    auto& users = self->state.users;
+    for (auto it = users.begin(); it != users.end(); ++it) {
+      if (it->second.actor.address() == dm.source) {
+        if (dm.reason) spdlog::error("user actor {} died: {}", it->first, caf::to_string(dm.reason));
+        users.erase(it);
+        self->state.stats->add_users(-1);
+        return;
+      }
+    }
+  });
+  return {
+      [self](route_atom, incoming_event& ev) -> caf::delegated<answers> {
+        auto& st = self->state;
+        const auto& id = user_of(ev.parsed);
+        auto& e = st.users[id];
+        if (!e.actor) {
+          e.actor = self->spawn(user, id, st.cfg, st.db, caf::actor_cast<registry_actor>(self));
+          self->monitor(e.actor);
+          st.stats->add_users(1);
+        }
+        ++e.routed;
+        return self->delegate(e.actor, handle_atom_v, std::move(ev));
+      },
+      [self](idle_atom, const std::string& id, uint64_t handled) {
+        auto& users = self->state.users;
+        auto it = users.find(id);
+        // Only an actor that has handled all it was sent may go.
+        if (it == users.end() || it->second.routed != handled) return;
+        self->demonitor(it->second.actor.address());
+        self->send(it->second.actor, stop_atom_v);
+        users.erase(it);
+        self->state.stats->add_users(-1);
+      },
+  };
+}
+
+}  // namespace tailor::actors

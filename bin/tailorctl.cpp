@@ -1,0 +1,295 @@
+// tailorctl: publish requests to Tailor, follow its topics, read the admin API.
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <random>
+#include <sstream>
+
+#include <CLI/CLI.hpp>
+#include <httplib.h>
+#include <librdkafka/rdkafkacpp.h>
+#include <nlohmann/json.hpp>
+
+#include "actors/config.hpp"
+#include "actors/kafka.hpp"
+#include "messages/events.hpp"
+
+using json = nlohmann::json;
+using namespace tailor;
+
+namespace {
+
+struct common_options {
+  std::string bootstrap = "127.0.0.1:9092";
+  std::string admin = "http://127.0.0.1:8080";
+  std::vector<std::string> props;
+  actors::topic_names topics;
+};
+
+[[noreturn]] void fail(const std::string& msg, int code = 1) {
+  std::fprintf(stderr, "tailorctl: %s\n", msg.c_str());
+  std::exit(code);
+}
+
+actors::kafka_config kafka_of(const common_options& o) {
+  actors::kafka_config k;
+  k.bootstrap_servers = o.bootstrap;
+  for (const auto& p : o.props) {
+    auto eq = p.find('=');
+    if (eq == std::string::npos) fail("--kafka-property " + p + ": expected KEY=VALUE", 2);
+    k.properties[p.substr(0, eq)] = p.substr(eq + 1);
+  }
+  return k;
+}
+
+std::string random_id(const char* prefix) {
+  std::random_device rd;
+  char buf[40];
+  std::snprintf(buf, sizeof(buf), "%s-%08x%08x", prefix, rd(), rd());
+  return buf;
+}
+
+void produce(const common_options& o, const std::string& topic, const std::string& key, const std::string& payload) {
+  std::string err;
+  auto conf = actors::make_conf(kafka_of(o), {{"enable.idempotence", "true"}}, err);
+  if (!conf) fail(err);
+  std::unique_ptr<RdKafka::Producer> p(RdKafka::Producer::create(conf.get(), err));
+  if (!p) fail("producer: " + err);
+  auto rc = p->produce(topic, RdKafka::Topic::PARTITION_UA, RdKafka::Producer::RK_MSG_COPY,
+                       const_cast<char*>(payload.data()), payload.size(), key.data(), key.size(), 0, nullptr);
+  if (rc != RdKafka::ERR_NO_ERROR) fail("produce to " + topic + ": " + RdKafka::err2str(rc));
+  rc = p->flush(30000);
+  if (rc != RdKafka::ERR_NO_ERROR) fail("produce to " + topic + ": not delivered: " + RdKafka::err2str(rc));
+}
+
+// Reads `topic` from its current end (or beginning), so that nothing
+// published after construction is missed.
+class follower {
+ public:
+  follower(const common_options& o, const std::string& topic, bool from_beginning) {
+    std::string err;
+    auto conf = actors::make_conf(kafka_of(o),
+                                  {{"group.id", random_id("tailorctl")}, {"enable.auto.commit", "false"}},
+                                  err);
+    if (!conf) fail(err);
+    consumer_.reset(RdKafka::KafkaConsumer::create(conf.get(), err));
+    if (!consumer_) fail("consumer: " + err);
+    RdKafka::Metadata* md = nullptr;
+    std::unique_ptr<RdKafka::Topic> t(RdKafka::Topic::create(consumer_.get(), topic, nullptr, err));
+    auto rc = consumer_->metadata(false, t.get(), &md, 10000);
+    if (rc != RdKafka::ERR_NO_ERROR) fail("metadata of " + topic + ": " + RdKafka::err2str(rc));
+    std::unique_ptr<RdKafka::Metadata> owned(md);
+    std::vector<RdKafka::TopicPartition*> parts;
+    for (const auto* tm : *md->topics())
+      for (const auto* pm : *tm->partitions()) {
+        int64_t lo = 0, hi = 0;
+        rc = consumer_->query_watermark_offsets(topic, pm->id(), &lo, &hi, 10000);
+        if (rc != RdKafka::ERR_NO_ERROR) fail("offsets of " + topic + ": " + RdKafka::err2str(rc));
+        parts.push_back(RdKafka::TopicPartition::create(topic, pm->id(), from_beginning ? lo : hi));
+      }
+    if (parts.empty()) fail("topic " + topic + " does not exist");
+    rc = consumer_->assign(parts);
+    RdKafka::TopicPartition::destroy(parts);
+    if (rc != RdKafka::ERR_NO_ERROR) fail("assign " + topic + ": " + RdKafka::err2str(rc));
+  }
+  ~follower() { consumer_->close(); }
+
+  // Next message payload, or nothing within `timeout_ms`.
+  std::optional<std::string> next(int timeout_ms) {
+    std::unique_ptr<RdKafka::Message> m(consumer_->consume(timeout_ms));
+    if (m->err() == RdKafka::ERR__TIMED_OUT) return std::nullopt;
+    if (m->err() != RdKafka::ERR_NO_ERROR) {
+      std::fprintf(stderr, "tailorctl: %s\n", m->errstr().c_str());
+      return std::nullopt;
+    }
+    return std::string(static_cast<const char*>(m->payload()), m->len());
+  }
+
+ private:
+  std::unique_ptr<RdKafka::KafkaConsumer> consumer_;
+};
+
+// Waits for answers of (user, request) on a topic until `done` says so.
+template <class Done>
+int wait_for(follower& f, const std::string& user, const std::string& request, double timeout_s, Done done) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  while (std::chrono::steady_clock::now() < deadline) {
+    auto msg = f.next(200);
+    if (!msg) continue;
+    auto j = json::parse(*msg, nullptr, false);
+    if (!j.is_object() || j.value("user_id", "") != user || j.value("request_id", "") != request) continue;
+    std::cout << j.dump() << std::endl;
+    if (auto code = done(j)) return *code;
+  }
+  std::fprintf(stderr, "tailorctl: no answer within %.0f s\n", timeout_s);
+  return 3;
+}
+
+void admin_get(const common_options& o, const std::string& path) {
+  httplib::Client cli(o.admin);
+  cli.set_connection_timeout(5);
+  auto res = cli.Get(path.c_str());
+  if (!res) fail("admin API at " + o.admin + ": " + httplib::to_string(res.error()));
+  std::cout << res->body;
+  if (res->body.empty() || res->body.back() != '\n') std::cout << '\n';
+  if (res->status != 200) std::exit(1);
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) fail("cannot read " + path, 2);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"tailorctl - talk to a Tailor engine through Kafka and its admin API"};
+  app.require_subcommand(1);
+  common_options o;
+  if (const char* b = std::getenv("TAILOR_BOOTSTRAP")) o.bootstrap = b;
+  if (const char* a = std::getenv("TAILOR_ADMIN")) o.admin = a;
+  app.add_option("-b,--bootstrap-servers", o.bootstrap, "Kafka bootstrap servers (env TAILOR_BOOTSTRAP)");
+  app.add_option("-a,--admin", o.admin, "admin API base URL (env TAILOR_ADMIN)");
+  app.add_option("-X,--kafka-property", o.props, "librdkafka property KEY=VALUE, repeatable");
+
+  // onboard
+  auto* onboard = app.add_subcommand("onboard", "publish an onboarding request (fine-tune a user's model)");
+  messages::onboarding_request ob;
+  std::string ob_file, texts_file, until = "terminal";
+  bool ob_wait = false;
+  double timeout = 120;
+  onboard->add_option("-u,--user", ob.user_id, "user id");
+  onboard->add_option("-r,--request", ob.request_id, "request id (default: random)");
+  onboard->add_option("-t,--text", ob.texts, "a training text, repeatable");
+  onboard->add_option("--texts-file", texts_file, "training texts, one per line")->check(CLI::ExistingFile);
+  onboard->add_option("--data-ref", ob.data_ref, "training data file, relative to tailord's data directory");
+  onboard->add_option("--base-model", ob.base_model, "base model id");
+  onboard->add_option("--rank", ob.hparams.rank, "LoRA rank");
+  onboard->add_option("--alpha", ob.hparams.alpha, "LoRA alpha");
+  onboard->add_option("--steps", ob.hparams.steps, "training steps");
+  onboard->add_option("--learning-rate", ob.hparams.learning_rate, "learning rate");
+  onboard->add_option("--batch-size", ob.hparams.batch_size, "batch size");
+  onboard->add_option("--seed", ob.hparams.seed, "training seed");
+  onboard->add_option("--prompt", ob.prompts, "a prompt to answer once trained, repeatable");
+  onboard->add_option("-f,--file", ob_file, "send this JSON file as the request instead")->check(CLI::ExistingFile);
+  onboard->add_flag("-w,--wait", ob_wait, "print the request's events until it ends (or --until)");
+  onboard->add_option("--until", until, "with --wait: stop at this event type (default: terminal, i.e. "
+                                        "model.ready, job.failed or job.cancelled)");
+  onboard->add_option("--timeout", timeout, "with --wait: seconds to wait (default: 120)");
+
+  // infer
+  auto* infer = app.add_subcommand("infer", "publish an inference request");
+  messages::inference_request in;
+  std::string in_file;
+  bool in_wait = false;
+  infer->add_option("-u,--user", in.user_id, "user id");
+  infer->add_option("-r,--request", in.request_id, "request id (default: random)");
+  infer->add_option("-p,--prompt", in.prompt, "the prompt");
+  infer->add_option("-m,--model", in.model_id, "model id (default: the user's newest ready model)");
+  infer->add_option("--max-tokens", in.max_tokens, "tokens to generate at most");
+  infer->add_option("--temperature", in.temperature, "sampling temperature (0: greedy)");
+  infer->add_option("--top-k", in.top_k, "top-k sampling");
+  infer->add_option("--top-p", in.top_p, "nucleus sampling");
+  infer->add_option("--seed", in.seed, "sampling seed");
+  infer->add_option("--stop", in.stop, "stop sequence, repeatable");
+  infer->add_option("-f,--file", in_file, "send this JSON file as the request instead")->check(CLI::ExistingFile);
+  infer->add_flag("-w,--wait", in_wait, "print the result when it arrives");
+  infer->add_option("--timeout", timeout, "with --wait: seconds to wait (default: 120)");
+
+  // tail
+  auto* tail = app.add_subcommand("tail", "print a topic's events as they arrive: results|events|dlq");
+  std::string tail_what;
+  bool from_beginning = false;
+  double tail_seconds = 0;
+  tail->add_option("topic", tail_what, "results, events or dlq")->required()->check(CLI::IsMember({"results", "events", "dlq"}));
+  tail->add_flag("--from-beginning", from_beginning, "start at the oldest retained event");
+  tail->add_option("--seconds", tail_seconds, "stop after this long (default: follow until interrupted)");
+
+  auto* jobs = app.add_subcommand("jobs", "list jobs (admin API)");
+  std::string job_status;
+  jobs->add_option("--status", job_status, "only jobs in this state");
+  auto* job = app.add_subcommand("job", "show one job (admin API)");
+  std::string job_id;
+  job->add_option("job_id", job_id, "job id")->required();
+  auto* models = app.add_subcommand("models", "list a user's models, newest first (admin API)");
+  std::string models_user;
+  models->add_option("user_id", models_user, "user id")->required();
+  auto* cancel = app.add_subcommand("cancel", "cancel a job (publishes job.cancel on the control topic)");
+  messages::job_cancel jc;
+  cancel->add_option("job_id", jc.job_id, "job id")->required();
+  cancel->add_option("-u,--user", jc.user_id, "the job's user")->required();
+
+  CLI11_PARSE(app, argc, argv);
+
+  if (onboard->parsed()) {
+    std::string payload;
+    if (!ob_file.empty()) {
+      payload = read_file(ob_file);
+      auto j = json::parse(payload, nullptr, false);
+      if (!j.is_object()) fail(ob_file + ": is not a JSON object", 2);
+      ob.user_id = j.value("user_id", "");
+      ob.request_id = j.value("request_id", "");
+    } else {
+      if (ob.user_id.empty()) fail("onboard: --user is required", 2);
+      if (ob.request_id.empty()) ob.request_id = random_id("onb");
+      if (!texts_file.empty()) {
+        std::ifstream in(texts_file);
+        for (std::string line; std::getline(in, line);)
+          if (!line.empty()) ob.texts.push_back(line);
+      }
+      payload = messages::to_json(ob);
+    }
+    std::optional<follower> f;
+    if (ob_wait) f.emplace(o, o.topics.events, false);
+    produce(o, o.topics.onboarding, ob.user_id, payload);
+    std::fprintf(stderr, "published onboarding request %s for user %s\n", ob.request_id.c_str(), ob.user_id.c_str());
+    if (!ob_wait) return 0;
+    return wait_for(*f, ob.user_id, ob.request_id, timeout, [&](const json& j) -> std::optional<int> {
+      auto type = j.value("type", "");
+      if (type == "job.failed") return 1;
+      if (type == until || (until == "terminal" && (type == "model.ready" || type == "job.cancelled"))) return 0;
+      return std::nullopt;
+    });
+  }
+  if (infer->parsed()) {
+    std::string payload;
+    if (!in_file.empty()) {
+      payload = read_file(in_file);
+      auto j = json::parse(payload, nullptr, false);
+      if (!j.is_object()) fail(in_file + ": is not a JSON object", 2);
+      in.user_id = j.value("user_id", "");
+      in.request_id = j.value("request_id", "");
+    } else {
+      if (in.user_id.empty()) fail("infer: --user is required", 2);
+      if (in.request_id.empty()) in.request_id = random_id("inf");
+      payload = messages::to_json(in);
+    }
+    std::optional<follower> f;
+    if (in_wait) f.emplace(o, o.topics.results, false);
+    produce(o, o.topics.inference, in.user_id, payload);
+    std::fprintf(stderr, "published inference request %s for user %s\n", in.request_id.c_str(), in.user_id.c_str());
+    if (!in_wait) return 0;
+    return wait_for(*f, in.user_id, in.request_id, timeout,
+                    [](const json& j) -> std::optional<int> { return j.contains("error") ? 1 : 0; });
+  }
+  if (tail->parsed()) {
+    const auto& topic = tail_what == "results" ? o.topics.results : tail_what == "events" ? o.topics.events : o.topics.dlq;
+    follower f(o, topic, from_beginning);
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(tail_seconds);
+    while (tail_seconds <= 0 || std::chrono::steady_clock::now() < deadline)
+      if (auto m = f.next(200)) std::cout << *m << std::endl;
+    return 0;
+  }
+  if (jobs->parsed()) admin_get(o, "/v1/jobs" + (job_status.empty() ? "" : "?status=" + job_status));
+  if (job->parsed()) admin_get(o, "/v1/jobs/" + job_id);
+  if (models->parsed()) admin_get(o, "/v1/users/" + models_user + "/models");
+  if (cancel->parsed()) {
+    produce(o, o.topics.control, jc.user_id, messages::to_json(jc));
+    std::fprintf(stderr, "published job.cancel for %s\n", jc.job_id.c_str());
+  }
+  return 0;
+}

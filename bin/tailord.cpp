@@ -1,0 +1,139 @@
+// tailord: the Tailor engine. Reads onboarding, inference and control events
+// from Kafka, answers on Kafka, keeps its state in RocksDB, and serves the
+// admin API on localhost. Stops in order on SIGTERM or SIGINT.
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include "actors/engine.hpp"
+
+using namespace tailor::actors;
+
+namespace {
+
+bool write_ready_file(const std::string& path, const engine& e) {
+  nlohmann::json j = {{"admin_port", e.admin_port()},
+                      {"bootstrap_servers", e.bootstrap_servers()},
+                      {"pid", static_cast<int>(::getpid())}};
+  auto tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp);
+    out << j.dump() << '\n';
+    if (!out) return false;
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  return !ec;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  engine_config cfg;
+  CLI::App app{"tailord - the Tailor engine: personal LoRA models, trained and served through Kafka"};
+  std::string config_file, bootstrap, group_id, data_dir, admin_host, ready_file, log_level;
+  std::vector<std::string> props;
+  int admin_port = -1, max_in_flight = -1, idle = -1;
+  bool sync_writes = false;
+  app.add_option("-c,--config", config_file, "JSON configuration file (see docs/configuration.md)")
+      ->check(CLI::ExistingFile);
+  app.add_option("-b,--bootstrap-servers", bootstrap,
+                 "Kafka bootstrap servers; unset: start an embedded mock cluster (demo only)");
+  app.add_option("-g,--group-id", group_id, "Kafka consumer group (default: tailor)");
+  app.add_option("-X,--kafka-property", props, "librdkafka property KEY=VALUE, repeatable (SASL, TLS, ...)");
+  app.add_option("-d,--data-dir", data_dir, "RocksDB and artifacts (default: $TAILOR_HOME/engine)");
+  app.add_option("--admin-host", admin_host, "admin API address (default: 127.0.0.1)");
+  app.add_option("-p,--admin-port", admin_port, "admin API port; 0 picks a free one (default: 8080)")
+      ->check(CLI::Range(0, 65535));
+  app.add_option("--ready-file", ready_file,
+                 "write {admin_port, bootstrap_servers, pid} as JSON here once consumers have joined");
+  app.add_option("--max-in-flight", max_in_flight,
+                 "events in flight per input topic before consumption pauses (default: 256)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--user-idle-seconds", idle, "retire a user actor after this long without events (default: 60)")
+      ->check(CLI::PositiveNumber);
+  app.add_flag("--sync-writes", sync_writes, "fsync RocksDB's WAL on every write (survives power loss)");
+  app.add_option("--log-level", log_level, "trace|debug|info|warn|error (default: info)");
+  CLI11_PARSE(app, argc, argv);
+
+  if (!config_file.empty()) {
+    if (auto err = load_config_file(config_file, cfg); !err.empty()) {
+      std::fprintf(stderr, "tailord: %s\n", err.c_str());
+      return 2;
+    }
+  }
+  if (!bootstrap.empty()) cfg.kafka.bootstrap_servers = bootstrap;
+  if (!group_id.empty()) cfg.kafka.group_id = group_id;
+  for (const auto& p : props) {
+    auto eq = p.find('=');
+    if (eq == std::string::npos || eq == 0) {
+      std::fprintf(stderr, "tailord: --kafka-property %s: expected KEY=VALUE\n", p.c_str());
+      return 2;
+    }
+    cfg.kafka.properties[p.substr(0, eq)] = p.substr(eq + 1);
+  }
+  if (!data_dir.empty()) cfg.data_dir = data_dir;
+  if (!admin_host.empty()) cfg.admin_host = admin_host;
+  if (admin_port >= 0) cfg.admin_port = admin_port;
+  if (!ready_file.empty()) cfg.ready_file = ready_file;
+  if (max_in_flight > 0) cfg.max_in_flight = max_in_flight;
+  if (idle > 0) cfg.user_idle_seconds = idle;
+  if (sync_writes) cfg.sync_writes = true;
+  if (!log_level.empty()) cfg.log_level = log_level;
+  auto level = spdlog::level::from_str(cfg.log_level);
+  if (level == spdlog::level::off && cfg.log_level != "off") {
+    std::fprintf(stderr, "tailord: --log-level %s: expected trace|debug|info|warn|error\n", cfg.log_level.c_str());
+    return 2;
+  }
+  spdlog::set_level(level);
+
+  // Block the stop signals before any thread starts, so every thread inherits
+  // the mask and only sigwait below receives them.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  std::string err;
+  auto e = engine::start(cfg, err);
+  if (!e) {
+    spdlog::critical("tailord cannot start: {}", err);
+    return 1;
+  }
+  spdlog::info("tailord: Kafka {}, admin API http://{}:{}/", e->bootstrap_servers(), cfg.admin_host,
+               e->admin_port());
+
+  // Announce readiness from a helper thread; the main thread waits for a signal.
+  std::atomic<bool> stopping{false};
+  std::thread announcer([&] {
+    auto next_note = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (!stopping && !e->ready()) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      if (std::chrono::steady_clock::now() > next_note) {
+        spdlog::warn("tailord: consumers have not joined their group yet");
+        next_note += std::chrono::seconds(10);
+      }
+    }
+    if (stopping) return;
+    spdlog::info("tailord: ready");
+    if (!cfg.ready_file.empty() && !write_ready_file(cfg.ready_file, *e))
+      spdlog::error("tailord: cannot write ready file {}", cfg.ready_file);
+  });
+  int sig = 0;
+  sigwait(&stop_signals, &sig);
+  stopping = true;
+  spdlog::info("tailord: {} received, stopping", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+  announcer.join();
+  e->stop();
+  spdlog::info("tailord: stopped");
+  return 0;
+}
