@@ -205,6 +205,9 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
                          {"enable.auto.offset.store", "false"},
                          {"auto.offset.reset", "earliest"},
                          {"enable.partition.eof", "false"},
+                         // A crashed instance's partitions move on after 10 s, not 45.
+                         {"session.timeout.ms", "10000"},
+                         {"heartbeat.interval.ms", "1000"},
                          {"client.id", "tailord-ingress"}},
                         err);
   if (conf && conf->set("rebalance_cb", st.on_rebalance.get(), err) == RdKafka::Conf::CONF_OK)

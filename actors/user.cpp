@@ -252,21 +252,19 @@ registry_actor::behavior_type registry(registry_actor::stateful_pointer<registry
   self->state.cfg = std::move(cfg);
   self->state.db = std::move(db);
   self->state.stats = std::move(stats);
-  // User actors are not linked to the registry (one failing must not take
-  // the others down), so the registry stops them when it goes.
-  self->attach_functor([self] {
-    for (auto& [id, e] : self->state.users) caf::anon_send_exit(e.actor, caf::exit_reason::user_shutdown);
-  });
-  self->set_down_handler([self](caf::down_msg& dm) {
+  // User actors are linked to the registry: when it goes, they go. A user
+  // actor's own end arrives here as an exit message and only forgets it.
+  self->set_exit_handler([self](caf::exit_msg& em) {
     auto& users = self->state.users;
     for (auto it = users.begin(); it != users.end(); ++it) {
-      if (it->second.actor.address() == dm.source) {
-        if (dm.reason) spdlog::error("user actor {} died: {}", it->first, caf::to_string(dm.reason));
-        users.erase(it);
-        self->state.stats->add_users(-1);
-        return;
-      }
+      if (it->second.actor.address() != em.source) continue;
+      if (em.reason && em.reason != caf::exit_reason::normal)
+        spdlog::error("user actor {} died: {}", it->first, caf::to_string(em.reason));
+      users.erase(it);
+      self->state.stats->add_users(-1);
+      return;
     }
+    self->quit(em.reason);
   });
   return {
       [self](route_atom, incoming_event& ev) -> caf::delegated<answers> {
@@ -274,8 +272,7 @@ registry_actor::behavior_type registry(registry_actor::stateful_pointer<registry
         const auto& id = user_of(ev.parsed);
         auto& e = st.users[id];
         if (!e.actor) {
-          e.actor = self->spawn(user, id, st.cfg, st.db, caf::actor_cast<registry_actor>(self));
-          self->monitor(e.actor);
+          e.actor = self->spawn<caf::linked>(user, id, st.cfg, st.db, caf::actor_cast<registry_actor>(self));
           st.stats->add_users(1);
         }
         ++e.routed;
@@ -286,7 +283,6 @@ registry_actor::behavior_type registry(registry_actor::stateful_pointer<registry
         auto it = users.find(id);
         // Only an actor that has handled all it was sent may go.
         if (it == users.end() || it->second.routed != handled) return;
-        self->demonitor(it->second.actor.address());
         self->send(it->second.actor, stop_atom_v);
         users.erase(it);
         self->state.stats->add_users(-1);

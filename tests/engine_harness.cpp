@@ -1,0 +1,250 @@
+#include "engine_harness.hpp"
+
+#include <atomic>
+#include <csignal>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+
+#include <gtest/gtest.h>
+#include <httplib.h>
+#include <librdkafka/rdkafkacpp.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+namespace tailor::test {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string unique_suffix() {
+  static std::atomic<int> n{0};
+  std::random_device rd;
+  return std::to_string(::getpid()) + "-" + std::to_string(rd() % 100000) + "-" + std::to_string(n++);
+}
+
+// The environment may override what the build configured.
+std::string setting(const char* env, const char* built_in) {
+  const char* v = std::getenv(env);
+  return v && *v ? v : built_in;
+}
+
+std::unique_ptr<RdKafka::Conf> conf_for(const std::string& bootstrap) {
+  std::string err;
+  std::unique_ptr<RdKafka::Conf> conf(RdKafka::Conf::create(RdKafka::Conf::CONF_GLOBAL));
+  if (conf->set("bootstrap.servers", bootstrap, err) != RdKafka::Conf::CONF_OK) throw std::runtime_error(err);
+  return conf;
+}
+
+}  // namespace
+
+std::string broker_bootstrap() {
+  auto dir = setting("TAILOR_TEST_KAFKA_DIR", TAILOR_TEST_KAFKA_DIR);
+  std::ifstream in(dir + "/bootstrap");
+  std::string b;
+  if (!(in >> b) || b.empty())
+    throw std::runtime_error("no Kafka broker: " + dir + "/bootstrap is missing (the kafka fixture failed to start)");
+  return b;
+}
+
+bool wait_until(const std::function<bool()>& pred, std::chrono::milliseconds timeout) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(20ms);
+  }
+  return pred();
+}
+
+engine_process::engine_process(const std::string& name, json extra_config) : extra_(std::move(extra_config)) {
+  auto suffix = unique_suffix();
+  dir_ = (fs::temp_directory_path() / ("tailor-engine-" + name + "-" + suffix)).string();
+  fs::create_directories(dir_);
+  bootstrap_ = broker_bootstrap();
+  group_ = "tailor-test-" + suffix;
+  auto p = "t" + suffix + ".";
+  topics_ = {p + "onboarding", p + "inference", p + "control", p + "results", p + "events", p + "dlq"};
+}
+
+engine_process::~engine_process() {
+  if (pid_ > 0) kill();
+  std::error_code ec;
+  fs::remove_all(dir_, ec);
+}
+
+void engine_process::start() {
+  json cfg = {{"data_dir", dir_ + "/data"},
+              {"admin", {{"host", "127.0.0.1"}, {"port", 0}}},
+              {"kafka",
+               {{"bootstrap_servers", bootstrap_},
+                {"group_id", group_},
+                {"topics",
+                 {{"onboarding", topics_.onboarding},
+                  {"inference", topics_.inference},
+                  {"control", topics_.control},
+                  {"results", topics_.results},
+                  {"events", topics_.events},
+                  {"dlq", topics_.dlq}}}}}};
+  cfg.merge_patch(extra_);
+  auto cfg_path = dir_ + "/tailord.json";
+  std::ofstream(cfg_path) << cfg.dump(2);
+  auto ready = dir_ + "/ready.json";
+  fs::remove(ready);
+  auto bin = setting("TAILORD", TAILORD_PATH);
+  auto log = dir_ + "/tailord.log";
+  pid_ = ::fork();
+  if (pid_ == 0) {
+    FILE* f = std::freopen(log.c_str(), "a", stdout);
+    (void)f;
+    ::dup2(::fileno(stdout), 2);
+    ::execl(bin.c_str(), bin.c_str(), "--config", cfg_path.c_str(), "--ready-file", ready.c_str(), nullptr);
+    ::_exit(127);
+  }
+  ASSERT_GT(pid_, 0);
+  bool ok = wait_until(
+      [&] {
+        int status = 0;
+        if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+          pid_ = -1;
+          return true;
+        }
+        return fs::exists(ready);
+      },
+      90s);
+  std::ifstream logf(log);
+  std::stringstream logs;
+  logs << logf.rdbuf();
+  ASSERT_TRUE(ok && pid_ > 0) << "tailord did not become ready; its log:\n" << logs.str();
+  std::ifstream in(ready);
+  json r = json::parse(in);
+  admin_port_ = r.at("admin_port").get<int>();
+}
+
+int engine_process::stop() {
+  if (pid_ <= 0) return -1;
+  ::kill(pid_, SIGTERM);
+  int status = 0;
+  bool done = wait_until([&] { return ::waitpid(pid_, &status, WNOHANG) == pid_; }, 60s);
+  if (!done) {
+    kill();
+    return -1;
+  }
+  pid_ = -1;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+void engine_process::kill() {
+  if (pid_ <= 0) return;
+  ::kill(pid_, SIGKILL);
+  int status = 0;
+  ::waitpid(pid_, &status, 0);
+  pid_ = -1;
+}
+
+std::pair<int, std::string> engine_process::get(const std::string& path) const {
+  httplib::Client cli("127.0.0.1", admin_port_);
+  cli.set_connection_timeout(5);
+  auto res = cli.Get(path.c_str());
+  if (!res) return {-1, httplib::to_string(res.error())};
+  return {res->status, res->body};
+}
+
+producer::producer(const std::string& bootstrap) {
+  auto conf = conf_for(bootstrap);
+  std::string err;
+  conf->set("linger.ms", "5", err);
+  p_.reset(RdKafka::Producer::create(conf.get(), err));
+  if (!p_) throw std::runtime_error("producer: " + err);
+}
+
+producer::~producer() { p_->flush(10000); }
+
+void producer::send(const std::string& topic, const std::string& key, const std::string& payload) {
+  for (;;) {
+    auto rc = p_->produce(topic, RdKafka::Topic::PARTITION_UA, RdKafka::Producer::RK_MSG_COPY,
+                          const_cast<char*>(payload.data()), payload.size(), key.data(), key.size(), 0, nullptr);
+    if (rc == RdKafka::ERR_NO_ERROR) return;
+    if (rc != RdKafka::ERR__QUEUE_FULL) throw std::runtime_error("produce: " + RdKafka::err2str(rc));
+    p_->poll(50);
+  }
+}
+
+void producer::flush() {
+  auto rc = p_->flush(30000);
+  if (rc != RdKafka::ERR_NO_ERROR) throw std::runtime_error("flush: " + RdKafka::err2str(rc));
+}
+
+collector::collector(const std::string& bootstrap, const std::vector<std::string>& topics) {
+  auto conf = conf_for(bootstrap);
+  std::string err;
+  conf->set("group.id", "collector-" + unique_suffix(), err);
+  conf->set("auto.offset.reset", "earliest", err);
+  conf->set("enable.auto.commit", "false", err);
+  conf->set("topic.metadata.refresh.interval.ms", "500", err);
+  c_.reset(RdKafka::KafkaConsumer::create(conf.get(), err));
+  if (!c_) throw std::runtime_error("consumer: " + err);
+  auto rc = c_->subscribe(topics);
+  if (rc != RdKafka::ERR_NO_ERROR) throw std::runtime_error("subscribe: " + RdKafka::err2str(rc));
+  thread_ = std::thread([this] { run(); });
+}
+
+collector::~collector() {
+  {
+    std::lock_guard<std::mutex> g(mtx_);
+    stop_ = true;
+  }
+  thread_.join();
+  c_->close();
+}
+
+void collector::run() {
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> g(mtx_);
+      if (stop_) return;
+    }
+    std::unique_ptr<RdKafka::Message> m(c_->consume(100));
+    if (m->err() != RdKafka::ERR_NO_ERROR) continue;
+    record r;
+    r.topic = m->topic_name();
+    if (m->key()) r.key = *m->key();
+    r.payload.assign(static_cast<const char*>(m->payload()), m->len());
+    r.value = json::parse(r.payload, nullptr, false);
+    std::lock_guard<std::mutex> g(mtx_);
+    records_.push_back(std::move(r));
+  }
+}
+
+std::vector<collector::record> collector::snapshot() const {
+  std::lock_guard<std::mutex> g(mtx_);
+  return records_;
+}
+
+std::size_t collector::size() const {
+  std::lock_guard<std::mutex> g(mtx_);
+  return records_.size();
+}
+
+std::vector<collector::record> collector::matching(const std::string& topic,
+                                                   const std::function<bool(const json&)>& pred) const {
+  std::vector<record> out;
+  std::lock_guard<std::mutex> g(mtx_);
+  for (const auto& r : records_)
+    if (r.topic == topic && pred(r.value)) out.push_back(r);
+  return out;
+}
+
+json onboarding(const std::string& user, const std::string& request, std::vector<std::string> texts) {
+  return {{"type", "onboarding.request"}, {"schema_version", 1}, {"user_id", user}, {"request_id", request},
+          {"texts", texts}};
+}
+
+json inference(const std::string& user, const std::string& request, const std::string& prompt) {
+  return {{"type", "inference.request"}, {"schema_version", 1}, {"user_id", user}, {"request_id", request},
+          {"prompt", prompt}};
+}
+
+}  // namespace tailor::test

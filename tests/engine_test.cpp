@@ -1,0 +1,319 @@
+// tailord against a real Kafka broker (CTest label `kafka`): every event gets
+// exactly one answer of the right kind, effects happen once, and nothing is
+// lost across a crash.
+#include <gtest/gtest.h>
+
+#include <map>
+#include <set>
+
+#include "engine_harness.hpp"
+
+using namespace tailor::test;
+
+namespace {
+
+class EngineTest : public ::testing::Test {
+ protected:
+  void start(json extra = json::object()) {
+    engine_ = std::make_unique<engine_process>(::testing::UnitTest::GetInstance()->current_test_info()->name(),
+                                               std::move(extra));
+    engine_->start();
+    if (HasFatalFailure()) return;
+    const auto& t = engine_->topics();
+    out_ = std::make_unique<collector>(engine_->bootstrap(), std::vector<std::string>{t.results, t.events, t.dlq});
+    in_ = std::make_unique<producer>(engine_->bootstrap());
+  }
+  void send_onboarding(const json& j) { in_->send(engine_->topics().onboarding, j.value("user_id", "k"), j.dump()); }
+  void send_inference(const json& j) { in_->send(engine_->topics().inference, j.value("user_id", "k"), j.dump()); }
+  // Answers (results and events) naming (user, request).
+  std::vector<collector::record> answers_to(const std::string& user, const std::string& request) {
+    std::vector<collector::record> out;
+    for (const auto& r : out_->snapshot())
+      if (r.topic != engine_->topics().dlq && r.value.is_object() && r.value.value("user_id", "") == user &&
+          r.value.value("request_id", "") == request)
+        out.push_back(r);
+    return out;
+  }
+  collector::record await_one(const std::string& user, const std::string& request) {
+    bool got = wait_until([&] { return !answers_to(user, request).empty(); }, 30s);
+    EXPECT_TRUE(got) << "no answer to " << user << "/" << request;
+    return got ? answers_to(user, request).front() : collector::record{};
+  }
+
+  std::unique_ptr<engine_process> engine_;
+  std::unique_ptr<collector> out_;
+  std::unique_ptr<producer> in_;
+};
+
+}  // namespace
+
+TEST_F(EngineTest, OnboardingRequestCreatesAQueuedJob) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  send_onboarding(onboarding("alice", "r1"));
+  in_->flush();
+  auto ans = await_one("alice", "r1");
+  EXPECT_EQ(ans.topic, engine_->topics().events);
+  EXPECT_EQ(ans.key, "alice");
+  EXPECT_EQ(ans.value["type"], "job.queued");
+  EXPECT_EQ(ans.value["schema_version"], 1);
+  std::string job_id = ans.value["job_id"];
+  auto [status, body] = engine_->get("/v1/jobs/" + job_id);
+  ASSERT_EQ(status, 200) << body;
+  auto job = json::parse(body);
+  EXPECT_EQ(job["status"], "queued");
+  EXPECT_EQ(job["user_id"], "alice");
+  auto [s2, list] = engine_->get("/v1/jobs?status=queued");
+  ASSERT_EQ(s2, 200);
+  EXPECT_EQ(json::parse(list).size(), 1u);
+}
+
+TEST_F(EngineTest, InferenceForAUserWithNoModelIsAnsweredWithAnError) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  send_inference(inference("u1", "q1"));
+  in_->flush();
+  auto ans = await_one("u1", "q1");
+  EXPECT_EQ(ans.topic, engine_->topics().results);
+  EXPECT_EQ(ans.value["type"], "inference.result");
+  EXPECT_EQ(ans.value["error"]["code"], "no_ready_model");
+  EXPECT_EQ(ans.value["error"]["message"], "user u1 has no ready model");
+}
+
+TEST_F(EngineTest, UnreadableInputGoesToTheDlqAndTheEngineGoesOn) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  const auto& t = engine_->topics();
+  in_->send(t.inference, "k1", "{not json");
+  in_->send(t.inference, "k2", R"({"type":"inference.request","schema_version":1,"user_id":"u"})");
+  in_->send(t.onboarding, "k3", R"({"type":"onboarding.request","schema_version":1,"user_id":"bad id","request_id":"r","texts":["a"]})");
+  in_->send(t.control, "k4", R"([1,2,3])");
+  send_inference(inference("u2", "after"));
+  in_->flush();
+  ASSERT_TRUE(wait_until([&] { return out_->matching(t.dlq, [](const json&) { return true; }).size() >= 4; }, 30s));
+  std::map<std::string, json> by_key;
+  for (const auto& r : out_->matching(t.dlq, [](const json&) { return true; })) by_key[r.key] = r.value;
+  EXPECT_EQ(by_key["k1"]["error"]["code"], "invalid_json");
+  EXPECT_EQ(by_key["k1"]["payload_base64"], "e25vdCBqc29u");
+  EXPECT_EQ(by_key["k1"]["source"]["topic"], t.inference);
+  EXPECT_GE(by_key["k1"]["source"]["offset"].get<int64_t>(), 0);
+  EXPECT_EQ(by_key["k2"]["error"]["code"], "missing_field");
+  EXPECT_EQ(by_key["k2"]["error"]["message"], "request_id: is required");
+  EXPECT_EQ(by_key["k3"]["error"]["code"], "invalid_id");
+  EXPECT_EQ(by_key["k4"]["error"]["code"], "not_an_object");
+  EXPECT_EQ(await_one("u2", "after").value["error"]["code"], "no_ready_model");
+}
+
+TEST_F(EngineTest, UngrantableRequestsAreAnsweredToTheirRequester) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  auto hp = onboarding("u", "hp");
+  hp["hyperparameters"] = {{"rank", 100000}};
+  send_onboarding(hp);
+  auto esc = onboarding("u", "esc");
+  esc.erase("texts");
+  esc["data_ref"] = "../../etc/passwd";
+  send_onboarding(esc);
+  auto base = onboarding("u", "base");
+  base["base_model"] = "no-such-model";
+  send_onboarding(base);
+  auto mt = inference("u", "mt");
+  mt["max_tokens"] = 0;
+  send_inference(mt);
+  in_->flush();
+  auto a = await_one("u", "hp").value;
+  EXPECT_EQ(a["type"], "job.failed");
+  EXPECT_EQ(a["error"]["code"], "out_of_bounds");
+  EXPECT_NE(a["error"]["message"].get<std::string>().find("hyperparameters.rank"), std::string::npos);
+  a = await_one("u", "esc").value;
+  EXPECT_EQ(a["type"], "job.failed");
+  EXPECT_EQ(a["error"]["code"], "path_escape");
+  a = await_one("u", "base").value;
+  EXPECT_EQ(a["error"]["code"], "unknown_base_model");
+  a = await_one("u", "mt").value;
+  EXPECT_EQ(a["type"], "inference.result");
+  EXPECT_EQ(a["error"]["message"], "max_tokens: must be an integer in [1, 4096]");
+  // Nothing went to the DLQ, and no job exists for refused requests.
+  EXPECT_TRUE(out_->matching(engine_->topics().dlq, [](const json&) { return true; }).empty());
+  EXPECT_EQ(json::parse(engine_->get("/v1/jobs").second).size(), 0u);
+}
+
+TEST_F(EngineTest, ARepeatedRequestCreatesNothingNewAndGetsTheStoredAnswer) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  send_onboarding(onboarding("u", "same"));
+  in_->flush();
+  auto first = await_one("u", "same");
+  send_onboarding(onboarding("u", "same"));
+  // Another user may use the same request id: it is theirs.
+  send_onboarding(onboarding("v", "same"));
+  auto changed = onboarding("u", "same", {"different text"});
+  in_->flush();
+  ASSERT_TRUE(wait_until([&] { return answers_to("u", "same").size() >= 2; }, 30s));
+  await_one("v", "same");
+  send_onboarding(changed);
+  in_->flush();
+  ASSERT_TRUE(wait_until([&] { return answers_to("u", "same").size() >= 3; }, 30s));
+  auto all = answers_to("u", "same");
+  EXPECT_EQ(all[1].payload, first.payload) << "a repeat is answered with identical bytes";
+  EXPECT_EQ(all[2].value["type"], "job.failed");
+  EXPECT_EQ(all[2].value["error"]["code"], "duplicate_request_id");
+  auto jobs = json::parse(engine_->get("/v1/jobs").second);
+  EXPECT_EQ(jobs.size(), 2u) << jobs.dump();
+}
+
+TEST_F(EngineTest, CancellingAQueuedJob) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  send_onboarding(onboarding("u", "c1"));
+  in_->flush();
+  std::string job_id = await_one("u", "c1").value["job_id"];
+  json cancel = {{"type", "job.cancel"}, {"schema_version", 1}, {"user_id", "u"}, {"job_id", job_id}};
+  in_->send(engine_->topics().control, "u", cancel.dump());
+  json other = {{"type", "job.cancel"}, {"schema_version", 1}, {"user_id", "mallory"}, {"job_id", job_id}};
+  in_->send(engine_->topics().control, "mallory", other.dump());
+  in_->flush();
+  ASSERT_TRUE(wait_until([&] { return answers_to("u", "c1").size() >= 2; }, 30s));
+  EXPECT_EQ(answers_to("u", "c1")[1].value["type"], "job.cancelled");
+  ASSERT_TRUE(wait_until(
+      [&] {
+        return !out_->matching(engine_->topics().events, [](const json& j) { return j.value("user_id", "") == "mallory"; })
+                    .empty();
+      },
+      30s));
+  auto rej = out_->matching(engine_->topics().events, [](const json& j) { return j.value("user_id", "") == "mallory"; });
+  EXPECT_EQ(rej[0].value["type"], "job.cancel_rejected");
+  EXPECT_EQ(rej[0].value["error"]["code"], "job_not_found");
+  EXPECT_EQ(json::parse(engine_->get("/v1/jobs/" + job_id).second)["status"], "cancelled");
+}
+
+TEST_F(EngineTest, AdminApi) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  EXPECT_EQ(engine_->get("/healthz").first, 200);
+  EXPECT_EQ(engine_->get("/readyz").first, 200);
+  send_onboarding(onboarding("w", "m1"));
+  in_->send(engine_->topics().inference, "w", "garbage");
+  in_->flush();
+  await_one("w", "m1");
+  ASSERT_TRUE(wait_until([&] { return out_->size() >= 2; }, 30s));
+  std::string metrics;
+  ASSERT_TRUE(wait_until(
+      [&] {
+        metrics = engine_->get("/metrics").second;
+        return metrics.find("tailor_dlq_total 1") != std::string::npos;
+      },
+      10s))
+      << metrics;
+  EXPECT_NE(metrics.find("tailor_events_in_total{topic=\"" + engine_->topics().onboarding + "\"} 1"), std::string::npos)
+      << metrics;
+  EXPECT_NE(metrics.find("tailor_events_out_total{topic=\"" + engine_->topics().events + "\"} 1"), std::string::npos);
+  EXPECT_NE(metrics.find("tailor_errors_total{code=\"invalid_json\"} 1"), std::string::npos);
+  EXPECT_NE(metrics.find("tailor_consumer_lag{topic="), std::string::npos);
+  EXPECT_NE(metrics.find("tailor_user_actors 1"), std::string::npos);
+  auto [s, models] = engine_->get("/v1/users/w/models");
+  EXPECT_EQ(s, 200);
+  EXPECT_EQ(json::parse(models), json::array());
+  EXPECT_EQ(engine_->get("/v1/jobs/job-unknown").first, 404);
+  EXPECT_EQ(engine_->stop(), 0) << "SIGTERM stops tailord cleanly";
+}
+
+TEST_F(EngineTest, TwoHundredMixedEventsEachGetExactlyOneAnswerOfTheRightKind) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  const auto& t = engine_->topics();
+  std::map<std::string, std::string> expect;  // request id -> expected answer type/code
+  int unreadable = 0;
+  for (int i = 0; i < 200; ++i) {
+    auto user = "user" + std::to_string(i % 17);
+    auto req = "req" + std::to_string(i);
+    switch (i % 5) {
+      case 0: send_onboarding(onboarding(user, req)); expect[user + "/" + req] = "job.queued"; break;
+      case 1: send_inference(inference(user, req)); expect[user + "/" + req] = "no_ready_model"; break;
+      case 2: in_->send(t.inference, user, "{\"broken\":" + std::to_string(i)); ++unreadable; break;
+      case 3: {
+        auto j = onboarding(user, req);
+        j["hyperparameters"] = {{"steps", -5}};
+        send_onboarding(j);
+        expect[user + "/" + req] = "out_of_bounds";
+        break;
+      }
+      case 4: {
+        auto j = inference(user, req);
+        j["temperature"] = 99;
+        send_inference(j);
+        expect[user + "/" + req] = "invalid_argument";
+        break;
+      }
+    }
+  }
+  in_->flush();
+  auto answered = [&] {
+    std::size_t n = 0;
+    for (const auto& r : out_->snapshot())
+      if (r.topic != t.dlq) ++n;
+    return n;
+  };
+  ASSERT_TRUE(wait_until([&] { return answered() >= expect.size() &&
+                                      out_->matching(t.dlq, [](const json&) { return true; }).size() >=
+                                          static_cast<std::size_t>(unreadable); },
+                         60s))
+      << answered() << " answers of " << expect.size();
+  // Let any duplicate arrive before counting.
+  wait_until([] { return false; }, 1s);
+  std::map<std::string, int> count;
+  for (const auto& r : out_->snapshot()) {
+    if (r.topic == t.dlq) continue;
+    auto key = r.value["user_id"].get<std::string>() + "/" + r.value["request_id"].get<std::string>();
+    ++count[key];
+    auto want = expect[key];
+    if (want == "job.queued") EXPECT_EQ(r.value["type"], "job.queued") << key;
+    else EXPECT_EQ(r.value["error"]["code"], want) << key;
+  }
+  EXPECT_EQ(count.size(), expect.size());
+  for (const auto& [key, n] : count) EXPECT_EQ(n, 1) << key;
+  EXPECT_EQ(out_->matching(t.dlq, [](const json&) { return true; }).size(), static_cast<std::size_t>(unreadable));
+}
+
+TEST_F(EngineTest, KilledMidStreamAndRestartedAnswersEveryEventOnce) {
+  start({{"max_in_flight", 16}});
+  ASSERT_FALSE(HasFatalFailure());
+  const int total = 500;
+  std::set<std::string> onboardings;
+  for (int i = 0; i < total; ++i) {
+    auto user = "k" + std::to_string(i % 23);
+    auto req = "e" + std::to_string(i);
+    if (i % 2 == 0) {
+      send_onboarding(onboarding(user, req));
+      onboardings.insert(user + "/" + req);
+    } else {
+      send_inference(inference(user, req));
+    }
+  }
+  in_->flush();
+  ASSERT_TRUE(wait_until([&] { return out_->size() >= 100; }, 60s));
+  engine_->kill();
+  auto seen_before_kill = out_->size();
+  ASSERT_LT(seen_before_kill, static_cast<std::size_t>(total)) << "the kill came too late to test anything";
+  engine_->start();
+  ASSERT_FALSE(HasFatalFailure());
+  auto distinct = [&] {
+    std::set<std::string> keys;
+    for (const auto& r : out_->snapshot())
+      keys.insert(r.value["user_id"].get<std::string>() + "/" + r.value["request_id"].get<std::string>());
+    return keys.size();
+  };
+  ASSERT_TRUE(wait_until([&] { return distinct() >= static_cast<std::size_t>(total); }, 120s))
+      << distinct() << " of " << total << " answered";
+  std::map<std::string, std::string> first;
+  for (const auto& r : out_->snapshot()) {
+    auto key = r.value["user_id"].get<std::string>() + "/" + r.value["request_id"].get<std::string>();
+    auto [it, fresh] = first.emplace(key, r.payload);
+    if (!fresh) EXPECT_EQ(it->second, r.payload) << "an answer seen twice must be identical: " << key;
+  }
+  auto jobs = json::parse(engine_->get("/v1/jobs?limit=10000").second);
+  EXPECT_EQ(jobs.size(), onboardings.size()) << "one job per onboarding request, none twice";
+  std::set<std::string> job_ids;
+  for (const auto& j : jobs) job_ids.insert(j["job_id"].get<std::string>());
+  EXPECT_EQ(job_ids.size(), onboardings.size());
+}
