@@ -31,7 +31,7 @@ std::string to_json(const job_record& x) {
                    {"user_id", x.user_id},
                    {"base_model", x.base_model},
                    {"status", x.status},
-                   {"hyperparameters", x.hyperparameters},
+                   {"request", x.request},
                    {"attempts", x.attempts},
                    {"created_ms", x.created_ms},
                    {"updated_ms", x.updated_ms},
@@ -47,7 +47,7 @@ bool from_json(std::string_view s, job_record& x) {
     j.at("user_id").get_to(x.user_id);
     j.at("base_model").get_to(x.base_model);
     j.at("status").get_to(x.status);
-    j.at("hyperparameters").get_to(x.hyperparameters);
+    j.at("request").get_to(x.request);
     j.at("attempts").get_to(x.attempts);
     j.at("created_ms").get_to(x.created_ms);
     j.at("updated_ms").get_to(x.updated_ms);

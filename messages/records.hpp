@@ -31,7 +31,7 @@ struct job_record {
   std::string user_id;
   std::string base_model;
   std::string status;           // queued|admitted|training|saving|ready|retrying|failed|cancelled
-  std::string hyperparameters;  // JSON object as given (defaults applied later)
+  std::string request;  // the onboarding request as received (JSON): data and settings for training
   int64_t attempts = 0;
   int64_t created_ms = 0;
   int64_t updated_ms = 0;
@@ -43,7 +43,7 @@ struct job_record {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, job_record& x) {
   return f(caf::meta::type_name("job_record"), x.job_id, x.request_id, x.user_id, x.base_model,
-           x.status, x.hyperparameters, x.attempts, x.created_ms, x.updated_ms, x.error_code,
+           x.status, x.request, x.attempts, x.created_ms, x.updated_ms, x.error_code,
            x.error_message, x.model_id);
 }
 

@@ -41,7 +41,7 @@ class StoreTest : public ::testing::Test {
     j.user_id = user;
     j.base_model = "tiny";
     j.status = "queued";
-    j.hyperparameters = "{}";
+    j.request = "{}";
     j.created_ms = j.updated_ms = 1000;
     return j;
   }
