@@ -1,9 +1,9 @@
 #include "actors/admin_server.hpp"
 
 #include <httplib.h>
-#include <nlohmann/json.hpp>
 
 #include <caf/scoped_actor.hpp>
+#include <nlohmann/json.hpp>
 
 namespace tailor::actors {
 
@@ -17,7 +17,8 @@ void reply_json(httplib::Response& res, int status, const json& body) {
   res.set_content(body.dump(2), "application/json");
 }
 
-void reply_error(httplib::Response& res, int status, const std::string& code, const std::string& msg) {
+void reply_error(httplib::Response& res, int status, const std::string& code,
+                 const std::string& msg) {
   reply_json(res, status, json{{"error", {{"code", code}, {"message", msg}}}});
 }
 
@@ -33,16 +34,21 @@ admin_server::admin_server(caf::actor_system& sys, store_actor db, std::shared_p
                            std::size_t input_topics)
     : sys_(sys), db_(std::move(db)), stats_(std::move(stats)), input_topics_(input_topics) {}
 
-admin_server::~admin_server() { stop(); }
+admin_server::~admin_server() {
+  stop();
+}
 
 int admin_server::start(const std::string& host, int port) {
   server_ = std::make_unique<httplib::Server>();
   auto& svr = *server_;
-  svr.Get("/healthz", [](const httplib::Request&, httplib::Response& res) { res.set_content("ok\n", "text/plain"); });
+  svr.Get("/healthz", [](const httplib::Request&, httplib::Response& res) {
+    res.set_content("ok\n", "text/plain");
+  });
   svr.Get("/readyz", [this](const httplib::Request&, httplib::Response& res) {
     bool ready = stats_->ready(input_topics_);
     res.status = ready ? 200 : 503;
-    res.set_content(ready ? "ready\n" : "not ready: consumers have not joined their group yet\n", "text/plain");
+    res.set_content(ready ? "ready\n" : "not ready: consumers have not joined their group yet\n",
+                    "text/plain");
   });
   svr.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
     res.set_content(stats_->render(), "text/plain; version=0.0.4");
@@ -59,26 +65,33 @@ int admin_server::start(const std::string& host, int port) {
     }
     caf::scoped_actor self{sys_};
     self->request(db_, ask_timeout, jobs_atom_v, status, limit)
-        .receive([&](std::vector<job_record>& jobs) { reply_json(res, 200, records_to_json(jobs)); },
-                 [&](caf::error& err) { reply_error(res, 500, "internal", caf::to_string(err)); });
+        .receive(
+            [&](std::vector<job_record>& jobs) { reply_json(res, 200, records_to_json(jobs)); },
+            [&](caf::error& err) { reply_error(res, 500, "internal", caf::to_string(err)); });
   });
-  svr.Get(R"(/v1/jobs/([A-Za-z0-9._:-]+))", [this](const httplib::Request& req, httplib::Response& res) {
+  svr.Get(R"(/v1/jobs/([A-Za-z0-9._:-]+))", [this](const httplib::Request& req,
+                                                   httplib::Response& res) {
     std::string id = req.matches[1];
     caf::scoped_actor self{sys_};
     self->request(db_, ask_timeout, job_atom_v, id)
         .receive(
             [&](std::vector<job_record>& jobs) {
-              if (jobs.empty()) return reply_error(res, 404, "job_not_found", "job " + id + " does not exist");
+              if (jobs.empty())
+                return reply_error(res, 404, "job_not_found", "job " + id + " does not exist");
               reply_json(res, 200, json::parse(to_json(jobs.front())));
             },
             [&](caf::error& err) { reply_error(res, 500, "internal", caf::to_string(err)); });
   });
-  svr.Get(R"(/v1/users/([A-Za-z0-9._:-]+)/models)", [this](const httplib::Request& req, httplib::Response& res) {
+  svr.Get(R"(/v1/users/([A-Za-z0-9._:-]+)/models)", [this](const httplib::Request& req,
+                                                           httplib::Response& res) {
     std::string id = req.matches[1];
     caf::scoped_actor self{sys_};
     self->request(db_, ask_timeout, models_atom_v, id)
-        .receive([&](std::vector<model_record>& models) { reply_json(res, 200, records_to_json(models)); },
-                 [&](caf::error& err) { reply_error(res, 500, "internal", caf::to_string(err)); });
+        .receive(
+            [&](std::vector<model_record>& models) {
+              reply_json(res, 200, records_to_json(models));
+            },
+            [&](caf::error& err) { reply_error(res, 500, "internal", caf::to_string(err)); });
   });
   int bound = port == 0 ? svr.bind_to_any_port(host) : (svr.bind_to_port(host, port) ? port : -1);
   if (bound < 0) return -1;

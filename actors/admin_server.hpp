@@ -1,10 +1,9 @@
 #pragma once
 
+#include <caf/actor_system.hpp>
 #include <memory>
 #include <string>
 #include <thread>
-
-#include <caf/actor_system.hpp>
 
 #include "actors/metrics.hpp"
 #include "actors/store_actor.hpp"

@@ -2,9 +2,8 @@
 
 #include <cstdlib>
 #include <fstream>
-#include <sstream>
-
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 namespace tailor::actors {
 
@@ -42,10 +41,10 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
   ss << in.rdbuf();
   json j = json::parse(ss.str(), nullptr, false, true);
   if (j.is_discarded() || !j.is_object()) return path + ": is not a JSON object";
-  static const std::vector<std::string> known = {"kafka", "data_dir", "sync_writes", "admin",
-                                                 "base_models", "default_base_model", "limits",
-                                                 "user_idle_seconds", "max_in_flight", "log_level",
-                                                 "ready_file"};
+  static const std::vector<std::string> known = {
+      "kafka",         "data_dir",           "sync_writes", "admin",
+      "base_models",   "default_base_model", "limits",      "user_idle_seconds",
+      "max_in_flight", "log_level",          "ready_file"};
   for (auto it = j.begin(); it != j.end(); ++it)
     if (std::find(known.begin(), known.end(), it.key()) == known.end())
       return path + ": unknown key '" + it.key() + "'";
@@ -60,7 +59,8 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
             take(j, "ready_file", cfg.ready_file, "", err);
   if (ok && j.contains("admin")) {
     const auto& a = j["admin"];
-    ok = take(a, "host", cfg.admin_host, "admin.", err) && take(a, "port", cfg.admin_port, "admin.", err);
+    ok = take(a, "host", cfg.admin_host, "admin.", err) &&
+         take(a, "port", cfg.admin_port, "admin.", err);
   }
   if (ok && j.contains("kafka")) {
     const auto& k = j["kafka"];

@@ -34,7 +34,7 @@ struct engine_config {
   std::string data_dir;  // RocksDB and artifacts; default $TAILOR_HOME/engine
   bool sync_writes = false;
   std::string admin_host = "127.0.0.1";
-  int admin_port = 8080;  // 0: any free port (printed and written to ready_file)
+  int admin_port = 8080;   // 0: any free port (printed and written to ready_file)
   std::string ready_file;  // JSON {admin_port, bootstrap_servers} once ready
   std::vector<std::string> base_models = {"tailor-base"};
   std::string default_base_model = "tailor-base";

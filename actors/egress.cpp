@@ -1,9 +1,9 @@
 #include "actors/egress.hpp"
 
-#include <chrono>
-
 #include <librdkafka/rdkafkacpp.h>
 #include <spdlog/spdlog.h>
+
+#include <chrono>
 
 #include "actors/kafka.hpp"
 
@@ -27,8 +27,10 @@ class delivery_cb : public RdKafka::DeliveryReportCb {
       st_->stats->count_out(msg.topic_name());
     }
     if (--b.remaining == 0) {
-      if (b.error.empty()) b.promise.deliver(caf::ok_atom_v);
-      else b.promise.deliver(caf::make_error(caf::sec::runtime_error, b.error));
+      if (b.error.empty())
+        b.promise.deliver(caf::ok_atom_v);
+      else
+        b.promise.deliver(caf::make_error(caf::sec::runtime_error, b.error));
       st_->batches.erase(it);
     }
   }
@@ -39,17 +41,20 @@ class delivery_cb : public RdKafka::DeliveryReportCb {
 
 const std::string& topic_of(const kafka_config& cfg, channel c) {
   switch (c) {
-    case channel::results: return cfg.topics.results;
-    case channel::events: return cfg.topics.events;
-    case channel::dlq: return cfg.topics.dlq;
+    case channel::results:
+      return cfg.topics.results;
+    case channel::events:
+      return cfg.topics.events;
+    case channel::dlq:
+      return cfg.topics.dlq;
   }
   return cfg.topics.dlq;
 }
 
 }  // namespace
 
-std::unique_ptr<RdKafka::Producer> make_producer(const kafka_config& cfg, RdKafka::DeliveryReportCb* cb,
-                                                 std::string& err) {
+std::unique_ptr<RdKafka::Producer> make_producer(const kafka_config& cfg,
+                                                 RdKafka::DeliveryReportCb* cb, std::string& err) {
   auto conf = make_conf(cfg,
                         {{"enable.idempotence", "true"},
                          {"acks", "all"},
@@ -71,8 +76,8 @@ egress_state::~egress_state() {
                   RdKafka::err2str(rc));
 }
 
-egress_actor::behavior_type egress(egress_actor::stateful_pointer<egress_state> self, kafka_config cfg,
-                                   std::shared_ptr<metrics> stats) {
+egress_actor::behavior_type egress(egress_actor::stateful_pointer<egress_state> self,
+                                   kafka_config cfg, std::shared_ptr<metrics> stats) {
   auto& st = self->state;
   st.cfg = std::move(cfg);
   st.stats = std::move(stats);
@@ -96,9 +101,10 @@ egress_actor::behavior_type egress(egress_actor::stateful_pointer<egress_state> 
         for (auto& m : batch) {
           const auto& topic = topic_of(st.cfg, m.to);
           for (;;) {
-            auto rc = st.producer->produce(topic, RdKafka::Topic::PARTITION_UA, RdKafka::Producer::RK_MSG_COPY,
-                                           m.payload.data(), m.payload.size(), m.key.data(), m.key.size(),
-                                           0, reinterpret_cast<void*>(static_cast<uintptr_t>(id)));
+            auto rc = st.producer->produce(topic, RdKafka::Topic::PARTITION_UA,
+                                           RdKafka::Producer::RK_MSG_COPY, m.payload.data(),
+                                           m.payload.size(), m.key.data(), m.key.size(), 0,
+                                           reinterpret_cast<void*>(static_cast<uintptr_t>(id)));
             if (rc == RdKafka::ERR_NO_ERROR) break;
             if (rc == RdKafka::ERR__QUEUE_FULL) {
               st.producer->poll(50);  // detached: waiting here blocks only us
@@ -109,7 +115,8 @@ egress_actor::behavior_type egress(egress_actor::stateful_pointer<egress_state> 
             if (it != st.batches.end()) {
               if (it->second.error.empty()) it->second.error = topic + ": " + RdKafka::err2str(rc);
               if (--it->second.remaining == 0) {
-                it->second.promise.deliver(caf::make_error(caf::sec::runtime_error, it->second.error));
+                it->second.promise.deliver(
+                    caf::make_error(caf::sec::runtime_error, it->second.error));
                 st.batches.erase(it);
               }
             }

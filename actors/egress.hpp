@@ -1,21 +1,19 @@
 #pragma once
 
+#include <librdkafka/rdkafkacpp.h>
+
+#include <caf/typed_actor.hpp>
+#include <caf/typed_event_based_actor.hpp>
+#include <caf/typed_response_promise.hpp>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
-#include <caf/typed_actor.hpp>
-#include <caf/typed_event_based_actor.hpp>
-#include <caf/typed_response_promise.hpp>
-
-#include <librdkafka/rdkafkacpp.h>
-
 #include "actors/config.hpp"
 #include "actors/metrics.hpp"
 #include "messages/type_ids.hpp"
-
 
 namespace tailor::actors {
 
@@ -47,10 +45,10 @@ struct egress_state {
 
 // Creates the producer; on failure `err` is set and null is returned, so the
 // caller can report it before any actor runs.
-std::unique_ptr<RdKafka::Producer> make_producer(const kafka_config& cfg, RdKafka::DeliveryReportCb* cb,
-                                                 std::string& err);
+std::unique_ptr<RdKafka::Producer> make_producer(const kafka_config& cfg,
+                                                 RdKafka::DeliveryReportCb* cb, std::string& err);
 
-egress_actor::behavior_type egress(egress_actor::stateful_pointer<egress_state> self, kafka_config cfg,
-                                   std::shared_ptr<metrics> stats);
+egress_actor::behavior_type egress(egress_actor::stateful_pointer<egress_state> self,
+                                   kafka_config cfg, std::shared_ptr<metrics> stats);
 
 }  // namespace tailor::actors

@@ -1,12 +1,12 @@
 #include "actors/engine.hpp"
 
-#include <filesystem>
-#include <thread>
+#include <spdlog/spdlog.h>
 
 #include <caf/actor_system.hpp>
 #include <caf/actor_system_config.hpp>
 #include <caf/scoped_actor.hpp>
-#include <spdlog/spdlog.h>
+#include <filesystem>
+#include <thread>
 
 #include "actors/admin_server.hpp"
 #include "actors/kafka.hpp"
@@ -24,9 +24,9 @@ ingress_actor spawn_ingress(supervisor_actor::stateful_pointer<supervisor_state>
 
 }  // namespace
 
-supervisor_actor::behavior_type supervisor(supervisor_actor::stateful_pointer<supervisor_state> self,
-                                           engine_config cfg, std::shared_ptr<metrics> stats,
-                                           std::shared_ptr<storage::metadata_store> db) {
+supervisor_actor::behavior_type supervisor(
+    supervisor_actor::stateful_pointer<supervisor_state> self, engine_config cfg,
+    std::shared_ptr<metrics> stats, std::shared_ptr<storage::metadata_store> db) {
   auto& st = self->state;
   st.cfg = std::move(cfg);
   st.stats = std::move(stats);
@@ -58,7 +58,8 @@ supervisor_actor::behavior_type supervisor(supervisor_actor::stateful_pointer<su
         self->request(st.input, std::chrono::seconds(30), stop_atom_v)
             .then([finish](caf::ok_atom) mutable { finish(); },
                   [finish](caf::error& err) mutable {
-                    spdlog::error("shutdown: ingress did not stop cleanly: {}", caf::to_string(err));
+                    spdlog::error("shutdown: ingress did not stop cleanly: {}",
+                                  caf::to_string(err));
                     finish();
                   });
         return rp;
@@ -76,13 +77,15 @@ std::unique_ptr<engine> engine::start(engine_config cfg, std::string& err) {
     return nullptr;
   }
   const auto& t = cfg.kafka.topics;
-  std::vector<std::string> topics = {t.onboarding, t.inference, t.control, t.results, t.events, t.dlq};
+  std::vector<std::string> topics = {t.onboarding, t.inference, t.control,
+                                     t.results,    t.events,    t.dlq};
   if (cfg.kafka.bootstrap_servers.empty()) {
     e->mock_ = mock_cluster::start(1, err);
     if (!e->mock_) return nullptr;
     cfg.kafka.bootstrap_servers = e->mock_->bootstrap();
     for (const auto& topic : topics)
-      if (err = e->mock_->create_topic(topic, cfg.kafka.topic_partitions); !err.empty()) return nullptr;
+      if (err = e->mock_->create_topic(topic, cfg.kafka.topic_partitions); !err.empty())
+        return nullptr;
     spdlog::info("embedded Kafka (librdkafka mock cluster) at {}", cfg.kafka.bootstrap_servers);
   } else if (cfg.kafka.create_topics) {
     if (err = create_topics(cfg.kafka, topics); !err.empty()) return nullptr;
@@ -97,12 +100,16 @@ std::unique_ptr<engine> engine::start(engine_config cfg, std::string& err) {
   e->stats_ = std::make_shared<metrics>();
   e->sys_cfg_ = std::make_unique<caf::actor_system_config>();
   e->sys_cfg_->add_message_types<caf::id_block::tailor>();
-  e->sys_cfg_->add_error_category(caf::atom("tailor_msg"), [](uint8_t code, caf::atom_value, const caf::message& ctx) {
-    return "tailor_msg: " + messages::to_string(static_cast<messages::errc>(code)) + " " + caf::to_string(ctx);
-  });
-  e->sys_cfg_->add_error_category(caf::atom("tailor_db"), [](uint8_t code, caf::atom_value, const caf::message& ctx) {
-    return "tailor_db: " + storage::to_string(static_cast<storage::errc>(code)) + " " + caf::to_string(ctx);
-  });
+  e->sys_cfg_->add_error_category(
+      caf::atom("tailor_msg"), [](uint8_t code, caf::atom_value, const caf::message& ctx) {
+        return "tailor_msg: " + messages::to_string(static_cast<messages::errc>(code)) + " " +
+               caf::to_string(ctx);
+      });
+  e->sys_cfg_->add_error_category(
+      caf::atom("tailor_db"), [](uint8_t code, caf::atom_value, const caf::message& ctx) {
+        return "tailor_db: " + storage::to_string(static_cast<storage::errc>(code)) + " " +
+               caf::to_string(ctx);
+      });
   e->sys_ = std::make_unique<caf::actor_system>(*e->sys_cfg_);
   e->supervisor_ = e->sys_->spawn(supervisor, cfg, e->stats_, shared_db);
   // The admin API reads through a store actor of its own over the same
@@ -118,7 +125,9 @@ std::unique_ptr<engine> engine::start(engine_config cfg, std::string& err) {
   return e;
 }
 
-bool engine::ready() const { return stats_ && stats_->ready(3); }
+bool engine::ready() const {
+  return stats_ && stats_->ready(3);
+}
 
 void engine::stop() {
   if (stopped_ || !sys_) return;
@@ -127,9 +136,8 @@ void engine::stop() {
   {
     caf::scoped_actor self{*sys_};
     self->request(supervisor_, std::chrono::seconds(60), stop_atom_v)
-        .receive([](caf::ok_atom) {}, [](caf::error& err) {
-          spdlog::error("shutdown: {}", caf::to_string(err));
-        });
+        .receive([](caf::ok_atom) {},
+                 [](caf::error& err) { spdlog::error("shutdown: {}", caf::to_string(err)); });
     self->send_exit(supervisor_, caf::exit_reason::user_shutdown);
     self->send_exit(admin_db_, caf::exit_reason::user_shutdown);
   }
@@ -141,6 +149,8 @@ void engine::stop() {
   mock_.reset();
 }
 
-engine::~engine() { stop(); }
+engine::~engine() {
+  stop();
+}
 
 }  // namespace tailor::actors

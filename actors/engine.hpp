@@ -1,10 +1,9 @@
 #pragma once
 
-#include <memory>
-#include <string>
-
 #include <caf/typed_actor.hpp>
 #include <caf/typed_event_based_actor.hpp>
+#include <memory>
+#include <string>
 
 #include "actors/config.hpp"
 #include "actors/egress.hpp"
@@ -39,9 +38,9 @@ struct supervisor_state {
   static inline const char* name = "tailor.supervisor";
 };
 
-supervisor_actor::behavior_type supervisor(supervisor_actor::stateful_pointer<supervisor_state> self,
-                                           engine_config cfg, std::shared_ptr<metrics> stats,
-                                           std::shared_ptr<storage::metadata_store> db);
+supervisor_actor::behavior_type supervisor(
+    supervisor_actor::stateful_pointer<supervisor_state> self, engine_config cfg,
+    std::shared_ptr<metrics> stats, std::shared_ptr<storage::metadata_store> db);
 
 // tailord's engine: storage, Kafka (embedded mock cluster when no bootstrap
 // servers are configured), actors and the admin API.

@@ -28,7 +28,8 @@ void commit(ingress_state& st, bool sync) {
   if (!st.dirty || !st.consumer) return;
   std::vector<RdKafka::TopicPartition*> offsets;
   for (auto& [key, prog] : st.partitions)
-    if (prog.committable >= 0) offsets.push_back(RdKafka::TopicPartition::create(key.first, key.second, prog.committable));
+    if (prog.committable >= 0)
+      offsets.push_back(RdKafka::TopicPartition::create(key.first, key.second, prog.committable));
   if (!offsets.empty()) {
     auto rc = sync ? st.consumer->commitSync(offsets) : st.consumer->commitAsync(offsets);
     if (rc != RdKafka::ERR_NO_ERROR && rc != RdKafka::ERR__NO_OFFSET)
@@ -43,8 +44,10 @@ std::vector<RdKafka::TopicPartition*> assigned(ingress_state& st, const std::str
   std::vector<RdKafka::TopicPartition*> parts, out;
   if (st.consumer->assignment(parts) != RdKafka::ERR_NO_ERROR) return out;
   for (auto* tp : parts) {
-    if (topic.empty() || tp->topic() == topic) out.push_back(tp);
-    else delete tp;
+    if (topic.empty() || tp->topic() == topic)
+      out.push_back(tp);
+    else
+      delete tp;
   }
   return out;
 }
@@ -56,7 +59,8 @@ void set_paused(ingress_state& st, const std::string& topic, bool pause) {
   auto rc = pause ? st.consumer->pause(parts) : st.consumer->resume(parts);
   RdKafka::TopicPartition::destroy(parts);
   if (rc != RdKafka::ERR_NO_ERROR) {
-    spdlog::warn("ingress {}: {} failed: {}", topic, pause ? "pause" : "resume", RdKafka::err2str(rc));
+    spdlog::warn("ingress {}: {} failed: {}", topic, pause ? "pause" : "resume",
+                 RdKafka::err2str(rc));
     return;
   }
   in.paused = pause;
@@ -68,7 +72,8 @@ void rebalance_handler::rebalance_cb(RdKafka::KafkaConsumer* consumer, RdKafka::
                                      std::vector<RdKafka::TopicPartition*>& parts) {
   if (err == RdKafka::ERR__ASSIGN_PARTITIONS) {
     auto rc = consumer->assign(parts);
-    if (rc != RdKafka::ERR_NO_ERROR) spdlog::error("ingress: assign failed: {}", RdKafka::err2str(rc));
+    if (rc != RdKafka::ERR_NO_ERROR)
+      spdlog::error("ingress: assign failed: {}", RdKafka::err2str(rc));
     for (auto& [topic, in] : st_->inputs) {
       if (!in.paused) continue;
       in.paused = false;  // re-applied to the new assignment
@@ -83,7 +88,8 @@ void rebalance_handler::rebalance_cb(RdKafka::KafkaConsumer* consumer, RdKafka::
     st_->partitions.clear();
     ++st_->generation;
     auto rc = consumer->unassign();
-    if (rc != RdKafka::ERR_NO_ERROR) spdlog::error("ingress: unassign failed: {}", RdKafka::err2str(rc));
+    if (rc != RdKafka::ERR_NO_ERROR)
+      spdlog::error("ingress: unassign failed: {}", RdKafka::err2str(rc));
     spdlog::info("ingress: partitions revoked");
   }
 }
@@ -124,15 +130,16 @@ void later(self_ptr self, std::function<void()> f) {
 void publish(self_ptr self, std::shared_ptr<incoming_event> ev, std::vector<outgoing_message> out,
              uint64_t generation) {
   self->request(self->state.out, route_timeout, publish_atom_v, out)
-      .then([self, ev, out, generation](caf::ok_atom) {
-              count_errors(*self->state.stats, out);
-              mark_answered(self, *ev, generation);
-            },
-            [self, ev, out, generation](caf::error& err) {
-              spdlog::error("ingress {}: answer of {}/{} not delivered, retrying: {}", ev->topic, ev->partition,
-                            ev->offset, caf::to_string(err));
-              later(self, [self, ev, out, generation] { publish(self, ev, out, generation); });
-            });
+      .then(
+          [self, ev, out, generation](caf::ok_atom) {
+            count_errors(*self->state.stats, out);
+            mark_answered(self, *ev, generation);
+          },
+          [self, ev, out, generation](caf::error& err) {
+            spdlog::error("ingress {}: answer of {}/{} not delivered, retrying: {}", ev->topic,
+                          ev->partition, ev->offset, caf::to_string(err));
+            later(self, [self, ev, out, generation] { publish(self, ev, out, generation); });
+          });
 }
 
 // Hands one event to its user actor (or straight to the DLQ) and publishes the
@@ -142,19 +149,23 @@ void dispatch(self_ptr self, std::shared_ptr<incoming_event> ev, uint64_t genera
   auto& st = self->state;
   auto* rej = std::get_if<rejection>(&ev->parsed);
   if (rej && !rej->answerable()) {
-    dlq_record rec{{rej->code, rej->message}, ev->topic, ev->partition, ev->offset, ev->key, ev->payload};
+    dlq_record rec{
+        {rej->code, rej->message}, ev->topic, ev->partition, ev->offset, ev->key, ev->payload};
     st.stats->count_dlq();
     st.stats->count_error(to_string(rej->code));
     publish(self, ev, {{channel::dlq, ev->key, to_json(rec)}}, generation);
     return;
   }
   self->request(st.registry, route_timeout, route_atom_v, *ev)
-      .then([self, ev, generation](std::vector<outgoing_message>& out) { publish(self, ev, std::move(out), generation); },
-            [self, ev, generation](caf::error& err) {
-              spdlog::error("ingress {}: event {}/{} not handled, retrying: {}", ev->topic, ev->partition,
-                            ev->offset, caf::to_string(err));
-              later(self, [self, ev, generation] { dispatch(self, ev, generation); });
-            });
+      .then(
+          [self, ev, generation](std::vector<outgoing_message>& out) {
+            publish(self, ev, std::move(out), generation);
+          },
+          [self, ev, generation](caf::error& err) {
+            spdlog::error("ingress {}: event {}/{} not handled, retrying: {}", ev->topic,
+                          ev->partition, ev->offset, caf::to_string(err));
+            later(self, [self, ev, generation] { dispatch(self, ev, generation); });
+          });
 }
 
 void update_lag(ingress_state& st) {
@@ -167,7 +178,8 @@ void update_lag(ingress_state& st) {
   if (st.consumer->position(parts) == RdKafka::ERR_NO_ERROR) {
     for (auto* tp : parts) {
       int64_t lo = 0, hi = 0;
-      if (st.consumer->get_watermark_offsets(tp->topic(), tp->partition(), &lo, &hi) != RdKafka::ERR_NO_ERROR)
+      if (st.consumer->get_watermark_offsets(tp->topic(), tp->partition(), &lo, &hi) !=
+          RdKafka::ERR_NO_ERROR)
         continue;
       auto pos = tp->offset() >= 0 ? tp->offset() : lo;
       if (hi > pos) lag[tp->topic()] += hi - pos;
@@ -185,8 +197,9 @@ ingress_state::~ingress_state() {
   consumer->close();
 }
 
-ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_state> self, engine_config cfg,
-                                     registry_actor registry, egress_actor out, std::shared_ptr<metrics> stats) {
+ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_state> self,
+                                     engine_config cfg, registry_actor registry, egress_actor out,
+                                     std::shared_ptr<metrics> stats) {
   auto& st = self->state;
   st.cfg = std::move(cfg);
   const auto& t = st.cfg.kafka.topics;

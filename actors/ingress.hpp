@@ -1,5 +1,9 @@
 #pragma once
 
+#include <librdkafka/rdkafkacpp.h>
+
+#include <caf/typed_actor.hpp>
+#include <caf/typed_event_based_actor.hpp>
 #include <chrono>
 #include <cstdint>
 #include <deque>
@@ -8,17 +12,11 @@
 #include <memory>
 #include <string>
 
-#include <caf/typed_actor.hpp>
-#include <caf/typed_event_based_actor.hpp>
-
-#include <librdkafka/rdkafkacpp.h>
-
 #include "actors/config.hpp"
 #include "actors/egress.hpp"
 #include "actors/metrics.hpp"
 #include "actors/user.hpp"
 #include "messages/type_ids.hpp"
-
 
 namespace tailor::actors {
 
@@ -32,7 +30,8 @@ namespace tailor::actors {
 // many events in flight has its partitions paused, so a backlog waits in
 // Kafka rather than in memory. `poll` drives the loop; `stop` commits what is
 // done and leaves the group.
-using ingress_actor = caf::typed_actor<caf::reacts_to<poll_atom>, caf::replies_to<stop_atom>::with<caf::ok_atom>>;
+using ingress_actor =
+    caf::typed_actor<caf::reacts_to<poll_atom>, caf::replies_to<stop_atom>::with<caf::ok_atom>>;
 
 struct ingress_state {
   struct input {
@@ -54,8 +53,9 @@ struct ingress_state {
   std::unique_ptr<RdKafka::KafkaConsumer> consumer;
   std::map<partition_key, partition_progress> partitions;
   bool stopping = false;
-  bool dirty = false;       // committable offsets not yet committed
-  uint64_t generation = 0;  // bumped on every revoke: late answers of revoked partitions are dropped
+  bool dirty = false;  // committable offsets not yet committed
+  uint64_t generation =
+      0;  // bumped on every revoke: late answers of revoked partitions are dropped
   std::chrono::steady_clock::time_point next_lag_check{};
   // Events whose handling failed, re-run from the poll loop once due.
   std::deque<std::pair<std::chrono::steady_clock::time_point, std::function<void()>>> retries;
@@ -63,7 +63,8 @@ struct ingress_state {
   static inline const char* name = "tailor.ingress";
 };
 
-ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_state> self, engine_config cfg,
-                                     registry_actor registry, egress_actor out, std::shared_ptr<metrics> stats);
+ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_state> self,
+                                     engine_config cfg, registry_actor registry, egress_actor out,
+                                     std::shared_ptr<metrics> stats);
 
 }  // namespace tailor::actors

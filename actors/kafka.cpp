@@ -40,9 +40,9 @@ std::string mock_cluster::create_topic(const std::string& name, int partitions) 
   return {};
 }
 
-std::unique_ptr<RdKafka::Conf> make_conf(const kafka_config& cfg,
-                                         const std::vector<std::pair<std::string, std::string>>& extra,
-                                         std::string& err) {
+std::unique_ptr<RdKafka::Conf> make_conf(
+    const kafka_config& cfg, const std::vector<std::pair<std::string, std::string>>& extra,
+    std::string& err) {
   std::unique_ptr<RdKafka::Conf> conf(RdKafka::Conf::create(RdKafka::Conf::CONF_GLOBAL));
   auto set = [&](const std::string& k, const std::string& v) {
     if (conf->set(k, v, err) != RdKafka::Conf::CONF_OK) {
@@ -64,7 +64,8 @@ std::string create_topics(const kafka_config& cfg, const std::vector<std::string
   char errstr[512];
   rd_kafka_conf_t* conf = rd_kafka_conf_new();
   auto set = [&](const std::string& k, const std::string& v) {
-    return rd_kafka_conf_set(conf, k.c_str(), v.c_str(), errstr, sizeof(errstr)) == RD_KAFKA_CONF_OK;
+    return rd_kafka_conf_set(conf, k.c_str(), v.c_str(), errstr, sizeof(errstr)) ==
+           RD_KAFKA_CONF_OK;
   };
   bool ok = set("bootstrap.servers", cfg.bootstrap_servers);
   for (const auto& [k, v] : cfg.properties) ok = ok && set(k, v);
@@ -77,8 +78,8 @@ std::string create_topics(const kafka_config& cfg, const std::vector<std::string
   std::vector<rd_kafka_NewTopic_t*> specs;
   std::string result;
   for (const auto& t : topics) {
-    auto* nt = rd_kafka_NewTopic_new(t.c_str(), cfg.topic_partitions, cfg.replication_factor, errstr,
-                                      sizeof(errstr));
+    auto* nt = rd_kafka_NewTopic_new(t.c_str(), cfg.topic_partitions, cfg.replication_factor,
+                                     errstr, sizeof(errstr));
     if (!nt) {
       result = "topic " + t + ": " + errstr;
       break;
@@ -95,7 +96,8 @@ std::string create_topics(const kafka_config& cfg, const std::vector<std::string
       rd_kafka_CreateTopics(rk, specs.data(), specs.size(), opts, q);
       rd_kafka_event_t* ev = rd_kafka_queue_poll(q, timeout_ms + 5000);
       if (!ev) {
-        result = "create topics: no answer from the cluster within " + std::to_string(timeout_ms) + " ms";
+        result = "create topics: no answer from the cluster within " + std::to_string(timeout_ms) +
+                 " ms";
       } else if (rd_kafka_event_error(ev)) {
         result = std::string("create topics: ") + rd_kafka_event_error_string(ev);
       } else {

@@ -32,9 +32,9 @@ class mock_cluster {
 
 // A client configuration: bootstrap.servers plus every pass-through property,
 // then `extra`. Returns null and sets `err` on an unknown or invalid property.
-std::unique_ptr<RdKafka::Conf> make_conf(const kafka_config& cfg,
-                                         const std::vector<std::pair<std::string, std::string>>& extra,
-                                         std::string& err);
+std::unique_ptr<RdKafka::Conf> make_conf(
+    const kafka_config& cfg, const std::vector<std::pair<std::string, std::string>>& extra,
+    std::string& err);
 
 // Creates `topics` through the Admin API; existing ones are fine. Returns an
 // error message, empty on success.

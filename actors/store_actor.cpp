@@ -17,15 +17,16 @@ store_actor::behavior_type store(store_actor::stateful_pointer<store_state> self
                                  std::shared_ptr<storage::metadata_store> db) {
   self->state.db = std::move(db);
   return {
-      [self](lookup_atom, const std::string& user, const std::string& req)
-          -> caf::result<std::vector<request_record>> {
+      [self](lookup_atom, const std::string& user,
+             const std::string& req) -> caf::result<std::vector<request_record>> {
         auto r = self->state.db->find_request(user, req);
         if (!r) return r.error();
         std::vector<request_record> out;
         if (*r) out.push_back(std::move(**r));
         return out;
       },
-      [self](create_atom, const job_record& job, const request_record& req) -> caf::result<caf::ok_atom> {
+      [self](create_atom, const job_record& job,
+             const request_record& req) -> caf::result<caf::ok_atom> {
         if (auto err = self->state.db->create_job(job, req)) return err;
         return caf::ok_atom_v;
       },
@@ -41,13 +42,17 @@ store_actor::behavior_type store(store_actor::stateful_pointer<store_state> self
       [self](model_atom, const std::string& model_id) {
         return zero_or_one(self->state.db->get_model(model_id));
       },
-      [self](jobs_atom, const std::string& status, uint64_t limit) -> caf::result<std::vector<job_record>> {
+      [self](jobs_atom, const std::string& status,
+             uint64_t limit) -> caf::result<std::vector<job_record>> {
         auto r = self->state.db->list_jobs(status, limit);
         if (!r) return r.error();
         return std::move(*r);
       },
-      [self](job_atom, const std::string& job_id) { return zero_or_one(self->state.db->get_job(job_id)); },
-      [self](cancel_atom, const std::string& job_id, const std::string& from) -> caf::result<job_record> {
+      [self](job_atom, const std::string& job_id) {
+        return zero_or_one(self->state.db->get_job(job_id));
+      },
+      [self](cancel_atom, const std::string& job_id,
+             const std::string& from) -> caf::result<job_record> {
         auto r = self->state.db->transition_job(job_id, from, "cancelled");
         if (!r) return r.error();
         return std::move(*r);

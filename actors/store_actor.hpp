@@ -1,11 +1,10 @@
 #pragma once
 
+#include <caf/typed_actor.hpp>
+#include <caf/typed_event_based_actor.hpp>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <caf/typed_actor.hpp>
-#include <caf/typed_event_based_actor.hpp>
 
 #include "messages/type_ids.hpp"
 #include "storage/metadata_store.hpp"

@@ -1,9 +1,9 @@
 #include "actors/user.hpp"
 
+#include <spdlog/spdlog.h>
+
 #include <chrono>
 #include <cstdio>
-
-#include <spdlog/spdlog.h>
 
 namespace tailor::actors {
 
@@ -21,7 +21,9 @@ int64_t now_ms() {
       .count();
 }
 
-outgoing_message job_answer(const job_event& ev) { return {channel::events, ev.user_id, to_json(ev)}; }
+outgoing_message job_answer(const job_event& ev) {
+  return {channel::events, ev.user_id, to_json(ev)};
+}
 
 outgoing_message error_answer(const std::string& type, const std::string& user_id,
                               const std::string& request_id, errc code, std::string message) {
@@ -37,8 +39,8 @@ outgoing_message error_answer(const std::string& type, const std::string& user_i
   return {channel::results, user_id, to_json(r)};
 }
 
-request_record make_record(const user_state& st, const std::string& request_id, const std::string& type,
-                           uint64_t hash, answers out) {
+request_record make_record(const user_state& st, const std::string& request_id,
+                           const std::string& type, uint64_t hash, answers out) {
   request_record rec;
   rec.user_id = st.user_id;
   rec.request_id = request_id;
@@ -60,8 +62,8 @@ void record_and_reply(user_ptr self, promise_t rp, request_record rec) {
 // Replays the stored answer of a known (user_id, request_id), refuses a reused
 // id with another payload, or hands a new request to `fresh`.
 template <class Fresh>
-void with_dedup(user_ptr self, promise_t rp, std::string request_id, uint64_t hash, std::string type,
-                Fresh fresh) {
+void with_dedup(user_ptr self, promise_t rp, std::string request_id, uint64_t hash,
+                std::string type, Fresh fresh) {
   auto user_id = self->state.user_id;
   self->request(self->state.db, store_timeout, lookup_atom_v, user_id, request_id)
       .await(
@@ -75,9 +77,10 @@ void with_dedup(user_ptr self, promise_t rp, std::string request_id, uint64_t ha
               rp.deliver(std::move(rec.answers));
               return;
             }
-            rp.deliver(answers{error_answer(type, user_id, request_id, errc::duplicate_request_id,
-                                            "request_id: " + request_id + " was already used by user " +
-                                                user_id + " for a different request")});
+            rp.deliver(
+                answers{error_answer(type, user_id, request_id, errc::duplicate_request_id,
+                                     "request_id: " + request_id + " was already used by user " +
+                                         user_id + " for a different request")});
           },
           [=](caf::error& err) mutable { rp.deliver(std::move(err)); });
 }
@@ -85,7 +88,8 @@ void with_dedup(user_ptr self, promise_t rp, std::string request_id, uint64_t ha
 void handle_rejection(user_ptr self, promise_t rp, rejection rej) {
   with_dedup(self, rp, rej.request_id, rej.payload_hash, rej.type, [=]() mutable {
     answers out{error_answer(rej.type, rej.user_id, rej.request_id, rej.code, rej.message)};
-    record_and_reply(self, rp, make_record(self->state, rej.request_id, rej.type, rej.payload_hash, out));
+    record_and_reply(self, rp,
+                     make_record(self->state, rej.request_id, rej.type, rej.payload_hash, out));
   });
 }
 
@@ -94,7 +98,8 @@ void handle_onboarding(user_ptr self, promise_t rp, onboarding_request x, uint64
   with_dedup(self, rp, x.request_id, hash, type, [=]() mutable {
     auto& st = self->state;
     auto base = x.base_model.value_or(st.cfg.default_base_model);
-    if (std::find(st.cfg.base_models.begin(), st.cfg.base_models.end(), base) == st.cfg.base_models.end()) {
+    if (std::find(st.cfg.base_models.begin(), st.cfg.base_models.end(), base) ==
+        st.cfg.base_models.end()) {
       answers out{error_answer(type, st.user_id, x.request_id, errc::unknown_base_model,
                                "base_model: '" + base + "' is not served here")};
       return record_and_reply(self, rp, make_record(st, x.request_id, type, hash, out));
@@ -107,8 +112,8 @@ void handle_onboarding(user_ptr self, promise_t rp, onboarding_request x, uint64
     job.status = "queued";
     job.request = to_json(x);
     job.created_ms = job.updated_ms = now_ms();
-    answers out{job_answer(job_event{"job.queued", job.job_id, x.request_id, st.user_id, std::nullopt,
-                                     std::nullopt, std::nullopt})};
+    answers out{job_answer(job_event{"job.queued", job.job_id, x.request_id, st.user_id,
+                                     std::nullopt, std::nullopt, std::nullopt})};
     auto rec = make_record(st, x.request_id, type, hash, out);
     rec.job_id = job.job_id;
     self->request(st.db, store_timeout, create_atom_v, job, rec)
@@ -128,18 +133,21 @@ void handle_inference(user_ptr self, promise_t rp, inference_request x, uint64_t
     // Serving arrives with the GPU actors; until then a ready model has no
     // one to run it, and the requester is told so.
     auto no_server = [](const model_record& m) {
-      return "model " + m.model_id + ": no GPU actor serves base model " + m.base_model + " in this build";
+      return "model " + m.model_id + ": no GPU actor serves base model " + m.base_model +
+             " in this build";
     };
     if (x.model_id) {
       auto model_id = *x.model_id;
       self->request(st.db, store_timeout, model_atom_v, model_id)
           .await(
               [=](std::vector<model_record>& found) mutable {
-                if (found.empty()) return answer(errc::model_not_found, "model_id: " + model_id + " does not exist");
+                if (found.empty())
+                  return answer(errc::model_not_found, "model_id: " + model_id + " does not exist");
                 const auto& m = found.front();
                 if (m.user_id != self->state.user_id)
-                  return answer(errc::model_not_owned,
-                                "model_id: " + model_id + " does not belong to user " + self->state.user_id);
+                  return answer(
+                      errc::model_not_owned,
+                      "model_id: " + model_id + " does not belong to user " + self->state.user_id);
                 if (m.status != "ready")
                   return answer(errc::model_not_ready, "model_id: " + model_id + " is " + m.status);
                 answer(errc::unavailable, no_server(m));
@@ -161,8 +169,8 @@ void handle_inference(user_ptr self, promise_t rp, inference_request x, uint64_t
 void handle_job_cancel(user_ptr self, promise_t rp, job_cancel x) {
   auto& st = self->state;
   auto reject = [=](const job_record* job, errc code, std::string msg) mutable {
-    job_event ev{"job.cancel_rejected", x.job_id, job ? job->request_id : "", x.user_id,
-                 std::nullopt, std::nullopt, error_info{code, std::move(msg)}};
+    job_event ev{"job.cancel_rejected", x.job_id,     job ? job->request_id : "",      x.user_id,
+                 std::nullopt,          std::nullopt, error_info{code, std::move(msg)}};
     rp.deliver(answers{job_answer(ev)});
   };
   self->request(st.db, store_timeout, job_atom_v, x.job_id)
@@ -173,8 +181,9 @@ void handle_job_cancel(user_ptr self, promise_t rp, job_cancel x) {
                             "job_id: " + x.job_id + " is not a job of user " + x.user_id);
             auto job = found.front();
             auto cancelled = [=](const job_record& j) {
-              return answers{job_answer(job_event{"job.cancelled", j.job_id, j.request_id, j.user_id,
-                                                  std::nullopt, std::nullopt, std::nullopt})};
+              return answers{
+                  job_answer(job_event{"job.cancelled", j.job_id, j.request_id, j.user_id,
+                                       std::nullopt, std::nullopt, std::nullopt})};
             };
             // A redelivered cancel is answered as the first one was.
             if (job.status == "cancelled") {
@@ -182,11 +191,13 @@ void handle_job_cancel(user_ptr self, promise_t rp, job_cancel x) {
               return;
             }
             if (job.status != "queued" && job.status != "retrying")
-              return reject(&job, errc::job_not_cancellable, "job " + x.job_id + " is " + job.status);
+              return reject(&job, errc::job_not_cancellable,
+                            "job " + x.job_id + " is " + job.status);
             self->request(self->state.db, store_timeout, cancel_atom_v, x.job_id, job.status)
                 .await([=](job_record& j) mutable { rp.deliver(cancelled(j)); },
                        [=](caf::error& err) mutable {
-                         reject(&job, errc::job_not_cancellable, "job " + x.job_id + ": " + caf::to_string(err));
+                         reject(&job, errc::job_not_cancellable,
+                                "job " + x.job_id + ": " + caf::to_string(err));
                        });
           },
           [=](caf::error& err) mutable { rp.deliver(std::move(err)); });
@@ -229,17 +240,22 @@ user_actor::behavior_type user(user_actor::stateful_pointer<user_state> self, st
         std::visit(
             [&](auto& x) {
               using T = std::decay_t<decltype(x)>;
-              if constexpr (std::is_same_v<T, onboarding_request>) handle_onboarding(self, rp, std::move(x), pr.payload_hash);
-              else if constexpr (std::is_same_v<T, inference_request>) handle_inference(self, rp, std::move(x), pr.payload_hash);
-              else if constexpr (std::is_same_v<T, job_cancel>) handle_job_cancel(self, rp, std::move(x));
-              else rp.deliver(answers{});  // nothing runs yet that a cancel could stop
+              if constexpr (std::is_same_v<T, onboarding_request>)
+                handle_onboarding(self, rp, std::move(x), pr.payload_hash);
+              else if constexpr (std::is_same_v<T, inference_request>)
+                handle_inference(self, rp, std::move(x), pr.payload_hash);
+              else if constexpr (std::is_same_v<T, job_cancel>)
+                handle_job_cancel(self, rp, std::move(x));
+              else
+                rp.deliver(answers{});  // nothing runs yet that a cancel could stop
             },
             pr.value);
         return rp;
       },
       [self](idle_atom) {
         auto& st = self->state;
-        if (st.handled == st.handled_at_last_check) self->send(st.registry, idle_atom_v, st.user_id, st.handled);
+        if (st.handled == st.handled_at_last_check)
+          self->send(st.registry, idle_atom_v, st.user_id, st.handled);
         st.handled_at_last_check = st.handled;
         self->delayed_send(self, std::chrono::seconds(st.cfg.user_idle_seconds), idle_atom_v);
       },
@@ -248,7 +264,8 @@ user_actor::behavior_type user(user_actor::stateful_pointer<user_state> self, st
 }
 
 registry_actor::behavior_type registry(registry_actor::stateful_pointer<registry_state> self,
-                                       engine_config cfg, store_actor db, std::shared_ptr<metrics> stats) {
+                                       engine_config cfg, store_actor db,
+                                       std::shared_ptr<metrics> stats) {
   self->state.cfg = std::move(cfg);
   self->state.db = std::move(db);
   self->state.stats = std::move(stats);
@@ -272,7 +289,8 @@ registry_actor::behavior_type registry(registry_actor::stateful_pointer<registry
         const auto& id = user_of(ev.parsed);
         auto& e = st.users[id];
         if (!e.actor) {
-          e.actor = self->spawn<caf::linked>(user, id, st.cfg, st.db, caf::actor_cast<registry_actor>(self));
+          e.actor = self->spawn<caf::linked>(user, id, st.cfg, st.db,
+                                             caf::actor_cast<registry_actor>(self));
           st.stats->add_users(1);
         }
         ++e.routed;

@@ -1,12 +1,11 @@
 #pragma once
 
+#include <caf/typed_actor.hpp>
+#include <caf/typed_event_based_actor.hpp>
 #include <cstdint>
 #include <string>
 #include <unordered_map>
 #include <vector>
-
-#include <caf/typed_actor.hpp>
-#include <caf/typed_event_based_actor.hpp>
 
 #include "actors/config.hpp"
 #include "actors/metrics.hpp"
@@ -22,16 +21,16 @@ using namespace tailor::messages;
 // (user_id, request_id), decides the answer and persists it before replying.
 // After `user_idle_seconds` without events it asks the registry to retire it;
 // the registry's `stop` queues behind any event still being handled.
-using user_actor =
-    caf::typed_actor<caf::replies_to<handle_atom, incoming_event>::with<std::vector<outgoing_message>>,
-                     caf::reacts_to<idle_atom>, caf::reacts_to<stop_atom>>;
+using user_actor = caf::typed_actor<
+    caf::replies_to<handle_atom, incoming_event>::with<std::vector<outgoing_message>>,
+    caf::reacts_to<idle_atom>, caf::reacts_to<stop_atom>>;
 
 // Spawns user actors on a user's first event and forwards events to them.
 // A user actor is retired only when it has handled every event routed to it,
 // so no event is ever lost to passivation.
-using registry_actor =
-    caf::typed_actor<caf::replies_to<route_atom, incoming_event>::with<std::vector<outgoing_message>>,
-                     caf::reacts_to<idle_atom, std::string, uint64_t>>;
+using registry_actor = caf::typed_actor<
+    caf::replies_to<route_atom, incoming_event>::with<std::vector<outgoing_message>>,
+    caf::reacts_to<idle_atom, std::string, uint64_t>>;
 
 struct user_state {
   std::string user_id;
@@ -59,7 +58,8 @@ user_actor::behavior_type user(user_actor::stateful_pointer<user_state> self, st
                                engine_config cfg, store_actor db, registry_actor registry);
 
 registry_actor::behavior_type registry(registry_actor::stateful_pointer<registry_state> self,
-                                       engine_config cfg, store_actor db, std::shared_ptr<metrics> stats);
+                                       engine_config cfg, store_actor db,
+                                       std::shared_ptr<metrics> stats);
 
 // The deterministic job id of (user_id, request_id): a redelivered request
 // always names the same job.

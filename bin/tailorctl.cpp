@@ -1,15 +1,15 @@
 // tailorctl: publish requests to Tailor, follow its topics, read the admin API.
+#include <httplib.h>
+#include <librdkafka/rdkafkacpp.h>
+
+#include <CLI/CLI.hpp>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
-
-#include <CLI/CLI.hpp>
-#include <httplib.h>
-#include <librdkafka/rdkafkacpp.h>
-#include <nlohmann/json.hpp>
 
 #include "actors/config.hpp"
 #include "actors/kafka.hpp"
@@ -50,17 +50,20 @@ std::string random_id(const char* prefix) {
   return buf;
 }
 
-void produce(const common_options& o, const std::string& topic, const std::string& key, const std::string& payload) {
+void produce(const common_options& o, const std::string& topic, const std::string& key,
+             const std::string& payload) {
   std::string err;
   auto conf = actors::make_conf(kafka_of(o), {{"enable.idempotence", "true"}}, err);
   if (!conf) fail(err);
   std::unique_ptr<RdKafka::Producer> p(RdKafka::Producer::create(conf.get(), err));
   if (!p) fail("producer: " + err);
   auto rc = p->produce(topic, RdKafka::Topic::PARTITION_UA, RdKafka::Producer::RK_MSG_COPY,
-                       const_cast<char*>(payload.data()), payload.size(), key.data(), key.size(), 0, nullptr);
+                       const_cast<char*>(payload.data()), payload.size(), key.data(), key.size(), 0,
+                       nullptr);
   if (rc != RdKafka::ERR_NO_ERROR) fail("produce to " + topic + ": " + RdKafka::err2str(rc));
   rc = p->flush(30000);
-  if (rc != RdKafka::ERR_NO_ERROR) fail("produce to " + topic + ": not delivered: " + RdKafka::err2str(rc));
+  if (rc != RdKafka::ERR_NO_ERROR)
+    fail("produce to " + topic + ": not delivered: " + RdKafka::err2str(rc));
 }
 
 // Reads `topic` from its current end (or beginning), so that nothing
@@ -69,9 +72,8 @@ class follower {
  public:
   follower(const common_options& o, const std::string& topic, bool from_beginning) {
     std::string err;
-    auto conf = actors::make_conf(kafka_of(o),
-                                  {{"group.id", random_id("tailorctl")}, {"enable.auto.commit", "false"}},
-                                  err);
+    auto conf = actors::make_conf(
+        kafka_of(o), {{"group.id", random_id("tailorctl")}, {"enable.auto.commit", "false"}}, err);
     if (!conf) fail(err);
     consumer_.reset(RdKafka::KafkaConsumer::create(conf.get(), err));
     if (!consumer_) fail("consumer: " + err);
@@ -112,13 +114,15 @@ class follower {
 
 // Waits for answers of (user, request) on a topic until `done` says so.
 template <class Done>
-int wait_for(follower& f, const std::string& user, const std::string& request, double timeout_s, Done done) {
+int wait_for(follower& f, const std::string& user, const std::string& request, double timeout_s,
+             Done done) {
   auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
   while (std::chrono::steady_clock::now() < deadline) {
     auto msg = f.next(200);
     if (!msg) continue;
     auto j = json::parse(*msg, nullptr, false);
-    if (!j.is_object() || j.value("user_id", "") != user || j.value("request_id", "") != request) continue;
+    if (!j.is_object() || j.value("user_id", "") != user || j.value("request_id", "") != request)
+      continue;
     std::cout << j.dump() << std::endl;
     if (auto code = done(j)) return *code;
   }
@@ -152,12 +156,14 @@ int main(int argc, char** argv) {
   common_options o;
   if (const char* b = std::getenv("TAILOR_BOOTSTRAP")) o.bootstrap = b;
   if (const char* a = std::getenv("TAILOR_ADMIN")) o.admin = a;
-  app.add_option("-b,--bootstrap-servers", o.bootstrap, "Kafka bootstrap servers (env TAILOR_BOOTSTRAP)");
+  app.add_option("-b,--bootstrap-servers", o.bootstrap,
+                 "Kafka bootstrap servers (env TAILOR_BOOTSTRAP)");
   app.add_option("-a,--admin", o.admin, "admin API base URL (env TAILOR_ADMIN)");
   app.add_option("-X,--kafka-property", o.props, "librdkafka property KEY=VALUE, repeatable");
 
   // onboard
-  auto* onboard = app.add_subcommand("onboard", "publish an onboarding request (fine-tune a user's model)");
+  auto* onboard =
+      app.add_subcommand("onboard", "publish an onboarding request (fine-tune a user's model)");
   messages::onboarding_request ob;
   std::string ob_file, texts_file, until = "terminal";
   bool ob_wait = false;
@@ -165,8 +171,10 @@ int main(int argc, char** argv) {
   onboard->add_option("-u,--user", ob.user_id, "user id");
   onboard->add_option("-r,--request", ob.request_id, "request id (default: random)");
   onboard->add_option("-t,--text", ob.texts, "a training text, repeatable");
-  onboard->add_option("--texts-file", texts_file, "training texts, one per line")->check(CLI::ExistingFile);
-  onboard->add_option("--data-ref", ob.data_ref, "training data file, relative to tailord's data directory");
+  onboard->add_option("--texts-file", texts_file, "training texts, one per line")
+      ->check(CLI::ExistingFile);
+  onboard->add_option("--data-ref", ob.data_ref,
+                      "training data file, relative to tailord's data directory");
   onboard->add_option("--base-model", ob.base_model, "base model id");
   onboard->add_option("--rank", ob.hparams.rank, "LoRA rank");
   onboard->add_option("--alpha", ob.hparams.alpha, "LoRA alpha");
@@ -175,10 +183,12 @@ int main(int argc, char** argv) {
   onboard->add_option("--batch-size", ob.hparams.batch_size, "batch size");
   onboard->add_option("--seed", ob.hparams.seed, "training seed");
   onboard->add_option("--prompt", ob.prompts, "a prompt to answer once trained, repeatable");
-  onboard->add_option("-f,--file", ob_file, "send this JSON file as the request instead")->check(CLI::ExistingFile);
+  onboard->add_option("-f,--file", ob_file, "send this JSON file as the request instead")
+      ->check(CLI::ExistingFile);
   onboard->add_flag("-w,--wait", ob_wait, "print the request's events until it ends (or --until)");
-  onboard->add_option("--until", until, "with --wait: stop at this event type (default: terminal, i.e. "
-                                        "model.ready, job.failed or job.cancelled)");
+  onboard->add_option("--until", until,
+                      "with --wait: stop at this event type (default: terminal, i.e. "
+                      "model.ready, job.failed or job.cancelled)");
   onboard->add_option("--timeout", timeout, "with --wait: seconds to wait (default: 120)");
 
   // infer
@@ -196,18 +206,23 @@ int main(int argc, char** argv) {
   infer->add_option("--top-p", in.top_p, "nucleus sampling");
   infer->add_option("--seed", in.seed, "sampling seed");
   infer->add_option("--stop", in.stop, "stop sequence, repeatable");
-  infer->add_option("-f,--file", in_file, "send this JSON file as the request instead")->check(CLI::ExistingFile);
+  infer->add_option("-f,--file", in_file, "send this JSON file as the request instead")
+      ->check(CLI::ExistingFile);
   infer->add_flag("-w,--wait", in_wait, "print the result when it arrives");
   infer->add_option("--timeout", timeout, "with --wait: seconds to wait (default: 120)");
 
   // tail
-  auto* tail = app.add_subcommand("tail", "print a topic's events as they arrive: results|events|dlq");
+  auto* tail =
+      app.add_subcommand("tail", "print a topic's events as they arrive: results|events|dlq");
   std::string tail_what;
   bool from_beginning = false;
   double tail_seconds = 0;
-  tail->add_option("topic", tail_what, "results, events or dlq")->required()->check(CLI::IsMember({"results", "events", "dlq"}));
+  tail->add_option("topic", tail_what, "results, events or dlq")
+      ->required()
+      ->check(CLI::IsMember({"results", "events", "dlq"}));
   tail->add_flag("--from-beginning", from_beginning, "start at the oldest retained event");
-  tail->add_option("--seconds", tail_seconds, "stop after this long (default: follow until interrupted)");
+  tail->add_option("--seconds", tail_seconds,
+                   "stop after this long (default: follow until interrupted)");
 
   auto* jobs = app.add_subcommand("jobs", "list jobs (admin API)");
   std::string job_status;
@@ -218,7 +233,8 @@ int main(int argc, char** argv) {
   auto* models = app.add_subcommand("models", "list a user's models, newest first (admin API)");
   std::string models_user;
   models->add_option("user_id", models_user, "user id")->required();
-  auto* cancel = app.add_subcommand("cancel", "cancel a job (publishes job.cancel on the control topic)");
+  auto* cancel =
+      app.add_subcommand("cancel", "cancel a job (publishes job.cancel on the control topic)");
   messages::job_cancel jc;
   cancel->add_option("job_id", jc.job_id, "job id")->required();
   cancel->add_option("-u,--user", jc.user_id, "the job's user")->required();
@@ -246,14 +262,18 @@ int main(int argc, char** argv) {
     std::optional<follower> f;
     if (ob_wait) f.emplace(o, o.topics.events, false);
     produce(o, o.topics.onboarding, ob.user_id, payload);
-    std::fprintf(stderr, "published onboarding request %s for user %s\n", ob.request_id.c_str(), ob.user_id.c_str());
+    std::fprintf(stderr, "published onboarding request %s for user %s\n", ob.request_id.c_str(),
+                 ob.user_id.c_str());
     if (!ob_wait) return 0;
-    return wait_for(*f, ob.user_id, ob.request_id, timeout, [&](const json& j) -> std::optional<int> {
-      auto type = j.value("type", "");
-      if (type == "job.failed") return 1;
-      if (type == until || (until == "terminal" && (type == "model.ready" || type == "job.cancelled"))) return 0;
-      return std::nullopt;
-    });
+    return wait_for(
+        *f, ob.user_id, ob.request_id, timeout, [&](const json& j) -> std::optional<int> {
+          auto type = j.value("type", "");
+          if (type == "job.failed") return 1;
+          if (type == until ||
+              (until == "terminal" && (type == "model.ready" || type == "job.cancelled")))
+            return 0;
+          return std::nullopt;
+        });
   }
   if (infer->parsed()) {
     std::string payload;
@@ -271,20 +291,25 @@ int main(int argc, char** argv) {
     std::optional<follower> f;
     if (in_wait) f.emplace(o, o.topics.results, false);
     produce(o, o.topics.inference, in.user_id, payload);
-    std::fprintf(stderr, "published inference request %s for user %s\n", in.request_id.c_str(), in.user_id.c_str());
+    std::fprintf(stderr, "published inference request %s for user %s\n", in.request_id.c_str(),
+                 in.user_id.c_str());
     if (!in_wait) return 0;
-    return wait_for(*f, in.user_id, in.request_id, timeout,
-                    [](const json& j) -> std::optional<int> { return j.contains("error") ? 1 : 0; });
+    return wait_for(
+        *f, in.user_id, in.request_id, timeout,
+        [](const json& j) -> std::optional<int> { return j.contains("error") ? 1 : 0; });
   }
   if (tail->parsed()) {
-    const auto& topic = tail_what == "results" ? o.topics.results : tail_what == "events" ? o.topics.events : o.topics.dlq;
+    const auto& topic = tail_what == "results"  ? o.topics.results
+                        : tail_what == "events" ? o.topics.events
+                                                : o.topics.dlq;
     follower f(o, topic, from_beginning);
     auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(tail_seconds);
     while (tail_seconds <= 0 || std::chrono::steady_clock::now() < deadline)
       if (auto m = f.next(200)) std::cout << *m << std::endl;
     return 0;
   }
-  if (jobs->parsed()) admin_get(o, "/v1/jobs" + (job_status.empty() ? "" : "?status=" + job_status));
+  if (jobs->parsed())
+    admin_get(o, "/v1/jobs" + (job_status.empty() ? "" : "?status=" + job_status));
   if (job->parsed()) admin_get(o, "/v1/jobs/" + job_id);
   if (models->parsed()) admin_get(o, "/v1/users/" + models_user + "/models");
   if (cancel->parsed()) {

@@ -1,17 +1,16 @@
 // tailord: the Tailor engine. Reads onboarding, inference and control events
 // from Kafka, answers on Kafka, keeps its state in RocksDB, and serves the
 // admin API on localhost. Stops in order on SIGTERM or SIGINT.
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <thread>
-
-#include <unistd.h>
-
-#include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
-#include <spdlog/spdlog.h>
+#include <thread>
 
 #include "actors/engine.hpp"
 
@@ -38,7 +37,8 @@ bool write_ready_file(const std::string& path, const engine& e) {
 
 int main(int argc, char** argv) {
   engine_config cfg;
-  CLI::App app{"tailord - the Tailor engine: personal LoRA models, trained and served through Kafka"};
+  CLI::App app{
+      "tailord - the Tailor engine: personal LoRA models, trained and served through Kafka"};
   std::string config_file, bootstrap, group_id, data_dir, admin_host, ready_file, log_level;
   std::vector<std::string> props;
   int admin_port = -1, max_in_flight = -1, idle = -1;
@@ -48,19 +48,24 @@ int main(int argc, char** argv) {
   app.add_option("-b,--bootstrap-servers", bootstrap,
                  "Kafka bootstrap servers; unset: start an embedded mock cluster (demo only)");
   app.add_option("-g,--group-id", group_id, "Kafka consumer group (default: tailor)");
-  app.add_option("-X,--kafka-property", props, "librdkafka property KEY=VALUE, repeatable (SASL, TLS, ...)");
+  app.add_option("-X,--kafka-property", props,
+                 "librdkafka property KEY=VALUE, repeatable (SASL, TLS, ...)");
   app.add_option("-d,--data-dir", data_dir, "RocksDB and artifacts (default: $TAILOR_HOME/engine)");
   app.add_option("--admin-host", admin_host, "admin API address (default: 127.0.0.1)");
-  app.add_option("-p,--admin-port", admin_port, "admin API port; 0 picks a free one (default: 8080)")
+  app.add_option("-p,--admin-port", admin_port,
+                 "admin API port; 0 picks a free one (default: 8080)")
       ->check(CLI::Range(0, 65535));
-  app.add_option("--ready-file", ready_file,
-                 "write {admin_port, bootstrap_servers, pid} as JSON here once consumers have joined");
+  app.add_option(
+      "--ready-file", ready_file,
+      "write {admin_port, bootstrap_servers, pid} as JSON here once consumers have joined");
   app.add_option("--max-in-flight", max_in_flight,
                  "events in flight per input topic before consumption pauses (default: 256)")
       ->check(CLI::PositiveNumber);
-  app.add_option("--user-idle-seconds", idle, "retire a user actor after this long without events (default: 60)")
+  app.add_option("--user-idle-seconds", idle,
+                 "retire a user actor after this long without events (default: 60)")
       ->check(CLI::PositiveNumber);
-  app.add_flag("--sync-writes", sync_writes, "fsync RocksDB's WAL on every write (survives power loss)");
+  app.add_flag("--sync-writes", sync_writes,
+               "fsync RocksDB's WAL on every write (survives power loss)");
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error (default: info)");
   CLI11_PARSE(app, argc, argv);
 
@@ -90,7 +95,8 @@ int main(int argc, char** argv) {
   if (!log_level.empty()) cfg.log_level = log_level;
   auto level = spdlog::level::from_str(cfg.log_level);
   if (level == spdlog::level::off && cfg.log_level != "off") {
-    std::fprintf(stderr, "tailord: --log-level %s: expected trace|debug|info|warn|error\n", cfg.log_level.c_str());
+    std::fprintf(stderr, "tailord: --log-level %s: expected trace|debug|info|warn|error\n",
+                 cfg.log_level.c_str());
     return 2;
   }
   spdlog::set_level(level);

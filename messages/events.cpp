@@ -1,7 +1,6 @@
 #include "messages/events.hpp"
 
 #include <limits>
-
 #include <nlohmann/json.hpp>
 
 #include "messages/ids.hpp"
@@ -39,12 +38,13 @@ class reader {
   bool string(const char* field, std::string& out, bool required, std::size_t max_bytes) {
     if (failed()) return false;
     const json* v = find(field);
-    if (!v) return required ? fail(errc::missing_field, std::string(field) + ": is required") : true;
+    if (!v)
+      return required ? fail(errc::missing_field, std::string(field) + ": is required") : true;
     if (!v->is_string()) return fail(errc::wrong_type, std::string(field) + ": must be a string");
     const auto& s = v->get_ref<const std::string&>();
     if (s.size() > max_bytes)
-      return fail(errc::too_large, std::string(field) + ": must be at most " +
-                                       std::to_string(max_bytes) + " bytes");
+      return fail(errc::too_large,
+                  std::string(field) + ": must be at most " + std::to_string(max_bytes) + " bytes");
     out = s;
     return true;
   }
@@ -73,7 +73,8 @@ class reader {
     if (failed()) return false;
     const json* v = find(field);
     if (!v) return true;
-    if (!v->is_number_integer()) return fail(errc::wrong_type, std::string(field) + ": must be an integer");
+    if (!v->is_number_integer())
+      return fail(errc::wrong_type, std::string(field) + ": must be an integer");
     if (v->is_number_unsigned()) {
       auto u = v->get<uint64_t>();
       if (u > static_cast<uint64_t>(std::numeric_limits<Int>::max()))
@@ -82,7 +83,8 @@ class reader {
     } else {
       auto i = v->get<int64_t>();
       if constexpr (std::is_unsigned_v<Int>) {
-        if (i < 0) return fail(errc::invalid_argument, std::string(field) + ": must not be negative");
+        if (i < 0)
+          return fail(errc::invalid_argument, std::string(field) + ": must not be negative");
       }
       out = static_cast<Int>(i);
     }
@@ -103,7 +105,8 @@ class reader {
     if (failed()) return false;
     const json* v = find(field);
     if (!v) return true;
-    if (!v->is_array()) return fail(errc::wrong_type, std::string(field) + ": must be an array of strings");
+    if (!v->is_array())
+      return fail(errc::wrong_type, std::string(field) + ": must be an array of strings");
     if (v->size() > max_count)
       return fail(errc::too_large, std::string(field) + ": must hold at most " +
                                        std::to_string(max_count) + " entries");
@@ -114,7 +117,8 @@ class reader {
       if (!e.is_string()) return fail(errc::wrong_type, name + ": must be a string");
       const auto& s = e.get_ref<const std::string&>();
       if (s.size() > max_each)
-        return fail(errc::too_large, name + ": must be at most " + std::to_string(max_each) + " bytes");
+        return fail(errc::too_large,
+                    name + ": must be at most " + std::to_string(max_each) + " bytes");
       total += s.size();
       if (total > max_total)
         return fail(errc::too_large, std::string(field) + ": must total at most " +
@@ -131,8 +135,8 @@ class reader {
 };
 
 template <class T>
-bool in_range(reader& r, const char* field, const std::optional<T>& v, T lo, T hi,
-              const char* what, errc code = errc::invalid_argument) {
+bool in_range(reader& r, const char* field, const std::optional<T>& v, T lo, T hi, const char* what,
+              errc code = errc::invalid_argument) {
   if (r.failed() || !v) return !r.failed();
   if (*v < lo || *v > hi) {
     std::string msg = std::string(field) + ": must be " + what + " in [";
@@ -232,9 +236,12 @@ void parse_inference(reader& r, const limits& lim, inference_request& x) {
 
 const char* topic_types(input_topic topic) {
   switch (topic) {
-    case input_topic::onboarding: return "onboarding.request";
-    case input_topic::inference: return "inference.request";
-    case input_topic::control: return "job.cancel or inference.cancel";
+    case input_topic::onboarding:
+      return "onboarding.request";
+    case input_topic::inference:
+      return "inference.request";
+    case input_topic::control:
+      return "job.cancel or inference.cancel";
   }
   return "";
 }
@@ -264,17 +271,19 @@ parse_result parse_event(input_topic topic, std::string_view bytes, const limits
   std::string type;
   r.string("type", type, true, 64);
   std::optional<int64_t> version;
-  if (!r.failed() && !r.find("schema_version")) r.fail(errc::missing_field, "schema_version: is required");
+  if (!r.failed() && !r.find("schema_version"))
+    r.fail(errc::missing_field, "schema_version: is required");
   r.integer("schema_version", version);
   if (!r.failed() && *version != schema_version)
     r.fail(errc::unsupported_schema_version,
            "schema_version: " + std::to_string(*version) + " is not supported (expected 1)");
-  bool accepted = (topic == input_topic::onboarding && type == "onboarding.request") ||
-                  (topic == input_topic::inference && type == "inference.request") ||
-                  (topic == input_topic::control && (type == "job.cancel" || type == "inference.cancel"));
+  bool accepted =
+      (topic == input_topic::onboarding && type == "onboarding.request") ||
+      (topic == input_topic::inference && type == "inference.request") ||
+      (topic == input_topic::control && (type == "job.cancel" || type == "inference.cancel"));
   if (!r.failed() && !accepted)
-    r.fail(errc::unknown_type, "type: '" + type + "' is not accepted here (expected " +
-                                   topic_types(topic) + ")");
+    r.fail(errc::unknown_type,
+           "type: '" + type + "' is not accepted here (expected " + topic_types(topic) + ")");
   std::string user_id;
   r.id("user_id", user_id, true);
 
@@ -316,11 +325,17 @@ parse_result parse_event(input_topic topic, std::string_view bytes, const limits
 
 namespace {
 
-json header(const char* type) { return json{{"type", type}, {"schema_version", schema_version}}; }
+json header(const char* type) {
+  return json{{"type", type}, {"schema_version", schema_version}};
+}
 
-json error_json(const error_info& e) { return json{{"code", to_string(e.code)}, {"message", e.message}}; }
+json error_json(const error_info& e) {
+  return json{{"code", to_string(e.code)}, {"message", e.message}};
+}
 
-std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+std::string dump(const json& j) {
+  return j.dump(-1, ' ', false, json::error_handler_t::replace);
+}
 
 }  // namespace
 
@@ -350,7 +365,8 @@ std::string to_json(const job_event& x) {
   j["user_id"] = x.user_id;
   if (x.model_id) j["model_id"] = *x.model_id;
   if (x.progress)
-    j["progress"] = {{"step", x.progress->step}, {"steps", x.progress->steps}, {"loss", x.progress->loss}};
+    j["progress"] = {
+        {"step", x.progress->step}, {"steps", x.progress->steps}, {"loss", x.progress->loss}};
   if (x.error) j["error"] = error_json(*x.error);
   return dump(j);
 }
@@ -369,8 +385,10 @@ std::string to_json(const onboarding_request& x) {
   j["request_id"] = x.request_id;
   j["user_id"] = x.user_id;
   if (x.base_model) j["base_model"] = *x.base_model;
-  if (x.data_ref) j["data_ref"] = *x.data_ref;
-  else j["texts"] = x.texts;
+  if (x.data_ref)
+    j["data_ref"] = *x.data_ref;
+  else
+    j["texts"] = x.texts;
   json hp = json::object();
   const auto& h = x.hparams;
   if (h.rank) hp["rank"] = *h.rank;
@@ -445,15 +463,21 @@ std::string repair_utf8(std::string_view s) {
     auto c = uint8_t(s[i]);
     std::size_t len = 0;
     uint32_t cp = 0, min = 0;
-    if (c < 0x80) len = 1, cp = c;
-    else if ((c & 0xE0) == 0xC0) len = 2, cp = c & 0x1F, min = 0x80;
-    else if ((c & 0xF0) == 0xE0) len = 3, cp = c & 0x0F, min = 0x800;
-    else if ((c & 0xF8) == 0xF0) len = 4, cp = c & 0x07, min = 0x10000;
+    if (c < 0x80)
+      len = 1, cp = c;
+    else if ((c & 0xE0) == 0xC0)
+      len = 2, cp = c & 0x1F, min = 0x80;
+    else if ((c & 0xF0) == 0xE0)
+      len = 3, cp = c & 0x0F, min = 0x800;
+    else if ((c & 0xF8) == 0xF0)
+      len = 4, cp = c & 0x07, min = 0x10000;
     bool ok = len > 0 && i + len <= s.size();
     for (std::size_t k = 1; ok && k < len; ++k) {
       auto cc = uint8_t(s[i + k]);
-      if ((cc & 0xC0) != 0x80) ok = false;
-      else cp = (cp << 6) | (cc & 0x3F);
+      if ((cc & 0xC0) != 0x80)
+        ok = false;
+      else
+        cp = (cp << 6) | (cc & 0x3F);
     }
     if (ok && len > 1 && (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))) ok = false;
     if (ok) {

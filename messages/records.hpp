@@ -1,10 +1,9 @@
 #pragma once
 
+#include <caf/meta/type_name.hpp>
 #include <cstdint>
 #include <string>
 #include <vector>
-
-#include <caf/meta/type_name.hpp>
 
 // Records that storage/ persists and actors/ pass around. Plain fields only,
 // so each has a CAF inspect and a JSON form (records.cpp).
@@ -30,7 +29,7 @@ struct job_record {
   std::string request_id;
   std::string user_id;
   std::string base_model;
-  std::string status;           // queued|admitted|training|saving|ready|retrying|failed|cancelled
+  std::string status;   // queued|admitted|training|saving|ready|retrying|failed|cancelled
   std::string request;  // the onboarding request as received (JSON): data and settings for training
   int64_t attempts = 0;
   int64_t created_ms = 0;
@@ -79,8 +78,8 @@ struct request_record {
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, request_record& x) {
-  return f(caf::meta::type_name("request_record"), x.user_id, x.request_id, x.kind,
-           x.payload_hash, x.job_id, x.answers, x.created_ms);
+  return f(caf::meta::type_name("request_record"), x.user_id, x.request_id, x.kind, x.payload_hash,
+           x.job_id, x.answers, x.created_ms);
 }
 
 struct history_entry {

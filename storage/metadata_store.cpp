@@ -1,22 +1,28 @@
 #include "storage/metadata_store.hpp"
 
-#include <chrono>
-#include <mutex>
-
-#include <nlohmann/json.hpp>
 #include <rocksdb/db.h>
 #include <rocksdb/write_batch.h>
+
+#include <chrono>
+#include <mutex>
+#include <nlohmann/json.hpp>
 
 namespace tailor::storage {
 
 std::string to_string(errc code) {
   switch (code) {
-    case errc::none: return "none";
-    case errc::io_error: return "io_error";
-    case errc::not_found: return "not_found";
-    case errc::invalid_transition: return "invalid_transition";
-    case errc::already_exists: return "already_exists";
-    case errc::corrupt_record: return "corrupt_record";
+    case errc::none:
+      return "none";
+    case errc::io_error:
+      return "io_error";
+    case errc::not_found:
+      return "not_found";
+    case errc::invalid_transition:
+      return "invalid_transition";
+    case errc::already_exists:
+      return "already_exists";
+    case errc::corrupt_record:
+      return "corrupt_record";
   }
   return "unknown";
 }
@@ -61,7 +67,8 @@ struct metadata_store::impl {
   // Reads `key` from `tab` into `out`; not_found when absent.
   caf::error get(table tab, const std::string& key, std::string& out) {
     auto s = db->Get(rocksdb::ReadOptions(), t(tab), key, &out);
-    if (s.IsNotFound()) return caf::make_error(errc::not_found, table_names[tab] + " has no " + key);
+    if (s.IsNotFound())
+      return caf::make_error(errc::not_found, table_names[tab] + " has no " + key);
     return s.ok() ? caf::error{} : io(s, "get");
   }
 
@@ -71,7 +78,8 @@ struct metadata_store::impl {
     if (auto err = get(tab, key, raw)) return err;
     Record r;
     if (!messages::from_json(raw, r))
-      return caf::make_error(errc::corrupt_record, table_names[tab] + "/" + key + " does not parse");
+      return caf::make_error(errc::corrupt_record,
+                             table_names[tab] + "/" + key + " does not parse");
     return r;
   }
 };
@@ -106,10 +114,9 @@ caf::expected<std::unique_ptr<metadata_store>> metadata_store::open(const std::s
   auto ds = im.db->DestroyColumnFamilyHandle(handles[0]);
   if (!ds.ok()) return io(ds, "release default column family");
   im.wopts.sync = opts.sync_writes;
-  im.history_seq = static_cast<uint64_t>(
-      std::chrono::duration_cast<std::chrono::microseconds>(
-          std::chrono::system_clock::now().time_since_epoch())
-          .count());
+  im.history_seq = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(
+                                             std::chrono::system_clock::now().time_since_epoch())
+                                             .count());
   return store;
 }
 
@@ -157,8 +164,9 @@ caf::expected<job_record> metadata_store::transition_job(const std::string& job_
     return caf::make_error(errc::invalid_transition,
                            "job " + job_id + " is " + job->status + ", not " + from);
   if (!is_allowed_transition(from, to))
-    return caf::make_error(errc::invalid_transition, "job " + job_id + ": " + from + " -> " + to +
-                                                         " is not a transition of the job state machine");
+    return caf::make_error(errc::invalid_transition,
+                           "job " + job_id + ": " + from + " -> " + to +
+                               " is not a transition of the job state machine");
   job->status = to;
   job->updated_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
                         std::chrono::system_clock::now().time_since_epoch())
@@ -183,7 +191,8 @@ caf::expected<std::vector<job_record>> metadata_store::list_jobs(const std::stri
   for (it->SeekToFirst(); it->Valid() && out.size() < limit; it->Next()) {
     job_record r;
     if (!messages::from_json(it->value().ToStringView(), r))
-      return caf::make_error(errc::corrupt_record, "jobs/" + it->key().ToString() + " does not parse");
+      return caf::make_error(errc::corrupt_record,
+                             "jobs/" + it->key().ToString() + " does not parse");
     if (status.empty() || r.status == status) out.push_back(std::move(r));
   }
   if (!it->status().ok()) return io(it->status(), "list jobs");
@@ -214,7 +223,8 @@ caf::error metadata_store::register_model(const model_record& model, const std::
     auto job = im.get_record<job_record>(jobs, job_id);
     if (!job) return job.error();
     if (job->status != "saving")
-      return caf::make_error(errc::invalid_transition, "job " + job_id + " is " + job->status + ", not saving");
+      return caf::make_error(errc::invalid_transition,
+                             "job " + job_id + " is " + job->status + ", not saving");
     job->status = "ready";
     job->model_id = model.model_id;
     job->updated_ms = model.created_ms;
@@ -235,9 +245,11 @@ caf::expected<std::vector<model_record>> metadata_store::list_models(const std::
   if (err == errc::not_found) return out;
   if (err) return err;
   auto ids = nlohmann::json::parse(raw, nullptr, false);
-  if (!ids.is_array()) return caf::make_error(errc::corrupt_record, "users/" + user_id + " does not parse");
+  if (!ids.is_array())
+    return caf::make_error(errc::corrupt_record, "users/" + user_id + " does not parse");
   for (const auto& id : ids) {
-    if (!id.is_string()) return caf::make_error(errc::corrupt_record, "users/" + user_id + " holds a non-string");
+    if (!id.is_string())
+      return caf::make_error(errc::corrupt_record, "users/" + user_id + " holds a non-string");
     auto m = im.get_record<model_record>(models, id.get<std::string>());
     if (!m) return m.error();
     out.push_back(std::move(*m));
@@ -291,7 +303,8 @@ caf::expected<history_page> metadata_store::page_history(const std::string& user
     }
     history_entry e;
     if (!messages::from_json(it->value().ToStringView(), e))
-      return caf::make_error(errc::corrupt_record, "history entry of " + user_id + " does not parse");
+      return caf::make_error(errc::corrupt_record,
+                             "history entry of " + user_id + " does not parse");
     page.entries.push_back(std::move(e));
     last = it->key().ToString();
   }

@@ -1,12 +1,11 @@
 #pragma once
 
 #include <atomic>
+#include <caf/expected.hpp>
 #include <memory>
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <caf/expected.hpp>
 
 #include "messages/records.hpp"
 #include "storage/errc.hpp"

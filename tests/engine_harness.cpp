@@ -1,5 +1,11 @@
 #include "engine_harness.hpp"
 
+#include <gtest/gtest.h>
+#include <httplib.h>
+#include <librdkafka/rdkafkacpp.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <csignal>
 #include <cstdlib>
@@ -7,12 +13,6 @@
 #include <fstream>
 #include <random>
 #include <sstream>
-
-#include <gtest/gtest.h>
-#include <httplib.h>
-#include <librdkafka/rdkafkacpp.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 namespace tailor::test {
 
@@ -23,7 +23,8 @@ namespace {
 std::string unique_suffix() {
   static std::atomic<int> n{0};
   std::random_device rd;
-  return std::to_string(::getpid()) + "-" + std::to_string(rd() % 100000) + "-" + std::to_string(n++);
+  return std::to_string(::getpid()) + "-" + std::to_string(rd() % 100000) + "-" +
+         std::to_string(n++);
 }
 
 // The environment may override what the build configured.
@@ -35,7 +36,8 @@ std::string setting(const char* env, const char* built_in) {
 std::unique_ptr<RdKafka::Conf> conf_for(const std::string& bootstrap) {
   std::string err;
   std::unique_ptr<RdKafka::Conf> conf(RdKafka::Conf::create(RdKafka::Conf::CONF_GLOBAL));
-  if (conf->set("bootstrap.servers", bootstrap, err) != RdKafka::Conf::CONF_OK) throw std::runtime_error(err);
+  if (conf->set("bootstrap.servers", bootstrap, err) != RdKafka::Conf::CONF_OK)
+    throw std::runtime_error(err);
   return conf;
 }
 
@@ -46,7 +48,8 @@ std::string broker_bootstrap() {
   std::ifstream in(dir + "/bootstrap");
   std::string b;
   if (!(in >> b) || b.empty())
-    throw std::runtime_error("no Kafka broker: " + dir + "/bootstrap is missing (the kafka fixture failed to start)");
+    throw std::runtime_error("no Kafka broker: " + dir +
+                             "/bootstrap is missing (the kafka fixture failed to start)");
   return b;
 }
 
@@ -59,14 +62,16 @@ bool wait_until(const std::function<bool()>& pred, std::chrono::milliseconds tim
   return pred();
 }
 
-engine_process::engine_process(const std::string& name, json extra_config) : extra_(std::move(extra_config)) {
+engine_process::engine_process(const std::string& name, json extra_config)
+    : extra_(std::move(extra_config)) {
   auto suffix = unique_suffix();
   dir_ = (fs::temp_directory_path() / ("tailor-engine-" + name + "-" + suffix)).string();
   fs::create_directories(dir_);
   bootstrap_ = broker_bootstrap();
   group_ = "tailor-test-" + suffix;
   auto p = "t" + suffix + ".";
-  topics_ = {p + "onboarding", p + "inference", p + "control", p + "results", p + "events", p + "dlq"};
+  topics_ = {p + "onboarding", p + "inference", p + "control",
+             p + "results",    p + "events",    p + "dlq"};
 }
 
 engine_process::~engine_process() {
@@ -100,7 +105,8 @@ void engine_process::start() {
     FILE* f = std::freopen(log.c_str(), "a", stdout);
     (void)f;
     ::dup2(::fileno(stdout), 2);
-    ::execl(bin.c_str(), bin.c_str(), "--config", cfg_path.c_str(), "--ready-file", ready.c_str(), nullptr);
+    ::execl(bin.c_str(), bin.c_str(), "--config", cfg_path.c_str(), "--ready-file", ready.c_str(),
+            nullptr);
     ::_exit(127);
   }
   ASSERT_GT(pid_, 0);
@@ -160,14 +166,18 @@ producer::producer(const std::string& bootstrap) {
   if (!p_) throw std::runtime_error("producer: " + err);
 }
 
-producer::~producer() { p_->flush(10000); }
+producer::~producer() {
+  p_->flush(10000);
+}
 
 void producer::send(const std::string& topic, const std::string& key, const std::string& payload) {
   for (;;) {
     auto rc = p_->produce(topic, RdKafka::Topic::PARTITION_UA, RdKafka::Producer::RK_MSG_COPY,
-                          const_cast<char*>(payload.data()), payload.size(), key.data(), key.size(), 0, nullptr);
+                          const_cast<char*>(payload.data()), payload.size(), key.data(), key.size(),
+                          0, nullptr);
     if (rc == RdKafka::ERR_NO_ERROR) return;
-    if (rc != RdKafka::ERR__QUEUE_FULL) throw std::runtime_error("produce: " + RdKafka::err2str(rc));
+    if (rc != RdKafka::ERR__QUEUE_FULL)
+      throw std::runtime_error("produce: " + RdKafka::err2str(rc));
     p_->poll(50);
   }
 }
@@ -228,8 +238,8 @@ std::size_t collector::size() const {
   return records_.size();
 }
 
-std::vector<collector::record> collector::matching(const std::string& topic,
-                                                   const std::function<bool(const json&)>& pred) const {
+std::vector<collector::record> collector::matching(
+    const std::string& topic, const std::function<bool(const json&)>& pred) const {
   std::vector<record> out;
   std::lock_guard<std::mutex> g(mtx_);
   for (const auto& r : records_)
@@ -237,13 +247,20 @@ std::vector<collector::record> collector::matching(const std::string& topic,
   return out;
 }
 
-json onboarding(const std::string& user, const std::string& request, std::vector<std::string> texts) {
-  return {{"type", "onboarding.request"}, {"schema_version", 1}, {"user_id", user}, {"request_id", request},
+json onboarding(const std::string& user, const std::string& request,
+                std::vector<std::string> texts) {
+  return {{"type", "onboarding.request"},
+          {"schema_version", 1},
+          {"user_id", user},
+          {"request_id", request},
           {"texts", texts}};
 }
 
 json inference(const std::string& user, const std::string& request, const std::string& prompt) {
-  return {{"type", "inference.request"}, {"schema_version", 1}, {"user_id", user}, {"request_id", request},
+  return {{"type", "inference.request"},
+          {"schema_version", 1},
+          {"user_id", user},
+          {"request_id", request},
           {"prompt", prompt}};
 }
 

@@ -4,16 +4,16 @@
 // the CTest fixture (scripts/kafka-broker), a tailord child process with its
 // own topics, a collector that reads Tailor's output topics, and waits on
 // conditions with deadlines.
+#include <sys/types.h>
+
 #include <chrono>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <nlohmann/json.hpp>
-#include <sys/types.h>
 
 namespace RdKafka {
 class KafkaConsumer;
@@ -40,9 +40,9 @@ class engine_process {
  public:
   explicit engine_process(const std::string& name, json extra_config = json::object());
   ~engine_process();
-  void start();             // waits until ready (consumers joined)
-  int stop();               // SIGTERM; returns the exit status
-  void kill();              // SIGKILL, no cleanup
+  void start();  // waits until ready (consumers joined)
+  int stop();    // SIGTERM; returns the exit status
+  void kill();   // SIGKILL, no cleanup
   const topic_set& topics() const { return topics_; }
   int admin_port() const { return admin_port_; }
   const std::string& bootstrap() const { return bootstrap_; }
@@ -82,7 +82,8 @@ class collector {
   std::vector<record> snapshot() const;
   std::size_t size() const;
   // Records of `topic` whose JSON satisfies `pred`.
-  std::vector<record> matching(const std::string& topic, const std::function<bool(const json&)>& pred) const;
+  std::vector<record> matching(const std::string& topic,
+                               const std::function<bool(const json&)>& pred) const;
 
  private:
   void run();
@@ -93,7 +94,9 @@ class collector {
   std::thread thread_;
 };
 
-json onboarding(const std::string& user, const std::string& request, std::vector<std::string> texts = {"hello"});
-json inference(const std::string& user, const std::string& request, const std::string& prompt = "hi");
+json onboarding(const std::string& user, const std::string& request,
+                std::vector<std::string> texts = {"hello"});
+json inference(const std::string& user, const std::string& request,
+               const std::string& prompt = "hi");
 
 }  // namespace tailor::test

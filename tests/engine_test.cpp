@@ -15,22 +15,27 @@ namespace {
 class EngineTest : public ::testing::Test {
  protected:
   void start(json extra = json::object()) {
-    engine_ = std::make_unique<engine_process>(::testing::UnitTest::GetInstance()->current_test_info()->name(),
-                                               std::move(extra));
+    engine_ = std::make_unique<engine_process>(
+        ::testing::UnitTest::GetInstance()->current_test_info()->name(), std::move(extra));
     engine_->start();
     if (HasFatalFailure()) return;
     const auto& t = engine_->topics();
-    out_ = std::make_unique<collector>(engine_->bootstrap(), std::vector<std::string>{t.results, t.events, t.dlq});
+    out_ = std::make_unique<collector>(engine_->bootstrap(),
+                                       std::vector<std::string>{t.results, t.events, t.dlq});
     in_ = std::make_unique<producer>(engine_->bootstrap());
   }
-  void send_onboarding(const json& j) { in_->send(engine_->topics().onboarding, j.value("user_id", "k"), j.dump()); }
-  void send_inference(const json& j) { in_->send(engine_->topics().inference, j.value("user_id", "k"), j.dump()); }
+  void send_onboarding(const json& j) {
+    in_->send(engine_->topics().onboarding, j.value("user_id", "k"), j.dump());
+  }
+  void send_inference(const json& j) {
+    in_->send(engine_->topics().inference, j.value("user_id", "k"), j.dump());
+  }
   // Answers (results and events) naming (user, request).
   std::vector<collector::record> answers_to(const std::string& user, const std::string& request) {
     std::vector<collector::record> out;
     for (const auto& r : out_->snapshot())
-      if (r.topic != engine_->topics().dlq && r.value.is_object() && r.value.value("user_id", "") == user &&
-          r.value.value("request_id", "") == request)
+      if (r.topic != engine_->topics().dlq && r.value.is_object() &&
+          r.value.value("user_id", "") == user && r.value.value("request_id", "") == request)
         out.push_back(r);
     return out;
   }
@@ -86,13 +91,17 @@ TEST_F(EngineTest, UnreadableInputGoesToTheDlqAndTheEngineGoesOn) {
   const auto& t = engine_->topics();
   in_->send(t.inference, "k1", "{not json");
   in_->send(t.inference, "k2", R"({"type":"inference.request","schema_version":1,"user_id":"u"})");
-  in_->send(t.onboarding, "k3", R"({"type":"onboarding.request","schema_version":1,"user_id":"bad id","request_id":"r","texts":["a"]})");
+  in_->send(
+      t.onboarding, "k3",
+      R"({"type":"onboarding.request","schema_version":1,"user_id":"bad id","request_id":"r","texts":["a"]})");
   in_->send(t.control, "k4", R"([1,2,3])");
   send_inference(inference("u2", "after"));
   in_->flush();
-  ASSERT_TRUE(wait_until([&] { return out_->matching(t.dlq, [](const json&) { return true; }).size() >= 4; }, 30s));
+  ASSERT_TRUE(wait_until(
+      [&] { return out_->matching(t.dlq, [](const json&) { return true; }).size() >= 4; }, 30s));
   std::map<std::string, json> by_key;
-  for (const auto& r : out_->matching(t.dlq, [](const json&) { return true; })) by_key[r.key] = r.value;
+  for (const auto& r : out_->matching(t.dlq, [](const json&) { return true; }))
+    by_key[r.key] = r.value;
   EXPECT_EQ(by_key["k1"]["error"]["code"], "invalid_json");
   EXPECT_EQ(by_key["k1"]["payload_base64"], "e25vdCBqc29u");
   EXPECT_EQ(by_key["k1"]["source"]["topic"], t.inference);
@@ -124,7 +133,8 @@ TEST_F(EngineTest, UngrantableRequestsAreAnsweredToTheirRequester) {
   auto a = await_one("u", "hp").value;
   EXPECT_EQ(a["type"], "job.failed");
   EXPECT_EQ(a["error"]["code"], "out_of_bounds");
-  EXPECT_NE(a["error"]["message"].get<std::string>().find("hyperparameters.rank"), std::string::npos);
+  EXPECT_NE(a["error"]["message"].get<std::string>().find("hyperparameters.rank"),
+            std::string::npos);
   a = await_one("u", "esc").value;
   EXPECT_EQ(a["type"], "job.failed");
   EXPECT_EQ(a["error"]["code"], "path_escape");
@@ -168,20 +178,24 @@ TEST_F(EngineTest, CancellingAQueuedJob) {
   send_onboarding(onboarding("u", "c1"));
   in_->flush();
   std::string job_id = await_one("u", "c1").value["job_id"];
-  json cancel = {{"type", "job.cancel"}, {"schema_version", 1}, {"user_id", "u"}, {"job_id", job_id}};
+  json cancel = {
+      {"type", "job.cancel"}, {"schema_version", 1}, {"user_id", "u"}, {"job_id", job_id}};
   in_->send(engine_->topics().control, "u", cancel.dump());
-  json other = {{"type", "job.cancel"}, {"schema_version", 1}, {"user_id", "mallory"}, {"job_id", job_id}};
+  json other = {
+      {"type", "job.cancel"}, {"schema_version", 1}, {"user_id", "mallory"}, {"job_id", job_id}};
   in_->send(engine_->topics().control, "mallory", other.dump());
   in_->flush();
   ASSERT_TRUE(wait_until([&] { return answers_to("u", "c1").size() >= 2; }, 30s));
   EXPECT_EQ(answers_to("u", "c1")[1].value["type"], "job.cancelled");
   ASSERT_TRUE(wait_until(
       [&] {
-        return !out_->matching(engine_->topics().events, [](const json& j) { return j.value("user_id", "") == "mallory"; })
+        return !out_->matching(engine_->topics().events,
+                               [](const json& j) { return j.value("user_id", "") == "mallory"; })
                     .empty();
       },
       30s));
-  auto rej = out_->matching(engine_->topics().events, [](const json& j) { return j.value("user_id", "") == "mallory"; });
+  auto rej = out_->matching(engine_->topics().events,
+                            [](const json& j) { return j.value("user_id", "") == "mallory"; });
   EXPECT_EQ(rej[0].value["type"], "job.cancel_rejected");
   EXPECT_EQ(rej[0].value["error"]["code"], "job_not_found");
   EXPECT_EQ(json::parse(engine_->get("/v1/jobs/" + job_id).second)["status"], "cancelled");
@@ -205,9 +219,12 @@ TEST_F(EngineTest, AdminApi) {
       },
       10s))
       << metrics;
-  EXPECT_NE(metrics.find("tailor_events_in_total{topic=\"" + engine_->topics().onboarding + "\"} 1"), std::string::npos)
+  EXPECT_NE(
+      metrics.find("tailor_events_in_total{topic=\"" + engine_->topics().onboarding + "\"} 1"),
+      std::string::npos)
       << metrics;
-  EXPECT_NE(metrics.find("tailor_events_out_total{topic=\"" + engine_->topics().events + "\"} 1"), std::string::npos);
+  EXPECT_NE(metrics.find("tailor_events_out_total{topic=\"" + engine_->topics().events + "\"} 1"),
+            std::string::npos);
   EXPECT_NE(metrics.find("tailor_errors_total{code=\"invalid_json\"} 1"), std::string::npos);
   EXPECT_NE(metrics.find("tailor_consumer_lag{topic="), std::string::npos);
   EXPECT_NE(metrics.find("tailor_user_actors 1"), std::string::npos);
@@ -228,9 +245,18 @@ TEST_F(EngineTest, TwoHundredMixedEventsEachGetExactlyOneAnswerOfTheRightKind) {
     auto user = "user" + std::to_string(i % 17);
     auto req = "req" + std::to_string(i);
     switch (i % 5) {
-      case 0: send_onboarding(onboarding(user, req)); expect[user + "/" + req] = "job.queued"; break;
-      case 1: send_inference(inference(user, req)); expect[user + "/" + req] = "no_ready_model"; break;
-      case 2: in_->send(t.inference, user, "{\"broken\":" + std::to_string(i)); ++unreadable; break;
+      case 0:
+        send_onboarding(onboarding(user, req));
+        expect[user + "/" + req] = "job.queued";
+        break;
+      case 1:
+        send_inference(inference(user, req));
+        expect[user + "/" + req] = "no_ready_model";
+        break;
+      case 2:
+        in_->send(t.inference, user, "{\"broken\":" + std::to_string(i));
+        ++unreadable;
+        break;
       case 3: {
         auto j = onboarding(user, req);
         j["hyperparameters"] = {{"steps", -5}};
@@ -254,25 +280,33 @@ TEST_F(EngineTest, TwoHundredMixedEventsEachGetExactlyOneAnswerOfTheRightKind) {
       if (r.topic != t.dlq) ++n;
     return n;
   };
-  ASSERT_TRUE(wait_until([&] { return answered() >= expect.size() &&
-                                      out_->matching(t.dlq, [](const json&) { return true; }).size() >=
-                                          static_cast<std::size_t>(unreadable); },
-                         60s))
+  ASSERT_TRUE(wait_until(
+      [&] {
+        return answered() >= expect.size() && out_->matching(t.dlq, [](const json&) {
+                                                    return true;
+                                                  }).size() >= static_cast<std::size_t>(unreadable);
+      },
+      60s))
       << answered() << " answers of " << expect.size();
   // Let any duplicate arrive before counting.
   wait_until([] { return false; }, 1s);
   std::map<std::string, int> count;
   for (const auto& r : out_->snapshot()) {
     if (r.topic == t.dlq) continue;
-    auto key = r.value["user_id"].get<std::string>() + "/" + r.value["request_id"].get<std::string>();
+    auto key =
+        r.value["user_id"].get<std::string>() + "/" + r.value["request_id"].get<std::string>();
     ++count[key];
     auto want = expect[key];
-    if (want == "job.queued") EXPECT_EQ(r.value["type"], "job.queued") << key;
-    else EXPECT_EQ(r.value["error"]["code"], want) << key;
+    if (want == "job.queued") {
+      EXPECT_EQ(r.value["type"], "job.queued") << key;
+    } else {
+      EXPECT_EQ(r.value["error"]["code"], want) << key;
+    }
   }
   EXPECT_EQ(count.size(), expect.size());
   for (const auto& [key, n] : count) EXPECT_EQ(n, 1) << key;
-  EXPECT_EQ(out_->matching(t.dlq, [](const json&) { return true; }).size(), static_cast<std::size_t>(unreadable));
+  EXPECT_EQ(out_->matching(t.dlq, [](const json&) { return true; }).size(),
+            static_cast<std::size_t>(unreadable));
 }
 
 TEST_F(EngineTest, KilledMidStreamAndRestartedAnswersEveryEventOnce) {
@@ -294,22 +328,27 @@ TEST_F(EngineTest, KilledMidStreamAndRestartedAnswersEveryEventOnce) {
   ASSERT_TRUE(wait_until([&] { return out_->size() >= 100; }, 60s));
   engine_->kill();
   auto seen_before_kill = out_->size();
-  ASSERT_LT(seen_before_kill, static_cast<std::size_t>(total)) << "the kill came too late to test anything";
+  ASSERT_LT(seen_before_kill, static_cast<std::size_t>(total))
+      << "the kill came too late to test anything";
   engine_->start();
   ASSERT_FALSE(HasFatalFailure());
   auto distinct = [&] {
     std::set<std::string> keys;
     for (const auto& r : out_->snapshot())
-      keys.insert(r.value["user_id"].get<std::string>() + "/" + r.value["request_id"].get<std::string>());
+      keys.insert(r.value["user_id"].get<std::string>() + "/" +
+                  r.value["request_id"].get<std::string>());
     return keys.size();
   };
   ASSERT_TRUE(wait_until([&] { return distinct() >= static_cast<std::size_t>(total); }, 120s))
       << distinct() << " of " << total << " answered";
   std::map<std::string, std::string> first;
   for (const auto& r : out_->snapshot()) {
-    auto key = r.value["user_id"].get<std::string>() + "/" + r.value["request_id"].get<std::string>();
+    auto key =
+        r.value["user_id"].get<std::string>() + "/" + r.value["request_id"].get<std::string>();
     auto [it, fresh] = first.emplace(key, r.payload);
-    if (!fresh) EXPECT_EQ(it->second, r.payload) << "an answer seen twice must be identical: " << key;
+    if (!fresh) {
+      EXPECT_EQ(it->second, r.payload) << "an answer seen twice must be identical: " << key;
+    }
   }
   auto jobs = json::parse(engine_->get("/v1/jobs?limit=10000").second);
   EXPECT_EQ(jobs.size(), onboardings.size()) << "one job per onboarding request, none twice";

@@ -16,13 +16,19 @@ namespace {
 limits lim;
 
 json onboarding() {
-  return {{"type", "onboarding.request"}, {"schema_version", 1}, {"request_id", "r1"},
-          {"user_id", "u1"}, {"texts", {"hello", "world"}}};
+  return {{"type", "onboarding.request"},
+          {"schema_version", 1},
+          {"request_id", "r1"},
+          {"user_id", "u1"},
+          {"texts", {"hello", "world"}}};
 }
 
 json inference() {
-  return {{"type", "inference.request"}, {"schema_version", 1}, {"request_id", "q1"},
-          {"user_id", "u1"}, {"prompt", "hi"}};
+  return {{"type", "inference.request"},
+          {"schema_version", 1},
+          {"request_id", "q1"},
+          {"user_id", "u1"},
+          {"prompt", "hi"}};
 }
 
 rejection reject_bytes(input_topic topic, const std::string& bytes) {
@@ -31,7 +37,9 @@ rejection reject_bytes(input_topic topic, const std::string& bytes) {
   return std::holds_alternative<rejection>(r) ? std::get<rejection>(r) : rejection{};
 }
 
-rejection reject(input_topic topic, const json& j) { return reject_bytes(topic, j.dump()); }
+rejection reject(input_topic topic, const json& j) {
+  return reject_bytes(topic, j.dump());
+}
 
 template <class T>
 T accept(input_topic topic, const json& j) {
@@ -121,8 +129,9 @@ TEST(Parse, OnboardingAcceptsAFullRequest) {
   auto j = onboarding();
   j["base_model"] = "tiny";
   j["prompts"] = {"p1"};
-  j["hyperparameters"] = {{"rank", 8}, {"alpha", 16.0}, {"steps", 100},
-                          {"learning_rate", 0.001}, {"batch_size", 8}, {"seed", 42}};
+  j["hyperparameters"] = {{"rank", 8},       {"alpha", 16.0},
+                          {"steps", 100},    {"learning_rate", 0.001},
+                          {"batch_size", 8}, {"seed", 42}};
   auto x = accept<onboarding_request>(input_topic::onboarding, j);
   EXPECT_EQ(x.user_id, "u1");
   EXPECT_EQ(x.request_id, "r1");
@@ -197,11 +206,13 @@ TEST(Parse, HyperparametersTypesAndBounds) {
   EXPECT_EQ(reject(input_topic::onboarding, j).code, errc::wrong_type);
 
   const auto& b = lim.hyperparameters;
-  std::vector<std::pair<std::string, json>> out_of_bounds = {
-      {"rank", b.max_rank + 1},        {"rank", 0},
-      {"alpha", -1.0},                 {"steps", b.max_steps + 1},
-      {"learning_rate", 2.0},          {"batch_size", 0},
-      {"batch_size", b.max_batch_size + 1}};
+  std::vector<std::pair<std::string, json>> out_of_bounds = {{"rank", b.max_rank + 1},
+                                                             {"rank", 0},
+                                                             {"alpha", -1.0},
+                                                             {"steps", b.max_steps + 1},
+                                                             {"learning_rate", 2.0},
+                                                             {"batch_size", 0},
+                                                             {"batch_size", b.max_batch_size + 1}};
   for (const auto& [field, value] : out_of_bounds) {
     j["hyperparameters"] = {{field, value}};
     r = reject(input_topic::onboarding, j);
@@ -273,7 +284,8 @@ TEST(Parse, ControlEvents) {
   EXPECT_EQ(jc.job_id, "j1");
   c.erase("job_id");
   EXPECT_EQ(reject(input_topic::control, c).code, errc::missing_field);
-  json ic = {{"type", "inference.cancel"}, {"schema_version", 1}, {"user_id", "u1"}, {"request_id", "q1"}};
+  json ic = {
+      {"type", "inference.cancel"}, {"schema_version", 1}, {"user_id", "u1"}, {"request_id", "q1"}};
   EXPECT_EQ(accept<inference_cancel>(input_topic::control, ic).request_id, "q1");
   EXPECT_EQ(to_json(accept<inference_cancel>(input_topic::control, ic)), ic.dump());
 }
@@ -289,9 +301,12 @@ TEST(Parse, EventSizeLimit) {
 }
 
 TEST(Parse, PayloadHashIgnoresKeyOrderButNotContent) {
-  std::string a = R"({"type":"inference.request","schema_version":1,"request_id":"q","user_id":"u","prompt":"x"})";
-  std::string b = R"({"prompt":"x","user_id":"u","request_id":"q","schema_version":1,"type":"inference.request"})";
-  std::string c = R"({"type":"inference.request","schema_version":1,"request_id":"q","user_id":"u","prompt":"y"})";
+  std::string a =
+      R"({"type":"inference.request","schema_version":1,"request_id":"q","user_id":"u","prompt":"x"})";
+  std::string b =
+      R"({"prompt":"x","user_id":"u","request_id":"q","schema_version":1,"type":"inference.request"})";
+  std::string c =
+      R"({"type":"inference.request","schema_version":1,"request_id":"q","user_id":"u","prompt":"y"})";
   auto h = [](const std::string& s) {
     return std::get<parsed_request>(parse_event(input_topic::inference, s, lim)).payload_hash;
   };
@@ -308,22 +323,35 @@ TEST(Write, ResultsEventsAndDlqCarryTheContractFields) {
   EXPECT_EQ(j["finish_reason"], "stop");
   EXPECT_EQ(j["timings_ms"]["total"], 10.0);
 
-  inference_result err{"q1", "u1", "", "", "", {}, error_info{errc::no_ready_model, "user u1 has no ready model"}};
+  inference_result err{
+      "q1", "u1", "", "", "", {}, error_info{errc::no_ready_model, "user u1 has no ready model"}};
   j = json::parse(to_json(err));
   EXPECT_EQ(j["error"]["code"], "no_ready_model");
   EXPECT_EQ(j["error"]["message"], "user u1 has no ready model");
   EXPECT_FALSE(j.contains("text"));
 
-  job_event ev{"job.failed", "j1", "r1", "u1", std::nullopt, std::nullopt,
+  job_event ev{"job.failed",
+               "j1",
+               "r1",
+               "u1",
+               std::nullopt,
+               std::nullopt,
                error_info{errc::out_of_bounds, "hyperparameters.rank: ..."}};
   j = json::parse(to_json(ev));
   EXPECT_EQ(j["type"], "job.failed");
   EXPECT_EQ(j["job_id"], "j1");
   EXPECT_EQ(j["error"]["code"], "out_of_bounds");
-  job_event prog{"job.progress", "j1", "r1", "u1", std::nullopt, progress_info{3, 10, 1.5}, std::nullopt};
+  job_event prog{"job.progress", "j1", "r1", "u1", std::nullopt, progress_info{3, 10, 1.5},
+                 std::nullopt};
   EXPECT_EQ(json::parse(to_json(prog))["progress"]["steps"], 10);
 
-  dlq_record d{{errc::invalid_json, "event: is not valid JSON"}, "tailor.inference", 2, 17, "k", "\xff{"};
+  dlq_record d;
+  d.error = {errc::invalid_json, "event: is not valid JSON"};
+  d.topic = "tailor.inference";
+  d.partition = 2;
+  d.offset = 17;
+  d.key = "k";
+  d.payload = "\xff{";
   j = json::parse(to_json(d));
   EXPECT_EQ(j["type"], "dlq.record");
   EXPECT_EQ(j["source"]["topic"], "tailor.inference");
@@ -343,17 +371,23 @@ TEST(Write, Base64) {
 TEST(Write, InvalidUtf8IsRepaired) {
   EXPECT_EQ(repair_utf8("abc"), "abc");
   EXPECT_EQ(repair_utf8("h\xc3\xa9"), "h\xc3\xa9");
-  EXPECT_EQ(repair_utf8("a\xff" "b"), "a\xEF\xBF\xBD" "b");
-  EXPECT_EQ(repair_utf8("\xc3"), "\xEF\xBF\xBD");              // truncated
-  EXPECT_EQ(repair_utf8("\xc0\xaf"), "\xEF\xBF\xBD\xEF\xBF\xBD");  // overlong
+  EXPECT_EQ(repair_utf8("a\xff"
+                        "b"),
+            "a\xEF\xBF\xBD"
+            "b");
+  EXPECT_EQ(repair_utf8("\xc3"), "\xEF\xBF\xBD");                                  // truncated
+  EXPECT_EQ(repair_utf8("\xc0\xaf"), "\xEF\xBF\xBD\xEF\xBF\xBD");                  // overlong
   EXPECT_EQ(repair_utf8("\xed\xa0\x80"), "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD");  // surrogate
   inference_result r{"q", "u", "m", "bad\xfe", "stop", {}, std::nullopt};
   EXPECT_EQ(json::parse(to_json(r))["text"], "bad\xEF\xBF\xBD");
 }
 
 TEST(Records, RoundTripThroughJson) {
-  request_record rr{"u1", "r1", "onboarding", 0xdeadbeefcafef00dULL, "j1",
-                    {{channel::events, "u1", "{\"a\":1}"}, {channel::results, "u1", "x"}}, 123};
+  request_record rr{
+      "u1",         "r1",
+      "onboarding", 0xdeadbeefcafef00dULL,
+      "j1",         {{channel::events, "u1", "{\"a\":1}"}, {channel::results, "u1", "x"}},
+      123};
   request_record back;
   ASSERT_TRUE(from_json(to_json(rr), back));
   EXPECT_EQ(to_json(back), to_json(rr));

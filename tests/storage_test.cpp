@@ -2,12 +2,12 @@
 // RocksDB in a temporary directory, atomicity of multi-table writes, and
 // durability across reopen and a killed process.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <csignal>
 #include <filesystem>
 #include <random>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include "storage/metadata_store.hpp"
 
@@ -20,8 +20,8 @@ namespace {
 class StoreTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = fs::temp_directory_path() /
-           ("tailor-store-" + std::to_string(::getpid()) + "-" + std::to_string(std::random_device{}()));
+    dir_ = fs::temp_directory_path() / ("tailor-store-" + std::to_string(::getpid()) + "-" +
+                                        std::to_string(std::random_device{}()));
     reopen();
   }
   void TearDown() override {
@@ -45,7 +45,8 @@ class StoreTest : public ::testing::Test {
     j.created_ms = j.updated_ms = 1000;
     return j;
   }
-  static request_record request(const std::string& user, const std::string& req, uint64_t hash = 1) {
+  static request_record request(const std::string& user, const std::string& req,
+                                uint64_t hash = 1) {
     return request_record{user, req, "onboarding", hash, "", {{channel::events, user, "{}"}}, 1000};
   }
   static model_record model(const std::string& id, const std::string& user, int64_t t) {
@@ -112,7 +113,8 @@ TEST_F(StoreTest, TransitionsFollowTheStateMachine) {
 
 TEST_F(StoreTest, ListJobsFiltersByStatus) {
   for (int i = 0; i < 5; ++i)
-    ASSERT_FALSE(store_->create_job(job("j" + std::to_string(i)), request("u1", "r" + std::to_string(i))));
+    ASSERT_FALSE(
+        store_->create_job(job("j" + std::to_string(i)), request("u1", "r" + std::to_string(i))));
   ASSERT_TRUE(store_->transition_job("j2", "queued", "admitted"));
   EXPECT_EQ(store_->list_jobs("", 100)->size(), 5u);
   EXPECT_EQ(store_->list_jobs("", 3)->size(), 3u);
