@@ -4,6 +4,10 @@
 find_package(Threads REQUIRED)
 find_package(PkgConfig REQUIRED)
 
+# LibTorch before RocksDB: RocksDBConfig.cmake sets GFLAGS_USE_TARGET_NAMESPACE,
+# which breaks Caffe2's gflags lookup inside find_package(Torch).
+find_package(Torch REQUIRED)
+
 # RocksDB: link the shared library; the static target needs every codec.
 find_package(RocksDB CONFIG REQUIRED)
 unset(GFLAGS_USE_TARGET_NAMESPACE)

@@ -14,6 +14,15 @@ enum class errc : uint8_t {
   invalid_transition,  // the job is not in the state the transition starts from
   already_exists,
   corrupt_record,  // a stored value does not parse
+  // safetensors files
+  truncated,             // shorter than its header says
+  header_too_large,      // header length over the limit
+  bad_header,            // header is not the expected JSON
+  unknown_dtype,         // a dtype safetensors does not define
+  shape_mismatch,        // shape and byte range disagree
+  offsets_out_of_range,  // a byte range outside the data section
+  offsets_overlap,       // two tensors share bytes
+  incomplete_buffer,     // data bytes that no tensor covers
 };
 
 std::string to_string(errc code);

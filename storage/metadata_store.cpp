@@ -9,23 +9,6 @@
 
 namespace tailor::storage {
 
-std::string to_string(errc code) {
-  switch (code) {
-    case errc::none:
-      return "none";
-    case errc::io_error:
-      return "io_error";
-    case errc::not_found:
-      return "not_found";
-    case errc::invalid_transition:
-      return "invalid_transition";
-    case errc::already_exists:
-      return "already_exists";
-    case errc::corrupt_record:
-      return "corrupt_record";
-  }
-  return "unknown";
-}
 
 namespace {
 

@@ -1,0 +1,75 @@
+#pragma once
+
+// Tokenizer (bytes + end-of-text), sampling, and a continuous batch of
+// generations over one shared base: sequences join and leave between steps,
+// each with its own adapter, sampling settings and seed.
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "model/transformer.hpp"
+
+namespace tailor::model {
+
+inline constexpr int64_t end_of_text = 256;
+
+std::vector<int64_t> encode(const std::string& text);
+// Bytes of the tokens (end-of-text dropped), repaired to valid UTF-8.
+std::string decode(const std::vector<int64_t>& tokens);
+
+struct sampling {
+  int64_t max_tokens = 64;
+  double temperature = 0.0;  // 0: greedy
+  int64_t top_k = 0;         // 0: off
+  double top_p = 1.0;        // 1: off
+  uint64_t seed = 0;
+  std::vector<std::string> stop;
+};
+
+struct generation {
+  std::string text;
+  std::string finish_reason;  // stop | length
+  std::vector<int64_t> tokens;
+};
+
+// Rows of one batch. Each row owns a cache slot; `add` prefills a row, `step`
+// runs one decode step for every active row in one batched forward.
+class batch_generator {
+ public:
+  batch_generator(const base_weights& base, const adapter_bank& bank, int64_t max_rows);
+  ~batch_generator();
+
+  // Starts a sequence with the bank's adapter `adapter` (0: none). Returns its
+  // id, or nothing when all rows are busy.
+  std::optional<int64_t> add(const std::string& prompt, int64_t adapter, const sampling& s);
+  // One decode step; returns the ids of sequences that finished in it (or
+  // already in add(), e.g. with an immediate end-of-text).
+  std::vector<int64_t> step();
+  bool idle() const;
+  std::size_t active() const;
+  // The finished sequence's result (once).
+  generation take(int64_t id);
+
+ private:
+  struct row;
+  void emit(row& r, int64_t token);
+  int64_t sample(row& r, const torch::Tensor& logits);
+
+  const base_weights& base_;
+  const adapter_bank& bank_;
+  kv_cache cache_;
+  std::vector<std::optional<int64_t>> slot_owner_;
+  std::vector<std::unique_ptr<row>> rows_;
+  std::map<int64_t, generation> done_;
+  std::vector<int64_t> finished_early_;  // ended during add(); reported by the next step()
+  int64_t next_id_ = 0;
+};
+
+// Convenience: every prompt at once, batched; results in order.
+std::vector<generation> generate_all(const base_weights& base, const adapter_bank& bank,
+                                     const std::vector<std::string>& prompts,
+                                     const std::vector<int64_t>& adapters,
+                                     const std::vector<sampling>& settings);
+
+}  // namespace tailor::model

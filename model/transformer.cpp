@@ -1,0 +1,337 @@
+#include "model/transformer.hpp"
+
+#include <cmath>
+
+namespace tailor::model {
+
+namespace {
+
+torch::Tensor normal(std::vector<int64_t> shape, double std, torch::Generator& gen) {
+  return torch::randn(shape, gen, torch::kFloat32) * std;
+}
+
+int64_t site_in(const model_config& c, int site) {
+  return site == site_out ? 4 * c.d_model : c.d_model;
+}
+
+int64_t site_out_dim(const model_config& c, int site) {
+  switch (site) {
+    case site_qkv: return 3 * c.d_model;
+    case site_fc: return 4 * c.d_model;
+    default: return c.d_model;
+  }
+}
+
+// x [.., in] -> (x A) B for one adapter.
+torch::Tensor lora_single(const torch::Tensor& x, const lora_adapter::pair& p, double scale) {
+  return torch::matmul(torch::matmul(x, p.a), p.b) * scale;
+}
+
+// Rows of x use different adapters: gather each row's A and B and apply
+// x·A·B per row. Decode steps (T == 1) use a gathered multiply-and-sum: with
+// Debian's MKL-less LibTorch, bmm issues one small product per row.
+torch::Tensor lora_gathered(const torch::Tensor& x, const torch::Tensor& a_bank,
+                            const torch::Tensor& b_bank, const torch::Tensor& idx) {
+  auto a = a_bank.index_select(0, idx);  // [B, in, r]
+  auto b = b_bank.index_select(0, idx);  // [B, r, out]
+  if (x.size(1) == 1) {
+    auto xa = (x.squeeze(1).unsqueeze(-1) * a).sum(1);  // [B, r]
+    return (xa.unsqueeze(-1) * b).sum(1).unsqueeze(1);  // [B, 1, out]
+  }
+  return torch::matmul(torch::matmul(x, a), b);
+}
+
+}  // namespace
+
+std::map<std::string, std::string> model_config::to_metadata() const {
+  return {{"n_layer", std::to_string(n_layer)},
+          {"n_head", std::to_string(n_head)},
+          {"d_model", std::to_string(d_model)},
+          {"context", std::to_string(context)},
+          {"vocab", std::to_string(vocab)}};
+}
+
+std::optional<model_config> model_config::from_metadata(const std::map<std::string, std::string>& m,
+                                                        std::string& err) {
+  model_config c;
+  auto get = [&](const char* key, int64_t& out) {
+    auto it = m.find(key);
+    if (it == m.end()) {
+      err = std::string("metadata has no ") + key;
+      return false;
+    }
+    try {
+      std::size_t used = 0;
+      out = std::stoll(it->second, &used);
+      if (used != it->second.size() || out <= 0) throw std::invalid_argument(key);
+    } catch (const std::exception&) {
+      err = std::string("metadata ") + key + " is not a positive integer";
+      return false;
+    }
+    return true;
+  };
+  if (!get("n_layer", c.n_layer) || !get("n_head", c.n_head) || !get("d_model", c.d_model) ||
+      !get("context", c.context) || !get("vocab", c.vocab))
+    return std::nullopt;
+  if (c.d_model % c.n_head != 0) {
+    err = "d_model is not a multiple of n_head";
+    return std::nullopt;
+  }
+  return c;
+}
+
+base_weights base_weights::init(const model_config& cfg, uint64_t seed) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  const auto d = cfg.d_model;
+  const double out_std = 0.02 / std::sqrt(2.0 * static_cast<double>(cfg.n_layer));
+  base_weights w;
+  w.cfg = cfg;
+  w.wte = normal({cfg.vocab, d}, 0.02, gen);
+  w.wpe = normal({cfg.context, d}, 0.01, gen);
+  w.lnf_w = torch::ones({d});
+  w.lnf_b = torch::zeros({d});
+  for (int64_t i = 0; i < cfg.n_layer; ++i) {
+    layer l;
+    l.ln1_w = torch::ones({d});
+    l.ln1_b = torch::zeros({d});
+    l.qkv_w = normal({3 * d, d}, 0.02, gen);
+    l.qkv_b = torch::zeros({3 * d});
+    l.proj_w = normal({d, d}, out_std, gen);
+    l.proj_b = torch::zeros({d});
+    l.ln2_w = torch::ones({d});
+    l.ln2_b = torch::zeros({d});
+    l.fc_w = normal({4 * d, d}, 0.02, gen);
+    l.fc_b = torch::zeros({4 * d});
+    l.out_w = normal({d, 4 * d}, out_std, gen);
+    l.out_b = torch::zeros({d});
+    w.layers.push_back(std::move(l));
+  }
+  return w;
+}
+
+std::vector<std::pair<std::string, torch::Tensor*>> base_weights::named() {
+  std::vector<std::pair<std::string, torch::Tensor*>> out = {
+      {"wte", &wte}, {"wpe", &wpe}, {"ln_f.weight", &lnf_w}, {"ln_f.bias", &lnf_b}};
+  for (std::size_t i = 0; i < layers.size(); ++i) {
+    auto p = "h." + std::to_string(i) + ".";
+    auto& l = layers[i];
+    for (auto [n, t] : std::initializer_list<std::pair<const char*, torch::Tensor*>>{
+             {"ln_1.weight", &l.ln1_w},
+             {"ln_1.bias", &l.ln1_b},
+             {"attn.qkv.weight", &l.qkv_w},
+             {"attn.qkv.bias", &l.qkv_b},
+             {"attn.proj.weight", &l.proj_w},
+             {"attn.proj.bias", &l.proj_b},
+             {"ln_2.weight", &l.ln2_w},
+             {"ln_2.bias", &l.ln2_b},
+             {"mlp.fc.weight", &l.fc_w},
+             {"mlp.fc.bias", &l.fc_b},
+             {"mlp.out.weight", &l.out_w},
+             {"mlp.out.bias", &l.out_b}})
+      out.emplace_back(p + n, t);
+  }
+  return out;
+}
+
+lora_adapter lora_adapter::init(const model_config& mc, const lora_config& lc, uint64_t seed) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  lora_adapter ad;
+  ad.cfg = lc;
+  for (int64_t i = 0; i < mc.n_layer; ++i) {
+    std::vector<pair> sites;
+    for (int s = 0; s < ad.sites(); ++s) {
+      auto in = site_in(mc, s);
+      pair p{normal({in, lc.rank}, 1.0 / std::sqrt(static_cast<double>(in)), gen),
+             torch::zeros({lc.rank, site_out_dim(mc, s)})};
+      sites.push_back(std::move(p));
+    }
+    ad.layers.push_back(std::move(sites));
+  }
+  return ad;
+}
+
+std::vector<torch::Tensor> lora_adapter::parameters() const {
+  std::vector<torch::Tensor> out;
+  for (const auto& l : layers)
+    for (const auto& p : l) {
+      out.push_back(p.a);
+      out.push_back(p.b);
+    }
+  return out;
+}
+
+std::vector<std::pair<std::string, torch::Tensor*>> lora_adapter::named() {
+  static const char* site_names[] = {"attn.qkv", "attn.proj", "mlp.fc", "mlp.out"};
+  std::vector<std::pair<std::string, torch::Tensor*>> out;
+  for (std::size_t i = 0; i < layers.size(); ++i)
+    for (std::size_t s = 0; s < layers[i].size(); ++s) {
+      auto p = "h." + std::to_string(i) + "." + site_names[s] + ".lora_";
+      out.emplace_back(p + "A", &layers[i][s].a);
+      out.emplace_back(p + "B", &layers[i][s].b);
+    }
+  return out;
+}
+
+base_weights merge(const base_weights& base, const lora_adapter& adapter) {
+  torch::NoGradGuard no_grad;
+  base_weights m = base;
+  m.layers.clear();
+  for (std::size_t i = 0; i < base.layers.size(); ++i) {
+    auto l = base.layers[i];
+    auto delta = [&](int s) {
+      return (torch::matmul(adapter.layers[i][s].a, adapter.layers[i][s].b) * adapter.scale()).t();
+    };
+    l.qkv_w = l.qkv_w + delta(site_qkv);
+    l.proj_w = l.proj_w + delta(site_proj);
+    if (adapter.cfg.mlp) {
+      l.fc_w = l.fc_w + delta(site_fc);
+      l.out_w = l.out_w + delta(site_out);
+    }
+    m.layers.push_back(std::move(l));
+  }
+  return m;
+}
+
+adapter_bank adapter_bank::build(const model_config& mc,
+                                 const std::vector<const lora_adapter*>& adapters) {
+  torch::NoGradGuard no_grad;
+  adapter_bank bank;
+  bank.size = static_cast<int64_t>(adapters.size());
+  int64_t rank = 1;
+  for (const auto* ad : adapters) {
+    rank = std::max(rank, ad->cfg.rank);
+    bank.mlp = bank.mlp || ad->cfg.mlp;
+  }
+  const int sites = bank.mlp ? 4 : 2;
+  bank.a.resize(mc.n_layer);
+  bank.b.resize(mc.n_layer);
+  for (int64_t i = 0; i < mc.n_layer; ++i) {
+    for (int s = 0; s < sites; ++s) {
+      auto a = torch::zeros({bank.size + 1, site_in(mc, s), rank});
+      auto b = torch::zeros({bank.size + 1, rank, site_out_dim(mc, s)});
+      for (int64_t k = 0; k < bank.size; ++k) {
+        const auto* ad = adapters[k];
+        if (s >= ad->sites()) continue;
+        const auto& p = ad->layers[i][s];
+        a[k + 1].narrow(1, 0, ad->cfg.rank).copy_(p.a);
+        b[k + 1].narrow(0, 0, ad->cfg.rank).copy_(p.b * ad->scale());
+      }
+      bank.a[i].push_back(a);
+      bank.b[i].push_back(b);
+    }
+  }
+  return bank;
+}
+
+kv_cache kv_cache::make(const model_config& cfg, int64_t slots) {
+  kv_cache c;
+  for (int64_t i = 0; i < cfg.n_layer; ++i) {
+    c.k.push_back(torch::zeros({slots, cfg.n_head, cfg.context, cfg.head_dim()}));
+    c.v.push_back(torch::zeros({slots, cfg.n_head, cfg.context, cfg.head_dim()}));
+  }
+  return c;
+}
+
+torch::Tensor forward_single(const base_weights& w, const lora_adapter* ad,
+                             const torch::Tensor& tokens) {
+  const auto& c = w.cfg;
+  const int64_t B = tokens.size(0), T = tokens.size(1), H = c.n_head, hd = c.head_dim(),
+                D = c.d_model;
+  auto x = w.wte.index_select(0, tokens.reshape({-1})).view({B, T, D}) + w.wpe.narrow(0, 0, T);
+  auto causal = torch::ones({T, T}, torch::kBool).tril();
+  const double scale = ad ? ad->scale() : 0.0;
+  for (std::size_t i = 0; i < w.layers.size(); ++i) {
+    const auto& l = w.layers[i];
+    auto h = torch::layer_norm(x, {D}, l.ln1_w, l.ln1_b, 1e-5);
+    auto qkv = torch::linear(h, l.qkv_w, l.qkv_b);
+    if (ad) qkv = qkv + lora_single(h, ad->layers[i][site_qkv], scale);
+    auto parts = qkv.split(D, -1);
+    auto q = parts[0].view({B, T, H, hd}).transpose(1, 2);
+    auto k = parts[1].view({B, T, H, hd}).transpose(1, 2);
+    auto v = parts[2].view({B, T, H, hd}).transpose(1, 2);
+    auto att = torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(static_cast<double>(hd));
+    att =
+        att.masked_fill(causal.logical_not(), -std::numeric_limits<float>::infinity()).softmax(-1);
+    auto y = torch::matmul(att, v).transpose(1, 2).reshape({B, T, D});
+    auto proj = torch::linear(y, l.proj_w, l.proj_b);
+    if (ad) proj = proj + lora_single(y, ad->layers[i][site_proj], scale);
+    x = x + proj;
+    auto h2 = torch::layer_norm(x, {D}, l.ln2_w, l.ln2_b, 1e-5);
+    auto f = torch::linear(h2, l.fc_w, l.fc_b);
+    if (ad && ad->cfg.mlp) f = f + lora_single(h2, ad->layers[i][site_fc], scale);
+    f = torch::gelu(f);
+    auto o = torch::linear(f, l.out_w, l.out_b);
+    if (ad && ad->cfg.mlp) o = o + lora_single(f, ad->layers[i][site_out], scale);
+    x = x + o;
+  }
+  x = torch::layer_norm(x, {D}, w.lnf_w, w.lnf_b, 1e-5);
+  return torch::linear(x, w.wte);
+}
+
+torch::Tensor forward_batched(const base_weights& w, const adapter_bank& bank,
+                              const torch::Tensor& idx, const torch::Tensor& tokens,
+                              const torch::Tensor& start, const torch::Tensor& slots,
+                              kv_cache& cache) {
+  c10::InferenceMode guard;
+  const auto& c = w.cfg;
+  const int64_t B = tokens.size(0), T = tokens.size(1), H = c.n_head, hd = c.head_dim(),
+                D = c.d_model;
+  auto steps = torch::arange(T, torch::kLong);
+  auto pos = start.view({B, 1}) + steps.view({1, T});  // [B, T]
+  auto x = w.wte.index_select(0, tokens.reshape({-1})).view({B, T, D}) +
+           w.wpe.index_select(0, pos.reshape({-1})).view({B, T, D});
+  // Keys up to the furthest position any row reaches this step.
+  const int64_t L = pos.max().item<int64_t>() + 1;
+  auto key_pos = torch::arange(L, torch::kLong);
+  auto visible = (key_pos.view({1, 1, 1, L}) <= pos.view({B, 1, T, 1}));  // [B, 1, T, L]
+  auto neg_inf = torch::full({}, -std::numeric_limits<float>::infinity());
+  // Rows that sit in slots 0..B-1 in order read the cache without a copy.
+  const bool contiguous = slots.size(0) == B && slots.equal(torch::arange(B, torch::kLong));
+  auto slot_rows = slots.view({B, 1}).expand({B, T});
+  const double inv_sqrt = 1.0 / std::sqrt(static_cast<double>(hd));
+  for (std::size_t i = 0; i < w.layers.size(); ++i) {
+    const auto& l = w.layers[i];
+    const auto& ba = bank.a[i];
+    const auto& bb = bank.b[i];
+    auto h = torch::layer_norm(x, {D}, l.ln1_w, l.ln1_b, 1e-5);
+    auto qkv =
+        torch::linear(h, l.qkv_w, l.qkv_b) + lora_gathered(h, ba[site_qkv], bb[site_qkv], idx);
+    auto parts = qkv.split(D, -1);
+    auto q = parts[0].view({B, T, H, hd}).transpose(1, 2);  // [B, H, T, hd]
+    // New keys/values go to (slot, position) of each row.
+    c10::List<c10::optional<at::Tensor>> where;
+    where.push_back(slot_rows);
+    where.push_back(c10::nullopt);
+    where.push_back(pos);
+    cache.k[i].index_put_(where, parts[1].view({B, T, H, hd}));
+    cache.v[i].index_put_(where, parts[2].view({B, T, H, hd}));
+    auto K = contiguous ? cache.k[i].narrow(0, 0, B).narrow(2, 0, L)
+                        : cache.k[i].narrow(2, 0, L).index_select(0, slots);
+    auto V = contiguous ? cache.v[i].narrow(0, 0, B).narrow(2, 0, L)
+                        : cache.v[i].narrow(2, 0, L).index_select(0, slots);
+    torch::Tensor y;
+    if (T == 1) {
+      auto att = (q * K).sum(-1) * inv_sqrt;  // [B, H, L]
+      att = torch::where(visible.view({B, 1, L}), att, neg_inf).softmax(-1);
+      y = (att.unsqueeze(-1) * V).sum(2).view({B, H, 1, hd});
+    } else {
+      auto att = torch::matmul(q, K.transpose(-2, -1)) * inv_sqrt;  // [B, H, T, L]
+      att = torch::where(visible, att, neg_inf).softmax(-1);
+      y = torch::matmul(att, V);
+    }
+    y = y.transpose(1, 2).reshape({B, T, D});
+    x = x + torch::linear(y, l.proj_w, l.proj_b) +
+        lora_gathered(y, ba[site_proj], bb[site_proj], idx);
+    auto h2 = torch::layer_norm(x, {D}, l.ln2_w, l.ln2_b, 1e-5);
+    auto f = torch::linear(h2, l.fc_w, l.fc_b);
+    if (bank.mlp) f = f + lora_gathered(h2, ba[site_fc], bb[site_fc], idx);
+    f = torch::gelu(f);
+    auto o = torch::linear(f, l.out_w, l.out_b);
+    if (bank.mlp) o = o + lora_gathered(f, ba[site_out], bb[site_out], idx);
+    x = x + o;
+  }
+  x = torch::layer_norm(x, {D}, w.lnf_w, w.lnf_b, 1e-5);
+  return torch::linear(x, w.wte);
+}
+
+}  // namespace tailor::model

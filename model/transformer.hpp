@@ -1,0 +1,109 @@
+#pragma once
+
+// The base model family (GPT-2 style: pre-norm, learned positions, causal
+// self-attention, GELU MLP) and LoRA adapters, as plain tensors so that the
+// base can be shared read-only and adapters stacked into banks for one
+// batched forward over rows that each use a different adapter.
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace tailor::model {
+
+struct model_config {
+  int64_t n_layer = 4;
+  int64_t n_head = 4;
+  int64_t d_model = 256;
+  int64_t context = 256;
+  int64_t vocab = 257;  // bytes + end-of-text
+
+  int64_t head_dim() const { return d_model / n_head; }
+  std::map<std::string, std::string> to_metadata() const;
+  // Reads a config from safetensors metadata; an error message on failure.
+  static std::optional<model_config> from_metadata(const std::map<std::string, std::string>& m,
+                                                   std::string& err);
+};
+
+// The frozen, shared base model.
+struct base_weights {
+  struct layer {
+    torch::Tensor ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w,
+        out_b;
+  };
+  model_config cfg;
+  torch::Tensor wte, wpe, lnf_w, lnf_b;  // the output head is tied to wte
+  std::vector<layer> layers;
+
+  static base_weights init(const model_config& cfg, uint64_t seed);
+  // Every tensor with its safetensors name.
+  std::vector<std::pair<std::string, torch::Tensor*>> named();
+};
+
+// Where adapters attach: the attention projections, optionally the MLP.
+enum site : int { site_qkv = 0, site_proj = 1, site_fc = 2, site_out = 3 };
+
+struct lora_config {
+  int64_t rank = 8;
+  double alpha = 16.0;
+  bool mlp = false;
+};
+
+// One user's adapter: per layer and site, A [in, rank] and B [rank, out];
+// the projection becomes W x + (alpha / rank) * (x A) B.
+struct lora_adapter {
+  struct pair {
+    torch::Tensor a, b;
+  };
+  lora_config cfg;
+  std::vector<std::vector<pair>> layers;  // [layer][site]; sites beyond 2 only with mlp
+
+  // A ~ small random, B = 0: a fresh adapter leaves the base unchanged.
+  static lora_adapter init(const model_config& mc, const lora_config& lc, uint64_t seed);
+  double scale() const { return cfg.alpha / static_cast<double>(cfg.rank); }
+  int sites() const { return cfg.mlp ? 4 : 2; }
+  std::vector<torch::Tensor> parameters() const;
+  std::vector<std::pair<std::string, torch::Tensor*>> named();
+};
+
+// The base with one adapter folded into its weights: the reference that a
+// batched forward must equal, and the "merged" serving baseline.
+base_weights merge(const base_weights& base, const lora_adapter& adapter);
+
+// Adapters stacked for the gathered forward. Row index 0 is "no adapter"
+// (zeros); adapter i of `build` is index i + 1. Ranks may differ: smaller
+// ones are zero-padded to the largest, and each B carries its own scale.
+struct adapter_bank {
+  // [layer][site] -> A [n + 1, in, r], B [n + 1, r, out] (scale folded into B)
+  std::vector<std::vector<torch::Tensor>> a, b;
+  int64_t size = 0;  // adapters, not counting index 0
+  bool mlp = false;
+
+  static adapter_bank build(const model_config& mc,
+                            const std::vector<const lora_adapter*>& adapters);
+};
+
+// Per-sequence key/value cache for `slots` sequences of up to cfg.context tokens.
+struct kv_cache {
+  std::vector<torch::Tensor> k, v;  // [layer] -> [slots, heads, context, head_dim]
+  static kv_cache make(const model_config& cfg, int64_t slots);
+};
+
+// Logits [1, T, vocab] of a single sequence, with one adapter (or none)
+// applied unmerged; differentiable in the adapter (training).
+torch::Tensor forward_single(const base_weights& base, const lora_adapter* adapter,
+                             const torch::Tensor& tokens);
+
+// The batched multi-adapter forward: rows `slots` of the cache, each with
+// its adapter index `adapter_idx` (into `bank`), T new `tokens` per row
+// starting at position `start` (per row). Writes the new keys/values into
+// the cache and returns logits [B, T, vocab].
+torch::Tensor forward_batched(const base_weights& base, const adapter_bank& bank,
+                              const torch::Tensor& adapter_idx, const torch::Tensor& tokens,
+                              const torch::Tensor& start, const torch::Tensor& slots,
+                              kv_cache& cache);
+
+}  // namespace tailor::model
