@@ -1,0 +1,100 @@
+#include "model/checkpoint.hpp"
+
+#include <cstring>
+
+#include "storage/safetensors.hpp"
+
+namespace tailor::model {
+
+namespace {
+
+using storage::errc;
+
+caf::error save_named(const std::string& path,
+                      const std::vector<std::pair<std::string, torch::Tensor*>>& named,
+                      std::map<std::string, std::string> metadata) {
+  std::vector<torch::Tensor> keep;  // contiguous float copies outlive the spans below
+  std::vector<storage::tensor_to_write> out;
+  for (const auto& [name, t] : named) {
+    auto c = t->detach().to(torch::kFloat32).contiguous();
+    keep.push_back(c);
+    out.push_back({name,
+                   storage::dtype::f32,
+                   c.sizes().vec(),
+                   {reinterpret_cast<const std::byte*>(c.data_ptr<float>()),
+                    static_cast<std::size_t>(c.numel()) * 4}});
+  }
+  return storage::write_safetensors(path, out, metadata);
+}
+
+// Fills every named tensor from the file; shapes must match what is there already.
+caf::error load_named(const storage::safetensors_file& f,
+                      const std::vector<std::pair<std::string, torch::Tensor*>>& named) {
+  for (const auto& [name, t] : named) {
+    const auto* e = f.find(name);
+    if (!e) return caf::make_error(errc::bad_header, "tensor " + name + " is missing");
+    if (e->type != storage::dtype::f32)
+      return caf::make_error(errc::unknown_dtype, name + ": expected F32");
+    if (e->shape != t->sizes().vec())
+      return caf::make_error(errc::shape_mismatch, name + ": shape does not fit the model");
+    auto data = f.data(*e);
+    auto loaded = torch::empty(t->sizes(), torch::kFloat32);
+    std::memcpy(loaded.data_ptr<float>(), data.data(), data.size());
+    *t = loaded;
+  }
+  return {};
+}
+
+}  // namespace
+
+caf::error save_base(const std::string& path, base_weights& base,
+                     const std::map<std::string, std::string>& extra) {
+  auto md = base.cfg.to_metadata();
+  md.insert(extra.begin(), extra.end());
+  md["tailor.kind"] = "base";
+  return save_named(path, base.named(), md);
+}
+
+caf::expected<base_weights> load_base(const std::string& path) {
+  auto f = storage::safetensors_file::read(path);
+  if (!f) return f.error();
+  std::string err;
+  auto cfg = model_config::from_metadata(f->metadata(), err);
+  if (!cfg) return caf::make_error(errc::bad_header, path + ": " + err);
+  auto base = base_weights::init(*cfg, 0);
+  if (auto e = load_named(*f, base.named())) return e;
+  return base;
+}
+
+caf::error save_adapter(const std::string& path, lora_adapter& adapter, const model_config& cfg,
+                        const std::map<std::string, std::string>& extra) {
+  auto md = cfg.to_metadata();
+  md.insert(extra.begin(), extra.end());
+  md["tailor.kind"] = "lora";
+  md["lora.rank"] = std::to_string(adapter.cfg.rank);
+  md["lora.alpha"] = std::to_string(adapter.cfg.alpha);
+  md["lora.mlp"] = adapter.cfg.mlp ? "1" : "0";
+  return save_named(path, adapter.named(), md);
+}
+
+caf::expected<lora_adapter> load_adapter(const std::string& path, const model_config& cfg) {
+  auto f = storage::safetensors_file::read(path);
+  if (!f) return f.error();
+  const auto& md = f->metadata();
+  lora_config lc;
+  try {
+    lc.rank = std::stoll(md.at("lora.rank"));
+    lc.alpha = std::stod(md.at("lora.alpha"));
+    lc.mlp = md.at("lora.mlp") == "1";
+  } catch (const std::exception&) {
+    return caf::make_error(errc::bad_header,
+                           path + ": lora.rank, lora.alpha and lora.mlp metadata are required");
+  }
+  if (lc.rank < 1 || lc.rank > 4096)
+    return caf::make_error(errc::bad_header, path + ": lora.rank out of range");
+  auto ad = lora_adapter::init(cfg, lc, 0);
+  if (auto e = load_named(*f, ad.named())) return e;
+  return ad;
+}
+
+}  // namespace tailor::model

@@ -1,0 +1,68 @@
+#pragma once
+
+// LoRA fine-tuning of one adapter on one user's texts: AdamW, linear
+// warm-up then cosine decay, gradient clipping, a deterministic
+// train/validation split, early stopping, progress reports, cancellation
+// between steps, and checkpoints from which a run resumes with the same
+// result as an uninterrupted one.
+#include <caf/expected.hpp>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "model/transformer.hpp"
+
+namespace tailor::model {
+
+struct train_options {
+  int64_t steps = 100;
+  double learning_rate = 2e-3;
+  int64_t batch_size = 8;
+  int64_t seq_len = 64;  // capped at the model's context
+  double weight_decay = 0.0;
+  double warmup_fraction = 0.1;
+  double min_lr_fraction = 0.1;  // cosine decays to this fraction of the peak
+  double grad_clip = 1.0;
+  double validation_fraction = 0.1;
+  int64_t eval_every = 10;
+  int64_t patience = 0;  // evaluations without improvement before stopping; 0: never stop early
+  int64_t checkpoint_every = 0;  // 0: no checkpoints
+  std::string checkpoint_path;   // resumes from here when the file exists
+  uint64_t seed = 0;
+};
+
+struct train_progress {
+  int64_t step = 0, steps = 0;
+  double loss = 0;
+  std::optional<double> validation_loss;
+};
+
+struct train_result {
+  lora_adapter adapter;  // the best adapter by validation loss (the last one without validation)
+  int64_t steps_done = 0;
+  double train_loss = 0;                  // of the last step
+  std::optional<double> validation_loss;  // of the returned adapter
+  double initial_validation_loss = 0;     // before training (the base alone)
+  bool stopped_early = false;
+  bool cancelled = false;
+};
+
+using progress_fn = std::function<void(const train_progress&)>;
+using cancel_fn = std::function<bool()>;
+
+// Tokens of entries as one stream: each entry is preceded by end-of-text,
+// so that the model learns where an entry starts and ends.
+std::vector<int64_t> token_stream(const std::vector<std::string>& entries);
+
+// Mean next-token loss (nats) of `adapter` (may be null) over `stream`, in
+// non-overlapping windows of `seq_len`, at most `max_windows` of them.
+double evaluate(const base_weights& base, const lora_adapter* adapter,
+                const std::vector<int64_t>& stream, int64_t seq_len, int64_t max_windows = 64);
+
+caf::expected<train_result> train_lora(const base_weights& base,
+                                       const std::vector<std::string>& texts, const lora_config& lc,
+                                       const train_options& opt, const progress_fn& progress = {},
+                                       const cancel_fn& cancelled = {});
+
+}  // namespace tailor::model

@@ -1,0 +1,176 @@
+// model/ training and checkpoints: fine-tuning lowers validation loss,
+// resuming from a checkpoint equals an uninterrupted run, cancellation and
+// early stopping end a run between steps, files round-trip.
+#include "model/trainer.hpp"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+
+#include "model/checkpoint.hpp"
+#include "storage/errc.hpp"
+
+using namespace tailor::model;
+
+namespace {
+
+model_config tiny() {
+  model_config c;
+  c.n_layer = 2;
+  c.n_head = 2;
+  c.d_model = 32;
+  c.context = 64;
+  return c;
+}
+
+std::vector<std::string> user_texts() {
+  std::vector<std::string> t;
+  const char* fruit[] = {"apples", "pears", "plums", "figs", "limes"};
+  for (int i = 0; i < 40; ++i)
+    t.push_back("I like " + std::string(fruit[i % 5]) + " and " + fruit[(i * 3 + 1) % 5] + ".");
+  return t;
+}
+
+double max_diff(lora_adapter& a, lora_adapter& b) {
+  double m = 0;
+  auto na = a.named(), nb = b.named();
+  for (std::size_t i = 0; i < na.size(); ++i)
+    m = std::max(m, (*na[i].second - *nb[i].second).abs().max().item<double>());
+  return m;
+}
+
+class TrainerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("tailor-train-" + std::to_string(::getpid()) + "-" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::create_directories(dir_);
+    base_ = base_weights::init(tiny(), 3);
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  train_options quick() {
+    train_options o;
+    o.steps = 20;
+    o.batch_size = 4;
+    o.seq_len = 32;
+    o.learning_rate = 1e-2;
+    o.eval_every = 5;
+    o.seed = 7;
+    return o;
+  }
+  std::filesystem::path dir_;
+  base_weights base_;
+};
+
+}  // namespace
+
+TEST_F(TrainerTest, FineTuningLowersTheValidationLoss) {
+  auto o = quick();
+  o.steps = 150;
+  o.learning_rate = 3e-2;
+  std::vector<train_progress> seen;
+  // On a random (untrained) base only the adapter can learn: give it the MLP too.
+  auto r = train_lora(base_, user_texts(), {8, 16, true}, o,
+                      [&](const train_progress& p) { seen.push_back(p); });
+  ASSERT_TRUE(r) << caf::to_string(r.error());
+  ASSERT_TRUE(r->validation_loss);
+  EXPECT_LT(*r->validation_loss, r->initial_validation_loss - 0.3)
+      << "from " << r->initial_validation_loss << " to " << *r->validation_loss;
+  EXPECT_EQ(r->steps_done, 150);
+  ASSERT_EQ(seen.size(), 150u);
+  for (std::size_t i = 0; i < seen.size(); ++i)
+    EXPECT_EQ(seen[i].step, static_cast<int64_t>(i) + 1);
+  EXPECT_TRUE(seen.back().validation_loss.has_value());
+  // The returned adapter really is what was measured.
+  auto stream = token_stream(user_texts());
+  EXPECT_LT(evaluate(base_, &r->adapter, stream, 32), evaluate(base_, nullptr, stream, 32));
+}
+
+TEST_F(TrainerTest, ResumingFromACheckpointEqualsAnUninterruptedRun) {
+  auto o = quick();
+  auto whole = train_lora(base_, user_texts(), {4, 8, true}, o);
+  ASSERT_TRUE(whole);
+  o.checkpoint_every = 5;
+  o.checkpoint_path = (dir_ / "job.ckpt").string();
+  int64_t last = 0;
+  auto first = train_lora(
+      base_, user_texts(), {4, 8, true}, o, [&](const train_progress& p) { last = p.step; },
+      [&] { return last >= 10; });
+  ASSERT_TRUE(first) << caf::to_string(first.error());
+  EXPECT_TRUE(first->cancelled);
+  EXPECT_EQ(first->steps_done, 10);
+  ASSERT_TRUE(std::filesystem::exists(o.checkpoint_path));
+  auto resumed = train_lora(base_, user_texts(), {4, 8, true}, o, [&](const train_progress& p) {
+    EXPECT_GT(p.step, 10) << "a resumed run starts after the checkpoint";
+  });
+  ASSERT_TRUE(resumed) << caf::to_string(resumed.error());
+  EXPECT_EQ(resumed->steps_done, 20);
+  EXPECT_LE(max_diff(resumed->adapter, whole->adapter), 1e-6);
+  EXPECT_EQ(resumed->validation_loss, whole->validation_loss);
+}
+
+TEST_F(TrainerTest, CancellationEndsARunBetweenSteps) {
+  int calls = 0;
+  auto r = train_lora(base_, user_texts(), {4, 8, false}, quick(), {}, [&] { return ++calls > 3; });
+  ASSERT_TRUE(r);
+  EXPECT_TRUE(r->cancelled);
+  EXPECT_EQ(r->steps_done, 3);
+}
+
+TEST_F(TrainerTest, EarlyStoppingKeepsTheBestAdapter) {
+  auto o = quick();
+  o.steps = 200;
+  o.learning_rate = 0.5;  // diverges: validation loss rises after the first evaluations
+  o.eval_every = 2;
+  o.patience = 2;
+  std::vector<double> vals;
+  auto r = train_lora(base_, user_texts(), {8, 16, false}, o, [&](const train_progress& p) {
+    if (p.validation_loss) vals.push_back(*p.validation_loss);
+  });
+  ASSERT_TRUE(r);
+  EXPECT_TRUE(r->stopped_early);
+  EXPECT_LT(r->steps_done, 200);
+  ASSERT_TRUE(r->validation_loss);
+  for (double v : vals) EXPECT_LE(*r->validation_loss, v);
+}
+
+TEST_F(TrainerTest, BadInputIsAnErrorNotACrash) {
+  auto r = train_lora(base_, {"", ""}, {8, 16, false}, quick());
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().category(), caf::atom("tailor_mdl"));
+  auto o = quick();
+  o.steps = 0;
+  EXPECT_FALSE(train_lora(base_, user_texts(), {8, 16, false}, o));
+  // A single short text trains (it is both train and validation data).
+  EXPECT_TRUE(train_lora(base_, {"hi"}, {2, 4, false}, quick()));
+}
+
+TEST_F(TrainerTest, BaseAndAdapterFilesRoundTrip) {
+  auto path = (dir_ / "base.safetensors").string();
+  ASSERT_FALSE(save_base(path, base_, {{"trained_on", "test"}}));
+  auto loaded = load_base(path);
+  ASSERT_TRUE(loaded) << caf::to_string(loaded.error());
+  EXPECT_EQ(loaded->cfg.d_model, 32);
+  auto a = base_.named(), b = loaded->named();
+  ASSERT_EQ(a.size(), b.size());
+  for (std::size_t i = 0; i < a.size(); ++i)
+    EXPECT_TRUE(a[i].second->equal(*b[i].second)) << a[i].first;
+
+  auto ad = lora_adapter::init(tiny(), {4, 8, true}, 5);
+  ad.layers[1][0].b.fill_(0.25);
+  auto apath = (dir_ / "u1.safetensors").string();
+  ASSERT_FALSE(save_adapter(apath, ad, tiny()));
+  auto back = load_adapter(apath, tiny());
+  ASSERT_TRUE(back) << caf::to_string(back.error());
+  EXPECT_EQ(back->cfg.rank, 4);
+  EXPECT_TRUE(back->cfg.mlp);
+  EXPECT_EQ(max_diff(*back, ad), 0.0);
+  // An adapter of another base shape is refused.
+  auto other = tiny();
+  other.d_model = 64;
+  auto wrong = load_adapter(apath, other);
+  ASSERT_FALSE(wrong);
+  EXPECT_EQ(wrong.error(), tailor::storage::errc::shape_mismatch);
+}
