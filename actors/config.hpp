@@ -44,9 +44,6 @@ struct engine_config {
   std::string log_level = "info";
 };
 
-// $TAILOR_HOME, else $XDG_CACHE_HOME/tailor, else ~/.cache/tailor.
-std::string tailor_home();
-
 // Reads a JSON configuration file over `cfg`; returns an error message naming
 // the offending key, empty on success.
 std::string load_config_file(const std::string& path, engine_config& cfg);

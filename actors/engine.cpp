@@ -10,6 +10,7 @@
 
 #include "actors/admin_server.hpp"
 #include "actors/kafka.hpp"
+#include "storage/paths.hpp"
 
 namespace tailor::actors {
 
@@ -69,7 +70,7 @@ supervisor_actor::behavior_type supervisor(
 
 std::unique_ptr<engine> engine::start(engine_config cfg, std::string& err) {
   std::unique_ptr<engine> e(new engine);
-  if (cfg.data_dir.empty()) cfg.data_dir = tailor_home() + "/engine";
+  if (cfg.data_dir.empty()) cfg.data_dir = storage::tailor_home() + "/engine";
   std::error_code ec;
   std::filesystem::create_directories(cfg.data_dir, ec);
   if (ec) {

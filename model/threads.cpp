@@ -1,0 +1,51 @@
+#include "model/threads.hpp"
+
+#include <dlfcn.h>
+#include <torch/torch.h>
+
+#include <fstream>
+
+namespace tailor::model {
+
+namespace {
+
+// OpenBLAS is found at run time: Debian's alternatives decide which BLAS
+// libblas.so.3 is, so there is nothing to link against by name.
+template <class F>
+F openblas_fn(const char* name) {
+  return reinterpret_cast<F>(::dlsym(RTLD_DEFAULT, name));
+}
+
+}  // namespace
+
+void configure_threads(int intra_op, int blas) {
+  if (intra_op > 0) torch::set_num_threads(intra_op);
+  if (blas > 0)
+    if (auto set = openblas_fn<void (*)(int)>("openblas_set_num_threads")) set(blas);
+}
+
+std::string blas_library() {
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  while (std::getline(maps, line)) {
+    auto path_start = line.find('/');
+    auto slash = line.rfind('/');
+    if (slash == std::string::npos) continue;
+    auto file = line.substr(slash + 1);
+    // Debian's alternatives resolve libblas.so.3 to e.g. .../openblas-pthread/libblas.so.3.
+    if (file.find("blas") != std::string::npos && file.find("cublas") == std::string::npos)
+      return line.substr(path_start);
+  }
+  return "none";
+}
+
+int blas_threads() {
+  if (auto get = openblas_fn<int (*)()>("openblas_get_num_threads")) return get();
+  return -1;
+}
+
+int intra_op_threads() {
+  return torch::get_num_threads();
+}
+
+}  // namespace tailor::model

@@ -1,0 +1,18 @@
+#pragma once
+
+#include <string>
+
+namespace tailor::model {
+
+// LibTorch's intra-op threads and OpenBLAS's threads compete for the same
+// cores; each is set here (0 leaves it as it is). On these 2-core machines one
+// ATen thread with OpenBLAS on 2 was measured fastest (../shared/stack.md).
+void configure_threads(int intra_op, int blas);
+
+// The BLAS shared library mapped into this process (e.g. libopenblasp-r0.3.21.so),
+// and its thread count (-1 when not OpenBLAS).
+std::string blas_library();
+int blas_threads();
+int intra_op_threads();
+
+}  // namespace tailor::model
