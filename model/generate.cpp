@@ -69,7 +69,7 @@ int64_t batch_generator::sample(row& r, const torch::Tensor& logits_in) {
 }
 
 void batch_generator::emit(row& r, int64_t token) {
-  if (token == end_of_text) {
+  if (token == end_of_text && !r.s.ignore_end_of_text) {
     r.finish = "stop";
     return;
   }
@@ -144,9 +144,14 @@ std::vector<int64_t> batch_generator::step() {
     start.push_back(r->length);
     slots.push_back(r->slot);
   }
-  auto logits = forward_batched(
-      base_, bank_, torch::tensor(idx, torch::kLong), torch::tensor(tok, torch::kLong).view({B, 1}),
-      torch::tensor(start, torch::kLong), torch::tensor(slots, torch::kLong), cache_);
+  // Regather the rows' adapters only when the batch's composition changed.
+  if (idx != gathered_idx_) {
+    gathered_ = gathered_adapters::gather(bank_, torch::tensor(idx, torch::kLong));
+    gathered_idx_ = idx;
+  }
+  auto logits = forward_batched(base_, gathered_, torch::tensor(tok, torch::kLong).view({B, 1}),
+                                torch::tensor(start, torch::kLong),
+                                torch::tensor(slots, torch::kLong), cache_);
   for (int64_t b = 0; b < B; ++b) {
     auto& r = *rows_[b];
     r.length += 1;

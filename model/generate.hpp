@@ -25,6 +25,7 @@ struct sampling {
   double top_p = 1.0;        // 1: off
   uint64_t seed = 0;
   std::vector<std::string> stop;
+  bool ignore_end_of_text = false;  // benchmarks: always generate max_tokens
 };
 
 struct generation {
@@ -62,7 +63,9 @@ class batch_generator {
   std::vector<std::optional<int64_t>> slot_owner_;
   std::vector<std::unique_ptr<row>> rows_;
   std::map<int64_t, generation> done_;
-  std::vector<int64_t> finished_early_;  // ended during add(); reported by the next step()
+  std::vector<int64_t> finished_early_;
+  gathered_adapters gathered_;         // the rows' adapters, for gathered_idx_
+  std::vector<int64_t> gathered_idx_;  // ended during add(); reported by the next step()
   int64_t next_id_ = 0;
 };
 

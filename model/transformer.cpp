@@ -27,13 +27,12 @@ torch::Tensor lora_single(const torch::Tensor& x, const lora_adapter::pair& p, d
   return torch::matmul(torch::matmul(x, p.a), p.b) * scale;
 }
 
-// Rows of x use different adapters: gather each row's A and B and apply
-// x·A·B per row. Decode steps (T == 1) use a gathered multiply-and-sum: with
-// Debian's MKL-less LibTorch, bmm issues one small product per row.
-torch::Tensor lora_gathered(const torch::Tensor& x, const torch::Tensor& a_bank,
-                            const torch::Tensor& b_bank, const torch::Tensor& idx) {
-  auto a = a_bank.index_select(0, idx);  // [B, in, r]
-  auto b = b_bank.index_select(0, idx);  // [B, r, out]
+// Rows of x use different adapters, already gathered per row: a [B, in, r],
+// b [B, r, out]; adds x·A·B per row. Decode steps (T == 1) use a
+// multiply-and-sum: with Debian's MKL-less LibTorch, bmm issues one small
+// product per row.
+torch::Tensor lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b) {
+  if (!a.defined()) return torch::zeros({}, x.options());  // no adapters: the plain dense model
   if (x.size(1) == 1) {
     auto xa = (x.squeeze(1).unsqueeze(-1) * a).sum(1);  // [B, r]
     return (xa.unsqueeze(-1) * b).sum(1).unsqueeze(1);  // [B, 1, out]
@@ -268,10 +267,33 @@ torch::Tensor forward_single(const base_weights& w, const lora_adapter* ad,
   return torch::linear(x, w.wte);
 }
 
+gathered_adapters gathered_adapters::gather(const adapter_bank& bank, const torch::Tensor& idx) {
+  gathered_adapters g;
+  g.mlp = bank.mlp;
+  if (bank.size == 0) return g;
+  for (std::size_t i = 0; i < bank.a.size(); ++i) {
+    std::vector<torch::Tensor> a, b;
+    for (std::size_t s = 0; s < bank.a[i].size(); ++s) {
+      a.push_back(bank.a[i][s].index_select(0, idx));
+      b.push_back(bank.b[i][s].index_select(0, idx));
+    }
+    g.a.push_back(std::move(a));
+    g.b.push_back(std::move(b));
+  }
+  return g;
+}
+
 torch::Tensor forward_batched(const base_weights& w, const adapter_bank& bank,
                               const torch::Tensor& idx, const torch::Tensor& tokens,
                               const torch::Tensor& start, const torch::Tensor& slots,
                               kv_cache& cache) {
+  c10::InferenceMode guard;
+  return forward_batched(w, gathered_adapters::gather(bank, idx), tokens, start, slots, cache);
+}
+
+torch::Tensor forward_batched(const base_weights& w, const gathered_adapters& ga,
+                              const torch::Tensor& tokens, const torch::Tensor& start,
+                              const torch::Tensor& slots, kv_cache& cache) {
   c10::InferenceMode guard;
   const auto& c = w.cfg;
   const int64_t B = tokens.size(0), T = tokens.size(1), H = c.n_head, hd = c.head_dim(),
@@ -291,11 +313,11 @@ torch::Tensor forward_batched(const base_weights& w, const adapter_bank& bank,
   const double inv_sqrt = 1.0 / std::sqrt(static_cast<double>(hd));
   for (std::size_t i = 0; i < w.layers.size(); ++i) {
     const auto& l = w.layers[i];
-    const auto& ba = bank.a[i];
-    const auto& bb = bank.b[i];
+    // Per-row adapter factors of this layer (undefined without adapters).
+    auto A = [&](int s) { return ga.a.empty() ? torch::Tensor() : ga.a[i][s]; };
+    auto Bf = [&](int s) { return ga.b.empty() ? torch::Tensor() : ga.b[i][s]; };
     auto h = torch::layer_norm(x, {D}, l.ln1_w, l.ln1_b, 1e-5);
-    auto qkv =
-        torch::linear(h, l.qkv_w, l.qkv_b) + lora_gathered(h, ba[site_qkv], bb[site_qkv], idx);
+    auto qkv = torch::linear(h, l.qkv_w, l.qkv_b) + lora_rows(h, A(site_qkv), Bf(site_qkv));
     auto parts = qkv.split(D, -1);
     auto q = parts[0].view({B, T, H, hd}).transpose(1, 2);  // [B, H, T, hd]
     // New keys/values go to (slot, position) of each row.
@@ -320,14 +342,13 @@ torch::Tensor forward_batched(const base_weights& w, const adapter_bank& bank,
       y = torch::matmul(att, V);
     }
     y = y.transpose(1, 2).reshape({B, T, D});
-    x = x + torch::linear(y, l.proj_w, l.proj_b) +
-        lora_gathered(y, ba[site_proj], bb[site_proj], idx);
+    x = x + torch::linear(y, l.proj_w, l.proj_b) + lora_rows(y, A(site_proj), Bf(site_proj));
     auto h2 = torch::layer_norm(x, {D}, l.ln2_w, l.ln2_b, 1e-5);
     auto f = torch::linear(h2, l.fc_w, l.fc_b);
-    if (bank.mlp) f = f + lora_gathered(h2, ba[site_fc], bb[site_fc], idx);
+    if (ga.mlp) f = f + lora_rows(h2, A(site_fc), Bf(site_fc));
     f = torch::gelu(f);
     auto o = torch::linear(f, l.out_w, l.out_b);
-    if (bank.mlp) o = o + lora_gathered(f, ba[site_out], bb[site_out], idx);
+    if (ga.mlp) o = o + lora_rows(f, A(site_out), Bf(site_out));
     x = x + o;
   }
   x = torch::layer_norm(x, {D}, w.lnf_w, w.lnf_b, 1e-5);

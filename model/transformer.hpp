@@ -86,6 +86,14 @@ struct adapter_bank {
                             const std::vector<const lora_adapter*>& adapters);
 };
 
+// The bank's factors gathered for the rows of one batch, in row order: the
+// gather is redone only when the batch's composition changes, not per step.
+struct gathered_adapters {
+  std::vector<std::vector<torch::Tensor>> a, b;  // [layer][site]; empty: no adapters at all
+  bool mlp = false;
+  static gathered_adapters gather(const adapter_bank& bank, const torch::Tensor& adapter_idx);
+};
+
 // Per-sequence key/value cache for `slots` sequences of up to cfg.context tokens.
 struct kv_cache {
   std::vector<torch::Tensor> k, v;  // [layer] -> [slots, heads, context, head_dim]
@@ -105,5 +113,9 @@ torch::Tensor forward_batched(const base_weights& base, const adapter_bank& bank
                               const torch::Tensor& adapter_idx, const torch::Tensor& tokens,
                               const torch::Tensor& start, const torch::Tensor& slots,
                               kv_cache& cache);
+// The same with the rows' adapters gathered beforehand (in row order).
+torch::Tensor forward_batched(const base_weights& base, const gathered_adapters& adapters,
+                              const torch::Tensor& tokens, const torch::Tensor& start,
+                              const torch::Tensor& slots, kv_cache& cache);
 
 }  // namespace tailor::model

@@ -1,0 +1,66 @@
+// tailor-bench: Tailor's benchmarks. Each prints its figures (ratios are
+// measured within one run) and writes them as JSON with --json.
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "lora_bench.hpp"
+#include "model/threads.hpp"
+
+int main(int argc, char** argv) {
+  CLI::App app{"tailor-bench - Tailor's benchmarks"};
+  app.require_subcommand(1);
+  std::string json_out;
+  int threads = 1, blas_threads = 2;
+  app.add_option("--json", json_out, "also write the figures to this file");
+  app.add_option("--threads", threads, "LibTorch intra-op threads (default: 1)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--blas-threads", blas_threads, "OpenBLAS threads (default: 2)")
+      ->check(CLI::PositiveNumber);
+
+  tailor::bench::lora_options lo;
+  auto* lora = app.add_subcommand(
+      "lora", "batched multi-adapter decode against merged and sequential serving");
+  lora->add_option("--batch", lo.batch, "sequences in the batch (default: 32)")
+      ->check(CLI::PositiveNumber);
+  lora->add_option("--adapters", lo.adapters, "distinct adapters (default: 32)")
+      ->check(CLI::PositiveNumber);
+  lora->add_option("--rank", lo.rank, "LoRA rank (default: 8)")->check(CLI::PositiveNumber);
+  lora->add_option("--prompt-tokens", lo.prompt_tokens, "prompt length (default: 32)")
+      ->check(CLI::Range(2, 4096));
+  lora->add_option("--new-tokens", lo.new_tokens, "tokens generated per sequence (default: 32)")
+      ->check(CLI::Range(2, 4096));
+  lora->add_option("--repeats", lo.repeats, "runs per figure; the median is reported (default: 3)")
+      ->check(CLI::PositiveNumber);
+  lora->add_option("--loads", lo.loads, "adapter loads timed (default: 200)")
+      ->check(CLI::PositiveNumber);
+  lora->add_option("--config", lo.config, "base model configuration (default: tailor-base)");
+
+  CLI11_PARSE(app, argc, argv);
+  tailor::model::configure_threads(threads, blas_threads);
+  nlohmann::json out;
+  out["blas"] = tailor::model::blas_library();
+  out["blas_threads"] = tailor::model::blas_threads();
+  out["intra_op_threads"] = tailor::model::intra_op_threads();
+  std::fprintf(stderr, "BLAS: %s (%d threads); LibTorch intra-op threads: %d\n",
+               out["blas"].get<std::string>().c_str(), tailor::model::blas_threads(),
+               tailor::model::intra_op_threads());
+  try {
+    if (lora->parsed()) out["lora"] = tailor::bench::run_lora(lo);
+  } catch (const std::exception& e) {  // edge: report and fail
+    std::fprintf(stderr, "tailor-bench: %s\n", e.what());
+    return 1;
+  }
+  std::cout << out.dump(2) << std::endl;
+  if (!json_out.empty()) {
+    std::ofstream f(json_out);
+    f << out.dump(2) << '\n';
+    if (!f) {
+      std::fprintf(stderr, "tailor-bench: cannot write %s\n", json_out.c_str());
+      return 1;
+    }
+  }
+  return 0;
+}
