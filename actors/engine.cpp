@@ -77,6 +77,8 @@ std::unique_ptr<engine> engine::start(engine_config cfg, std::string& err) {
     err = "data_dir " + cfg.data_dir + ": " + ec.message();
     return nullptr;
   }
+  // A bad pass-through property fails the start, not a client later on.
+  if (!make_conf(cfg.kafka, {}, err)) return nullptr;
   const auto& t = cfg.kafka.topics;
   std::vector<std::string> topics = {t.onboarding, t.inference, t.control,
                                      t.results,    t.events,    t.dlq};

@@ -301,6 +301,8 @@ registry_actor::behavior_type registry(registry_actor::stateful_pointer<registry
         auto it = users.find(id);
         // Only an actor that has handled all it was sent may go.
         if (it == users.end() || it->second.routed != handled) return;
+        // Unlinked first: its exit must not read as the registry's own end.
+        self->unlink_from(it->second.actor);
         self->send(it->second.actor, stop_atom_v);
         users.erase(it);
         self->state.stats->add_users(-1);

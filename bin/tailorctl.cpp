@@ -253,7 +253,7 @@ int main(int argc, char** argv) {
   bool force = false;
   pre->add_option(
       "--config", pre_config,
-      "model configuration: tailor-base (default), tailor-wide, tailor-small, tailor-test");
+      "model configuration: tailor-base (default), tailor-deep, tailor-wide, tailor-test");
   pre->add_option("--minutes", po.minutes, "time budget (default: 10)")->check(CLI::PositiveNumber);
   pre->add_option("--steps", po.max_steps, "stop after this many steps, if sooner than the budget");
   pre->add_option("--learning-rate", po.learning_rate, "peak learning rate (default: 3e-3)")

@@ -51,6 +51,18 @@ std::vector<std::string> english_fortune_files(const std::string& dir,
   return out;
 }
 
+std::vector<std::string> fortune_files_in(const std::string& dir) {
+  namespace fs = std::filesystem;
+  std::vector<std::string> out;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    auto ext = e.path().extension().string();
+    if (e.is_regular_file() && ext != ".dat" && ext != ".u8") out.push_back(e.path().string());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
 void split_by_hash(const std::vector<std::string>& entries, int percent,
                    std::vector<std::string>& train, std::vector<std::string>& held_out) {
   for (const auto& e : entries)

@@ -21,6 +21,9 @@ std::vector<std::string> read_fortune_file(const std::string& path);
 std::vector<std::string> english_fortune_files(const std::string& dir,
                                                const std::vector<std::string>& exclude);
 
+// Every fortune file directly under `dir` (indexes .dat/.u8 left out), sorted.
+std::vector<std::string> fortune_files_in(const std::string& dir);
+
 // Splits entries deterministically by a hash of their text: about
 // `percent` % go to `held_out`, independent of file order.
 void split_by_hash(const std::vector<std::string>& entries, int percent,

@@ -89,7 +89,9 @@ struct adapter_bank {
 // The bank's factors gathered for the rows of one batch, in row order: the
 // gather is redone only when the batch's composition changes, not per step.
 struct gathered_adapters {
-  std::vector<std::vector<torch::Tensor>> a, b;  // [layer][site]; empty: no adapters at all
+  // [layer][site]: a [B, r, in] (transposed: decode reduces over contiguous memory),
+  // b [B, r, out]; empty: no adapters at all
+  std::vector<std::vector<torch::Tensor>> a, b;
   bool mlp = false;
   static gathered_adapters gather(const adapter_bank& bank, const torch::Tensor& adapter_idx);
 };
@@ -100,10 +102,11 @@ struct kv_cache {
   static kv_cache make(const model_config& cfg, int64_t slots);
 };
 
-// Logits [1, T, vocab] of a single sequence, with one adapter (or none)
-// applied unmerged; differentiable in the adapter (training).
+// Logits [B, T, vocab] of B independent sequences, with one adapter (or none)
+// applied unmerged; differentiable (training). Tokens sit at positions
+// first_position .. first_position + T - 1.
 torch::Tensor forward_single(const base_weights& base, const lora_adapter* adapter,
-                             const torch::Tensor& tokens);
+                             const torch::Tensor& tokens, int64_t first_position = 0);
 
 // The batched multi-adapter forward: rows `slots` of the cache, each with
 // its adapter index `adapter_idx` (into `bank`), T new `tokens` per row
