@@ -41,12 +41,9 @@ class delivery_cb : public RdKafka::DeliveryReportCb {
 
 const std::string& topic_of(const kafka_config& cfg, channel c) {
   switch (c) {
-    case channel::results:
-      return cfg.topics.results;
-    case channel::events:
-      return cfg.topics.events;
-    case channel::dlq:
-      return cfg.topics.dlq;
+    case channel::results: return cfg.topics.results;
+    case channel::events: return cfg.topics.events;
+    case channel::dlq: return cfg.topics.dlq;
   }
   return cfg.topics.dlq;
 }

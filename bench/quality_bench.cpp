@@ -39,9 +39,10 @@ std::vector<user_data> users() {
   return out;
 }
 
-double bpb(const base_weights& base, const lora_adapter* ad, const std::vector<std::string>& entries,
-           const quality_options& o) {
-  return evaluate(base, ad, token_stream(entries), std::min(o.seq_len, base.cfg.context), o.eval_windows) /
+double bpb(const base_weights& base, const lora_adapter* ad,
+           const std::vector<std::string>& entries, const quality_options& o) {
+  return evaluate(base, ad, token_stream(entries), std::min(o.seq_len, base.cfg.context),
+                  o.eval_windows) /
          std::log(2.0);
 }
 
@@ -53,14 +54,16 @@ nlohmann::json run_quality(const quality_options& o) {
   cli::progress_bar bar;
   auto base = load_or_pretrain(o.config, po, [&](const pretrain_progress& p) {
     char text[128];
-    std::snprintf(text, sizeof(text), "pre-training the base: step %ld loss %.3f", static_cast<long>(p.step), p.loss);
+    std::snprintf(text, sizeof(text), "pre-training the base: step %ld loss %.3f",
+                  static_cast<long>(p.step), p.loss);
     bar.update(p.elapsed_s / p.budget_s, text);
   });
   if (!base) throw std::runtime_error(caf::to_string(base.error()));
   auto us = users();
   for (const auto& u : us)
     if (u.train.empty() || u.held_out.empty())
-      throw std::runtime_error("no fortunes for user " + u.name + " (install fortunes, fortunes-de, fortunes-es)");
+      throw std::runtime_error("no fortunes for user " + u.name +
+                               " (install fortunes, fortunes-de, fortunes-es)");
 
   std::vector<std::string> pre_train, pre_held;
   pretraining_corpus(5, pre_train, pre_held);
@@ -78,14 +81,18 @@ nlohmann::json run_quality(const quality_options& o) {
   std::vector<double> job_seconds;
   for (std::size_t i = 0; i < us.size(); ++i) {
     auto t0 = std::chrono::steady_clock::now();
-    auto r = train_lora(*base, us[i].train, {o.rank, o.alpha, false}, to, [&](const train_progress& p) {
-      char text[128];
-      std::snprintf(text, sizeof(text), "user %zu/%zu (%s): step %ld/%ld loss %.3f", i + 1, us.size(),
-                    us[i].name.c_str(), static_cast<long>(p.step), static_cast<long>(p.steps), p.loss);
-      bar.update((static_cast<double>(i) + static_cast<double>(p.step) / p.steps) / us.size(), text);
-    });
+    auto r =
+        train_lora(*base, us[i].train, {o.rank, o.alpha, false}, to, [&](const train_progress& p) {
+          char text[128];
+          std::snprintf(text, sizeof(text), "user %zu/%zu (%s): step %ld/%ld loss %.3f", i + 1,
+                        us.size(), us[i].name.c_str(), static_cast<long>(p.step),
+                        static_cast<long>(p.steps), p.loss);
+          bar.update((static_cast<double>(i) + static_cast<double>(p.step) / p.steps) / us.size(),
+                     text);
+        });
     if (!r) throw std::runtime_error(caf::to_string(r.error()));
-    job_seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    job_seconds.push_back(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     adapters.push_back(std::move(r->adapter));
   }
   bar.done();
@@ -99,8 +106,10 @@ nlohmann::json run_quality(const quality_options& o) {
     for (std::size_t a = 0; a < us.size(); ++a) {
       double v = bpb(*base, &adapters[a], us[u].held_out, o);
       under[us[a].name] = v;
-      if (a == u) own = v;
-      else best_other = std::min(best_other, v);
+      if (a == u)
+        own = v;
+      else
+        best_other = std::min(best_other, v);
     }
     ratio_sum += own / base_bpb;
     if (own < best_other) ++own_best;
@@ -111,7 +120,8 @@ nlohmann::json run_quality(const quality_options& o) {
                         {"own", own},
                         {"best_other", best_other},
                         {"under_adapter", under}});
-    std::fprintf(stderr, "%-12s base %.3f  own %.3f  best other %.3f\n", us[u].name.c_str(), base_bpb, own, best_other);
+    std::fprintf(stderr, "%-12s base %.3f  own %.3f  best other %.3f\n", us[u].name.c_str(),
+                 base_bpb, own, best_other);
   }
   j["users"] = per_user;
   j["mean_own_over_base"] = ratio_sum / us.size();
@@ -120,8 +130,9 @@ nlohmann::json run_quality(const quality_options& o) {
   double total = 0;
   for (double s : job_seconds) total += s;
   j["seconds_per_job_mean"] = total / job_seconds.size();
-  j["hyperparameters"] = {{"steps", o.steps}, {"batch_size", o.batch_size}, {"seq_len", o.seq_len},
-                          {"learning_rate", o.learning_rate}, {"rank", o.rank}, {"alpha", o.alpha}};
+  j["hyperparameters"] = {{"steps", o.steps},     {"batch_size", o.batch_size},
+                          {"seq_len", o.seq_len}, {"learning_rate", o.learning_rate},
+                          {"rank", o.rank},       {"alpha", o.alpha}};
   return j;
 }
 

@@ -1,14 +1,13 @@
 #pragma once
 
-#include <string>
-
 #include <nlohmann/json.hpp>
+#include <string>
 
 namespace tailor::bench {
 
 struct quality_options {
   std::string config = "tailor-base";
-  int64_t steps = 150;
+  int64_t steps = 300;
   int64_t batch_size = 8;
   int64_t seq_len = 128;
   double learning_rate = 3e-3;

@@ -7,8 +7,8 @@
 #include <nlohmann/json.hpp>
 
 #include "lora_bench.hpp"
-#include "quality_bench.hpp"
 #include "model/threads.hpp"
+#include "quality_bench.hpp"
 
 int main(int argc, char** argv) {
   CLI::App app{"tailor-bench - Tailor's benchmarks"};
@@ -40,15 +40,21 @@ int main(int argc, char** argv) {
   lora->add_option("--config", lo.config, "base model configuration (default: tailor-base)");
 
   tailor::bench::quality_options qo;
-  auto* quality = app.add_subcommand("quality", "per-user adapters on fortunes: own vs base vs other users' adapters");
+  auto* quality = app.add_subcommand(
+      "quality", "per-user adapters on fortunes: own vs base vs other users' adapters");
   quality->add_option("--config", qo.config, "base model configuration (default: tailor-base)");
-  quality->add_option("--steps", qo.steps, "fine-tuning steps per user (default: 150)")->check(CLI::PositiveNumber);
-  quality->add_option("--batch-size", qo.batch_size, "sequences per step (default: 8)")->check(CLI::PositiveNumber);
-  quality->add_option("--learning-rate", qo.learning_rate, "peak learning rate (default: 3e-3)")->check(CLI::PositiveNumber);
+  quality->add_option("--steps", qo.steps, "fine-tuning steps per user (default: 300)")
+      ->check(CLI::PositiveNumber);
+  quality->add_option("--batch-size", qo.batch_size, "sequences per step (default: 8)")
+      ->check(CLI::PositiveNumber);
+  quality->add_option("--learning-rate", qo.learning_rate, "peak learning rate (default: 3e-3)")
+      ->check(CLI::PositiveNumber);
   quality->add_option("--rank", qo.rank, "LoRA rank (default: 8)")->check(CLI::PositiveNumber);
   quality->add_option("--alpha", qo.alpha, "LoRA alpha (default: 16)")->check(CLI::PositiveNumber);
-  quality->add_option("--pretrain-minutes", qo.pretrain_minutes,
-                      "budget if the base must be pre-trained first (default: 10)")->check(CLI::PositiveNumber);
+  quality
+      ->add_option("--pretrain-minutes", qo.pretrain_minutes,
+                   "budget if the base must be pre-trained first (default: 10)")
+      ->check(CLI::PositiveNumber);
 
   CLI11_PARSE(app, argc, argv);
   tailor::model::configure_threads(threads, blas_threads);

@@ -109,7 +109,10 @@ caf::expected<pretrain_result> pretrain(
     opt.zero_grad();
     // Windows shorter than the context start at a random position, so that
     // every position embedding is trained at the cost of short windows.
-    const int64_t offset = cfg.context > T ? torch::randint(0, cfg.context - T + 1, {1}, gen, torch::kLong).item<int64_t>() : 0;
+    const int64_t offset =
+        cfg.context > T
+            ? torch::randint(0, cfg.context - T + 1, {1}, gen, torch::kLong).item<int64_t>()
+            : 0;
     auto logits = forward_single(res.base, nullptr, win.narrow(1, 0, T), offset);
     auto loss = torch::nn::functional::cross_entropy(logits.reshape({-1, cfg.vocab}),
                                                      win.narrow(1, 1, T).reshape({-1}));

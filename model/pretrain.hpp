@@ -15,7 +15,8 @@ struct pretrain_options {
   int64_t max_steps = 0;  // 0: until the budget is spent
   double learning_rate = 3e-3;
   int64_t batch_size = 16;
-  int64_t seq_len = 128;          // capped at the model's context; shorter windows start at random positions
+  int64_t seq_len =
+      128;  // capped at the model's context; shorter windows start at random positions
   double warmup_fraction = 0.03;  // of the budget (time or steps)
   double min_lr_fraction = 0.1;
   double weight_decay = 0.01;

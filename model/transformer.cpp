@@ -27,18 +27,19 @@ torch::Tensor lora_single(const torch::Tensor& x, const lora_adapter::pair& p, d
   return torch::matmul(torch::matmul(x, p.a), p.b) * scale;
 }
 
-// Rows of x use different adapters, already gathered per row: a [B, r, in],
+// Rows of x use different adapters, already gathered per row: a [B, in, r],
 // b [B, r, out]; adds x·A·B per row. Decode steps (T == 1) use a
 // multiply-and-sum: with Debian's MKL-less LibTorch, bmm issues one small
 // product per row.
 torch::Tensor lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b) {
   if (!a.defined()) return torch::zeros({}, x.options());  // no adapters: the plain dense model
   if (x.size(1) == 1) {
-    // a is stored [B, r, in]: the reduction runs over contiguous memory.
-    auto xa = (a * x).sum(-1);                          // [B, r]
+    // Reducing over `in` (dim 1 of [B, in, r]) lets ATen vectorize across r;
+    // storing A as [B, r, in] and reducing the last dim measured slower.
+    auto xa = (x.squeeze(1).unsqueeze(-1) * a).sum(1);  // [B, r]
     return (xa.unsqueeze(-1) * b).sum(1).unsqueeze(1);  // [B, 1, out]
   }
-  return torch::matmul(torch::matmul(x, a.transpose(1, 2)), b);
+  return torch::matmul(torch::matmul(x, a), b);
 }
 
 }  // namespace
@@ -232,12 +233,13 @@ kv_cache kv_cache::make(const model_config& cfg, int64_t slots) {
   return c;
 }
 
-torch::Tensor forward_single(const base_weights& w, const lora_adapter* ad, const torch::Tensor& tokens,
-                             int64_t first_position) {
+torch::Tensor forward_single(const base_weights& w, const lora_adapter* ad,
+                             const torch::Tensor& tokens, int64_t first_position) {
   const auto& c = w.cfg;
   const int64_t B = tokens.size(0), T = tokens.size(1), H = c.n_head, hd = c.head_dim(),
                 D = c.d_model;
-  auto x = w.wte.index_select(0, tokens.reshape({-1})).view({B, T, D}) + w.wpe.narrow(0, first_position, T);
+  auto x = w.wte.index_select(0, tokens.reshape({-1})).view({B, T, D}) +
+           w.wpe.narrow(0, first_position, T);
   auto causal = torch::ones({T, T}, torch::kBool).tril();
   const double scale = ad ? ad->scale() : 0.0;
   for (std::size_t i = 0; i < w.layers.size(); ++i) {
@@ -275,7 +277,7 @@ gathered_adapters gathered_adapters::gather(const adapter_bank& bank, const torc
   for (std::size_t i = 0; i < bank.a.size(); ++i) {
     std::vector<torch::Tensor> a, b;
     for (std::size_t s = 0; s < bank.a[i].size(); ++s) {
-      a.push_back(bank.a[i][s].index_select(0, idx).transpose(1, 2).contiguous());  // [B, r, in]
+      a.push_back(bank.a[i][s].index_select(0, idx));
       b.push_back(bank.b[i][s].index_select(0, idx));
     }
     g.a.push_back(std::move(a));

@@ -89,8 +89,7 @@ struct adapter_bank {
 // The bank's factors gathered for the rows of one batch, in row order: the
 // gather is redone only when the batch's composition changes, not per step.
 struct gathered_adapters {
-  // [layer][site]: a [B, r, in] (transposed: decode reduces over contiguous memory),
-  // b [B, r, out]; empty: no adapters at all
+  // [layer][site]: a [B, in, r], b [B, r, out]; empty: no adapters at all
   std::vector<std::vector<torch::Tensor>> a, b;
   bool mlp = false;
   static gathered_adapters gather(const adapter_bank& bank, const torch::Tensor& adapter_idx);

@@ -2,6 +2,8 @@
 // exactly one answer of the right kind, effects happen once, and nothing is
 // lost across a crash.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <filesystem>
@@ -9,9 +11,6 @@
 #include <map>
 #include <set>
 #include <sstream>
-
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include "engine_harness.hpp"
 
@@ -378,7 +377,8 @@ TEST_F(EngineTest, IdleUserActorsArePassivatedAndComeBackOnTheNextEvent) {
     return pos == std::string::npos ? -1 : std::stoi(m.substr(pos + 20));
   };
   EXPECT_EQ(users(), 1);
-  ASSERT_TRUE(wait_until([&] { return users() == 0; }, 15s)) << "the idle user actor was not retired";
+  ASSERT_TRUE(wait_until([&] { return users() == 0; }, 15s))
+      << "the idle user actor was not retired";
   // The user's next event spawns a fresh actor that still knows the user's history.
   send_onboarding(onboarding("sleepy", "p1"));
   send_onboarding(onboarding("sleepy", "p2"));
@@ -390,11 +390,13 @@ TEST_F(EngineTest, IdleUserActorsArePassivatedAndComeBackOnTheNextEvent) {
 }
 
 TEST(EngineStartup, BadConfigurationIsRefusedWithAClearMessage) {
-  auto dir = std::filesystem::temp_directory_path() / ("tailor-badcfg-" + std::to_string(::getpid()));
+  auto dir =
+      std::filesystem::temp_directory_path() / ("tailor-badcfg-" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
   auto run = [&](const std::string& args) {
     auto log = (dir / "out.txt").string();
-    std::string cmd = std::string(TAILORD_PATH) + " -d " + (dir / "data").string() + " -p 0 " + args + " >" + log + " 2>&1";
+    std::string cmd = std::string(TAILORD_PATH) + " -d " + (dir / "data").string() + " -p 0 " +
+                      args + " >" + log + " 2>&1";
     int status = std::system(cmd.c_str());
     std::ifstream in(log);
     std::stringstream ss;
