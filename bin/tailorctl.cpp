@@ -154,6 +154,17 @@ std::string read_file(const std::string& path) {
   return ss.str();
 }
 
+// A request given as a JSON file is sent as is; its ids are read for --wait.
+std::string read_request_file(const std::string& path, std::string& user_id,
+                              std::string& request_id) {
+  auto payload = read_file(path);
+  auto j = json::parse(payload, nullptr, false);
+  if (!j.is_object()) fail(path + ": is not a JSON object", 2);
+  user_id = j.value("user_id", "");
+  request_id = j.value("request_id", "");
+  return payload;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -322,11 +333,7 @@ int main(int argc, char** argv) {
   if (onboard->parsed()) {
     std::string payload;
     if (!ob_file.empty()) {
-      payload = read_file(ob_file);
-      auto j = json::parse(payload, nullptr, false);
-      if (!j.is_object()) fail(ob_file + ": is not a JSON object", 2);
-      ob.user_id = j.value("user_id", "");
-      ob.request_id = j.value("request_id", "");
+      payload = read_request_file(ob_file, ob.user_id, ob.request_id);
     } else {
       if (ob.user_id.empty()) fail("onboard: --user is required", 2);
       if (ob.request_id.empty()) ob.request_id = random_id("onb");
@@ -356,11 +363,7 @@ int main(int argc, char** argv) {
   if (infer->parsed()) {
     std::string payload;
     if (!in_file.empty()) {
-      payload = read_file(in_file);
-      auto j = json::parse(payload, nullptr, false);
-      if (!j.is_object()) fail(in_file + ": is not a JSON object", 2);
-      in.user_id = j.value("user_id", "");
-      in.request_id = j.value("request_id", "");
+      payload = read_request_file(in_file, in.user_id, in.request_id);
     } else {
       if (in.user_id.empty()) fail("infer: --user is required", 2);
       if (in.request_id.empty()) in.request_id = random_id("inf");

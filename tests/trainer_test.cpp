@@ -9,19 +9,16 @@
 #include <filesystem>
 
 #include "model/checkpoint.hpp"
+#include "model/pretrain.hpp"
 #include "storage/errc.hpp"
 
 using namespace tailor::model;
 
 namespace {
 
+// The test configuration: 2 layers, 2 heads, d_model 32, context 64.
 model_config tiny() {
-  model_config c;
-  c.n_layer = 2;
-  c.n_head = 2;
-  c.d_model = 32;
-  c.context = 64;
-  return c;
+  return *named_config("tailor-test");
 }
 
 std::vector<std::string> user_texts() {
