@@ -32,7 +32,6 @@ torch::Tensor lora_single(const torch::Tensor& x, const lora_adapter::pair& p, d
 // multiply-and-sum: with Debian's MKL-less LibTorch, bmm issues one small
 // product per row.
 torch::Tensor lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b) {
-  if (!a.defined()) return torch::zeros({}, x.options());  // no adapters: the plain dense model
   if (x.size(1) == 1) {
     // Reducing over `in` (dim 1 of [B, in, r]) lets ATen vectorize across r;
     // storing A as [B, r, in] and reducing the last dim measured slower.
@@ -314,13 +313,13 @@ torch::Tensor forward_batched(const base_weights& w, const gathered_adapters& ga
   const bool contiguous = slots.size(0) == B && slots.equal(torch::arange(B, torch::kLong));
   auto slot_rows = slots.view({B, 1}).expand({B, T});
   const double inv_sqrt = 1.0 / std::sqrt(static_cast<double>(hd));
+  const bool lora = !ga.a.empty();
   for (std::size_t i = 0; i < w.layers.size(); ++i) {
     const auto& l = w.layers[i];
-    // Per-row adapter factors of this layer (undefined without adapters).
-    auto A = [&](int s) { return ga.a.empty() ? torch::Tensor() : ga.a[i][s]; };
-    auto Bf = [&](int s) { return ga.b.empty() ? torch::Tensor() : ga.b[i][s]; };
     auto h = torch::layer_norm(x, {D}, l.ln1_w, l.ln1_b, 1e-5);
-    auto qkv = torch::linear(h, l.qkv_w, l.qkv_b) + lora_rows(h, A(site_qkv), Bf(site_qkv));
+    // Without adapters no LoRA op runs at all: the plain dense model.
+    auto qkv = torch::linear(h, l.qkv_w, l.qkv_b);
+    if (lora) qkv.add_(lora_rows(h, ga.a[i][site_qkv], ga.b[i][site_qkv]));
     auto parts = qkv.split(D, -1);
     auto q = parts[0].view({B, T, H, hd}).transpose(1, 2);  // [B, H, T, hd]
     // New keys/values go to (slot, position) of each row.
@@ -345,13 +344,15 @@ torch::Tensor forward_batched(const base_weights& w, const gathered_adapters& ga
       y = torch::matmul(att, V);
     }
     y = y.transpose(1, 2).reshape({B, T, D});
-    x = x + torch::linear(y, l.proj_w, l.proj_b) + lora_rows(y, A(site_proj), Bf(site_proj));
+    auto proj = torch::linear(y, l.proj_w, l.proj_b);
+    if (lora) proj.add_(lora_rows(y, ga.a[i][site_proj], ga.b[i][site_proj]));
+    x = x + proj;
     auto h2 = torch::layer_norm(x, {D}, l.ln2_w, l.ln2_b, 1e-5);
     auto f = torch::linear(h2, l.fc_w, l.fc_b);
-    if (ga.mlp) f = f + lora_rows(h2, A(site_fc), Bf(site_fc));
+    if (lora && ga.mlp) f.add_(lora_rows(h2, ga.a[i][site_fc], ga.b[i][site_fc]));
     f = torch::gelu(f);
     auto o = torch::linear(f, l.out_w, l.out_b);
-    if (ga.mlp) o = o + lora_rows(f, A(site_out), Bf(site_out));
+    if (lora && ga.mlp) o.add_(lora_rows(f, ga.a[i][site_out], ga.b[i][site_out]));
     x = x + o;
   }
   x = torch::layer_norm(x, {D}, w.lnf_w, w.lnf_b, 1e-5);
