@@ -28,6 +28,16 @@ json records_to_json(const auto& records) {
   return out;
 }
 
+// Asks the store actor and answers with `on_value`, or 500 on an error.
+template <class OnValue, class... Ts>
+void ask(caf::actor_system& sys, const store_actor& db, httplib::Response& res, OnValue on_value,
+         Ts&&... xs) {
+  caf::scoped_actor self{sys};
+  self->request(db, ask_timeout, std::forward<Ts>(xs)...).receive(on_value, [&](caf::error& err) {
+    reply_error(res, 500, "internal", caf::to_string(err));
+  });
+}
+
 }  // namespace
 
 admin_server::admin_server(caf::actor_system& sys, store_actor db, std::shared_ptr<metrics> stats,
@@ -63,35 +73,30 @@ int admin_server::start(const std::string& host, int port) {
         return reply_error(res, 400, "invalid_argument", "limit: must be a positive integer");
       }
     }
-    caf::scoped_actor self{sys_};
-    self->request(db_, ask_timeout, jobs_atom_v, status, limit)
-        .receive(
-            [&](std::vector<job_record>& jobs) { reply_json(res, 200, records_to_json(jobs)); },
-            [&](caf::error& err) { reply_error(res, 500, "internal", caf::to_string(err)); });
+    ask(
+        sys_, db_, res,
+        [&](std::vector<job_record>& jobs) { reply_json(res, 200, records_to_json(jobs)); },
+        jobs_atom_v, status, limit);
   });
-  svr.Get(R"(/v1/jobs/([A-Za-z0-9._:-]+))", [this](const httplib::Request& req,
-                                                   httplib::Response& res) {
-    std::string id = req.matches[1];
-    caf::scoped_actor self{sys_};
-    self->request(db_, ask_timeout, job_atom_v, id)
-        .receive(
-            [&](std::vector<job_record>& jobs) {
-              if (jobs.empty())
-                return reply_error(res, 404, "job_not_found", "job " + id + " does not exist");
-              reply_json(res, 200, json::parse(to_json(jobs.front())));
-            },
-            [&](caf::error& err) { reply_error(res, 500, "internal", caf::to_string(err)); });
-  });
+  svr.Get(R"(/v1/jobs/([A-Za-z0-9._:-]+))",
+          [this](const httplib::Request& req, httplib::Response& res) {
+            std::string id = req.matches[1];
+            ask(
+                sys_, db_, res,
+                [&](std::vector<job_record>& jobs) {
+                  if (jobs.empty())
+                    return reply_error(res, 404, "job_not_found", "job " + id + " does not exist");
+                  reply_json(res, 200, json::parse(to_json(jobs.front())));
+                },
+                job_atom_v, id);
+          });
   svr.Get(R"(/v1/users/([A-Za-z0-9._:-]+)/models)", [this](const httplib::Request& req,
                                                            httplib::Response& res) {
     std::string id = req.matches[1];
-    caf::scoped_actor self{sys_};
-    self->request(db_, ask_timeout, models_atom_v, id)
-        .receive(
-            [&](std::vector<model_record>& models) {
-              reply_json(res, 200, records_to_json(models));
-            },
-            [&](caf::error& err) { reply_error(res, 500, "internal", caf::to_string(err)); });
+    ask(
+        sys_, db_, res,
+        [&](std::vector<model_record>& models) { reply_json(res, 200, records_to_json(models)); },
+        models_atom_v, id);
   });
   int bound = port == 0 ? svr.bind_to_any_port(host) : (svr.bind_to_port(host, port) ? port : -1);
   if (bound < 0) return -1;

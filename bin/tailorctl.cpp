@@ -136,6 +136,22 @@ int wait_for(follower& f, const std::string& user, const std::string& request, d
   return 3;
 }
 
+// Publishes a request; with `wait`, prints its answers from `answers_topic`
+// until `done` gives an exit code. The follower starts before the request is
+// published, so no answer can be missed.
+template <class Done>
+int publish(const common_options& o, const std::string& topic, const std::string& answers_topic,
+            const char* kind, const std::string& user, const std::string& request,
+            const std::string& payload, bool wait, double timeout_s, Done done) {
+  std::optional<follower> f;
+  if (wait) f.emplace(o, answers_topic, false);
+  produce(o, topic, user, payload);
+  std::fprintf(stderr, "published %s request %s for user %s\n", kind, request.c_str(),
+               user.c_str());
+  if (!wait) return 0;
+  return wait_for(*f, user, request, timeout_s, done);
+}
+
 void admin_get(const common_options& o, const std::string& path) {
   httplib::Client cli(o.admin);
   cli.set_connection_timeout(5);
@@ -344,21 +360,15 @@ int main(int argc, char** argv) {
       }
       payload = messages::to_json(ob);
     }
-    std::optional<follower> f;
-    if (ob_wait) f.emplace(o, o.topics.events, false);
-    produce(o, o.topics.onboarding, ob.user_id, payload);
-    std::fprintf(stderr, "published onboarding request %s for user %s\n", ob.request_id.c_str(),
-                 ob.user_id.c_str());
-    if (!ob_wait) return 0;
-    return wait_for(
-        *f, ob.user_id, ob.request_id, timeout, [&](const json& j) -> std::optional<int> {
-          auto type = j.value("type", "");
-          if (type == "job.failed") return 1;
-          if (type == until ||
-              (until == "terminal" && (type == "model.ready" || type == "job.cancelled")))
-            return 0;
-          return std::nullopt;
-        });
+    return publish(o, o.topics.onboarding, o.topics.events, "onboarding", ob.user_id, ob.request_id,
+                   payload, ob_wait, timeout, [&](const json& j) -> std::optional<int> {
+                     auto type = j.value("type", "");
+                     if (type == "job.failed") return 1;
+                     if (type == until || (until == "terminal" &&
+                                           (type == "model.ready" || type == "job.cancelled")))
+                       return 0;
+                     return std::nullopt;
+                   });
   }
   if (infer->parsed()) {
     std::string payload;
@@ -369,15 +379,9 @@ int main(int argc, char** argv) {
       if (in.request_id.empty()) in.request_id = random_id("inf");
       payload = messages::to_json(in);
     }
-    std::optional<follower> f;
-    if (in_wait) f.emplace(o, o.topics.results, false);
-    produce(o, o.topics.inference, in.user_id, payload);
-    std::fprintf(stderr, "published inference request %s for user %s\n", in.request_id.c_str(),
-                 in.user_id.c_str());
-    if (!in_wait) return 0;
-    return wait_for(
-        *f, in.user_id, in.request_id, timeout,
-        [](const json& j) -> std::optional<int> { return j.contains("error") ? 1 : 0; });
+    return publish(o, o.topics.inference, o.topics.results, "inference", in.user_id, in.request_id,
+                   payload, in_wait, timeout,
+                   [](const json& j) -> std::optional<int> { return j.contains("error") ? 1 : 0; });
   }
   if (tail->parsed()) {
     const auto& topic = tail_what == "results"  ? o.topics.results

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <csignal>
 #include <cstdlib>
 #include <filesystem>
@@ -53,13 +54,49 @@ std::string broker_bootstrap() {
   return b;
 }
 
+namespace {
+
+// Every record a collector receives bumps `count` and wakes the waiters, so
+// a condition on Kafka output is re-checked the moment something arrives.
+struct progress_signal {
+  std::mutex mtx;
+  std::condition_variable cv;
+  uint64_t count = 0;
+};
+
+progress_signal& progress() {
+  static progress_signal p;
+  return p;
+}
+
+void signal_progress() {
+  auto& p = progress();
+  {
+    std::lock_guard<std::mutex> g(p.mtx);
+    ++p.count;
+  }
+  p.cv.notify_all();
+}
+
+}  // namespace
+
 bool wait_until(const std::function<bool()>& pred, std::chrono::milliseconds timeout) {
   auto deadline = std::chrono::steady_clock::now() + timeout;
-  while (std::chrono::steady_clock::now() < deadline) {
+  auto& p = progress();
+  for (;;) {
+    uint64_t seen;
+    {
+      std::lock_guard<std::mutex> g(p.mtx);
+      seen = p.count;
+    }
     if (pred()) return true;
-    std::this_thread::sleep_for(20ms);
+    auto now = std::chrono::steady_clock::now();
+    if (now >= deadline) return false;
+    // Conditions on other sources (the admin API, a child process) have no
+    // signal: they are re-checked at least every 20 ms until the deadline.
+    std::unique_lock<std::mutex> lock(p.mtx);
+    p.cv.wait_until(lock, std::min(deadline, now + 20ms), [&] { return p.count != seen; });
   }
-  return pred();
 }
 
 engine_process::engine_process(const std::string& name, json extra_config)
@@ -223,8 +260,11 @@ void collector::run() {
     if (m->key()) r.key = *m->key();
     r.payload.assign(static_cast<const char*>(m->payload()), m->len());
     r.value = json::parse(r.payload, nullptr, false);
-    std::lock_guard<std::mutex> g(mtx_);
-    records_.push_back(std::move(r));
+    {
+      std::lock_guard<std::mutex> g(mtx_);
+      records_.push_back(std::move(r));
+    }
+    signal_progress();
   }
 }
 
