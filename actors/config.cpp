@@ -1,5 +1,6 @@
 #include "actors/config.hpp"
 
+#include <algorithm>
 #include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -27,6 +28,40 @@ bool take(const json& j, const char* key, T& out, const std::string& where, std:
 
 }  // namespace
 
+std::string validate(const engine_config& cfg) {
+  const auto& t = cfg.training;
+  const auto& b = cfg.limits.hyperparameters;
+  auto bad = [](const std::string& key, const std::string& why) { return key + ": " + why; };
+  if (t.slots < 1) return bad("training.slots", "must be at least 1");
+  if (t.admission_queue < 1) return bad("training.admission_queue", "must be at least 1");
+  if (t.max_jobs_per_user < 1) return bad("training.max_jobs_per_user", "must be at least 1");
+  if (t.max_attempts < 1) return bad("training.max_attempts", "must be at least 1");
+  if (t.retry_backoff_ms < 0) return bad("training.retry_backoff_ms", "must not be negative");
+  if (t.checkpoint_every < 0) return bad("training.checkpoint_every", "must not be negative");
+  if (t.progress_interval_ms < 0)
+    return bad("training.progress_interval_ms", "must not be negative");
+  if (t.rank < b.min_rank || t.rank > b.max_rank)
+    return bad("training.rank", "outside the hyperparameter bounds");
+  if (t.alpha < b.min_alpha || t.alpha > b.max_alpha)
+    return bad("training.alpha", "outside the hyperparameter bounds");
+  if (t.steps < b.min_steps || t.steps > b.max_steps)
+    return bad("training.steps", "outside the hyperparameter bounds");
+  if (t.learning_rate < b.min_learning_rate || t.learning_rate > b.max_learning_rate)
+    return bad("training.learning_rate", "outside the hyperparameter bounds");
+  if (t.batch_size < b.min_batch_size || t.batch_size > b.max_batch_size)
+    return bad("training.batch_size", "outside the hyperparameter bounds");
+  if (t.prompt_max_tokens < 1) return bad("training.prompt_max_tokens", "must be at least 1");
+  if (cfg.compute.intra_op_threads < 0 || cfg.compute.blas_threads < 0)
+    return bad("compute", "thread counts must not be negative");
+  if (cfg.models.pretrain_minutes <= 0 && cfg.models.pretrain_steps <= 0)
+    return bad("models.pretrain_minutes", "must be positive (or set pretrain_steps)");
+  if (cfg.base_models.empty()) return bad("base_models", "must name at least one base model");
+  if (std::find(cfg.base_models.begin(), cfg.base_models.end(), cfg.default_base_model) ==
+      cfg.base_models.end())
+    return bad("default_base_model", "'" + cfg.default_base_model + "' is not in base_models");
+  return {};
+}
+
 std::string load_config_file(const std::string& path, engine_config& cfg) {
   std::ifstream in(path);
   if (!in) return "cannot read configuration file " + path;
@@ -35,9 +70,11 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
   json j = json::parse(ss.str(), nullptr, false, true);
   if (j.is_discarded() || !j.is_object()) return path + ": is not a JSON object";
   static const std::vector<std::string> known = {
-      "kafka",         "data_dir",           "sync_writes", "admin",
-      "base_models",   "default_base_model", "limits",      "user_idle_seconds",
-      "max_in_flight", "log_level",          "ready_file"};
+      "kafka",     "data_dir",          "sync_writes",
+      "admin",     "base_models",       "default_base_model",
+      "limits",    "user_idle_seconds", "max_in_flight",
+      "log_level", "ready_file",        "artifact_dir",
+      "training",  "compute",           "models"};
   for (auto it = j.begin(); it != j.end(); ++it)
     if (std::find(known.begin(), known.end(), it.key()) == known.end())
       return path + ": unknown key '" + it.key() + "'";
@@ -49,7 +86,8 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
             take(j, "user_idle_seconds", cfg.user_idle_seconds, "", err) &&
             take(j, "max_in_flight", cfg.max_in_flight, "", err) &&
             take(j, "log_level", cfg.log_level, "", err) &&
-            take(j, "ready_file", cfg.ready_file, "", err);
+            take(j, "ready_file", cfg.ready_file, "", err) &&
+            take(j, "artifact_dir", cfg.artifact_dir, "", err);
   if (ok && j.contains("admin")) {
     const auto& a = j["admin"];
     ok = take(a, "host", cfg.admin_host, "admin.", err) &&
@@ -85,7 +123,56 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
          take(l, "max_prompt_bytes", lim.max_prompt_bytes, "limits.", err) &&
          take(l, "max_tokens", lim.max_tokens, "limits.", err);
   }
-  if (!ok) return path + ": " + err;
+  auto section = [&](const char* name, const std::vector<std::string>& keys) {
+    if (!ok || !j.contains(name)) return false;
+    const auto& sj = j[name];
+    if (!sj.is_object()) {
+      err = std::string(name) + ": must be an object";
+      ok = false;
+      return false;
+    }
+    for (auto it = sj.begin(); it != sj.end(); ++it)
+      if (std::find(keys.begin(), keys.end(), it.key()) == keys.end()) {
+        err = std::string(name) + ": unknown key '" + it.key() + "'";
+        ok = false;
+        return false;
+      }
+    return true;
+  };
+  if (section("training",
+              {"slots", "admission_queue", "max_jobs_per_user", "max_attempts", "retry_backoff_ms",
+               "checkpoint_every", "progress_interval_ms", "data_dir", "max_data_bytes", "rank",
+               "alpha", "steps", "learning_rate", "batch_size", "seed", "prompt_max_tokens"})) {
+    const auto& t = j["training"];
+    auto& tc = cfg.training;
+    const std::string w = "training.";
+    ok = take(t, "slots", tc.slots, w, err) &&
+         take(t, "admission_queue", tc.admission_queue, w, err) &&
+         take(t, "max_jobs_per_user", tc.max_jobs_per_user, w, err) &&
+         take(t, "max_attempts", tc.max_attempts, w, err) &&
+         take(t, "retry_backoff_ms", tc.retry_backoff_ms, w, err) &&
+         take(t, "checkpoint_every", tc.checkpoint_every, w, err) &&
+         take(t, "progress_interval_ms", tc.progress_interval_ms, w, err) &&
+         take(t, "data_dir", tc.data_dir, w, err) &&
+         take(t, "max_data_bytes", tc.max_data_bytes, w, err) && take(t, "rank", tc.rank, w, err) &&
+         take(t, "alpha", tc.alpha, w, err) && take(t, "steps", tc.steps, w, err) &&
+         take(t, "learning_rate", tc.learning_rate, w, err) &&
+         take(t, "batch_size", tc.batch_size, w, err) && take(t, "seed", tc.seed, w, err) &&
+         take(t, "prompt_max_tokens", tc.prompt_max_tokens, w, err);
+  }
+  if (section("compute", {"intra_op_threads", "blas_threads"})) {
+    const auto& c = j["compute"];
+    ok = take(c, "intra_op_threads", cfg.compute.intra_op_threads, "compute.", err) &&
+         take(c, "blas_threads", cfg.compute.blas_threads, "compute.", err);
+  }
+  if (section("models", {"dir", "pretrain_minutes", "pretrain_steps"})) {
+    const auto& m = j["models"];
+    ok = take(m, "dir", cfg.models.dir, "models.", err) &&
+         take(m, "pretrain_minutes", cfg.models.pretrain_minutes, "models.", err) &&
+         take(m, "pretrain_steps", cfg.models.pretrain_steps, "models.", err);
+  }
+  if (ok) err = validate(cfg);
+  if (!err.empty()) return path + ": " + err;
   return {};
 }
 

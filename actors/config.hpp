@@ -1,5 +1,7 @@
 #pragma once
 
+#include <cstddef>
+#include <cstdint>
 #include <map>
 #include <string>
 #include <vector>
@@ -29,6 +31,42 @@ struct kafka_config {
   int replication_factor = 1;
 };
 
+// Fine-tuning (issue 4): the training pool, admission and retries, and the
+// values of hyperparameters a request leaves out.
+struct training_config {
+  int slots = 2;                    // training actors, one job each at a time
+  int admission_queue = 32;         // jobs waiting for a slot; onboarding pauses at this many
+  int max_jobs_per_user = 4;        // in flight; more is quota_exceeded
+  int max_attempts = 3;             // transient failures retry up to this many runs in all
+  int retry_backoff_ms = 1000;      // before the first retry; doubles with each
+  int checkpoint_every = 50;        // steps; 0: no checkpoints
+  int progress_interval_ms = 1000;  // at most one job.progress per job per interval
+  std::string data_dir;             // where data_ref resolves; default <data_dir>/training-data
+  std::size_t max_data_bytes = 8 << 20;  // of a data_ref file
+  int64_t rank = 8;
+  double alpha = 16.0;
+  int64_t steps = 100;
+  double learning_rate = 2e-3;
+  int64_t batch_size = 8;
+  uint64_t seed = 0;
+  int64_t prompt_max_tokens = 64;  // generations of an onboarding request's prompts
+};
+
+// How LibTorch and OpenBLAS use the cores (process-wide): each training slot
+// runs on its own thread, so `training.slots` is the cores training takes.
+struct compute_config {
+  int intra_op_threads = 1;
+  int blas_threads = 1;
+};
+
+// Where base models come from: $TAILOR_HOME/models/NAME.safetensors, made by
+// `tailorctl pretrain` or, when missing, pre-trained at start with this budget.
+struct models_config {
+  std::string dir;  // default $TAILOR_HOME/models
+  double pretrain_minutes = 10.0;
+  int64_t pretrain_steps = 0;  // 0: the budget decides
+};
+
 struct engine_config {
   kafka_config kafka;
   std::string data_dir;  // RocksDB and artifacts; default $TAILOR_HOME/engine
@@ -42,7 +80,15 @@ struct engine_config {
   int user_idle_seconds = 60;
   int max_in_flight = 256;  // per input topic; above it the ingress pauses
   std::string log_level = "info";
+  std::string artifact_dir;  // adapters and checkpoints; default <data_dir>/artifacts
+  training_config training;
+  compute_config compute;
+  models_config models;
 };
+
+// Checks values that no type can: counts, bounds, names; an error message
+// naming the key, empty when the configuration is usable.
+std::string validate(const engine_config& cfg);
 
 // Reads a JSON configuration file over `cfg`; returns an error message naming
 // the offending key, empty on success.

@@ -27,14 +27,25 @@ ingress_actor spawn_ingress(supervisor_actor::stateful_pointer<supervisor_state>
 
 supervisor_actor::behavior_type supervisor(
     supervisor_actor::stateful_pointer<supervisor_state> self, engine_config cfg,
-    std::shared_ptr<metrics> stats, std::shared_ptr<storage::metadata_store> db) {
+    std::shared_ptr<metrics> stats, std::shared_ptr<storage::metadata_store> db,
+    std::shared_ptr<const base_models> bases) {
   auto& st = self->state;
   st.cfg = std::move(cfg);
   st.stats = std::move(stats);
   st.db = self->spawn<caf::detached>(store, std::move(db));
   st.out = self->spawn<caf::detached>(egress, st.cfg.kafka, st.stats);
-  st.users = self->spawn(registry, st.cfg, st.db, st.stats);
-  st.input = spawn_ingress(self);
+  st.pool = self->spawn(training_pool, st.cfg, st.db, st.out, st.stats, std::move(bases));
+  st.users = self->spawn(registry, st.cfg, st.db, st.out, st.pool, st.stats);
+  // Jobs of the previous run are back in the pool before new events arrive.
+  self->request(st.pool, std::chrono::minutes(5), recover_atom_v)
+      .then(
+          [self](caf::ok_atom) {
+            if (!self->state.stopping) self->state.input = spawn_ingress(self);
+          },
+          [self](caf::error& err) {
+            spdlog::critical("recovery of unfinished jobs failed: {}", caf::to_string(err));
+            if (!self->state.stopping) self->state.input = spawn_ingress(self);
+          });
   self->set_down_handler([self](caf::down_msg& dm) {
     auto& st = self->state;
     if (st.input.address() != dm.source || st.stopping) return;
@@ -53,30 +64,59 @@ supervisor_actor::behavior_type supervisor(
           spdlog::info("shutdown: consumers closed; flushing the producer");
           self->send_exit(st.out, caf::exit_reason::user_shutdown);
           self->send_exit(st.users, caf::exit_reason::user_shutdown);
+          self->send_exit(st.pool, caf::exit_reason::user_shutdown);
           self->send_exit(st.db, caf::exit_reason::user_shutdown);
           rp.deliver(caf::ok_atom_v);
         };
+        // Running jobs stop at their next step and keep their checkpoints.
+        auto stop_training = [self, finish]() mutable {
+          self->request(self->state.pool, std::chrono::seconds(60), stop_atom_v)
+              .then([finish](caf::ok_atom) mutable { finish(); },
+                    [finish](caf::error& err) mutable {
+                      spdlog::error("shutdown: training did not stop cleanly: {}",
+                                    caf::to_string(err));
+                      finish();
+                    });
+        };
+        if (!st.input) {
+          stop_training();
+          return rp;
+        }
         self->request(st.input, std::chrono::seconds(30), stop_atom_v)
-            .then([finish](caf::ok_atom) mutable { finish(); },
-                  [finish](caf::error& err) mutable {
+            .then([stop_training](caf::ok_atom) mutable { stop_training(); },
+                  [stop_training](caf::error& err) mutable {
                     spdlog::error("shutdown: ingress did not stop cleanly: {}",
                                   caf::to_string(err));
-                    finish();
+                    stop_training();
                   });
         return rp;
       },
   };
 }
 
-std::unique_ptr<engine> engine::start(engine_config cfg, std::string& err) {
-  std::unique_ptr<engine> e(new engine);
+void resolve_paths(engine_config& cfg) {
   if (cfg.data_dir.empty()) cfg.data_dir = storage::tailor_home() + "/engine";
-  std::error_code ec;
-  std::filesystem::create_directories(cfg.data_dir, ec);
-  if (ec) {
-    err = "data_dir " + cfg.data_dir + ": " + ec.message();
-    return nullptr;
+  if (cfg.artifact_dir.empty()) cfg.artifact_dir = cfg.data_dir + "/artifacts";
+  if (cfg.training.data_dir.empty()) cfg.training.data_dir = cfg.data_dir + "/training-data";
+}
+
+std::unique_ptr<engine> engine::start(engine_config cfg, std::string& err,
+                                      std::shared_ptr<const base_models> bases) {
+  std::unique_ptr<engine> e(new engine);
+  resolve_paths(cfg);
+  if (err = validate(cfg); !err.empty()) return nullptr;
+  for (const auto& [what, dir] : {std::pair{"data_dir", cfg.data_dir},
+                                  {"artifact_dir", cfg.artifact_dir},
+                                  {"training.data_dir", cfg.training.data_dir}}) {
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    if (ec) {
+      err = std::string(what) + " " + dir + ": " + ec.message();
+      return nullptr;
+    }
   }
+  if (!bases) bases = load_base_models(cfg, err);
+  if (!bases) return nullptr;
   // A bad pass-through property fails the start, not a client later on.
   if (!make_conf(cfg.kafka, {}, err)) return nullptr;
   const auto& t = cfg.kafka.topics;
@@ -114,7 +154,7 @@ std::unique_ptr<engine> engine::start(engine_config cfg, std::string& err) {
                caf::to_string(ctx);
       });
   e->sys_ = std::make_unique<caf::actor_system>(*e->sys_cfg_);
-  e->supervisor_ = e->sys_->spawn(supervisor, cfg, e->stats_, shared_db);
+  e->supervisor_ = e->sys_->spawn(supervisor, cfg, e->stats_, shared_db, bases);
   // The admin API reads through a store actor of its own over the same
   // (thread-safe) database, so operators' reads never queue behind events.
   e->admin_db_ = e->sys_->spawn<caf::detached>(store, shared_db);

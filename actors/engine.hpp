@@ -10,6 +10,8 @@
 #include "actors/ingress.hpp"
 #include "actors/metrics.hpp"
 #include "actors/store_actor.hpp"
+#include "actors/trainer.hpp"
+#include "actors/training_pool.hpp"
 #include "actors/user.hpp"
 
 namespace caf {
@@ -22,9 +24,11 @@ namespace tailor::actors {
 class admin_server;
 class mock_cluster;
 
-// Owns the engine's long-lived actors: restarts the ingress when it fails, and
-// on `stop` shuts down in order (the ingress commits and leaves the group,
-// then the egress flushes, then the rest).
+// Owns the engine's long-lived actors: resumes the jobs a previous run left
+// unfinished before it starts consuming, restarts the ingress when it fails,
+// and on `stop` shuts down in order (the ingress commits and leaves the
+// group, running jobs stop at their next step, then the egress flushes, then
+// the rest).
 using supervisor_actor = caf::typed_actor<caf::replies_to<stop_atom>::with<caf::ok_atom>>;
 
 struct supervisor_state {
@@ -32,6 +36,7 @@ struct supervisor_state {
   std::shared_ptr<metrics> stats;
   store_actor db;
   egress_actor out;
+  pool_actor pool;
   registry_actor users;
   ingress_actor input;
   bool stopping = false;
@@ -40,14 +45,20 @@ struct supervisor_state {
 
 supervisor_actor::behavior_type supervisor(
     supervisor_actor::stateful_pointer<supervisor_state> self, engine_config cfg,
-    std::shared_ptr<metrics> stats, std::shared_ptr<storage::metadata_store> db);
+    std::shared_ptr<metrics> stats, std::shared_ptr<storage::metadata_store> db,
+    std::shared_ptr<const base_models> bases);
+
+// Fills in the paths that default to places under data_dir.
+void resolve_paths(engine_config& cfg);
 
 // tailord's engine: storage, Kafka (embedded mock cluster when no bootstrap
 // servers are configured), actors and the admin API.
 class engine {
  public:
-  // Returns null and sets `err` when anything cannot start.
-  static std::unique_ptr<engine> start(engine_config cfg, std::string& err);
+  // Returns null and sets `err` when anything cannot start. `bases` are the
+  // loaded base models (load_base_models); null loads them here.
+  static std::unique_ptr<engine> start(engine_config cfg, std::string& err,
+                                       std::shared_ptr<const base_models> bases = nullptr);
   ~engine();
   const std::string& bootstrap_servers() const { return cfg_.kafka.bootstrap_servers; }
   int admin_port() const { return admin_port_; }

@@ -68,6 +68,28 @@ void set_paused(ingress_state& st, const std::string& topic, bool pause) {
   spdlog::debug("ingress {}: {}", topic, pause ? "paused (backpressure)" : "resumed");
 }
 
+// Pauses a topic with too many events in flight, and onboarding also while
+// the training pool's admission queue (counting the onboarding events still
+// on their way to it) is full; resumes at half of either, so the consumer
+// does not flap. The backlog waits in Kafka.
+void apply_backpressure(ingress_state& st, const std::string& topic) {
+  auto& in = st.inputs[topic];
+  bool over = in.in_flight >= st.cfg.max_in_flight;
+  bool under = in.in_flight <= st.cfg.max_in_flight / 2;
+  if (in.kind == input_topic::onboarding) {
+    const int64_t cap = st.cfg.training.admission_queue;
+    const int64_t waiting = st.stats->training_queue() + in.in_flight;
+    over = over || waiting >= cap;
+    under = under && waiting <= cap / 2;
+  }
+  if (!in.paused && over) {
+    set_paused(st, topic, true);
+    if (in.paused) st.stats->count_pause(topic);
+  } else if (in.paused && under) {
+    set_paused(st, topic, false);
+  }
+}
+
 void rebalance_handler::rebalance_cb(RdKafka::KafkaConsumer* consumer, RdKafka::ErrorCode err,
                                      std::vector<RdKafka::TopicPartition*>& parts) {
   if (err == RdKafka::ERR__ASSIGN_PARTITIONS) {
@@ -99,7 +121,7 @@ void mark_answered(self_ptr self, const incoming_event& ev, uint64_t generation)
   auto& in = st.inputs[ev.topic];
   --in.in_flight;
   st.stats->set_in_flight(ev.topic, in.in_flight);
-  if (in.paused && in.in_flight <= st.cfg.max_in_flight / 2) set_paused(st, ev.topic, false);
+  apply_backpressure(st, ev.topic);
   if (generation != st.generation) return;  // partition was revoked meanwhile
   auto it = st.partitions.find({ev.topic, ev.partition});
   if (it == st.partitions.end()) return;
@@ -221,6 +243,8 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
                          // A crashed instance's partitions move on after 10 s, not 45.
                          {"session.timeout.ms", "10000"},
                          {"heartbeat.interval.ms", "1000"},
+                         // Prefetch at most 8 MB: a paused backlog stays in Kafka, not here.
+                         {"queued.max.messages.kbytes", "8192"},
                          {"client.id", "tailord-ingress"}},
                         err);
   if (conf && conf->set("rebalance_cb", st.on_rebalance.get(), err) == RdKafka::Conf::CONF_OK)
@@ -264,8 +288,10 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
           ++in.in_flight;
           st.stats->set_in_flight(ev->topic, in.in_flight);
           dispatch(self, ev, st.generation);
-          if (in.in_flight >= st.cfg.max_in_flight) set_paused(st, ev->topic, true);
+          apply_backpressure(st, ev->topic);
         }
+        // The admission queue drains as slots free up, without any event here.
+        apply_backpressure(st, st.cfg.kafka.topics.onboarding);
         auto now = std::chrono::steady_clock::now();
         while (!st.retries.empty() && st.retries.front().first <= now) {
           auto retry = std::move(st.retries.front().second);

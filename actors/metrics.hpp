@@ -22,6 +22,16 @@ class metrics {
   void set_in_flight(const std::string& topic, int64_t n) { set(in_flight_, topic, n); }
   void set_paused(const std::string& topic, bool paused) { set(paused_, topic, paused ? 1 : 0); }
 
+  // Training pool (issue 4).
+  void set_training_queue(int64_t waiting) { training_queue_.store(waiting); }
+  int64_t training_queue() const { return training_queue_.load(); }
+  void set_training_assigned(int64_t n) { training_assigned_.store(n); }
+  void add_training_seconds(double s) { add_double(training_seconds_, s); }
+  void count_job(const std::string& final_status) { add(jobs_, final_status, 1); }
+  void set_first_admission(double unix_s) { first_admission_.store(unix_s); }
+  void set_queue_drained(double unix_s) { queue_drained_.store(unix_s); }
+  void count_pause(const std::string& topic) { add(pauses_, topic, 1); }
+
   // True once every one of `expected` input topics has joined its group.
   bool ready(std::size_t expected) const;
   std::string render() const;
@@ -36,9 +46,17 @@ class metrics {
     m[k] = v;
   }
 
+  static void add_double(std::atomic<double>& a, double d) {
+    double cur = a.load();
+    while (!a.compare_exchange_weak(cur, cur + d)) {
+    }
+  }
+
   mutable std::mutex mtx_;
   std::map<std::string, int64_t> events_in_, events_out_, errors_, lag_, joined_, in_flight_,
-      paused_;
+      paused_, jobs_, pauses_;
+  std::atomic<int64_t> training_queue_{0}, training_assigned_{0};
+  std::atomic<double> training_seconds_{0}, first_admission_{0}, queue_drained_{0};
   std::atomic<int64_t> dlq_{0};
   std::atomic<int64_t> users_{0};
 };

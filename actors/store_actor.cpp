@@ -51,9 +51,24 @@ store_actor::behavior_type store(store_actor::stateful_pointer<store_state> self
       [self](job_atom, const std::string& job_id) {
         return zero_or_one(self->state.db->get_job(job_id));
       },
-      [self](cancel_atom, const std::string& job_id,
-             const std::string& from) -> caf::result<job_record> {
-        auto r = self->state.db->transition_job(job_id, from, "cancelled");
+      [self](transit_atom, const std::string& job_id, const std::string& from,
+             const std::string& to, const job_record& update) -> caf::result<job_record> {
+        auto r = self->state.db->transition_job(job_id, from, to, &update);
+        if (!r) return r.error();
+        return std::move(*r);
+      },
+      [self](register_atom, const model_record& m, const std::string& job_id,
+             const std::vector<outgoing_message>& outcome) -> caf::result<caf::ok_atom> {
+        if (auto err = self->state.db->register_model(m, job_id, outcome)) return err;
+        return caf::ok_atom_v;
+      },
+      [self](announce_atom, const std::string& job_id,
+             const std::string& status) -> caf::result<caf::ok_atom> {
+        if (auto err = self->state.db->mark_announced(job_id, status)) return err;
+        return caf::ok_atom_v;
+      },
+      [self](recover_atom) -> caf::result<std::vector<job_record>> {
+        auto r = self->state.db->unfinished_jobs();
         if (!r) return r.error();
         return std::move(*r);
       },

@@ -24,7 +24,12 @@ using store_actor = caf::typed_actor<
     caf::replies_to<model_atom, std::string>::with<std::vector<model_record>>,
     caf::replies_to<jobs_atom, std::string, uint64_t>::with<std::vector<job_record>>,
     caf::replies_to<job_atom, std::string>::with<std::vector<job_record>>,
-    caf::replies_to<cancel_atom, std::string, std::string>::with<job_record>>;
+    caf::replies_to<transit_atom, std::string, std::string, std::string,
+                    job_record>::with<job_record>,
+    caf::replies_to<register_atom, model_record, std::string,
+                    std::vector<outgoing_message>>::with<caf::ok_atom>,
+    caf::replies_to<announce_atom, std::string, std::string>::with<caf::ok_atom>,
+    caf::replies_to<recover_atom>::with<std::vector<job_record>>>;
 
 struct store_state {
   std::shared_ptr<storage::metadata_store> db;

@@ -2,8 +2,11 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
+
+#include "actors/training_data.hpp"
 
 namespace tailor::actors {
 
@@ -97,28 +100,65 @@ void handle_onboarding(user_ptr self, promise_t rp, onboarding_request x, uint64
   const std::string type = "onboarding.request";
   with_dedup(self, rp, x.request_id, hash, type, [=]() mutable {
     auto& st = self->state;
+    auto refuse = [=](errc code, std::string msg) mutable {
+      answers out{error_answer(type, self->state.user_id, x.request_id, code, std::move(msg))};
+      record_and_reply(self, rp, make_record(self->state, x.request_id, type, hash, out));
+    };
     auto base = x.base_model.value_or(st.cfg.default_base_model);
     if (std::find(st.cfg.base_models.begin(), st.cfg.base_models.end(), base) ==
-        st.cfg.base_models.end()) {
-      answers out{error_answer(type, st.user_id, x.request_id, errc::unknown_base_model,
-                               "base_model: '" + base + "' is not served here")};
-      return record_and_reply(self, rp, make_record(st, x.request_id, type, hash, out));
+        st.cfg.base_models.end())
+      return refuse(errc::unknown_base_model, "base_model: '" + base + "' is not served here");
+    if (x.data_ref) {
+      // Checked here so the requester hears at once; the slot checks again
+      // when it reads the file.
+      auto path = resolve_data_ref(st.cfg.training.data_dir, *x.data_ref);
+      if (!path) {
+        const auto& ctx = path.error().context();
+        return refuse(static_cast<errc>(path.error().code()),
+                      ctx.match_elements<std::string>() ? ctx.get_as<std::string>(0)
+                                                        : std::string("data_ref: refused"));
+      }
     }
-    job_record job;
-    job.job_id = job_id_for(st.user_id, x.request_id);
-    job.request_id = x.request_id;
-    job.user_id = st.user_id;
-    job.base_model = base;
-    job.status = "queued";
-    job.request = to_json(x);
-    job.created_ms = job.updated_ms = now_ms();
-    answers out{job_answer(job_event{"job.queued", job.job_id, x.request_id, st.user_id,
-                                     std::nullopt, std::nullopt, std::nullopt})};
-    auto rec = make_record(st, x.request_id, type, hash, out);
-    rec.job_id = job.job_id;
-    self->request(st.db, store_timeout, create_atom_v, job, rec)
-        .await([=](caf::ok_atom) mutable { rp.deliver(out); },
-               [=](caf::error& err) mutable { rp.deliver(std::move(err)); });
+    self->request(st.pool, store_timeout, count_atom_v, st.user_id)
+        .await(
+            [=](int64_t in_flight) mutable {
+              auto& st = self->state;
+              const auto limit = st.cfg.training.max_jobs_per_user;
+              if (in_flight >= limit)
+                return refuse(errc::quota_exceeded,
+                              "user " + st.user_id + " has " + std::to_string(in_flight) +
+                                  " jobs in flight (limit " + std::to_string(limit) +
+                                  "); send the request again with a new request_id later");
+              job_record job;
+              job.job_id = job_id_for(st.user_id, x.request_id);
+              job.request_id = x.request_id;
+              job.user_id = st.user_id;
+              job.base_model = base;
+              job.status = "queued";
+              job.request = to_json(x);
+              job.created_ms = job.updated_ms = now_ms();
+              answers out{job_answer(job_event{"job.queued", job.job_id, x.request_id, st.user_id,
+                                               std::nullopt, std::nullopt, std::nullopt})};
+              auto rec = make_record(st, x.request_id, type, hash, out);
+              rec.job_id = job.job_id;
+              auto fail = [=](caf::error& err) mutable { rp.deliver(std::move(err)); };
+              // Persisted, then announced, then handed to the pool: job.queued
+              // always reaches tailor.events before the job's next event.
+              self->request(st.db, store_timeout, create_atom_v, job, rec)
+                  .await(
+                      [=](caf::ok_atom) mutable {
+                        self->request(self->state.out, store_timeout, publish_atom_v, out)
+                            .await(
+                                [=](caf::ok_atom) mutable {
+                                  self->request(self->state.pool, store_timeout, submit_atom_v, job)
+                                      .await([=](caf::ok_atom) mutable { rp.deliver(answers{}); },
+                                             fail);
+                                },
+                                fail);
+                      },
+                      fail);
+            },
+            [=](caf::error& err) mutable { rp.deliver(std::move(err)); });
   });
 }
 
@@ -169,9 +209,8 @@ void handle_inference(user_ptr self, promise_t rp, inference_request x, uint64_t
 void handle_job_cancel(user_ptr self, promise_t rp, job_cancel x) {
   auto& st = self->state;
   auto reject = [=](const job_record* job, errc code, std::string msg) mutable {
-    job_event ev{"job.cancel_rejected", x.job_id,     job ? job->request_id : "",      x.user_id,
-                 std::nullopt,          std::nullopt, error_info{code, std::move(msg)}};
-    rp.deliver(answers{job_answer(ev)});
+    rp.deliver(answers{
+        cancel_rejected(x.job_id, job ? job->request_id : "", x.user_id, code, std::move(msg))});
   };
   self->request(st.db, store_timeout, job_atom_v, x.job_id)
       .await(
@@ -180,24 +219,23 @@ void handle_job_cancel(user_ptr self, promise_t rp, job_cancel x) {
               return reject(nullptr, errc::job_not_found,
                             "job_id: " + x.job_id + " is not a job of user " + x.user_id);
             auto job = found.front();
-            auto cancelled = [=](const job_record& j) {
-              return answers{
-                  job_answer(job_event{"job.cancelled", j.job_id, j.request_id, j.user_id,
-                                       std::nullopt, std::nullopt, std::nullopt})};
-            };
             // A redelivered cancel is answered as the first one was.
             if (job.status == "cancelled") {
-              rp.deliver(cancelled(job));
+              rp.deliver(answers{
+                  job_answer(job_event{"job.cancelled", job.job_id, job.request_id, job.user_id,
+                                       std::nullopt, std::nullopt, std::nullopt})});
               return;
             }
-            if (job.status != "queued" && job.status != "retrying")
+            if (job.status == "ready" || job.status == "failed")
               return reject(&job, errc::job_not_cancellable,
                             "job " + x.job_id + " is " + job.status);
-            self->request(self->state.db, store_timeout, cancel_atom_v, x.job_id, job.status)
-                .await([=](job_record& j) mutable { rp.deliver(cancelled(j)); },
+            // In flight: the pool's job actor answers once the job has stopped.
+            self->request(self->state.pool, std::chrono::minutes(10), cancel_atom_v, x.job_id)
+                .await([=](answers& out) mutable { rp.deliver(std::move(out)); },
                        [=](caf::error& err) mutable {
-                         reject(&job, errc::job_not_cancellable,
-                                "job " + x.job_id + ": " + caf::to_string(err));
+                         reject(
+                             &job, errc::job_not_cancellable,
+                             "job " + x.job_id + " is " + job.status + ": " + caf::to_string(err));
                        });
           },
           [=](caf::error& err) mutable { rp.deliver(std::move(err)); });
@@ -221,11 +259,14 @@ std::string job_id_for(const std::string& user_id, const std::string& request_id
 }
 
 user_actor::behavior_type user(user_actor::stateful_pointer<user_state> self, std::string user_id,
-                               engine_config cfg, store_actor db, registry_actor registry) {
+                               engine_config cfg, store_actor db, egress_actor out, pool_actor pool,
+                               registry_actor registry) {
   auto& st = self->state;
   st.user_id = std::move(user_id);
   st.cfg = std::move(cfg);
   st.db = std::move(db);
+  st.out = std::move(out);
+  st.pool = std::move(pool);
   st.registry = std::move(registry);
   self->delayed_send(self, std::chrono::seconds(st.cfg.user_idle_seconds), idle_atom_v);
   return {
@@ -264,10 +305,12 @@ user_actor::behavior_type user(user_actor::stateful_pointer<user_state> self, st
 }
 
 registry_actor::behavior_type registry(registry_actor::stateful_pointer<registry_state> self,
-                                       engine_config cfg, store_actor db,
-                                       std::shared_ptr<metrics> stats) {
+                                       engine_config cfg, store_actor db, egress_actor out,
+                                       pool_actor pool, std::shared_ptr<metrics> stats) {
   self->state.cfg = std::move(cfg);
   self->state.db = std::move(db);
+  self->state.out = std::move(out);
+  self->state.pool = std::move(pool);
   self->state.stats = std::move(stats);
   // User actors are linked to the registry: when it goes, they go. A user
   // actor's own end arrives here as an exit message and only forgets it.
@@ -289,7 +332,7 @@ registry_actor::behavior_type registry(registry_actor::stateful_pointer<registry
         const auto& id = user_of(ev.parsed);
         auto& e = st.users[id];
         if (!e.actor) {
-          e.actor = self->spawn<caf::linked>(user, id, st.cfg, st.db,
+          e.actor = self->spawn<caf::linked>(user, id, st.cfg, st.db, st.out, st.pool,
                                              caf::actor_cast<registry_actor>(self));
           st.stats->add_users(1);
         }

@@ -8,8 +8,10 @@
 #include <vector>
 
 #include "actors/config.hpp"
+#include "actors/egress.hpp"
 #include "actors/metrics.hpp"
 #include "actors/store_actor.hpp"
+#include "actors/training_pool.hpp"
 #include "messages/type_ids.hpp"
 
 namespace tailor::actors {
@@ -19,6 +21,9 @@ using namespace tailor::messages;
 // One per user with recent events: serializes the user's events (each is
 // handled to the end before the next starts), deduplicates them by
 // (user_id, request_id), decides the answer and persists it before replying.
+// A granted onboarding request becomes a job: persisted, announced
+// (job.queued) and submitted to the training pool before the reply, which is
+// then empty; the offset is committed only after all of that.
 // After `user_idle_seconds` without events it asks the registry to retire it;
 // the registry's `stop` queues behind any event still being handled.
 using user_actor = caf::typed_actor<
@@ -36,6 +41,8 @@ struct user_state {
   std::string user_id;
   engine_config cfg;
   store_actor db;
+  egress_actor out;
+  pool_actor pool;
   registry_actor registry;
   uint64_t handled = 0;
   uint64_t handled_at_last_check = 0;
@@ -49,17 +56,20 @@ struct registry_state {
   };
   engine_config cfg;
   store_actor db;
+  egress_actor out;
+  pool_actor pool;
   std::shared_ptr<metrics> stats;
   std::unordered_map<std::string, entry> users;
   static inline const char* name = "tailor.registry";
 };
 
 user_actor::behavior_type user(user_actor::stateful_pointer<user_state> self, std::string user_id,
-                               engine_config cfg, store_actor db, registry_actor registry);
+                               engine_config cfg, store_actor db, egress_actor out, pool_actor pool,
+                               registry_actor registry);
 
 registry_actor::behavior_type registry(registry_actor::stateful_pointer<registry_state> self,
-                                       engine_config cfg, store_actor db,
-                                       std::shared_ptr<metrics> stats);
+                                       engine_config cfg, store_actor db, egress_actor out,
+                                       pool_actor pool, std::shared_ptr<metrics> stats);
 
 // The deterministic job id of (user_id, request_id): a redelivered request
 // always names the same job.

@@ -8,6 +8,7 @@
 
 #include "lora_bench.hpp"
 #include "model/threads.hpp"
+#include "onboarding_bench.hpp"
 #include "quality_bench.hpp"
 
 int main(int argc, char** argv) {
@@ -56,6 +57,28 @@ int main(int argc, char** argv) {
                    "budget if the base must be pre-trained first (default: 10)")
       ->check(CLI::PositiveNumber);
 
+  tailor::bench::onboarding_options oo;
+  auto* spike = app.add_subcommand(
+      "onboarding-spike",
+      "N sign-ups at once through a real broker and a tailord of its own: lost, duplicated, "
+      "memory, slot utilization");
+  spike->add_option("--jobs", oo.jobs, "onboarding requests (default: 1000)")
+      ->check(CLI::PositiveNumber);
+  spike->add_option("--slots", oo.slots, "training slots (default: 2)")->check(CLI::PositiveNumber);
+  spike->add_option("--steps", oo.steps, "fine-tuning steps per job (default: 5)")
+      ->check(CLI::PositiveNumber);
+  spike
+      ->add_option("--admission-queue", oo.admission_queue,
+                   "jobs waiting for a slot before onboarding pauses (default: 32)")
+      ->check(CLI::PositiveNumber);
+  spike->add_option("--bootstrap", oo.bootstrap,
+                    "Kafka bootstrap servers (default: start a broker with scripts/kafka-broker)");
+  spike->add_option("--tailord", oo.tailord, "the tailord binary (default: this build's)");
+  spike
+      ->add_option("--timeout-minutes", oo.timeout_minutes,
+                   "give up waiting for the jobs after this long (default: 60)")
+      ->check(CLI::PositiveNumber);
+
   CLI11_PARSE(app, argc, argv);
   tailor::model::configure_threads(threads, blas_threads);
   nlohmann::json out;
@@ -68,6 +91,7 @@ int main(int argc, char** argv) {
   try {
     if (lora->parsed()) out["lora"] = tailor::bench::run_lora(lo);
     if (quality->parsed()) out["quality"] = tailor::bench::run_quality(qo);
+    if (spike->parsed()) out["onboarding_spike"] = tailor::bench::run_onboarding_spike(oo);
   } catch (const std::exception& e) {  // edge: report and fail
     std::fprintf(stderr, "tailor-bench: %s\n", e.what());
     return 1;

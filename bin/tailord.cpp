@@ -41,7 +41,7 @@ int main(int argc, char** argv) {
       "tailord - the Tailor engine: personal LoRA models, trained and served through Kafka"};
   std::string config_file, bootstrap, group_id, data_dir, admin_host, ready_file, log_level;
   std::vector<std::string> props;
-  int admin_port = -1, max_in_flight = -1, idle = -1;
+  int admin_port = -1, max_in_flight = -1, idle = -1, slots = -1, admission_queue = -1;
   bool sync_writes = false;
   app.add_option("-c,--config", config_file, "JSON configuration file (see docs/configuration.md)")
       ->check(CLI::ExistingFile);
@@ -63,6 +63,12 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   app.add_option("--user-idle-seconds", idle,
                  "retire a user actor after this long without events (default: 60)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--training-slots", slots,
+                 "training actors, one fine-tuning job each at a time (default: 2)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--admission-queue", admission_queue,
+                 "jobs waiting for a training slot before onboarding pauses (default: 32)")
       ->check(CLI::PositiveNumber);
   app.add_flag("--sync-writes", sync_writes,
                "fsync RocksDB's WAL on every write (survives power loss)");
@@ -92,6 +98,8 @@ int main(int argc, char** argv) {
   if (max_in_flight > 0) cfg.max_in_flight = max_in_flight;
   if (idle > 0) cfg.user_idle_seconds = idle;
   if (sync_writes) cfg.sync_writes = true;
+  if (slots > 0) cfg.training.slots = slots;
+  if (admission_queue > 0) cfg.training.admission_queue = admission_queue;
   if (!log_level.empty()) cfg.log_level = log_level;
   auto level = spdlog::level::from_str(cfg.log_level);
   if (level == spdlog::level::off && cfg.log_level != "off") {
@@ -100,6 +108,20 @@ int main(int argc, char** argv) {
     return 2;
   }
   spdlog::set_level(level);
+  resolve_paths(cfg);
+  if (auto bad = validate(cfg); !bad.empty()) {
+    std::fprintf(stderr, "tailord: %s\n", bad.c_str());
+    return 2;
+  }
+
+  // Base models load (or pre-train) before the stop signals are blocked, so
+  // that SIGTERM during a long pre-training simply ends the process.
+  std::string err;
+  auto bases = load_base_models(cfg, err);
+  if (!bases) {
+    spdlog::critical("tailord cannot start: {}", err);
+    return 1;
+  }
 
   // Block the stop signals before any thread starts, so every thread inherits
   // the mask and only sigwait below receives them.
@@ -109,8 +131,7 @@ int main(int argc, char** argv) {
   sigaddset(&stop_signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
-  std::string err;
-  auto e = engine::start(cfg, err);
+  auto e = engine::start(cfg, err, bases);
   if (!e) {
     spdlog::critical("tailord cannot start: {}", err);
     return 1;

@@ -15,6 +15,7 @@ unset(GFLAGS_USE_TARGET_NAMESPACE)
 find_package(nlohmann_json 3.10 CONFIG REQUIRED)
 find_package(CLI11 CONFIG REQUIRED)
 find_package(spdlog CONFIG REQUIRED)
+find_package(OpenSSL REQUIRED)  # SHA-256 checksums of artifacts
 pkg_check_modules(HTTPLIB REQUIRED IMPORTED_TARGET cpp-httplib)
 
 # CAF 0.17.6 ships neither a CMake config nor a pkg-config file.

@@ -27,6 +27,9 @@ std::string to_string(errc code) {
     case errc::job_not_found: return "job_not_found";
     case errc::job_not_cancellable: return "job_not_cancellable";
     case errc::internal: return "internal";
+    case errc::data_not_found: return "data_not_found";
+    case errc::invalid_data: return "invalid_data";
+    case errc::training_failed: return "training_failed";
   }
   return "unknown";
 }

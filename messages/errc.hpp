@@ -36,6 +36,10 @@ enum class errc : uint8_t {
   job_not_found,
   job_not_cancellable,
   internal,
+  // Onboarding: answered with job.failed.
+  data_not_found,   // data_ref names no readable file
+  invalid_data,     // training data that cannot be trained on
+  training_failed,  // training or saving failed after every retry
 };
 
 std::string to_string(errc code);

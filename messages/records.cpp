@@ -25,6 +25,24 @@ bool load(std::string_view s, F fill) {
   return true;
 }
 
+json messages_json(const std::vector<outgoing_message>& xs) {
+  json out = json::array();
+  for (const auto& a : xs)
+    out.push_back({{"to", static_cast<int>(a.to)}, {"key", a.key}, {"payload", a.payload}});
+  return out;
+}
+
+void messages_from(const json& j, std::vector<outgoing_message>& out) {
+  out.clear();
+  for (const auto& a : j) {
+    auto to = a.at("to").get<int>();
+    if (to < 0 || to > static_cast<int>(channel::dlq))
+      throw json::other_error::create(501, "bad channel", &a);
+    out.push_back({static_cast<channel>(to), a.at("key").get<std::string>(),
+                   a.at("payload").get<std::string>()});
+  }
+}
+
 }  // namespace
 
 std::string to_json(const job_record& x) {
@@ -39,7 +57,9 @@ std::string to_json(const job_record& x) {
                    {"updated_ms", x.updated_ms},
                    {"error_code", x.error_code},
                    {"error_message", x.error_message},
-                   {"model_id", x.model_id}});
+                   {"model_id", x.model_id},
+                   {"announced", x.announced},
+                   {"outcome", messages_json(x.outcome)}});
 }
 
 bool from_json(std::string_view s, job_record& x) {
@@ -56,6 +76,8 @@ bool from_json(std::string_view s, job_record& x) {
     j.at("error_code").get_to(x.error_code);
     j.at("error_message").get_to(x.error_message);
     j.at("model_id").get_to(x.model_id);
+    x.announced = j.value("announced", std::string{});
+    if (j.contains("outcome")) messages_from(j.at("outcome"), x.outcome);
   });
 }
 
@@ -84,15 +106,12 @@ bool from_json(std::string_view s, model_record& x) {
 }
 
 std::string to_json(const request_record& x) {
-  json answers = json::array();
-  for (const auto& a : x.answers)
-    answers.push_back({{"to", static_cast<int>(a.to)}, {"key", a.key}, {"payload", a.payload}});
   return dump(json{{"user_id", x.user_id},
                    {"request_id", x.request_id},
                    {"kind", x.kind},
                    {"payload_hash", x.payload_hash},
                    {"job_id", x.job_id},
-                   {"answers", answers},
+                   {"answers", messages_json(x.answers)},
                    {"created_ms", x.created_ms}});
 }
 
@@ -104,13 +123,7 @@ bool from_json(std::string_view s, request_record& x) {
     j.at("payload_hash").get_to(x.payload_hash);
     j.at("job_id").get_to(x.job_id);
     j.at("created_ms").get_to(x.created_ms);
-    x.answers.clear();
-    for (const auto& a : j.at("answers")) {
-      int to = a.at("to").get<int>();
-      if (to < 0 || to > 2) throw json::other_error::create(501, "bad channel", &a);
-      x.answers.push_back({static_cast<channel>(to), a.at("key").get<std::string>(),
-                           a.at("payload").get<std::string>()});
-    }
+    messages_from(j.at("answers"), x.answers);
   });
 }
 

@@ -37,13 +37,19 @@ struct job_record {
   std::string error_code;
   std::string error_message;
   std::string model_id;
+  // The status whose announcement was delivered: after a crash, a job whose
+  // final status is not announced yet gets its final events published again.
+  std::string announced;
+  // The final events of a ready job (model.ready, then the prompts' results),
+  // stored with the registration so a re-publish is byte for byte the same.
+  std::vector<outgoing_message> outcome;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, job_record& x) {
   return f(caf::meta::type_name("job_record"), x.job_id, x.request_id, x.user_id, x.base_model,
            x.status, x.request, x.attempts, x.created_ms, x.updated_ms, x.error_code,
-           x.error_message, x.model_id);
+           x.error_message, x.model_id, x.announced, x.outcome);
 }
 
 struct model_record {

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "messages/events.hpp"
+#include "messages/jobs.hpp"
 #include "messages/records.hpp"
 
 namespace tailor::messages {
@@ -24,6 +25,7 @@ struct incoming_event {
 }  // namespace tailor::messages
 
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(tailor::messages::incoming_event)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(tailor::messages::training_order)
 
 // Every actor message type and atom of Tailor, in one block.
 CAF_BEGIN_TYPE_ID_BLOCK(tailor, caf::first_custom_type_id)
@@ -36,6 +38,7 @@ CAF_ADD_TYPE_ID(tailor, (tailor::messages::model_record))
 CAF_ADD_TYPE_ID(tailor, (std::vector<tailor::messages::model_record>))
 CAF_ADD_TYPE_ID(tailor, (tailor::messages::request_record))
 CAF_ADD_TYPE_ID(tailor, (std::vector<tailor::messages::request_record>))
+CAF_ADD_TYPE_ID(tailor, (tailor::messages::training_outcome))
 
 CAF_ADD_ATOM(tailor, tailor::messages, publish_atom, "publish")
 CAF_ADD_ATOM(tailor, tailor::messages, route_atom, "route")
@@ -52,5 +55,19 @@ CAF_ADD_ATOM(tailor, tailor::messages, model_atom, "model")
 CAF_ADD_ATOM(tailor, tailor::messages, cancel_atom, "cancel")
 CAF_ADD_ATOM(tailor, tailor::messages, users_atom, "users")
 CAF_ADD_ATOM(tailor, tailor::messages, stop_atom, "stop")
+CAF_ADD_ATOM(tailor, tailor::messages, submit_atom, "submit")
+CAF_ADD_ATOM(tailor, tailor::messages, admit_atom, "admit")
+CAF_ADD_ATOM(tailor, tailor::messages, train_atom, "train")
+CAF_ADD_ATOM(tailor, tailor::messages, started_atom, "started")
+CAF_ADD_ATOM(tailor, tailor::messages, progress_atom, "progress")
+CAF_ADD_ATOM(tailor, tailor::messages, saving_atom, "saving")
+CAF_ADD_ATOM(tailor, tailor::messages, release_atom, "release")
+CAF_ADD_ATOM(tailor, tailor::messages, requeue_atom, "requeue")
+CAF_ADD_ATOM(tailor, tailor::messages, done_atom, "done")
+CAF_ADD_ATOM(tailor, tailor::messages, count_atom, "count")
+CAF_ADD_ATOM(tailor, tailor::messages, announce_atom, "announce")
+CAF_ADD_ATOM(tailor, tailor::messages, transit_atom, "transit")
+CAF_ADD_ATOM(tailor, tailor::messages, register_atom, "register")
+CAF_ADD_ATOM(tailor, tailor::messages, recover_atom, "recover")
 
 CAF_END_TYPE_ID_BLOCK(tailor)

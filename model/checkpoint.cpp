@@ -2,6 +2,7 @@
 
 #include <cstring>
 
+#include "storage/artifacts.hpp"
 #include "storage/safetensors.hpp"
 
 namespace tailor::model {
@@ -10,9 +11,9 @@ namespace {
 
 using storage::errc;
 
-caf::error save_named(const std::string& path,
-                      const std::vector<std::pair<std::string, torch::Tensor*>>& named,
-                      std::map<std::string, std::string> metadata) {
+caf::expected<std::vector<std::byte>> encode_named(
+    const std::vector<std::pair<std::string, torch::Tensor*>>& named,
+    const std::map<std::string, std::string>& metadata) {
   std::vector<torch::Tensor> keep;  // contiguous float copies outlive the spans below
   std::vector<storage::tensor_to_write> out;
   for (const auto& [name, t] : named) {
@@ -24,7 +25,27 @@ caf::error save_named(const std::string& path,
                    {reinterpret_cast<const std::byte*>(c.data_ptr<float>()),
                     static_cast<std::size_t>(c.numel()) * 4}});
   }
-  return storage::write_safetensors(path, out, metadata);
+  return storage::encode_safetensors(out, metadata);
+}
+
+caf::error save_named(const std::string& path,
+                      const std::vector<std::pair<std::string, torch::Tensor*>>& named,
+                      const std::map<std::string, std::string>& metadata) {
+  auto bytes = encode_named(named, metadata);
+  if (!bytes) return bytes.error();
+  return storage::write_file_atomic(path, *bytes);
+}
+
+std::map<std::string, std::string> adapter_metadata(
+    const lora_adapter& adapter, const model_config& cfg,
+    const std::map<std::string, std::string>& extra) {
+  auto md = cfg.to_metadata();
+  md.insert(extra.begin(), extra.end());
+  md["tailor.kind"] = "lora";
+  md["lora.rank"] = std::to_string(adapter.cfg.rank);
+  md["lora.alpha"] = std::to_string(adapter.cfg.alpha);
+  md["lora.mlp"] = adapter.cfg.mlp ? "1" : "0";
+  return md;
 }
 
 // Fills every named tensor from the file; shapes must match what is there already.
@@ -43,6 +64,25 @@ caf::error load_named(const storage::safetensors_file& f,
     *t = loaded;
   }
   return {};
+}
+
+caf::expected<lora_adapter> adapter_from(const storage::safetensors_file& f,
+                                         const std::string& what, const model_config& cfg) {
+  const auto& md = f.metadata();
+  lora_config lc;
+  try {
+    lc.rank = std::stoll(md.at("lora.rank"));
+    lc.alpha = std::stod(md.at("lora.alpha"));
+    lc.mlp = md.at("lora.mlp") == "1";
+  } catch (const std::exception&) {
+    return caf::make_error(errc::bad_header,
+                           what + ": lora.rank, lora.alpha and lora.mlp metadata are required");
+  }
+  if (lc.rank < 1 || lc.rank > 4096)
+    return caf::make_error(errc::bad_header, what + ": lora.rank out of range");
+  auto ad = lora_adapter::init(cfg, lc, 0);
+  if (auto e = load_named(f, ad.named())) return e;
+  return ad;
 }
 
 }  // namespace
@@ -68,33 +108,26 @@ caf::expected<base_weights> load_base(const std::string& path) {
 
 caf::error save_adapter(const std::string& path, lora_adapter& adapter, const model_config& cfg,
                         const std::map<std::string, std::string>& extra) {
-  auto md = cfg.to_metadata();
-  md.insert(extra.begin(), extra.end());
-  md["tailor.kind"] = "lora";
-  md["lora.rank"] = std::to_string(adapter.cfg.rank);
-  md["lora.alpha"] = std::to_string(adapter.cfg.alpha);
-  md["lora.mlp"] = adapter.cfg.mlp ? "1" : "0";
-  return save_named(path, adapter.named(), md);
+  return save_named(path, adapter.named(), adapter_metadata(adapter, cfg, extra));
+}
+
+caf::expected<std::vector<std::byte>> encode_adapter(
+    lora_adapter& adapter, const model_config& cfg,
+    const std::map<std::string, std::string>& extra) {
+  return encode_named(adapter.named(), adapter_metadata(adapter, cfg, extra));
 }
 
 caf::expected<lora_adapter> load_adapter(const std::string& path, const model_config& cfg) {
   auto f = storage::safetensors_file::read(path);
   if (!f) return f.error();
-  const auto& md = f->metadata();
-  lora_config lc;
-  try {
-    lc.rank = std::stoll(md.at("lora.rank"));
-    lc.alpha = std::stod(md.at("lora.alpha"));
-    lc.mlp = md.at("lora.mlp") == "1";
-  } catch (const std::exception&) {
-    return caf::make_error(errc::bad_header,
-                           path + ": lora.rank, lora.alpha and lora.mlp metadata are required");
-  }
-  if (lc.rank < 1 || lc.rank > 4096)
-    return caf::make_error(errc::bad_header, path + ": lora.rank out of range");
-  auto ad = lora_adapter::init(cfg, lc, 0);
-  if (auto e = load_named(*f, ad.named())) return e;
-  return ad;
+  return adapter_from(*f, path, cfg);
+}
+
+caf::expected<lora_adapter> decode_adapter(std::vector<std::byte> bytes, const model_config& cfg,
+                                           const std::string& what) {
+  auto f = storage::safetensors_file::parse(std::move(bytes));
+  if (!f) return f.error();
+  return adapter_from(*f, what, cfg);
 }
 
 }  // namespace tailor::model

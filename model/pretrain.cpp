@@ -139,8 +139,8 @@ namespace tailor::model {
 
 caf::expected<base_weights> load_or_pretrain(
     const std::string& name, const pretrain_options& opt,
-    const std::function<void(const pretrain_progress&)>& progress) {
-  auto path = base_model_path(name);
+    const std::function<void(const pretrain_progress&)>& progress, const std::string& at) {
+  auto path = at.empty() ? base_model_path(name) : at;
   if (std::filesystem::exists(path)) return load_base(path);
   auto cfg = named_config(name);
   if (!cfg) return cfg.error();

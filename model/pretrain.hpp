@@ -70,8 +70,10 @@ namespace tailor::model {
 std::map<std::string, std::string> pretrain_metadata(const pretrain_result& r,
                                                      const pretrain_options& o);
 
+// `path` overrides where the base is cached (default base_model_path(name)).
 caf::expected<base_weights> load_or_pretrain(
     const std::string& name, const pretrain_options& opt,
-    const std::function<void(const pretrain_progress&)>& progress = {});
+    const std::function<void(const pretrain_progress&)>& progress = {},
+    const std::string& path = {});
 
 }  // namespace tailor::model

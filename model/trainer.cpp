@@ -204,6 +204,9 @@ caf::expected<train_result> train_lora(const base_weights& base,
   while (st.step < o.steps) {
     if (cancelled && cancelled()) {
       res.cancelled = true;
+      // A stop may be a shutdown that resumes later: keep the progress.
+      if (o.checkpoint_every > 0 && !o.checkpoint_path.empty() && st.step > 0)
+        if (auto err = save_checkpoint(o.checkpoint_path, res.adapter, best, opt, st)) return err;
       break;
     }
     // Each step's batch depends only on (seed, step): a resumed run sees the same data.

@@ -18,6 +18,7 @@ std::string to_string(errc code) {
     case errc::offsets_out_of_range: return "offsets_out_of_range";
     case errc::offsets_overlap: return "offsets_overlap";
     case errc::incomplete_buffer: return "incomplete_buffer";
+    case errc::checksum_mismatch: return "checksum_mismatch";
   }
   return "unknown";
 }

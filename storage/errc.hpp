@@ -23,6 +23,7 @@ enum class errc : uint8_t {
   offsets_out_of_range,  // a byte range outside the data section
   offsets_overlap,       // two tensors share bytes
   incomplete_buffer,     // data bytes that no tensor covers
+  checksum_mismatch,     // an artifact's bytes are not the ones registered
 };
 
 std::string to_string(errc code);

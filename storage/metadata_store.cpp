@@ -4,11 +4,11 @@
 #include <rocksdb/write_batch.h>
 
 #include <chrono>
+#include <limits>
 #include <mutex>
 #include <nlohmann/json.hpp>
 
 namespace tailor::storage {
-
 
 namespace {
 
@@ -182,7 +182,8 @@ caf::expected<std::vector<job_record>> metadata_store::list_jobs(const std::stri
   return out;
 }
 
-caf::error metadata_store::register_model(const model_record& model, const std::string& job_id) {
+caf::error metadata_store::register_model(const model_record& model, const std::string& job_id,
+                                          const std::vector<messages::outgoing_message>& outcome) {
   auto& im = *impl_;
   std::lock_guard<std::mutex> guard(im.rmw);
   std::string raw;
@@ -211,9 +212,34 @@ caf::error metadata_store::register_model(const model_record& model, const std::
     job->status = "ready";
     job->model_id = model.model_id;
     job->updated_ms = model.created_ms;
+    job->outcome = outcome;
     batch.Put(im.t(jobs), job_id, messages::to_json(*job));
   }
   return im.write(batch, "register model");
+}
+
+caf::error metadata_store::mark_announced(const std::string& job_id, const std::string& status) {
+  auto& im = *impl_;
+  std::lock_guard<std::mutex> guard(im.rmw);
+  auto job = im.get_record<job_record>(jobs, job_id);
+  if (!job) return job.error();
+  // A late confirmation of an earlier status must not hide a newer one.
+  if (job->status != status) return {};
+  job->announced = status;
+  rocksdb::WriteBatch batch;
+  batch.Put(im.t(jobs), job_id, messages::to_json(*job));
+  return im.write(batch, "mark job announced");
+}
+
+caf::expected<std::vector<job_record>> metadata_store::unfinished_jobs() {
+  auto all = list_jobs("", std::numeric_limits<std::size_t>::max());
+  if (!all) return all.error();
+  std::vector<job_record> out;
+  for (auto& j : *all) {
+    bool final = j.status == "ready" || j.status == "failed" || j.status == "cancelled";
+    if (!final || j.announced != j.status) out.push_back(std::move(j));
+  }
+  return out;
 }
 
 caf::expected<model_record> metadata_store::get_model(const std::string& model_id) {

@@ -58,8 +58,14 @@ class metadata_store {
 
   // --- models -------------------------------------------------------------
   // Adds the model to its user's list (newest first) and the models table,
-  // and moves `job_id` (if given) from saving to ready, in one batch.
-  caf::error register_model(const model_record& model, const std::string& job_id = {});
+  // and moves `job_id` (if given) from saving to ready with its final events
+  // `outcome`, in one batch.
+  caf::error register_model(const model_record& model, const std::string& job_id = {},
+                            const std::vector<messages::outgoing_message>& outcome = {});
+  // Records that the job's events up to `status` were delivered.
+  caf::error mark_announced(const std::string& job_id, const std::string& status);
+  // Jobs not yet at rest: in a non-final state, or final but not announced.
+  caf::expected<std::vector<job_record>> unfinished_jobs();
   caf::expected<model_record> get_model(const std::string& model_id);
   caf::expected<std::vector<model_record>> list_models(const std::string& user_id);
 

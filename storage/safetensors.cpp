@@ -10,6 +10,8 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "storage/artifacts.hpp"
+
 namespace tailor::storage {
 
 static_assert(std::endian::native == std::endian::little,
@@ -210,45 +212,7 @@ caf::error write_safetensors(const std::string& path, const std::vector<tensor_t
                              const std::map<std::string, std::string>& metadata) {
   auto bytes = encode_safetensors(tensors, metadata);
   if (!bytes) return bytes.error();
-  namespace fs = std::filesystem;
-  auto target = fs::path(path);
-  auto tmp = target;
-  tmp += ".tmp-" + std::to_string(::getpid());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0)
-    return fail(errc::io_error, "cannot create " + tmp.string() + ": " + std::strerror(errno));
-  const auto* p = reinterpret_cast<const char*>(bytes->data());
-  std::size_t left = bytes->size();
-  while (left > 0) {
-    auto w = ::write(fd, p, left);
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) {
-      auto err = std::string(std::strerror(errno));
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      return fail(errc::io_error, "cannot write " + tmp.string() + ": " + err);
-    }
-    p += w;
-    left -= static_cast<std::size_t>(w);
-  }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
-    ::unlink(tmp.c_str());
-    return fail(errc::io_error, "cannot sync " + tmp.string());
-  }
-  std::error_code ec;
-  fs::rename(tmp, target, ec);
-  if (ec) {
-    ::unlink(tmp.c_str());
-    return fail(errc::io_error, "cannot rename to " + path + ": " + ec.message());
-  }
-  // The rename itself is durable only once the directory is synced.
-  auto dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
-  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);
-    ::close(dfd);
-  }
-  return {};
+  return write_file_atomic(path, *bytes);
 }
 
 }  // namespace tailor::storage

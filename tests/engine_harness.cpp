@@ -130,6 +130,19 @@ void engine_process::start() {
                   {"results", topics_.results},
                   {"events", topics_.events},
                   {"dlq", topics_.dlq}}}}}};
+  // The tiny test base (pre-trained once per build tree) and short jobs;
+  // a test that needs other settings patches them.
+  json defaults = {{"base_models", {"tailor-test"}},
+                   {"default_base_model", "tailor-test"},
+                   {"models",
+                    {{"dir", setting("TAILOR_TEST_MODELS_DIR", TAILOR_TEST_MODELS_DIR)},
+                     {"pretrain_steps", 300}}},
+                   {"training",
+                    {{"steps", 3},
+                     {"max_jobs_per_user", 1000},
+                     {"progress_interval_ms", 100},
+                     {"retry_backoff_ms", 200}}}};
+  cfg.merge_patch(defaults);
   cfg.merge_patch(extra_);
   auto cfg_path = dir_ + "/tailord.json";
   std::ofstream(cfg_path) << cfg.dump(2);
@@ -193,35 +206,6 @@ std::pair<int, std::string> engine_process::get(const std::string& path) const {
   auto res = cli.Get(path.c_str());
   if (!res) return {-1, httplib::to_string(res.error())};
   return {res->status, res->body};
-}
-
-producer::producer(const std::string& bootstrap) {
-  auto conf = conf_for(bootstrap);
-  std::string err;
-  conf->set("linger.ms", "5", err);
-  p_.reset(RdKafka::Producer::create(conf.get(), err));
-  if (!p_) throw std::runtime_error("producer: " + err);
-}
-
-producer::~producer() {
-  p_->flush(10000);
-}
-
-void producer::send(const std::string& topic, const std::string& key, const std::string& payload) {
-  for (;;) {
-    auto rc = p_->produce(topic, RdKafka::Topic::PARTITION_UA, RdKafka::Producer::RK_MSG_COPY,
-                          const_cast<char*>(payload.data()), payload.size(), key.data(), key.size(),
-                          0, nullptr);
-    if (rc == RdKafka::ERR_NO_ERROR) return;
-    if (rc != RdKafka::ERR__QUEUE_FULL)
-      throw std::runtime_error("produce: " + RdKafka::err2str(rc));
-    p_->poll(50);
-  }
-}
-
-void producer::flush() {
-  auto rc = p_->flush(30000);
-  if (rc != RdKafka::ERR_NO_ERROR) throw std::runtime_error("flush: " + RdKafka::err2str(rc));
 }
 
 collector::collector(const std::string& bootstrap, const std::vector<std::string>& topics) {
@@ -294,6 +278,83 @@ json onboarding(const std::string& user, const std::string& request,
           {"user_id", user},
           {"request_id", request},
           {"texts", texts}};
+}
+
+json onboarding_with(const std::string& user, const std::string& request, json hyperparameters,
+                     std::vector<std::string> prompts) {
+  auto j = onboarding(user, request,
+                      {"The quick brown fox jumps over the lazy dog.",
+                       "A stitch in time saves nine.", "Fortune favours the bold."});
+  j["hyperparameters"] = std::move(hyperparameters);
+  if (!prompts.empty()) j["prompts"] = prompts;
+  return j;
+}
+
+json job_cancel(const std::string& user, const std::string& job_id) {
+  return {{"type", "job.cancel"}, {"schema_version", 1}, {"user_id", user}, {"job_id", job_id}};
+}
+
+void engine_test::start(json extra) {
+  engine_ = std::make_unique<engine_process>(
+      ::testing::UnitTest::GetInstance()->current_test_info()->name(), std::move(extra));
+  engine_->start();
+  if (HasFatalFailure()) return;
+  const auto& t = engine_->topics();
+  out_ = std::make_unique<collector>(engine_->bootstrap(),
+                                     std::vector<std::string>{t.results, t.events, t.dlq});
+  in_ = std::make_unique<producer>(engine_->bootstrap());
+}
+
+void engine_test::send_onboarding(const json& j) {
+  in_->send(engine_->topics().onboarding, j.value("user_id", "k"), j.dump());
+}
+
+void engine_test::send_inference(const json& j) {
+  in_->send(engine_->topics().inference, j.value("user_id", "k"), j.dump());
+}
+
+void engine_test::send_control(const json& j) {
+  in_->send(engine_->topics().control, j.value("user_id", "k"), j.dump());
+}
+
+std::vector<collector::record> engine_test::answers_to(const std::string& user,
+                                                       const std::string& request) {
+  std::vector<collector::record> out;
+  for (const auto& r : out_->snapshot())
+    if (r.topic != engine_->topics().dlq && r.value.is_object() &&
+        r.value.value("user_id", "") == user && r.value.value("request_id", "") == request)
+      out.push_back(r);
+  return out;
+}
+
+collector::record engine_test::await_one(const std::string& user, const std::string& request) {
+  bool got = wait_until([&] { return !answers_to(user, request).empty(); }, 30s);
+  EXPECT_TRUE(got) << "no answer to " << user << "/" << request;
+  return got ? answers_to(user, request).front() : collector::record{};
+}
+
+std::vector<collector::record> engine_test::events_of(const std::string& user,
+                                                      const std::string& request,
+                                                      const std::string& type) {
+  std::vector<collector::record> out;
+  for (auto& r : answers_to(user, request))
+    if (r.value.value("type", "") == type) out.push_back(std::move(r));
+  return out;
+}
+
+collector::record engine_test::await_event(const std::string& user, const std::string& request,
+                                           const std::string& type,
+                                           std::chrono::milliseconds timeout) {
+  bool got = wait_until([&] { return !events_of(user, request, type).empty(); }, timeout);
+  EXPECT_TRUE(got) << "no " << type << " for " << user << "/" << request;
+  return got ? events_of(user, request, type).front() : collector::record{};
+}
+
+double engine_test::metric(const std::string& name) {
+  auto m = engine_->get("/metrics").second;
+  auto pos = m.find("\n" + name + " ");
+  if (pos == std::string::npos) return -1;
+  return std::stod(m.substr(pos + name.size() + 2));
 }
 
 json inference(const std::string& user, const std::string& request, const std::string& prompt) {

@@ -4,6 +4,7 @@
 // the CTest fixture (scripts/kafka-broker), a tailord child process with its
 // own topics, a collector that reads Tailor's output topics, and waits on
 // conditions with deadlines.
+#include <gtest/gtest.h>
 #include <sys/types.h>
 
 #include <chrono>
@@ -15,9 +16,10 @@
 #include <thread>
 #include <vector>
 
+#include "engine_run.hpp"
+
 namespace RdKafka {
 class KafkaConsumer;
-class Producer;
 }  // namespace RdKafka
 
 namespace tailor::test {
@@ -58,17 +60,8 @@ class engine_process {
   int admin_port_ = -1;
 };
 
-// Produces raw records.
-class producer {
- public:
-  explicit producer(const std::string& bootstrap);
-  ~producer();
-  void send(const std::string& topic, const std::string& key, const std::string& payload);
-  void flush();
-
- private:
-  std::unique_ptr<RdKafka::Producer> p_;
-};
+// Produces raw records; flush() fails on any undelivered one.
+using producer = tailor::bench::bench_producer;
 
 // Reads topics from the beginning on a thread of its own.
 class collector {
@@ -96,6 +89,36 @@ class collector {
 
 json onboarding(const std::string& user, const std::string& request,
                 std::vector<std::string> texts = {"hello"});
+// An onboarding request with hyperparameters (and prompts).
+json onboarding_with(const std::string& user, const std::string& request, json hyperparameters,
+                     std::vector<std::string> prompts = {});
+json job_cancel(const std::string& user, const std::string& job_id);
+
+// A tailord under test, a producer into its input topics and a collector of
+// its output topics.
+class engine_test : public ::testing::Test {
+ protected:
+  void start(json extra = json::object());
+  void send_onboarding(const json& j);
+  void send_inference(const json& j);
+  void send_control(const json& j);
+  // Answers (results and events) naming (user, request), in arrival order.
+  std::vector<collector::record> answers_to(const std::string& user, const std::string& request);
+  // The first answer to (user, request), waiting up to 30 s for it.
+  collector::record await_one(const std::string& user, const std::string& request);
+  // Events of `type` about (user, request).
+  std::vector<collector::record> events_of(const std::string& user, const std::string& request,
+                                           const std::string& type);
+  // Waits up to `timeout` for an event of `type` about (user, request).
+  collector::record await_event(const std::string& user, const std::string& request,
+                                const std::string& type, std::chrono::milliseconds timeout = 60s);
+  // The value of an unlabelled metric, or -1.
+  double metric(const std::string& name);
+
+  std::unique_ptr<engine_process> engine_;
+  std::unique_ptr<collector> out_;
+  std::unique_ptr<producer> in_;
+};
 json inference(const std::string& user, const std::string& request,
                const std::string& prompt = "hi");
 

@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <random>
 
+#include "storage/artifacts.hpp"
 #include "storage/metadata_store.hpp"
 
 using namespace tailor::storage;
@@ -152,6 +153,65 @@ TEST_F(StoreTest, RegisteringAModelFinishesItsJobAtomically) {
   EXPECT_EQ(j->status, "ready");
   EXPECT_EQ(j->model_id, "m1");
   EXPECT_EQ(store_->list_models("u1")->size(), 1u);
+}
+
+TEST_F(StoreTest, UnfinishedJobsAreThoseNotAtRestYet) {
+  ASSERT_FALSE(store_->create_job(job("q"), request("u1", "q")));
+  ASSERT_FALSE(store_->create_job(job("r"), request("u1", "r")));
+  ASSERT_FALSE(store_->create_job(job("f"), request("u1", "f")));
+  for (auto [from, to] :
+       {std::pair{"queued", "admitted"}, {"admitted", "training"}, {"training", "saving"}})
+    ASSERT_TRUE(store_->transition_job("r", from, to));
+  std::vector<tailor::messages::outgoing_message> outcome{{channel::events, "u1", "ready!"}};
+  ASSERT_FALSE(store_->register_model(model("m", "u1", 5), "r", outcome));
+  ASSERT_TRUE(store_->transition_job("f", "queued", "failed"));
+  auto ids = [&] {
+    std::vector<std::string> out;
+    auto jobs = store_->unfinished_jobs();
+    EXPECT_TRUE(jobs);
+    if (jobs)
+      for (const auto& j : *jobs) out.push_back(j.job_id);
+    return out;
+  };
+  // Final but not announced: still unfinished, so a restart announces it.
+  EXPECT_EQ(ids(), (std::vector<std::string>{"f", "q", "r"}));
+  EXPECT_EQ(store_->get_job("r")->outcome.size(), 1u);
+  EXPECT_EQ(store_->get_job("r")->outcome[0].payload, "ready!");
+  ASSERT_FALSE(store_->mark_announced("r", "ready"));
+  ASSERT_FALSE(store_->mark_announced("f", "failed"));
+  // A late confirmation of an older status changes nothing.
+  ASSERT_FALSE(store_->mark_announced("q", "admitted"));
+  EXPECT_EQ(ids(), (std::vector<std::string>{"q"}));
+  reopen();
+  EXPECT_EQ(ids(), (std::vector<std::string>{"q"}));
+  EXPECT_EQ(store_->get_job("r")->announced, "ready");
+}
+
+TEST(Artifacts, AtomicWriteChecksumAndVerifiedRead) {
+  auto dir = fs::temp_directory_path() / ("tailor-art-" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  auto path = (dir / "a.bin").string();
+  std::string text = "adapter bytes";
+  std::vector<std::byte> bytes(reinterpret_cast<const std::byte*>(text.data()),
+                               reinterpret_cast<const std::byte*>(text.data()) + text.size());
+  ASSERT_FALSE(write_file_atomic(path, bytes));
+  // SHA-256 of "adapter bytes", computed independently (sha256sum).
+  auto sum = checksum_of(bytes);
+  EXPECT_EQ(sum, "sha256:dd70d2c1a473d6e87c6dd52a250ca1c9f055a3910d10f1674121461cf6c96bf7");
+  auto back = read_file(path, sum);
+  ASSERT_TRUE(back);
+  EXPECT_EQ(*back, bytes);
+  // Overwrite in place: readers see the old or the new file, never a temp one.
+  text = "other bytes!";
+  std::vector<std::byte> other(reinterpret_cast<const std::byte*>(text.data()),
+                               reinterpret_cast<const std::byte*>(text.data()) + text.size());
+  ASSERT_FALSE(write_file_atomic(path, other));
+  EXPECT_EQ(read_file(path, sum).error(), errc::checksum_mismatch);
+  EXPECT_EQ(read_file((dir / "absent").string()).error(), errc::not_found);
+  std::size_t files = 0;
+  for (auto& e : fs::directory_iterator(dir)) files += e.is_regular_file();
+  EXPECT_EQ(files, 1u) << "no temporary file is left behind";
+  fs::remove_all(dir);
 }
 
 TEST_F(StoreTest, RequestsAreKeyedByUserAndRequestId) {

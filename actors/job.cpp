@@ -1,0 +1,312 @@
+#include "actors/job.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+
+namespace tailor::actors {
+
+namespace {
+
+using answers = std::vector<outgoing_message>;
+using job_ptr = job_actor::stateful_pointer<job_state>;
+
+constexpr auto store_timeout = std::chrono::seconds(30);
+
+bool is_final(const std::string& status) {
+  return status == "ready" || status == "failed" || status == "cancelled";
+}
+
+int64_t now_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+errc code_of(const std::string& name) {
+  for (int c = 0; c <= static_cast<int>(errc::training_failed); ++c)
+    if (to_string(static_cast<errc>(c)) == name) return static_cast<errc>(c);
+  return errc::internal;
+}
+
+// Publishes in order (the egress keeps one producer, so a job's events reach
+// tailor.events in the order sent), then runs `delivered`. A failed delivery
+// is tried again: the events are idempotent for consumers.
+void publish(job_ptr self, answers msgs, std::function<void()> delivered = {}) {
+  self->request(self->state.out, caf::infinite, publish_atom_v, msgs)
+      .then(
+          [=](caf::ok_atom) {
+            if (delivered) delivered();
+          },
+          [=](caf::error& err) {
+            spdlog::error("job {}: events not delivered, retrying: {}", self->state.job.job_id,
+                          caf::to_string(err));
+            publish(self, msgs, delivered);
+          });
+}
+
+void announce(job_ptr self, const std::string& type) {
+  publish(self, {job_event_message(self->state.job, type)});
+}
+
+// Gives the slot back and waits for a slot again after `delay`.
+void park(job_ptr self, std::chrono::milliseconds delay) {
+  auto& st = self->state;
+  if (st.in_slot) self->send(st.pool, release_atom_v, st.job.job_id);
+  st.in_slot = false;
+  self->delayed_send(self, delay, requeue_atom_v);
+}
+
+// Persists the move to `to` (with the error/attempts of `update`), then runs
+// `next`. A store failure parks the job: it runs again from its persisted
+// state after the backoff.
+void advance(job_ptr self, const std::string& to, job_record update, std::function<void()> next) {
+  auto& st = self->state;
+  self->request(st.db, store_timeout, transit_atom_v, st.job.job_id, st.job.status, to, update)
+      .await(
+          [=](job_record& j) {
+            self->state.job = std::move(j);
+            next();
+          },
+          [=](caf::error& err) {
+            spdlog::error("job {}: cannot persist {}: {}", self->state.job.job_id, to,
+                          caf::to_string(err));
+            park(self, std::chrono::milliseconds(self->state.cfg.training.retry_backoff_ms));
+          });
+}
+
+answers final_messages(const job_record& j) {
+  if (j.status == "ready") return j.outcome;
+  return {job_event_message(j, j.status == "failed" ? "job.failed" : "job.cancelled")};
+}
+
+// Publishes the final events, records that they were delivered, answers any
+// cancel waiting, and ends.
+void finish(job_ptr self) {
+  publish(self, final_messages(self->state.job), [self] {
+    auto& st = self->state;
+    self->request(st.db, store_timeout, announce_atom_v, st.job.job_id, st.job.status)
+        .then([](caf::ok_atom) {},
+              [self](caf::error& err) {
+                // The events went out; at the next start they go out again.
+                spdlog::warn("job {}: cannot record the announcement: {}", self->state.job.job_id,
+                             caf::to_string(err));
+              });
+    for (auto& rp : st.cancel_waiters) {
+      if (st.job.status == "cancelled") {
+        rp.deliver(answers{});  // job.cancelled was just published
+        continue;
+      }
+      rp.deliver(answers{cancel_rejected(
+          st.job.job_id, st.job.request_id, st.job.user_id, errc::job_not_cancellable,
+          "job " + st.job.job_id + " ended " + st.job.status + " before the cancel took effect")});
+    }
+    st.cancel_waiters.clear();
+    st.stats->count_job(st.job.status);
+    self->send(st.pool, done_atom_v, st.job.job_id);
+    self->quit();
+  });
+}
+
+void on_outcome(job_ptr self, training_outcome& o) {
+  auto& st = self->state;
+  self->send(st.pool, release_atom_v, st.job.job_id);
+  st.in_slot = false;
+  if (o.status == "interrupted") {
+    // Shutdown: the job stays where it is and resumes at the next start.
+    self->send(st.pool, done_atom_v, st.job.job_id);
+    self->quit();
+    return;
+  }
+  if (o.status == "cancelled") {
+    advance(self, "cancelled", {}, [self] { finish(self); });
+    return;
+  }
+  if (o.status == "done") {
+    model_record m;
+    m.model_id = model_id_for(st.job.job_id);
+    m.user_id = st.job.user_id;
+    m.base_model = st.job.base_model;
+    m.artifact_path = o.artifact_path;
+    m.checksum = o.checksum;
+    m.status = "ready";
+    m.created_ms = now_ms();
+    m.job_id = st.job.job_id;
+    auto ready = st.job;
+    ready.model_id = m.model_id;
+    answers outcome{job_event_message(ready, "model.ready")};
+    for (auto& r : o.results) outcome.push_back(std::move(r));
+    self->request(st.db, store_timeout, register_atom_v, m, st.job.job_id, outcome)
+        .await(
+            [=](caf::ok_atom) {
+              auto& st = self->state;
+              st.job.status = "ready";
+              st.job.model_id = m.model_id;
+              st.job.outcome = outcome;
+              finish(self);
+            },
+            [=](caf::error& err) {
+              spdlog::error("job {}: cannot register model {}: {}", self->state.job.job_id,
+                            m.model_id, caf::to_string(err));
+              park(self, std::chrono::milliseconds(self->state.cfg.training.retry_backoff_ms));
+            });
+    return;
+  }
+  // Failed: transient failures retry with exponential backoff, up to the limit.
+  job_record update;
+  update.attempts = st.job.attempts + 1;
+  update.error_code = to_string(o.code);
+  update.error_message = o.message;
+  const auto& tc = st.cfg.training;
+  if (o.transient && update.attempts < tc.max_attempts) {
+    auto delay = std::chrono::milliseconds(static_cast<int64_t>(tc.retry_backoff_ms)
+                                           << std::min<int64_t>(update.attempts - 1, 16));
+    spdlog::warn("job {}: attempt {} failed ({}); retrying in {} ms", st.job.job_id,
+                 update.attempts, o.message, delay.count());
+    advance(self, "retrying", update, [self, delay] {
+      announce(self, "job.retrying");
+      park(self, delay);
+    });
+    return;
+  }
+  if (o.transient) update.error_code = to_string(errc::training_failed);
+  advance(self, "failed", update, [self] { finish(self); });
+}
+
+// Hands the job to its slot, resolved from the stored request.
+void run(job_ptr self, trainer_actor slot) {
+  auto& st = self->state;
+  auto parsed = parse_event(input_topic::onboarding, st.job.request, st.cfg.limits);
+  auto* pr = std::get_if<parsed_request>(&parsed);
+  if (!pr || !std::holds_alternative<onboarding_request>(pr->value)) {
+    training_outcome o;
+    o.status = "failed";
+    o.code = errc::internal;
+    o.message = "the stored onboarding request no longer parses";
+    on_outcome(self, o);
+    return;
+  }
+  const auto& req = std::get<onboarding_request>(pr->value);
+  const auto& d = st.cfg.training;
+  training_order order;
+  order.job_id = st.job.job_id;
+  order.request_id = st.job.request_id;
+  order.user_id = st.job.user_id;
+  order.model_id = model_id_for(st.job.job_id);
+  order.base_model = st.job.base_model;
+  order.texts = req.texts;
+  order.data_ref = req.data_ref.value_or("");
+  order.rank = req.hparams.rank.value_or(d.rank);
+  order.alpha = req.hparams.alpha.value_or(d.alpha);
+  order.steps = req.hparams.steps.value_or(d.steps);
+  order.learning_rate = req.hparams.learning_rate.value_or(d.learning_rate);
+  order.batch_size = req.hparams.batch_size.value_or(d.batch_size);
+  order.seed = req.hparams.seed.value_or(d.seed);
+  order.prompts = req.prompts;
+  order.cancel = st.cancel;
+  self->request(slot, caf::infinite, train_atom_v, std::move(order))
+      .then([self](training_outcome& o) { on_outcome(self, o); },
+            [self](caf::error& err) {
+              training_outcome o;
+              o.status = "failed";
+              o.code = errc::training_failed;
+              o.message = "training slot failed: " + caf::to_string(err);
+              o.transient = true;
+              on_outcome(self, o);
+            });
+}
+
+}  // namespace
+
+std::string model_id_for(const std::string& job_id) {
+  auto tail = job_id.rfind("job-", 0) == 0 ? job_id.substr(4) : job_id;
+  return "model-" + tail;
+}
+
+outgoing_message cancel_rejected(const std::string& job_id, const std::string& request_id,
+                                 const std::string& user_id, errc code, std::string message) {
+  job_event ev{"job.cancel_rejected",
+               job_id,
+               request_id,
+               user_id,
+               std::nullopt,
+               std::nullopt,
+               error_info{code, std::move(message)}};
+  return {channel::events, user_id, to_json(ev)};
+}
+
+outgoing_message job_event_message(const job_record& j, const std::string& type) {
+  job_event ev{type, j.job_id, j.request_id, j.user_id, std::nullopt, std::nullopt, std::nullopt};
+  if (type == "model.ready") ev.model_id = j.model_id;
+  if ((type == "job.failed" || type == "job.retrying") && !j.error_code.empty())
+    ev.error = error_info{code_of(j.error_code), j.error_message};
+  return {channel::events, j.user_id, to_json(ev)};
+}
+
+job_actor::behavior_type job(job_actor::stateful_pointer<job_state> self, job_record rec,
+                             engine_config cfg, store_actor db, egress_actor out, job_owner pool,
+                             std::shared_ptr<metrics> stats) {
+  auto& st = self->state;
+  st.job = std::move(rec);
+  st.cfg = std::move(cfg);
+  st.db = std::move(db);
+  st.out = std::move(out);
+  st.pool = std::move(pool);
+  st.stats = std::move(stats);
+  return {
+      [self](admit_atom, caf::actor slot) {
+        auto& st = self->state;
+        st.in_slot = true;
+        auto t = caf::actor_cast<trainer_actor>(slot);
+        // A job found admitted at recovery was admitted already; one found
+        // training or saving starts over from its checkpoint.
+        if (st.job.status == "admitted") return run(self, t);
+        advance(self, "admitted", {}, [self, t] {
+          announce(self, "job.admitted");
+          run(self, t);
+        });
+      },
+      [self](started_atom) {
+        if (self->state.job.status != "admitted") return;
+        advance(self, "training", {}, [self] { announce(self, "job.training"); });
+      },
+      [self](progress_atom, int64_t step, int64_t steps, double loss) {
+        auto& j = self->state.job;
+        job_event ev{"job.progress", j.job_id,     j.request_id,
+                     j.user_id,      std::nullopt, progress_info{step, steps, loss},
+                     std::nullopt};
+        publish(self, {{channel::events, j.user_id, to_json(ev)}});
+      },
+      [self](saving_atom) {
+        if (self->state.job.status != "training") return;
+        advance(self, "saving", {}, [self] { announce(self, "job.saving"); });
+      },
+      [self](cancel_atom) -> caf::result<answers> {
+        auto& st = self->state;
+        const auto& s = st.job.status;
+        if (!st.in_slot && (s == "queued" || s == "retrying")) {
+          auto rp = self->make_response_promise<answers>();
+          st.cancel_waiters.push_back(rp);
+          advance(self, "cancelled", {}, [self] { finish(self); });
+          return rp;
+        }
+        if (st.in_slot && s != "saving") {
+          st.cancel->store(true);  // the slot stops before its next step
+          auto rp = self->make_response_promise<answers>();
+          st.cancel_waiters.push_back(rp);
+          return rp;
+        }
+        return answers{cancel_rejected(st.job.job_id, st.job.request_id, st.job.user_id,
+                                       errc::job_not_cancellable,
+                                       "job " + st.job.job_id + " is " + s)};
+      },
+      [self](requeue_atom) {
+        self->send(self->state.pool, requeue_atom_v, self->state.job.job_id);
+      },
+      [self](done_atom) {
+        if (is_final(self->state.job.status)) finish(self);
+      },
+  };
+}
+
+}  // namespace tailor::actors

@@ -1,0 +1,70 @@
+#pragma once
+
+#include <atomic>
+#include <caf/actor.hpp>
+#include <caf/typed_actor.hpp>
+#include <caf/typed_event_based_actor.hpp>
+#include <caf/typed_response_promise.hpp>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "actors/config.hpp"
+#include "actors/egress.hpp"
+#include "actors/metrics.hpp"
+#include "actors/store_actor.hpp"
+#include "actors/trainer.hpp"
+#include "messages/type_ids.hpp"
+
+namespace tailor::actors {
+
+// What a job actor tells the training pool that owns it: its slot is free
+// (`release`), it waits for a slot again after a backoff (`requeue`), it has
+// ended (`done`). The pool's full interface extends this one.
+using job_owner = caf::typed_actor<caf::reacts_to<release_atom, std::string>,
+                                   caf::reacts_to<requeue_atom, std::string>,
+                                   caf::reacts_to<done_atom, std::string>>;
+
+// One per fine-tuning job: drives queued -> admitted -> training -> saving ->
+// ready, or retrying / failed / cancelled. Every transition is persisted
+// before it is announced on tailor.events. `admit` hands it a training slot
+// (a trainer_actor, as an untyped handle); `started`, `progress` and `saving`
+// come from that slot; `cancel` answers once the job has stopped (or at once
+// when it cannot be cancelled any more); `done` announces a final state
+// found at recovery and ends the actor.
+using job_actor =
+    caf::typed_actor<caf::reacts_to<admit_atom, caf::actor>, caf::reacts_to<started_atom>,
+                     caf::reacts_to<progress_atom, int64_t, int64_t, double>,
+                     caf::reacts_to<saving_atom>,
+                     caf::replies_to<cancel_atom>::with<std::vector<outgoing_message>>,
+                     caf::reacts_to<requeue_atom>, caf::reacts_to<done_atom>>;
+
+struct job_state {
+  job_record job;
+  engine_config cfg;
+  store_actor db;
+  egress_actor out;
+  job_owner pool;
+  std::shared_ptr<metrics> stats;
+  std::shared_ptr<std::atomic<bool>> cancel = std::make_shared<std::atomic<bool>>(false);
+  std::vector<caf::typed_response_promise<std::vector<outgoing_message>>> cancel_waiters;
+  bool in_slot = false;
+  static inline const char* name = "tailor.job";
+};
+
+job_actor::behavior_type job(job_actor::stateful_pointer<job_state> self, job_record rec,
+                             engine_config cfg, store_actor db, egress_actor out, job_owner pool,
+                             std::shared_ptr<metrics> stats);
+
+// The model a job registers: derived from the job id, so a retried or
+// resumed job can only ever register one.
+std::string model_id_for(const std::string& job_id);
+
+// The answer to a job.cancel that cannot be granted.
+outgoing_message cancel_rejected(const std::string& job_id, const std::string& request_id,
+                                 const std::string& user_id, errc code, std::string message);
+
+// The job event of `type` for `job` (with its error for failures).
+outgoing_message job_event_message(const job_record& job, const std::string& type);
+
+}  // namespace tailor::actors

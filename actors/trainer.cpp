@@ -1,0 +1,242 @@
+#include "actors/trainer.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <filesystem>
+
+#include "actors/job.hpp"
+#include "actors/training_data.hpp"
+#include "model/checkpoint.hpp"
+#include "model/errc.hpp"
+#include "model/generate.hpp"
+#include "model/pretrain.hpp"
+#include "model/threads.hpp"
+#include "model/trainer.hpp"
+#include "storage/artifacts.hpp"
+#include "storage/paths.hpp"
+
+namespace tailor::actors {
+
+struct base_models {
+  std::map<std::string, model::base_weights> by_name;
+};
+
+namespace {
+
+namespace fs = std::filesystem;
+using clock = std::chrono::steady_clock;
+
+std::string text_of(const caf::error& err) {
+  const auto& ctx = err.context();
+  if (ctx.match_elements<std::string>()) return ctx.get_as<std::string>(0);
+  return caf::to_string(err);
+}
+
+training_outcome failure(errc code, std::string message, bool transient) {
+  training_outcome o;
+  o.status = "failed";
+  o.code = code;
+  o.message = std::move(message);
+  o.transient = transient;
+  return o;
+}
+
+training_outcome with_status(const char* status) {
+  training_outcome o;
+  o.status = status;
+  return o;
+}
+
+std::vector<outgoing_message> prompt_results(const engine_config& cfg,
+                                             const model::base_weights& base,
+                                             const model::lora_adapter& adapter,
+                                             const training_order& o) {
+  std::vector<outgoing_message> out;
+  if (o.prompts.empty()) return out;
+  auto bank = model::adapter_bank::build(base.cfg, {&adapter});
+  std::vector<model::sampling> settings;
+  for (std::size_t i = 0; i < o.prompts.size(); ++i) {
+    model::sampling s;
+    s.max_tokens = cfg.training.prompt_max_tokens;
+    s.temperature = 0.7;
+    s.top_k = 40;
+    s.seed = o.seed + i;
+    settings.push_back(s);
+  }
+  auto t0 = clock::now();
+  auto gens = model::generate_all(base, bank, o.prompts, std::vector<int64_t>(o.prompts.size(), 1),
+                                  settings);
+  double ms = std::chrono::duration<double, std::milli>(clock::now() - t0).count();
+  for (std::size_t i = 0; i < gens.size(); ++i) {
+    inference_result r;
+    r.request_id = o.request_id + "#" + std::to_string(i);
+    r.user_id = o.user_id;
+    r.model_id = o.model_id;
+    r.text = gens[i].text;
+    r.finish_reason = gens[i].finish_reason;
+    // One batch generated every prompt: each reports the batch's time.
+    r.timings.decode = ms;
+    r.timings.total = ms;
+    out.push_back({channel::results, o.user_id, to_json(r)});
+  }
+  return out;
+}
+
+training_outcome run_order(trainer_actor::stateful_pointer<trainer_state> self, training_order& o) {
+  auto& st = self->state;
+  auto job = caf::actor_cast<job_actor>(self->current_sender());
+  if (o.cancel && o.cancel->load()) return with_status("cancelled");
+  if (st.shutdown->load()) return with_status("interrupted");
+  auto it = st.bases->by_name.find(o.base_model);
+  if (it == st.bases->by_name.end())
+    return failure(errc::unknown_base_model,
+                   "base_model: '" + o.base_model + "' is not loaded here", false);
+  const auto& base = it->second;
+  auto texts = o.texts;
+  if (!o.data_ref.empty()) {
+    const auto& root = st.cfg.training.data_dir;
+    auto path = resolve_data_ref(root, o.data_ref);
+    if (!path) return failure(static_cast<errc>(path.error().code()), text_of(path.error()), false);
+    auto entries = read_training_file(*path, o.data_ref, st.cfg.training.max_data_bytes);
+    if (!entries)
+      return failure(static_cast<errc>(entries.error().code()), text_of(entries.error()), false);
+    texts = std::move(*entries);
+  }
+  self->send(job, started_atom_v);
+
+  model::lora_config lc;
+  lc.rank = o.rank;
+  lc.alpha = o.alpha;
+  model::train_options opt;
+  opt.steps = o.steps;
+  opt.learning_rate = o.learning_rate;
+  opt.batch_size = o.batch_size;
+  opt.seed = o.seed;
+  opt.checkpoint_every = st.cfg.training.checkpoint_every;
+  opt.checkpoint_path = checkpoint_path(st.cfg, o.job_id);
+  std::error_code ec;
+  fs::create_directories(fs::path(opt.checkpoint_path).parent_path(), ec);
+  // Progress at a bounded rate: the first step, then at most one per
+  // interval, and the last one.
+  const auto interval = std::chrono::milliseconds(st.cfg.training.progress_interval_ms);
+  auto last_report = clock::time_point{};
+  auto progress = [&](const model::train_progress& p) {
+    auto now = clock::now();
+    if (p.step != 1 && p.step != p.steps && now - last_report < interval) return;
+    last_report = now;
+    self->send(job, progress_atom_v, p.step, p.steps, p.loss);
+  };
+  auto stop = [&] { return (o.cancel && o.cancel->load()) || st.shutdown->load(); };
+  auto t0 = clock::now();
+  auto res = model::train_lora(base, texts, lc, opt, progress, stop);
+  st.stats->add_training_seconds(std::chrono::duration<double>(clock::now() - t0).count());
+  if (!res) {
+    const auto& err = res.error();
+    if (err.category() == caf::atom("tailor_mdl") &&
+        err.code() == static_cast<uint8_t>(model::errc::invalid_data))
+      return failure(errc::invalid_data, "texts: " + text_of(err), false);
+    if (err.category() == caf::atom("tailor_mdl") &&
+        err.code() == static_cast<uint8_t>(model::errc::invalid_options))
+      return failure(errc::out_of_bounds, "hyperparameters: " + text_of(err), false);
+    return failure(errc::training_failed, text_of(err), true);
+  }
+  if (res->cancelled) {
+    if (o.cancel && o.cancel->load()) {
+      fs::remove(opt.checkpoint_path, ec);
+      return with_status("cancelled");
+    }
+    return with_status("interrupted");
+  }
+  self->send(job, saving_atom_v);
+  auto bytes = model::encode_adapter(res->adapter, base.cfg,
+                                     {{"tailor.user_id", o.user_id},
+                                      {"tailor.model_id", o.model_id},
+                                      {"tailor.job_id", o.job_id},
+                                      {"tailor.base_model", o.base_model}});
+  if (!bytes)
+    return failure(errc::training_failed, "encoding the adapter: " + text_of(bytes.error()), true);
+  training_outcome out;
+  out.status = "done";
+  out.artifact_path = adapter_path(st.cfg, o.user_id, o.model_id);
+  out.checksum = storage::checksum_of(*bytes);
+  fs::create_directories(fs::path(out.artifact_path).parent_path(), ec);
+  if (auto err = storage::write_file_atomic(out.artifact_path, *bytes))
+    return failure(errc::training_failed, "writing the adapter: " + text_of(err), true);
+  out.steps_done = res->steps_done;
+  out.loss = res->train_loss;
+  out.results = prompt_results(st.cfg, base, res->adapter, o);
+  fs::remove(opt.checkpoint_path, ec);
+  return out;
+}
+
+}  // namespace
+
+std::string adapter_path(const engine_config& cfg, const std::string& user_id,
+                         const std::string& model_id) {
+  return cfg.artifact_dir + "/adapters/" + user_id + "/" + model_id + ".safetensors";
+}
+
+std::string checkpoint_path(const engine_config& cfg, const std::string& job_id) {
+  return cfg.artifact_dir + "/checkpoints/" + job_id + ".ckpt";
+}
+
+std::shared_ptr<const base_models> load_base_models(const engine_config& cfg, std::string& err) {
+  model::configure_threads(cfg.compute.intra_op_threads, cfg.compute.blas_threads);
+  auto bases = std::make_shared<base_models>();
+  auto dir = cfg.models.dir.empty() ? storage::tailor_home() + "/models" : cfg.models.dir;
+  for (const auto& name : cfg.base_models) {
+    auto path = dir + "/" + name + ".safetensors";
+    model::pretrain_options po;
+    po.minutes = cfg.models.pretrain_minutes > 0 ? cfg.models.pretrain_minutes : 1e9;
+    po.max_steps = cfg.models.pretrain_steps;
+    if (!fs::exists(path))
+      spdlog::warn(
+          "base model {} is not at {}: pre-training it now ({} min budget; "
+          "`tailorctl pretrain` does this ahead of time)",
+          name, path, cfg.models.pretrain_minutes);
+    auto last = clock::now();
+    auto base = model::load_or_pretrain(
+        name, po,
+        [&](const model::pretrain_progress& p) {
+          if (clock::now() - last < std::chrono::seconds(10)) return;
+          last = clock::now();
+          spdlog::info("pre-training {}: step {}, loss {:.3f}, {:.0f}/{:.0f} s", name, p.step,
+                       p.loss, p.elapsed_s, p.budget_s);
+        },
+        path);
+    if (!base) {
+      err = "base model " + name + " (" + path + "): " + text_of(base.error());
+      return nullptr;
+    }
+    spdlog::info("base model {} loaded from {} ({} layers, d_model {})", name, path,
+                 base->cfg.n_layer, base->cfg.d_model);
+    bases->by_name.emplace(name, std::move(*base));
+  }
+  return bases;
+}
+
+trainer_actor::behavior_type trainer(trainer_actor::stateful_pointer<trainer_state> self, int slot,
+                                     engine_config cfg, std::shared_ptr<const base_models> bases,
+                                     std::shared_ptr<metrics> stats,
+                                     std::shared_ptr<std::atomic<bool>> shutdown) {
+  auto& st = self->state;
+  st.slot = slot;
+  st.cfg = std::move(cfg);
+  st.bases = std::move(bases);
+  st.stats = std::move(stats);
+  st.shutdown = std::move(shutdown);
+  return {
+      [self](train_atom, training_order& o) -> training_outcome {
+        // LibTorch reports its failures as exceptions: this is their edge.
+        try {
+          return run_order(self, o);
+        } catch (const std::exception& e) {
+          spdlog::error("training slot {}: job {}: {}", self->state.slot, o.job_id, e.what());
+          return failure(errc::training_failed, e.what(), true);
+        }
+      },
+  };
+}
+
+}  // namespace tailor::actors

@@ -1,0 +1,210 @@
+#include "actors/training_pool.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <chrono>
+
+namespace tailor::actors {
+
+namespace {
+
+using answers = std::vector<outgoing_message>;
+using pool_ptr = pool_actor::stateful_pointer<pool_state>;
+
+// A slot holds the job it runs and the one after it.
+constexpr std::size_t slot_depth = 2;
+
+double unix_now() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+void update_gauges(pool_state& st) {
+  st.stats->set_training_queue(static_cast<int64_t>(st.queue.size()));
+  int64_t assigned = 0;
+  for (const auto& s : st.slots) assigned += static_cast<int64_t>(s.assigned.size());
+  st.stats->set_training_assigned(assigned);
+}
+
+void admit(pool_ptr self) {
+  auto& st = self->state;
+  while (!st.queue.empty() && !st.shutdown->load()) {
+    auto best = std::min_element(
+        st.slots.begin(), st.slots.end(),
+        [](const auto& a, const auto& b) { return a.assigned.size() < b.assigned.size(); });
+    if (best == st.slots.end() || best->assigned.size() >= slot_depth) break;
+    auto id = st.queue.front();
+    st.queue.pop_front();
+    if (st.queue.empty()) st.stats->set_queue_drained(unix_now());
+    auto it = st.jobs.find(id);
+    if (it == st.jobs.end()) continue;
+    if (!st.admitted_any) {
+      st.admitted_any = true;
+      st.stats->set_first_admission(unix_now());
+    }
+    it->second.slot = static_cast<int>(best - st.slots.begin());
+    best->assigned.push_back(id);
+    self->send(it->second.actor, admit_atom_v, caf::actor_cast<caf::actor>(best->trainer));
+  }
+  update_gauges(st);
+}
+
+void unassign(pool_state& st, pool_state::entry& e, const std::string& id) {
+  if (e.slot < 0) return;
+  auto& a = st.slots[static_cast<std::size_t>(e.slot)].assigned;
+  a.erase(std::remove(a.begin(), a.end(), id), a.end());
+  e.slot = -1;
+}
+
+void maybe_stopped(pool_ptr self) {
+  auto& st = self->state;
+  if (st.stop_waiters.empty()) return;
+  for (const auto& [id, e] : st.jobs)
+    if (e.slot >= 0) return;
+  for (auto& rp : st.stop_waiters) rp.deliver(caf::ok_atom_v);
+  st.stop_waiters.clear();
+}
+
+void add_job(pool_ptr self, job_record rec, bool front) {
+  auto& st = self->state;
+  if (st.jobs.count(rec.job_id)) return;
+  auto id = rec.job_id;
+  auto user = rec.user_id;
+  bool final = rec.status == "ready" || rec.status == "failed" || rec.status == "cancelled";
+  auto a = self->spawn(job, std::move(rec), st.cfg, st.db, st.out, caf::actor_cast<job_owner>(self),
+                       st.stats);
+  self->monitor(a);
+  st.jobs[id] = {a, user, -1};
+  ++st.per_user[user];
+  if (final) {
+    self->send(a, done_atom_v);  // only its final events are left to announce
+    return;
+  }
+  if (front)
+    st.queue.push_front(id);
+  else
+    st.queue.push_back(id);
+}
+
+void forget(pool_ptr self, const std::string& id) {
+  auto& st = self->state;
+  auto it = st.jobs.find(id);
+  if (it == st.jobs.end()) return;
+  unassign(st, it->second, id);
+  st.queue.erase(std::remove(st.queue.begin(), st.queue.end(), id), st.queue.end());
+  if (--st.per_user[it->second.user_id] <= 0) st.per_user.erase(it->second.user_id);
+  st.jobs.erase(it);
+}
+
+}  // namespace
+
+pool_actor::behavior_type training_pool(pool_actor::stateful_pointer<pool_state> self,
+                                        engine_config cfg, store_actor db, egress_actor out,
+                                        std::shared_ptr<metrics> stats,
+                                        std::shared_ptr<const base_models> bases) {
+  auto& st = self->state;
+  st.cfg = std::move(cfg);
+  st.db = std::move(db);
+  st.out = std::move(out);
+  st.stats = std::move(stats);
+  for (int i = 0; i < st.cfg.training.slots; ++i) {
+    auto t =
+        self->spawn<caf::detached + caf::linked>(trainer, i, st.cfg, bases, st.stats, st.shutdown);
+    st.slots.push_back({t, {}});
+  }
+  // A job actor that dies without `done` (a bug, not a job failure) leaves
+  // its job persisted as it was: the next start resumes it.
+  self->set_down_handler([self](caf::down_msg& dm) {
+    auto& st = self->state;
+    for (auto& [id, e] : st.jobs) {
+      if (e.actor.address() != dm.source) continue;
+      if (dm.reason && dm.reason != caf::exit_reason::normal)
+        spdlog::error("job actor {} died: {}", id, caf::to_string(dm.reason));
+      forget(self, id);
+      break;
+    }
+    admit(self);
+    maybe_stopped(self);
+  });
+  update_gauges(st);
+  return {
+      [self](submit_atom, job_record& rec) -> caf::ok_atom {
+        add_job(self, std::move(rec), false);
+        admit(self);
+        return caf::ok_atom_v;
+      },
+      [self](count_atom, const std::string& user) -> int64_t {
+        auto it = self->state.per_user.find(user);
+        return it == self->state.per_user.end() ? 0 : it->second;
+      },
+      [self](cancel_atom, const std::string& id) -> caf::result<answers> {
+        auto& st = self->state;
+        auto it = st.jobs.find(id);
+        if (it == st.jobs.end())
+          return caf::make_error(errc::job_not_found, "job " + id + " is not in flight");
+        // Out of the queue first, so it is never admitted afterwards.
+        st.queue.erase(std::remove(st.queue.begin(), st.queue.end(), id), st.queue.end());
+        update_gauges(st);
+        return self->delegate(it->second.actor, cancel_atom_v);
+      },
+      [self](release_atom, const std::string& id) {
+        auto& st = self->state;
+        if (auto it = st.jobs.find(id); it != st.jobs.end()) unassign(st, it->second, id);
+        admit(self);
+        maybe_stopped(self);
+      },
+      [self](requeue_atom, const std::string& id) {
+        auto& st = self->state;
+        if (!st.jobs.count(id) || st.shutdown->load()) return;
+        st.queue.push_back(id);
+        admit(self);
+      },
+      [self](done_atom, const std::string& id) {
+        forget(self, id);
+        admit(self);
+        maybe_stopped(self);
+      },
+      [self](recover_atom) -> caf::result<caf::ok_atom> {
+        auto rp = self->make_response_promise<caf::ok_atom>();
+        self->request(self->state.db, std::chrono::seconds(120), recover_atom_v)
+            .then(
+                [self, rp](std::vector<job_record>& found) mutable {
+                  // Jobs that were running go first, then the queue in arrival order.
+                  std::stable_sort(found.begin(), found.end(), [](const auto& a, const auto& b) {
+                    return a.created_ms < b.created_ms;
+                  });
+                  std::size_t resumed = 0, waiting = 0;
+                  std::vector<job_record> running;
+                  for (auto& j : found) {
+                    if (j.status == "admitted" || j.status == "training" || j.status == "saving")
+                      running.push_back(std::move(j));
+                    else {
+                      waiting += j.status == "queued" || j.status == "retrying";
+                      add_job(self, std::move(j), false);
+                    }
+                  }
+                  for (auto it = running.rbegin(); it != running.rend(); ++it, ++resumed)
+                    add_job(self, std::move(*it), true);
+                  if (resumed + waiting > 0)
+                    spdlog::info("recovery: {} interrupted jobs resume, {} queued jobs wait",
+                                 resumed, waiting);
+                  admit(self);
+                  rp.deliver(caf::ok_atom_v);
+                },
+                [rp](caf::error& err) mutable { rp.deliver(std::move(err)); });
+        return rp;
+      },
+      [self](stop_atom) -> caf::result<caf::ok_atom> {
+        auto& st = self->state;
+        st.shutdown->store(true);  // slots stop at their next step
+        st.queue.clear();
+        update_gauges(st);
+        auto rp = self->make_response_promise<caf::ok_atom>();
+        st.stop_waiters.push_back(rp);
+        maybe_stopped(self);
+        return rp;
+      },
+  };
+}
+
+}  // namespace tailor::actors

@@ -1,0 +1,213 @@
+#include "engine_run.hpp"
+
+#include <httplib.h>
+#include <librdkafka/rdkafkacpp.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+#include <thread>
+
+namespace tailor::bench {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+double proc_status_mb(pid_t pid, const char* field) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind(field, 0) == 0) return std::stod(line.substr(std::strlen(field))) / 1024.0;
+  return -1;
+}
+
+// Remembers the first failed delivery, so that flush() can report it.
+class delivery_check : public RdKafka::DeliveryReportCb {
+ public:
+  void dr_cb(RdKafka::Message& m) override {
+    if (m.err() == RdKafka::ERR_NO_ERROR) return;
+    std::lock_guard<std::mutex> g(mtx_);
+    if (first_error_.empty()) first_error_ = m.errstr();
+  }
+  std::string first_error() {
+    std::lock_guard<std::mutex> g(mtx_);
+    return first_error_;
+  }
+
+ private:
+  std::mutex mtx_;
+  std::string first_error_;
+};
+
+}  // namespace
+
+engine_run::engine_run(const engine_run_options& o) {
+  auto tag = std::to_string(::getpid()) + "-" +
+             std::to_string(std::chrono::steady_clock::now().time_since_epoch().count() % 100000);
+  dir_ = (fs::temp_directory_path() / ("tailor-bench-" + tag)).string();
+  fs::create_directories(dir_);
+  bootstrap_ = o.bootstrap;
+  if (bootstrap_.empty()) {
+    broker_dir_ = dir_ + "/kafka";
+    std::fprintf(stderr, "starting a Kafka broker (scripts/kafka-broker)...\n");
+    auto cmd = std::string(TAILOR_SOURCE_DIR) + "/scripts/kafka-broker start --dir " + broker_dir_ +
+               " >" + dir_ + "/broker.out 2>&1";
+    if (std::system(cmd.c_str()) != 0) {
+      broker_dir_.clear();
+      throw std::runtime_error("the Kafka broker did not start:\n" + slurp(dir_ + "/broker.out"));
+    }
+    std::ifstream(broker_dir_ + "/bootstrap") >> bootstrap_;
+  }
+  prefix_ = "bench" + tag + ".";
+  json cfg = {{"data_dir", dir_ + "/data"},
+              {"admin", {{"host", "127.0.0.1"}, {"port", 0}}},
+              {"kafka",
+               {{"bootstrap_servers", bootstrap_},
+                {"group_id", "bench-" + tag},
+                {"topics",
+                 {{"onboarding", topic("onboarding")},
+                  {"inference", topic("inference")},
+                  {"control", topic("control")},
+                  {"results", topic("results")},
+                  {"events", topic("events")},
+                  {"dlq", topic("dlq")}}}}}};
+  cfg.merge_patch(o.config);
+  auto cfg_path = dir_ + "/tailord.json";
+  std::ofstream(cfg_path) << cfg.dump(2);
+  auto ready = dir_ + "/ready.json";
+  auto log = dir_ + "/tailord.log";
+  pid_ = ::fork();
+  if (pid_ == 0) {
+    FILE* f = std::freopen(log.c_str(), "a", stdout);
+    (void)f;
+    ::dup2(::fileno(stdout), 2);
+    ::execl(o.tailord.c_str(), o.tailord.c_str(), "--config", cfg_path.c_str(), "--ready-file",
+            ready.c_str(), nullptr);
+    ::_exit(127);
+  }
+  if (pid_ < 0) throw std::runtime_error("cannot fork tailord");
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(15);
+  while (!fs::exists(ready)) {
+    int status = 0;
+    if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+      pid_ = -1;
+      throw std::runtime_error("tailord exited during start-up:\n" + slurp(log));
+    }
+    if (std::chrono::steady_clock::now() > deadline)
+      throw std::runtime_error("tailord was not ready within 15 min:\n" + slurp(log));
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  admin_port_ = json::parse(slurp(ready)).at("admin_port").get<int>();
+}
+
+engine_run::~engine_run() {
+  stop();
+  if (!broker_dir_.empty()) {
+    auto cmd = std::string(TAILOR_SOURCE_DIR) + "/scripts/kafka-broker stop --dir " + broker_dir_ +
+               " >/dev/null 2>&1";
+    if (std::system(cmd.c_str()) != 0)
+      std::fprintf(stderr, "tailor-bench: the broker in %s did not stop cleanly\n",
+                   broker_dir_.c_str());
+  }
+  std::error_code ec;
+  fs::remove_all(dir_, ec);
+}
+
+int engine_run::stop() {
+  if (pid_ <= 0) return -1;
+  ::kill(pid_, SIGTERM);
+  int status = 0;
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(90);
+  while (::waitpid(pid_, &status, WNOHANG) != pid_) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, &status, 0);
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  pid_ = -1;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+double engine_run::rss_mb() const {
+  return proc_status_mb(pid_, "VmRSS:");
+}
+
+double engine_run::peak_rss_mb() const {
+  return proc_status_mb(pid_, "VmHWM:");
+}
+
+std::string engine_run::get(const std::string& path) const {
+  httplib::Client cli("127.0.0.1", admin_port_);
+  cli.set_connection_timeout(5);
+  cli.set_read_timeout(30);
+  auto res = cli.Get(path.c_str());
+  if (!res) throw std::runtime_error("admin API " + path + ": " + httplib::to_string(res.error()));
+  return res->body;
+}
+
+double engine_run::metric(const std::string& name, const std::string& label,
+                          const std::string& value) const {
+  auto text = get("/metrics");
+  auto key = "\n" + name + (label.empty() ? "" : "{" + label + "=\"" + value + "\"}") + " ";
+  auto pos = text.find(key);
+  if (pos == std::string::npos) return -1;
+  return std::stod(text.substr(pos + key.size()));
+}
+
+bench_producer::bench_producer(const std::string& bootstrap)
+    : reports_(std::make_unique<delivery_check>()) {
+  std::string err;
+  std::unique_ptr<RdKafka::Conf> conf(RdKafka::Conf::create(RdKafka::Conf::CONF_GLOBAL));
+  if (conf->set("bootstrap.servers", bootstrap, err) != RdKafka::Conf::CONF_OK ||
+      conf->set("linger.ms", "5", err) != RdKafka::Conf::CONF_OK ||
+      conf->set("enable.idempotence", "true", err) != RdKafka::Conf::CONF_OK ||
+      conf->set("dr_cb", reports_.get(), err) != RdKafka::Conf::CONF_OK)
+    throw std::runtime_error("producer: " + err);
+  p_.reset(RdKafka::Producer::create(conf.get(), err));
+  if (!p_) throw std::runtime_error("producer: " + err);
+}
+
+bench_producer::~bench_producer() {
+  p_->flush(10000);
+}
+
+void bench_producer::send(const std::string& topic, const std::string& key,
+                          const std::string& payload) {
+  for (;;) {
+    auto rc = p_->produce(topic, RdKafka::Topic::PARTITION_UA, RdKafka::Producer::RK_MSG_COPY,
+                          const_cast<char*>(payload.data()), payload.size(), key.data(), key.size(),
+                          0, nullptr);
+    if (rc == RdKafka::ERR_NO_ERROR) return;
+    if (rc != RdKafka::ERR__QUEUE_FULL)
+      throw std::runtime_error("produce: " + RdKafka::err2str(rc));
+    p_->poll(50);
+  }
+}
+
+void bench_producer::flush() {
+  auto rc = p_->flush(60000);
+  if (rc != RdKafka::ERR_NO_ERROR) throw std::runtime_error("flush: " + RdKafka::err2str(rc));
+  auto err = static_cast<delivery_check*>(reports_.get())->first_error();
+  if (!err.empty()) throw std::runtime_error("a request was not delivered: " + err);
+}
+
+}  // namespace tailor::bench

@@ -1,0 +1,66 @@
+#pragma once
+
+// What the end-to-end benchmarks share: a Kafka broker (the project's own
+// script, unless servers are given) and a tailord child process configured
+// for the run, with its admin API, memory and metrics at hand.
+#include <sys/types.h>
+
+#include <atomic>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+
+namespace RdKafka {
+class Producer;
+class DeliveryReportCb;
+}  // namespace RdKafka
+
+namespace tailor::bench {
+
+struct engine_run_options {
+  std::string bootstrap;  // empty: start a broker with scripts/kafka-broker
+  std::string tailord = TAILORD_PATH;
+  nlohmann::json config;  // merged over the run's own settings (topics, dirs, ports)
+};
+
+class engine_run {
+ public:
+  // Starts what is needed and waits until tailord is ready; throws with the
+  // reason (and tailord's log) when it cannot.
+  explicit engine_run(const engine_run_options& o);
+  ~engine_run();  // stops tailord (SIGTERM) and the broker it started
+
+  const std::string& bootstrap() const { return bootstrap_; }
+  // Topic names of this run, by role (onboarding, inference, control, results, events, dlq).
+  std::string topic(const std::string& role) const { return prefix_ + role; }
+  pid_t pid() const { return pid_; }
+  // From /proc: resident set size now, and its peak so far (MB).
+  double rss_mb() const;
+  double peak_rss_mb() const;
+  // GET on the admin API; throws on a transport failure.
+  std::string get(const std::string& path) const;
+  // An unlabelled metric, or one with a label {label="value"}; -1 when absent.
+  double metric(const std::string& name, const std::string& label = {},
+                const std::string& value = {}) const;
+  int stop();  // SIGTERM; the exit status
+
+ private:
+  std::string dir_, bootstrap_, prefix_, broker_dir_;
+  pid_t pid_ = -1;
+  int admin_port_ = -1;
+};
+
+// A producer with delivery checks; `flush` throws when a message failed.
+class bench_producer {
+ public:
+  explicit bench_producer(const std::string& bootstrap);
+  ~bench_producer();
+  void send(const std::string& topic, const std::string& key, const std::string& payload);
+  void flush();
+
+ private:
+  std::unique_ptr<RdKafka::DeliveryReportCb> reports_;
+  std::unique_ptr<RdKafka::Producer> p_;
+};
+
+}  // namespace tailor::bench

@@ -1,0 +1,191 @@
+#include "onboarding_bench.hpp"
+
+#include <librdkafka/rdkafkacpp.h>
+
+#include <atomic>
+#include <chrono>
+#include <map>
+#include <mutex>
+#include <set>
+#include <stdexcept>
+#include <thread>
+
+#include "engine_run.hpp"
+#include "progress.hpp"
+
+namespace tailor::bench {
+
+namespace {
+
+using json = nlohmann::json;
+using clock = std::chrono::steady_clock;
+
+// Reads tailor.events from the beginning and counts how each request ended.
+class end_tracker {
+ public:
+  end_tracker(const std::string& bootstrap, const std::string& topic) {
+    std::string err;
+    std::unique_ptr<RdKafka::Conf> conf(RdKafka::Conf::create(RdKafka::Conf::CONF_GLOBAL));
+    if (conf->set("bootstrap.servers", bootstrap, err) != RdKafka::Conf::CONF_OK ||
+        conf->set("group.id", "bench-watch-" + topic, err) != RdKafka::Conf::CONF_OK ||
+        conf->set("auto.offset.reset", "earliest", err) != RdKafka::Conf::CONF_OK ||
+        conf->set("enable.auto.commit", "false", err) != RdKafka::Conf::CONF_OK ||
+        conf->set("topic.metadata.refresh.interval.ms", "500", err) != RdKafka::Conf::CONF_OK)
+      throw std::runtime_error("events consumer: " + err);
+    c_.reset(RdKafka::KafkaConsumer::create(conf.get(), err));
+    if (!c_) throw std::runtime_error("events consumer: " + err);
+    if (auto rc = c_->subscribe({topic}); rc != RdKafka::ERR_NO_ERROR)
+      throw std::runtime_error("events consumer: " + RdKafka::err2str(rc));
+    thread_ = std::thread([this] { run(); });
+  }
+  ~end_tracker() {
+    stop_ = true;
+    thread_.join();
+    c_->close();
+  }
+  std::size_t ended() const {
+    std::lock_guard<std::mutex> g(mtx_);
+    return ended_.size();
+  }
+  std::map<std::string, int> counts() const {
+    std::lock_guard<std::mutex> g(mtx_);
+    return counts_;
+  }
+  std::map<std::string, int> ready_per_request() const {
+    std::lock_guard<std::mutex> g(mtx_);
+    return ready_;
+  }
+  clock::time_point last_end() const {
+    std::lock_guard<std::mutex> g(mtx_);
+    return last_end_;
+  }
+
+ private:
+  void run() {
+    while (!stop_) {
+      std::unique_ptr<RdKafka::Message> m(c_->consume(100));
+      if (m->err() != RdKafka::ERR_NO_ERROR) continue;
+      auto j = json::parse(static_cast<const char*>(m->payload()),
+                           static_cast<const char*>(m->payload()) + m->len(), nullptr, false);
+      if (!j.is_object()) continue;
+      auto type = j.value("type", "");
+      auto key = j.value("user_id", "") + "/" + j.value("request_id", "");
+      std::lock_guard<std::mutex> g(mtx_);
+      ++counts_[type];
+      if (type == "model.ready") ++ready_[key];
+      if (type == "model.ready" || type == "job.failed" || type == "job.cancelled") {
+        ended_.insert(key);
+        last_end_ = clock::now();
+      }
+    }
+  }
+  std::unique_ptr<RdKafka::KafkaConsumer> c_;
+  std::atomic<bool> stop_{false};
+  mutable std::mutex mtx_;
+  std::set<std::string> ended_;
+  std::map<std::string, int> counts_, ready_;
+  clock::time_point last_end_{};
+  std::thread thread_;
+};
+
+}  // namespace
+
+json run_onboarding_spike(const onboarding_options& o) {
+  engine_run_options ro;
+  ro.bootstrap = o.bootstrap;
+  ro.tailord = o.tailord;
+  ro.config = {{"training",
+                {{"slots", o.slots},
+                 {"steps", o.steps},
+                 {"admission_queue", o.admission_queue},
+                 {"checkpoint_every", 0}}}};
+  std::fprintf(stderr, "starting tailord (%d training slots, %d steps per job)...\n", o.slots,
+               o.steps);
+  engine_run engine(ro);
+  const double idle_rss = engine.rss_mb();
+  end_tracker ends(engine.bootstrap(), engine.topic("events"));
+  bench_producer producer(engine.bootstrap());
+
+  const auto t0 = clock::now();
+  for (int i = 0; i < o.jobs; ++i) {
+    auto user = "spike-" + std::to_string(i);
+    json req = {{"type", "onboarding.request"},
+                {"schema_version", 1},
+                {"user_id", user},
+                {"request_id", "signup"},
+                {"texts",
+                 {"Hello, I am " + user + ".", "I like short answers and long walks.",
+                  "My favourite fortune: a journey of a thousand miles begins with one step."}}};
+    producer.send(engine.topic("onboarding"), user, req.dump());
+  }
+  producer.flush();
+  const double publish_s = std::chrono::duration<double>(clock::now() - t0).count();
+  std::fprintf(stderr, "published %d onboarding requests in %.1f s\n", o.jobs, publish_s);
+
+  cli::progress_bar bar;
+  double max_lag = 0, peak_rss = idle_rss;
+  const auto deadline = t0 + std::chrono::duration<double>(o.timeout_minutes * 60);
+  while (ends.ended() < static_cast<std::size_t>(o.jobs) && clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    max_lag = std::max(max_lag,
+                       engine.metric("tailor_consumer_lag", "topic", engine.topic("onboarding")));
+    peak_rss = std::max(peak_rss, engine.rss_mb());
+    auto done = ends.ended();
+    auto running = engine.metric("tailor_training_assigned");
+    auto elapsed = std::chrono::duration<double>(clock::now() - t0).count();
+    bar.update(static_cast<double>(done) / o.jobs,
+               "submitted " + std::to_string(o.jobs) + " | running " +
+                   std::to_string(static_cast<int>(running)) + " | done " + std::to_string(done) +
+                   " | " + cli::format_duration(elapsed));
+  }
+  bar.done();
+  // Lag is sampled every 2 s inside tailord; the last samples come after the end.
+  max_lag =
+      std::max(max_lag, engine.metric("tailor_consumer_lag", "topic", engine.topic("onboarding")));
+  const auto ended = ends.ended();
+  const auto counts = ends.counts();
+  const double train_s = engine.metric("tailor_training_seconds_total");
+  const double first_admission = engine.metric("tailor_training_first_admission_seconds");
+  const double drained = engine.metric("tailor_training_queue_drained_seconds");
+  // Models as the engine registered them: more than one for a request is a duplicate.
+  int duplicates = 0;
+  for (int i = 0; i < o.jobs; ++i) {
+    auto models =
+        json::parse(engine.get("/v1/users/spike-" + std::to_string(i) + "/models"), nullptr, false);
+    if (models.is_array() && models.size() > 1) duplicates += static_cast<int>(models.size()) - 1;
+  }
+  peak_rss = std::max(peak_rss, engine.peak_rss_mb());
+  const double wall_s =
+      std::chrono::duration<double>((ended > 0 ? ends.last_end() : clock::now()) - t0).count();
+  auto count = [&](const char* type) {
+    auto it = counts.find(type);
+    return it == counts.end() ? 0 : it->second;
+  };
+  json out;
+  out["jobs"] = o.jobs;
+  out["slots"] = o.slots;
+  out["steps"] = o.steps;
+  out["admission_queue"] = o.admission_queue;
+  out["submitted"] = o.jobs;
+  out["completed"] = count("model.ready") - duplicates;
+  out["failed"] = count("job.failed");
+  out["cancelled"] = count("job.cancelled");
+  out["lost"] = o.jobs - static_cast<int>(ended);
+  out["duplicates"] = duplicates;
+  out["idle_rss_mb"] = idle_rss;
+  out["peak_rss_mb"] = peak_rss;
+  out["rss_growth_mb"] = peak_rss - idle_rss;
+  out["slot_utilization"] = drained > first_admission && first_admission > 0
+                                ? train_s / (o.slots * (drained - first_admission))
+                                : 0.0;
+  out["training_seconds"] = train_s;
+  out["max_consumer_lag"] = max_lag;
+  out["jobs_per_min"] = wall_s > 0 ? ended * 60.0 / wall_s : 0.0;
+  out["publish_s"] = publish_s;
+  out["wall_s"] = wall_s;
+  out["retries"] = count("job.retrying");
+  out["engine_exit_status"] = engine.stop();
+  return out;
+}
+
+}  // namespace tailor::bench

@@ -1,0 +1,23 @@
+#pragma once
+
+#include <nlohmann/json.hpp>
+#include <string>
+
+namespace tailor::bench {
+
+struct onboarding_options {
+  int jobs = 1000;
+  int slots = 2;
+  int steps = 5;
+  int admission_queue = 32;
+  double timeout_minutes = 60;
+  std::string bootstrap;  // empty: start a broker
+  std::string tailord = TAILORD_PATH;
+};
+
+// A sign-up spike: N onboarding requests published as fast as possible to a
+// tailord of its own; waits until every job has ended and reports what
+// happened to them, the engine's memory, and how busy the training slots were.
+nlohmann::json run_onboarding_spike(const onboarding_options& o);
+
+}  // namespace tailor::bench

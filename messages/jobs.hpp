@@ -1,0 +1,55 @@
+#pragma once
+
+#include <atomic>
+#include <caf/meta/type_name.hpp>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "messages/errc.hpp"
+#include "messages/records.hpp"
+
+// What a job actor hands a training slot, and what comes back.
+namespace tailor::messages {
+
+// One job's training, fully resolved: hyperparameters with defaults applied.
+// Local only (it carries the cancellation flag the slot polls between
+// steps), so it has no inspect and never leaves the process.
+struct training_order {
+  std::string job_id;
+  std::string request_id;
+  std::string user_id;
+  std::string model_id;
+  std::string base_model;
+  std::vector<std::string> texts;  // inline texts, or ...
+  std::string data_ref;            // ... a file under the training data directory
+  int64_t rank = 8;
+  double alpha = 16.0;
+  int64_t steps = 100;
+  double learning_rate = 2e-3;
+  int64_t batch_size = 8;
+  uint64_t seed = 0;
+  std::vector<std::string> prompts;
+  std::shared_ptr<std::atomic<bool>> cancel;
+};
+
+struct training_outcome {
+  std::string status;  // done | cancelled | failed
+  errc code = errc::none;
+  std::string message;
+  bool transient = false;  // a failure worth retrying
+  std::string artifact_path;
+  std::string checksum;
+  int64_t steps_done = 0;
+  double loss = 0;
+  std::vector<outgoing_message> results;  // the prompts' generations
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, training_outcome& x) {
+  return f(caf::meta::type_name("training_outcome"), x.status, x.code, x.message, x.transient,
+           x.artifact_path, x.checksum, x.steps_done, x.loss, x.results);
+}
+
+}  // namespace tailor::messages

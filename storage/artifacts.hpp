@@ -1,0 +1,28 @@
+#pragma once
+
+#include <caf/expected.hpp>
+#include <cstddef>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "storage/errc.hpp"
+
+// The artifact store's file primitives: atomic writes and checksums, so a
+// reader never sees a partial adapter and a damaged one is refused on load.
+namespace tailor::storage {
+
+// "sha256:<64 hex digits>" of `bytes`.
+std::string checksum_of(std::span<const std::byte> bytes);
+
+// Writes `bytes` to a temporary file beside `path`, fsyncs it, renames it over
+// `path` and fsyncs the directory: after a crash there is the old file or the
+// new one, never a mix.
+caf::error write_file_atomic(const std::string& path, std::span<const std::byte> bytes);
+
+// Reads `path` whole; when `checksum` is not empty, the bytes must match it
+// (else checksum_mismatch).
+caf::expected<std::vector<std::byte>> read_file(const std::string& path,
+                                                const std::string& checksum = {});
+
+}  // namespace tailor::storage

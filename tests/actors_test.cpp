@@ -1,0 +1,111 @@
+// Actor-layer helpers that need no broker: training data resolution and
+// configuration checks.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "actors/config.hpp"
+#include "actors/training_data.hpp"
+
+using namespace tailor::actors;
+using tailor::messages::errc;
+namespace fs = std::filesystem;
+
+namespace {
+
+class TrainingData : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("tailor-data-" + std::to_string(::getpid()));
+    fs::create_directories(dir_ / "root" / "sub");
+    root_ = (dir_ / "root").string();
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  void write(const fs::path& p, const std::string& text) { std::ofstream(p) << text; }
+  static errc code(const caf::error& e) { return static_cast<errc>(e.code()); }
+
+  fs::path dir_;
+  std::string root_;
+};
+
+}  // namespace
+
+TEST_F(TrainingData, ResolvesFilesInsideTheDirectoryOnly) {
+  write(dir_ / "root" / "sub" / "a.txt", "x");
+  write(dir_ / "outside.txt", "y");
+  auto ok = resolve_data_ref(root_, "sub/a.txt");
+  ASSERT_TRUE(ok);
+  EXPECT_EQ(*ok, fs::canonical(dir_ / "root" / "sub" / "a.txt").string());
+  EXPECT_TRUE(resolve_data_ref(root_, "sub/../sub/a.txt"));
+  EXPECT_EQ(code(resolve_data_ref(root_, "../outside.txt").error()), errc::path_escape);
+  EXPECT_EQ(code(resolve_data_ref(root_, (dir_ / "outside.txt").string()).error()),
+            errc::path_escape);
+  fs::create_symlink(dir_ / "outside.txt", dir_ / "root" / "link.txt");
+  EXPECT_EQ(code(resolve_data_ref(root_, "link.txt").error()), errc::path_escape);
+  fs::create_directory_symlink(dir_, dir_ / "root" / "up");
+  EXPECT_EQ(code(resolve_data_ref(root_, "up/outside.txt").error()), errc::path_escape);
+  // A symlink that stays inside is fine.
+  fs::create_symlink(dir_ / "root" / "sub" / "a.txt", dir_ / "root" / "inner.txt");
+  EXPECT_TRUE(resolve_data_ref(root_, "inner.txt"));
+  EXPECT_EQ(code(resolve_data_ref(root_, "nope.txt").error()), errc::data_not_found);
+  EXPECT_EQ(code(resolve_data_ref(root_, "sub").error()), errc::data_not_found);
+  EXPECT_EQ(code(resolve_data_ref((dir_ / "absent").string(), "a.txt").error()),
+            errc::data_not_found);
+}
+
+TEST_F(TrainingData, ReadsEntriesSeparatedByPercentLines) {
+  write(dir_ / "f.txt", "one\nline two\n%\n\n%\nthree\n");
+  auto e = read_training_file((dir_ / "f.txt").string(), "f.txt", 1 << 20);
+  ASSERT_TRUE(e);
+  EXPECT_EQ(*e, (std::vector<std::string>{"one\nline two\n", "three\n"}));
+  write(dir_ / "g.txt", "just one entry\nwith two lines");
+  e = read_training_file((dir_ / "g.txt").string(), "g.txt", 1 << 20);
+  ASSERT_TRUE(e);
+  EXPECT_EQ(e->size(), 1u);
+}
+
+TEST_F(TrainingData, RefusesOversizedInvalidOrEmptyFiles) {
+  write(dir_ / "big.txt", std::string(100, 'a'));
+  EXPECT_EQ(code(read_training_file((dir_ / "big.txt").string(), "big.txt", 99).error()),
+            errc::invalid_data);
+  write(dir_ / "bin.txt", "ok \xff\xfe");
+  auto bad = read_training_file((dir_ / "bin.txt").string(), "bin.txt", 1 << 20);
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(code(bad.error()), errc::invalid_data);
+  write(dir_ / "empty.txt", "\n%\n  \n");
+  EXPECT_EQ(code(read_training_file((dir_ / "empty.txt").string(), "empty.txt", 1 << 20).error()),
+            errc::invalid_data);
+}
+
+TEST(EngineConfig, ValidationNamesTheOffendingKey) {
+  engine_config cfg;
+  EXPECT_EQ(validate(cfg), "");
+  cfg.training.slots = 0;
+  EXPECT_NE(validate(cfg).find("training.slots"), std::string::npos);
+  cfg = {};
+  cfg.training.steps = 0;
+  EXPECT_NE(validate(cfg).find("training.steps"), std::string::npos);
+  cfg = {};
+  cfg.default_base_model = "other";
+  EXPECT_NE(validate(cfg).find("default_base_model"), std::string::npos);
+  cfg = {};
+  cfg.training.admission_queue = 0;
+  EXPECT_NE(validate(cfg).find("training.admission_queue"), std::string::npos);
+}
+
+TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
+  auto path = fs::temp_directory_path() / ("tailor-cfg-" + std::to_string(::getpid()) + ".json");
+  std::ofstream(path) << R"({"training":{"slots":3,"nope":1}})";
+  engine_config cfg;
+  EXPECT_NE(load_config_file(path.string(), cfg).find("training: unknown key 'nope'"),
+            std::string::npos);
+  std::ofstream(path) << R"({"training":{"slots":3,"steps":7},"compute":{"blas_threads":2}})";
+  cfg = {};
+  EXPECT_EQ(load_config_file(path.string(), cfg), "");
+  EXPECT_EQ(cfg.training.slots, 3);
+  EXPECT_EQ(cfg.training.steps, 7);
+  EXPECT_EQ(cfg.compute.blas_threads, 2);
+  fs::remove(path);
+}

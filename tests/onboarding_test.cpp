@@ -1,0 +1,257 @@
+// Workflow A against a real Kafka broker (CTest label `kafka`): an onboarding
+// request becomes a personal model, however many arrive at once, through
+// crashes, cancellations and bad input.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <set>
+
+#include "engine_harness.hpp"
+#include "storage/artifacts.hpp"
+
+using namespace tailor::test;
+namespace fs = std::filesystem;
+
+using OnboardingTest = engine_test;
+
+namespace {
+
+std::vector<std::string> types_of(const std::vector<collector::record>& rs) {
+  std::vector<std::string> out;
+  for (const auto& r : rs) out.push_back(r.value.value("type", ""));
+  return out;
+}
+
+}  // namespace
+
+TEST_F(OnboardingTest, AJobRunsThroughEveryStateAndItsModelIsListed) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  send_onboarding(onboarding_with("ada", "signup", {{"steps", 30}, {"rank", 4}}));
+  in_->flush();
+  auto ready = await_event("ada", "signup", "model.ready");
+  ASSERT_FALSE(HasFailure());
+  auto types = types_of(answers_to("ada", "signup"));
+  // Every transition, in order; progress at least at the first and last step.
+  std::vector<std::string> lifecycle;
+  for (const auto& t : types)
+    if (t != "job.progress") lifecycle.push_back(t);
+  EXPECT_EQ(lifecycle, (std::vector<std::string>{"job.queued", "job.admitted", "job.training",
+                                                 "job.saving", "model.ready"}))
+      << json(types).dump();
+  auto progress = events_of("ada", "signup", "job.progress");
+  ASSERT_GE(progress.size(), 2u);
+  EXPECT_EQ(progress.front().value["progress"]["step"], 1);
+  EXPECT_EQ(progress.back().value["progress"]["step"], 30);
+  EXPECT_EQ(progress.back().value["progress"]["steps"], 30);
+  EXPECT_GT(progress.back().value["progress"]["loss"].get<double>(), 0.0);
+
+  std::string model_id = ready.value["model_id"];
+  std::string job_id = ready.value["job_id"];
+  auto models = json::parse(engine_->get("/v1/users/ada/models").second);
+  ASSERT_EQ(models.size(), 1u) << models.dump();
+  EXPECT_EQ(models[0]["model_id"], model_id);
+  EXPECT_EQ(models[0]["status"], "ready");
+  EXPECT_EQ(models[0]["job_id"], job_id);
+  // The artifact is on disk, and its bytes are the registered ones.
+  std::string path = models[0]["artifact_path"];
+  auto bytes = tailor::storage::read_file(path, models[0]["checksum"]);
+  ASSERT_TRUE(bytes) << tailor::storage::to_string(
+      static_cast<tailor::storage::errc>(bytes.error().code()));
+  EXPECT_GT(bytes->size(), 1000u);
+  auto job = json::parse(engine_->get("/v1/jobs/" + job_id).second);
+  EXPECT_EQ(job["status"], "ready");
+  EXPECT_EQ(job["model_id"], model_id);
+}
+
+TEST_F(OnboardingTest, ASpikeLargerThanTheAdmissionQueuePausesConsumptionAndCompletesEveryJob) {
+  const int jobs = 40, cap = 4;
+  start({{"training", {{"slots", 2}, {"admission_queue", cap}, {"steps", 2}}}});
+  ASSERT_FALSE(HasFatalFailure());
+  for (int i = 0; i < jobs; ++i) send_onboarding(onboarding("spike" + std::to_string(i), "signup"));
+  in_->flush();
+  double max_queue = 0;
+  auto ready = [&] {
+    return out_
+        ->matching(engine_->topics().events,
+                   [](const json& j) { return j.value("type", "") == "model.ready"; })
+        .size();
+  };
+  bool done = wait_until(
+      [&] {
+        max_queue = std::max(max_queue, metric("tailor_training_queue"));
+        return ready() >= static_cast<std::size_t>(jobs);
+      },
+      180s);
+  ASSERT_TRUE(done) << ready() << " of " << jobs << " models ready";
+  EXPECT_LE(max_queue, cap) << "the admission queue never holds more than its capacity";
+  auto metrics = engine_->get("/metrics").second;
+  auto pauses = "tailor_ingress_pauses_total{topic=\"" + engine_->topics().onboarding + "\"} ";
+  auto pos = metrics.find(pauses);
+  ASSERT_NE(pos, std::string::npos) << "onboarding was never paused:\n" << metrics;
+  EXPECT_GE(std::stoi(metrics.substr(pos + pauses.size())), 1);
+  EXPECT_NE(metrics.find("tailor_ingress_paused{topic=\"" + engine_->topics().onboarding + "\"} 0"),
+            std::string::npos)
+      << "consumption resumed at the end";
+  std::set<std::string> users;
+  for (const auto& r : out_->matching(engine_->topics().events, [](const json& j) {
+         return j.value("type", "") == "model.ready";
+       }))
+    users.insert(r.value["user_id"].get<std::string>());
+  EXPECT_EQ(users.size(), static_cast<std::size_t>(jobs)) << "one model per user, none twice";
+}
+
+TEST_F(OnboardingTest, ARepeatedRequestYieldsOneJobAndOneModel) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  send_onboarding(onboarding("rep", "once"));
+  send_onboarding(onboarding("rep", "once"));
+  in_->flush();
+  await_event("rep", "once", "model.ready");
+  send_onboarding(onboarding("rep", "once"));  // again after the model exists
+  in_->flush();
+  ASSERT_TRUE(wait_until([&] { return events_of("rep", "once", "job.queued").size() >= 3; }, 30s));
+  EXPECT_EQ(events_of("rep", "once", "job.admitted").size(), 1u);
+  EXPECT_EQ(events_of("rep", "once", "model.ready").size(), 1u);
+  EXPECT_EQ(json::parse(engine_->get("/v1/jobs").second).size(), 1u);
+  EXPECT_EQ(json::parse(engine_->get("/v1/users/rep/models").second).size(), 1u);
+}
+
+TEST_F(OnboardingTest, BadDataBadHyperparametersAndPathEscapesFailWithTheirReasons) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  auto data = engine_->data_dir() + "/data/training-data";
+  std::ofstream(data + "/good.txt") << "First entry of mine.\n%\nSecond entry, also mine.\n";
+  std::ofstream(data + "/latin1.txt") << "caf\xe9 au lait\n";
+  std::ofstream(engine_->data_dir() + "/secret.txt") << "not yours\n";
+  fs::create_symlink(engine_->data_dir() + "/secret.txt", data + "/link.txt");
+  auto with_ref = [](const std::string& req, const std::string& ref) {
+    json j = onboarding("bad", req);
+    j.erase("texts");
+    j["data_ref"] = ref;
+    return j;
+  };
+  send_onboarding(with_ref("good", "good.txt"));
+  send_onboarding(with_ref("link", "link.txt"));
+  send_onboarding(with_ref("dotdot", "../secret.txt"));
+  send_onboarding(with_ref("missing", "nope.txt"));
+  send_onboarding(with_ref("latin1", "latin1.txt"));
+  send_onboarding(onboarding("bad", "empty", {"", ""}));
+  send_onboarding(onboarding_with("bad", "rank", {{"rank", 0}}));
+  send_onboarding(onboarding_with("bad", "lr", {{"learning_rate", 5.0}}));
+  in_->flush();
+  auto failed = [&](const std::string& req) {
+    auto ev = await_event("bad", req, "job.failed");
+    return std::make_pair(ev.value["error"].value("code", ""),
+                          ev.value["error"].value("message", ""));
+  };
+  auto [c1, m1] = failed("link");
+  EXPECT_EQ(c1, "path_escape");
+  EXPECT_NE(m1.find("data_ref"), std::string::npos) << m1;
+  EXPECT_EQ(failed("dotdot").first, "path_escape");
+  EXPECT_EQ(failed("missing").first, "data_not_found");
+  auto [c4, m4] = failed("latin1");
+  EXPECT_EQ(c4, "invalid_data");
+  EXPECT_NE(m4.find("UTF-8"), std::string::npos) << m4;
+  EXPECT_EQ(failed("empty").first, "invalid_data");
+  auto [c6, m6] = failed("rank");
+  EXPECT_EQ(c6, "out_of_bounds");
+  EXPECT_NE(m6.find("hyperparameters.rank"), std::string::npos) << m6;
+  EXPECT_EQ(failed("lr").first, "out_of_bounds");
+  await_event("bad", "good", "model.ready");
+  EXPECT_TRUE(out_->matching(engine_->topics().dlq, [](const json&) { return true; }).empty())
+      << "ungrantable requests are answered to the requester, not the DLQ";
+  EXPECT_EQ(json::parse(engine_->get("/v1/users/bad/models").second).size(), 1u);
+}
+
+TEST_F(OnboardingTest, KilledDuringTrainingAndRestartedEndsWithExactlyOneModel) {
+  json cfg = {{"training", {{"checkpoint_every", 20}, {"progress_interval_ms", 50}}}};
+  start(cfg);
+  ASSERT_FALSE(HasFatalFailure());
+  send_onboarding(onboarding_with("crash", "job", {{"steps", 1500}, {"batch_size", 32}}));
+  in_->flush();
+  // Killed once training is under way (past its first checkpoint).
+  ASSERT_TRUE(wait_until(
+      [&] {
+        for (const auto& p : events_of("crash", "job", "job.progress"))
+          if (p.value["progress"]["step"].get<int>() > 20) return true;
+        return false;
+      },
+      120s));
+  ASSERT_TRUE(events_of("crash", "job", "model.ready").empty()) << "killed too late";
+  engine_->kill();
+  auto before = events_of("crash", "job", "job.progress").size();
+  engine_->start();
+  ASSERT_FALSE(HasFatalFailure());
+  auto ready = await_event("crash", "job", "model.ready", 300s);
+  ASSERT_FALSE(HasFailure());
+  auto models = json::parse(engine_->get("/v1/users/crash/models").second);
+  ASSERT_EQ(models.size(), 1u) << models.dump();
+  EXPECT_EQ(models[0]["model_id"], ready.value["model_id"]);
+  EXPECT_EQ(events_of("crash", "job", "model.ready").size(), 1u);
+  // The run after the restart resumed from a checkpoint, not from step 1.
+  auto progress = events_of("crash", "job", "job.progress");
+  ASSERT_GT(progress.size(), before);
+  EXPECT_GT(progress[before].value["progress"]["step"].get<int>(), 20) << progress[before].payload;
+  EXPECT_EQ(json::parse(engine_->get("/v1/jobs").second).size(), 1u);
+}
+
+TEST_F(OnboardingTest, CancellationStopsARunningJobAndFreesItsSlot) {
+  start({{"training", {{"slots", 1}}}});
+  ASSERT_FALSE(HasFatalFailure());
+  send_onboarding(onboarding_with("c", "long", {{"steps", 10000}}));
+  in_->flush();
+  auto first = await_event("c", "long", "job.progress");
+  ASSERT_FALSE(HasFailure());
+  send_control(job_cancel("c", first.value["job_id"]));
+  in_->flush();
+  await_event("c", "long", "job.cancelled", 30s);
+  ASSERT_FALSE(HasFailure());
+  auto job =
+      json::parse(engine_->get("/v1/jobs/" + first.value["job_id"].get<std::string>()).second);
+  EXPECT_EQ(job["status"], "cancelled");
+  EXPECT_TRUE(events_of("c", "long", "model.ready").empty());
+  // The one slot is free again: the next job runs to the end.
+  send_onboarding(onboarding("c", "next"));
+  in_->flush();
+  await_event("c", "next", "model.ready", 60s);
+  // A cancel of a finished job is refused with the reason.
+  send_control(job_cancel("c", events_of("c", "next", "model.ready")[0].value["job_id"]));
+  in_->flush();
+  auto rej = await_event("c", "next", "job.cancel_rejected", 30s);
+  EXPECT_EQ(rej.value["error"]["code"], "job_not_cancellable");
+}
+
+TEST_F(OnboardingTest, PromptsInTheRequestAreAnsweredRightAfterTraining) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  send_onboarding(onboarding_with("p", "hello", {{"steps", 10}}, {"Tell me a story.", "Hi!"}));
+  in_->flush();
+  auto ready = await_event("p", "hello", "model.ready");
+  ASSERT_FALSE(HasFailure());
+  for (int i = 0; i < 2; ++i) {
+    auto id = "hello#" + std::to_string(i);
+    auto r = await_event("p", id, "inference.result", 30s);
+    EXPECT_EQ(r.topic, engine_->topics().results);
+    EXPECT_EQ(r.value["model_id"], ready.value["model_id"]);
+    EXPECT_FALSE(r.value.contains("error")) << r.payload;
+    EXPECT_TRUE(r.value["finish_reason"] == "stop" || r.value["finish_reason"] == "length");
+    EXPECT_TRUE(r.value["text"].is_string());
+  }
+}
+
+TEST_F(OnboardingTest, AUserOverTheJobQuotaIsRefusedWhileOthersGoOn) {
+  start({{"training", {{"slots", 1}, {"max_jobs_per_user", 1}}}});
+  ASSERT_FALSE(HasFatalFailure());
+  send_onboarding(onboarding_with("heavy", "a", {{"steps", 10000}}));
+  send_onboarding(onboarding_with("heavy", "b", {{"steps", 5}}));
+  in_->flush();
+  auto refused = await_event("heavy", "b", "job.failed");
+  EXPECT_EQ(refused.value["error"]["code"], "quota_exceeded");
+  send_control(job_cancel("heavy", await_one("heavy", "a").value["job_id"]));
+  send_onboarding(onboarding("light", "x"));
+  in_->flush();
+  await_event("light", "x", "model.ready", 60s);
+  await_event("heavy", "a", "job.cancelled", 30s);
+}
