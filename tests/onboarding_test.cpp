@@ -255,3 +255,31 @@ TEST_F(OnboardingTest, AUserOverTheJobQuotaIsRefusedWhileOthersGoOn) {
   await_event("light", "x", "model.ready", 60s);
   await_event("heavy", "a", "job.cancelled", 30s);
 }
+
+TEST_F(OnboardingTest, TransientFailuresRetryWithBackoffThenFailWithTheReason) {
+  start({{"training", {{"max_attempts", 3}, {"retry_backoff_ms", 300}}}});
+  ASSERT_FALSE(HasFatalFailure());
+  // A file where a user's adapter directory belongs makes saving fail.
+  auto adapters = engine_->data_dir() + "/data/artifacts/adapters";
+  fs::create_directories(adapters);
+  std::ofstream(adapters + "/flaky") << "in the way";
+  std::ofstream(adapters + "/doomed") << "in the way";
+  send_onboarding(onboarding("flaky", "r"));
+  send_onboarding(onboarding("doomed", "r"));
+  in_->flush();
+  auto retry = await_event("flaky", "r", "job.retrying", 60s);
+  ASSERT_FALSE(HasFailure());
+  EXPECT_EQ(retry.value["error"]["code"], "training_failed");
+  EXPECT_NE(retry.value["error"]["message"].get<std::string>().find("adapter"), std::string::npos)
+      << retry.payload;
+  fs::remove(adapters + "/flaky");  // the fault clears: the next attempt succeeds
+  await_event("flaky", "r", "model.ready", 60s);
+  auto failed = await_event("doomed", "r", "job.failed", 60s);
+  EXPECT_EQ(failed.value["error"]["code"], "training_failed");
+  EXPECT_EQ(events_of("doomed", "r", "job.retrying").size(), 2u) << "3 attempts, 2 retries";
+  EXPECT_EQ(events_of("doomed", "r", "job.admitted").size(), 3u);
+  auto job =
+      json::parse(engine_->get("/v1/jobs/" + failed.value["job_id"].get<std::string>()).second);
+  EXPECT_EQ(job["status"], "failed");
+  EXPECT_EQ(job["attempts"], 3);
+}
