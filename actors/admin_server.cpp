@@ -4,6 +4,7 @@
 
 #include <caf/scoped_actor.hpp>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 namespace tailor::actors {
 
@@ -25,6 +26,33 @@ void reply_error(httplib::Response& res, int status, const std::string& code,
 json records_to_json(const auto& records) {
   json out = json::array();
   for (const auto& r : records) out.push_back(json::parse(to_json(r)));
+  return out;
+}
+
+// History cursors are binary RocksDB keys: hex on the wire.
+std::string to_hex(const std::string& bytes) {
+  static const char* digits = "0123456789abcdef";
+  std::string out;
+  for (unsigned char c : bytes) {
+    out.push_back(digits[c >> 4]);
+    out.push_back(digits[c & 15]);
+  }
+  return out;
+}
+
+std::optional<std::string> from_hex(const std::string& hex) {
+  if (hex.size() % 2 != 0) return std::nullopt;
+  std::string out;
+  for (std::size_t i = 0; i < hex.size(); i += 2) {
+    int v = 0;
+    for (int k = 0; k < 2; ++k) {
+      char c = hex[i + k];
+      int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+      if (d < 0) return std::nullopt;
+      v = v * 16 + d;
+    }
+    out.push_back(static_cast<char>(v));
+  }
   return out;
 }
 
@@ -97,6 +125,28 @@ int admin_server::start(const std::string& host, int port) {
         sys_, db_, res,
         [&](std::vector<model_record>& models) { reply_json(res, 200, records_to_json(models)); },
         models_atom_v, id);
+  });
+  svr.Get(R"(/v1/users/([A-Za-z0-9._:-]+)/history)", [this](const httplib::Request& req,
+                                                            httplib::Response& res) {
+    std::string id = req.matches[1];
+    auto after = from_hex(req.has_param("after") ? req.get_param_value("after") : "");
+    if (!after) return reply_error(res, 400, "invalid_argument", "after: must be a cursor (hex)");
+    uint64_t limit = 50;
+    if (req.has_param("limit")) {
+      try {
+        limit = std::stoull(req.get_param_value("limit"));
+      } catch (const std::exception&) {
+        return reply_error(res, 400, "invalid_argument", "limit: must be a positive integer");
+      }
+    }
+    if (limit == 0 || limit > 1000)
+      return reply_error(res, 400, "invalid_argument", "limit: must be in [1, 1000]");
+    ask(
+        sys_, db_, res,
+        [&](std::vector<history_entry>& entries, std::string& next) {
+          reply_json(res, 200, json{{"entries", records_to_json(entries)}, {"next", to_hex(next)}});
+        },
+        history_atom_v, id, *after, limit);
   });
   int bound = port == 0 ? svr.bind_to_any_port(host) : (svr.bind_to_port(host, port) ? port : -1);
   if (bound < 0) return -1;

@@ -51,6 +51,21 @@ std::string validate(const engine_config& cfg) {
   if (t.batch_size < b.min_batch_size || t.batch_size > b.max_batch_size)
     return bad("training.batch_size", "outside the hyperparameter bounds");
   if (t.prompt_max_tokens < 1) return bad("training.prompt_max_tokens", "must be at least 1");
+  const auto& v = cfg.serving;
+  if (v.devices < 1) return bad("serving.devices", "must be at least 1");
+  if (v.max_batch < 1) return bad("serving.max_batch", "must be at least 1");
+  if (v.max_tokens_in_flight < 1) return bad("serving.max_tokens_in_flight", "must be at least 1");
+  if (v.device_adapters < 1) return bad("serving.device_adapters", "must be at least 1");
+  if (v.host_adapters < 0) return bad("serving.host_adapters", "must not be negative");
+  if (v.max_requests_per_user < 1)
+    return bad("serving.max_requests_per_user", "must be at least 1");
+  if (v.default_max_tokens < 1 || v.default_max_tokens > cfg.limits.max_tokens)
+    return bad("serving.default_max_tokens", "must lie in [1, limits.max_tokens]");
+  if (v.default_temperature < 0) return bad("serving.default_temperature", "must not be negative");
+  if (v.deadline_ms < 1) return bad("serving.deadline_ms", "must be at least 1");
+  if (v.max_rank < b.max_rank)
+    return bad("serving.max_rank", "must be at least the largest rank onboarding accepts (" +
+                                       std::to_string(b.max_rank) + ")");
   if (cfg.compute.intra_op_threads < 0 || cfg.compute.blas_threads < 0)
     return bad("compute", "thread counts must not be negative");
   if (cfg.models.pretrain_minutes <= 0 && cfg.models.pretrain_steps <= 0)
@@ -74,7 +89,8 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
       "admin",     "base_models",       "default_base_model",
       "limits",    "user_idle_seconds", "max_in_flight",
       "log_level", "ready_file",        "artifact_dir",
-      "training",  "compute",           "models"};
+      "training",  "compute",           "models",
+      "serving"};
   for (auto it = j.begin(); it != j.end(); ++it)
     if (std::find(known.begin(), known.end(), it.key()) == known.end())
       return path + ": unknown key '" + it.key() + "'";
@@ -159,6 +175,24 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
          take(t, "learning_rate", tc.learning_rate, w, err) &&
          take(t, "batch_size", tc.batch_size, w, err) && take(t, "seed", tc.seed, w, err) &&
          take(t, "prompt_max_tokens", tc.prompt_max_tokens, w, err);
+  }
+  if (section("serving",
+              {"devices", "max_batch", "max_tokens_in_flight", "device_adapters", "host_adapters",
+               "max_rank", "max_requests_per_user", "default_max_tokens", "default_temperature",
+               "deadline_ms", "pinned_models"})) {
+    const auto& v = j["serving"];
+    auto& sc = cfg.serving;
+    const std::string w = "serving.";
+    ok = take(v, "devices", sc.devices, w, err) && take(v, "max_batch", sc.max_batch, w, err) &&
+         take(v, "max_tokens_in_flight", sc.max_tokens_in_flight, w, err) &&
+         take(v, "device_adapters", sc.device_adapters, w, err) &&
+         take(v, "host_adapters", sc.host_adapters, w, err) &&
+         take(v, "max_rank", sc.max_rank, w, err) &&
+         take(v, "max_requests_per_user", sc.max_requests_per_user, w, err) &&
+         take(v, "default_max_tokens", sc.default_max_tokens, w, err) &&
+         take(v, "default_temperature", sc.default_temperature, w, err) &&
+         take(v, "deadline_ms", sc.deadline_ms, w, err) &&
+         take(v, "pinned_models", sc.pinned_models, w, err);
   }
   if (section("compute", {"intra_op_threads", "blas_threads"})) {
     const auto& c = j["compute"];

@@ -52,6 +52,22 @@ struct training_config {
   int64_t prompt_max_tokens = 64;  // generations of an onboarding request's prompts
 };
 
+// Serving (issue 5): GPU actors (CPU device slots here), their batches, the
+// adapter cache tiers, per-user limits and request defaults.
+struct serving_config {
+  int devices = 1;                  // GPU actors per base model (CPU device slots)
+  int max_batch = 32;               // sequences decoded together
+  int max_tokens_in_flight = 8192;  // sum of (prompt + max_tokens) over a batch
+  int device_adapters = 64;         // adapters resident in a device bank
+  int host_adapters = 1024;         // decoded adapters kept in host memory (LRU)
+  int max_rank = 16;                // of the device banks; higher-rank adapters cannot be served
+  int max_requests_per_user = 16;   // in flight; more is quota_exceeded
+  int64_t default_max_tokens = 64;
+  double default_temperature = 0.7;
+  int deadline_ms = 60000;  // a request not finished by then ends with finish_reason deadline
+  std::vector<std::string> pinned_models;  // kept resident on every device once loaded
+};
+
 // How LibTorch and OpenBLAS use the cores (process-wide): each training slot
 // runs on its own thread, so `training.slots` is the cores training takes.
 struct compute_config {
@@ -82,6 +98,7 @@ struct engine_config {
   std::string log_level = "info";
   std::string artifact_dir;  // adapters and checkpoints; default <data_dir>/artifacts
   training_config training;
+  serving_config serving;
   compute_config compute;
   models_config models;
 };

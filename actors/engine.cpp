@@ -34,8 +34,13 @@ supervisor_actor::behavior_type supervisor(
   st.stats = std::move(stats);
   st.db = self->spawn<caf::detached>(store, std::move(db));
   st.out = self->spawn<caf::detached>(egress, st.cfg.kafka, st.stats);
-  st.pool = self->spawn(training_pool, st.cfg, st.db, st.out, st.stats, std::move(bases));
-  st.users = self->spawn(registry, st.cfg, st.db, st.out, st.pool, st.stats);
+  st.pool = self->spawn(training_pool, st.cfg, st.db, st.out, st.stats, bases);
+  st.loader = self->spawn<caf::detached>(adapter_loader, st.cfg, bases, st.stats);
+  for (const auto& base : st.cfg.base_models)
+    for (int d = 0; d < st.cfg.serving.devices; ++d)
+      st.routes.by_base[base].push_back(
+          self->spawn<caf::detached>(gpu, d, base, st.cfg, bases, st.loader, st.stats));
+  st.users = self->spawn(registry, st.cfg, st.db, st.out, st.pool, st.routes, st.stats);
   // Jobs of the previous run are back in the pool before new events arrive.
   self->request(st.pool, std::chrono::minutes(5), recover_atom_v)
       .then(
@@ -65,6 +70,9 @@ supervisor_actor::behavior_type supervisor(
           self->send_exit(st.out, caf::exit_reason::user_shutdown);
           self->send_exit(st.users, caf::exit_reason::user_shutdown);
           self->send_exit(st.pool, caf::exit_reason::user_shutdown);
+          for (const auto& [base, gpus] : st.routes.by_base)
+            for (const auto& g : gpus) self->send_exit(g, caf::exit_reason::user_shutdown);
+          self->send_exit(st.loader, caf::exit_reason::user_shutdown);
           self->send_exit(st.db, caf::exit_reason::user_shutdown);
           rp.deliver(caf::ok_atom_v);
         };

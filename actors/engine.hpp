@@ -7,6 +7,7 @@
 
 #include "actors/config.hpp"
 #include "actors/egress.hpp"
+#include "actors/gpu.hpp"
 #include "actors/ingress.hpp"
 #include "actors/metrics.hpp"
 #include "actors/store_actor.hpp"
@@ -37,6 +38,8 @@ struct supervisor_state {
   store_actor db;
   egress_actor out;
   pool_actor pool;
+  loader_actor loader;
+  serving_routes routes;
   registry_actor users;
   ingress_actor input;
   bool stopping = false;

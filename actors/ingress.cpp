@@ -2,6 +2,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include <nlohmann/json.hpp>
+
 #include "actors/kafka.hpp"
 
 namespace tailor::actors {
@@ -145,6 +147,28 @@ void count_errors(metrics& stats, const std::vector<outgoing_message>& out) {
   }
 }
 
+// The engine's own share of an inference request's latency: from reading
+// the event to the delivery report of its result, minus what the result
+// reports as batch steps, adapter loading and waiting for a batch row.
+// Replayed answers (their timings are those of the first run) come out
+// negative and are left out.
+void observe_overhead(ingress_state& st, const incoming_event& ev,
+                      const std::vector<outgoing_message>& out) {
+  if (ev.topic != st.cfg.kafka.topics.inference) return;
+  const double engine_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - ev.consumed)
+          .count();
+  for (const auto& m : out) {
+    if (m.to != channel::results) continue;
+    auto j = nlohmann::json::parse(m.payload, nullptr, false);
+    if (!j.is_object() || !j.contains("timings_ms")) continue;
+    const auto& t = j["timings_ms"];
+    double inside = t.value("queue", 0.0) + t.value("adapter_load", 0.0) + t.value("prefill", 0.0) +
+                    t.value("decode", 0.0);
+    if (engine_ms >= inside) st.stats->observe_overhead(engine_ms - inside);
+  }
+}
+
 void later(self_ptr self, std::function<void()> f) {
   self->state.retries.emplace_back(std::chrono::steady_clock::now() + retry_delay, std::move(f));
 }
@@ -155,6 +179,7 @@ void publish(self_ptr self, std::shared_ptr<incoming_event> ev, std::vector<outg
       .then(
           [self, ev, out, generation](caf::ok_atom) {
             count_errors(*self->state.stats, out);
+            observe_overhead(self->state, *ev, out);
             mark_answered(self, *ev, generation);
           },
           [self, ev, out, generation](caf::error& err) {
@@ -283,6 +308,7 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
           ev->offset = msg->offset();
           if (msg->key()) ev->key = *msg->key();
           ev->payload.assign(static_cast<const char*>(msg->payload()), msg->len());
+          ev->consumed = std::chrono::steady_clock::now();
           ev->parsed = parse_event(in.kind, ev->payload, st.cfg.limits);
           st.partitions[{ev->topic, ev->partition}].outstanding[ev->offset] = false;
           ++in.in_flight;

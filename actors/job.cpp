@@ -24,7 +24,7 @@ int64_t now_ms() {
 }
 
 errc code_of(const std::string& name) {
-  for (int c = 0; c <= static_cast<int>(errc::training_failed); ++c)
+  for (int c = 0; c <= static_cast<int>(errc::adapter_unavailable); ++c)
     if (to_string(static_cast<errc>(c)) == name) return static_cast<errc>(c);
   return errc::internal;
 }

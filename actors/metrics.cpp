@@ -1,8 +1,20 @@
 #include "actors/metrics.hpp"
 
+#include <algorithm>
 #include <sstream>
 
 namespace tailor::actors {
+
+void metrics::observe_overhead(double ms) {
+  std::lock_guard<std::mutex> g(mtx_);
+  if (overhead_.size() < overhead_window)
+    overhead_.push_back(ms);
+  else
+    overhead_[overhead_next_] = ms;
+  overhead_next_ = (overhead_next_ + 1) % overhead_window;
+  ++overhead_count_;
+  overhead_sum_ += ms;
+}
 
 bool metrics::ready(std::size_t expected) const {
   std::lock_guard<std::mutex> g(mtx_);
@@ -31,11 +43,52 @@ std::string metrics::render() const {
          pauses_);
   family("tailor_jobs_total", "counter", "Fine-tuning jobs ended, by final status.", "status",
          jobs_);
+  if (!overhead_.empty()) {
+    auto sorted = overhead_;
+    std::sort(sorted.begin(), sorted.end());
+    out << "# HELP tailor_inference_overhead_ms Time in the engine outside batch steps and "
+           "adapter loads (last "
+        << overhead_window << " requests).\n# TYPE tailor_inference_overhead_ms summary\n";
+    for (double q : {0.5, 0.9, 0.99}) {
+      auto i = std::min(sorted.size() - 1, static_cast<std::size_t>(q * sorted.size()));
+      out << "tailor_inference_overhead_ms{quantile=\"" << q << "\"} " << sorted[i] << '\n';
+    }
+    out << "tailor_inference_overhead_ms_sum " << overhead_sum_ << '\n'
+        << "tailor_inference_overhead_ms_count " << overhead_count_ << '\n';
+  }
+  struct cache_family {
+    const char* event;
+    const char* name;
+    const char* help;
+  };
+  static const cache_family cache_families[] = {
+      {"hit", "tailor_adapter_cache_hits_total", "Adapter lookups found in the tier."},
+      {"miss", "tailor_adapter_cache_misses_total", "Adapter lookups not found in the tier."},
+      {"load", "tailor_adapter_cache_loads_total", "Adapters loaded from the tier."},
+      {"eviction", "tailor_adapter_cache_evictions_total", "Adapters evicted from the tier."}};
+  for (const auto& f : cache_families) {
+    auto it = cache_.find(f.event);
+    family(f.name, "counter", f.help, "tier",
+           it == cache_.end() ? std::map<std::string, int64_t>{} : it->second);
+  }
+  family("tailor_model_requests_total", "counter", "Inference requests served, per model.", "model",
+         model_requests_);
+  family("tailor_user_requests_total", "counter", "Inference requests served, per user.", "user",
+         user_requests_);
+  family("tailor_serving_waiting", "gauge", "Requests waiting to join a batch.", "device",
+         serving_waiting_);
+  family("tailor_serving_active", "gauge", "Sequences in the batch.", "device", serving_active_);
   auto gauge = [&](const char* name, const char* type, const char* help, auto value) {
     out << "# HELP " << name << ' ' << help << "\n# TYPE " << name << ' ' << type << '\n'
         << name << ' ' << value << '\n';
   };
   out.precision(15);
+  gauge("tailor_serving_steps_total", "counter", "Batch steps run (all devices).",
+        serving_steps_.load());
+  gauge("tailor_serving_rows_total", "counter",
+        "Sequences decoded, summed over steps (÷ steps = mean batch size).", serving_rows_.load());
+  gauge("tailor_serving_batch_max", "gauge", "Largest batch a step has run.",
+        serving_max_rows_.load());
   gauge("tailor_training_queue", "gauge", "Jobs waiting for a training slot.",
         training_queue_.load());
   gauge("tailor_training_assigned", "gauge", "Jobs running or next in line on a training slot.",

@@ -5,6 +5,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <vector>
 
 namespace tailor::actors {
 
@@ -32,6 +33,31 @@ class metrics {
   void set_queue_drained(double unix_s) { queue_drained_.store(unix_s); }
   void count_pause(const std::string& topic) { add(pauses_, topic, 1); }
 
+  // Serving (issue 5). `event` of the adapter cache: hit, miss, load, eviction.
+  void count_cache(const std::string& tier, const std::string& event) {
+    add(cache_[event], tier, 1);
+  }
+  void count_request(const std::string& model_id, const std::string& user_id) {
+    add(model_requests_, model_id, 1);
+    add(user_requests_, user_id, 1);
+  }
+  void count_step(int64_t rows) {
+    serving_steps_.fetch_add(1);
+    serving_rows_.fetch_add(rows);
+    int64_t cur = serving_max_rows_.load();
+    while (rows > cur && !serving_max_rows_.compare_exchange_weak(cur, rows)) {
+    }
+  }
+  void set_serving(const std::string& device, int64_t waiting, int64_t active) {
+    set(serving_waiting_, device, waiting);
+    set(serving_active_, device, active);
+  }
+
+  // Time an inference request spent in the engine outside batch steps and
+  // adapter loads (parsing, routing, bookkeeping, serialization, producing
+  // until the delivery report), in ms: the last `overhead_window` samples.
+  void observe_overhead(double ms);
+
   // True once every one of `expected` input topics has joined its group.
   bool ready(std::size_t expected) const;
   std::string render() const;
@@ -54,7 +80,14 @@ class metrics {
 
   mutable std::mutex mtx_;
   std::map<std::string, int64_t> events_in_, events_out_, errors_, lag_, joined_, in_flight_,
-      paused_, jobs_, pauses_;
+      paused_, jobs_, pauses_, model_requests_, user_requests_, serving_waiting_, serving_active_;
+  std::map<std::string, std::map<std::string, int64_t>> cache_;  // event -> tier -> count
+  static constexpr std::size_t overhead_window = 8192;
+  std::vector<double> overhead_;  // ring buffer of the last samples
+  std::size_t overhead_next_ = 0;
+  int64_t overhead_count_ = 0;
+  double overhead_sum_ = 0;
+  std::atomic<int64_t> serving_steps_{0}, serving_rows_{0}, serving_max_rows_{0};
   std::atomic<int64_t> training_queue_{0}, training_assigned_{0};
   std::atomic<double> training_seconds_{0}, first_admission_{0}, queue_drained_{0};
   std::atomic<int64_t> dlq_{0};

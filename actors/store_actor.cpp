@@ -1,5 +1,7 @@
 #include "actors/store_actor.hpp"
 
+#include <spdlog/spdlog.h>
+
 namespace tailor::actors {
 
 namespace {
@@ -66,6 +68,17 @@ store_actor::behavior_type store(store_actor::stateful_pointer<store_state> self
              const std::string& status) -> caf::result<caf::ok_atom> {
         if (auto err = self->state.db->mark_announced(job_id, status)) return err;
         return caf::ok_atom_v;
+      },
+      [self](history_atom, const history_entry& e) {
+        // Off the answer's path: a failure is logged, never retried into it.
+        if (auto err = self->state.db->append_history(e))
+          spdlog::warn("history of {}: {}", e.user_id, caf::to_string(err));
+      },
+      [self](history_atom, const std::string& user, const std::string& after,
+             uint64_t limit) -> caf::result<std::vector<history_entry>, std::string> {
+        auto page = self->state.db->page_history(user, after, limit);
+        if (!page) return page.error();
+        return {std::move(page->entries), std::move(page->next)};
       },
       [self](recover_atom) -> caf::result<std::vector<job_record>> {
         auto r = self->state.db->unfinished_jobs();

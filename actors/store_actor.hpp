@@ -29,7 +29,11 @@ using store_actor = caf::typed_actor<
     caf::replies_to<register_atom, model_record, std::string,
                     std::vector<outgoing_message>>::with<caf::ok_atom>,
     caf::replies_to<announce_atom, std::string, std::string>::with<caf::ok_atom>,
-    caf::replies_to<recover_atom>::with<std::vector<job_record>>>;
+    caf::replies_to<recover_atom>::with<std::vector<job_record>>,
+    caf::reacts_to<history_atom, history_entry>,
+    // A page of a user's history after a cursor: entries and the next cursor.
+    caf::replies_to<history_atom, std::string, std::string,
+                    uint64_t>::with<std::vector<history_entry>, std::string>>;
 
 struct store_state {
   std::shared_ptr<storage::metadata_store> db;

@@ -5,6 +5,8 @@
 #include <chrono>
 #include <filesystem>
 
+#include "actors/base_models.hpp"
+#include "actors/error_text.hpp"
 #include "actors/job.hpp"
 #include "actors/training_data.hpp"
 #include "model/checkpoint.hpp"
@@ -18,20 +20,10 @@
 
 namespace tailor::actors {
 
-struct base_models {
-  std::map<std::string, model::base_weights> by_name;
-};
-
 namespace {
 
 namespace fs = std::filesystem;
 using clock = std::chrono::steady_clock;
-
-std::string text_of(const caf::error& err) {
-  const auto& ctx = err.context();
-  if (ctx.match_elements<std::string>()) return ctx.get_as<std::string>(0);
-  return caf::to_string(err);
-}
 
 training_outcome failure(errc code, std::string message, bool transient) {
   training_outcome o;
@@ -75,6 +67,8 @@ std::vector<outgoing_message> prompt_results(const engine_config& cfg,
     r.model_id = o.model_id;
     r.text = gens[i].text;
     r.finish_reason = gens[i].finish_reason;
+    r.usage.prompt_tokens = static_cast<int64_t>(o.prompts[i].size()) + 1;
+    r.usage.completion_tokens = static_cast<int64_t>(gens[i].tokens.size());
     // One batch generated every prompt: each reports the batch's time.
     r.timings.decode = ms;
     r.timings.total = ms;
@@ -97,10 +91,11 @@ training_outcome run_order(trainer_actor::stateful_pointer<trainer_state> self, 
   if (!o.data_ref.empty()) {
     const auto& root = st.cfg.training.data_dir;
     auto path = resolve_data_ref(root, o.data_ref);
-    if (!path) return failure(static_cast<errc>(path.error().code()), text_of(path.error()), false);
+    if (!path)
+      return failure(static_cast<errc>(path.error().code()), error_text(path.error()), false);
     auto entries = read_training_file(*path, o.data_ref, st.cfg.training.max_data_bytes);
     if (!entries)
-      return failure(static_cast<errc>(entries.error().code()), text_of(entries.error()), false);
+      return failure(static_cast<errc>(entries.error().code()), error_text(entries.error()), false);
     texts = std::move(*entries);
   }
   self->send(job, started_atom_v);
@@ -135,11 +130,11 @@ training_outcome run_order(trainer_actor::stateful_pointer<trainer_state> self, 
     const auto& err = res.error();
     if (err.category() == caf::atom("tailor_mdl") &&
         err.code() == static_cast<uint8_t>(model::errc::invalid_data))
-      return failure(errc::invalid_data, "texts: " + text_of(err), false);
+      return failure(errc::invalid_data, "texts: " + error_text(err), false);
     if (err.category() == caf::atom("tailor_mdl") &&
         err.code() == static_cast<uint8_t>(model::errc::invalid_options))
-      return failure(errc::out_of_bounds, "hyperparameters: " + text_of(err), false);
-    return failure(errc::training_failed, text_of(err), true);
+      return failure(errc::out_of_bounds, "hyperparameters: " + error_text(err), false);
+    return failure(errc::training_failed, error_text(err), true);
   }
   if (res->cancelled) {
     if (o.cancel && o.cancel->load()) {
@@ -155,14 +150,15 @@ training_outcome run_order(trainer_actor::stateful_pointer<trainer_state> self, 
                                       {"tailor.job_id", o.job_id},
                                       {"tailor.base_model", o.base_model}});
   if (!bytes)
-    return failure(errc::training_failed, "encoding the adapter: " + text_of(bytes.error()), true);
+    return failure(errc::training_failed, "encoding the adapter: " + error_text(bytes.error()),
+                   true);
   training_outcome out;
   out.status = "done";
   out.artifact_path = adapter_path(st.cfg, o.user_id, o.model_id);
   out.checksum = storage::checksum_of(*bytes);
   fs::create_directories(fs::path(out.artifact_path).parent_path(), ec);
   if (auto err = storage::write_file_atomic(out.artifact_path, *bytes))
-    return failure(errc::training_failed, "writing the adapter: " + text_of(err), true);
+    return failure(errc::training_failed, "writing the adapter: " + error_text(err), true);
   out.steps_done = res->steps_done;
   out.loss = res->train_loss;
   out.results = prompt_results(st.cfg, base, res->adapter, o);
@@ -206,7 +202,7 @@ std::shared_ptr<const base_models> load_base_models(const engine_config& cfg, st
         },
         path);
     if (!base) {
-      err = "base model " + name + " (" + path + "): " + text_of(base.error());
+      err = "base model " + name + " (" + path + "): " + error_text(base.error());
       return nullptr;
     }
     spdlog::info("base model {} loaded from {} ({} layers, d_model {})", name, path,

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdio>
 
+#include "actors/error_text.hpp"
 #include "actors/training_data.hpp"
 
 namespace tailor::actors {
@@ -112,12 +113,7 @@ void handle_onboarding(user_ptr self, promise_t rp, onboarding_request x, uint64
       // Checked here so the requester hears at once; the slot checks again
       // when it reads the file.
       auto path = resolve_data_ref(st.cfg.training.data_dir, *x.data_ref);
-      if (!path) {
-        const auto& ctx = path.error().context();
-        return refuse(static_cast<errc>(path.error().code()),
-                      ctx.match_elements<std::string>() ? ctx.get_as<std::string>(0)
-                                                        : std::string("data_ref: refused"));
-      }
+      if (!path) return refuse(static_cast<errc>(path.error().code()), error_text(path.error()));
     }
     self->request(st.pool, store_timeout, count_atom_v, st.user_id)
         .await(
@@ -162,20 +158,89 @@ void handle_onboarding(user_ptr self, promise_t rp, onboarding_request x, uint64
   });
 }
 
+// Stores the result as the request's answer, answers every copy of the
+// request that waited for it, and keeps input and output in the user's
+// history (fire and forget: not on the answer's path).
+void finish_inference(user_ptr self, inference_request x, uint64_t hash, outgoing_message result) {
+  auto rec = make_record(self->state, x.request_id, "inference.request", hash, {result});
+  self->request(self->state.db, store_timeout, record_atom_v, rec)
+      .then(
+          [=](caf::ok_atom) {
+            auto& st = self->state;
+            auto it = st.inflight.find(x.request_id);
+            if (it == st.inflight.end()) return;
+            for (auto& rp : it->second.waiters) rp.deliver(answers{result});
+            st.inflight.erase(it);
+            self->send(
+                st.db, history_atom_v,
+                history_entry{st.user_id, now_ms(), x.request_id, to_json(x), result.payload});
+          },
+          [=](caf::error& err) {
+            // Not recorded: every waiter's event is retried by the ingress,
+            // and the retry generates the same text (same seed).
+            auto& st = self->state;
+            auto it = st.inflight.find(x.request_id);
+            if (it == st.inflight.end()) return;
+            for (auto& rp : it->second.waiters) rp.deliver(err);
+            st.inflight.erase(it);
+          });
+}
+
+// Sends the request to the GPU actor of the model's base; the answer comes
+// back without holding up the user's other events.
+void serve(user_ptr self, promise_t rp, inference_request x, uint64_t hash, model_record m,
+           std::chrono::steady_clock::time_point received) {
+  auto& st = self->state;
+  auto gpu = st.routes.route(m.base_model, st.user_id);
+  if (!gpu) {
+    answers out{
+        error_answer("inference.request", st.user_id, x.request_id, errc::unavailable,
+                     "model " + m.model_id + ": no GPU actor serves base model " + m.base_model)};
+    return record_and_reply(self, rp,
+                            make_record(st, x.request_id, "inference.request", hash, out));
+  }
+  const auto limit = static_cast<std::size_t>(st.cfg.serving.max_requests_per_user);
+  if (st.inflight.size() >= limit) {
+    answers out{error_answer("inference.request", st.user_id, x.request_id, errc::quota_exceeded,
+                             "user " + st.user_id + " has " + std::to_string(st.inflight.size()) +
+                                 " requests in flight (limit " + std::to_string(limit) +
+                                 "); send it again with a new request_id later")};
+    return record_and_reply(self, rp,
+                            make_record(st, x.request_id, "inference.request", hash, out));
+  }
+  st.inflight[x.request_id] = user_state::pending{hash, gpu, {rp}};
+  auto model_id = m.model_id;
+  self->request(gpu, caf::infinite, infer_atom_v, inference_order{x, std::move(m), received})
+      .then([=](outgoing_message& result) { finish_inference(self, x, hash, std::move(result)); },
+            [=](caf::error& err) {
+              inference_result r;
+              r.request_id = x.request_id;
+              r.user_id = x.user_id;
+              r.model_id = model_id;
+              r.error = error_info{errc::internal, "serving failed: " + caf::to_string(err)};
+              finish_inference(self, x, hash, {channel::results, x.user_id, to_json(r)});
+            });
+}
+
 void handle_inference(user_ptr self, promise_t rp, inference_request x, uint64_t hash) {
   const std::string type = "inference.request";
+  const auto received = std::chrono::steady_clock::now();
   with_dedup(self, rp, x.request_id, hash, type, [=]() mutable {
     auto& st = self->state;
     auto answer = [=](errc code, std::string msg) mutable {
       answers out{error_answer(type, self->state.user_id, x.request_id, code, std::move(msg))};
       record_and_reply(self, rp, make_record(self->state, x.request_id, type, hash, out));
     };
-    // Serving arrives with the GPU actors; until then a ready model has no
-    // one to run it, and the requester is told so.
-    auto no_server = [](const model_record& m) {
-      return "model " + m.model_id + ": no GPU actor serves base model " + m.base_model +
-             " in this build";
-    };
+    // The same request still being generated: this copy gets the same answer.
+    if (auto it = st.inflight.find(x.request_id); it != st.inflight.end()) {
+      if (it->second.payload_hash == hash) {
+        it->second.waiters.push_back(rp);
+        return;
+      }
+      return answer(errc::duplicate_request_id, "request_id: " + x.request_id +
+                                                    " was already used by user " + st.user_id +
+                                                    " for a different request");
+    }
     if (x.model_id) {
       auto model_id = *x.model_id;
       self->request(st.db, store_timeout, model_atom_v, model_id)
@@ -190,7 +255,7 @@ void handle_inference(user_ptr self, promise_t rp, inference_request x, uint64_t
                       "model_id: " + model_id + " does not belong to user " + self->state.user_id);
                 if (m.status != "ready")
                   return answer(errc::model_not_ready, "model_id: " + model_id + " is " + m.status);
-                answer(errc::unavailable, no_server(m));
+                serve(self, rp, x, hash, m, received);
               },
               [=](caf::error& err) mutable { rp.deliver(std::move(err)); });
       return;
@@ -198,8 +263,8 @@ void handle_inference(user_ptr self, promise_t rp, inference_request x, uint64_t
     self->request(st.db, store_timeout, models_atom_v, st.user_id)
         .await(
             [=](std::vector<model_record>& models) mutable {
-              for (const auto& m : models)
-                if (m.status == "ready") return answer(errc::unavailable, no_server(m));
+              for (const auto& m : models)  // newest first
+                if (m.status == "ready") return serve(self, rp, x, hash, m, received);
               answer(errc::no_ready_model, "user " + self->state.user_id + " has no ready model");
             },
             [=](caf::error& err) mutable { rp.deliver(std::move(err)); });
@@ -241,6 +306,15 @@ void handle_job_cancel(user_ptr self, promise_t rp, job_cancel x) {
           [=](caf::error& err) mutable { rp.deliver(std::move(err)); });
 }
 
+// A running request ends with finish_reason cancelled; that result is its
+// answer. The cancel itself has no answer of its own (architecture.md).
+void handle_inference_cancel(user_ptr self, promise_t rp, inference_cancel x) {
+  auto& st = self->state;
+  if (auto it = st.inflight.find(x.request_id); it != st.inflight.end())
+    self->send(it->second.gpu, cancel_atom_v, st.user_id, x.request_id);
+  rp.deliver(answers{});
+}
+
 const std::string& user_of(const parse_result& r) {
   if (auto* rej = std::get_if<rejection>(&r)) return rej->user_id;
   return std::visit([](const auto& x) -> const std::string& { return x.user_id; },
@@ -260,13 +334,14 @@ std::string job_id_for(const std::string& user_id, const std::string& request_id
 
 user_actor::behavior_type user(user_actor::stateful_pointer<user_state> self, std::string user_id,
                                engine_config cfg, store_actor db, egress_actor out, pool_actor pool,
-                               registry_actor registry) {
+                               serving_routes routes, registry_actor registry) {
   auto& st = self->state;
   st.user_id = std::move(user_id);
   st.cfg = std::move(cfg);
   st.db = std::move(db);
   st.out = std::move(out);
   st.pool = std::move(pool);
+  st.routes = std::move(routes);
   st.registry = std::move(registry);
   self->delayed_send(self, std::chrono::seconds(st.cfg.user_idle_seconds), idle_atom_v);
   return {
@@ -288,14 +363,15 @@ user_actor::behavior_type user(user_actor::stateful_pointer<user_state> self, st
               else if constexpr (std::is_same_v<T, job_cancel>)
                 handle_job_cancel(self, rp, std::move(x));
               else
-                rp.deliver(answers{});  // nothing runs yet that a cancel could stop
+                handle_inference_cancel(self, rp, std::move(x));
             },
             pr.value);
         return rp;
       },
       [self](idle_atom) {
         auto& st = self->state;
-        if (st.handled == st.handled_at_last_check)
+        // Never retired while a generation is on its way back to it.
+        if (st.handled == st.handled_at_last_check && st.inflight.empty())
           self->send(st.registry, idle_atom_v, st.user_id, st.handled);
         st.handled_at_last_check = st.handled;
         self->delayed_send(self, std::chrono::seconds(st.cfg.user_idle_seconds), idle_atom_v);
@@ -306,11 +382,13 @@ user_actor::behavior_type user(user_actor::stateful_pointer<user_state> self, st
 
 registry_actor::behavior_type registry(registry_actor::stateful_pointer<registry_state> self,
                                        engine_config cfg, store_actor db, egress_actor out,
-                                       pool_actor pool, std::shared_ptr<metrics> stats) {
+                                       pool_actor pool, serving_routes routes,
+                                       std::shared_ptr<metrics> stats) {
   self->state.cfg = std::move(cfg);
   self->state.db = std::move(db);
   self->state.out = std::move(out);
   self->state.pool = std::move(pool);
+  self->state.routes = std::move(routes);
   self->state.stats = std::move(stats);
   // User actors are linked to the registry: when it goes, they go. A user
   // actor's own end arrives here as an exit message and only forgets it.
@@ -332,7 +410,7 @@ registry_actor::behavior_type registry(registry_actor::stateful_pointer<registry
         const auto& id = user_of(ev.parsed);
         auto& e = st.users[id];
         if (!e.actor) {
-          e.actor = self->spawn<caf::linked>(user, id, st.cfg, st.db, st.out, st.pool,
+          e.actor = self->spawn<caf::linked>(user, id, st.cfg, st.db, st.out, st.pool, st.routes,
                                              caf::actor_cast<registry_actor>(self));
           st.stats->add_users(1);
         }

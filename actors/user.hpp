@@ -3,12 +3,14 @@
 #include <caf/typed_actor.hpp>
 #include <caf/typed_event_based_actor.hpp>
 #include <cstdint>
+#include <map>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
 #include "actors/config.hpp"
 #include "actors/egress.hpp"
+#include "actors/gpu.hpp"
 #include "actors/metrics.hpp"
 #include "actors/store_actor.hpp"
 #include "actors/training_pool.hpp"
@@ -38,12 +40,21 @@ using registry_actor = caf::typed_actor<
     caf::reacts_to<idle_atom, std::string, uint64_t>>;
 
 struct user_state {
+  // An inference request on its way through a GPU actor; repeats of it that
+  // arrive meanwhile wait for the same answer.
+  struct pending {
+    uint64_t payload_hash = 0;
+    gpu_actor gpu;
+    std::vector<caf::typed_response_promise<std::vector<outgoing_message>>> waiters;
+  };
   std::string user_id;
   engine_config cfg;
   store_actor db;
   egress_actor out;
   pool_actor pool;
+  serving_routes routes;
   registry_actor registry;
+  std::map<std::string, pending> inflight;  // by request id
   uint64_t handled = 0;
   uint64_t handled_at_last_check = 0;
   static inline const char* name = "tailor.user";
@@ -58,6 +69,7 @@ struct registry_state {
   store_actor db;
   egress_actor out;
   pool_actor pool;
+  serving_routes routes;
   std::shared_ptr<metrics> stats;
   std::unordered_map<std::string, entry> users;
   static inline const char* name = "tailor.registry";
@@ -65,11 +77,12 @@ struct registry_state {
 
 user_actor::behavior_type user(user_actor::stateful_pointer<user_state> self, std::string user_id,
                                engine_config cfg, store_actor db, egress_actor out, pool_actor pool,
-                               registry_actor registry);
+                               serving_routes routes, registry_actor registry);
 
 registry_actor::behavior_type registry(registry_actor::stateful_pointer<registry_state> self,
                                        engine_config cfg, store_actor db, egress_actor out,
-                                       pool_actor pool, std::shared_ptr<metrics> stats);
+                                       pool_actor pool, serving_routes routes,
+                                       std::shared_ptr<metrics> stats);
 
 // The deterministic job id of (user_id, request_id): a redelivered request
 // always names the same job.

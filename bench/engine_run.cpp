@@ -89,6 +89,7 @@ engine_run::engine_run(const engine_run_options& o) {
                   {"events", topic("events")},
                   {"dlq", topic("dlq")}}}}}};
   cfg.merge_patch(o.config);
+  if (o.prepare) o.prepare(dir_ + "/data");
   auto cfg_path = dir_ + "/tailord.json";
   std::ofstream(cfg_path) << cfg.dump(2);
   auto ready = dir_ + "/ready.json";
@@ -171,6 +172,38 @@ double engine_run::metric(const std::string& name, const std::string& label,
   auto pos = text.find(key);
   if (pos == std::string::npos) return -1;
   return std::stod(text.substr(pos + key.size()));
+}
+
+topic_watch::topic_watch(const std::string& bootstrap, const std::string& topic,
+                         std::function<void(const json&)> on_record)
+    : on_record_(std::move(on_record)) {
+  std::string err;
+  std::unique_ptr<RdKafka::Conf> conf(RdKafka::Conf::create(RdKafka::Conf::CONF_GLOBAL));
+  if (conf->set("bootstrap.servers", bootstrap, err) != RdKafka::Conf::CONF_OK ||
+      conf->set("group.id", "bench-watch-" + topic, err) != RdKafka::Conf::CONF_OK ||
+      conf->set("auto.offset.reset", "earliest", err) != RdKafka::Conf::CONF_OK ||
+      conf->set("enable.auto.commit", "false", err) != RdKafka::Conf::CONF_OK ||
+      conf->set("topic.metadata.refresh.interval.ms", "500", err) != RdKafka::Conf::CONF_OK)
+    throw std::runtime_error("consumer of " + topic + ": " + err);
+  consumer_.reset(RdKafka::KafkaConsumer::create(conf.get(), err));
+  if (!consumer_) throw std::runtime_error("consumer of " + topic + ": " + err);
+  if (auto rc = consumer_->subscribe({topic}); rc != RdKafka::ERR_NO_ERROR)
+    throw std::runtime_error("consumer of " + topic + ": " + RdKafka::err2str(rc));
+  thread_ = std::thread([this] {
+    while (!stop_) {
+      std::unique_ptr<RdKafka::Message> m(consumer_->consume(100));
+      if (m->err() != RdKafka::ERR_NO_ERROR) continue;
+      auto j = json::parse(static_cast<const char*>(m->payload()),
+                           static_cast<const char*>(m->payload()) + m->len(), nullptr, false);
+      if (j.is_object()) on_record_(j);
+    }
+  });
+}
+
+topic_watch::~topic_watch() {
+  stop_ = true;
+  thread_.join();
+  consumer_->close();
 }
 
 bench_producer::bench_producer(const std::string& bootstrap)

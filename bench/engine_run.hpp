@@ -6,13 +6,16 @@
 #include <sys/types.h>
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <thread>
 
 namespace RdKafka {
 class Producer;
 class DeliveryReportCb;
+class KafkaConsumer;
 }  // namespace RdKafka
 
 namespace tailor::bench {
@@ -21,6 +24,8 @@ struct engine_run_options {
   std::string bootstrap;  // empty: start a broker with scripts/kafka-broker
   std::string tailord = TAILORD_PATH;
   nlohmann::json config;  // merged over the run's own settings (topics, dirs, ports)
+  // Called with tailord's data directory before tailord starts (to register models).
+  std::function<void(const std::string& data_dir)> prepare;
 };
 
 class engine_run {
@@ -48,6 +53,21 @@ class engine_run {
   std::string dir_, bootstrap_, prefix_, broker_dir_;
   pid_t pid_ = -1;
   int admin_port_ = -1;
+};
+
+// Reads a topic from the beginning on a thread of its own and hands every
+// JSON object to `on_record` (on that thread).
+class topic_watch {
+ public:
+  topic_watch(const std::string& bootstrap, const std::string& topic,
+              std::function<void(const nlohmann::json&)> on_record);
+  ~topic_watch();
+
+ private:
+  std::unique_ptr<RdKafka::KafkaConsumer> consumer_;
+  std::function<void(const nlohmann::json&)> on_record_;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
 };
 
 // A producer with delivery checks; `flush` throws when a message failed.

@@ -1,7 +1,5 @@
 #include "onboarding_bench.hpp"
 
-#include <librdkafka/rdkafkacpp.h>
-
 #include <atomic>
 #include <chrono>
 #include <map>
@@ -20,29 +18,11 @@ namespace {
 using json = nlohmann::json;
 using clock = std::chrono::steady_clock;
 
-// Reads tailor.events from the beginning and counts how each request ended.
+// Counts how each request ended, from tailor.events.
 class end_tracker {
  public:
-  end_tracker(const std::string& bootstrap, const std::string& topic) {
-    std::string err;
-    std::unique_ptr<RdKafka::Conf> conf(RdKafka::Conf::create(RdKafka::Conf::CONF_GLOBAL));
-    if (conf->set("bootstrap.servers", bootstrap, err) != RdKafka::Conf::CONF_OK ||
-        conf->set("group.id", "bench-watch-" + topic, err) != RdKafka::Conf::CONF_OK ||
-        conf->set("auto.offset.reset", "earliest", err) != RdKafka::Conf::CONF_OK ||
-        conf->set("enable.auto.commit", "false", err) != RdKafka::Conf::CONF_OK ||
-        conf->set("topic.metadata.refresh.interval.ms", "500", err) != RdKafka::Conf::CONF_OK)
-      throw std::runtime_error("events consumer: " + err);
-    c_.reset(RdKafka::KafkaConsumer::create(conf.get(), err));
-    if (!c_) throw std::runtime_error("events consumer: " + err);
-    if (auto rc = c_->subscribe({topic}); rc != RdKafka::ERR_NO_ERROR)
-      throw std::runtime_error("events consumer: " + RdKafka::err2str(rc));
-    thread_ = std::thread([this] { run(); });
-  }
-  ~end_tracker() {
-    stop_ = true;
-    thread_.join();
-    c_->close();
-  }
+  end_tracker(const std::string& bootstrap, const std::string& topic)
+      : watch_(bootstrap, topic, [this](const json& j) { on_event(j); }) {}
   std::size_t ended() const {
     std::lock_guard<std::mutex> g(mtx_);
     return ended_.size();
@@ -51,41 +31,27 @@ class end_tracker {
     std::lock_guard<std::mutex> g(mtx_);
     return counts_;
   }
-  std::map<std::string, int> ready_per_request() const {
-    std::lock_guard<std::mutex> g(mtx_);
-    return ready_;
-  }
   clock::time_point last_end() const {
     std::lock_guard<std::mutex> g(mtx_);
     return last_end_;
   }
 
  private:
-  void run() {
-    while (!stop_) {
-      std::unique_ptr<RdKafka::Message> m(c_->consume(100));
-      if (m->err() != RdKafka::ERR_NO_ERROR) continue;
-      auto j = json::parse(static_cast<const char*>(m->payload()),
-                           static_cast<const char*>(m->payload()) + m->len(), nullptr, false);
-      if (!j.is_object()) continue;
-      auto type = j.value("type", "");
-      auto key = j.value("user_id", "") + "/" + j.value("request_id", "");
-      std::lock_guard<std::mutex> g(mtx_);
-      ++counts_[type];
-      if (type == "model.ready") ++ready_[key];
-      if (type == "model.ready" || type == "job.failed" || type == "job.cancelled") {
-        ended_.insert(key);
-        last_end_ = clock::now();
-      }
+  void on_event(const json& j) {
+    auto type = j.value("type", "");
+    auto key = j.value("user_id", "") + "/" + j.value("request_id", "");
+    std::lock_guard<std::mutex> g(mtx_);
+    ++counts_[type];
+    if (type == "model.ready" || type == "job.failed" || type == "job.cancelled") {
+      ended_.insert(key);
+      last_end_ = clock::now();
     }
   }
-  std::unique_ptr<RdKafka::KafkaConsumer> c_;
-  std::atomic<bool> stop_{false};
   mutable std::mutex mtx_;
   std::set<std::string> ended_;
-  std::map<std::string, int> counts_, ready_;
+  std::map<std::string, int> counts_;
   clock::time_point last_end_{};
-  std::thread thread_;
+  topic_watch watch_;  // last: it stops before the members it feeds go
 };
 
 }  // namespace

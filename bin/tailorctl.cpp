@@ -152,14 +152,41 @@ int publish(const common_options& o, const std::string& topic, const std::string
   return wait_for(*f, user, request, timeout_s, done);
 }
 
-void admin_get(const common_options& o, const std::string& path) {
+// GET on the admin API; exits with the server's message unless it is a 200.
+std::string admin_fetch(const common_options& o, const std::string& path) {
   httplib::Client cli(o.admin);
   cli.set_connection_timeout(5);
   auto res = cli.Get(path.c_str());
   if (!res) fail("admin API at " + o.admin + ": " + httplib::to_string(res.error()));
-  std::cout << res->body;
-  if (res->body.empty() || res->body.back() != '\n') std::cout << '\n';
-  if (res->status != 200) std::exit(1);
+  if (res->status != 200) {
+    std::cerr << res->body << (res->body.ends_with('\n') ? "" : "\n");
+    std::exit(1);
+  }
+  return res->body;
+}
+
+void admin_get(const common_options& o, const std::string& path) {
+  auto body = admin_fetch(o, path);
+  std::cout << body;
+  if (body.empty() || body.back() != '\n') std::cout << '\n';
+}
+
+// Prints a user's history, oldest first, one JSON entry per line, paging
+// through the admin API; `max_entries` 0 prints all.
+void print_history(const common_options& o, const std::string& user, std::size_t max_entries) {
+  std::string after;
+  std::size_t printed = 0;
+  do {
+    auto page = json::parse(admin_fetch(o, "/v1/users/" + user + "/history?limit=100" +
+                                               (after.empty() ? "" : "&after=" + after)),
+                            nullptr, false);
+    if (!page.is_object()) fail("admin API: the history page is not JSON");
+    for (const auto& e : page["entries"]) {
+      std::cout << e.dump() << '\n';
+      if (++printed == max_entries) return;
+    }
+    after = page.value("next", "");
+  } while (!after.empty());
 }
 
 std::string read_file(const std::string& path) {
@@ -266,6 +293,12 @@ int main(int argc, char** argv) {
   auto* models = app.add_subcommand("models", "list a user's models, newest first (admin API)");
   std::string models_user;
   models->add_option("user_id", models_user, "user id")->required();
+  auto* history = app.add_subcommand(
+      "history", "a user's requests and answers, oldest first, one JSON line each (admin API)");
+  std::string history_user;
+  std::size_t history_limit = 0;
+  history->add_option("user_id", history_user, "user id")->required();
+  history->add_option("-n,--limit", history_limit, "print at most this many (default: all)");
   auto* cancel =
       app.add_subcommand("cancel", "cancel a job (publishes job.cancel on the control topic)");
   messages::job_cancel jc;
@@ -397,6 +430,7 @@ int main(int argc, char** argv) {
     admin_get(o, "/v1/jobs" + (job_status.empty() ? "" : "?status=" + job_status));
   if (job->parsed()) admin_get(o, "/v1/jobs/" + job_id);
   if (models->parsed()) admin_get(o, "/v1/users/" + models_user + "/models");
+  if (history->parsed()) print_history(o, history_user, history_limit);
   if (cancel->parsed()) {
     produce(o, o.topics.control, jc.user_id, messages::to_json(jc));
     std::fprintf(stderr, "published job.cancel for %s\n", jc.job_id.c_str());

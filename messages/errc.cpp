@@ -30,6 +30,7 @@ std::string to_string(errc code) {
     case errc::data_not_found: return "data_not_found";
     case errc::invalid_data: return "invalid_data";
     case errc::training_failed: return "training_failed";
+    case errc::adapter_unavailable: return "adapter_unavailable";
   }
   return "unknown";
 }

@@ -40,6 +40,8 @@ enum class errc : uint8_t {
   data_not_found,   // data_ref names no readable file
   invalid_data,     // training data that cannot be trained on
   training_failed,  // training or saving failed after every retry
+  // Serving: answered with an error result.
+  adapter_unavailable,  // the model's adapter cannot be loaded (missing, damaged, does not fit)
 };
 
 std::string to_string(errc code);

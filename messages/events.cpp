@@ -236,12 +236,9 @@ void parse_inference(reader& r, const limits& lim, inference_request& x) {
 
 const char* topic_types(input_topic topic) {
   switch (topic) {
-    case input_topic::onboarding:
-      return "onboarding.request";
-    case input_topic::inference:
-      return "inference.request";
-    case input_topic::control:
-      return "job.cancel or inference.cancel";
+    case input_topic::onboarding: return "onboarding.request";
+    case input_topic::inference: return "inference.request";
+    case input_topic::control: return "job.cancel or inference.cancel";
   }
   return "";
 }
@@ -354,6 +351,8 @@ std::string to_json(const inference_result& x) {
                        {"prefill", x.timings.prefill},
                        {"decode", x.timings.decode},
                        {"total", x.timings.total}};
+    j["usage"] = {{"prompt_tokens", x.usage.prompt_tokens},
+                  {"completion_tokens", x.usage.completion_tokens}};
   }
   return dump(j);
 }

@@ -99,6 +99,10 @@ struct timings_ms {
   double queue = 0, adapter_load = 0, prefill = 0, decode = 0, total = 0;
 };
 
+struct token_usage {
+  int64_t prompt_tokens = 0, completion_tokens = 0;
+};
+
 struct inference_result {
   std::string request_id;
   std::string user_id;
@@ -106,6 +110,7 @@ struct inference_result {
   std::string text;
   std::string finish_reason;  // stop|length|cancelled|deadline; empty on error
   timings_ms timings;
+  token_usage usage;
   std::optional<error_info> error;
 };
 

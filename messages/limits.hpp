@@ -7,7 +7,7 @@ namespace tailor::messages {
 
 // Bounds of a grantable onboarding request; out of them is `out_of_bounds`.
 struct hyperparameter_bounds {
-  int64_t min_rank = 1, max_rank = 64;
+  int64_t min_rank = 1, max_rank = 16;  // serving banks are sized for it
   double min_alpha = 0.0, max_alpha = 1024.0;
   int64_t min_steps = 1, max_steps = 10000;
   double min_learning_rate = 1e-7, max_learning_rate = 1.0;

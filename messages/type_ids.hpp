@@ -1,12 +1,14 @@
 #pragma once
 
 #include <caf/type_id.hpp>
+#include <chrono>
 #include <string>
 #include <vector>
 
 #include "messages/events.hpp"
 #include "messages/jobs.hpp"
 #include "messages/records.hpp"
+#include "messages/serving.hpp"
 
 namespace tailor::messages {
 
@@ -20,12 +22,15 @@ struct incoming_event {
   std::string key;
   std::string payload;  // the original bytes
   parse_result parsed;
+  std::chrono::steady_clock::time_point consumed;  // when the ingress read it
 };
 
 }  // namespace tailor::messages
 
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(tailor::messages::incoming_event)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(tailor::messages::training_order)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(tailor::messages::inference_order)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(tailor::messages::loaded_adapter)
 
 // Every actor message type and atom of Tailor, in one block.
 CAF_BEGIN_TYPE_ID_BLOCK(tailor, caf::first_custom_type_id)
@@ -39,6 +44,8 @@ CAF_ADD_TYPE_ID(tailor, (std::vector<tailor::messages::model_record>))
 CAF_ADD_TYPE_ID(tailor, (tailor::messages::request_record))
 CAF_ADD_TYPE_ID(tailor, (std::vector<tailor::messages::request_record>))
 CAF_ADD_TYPE_ID(tailor, (tailor::messages::training_outcome))
+CAF_ADD_TYPE_ID(tailor, (tailor::messages::history_entry))
+CAF_ADD_TYPE_ID(tailor, (std::vector<tailor::messages::history_entry>))
 
 CAF_ADD_ATOM(tailor, tailor::messages, publish_atom, "publish")
 CAF_ADD_ATOM(tailor, tailor::messages, route_atom, "route")
@@ -69,5 +76,9 @@ CAF_ADD_ATOM(tailor, tailor::messages, announce_atom, "announce")
 CAF_ADD_ATOM(tailor, tailor::messages, transit_atom, "transit")
 CAF_ADD_ATOM(tailor, tailor::messages, register_atom, "register")
 CAF_ADD_ATOM(tailor, tailor::messages, recover_atom, "recover")
+CAF_ADD_ATOM(tailor, tailor::messages, infer_atom, "infer")
+CAF_ADD_ATOM(tailor, tailor::messages, step_atom, "step")
+CAF_ADD_ATOM(tailor, tailor::messages, load_atom, "load")
+CAF_ADD_ATOM(tailor, tailor::messages, history_atom, "history")
 
 CAF_END_TYPE_ID_BLOCK(tailor)

@@ -145,9 +145,10 @@ std::vector<int64_t> batch_generator::step() {
     slots.push_back(r->slot);
   }
   // Regather the rows' adapters only when the batch's composition changed.
-  if (idx != gathered_idx_) {
+  if (idx != gathered_idx_ || bank_.version != gathered_version_) {
     gathered_ = gathered_adapters::gather(bank_, torch::tensor(idx, torch::kLong));
     gathered_idx_ = idx;
+    gathered_version_ = bank_.version;
   }
   auto logits = forward_batched(base_, gathered_, torch::tensor(tok, torch::kLong).view({B, 1}),
                                 torch::tensor(start, torch::kLong),
@@ -169,6 +170,19 @@ std::vector<int64_t> batch_generator::step() {
   }
   rows_ = std::move(still);
   return finished;
+}
+
+bool batch_generator::finish(int64_t id, const std::string& reason) {
+  for (auto it = rows_.begin(); it != rows_.end(); ++it) {
+    auto& r = **it;
+    if (r.id != id) continue;
+    done_[id] = generation{decode(r.out), reason, r.out};
+    slot_owner_[r.slot].reset();
+    finished_early_.push_back(id);
+    rows_.erase(it);
+    return true;
+  }
+  return false;
 }
 
 generation batch_generator::take(int64_t id) {

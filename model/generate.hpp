@@ -30,7 +30,7 @@ struct sampling {
 
 struct generation {
   std::string text;
-  std::string finish_reason;  // stop | length
+  std::string finish_reason;  // stop | length | (given to finish(): cancelled, deadline)
   std::vector<int64_t> tokens;
 };
 
@@ -49,6 +49,9 @@ class batch_generator {
   std::vector<int64_t> step();
   bool idle() const;
   std::size_t active() const;
+  // Ends an active sequence now with `reason` (cancelled, deadline): its
+  // text so far is taken like any other. False if it is not active.
+  bool finish(int64_t id, const std::string& reason);
   // The finished sequence's result (once).
   generation take(int64_t id);
 
@@ -64,8 +67,9 @@ class batch_generator {
   std::vector<std::unique_ptr<row>> rows_;
   std::map<int64_t, generation> done_;
   std::vector<int64_t> finished_early_;
-  gathered_adapters gathered_;         // the rows' adapters, for gathered_idx_
-  std::vector<int64_t> gathered_idx_;  // ended during add(); reported by the next step()
+  gathered_adapters gathered_;  // the rows' adapters, for gathered_idx_
+  std::vector<int64_t> gathered_idx_;
+  uint64_t gathered_version_ = 0;  // the bank's version when gathered
   int64_t next_id_ = 0;
 };
 

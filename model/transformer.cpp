@@ -220,7 +220,44 @@ adapter_bank adapter_bank::build(const model_config& mc,
       bank.b[i].push_back(b);
     }
   }
+  bank.rank = rank;
   return bank;
+}
+
+adapter_bank adapter_bank::make(const model_config& mc, int64_t capacity, int64_t rank, bool mlp) {
+  adapter_bank bank;
+  bank.size = capacity;
+  bank.rank = rank;
+  bank.mlp = mlp;
+  const int sites = mlp ? 4 : 2;
+  bank.a.resize(mc.n_layer);
+  bank.b.resize(mc.n_layer);
+  for (int64_t i = 0; i < mc.n_layer; ++i)
+    for (int s = 0; s < sites; ++s) {
+      bank.a[i].push_back(torch::zeros({capacity + 1, site_in(mc, s), rank}));
+      bank.b[i].push_back(torch::zeros({capacity + 1, rank, site_out_dim(mc, s)}));
+    }
+  return bank;
+}
+
+bool adapter_bank::set(int64_t index, const lora_adapter& ad) {
+  if (index < 1 || index > size || ad.cfg.rank > rank || (ad.cfg.mlp && !mlp) ||
+      ad.layers.size() != a.size())
+    return false;
+  torch::NoGradGuard no_grad;
+  for (std::size_t i = 0; i < a.size(); ++i)
+    for (std::size_t s = 0; s < a[i].size(); ++s) {
+      auto ai = a[i][s][index];
+      auto bi = b[i][s][index];
+      ai.zero_();
+      bi.zero_();
+      if (static_cast<int>(s) >= ad.sites()) continue;
+      const auto& p = ad.layers[i][s];
+      ai.narrow(1, 0, ad.cfg.rank).copy_(p.a);
+      bi.narrow(0, 0, ad.cfg.rank).copy_(p.b * ad.scale());
+    }
+  ++version;
+  return true;
 }
 
 kv_cache kv_cache::make(const model_config& cfg, int64_t slots) {

@@ -81,9 +81,17 @@ struct adapter_bank {
   std::vector<std::vector<torch::Tensor>> a, b;
   int64_t size = 0;  // adapters, not counting index 0
   bool mlp = false;
+  int64_t rank = 0;      // of the stacked factors; smaller adapters are zero-padded
+  uint64_t version = 0;  // bumped by every set(): gathered copies of the old contents are stale
 
   static adapter_bank build(const model_config& mc,
                             const std::vector<const lora_adapter*>& adapters);
+  // `capacity` empty places (indices 1..capacity) for adapters of rank at
+  // most `rank`, to be filled and refilled with set() (a serving cache).
+  static adapter_bank make(const model_config& mc, int64_t capacity, int64_t rank, bool mlp);
+  // Puts `adapter` at `index` (1..size); false when it does not fit the bank
+  // (rank above the bank's, or MLP sites in a bank without them).
+  bool set(int64_t index, const lora_adapter& adapter);
 };
 
 // The bank's factors gathered for the rows of one batch, in row order: the

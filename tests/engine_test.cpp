@@ -184,7 +184,10 @@ TEST_F(EngineTest, AdminApi) {
   ASSERT_TRUE(wait_until(
       [&] {
         metrics = engine_->get("/metrics").second;
-        return metrics.find("tailor_dlq_total 1") != std::string::npos;
+        // Delivery reports reach the counters a moment after consumers see the records.
+        return metrics.find("tailor_dlq_total 1") != std::string::npos &&
+               metrics.find("tailor_events_out_total{topic=\"" + engine_->topics().events +
+                            "\"}") != std::string::npos;
       },
       10s))
       << metrics;

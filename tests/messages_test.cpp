@@ -222,7 +222,7 @@ TEST(Parse, HyperparametersTypesAndBounds) {
   }
   j["hyperparameters"] = {{"rank", 65}};
   r = reject(input_topic::onboarding, j);
-  EXPECT_EQ(r.message, "hyperparameters.rank: must be an integer in [1, 64]");
+  EXPECT_EQ(r.message, "hyperparameters.rank: must be an integer in [1, 16]");
   j["hyperparameters"] = {{"seed", -1}};
   EXPECT_EQ(reject(input_topic::onboarding, j).code, errc::invalid_argument);
 }
@@ -315,20 +315,24 @@ TEST(Parse, PayloadHashIgnoresKeyOrderButNotContent) {
 }
 
 TEST(Write, ResultsEventsAndDlqCarryTheContractFields) {
-  inference_result ok{"q1", "u1", "m1", "hello", "stop", {1, 2, 3, 4, 10}, std::nullopt};
+  inference_result ok{"q1", "u1", "m1", "hello", "stop", {1, 2, 3, 4, 10}, {6, 5}, std::nullopt};
   auto j = json::parse(to_json(ok));
   EXPECT_EQ(j["type"], "inference.result");
   EXPECT_EQ(j["schema_version"], 1);
   EXPECT_EQ(j["text"], "hello");
   EXPECT_EQ(j["finish_reason"], "stop");
   EXPECT_EQ(j["timings_ms"]["total"], 10.0);
+  EXPECT_EQ(j["usage"]["prompt_tokens"], 6);
+  EXPECT_EQ(j["usage"]["completion_tokens"], 5);
 
   inference_result err{
-      "q1", "u1", "", "", "", {}, error_info{errc::no_ready_model, "user u1 has no ready model"}};
+      "q1", "u1", "", "",
+      "",   {},   {}, error_info{errc::no_ready_model, "user u1 has no ready model"}};
   j = json::parse(to_json(err));
   EXPECT_EQ(j["error"]["code"], "no_ready_model");
   EXPECT_EQ(j["error"]["message"], "user u1 has no ready model");
   EXPECT_FALSE(j.contains("text"));
+  EXPECT_FALSE(j.contains("usage"));
 
   job_event ev{"job.failed",
                "j1",
@@ -378,7 +382,7 @@ TEST(Write, InvalidUtf8IsRepaired) {
   EXPECT_EQ(repair_utf8("\xc3"), "\xEF\xBF\xBD");                                  // truncated
   EXPECT_EQ(repair_utf8("\xc0\xaf"), "\xEF\xBF\xBD\xEF\xBF\xBD");                  // overlong
   EXPECT_EQ(repair_utf8("\xed\xa0\x80"), "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD");  // surrogate
-  inference_result r{"q", "u", "m", "bad\xfe", "stop", {}, std::nullopt};
+  inference_result r{"q", "u", "m", "bad\xfe", "stop", {}, {}, std::nullopt};
   EXPECT_EQ(json::parse(to_json(r))["text"], "bad\xEF\xBF\xBD");
 }
 

@@ -1,0 +1,448 @@
+#include "actors/gpu.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <list>
+#include <unordered_map>
+
+#include "actors/base_models.hpp"
+#include "actors/error_text.hpp"
+#include "model/checkpoint.hpp"
+#include "model/generate.hpp"
+#include "storage/artifacts.hpp"
+
+namespace tailor::actors {
+
+namespace {
+
+using clock = std::chrono::steady_clock;
+
+double ms_between(clock::time_point a, clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+}  // namespace
+
+// --- host tier ---------------------------------------------------------------
+
+struct loader_core {
+  using adapter_ptr = std::shared_ptr<const model::lora_adapter>;
+  std::list<std::string> order;  // most recently used first
+  std::unordered_map<std::string, std::pair<adapter_ptr, std::list<std::string>::iterator>> cache;
+};
+
+loader_state::loader_state() = default;
+loader_state::~loader_state() = default;
+
+loader_actor::behavior_type adapter_loader(loader_actor::stateful_pointer<loader_state> self,
+                                           engine_config cfg,
+                                           std::shared_ptr<const base_models> bases,
+                                           std::shared_ptr<metrics> stats) {
+  auto& st = self->state;
+  st.cfg = std::move(cfg);
+  st.bases = std::move(bases);
+  st.stats = std::move(stats);
+  st.core = std::make_unique<loader_core>();
+  return {
+      [self](load_atom, const model_record& m) -> caf::result<loaded_adapter> {
+        auto& st = self->state;
+        auto& c = *st.core;
+        auto t0 = clock::now();
+        if (auto it = c.cache.find(m.model_id); it != c.cache.end()) {
+          c.order.splice(c.order.begin(), c.order, it->second.second);
+          st.stats->count_cache("host", "hit");
+          return loaded_adapter{it->second.first, "host", ms_between(t0, clock::now())};
+        }
+        st.stats->count_cache("host", "miss");
+        auto base = st.bases->by_name.find(m.base_model);
+        if (base == st.bases->by_name.end())
+          return caf::make_error(
+              errc::adapter_unavailable,
+              "model " + m.model_id + ": base model " + m.base_model + " is not loaded here");
+        // The bytes must be the registered ones before anything decodes them.
+        auto bytes = storage::read_file(m.artifact_path, m.checksum);
+        if (!bytes)
+          return caf::make_error(errc::adapter_unavailable,
+                                 "model " + m.model_id + ": " + error_text(bytes.error()));
+        auto ad = model::decode_adapter(std::move(*bytes), base->second.cfg, m.artifact_path);
+        if (!ad)
+          return caf::make_error(errc::adapter_unavailable,
+                                 "model " + m.model_id + ": " + error_text(ad.error()));
+        auto ptr = std::make_shared<const model::lora_adapter>(std::move(*ad));
+        st.stats->count_cache("disk", "load");
+        if (st.cfg.serving.host_adapters > 0) {
+          c.order.push_front(m.model_id);
+          c.cache[m.model_id] = {ptr, c.order.begin()};
+          st.stats->count_cache("host", "load");
+          while (c.cache.size() > static_cast<std::size_t>(st.cfg.serving.host_adapters)) {
+            c.cache.erase(c.order.back());
+            c.order.pop_back();
+            st.stats->count_cache("host", "eviction");
+          }
+        }
+        return loaded_adapter{ptr, "disk", ms_between(t0, clock::now())};
+      },
+  };
+}
+
+// --- device tier and batch loop ------------------------------------------------
+
+struct gpu_core {
+  struct request {
+    inference_order order;
+    caf::typed_response_promise<outgoing_message> rp;
+    model::sampling sampling;
+    clock::time_point arrived, loaded, admitted, deadline;
+    double adapter_load_ms = 0, prefill_ms = 0, decode_ms = 0;
+    int64_t gen_id = -1;  // in the batch when >= 0
+    int64_t budget = 0;   // tokens it may occupy: prompt + max_tokens
+    int64_t prompt_tokens = 0;
+  };
+  struct resident {
+    int64_t index = 0;  // place in the bank; 0 while not placed
+    int64_t users = 0;  // requests waiting for or running with it
+    uint64_t last_used = 0;
+    bool loading = false;
+    bool pinned = false;
+  };
+
+  const model::base_weights* base = nullptr;
+  model::adapter_bank bank;
+  std::unique_ptr<model::batch_generator> gen;
+  std::unordered_map<std::string, resident> adapters;  // by model id
+  std::vector<std::string> owner;                      // bank index -> model id ("" free)
+  std::list<std::shared_ptr<request>> waiting;
+  std::unordered_map<int64_t, std::shared_ptr<request>> active;  // by generator id
+  std::unordered_map<std::string, double> served;                // per user: virtual token counter
+  int64_t tokens_in_flight = 0;
+  uint64_t tick = 0;
+  bool stepping = false;
+};
+
+gpu_state::gpu_state() = default;
+gpu_state::~gpu_state() = default;
+
+namespace {
+
+using gpu_ptr = gpu_actor::stateful_pointer<gpu_state>;
+using request_ptr = std::shared_ptr<gpu_core::request>;
+
+void kick(gpu_ptr self) {
+  auto& c = *self->state.core;
+  if (c.stepping) return;
+  c.stepping = true;
+  self->send(self, step_atom_v);
+}
+
+void publish_gauges(gpu_ptr self) {
+  auto& st = self->state;
+  st.stats->set_serving(st.base_model + "/" + std::to_string(st.device),
+                        static_cast<int64_t>(st.core->waiting.size()),
+                        static_cast<int64_t>(st.core->active.size()));
+}
+
+void release_adapter(gpu_core& c, const std::string& model_id) {
+  auto it = c.adapters.find(model_id);
+  if (it != c.adapters.end() && it->second.users > 0) --it->second.users;
+}
+
+// Answers a request; `error` set makes it an error result.
+void answer(gpu_ptr self, const request_ptr& r, const model::generation& g,
+            std::optional<error_info> error = std::nullopt) {
+  auto& st = self->state;
+  const auto now = clock::now();
+  inference_result res;
+  res.request_id = r->order.request.request_id;
+  res.user_id = r->order.request.user_id;
+  res.model_id = r->order.model.model_id;
+  if (error) {
+    res.error = std::move(error);
+  } else {
+    res.text = g.text;
+    res.finish_reason = g.finish_reason;
+    res.usage.prompt_tokens = r->prompt_tokens;
+    res.usage.completion_tokens = static_cast<int64_t>(g.tokens.size());
+  }
+  res.timings.adapter_load = r->adapter_load_ms;
+  if (r->gen_id >= 0)
+    res.timings.queue = std::max(0.0, ms_between(r->arrived, r->admitted) - r->adapter_load_ms);
+  else
+    res.timings.queue = std::max(0.0, ms_between(r->arrived, now) - r->adapter_load_ms);
+  res.timings.prefill = r->prefill_ms;
+  res.timings.decode = r->decode_ms;
+  res.timings.total = ms_between(r->order.received, now);
+  st.stats->count_request(res.model_id, res.user_id);
+  r->rp.deliver(outgoing_message{channel::results, res.user_id, to_json(res)});
+}
+
+void fail_waiting(gpu_ptr self, const std::string& model_id, const std::string& message) {
+  auto& c = *self->state.core;
+  for (auto it = c.waiting.begin(); it != c.waiting.end();) {
+    if ((*it)->order.model.model_id != model_id) {
+      ++it;
+      continue;
+    }
+    release_adapter(c, model_id);
+    answer(self, *it, {}, error_info{errc::adapter_unavailable, message});
+    it = c.waiting.erase(it);
+  }
+}
+
+// A free place in the bank, evicting the least recently used adapter that no
+// request is using; 0 when every place is in use.
+int64_t free_index(gpu_ptr self) {
+  auto& c = *self->state.core;
+  for (std::size_t i = 1; i < c.owner.size(); ++i)
+    if (c.owner[i].empty()) return static_cast<int64_t>(i);
+  std::string victim;
+  uint64_t oldest = UINT64_MAX;
+  for (const auto& [id, r] : c.adapters)
+    if (r.index > 0 && r.users == 0 && !r.pinned && r.last_used < oldest) {
+      oldest = r.last_used;
+      victim = id;
+    }
+  if (victim.empty()) return 0;
+  auto index = c.adapters[victim].index;
+  c.adapters.erase(victim);
+  c.owner[static_cast<std::size_t>(index)].clear();
+  self->state.stats->count_cache("device", "eviction");
+  return index;
+}
+
+// Starts loading every adapter that waiting requests need and that has no
+// place yet, as long as the bank has room.
+void fetch_adapters(gpu_ptr self) {
+  auto& st = self->state;
+  auto& c = *st.core;
+  for (const auto& r : c.waiting) {
+    const auto& m = r->order.model;
+    auto& res = c.adapters[m.model_id];
+    if (res.index > 0 || res.loading) continue;
+    auto index = free_index(self);
+    if (index == 0) return;  // every place is in use: retried when one frees
+    res.index = -index;      // reserved while loading
+    res.loading = true;
+    c.owner[static_cast<std::size_t>(index)] = m.model_id;
+    auto model_id = m.model_id;
+    self->request(st.loader, std::chrono::minutes(2), load_atom_v, m)
+        .then(
+            [self, model_id, index](loaded_adapter& la) {
+              auto& c = *self->state.core;
+              auto it = c.adapters.find(model_id);
+              if (it == c.adapters.end()) return;
+              auto ad = std::static_pointer_cast<const model::lora_adapter>(la.adapter);
+              if (!c.bank.set(index, *ad)) {
+                c.adapters.erase(it);
+                c.owner[static_cast<std::size_t>(index)].clear();
+                fail_waiting(self, model_id,
+                             "model " + model_id + ": its adapter (rank " +
+                                 std::to_string(ad->cfg.rank) + ") does not fit a bank of rank " +
+                                 std::to_string(c.bank.rank));
+                return;
+              }
+              it->second.index = index;
+              it->second.loading = false;
+              it->second.last_used = ++c.tick;
+              for (const auto& p : self->state.cfg.serving.pinned_models)
+                if (p == model_id) it->second.pinned = true;
+              self->state.stats->count_cache("device", "load");
+              auto now = clock::now();
+              for (auto& r : c.waiting)
+                if (r->order.model.model_id == model_id && r->loaded == clock::time_point{}) {
+                  r->loaded = now;
+                  r->adapter_load_ms = ms_between(r->arrived, now);
+                }
+              kick(self);
+            },
+            [self, model_id, index](caf::error& err) {
+              auto& c = *self->state.core;
+              c.adapters.erase(model_id);
+              c.owner[static_cast<std::size_t>(index)].clear();
+              spdlog::warn("gpu {}: cannot load {}: {}", self->state.device, model_id,
+                           error_text(err));
+              fail_waiting(self, model_id, error_text(err));
+              fetch_adapters(self);
+              kick(self);
+            });
+  }
+}
+
+// Moves waiting requests into the batch: only those whose adapter is placed,
+// least-served user first, within the batch's row and token limits.
+void admit(gpu_ptr self) {
+  auto& st = self->state;
+  auto& c = *st.core;
+  const auto& sc = st.cfg.serving;
+  // A user who was idle starts at the least service among active users, so
+  // that idling does not bank credit (S-LoRA's virtual token counter).
+  double floor = -1;
+  for (const auto& r : c.waiting) {
+    auto it = c.served.find(r->order.request.user_id);
+    if (it != c.served.end() && (floor < 0 || it->second < floor)) floor = it->second;
+  }
+  for (const auto& r : c.waiting) {
+    auto [it, fresh] = c.served.try_emplace(r->order.request.user_id, 0.0);
+    if (fresh || it->second < floor) it->second = std::max(0.0, floor);
+  }
+  while (static_cast<int>(c.active.size()) < sc.max_batch) {
+    auto best = c.waiting.end();
+    for (auto it = c.waiting.begin(); it != c.waiting.end(); ++it) {
+      const auto& res = c.adapters[(*it)->order.model.model_id];
+      if (res.index <= 0) continue;
+      if (!c.active.empty() && c.tokens_in_flight + (*it)->budget > sc.max_tokens_in_flight)
+        continue;
+      if (best == c.waiting.end() ||
+          c.served[(*it)->order.request.user_id] < c.served[(*best)->order.request.user_id])
+        best = it;
+    }
+    if (best == c.waiting.end()) return;
+    auto r = *best;
+    c.waiting.erase(best);
+    auto& res = c.adapters[r->order.model.model_id];
+    res.last_used = ++c.tick;
+    r->admitted = clock::now();
+    auto t0 = clock::now();
+    auto id = c.gen->add(r->order.request.prompt, res.index, r->sampling);
+    r->prefill_ms = ms_between(t0, clock::now());
+    if (!id) {  // no free row: cannot happen below max_batch, but never lose it
+      c.waiting.push_front(r);
+      return;
+    }
+    r->gen_id = *id;
+    c.active[*id] = r;
+    c.tokens_in_flight += r->budget;
+    c.served[r->order.request.user_id] += static_cast<double>(r->order.request.prompt.size());
+  }
+}
+
+void expire(gpu_ptr self) {
+  auto& c = *self->state.core;
+  const auto now = clock::now();
+  for (auto it = c.waiting.begin(); it != c.waiting.end();) {
+    if ((*it)->deadline > now) {
+      ++it;
+      continue;
+    }
+    release_adapter(c, (*it)->order.model.model_id);
+    answer(self, *it, model::generation{"", "deadline", {}});
+    it = c.waiting.erase(it);
+  }
+  for (auto& [id, r] : c.active)
+    if (r->deadline <= now) c.gen->finish(id, "deadline");
+}
+
+void step(gpu_ptr self) {
+  auto& st = self->state;
+  auto& c = *st.core;
+  expire(self);
+  fetch_adapters(self);
+  admit(self);
+  const auto rows = static_cast<int64_t>(c.active.size());
+  auto t0 = clock::now();
+  auto finished = c.gen->step();
+  const double ms = ms_between(t0, clock::now());
+  if (rows > 0) st.stats->count_step(rows);
+  for (auto& [id, r] : c.active) {
+    r->decode_ms += ms;
+    c.served[r->order.request.user_id] += 1.0;
+  }
+  for (auto id : finished) {
+    auto it = c.active.find(id);
+    if (it == c.active.end()) continue;
+    auto r = it->second;
+    c.active.erase(it);
+    c.tokens_in_flight -= r->budget;
+    release_adapter(c, r->order.model.model_id);
+    answer(self, r, c.gen->take(id));
+  }
+  publish_gauges(self);
+  bool admissible = false;
+  for (const auto& r : c.waiting)
+    if (c.adapters[r->order.model.model_id].index > 0) admissible = true;
+  c.stepping = false;
+  if (!c.active.empty() || admissible) kick(self);
+}
+
+}  // namespace
+
+gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int device,
+                             std::string base_model, engine_config cfg,
+                             std::shared_ptr<const base_models> bases, loader_actor loader,
+                             std::shared_ptr<metrics> stats) {
+  auto& st = self->state;
+  st.device = device;
+  st.base_model = std::move(base_model);
+  st.cfg = std::move(cfg);
+  st.loader = std::move(loader);
+  st.stats = std::move(stats);
+  st.bases = std::move(bases);
+  st.core = std::make_unique<gpu_core>();
+  auto& c = *st.core;
+  const auto& sc = st.cfg.serving;
+  c.base = &st.bases->by_name.at(st.base_model);
+  c.bank = model::adapter_bank::make(c.base->cfg, sc.device_adapters, sc.max_rank, false);
+  c.owner.assign(static_cast<std::size_t>(sc.device_adapters) + 1, "");
+  c.gen = std::make_unique<model::batch_generator>(*c.base, c.bank, sc.max_batch);
+  return {
+      [self](infer_atom, inference_order& o) -> caf::result<outgoing_message> {
+        auto& st = self->state;
+        auto& c = *st.core;
+        const auto& sc = st.cfg.serving;
+        auto r = std::make_shared<gpu_core::request>();
+        r->rp = self->make_response_promise<outgoing_message>();
+        r->arrived = clock::now();
+        r->deadline = r->arrived + std::chrono::milliseconds(sc.deadline_ms);
+        const auto& q = o.request;
+        auto& s = r->sampling;
+        s.max_tokens = q.max_tokens.value_or(sc.default_max_tokens);
+        s.temperature = q.temperature.value_or(sc.default_temperature);
+        s.top_k = q.top_k.value_or(0);
+        s.top_p = q.top_p.value_or(1.0);
+        // Without a seed, one derived from the request: a repeat samples alike.
+        s.seed = q.seed.value_or(fnv1a64(q.user_id + '\0' + q.request_id));
+        s.stop = q.stop;
+        // The prompt's bytes after the end-of-text that starts every sequence.
+        r->prompt_tokens = static_cast<int64_t>(q.prompt.size()) + 1;
+        r->budget = r->prompt_tokens + s.max_tokens;
+        r->order = std::move(o);
+        auto& res = c.adapters[r->order.model.model_id];
+        ++res.users;
+        st.stats->count_cache("device", res.index > 0 ? "hit" : "miss");
+        c.waiting.push_back(r);
+        fetch_adapters(self);
+        kick(self);
+        publish_gauges(self);
+        return r->rp;
+      },
+      [self](cancel_atom, const std::string& user_id, const std::string& request_id) {
+        auto& c = *self->state.core;
+        auto match = [&](const request_ptr& r) {
+          return r->order.request.user_id == user_id && r->order.request.request_id == request_id;
+        };
+        for (auto it = c.waiting.begin(); it != c.waiting.end(); ++it) {
+          if (!match(*it)) continue;
+          release_adapter(c, (*it)->order.model.model_id);
+          answer(self, *it, model::generation{"", "cancelled", {}});
+          c.waiting.erase(it);
+          publish_gauges(self);
+          return;
+        }
+        for (auto& [id, r] : c.active)
+          if (match(r)) {
+            c.gen->finish(id, "cancelled");
+            kick(self);
+            return;
+          }
+      },
+      [self](step_atom) { step(self); },
+  };
+}
+
+gpu_actor serving_routes::route(const std::string& base_model, const std::string& user_id) const {
+  auto it = by_base.find(base_model);
+  if (it == by_base.end() || it->second.empty()) return {};
+  return it->second[fnv1a64(user_id) % it->second.size()];
+}
+
+}  // namespace tailor::actors

@@ -1,0 +1,31 @@
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "messages/events.hpp"
+#include "messages/records.hpp"
+
+// What a user actor hands a GPU actor, and what the adapter loader hands back.
+namespace tailor::messages {
+
+// One inference request, resolved to the model that serves it. Local only.
+struct inference_order {
+  inference_request request;
+  model_record model;
+  std::chrono::steady_clock::time_point received;  // when the user actor took it
+};
+
+// A decoded adapter, ready to copy into a device bank. The pointee is a
+// model::lora_adapter: messages/ must not include LibTorch, so it travels
+// type-erased and only the GPU actor casts it back. Local only.
+struct loaded_adapter {
+  std::shared_ptr<const void> adapter;
+  std::string tier;  // where it came from: host (memory) or disk
+  double ms = 0;     // time to load it
+};
+
+}  // namespace tailor::messages

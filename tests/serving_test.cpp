@@ -1,0 +1,237 @@
+// Workflow B against a real Kafka broker (CTest label `kafka`): a user is
+// answered by their own model, batched with other users' requests, through a
+// tiered adapter cache, fairly, and within their quota.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+
+#include "engine_harness.hpp"
+
+using namespace tailor::test;
+namespace fs = std::filesystem;
+
+namespace {
+
+class ServingTest : public engine_test {
+ protected:
+  // Onboards `users` (each with texts of their own) and waits for their models.
+  std::map<std::string, std::string> onboard_all(const std::vector<std::string>& users,
+                                                 int steps = 3) {
+    for (const auto& u : users) {
+      auto j = onboarding(u, "signup",
+                          {"I am " + u + " and I say " + u + " all day long.",
+                           u + " " + u + " " + u + "!", "Ask " + u + " anything."});
+      j["hyperparameters"] = {{"steps", steps}, {"learning_rate", 0.01}};
+      send_onboarding(j);
+    }
+    in_->flush();
+    std::map<std::string, std::string> models;
+    for (const auto& u : users)
+      models[u] = await_event(u, "signup", "model.ready", 120s).value.value("model_id", "");
+    return models;
+  }
+  json ask(const std::string& user, const std::string& request, const std::string& prompt,
+           uint64_t seed, int max_tokens = 24) {
+    auto j = inference(user, request, prompt);
+    j["seed"] = seed;
+    j["max_tokens"] = max_tokens;
+    j["temperature"] = 0.8;
+    return j;
+  }
+  json result(const std::string& user, const std::string& request,
+              std::chrono::milliseconds timeout = 60s) {
+    return await_event(user, request, "inference.result", timeout).value;
+  }
+  double labelled(const std::string& name, const std::string& label, const std::string& value) {
+    auto m = engine_->get("/metrics").second;
+    auto key = "\n" + name + "{" + label + "=\"" + value + "\"} ";
+    auto pos = m.find(key);
+    return pos == std::string::npos ? 0 : std::stod(m.substr(pos + key.size()));
+  }
+};
+
+}  // namespace
+
+TEST_F(ServingTest, AUserIsAnsweredByTheirOwnModel) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  auto models = onboard_all({"ann", "bob"}, 40);
+  send_inference(ask("ann", "q1", "Who are you?", 7));
+  send_inference(ask("bob", "q1", "Who are you?", 7));
+  in_->flush();
+  auto a = result("ann", "q1");
+  auto b = result("bob", "q1");
+  ASSERT_FALSE(HasFailure());
+  EXPECT_FALSE(a.contains("error")) << a.dump();
+  EXPECT_EQ(a["model_id"], models["ann"]);
+  EXPECT_EQ(b["model_id"], models["bob"]);
+  EXPECT_NE(a["text"], b["text"]) << "two users' models answer the same prompt and seed alike";
+  EXPECT_TRUE(a["finish_reason"] == "stop" || a["finish_reason"] == "length");
+  const auto& t = a["timings_ms"];
+  EXPECT_GT(t["total"].get<double>(), 0.0);
+  EXPECT_GE(t["total"].get<double>(),
+            t["decode"].get<double>() + t["prefill"].get<double>() - 1e-6);
+  // A repeated request id gets the stored result, byte for byte.
+  send_inference(ask("ann", "q1", "Who are you?", 7));
+  in_->flush();
+  ASSERT_TRUE(
+      wait_until([&] { return events_of("ann", "q1", "inference.result").size() >= 2; }, 30s));
+  auto both = events_of("ann", "q1", "inference.result");
+  EXPECT_EQ(both[0].payload, both[1].payload);
+  // Inputs and outputs are kept in the user's history.
+  ASSERT_TRUE(wait_until(
+      [&] {
+        auto h = json::parse(engine_->get("/v1/users/ann/history").second);
+        return h["entries"].size() >= 1u;
+      },
+      10s));
+  auto h = json::parse(engine_->get("/v1/users/ann/history").second);
+  EXPECT_EQ(h["entries"][0]["request_id"], "q1");
+  EXPECT_NE(h["entries"][0]["input"].get<std::string>().find("Who are you?"), std::string::npos);
+  EXPECT_EQ(h["entries"][0]["output"], both[0].payload);
+}
+
+TEST_F(ServingTest, ARequestNamingAnotherUsersModelIsRefused) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  auto models = onboard_all({"owner", "thief"});
+  auto j = ask("thief", "steal", "hello", 1);
+  j["model_id"] = models["owner"];
+  send_inference(j);
+  in_->flush();
+  auto r = result("thief", "steal");
+  EXPECT_EQ(r["error"]["code"], "model_not_owned") << r.dump();
+  EXPECT_FALSE(r.contains("text") && !r["text"].get<std::string>().empty());
+}
+
+TEST_F(ServingTest, ConcurrentRequestsAreBatchedAndEachEqualsItsResultAlone) {
+  start({{"serving", {{"max_batch", 64}}}});
+  ASSERT_FALSE(HasFatalFailure());
+  std::vector<std::string> users;
+  for (int i = 0; i < 16; ++i) users.push_back("u" + std::to_string(i));
+  onboard_all(users);
+  for (int i = 0; i < 64; ++i)
+    send_inference(ask(users[i % 16], "b" + std::to_string(i), "Tell me something.", 100 + i));
+  in_->flush();
+  std::map<int, std::string> batched;
+  for (int i = 0; i < 64; ++i) {
+    auto r = result(users[i % 16], "b" + std::to_string(i));
+    ASSERT_FALSE(r.contains("error")) << r.dump();
+    batched[i] = r["text"];
+  }
+  EXPECT_GT(metric("tailor_serving_batch_max"), 1) << "requests of different users shared a step";
+  // Each request again, alone: the same text (same seed, whatever shared the batch).
+  for (int i = 0; i < 64; ++i) {
+    send_inference(ask(users[i % 16], "alone" + std::to_string(i), "Tell me something.", 100 + i));
+    in_->flush();
+    auto r = result(users[i % 16], "alone" + std::to_string(i));
+    EXPECT_EQ(r["text"], batched[i]) << "request " << i;
+  }
+}
+
+TEST_F(ServingTest, AColdAdapterIsLoadedAndLaterEvictedUnderCapacityPressure) {
+  start({{"serving", {{"device_adapters", 2}, {"host_adapters", 1}}}});
+  ASSERT_FALSE(HasFatalFailure());
+  std::vector<std::string> users = {"c0", "c1", "c2", "c3"};
+  onboard_all(users);
+  int n = 0;
+  for (int round = 0; round < 2; ++round)
+    for (const auto& u : users) {
+      auto id = "r" + std::to_string(n++);
+      send_inference(ask(u, id, "hi", 1, 4));
+      in_->flush();
+      auto r = result(u, id);
+      ASSERT_FALSE(r.contains("error")) << r.dump();
+      if (round == 0) EXPECT_GT(r["timings_ms"]["adapter_load"].get<double>(), 0.0);
+    }
+  EXPECT_EQ(labelled("tailor_adapter_cache_misses_total", "tier", "device"), 8)
+      << "two places for four adapters: every request found its adapter evicted";
+  EXPECT_GE(labelled("tailor_adapter_cache_evictions_total", "tier", "device"), 6);
+  EXPECT_GE(labelled("tailor_adapter_cache_evictions_total", "tier", "host"), 3);
+  EXPECT_EQ(labelled("tailor_adapter_cache_loads_total", "tier", "disk"), 8);
+  // A hot adapter is a hit.
+  send_inference(ask("c3", "hot", "hi", 1, 4));
+  in_->flush();
+  auto r = result("c3", "hot");
+  EXPECT_EQ(labelled("tailor_adapter_cache_hits_total", "tier", "device"), 1);
+  EXPECT_EQ(r["timings_ms"]["adapter_load"], 0.0);
+  EXPECT_EQ(labelled("tailor_model_requests_total", "model", r["model_id"]), 3);
+  EXPECT_EQ(labelled("tailor_user_requests_total", "user", "c3"), 3);
+}
+
+TEST_F(ServingTest, ACorruptedAdapterGivesAnErrorResultNotACrash) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  onboard_all({"broken", "fine"});
+  auto models = json::parse(engine_->get("/v1/users/broken/models").second);
+  std::string path = models[0]["artifact_path"];
+  {
+    std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(fs::file_size(path) / 2));
+    f.write("garbage!", 8);
+  }
+  send_inference(ask("broken", "q", "hello", 1));
+  send_inference(ask("fine", "q", "hello", 1));
+  in_->flush();
+  auto bad = result("broken", "q");
+  EXPECT_EQ(bad["error"]["code"], "adapter_unavailable") << bad.dump();
+  EXPECT_NE(bad["error"]["message"].get<std::string>().find("checksum"), std::string::npos);
+  auto good = result("fine", "q");
+  EXPECT_FALSE(good.contains("error")) << good.dump();
+  EXPECT_EQ(engine_->get("/healthz").first, 200);
+}
+
+TEST_F(ServingTest, AHeavyUserOverQuotaIsRefusedWhileOthersAreServed) {
+  start({{"serving", {{"max_requests_per_user", 2}, {"max_batch", 1}}}});
+  ASSERT_FALSE(HasFatalFailure());
+  onboard_all({"heavy", "light"});
+  for (int i = 0; i < 10; ++i) send_inference(ask("heavy", "h" + std::to_string(i), "go", i, 60));
+  send_inference(ask("light", "l", "go", 1, 10));
+  in_->flush();
+  auto light = result("light", "l");
+  EXPECT_FALSE(light.contains("error")) << light.dump();
+  int refused = 0, served = 0;
+  for (int i = 0; i < 10; ++i) {
+    auto r = result("heavy", "h" + std::to_string(i));
+    if (r.contains("error")) {
+      EXPECT_EQ(r["error"]["code"], "quota_exceeded");
+      ++refused;
+    } else {
+      ++served;
+    }
+  }
+  EXPECT_GE(refused, 1);
+  EXPECT_GE(served, 2);
+}
+
+TEST_F(ServingTest, ACancelledRequestEndsWithCancelled) {
+  start({{"serving", {{"max_batch", 1}, {"max_requests_per_user", 1000}}}});
+  ASSERT_FALSE(HasFatalFailure());
+  onboard_all({"busy"});
+  const int ahead = 200;
+  for (int i = 0; i < ahead; ++i) send_inference(ask("busy", "w" + std::to_string(i), "go", i, 60));
+  send_inference(ask("busy", "victim", "go", 1, 60));
+  in_->flush();
+  // Every request has reached the GPU actor (one user's requests are served
+  // in order): the victim waits behind the others.
+  auto device = "tailor-test/0";
+  ASSERT_TRUE(wait_until(
+      [&] {
+        std::size_t done = 0;
+        for (int i = 0; i < ahead; ++i)
+          done += !events_of("busy", "w" + std::to_string(i), "inference.result").empty();
+        return done + labelled("tailor_serving_waiting", "device", device) >= ahead;
+      },
+      60s));
+  ASSERT_TRUE(events_of("busy", "victim", "inference.result").empty()) << "the victim ran first";
+  send_control({{"type", "inference.cancel"},
+                {"schema_version", 1},
+                {"user_id", "busy"},
+                {"request_id", "victim"}});
+  in_->flush();
+  auto r = result("busy", "victim", 60s);
+  EXPECT_EQ(r["finish_reason"], "cancelled") << r.dump();
+  EXPECT_FALSE(r.contains("error"));
+}
