@@ -172,6 +172,7 @@ void answer(gpu_ptr self, const request_ptr& r, const model::generation& g,
   res.timings.prefill = r->prefill_ms;
   res.timings.decode = r->decode_ms;
   res.timings.total = ms_between(r->order.received, now);
+  res.timings.route = ms_between(r->order.received, r->arrived);
   st.stats->count_request(res.model_id, res.user_id);
   r->rp.deliver(outgoing_message{channel::results, res.user_id, to_json(res)});
 }
@@ -285,34 +286,50 @@ void admit(gpu_ptr self) {
     auto [it, fresh] = c.served.try_emplace(r->order.request.user_id, 0.0);
     if (fresh || it->second < floor) it->second = std::max(0.0, floor);
   }
-  while (static_cast<int>(c.active.size()) < sc.max_batch) {
+  // Pick first, then prefill everything picked in one forward.
+  std::vector<request_ptr> chosen;
+  int64_t tokens = c.tokens_in_flight;
+  while (static_cast<int>(c.active.size() + chosen.size()) < sc.max_batch) {
     auto best = c.waiting.end();
     for (auto it = c.waiting.begin(); it != c.waiting.end(); ++it) {
       const auto& res = c.adapters[(*it)->order.model.model_id];
       if (res.index <= 0) continue;
-      if (!c.active.empty() && c.tokens_in_flight + (*it)->budget > sc.max_tokens_in_flight)
+      if ((!c.active.empty() || !chosen.empty()) &&
+          tokens + (*it)->budget > sc.max_tokens_in_flight)
         continue;
       if (best == c.waiting.end() ||
           c.served[(*it)->order.request.user_id] < c.served[(*best)->order.request.user_id])
         best = it;
     }
-    if (best == c.waiting.end()) return;
+    if (best == c.waiting.end()) break;
     auto r = *best;
     c.waiting.erase(best);
+    tokens += r->budget;
+    // Counted now, so that the next pick already sees this user's share.
+    c.served[r->order.request.user_id] += static_cast<double>(r->prompt_tokens);
+    chosen.push_back(r);
+  }
+  if (chosen.empty()) return;
+  std::vector<model::batch_generator::new_sequence> seqs;
+  for (const auto& r : chosen) {
     auto& res = c.adapters[r->order.model.model_id];
     res.last_used = ++c.tick;
-    r->admitted = clock::now();
-    auto t0 = clock::now();
-    auto id = c.gen->add(r->order.request.prompt, res.index, r->sampling);
-    r->prefill_ms = ms_between(t0, clock::now());
-    if (!id) {  // no free row: cannot happen below max_batch, but never lose it
-      c.waiting.push_front(r);
-      return;
-    }
-    r->gen_id = *id;
-    c.active[*id] = r;
+    seqs.push_back({r->order.request.prompt, res.index, r->sampling});
+  }
+  const auto t0 = clock::now();
+  auto ids = c.gen->add_batch(seqs);
+  const auto t1 = clock::now();
+  if (ids.size() != chosen.size()) {  // not enough rows: cannot happen below max_batch
+    for (auto it = chosen.rbegin(); it != chosen.rend(); ++it) c.waiting.push_front(*it);
+    return;
+  }
+  for (std::size_t k = 0; k < chosen.size(); ++k) {
+    auto& r = chosen[k];
+    r->admitted = t0;
+    r->prefill_ms = ms_between(t0, t1);  // the shared prefill of everything admitted with it
+    r->gen_id = ids[k];
+    c.active[ids[k]] = r;
     c.tokens_in_flight += r->budget;
-    c.served[r->order.request.user_id] += static_cast<double>(r->order.request.prompt.size());
   }
 }
 
@@ -402,6 +419,7 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
         // Without a seed, one derived from the request: a repeat samples alike.
         s.seed = q.seed.value_or(fnv1a64(q.user_id + '\0' + q.request_id));
         s.stop = q.stop;
+        s.ignore_end_of_text = q.ignore_end_of_text.value_or(false);
         // The prompt's bytes after the end-of-text that starts every sequence.
         r->prompt_tokens = static_cast<int64_t>(q.prompt.size()) + 1;
         r->budget = r->prompt_tokens + s.max_tokens;

@@ -236,6 +236,10 @@ void bench_producer::send(const std::string& topic, const std::string& key,
   }
 }
 
+void bench_producer::poll() {
+  p_->poll(0);
+}
+
 void bench_producer::flush() {
   auto rc = p_->flush(60000);
   if (rc != RdKafka::ERR_NO_ERROR) throw std::runtime_error("flush: " + RdKafka::err2str(rc));

@@ -77,6 +77,7 @@ class bench_producer {
   ~bench_producer();
   void send(const std::string& topic, const std::string& key, const std::string& payload);
   void flush();
+  void poll();  // serves delivery reports without waiting
 
  private:
   std::unique_ptr<RdKafka::DeliveryReportCb> reports_;

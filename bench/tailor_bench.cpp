@@ -10,6 +10,7 @@
 #include "model/threads.hpp"
 #include "onboarding_bench.hpp"
 #include "quality_bench.hpp"
+#include "serving_bench.hpp"
 
 int main(int argc, char** argv) {
   CLI::App app{"tailor-bench - Tailor's benchmarks"};
@@ -79,6 +80,41 @@ int main(int argc, char** argv) {
                    "give up waiting for the jobs after this long (default: 60)")
       ->check(CLI::PositiveNumber);
 
+  tailor::bench::serving_options so;
+  auto* serving = app.add_subcommand(
+      "serving",
+      "personal models served through a real broker and a tailord of its own, with cross-user "
+      "batching and without (baseline)");
+  serving
+      ->add_option("--adapters", so.adapters, "adapter counts, one run each (default: 1,100,1000)")
+      ->delimiter(',')
+      ->check(CLI::PositiveNumber);
+  serving->add_option("--requests", so.requests, "requests per run (default: 1000)")
+      ->check(CLI::PositiveNumber);
+  serving->add_option("--max-tokens", so.max_tokens, "tokens per request at most (default: 32)")
+      ->check(CLI::PositiveNumber);
+  serving->add_option("--zipf", so.zipf, "Zipf exponent of adapter popularity (default: 1)")
+      ->check(CLI::NonNegativeNumber);
+  auto* conc = serving
+                   ->add_option("--concurrency", so.concurrency,
+                                "closed loop: requests always outstanding (default: 64)")
+                   ->check(CLI::PositiveNumber);
+  serving
+      ->add_option("--rate", so.rate,
+                   "open loop: Poisson arrivals per second (instead of --concurrency)")
+      ->check(CLI::PositiveNumber)
+      ->excludes(conc);
+  serving->add_option("--max-batch", so.max_batch, "tailord's serving.max_batch (default: 64)")
+      ->check(CLI::PositiveNumber);
+  serving->add_option("--rank", so.rank, "LoRA rank of the adapters (default: 8)")
+      ->check(CLI::Range(1, 16));
+  serving->add_option("--base-model", so.base_model, "base model (default: tailor-base)");
+  serving->add_option(
+      "--bootstrap", so.bootstrap,
+      "Kafka bootstrap servers (default: start a broker with scripts/kafka-broker)");
+  serving->add_option("--tailord", so.tailord, "the tailord binary (default: this build's)");
+  serving->add_flag("!--no-baseline", so.baseline, "skip the one-request-at-a-time baseline");
+
   CLI11_PARSE(app, argc, argv);
   tailor::model::configure_threads(threads, blas_threads);
   nlohmann::json out;
@@ -92,6 +128,7 @@ int main(int argc, char** argv) {
     if (lora->parsed()) out["lora"] = tailor::bench::run_lora(lo);
     if (quality->parsed()) out["quality"] = tailor::bench::run_quality(qo);
     if (spike->parsed()) out["onboarding_spike"] = tailor::bench::run_onboarding_spike(oo);
+    if (serving->parsed()) out["serving"] = tailor::bench::run_serving(so);
   } catch (const std::exception& e) {  // edge: report and fail
     std::fprintf(stderr, "tailor-bench: %s\n", e.what());
     return 1;

@@ -91,6 +91,15 @@ class reader {
     return true;
   }
 
+  bool boolean(const char* field, std::optional<bool>& out) {
+    if (failed()) return false;
+    const json* v = find(field);
+    if (!v) return true;
+    if (!v->is_boolean()) return fail(errc::wrong_type, std::string(field) + ": must be a boolean");
+    out = v->get<bool>();
+    return true;
+  }
+
   bool number(const char* field, std::optional<double>& out) {
     if (failed()) return false;
     const json* v = find(field);
@@ -219,6 +228,7 @@ void parse_inference(reader& r, const limits& lim, inference_request& x) {
   r.string("prompt", x.prompt, true, lim.max_prompt_bytes);
   r.integer("max_tokens", x.max_tokens);
   r.number("temperature", x.temperature);
+  r.boolean("ignore_end_of_text", x.ignore_end_of_text);
   r.integer("top_k", x.top_k);
   r.number("top_p", x.top_p);
   r.integer("seed", x.seed);
@@ -346,11 +356,9 @@ std::string to_json(const inference_result& x) {
   } else {
     j["text"] = repair_utf8(x.text);
     j["finish_reason"] = x.finish_reason;
-    j["timings_ms"] = {{"queue", x.timings.queue},
-                       {"adapter_load", x.timings.adapter_load},
-                       {"prefill", x.timings.prefill},
-                       {"decode", x.timings.decode},
-                       {"total", x.timings.total}};
+    j["timings_ms"] = {{"queue", x.timings.queue},     {"adapter_load", x.timings.adapter_load},
+                       {"prefill", x.timings.prefill}, {"decode", x.timings.decode},
+                       {"total", x.timings.total},     {"route", x.timings.route}};
     j["usage"] = {{"prompt_tokens", x.usage.prompt_tokens},
                   {"completion_tokens", x.usage.completion_tokens}};
   }
@@ -409,6 +417,7 @@ std::string to_json(const inference_request& x) {
   j["prompt"] = x.prompt;
   if (x.max_tokens) j["max_tokens"] = *x.max_tokens;
   if (x.temperature) j["temperature"] = *x.temperature;
+  if (x.ignore_end_of_text) j["ignore_end_of_text"] = *x.ignore_end_of_text;
   if (x.top_k) j["top_k"] = *x.top_k;
   if (x.top_p) j["top_p"] = *x.top_p;
   if (x.seed) j["seed"] = *x.seed;

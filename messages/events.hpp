@@ -50,6 +50,7 @@ struct inference_request {
   std::optional<double> top_p;
   std::optional<uint64_t> seed;
   std::vector<std::string> stop;
+  std::optional<bool> ignore_end_of_text;  // load tests: always generate max_tokens
 };
 
 struct job_cancel {
@@ -97,6 +98,7 @@ struct error_info {
 
 struct timings_ms {
   double queue = 0, adapter_load = 0, prefill = 0, decode = 0, total = 0;
+  double route = 0;  // from the engine taking the request to its GPU actor taking it
 };
 
 struct token_usage {

@@ -44,6 +44,14 @@ class batch_generator {
   // Starts a sequence with the bank's adapter `adapter` (0: none). Returns its
   // id, or nothing when all rows are busy.
   std::optional<int64_t> add(const std::string& prompt, int64_t adapter, const sampling& s);
+  struct new_sequence {
+    std::string prompt;
+    int64_t adapter = 0;
+    sampling s;
+  };
+  // Starts several sequences with one prefill forward; their ids in order, or
+  // none at all when there are not enough free rows for every one.
+  std::vector<int64_t> add_batch(const std::vector<new_sequence>& seqs);
   // One decode step; returns the ids of sequences that finished in it (or
   // already in add(), e.g. with an immediate end-of-text).
   std::vector<int64_t> step();
@@ -58,7 +66,10 @@ class batch_generator {
  private:
   struct row;
   void emit(row& r, int64_t token);
-  int64_t sample(row& r, const torch::Tensor& logits);
+  // Moves rows down so that row i sits in cache slot i: the batched forward
+  // then reads the cache in place instead of gathering it every step.
+  void compact();
+  int64_t sample(row& r, const float* logits, int64_t vocab);
 
   const base_weights& base_;
   const adapter_bank& bank_;

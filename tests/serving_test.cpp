@@ -207,31 +207,33 @@ TEST_F(ServingTest, AHeavyUserOverQuotaIsRefusedWhileOthersAreServed) {
 }
 
 TEST_F(ServingTest, ACancelledRequestEndsWithCancelled) {
-  start({{"serving", {{"max_batch", 1}, {"max_requests_per_user", 1000}}}});
+  // One place in the bank: while the busy user has requests queued, the
+  // victim's adapter cannot be placed and the victim waits.
+  start({{"serving", {{"max_batch", 1}, {"device_adapters", 1}, {"max_requests_per_user", 1000}}}});
   ASSERT_FALSE(HasFatalFailure());
-  onboard_all({"busy"});
-  const int ahead = 200;
-  for (int i = 0; i < ahead; ++i) send_inference(ask("busy", "w" + std::to_string(i), "go", i, 60));
-  send_inference(ask("busy", "victim", "go", 1, 60));
+  onboard_all({"busy", "victim"});
+  const auto device = "tailor-test/0";
+  for (int i = 0; i < 300; ++i) {
+    auto j = ask("busy", "w" + std::to_string(i), "go", i, 60);
+    j["ignore_end_of_text"] = true;  // each one takes its full 60 steps
+    send_inference(j);
+  }
   in_->flush();
-  // Every request has reached the GPU actor (one user's requests are served
-  // in order): the victim waits behind the others.
-  auto device = "tailor-test/0";
+  ASSERT_TRUE(
+      wait_until([&] { return labelled("tailor_serving_waiting", "device", device) >= 50; }, 60s))
+      << "no backlog formed";
+  send_inference(ask("victim", "v", "go", 1, 60));
+  in_->flush();
+  // The victim has reached the GPU actor: its adapter missed the device.
   ASSERT_TRUE(wait_until(
-      [&] {
-        std::size_t done = 0;
-        for (int i = 0; i < ahead; ++i)
-          done += !events_of("busy", "w" + std::to_string(i), "inference.result").empty();
-        return done + labelled("tailor_serving_waiting", "device", device) >= ahead;
-      },
-      60s));
-  ASSERT_TRUE(events_of("busy", "victim", "inference.result").empty()) << "the victim ran first";
+      [&] { return labelled("tailor_adapter_cache_misses_total", "tier", "device") >= 2; }, 30s));
+  ASSERT_TRUE(events_of("victim", "v", "inference.result").empty()) << "the victim ran already";
   send_control({{"type", "inference.cancel"},
                 {"schema_version", 1},
-                {"user_id", "busy"},
-                {"request_id", "victim"}});
+                {"user_id", "victim"},
+                {"request_id", "v"}});
   in_->flush();
-  auto r = result("busy", "victim", 60s);
+  auto r = result("victim", "v", 60s);
   EXPECT_EQ(r["finish_reason"], "cancelled") << r.dump();
   EXPECT_FALSE(r.contains("error"));
 }

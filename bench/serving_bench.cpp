@@ -1,0 +1,269 @@
+#include "serving_bench.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <filesystem>
+#include <map>
+#include <mutex>
+#include <random>
+#include <stdexcept>
+#include <thread>
+
+#include "engine_run.hpp"
+#include "model/checkpoint.hpp"
+#include "model/pretrain.hpp"
+#include "progress.hpp"
+#include "storage/artifacts.hpp"
+#include "storage/metadata_store.hpp"
+
+namespace tailor::bench {
+
+namespace {
+
+using json = nlohmann::json;
+using clock = std::chrono::steady_clock;
+
+std::string user_of(int k) {
+  return "user-" + std::to_string(k);
+}
+
+// Registers `n` adapters (random, of the trained shape) for users 0..n-1 in
+// a fresh data directory, as a finished onboarding would have.
+void register_adapters(const std::string& data_dir, int n, const serving_options& o) {
+  auto cfg = model::named_config(o.base_model);
+  if (!cfg) throw std::runtime_error("unknown base model " + o.base_model);
+  std::filesystem::create_directories(data_dir);
+  auto db = storage::metadata_store::open(data_dir + "/metadata");
+  if (!db) throw std::runtime_error("metadata store: " + caf::to_string(db.error()));
+  model::lora_config lc;
+  lc.rank = o.rank;
+  for (int k = 0; k < n; ++k) {
+    auto ad = model::lora_adapter::init(*cfg, lc, static_cast<uint64_t>(k) + 1);
+    torch::NoGradGuard no_grad;
+    for (auto& layer : ad.layers)
+      for (auto& p : layer) p.b = torch::randn_like(p.b) * 0.02;  // a trained-looking B
+    auto bytes = model::encode_adapter(ad, *cfg);
+    if (!bytes) throw std::runtime_error("encode: " + caf::to_string(bytes.error()));
+    messages::model_record m;
+    m.model_id = "model-bench-" + std::to_string(k);
+    m.user_id = user_of(k);
+    m.base_model = o.base_model;
+    m.artifact_path =
+        data_dir + "/artifacts/adapters/" + m.user_id + "/" + m.model_id + ".safetensors";
+    m.checksum = storage::checksum_of(*bytes);
+    m.status = "ready";
+    m.created_ms = 1;
+    std::filesystem::create_directories(std::filesystem::path(m.artifact_path).parent_path());
+    if (auto err = storage::write_file_atomic(m.artifact_path, *bytes))
+      throw std::runtime_error("write adapter: " + caf::to_string(err));
+    if (auto err = (*db)->register_model(m))
+      throw std::runtime_error("register: " + caf::to_string(err));
+  }
+}
+
+// Adapter ranks for each request: Zipf(a) over n adapters, the same sequence
+// for every run of the same n.
+std::vector<int> zipf_draws(int n, double a, int count, uint64_t seed) {
+  std::vector<double> cdf(static_cast<std::size_t>(n));
+  double sum = 0;
+  for (int k = 0; k < n; ++k) cdf[static_cast<std::size_t>(k)] = sum += 1.0 / std::pow(k + 1, a);
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> u(0, sum);
+  std::vector<int> out;
+  for (int i = 0; i < count; ++i)
+    out.push_back(static_cast<int>(std::lower_bound(cdf.begin(), cdf.end(), u(rng)) - cdf.begin()));
+  return out;
+}
+
+double percentile(std::vector<double> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<std::size_t>(q * static_cast<double>(v.size())))];
+}
+
+struct result_log {
+  std::mutex mtx;
+  std::condition_variable cv;
+  std::map<std::string, clock::time_point> sent;
+  std::vector<double> latency_ms, ttft_ms, cold_load_ms;
+  int64_t completion_tokens = 0;
+  int received = 0, errors = 0;
+  std::string first_error;
+};
+
+// One run: a tailord with `n` adapters and `max_batch`, the requests sent
+// closed- or open-loop; its figures.
+json run_once(const serving_options& o, int n, int max_batch, const char* label) {
+  engine_run_options ro;
+  ro.bootstrap = o.bootstrap;
+  ro.tailord = o.tailord;
+  ro.config = {{"base_models", {o.base_model}},
+               {"default_base_model", o.base_model},
+               {"serving", {{"max_batch", max_batch}, {"max_requests_per_user", 100000}}},
+               {"compute", {{"intra_op_threads", 1}, {"blas_threads", 1}}}};
+  ro.prepare = [&](const std::string& dir) { register_adapters(dir, n, o); };
+  std::fprintf(stderr, "%s: %d adapters, batch up to %d: starting tailord...\n", label, n,
+               max_batch);
+  engine_run engine(ro);
+  result_log log;
+  topic_watch results(engine.bootstrap(), engine.topic("results"), [&](const json& j) {
+    auto now = clock::now();
+    std::lock_guard<std::mutex> g(log.mtx);
+    auto it = log.sent.find(j.value("request_id", ""));
+    if (it == log.sent.end()) return;
+    log.latency_ms.push_back(std::chrono::duration<double, std::milli>(now - it->second).count());
+    log.sent.erase(it);
+    ++log.received;
+    if (j.contains("error")) {
+      ++log.errors;
+      if (log.first_error.empty()) log.first_error = j["error"].dump();
+    } else {
+      const auto& t = j["timings_ms"];
+      log.ttft_ms.push_back(t.value("queue", 0.0) + t.value("adapter_load", 0.0) +
+                            t.value("prefill", 0.0));
+      if (t.value("adapter_load", 0.0) > 0) log.cold_load_ms.push_back(t["adapter_load"]);
+      log.completion_tokens += j["usage"].value("completion_tokens", 0);
+    }
+    log.cv.notify_all();
+  });
+  bench_producer producer(engine.bootstrap());
+  auto draws = zipf_draws(n, o.zipf, o.requests, 42);
+  auto send = [&](int i) {
+    auto user = user_of(draws[static_cast<std::size_t>(i)]);
+    auto id = std::string(label) + "-" + std::to_string(i);
+    json req = {{"type", "inference.request"},
+                {"schema_version", 1},
+                {"user_id", user},
+                {"request_id", id},
+                {"prompt", "Tell me something about number " + std::to_string(i) + "."},
+                {"max_tokens", o.max_tokens},
+                {"seed", i},
+                {"temperature", 0.7},
+                // Every request generates max_tokens, as load tests do (vLLM's ignore_eos).
+                {"ignore_end_of_text", true}};
+    {
+      std::lock_guard<std::mutex> g(log.mtx);
+      log.sent[id] = clock::now();
+    }
+    producer.send(engine.topic("inference"), user, req.dump());
+  };
+  cli::progress_bar bar;
+  auto draw = [&](double started) {
+    std::lock_guard<std::mutex> g(log.mtx);
+    double elapsed =
+        std::chrono::duration<double>(clock::now().time_since_epoch()).count() - started;
+    bar.update(static_cast<double>(log.received) / o.requests,
+               std::string(label) + " " + std::to_string(log.received) + "/" +
+                   std::to_string(o.requests) + " answered | " + cli::format_duration(elapsed));
+  };
+  const auto hits0 = engine.metric("tailor_adapter_cache_hits_total", "tier", "device");
+  const auto misses0 = engine.metric("tailor_adapter_cache_misses_total", "tier", "device");
+  const double started = std::chrono::duration<double>(clock::now().time_since_epoch()).count();
+  const auto t0 = clock::now();
+  const auto deadline = t0 + std::chrono::minutes(30);
+  if (o.rate > 0) {
+    // Open loop: Poisson arrivals, whatever the engine's pace.
+    std::mt19937_64 rng(7);
+    std::exponential_distribution<double> gap(o.rate);
+    auto next = clock::now();
+    for (int i = 0; i < o.requests; ++i) {
+      next += std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(gap(rng)));
+      std::this_thread::sleep_until(next);
+      send(i);
+      if (i % 16 == 0) producer.poll();
+      draw(started);
+    }
+    producer.flush();
+  } else {
+    // Closed loop: `concurrency` requests outstanding at every moment.
+    int next = 0;
+    while (true) {
+      int outstanding;
+      {
+        std::lock_guard<std::mutex> g(log.mtx);
+        outstanding = next - log.received;
+      }
+      while (outstanding < o.concurrency && next < o.requests) {
+        send(next++);
+        ++outstanding;
+      }
+      producer.poll();
+      draw(started);
+      std::unique_lock<std::mutex> lock(log.mtx);
+      if (log.received >= o.requests) break;
+      if (clock::now() > deadline) break;
+      log.cv.wait_for(lock, std::chrono::milliseconds(5));
+    }
+  }
+  {
+    std::unique_lock<std::mutex> lock(log.mtx);
+    log.cv.wait_until(lock, deadline, [&] { return log.received >= o.requests; });
+  }
+  const double wall = std::chrono::duration<double>(clock::now() - t0).count();
+  bar.done();
+  const auto hits = engine.metric("tailor_adapter_cache_hits_total", "tier", "device") - hits0;
+  const auto misses =
+      engine.metric("tailor_adapter_cache_misses_total", "tier", "device") - misses0;
+  json out;
+  std::lock_guard<std::mutex> g(log.mtx);
+  if (log.received < o.requests)
+    throw std::runtime_error(std::string(label) + ": only " + std::to_string(log.received) +
+                             " of " + std::to_string(o.requests) + " requests were answered");
+  if (log.errors > 0)
+    throw std::runtime_error(std::string(label) + ": " + std::to_string(log.errors) +
+                             " error results, e.g. " + log.first_error);
+  out["adapters"] = n;
+  out["max_batch"] = max_batch;
+  out["requests"] = o.requests;
+  out["req_per_s"] = o.requests / wall;
+  out["tokens_per_s"] = static_cast<double>(log.completion_tokens) / wall;
+  out["p50_ms"] = percentile(log.latency_ms, 0.5);
+  out["p99_ms"] = percentile(log.latency_ms, 0.99);
+  out["ttft_p50_ms"] = percentile(log.ttft_ms, 0.5);
+  out["cache_hit_rate"] = hits + misses > 0 ? hits / (hits + misses) : 0.0;
+  out["cold_load_p50_ms"] = percentile(log.cold_load_ms, 0.5);
+  out["overhead_p99_ms"] = engine.metric("tailor_inference_overhead_ms", "quantile", "0.99");
+  out["mean_batch"] = engine.metric("tailor_serving_rows_total") /
+                      std::max(1.0, engine.metric("tailor_serving_steps_total"));
+  out["wall_s"] = wall;
+  out["steps_per_s"] = engine.metric("tailor_serving_steps_total") / wall;
+  std::fprintf(stderr, "%s: %.0f tokens/s, p50 %.0f ms, p99 %.0f ms, mean batch %.1f\n", label,
+               out["tokens_per_s"].get<double>(), out["p50_ms"].get<double>(),
+               out["p99_ms"].get<double>(), out["mean_batch"].get<double>());
+  return out;
+}
+
+}  // namespace
+
+json run_serving(const serving_options& o) {
+  json out;
+  out["zipf"] = o.zipf;
+  out["max_tokens"] = o.max_tokens;
+  if (o.rate > 0)
+    out["rate"] = o.rate;
+  else
+    out["concurrency"] = o.concurrency;
+  out["runs"] = json::array();
+  for (int n : o.adapters) out["runs"].push_back(run_once(o, n, o.max_batch, "batched"));
+  if (o.baseline) {
+    // A per-model endpoint serves one request at a time: no cross-user batch.
+    int n = std::find(o.adapters.begin(), o.adapters.end(), 100) != o.adapters.end()
+                ? 100
+                : o.adapters.front();
+    auto b = run_once(o, n, 1, "baseline");
+    out["baseline"] = {{"adapters", n}, {"tokens_per_s", b["tokens_per_s"]}, {"run", b}};
+    for (auto& r : out["runs"])
+      if (r["adapters"] == n)
+        out["batched_over_baseline"] =
+            r["tokens_per_s"].get<double>() / b["tokens_per_s"].get<double>();
+  }
+  const auto& runs = out["runs"];
+  if (runs.size() >= 2)
+    out["last_over_first"] =
+        runs.back()["tokens_per_s"].get<double>() / runs.front()["tokens_per_s"].get<double>();
+  return out;
+}
+
+}  // namespace tailor::bench

@@ -1,0 +1,31 @@
+#pragma once
+
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+namespace tailor::bench {
+
+struct serving_options {
+  std::vector<int> adapters = {1, 100, 1000};
+  int requests = 1000;
+  int max_tokens = 32;
+  double zipf = 1.0;
+  int concurrency = 64;  // closed loop: requests always outstanding
+  double rate = 0;       // > 0: open loop, Poisson arrivals per second instead
+  int max_batch = 64;
+  int rank = 8;
+  std::string base_model = "tailor-base";
+  std::string bootstrap;  // empty: start a broker
+  std::string tailord = TAILORD_PATH;
+  bool baseline = true;
+};
+
+// Many personal models on one base through a real broker and a tailord of
+// its own: adapters (random weights of the trained shape) are registered
+// before tailord starts, then requests drawn from Zipf(A) over them are
+// served with cross-user batching, and once more one request at a time
+// (the per-model-endpoint baseline).
+nlohmann::json run_serving(const serving_options& o);
+
+}  // namespace tailor::bench
