@@ -373,6 +373,9 @@ void step(gpu_ptr self) {
     release_adapter(c, r->order.model.model_id);
     answer(self, r, c.gen->take(id));
   }
+  // Places freed by the requests that just finished go to those still
+  // waiting for one, even when nothing else would wake the loop.
+  fetch_adapters(self);
   publish_gauges(self);
   bool admissible = false;
   for (const auto& r : c.waiting)
