@@ -209,16 +209,16 @@ void serve(user_ptr self, promise_t rp, inference_request x, uint64_t hash, mode
                             make_record(st, x.request_id, "inference.request", hash, out));
   }
   st.inflight[x.request_id] = user_state::pending{hash, gpu, {rp}};
-  auto model_id = m.model_id;
   self->request(gpu, caf::infinite, infer_atom_v, inference_order{x, std::move(m), received})
       .then([=](outgoing_message& result) { finish_inference(self, x, hash, std::move(result)); },
             [=](caf::error& err) {
-              inference_result r;
-              r.request_id = x.request_id;
-              r.user_id = x.user_id;
-              r.model_id = model_id;
-              r.error = error_info{errc::internal, "serving failed: " + caf::to_string(err)};
-              finish_inference(self, x, hash, {channel::results, x.user_id, to_json(r)});
+              // The GPU actor is gone (shutdown, or it failed): not an answer.
+              // The waiters fail, the ingress retries, and nothing is recorded.
+              auto& st = self->state;
+              auto it = st.inflight.find(x.request_id);
+              if (it == st.inflight.end()) return;
+              for (auto& w : it->second.waiters) w.deliver(err);
+              st.inflight.erase(it);
             });
 }
 
