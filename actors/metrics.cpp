@@ -5,8 +5,17 @@
 
 namespace tailor::actors {
 
+namespace {
+// Histogram bounds (ms) of tailor_inference_overhead_ms_bucket.
+const std::vector<double> overhead_bounds = {0.5, 1,   2,   3,   5,   7.5, 10,  15,   20,   30,  50,
+                                             75,  100, 150, 200, 300, 500, 750, 1000, 2000, 5000};
+}  // namespace
+
 void metrics::observe_overhead(double ms) {
   std::lock_guard<std::mutex> g(mtx_);
+  if (overhead_buckets_.empty()) overhead_buckets_.assign(overhead_bounds.size(), 0);
+  for (std::size_t i = 0; i < overhead_bounds.size(); ++i)
+    if (ms <= overhead_bounds[i]) ++overhead_buckets_[i];
   if (overhead_.size() < overhead_window)
     overhead_.push_back(ms);
   else
@@ -55,6 +64,15 @@ std::string metrics::render() const {
     }
     out << "tailor_inference_overhead_ms_sum " << overhead_sum_ << '\n'
         << "tailor_inference_overhead_ms_count " << overhead_count_ << '\n';
+    // The same samples as a histogram (all of them, not a window), so that a
+    // load test can take the quantiles of its own interval from two scrapes.
+    out << "# HELP tailor_inference_overhead_ms_hist Time in the engine outside batch steps and "
+           "adapter loads.\n# TYPE tailor_inference_overhead_ms_hist histogram\n";
+    for (std::size_t i = 0; i < overhead_bounds.size(); ++i)
+      out << "tailor_inference_overhead_ms_hist_bucket{le=\"" << overhead_bounds[i] << "\"} "
+          << overhead_buckets_[i] << '\n';
+    out << "tailor_inference_overhead_ms_hist_bucket{le=\"+Inf\"} " << overhead_count_ << '\n'
+        << "tailor_inference_overhead_ms_hist_count " << overhead_count_ << '\n';
   }
   struct cache_family {
     const char* event;

@@ -87,6 +87,7 @@ class metrics {
   std::size_t overhead_next_ = 0;
   int64_t overhead_count_ = 0;
   double overhead_sum_ = 0;
+  std::vector<int64_t> overhead_buckets_;  // cumulative counts per bound of overhead_bounds
   std::atomic<int64_t> serving_steps_{0}, serving_rows_{0}, serving_max_rows_{0};
   std::atomic<int64_t> training_queue_{0}, training_assigned_{0};
   std::atomic<double> training_seconds_{0}, first_admission_{0}, queue_drained_{0};
