@@ -40,15 +40,16 @@ std::string validate(const engine_config& cfg) {
   if (t.checkpoint_every < 0) return bad("training.checkpoint_every", "must not be negative");
   if (t.progress_interval_ms < 0)
     return bad("training.progress_interval_ms", "must not be negative");
-  if (t.rank < b.min_rank || t.rank > b.max_rank)
+  if (t.defaults.rank < b.min_rank || t.defaults.rank > b.max_rank)
     return bad("training.rank", "outside the hyperparameter bounds");
-  if (t.alpha < b.min_alpha || t.alpha > b.max_alpha)
+  if (t.defaults.alpha < b.min_alpha || t.defaults.alpha > b.max_alpha)
     return bad("training.alpha", "outside the hyperparameter bounds");
-  if (t.steps < b.min_steps || t.steps > b.max_steps)
+  if (t.defaults.steps < b.min_steps || t.defaults.steps > b.max_steps)
     return bad("training.steps", "outside the hyperparameter bounds");
-  if (t.learning_rate < b.min_learning_rate || t.learning_rate > b.max_learning_rate)
+  if (t.defaults.learning_rate < b.min_learning_rate ||
+      t.defaults.learning_rate > b.max_learning_rate)
     return bad("training.learning_rate", "outside the hyperparameter bounds");
-  if (t.batch_size < b.min_batch_size || t.batch_size > b.max_batch_size)
+  if (t.defaults.batch_size < b.min_batch_size || t.defaults.batch_size > b.max_batch_size)
     return bad("training.batch_size", "outside the hyperparameter bounds");
   if (t.prompt_max_tokens < 1) return bad("training.prompt_max_tokens", "must be at least 1");
   const auto& v = cfg.serving;
@@ -170,10 +171,12 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
          take(t, "checkpoint_every", tc.checkpoint_every, w, err) &&
          take(t, "progress_interval_ms", tc.progress_interval_ms, w, err) &&
          take(t, "data_dir", tc.data_dir, w, err) &&
-         take(t, "max_data_bytes", tc.max_data_bytes, w, err) && take(t, "rank", tc.rank, w, err) &&
-         take(t, "alpha", tc.alpha, w, err) && take(t, "steps", tc.steps, w, err) &&
-         take(t, "learning_rate", tc.learning_rate, w, err) &&
-         take(t, "batch_size", tc.batch_size, w, err) && take(t, "seed", tc.seed, w, err) &&
+         take(t, "max_data_bytes", tc.max_data_bytes, w, err) &&
+         take(t, "rank", tc.defaults.rank, w, err) && take(t, "alpha", tc.defaults.alpha, w, err) &&
+         take(t, "steps", tc.defaults.steps, w, err) &&
+         take(t, "learning_rate", tc.defaults.learning_rate, w, err) &&
+         take(t, "batch_size", tc.defaults.batch_size, w, err) &&
+         take(t, "seed", tc.defaults.seed, w, err) &&
          take(t, "prompt_max_tokens", tc.prompt_max_tokens, w, err);
   }
   if (section("serving",

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "messages/jobs.hpp"
 #include "messages/limits.hpp"
 
 namespace tailor::actors {
@@ -42,14 +43,9 @@ struct training_config {
   int checkpoint_every = 50;        // steps; 0: no checkpoints
   int progress_interval_ms = 1000;  // at most one job.progress per job per interval
   std::string data_dir;             // where data_ref resolves; default <data_dir>/training-data
-  std::size_t max_data_bytes = 8 << 20;  // of a data_ref file
-  int64_t rank = 8;
-  double alpha = 16.0;
-  int64_t steps = 100;
-  double learning_rate = 2e-3;
-  int64_t batch_size = 8;
-  uint64_t seed = 0;
-  int64_t prompt_max_tokens = 64;  // generations of an onboarding request's prompts
+  std::size_t max_data_bytes = 8 << 20;      // of a data_ref file
+  messages::hyperparameter_values defaults;  // training.rank ... training.seed
+  int64_t prompt_max_tokens = 64;            // generations of an onboarding request's prompts
 };
 
 // Serving (issue 5): GPU actors (CPU device slots here), their batches, the

@@ -353,7 +353,6 @@ void step(gpu_ptr self) {
   auto& st = self->state;
   auto& c = *st.core;
   expire(self);
-  fetch_adapters(self);
   admit(self);
   const auto rows = static_cast<int64_t>(c.active.size());
   auto t0 = clock::now();

@@ -187,7 +187,6 @@ void run(job_ptr self, trainer_actor slot) {
     return;
   }
   const auto& req = std::get<onboarding_request>(pr->value);
-  const auto& d = st.cfg.training;
   training_order order;
   order.job_id = st.job.job_id;
   order.request_id = st.job.request_id;
@@ -196,12 +195,7 @@ void run(job_ptr self, trainer_actor slot) {
   order.base_model = st.job.base_model;
   order.texts = req.texts;
   order.data_ref = req.data_ref.value_or("");
-  order.rank = req.hparams.rank.value_or(d.rank);
-  order.alpha = req.hparams.alpha.value_or(d.alpha);
-  order.steps = req.hparams.steps.value_or(d.steps);
-  order.learning_rate = req.hparams.learning_rate.value_or(d.learning_rate);
-  order.batch_size = req.hparams.batch_size.value_or(d.batch_size);
-  order.seed = req.hparams.seed.value_or(d.seed);
+  order.hp = resolve(req.hparams, st.cfg.training.defaults);
   order.prompts = req.prompts;
   order.cancel = st.cancel;
   self->request(slot, caf::infinite, train_atom_v, std::move(order))

@@ -53,7 +53,7 @@ std::vector<outgoing_message> prompt_results(const engine_config& cfg,
     s.max_tokens = cfg.training.prompt_max_tokens;
     s.temperature = 0.7;
     s.top_k = 40;
-    s.seed = o.seed + i;
+    s.seed = o.hp.seed + i;
     settings.push_back(s);
   }
   auto t0 = clock::now();
@@ -101,13 +101,13 @@ training_outcome run_order(trainer_actor::stateful_pointer<trainer_state> self, 
   self->send(job, started_atom_v);
 
   model::lora_config lc;
-  lc.rank = o.rank;
-  lc.alpha = o.alpha;
+  lc.rank = o.hp.rank;
+  lc.alpha = o.hp.alpha;
   model::train_options opt;
-  opt.steps = o.steps;
-  opt.learning_rate = o.learning_rate;
-  opt.batch_size = o.batch_size;
-  opt.seed = o.seed;
+  opt.steps = o.hp.steps;
+  opt.learning_rate = o.hp.learning_rate;
+  opt.batch_size = o.hp.batch_size;
+  opt.seed = o.hp.seed;
   opt.checkpoint_every = st.cfg.training.checkpoint_every;
   opt.checkpoint_path = checkpoint_path(st.cfg, o.job_id);
   std::error_code ec;

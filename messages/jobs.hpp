@@ -8,10 +8,32 @@
 #include <vector>
 
 #include "messages/errc.hpp"
+#include "messages/events.hpp"
 #include "messages/records.hpp"
 
 // What a job actor hands a training slot, and what comes back.
 namespace tailor::messages {
+
+// Hyperparameters with every value set: a request's, completed by the
+// configured defaults (`training.rank` ... `training.seed`).
+struct hyperparameter_values {
+  int64_t rank = 8;
+  double alpha = 16.0;
+  int64_t steps = 100;
+  double learning_rate = 2e-3;
+  int64_t batch_size = 8;
+  uint64_t seed = 0;
+};
+
+inline hyperparameter_values resolve(const hyperparameters& given,
+                                     const hyperparameter_values& defaults) {
+  return {given.rank.value_or(defaults.rank),
+          given.alpha.value_or(defaults.alpha),
+          given.steps.value_or(defaults.steps),
+          given.learning_rate.value_or(defaults.learning_rate),
+          given.batch_size.value_or(defaults.batch_size),
+          given.seed.value_or(defaults.seed)};
+}
 
 // One job's training, fully resolved: hyperparameters with defaults applied.
 // Local only (it carries the cancellation flag the slot polls between
@@ -24,12 +46,7 @@ struct training_order {
   std::string base_model;
   std::vector<std::string> texts;  // inline texts, or ...
   std::string data_ref;            // ... a file under the training data directory
-  int64_t rank = 8;
-  double alpha = 16.0;
-  int64_t steps = 100;
-  double learning_rate = 2e-3;
-  int64_t batch_size = 8;
-  uint64_t seed = 0;
+  hyperparameter_values hp;
   std::vector<std::string> prompts;
   std::shared_ptr<std::atomic<bool>> cancel;
 };

@@ -85,7 +85,7 @@ TEST(EngineConfig, ValidationNamesTheOffendingKey) {
   cfg.training.slots = 0;
   EXPECT_NE(validate(cfg).find("training.slots"), std::string::npos);
   cfg = {};
-  cfg.training.steps = 0;
+  cfg.training.defaults.steps = 0;
   EXPECT_NE(validate(cfg).find("training.steps"), std::string::npos);
   cfg = {};
   cfg.default_base_model = "other";
@@ -105,7 +105,7 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
   cfg = {};
   EXPECT_EQ(load_config_file(path.string(), cfg), "");
   EXPECT_EQ(cfg.training.slots, 3);
-  EXPECT_EQ(cfg.training.steps, 7);
+  EXPECT_EQ(cfg.training.defaults.steps, 7);
   EXPECT_EQ(cfg.compute.blas_threads, 2);
   fs::remove(path);
 }

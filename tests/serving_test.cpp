@@ -209,7 +209,9 @@ TEST_F(ServingTest, AHeavyUserOverQuotaIsRefusedWhileOthersAreServed) {
 TEST_F(ServingTest, ACancelledRequestEndsWithCancelled) {
   // One place in the bank: while the busy user has requests queued, the
   // victim's adapter cannot be placed and the victim waits.
-  start({{"serving", {{"max_batch", 1}, {"device_adapters", 1}, {"max_requests_per_user", 1000}}}});
+  // All 300 busy requests and the victim in flight at once: no ingress pause.
+  start({{"max_in_flight", 1000},
+         {"serving", {{"max_batch", 1}, {"device_adapters", 1}, {"max_requests_per_user", 1000}}}});
   ASSERT_FALSE(HasFatalFailure());
   onboard_all({"busy", "victim"});
   const auto device = "tailor-test/0";
