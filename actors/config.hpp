@@ -54,7 +54,7 @@ struct serving_config {
   int devices = 1;                  // GPU actors per base model (CPU device slots)
   int max_batch = 32;               // sequences decoded together
   int max_tokens_in_flight = 8192;  // sum of (prompt + max_tokens) over a batch
-  int device_adapters = 64;         // adapters resident in a device bank
+  int device_adapters = 256;        // adapters resident in a device bank
   int host_adapters = 1024;         // decoded adapters kept in host memory (LRU)
   int max_rank = 16;                // of the device banks; higher-rank adapters cannot be served
   int max_requests_per_user = 16;   // in flight; more is quota_exceeded

@@ -94,7 +94,7 @@ struct gpu_core {
     caf::typed_response_promise<outgoing_message> rp;
     model::sampling sampling;
     clock::time_point arrived, loaded, admitted, deadline;
-    double adapter_load_ms = 0, prefill_ms = 0, decode_ms = 0;
+    double adapter_load_ms = 0, prefill_ms = 0;
     int64_t gen_id = -1;  // in the batch when >= 0
     int64_t budget = 0;   // tokens it may occupy: prompt + max_tokens
     int64_t prompt_tokens = 0;
@@ -170,7 +170,10 @@ void answer(gpu_ptr self, const request_ptr& r, const model::generation& g,
   else
     res.timings.queue = std::max(0.0, ms_between(r->arrived, now) - r->adapter_load_ms);
   res.timings.prefill = r->prefill_ms;
-  res.timings.decode = r->decode_ms;
+  // In the batch after its prefill until it ended: the loop's steps, which
+  // include the prefills of rows joining meanwhile.
+  if (r->gen_id >= 0)
+    res.timings.decode = std::max(0.0, ms_between(r->admitted, now) - r->prefill_ms);
   res.timings.total = ms_between(r->order.received, now);
   res.timings.route = ms_between(r->order.received, r->arrived);
   st.stats->count_request(res.model_id, res.user_id);
@@ -355,14 +358,9 @@ void step(gpu_ptr self) {
   expire(self);
   admit(self);
   const auto rows = static_cast<int64_t>(c.active.size());
-  auto t0 = clock::now();
   auto finished = c.gen->step();
-  const double ms = ms_between(t0, clock::now());
   if (rows > 0) st.stats->count_step(rows);
-  for (auto& [id, r] : c.active) {
-    r->decode_ms += ms;
-    c.served[r->order.request.user_id] += 1.0;
-  }
+  for (auto& [id, r] : c.active) c.served[r->order.request.user_id] += 1.0;
   for (auto id : finished) {
     auto it = c.active.find(id);
     if (it == c.active.end()) continue;

@@ -13,6 +13,7 @@
 #include "serving_bench.hpp"
 
 int main(int argc, char** argv) {
+  tailor::model::configure_allocator();
   CLI::App app{"tailor-bench - Tailor's benchmarks"};
   app.require_subcommand(1);
   std::string json_out;

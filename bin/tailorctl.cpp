@@ -211,6 +211,7 @@ std::string read_request_file(const std::string& path, std::string& user_id,
 }  // namespace
 
 int main(int argc, char** argv) {
+  tailor::model::configure_allocator();
   CLI::App app{"tailorctl - talk to a Tailor engine through Kafka and its admin API"};
   app.require_subcommand(1);
   common_options o;

@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "actors/engine.hpp"
+#include "model/threads.hpp"
 
 using namespace tailor::actors;
 
@@ -36,6 +37,7 @@ bool write_ready_file(const std::string& path, const engine& e) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  tailor::model::configure_allocator();
   engine_config cfg;
   CLI::App app{
       "tailord - the Tailor engine: personal LoRA models, trained and served through Kafka"};

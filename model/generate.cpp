@@ -51,20 +51,26 @@ std::size_t batch_generator::active() const {
 }
 
 // Samples from one row's logits in plain C++: a vocabulary of 257 is far
-// cheaper to walk than to hand to several ATen ops per row per step.
+// cheaper to walk than to hand to several ATen ops per row per step. Only
+// top-k and top-p need an order, and then only of the tokens they keep.
 int64_t batch_generator::sample(row& r, const float* logits, int64_t V) {
   if (r.s.temperature <= 0.0) return std::max_element(logits, logits + V) - logits;
-  std::vector<std::pair<float, int64_t>> p(static_cast<std::size_t>(V));
+  auto& p = sample_buffer_;
+  p.resize(static_cast<std::size_t>(V));
   const float hi = *std::max_element(logits, logits + V);
   const auto inv_t = static_cast<float>(1.0 / r.s.temperature);
   for (int64_t v = 0; v < V; ++v) p[v] = {std::exp((logits[v] - hi) * inv_t), v};
-  // Largest first: top-k keeps a prefix, top-p the smallest prefix reaching it.
-  std::sort(p.begin(), p.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
   std::size_t keep = p.size();
-  if (r.s.top_k > 0 && r.s.top_k < V) keep = static_cast<std::size_t>(r.s.top_k);
+  auto larger = [](const auto& a, const auto& b) { return a.first > b.first; };
+  if (r.s.top_k > 0 && r.s.top_k < V) {
+    keep = static_cast<std::size_t>(r.s.top_k);
+    std::nth_element(p.begin(), p.begin() + static_cast<std::ptrdiff_t>(keep) - 1, p.end(), larger);
+  }
   double total = 0;
   for (std::size_t i = 0; i < keep; ++i) total += p[i].first;
   if (r.s.top_p < 1.0) {
+    // The smallest prefix of the largest that reaches top_p of the mass.
+    std::sort(p.begin(), p.begin() + static_cast<std::ptrdiff_t>(keep), larger);
     double mass = 0;
     for (std::size_t i = 0; i < keep; ++i) {
       mass += p[i].first;
@@ -107,19 +113,29 @@ void batch_generator::emit(row& r, int64_t token) {
 
 void batch_generator::compact() {
   torch::NoGradGuard no_grad;
-  for (std::size_t i = 0; i < rows_.size(); ++i) {
-    auto& r = *rows_[i];
-    const auto target = static_cast<int64_t>(i);
-    if (r.slot == target) continue;
-    // Rows stay in slot order, so `target` is free and below r.slot.
+  const auto B = static_cast<int64_t>(rows_.size());
+  // Only rows sitting at or above B move, each into a hole below B: one
+  // copy per row that left since the last step, not a shift of every row
+  // above it, and only the positions the row has filled.
+  std::vector<int64_t> holes;
+  for (int64_t s = 0; s < B; ++s)
+    if (!slot_owner_[s]) holes.push_back(s);
+  std::size_t next_hole = 0;
+  for (auto& rp : rows_) {
+    auto& r = *rp;
+    if (r.slot < B) continue;
+    const auto target = holes[next_hole++];
     for (std::size_t l = 0; l < cache_.k.size(); ++l) {
-      cache_.k[l][target].copy_(cache_.k[l][r.slot]);
-      cache_.v[l][target].copy_(cache_.v[l][r.slot]);
+      cache_.k[l][target].narrow(1, 0, r.length).copy_(cache_.k[l][r.slot].narrow(1, 0, r.length));
+      cache_.v[l][target].narrow(1, 0, r.length).copy_(cache_.v[l][r.slot].narrow(1, 0, r.length));
     }
     slot_owner_[target] = r.id;
     slot_owner_[r.slot].reset();
     r.slot = target;
   }
+  // Row i sits in slot i: the batched forward reads the cache in place.
+  std::sort(rows_.begin(), rows_.end(),
+            [](const auto& a, const auto& b) { return a->slot < b->slot; });
 }
 
 std::optional<int64_t> batch_generator::add(const std::string& prompt, int64_t adapter,
@@ -151,8 +167,9 @@ std::vector<int64_t> batch_generator::add_batch(const std::vector<new_sequence>&
     T = std::max<int64_t>(T, static_cast<int64_t>(t.size()));
     tokens.push_back(std::move(t));
   }
-  std::vector<int64_t> flat, idx;
+  std::vector<int64_t> flat, idx, last;
   for (int64_t b = 0; b < n; ++b) {
+    last.push_back(static_cast<int64_t>(tokens[b].size()) - 1);
     auto t = tokens[b];
     t.resize(static_cast<std::size_t>(T), end_of_text);
     flat.insert(flat.end(), t.begin(), t.end());
@@ -162,7 +179,7 @@ std::vector<int64_t> batch_generator::add_batch(const std::vector<new_sequence>&
       base_, bank_, torch::tensor(idx, torch::kLong),
       torch::tensor(flat, torch::kLong).view({n, T}), torch::zeros({n}, torch::kLong),
       torch::tensor(std::vector<int64_t>(free_slots.begin(), free_slots.begin() + n), torch::kLong),
-      cache_);
+      cache_, torch::tensor(last, torch::kLong));  // [n, 1, V]: each prompt's last token
   std::vector<int64_t> ids;
   for (int64_t b = 0; b < n; ++b) {
     const auto& q = seqs[b];
@@ -179,8 +196,8 @@ std::vector<int64_t> batch_generator::add_batch(const std::vector<new_sequence>&
     if (q.s.max_tokens <= 0) {
       r->finish = "length";
     } else {
-      auto last = logits[b][len - 1].to(torch::kFloat32).contiguous();
-      emit(*r, sample(*r, last.data_ptr<float>(), last.size(0)));
+      auto next = logits[b][0].to(torch::kFloat32).contiguous();
+      emit(*r, sample(*r, next.data_ptr<float>(), next.size(0)));
     }
     if (!r->finish.empty()) {
       done_[r->id] = generation{decode(r->out), r->finish, r->out};

@@ -82,6 +82,7 @@ class batch_generator {
   std::vector<int64_t> gathered_idx_;
   uint64_t gathered_version_ = 0;  // the bank's version when gathered
   int64_t next_id_ = 0;
+  std::vector<std::pair<float, int64_t>> sample_buffer_;  // reused by sample()
 };
 
 // Convenience: every prompt at once, batched; results in order.

@@ -1,6 +1,7 @@
 #include "model/threads.hpp"
 
 #include <dlfcn.h>
+#include <malloc.h>
 #include <torch/torch.h>
 
 #include <fstream>
@@ -22,6 +23,13 @@ void configure_threads(int intra_op, int blas) {
   if (intra_op > 0) torch::set_num_threads(intra_op);
   if (blas > 0)
     if (auto set = openblas_fn<void (*)(int)>("openblas_set_num_threads")) set(blas);
+}
+
+void configure_allocator() {
+  // Fixed values also switch off glibc's dynamic threshold, which starts at
+  // 128 KiB and trims after every large free until it has adapted.
+  ::mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  ::mallopt(M_TRIM_THRESHOLD, 256 << 20);
 }
 
 std::string blas_library() {

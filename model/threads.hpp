@@ -9,6 +9,13 @@ namespace tailor::model {
 // ATen thread with OpenBLAS on 2 was measured fastest (../shared/stack.md).
 void configure_threads(int intra_op, int blas);
 
+// A forward's temporaries (hundreds of KB to MB) would, with glibc's
+// defaults, be mmapped or trimmed back to the kernel as they are freed and
+// page-faulted in again by the next op: a 32-row prefill measured 2x slower
+// (tailor-micro). Serves allocations up to 32 MiB from the heap and trims it
+// only above 256 MiB free. Call once at start, before other threads.
+void configure_allocator();
+
 // The BLAS shared library mapped into this process (e.g. libopenblasp-r0.3.21.so),
 // and its thread count (-1 when not OpenBLAS).
 std::string blas_library();

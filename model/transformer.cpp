@@ -28,17 +28,94 @@ torch::Tensor lora_single(const torch::Tensor& x, const lora_adapter::pair& p, d
 }
 
 // Rows of x use different adapters, already gathered per row: a [B, in, r],
-// b [B, r, out]; adds x·A·B per row. Decode steps (T == 1) use a
-// multiply-and-sum: with Debian's MKL-less LibTorch, bmm issues one small
-// product per row.
-torch::Tensor lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b) {
-  if (x.size(1) == 1) {
-    // Reducing over `in` (dim 1 of [B, in, r]) lets ATen vectorize across r;
-    // storing A as [B, r, in] and reducing the last dim measured slower.
-    auto xa = (x.squeeze(1).unsqueeze(-1) * a).sum(1);  // [B, r]
-    return (xa.unsqueeze(-1) * b).sum(1).unsqueeze(1);  // [B, 1, out]
+// b [B, r, out]; adds x·A·B of each row to `out` [B, T, out]. Decode steps
+// (T == 1) run a plain loop per row (the shape of Punica's BGMV): with
+// Debian's MKL-less LibTorch, bmm issues one small product per row, and a
+// multiply-and-sum materializes [B, in, r] and [B, r, out] every step.
+void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b,
+                   torch::Tensor& out) {
+  if (x.size(1) != 1) {
+    out.add_(torch::matmul(torch::matmul(x, a), b));
+    return;
   }
-  return torch::matmul(torch::matmul(x, a), b);
+  const auto xc = x.contiguous();
+  const auto ac = a.contiguous();
+  const auto bc = b.contiguous();
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == torch::kFloat32 &&
+              xc.scalar_type() == torch::kFloat32);
+  const int64_t B = xc.size(0), in = ac.size(1), r = ac.size(2), n_out = bc.size(2);
+  const float* xp = xc.data_ptr<float>();
+  const float* ap = ac.data_ptr<float>();
+  const float* bp = bc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  std::vector<float> xa(static_cast<std::size_t>(r));
+  for (int64_t row = 0; row < B; ++row) {
+    const float* xr = xp + row * in;
+    const float* ar = ap + row * in * r;
+    std::fill(xa.begin(), xa.end(), 0.0f);
+    for (int64_t i = 0; i < in; ++i) {
+      const float xi = xr[i];
+      const float* ai = ar + i * r;
+      for (int64_t k = 0; k < r; ++k) xa[k] += xi * ai[k];
+    }
+    const float* br = bp + row * r * n_out;
+    float* orow = op + row * n_out;
+    for (int64_t k = 0; k < r; ++k) {
+      const float c = xa[k];
+      if (c == 0.0f) continue;  // a zero-padded rank, or the "no adapter" row
+      const float* bk = br + k * n_out;
+      for (int64_t o = 0; o < n_out; ++o) orow[o] += c * bk[o];
+    }
+  }
+}
+
+// One decode step's attention: q [B, H, hd] (any strides) against each
+// row's cached keys and values [B, H, >= n, hd] (last dim contiguous), row
+// b seeing positions 0..last[b]. Returns [B, 1, H * hd]. A loop per (row,
+// head) reads the cache once; ATen's multiply-and-sum materializes
+// [B, H, L, hd] twice per layer.
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& K,
+                               const torch::Tensor& V, const std::vector<int64_t>& last,
+                               double scale) {
+  TORCH_CHECK(K.stride(3) == 1 && V.stride(3) == 1 && K.scalar_type() == torch::kFloat32 &&
+              q.scalar_type() == torch::kFloat32);
+  const int64_t B = q.size(0), H = q.size(1), hd = q.size(2);
+  auto y = torch::empty({B, 1, H * hd});
+  float* yp = y.data_ptr<float>();
+  const auto qa = q.accessor<float, 3>();
+  const float* kp = K.data_ptr<float>();
+  const float* vp = V.data_ptr<float>();
+  const auto ks = K.strides();
+  const auto vs = V.strides();
+  std::vector<float> p, qrow(static_cast<std::size_t>(hd));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t n = last[static_cast<std::size_t>(b)] + 1;
+      p.resize(static_cast<std::size_t>(n));
+      for (int64_t d = 0; d < hd; ++d) qrow[d] = qa[b][h][d];
+      const float* kb = kp + b * ks[0] + h * ks[1];
+      float hi = -std::numeric_limits<float>::infinity();
+      for (int64_t l = 0; l < n; ++l) {
+        const float* kl = kb + l * ks[2];
+        float dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < hd; ++d) dot += qrow[d] * kl[d];
+        p[l] = dot * static_cast<float>(scale);
+        hi = std::max(hi, p[l]);
+      }
+      float total = 0;
+      for (int64_t l = 0; l < n; ++l) total += p[l] = std::exp(p[l] - hi);
+      const float inv = 1.0f / total;
+      float* out = yp + (b * H + h) * hd;
+      std::fill(out, out + hd, 0.0f);
+      const float* vb = vp + b * vs[0] + h * vs[1];
+      for (int64_t l = 0; l < n; ++l) {
+        const float w = p[l] * inv;
+        const float* vl = vb + l * vs[2];
+        for (int64_t d = 0; d < hd; ++d) out[d] += w * vl[d];
+      }
+    }
+  return y;
 }
 
 }  // namespace
@@ -325,14 +402,16 @@ gathered_adapters gathered_adapters::gather(const adapter_bank& bank, const torc
 torch::Tensor forward_batched(const base_weights& w, const adapter_bank& bank,
                               const torch::Tensor& idx, const torch::Tensor& tokens,
                               const torch::Tensor& start, const torch::Tensor& slots,
-                              kv_cache& cache) {
+                              kv_cache& cache, const torch::Tensor& logits_at) {
   c10::InferenceMode guard;
-  return forward_batched(w, gathered_adapters::gather(bank, idx), tokens, start, slots, cache);
+  return forward_batched(w, gathered_adapters::gather(bank, idx), tokens, start, slots, cache,
+                         logits_at);
 }
 
 torch::Tensor forward_batched(const base_weights& w, const gathered_adapters& ga,
                               const torch::Tensor& tokens, const torch::Tensor& start,
-                              const torch::Tensor& slots, kv_cache& cache) {
+                              const torch::Tensor& slots, kv_cache& cache,
+                              const torch::Tensor& logits_at) {
   c10::InferenceMode guard;
   const auto& c = w.cfg;
   const int64_t B = tokens.size(0), T = tokens.size(1), H = c.n_head, hd = c.head_dim(),
@@ -343,9 +422,18 @@ torch::Tensor forward_batched(const base_weights& w, const gathered_adapters& ga
            w.wpe.index_select(0, pos.reshape({-1})).view({B, T, D});
   // Keys up to the furthest position any row reaches this step.
   const int64_t L = pos.max().item<int64_t>() + 1;
-  auto key_pos = torch::arange(L, torch::kLong);
-  auto visible = (key_pos.view({1, 1, 1, L}) <= pos.view({B, 1, T, 1}));  // [B, 1, T, L]
-  auto neg_inf = torch::full({}, -std::numeric_limits<float>::infinity());
+  // Prefill masks with tensors; a decode step's loop needs each row's last
+  // visible position only.
+  torch::Tensor visible, neg_inf;
+  std::vector<int64_t> last;
+  if (T == 1) {
+    auto sc = start.contiguous();
+    last.assign(sc.data_ptr<int64_t>(), sc.data_ptr<int64_t>() + B);
+  } else {
+    auto key_pos = torch::arange(L, torch::kLong);
+    visible = (key_pos.view({1, 1, 1, L}) <= pos.view({B, 1, T, 1}));  // [B, 1, T, L]
+    neg_inf = torch::full({}, -std::numeric_limits<float>::infinity());
+  }
   // Rows that sit in slots 0..B-1 in order read the cache without a copy.
   const bool contiguous = slots.size(0) == B && slots.equal(torch::arange(B, torch::kLong));
   auto slot_rows = slots.view({B, 1}).expand({B, T});
@@ -356,7 +444,7 @@ torch::Tensor forward_batched(const base_weights& w, const gathered_adapters& ga
     auto h = torch::layer_norm(x, {D}, l.ln1_w, l.ln1_b, 1e-5);
     // Without adapters no LoRA op runs at all: the plain dense model.
     auto qkv = torch::linear(h, l.qkv_w, l.qkv_b);
-    if (lora) qkv.add_(lora_rows(h, ga.a[i][site_qkv], ga.b[i][site_qkv]));
+    if (lora) add_lora_rows(h, ga.a[i][site_qkv], ga.b[i][site_qkv], qkv);
     auto parts = qkv.split(D, -1);
     auto q = parts[0].view({B, T, H, hd}).transpose(1, 2);  // [B, H, T, hd]
     // New keys/values go to (slot, position) of each row.
@@ -372,26 +460,25 @@ torch::Tensor forward_batched(const base_weights& w, const gathered_adapters& ga
                         : cache.v[i].narrow(2, 0, L).index_select(0, slots);
     torch::Tensor y;
     if (T == 1) {
-      auto att = (q * K).sum(-1) * inv_sqrt;  // [B, H, L]
-      att = torch::where(visible.view({B, 1, L}), att, neg_inf).softmax(-1);
-      y = (att.unsqueeze(-1) * V).sum(2).view({B, H, 1, hd});
+      y = decode_attention(q.squeeze(2), K, V, last, inv_sqrt);
     } else {
       auto att = torch::matmul(q, K.transpose(-2, -1)) * inv_sqrt;  // [B, H, T, L]
       att = torch::where(visible, att, neg_inf).softmax(-1);
-      y = torch::matmul(att, V);
+      y = torch::matmul(att, V).transpose(1, 2).reshape({B, T, D});
     }
-    y = y.transpose(1, 2).reshape({B, T, D});
     auto proj = torch::linear(y, l.proj_w, l.proj_b);
-    if (lora) proj.add_(lora_rows(y, ga.a[i][site_proj], ga.b[i][site_proj]));
+    if (lora) add_lora_rows(y, ga.a[i][site_proj], ga.b[i][site_proj], proj);
     x = x + proj;
     auto h2 = torch::layer_norm(x, {D}, l.ln2_w, l.ln2_b, 1e-5);
     auto f = torch::linear(h2, l.fc_w, l.fc_b);
-    if (lora && ga.mlp) f.add_(lora_rows(h2, ga.a[i][site_fc], ga.b[i][site_fc]));
+    if (lora && ga.mlp) add_lora_rows(h2, ga.a[i][site_fc], ga.b[i][site_fc], f);
     f = torch::gelu(f);
     auto o = torch::linear(f, l.out_w, l.out_b);
-    if (lora && ga.mlp) o.add_(lora_rows(f, ga.a[i][site_out], ga.b[i][site_out]));
+    if (lora && ga.mlp) add_lora_rows(f, ga.a[i][site_out], ga.b[i][site_out], o);
     x = x + o;
   }
+  if (logits_at.defined())
+    x = x.index({torch::arange(B, torch::kLong), logits_at}).unsqueeze(1);  // [B, 1, D]
   x = torch::layer_norm(x, {D}, w.lnf_w, w.lnf_b, 1e-5);
   return torch::linear(x, w.wte);
 }

@@ -118,14 +118,17 @@ torch::Tensor forward_single(const base_weights& base, const lora_adapter* adapt
 // The batched multi-adapter forward: rows `slots` of the cache, each with
 // its adapter index `adapter_idx` (into `bank`), T new `tokens` per row
 // starting at position `start` (per row). Writes the new keys/values into
-// the cache and returns logits [B, T, vocab].
+// the cache and returns logits [B, T, vocab]; with `logits_at` ([B], an
+// index into T per row) only those, [B, 1, vocab] (a prefill needs the
+// logits of each prompt's last token only).
 torch::Tensor forward_batched(const base_weights& base, const adapter_bank& bank,
                               const torch::Tensor& adapter_idx, const torch::Tensor& tokens,
                               const torch::Tensor& start, const torch::Tensor& slots,
-                              kv_cache& cache);
+                              kv_cache& cache, const torch::Tensor& logits_at = {});
 // The same with the rows' adapters gathered beforehand (in row order).
 torch::Tensor forward_batched(const base_weights& base, const gathered_adapters& adapters,
                               const torch::Tensor& tokens, const torch::Tensor& start,
-                              const torch::Tensor& slots, kv_cache& cache);
+                              const torch::Tensor& slots, kv_cache& cache,
+                              const torch::Tensor& logits_at = {});
 
 }  // namespace tailor::model

@@ -82,6 +82,26 @@ TEST_F(ModelTest, BatchedMixedAdapterForwardEqualsMergedPerRow) {
   EXPECT_GT(max_diff(reference(tokens_of(T, 0), 1), reference(tokens_of(T, 0), 0)), 1e-3);
 }
 
+TEST_F(ModelTest, LogitsAtPicksEachRowsPositionOfTheFullLogits) {
+  const int64_t T = 7;
+  std::vector<int64_t> idx = {3, 0, 1}, at = {6, 2, 4};
+  std::vector<int64_t> all;
+  for (int64_t b = 0; b < 3; ++b)
+    for (auto t : tokens_of(T, b + 5)) all.push_back(t);
+  auto run = [&](const torch::Tensor& logits_at) {
+    auto cache = kv_cache::make(cfg_, 3);
+    return forward_batched(base_, bank_, torch::tensor(idx, torch::kLong),
+                           torch::tensor(all, torch::kLong).view({3, T}),
+                           torch::zeros({3}, torch::kLong), torch::arange(3, torch::kLong), cache,
+                           logits_at);
+  };
+  auto full = run({});
+  auto picked = run(torch::tensor(at, torch::kLong));
+  ASSERT_EQ(picked.sizes(), (std::vector<int64_t>{3, 1, cfg_.vocab}));
+  for (int64_t b = 0; b < 3; ++b)
+    EXPECT_LE(max_diff(picked[b][0], full[b][at[b]]), 1e-5) << "row " << b;
+}
+
 TEST_F(ModelTest, KvCachedDecodingEqualsFullRecomputation) {
   // Rows of different lengths in non-contiguous slots, decoding together.
   std::vector<std::vector<int64_t>> seqs = {tokens_of(5, 1), tokens_of(9, 2), tokens_of(3, 3)};

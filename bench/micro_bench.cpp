@@ -1,0 +1,183 @@
+// Micro-benchmarks (Google Benchmark) of the pieces a serving batch step is
+// made of, on the default model shape with random weights (time does not
+// depend on their values): the prefill of rows joining a batch, one decode
+// step of a full batch, and sampling one row's next token.
+#include <benchmark/benchmark.h>
+
+#include <random>
+
+#include "model/checkpoint.hpp"
+#include "model/generate.hpp"
+#include "model/pretrain.hpp"
+#include "model/threads.hpp"
+
+namespace {
+
+using namespace tailor::model;
+
+// The cached base as tailord serves it (read from its file), else a fresh one.
+base_weights load_or_init(const model_config& cfg) {
+  if (std::getenv("TAILOR_MICRO_FRESH") == nullptr)
+    if (auto b = load_base(base_model_path("tailor-base"))) return std::move(*b);
+  return base_weights::init(cfg, 1);
+}
+
+struct fixture {
+  model_config cfg = *named_config("tailor-base");
+  base_weights base = load_or_init(cfg);
+  adapter_bank bank = adapter_bank::make(cfg, 64, 16, false);
+  fixture() {
+    for (int64_t i = 1; i <= bank.size; ++i) {
+      auto ad = lora_adapter::init(cfg, {8, 16.0, false}, static_cast<uint64_t>(i));
+      for (auto& l : ad.layers)
+        for (auto& p : l) p.b = torch::randn(p.b.sizes()) * 0.02;
+      bank.set(i, ad);
+    }
+  }
+  static fixture& get() {
+    static fixture f;
+    return f;
+  }
+};
+
+// max_tokens leaves the whole prompt in the context (the prefill keeps only
+// context - max_tokens of it) and rows running through the steps measured.
+sampling temperature_sampling(uint64_t seed) {
+  sampling s;
+  s.max_tokens = 80;
+  s.temperature = 0.7;
+  s.seed = seed;
+  s.ignore_end_of_text = true;
+  return s;
+}
+
+std::string prompt_of(int i) {
+  return "Tell me something about number " + std::to_string(1000 + i) + ".";
+}
+
+// Rows joining a batch: one prefill forward for all of them (37 tokens each,
+// as the serving bench's prompts).
+void bm_prefill(benchmark::State& state) {
+  auto& f = fixture::get();
+  const auto n = state.range(0);
+  std::vector<batch_generator::new_sequence> seqs;
+  for (int64_t i = 0; i < n; ++i)
+    seqs.push_back({prompt_of(static_cast<int>(i)), 1 + i % f.bank.size,
+                    temperature_sampling(static_cast<uint64_t>(i))});
+  batch_generator g(f.base, f.bank, n);  // allocated once, as a GPU actor's
+  for (auto _ : state) {
+    auto ids = g.add_batch(seqs);
+    state.PauseTiming();
+    for (auto id : ids) g.finish(id, "cancelled");
+    g.step();
+    for (auto id : ids) g.take(id);
+    state.ResumeTiming();
+  }
+  state.SetItemsProcessed(state.iterations() * n);
+}
+BENCHMARK(bm_prefill)->Arg(1)->Arg(8)->Arg(32)->Unit(benchmark::kMicrosecond);
+
+// Rows joining a batch of 64 places where `rows` already run: the prefill
+// plus moving the running rows' caches together.
+void bm_join(benchmark::State& state) {
+  auto& f = fixture::get();
+  const auto running = state.range(0);
+  const int64_t joining = 8;
+  batch_generator g(f.base, f.bank, running + joining);
+  std::vector<batch_generator::new_sequence> base_rows, seqs;
+  for (int64_t i = 0; i < running; ++i)
+    base_rows.push_back({prompt_of(static_cast<int>(i)), 1 + i % f.bank.size,
+                         temperature_sampling(static_cast<uint64_t>(i))});
+  for (int64_t i = 0; i < joining; ++i)
+    seqs.push_back({prompt_of(static_cast<int>(100 + i)), 1 + i % f.bank.size,
+                    temperature_sampling(static_cast<uint64_t>(100 + i))});
+  std::vector<int64_t> ids;
+  if (running > 0) ids = g.add_batch(base_rows);
+  for (int k = 0; k < 10; ++k) g.step();
+  for (auto _ : state) {
+    auto joined = g.add_batch(seqs);
+    state.PauseTiming();
+    for (auto id : joined) g.finish(id, "cancelled");
+    g.step();
+    for (auto id : joined) g.take(id);
+    state.ResumeTiming();
+  }
+  state.SetItemsProcessed(state.iterations() * joining);
+}
+BENCHMARK(bm_join)->Arg(0)->Arg(24)->Arg(56)->Unit(benchmark::kMicrosecond);
+
+// One decode step of `rows` rows, each with its own adapter.
+void bm_decode_step(benchmark::State& state) {
+  auto& f = fixture::get();
+  const auto rows = state.range(0);
+  auto g = std::make_unique<batch_generator>(f.base, f.bank, rows);
+  auto fill = [&] {
+    g = std::make_unique<batch_generator>(f.base, f.bank, rows);
+    std::vector<batch_generator::new_sequence> seqs;
+    for (int64_t i = 0; i < rows; ++i)
+      seqs.push_back({prompt_of(static_cast<int>(i)), 1 + i % f.bank.size,
+                      temperature_sampling(static_cast<uint64_t>(i))});
+    g->add_batch(seqs);
+  };
+  fill();
+  int steps = 0;
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(g->step());
+    if (++steps == 64) {  // keep the sequences at serving lengths
+      state.PauseTiming();
+      fill();
+      steps = 0;
+      state.ResumeTiming();
+    }
+  }
+  state.SetItemsProcessed(state.iterations() * rows);
+}
+BENCHMARK(bm_decode_step)->Arg(1)->Arg(8)->Arg(32)->Arg(64)->Unit(benchmark::kMicrosecond);
+
+// The batch loop in its steady state: `rows` sequences of 32 tokens with
+// staggered starts; as each ends, a new one joins (its prefill, and moving
+// the caches together, included). Items are generated tokens.
+void bm_continuous(benchmark::State& state) {
+  auto& f = fixture::get();
+  const auto rows = state.range(0);
+  batch_generator g(f.base, f.bank, rows);
+  int next = 0;
+  auto seq = [&] {
+    auto s = temperature_sampling(static_cast<uint64_t>(next));
+    s.max_tokens = 32;
+    ++next;
+    return batch_generator::new_sequence{prompt_of(next), 1 + next % f.bank.size, s};
+  };
+  // Staggered: row k joins at step k % 32, so that some end at every step.
+  for (int k = 0; k < 32; ++k) {
+    std::vector<batch_generator::new_sequence> seqs;
+    for (int64_t i = k; i < rows; i += 32) seqs.push_back(seq());
+    if (!seqs.empty()) g.add_batch(seqs);
+    for (auto id : g.step()) g.take(id);
+  }
+  int64_t tokens = 0;
+  for (auto _ : state) {
+    tokens += static_cast<int64_t>(g.active());
+    auto done = g.step();
+    std::vector<batch_generator::new_sequence> seqs;
+    for (auto id : done) {
+      g.take(id);
+      seqs.push_back(seq());
+    }
+    if (!seqs.empty()) g.add_batch(seqs);
+  }
+  state.SetItemsProcessed(tokens);
+}
+BENCHMARK(bm_continuous)->Arg(8)->Arg(32)->Arg(64)->Unit(benchmark::kMicrosecond);
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  tailor::model::configure_threads(1, 1);  // as tailord serves by default
+  tailor::model::configure_allocator();    // as every Tailor executable
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
