@@ -223,15 +223,9 @@ std::vector<int64_t> batch_generator::step() {
     start.push_back(r->length);
     slots.push_back(r->slot);
   }
-  // Regather the rows' adapters only when the batch's composition changed.
-  if (idx != gathered_idx_ || bank_.version != gathered_version_) {
-    gathered_ = gathered_adapters::gather(bank_, torch::tensor(idx, torch::kLong));
-    gathered_idx_ = idx;
-    gathered_version_ = bank_.version;
-  }
-  auto logits = forward_batched(base_, gathered_, torch::tensor(tok, torch::kLong).view({B, 1}),
-                                torch::tensor(start, torch::kLong),
-                                torch::tensor(slots, torch::kLong), cache_);
+  auto logits = forward_batched(
+      base_, row_adapters::of(bank_, idx), torch::tensor(tok, torch::kLong).view({B, 1}),
+      torch::tensor(start, torch::kLong), torch::tensor(slots, torch::kLong), cache_);
   auto last = logits.select(1, 0).to(torch::kFloat32).contiguous();  // [B, V]
   const int64_t V = last.size(1);
   const float* data = last.data_ptr<float>();

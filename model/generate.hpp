@@ -78,9 +78,6 @@ class batch_generator {
   std::vector<std::unique_ptr<row>> rows_;
   std::map<int64_t, generation> done_;
   std::vector<int64_t> finished_early_;
-  gathered_adapters gathered_;  // the rows' adapters, for gathered_idx_
-  std::vector<int64_t> gathered_idx_;
-  uint64_t gathered_version_ = 0;  // the bank's version when gathered
   int64_t next_id_ = 0;
   std::vector<std::pair<float, int64_t>> sample_buffer_;  // reused by sample()
 };

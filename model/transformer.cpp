@@ -27,42 +27,44 @@ torch::Tensor lora_single(const torch::Tensor& x, const lora_adapter::pair& p, d
   return torch::matmul(torch::matmul(x, p.a), p.b) * scale;
 }
 
-// Rows of x use different adapters, already gathered per row: a [B, in, r],
-// b [B, r, out]; adds x·A·B of each row to `out` [B, T, out]. Decode steps
-// (T == 1) run a plain loop per row (the shape of Punica's BGMV): with
-// Debian's MKL-less LibTorch, bmm issues one small product per row, and a
-// multiply-and-sum materializes [B, in, r] and [B, r, out] every step.
+// Rows of x use different adapters (`ra`, factors of one layer and site:
+// a [n + 1, in, r], b [n + 1, r, out]); adds x·A·B of each row to `out`
+// [B, T, out]. Decode steps (T == 1) run a plain loop per row reading the
+// bank in place, up to the row's own rank (the shape of Punica's BGMV):
+// with Debian's MKL-less LibTorch, bmm issues one small product per row, and
+// a gather plus multiply-and-sum copies [B, in, r] and [B, r, out] per step.
 void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b,
-                   torch::Tensor& out) {
+                   const row_adapters& ra, torch::Tensor& out) {
   if (x.size(1) != 1) {
-    out.add_(torch::matmul(torch::matmul(x, a), b));
+    auto rows = torch::tensor(ra.rows, torch::kLong);
+    out.add_(torch::matmul(torch::matmul(x, a.index_select(0, rows)), b.index_select(0, rows)));
     return;
   }
   const auto xc = x.contiguous();
-  const auto ac = a.contiguous();
-  const auto bc = b.contiguous();
-  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == torch::kFloat32 &&
-              xc.scalar_type() == torch::kFloat32);
-  const int64_t B = xc.size(0), in = ac.size(1), r = ac.size(2), n_out = bc.size(2);
+  TORCH_CHECK(out.is_contiguous() && a.is_contiguous() && b.is_contiguous() &&
+              out.scalar_type() == torch::kFloat32 && xc.scalar_type() == torch::kFloat32);
+  const int64_t B = xc.size(0), in = a.size(1), r = a.size(2), n_out = b.size(2);
   const float* xp = xc.data_ptr<float>();
-  const float* ap = ac.data_ptr<float>();
-  const float* bp = bc.data_ptr<float>();
+  const float* ap = a.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
   float* op = out.data_ptr<float>();
   std::vector<float> xa(static_cast<std::size_t>(r));
   for (int64_t row = 0; row < B; ++row) {
+    const int64_t rank = ra.ranks[static_cast<std::size_t>(row)];
+    if (rank == 0) continue;  // no adapter
+    const int64_t place = ra.rows[static_cast<std::size_t>(row)];
     const float* xr = xp + row * in;
-    const float* ar = ap + row * in * r;
+    const float* ar = ap + place * in * r;
     std::fill(xa.begin(), xa.end(), 0.0f);
     for (int64_t i = 0; i < in; ++i) {
       const float xi = xr[i];
       const float* ai = ar + i * r;
-      for (int64_t k = 0; k < r; ++k) xa[k] += xi * ai[k];
+      for (int64_t k = 0; k < rank; ++k) xa[k] += xi * ai[k];
     }
-    const float* br = bp + row * r * n_out;
+    const float* br = bp + place * r * n_out;
     float* orow = op + row * n_out;
-    for (int64_t k = 0; k < r; ++k) {
+    for (int64_t k = 0; k < rank; ++k) {
       const float c = xa[k];
-      if (c == 0.0f) continue;  // a zero-padded rank, or the "no adapter" row
       const float* bk = br + k * n_out;
       for (int64_t o = 0; o < n_out; ++o) orow[o] += c * bk[o];
     }
@@ -298,6 +300,8 @@ adapter_bank adapter_bank::build(const model_config& mc,
     }
   }
   bank.rank = rank;
+  bank.ranks.assign(1, 0);
+  for (const auto* ad : adapters) bank.ranks.push_back(ad->cfg.rank);
   return bank;
 }
 
@@ -305,6 +309,7 @@ adapter_bank adapter_bank::make(const model_config& mc, int64_t capacity, int64_
   adapter_bank bank;
   bank.size = capacity;
   bank.rank = rank;
+  bank.ranks.assign(static_cast<std::size_t>(capacity) + 1, 0);
   bank.mlp = mlp;
   const int sites = mlp ? 4 : 2;
   bank.a.resize(mc.n_layer);
@@ -333,7 +338,7 @@ bool adapter_bank::set(int64_t index, const lora_adapter& ad) {
       ai.narrow(1, 0, ad.cfg.rank).copy_(p.a);
       bi.narrow(0, 0, ad.cfg.rank).copy_(p.b * ad.scale());
     }
-  ++version;
+  ranks[static_cast<std::size_t>(index)] = ad.cfg.rank;
   return true;
 }
 
@@ -383,20 +388,18 @@ torch::Tensor forward_single(const base_weights& w, const lora_adapter* ad,
   return torch::linear(x, w.wte);
 }
 
-gathered_adapters gathered_adapters::gather(const adapter_bank& bank, const torch::Tensor& idx) {
-  gathered_adapters g;
-  g.mlp = bank.mlp;
-  if (bank.size == 0) return g;
-  for (std::size_t i = 0; i < bank.a.size(); ++i) {
-    std::vector<torch::Tensor> a, b;
-    for (std::size_t s = 0; s < bank.a[i].size(); ++s) {
-      a.push_back(bank.a[i][s].index_select(0, idx));
-      b.push_back(bank.b[i][s].index_select(0, idx));
-    }
-    g.a.push_back(std::move(a));
-    g.b.push_back(std::move(b));
+row_adapters row_adapters::of(const adapter_bank& bank, std::vector<int64_t> rows) {
+  row_adapters ra;
+  ra.mlp = bank.mlp;
+  if (bank.size == 0) return ra;
+  ra.a = bank.a;  // shallow: the same storage
+  ra.b = bank.b;
+  for (auto place : rows) {
+    TORCH_CHECK(place >= 0 && place <= bank.size, "adapter place ", place, " outside the bank");
+    ra.ranks.push_back(bank.ranks[static_cast<std::size_t>(place)]);
   }
-  return g;
+  ra.rows = std::move(rows);
+  return ra;
 }
 
 torch::Tensor forward_batched(const base_weights& w, const adapter_bank& bank,
@@ -404,11 +407,13 @@ torch::Tensor forward_batched(const base_weights& w, const adapter_bank& bank,
                               const torch::Tensor& start, const torch::Tensor& slots,
                               kv_cache& cache, const torch::Tensor& logits_at) {
   c10::InferenceMode guard;
-  return forward_batched(w, gathered_adapters::gather(bank, idx), tokens, start, slots, cache,
-                         logits_at);
+  auto ic = idx.contiguous();
+  return forward_batched(
+      w, row_adapters::of(bank, {ic.data_ptr<int64_t>(), ic.data_ptr<int64_t>() + ic.numel()}),
+      tokens, start, slots, cache, logits_at);
 }
 
-torch::Tensor forward_batched(const base_weights& w, const gathered_adapters& ga,
+torch::Tensor forward_batched(const base_weights& w, const row_adapters& ga,
                               const torch::Tensor& tokens, const torch::Tensor& start,
                               const torch::Tensor& slots, kv_cache& cache,
                               const torch::Tensor& logits_at) {
@@ -444,7 +449,7 @@ torch::Tensor forward_batched(const base_weights& w, const gathered_adapters& ga
     auto h = torch::layer_norm(x, {D}, l.ln1_w, l.ln1_b, 1e-5);
     // Without adapters no LoRA op runs at all: the plain dense model.
     auto qkv = torch::linear(h, l.qkv_w, l.qkv_b);
-    if (lora) add_lora_rows(h, ga.a[i][site_qkv], ga.b[i][site_qkv], qkv);
+    if (lora) add_lora_rows(h, ga.a[i][site_qkv], ga.b[i][site_qkv], ga, qkv);
     auto parts = qkv.split(D, -1);
     auto q = parts[0].view({B, T, H, hd}).transpose(1, 2);  // [B, H, T, hd]
     // New keys/values go to (slot, position) of each row.
@@ -467,14 +472,14 @@ torch::Tensor forward_batched(const base_weights& w, const gathered_adapters& ga
       y = torch::matmul(att, V).transpose(1, 2).reshape({B, T, D});
     }
     auto proj = torch::linear(y, l.proj_w, l.proj_b);
-    if (lora) add_lora_rows(y, ga.a[i][site_proj], ga.b[i][site_proj], proj);
+    if (lora) add_lora_rows(y, ga.a[i][site_proj], ga.b[i][site_proj], ga, proj);
     x = x + proj;
     auto h2 = torch::layer_norm(x, {D}, l.ln2_w, l.ln2_b, 1e-5);
     auto f = torch::linear(h2, l.fc_w, l.fc_b);
-    if (lora && ga.mlp) add_lora_rows(h2, ga.a[i][site_fc], ga.b[i][site_fc], f);
+    if (lora && ga.mlp) add_lora_rows(h2, ga.a[i][site_fc], ga.b[i][site_fc], ga, f);
     f = torch::gelu(f);
     auto o = torch::linear(f, l.out_w, l.out_b);
-    if (lora && ga.mlp) add_lora_rows(f, ga.a[i][site_out], ga.b[i][site_out], o);
+    if (lora && ga.mlp) add_lora_rows(f, ga.a[i][site_out], ga.b[i][site_out], ga, o);
     x = x + o;
   }
   if (logits_at.defined())

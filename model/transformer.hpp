@@ -73,16 +73,16 @@ struct lora_adapter {
 // batched forward must equal, and the "merged" serving baseline.
 base_weights merge(const base_weights& base, const lora_adapter& adapter);
 
-// Adapters stacked for the gathered forward. Row index 0 is "no adapter"
+// Adapters stacked for the batched forward. Row index 0 is "no adapter"
 // (zeros); adapter i of `build` is index i + 1. Ranks may differ: smaller
 // ones are zero-padded to the largest, and each B carries its own scale.
 struct adapter_bank {
   // [layer][site] -> A [n + 1, in, r], B [n + 1, r, out] (scale folded into B)
   std::vector<std::vector<torch::Tensor>> a, b;
-  int64_t size = 0;  // adapters, not counting index 0
+  std::vector<int64_t> ranks;  // per place (0: empty): a decode step skips the padding
+  int64_t size = 0;            // adapters, not counting index 0
   bool mlp = false;
-  int64_t rank = 0;      // of the stacked factors; smaller adapters are zero-padded
-  uint64_t version = 0;  // bumped by every set(): gathered copies of the old contents are stale
+  int64_t rank = 0;  // of the stacked factors; smaller adapters are zero-padded
 
   static adapter_bank build(const model_config& mc,
                             const std::vector<const lora_adapter*>& adapters);
@@ -94,13 +94,16 @@ struct adapter_bank {
   bool set(int64_t index, const lora_adapter& adapter);
 };
 
-// The bank's factors gathered for the rows of one batch, in row order: the
-// gather is redone only when the batch's composition changes, not per step.
-struct gathered_adapters {
-  // [layer][site]: a [B, in, r], b [B, r, out]; empty: no adapters at all
+// The adapters of a batch's rows: the bank's factors read in place at each
+// row's place (nothing is copied per step; Punica's BGMV reads the same
+// way). Valid while the bank's places used by `rows` keep their adapters.
+struct row_adapters {
+  // [layer][site]: the bank's A [n + 1, in, r] and B [n + 1, r, out]; empty: no adapters
   std::vector<std::vector<torch::Tensor>> a, b;
+  std::vector<int64_t> rows;   // each row's place in the bank
+  std::vector<int64_t> ranks;  // each row's adapter rank (0: none)
   bool mlp = false;
-  static gathered_adapters gather(const adapter_bank& bank, const torch::Tensor& adapter_idx);
+  static row_adapters of(const adapter_bank& bank, std::vector<int64_t> rows);
 };
 
 // Per-sequence key/value cache for `slots` sequences of up to cfg.context tokens.
@@ -125,8 +128,8 @@ torch::Tensor forward_batched(const base_weights& base, const adapter_bank& bank
                               const torch::Tensor& adapter_idx, const torch::Tensor& tokens,
                               const torch::Tensor& start, const torch::Tensor& slots,
                               kv_cache& cache, const torch::Tensor& logits_at = {});
-// The same with the rows' adapters gathered beforehand (in row order).
-torch::Tensor forward_batched(const base_weights& base, const gathered_adapters& adapters,
+// The same with the rows' adapters given as row_adapters.
+torch::Tensor forward_batched(const base_weights& base, const row_adapters& adapters,
                               const torch::Tensor& tokens, const torch::Tensor& start,
                               const torch::Tensor& slots, kv_cache& cache,
                               const torch::Tensor& logits_at = {});
