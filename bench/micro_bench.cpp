@@ -55,25 +55,37 @@ std::string prompt_of(int i) {
   return "Tell me something about number " + std::to_string(1000 + i) + ".";
 }
 
-// Rows joining a batch: one prefill forward for all of them (37 tokens each,
-// as the serving bench's prompts).
-void bm_prefill(benchmark::State& state) {
+// `n` requests numbered from `first`, each with its own adapter.
+std::vector<batch_generator::new_sequence> requests(int64_t n, int64_t first) {
   auto& f = fixture::get();
-  const auto n = state.range(0);
   std::vector<batch_generator::new_sequence> seqs;
-  for (int64_t i = 0; i < n; ++i)
+  for (int64_t i = first; i < first + n; ++i)
     seqs.push_back({prompt_of(static_cast<int>(i)), 1 + i % f.bank.size,
                     temperature_sampling(static_cast<uint64_t>(i))});
-  batch_generator g(f.base, f.bank, n);  // allocated once, as a GPU actor's
+  return seqs;
+}
+
+// Times `join` joining the batch `g` (the rows leave again untimed).
+void time_joins(benchmark::State& state, batch_generator& g,
+                const std::vector<batch_generator::new_sequence>& join) {
   for (auto _ : state) {
-    auto ids = g.add_batch(seqs);
+    auto ids = g.add_batch(join);
     state.PauseTiming();
     for (auto id : ids) g.finish(id, "cancelled");
     g.step();
     for (auto id : ids) g.take(id);
     state.ResumeTiming();
   }
-  state.SetItemsProcessed(state.iterations() * n);
+  state.SetItemsProcessed(state.iterations() * static_cast<int64_t>(join.size()));
+}
+
+// Rows joining a batch: one prefill forward for all of them (37 tokens each,
+// as the serving bench's prompts).
+void bm_prefill(benchmark::State& state) {
+  auto& f = fixture::get();
+  const auto n = state.range(0);
+  batch_generator g(f.base, f.bank, n);  // allocated once, as a GPU actor's
+  time_joins(state, g, requests(n, 0));
 }
 BENCHMARK(bm_prefill)->Arg(1)->Arg(8)->Arg(32)->Unit(benchmark::kMicrosecond);
 
@@ -84,25 +96,9 @@ void bm_join(benchmark::State& state) {
   const auto running = state.range(0);
   const int64_t joining = 8;
   batch_generator g(f.base, f.bank, running + joining);
-  std::vector<batch_generator::new_sequence> base_rows, seqs;
-  for (int64_t i = 0; i < running; ++i)
-    base_rows.push_back({prompt_of(static_cast<int>(i)), 1 + i % f.bank.size,
-                         temperature_sampling(static_cast<uint64_t>(i))});
-  for (int64_t i = 0; i < joining; ++i)
-    seqs.push_back({prompt_of(static_cast<int>(100 + i)), 1 + i % f.bank.size,
-                    temperature_sampling(static_cast<uint64_t>(100 + i))});
-  std::vector<int64_t> ids;
-  if (running > 0) ids = g.add_batch(base_rows);
+  if (running > 0) g.add_batch(requests(running, 0));
   for (int k = 0; k < 10; ++k) g.step();
-  for (auto _ : state) {
-    auto joined = g.add_batch(seqs);
-    state.PauseTiming();
-    for (auto id : joined) g.finish(id, "cancelled");
-    g.step();
-    for (auto id : joined) g.take(id);
-    state.ResumeTiming();
-  }
-  state.SetItemsProcessed(state.iterations() * joining);
+  time_joins(state, g, requests(joining, 100));
 }
 BENCHMARK(bm_join)->Arg(0)->Arg(24)->Arg(56)->Unit(benchmark::kMicrosecond);
 
@@ -113,11 +109,7 @@ void bm_decode_step(benchmark::State& state) {
   auto g = std::make_unique<batch_generator>(f.base, f.bank, rows);
   auto fill = [&] {
     g = std::make_unique<batch_generator>(f.base, f.bank, rows);
-    std::vector<batch_generator::new_sequence> seqs;
-    for (int64_t i = 0; i < rows; ++i)
-      seqs.push_back({prompt_of(static_cast<int>(i)), 1 + i % f.bank.size,
-                      temperature_sampling(static_cast<uint64_t>(i))});
-    g->add_batch(seqs);
+    g->add_batch(requests(rows, 0));
   };
   fill();
   int steps = 0;
