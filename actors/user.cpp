@@ -158,6 +158,15 @@ void handle_onboarding(user_ptr self, promise_t rp, onboarding_request x, uint64
   });
 }
 
+// Fails every copy of an in-flight request that waits for its answer.
+void fail_waiters(user_ptr self, const std::string& request_id, const caf::error& err) {
+  auto& st = self->state;
+  auto it = st.inflight.find(request_id);
+  if (it == st.inflight.end()) return;
+  for (auto& w : it->second.waiters) w.deliver(err);
+  st.inflight.erase(it);
+}
+
 // Stores the result as the request's answer, answers every copy of the
 // request that waited for it, and keeps input and output in the user's
 // history (fire and forget: not on the answer's path).
@@ -178,11 +187,7 @@ void finish_inference(user_ptr self, inference_request x, uint64_t hash, outgoin
           [=](caf::error& err) {
             // Not recorded: every waiter's event is retried by the ingress,
             // and the retry generates the same text (same seed).
-            auto& st = self->state;
-            auto it = st.inflight.find(x.request_id);
-            if (it == st.inflight.end()) return;
-            for (auto& rp : it->second.waiters) rp.deliver(err);
-            st.inflight.erase(it);
+            fail_waiters(self, x.request_id, err);
           });
 }
 
@@ -214,11 +219,7 @@ void serve(user_ptr self, promise_t rp, inference_request x, uint64_t hash, mode
             [=](caf::error& err) {
               // The GPU actor is gone (shutdown, or it failed): not an answer.
               // The waiters fail, the ingress retries, and nothing is recorded.
-              auto& st = self->state;
-              auto it = st.inflight.find(x.request_id);
-              if (it == st.inflight.end()) return;
-              for (auto& w : it->second.waiters) w.deliver(err);
-              st.inflight.erase(it);
+              fail_waiters(self, x.request_id, err);
             });
 }
 

@@ -184,16 +184,15 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
   });
   bench_producer producer(engine.bootstrap());
   auto draws = zipf_draws(n, o.zipf, o.requests, 42);
-  auto send = [&](int i) {
-    auto user = user_of(draws[static_cast<std::size_t>(i)]);
-    auto id = std::string(label) + "-" + std::to_string(i);
+  auto send_as = [&](const std::string& user, const std::string& id, const std::string& prompt,
+                     int seed) {
     json req = {{"type", "inference.request"},
                 {"schema_version", 1},
                 {"user_id", user},
                 {"request_id", id},
-                {"prompt", "Tell me something about number " + std::to_string(i) + "."},
+                {"prompt", prompt},
                 {"max_tokens", o.max_tokens},
-                {"seed", i},
+                {"seed", seed},
                 {"temperature", 0.7},
                 // Every request generates max_tokens, as load tests do (vLLM's ignore_eos).
                 {"ignore_end_of_text", true}};
@@ -202,6 +201,11 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
       log.sent[id] = clock::now();
     }
     producer.send(engine.topic("inference"), user, req.dump());
+  };
+  auto send = [&](int i) {
+    send_as(user_of(draws[static_cast<std::size_t>(i)]),
+            std::string(label) + "-" + std::to_string(i),
+            "Tell me something about number " + std::to_string(i) + ".", i);
   };
   cli::progress_bar bar;
   auto draw = [&](double started) {
@@ -217,22 +221,9 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
   {
     const int warm = std::min(o.concurrency, o.requests);
     auto warm_draws = zipf_draws(n, o.zipf, warm, 43);
-    for (int i = 0; i < warm; ++i) {
-      auto user = user_of(warm_draws[static_cast<std::size_t>(i)]);
-      auto id = std::string(label) + "-warm-" + std::to_string(i);
-      json req = {{"type", "inference.request"},
-                  {"schema_version", 1},
-                  {"user_id", user},
-                  {"request_id", id},
-                  {"prompt", "Warm up."},
-                  {"max_tokens", o.max_tokens},
-                  {"ignore_end_of_text", true}};
-      {
-        std::lock_guard<std::mutex> g(log.mtx);
-        log.sent[id] = clock::now();
-      }
-      producer.send(engine.topic("inference"), user, req.dump());
-    }
+    for (int i = 0; i < warm; ++i)
+      send_as(user_of(warm_draws[static_cast<std::size_t>(i)]),
+              std::string(label) + "-warm-" + std::to_string(i), "Warm up.", i);
     producer.flush();
     std::unique_lock<std::mutex> lock(log.mtx);
     if (!log.cv.wait_for(lock, std::chrono::minutes(5), [&] { return log.received >= warm; }))
