@@ -17,8 +17,7 @@ using namespace tailor::model;
 
 // The cached base as tailord serves it (read from its file), else a fresh one.
 base_weights load_or_init(const model_config& cfg) {
-  if (std::getenv("TAILOR_MICRO_FRESH") == nullptr)
-    if (auto b = load_base(base_model_path("tailor-base"))) return std::move(*b);
+  if (auto b = load_base(base_model_path("tailor-base"))) return std::move(*b);
   return base_weights::init(cfg, 1);
 }
 
