@@ -127,17 +127,19 @@ BENCHMARK(bm_decode_step)->Arg(1)->Arg(8)->Arg(32)->Arg(64)->Unit(benchmark::kMi
 
 // The batch loop in its steady state: `rows` sequences of 32 tokens with
 // staggered starts; as each ends, a new one joins (its prefill, and moving
-// the caches together, included). Items are generated tokens.
+// the caches together, included), with an adapter drawn in turn from
+// `adapters` places. Items are generated tokens.
 void bm_continuous(benchmark::State& state) {
   auto& f = fixture::get();
   const auto rows = state.range(0);
+  const auto adapters = std::min(state.range(1), f.bank.size);
   batch_generator g(f.base, f.bank, rows);
   int next = 0;
   auto seq = [&] {
     auto s = temperature_sampling(static_cast<uint64_t>(next));
     s.max_tokens = 32;
     ++next;
-    return batch_generator::new_sequence{prompt_of(next), 1 + next % f.bank.size, s};
+    return batch_generator::new_sequence{prompt_of(next), 1 + next % adapters, s};
   };
   // Staggered: row k joins at step k % 32, so that some end at every step.
   for (int k = 0; k < 32; ++k) {
@@ -159,7 +161,13 @@ void bm_continuous(benchmark::State& state) {
   }
   state.SetItemsProcessed(tokens);
 }
-BENCHMARK(bm_continuous)->Arg(8)->Arg(32)->Arg(64)->Unit(benchmark::kMicrosecond);
+// Rows, adapters: one adapter for every row against as many as rows.
+BENCHMARK(bm_continuous)
+    ->Args({8, 8})
+    ->Args({32, 32})
+    ->Args({64, 1})
+    ->Args({64, 64})
+    ->Unit(benchmark::kMicrosecond);
 
 }  // namespace
 

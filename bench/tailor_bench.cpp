@@ -122,9 +122,10 @@ int main(int argc, char** argv) {
   out["blas"] = tailor::model::blas_library();
   out["blas_threads"] = tailor::model::blas_threads();
   out["intra_op_threads"] = tailor::model::intra_op_threads();
-  std::fprintf(stderr, "BLAS: %s (%d threads); LibTorch intra-op threads: %d\n",
+  out["cuda_kernels"] = tailor::model::cuda_kernels();
+  std::fprintf(stderr, "BLAS: %s (%d threads); LibTorch intra-op threads: %d; CUDA kernels: %s\n",
                out["blas"].get<std::string>().c_str(), tailor::model::blas_threads(),
-               tailor::model::intra_op_threads());
+               tailor::model::intra_op_threads(), out["cuda_kernels"].get<std::string>().c_str());
   try {
     if (lora->parsed()) out["lora"] = tailor::bench::run_lora(lo);
     if (quality->parsed()) out["quality"] = tailor::bench::run_quality(qo);

@@ -140,6 +140,8 @@ int main(int argc, char** argv) {
   }
   spdlog::info("tailord: Kafka {}, admin API http://{}:{}/", e->bootstrap_servers(), cfg.admin_host,
                e->admin_port());
+  spdlog::info("tailord: BLAS {}; CUDA kernels {}", tailor::model::blas_library(),
+               tailor::model::cuda_kernels());
 
   // Announce readiness from a helper thread; the main thread waits for a signal.
   std::atomic<bool> stopping{false};

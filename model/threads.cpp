@@ -6,6 +6,10 @@
 
 #include <fstream>
 
+#ifdef TAILOR_WITH_CUDA
+#include "model/cuda/bgmv.hpp"
+#endif
+
 namespace tailor::model {
 
 namespace {
@@ -54,6 +58,17 @@ int blas_threads() {
 
 int intra_op_threads() {
   return torch::get_num_threads();
+}
+
+std::string cuda_kernels() {
+  // The kernels run only on tensors that LibTorch placed on a CUDA device.
+  const std::string torch_cuda = torch::cuda::is_available() ? "yes" : "no";
+#ifdef TAILOR_WITH_CUDA
+  return "built (CUDA devices: " + std::to_string(cuda::device_count()) +
+         ", LibTorch with CUDA: " + torch_cuda + ")";
+#else
+  return "not built (no nvcc at configure time; LibTorch with CUDA: " + torch_cuda + ")";
+#endif
 }
 
 }  // namespace tailor::model

@@ -22,4 +22,8 @@ std::string blas_library();
 int blas_threads();
 int intra_op_threads();
 
+// Whether this build has our CUDA kernels and how many CUDA devices it sees,
+// e.g. "not built (no nvcc)" or "built; 0 CUDA devices".
+std::string cuda_kernels();
+
 }  // namespace tailor::model

@@ -2,6 +2,10 @@
 
 #include <cmath>
 
+#ifdef TAILOR_WITH_CUDA
+#include "model/cuda/bgmv.hpp"
+#endif
+
 namespace tailor::model {
 
 namespace {
@@ -33,8 +37,32 @@ torch::Tensor lora_single(const torch::Tensor& x, const lora_adapter::pair& p, d
 // bank in place, up to the row's own rank (the shape of Punica's BGMV):
 // with Debian's MKL-less LibTorch, bmm issues one small product per row, and
 // a gather plus multiply-and-sum copies [B, in, r] and [B, r, out] per step.
+#ifdef TAILOR_WITH_CUDA
+// The same product on a CUDA device, by our kernel (model/cuda/bgmv.cu):
+// every token of a row uses the row's adapter, so a prefill's [B, T] tokens
+// go as B * T rows of one launch.
+void add_lora_rows_cuda(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b,
+                        const row_adapters& ra, torch::Tensor& out) {
+  TORCH_CHECK(out.is_contiguous() && a.is_contiguous() && b.is_contiguous() &&
+              x.scalar_type() == torch::kFloat32 && out.scalar_type() == torch::kFloat32);
+  const int64_t B = x.size(0), T = x.size(1), in = a.size(1), r = a.size(2), n_out = b.size(2);
+  const auto longs = torch::TensorOptions().dtype(torch::kLong);
+  auto places = torch::tensor(ra.rows, longs).repeat_interleave(T).to(x.device());
+  auto ranks = torch::tensor(ra.ranks, longs).repeat_interleave(T).to(x.device());
+  auto xc = x.reshape({B * T, in}).contiguous();
+  auto xa = torch::empty({B * T, r}, x.options());
+  auto err = cuda::bgmv(xc.data_ptr<float>(), a.data_ptr<float>(), b.data_ptr<float>(),
+                        places.data_ptr<int64_t>(), ranks.data_ptr<int64_t>(),
+                        out.data_ptr<float>(), xa.data_ptr<float>(), B * T, in, r, n_out, nullptr);
+  TORCH_CHECK(err.empty(), err);
+}
+#endif
+
 void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b,
                    const row_adapters& ra, torch::Tensor& out) {
+#ifdef TAILOR_WITH_CUDA
+  if (x.is_cuda()) return add_lora_rows_cuda(x, a, b, ra, out);
+#endif
   if (x.size(1) != 1) {
     auto rows = torch::tensor(ra.rows, torch::kLong);
     out.add_(torch::matmul(torch::matmul(x, a.index_select(0, rows)), b.index_select(0, rows)));

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include "messages/events.hpp"
+#include "model/cuda/bgmv_math.hpp"
 #include "model/generate.hpp"
 #include "model/pretrain.hpp"
 #include "model/transformer.hpp"
@@ -80,6 +81,48 @@ TEST_F(ModelTest, BatchedMixedAdapterForwardEqualsMergedPerRow) {
   }
   // The adapters really differ from the base (the test could not pass by accident).
   EXPECT_GT(max_diff(reference(tokens_of(T, 0), 1), reference(tokens_of(T, 0), 0)), 1e-3);
+}
+
+// What our CUDA kernels compute per element (model/cuda/bgmv_math.hpp),
+// checked on the CPU: CI has nvcc but no GPU to run them on. Every row,
+// including one without an adapter and ranks below the bank's, must get
+// exactly its own adapter's scale * x A B at every LoRA site.
+TEST_F(ModelTest, CudaKernelArithmeticGivesEachRowItsOwnAdapter) {
+  torch::NoGradGuard ng;
+  const std::vector<int64_t> places = {1, 0, 2, 3, 2};
+  const auto rows = static_cast<int64_t>(places.size());
+  for (int site = 0; site < 4; ++site) {
+    const auto a = bank_.a[0][site].contiguous();
+    const auto b = bank_.b[0][site].contiguous();
+    const bgmv::shape s{rows, a.size(1), a.size(2), b.size(2)};
+    auto x = torch::randn({s.rows, s.in});
+    std::vector<float> xa(static_cast<std::size_t>(s.rows * s.r));
+    std::vector<float> out(static_cast<std::size_t>(s.rows * s.n_out), 0.0f);
+    for (int64_t row = 0; row < rows; ++row) {
+      const auto place = places[static_cast<std::size_t>(row)];
+      const auto rank = bank_.ranks[static_cast<std::size_t>(place)];
+      for (int64_t k = 0; k < s.r; ++k)
+        xa[static_cast<std::size_t>(row * s.r + k)] =
+            k < rank ? bgmv::shrink(x.data_ptr<float>(), a.data_ptr<float>(), place, row, k, s)
+                     : 0.0f;
+      for (int64_t o = 0; rank > 0 && o < s.n_out; ++o)
+        out[static_cast<std::size_t>(row * s.n_out + o)] +=
+            bgmv::expand(xa.data(), b.data_ptr<float>(), place, rank, row, o, s);
+    }
+    auto got = torch::from_blob(out.data(), {s.rows, s.n_out}).clone();
+    for (int64_t row = 0; row < rows; ++row) {
+      const auto place = places[static_cast<std::size_t>(row)];
+      auto want = torch::zeros({s.n_out});
+      if (place > 0 && site < adapters_[place - 1].sites()) {
+        const auto& ad = adapters_[place - 1];
+        const auto& p = ad.layers[0][site];
+        want = torch::matmul(torch::matmul(x[row], p.a), p.b) * ad.scale();
+      }
+      EXPECT_LE(max_diff(got[row], want), 1e-5) << "site " << site << ", row " << row;
+    }
+  }
+  // The adapters really add something (the test could not pass on zeros).
+  EXPECT_GT(bank_.b[0][0][1].abs().max().item<double>(), 1e-3);
 }
 
 TEST_F(ModelTest, LogitsAtPicksEachRowsPositionOfTheFullLogits) {
