@@ -55,7 +55,11 @@ std::unique_ptr<RdKafka::Producer> make_producer(const kafka_config& cfg,
   auto conf = make_conf(cfg,
                         {{"enable.idempotence", "true"},
                          {"acks", "all"},
-                         {"linger.ms", "2"},
+                         // Results are latency-bound: no wait for a batch to
+                         // fill; messages produced while requests are in
+                         // flight still share one. Measured: delivery p50
+                         // 4.5 -> 2.2 ms at 150/s, closed-loop throughput equal.
+                         {"linger.ms", "0"},
                          {"client.id", "tailord-egress"}},
                         err);
   if (!conf) return nullptr;

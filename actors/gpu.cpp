@@ -166,16 +166,19 @@ void answer(gpu_ptr self, const request_ptr& r, const model::generation& g,
   }
   res.timings.adapter_load = r->adapter_load_ms;
   if (r->gen_id >= 0)
-    res.timings.queue = std::max(0.0, ms_between(r->arrived, r->admitted) - r->adapter_load_ms);
+    res.timings.queue =
+        std::max(0.0, ms_between(r->order.dispatched, r->admitted) - r->adapter_load_ms);
   else
-    res.timings.queue = std::max(0.0, ms_between(r->arrived, now) - r->adapter_load_ms);
+    res.timings.queue = std::max(0.0, ms_between(r->order.dispatched, now) - r->adapter_load_ms);
   res.timings.prefill = r->prefill_ms;
   // In the batch after its prefill until it ended: the loop's steps, which
   // include the prefills of rows joining meanwhile.
   if (r->gen_id >= 0)
     res.timings.decode = std::max(0.0, ms_between(r->admitted, now) - r->prefill_ms);
   res.timings.total = ms_between(r->order.received, now);
-  res.timings.route = ms_between(r->order.received, r->arrived);
+  // Waiting in the GPU actor's mailbox while a step runs is waiting for the
+  // batch loop, as waiting for a row is: queue. Route is the user actor's part.
+  res.timings.route = ms_between(r->order.received, r->order.dispatched);
   st.stats->count_request(res.model_id, res.user_id);
   r->rp.deliver(outgoing_message{channel::results, res.user_id, to_json(res)});
 }

@@ -214,7 +214,8 @@ void serve(user_ptr self, promise_t rp, inference_request x, uint64_t hash, mode
                             make_record(st, x.request_id, "inference.request", hash, out));
   }
   st.inflight[x.request_id] = user_state::pending{hash, gpu, {rp}};
-  self->request(gpu, caf::infinite, infer_atom_v, inference_order{x, std::move(m), received})
+  self->request(gpu, caf::infinite, infer_atom_v,
+                inference_order{x, std::move(m), received, std::chrono::steady_clock::now()})
       .then([=](outgoing_message& result) { finish_inference(self, x, hash, std::move(result)); },
             [=](caf::error& err) {
               // The GPU actor is gone (shutdown, or it failed): not an answer.

@@ -16,7 +16,8 @@ namespace tailor::messages {
 struct inference_order {
   inference_request request;
   model_record model;
-  std::chrono::steady_clock::time_point received;  // when the user actor took it
+  std::chrono::steady_clock::time_point received;    // when the user actor took it
+  std::chrono::steady_clock::time_point dispatched;  // when it sent it to the GPU actor
 };
 
 // A decoded adapter, ready to copy into a device bank. The pointee is a
