@@ -32,7 +32,7 @@ supervisor_actor::behavior_type supervisor(
   auto& st = self->state;
   st.cfg = std::move(cfg);
   st.stats = std::move(stats);
-  st.db = self->spawn<caf::detached>(store, std::move(db));
+  st.db = self->spawn<caf::detached>(store, db);
   st.out = self->spawn<caf::detached>(egress, st.cfg.kafka, st.stats);
   st.pool = self->spawn(training_pool, st.cfg, st.db, st.out, st.stats, bases);
   st.loader = self->spawn<caf::detached>(adapter_loader, st.cfg, bases, st.stats);
@@ -40,7 +40,8 @@ supervisor_actor::behavior_type supervisor(
     for (int d = 0; d < st.cfg.serving.devices; ++d)
       st.routes.by_base[base].push_back(
           self->spawn<caf::detached>(gpu, d, base, st.cfg, bases, st.loader, st.stats));
-  st.users = self->spawn(registry, st.cfg, st.db, st.out, st.pool, st.routes, st.stats);
+  st.users = self->spawn(registry, st.cfg, metadata_access{st.db, std::move(db)}, st.out, st.pool,
+                         st.routes, st.stats);
   // Jobs of the previous run are back in the pool before new events arrive.
   self->request(st.pool, std::chrono::minutes(5), recover_atom_v)
       .then(

@@ -58,7 +58,7 @@ request_record make_record(const user_state& st, const std::string& request_id,
 // Persists the request with its answers, then replies with them: an answer
 // is never published before it could be replayed.
 void record_and_reply(user_ptr self, promise_t rp, request_record rec) {
-  self->request(self->state.db, store_timeout, record_atom_v, rec)
+  self->request(self->state.db.writes, store_timeout, record_atom_v, rec)
       .await([=](caf::ok_atom) mutable { rp.deliver(rec.answers); },
              [=](caf::error& err) mutable { rp.deliver(std::move(err)); });
 }
@@ -69,24 +69,20 @@ template <class Fresh>
 void with_dedup(user_ptr self, promise_t rp, std::string request_id, uint64_t hash,
                 std::string type, Fresh fresh) {
   auto user_id = self->state.user_id;
-  self->request(self->state.db, store_timeout, lookup_atom_v, user_id, request_id)
-      .await(
-          [=](std::vector<request_record>& found) mutable {
-            if (found.empty()) {
-              fresh();
-              return;
-            }
-            auto& rec = found.front();
-            if (rec.payload_hash == hash) {
-              rp.deliver(std::move(rec.answers));
-              return;
-            }
-            rp.deliver(
-                answers{error_answer(type, user_id, request_id, errc::duplicate_request_id,
-                                     "request_id: " + request_id + " was already used by user " +
-                                         user_id + " for a different request")});
-          },
-          [=](caf::error& err) mutable { rp.deliver(std::move(err)); });
+  auto found = self->state.db.reads->find_request(user_id, request_id);
+  if (!found) {
+    rp.deliver(std::move(found.error()));
+    return;
+  }
+  if (!*found) return fresh();
+  auto& rec = **found;
+  if (rec.payload_hash == hash) {
+    rp.deliver(std::move(rec.answers));
+    return;
+  }
+  rp.deliver(answers{error_answer(type, user_id, request_id, errc::duplicate_request_id,
+                                  "request_id: " + request_id + " was already used by user " +
+                                      user_id + " for a different request")});
 }
 
 void handle_rejection(user_ptr self, promise_t rp, rejection rej) {
@@ -140,7 +136,7 @@ void handle_onboarding(user_ptr self, promise_t rp, onboarding_request x, uint64
               auto fail = [=](caf::error& err) mutable { rp.deliver(std::move(err)); };
               // Persisted, then announced, then handed to the pool: job.queued
               // always reaches tailor.events before the job's next event.
-              self->request(st.db, store_timeout, create_atom_v, job, rec)
+              self->request(st.db.writes, store_timeout, create_atom_v, job, rec)
                   .await(
                       [=](caf::ok_atom) mutable {
                         self->request(self->state.out, store_timeout, publish_atom_v, out)
@@ -172,7 +168,7 @@ void fail_waiters(user_ptr self, const std::string& request_id, const caf::error
 // history (fire and forget: not on the answer's path).
 void finish_inference(user_ptr self, inference_request x, uint64_t hash, outgoing_message result) {
   auto rec = make_record(self->state, x.request_id, "inference.request", hash, {result});
-  self->request(self->state.db, store_timeout, record_atom_v, rec)
+  self->request(self->state.db.writes, store_timeout, record_atom_v, rec)
       .then(
           [=](caf::ok_atom) {
             auto& st = self->state;
@@ -181,7 +177,7 @@ void finish_inference(user_ptr self, inference_request x, uint64_t hash, outgoin
             for (auto& rp : it->second.waiters) rp.deliver(answers{result});
             st.inflight.erase(it);
             self->send(
-                st.db, history_atom_v,
+                st.db.writes, history_atom_v,
                 history_entry{st.user_id, now_ms(), x.request_id, to_json(x), result.payload});
           },
           [=](caf::error& err) {
@@ -244,32 +240,29 @@ void handle_inference(user_ptr self, promise_t rp, inference_request x, uint64_t
                                                     " for a different request");
     }
     if (x.model_id) {
-      auto model_id = *x.model_id;
-      self->request(st.db, store_timeout, model_atom_v, model_id)
-          .await(
-              [=](std::vector<model_record>& found) mutable {
-                if (found.empty())
-                  return answer(errc::model_not_found, "model_id: " + model_id + " does not exist");
-                const auto& m = found.front();
-                if (m.user_id != self->state.user_id)
-                  return answer(
-                      errc::model_not_owned,
-                      "model_id: " + model_id + " does not belong to user " + self->state.user_id);
-                if (m.status != "ready")
-                  return answer(errc::model_not_ready, "model_id: " + model_id + " is " + m.status);
-                serve(self, rp, x, hash, m, received);
-              },
-              [=](caf::error& err) mutable { rp.deliver(std::move(err)); });
+      const auto& model_id = *x.model_id;
+      auto m = st.db.reads->get_model(model_id);
+      if (!m && m.error() == storage::errc::not_found)
+        return answer(errc::model_not_found, "model_id: " + model_id + " does not exist");
+      if (!m) {
+        rp.deliver(std::move(m.error()));
+        return;
+      }
+      if (m->user_id != st.user_id)
+        return answer(errc::model_not_owned,
+                      "model_id: " + model_id + " does not belong to user " + st.user_id);
+      if (m->status != "ready")
+        return answer(errc::model_not_ready, "model_id: " + model_id + " is " + m->status);
+      return serve(self, rp, x, hash, std::move(*m), received);
+    }
+    auto models = st.db.reads->list_models(st.user_id);
+    if (!models) {
+      rp.deliver(std::move(models.error()));
       return;
     }
-    self->request(st.db, store_timeout, models_atom_v, st.user_id)
-        .await(
-            [=](std::vector<model_record>& models) mutable {
-              for (const auto& m : models)  // newest first
-                if (m.status == "ready") return serve(self, rp, x, hash, m, received);
-              answer(errc::no_ready_model, "user " + self->state.user_id + " has no ready model");
-            },
-            [=](caf::error& err) mutable { rp.deliver(std::move(err)); });
+    for (auto& m : *models)  // newest first
+      if (m.status == "ready") return serve(self, rp, x, hash, std::move(m), received);
+    answer(errc::no_ready_model, "user " + st.user_id + " has no ready model");
   });
 }
 
@@ -279,7 +272,7 @@ void handle_job_cancel(user_ptr self, promise_t rp, job_cancel x) {
     rp.deliver(answers{
         cancel_rejected(x.job_id, job ? job->request_id : "", x.user_id, code, std::move(msg))});
   };
-  self->request(st.db, store_timeout, job_atom_v, x.job_id)
+  self->request(st.db.writes, store_timeout, job_atom_v, x.job_id)
       .await(
           [=](std::vector<job_record>& found) mutable {
             if (found.empty() || found.front().user_id != x.user_id)
@@ -335,8 +328,8 @@ std::string job_id_for(const std::string& user_id, const std::string& request_id
 }
 
 user_actor::behavior_type user(user_actor::stateful_pointer<user_state> self, std::string user_id,
-                               engine_config cfg, store_actor db, egress_actor out, pool_actor pool,
-                               serving_routes routes, registry_actor registry) {
+                               engine_config cfg, metadata_access db, egress_actor out,
+                               pool_actor pool, serving_routes routes, registry_actor registry) {
   auto& st = self->state;
   st.user_id = std::move(user_id);
   st.cfg = std::move(cfg);
@@ -383,7 +376,7 @@ user_actor::behavior_type user(user_actor::stateful_pointer<user_state> self, st
 }
 
 registry_actor::behavior_type registry(registry_actor::stateful_pointer<registry_state> self,
-                                       engine_config cfg, store_actor db, egress_actor out,
+                                       engine_config cfg, metadata_access db, egress_actor out,
                                        pool_actor pool, serving_routes routes,
                                        std::shared_ptr<metrics> stats) {
   self->state.cfg = std::move(cfg);

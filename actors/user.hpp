@@ -49,7 +49,7 @@ struct user_state {
   };
   std::string user_id;
   engine_config cfg;
-  store_actor db;
+  metadata_access db;
   egress_actor out;
   pool_actor pool;
   serving_routes routes;
@@ -66,7 +66,7 @@ struct registry_state {
     uint64_t routed = 0;
   };
   engine_config cfg;
-  store_actor db;
+  metadata_access db;
   egress_actor out;
   pool_actor pool;
   serving_routes routes;
@@ -76,11 +76,11 @@ struct registry_state {
 };
 
 user_actor::behavior_type user(user_actor::stateful_pointer<user_state> self, std::string user_id,
-                               engine_config cfg, store_actor db, egress_actor out, pool_actor pool,
-                               serving_routes routes, registry_actor registry);
+                               engine_config cfg, metadata_access db, egress_actor out,
+                               pool_actor pool, serving_routes routes, registry_actor registry);
 
 registry_actor::behavior_type registry(registry_actor::stateful_pointer<registry_state> self,
-                                       engine_config cfg, store_actor db, egress_actor out,
+                                       engine_config cfg, metadata_access db, egress_actor out,
                                        pool_actor pool, serving_routes routes,
                                        std::shared_ptr<metrics> stats);
 
