@@ -35,14 +35,16 @@ using store_actor = caf::typed_actor<
     caf::replies_to<history_atom, std::string, std::string,
                     uint64_t>::with<std::vector<history_entry>, std::string>>;
 
-// What a user actor needs of the metadata: the store actor for writes (its
-// own thread, off CAF's scheduler) and the store itself for the point reads
-// on a request's path (duplicate check, model lookup). Those are RocksDB gets
-// from memory, safe from any thread; as messages to the store actor each
-// cost two thread wake-ups, milliseconds on a loaded 2-core machine.
+// What a user actor needs of the metadata: the store actor (its own thread,
+// off CAF's scheduler) and the store itself for calls that never wait on the
+// disk: the point reads on a request's path (duplicate check, model lookup;
+// RocksDB gets from memory) and, unless every write is synced, recording an
+// inference answer (a write into the WAL's OS buffer). As messages to the
+// store actor each of these costs two thread wake-ups, milliseconds on a
+// loaded 2-core machine. Both are safe from any thread.
 struct metadata_access {
-  store_actor writes;
-  std::shared_ptr<storage::metadata_store> reads;
+  store_actor actor;
+  std::shared_ptr<storage::metadata_store> direct;
 };
 
 struct store_state {

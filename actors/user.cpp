@@ -58,7 +58,7 @@ request_record make_record(const user_state& st, const std::string& request_id,
 // Persists the request with its answers, then replies with them: an answer
 // is never published before it could be replayed.
 void record_and_reply(user_ptr self, promise_t rp, request_record rec) {
-  self->request(self->state.db.writes, store_timeout, record_atom_v, rec)
+  self->request(self->state.db.actor, store_timeout, record_atom_v, rec)
       .await([=](caf::ok_atom) mutable { rp.deliver(rec.answers); },
              [=](caf::error& err) mutable { rp.deliver(std::move(err)); });
 }
@@ -69,7 +69,7 @@ template <class Fresh>
 void with_dedup(user_ptr self, promise_t rp, std::string request_id, uint64_t hash,
                 std::string type, Fresh fresh) {
   auto user_id = self->state.user_id;
-  auto found = self->state.db.reads->find_request(user_id, request_id);
+  auto found = self->state.db.direct->find_request(user_id, request_id);
   if (!found) {
     rp.deliver(std::move(found.error()));
     return;
@@ -136,7 +136,7 @@ void handle_onboarding(user_ptr self, promise_t rp, onboarding_request x, uint64
               auto fail = [=](caf::error& err) mutable { rp.deliver(std::move(err)); };
               // Persisted, then announced, then handed to the pool: job.queued
               // always reaches tailor.events before the job's next event.
-              self->request(st.db.writes, store_timeout, create_atom_v, job, rec)
+              self->request(st.db.actor, store_timeout, create_atom_v, job, rec)
                   .await(
                       [=](caf::ok_atom) mutable {
                         self->request(self->state.out, store_timeout, publish_atom_v, out)
@@ -168,23 +168,28 @@ void fail_waiters(user_ptr self, const std::string& request_id, const caf::error
 // history (fire and forget: not on the answer's path).
 void finish_inference(user_ptr self, inference_request x, uint64_t hash, outgoing_message result) {
   auto rec = make_record(self->state, x.request_id, "inference.request", hash, {result});
-  self->request(self->state.db.writes, store_timeout, record_atom_v, rec)
-      .then(
-          [=](caf::ok_atom) {
-            auto& st = self->state;
-            auto it = st.inflight.find(x.request_id);
-            if (it == st.inflight.end()) return;
-            for (auto& rp : it->second.waiters) rp.deliver(answers{result});
-            st.inflight.erase(it);
-            self->send(
-                st.db.writes, history_atom_v,
-                history_entry{st.user_id, now_ms(), x.request_id, to_json(x), result.payload});
-          },
-          [=](caf::error& err) {
-            // Not recorded: every waiter's event is retried by the ingress,
-            // and the retry generates the same text (same seed).
-            fail_waiters(self, x.request_id, err);
-          });
+  auto recorded = [=] {
+    auto& st = self->state;
+    auto it = st.inflight.find(x.request_id);
+    if (it == st.inflight.end()) return;
+    for (auto& rp : it->second.waiters) rp.deliver(answers{result});
+    st.inflight.erase(it);
+    self->send(st.db.actor, history_atom_v,
+               history_entry{st.user_id, now_ms(), x.request_id, to_json(x), result.payload});
+  };
+  // Not recorded: every waiter's event is retried by the ingress, and the
+  // retry generates the same text (same seed).
+  auto failed = [=](const caf::error& err) { fail_waiters(self, x.request_id, err); };
+  if (!self->state.cfg.sync_writes) {
+    if (auto err = self->state.db.direct->put_request(rec))
+      failed(err);
+    else
+      recorded();
+    return;
+  }
+  // A synced write waits on the disk: on the store actor's thread.
+  self->request(self->state.db.actor, store_timeout, record_atom_v, rec)
+      .then([=](caf::ok_atom) { recorded(); }, [=](caf::error& err) { failed(err); });
 }
 
 // Sends the request to the GPU actor of the model's base; the answer comes
@@ -241,7 +246,7 @@ void handle_inference(user_ptr self, promise_t rp, inference_request x, uint64_t
     }
     if (x.model_id) {
       const auto& model_id = *x.model_id;
-      auto m = st.db.reads->get_model(model_id);
+      auto m = st.db.direct->get_model(model_id);
       if (!m && m.error() == storage::errc::not_found)
         return answer(errc::model_not_found, "model_id: " + model_id + " does not exist");
       if (!m) {
@@ -255,7 +260,7 @@ void handle_inference(user_ptr self, promise_t rp, inference_request x, uint64_t
         return answer(errc::model_not_ready, "model_id: " + model_id + " is " + m->status);
       return serve(self, rp, x, hash, std::move(*m), received);
     }
-    auto models = st.db.reads->list_models(st.user_id);
+    auto models = st.db.direct->list_models(st.user_id);
     if (!models) {
       rp.deliver(std::move(models.error()));
       return;
@@ -272,7 +277,7 @@ void handle_job_cancel(user_ptr self, promise_t rp, job_cancel x) {
     rp.deliver(answers{
         cancel_rejected(x.job_id, job ? job->request_id : "", x.user_id, code, std::move(msg))});
   };
-  self->request(st.db.writes, store_timeout, job_atom_v, x.job_id)
+  self->request(st.db.actor, store_timeout, job_atom_v, x.job_id)
       .await(
           [=](std::vector<job_record>& found) mutable {
             if (found.empty() || found.front().user_id != x.user_id)
