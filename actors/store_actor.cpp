@@ -19,14 +19,6 @@ store_actor::behavior_type store(store_actor::stateful_pointer<store_state> self
                                  std::shared_ptr<storage::metadata_store> db) {
   self->state.db = std::move(db);
   return {
-      [self](lookup_atom, const std::string& user,
-             const std::string& req) -> caf::result<std::vector<request_record>> {
-        auto r = self->state.db->find_request(user, req);
-        if (!r) return r.error();
-        std::vector<request_record> out;
-        if (*r) out.push_back(std::move(**r));
-        return out;
-      },
       [self](create_atom, const job_record& job,
              const request_record& req) -> caf::result<caf::ok_atom> {
         if (auto err = self->state.db->create_job(job, req)) return err;
@@ -40,9 +32,6 @@ store_actor::behavior_type store(store_actor::stateful_pointer<store_state> self
         auto r = self->state.db->list_models(user);
         if (!r) return r.error();
         return std::move(*r);
-      },
-      [self](model_atom, const std::string& model_id) {
-        return zero_or_one(self->state.db->get_model(model_id));
       },
       [self](jobs_atom, const std::string& status,
              uint64_t limit) -> caf::result<std::vector<job_record>> {

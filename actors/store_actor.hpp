@@ -17,11 +17,9 @@ using namespace tailor::messages;
 // block CAF's shared scheduler. Lookups that may find nothing answer with a
 // vector of zero or one records.
 using store_actor = caf::typed_actor<
-    caf::replies_to<lookup_atom, std::string, std::string>::with<std::vector<request_record>>,
     caf::replies_to<create_atom, job_record, request_record>::with<caf::ok_atom>,
     caf::replies_to<record_atom, request_record>::with<caf::ok_atom>,
     caf::replies_to<models_atom, std::string>::with<std::vector<model_record>>,
-    caf::replies_to<model_atom, std::string>::with<std::vector<model_record>>,
     caf::replies_to<jobs_atom, std::string, uint64_t>::with<std::vector<job_record>>,
     caf::replies_to<job_atom, std::string>::with<std::vector<job_record>>,
     caf::replies_to<transit_atom, std::string, std::string, std::string,
