@@ -31,14 +31,8 @@ torch::Tensor lora_single(const torch::Tensor& x, const lora_adapter::pair& p, d
   return torch::matmul(torch::matmul(x, p.a), p.b) * scale;
 }
 
-// Rows of x use different adapters (`ra`, factors of one layer and site:
-// a [n + 1, in, r], b [n + 1, r, out]); adds x·A·B of each row to `out`
-// [B, T, out]. Decode steps (T == 1) run a plain loop per row reading the
-// bank in place, up to the row's own rank (the shape of Punica's BGMV):
-// with Debian's MKL-less LibTorch, bmm issues one small product per row, and
-// a gather plus multiply-and-sum copies [B, in, r] and [B, r, out] per step.
 #ifdef TAILOR_WITH_CUDA
-// The same product on a CUDA device, by our kernel (model/cuda/bgmv.cu):
+// add_lora_rows on a CUDA device, by our kernels (model/cuda/bgmv.cu):
 // every token of a row uses the row's adapter, so a prefill's [B, T] tokens
 // go as B * T rows of one launch.
 void add_lora_rows_cuda(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b,
@@ -58,6 +52,15 @@ void add_lora_rows_cuda(const torch::Tensor& x, const torch::Tensor& a, const to
 }
 #endif
 
+// Rows of x use different adapters (`ra`, factors of one layer and site:
+// a [n + 1, in, r], b [n + 1, r, out]); adds x·A·B of each row to `out`
+// [B, T, out]. Decode steps (T == 1) run a plain loop per row reading the
+// bank in place, up to the row's own rank (the shape of Punica's BGMV):
+// with Debian's MKL-less LibTorch, bmm issues one small product per row, and
+// a gather plus multiply-and-sum copies [B, in, r] and [B, r, out] per step.
+// The CPU loop runs over inputs, then outputs, so that its inner loops are
+// contiguous and vectorize; the CUDA kernels compute the same sums one
+// output element per thread (model/cuda/bgmv_math.hpp).
 void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b,
                    const row_adapters& ra, torch::Tensor& out) {
 #ifdef TAILOR_WITH_CUDA
