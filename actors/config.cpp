@@ -52,6 +52,8 @@ std::string validate(const engine_config& cfg) {
   if (t.defaults.batch_size < b.min_batch_size || t.defaults.batch_size > b.max_batch_size)
     return bad("training.batch_size", "outside the hyperparameter bounds");
   if (t.prompt_max_tokens < 1) return bad("training.prompt_max_tokens", "must be at least 1");
+  if (cfg.kafka.commit_interval_ms < 0)
+    return bad("kafka.commit_interval_ms", "must be 0 (every poll) or more");
   const auto& v = cfg.serving;
   if (v.devices < 1) return bad("serving.devices", "must be at least 1");
   if (v.max_batch < 1) return bad("serving.max_batch", "must be at least 1");
@@ -118,7 +120,8 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
          take(k, "properties", kc.properties, "kafka.", err) &&
          take(k, "create_topics", kc.create_topics, "kafka.", err) &&
          take(k, "topic_partitions", kc.topic_partitions, "kafka.", err) &&
-         take(k, "replication_factor", kc.replication_factor, "kafka.", err);
+         take(k, "replication_factor", kc.replication_factor, "kafka.", err) &&
+         take(k, "commit_interval_ms", kc.commit_interval_ms, "kafka.", err);
     if (ok && k.contains("topics")) {
       const auto& t = k["topics"];
       auto& tn = kc.topics;

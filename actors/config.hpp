@@ -30,6 +30,10 @@ struct kafka_config {
   bool create_topics = true;
   int topic_partitions = 4;
   int replication_factor = 1;
+  // How often the ingress commits answered offsets while busy. Every commit
+  // is a write on the broker; a crash replays at most this much, and replays
+  // are answered from the stored results.
+  int commit_interval_ms = 100;
 };
 
 // Fine-tuning (issue 4): the training pool, admission and retries, and the

@@ -324,7 +324,12 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
           st.retries.pop_front();
           if (!st.stopping) retry();
         }
-        commit(st, false);
+        // Batched: one commit per poll would be hundreds of broker writes a
+        // second under load, competing with the answers for the broker.
+        if (now >= st.next_commit) {
+          commit(st, false);
+          st.next_commit = now + std::chrono::milliseconds(st.cfg.kafka.commit_interval_ms);
+        }
         update_lag(st);
         self->send(self, poll_atom_v);
       },

@@ -57,6 +57,7 @@ struct ingress_state {
   uint64_t generation =
       0;  // bumped on every revoke: late answers of revoked partitions are dropped
   std::chrono::steady_clock::time_point next_lag_check{};
+  std::chrono::steady_clock::time_point next_commit{};
   // Events whose handling failed, re-run from the poll loop once due.
   std::deque<std::pair<std::chrono::steady_clock::time_point, std::function<void()>>> retries;
   ~ingress_state();

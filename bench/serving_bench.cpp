@@ -126,7 +126,7 @@ struct result_log {
   std::mutex mtx;
   std::condition_variable cv;
   std::map<std::string, clock::time_point> sent;
-  std::vector<double> latency_ms, ttft_ms, cold_load_ms;
+  std::vector<double> latency_ms, ttft_ms, cold_load_ms, transport_ms;
   std::map<std::string, std::vector<double>> timings;  // tailord's breakdown, by field
   int64_t completion_tokens = 0;
   int received = 0, errors = 0;
@@ -139,6 +139,7 @@ result_log& result_log_reset(result_log& log) {
   log.latency_ms.clear();
   log.ttft_ms.clear();
   log.cold_load_ms.clear();
+  log.transport_ms.clear();
   log.timings.clear();
   log.completion_tokens = 0;
   log.received = 0;
@@ -165,7 +166,8 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
     std::lock_guard<std::mutex> g(log.mtx);
     auto it = log.sent.find(j.value("request_id", ""));
     if (it == log.sent.end()) return;
-    log.latency_ms.push_back(std::chrono::duration<double, std::milli>(now - it->second).count());
+    const double latency = std::chrono::duration<double, std::milli>(now - it->second).count();
+    log.latency_ms.push_back(latency);
     log.sent.erase(it);
     ++log.received;
     if (j.contains("error")) {
@@ -176,6 +178,9 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
       log.ttft_ms.push_back(t.value("queue", 0.0) + t.value("adapter_load", 0.0) +
                             t.value("prefill", 0.0));
       if (t.value("adapter_load", 0.0) > 0) log.cold_load_ms.push_back(t["adapter_load"]);
+      // Outside tailord's "total" (user actor taking the request to the GPU
+      // actor answering it): Kafka both ways, the ingress and the publishing.
+      log.transport_ms.push_back(std::max(0.0, latency - t.value("total", 0.0)));
       for (const auto& [field, ms] : t.items())
         if (ms.is_number()) log.timings[field].push_back(ms.get<double>());
       log.completion_tokens += j["usage"].value("completion_tokens", 0);
@@ -301,14 +306,19 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
   // field of timings_ms); what p50_ms adds to "total" is Kafka both ways.
   for (const auto& [field, v] : log.timings)
     out["timings_ms"][field] = {{"p50", percentile(v, 0.5)}, {"p99", percentile(v, 0.99)}};
+  out["transport_p50_ms"] = percentile(log.transport_ms, 0.5);
+  out["transport_p99_ms"] = percentile(log.transport_ms, 0.99);
   out["overhead_p99_ms"] = quantile_between(overhead0, overhead_buckets(engine), 0.99);
   out["mean_batch"] = engine.metric("tailor_serving_rows_total") /
                       std::max(1.0, engine.metric("tailor_serving_steps_total"));
   out["wall_s"] = wall;
   out["steps_per_s"] = engine.metric("tailor_serving_steps_total") / wall;
-  std::fprintf(stderr, "%s: %.0f tokens/s, p50 %.0f ms, p99 %.0f ms, mean batch %.1f\n", label,
-               out["tokens_per_s"].get<double>(), out["p50_ms"].get<double>(),
-               out["p99_ms"].get<double>(), out["mean_batch"].get<double>());
+  std::fprintf(stderr,
+               "%s: %.0f tokens/s, p50 %.0f ms, p99 %.0f ms, mean batch %.1f, transport p50 %.0f "
+               "ms\n",
+               label, out["tokens_per_s"].get<double>(), out["p50_ms"].get<double>(),
+               out["p99_ms"].get<double>(), out["mean_batch"].get<double>(),
+               out["transport_p50_ms"].get<double>());
   return out;
 }
 

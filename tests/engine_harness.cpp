@@ -208,6 +208,26 @@ std::pair<int, std::string> engine_process::get(const std::string& path) const {
   return {res->status, res->body};
 }
 
+int64_t committed_total(const std::string& bootstrap, const std::string& group,
+                        const std::string& topic, int partitions) {
+  auto conf = conf_for(bootstrap);
+  std::string err;
+  // Never subscribes: asks the group's coordinator without joining the group.
+  if (conf->set("group.id", group, err) != RdKafka::Conf::CONF_OK)
+    throw std::runtime_error("group.id: " + err);
+  std::unique_ptr<RdKafka::KafkaConsumer> c(RdKafka::KafkaConsumer::create(conf.get(), err));
+  if (!c) throw std::runtime_error("consumer: " + err);
+  std::vector<RdKafka::TopicPartition*> parts;
+  for (int p = 0; p < partitions; ++p) parts.push_back(RdKafka::TopicPartition::create(topic, p));
+  int64_t total = c->committed(parts, 5000) == RdKafka::ERR_NO_ERROR ? 0 : -1;
+  for (auto* tp : parts)
+    if (total >= 0 && tp->err() == RdKafka::ERR_NO_ERROR && tp->offset() >= 0)
+      total += tp->offset();
+  RdKafka::TopicPartition::destroy(parts);
+  c->close();
+  return total;
+}
+
 collector::collector(const std::string& bootstrap, const std::vector<std::string>& topics) {
   auto conf = conf_for(bootstrap);
   std::string err;

@@ -49,6 +49,7 @@ class engine_process {
   int admin_port() const { return admin_port_; }
   const std::string& bootstrap() const { return bootstrap_; }
   const std::string& data_dir() const { return dir_; }
+  const std::string& group() const { return group_; }
   // GET on the admin API: status and body.
   std::pair<int, std::string> get(const std::string& path) const;
 
@@ -59,6 +60,12 @@ class engine_process {
   pid_t pid_ = -1;
   int admin_port_ = -1;
 };
+
+// The offsets `group` has committed on partitions 0..partitions-1 of
+// `topic`, summed (a partition with none counts 0); -1 when the broker does
+// not answer.
+int64_t committed_total(const std::string& bootstrap, const std::string& group,
+                        const std::string& topic, int partitions);
 
 // Produces raw records; flush() fails on any undelivered one.
 using producer = tailor::bench::bench_producer;

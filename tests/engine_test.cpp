@@ -80,6 +80,30 @@ TEST_F(EngineTest, UnreadableInputGoesToTheDlqAndTheEngineGoesOn) {
   EXPECT_EQ(await_one("u2", "after").value["error"]["code"], "no_ready_model");
 }
 
+// A crash replays only what was answered in the last commit interval, not
+// everything since the engine started: answered offsets are committed while
+// it runs, not only when it stops.
+TEST_F(EngineTest, AnsweredEventsAreCommittedWhileTheEngineRuns) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  const int n = 12;
+  for (int i = 0; i < n; ++i)
+    send_inference(inference("u" + std::to_string(i), "q" + std::to_string(i)));
+  in_->flush();
+  for (int i = 0; i < n; ++i)
+    EXPECT_EQ(await_one("u" + std::to_string(i), "q" + std::to_string(i)).value["error"]["code"],
+              "no_ready_model");
+  const auto& e = *engine_;
+  int64_t committed = 0;
+  EXPECT_TRUE(wait_until(
+      [&] {
+        committed = committed_total(e.bootstrap(), e.group(), e.topics().inference, 4);
+        return committed == n;
+      },
+      20s))
+      << "committed " << committed << " of " << n;
+}
+
 TEST_F(EngineTest, UngrantableRequestsAreAnsweredToTheirRequester) {
   start();
   ASSERT_FALSE(HasFatalFailure());

@@ -151,7 +151,9 @@ TEST_F(ServingTest, AColdAdapterIsLoadedAndLaterEvictedUnderCapacityPressure) {
       in_->flush();
       auto r = result(u, id);
       ASSERT_FALSE(r.contains("error")) << r.dump();
-      if (round == 0) EXPECT_GT(r["timings_ms"]["adapter_load"].get<double>(), 0.0);
+      if (round == 0) {
+        EXPECT_GT(r["timings_ms"]["adapter_load"].get<double>(), 0.0);
+      }
     }
   EXPECT_EQ(labelled("tailor_adapter_cache_misses_total", "tier", "device"), 8)
       << "two places for four adapters: every request found its adapter evicted";
