@@ -64,7 +64,7 @@ nlohmann::json run_lora(const lora_options& o) {
   }
   std::vector<lora_adapter> adapters;
   for (int i = 0; i < o.adapters; ++i) {
-    auto ad = lora_adapter::init(*cfg, {o.rank, 2.0 * o.rank, false}, 100 + i);
+    auto ad = lora_adapter::init(*cfg, {o.rank, 2.0 * o.rank, o.mlp}, 100 + i);
     for (auto& l : ad.layers)
       for (auto& p : l) p.b = torch::randn(p.b.sizes()) * 0.02;
     adapters.push_back(std::move(ad));
@@ -126,6 +126,7 @@ nlohmann::json run_lora(const lora_options& o) {
   j["batch"] = o.batch;
   j["adapters"] = o.adapters;
   j["rank"] = o.rank;
+  j["mlp"] = o.mlp;
   j["prompt_tokens"] = o.prompt_tokens;
   j["new_tokens"] = o.new_tokens;
   j["repeats"] = o.repeats;

@@ -9,6 +9,7 @@ struct lora_options {
   int batch = 32;
   int adapters = 32;
   int rank = 8;
+  bool mlp = false;  // adapters on the MLP projections too
   int prompt_tokens = 32;
   int new_tokens = 32;
   int repeats = 3;  // each figure is the median of this many runs

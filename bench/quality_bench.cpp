@@ -82,7 +82,7 @@ nlohmann::json run_quality(const quality_options& o) {
   for (std::size_t i = 0; i < us.size(); ++i) {
     auto t0 = std::chrono::steady_clock::now();
     auto r =
-        train_lora(*base, us[i].train, {o.rank, o.alpha, false}, to, [&](const train_progress& p) {
+        train_lora(*base, us[i].train, {o.rank, o.alpha, o.mlp}, to, [&](const train_progress& p) {
           char text[128];
           std::snprintf(text, sizeof(text), "user %zu/%zu (%s): step %ld/%ld loss %.3f", i + 1,
                         us.size(), us[i].name.c_str(), static_cast<long>(p.step),
@@ -132,7 +132,8 @@ nlohmann::json run_quality(const quality_options& o) {
   j["seconds_per_job_mean"] = total / job_seconds.size();
   j["hyperparameters"] = {{"steps", o.steps},     {"batch_size", o.batch_size},
                           {"seq_len", o.seq_len}, {"learning_rate", o.learning_rate},
-                          {"rank", o.rank},       {"alpha", o.alpha}};
+                          {"rank", o.rank},       {"alpha", o.alpha},
+                          {"mlp", o.mlp}};
   return j;
 }
 

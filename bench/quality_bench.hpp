@@ -13,6 +13,7 @@ struct quality_options {
   double learning_rate = 3e-3;
   int64_t rank = 8;
   double alpha = 16;
+  bool mlp = false;  // adapters on the MLP projections too
   int64_t eval_windows = 128;
   double pretrain_minutes = 10;
 };

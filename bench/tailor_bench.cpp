@@ -32,6 +32,7 @@ int main(int argc, char** argv) {
   lora->add_option("--adapters", lo.adapters, "distinct adapters (default: 32)")
       ->check(CLI::PositiveNumber);
   lora->add_option("--rank", lo.rank, "LoRA rank (default: 8)")->check(CLI::PositiveNumber);
+  lora->add_flag("--mlp", lo.mlp, "adapters on the MLP projections too (default: attention only)");
   lora->add_option("--prompt-tokens", lo.prompt_tokens, "prompt length (default: 32)")
       ->check(CLI::Range(2, 4096));
   lora->add_option("--new-tokens", lo.new_tokens, "tokens generated per sequence (default: 32)")
@@ -54,6 +55,7 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   quality->add_option("--rank", qo.rank, "LoRA rank (default: 8)")->check(CLI::PositiveNumber);
   quality->add_option("--alpha", qo.alpha, "LoRA alpha (default: 16)")->check(CLI::PositiveNumber);
+  quality->add_flag("--mlp", qo.mlp, "adapt the MLP projections too (default: attention only)");
   quality
       ->add_option("--pretrain-minutes", qo.pretrain_minutes,
                    "budget if the base must be pre-trained first (default: 10)")

@@ -52,15 +52,52 @@ void add_lora_rows_cuda(const torch::Tensor& x, const torch::Tensor& a, const to
 }
 #endif
 
+// One row's x·A·B added to `orow`, for a rank known at compile time: the
+// rank-sized sums stay in registers (a buffer in memory may alias the
+// inputs, so the compiler would reload and store it at every step), and the
+// output is read and written once.
+template <int R>
+void lora_row(const float* xr, const float* ar, const float* br, int64_t in, int64_t r,
+              int64_t n_out, float* orow) {
+  float xa[R] = {};
+  for (int64_t i = 0; i < in; ++i) {
+    const float xi = xr[i];
+    const float* ai = ar + i * r;
+    for (int k = 0; k < R; ++k) xa[k] += xi * ai[k];
+  }
+#pragma omp simd
+  for (int64_t o = 0; o < n_out; ++o) {
+    float acc = orow[o];
+    for (int k = 0; k < R; ++k) acc += xa[k] * br[k * n_out + o];
+    orow[o] = acc;
+  }
+}
+
+// The same for any other rank.
+void lora_row_any(const float* xr, const float* ar, const float* br, int64_t in, int64_t r,
+                  int64_t rank, int64_t n_out, float* orow) {
+  std::vector<float> xa(static_cast<std::size_t>(rank), 0.0f);
+  for (int64_t i = 0; i < in; ++i) {
+    const float xi = xr[i];
+    const float* ai = ar + i * r;
+    for (int64_t k = 0; k < rank; ++k) xa[k] += xi * ai[k];
+  }
+  for (int64_t k = 0; k < rank; ++k) {
+    const float c = xa[k];
+    const float* bk = br + k * n_out;
+    for (int64_t o = 0; o < n_out; ++o) orow[o] += c * bk[o];
+  }
+}
+
 // Rows of x use different adapters (`ra`, factors of one layer and site:
 // a [n + 1, in, r], b [n + 1, r, out]); adds x·A·B of each row to `out`
 // [B, T, out]. Decode steps (T == 1) run a plain loop per row reading the
 // bank in place, up to the row's own rank (the shape of Punica's BGMV):
 // with Debian's MKL-less LibTorch, bmm issues one small product per row, and
 // a gather plus multiply-and-sum copies [B, in, r] and [B, r, out] per step.
-// The CPU loop runs over inputs, then outputs, so that its inner loops are
-// contiguous and vectorize; the CUDA kernels compute the same sums one
-// output element per thread (model/cuda/bgmv_math.hpp).
+// The CPU loop (lora_row) runs over inputs, then outputs, each output
+// element once; the CUDA kernels compute the same sums one output element
+// per thread (model/cuda/bgmv_math.hpp).
 void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b,
                    const row_adapters& ra, torch::Tensor& out) {
 #ifdef TAILOR_WITH_CUDA
@@ -79,25 +116,19 @@ void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::
   const float* ap = a.data_ptr<float>();
   const float* bp = b.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  std::vector<float> xa(static_cast<std::size_t>(r));
   for (int64_t row = 0; row < B; ++row) {
     const int64_t rank = ra.ranks[static_cast<std::size_t>(row)];
     if (rank == 0) continue;  // no adapter
     const int64_t place = ra.rows[static_cast<std::size_t>(row)];
     const float* xr = xp + row * in;
     const float* ar = ap + place * in * r;
-    std::fill(xa.begin(), xa.end(), 0.0f);
-    for (int64_t i = 0; i < in; ++i) {
-      const float xi = xr[i];
-      const float* ai = ar + i * r;
-      for (int64_t k = 0; k < rank; ++k) xa[k] += xi * ai[k];
-    }
     const float* br = bp + place * r * n_out;
     float* orow = op + row * n_out;
-    for (int64_t k = 0; k < rank; ++k) {
-      const float c = xa[k];
-      const float* bk = br + k * n_out;
-      for (int64_t o = 0; o < n_out; ++o) orow[o] += c * bk[o];
+    switch (rank) {
+      case 4: lora_row<4>(xr, ar, br, in, r, n_out, orow); break;
+      case 8: lora_row<8>(xr, ar, br, in, r, n_out, orow); break;
+      case 16: lora_row<16>(xr, ar, br, in, r, n_out, orow); break;
+      default: lora_row_any(xr, ar, br, in, r, rank, n_out, orow);
     }
   }
 }

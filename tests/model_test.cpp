@@ -39,6 +39,10 @@ class ModelTest : public ::testing::Test {
     base_ = base_weights::init(cfg_, 1);
     for (int i = 0; i < 3; ++i)
       adapters_.push_back(trained_like(cfg_, i == 1 ? 4 : 8, i == 2, 10 + i));
+    // Ranks the decode loop has no fixed-size path for (5) and the bank's
+    // widest (16), so that ranks 4 and 8 sit below the bank's rank.
+    adapters_.push_back(trained_like(cfg_, 16, false, 13));
+    adapters_.push_back(trained_like(cfg_, 5, true, 14));
     std::vector<const lora_adapter*> ptrs;
     for (auto& a : adapters_) ptrs.push_back(&a);
     bank_ = adapter_bank::build(cfg_, ptrs);
@@ -147,8 +151,9 @@ TEST_F(ModelTest, LogitsAtPicksEachRowsPositionOfTheFullLogits) {
 
 TEST_F(ModelTest, KvCachedDecodingEqualsFullRecomputation) {
   // Rows of different lengths in non-contiguous slots, decoding together.
-  std::vector<std::vector<int64_t>> seqs = {tokens_of(5, 1), tokens_of(9, 2), tokens_of(3, 3)};
-  std::vector<int64_t> idx = {2, 0, 3}, slots = {4, 0, 2};
+  std::vector<std::vector<int64_t>> seqs = {tokens_of(5, 1), tokens_of(9, 2), tokens_of(3, 3),
+                                            tokens_of(4, 4), tokens_of(6, 5)};
+  std::vector<int64_t> idx = {2, 0, 3, 4, 5}, slots = {4, 0, 2, 5, 1};
   auto cache = kv_cache::make(cfg_, 6);
   for (std::size_t r = 0; r < seqs.size(); ++r) {
     auto T = static_cast<int64_t>(seqs[r].size());
@@ -164,7 +169,7 @@ TEST_F(ModelTest, KvCachedDecodingEqualsFullRecomputation) {
       start.push_back(static_cast<int64_t>(seqs[r].size()));
     }
     auto logits = forward_batched(base_, bank_, torch::tensor(idx, torch::kLong),
-                                  torch::tensor(tok, torch::kLong).view({3, 1}),
+                                  torch::tensor(tok, torch::kLong).view({5, 1}),
                                   torch::tensor(start, torch::kLong),
                                   torch::tensor(slots, torch::kLong), cache);
     for (std::size_t r = 0; r < seqs.size(); ++r) {
