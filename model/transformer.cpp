@@ -133,6 +133,59 @@ void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::
   }
 }
 
+// One (row, head) of a decode step: q [hd] against the row's first n cached
+// keys and values (consecutive positions `ks`/`vs` floats apart); writes the
+// weighted values to out [hd]. A head width known at compile time keeps q
+// and the output in registers; `out` may alias the cache as far as the
+// compiler knows, so a loop over it would reload and store it per position.
+template <int HD>
+void attend_fixed(const float* q, const float* kb, int64_t ks, const float* vb, int64_t vs,
+                  int64_t n, float scale, float* p, float* out) {
+  float qr[HD], acc[HD] = {};
+  for (int d = 0; d < HD; ++d) qr[d] = q[d];
+  float hi = -std::numeric_limits<float>::infinity();
+  for (int64_t l = 0; l < n; ++l) {
+    const float* kl = kb + l * ks;
+    float dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int d = 0; d < HD; ++d) dot += qr[d] * kl[d];
+    p[l] = dot * scale;
+    hi = std::max(hi, p[l]);
+  }
+  float total = 0;
+  for (int64_t l = 0; l < n; ++l) total += p[l] = std::exp(p[l] - hi);
+  for (int64_t l = 0; l < n; ++l) {
+    const float w = p[l];
+    const float* vl = vb + l * vs;
+    for (int d = 0; d < HD; ++d) acc[d] += w * vl[d];
+  }
+  const float inv = 1.0f / total;
+  for (int d = 0; d < HD; ++d) out[d] = acc[d] * inv;
+}
+
+// The same for any other head width.
+void attend_any(const float* q, const float* kb, int64_t ks, const float* vb, int64_t vs, int64_t n,
+                int64_t hd, float scale, float* p, float* out) {
+  float hi = -std::numeric_limits<float>::infinity();
+  for (int64_t l = 0; l < n; ++l) {
+    const float* kl = kb + l * ks;
+    float dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t d = 0; d < hd; ++d) dot += q[d] * kl[d];
+    p[l] = dot * scale;
+    hi = std::max(hi, p[l]);
+  }
+  float total = 0;
+  for (int64_t l = 0; l < n; ++l) total += p[l] = std::exp(p[l] - hi);
+  const float inv = 1.0f / total;
+  std::fill(out, out + hd, 0.0f);
+  for (int64_t l = 0; l < n; ++l) {
+    const float w = p[l] * inv;
+    const float* vl = vb + l * vs;
+    for (int64_t d = 0; d < hd; ++d) out[d] += w * vl[d];
+  }
+}
+
 // One decode step's attention: q [B, H, hd] (any strides) against each
 // row's cached keys and values [B, H, >= n, hd] (last dim contiguous), row
 // b seeing positions 0..last[b]. Returns [B, 1, H * hd]. A loop per (row,
@@ -146,37 +199,30 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& K,
   const int64_t B = q.size(0), H = q.size(1), hd = q.size(2);
   auto y = torch::empty({B, 1, H * hd});
   float* yp = y.data_ptr<float>();
-  const auto qa = q.accessor<float, 3>();
+  // A view of the fused projection as a rule: read in place (a copy is one
+  // more op per layer, which a batch of one feels).
+  const auto qc = q.stride(2) == 1 ? q : q.contiguous();
+  const float* qp = qc.data_ptr<float>();
+  const auto qs = qc.strides();
   const float* kp = K.data_ptr<float>();
   const float* vp = V.data_ptr<float>();
   const auto ks = K.strides();
   const auto vs = V.strides();
-  std::vector<float> p, qrow(static_cast<std::size_t>(hd));
+  const auto sc = static_cast<float>(scale);
+  std::vector<float> p;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) {
       const int64_t n = last[static_cast<std::size_t>(b)] + 1;
       p.resize(static_cast<std::size_t>(n));
-      for (int64_t d = 0; d < hd; ++d) qrow[d] = qa[b][h][d];
+      const float* qr = qp + b * qs[0] + h * qs[1];
       const float* kb = kp + b * ks[0] + h * ks[1];
-      float hi = -std::numeric_limits<float>::infinity();
-      for (int64_t l = 0; l < n; ++l) {
-        const float* kl = kb + l * ks[2];
-        float dot = 0;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < hd; ++d) dot += qrow[d] * kl[d];
-        p[l] = dot * static_cast<float>(scale);
-        hi = std::max(hi, p[l]);
-      }
-      float total = 0;
-      for (int64_t l = 0; l < n; ++l) total += p[l] = std::exp(p[l] - hi);
-      const float inv = 1.0f / total;
-      float* out = yp + (b * H + h) * hd;
-      std::fill(out, out + hd, 0.0f);
       const float* vb = vp + b * vs[0] + h * vs[1];
-      for (int64_t l = 0; l < n; ++l) {
-        const float w = p[l] * inv;
-        const float* vl = vb + l * vs[2];
-        for (int64_t d = 0; d < hd; ++d) out[d] += w * vl[d];
+      float* out = yp + (b * H + h) * hd;
+      switch (hd) {
+        case 16: attend_fixed<16>(qr, kb, ks[2], vb, vs[2], n, sc, p.data(), out); break;
+        case 32: attend_fixed<32>(qr, kb, ks[2], vb, vs[2], n, sc, p.data(), out); break;
+        case 64: attend_fixed<64>(qr, kb, ks[2], vb, vs[2], n, sc, p.data(), out); break;
+        default: attend_any(qr, kb, ks[2], vb, vs[2], n, hd, sc, p.data(), out);
       }
     }
   return y;
