@@ -3,16 +3,20 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "messages/jobs.hpp"
+
 namespace tailor::bench {
 
+// The recipe defaults to onboarding's defaults, so that the figures are
+// those of an onboarding request that leaves its hyperparameters out.
 struct quality_options {
   std::string config = "tailor-base";
-  int64_t steps = 300;
-  int64_t batch_size = 8;
+  int64_t steps = messages::hyperparameter_values{}.steps;
+  int64_t batch_size = messages::hyperparameter_values{}.batch_size;
   int64_t seq_len = 128;
-  double learning_rate = 3e-3;
-  int64_t rank = 8;
-  double alpha = 16;
+  double learning_rate = messages::hyperparameter_values{}.learning_rate;
+  int64_t rank = messages::hyperparameter_values{}.rank;
+  double alpha = messages::hyperparameter_values{}.alpha;
   bool mlp = false;  // adapters on the MLP projections too
   int64_t eval_windows = 128;
   double pretrain_minutes = 10;
