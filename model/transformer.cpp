@@ -1,6 +1,7 @@
 #include "model/transformer.hpp"
 
 #include <cmath>
+#include <type_traits>
 
 #ifdef TAILOR_WITH_CUDA
 #include "model/cuda/bgmv.hpp"
@@ -133,39 +134,13 @@ void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::
   }
 }
 
-// One (row, head) of a decode step: q [hd] against the row's first n cached
-// keys and values (consecutive positions `ks`/`vs` floats apart); writes the
-// weighted values to out [hd]. A head width known at compile time keeps q
-// and the output in registers; `out` may alias the cache as far as the
-// compiler knows, so a loop over it would reload and store it per position.
-template <int HD>
-void attend_fixed(const float* q, const float* kb, int64_t ks, const float* vb, int64_t vs,
-                  int64_t n, float scale, float* p, float* out) {
-  float qr[HD], acc[HD] = {};
-  for (int d = 0; d < HD; ++d) qr[d] = q[d];
-  float hi = -std::numeric_limits<float>::infinity();
-  for (int64_t l = 0; l < n; ++l) {
-    const float* kl = kb + l * ks;
-    float dot = 0;
-#pragma omp simd reduction(+ : dot)
-    for (int d = 0; d < HD; ++d) dot += qr[d] * kl[d];
-    p[l] = dot * scale;
-    hi = std::max(hi, p[l]);
-  }
-  float total = 0;
-  for (int64_t l = 0; l < n; ++l) total += p[l] = std::exp(p[l] - hi);
-  for (int64_t l = 0; l < n; ++l) {
-    const float w = p[l];
-    const float* vl = vb + l * vs;
-    for (int d = 0; d < HD; ++d) acc[d] += w * vl[d];
-  }
-  const float inv = 1.0f / total;
-  for (int d = 0; d < HD; ++d) out[d] = acc[d] * inv;
-}
-
-// The same for any other head width.
-void attend_any(const float* q, const float* kb, int64_t ks, const float* vb, int64_t vs, int64_t n,
-                int64_t hd, float scale, float* p, float* out) {
+// The softmax weights of one (row, head) of a decode step, unnormalized, in
+// p [n]; returns their sum. q [hd] against the row's first n cached keys
+// (consecutive positions `ks` floats apart). `Width` is int64_t or, for a
+// width known at compile time, std::integral_constant.
+template <typename Width>
+float attention_weights(const float* q, const float* kb, int64_t ks, int64_t n, Width hd,
+                        float scale, float* p) {
   float hi = -std::numeric_limits<float>::infinity();
   for (int64_t l = 0; l < n; ++l) {
     const float* kl = kb + l * ks;
@@ -177,7 +152,32 @@ void attend_any(const float* q, const float* kb, int64_t ks, const float* vb, in
   }
   float total = 0;
   for (int64_t l = 0; l < n; ++l) total += p[l] = std::exp(p[l] - hi);
-  const float inv = 1.0f / total;
+  return total;
+}
+
+// One (row, head): the weighted values (consecutive positions `vs` floats
+// apart) into out [hd]. A head width known at compile time keeps q and the
+// output in registers; `out` may alias the cache as far as the compiler
+// knows, so a loop over it would reload and store it per position.
+template <int HD>
+void attend_fixed(const float* q, const float* kb, int64_t ks, const float* vb, int64_t vs,
+                  int64_t n, float scale, float* p, float* out) {
+  float qr[HD], acc[HD] = {};
+  for (int d = 0; d < HD; ++d) qr[d] = q[d];
+  const float inv =
+      1.0f / attention_weights(qr, kb, ks, n, std::integral_constant<int64_t, HD>{}, scale, p);
+  for (int64_t l = 0; l < n; ++l) {
+    const float w = p[l];
+    const float* vl = vb + l * vs;
+    for (int d = 0; d < HD; ++d) acc[d] += w * vl[d];
+  }
+  for (int d = 0; d < HD; ++d) out[d] = acc[d] * inv;
+}
+
+// The same for any other head width.
+void attend_any(const float* q, const float* kb, int64_t ks, const float* vb, int64_t vs, int64_t n,
+                int64_t hd, float scale, float* p, float* out) {
+  const float inv = 1.0f / attention_weights(q, kb, ks, n, hd, scale, p);
   std::fill(out, out + hd, 0.0f);
   for (int64_t l = 0; l < n; ++l) {
     const float w = p[l] * inv;
