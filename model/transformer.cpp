@@ -53,40 +53,36 @@ void add_lora_rows_cuda(const torch::Tensor& x, const torch::Tensor& a, const to
 }
 #endif
 
-// One row's x·A·B added to `orow`, for a rank known at compile time: the
-// rank-sized sums stay in registers (a buffer in memory may alias the
-// inputs, so the compiler would reload and store it at every step), and the
-// output is read and written once.
-template <int R>
-void lora_row(const float* xr, const float* ar, const float* br, int64_t in, int64_t r,
-              int64_t n_out, float* orow) {
-  float xa[R] = {};
-  for (int64_t i = 0; i < in; ++i) {
-    const float xi = xr[i];
-    const float* ai = ar + i * r;
-    for (int k = 0; k < R; ++k) xa[k] += xi * ai[k];
-  }
-#pragma omp simd
-  for (int64_t o = 0; o < n_out; ++o) {
-    float acc = orow[o];
-    for (int k = 0; k < R; ++k) acc += xa[k] * br[k * n_out + o];
-    orow[o] = acc;
-  }
-}
+// A size known at compile time, for the loops below; `local_size` is the
+// size of their local scratch (1 when the size is a run-time value).
+template <int64_t N>
+using fixed_size = std::integral_constant<int64_t, N>;
+template <typename Size>
+struct local_size : fixed_size<1> {};
+template <int64_t N>
+struct local_size<fixed_size<N>> : fixed_size<N> {};
 
-// The same for any other rank.
-void lora_row_any(const float* xr, const float* ar, const float* br, int64_t in, int64_t r,
-                  int64_t rank, int64_t n_out, float* orow) {
-  std::vector<float> xa(static_cast<std::size_t>(rank), 0.0f);
+// One row's x·A·B added to `orow`, up to `rank` (int64_t, or for the
+// common ranks fixed_size): `scratch` holds `rank` floats when it is a
+// run-time value. With the rank known at compile time the sums live in a
+// local array and stay in registers (a buffer that may alias the inputs is
+// reloaded and stored at every step). Each output element is written once.
+template <typename Rank>
+void lora_row(const float* xr, const float* ar, const float* br, int64_t in, int64_t r, Rank rank,
+              int64_t n_out, float* scratch, float* orow) {
+  float local[local_size<Rank>::value];
+  float* xa = std::is_same_v<Rank, int64_t> ? scratch : local;
+  for (int64_t k = 0; k < rank; ++k) xa[k] = 0.0f;
   for (int64_t i = 0; i < in; ++i) {
     const float xi = xr[i];
     const float* ai = ar + i * r;
     for (int64_t k = 0; k < rank; ++k) xa[k] += xi * ai[k];
   }
-  for (int64_t k = 0; k < rank; ++k) {
-    const float c = xa[k];
-    const float* bk = br + k * n_out;
-    for (int64_t o = 0; o < n_out; ++o) orow[o] += c * bk[o];
+#pragma omp simd
+  for (int64_t o = 0; o < n_out; ++o) {
+    float acc = orow[o];
+    for (int64_t k = 0; k < rank; ++k) acc += xa[k] * br[k * n_out + o];
+    orow[o] = acc;
   }
 }
 
@@ -117,6 +113,7 @@ void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::
   const float* ap = a.data_ptr<float>();
   const float* bp = b.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  std::vector<float> scratch(static_cast<std::size_t>(r));
   for (int64_t row = 0; row < B; ++row) {
     const int64_t rank = ra.ranks[static_cast<std::size_t>(row)];
     if (rank == 0) continue;  // no adapter
@@ -125,65 +122,49 @@ void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::
     const float* ar = ap + place * in * r;
     const float* br = bp + place * r * n_out;
     float* orow = op + row * n_out;
+    float* sc = scratch.data();
     switch (rank) {
-      case 4: lora_row<4>(xr, ar, br, in, r, n_out, orow); break;
-      case 8: lora_row<8>(xr, ar, br, in, r, n_out, orow); break;
-      case 16: lora_row<16>(xr, ar, br, in, r, n_out, orow); break;
-      default: lora_row_any(xr, ar, br, in, r, rank, n_out, orow);
+      case 4: lora_row(xr, ar, br, in, r, fixed_size<4>{}, n_out, sc, orow); break;
+      case 8: lora_row(xr, ar, br, in, r, fixed_size<8>{}, n_out, sc, orow); break;
+      case 16: lora_row(xr, ar, br, in, r, fixed_size<16>{}, n_out, sc, orow); break;
+      default: lora_row(xr, ar, br, in, r, rank, n_out, sc, orow);
     }
   }
 }
 
-// The softmax weights of one (row, head) of a decode step, unnormalized, in
-// p [n]; returns their sum. q [hd] against the row's first n cached keys
-// (consecutive positions `ks` floats apart). `Width` is int64_t or, for a
-// width known at compile time, std::integral_constant.
+// One (row, head) of a decode step: q [hd] against the row's first n cached
+// keys and values (consecutive positions `ks`/`vs` floats apart), the
+// weighted values into out [hd]. `hd` is int64_t or, for the common widths,
+// fixed_size; `scratch` holds 2 hd floats when it is a run-time value, p n.
+// With the width known, q and the sums live in local arrays and stay in
+// registers; `out` may alias the cache as far as the compiler knows, so
+// summing into it would reload and store it per position.
 template <typename Width>
-float attention_weights(const float* q, const float* kb, int64_t ks, int64_t n, Width hd,
-                        float scale, float* p) {
+void attend(const float* q, const float* kb, int64_t ks, const float* vb, int64_t vs, int64_t n,
+            Width hd, float scale, float* scratch, float* p, float* out) {
+  constexpr bool at_run_time = std::is_same_v<Width, int64_t>;
+  float local_q[local_size<Width>::value], local_acc[local_size<Width>::value];
+  float* qr = at_run_time ? scratch : local_q;
+  float* acc = at_run_time ? scratch + hd : local_acc;
+  for (int64_t d = 0; d < hd; ++d) qr[d] = q[d], acc[d] = 0.0f;
   float hi = -std::numeric_limits<float>::infinity();
   for (int64_t l = 0; l < n; ++l) {
     const float* kl = kb + l * ks;
     float dot = 0;
 #pragma omp simd reduction(+ : dot)
-    for (int64_t d = 0; d < hd; ++d) dot += q[d] * kl[d];
+    for (int64_t d = 0; d < hd; ++d) dot += qr[d] * kl[d];
     p[l] = dot * scale;
     hi = std::max(hi, p[l]);
   }
   float total = 0;
   for (int64_t l = 0; l < n; ++l) total += p[l] = std::exp(p[l] - hi);
-  return total;
-}
-
-// One (row, head): the weighted values (consecutive positions `vs` floats
-// apart) into out [hd]. A head width known at compile time keeps q and the
-// output in registers; `out` may alias the cache as far as the compiler
-// knows, so a loop over it would reload and store it per position.
-template <int HD>
-void attend_fixed(const float* q, const float* kb, int64_t ks, const float* vb, int64_t vs,
-                  int64_t n, float scale, float* p, float* out) {
-  float qr[HD], acc[HD] = {};
-  for (int d = 0; d < HD; ++d) qr[d] = q[d];
-  const float inv =
-      1.0f / attention_weights(qr, kb, ks, n, std::integral_constant<int64_t, HD>{}, scale, p);
   for (int64_t l = 0; l < n; ++l) {
     const float w = p[l];
     const float* vl = vb + l * vs;
-    for (int d = 0; d < HD; ++d) acc[d] += w * vl[d];
+    for (int64_t d = 0; d < hd; ++d) acc[d] += w * vl[d];
   }
-  for (int d = 0; d < HD; ++d) out[d] = acc[d] * inv;
-}
-
-// The same for any other head width.
-void attend_any(const float* q, const float* kb, int64_t ks, const float* vb, int64_t vs, int64_t n,
-                int64_t hd, float scale, float* p, float* out) {
-  const float inv = 1.0f / attention_weights(q, kb, ks, n, hd, scale, p);
-  std::fill(out, out + hd, 0.0f);
-  for (int64_t l = 0; l < n; ++l) {
-    const float w = p[l] * inv;
-    const float* vl = vb + l * vs;
-    for (int64_t d = 0; d < hd; ++d) out[d] += w * vl[d];
-  }
+  const float inv = 1.0f / total;
+  for (int64_t d = 0; d < hd; ++d) out[d] = acc[d] * inv;
 }
 
 // One decode step's attention: q [B, H, hd] (any strides) against each
@@ -209,7 +190,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& K,
   const auto ks = K.strides();
   const auto vs = V.strides();
   const auto sc = static_cast<float>(scale);
-  std::vector<float> p;
+  std::vector<float> p, scratch(static_cast<std::size_t>(2 * hd));
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) {
       const int64_t n = last[static_cast<std::size_t>(b)] + 1;
@@ -218,11 +199,13 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& K,
       const float* kb = kp + b * ks[0] + h * ks[1];
       const float* vb = vp + b * vs[0] + h * vs[1];
       float* out = yp + (b * H + h) * hd;
+      float* pp = p.data();
+      float* sp = scratch.data();
       switch (hd) {
-        case 16: attend_fixed<16>(qr, kb, ks[2], vb, vs[2], n, sc, p.data(), out); break;
-        case 32: attend_fixed<32>(qr, kb, ks[2], vb, vs[2], n, sc, p.data(), out); break;
-        case 64: attend_fixed<64>(qr, kb, ks[2], vb, vs[2], n, sc, p.data(), out); break;
-        default: attend_any(qr, kb, ks[2], vb, vs[2], n, hd, sc, p.data(), out);
+        case 16: attend(qr, kb, ks[2], vb, vs[2], n, fixed_size<16>{}, sc, sp, pp, out); break;
+        case 32: attend(qr, kb, ks[2], vb, vs[2], n, fixed_size<32>{}, sc, sp, pp, out); break;
+        case 64: attend(qr, kb, ks[2], vb, vs[2], n, fixed_size<64>{}, sc, sp, pp, out); break;
+        default: attend(qr, kb, ks[2], vb, vs[2], n, hd, sc, sp, pp, out);
       }
     }
   return y;
