@@ -215,6 +215,39 @@ void dispatch(self_ptr self, std::shared_ptr<incoming_event> ev, uint64_t genera
           });
 }
 
+// Reads the events the consumer's queue holds now, at most 64 (the mailbox
+// gets its turn in between); true when there may be more. Never waits.
+bool drain(self_ptr self) {
+  auto& st = self->state;
+  for (int n = 0; n < 64; ++n) {
+    std::unique_ptr<RdKafka::Message> msg(st.consumer->consume(0));
+    if (msg->err() == RdKafka::ERR__TIMED_OUT) return false;
+    if (msg->err() != RdKafka::ERR_NO_ERROR) {
+      // Keep reading: what follows an error gets no new wake-up.
+      spdlog::warn("ingress: {}", msg->errstr());
+      continue;
+    }
+    auto it = st.inputs.find(msg->topic_name());
+    if (it == st.inputs.end()) continue;
+    auto& in = it->second;
+    st.stats->count_in(it->first);
+    auto ev = std::make_shared<incoming_event>();
+    ev->topic = it->first;
+    ev->partition = msg->partition();
+    ev->offset = msg->offset();
+    if (msg->key()) ev->key = *msg->key();
+    ev->payload.assign(static_cast<const char*>(msg->payload()), msg->len());
+    ev->consumed = std::chrono::steady_clock::now();
+    ev->parsed = parse_event(in.kind, ev->payload, st.cfg.limits);
+    st.partitions[{ev->topic, ev->partition}].outstanding[ev->offset] = false;
+    ++in.in_flight;
+    st.stats->set_in_flight(ev->topic, in.in_flight);
+    dispatch(self, ev, st.generation);
+    apply_backpressure(st, ev->topic);
+  }
+  return true;
+}
+
 void update_lag(ingress_state& st) {
   auto now = std::chrono::steady_clock::now();
   if (now < st.next_lag_check) return;
@@ -239,6 +272,7 @@ void update_lag(ingress_state& st) {
 }  // namespace
 
 ingress_state::~ingress_state() {
+  wakeup.reset();
   if (!consumer) return;
   commit(*this, true);
   consumer->close();
@@ -282,40 +316,26 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
     self->quit(caf::make_error(caf::sec::runtime_error, err));
     return ingress_actor::behavior_type::make_empty_behavior();
   }
-  self->send(self, poll_atom_v);
+  // The wake-up holds only a weak reference: it must not keep the actor alive.
+  auto weak = caf::actor_cast<caf::weak_actor_ptr>(self);
+  st.wakeup =
+      std::make_unique<queue_wakeup>(st.consumer->c_ptr(), queue_wakeup::queue::consumer, [weak] {
+        if (auto strong = weak.lock())
+          caf::anon_send(caf::actor_cast<ingress_actor>(strong), poll_atom_v);
+      });
+  self->send(self, tick_atom_v);
   return {
       [self](poll_atom) {
         auto& st = self->state;
         if (st.stopping) return;
-        bool busy = false;
-        for (auto& [topic, in] : st.inputs) busy = busy || in.in_flight > 0;
-        // Short waits while answers are pending keep their latency low.
-        int timeout = busy ? 2 : 100;
-        for (int n = 0; n < 64; ++n) {
-          std::unique_ptr<RdKafka::Message> msg(st.consumer->consume(n == 0 ? timeout : 0));
-          if (msg->err() == RdKafka::ERR__TIMED_OUT) break;
-          if (msg->err() != RdKafka::ERR_NO_ERROR) {
-            spdlog::warn("ingress: {}", msg->errstr());
-            break;
-          }
-          auto it = st.inputs.find(msg->topic_name());
-          if (it == st.inputs.end()) continue;
-          auto& in = it->second;
-          st.stats->count_in(it->first);
-          auto ev = std::make_shared<incoming_event>();
-          ev->topic = it->first;
-          ev->partition = msg->partition();
-          ev->offset = msg->offset();
-          if (msg->key()) ev->key = *msg->key();
-          ev->payload.assign(static_cast<const char*>(msg->payload()), msg->len());
-          ev->consumed = std::chrono::steady_clock::now();
-          ev->parsed = parse_event(in.kind, ev->payload, st.cfg.limits);
-          st.partitions[{ev->topic, ev->partition}].outstanding[ev->offset] = false;
-          ++in.in_flight;
-          st.stats->set_in_flight(ev->topic, in.in_flight);
-          dispatch(self, ev, st.generation);
-          apply_backpressure(st, ev->topic);
-        }
+        st.wakeup->rearm();
+        if (drain(self)) self->send(self, poll_atom_v);
+      },
+      [self](tick_atom) {
+        auto& st = self->state;
+        if (st.stopping) return;
+        // A safety net only: events arrive through the wake-up.
+        if (drain(self)) self->send(self, poll_atom_v);
         // The admission queue drains as slots free up, without any event here.
         apply_backpressure(st, st.cfg.kafka.topics.onboarding);
         auto now = std::chrono::steady_clock::now();
@@ -324,18 +344,21 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
           st.retries.pop_front();
           if (!st.stopping) retry();
         }
-        // Batched: one commit per poll would be hundreds of broker writes a
-        // second under load, competing with the answers for the broker.
+        // Batched: one commit per answer would be hundreds of broker writes
+        // a second under load, competing with the answers for the broker.
         if (now >= st.next_commit) {
           commit(st, false);
           st.next_commit = now + std::chrono::milliseconds(st.cfg.kafka.commit_interval_ms);
         }
         update_lag(st);
-        self->send(self, poll_atom_v);
+        bool busy = !st.retries.empty();
+        for (auto& [topic, in] : st.inputs) busy = busy || in.in_flight > 0;
+        self->delayed_send(self, std::chrono::milliseconds(busy ? 10 : 100), tick_atom_v);
       },
       [self](stop_atom) -> caf::ok_atom {
         auto& st = self->state;
         st.stopping = true;
+        st.wakeup.reset();
         commit(st, true);
         st.consumer->close();
         st.consumer.reset();

@@ -14,6 +14,7 @@
 
 #include "actors/config.hpp"
 #include "actors/egress.hpp"
+#include "actors/kafka.hpp"
 #include "actors/metrics.hpp"
 #include "actors/user.hpp"
 #include "messages/type_ids.hpp"
@@ -28,10 +29,13 @@ namespace tailor::actors {
 // the same instance: a user's onboarding, inference and control events meet
 // at one user actor (co-partitioning, as in Kafka Streams). A topic with too
 // many events in flight has its partitions paused, so a backlog waits in
-// Kafka rather than in memory. `poll` drives the loop; `stop` commits what is
-// done and leaves the group.
-using ingress_actor =
-    caf::typed_actor<caf::reacts_to<poll_atom>, caf::replies_to<stop_atom>::with<caf::ok_atom>>;
+// Kafka rather than in memory. `poll` drains the consumer's queue (sent by
+// librdkafka's wake-up when the queue turns non-empty, so the actor never
+// blocks while answers wait in its mailbox); `tick` runs the timed chores
+// (retries, commits, backpressure, lag) and drains as a safety net; `stop`
+// commits what is done and leaves the group.
+using ingress_actor = caf::typed_actor<caf::reacts_to<poll_atom>, caf::reacts_to<tick_atom>,
+                                       caf::replies_to<stop_atom>::with<caf::ok_atom>>;
 
 struct ingress_state {
   struct input {
@@ -51,6 +55,7 @@ struct ingress_state {
   std::shared_ptr<metrics> stats;
   std::unique_ptr<RdKafka::RebalanceCb> on_rebalance;
   std::unique_ptr<RdKafka::KafkaConsumer> consumer;
+  std::unique_ptr<queue_wakeup> wakeup;  // reset before the consumer closes
   std::map<partition_key, partition_progress> partitions;
   bool stopping = false;
   bool dirty = false;  // committable offsets not yet committed

@@ -123,4 +123,22 @@ std::string create_topics(const kafka_config& cfg, const std::vector<std::string
   return result;
 }
 
+queue_wakeup::queue_wakeup(rd_kafka_s* client, queue which, std::function<void()> wake)
+    : queue_(which == queue::consumer ? rd_kafka_queue_get_consumer(client)
+                                      : rd_kafka_queue_get_main(client)),
+      wake_(std::move(wake)) {
+  if (queue_) rd_kafka_queue_cb_event_enable(queue_, &queue_wakeup::on_event, this);
+}
+
+queue_wakeup::~queue_wakeup() {
+  if (!queue_) return;
+  rd_kafka_queue_cb_event_enable(queue_, nullptr, nullptr);
+  rd_kafka_queue_destroy(queue_);
+}
+
+void queue_wakeup::on_event(rd_kafka_s*, void* opaque) {
+  auto* self = static_cast<queue_wakeup*>(opaque);
+  if (!self->pending_.exchange(true)) self->wake_();
+}
+
 }  // namespace tailor::actors

@@ -1,5 +1,7 @@
 #pragma once
 
+#include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -11,6 +13,7 @@ class Conf;
 }
 struct rd_kafka_s;
 struct rd_kafka_mock_cluster_s;
+struct rd_kafka_queue_s;
 
 namespace tailor::actors {
 
@@ -28,6 +31,29 @@ class mock_cluster {
   rd_kafka_s* rk_ = nullptr;
   rd_kafka_mock_cluster_s* cluster_ = nullptr;
   std::string bootstrap_;
+};
+
+// Calls `wake` (on a librdkafka thread) when a client's queue turns
+// non-empty, at most once until rearm(). An actor then drains the queue when
+// there is something in it, instead of blocking in consume()/poll() for a
+// timeout while the answers in its mailbox wait. Destroy it before the
+// client: it holds a reference to the client's queue.
+class queue_wakeup {
+ public:
+  enum class queue { consumer, main };
+  queue_wakeup(rd_kafka_s* client, queue which, std::function<void()> wake);
+  ~queue_wakeup();
+  queue_wakeup(const queue_wakeup&) = delete;
+  queue_wakeup& operator=(const queue_wakeup&) = delete;
+  // Call before draining: a message enqueued after the drain emptied the
+  // queue wakes the actor again.
+  void rearm() { pending_.store(false); }
+
+ private:
+  static void on_event(rd_kafka_s* client, void* opaque);
+  rd_kafka_queue_s* queue_ = nullptr;
+  std::function<void()> wake_;
+  std::atomic<bool> pending_{false};
 };
 
 // A client configuration: bootstrap.servers plus every pass-through property,

@@ -78,5 +78,6 @@ CAF_ADD_ATOM(tailor, tailor::messages, infer_atom, "infer")
 CAF_ADD_ATOM(tailor, tailor::messages, step_atom, "step")
 CAF_ADD_ATOM(tailor, tailor::messages, load_atom, "load")
 CAF_ADD_ATOM(tailor, tailor::messages, history_atom, "history")
+CAF_ADD_ATOM(tailor, tailor::messages, tick_atom, "tick")
 
 CAF_END_TYPE_ID_BLOCK(tailor)

@@ -2,9 +2,11 @@
 // exactly one answer of the right kind, effects happen once, and nothing is
 // lost across a crash.
 #include <gtest/gtest.h>
+#include <librdkafka/rdkafkacpp.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <condition_variable>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -12,6 +14,7 @@
 #include <set>
 #include <sstream>
 
+#include "actors/kafka.hpp"
 #include "engine_harness.hpp"
 
 using namespace tailor::test;
@@ -418,4 +421,64 @@ TEST(EngineStartup, BadConfigurationIsRefusedWithAClearMessage) {
   std::tie(code, out) = run("--admin-port 70000");
   EXPECT_NE(code, 0);
   std::filesystem::remove_all(dir);
+}
+
+// The ingress reads Kafka only when librdkafka says its queue turned
+// non-empty (actors/kafka.hpp, queue_wakeup). Here a consumer reads only
+// after a wake-up, as the ingress does: each record must arrive that way,
+// including one produced after the queue was drained and re-armed.
+TEST(QueueWakeup, EveryRecordArrivesThroughAWakeUp) {
+  const auto bootstrap = broker_bootstrap();
+  ASSERT_FALSE(bootstrap.empty());
+  const auto topic = "wakeup-" + std::to_string(::getpid());
+  std::string err;
+  std::unique_ptr<RdKafka::Conf> conf(RdKafka::Conf::create(RdKafka::Conf::CONF_GLOBAL));
+  const std::vector<std::pair<std::string, std::string>> props{{"bootstrap.servers", bootstrap},
+                                                               {"group.id", topic},
+                                                               {"auto.offset.reset", "earliest"},
+                                                               {"enable.auto.commit", "false"}};
+  for (const auto& [k, v] : props) ASSERT_EQ(conf->set(k, v, err), RdKafka::Conf::CONF_OK) << err;
+  std::unique_ptr<RdKafka::KafkaConsumer> consumer(RdKafka::KafkaConsumer::create(conf.get(), err));
+  ASSERT_TRUE(consumer) << err;
+  std::mutex mu;
+  std::condition_variable cv;
+  int wakes = 0;
+  auto wakeup = std::make_unique<tailor::actors::queue_wakeup>(
+      consumer->c_ptr(), tailor::actors::queue_wakeup::queue::consumer, [&] {
+        std::lock_guard lock(mu);
+        ++wakes;
+        cv.notify_all();
+      });
+  ASSERT_EQ(consumer->subscribe({topic}), RdKafka::ERR_NO_ERROR);
+
+  int seen = 0;
+  // Waits for a wake-up, re-arms, reads what is queued without waiting;
+  // until `want` was read or 60 s pass.
+  auto read_through_wakeups = [&](const std::string& want) {
+    const auto deadline = std::chrono::steady_clock::now() + 60s;
+    for (;;) {
+      {
+        std::unique_lock lock(mu);
+        if (!cv.wait_until(lock, deadline, [&] { return wakes > seen; })) return false;
+        seen = wakes;
+      }
+      wakeup->rearm();
+      for (;;) {
+        std::unique_ptr<RdKafka::Message> m(consumer->consume(0));
+        if (m->err() == RdKafka::ERR__TIMED_OUT) break;
+        if (m->err() == RdKafka::ERR_NO_ERROR &&
+            std::string(static_cast<const char*>(m->payload()), m->len()) == want)
+          return true;
+      }
+    }
+  };
+  producer out(bootstrap);
+  out.send(topic, "k", "first");
+  out.flush();
+  EXPECT_TRUE(read_through_wakeups("first"));
+  out.send(topic, "k", "second");
+  out.flush();
+  EXPECT_TRUE(read_through_wakeups("second"));
+  wakeup.reset();  // before the consumer it refers to
+  consumer->close();
 }
