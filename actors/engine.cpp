@@ -35,11 +35,13 @@ supervisor_actor::behavior_type supervisor(
   st.db = self->spawn<caf::detached>(store, db);
   st.out = self->spawn<caf::detached>(egress, st.cfg.kafka, st.stats);
   st.pool = self->spawn(training_pool, st.cfg, st.db, st.out, st.stats, bases);
-  st.loader = self->spawn<caf::detached>(adapter_loader, st.cfg, bases, st.stats);
+  auto host =
+      std::make_shared<host_tier>(static_cast<std::size_t>(st.cfg.serving.host_adapters), st.stats);
+  st.loader = self->spawn<caf::detached>(adapter_loader, st.cfg, bases, host, st.stats);
   for (const auto& base : st.cfg.base_models)
     for (int d = 0; d < st.cfg.serving.devices; ++d)
       st.routes.by_base[base].push_back(
-          self->spawn<caf::detached>(gpu, d, base, st.cfg, bases, st.loader, st.stats));
+          self->spawn<caf::detached>(gpu, d, base, st.cfg, bases, host, st.loader, st.stats));
   st.users = self->spawn(registry, st.cfg, metadata_access{st.db, std::move(db)}, st.out, st.pool,
                          st.routes, st.stats);
   // Jobs of the previous run are back in the pool before new events arrive.

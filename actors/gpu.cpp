@@ -26,35 +26,52 @@ double ms_between(clock::time_point a, clock::time_point b) {
 
 // --- host tier ---------------------------------------------------------------
 
-struct loader_core {
-  using adapter_ptr = std::shared_ptr<const model::lora_adapter>;
-  std::list<std::string> order;  // most recently used first
-  std::unordered_map<std::string, std::pair<adapter_ptr, std::list<std::string>::iterator>> cache;
-};
+host_tier::host_tier(std::size_t capacity, std::shared_ptr<metrics> stats)
+    : capacity_(capacity), stats_(std::move(stats)) {}
 
-loader_state::loader_state() = default;
-loader_state::~loader_state() = default;
+host_tier::adapter_ptr host_tier::find(const std::string& model_id) {
+  std::lock_guard lock(mutex_);
+  auto it = cache_.find(model_id);
+  if (it == cache_.end()) return nullptr;
+  order_.splice(order_.begin(), order_, it->second.second);
+  return it->second.first;
+}
+
+void host_tier::insert(const std::string& model_id, adapter_ptr adapter) {
+  if (capacity_ == 0) return;
+  std::lock_guard lock(mutex_);
+  if (auto it = cache_.find(model_id); it != cache_.end()) {
+    order_.splice(order_.begin(), order_, it->second.second);
+    it->second.first = std::move(adapter);
+    return;
+  }
+  order_.push_front(model_id);
+  cache_[model_id] = {std::move(adapter), order_.begin()};
+  stats_->count_cache("host", "load");
+  while (cache_.size() > capacity_) {
+    cache_.erase(order_.back());
+    order_.pop_back();
+    stats_->count_cache("host", "eviction");
+  }
+}
 
 loader_actor::behavior_type adapter_loader(loader_actor::stateful_pointer<loader_state> self,
                                            engine_config cfg,
                                            std::shared_ptr<const base_models> bases,
+                                           std::shared_ptr<host_tier> host,
                                            std::shared_ptr<metrics> stats) {
   auto& st = self->state;
   st.cfg = std::move(cfg);
   st.bases = std::move(bases);
+  st.host = std::move(host);
   st.stats = std::move(stats);
-  st.core = std::make_unique<loader_core>();
   return {
       [self](load_atom, const model_record& m) -> caf::result<loaded_adapter> {
         auto& st = self->state;
-        auto& c = *st.core;
         auto t0 = clock::now();
-        if (auto it = c.cache.find(m.model_id); it != c.cache.end()) {
-          c.order.splice(c.order.begin(), c.order, it->second.second);
-          st.stats->count_cache("host", "hit");
-          return loaded_adapter{it->second.first, "host", ms_between(t0, clock::now())};
-        }
-        st.stats->count_cache("host", "miss");
+        // Another GPU actor's request may have brought it in meanwhile.
+        if (auto ad = st.host->find(m.model_id))
+          return loaded_adapter{ad, "host", ms_between(t0, clock::now())};
         auto base = st.bases->by_name.find(m.base_model);
         if (base == st.bases->by_name.end())
           return caf::make_error(
@@ -71,16 +88,7 @@ loader_actor::behavior_type adapter_loader(loader_actor::stateful_pointer<loader
                                  "model " + m.model_id + ": " + error_text(ad.error()));
         auto ptr = std::make_shared<const model::lora_adapter>(std::move(*ad));
         st.stats->count_cache("disk", "load");
-        if (st.cfg.serving.host_adapters > 0) {
-          c.order.push_front(m.model_id);
-          c.cache[m.model_id] = {ptr, c.order.begin()};
-          st.stats->count_cache("host", "load");
-          while (c.cache.size() > static_cast<std::size_t>(st.cfg.serving.host_adapters)) {
-            c.cache.erase(c.order.back());
-            c.order.pop_back();
-            st.stats->count_cache("host", "eviction");
-          }
-        }
+        st.host->insert(m.model_id, ptr);
         return loaded_adapter{ptr, "disk", ms_between(t0, clock::now())};
       },
   };
@@ -217,8 +225,40 @@ int64_t free_index(gpu_ptr self) {
   return index;
 }
 
-// Starts loading every adapter that waiting requests need and that has no
-// place yet, as long as the bank has room.
+// Copies a decoded adapter into its reserved place in the bank and marks the
+// requests waiting for it as loaded; false (and those requests failed) when
+// it does not fit the bank.
+bool place(gpu_ptr self, const std::string& model_id, int64_t index,
+           const model::lora_adapter& ad) {
+  auto& c = *self->state.core;
+  auto it = c.adapters.find(model_id);
+  if (it == c.adapters.end()) return false;
+  if (!c.bank.set(index, ad)) {
+    c.adapters.erase(it);
+    c.owner[static_cast<std::size_t>(index)].clear();
+    fail_waiting(self, model_id,
+                 "model " + model_id + ": its adapter (rank " + std::to_string(ad.cfg.rank) +
+                     ") does not fit a bank of rank " + std::to_string(c.bank.rank));
+    return false;
+  }
+  it->second.index = index;
+  it->second.loading = false;
+  it->second.last_used = ++c.tick;
+  for (const auto& p : self->state.cfg.serving.pinned_models)
+    if (p == model_id) it->second.pinned = true;
+  self->state.stats->count_cache("device", "load");
+  auto now = clock::now();
+  for (auto& r : c.waiting)
+    if (r->order.model.model_id == model_id && r->loaded == clock::time_point{}) {
+      r->loaded = now;
+      r->adapter_load_ms = ms_between(r->arrived, now);
+    }
+  return true;
+}
+
+// Places every adapter that waiting requests need and that has no place yet,
+// as long as the bank has room: at once from the host tier, else through
+// the loader (disk), whose answer places it later.
 void fetch_adapters(gpu_ptr self) {
   auto& st = self->state;
   auto& c = *st.core;
@@ -232,35 +272,18 @@ void fetch_adapters(gpu_ptr self) {
     res.loading = true;
     c.owner[static_cast<std::size_t>(index)] = m.model_id;
     auto model_id = m.model_id;
+    if (auto ad = st.host->find(model_id)) {
+      st.stats->count_cache("host", "hit");
+      // Failing its requests may erase from `waiting`: start over then.
+      if (!place(self, model_id, index, *ad)) return fetch_adapters(self);
+      continue;
+    }
+    st.stats->count_cache("host", "miss");
     self->request(st.loader, std::chrono::minutes(2), load_atom_v, m)
         .then(
             [self, model_id, index](loaded_adapter& la) {
-              auto& c = *self->state.core;
-              auto it = c.adapters.find(model_id);
-              if (it == c.adapters.end()) return;
               auto ad = std::static_pointer_cast<const model::lora_adapter>(la.adapter);
-              if (!c.bank.set(index, *ad)) {
-                c.adapters.erase(it);
-                c.owner[static_cast<std::size_t>(index)].clear();
-                fail_waiting(self, model_id,
-                             "model " + model_id + ": its adapter (rank " +
-                                 std::to_string(ad->cfg.rank) + ") does not fit a bank of rank " +
-                                 std::to_string(c.bank.rank));
-                return;
-              }
-              it->second.index = index;
-              it->second.loading = false;
-              it->second.last_used = ++c.tick;
-              for (const auto& p : self->state.cfg.serving.pinned_models)
-                if (p == model_id) it->second.pinned = true;
-              self->state.stats->count_cache("device", "load");
-              auto now = clock::now();
-              for (auto& r : c.waiting)
-                if (r->order.model.model_id == model_id && r->loaded == clock::time_point{}) {
-                  r->loaded = now;
-                  r->adapter_load_ms = ms_between(r->arrived, now);
-                }
-              kick(self);
+              if (place(self, model_id, index, *ad)) kick(self);
             },
             [self, model_id, index](caf::error& err) {
               auto& c = *self->state.core;
@@ -388,13 +411,15 @@ void step(gpu_ptr self) {
 
 gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int device,
                              std::string base_model, engine_config cfg,
-                             std::shared_ptr<const base_models> bases, loader_actor loader,
+                             std::shared_ptr<const base_models> bases,
+                             std::shared_ptr<host_tier> host, loader_actor loader,
                              std::shared_ptr<metrics> stats) {
   auto& st = self->state;
   st.device = device;
   st.base_model = std::move(base_model);
   st.cfg = std::move(cfg);
   st.loader = std::move(loader);
+  st.host = std::move(host);
   st.stats = std::move(stats);
   st.bases = std::move(bases);
   st.core = std::make_unique<gpu_core>();

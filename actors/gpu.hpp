@@ -2,9 +2,13 @@
 
 #include <caf/typed_actor.hpp>
 #include <caf/typed_event_based_actor.hpp>
+#include <list>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "actors/config.hpp"
@@ -12,32 +16,53 @@
 #include "actors/trainer.hpp"
 #include "messages/type_ids.hpp"
 
+namespace tailor::model {
+struct lora_adapter;
+}
+
 namespace tailor::actors {
 
 using namespace tailor::messages;
 
-// The host tier of the adapter cache: reads an adapter's file, verifies its
-// checksum, decodes it, and keeps the most recently used decoded adapters in
-// memory (LRU, `serving.host_adapters`). Detached, so a load from disk never
-// stalls a batch loop.
+// The host tier of the adapter cache: the most recently used decoded
+// adapters in memory (LRU, `serving.host_adapters`; 0 keeps none). Shared and
+// thread-safe: the loader fills it from disk, and a GPU actor places a host
+// hit in its bank at once (a copy of tens of KB) instead of queueing behind
+// the loader's mailbox and its own batch steps for the answer.
+class host_tier {
+ public:
+  using adapter_ptr = std::shared_ptr<const model::lora_adapter>;
+  host_tier(std::size_t capacity, std::shared_ptr<metrics> stats);
+  // The adapter of `model_id`, now the most recently used; null when absent.
+  adapter_ptr find(const std::string& model_id);
+  // Keeps `adapter`, evicting the least recently used beyond the capacity.
+  void insert(const std::string& model_id, adapter_ptr adapter);
+
+ private:
+  std::mutex mutex_;
+  const std::size_t capacity_;
+  std::shared_ptr<metrics> stats_;
+  std::list<std::string> order_;  // most recently used first
+  std::unordered_map<std::string, std::pair<adapter_ptr, std::list<std::string>::iterator>> cache_;
+};
+
+// Reads an adapter's file, verifies its checksum, decodes it and keeps it in
+// the host tier. Detached, so a load from disk never stalls a batch loop.
 using loader_actor =
     caf::typed_actor<caf::replies_to<load_atom, model_record>::with<loaded_adapter>>;
-
-struct loader_core;  // the LRU of decoded adapters (gpu.cpp: LibTorch types)
 
 struct loader_state {
   engine_config cfg;
   std::shared_ptr<const base_models> bases;
   std::shared_ptr<metrics> stats;
-  std::unique_ptr<loader_core> core;
-  loader_state();  // out of line: loader_core is complete only in gpu.cpp
-  ~loader_state();
+  std::shared_ptr<host_tier> host;
   static inline const char* name = "tailor.adapter_loader";
 };
 
 loader_actor::behavior_type adapter_loader(loader_actor::stateful_pointer<loader_state> self,
                                            engine_config cfg,
                                            std::shared_ptr<const base_models> bases,
+                                           std::shared_ptr<host_tier> host,
                                            std::shared_ptr<metrics> stats);
 
 // One per compute device and base model (a CPU device slot here): owns the
@@ -45,7 +70,7 @@ loader_actor::behavior_type adapter_loader(loader_actor::stateful_pointer<loader
 // adapters no request is using) and the batch loop. Requests join the batch
 // at the next step and leave when they end (end-of-text, stop sequence,
 // max_tokens, deadline, cancellation); a request's adapter is fetched from
-// the loader as soon as it arrives. Among waiting requests whose adapter is
+// the host tier, or else the loader, as soon as it arrives. Among waiting requests whose adapter is
 // resident, the one whose user has received the least service goes first
 // (a virtual token counter, as in S-LoRA). Answers each request with its
 // result (inference.result JSON). Detached.
@@ -63,6 +88,7 @@ struct gpu_state {
   std::shared_ptr<const base_models> bases;  // outlive the core's pointers into them
   std::shared_ptr<metrics> stats;
   loader_actor loader;
+  std::shared_ptr<host_tier> host;
   std::unique_ptr<gpu_core> core;
   gpu_state();  // out of line: gpu_core is complete only in gpu.cpp
   ~gpu_state();
@@ -71,7 +97,8 @@ struct gpu_state {
 
 gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int device,
                              std::string base_model, engine_config cfg,
-                             std::shared_ptr<const base_models> bases, loader_actor loader,
+                             std::shared_ptr<const base_models> bases,
+                             std::shared_ptr<host_tier> host, loader_actor loader,
                              std::shared_ptr<metrics> stats);
 
 // The GPU actors of each base model; a user always goes to the same one, so

@@ -1,13 +1,17 @@
-// Actor-layer helpers that need no broker: training data resolution and
-// configuration checks.
+// Actor-layer helpers that need no broker: training data resolution,
+// configuration checks and the host tier of the adapter cache.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <filesystem>
 #include <fstream>
+#include <thread>
 
 #include "actors/config.hpp"
+#include "actors/gpu.hpp"
 #include "actors/training_data.hpp"
+#include "model/transformer.hpp"
 
 using namespace tailor::actors;
 using tailor::messages::errc;
@@ -111,4 +115,63 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
   EXPECT_EQ(cfg.training.defaults.steps, 7);
   EXPECT_EQ(cfg.compute.blas_threads, 2);
   fs::remove(path);
+}
+
+// The host tier of the adapter cache: least recently used out first, a hit
+// refreshes, capacity 0 keeps nothing, and its counters reach /metrics.
+TEST(HostTier, EvictsTheLeastRecentlyUsed) {
+  auto stats = std::make_shared<metrics>();
+  host_tier host(2, stats);
+  auto adapter = [] { return std::make_shared<const tailor::model::lora_adapter>(); };
+  auto a = adapter(), b = adapter(), c = adapter();
+  host.insert("a", a);
+  host.insert("b", b);
+  EXPECT_EQ(host.find("a"), a);  // now a is the most recently used
+  host.insert("c", c);
+  EXPECT_EQ(host.find("b"), nullptr);
+  EXPECT_EQ(host.find("a"), a);
+  EXPECT_EQ(host.find("c"), c);
+  auto text = stats->render();
+  EXPECT_NE(text.find("tailor_adapter_cache_loads_total{tier=\"host\"} 3"), std::string::npos)
+      << text;
+  EXPECT_NE(text.find("tailor_adapter_cache_evictions_total{tier=\"host\"} 1"), std::string::npos)
+      << text;
+
+  host_tier none(0, stats);
+  none.insert("a", a);
+  EXPECT_EQ(none.find("a"), nullptr);
+}
+
+// GPU actors and the loader share it from their own threads.
+TEST(HostTier, ConcurrentUseKeepsEachAdapterUnderItsOwnId) {
+  auto stats = std::make_shared<metrics>();
+  host_tier host(8, stats);
+  std::vector<std::shared_ptr<const tailor::model::lora_adapter>> adapters;
+  for (int i = 0; i < 16; ++i) {
+    auto ad = std::make_shared<tailor::model::lora_adapter>();
+    ad->cfg.rank = i;  // tells the adapters apart
+    adapters.push_back(ad);
+  }
+  std::atomic<int> wrong{0}, found{0};
+  auto work = [&](int seed) {
+    for (int n = 0; n < 20000; ++n) {
+      // Ids 0-3 on two accesses of three: they stay held while the rest churn.
+      int i = n % 3 != 0 ? (n + seed) % 4 : (n * 7 + seed) % 16;
+      auto id = "m" + std::to_string(i);
+      if (auto ad = host.find(id)) {
+        ++found;
+        if (ad->cfg.rank != i) ++wrong;
+      } else {
+        host.insert(id, adapters[static_cast<std::size_t>(i)]);
+      }
+    }
+  };
+  std::thread t1(work, 0), t2(work, 5);
+  t1.join();
+  t2.join();
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_GT(found.load(), 0);
+  int held = 0;
+  for (int i = 0; i < 16; ++i) held += host.find("m" + std::to_string(i)) != nullptr;
+  EXPECT_EQ(held, 8);
 }
