@@ -38,6 +38,8 @@ supervisor_actor::behavior_type supervisor(
   auto host =
       std::make_shared<host_tier>(static_cast<std::size_t>(st.cfg.serving.host_adapters), st.stats);
   st.loader = self->spawn<caf::detached>(adapter_loader, st.cfg, bases, host, st.stats);
+  st.routes.host = host;
+  st.routes.loader = st.loader;
   for (const auto& base : st.cfg.base_models)
     for (int d = 0; d < st.cfg.serving.devices; ++d)
       st.routes.by_base[base].push_back(

@@ -55,6 +55,37 @@ void host_tier::insert(const std::string& model_id, adapter_ptr adapter) {
   }
 }
 
+namespace {
+
+// The adapter of `m` from the host tier, else read, checked and decoded
+// from disk into it; `tier` says which.
+caf::expected<host_tier::adapter_ptr> load_adapter(loader_state& st, const model_record& m,
+                                                   std::string& tier) {
+  tier = "host";
+  // Another GPU actor's request, or a prefetch, may have brought it in.
+  if (auto ad = st.host->find(m.model_id)) return ad;
+  tier = "disk";
+  auto base = st.bases->by_name.find(m.base_model);
+  if (base == st.bases->by_name.end())
+    return caf::make_error(errc::adapter_unavailable, "model " + m.model_id + ": base model " +
+                                                          m.base_model + " is not loaded here");
+  // The bytes must be the registered ones before anything decodes them.
+  auto bytes = storage::read_file(m.artifact_path, m.checksum);
+  if (!bytes)
+    return caf::make_error(errc::adapter_unavailable,
+                           "model " + m.model_id + ": " + error_text(bytes.error()));
+  auto ad = model::decode_adapter(std::move(*bytes), base->second.cfg, m.artifact_path);
+  if (!ad)
+    return caf::make_error(errc::adapter_unavailable,
+                           "model " + m.model_id + ": " + error_text(ad.error()));
+  auto ptr = std::make_shared<const model::lora_adapter>(std::move(*ad));
+  st.stats->count_cache("disk", "load");
+  st.host->insert(m.model_id, ptr);
+  return ptr;
+}
+
+}  // namespace
+
 loader_actor::behavior_type adapter_loader(loader_actor::stateful_pointer<loader_state> self,
                                            engine_config cfg,
                                            std::shared_ptr<const base_models> bases,
@@ -67,29 +98,18 @@ loader_actor::behavior_type adapter_loader(loader_actor::stateful_pointer<loader
   st.stats = std::move(stats);
   return {
       [self](load_atom, const model_record& m) -> caf::result<loaded_adapter> {
-        auto& st = self->state;
         auto t0 = clock::now();
-        // Another GPU actor's request may have brought it in meanwhile.
-        if (auto ad = st.host->find(m.model_id))
-          return loaded_adapter{ad, "host", ms_between(t0, clock::now())};
-        auto base = st.bases->by_name.find(m.base_model);
-        if (base == st.bases->by_name.end())
-          return caf::make_error(
-              errc::adapter_unavailable,
-              "model " + m.model_id + ": base model " + m.base_model + " is not loaded here");
-        // The bytes must be the registered ones before anything decodes them.
-        auto bytes = storage::read_file(m.artifact_path, m.checksum);
-        if (!bytes)
-          return caf::make_error(errc::adapter_unavailable,
-                                 "model " + m.model_id + ": " + error_text(bytes.error()));
-        auto ad = model::decode_adapter(std::move(*bytes), base->second.cfg, m.artifact_path);
-        if (!ad)
-          return caf::make_error(errc::adapter_unavailable,
-                                 "model " + m.model_id + ": " + error_text(ad.error()));
-        auto ptr = std::make_shared<const model::lora_adapter>(std::move(*ad));
-        st.stats->count_cache("disk", "load");
-        st.host->insert(m.model_id, ptr);
-        return loaded_adapter{ptr, "disk", ms_between(t0, clock::now())};
+        std::string tier;
+        auto ad = load_adapter(self->state, m, tier);
+        if (!ad) return std::move(ad.error());
+        return loaded_adapter{*ad, tier, ms_between(t0, clock::now())};
+      },
+      [self](prefetch_atom, const model_record& m) {
+        // Without a host tier the adapter would be read twice.
+        if (self->state.host->capacity() == 0) return;
+        std::string tier;
+        if (auto ad = load_adapter(self->state, m, tier); !ad)
+          spdlog::debug("prefetch of {}: {}", m.model_id, error_text(ad.error()));
       },
   };
 }

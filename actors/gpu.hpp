@@ -37,6 +37,7 @@ class host_tier {
   adapter_ptr find(const std::string& model_id);
   // Keeps `adapter`, evicting the least recently used beyond the capacity.
   void insert(const std::string& model_id, adapter_ptr adapter);
+  std::size_t capacity() const { return capacity_; }
 
  private:
   std::mutex mutex_;
@@ -48,8 +49,12 @@ class host_tier {
 
 // Reads an adapter's file, verifies its checksum, decodes it and keeps it in
 // the host tier. Detached, so a load from disk never stalls a batch loop.
+// `prefetch` (no answer; errors are the later `load`'s to report) is sent by
+// the user actor as it routes a request, so that a cold adapter is on its
+// way before the request reaches a GPU actor busy with a batch step.
 using loader_actor =
-    caf::typed_actor<caf::replies_to<load_atom, model_record>::with<loaded_adapter>>;
+    caf::typed_actor<caf::replies_to<load_atom, model_record>::with<loaded_adapter>,
+                     caf::reacts_to<prefetch_atom, model_record>>;
 
 struct loader_state {
   engine_config cfg;
@@ -105,6 +110,9 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
 // that their adapter stays warm there.
 struct serving_routes {
   std::map<std::string, std::vector<gpu_actor>> by_base;
+  // A routed request's adapter, when the host tier lacks it, is prefetched.
+  std::shared_ptr<host_tier> host;
+  loader_actor loader;
   gpu_actor route(const std::string& base_model, const std::string& user_id) const;
 };
 

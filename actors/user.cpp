@@ -215,6 +215,10 @@ void serve(user_ptr self, promise_t rp, inference_request x, uint64_t hash, mode
                             make_record(st, x.request_id, "inference.request", hash, out));
   }
   st.inflight[x.request_id] = user_state::pending{hash, gpu, {rp}};
+  // A cold adapter starts loading now, not when the GPU actor, perhaps in
+  // the middle of a batch step, gets to the request.
+  if (st.routes.loader && !st.routes.host->find(m.model_id))
+    self->send(st.routes.loader, prefetch_atom_v, m);
   self->request(gpu, caf::infinite, infer_atom_v,
                 inference_order{x, std::move(m), received, std::chrono::steady_clock::now()})
       .then([=](outgoing_message& result) { finish_inference(self, x, hash, std::move(result)); },

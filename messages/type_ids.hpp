@@ -79,5 +79,6 @@ CAF_ADD_ATOM(tailor, tailor::messages, step_atom, "step")
 CAF_ADD_ATOM(tailor, tailor::messages, load_atom, "load")
 CAF_ADD_ATOM(tailor, tailor::messages, history_atom, "history")
 CAF_ADD_ATOM(tailor, tailor::messages, tick_atom, "tick")
+CAF_ADD_ATOM(tailor, tailor::messages, prefetch_atom, "prefetch")
 
 CAF_END_TYPE_ID_BLOCK(tailor)
