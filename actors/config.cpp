@@ -44,8 +44,8 @@ std::string validate(const engine_config& cfg) {
     return bad("training.rank", "outside the hyperparameter bounds");
   if (t.defaults.alpha < b.min_alpha || t.defaults.alpha > b.max_alpha)
     return bad("training.alpha", "outside the hyperparameter bounds");
-  if (t.defaults.steps < b.min_steps || t.defaults.steps > b.max_steps)
-    return bad("training.steps", "outside the hyperparameter bounds");
+  if (t.defaults.steps != 0 && (t.defaults.steps < b.min_steps || t.defaults.steps > b.max_steps))
+    return bad("training.steps", "outside the hyperparameter bounds (0: from the data)");
   if (t.defaults.learning_rate < b.min_learning_rate ||
       t.defaults.learning_rate > b.max_learning_rate)
     return bad("training.learning_rate", "outside the hyperparameter bounds");

@@ -79,6 +79,7 @@ nlohmann::json run_quality(const quality_options& o) {
   to.eval_every = 25;
   std::vector<lora_adapter> adapters;
   std::vector<double> job_seconds;
+  std::vector<int64_t> steps_done;
   for (std::size_t i = 0; i < us.size(); ++i) {
     auto t0 = std::chrono::steady_clock::now();
     auto r =
@@ -94,6 +95,7 @@ nlohmann::json run_quality(const quality_options& o) {
     job_seconds.push_back(
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     adapters.push_back(std::move(r->adapter));
+    steps_done.push_back(r->steps_done);
   }
   bar.done();
   double ratio_sum = 0;
@@ -116,6 +118,7 @@ nlohmann::json run_quality(const quality_options& o) {
     per_user.push_back({{"user", us[u].name},
                         {"train_entries", us[u].train.size()},
                         {"held_out_entries", us[u].held_out.size()},
+                        {"steps", steps_done[u]},
                         {"base", base_bpb},
                         {"own", own},
                         {"best_other", best_other},

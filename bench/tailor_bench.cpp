@@ -47,11 +47,16 @@ int main(int argc, char** argv) {
   auto* quality = app.add_subcommand(
       "quality", "per-user adapters on fortunes: own vs base vs other users' adapters");
   quality->add_option("--config", qo.config, "base model configuration (default: tailor-base)");
-  quality->add_option("--steps", qo.steps, "fine-tuning steps per user (default: onboarding's, 300)")
+  quality
+      ->add_option(
+          "--steps", qo.steps,
+          "fine-tuning steps per user (default: onboarding's, from the data: two passes, 100-1200)")
       ->check(CLI::PositiveNumber);
   quality->add_option("--batch-size", qo.batch_size, "sequences per step (default: 8)")
       ->check(CLI::PositiveNumber);
-  quality->add_option("--learning-rate", qo.learning_rate, "peak learning rate (default: onboarding's, 3e-3)")
+  quality
+      ->add_option("--learning-rate", qo.learning_rate,
+                   "peak learning rate (default: onboarding's, 3e-3)")
       ->check(CLI::PositiveNumber);
   quality->add_option("--rank", qo.rank, "LoRA rank (default: 8)")->check(CLI::PositiveNumber);
   quality->add_option("--alpha", qo.alpha, "LoRA alpha (default: 16)")->check(CLI::PositiveNumber);

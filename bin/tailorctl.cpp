@@ -239,7 +239,9 @@ int main(int argc, char** argv) {
   onboard->add_option("--base-model", ob.base_model, "base model id");
   onboard->add_option("--rank", ob.hparams.rank, "LoRA rank");
   onboard->add_option("--alpha", ob.hparams.alpha, "LoRA alpha");
-  onboard->add_option("--steps", ob.hparams.steps, "training steps");
+  onboard->add_option(
+      "--steps", ob.hparams.steps,
+      "training steps (default: tailord's, which by default sizes them to the data)");
   onboard->add_option("--learning-rate", ob.hparams.learning_rate, "learning rate");
   onboard->add_option("--batch-size", ob.hparams.batch_size, "batch size");
   onboard->add_option("--seed", ob.hparams.seed, "training seed");

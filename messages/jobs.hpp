@@ -19,8 +19,9 @@ namespace tailor::messages {
 struct hyperparameter_values {
   int64_t rank = 8;
   double alpha = 16.0;
-  // 300 steps at 3e-3: the quality benchmark's sweep (docs/models.md).
-  int64_t steps = 300;
+  // 0: from the user's data (model::steps_for_data: two passes over it,
+  // 100 to 1200 steps); at 3e-3 (the quality benchmark's sweep, docs/models.md).
+  int64_t steps = 0;
   double learning_rate = 3e-3;
   int64_t batch_size = 8;
   uint64_t seed = 0;

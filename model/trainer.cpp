@@ -2,6 +2,7 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <numeric>
@@ -153,17 +154,32 @@ double evaluate(const base_weights& base, const lora_adapter* adapter,
   return loss_of(base, adapter, win).item<double>();
 }
 
+int64_t steps_for_data(const train_options& o, int64_t train_tokens) {
+  const double per_step = static_cast<double>(std::max<int64_t>(1, o.batch_size)) *
+                          static_cast<double>(std::max<int64_t>(1, o.seq_len));
+  const auto steps =
+      static_cast<int64_t>(std::ceil(o.data_epochs * static_cast<double>(train_tokens) / per_step));
+  return std::clamp(steps, o.min_data_steps, std::max(o.min_data_steps, o.max_data_steps));
+}
+
 caf::expected<train_result> train_lora(const base_weights& base,
                                        const std::vector<std::string>& texts, const lora_config& lc,
-                                       const train_options& o, const progress_fn& progress,
+                                       const train_options& given, const progress_fn& progress,
                                        const cancel_fn& cancelled) {
   std::vector<std::string> usable;
   for (const auto& t : texts)
     if (!t.empty()) usable.push_back(t);
   if (usable.empty()) return caf::make_error(errc::invalid_data, "no non-empty training text");
-  if (o.steps < 1 || o.batch_size < 1 || o.seq_len < 1 || o.learning_rate <= 0 || lc.rank < 1)
+  if (given.steps < 0 || given.batch_size < 1 || given.seq_len < 1 || given.learning_rate <= 0 ||
+      lc.rank < 1)
+    return caf::make_error(
+        errc::invalid_options,
+        "batch_size, seq_len, learning_rate and rank must be positive, steps not negative");
+  if (given.steps == 0 &&
+      (given.data_epochs <= 0 || given.min_data_steps < 1 || given.max_data_steps < 1))
     return caf::make_error(errc::invalid_options,
-                           "steps, batch_size, seq_len, learning_rate and rank must be positive");
+                           "data_epochs, min_data_steps and max_data_steps must be positive");
+  train_options o = given;
   // Deterministic split: shuffle entries by the seed, hold out a fraction.
   std::vector<std::size_t> order(usable.size());
   std::iota(order.begin(), order.end(), 0);
@@ -179,6 +195,7 @@ caf::expected<train_result> train_lora(const base_weights& base,
     (i < n_val ? val_texts : train_texts).push_back(usable[order[i]]);
   const auto train_stream = token_stream(train_texts);
   const auto val_stream = token_stream(val_texts);
+  if (o.steps == 0) o.steps = steps_for_data(o, static_cast<int64_t>(train_stream.size()));
   const int64_t T = std::min<int64_t>(
       {o.seq_len, base.cfg.context, static_cast<int64_t>(train_stream.size()) - 1});
   auto stream = torch::tensor(train_stream, torch::kLong);

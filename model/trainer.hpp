@@ -16,10 +16,17 @@
 namespace tailor::model {
 
 struct train_options {
+  // 0: from the data, enough for `data_epochs` passes over the training
+  // split (batch_size windows of seq_len tokens a step), within
+  // [min_data_steps, max_data_steps]: a few KB of texts trains briefly, a
+  // large corpus gets more than a sample of its tokens (docs/models.md).
   int64_t steps = 100;
+  double data_epochs = 2.0;
+  int64_t min_data_steps = 100;
+  int64_t max_data_steps = 1200;
   double learning_rate = 2e-3;
   int64_t batch_size = 8;
-  int64_t seq_len = 64;  // capped at the model's context
+  int64_t seq_len = 128;  // capped at the model's context; 128: the quality sweep's
   double weight_decay = 0.0;
   double warmup_fraction = 0.1;
   double min_lr_fraction = 0.1;  // cosine decays to this fraction of the peak
@@ -59,6 +66,9 @@ std::vector<int64_t> token_stream(const std::vector<std::string>& entries);
 // non-overlapping windows of `seq_len`, at most `max_windows` of them.
 double evaluate(const base_weights& base, const lora_adapter* adapter,
                 const std::vector<int64_t>& stream, int64_t seq_len, int64_t max_windows = 64);
+
+// The step count that `steps` = 0 stands for, for `train_tokens` tokens.
+int64_t steps_for_data(const train_options& o, int64_t train_tokens);
 
 caf::expected<train_result> train_lora(const base_weights& base,
                                        const std::vector<std::string>& texts, const lora_config& lc,

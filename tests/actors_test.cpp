@@ -89,8 +89,11 @@ TEST(EngineConfig, ValidationNamesTheOffendingKey) {
   cfg.training.slots = 0;
   EXPECT_NE(validate(cfg).find("training.slots"), std::string::npos);
   cfg = {};
-  cfg.training.defaults.steps = 0;
+  cfg.training.defaults.steps = -1;
   EXPECT_NE(validate(cfg).find("training.steps"), std::string::npos);
+  cfg = {};
+  cfg.training.defaults.steps = 0;  // from the data
+  EXPECT_EQ(validate(cfg), "");
   cfg = {};
   cfg.default_base_model = "other";
   EXPECT_NE(validate(cfg).find("default_base_model"), std::string::npos);

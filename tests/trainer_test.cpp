@@ -138,7 +138,14 @@ TEST_F(TrainerTest, BadInputIsAnErrorNotACrash) {
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().category(), caf::atom("tailor_mdl"));
   auto o = quick();
+  o.steps = -1;  // 0 is "from the data"
+  EXPECT_FALSE(train_lora(base_, user_texts(), {8, 16, false}, o));
+  o = quick();
+  o.batch_size = 0;
+  EXPECT_FALSE(train_lora(base_, user_texts(), {8, 16, false}, o));
+  o = quick();
   o.steps = 0;
+  o.data_epochs = 0;
   EXPECT_FALSE(train_lora(base_, user_texts(), {8, 16, false}, o));
   // A single short text trains (it is both train and validation data).
   EXPECT_TRUE(train_lora(base_, {"hi"}, {2, 4, false}, quick()));
@@ -170,4 +177,44 @@ TEST_F(TrainerTest, BaseAndAdapterFilesRoundTrip) {
   auto wrong = load_adapter(apath, other);
   ASSERT_FALSE(wrong);
   EXPECT_EQ(wrong.error(), tailor::storage::errc::shape_mismatch);
+}
+
+// Without a step count, the data sets it: `data_epochs` passes over the
+// training split, never fewer than min_data_steps nor more than max_data_steps.
+TEST(StepsForData, PassesOverTheDataWithinBounds) {
+  train_options o;
+  o.batch_size = 8;
+  o.seq_len = 128;  // 1024 tokens a step
+  o.data_epochs = 2;
+  o.min_data_steps = 100;
+  o.max_data_steps = 1200;
+  EXPECT_EQ(steps_for_data(o, 10'000), 100);      // a few KB: the floor
+  EXPECT_EQ(steps_for_data(o, 200'000), 391);     // ceil(2 * 200000 / 1024)
+  EXPECT_EQ(steps_for_data(o, 3'000'000), 1200);  // a corpus: the ceiling
+  o.data_epochs = 1;
+  EXPECT_EQ(steps_for_data(o, 200'000), 196);
+}
+
+TEST_F(TrainerTest, StepsZeroTrainsForTheStepsTheDataCallsFor) {
+  auto o = quick();
+  o.steps = 0;
+  o.data_epochs = 1;
+  o.min_data_steps = 3;
+  o.max_data_steps = 1000;
+  auto texts = user_texts();
+  int64_t last_steps = 0;
+  auto r = train_lora(base_, texts, {4, 8, false}, o,
+                      [&](const train_progress& p) { last_steps = p.steps; });
+  ASSERT_TRUE(r) << caf::to_string(r.error());
+  EXPECT_GT(r->steps_done, o.min_data_steps);
+  EXPECT_EQ(r->steps_done, last_steps);
+  // One pass over 36 training entries of ~25 tokens in steps of 4 x 32
+  // tokens: about 7 steps.
+  EXPECT_LT(r->steps_done, 20);
+
+  o.max_data_steps = 4;
+  auto capped = train_lora(base_, texts, {4, 8, false}, o);
+  ASSERT_TRUE(capped);
+  EXPECT_EQ(capped->steps_done, 4);
+
 }
