@@ -69,6 +69,7 @@ std::unique_ptr<RdKafka::Producer> make_producer(const kafka_config& cfg,
 }
 
 egress_state::~egress_state() {
+  wakeup.reset();
   if (!producer) return;
   // Orderly shutdown: everything accepted is delivered before we go.
   auto rc = producer->flush(10000);
@@ -90,6 +91,15 @@ egress_actor::behavior_type egress(egress_actor::stateful_pointer<egress_state> 
     self->quit(caf::make_error(caf::sec::runtime_error, err));
     return egress_actor::behavior_type::make_empty_behavior();
   }
+  // A delivery report is served as soon as it arrives, not at the next
+  // round of a polling clock. Only a weak reference: it must not keep the
+  // actor alive.
+  auto weak = caf::actor_cast<caf::weak_actor_ptr>(self);
+  st.wakeup =
+      std::make_unique<queue_wakeup>(st.producer->c_ptr(), queue_wakeup::queue::main, [weak] {
+        if (auto strong = weak.lock())
+          caf::anon_send(caf::actor_cast<egress_actor>(strong), poll_atom_v);
+      });
   return {
       [self](publish_atom, std::vector<outgoing_message>& batch) -> caf::result<caf::ok_atom> {
         auto& st = self->state;
@@ -125,20 +135,25 @@ egress_actor::behavior_type egress(egress_actor::stateful_pointer<egress_state> 
           }
         }
         st.producer->poll(0);
-        if (!st.polling) {
-          st.polling = true;
-          self->send(self, poll_atom_v);
+        if (!st.ticking && !st.batches.empty()) {
+          st.ticking = true;
+          self->delayed_send(self, std::chrono::milliseconds(100), tick_atom_v);
         }
         return promise;
       },
       [self](poll_atom) {
         auto& st = self->state;
-        st.producer->poll(st.batches.empty() ? 0 : 1);
-        if (st.batches.empty() && st.producer->outq_len() == 0) {
-          st.polling = false;
-          return;
-        }
-        self->delayed_send(self, std::chrono::milliseconds(1), poll_atom_v);
+        // Re-armed before serving: a report that arrives after this poll
+        // emptied the queue wakes us again.
+        st.wakeup->rearm();
+        st.producer->poll(0);
+      },
+      [self](tick_atom) {
+        auto& st = self->state;
+        st.wakeup->rearm();
+        st.producer->poll(0);
+        st.ticking = !st.batches.empty();
+        if (st.ticking) self->delayed_send(self, std::chrono::milliseconds(100), tick_atom_v);
       },
   };
 }

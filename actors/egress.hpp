@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "actors/config.hpp"
+#include "actors/kafka.hpp"
 #include "actors/metrics.hpp"
 #include "messages/type_ids.hpp"
 
@@ -21,10 +22,12 @@ using namespace tailor::messages;
 
 // The process's one Kafka producer. `publish` answers once every message of
 // the batch has a successful delivery report (acks=all, idempotent), or with
-// an error naming the first failure. Runs detached: it polls librdkafka.
+// an error naming the first failure. Runs detached. `poll` serves delivery
+// reports, sent by librdkafka's wake-up when they arrive; `tick` does too,
+// every 100 ms while some are awaited, as a safety net.
 using egress_actor = caf::typed_actor<
     caf::replies_to<publish_atom, std::vector<outgoing_message>>::with<caf::ok_atom>,
-    caf::reacts_to<poll_atom>>;
+    caf::reacts_to<poll_atom>, caf::reacts_to<tick_atom>>;
 
 struct egress_state {
   struct pending {
@@ -36,9 +39,10 @@ struct egress_state {
   std::shared_ptr<metrics> stats;
   std::unique_ptr<RdKafka::DeliveryReportCb> on_delivery;
   std::unique_ptr<RdKafka::Producer> producer;
+  std::unique_ptr<queue_wakeup> wakeup;  // reset before the producer goes
   std::map<uint64_t, pending> batches;
   uint64_t next_batch = 1;
-  bool polling = false;
+  bool ticking = false;  // the safety net's poll is scheduled
   ~egress_state();
   static inline const char* name = "tailor.egress";
 };

@@ -482,3 +482,54 @@ TEST(QueueWakeup, EveryRecordArrivesThroughAWakeUp) {
   wakeup.reset();  // before the consumer it refers to
   consumer->close();
 }
+
+// The egress serves delivery reports when librdkafka says they arrived
+// (queue_wakeup on the producer's main queue): each report must come to a
+// producer that polls only after a wake-up.
+TEST(QueueWakeup, DeliveryReportsArriveThroughAWakeUp) {
+  const auto bootstrap = broker_bootstrap();
+  ASSERT_FALSE(bootstrap.empty());
+  const auto topic = "wakeup-dr-" + std::to_string(::getpid());
+  struct reports : RdKafka::DeliveryReportCb {
+    int ok = 0;
+    void dr_cb(RdKafka::Message& m) override { ok += m.err() == RdKafka::ERR_NO_ERROR; }
+  } delivered;
+  std::string err;
+  std::unique_ptr<RdKafka::Conf> conf(RdKafka::Conf::create(RdKafka::Conf::CONF_GLOBAL));
+  ASSERT_EQ(conf->set("bootstrap.servers", bootstrap, err), RdKafka::Conf::CONF_OK) << err;
+  ASSERT_EQ(conf->set("dr_cb", &delivered, err), RdKafka::Conf::CONF_OK) << err;
+  std::unique_ptr<RdKafka::Producer> producer(RdKafka::Producer::create(conf.get(), err));
+  ASSERT_TRUE(producer) << err;
+  std::mutex mu;
+  std::condition_variable cv;
+  int wakes = 0, seen = 0;
+  auto wakeup = std::make_unique<tailor::actors::queue_wakeup>(
+      producer->c_ptr(), tailor::actors::queue_wakeup::queue::main, [&] {
+        std::lock_guard lock(mu);
+        ++wakes;
+        cv.notify_all();
+      });
+  // Produces one record, then polls only after wake-ups until its report is in.
+  auto delivered_through_wakeups = [&](int want) {
+    std::string payload = "record " + std::to_string(want);
+    if (producer->produce(topic, RdKafka::Topic::PARTITION_UA, RdKafka::Producer::RK_MSG_COPY,
+                          payload.data(), payload.size(), nullptr, 0, 0,
+                          nullptr) != RdKafka::ERR_NO_ERROR)
+      return false;
+    const auto deadline = std::chrono::steady_clock::now() + 60s;
+    while (delivered.ok < want) {
+      {
+        std::unique_lock lock(mu);
+        if (!cv.wait_until(lock, deadline, [&] { return wakes > seen; })) return false;
+        seen = wakes;
+      }
+      wakeup->rearm();
+      producer->poll(0);
+    }
+    return true;
+  };
+  EXPECT_TRUE(delivered_through_wakeups(1));
+  EXPECT_TRUE(delivered_through_wakeups(2));
+  wakeup.reset();  // before the producer it refers to
+  producer->flush(10000);
+}
