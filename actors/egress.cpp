@@ -92,14 +92,8 @@ egress_actor::behavior_type egress(egress_actor::stateful_pointer<egress_state> 
     return egress_actor::behavior_type::make_empty_behavior();
   }
   // A delivery report is served as soon as it arrives, not at the next
-  // round of a polling clock. Only a weak reference: it must not keep the
-  // actor alive.
-  auto weak = caf::actor_cast<caf::weak_actor_ptr>(self);
-  st.wakeup =
-      std::make_unique<queue_wakeup>(st.producer->c_ptr(), queue_wakeup::queue::main, [weak] {
-        if (auto strong = weak.lock())
-          caf::anon_send(caf::actor_cast<egress_actor>(strong), poll_atom_v);
-      });
+  // round of a polling clock.
+  st.wakeup = poll_on_wakeup<egress_actor>(self, st.producer->c_ptr(), queue_wakeup::queue::main);
   return {
       [self](publish_atom, std::vector<outgoing_message>& batch) -> caf::result<caf::ok_atom> {
         auto& st = self->state;

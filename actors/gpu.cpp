@@ -58,13 +58,10 @@ void host_tier::insert(const std::string& model_id, adapter_ptr adapter) {
 namespace {
 
 // The adapter of `m` from the host tier, else read, checked and decoded
-// from disk into it; `tier` says which.
-caf::expected<host_tier::adapter_ptr> load_adapter(loader_state& st, const model_record& m,
-                                                   std::string& tier) {
-  tier = "host";
+// from disk into it.
+caf::expected<host_tier::adapter_ptr> load_adapter(loader_state& st, const model_record& m) {
   // Another GPU actor's request, or a prefetch, may have brought it in.
   if (auto ad = st.host->find(m.model_id)) return ad;
-  tier = "disk";
   auto base = st.bases->by_name.find(m.base_model);
   if (base == st.bases->by_name.end())
     return caf::make_error(errc::adapter_unavailable, "model " + m.model_id + ": base model " +
@@ -98,17 +95,14 @@ loader_actor::behavior_type adapter_loader(loader_actor::stateful_pointer<loader
   st.stats = std::move(stats);
   return {
       [self](load_atom, const model_record& m) -> caf::result<loaded_adapter> {
-        auto t0 = clock::now();
-        std::string tier;
-        auto ad = load_adapter(self->state, m, tier);
+        auto ad = load_adapter(self->state, m);
         if (!ad) return std::move(ad.error());
-        return loaded_adapter{*ad, tier, ms_between(t0, clock::now())};
+        return loaded_adapter{*ad};
       },
       [self](prefetch_atom, const model_record& m) {
         // Without a host tier the adapter would be read twice.
         if (self->state.host->capacity() == 0) return;
-        std::string tier;
-        if (auto ad = load_adapter(self->state, m, tier); !ad)
+        if (auto ad = load_adapter(self->state, m); !ad)
           spdlog::debug("prefetch of {}: {}", m.model_id, error_text(ad.error()));
       },
   };

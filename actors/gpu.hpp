@@ -75,10 +75,10 @@ loader_actor::behavior_type adapter_loader(loader_actor::stateful_pointer<loader
 // adapters no request is using) and the batch loop. Requests join the batch
 // at the next step and leave when they end (end-of-text, stop sequence,
 // max_tokens, deadline, cancellation); a request's adapter is fetched from
-// the host tier, or else the loader, as soon as it arrives. Among waiting requests whose adapter is
-// resident, the one whose user has received the least service goes first
-// (a virtual token counter, as in S-LoRA). Answers each request with its
-// result (inference.result JSON). Detached.
+// the host tier, or else the loader, as soon as it arrives. Among waiting
+// requests whose adapter is resident, the one whose user has received the
+// least service goes first (a virtual token counter, as in S-LoRA). Answers
+// each request with its result (inference.result JSON). Detached.
 using gpu_actor =
     caf::typed_actor<caf::replies_to<infer_atom, inference_order>::with<outgoing_message>,
                      caf::reacts_to<cancel_atom, std::string, std::string>,

@@ -316,13 +316,8 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
     self->quit(caf::make_error(caf::sec::runtime_error, err));
     return ingress_actor::behavior_type::make_empty_behavior();
   }
-  // The wake-up holds only a weak reference: it must not keep the actor alive.
-  auto weak = caf::actor_cast<caf::weak_actor_ptr>(self);
   st.wakeup =
-      std::make_unique<queue_wakeup>(st.consumer->c_ptr(), queue_wakeup::queue::consumer, [weak] {
-        if (auto strong = weak.lock())
-          caf::anon_send(caf::actor_cast<ingress_actor>(strong), poll_atom_v);
-      });
+      poll_on_wakeup<ingress_actor>(self, st.consumer->c_ptr(), queue_wakeup::queue::consumer);
   self->send(self, tick_atom_v);
   return {
       [self](poll_atom) {

@@ -1,12 +1,16 @@
 #pragma once
 
 #include <atomic>
+#include <caf/actor_cast.hpp>
+#include <caf/actor_control_block.hpp>
+#include <caf/send.hpp>
 #include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "actors/config.hpp"
+#include "messages/type_ids.hpp"
 
 namespace RdKafka {
 class Conf;
@@ -55,6 +59,18 @@ class queue_wakeup {
   std::function<void()> wake_;
   std::atomic<bool> pending_{false};
 };
+
+// A wake-up that sends `poll` to `self` (an actor of handle type `Handle`),
+// holding only a weak reference to it: it must not keep the actor alive.
+template <class Handle, class Self>
+std::unique_ptr<queue_wakeup> poll_on_wakeup(Self* self, rd_kafka_s* client,
+                                             queue_wakeup::queue which) {
+  auto weak = caf::actor_cast<caf::weak_actor_ptr>(self);
+  return std::make_unique<queue_wakeup>(client, which, [weak] {
+    if (auto strong = weak.lock())
+      caf::anon_send(caf::actor_cast<Handle>(strong), messages::poll_atom_v);
+  });
+}
 
 // A client configuration: bootstrap.servers plus every pass-through property,
 // then `extra`. Returns null and sets `err` on an unknown or invalid property.

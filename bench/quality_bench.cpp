@@ -41,7 +41,7 @@ std::vector<user_data> users() {
 
 double bpb(const base_weights& base, const lora_adapter* ad,
            const std::vector<std::string>& entries, const quality_options& o) {
-  return evaluate(base, ad, token_stream(entries), std::min(o.seq_len, base.cfg.context),
+  return evaluate(base, ad, token_stream(entries), std::min(o.eval_window, base.cfg.context),
                   o.eval_windows) /
          std::log(2.0);
 }
@@ -74,7 +74,6 @@ nlohmann::json run_quality(const quality_options& o) {
   train_options to;
   to.steps = o.steps;
   to.batch_size = o.batch_size;
-  to.seq_len = o.seq_len;
   to.learning_rate = o.learning_rate;
   to.eval_every = 25;
   std::vector<lora_adapter> adapters;
@@ -133,9 +132,9 @@ nlohmann::json run_quality(const quality_options& o) {
   double total = 0;
   for (double s : job_seconds) total += s;
   j["seconds_per_job_mean"] = total / job_seconds.size();
-  j["hyperparameters"] = {{"steps", o.steps},     {"batch_size", o.batch_size},
-                          {"seq_len", o.seq_len}, {"learning_rate", o.learning_rate},
-                          {"rank", o.rank},       {"alpha", o.alpha},
+  j["hyperparameters"] = {{"steps", o.steps},      {"batch_size", o.batch_size},
+                          {"seq_len", to.seq_len}, {"learning_rate", o.learning_rate},
+                          {"rank", o.rank},        {"alpha", o.alpha},
                           {"mlp", o.mlp}};
   return j;
 }

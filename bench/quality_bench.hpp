@@ -13,7 +13,7 @@ struct quality_options {
   std::string config = "tailor-base";
   int64_t steps = messages::hyperparameter_values{}.steps;
   int64_t batch_size = messages::hyperparameter_values{}.batch_size;
-  int64_t seq_len = 128;  // as onboarding's (model::train_options), and the evaluation windows
+  int64_t eval_window = 128;  // tokens per held-out window; training uses onboarding's windows
   double learning_rate = messages::hyperparameter_values{}.learning_rate;
   int64_t rank = messages::hyperparameter_values{}.rank;
   double alpha = messages::hyperparameter_values{}.alpha;

@@ -25,8 +25,6 @@ struct inference_order {
 // type-erased and only the GPU actor casts it back. Local only.
 struct loaded_adapter {
   std::shared_ptr<const void> adapter;
-  std::string tier;  // where it came from: host (memory) or disk
-  double ms = 0;     // time to load it
 };
 
 }  // namespace tailor::messages
