@@ -24,7 +24,7 @@ base_weights load_or_init(const model_config& cfg) {
 struct fixture {
   model_config cfg = *named_config("tailor-base");
   base_weights base = load_or_init(cfg);
-  adapter_bank bank = adapter_bank::make(cfg, 64, 16, false);
+  adapter_bank bank = adapter_bank::make(cfg, 256, 16, false);
   fixture() {
     for (int64_t i = 1; i <= bank.size; ++i) {
       auto ad = lora_adapter::init(cfg, {8, 16.0, false}, static_cast<uint64_t>(i));
@@ -167,6 +167,7 @@ BENCHMARK(bm_continuous)
     ->Args({32, 32})
     ->Args({64, 1})
     ->Args({64, 64})
+    ->Args({64, 256})
     ->Unit(benchmark::kMicrosecond);
 
 }  // namespace
