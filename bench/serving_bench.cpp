@@ -1,5 +1,7 @@
 #include "serving_bench.hpp"
 
+#include "run_stats.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -350,17 +352,27 @@ json run_serving(const serving_options& o) {
     out["rate"] = o.rate;
   else
     out["concurrency"] = o.concurrency;
+  out["repeat"] = o.repeat;
+  // A per-model endpoint serves one request at a time: no cross-user batch.
+  const int baseline_n = std::find(o.adapters.begin(), o.adapters.end(), 100) != o.adapters.end()
+                             ? 100
+                             : o.adapters.front();
+  std::vector<std::vector<json>> batched(o.adapters.size());
+  std::vector<json> baseline;
+  for (int round = 1; round <= o.repeat; ++round) {
+    // Also the prefix of the run's request ids.
+    const std::string suffix = o.repeat > 1 ? "-round" + std::to_string(round) : "";
+    for (std::size_t i = 0; i < o.adapters.size(); ++i)
+      batched[i].push_back(run_once(o, o.adapters[i], o.max_batch, ("batched" + suffix).c_str()));
+    if (o.baseline) baseline.push_back(run_once(o, baseline_n, 1, ("baseline" + suffix).c_str()));
+  }
   out["runs"] = json::array();
-  for (int n : o.adapters) out["runs"].push_back(run_once(o, n, o.max_batch, "batched"));
+  for (const auto& runs : batched) out["runs"].push_back(median_run(runs, "tokens_per_s"));
   if (o.baseline) {
-    // A per-model endpoint serves one request at a time: no cross-user batch.
-    int n = std::find(o.adapters.begin(), o.adapters.end(), 100) != o.adapters.end()
-                ? 100
-                : o.adapters.front();
-    auto b = run_once(o, n, 1, "baseline");
-    out["baseline"] = {{"adapters", n}, {"tokens_per_s", b["tokens_per_s"]}, {"run", b}};
+    auto b = median_run(baseline, "tokens_per_s");
+    out["baseline"] = {{"adapters", baseline_n}, {"tokens_per_s", b["tokens_per_s"]}, {"run", b}};
     for (auto& r : out["runs"])
-      if (r["adapters"] == n)
+      if (r["adapters"] == baseline_n)
         out["batched_over_baseline"] =
             r["tokens_per_s"].get<double>() / b["tokens_per_s"].get<double>();
   }

@@ -122,6 +122,10 @@ int main(int argc, char** argv) {
       "Kafka bootstrap servers (default: start a broker with scripts/kafka-broker)");
   serving->add_option("--tailord", so.tailord, "the tailord binary (default: this build's)");
   serving->add_flag("!--no-baseline", so.baseline, "skip the one-request-at-a-time baseline");
+  serving
+      ->add_option("--repeat", so.repeat,
+                   "rounds of all runs; each figure is the median round's (default: 1)")
+      ->check(CLI::PositiveNumber);
 
   CLI11_PARSE(app, argc, argv);
   tailor::model::configure_threads(threads, blas_threads);
