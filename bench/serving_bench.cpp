@@ -1,7 +1,5 @@
 #include "serving_bench.hpp"
 
-#include "run_stats.hpp"
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -18,6 +16,7 @@
 #include "model/checkpoint.hpp"
 #include "model/pretrain.hpp"
 #include "progress.hpp"
+#include "run_stats.hpp"
 #include "storage/artifacts.hpp"
 #include "storage/metadata_store.hpp"
 

@@ -18,8 +18,10 @@ TEST(MedianRun, PicksTheRunOfMedianValueAndListsEveryValue) {
 }
 
 TEST(MedianRun, TakesTheLowerMiddleOfAnEvenCount) {
-  std::vector<json> runs{{{"tokens_per_s", 4.0}}, {{"tokens_per_s", 1.0}},
-                         {{"tokens_per_s", 3.0}}, {{"tokens_per_s", 2.0}}};
+  std::vector<json> runs{{{"tokens_per_s", 4.0}},
+                         {{"tokens_per_s", 1.0}},
+                         {{"tokens_per_s", 3.0}},
+                         {{"tokens_per_s", 2.0}}};
   EXPECT_EQ(median_run(runs, "tokens_per_s")["tokens_per_s"], 2.0);
   std::vector<json> one{{{"tokens_per_s", 7.0}}};
   EXPECT_EQ(median_run(one, "tokens_per_s")["tokens_per_s"], 7.0);
