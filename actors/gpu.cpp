@@ -100,8 +100,6 @@ loader_actor::behavior_type adapter_loader(loader_actor::stateful_pointer<loader
         return loaded_adapter{*ad};
       },
       [self](prefetch_atom, const model_record& m) {
-        // Without a host tier the adapter would be read twice.
-        if (self->state.host->capacity() == 0) return;
         if (auto ad = load_adapter(self->state, m); !ad)
           spdlog::debug("prefetch of {}: {}", m.model_id, error_text(ad.error()));
       },

@@ -110,7 +110,8 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
 // that their adapter stays warm there.
 struct serving_routes {
   std::map<std::string, std::vector<gpu_actor>> by_base;
-  // A routed request's adapter, when the host tier lacks it, is prefetched.
+  // A routed request's adapter, when a host tier exists and lacks it, is
+  // prefetched into it.
   std::shared_ptr<host_tier> host;
   loader_actor loader;
   gpu_actor route(const std::string& base_model, const std::string& user_id) const;

@@ -216,8 +216,9 @@ void serve(user_ptr self, promise_t rp, inference_request x, uint64_t hash, mode
   }
   st.inflight[x.request_id] = user_state::pending{hash, gpu, {rp}};
   // A cold adapter starts loading now, not when the GPU actor, perhaps in
-  // the middle of a batch step, gets to the request.
-  if (st.routes.loader && !st.routes.host->find(m.model_id))
+  // the middle of a batch step, gets to the request. Without a host tier
+  // there is nothing to prefetch into: the file would be read twice.
+  if (st.routes.loader && st.routes.host->capacity() > 0 && !st.routes.host->find(m.model_id))
     self->send(st.routes.loader, prefetch_atom_v, m);
   self->request(gpu, caf::infinite, infer_atom_v,
                 inference_order{x, std::move(m), received, std::chrono::steady_clock::now()})

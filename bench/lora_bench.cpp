@@ -11,6 +11,7 @@
 #include "model/checkpoint.hpp"
 #include "model/generate.hpp"
 #include "model/pretrain.hpp"
+#include "run_stats.hpp"
 
 namespace tailor::bench {
 
@@ -18,11 +19,6 @@ namespace {
 
 using namespace tailor::model;
 using clock_type = std::chrono::steady_clock;
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 double seconds_since(clock_type::time_point t) {
   return std::chrono::duration<double>(clock_type::now() - t).count();

@@ -5,6 +5,21 @@
 
 namespace tailor::bench {
 
+namespace {
+
+// Where the median sits among `n` sorted values.
+std::size_t median_position(std::size_t n) {
+  return (n - 1) / 2;
+}
+
+}  // namespace
+
+double median(std::vector<double> values) {
+  if (values.empty()) throw std::invalid_argument("median: no values");
+  std::sort(values.begin(), values.end());
+  return values[median_position(values.size())];
+}
+
 nlohmann::json median_run(const std::vector<nlohmann::json>& runs, const std::string& field) {
   if (runs.empty()) throw std::invalid_argument("median_run: no runs");
   std::vector<double> values;
@@ -17,7 +32,7 @@ nlohmann::json median_run(const std::vector<nlohmann::json>& runs, const std::st
   for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
   std::stable_sort(order.begin(), order.end(),
                    [&](std::size_t a, std::size_t b) { return values[a] < values[b]; });
-  auto out = runs[order[(order.size() - 1) / 2]];
+  auto out = runs[order[median_position(order.size())]];
   out[field + "_runs"] = values;
   return out;
 }

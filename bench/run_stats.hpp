@@ -6,8 +6,12 @@
 
 namespace tailor::bench {
 
+// The median of `values`: the lower of the two middle values for an even
+// count. Throws std::invalid_argument when there are none.
+double median(std::vector<double> values);
+
 // Of repeated runs of one configuration, the run whose `field` is the median
-// (the lower of the two middle runs for an even count), with every run's
+// (by the rule of `median`), with every run's
 // value of `field` added to it as "<field>_runs", in run order. One run on a
 // shared machine can be off by a fifth; the median run is what a repeat is
 // for. Throws std::invalid_argument on no runs or a run without `field`.

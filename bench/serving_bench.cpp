@@ -351,16 +351,16 @@ json run_serving(const serving_options& o) {
     out["rate"] = o.rate;
   else
     out["concurrency"] = o.concurrency;
-  out["repeat"] = o.repeat;
+  out["repeats"] = o.repeats;
   // A per-model endpoint serves one request at a time: no cross-user batch.
   const int baseline_n = std::find(o.adapters.begin(), o.adapters.end(), 100) != o.adapters.end()
                              ? 100
                              : o.adapters.front();
   std::vector<std::vector<json>> batched(o.adapters.size());
   std::vector<json> baseline;
-  for (int round = 1; round <= o.repeat; ++round) {
+  for (int round = 1; round <= o.repeats; ++round) {
     // Also the prefix of the run's request ids.
-    const std::string suffix = o.repeat > 1 ? "-round" + std::to_string(round) : "";
+    const std::string suffix = o.repeats > 1 ? "-round" + std::to_string(round) : "";
     for (std::size_t i = 0; i < o.adapters.size(); ++i)
       batched[i].push_back(run_once(o, o.adapters[i], o.max_batch, ("batched" + suffix).c_str()));
     if (o.baseline) baseline.push_back(run_once(o, baseline_n, 1, ("baseline" + suffix).c_str()));

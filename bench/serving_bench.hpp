@@ -19,14 +19,14 @@ struct serving_options {
   std::string bootstrap;  // empty: start a broker
   std::string tailord = TAILORD_PATH;
   bool baseline = true;
-  int repeat = 1;  // rounds of every run; each figure is the median round's
+  int repeats = 1;  // rounds of every run; each figure is the median round's
 };
 
 // Many personal models on one base through a real broker and a tailord of
 // its own: adapters (random weights of the trained shape) are registered
 // before tailord starts, then requests drawn from Zipf(A) over them are
 // served with cross-user batching, and once more one request at a time
-// (the per-model-endpoint baseline). With `repeat` > 1 the runs go in
+// (the per-model-endpoint baseline). With `repeats` > 1 the runs go in
 // rounds (every adapter count, then the baseline, again), so that a drift
 // in the machine's speed falls on all of them, and each reported run is the
 // one of median tokens/s, its ratios taken between medians.

@@ -123,7 +123,7 @@ int main(int argc, char** argv) {
   serving->add_option("--tailord", so.tailord, "the tailord binary (default: this build's)");
   serving->add_flag("!--no-baseline", so.baseline, "skip the one-request-at-a-time baseline");
   serving
-      ->add_option("--repeat", so.repeat,
+      ->add_option("--repeats", so.repeats,
                    "rounds of all runs; each figure is the median round's (default: 1)")
       ->check(CLI::PositiveNumber);
 

@@ -4,6 +4,7 @@
 #include "run_stats.hpp"
 
 using nlohmann::json;
+using tailor::bench::median;
 using tailor::bench::median_run;
 
 TEST(MedianRun, PicksTheRunOfMedianValueAndListsEveryValue) {
@@ -31,4 +32,10 @@ TEST(MedianRun, RefusesNoRunsAndARunWithoutTheField) {
   EXPECT_THROW(median_run({}, "tokens_per_s"), std::invalid_argument);
   std::vector<json> runs{{{"tokens_per_s", 1.0}}, {{"p50_ms", 2.0}}};
   EXPECT_THROW(median_run(runs, "tokens_per_s"), std::invalid_argument);
+}
+
+TEST(Median, TakesTheMiddleValueAndTheLowerMiddleOfAnEvenCount) {
+  EXPECT_EQ(median({3.0, 1.0, 2.0}), 2.0);
+  EXPECT_EQ(median({4.0, 1.0, 3.0, 2.0}), 2.0);
+  EXPECT_THROW(median({}), std::invalid_argument);
 }
