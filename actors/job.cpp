@@ -31,7 +31,9 @@ errc code_of(const std::string& name) {
 
 // Publishes in order (the egress keeps one producer, so a job's events reach
 // tailor.events in the order sent), then runs `delivered`. A failed delivery
-// is tried again: the events are idempotent for consumers.
+// is tried again: the events are idempotent for consumers. The egress is
+// gone only when the engine stops: then the job ends where it is, persisted,
+// and the next start resumes it or announces its outcome again.
 void publish(job_ptr self, answers msgs, std::function<void()> delivered = {}) {
   self->request(self->state.out, caf::infinite, publish_atom_v, msgs)
       .then(
@@ -39,6 +41,12 @@ void publish(job_ptr self, answers msgs, std::function<void()> delivered = {}) {
             if (delivered) delivered();
           },
           [=](caf::error& err) {
+            if (err == caf::sec::request_receiver_down) {
+              spdlog::info("job {}: the engine is stopping; its events go out at the next start",
+                           self->state.job.job_id);
+              self->quit(caf::exit_reason::user_shutdown);
+              return;
+            }
             spdlog::error("job {}: events not delivered, retrying: {}", self->state.job.job_id,
                           caf::to_string(err));
             publish(self, msgs, delivered);

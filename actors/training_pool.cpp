@@ -118,13 +118,22 @@ pool_actor::behavior_type training_pool(pool_actor::stateful_pointer<pool_state>
     auto& st = self->state;
     for (auto& [id, e] : st.jobs) {
       if (e.actor.address() != dm.source) continue;
-      if (dm.reason && dm.reason != caf::exit_reason::normal)
+      if (dm.reason && dm.reason != caf::exit_reason::normal &&
+          dm.reason != caf::exit_reason::user_shutdown)
         spdlog::error("job actor {} died: {}", id, caf::to_string(dm.reason));
       forget(self, id);
       break;
     }
     admit(self);
     maybe_stopped(self);
+  });
+  // Job actors are monitored, not linked (a job's bug must not end the
+  // pool), so the pool's end is passed on to them by hand: a job left behind
+  // would keep the actor system, and so the process, from stopping.
+  self->set_exit_handler([self](caf::exit_msg& em) {
+    if (!em.reason || em.reason == caf::exit_reason::normal) return;
+    for (const auto& [id, e] : self->state.jobs) self->send_exit(e.actor, em.reason);
+    self->quit(em.reason);
   });
   update_gauges(st);
   return {

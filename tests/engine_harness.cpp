@@ -10,8 +10,10 @@
 #include <condition_variable>
 #include <csignal>
 #include <cstdlib>
+#include <deque>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <random>
 #include <sstream>
 
@@ -185,6 +187,15 @@ int engine_process::stop() {
   int status = 0;
   bool done = wait_until([&] { return ::waitpid(pid_, &status, WNOHANG) == pid_; }, 60s);
   if (!done) {
+    // The end of its log says where it hung.
+    std::ifstream logf(dir_ + "/tailord.log");
+    std::deque<std::string> tail;
+    for (std::string line; std::getline(logf, line);) {
+      tail.push_back(std::move(line));
+      if (tail.size() > 40) tail.pop_front();
+    }
+    std::cerr << "tailord did not stop within 60 s of SIGTERM; the end of its log:\n";
+    for (const auto& line : tail) std::cerr << line << "\n";
     kill();
     return -1;
   }
