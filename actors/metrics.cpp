@@ -107,6 +107,11 @@ std::string metrics::render() const {
         "Sequences decoded, summed over steps (÷ steps = mean batch size).", serving_rows_.load());
   gauge("tailor_serving_batch_max", "gauge", "Largest batch a step has run.",
         serving_max_rows_.load());
+  out << "# HELP tailor_prompt_tokens_total Prompt tokens of admitted requests: taken from the "
+         "prefix cache (reused) or prefilled (computed).\n# TYPE tailor_prompt_tokens_total "
+         "counter\n"
+      << "tailor_prompt_tokens_total{source=\"reused\"} " << prompt_reused_.load() << '\n'
+      << "tailor_prompt_tokens_total{source=\"computed\"} " << prompt_computed_.load() << '\n';
   gauge("tailor_training_queue", "gauge", "Jobs waiting for a training slot.",
         training_queue_.load());
   gauge("tailor_training_assigned", "gauge", "Jobs running or next in line on a training slot.",

@@ -48,6 +48,11 @@ class metrics {
     while (rows > cur && !serving_max_rows_.compare_exchange_weak(cur, rows)) {
     }
   }
+  // Prompt tokens a prefill took from the prefix cache, and computed.
+  void count_prompt_tokens(int64_t reused, int64_t computed) {
+    prompt_reused_.fetch_add(reused);
+    prompt_computed_.fetch_add(computed);
+  }
   void set_serving(const std::string& device, int64_t waiting, int64_t active) {
     set(serving_waiting_, device, waiting);
     set(serving_active_, device, active);
@@ -89,6 +94,7 @@ class metrics {
   double overhead_sum_ = 0;
   std::vector<int64_t> overhead_buckets_;  // cumulative counts per bound of overhead_bounds
   std::atomic<int64_t> serving_steps_{0}, serving_rows_{0}, serving_max_rows_{0};
+  std::atomic<int64_t> prompt_reused_{0}, prompt_computed_{0};
   std::atomic<int64_t> training_queue_{0}, training_assigned_{0};
   std::atomic<double> training_seconds_{0}, first_admission_{0}, queue_drained_{0};
   std::atomic<int64_t> dlq_{0};

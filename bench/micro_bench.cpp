@@ -129,11 +129,11 @@ BENCHMARK(bm_decode_step)->Arg(1)->Arg(8)->Arg(32)->Arg(64)->Unit(benchmark::kMi
 // staggered starts; as each ends, a new one joins (its prefill, and moving
 // the caches together, included), with an adapter drawn in turn from
 // `adapters` places. Items are generated tokens.
-void bm_continuous(benchmark::State& state) {
+void continuous(benchmark::State& state, int64_t prefix_entries) {
   auto& f = fixture::get();
   const auto rows = state.range(0);
   const auto adapters = std::min(state.range(1), f.bank.size);
-  batch_generator g(f.base, f.bank, rows);
+  batch_generator g(f.base, f.bank, rows, prefix_entries);
   int next = 0;
   auto seq = [&] {
     auto s = temperature_sampling(static_cast<uint64_t>(next));
@@ -161,6 +161,9 @@ void bm_continuous(benchmark::State& state) {
   }
   state.SetItemsProcessed(tokens);
 }
+void bm_continuous(benchmark::State& state) {
+  continuous(state, 0);
+}
 // Rows, adapters: one adapter for every row against as many as rows.
 BENCHMARK(bm_continuous)
     ->Args({8, 8})
@@ -169,6 +172,13 @@ BENCHMARK(bm_continuous)
     ->Args({64, 64})
     ->Args({64, 256})
     ->Unit(benchmark::kMicrosecond);
+
+// The same with tailord's default prefix cache (256 prompts): the prompts
+// share "Tell me something about number ", as the serving bench's do.
+void bm_continuous_prefix(benchmark::State& state) {
+  continuous(state, 256);
+}
+BENCHMARK(bm_continuous_prefix)->Args({64, 64})->Args({64, 256})->Unit(benchmark::kMicrosecond);
 
 }  // namespace
 

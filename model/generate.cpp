@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <random>
 
 #include "messages/events.hpp"
@@ -38,8 +39,58 @@ struct batch_generator::row {
 };
 
 batch_generator::batch_generator(const base_weights& base, const adapter_bank& bank,
-                                 int64_t max_rows)
-    : base_(base), bank_(bank), cache_(kv_cache::make(base.cfg, max_rows)), slot_owner_(max_rows) {}
+                                 int64_t max_rows, int64_t prefix_entries)
+    : base_(base),
+      bank_(bank),
+      cache_(kv_cache::make(base.cfg, max_rows)),
+      slot_owner_(max_rows),
+      prefix_entries_(std::max<int64_t>(0, prefix_entries)) {}
+
+std::pair<batch_generator::prefix_entry*, int64_t> batch_generator::longest_prefix(
+    int64_t place, const std::vector<int64_t>& tokens) {
+  const auto version = bank_.versions.empty() ? 0 : bank_.versions[static_cast<std::size_t>(place)];
+  prefix_entry* best = nullptr;
+  int64_t best_n = 0;
+  for (auto& e : prefixes_) {
+    if (e.place != place || e.version != version) continue;
+    const auto n = static_cast<int64_t>(
+        std::mismatch(e.tokens.begin(), e.tokens.end(), tokens.begin(), tokens.end()).first -
+        e.tokens.begin());
+    if (n > best_n) best = &e, best_n = n;
+  }
+  return {best, best_n};
+}
+
+void batch_generator::remember_prompt(int64_t place, const std::vector<int64_t>& tokens,
+                                      int64_t slot) {
+  const auto version = bank_.versions.empty() ? 0 : bank_.versions[static_cast<std::size_t>(place)];
+  prefix_entry* into = nullptr;
+  if (static_cast<int64_t>(prefixes_.size()) < prefix_entries_) {
+    into = &prefixes_.emplace_back();
+  } else {
+    // The least recently used goes; a stale one (its place got another
+    // adapter) first of all.
+    for (auto& e : prefixes_) {
+      const bool stale = e.version != bank_.versions[static_cast<std::size_t>(e.place)];
+      if (stale) {
+        into = &e;
+        break;
+      }
+      if (!into || e.last_used < into->last_used) into = &e;
+    }
+  }
+  const auto n = static_cast<int64_t>(tokens.size());
+  into->place = place;
+  into->version = version;
+  into->tokens = tokens;
+  into->last_used = ++prefix_tick_;
+  into->k.clear();
+  into->v.clear();
+  for (std::size_t l = 0; l < cache_.k.size(); ++l) {
+    into->k.push_back(cache_.k[l][slot].narrow(1, 0, n).clone());
+    into->v.push_back(cache_.v[l][slot].narrow(1, 0, n).clone());
+  }
+}
 
 batch_generator::~batch_generator() = default;
 
@@ -151,12 +202,15 @@ std::vector<int64_t> batch_generator::add_batch(const std::vector<new_sequence>&
   for (std::size_t i = 0; i < slot_owner_.size() && free_slots.size() < seqs.size(); ++i)
     if (!slot_owner_[i]) free_slots.push_back(static_cast<int64_t>(i));
   if (seqs.empty() || free_slots.size() < seqs.size()) return {};
-  // One prefill forward for all of them: prompts are right-padded to the
-  // longest; a row's padding sits at positions past its length, which no
-  // query of that row sees (causal mask) before a real token overwrites them.
+  // One prefill forward for all of them. Row b starts at position reuse[b]
+  // (what the prefix cache had of its prompt, already copied into its slot)
+  // and the rows are right-padded to the longest rest; a row's padding sits
+  // at positions past its length, which no query of that row sees (causal
+  // mask) before a real token overwrites them.
   const auto n = static_cast<int64_t>(seqs.size());
   std::vector<std::vector<int64_t>> tokens;
-  int64_t T = 1;
+  std::vector<int64_t> reuse;
+  std::vector<prefix_entry*> found;
   for (const auto& q : seqs) {
     // A sequence starts after an end-of-text, as every training entry does.
     auto t = encode(q.prompt);
@@ -164,22 +218,70 @@ std::vector<int64_t> batch_generator::add_batch(const std::vector<new_sequence>&
     const int64_t keep =
         std::max<int64_t>(1, base_.cfg.context - std::max<int64_t>(1, q.s.max_tokens));
     if (static_cast<int64_t>(t.size()) > keep) t.erase(t.begin(), t.end() - keep);
-    T = std::max<int64_t>(T, static_cast<int64_t>(t.size()));
+    auto [e, m] = prefix_entries_ > 0 ? longest_prefix(q.adapter, t)
+                                      : std::pair<prefix_entry*, int64_t>{nullptr, 0};
+    // The last prompt token is always computed: its logits give the first
+    // generated token.
+    reuse.push_back(std::min<int64_t>(m, static_cast<int64_t>(t.size()) - 1));
+    found.push_back(e);
     tokens.push_back(std::move(t));
   }
-  std::vector<int64_t> flat, idx, last;
-  for (int64_t b = 0; b < n; ++b) {
-    last.push_back(static_cast<int64_t>(tokens[b].size()) - 1);
-    auto t = tokens[b];
-    t.resize(static_cast<std::size_t>(T), end_of_text);
-    flat.insert(flat.end(), t.begin(), t.end());
-    idx.push_back(seqs[b].adapter);
+  // Rows whose rest is short (most of the prompt cached) would be padded to
+  // the longest rest: when that wastes more than a forward's fixed cost, the
+  // shortest rests go in a forward of their own.
+  std::vector<int64_t> order(static_cast<std::size_t>(n));
+  std::iota(order.begin(), order.end(), 0);
+  auto rest = [&](int64_t b) { return static_cast<int64_t>(tokens[b].size()) - reuse[b]; };
+  std::sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return rest(x) < rest(y); });
+  constexpr int64_t forward_cost = 16;  // ~a forward's fixed cost, in prompt tokens
+  std::size_t split = 0;
+  int64_t best = n * rest(order.back());
+  for (std::size_t k = 1; k < order.size(); ++k) {
+    const auto cost = static_cast<int64_t>(k) * rest(order[k - 1]) +
+                      static_cast<int64_t>(order.size() - k) * rest(order.back()) + forward_cost;
+    if (cost < best) best = cost, split = k;
   }
-  auto logits = forward_batched(
-      base_, bank_, torch::tensor(idx, torch::kLong),
-      torch::tensor(flat, torch::kLong).view({n, T}), torch::zeros({n}, torch::kLong),
-      torch::tensor(std::vector<int64_t>(free_slots.begin(), free_slots.begin() + n), torch::kLong),
-      cache_, torch::tensor(last, torch::kLong));  // [n, 1, V]: each prompt's last token
+  std::vector<torch::Tensor> logits(static_cast<std::size_t>(n));  // each [1, V]
+  auto prefill = [&](std::vector<int64_t> group) {
+    int64_t T = 1;
+    for (auto b : group) T = std::max(T, rest(b));
+    const auto m = static_cast<int64_t>(group.size());
+    std::vector<int64_t> flat, idx, last, starts, slots;
+    for (auto b : group) {
+      // Padding must stay inside the context: a long cached prefix next to a
+      // long rest is cut back (never below 0: no prompt exceeds the context).
+      reuse[b] = std::min(reuse[b], base_.cfg.context - T);
+      const auto slot = free_slots[static_cast<std::size_t>(b)];
+      if (reuse[b] > 0) {
+        found[b]->last_used = ++prefix_tick_;
+        for (std::size_t l = 0; l < cache_.k.size(); ++l) {
+          cache_.k[l][slot].narrow(1, 0, reuse[b]).copy_(found[b]->k[l].narrow(1, 0, reuse[b]));
+          cache_.v[l][slot].narrow(1, 0, reuse[b]).copy_(found[b]->v[l].narrow(1, 0, reuse[b]));
+        }
+      }
+      reused_tokens_ += reuse[b];
+      computed_tokens_ += rest(b);
+      last.push_back(rest(b) - 1);
+      std::vector<int64_t> t(tokens[b].begin() + reuse[b], tokens[b].end());
+      t.resize(static_cast<std::size_t>(T), end_of_text);
+      flat.insert(flat.end(), t.begin(), t.end());
+      idx.push_back(seqs[b].adapter);
+      starts.push_back(reuse[b]);
+      slots.push_back(slot);
+    }
+    auto out =
+        forward_batched(base_, bank_, torch::tensor(idx, torch::kLong),
+                        torch::tensor(flat, torch::kLong).view({m, T}),
+                        torch::tensor(starts, torch::kLong), torch::tensor(slots, torch::kLong),
+                        cache_, torch::tensor(last, torch::kLong));  // [m, 1, V]: last tokens
+    for (int64_t i = 0; i < m; ++i) logits[static_cast<std::size_t>(group[i])] = out[i];
+  };
+  if (split > 0) prefill({order.begin(), order.begin() + static_cast<std::ptrdiff_t>(split)});
+  prefill({order.begin() + static_cast<std::ptrdiff_t>(split), order.end()});
+  // Prompts mostly new to the cache are kept, from their slots.
+  for (int64_t b = 0; b < n; ++b)
+    if (prefix_entries_ > 0 && 2 * reuse[b] < static_cast<int64_t>(tokens[b].size()))
+      remember_prompt(seqs[b].adapter, tokens[b], free_slots[static_cast<std::size_t>(b)]);
   std::vector<int64_t> ids;
   for (int64_t b = 0; b < n; ++b) {
     const auto& q = seqs[b];
@@ -196,7 +298,7 @@ std::vector<int64_t> batch_generator::add_batch(const std::vector<new_sequence>&
     if (q.s.max_tokens <= 0) {
       r->finish = "length";
     } else {
-      auto next = logits[b][0].to(torch::kFloat32).contiguous();
+      auto next = logits[static_cast<std::size_t>(b)][0].to(torch::kFloat32).contiguous();
       emit(*r, sample(*r, next.data_ptr<float>(), next.size(0)));
     }
     if (!r->finish.empty()) {

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "model/transformer.hpp"
@@ -36,9 +37,18 @@ struct generation {
 
 // Rows of one batch. Each row owns a cache slot; `add` prefills a row, `step`
 // runs one decode step for every active row in one batched forward.
+//
+// With `prefix_entries` > 0 it keeps the keys and values of up to that many
+// recent prompts, each under the bank place (and the place's version) of its
+// adapter: a prompt that begins like one its adapter saw before copies that
+// part into its slot and prefills only the rest. Keys and values depend on
+// the adapter (LoRA adapts the QKV projection), so prompts of different
+// adapters never share. A prompt is kept when less than half of it was
+// found, so a shared template is stored once per adapter, not per prompt.
 class batch_generator {
  public:
-  batch_generator(const base_weights& base, const adapter_bank& bank, int64_t max_rows);
+  batch_generator(const base_weights& base, const adapter_bank& bank, int64_t max_rows,
+                  int64_t prefix_entries = 0);
   ~batch_generator();
 
   // Starts a sequence with the bank's adapter `adapter` (0: none). Returns its
@@ -62,6 +72,10 @@ class batch_generator {
   bool finish(int64_t id, const std::string& reason);
   // The finished sequence's result (once).
   generation take(int64_t id);
+  // Prompt tokens since construction: copied from the prefix cache, and
+  // computed by prefill.
+  int64_t prompt_tokens_reused() const { return reused_tokens_; }
+  int64_t prompt_tokens_computed() const { return computed_tokens_; }
 
  private:
   struct row;
@@ -70,6 +84,18 @@ class batch_generator {
   // then reads the cache in place instead of gathering it every step.
   void compact();
   int64_t sample(row& r, const float* logits, int64_t vocab);
+  struct prefix_entry {
+    int64_t place = 0;
+    uint64_t version = 0;
+    std::vector<int64_t> tokens;
+    std::vector<torch::Tensor> k, v;  // [layer] -> [heads, tokens, head_dim]
+    uint64_t last_used = 0;
+  };
+  // The cached prompt of `place` sharing the longest prefix with `tokens`,
+  // and that length (0 and nullptr when none does).
+  std::pair<prefix_entry*, int64_t> longest_prefix(int64_t place,
+                                                   const std::vector<int64_t>& tokens);
+  void remember_prompt(int64_t place, const std::vector<int64_t>& tokens, int64_t slot);
 
   const base_weights& base_;
   const adapter_bank& bank_;
@@ -80,6 +106,10 @@ class batch_generator {
   std::vector<int64_t> finished_early_;
   int64_t next_id_ = 0;
   std::vector<std::pair<float, int64_t>> sample_buffer_;  // reused by sample()
+  int64_t prefix_entries_ = 0;
+  std::vector<prefix_entry> prefixes_;
+  uint64_t prefix_tick_ = 0;
+  int64_t reused_tokens_ = 0, computed_tokens_ = 0;
 };
 
 // Convenience: every prompt at once, batched; results in order.

@@ -393,6 +393,7 @@ adapter_bank adapter_bank::build(const model_config& mc,
   bank.rank = rank;
   bank.ranks.assign(1, 0);
   for (const auto* ad : adapters) bank.ranks.push_back(ad->cfg.rank);
+  bank.versions.assign(static_cast<std::size_t>(bank.size) + 1, 0);
   return bank;
 }
 
@@ -401,6 +402,7 @@ adapter_bank adapter_bank::make(const model_config& mc, int64_t capacity, int64_
   bank.size = capacity;
   bank.rank = rank;
   bank.ranks.assign(static_cast<std::size_t>(capacity) + 1, 0);
+  bank.versions.assign(static_cast<std::size_t>(capacity) + 1, 0);
   bank.mlp = mlp;
   const int sites = mlp ? 4 : 2;
   bank.a.resize(mc.n_layer);
@@ -430,6 +432,7 @@ bool adapter_bank::set(int64_t index, const lora_adapter& ad) {
       bi.narrow(0, 0, ad.cfg.rank).copy_(p.b * ad.scale());
     }
   ranks[static_cast<std::size_t>(index)] = ad.cfg.rank;
+  ++versions[static_cast<std::size_t>(index)];
   return true;
 }
 

@@ -80,7 +80,10 @@ struct adapter_bank {
   // [layer][site] -> A [n + 1, in, r], B [n + 1, r, out] (scale folded into B)
   std::vector<std::vector<torch::Tensor>> a, b;
   std::vector<int64_t> ranks;  // per place (0: empty): a decode step skips the padding
-  int64_t size = 0;            // adapters, not counting index 0
+  // Per place, bumped by every set(): what was computed with a place's old
+  // adapter (cached prompt keys and values) is recognized as stale.
+  std::vector<uint64_t> versions;
+  int64_t size = 0;  // adapters, not counting index 0
   bool mlp = false;
   int64_t rank = 0;  // of the stacked factors; smaller adapters are zero-padded
 

@@ -110,6 +110,11 @@ TEST(EngineConfig, ValidationNamesTheOffendingKey) {
   cfg = {};
   cfg.kafka.commit_interval_ms = -1;
   EXPECT_NE(validate(cfg).find("kafka.commit_interval_ms"), std::string::npos);
+  cfg = {};
+  cfg.serving.prefix_cache_entries = -1;
+  EXPECT_NE(validate(cfg).find("serving.prefix_cache_entries"), std::string::npos);
+  cfg.serving.prefix_cache_entries = 0;  // off
+  EXPECT_EQ(validate(cfg), "");
 }
 
 TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
@@ -118,9 +123,11 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
   engine_config cfg;
   EXPECT_NE(load_config_file(path.string(), cfg).find("training: unknown key 'nope'"),
             std::string::npos);
-  std::ofstream(path) << R"({"training":{"slots":3,"steps":7},"compute":{"blas_threads":2}})";
+  std::ofstream(path)
+      << R"({"training":{"slots":3,"steps":7},"compute":{"blas_threads":2},"serving":{"prefix_cache_entries":8}})";
   cfg = {};
   EXPECT_EQ(load_config_file(path.string(), cfg), "");
+  EXPECT_EQ(cfg.serving.prefix_cache_entries, 8);
   EXPECT_EQ(cfg.training.slots, 3);
   EXPECT_EQ(cfg.training.defaults.steps, 7);
   EXPECT_EQ(cfg.compute.blas_threads, 2);

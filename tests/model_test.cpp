@@ -281,6 +281,87 @@ TEST_F(ModelTest, ContinuousBatchingAdmitsAndRetiresRowsBetweenSteps) {
   EXPECT_TRUE(g.add("third", 3, s)) << "a freed row takes a new sequence";
 }
 
+// A prompt that begins like an earlier one of its adapter prefills only the
+// rest (the prefix cache), and its text is what a full prefill gives. Another
+// adapter's prompts, or the same bank place once it holds another adapter,
+// share nothing.
+TEST_F(ModelTest, APromptCachedForItsAdapterIsReusedWithoutChangingTheText) {
+  std::vector<const lora_adapter*> ptrs;
+  for (auto& a : adapters_) ptrs.push_back(&a);
+  auto bank = adapter_bank::build(cfg_, ptrs);  // its own: place 1 changes below
+  sampling s;
+  s.max_tokens = 16;
+  s.temperature = 1.0;
+  s.seed = 7;
+  const std::string first = "Tell me something about number 1.";
+  const std::string second = "Tell me something about number 2.";
+  batch_generator g(base_, bank, 4, 8);
+  auto run = [&](const std::string& prompt, int64_t place) {
+    auto id = g.add(prompt, place, s);
+    EXPECT_TRUE(id);
+    while (!g.idle()) g.step();
+    return g.take(*id).tokens;
+  };
+  auto alone = [&](const std::string& prompt, int64_t place) {
+    return generate_all(base_, bank, {prompt}, {place}, {s})[0].tokens;
+  };
+  EXPECT_EQ(run(first, 1), alone(first, 1));
+  EXPECT_EQ(g.prompt_tokens_reused(), 0);
+  EXPECT_EQ(g.prompt_tokens_computed(), 34);  // end-of-text and 33 bytes
+  // End-of-text and "Tell me something about number " come from the cache.
+  EXPECT_EQ(run(second, 1), alone(second, 1));
+  EXPECT_EQ(g.prompt_tokens_reused(), 32);
+  EXPECT_EQ(g.prompt_tokens_computed(), 36);
+  // The same prompt again: all but its last token.
+  EXPECT_EQ(run(first, 1), alone(first, 1));
+  EXPECT_EQ(g.prompt_tokens_reused(), 65);
+  EXPECT_EQ(run(second, 2), alone(second, 2));
+  EXPECT_EQ(g.prompt_tokens_reused(), 65) << "another adapter shares nothing";
+  ASSERT_TRUE(bank.set(1, adapters_[3]));
+  EXPECT_EQ(run(second, 1), alone(second, 1));
+  EXPECT_EQ(g.prompt_tokens_reused(), 65) << "place 1 holds another adapter now";
+  EXPECT_EQ(run(first, 1), alone(first, 1));
+  EXPECT_EQ(g.prompt_tokens_reused(), 97) << "and is cached anew";
+  // One prefill for rows that start at different positions: a cached
+  // prompt (all but its last token), a new one (end-of-text only), another
+  // adapter's cached one.
+  const std::string other = "Something else, and longer.";
+  auto ids = g.add_batch({{second, 1, s}, {other, 1, s}, {second, 2, s}});
+  ASSERT_EQ(ids.size(), 3u);
+  EXPECT_EQ(g.prompt_tokens_reused(), 97 + 33 + 1 + 33);
+  while (!g.idle()) g.step();
+  EXPECT_EQ(g.take(ids[0]).tokens, alone(second, 1));
+  EXPECT_EQ(g.take(ids[1]).tokens, alone(other, 1));
+  EXPECT_EQ(g.take(ids[2]).tokens, alone(second, 2));
+  // A cached prompt next to a 48-token new one (the longest that 16 new
+  // tokens leave in a context of 64): padding the short rest to 48 would
+  // cost more than a forward, so each gets its own.
+  const std::string long_one(60, 'x');
+  ids = g.add_batch({{second, 1, s}, {long_one, 1, s}});
+  ASSERT_EQ(ids.size(), 2u);
+  EXPECT_EQ(g.prompt_tokens_reused(), 164 + 33);
+  while (!g.idle()) g.step();
+  EXPECT_EQ(g.take(ids[0]).tokens, alone(second, 1));
+  EXPECT_EQ(g.take(ids[1]).tokens, alone(long_one, 1));
+  // In one forward, padding must stay inside the context: a row 51 tokens
+  // into its prompt next to a rest of 20 may start at 64 - 20 = 44 at most.
+  sampling s4 = s;
+  s4.max_tokens = 4;
+  const std::string stored = std::string(50, 'a') + std::string(9, 'b');
+  const std::string shared = std::string(50, 'a') + std::string(9, 'c');
+  const std::string fresh(19, 'z');
+  auto first_ids = g.add_batch({{stored, 1, s4}});
+  while (!g.idle()) g.step();
+  g.take(first_ids[0]);
+  const auto before = g.prompt_tokens_reused();
+  ids = g.add_batch({{shared, 1, s4}, {fresh, 3, s4}});
+  ASSERT_EQ(ids.size(), 2u);
+  EXPECT_EQ(g.prompt_tokens_reused(), before + 44);
+  while (!g.idle()) g.step();
+  EXPECT_EQ(g.take(ids[0]).tokens, generate_all(base_, bank, {shared}, {1}, {s4})[0].tokens);
+  EXPECT_EQ(g.take(ids[1]).tokens, generate_all(base_, bank, {fresh}, {3}, {s4})[0].tokens);
+}
+
 TEST(Tokenizer, BytesRoundTripAndInvalidUtf8IsRepaired) {
   EXPECT_EQ(decode(encode("héllo")), "héllo");
   EXPECT_EQ(decode({0x68, 0xff, end_of_text, 0x69}), "h\xEF\xBF\xBDi");

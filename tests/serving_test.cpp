@@ -136,6 +136,10 @@ TEST_F(ServingTest, ConcurrentRequestsAreBatchedAndEachEqualsItsResultAlone) {
     auto r = result(users[i % 16], "alone" + std::to_string(i));
     EXPECT_EQ(r["text"], batched[i]) << "request " << i;
   }
+  // The same prompt again and again: all but its last token came from the
+  // prefix cache (first prefilled, then reused, and the texts are equal).
+  EXPECT_GT(labelled("tailor_prompt_tokens_total", "source", "reused"), 0);
+  EXPECT_GT(labelled("tailor_prompt_tokens_total", "source", "computed"), 0);
 }
 
 TEST_F(ServingTest, AColdAdapterIsLoadedAndLaterEvictedUnderCapacityPressure) {
