@@ -46,9 +46,14 @@ batch_generator::batch_generator(const base_weights& base, const adapter_bank& b
       slot_owner_(max_rows),
       prefix_entries_(std::max<int64_t>(0, prefix_entries)) {}
 
+uint64_t batch_generator::version_of(int64_t place) const {
+  const auto i = static_cast<std::size_t>(place);
+  return i < bank_.versions.size() ? bank_.versions[i] : 0;
+}
+
 std::pair<batch_generator::prefix_entry*, int64_t> batch_generator::longest_prefix(
     int64_t place, const std::vector<int64_t>& tokens) {
-  const auto version = bank_.versions.empty() ? 0 : bank_.versions[static_cast<std::size_t>(place)];
+  const auto version = version_of(place);
   prefix_entry* best = nullptr;
   int64_t best_n = 0;
   for (auto& e : prefixes_) {
@@ -63,7 +68,6 @@ std::pair<batch_generator::prefix_entry*, int64_t> batch_generator::longest_pref
 
 void batch_generator::remember_prompt(int64_t place, const std::vector<int64_t>& tokens,
                                       int64_t slot) {
-  const auto version = bank_.versions.empty() ? 0 : bank_.versions[static_cast<std::size_t>(place)];
   prefix_entry* into = nullptr;
   if (static_cast<int64_t>(prefixes_.size()) < prefix_entries_) {
     into = &prefixes_.emplace_back();
@@ -71,8 +75,7 @@ void batch_generator::remember_prompt(int64_t place, const std::vector<int64_t>&
     // The least recently used goes; a stale one (its place got another
     // adapter) first of all.
     for (auto& e : prefixes_) {
-      const bool stale = e.version != bank_.versions[static_cast<std::size_t>(e.place)];
-      if (stale) {
+      if (e.version != version_of(e.place)) {
         into = &e;
         break;
       }
@@ -81,7 +84,7 @@ void batch_generator::remember_prompt(int64_t place, const std::vector<int64_t>&
   }
   const auto n = static_cast<int64_t>(tokens.size());
   into->place = place;
-  into->version = version;
+  into->version = version_of(place);
   into->tokens = tokens;
   into->last_used = ++prefix_tick_;
   into->k.clear();

@@ -96,6 +96,7 @@ class batch_generator {
   std::pair<prefix_entry*, int64_t> longest_prefix(int64_t place,
                                                    const std::vector<int64_t>& tokens);
   void remember_prompt(int64_t place, const std::vector<int64_t>& tokens, int64_t slot);
+  uint64_t version_of(int64_t place) const;  // of the bank's place (0 if it has none)
 
   const base_weights& base_;
   const adapter_bank& bank_;
