@@ -195,57 +195,47 @@ TEST(HostTier, ConcurrentUseKeepsEachAdapterUnderItsOwnId) {
 
 namespace {
 
-// A training pool as the engine runs it, with a real store on disk and no
-// training slots (a queued job stays queued). Its egress is either gone, as
-// when the engine stops, or stalled: it takes events and never reports
-// their delivery, as while the broker is out of reach.
-class PoolShutdown : public ::testing::Test {
+// Job actors as the engine runs them, with a real store on disk, against an
+// egress that is either gone, as when the engine stops, or stalled: it
+// takes events and never reports their delivery (as while the broker is out
+// of reach), and tells the test which actor published them.
+class JobsAtShutdown : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = fs::temp_directory_path() / ("tailor-pool-" + std::to_string(::getpid()));
+    dir_ = fs::temp_directory_path() / ("tailor-jobs-" + std::to_string(::getpid()));
     fs::create_directories(dir_);
     auto db = tailor::storage::metadata_store::open((dir_ / "metadata").string(), {});
     ASSERT_TRUE(db) << caf::to_string(db.error());
     sys_cfg_.add_message_types<caf::id_block::tailor>();
     sys_ = std::make_unique<caf::actor_system>(sys_cfg_);
+    self_ = std::make_unique<caf::scoped_actor>(*sys_);
     db_ = sys_->spawn(store, std::shared_ptr<tailor::storage::metadata_store>(std::move(*db)));
-  }
-  void start_pool(bool egress_gone) {
     using held = std::vector<caf::typed_response_promise<caf::ok_atom>>;
-    out_ =
-        sys_->spawn([](egress_actor::stateful_pointer<held> self) -> egress_actor::behavior_type {
-          return {[self](publish_atom, std::vector<outgoing_message>&) {
+    caf::actor observer = caf::actor_cast<caf::actor>(*self_);
+    out_ = sys_->spawn(
+        [observer](egress_actor::stateful_pointer<held> self) -> egress_actor::behavior_type {
+          return {[self, observer](publish_atom, std::vector<outgoing_message>&) {
+                    caf::anon_send(observer, caf::actor_cast<caf::actor>(self->current_sender()));
                     self->state.push_back(self->make_response_promise<caf::ok_atom>());
                     return self->state.back();
                   },
                   [](poll_atom) {}, [](tick_atom) {}};
         });
-    if (egress_gone) {
-      caf::scoped_actor self{*sys_};
-      self->send_exit(out_, caf::exit_reason::user_shutdown);
-      self->wait_for(out_);
-    }
-    baseline_ = sys_->registry().running();
-    engine_config cfg;
-    cfg.training.slots = 0;
-    pool_ = sys_->spawn(training_pool, cfg, db_, out_, std::make_shared<metrics>(), nullptr);
   }
   void TearDown() override {
-    {
-      caf::scoped_actor self{*sys_};
-      self->send_exit(pool_, caf::exit_reason::user_shutdown);
-      self->send_exit(out_, caf::exit_reason::user_shutdown);
-      self->send_exit(db_, caf::exit_reason::user_shutdown);
-    }
-    pool_ = nullptr;
-    db_ = nullptr;
+    (*self_)->send_exit(out_, caf::exit_reason::user_shutdown);
+    (*self_)->send_exit(db_, caf::exit_reason::user_shutdown);
+    self_.reset();
     out_ = nullptr;
-    // Waits for every actor: a job left running would hang here, which the
-    // tests below check with a deadline first.
-    sys_.reset();
+    db_ = nullptr;
+    sys_.reset();  // waits for every actor
     fs::remove_all(dir_);
   }
-  job_record job(const std::string& id, const std::string& status) {
+  void egress_exits() {
+    (*self_)->send_exit(out_, caf::exit_reason::user_shutdown);
+    (*self_)->wait_for(out_);
+  }
+  job_record record(const std::string& id, const std::string& status) {
     job_record j;
     j.job_id = id;
     j.request_id = "r-" + id;
@@ -255,30 +245,27 @@ class PoolShutdown : public ::testing::Test {
     if (status == "ready") j.outcome = {job_event_message(j, "model.ready")};
     return j;
   }
-  // Polls `pred` until it holds or `limit` passes.
-  static bool eventually(const std::function<bool()>& pred, std::chrono::seconds limit) {
-    auto end = std::chrono::steady_clock::now() + limit;
-    while (!pred()) {
-      if (std::chrono::steady_clock::now() > end) return false;
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    return true;
+  // The next down message, within 10 s; false on timeout.
+  bool next_down() {
+    bool got = false;
+    (*self_)->receive([&](caf::down_msg&) { got = true; },
+                      caf::after(std::chrono::seconds(10)) >> [] {});
+    return got;
   }
-  int64_t jobs_of(const std::string& user) {
-    caf::scoped_actor self{*sys_};
-    int64_t n = -1;
-    self->request(pool_, std::chrono::seconds(10), count_atom_v, user)
-        .receive([&](int64_t c) { n = c; }, [](caf::error&) {});
-    return n;
+  // The next actor the stalled egress names, within 10 s; null on timeout.
+  caf::actor next_publisher() {
+    caf::actor got;
+    (*self_)->receive([&](caf::actor& a) { got = a; },
+                      caf::after(std::chrono::seconds(10)) >> [] {});
+    return got;
   }
 
   fs::path dir_;
   caf::actor_system_config sys_cfg_;
   std::unique_ptr<caf::actor_system> sys_;
+  std::unique_ptr<caf::scoped_actor> self_;
   store_actor db_;
   egress_actor out_;
-  pool_actor pool_;
-  std::size_t baseline_ = 0;
 };
 
 }  // namespace
@@ -286,28 +273,39 @@ class PoolShutdown : public ::testing::Test {
 // A finished job whose final events cannot go out any more (the egress has
 // exited) ends, and leaves them to the next start, instead of retrying
 // forever and keeping the process from stopping.
-TEST_F(PoolShutdown, AJobWhoseEventsCannotGoOutAnyMoreEnds) {
-  start_pool(true);
-  caf::scoped_actor self{*sys_};
-  self->request(pool_, std::chrono::seconds(10), submit_atom_v, job("j1", "ready"))
-      .receive([](caf::ok_atom) {}, [](caf::error& e) { FAIL() << caf::to_string(e); });
-  EXPECT_TRUE(eventually([&] { return jobs_of("u") == 0; }, std::chrono::seconds(10)))
-      << "the job actor is still in flight";
+TEST_F(JobsAtShutdown, AJobWhoseEventsCannotGoOutAnyMoreEnds) {
+  egress_exits();
+  auto& self = *self_;
+  engine_config cfg;
+  auto j = sys_->spawn(job, record("j1", "ready"), cfg, db_, out_,
+                       caf::actor_cast<job_owner>(self), std::make_shared<metrics>());
+  self->monitor(j);
+  self->send(j, done_atom_v);  // announce the final events, as at recovery
+  bool ended = next_down();
+  EXPECT_TRUE(ended) << "the job actor is still running";
+  if (!ended) self->send_exit(j, caf::exit_reason::kill);
 }
 
 // The pool's end reaches the job actors it monitors (they are not linked to
 // it): once it exits, no job actor is left to hold the actor system, not
 // even one that waits for its events' delivery.
-TEST_F(PoolShutdown, ThePoolsEndEndsItsJobs) {
-  caf::scoped_actor self{*sys_};  // counted among the running actors
-  start_pool(false);
-  for (auto [id, status] : {std::pair{"q1", "queued"}, {"q2", "queued"}, {"r1", "ready"}})
-    self->request(pool_, std::chrono::seconds(10), submit_atom_v, job(id, status))
+TEST_F(JobsAtShutdown, ThePoolsEndEndsItsJobs) {
+  auto& self = *self_;
+  engine_config cfg;
+  cfg.training.slots = 0;  // a queued job stays queued
+  auto pool = sys_->spawn(training_pool, cfg, db_, out_, std::make_shared<metrics>(), nullptr);
+  for (auto [id, status] : {std::pair{"q1", "queued"}, {"r1", "ready"}, {"r2", "ready"}})
+    self->request(pool, std::chrono::seconds(10), submit_atom_v, record(id, status))
         .receive([](caf::ok_atom) {}, [](caf::error& e) { FAIL() << caf::to_string(e); });
-  ASSERT_EQ(jobs_of("u"), 3);
-  ASSERT_EQ(sys_->registry().running(), baseline_ + 4);  // the pool and three jobs
-  self->send_exit(pool_, caf::exit_reason::user_shutdown);
-  EXPECT_TRUE(
-      eventually([&] { return sys_->registry().running() == baseline_; }, std::chrono::seconds(10)))
-      << sys_->registry().running() - baseline_ << " actors left";
+  // The ready jobs publish their final events; the stalled egress names them.
+  std::vector<caf::actor> publishing;
+  for (int i = 0; i < 2; ++i) {
+    publishing.push_back(next_publisher());
+    ASSERT_TRUE(publishing.back()) << "a ready job did not publish";
+  }
+  for (const auto& a : publishing) self->monitor(a);
+  self->send_exit(pool, caf::exit_reason::user_shutdown);
+  int ended = 0;
+  for (std::size_t i = 0; i < publishing.size(); ++i) ended += next_down();
+  EXPECT_EQ(ended, 2) << "job actors outlived the pool";
 }
