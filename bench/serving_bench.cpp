@@ -93,17 +93,6 @@ std::vector<std::pair<double, double>> overhead_buckets(const engine_run& engine
   return out;
 }
 
-// tailord's prompt tokens so far: from its prefix cache, and prefilled.
-std::pair<double, double> prompt_tokens(const engine_run& engine) {
-  auto text = engine.get("/metrics");
-  auto value = [&](const std::string& source) {
-    const std::string key = "tailor_prompt_tokens_total{source=\"" + source + "\"} ";
-    auto pos = text.find(key);
-    return pos == std::string::npos ? 0.0 : std::stod(text.substr(pos + key.size()));
-  };
-  return {value("reused"), value("computed")};
-}
-
 // The q-quantile of the samples between two scrapes of the histogram,
 // interpolated within its bucket (Prometheus' histogram_quantile).
 // Waits (up to 10 s) until tailord has observed `n` overheads: it observes
@@ -263,7 +252,8 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
   }
   await_overheads(engine, warm);
   const auto overhead0 = overhead_buckets(engine);
-  const auto prompts0 = prompt_tokens(engine);
+  const auto reused0 = engine.metric("tailor_prompt_tokens_total", "source", "reused");
+  const auto computed0 = engine.metric("tailor_prompt_tokens_total", "source", "computed");
   const auto hits0 = engine.metric("tailor_adapter_cache_hits_total", "tier", "device");
   const auto misses0 = engine.metric("tailor_adapter_cache_misses_total", "tier", "device");
   const double started = std::chrono::duration<double>(clock::now().time_since_epoch()).count();
@@ -338,9 +328,9 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
   out["transport_p99_ms"] = percentile(log.transport_ms, 0.99);
   await_overheads(engine, warm + o.requests);
   const auto overhead1 = overhead_buckets(engine);
-  const auto prompts1 = prompt_tokens(engine);
-  const double reused = prompts1.first - prompts0.first,
-               computed = prompts1.second - prompts0.second;
+  const double reused = engine.metric("tailor_prompt_tokens_total", "source", "reused") - reused0,
+               computed =
+                   engine.metric("tailor_prompt_tokens_total", "source", "computed") - computed0;
   out["prompt_tokens_reused_fraction"] = reused + computed > 0 ? reused / (reused + computed) : 0.0;
   out["overhead_p50_ms"] = quantile_between(overhead0, overhead1, 0.5);
   out["overhead_p99_ms"] = quantile_between(overhead0, overhead1, 0.99);

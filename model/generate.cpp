@@ -68,6 +68,7 @@ std::pair<batch_generator::prefix_entry*, int64_t> batch_generator::longest_pref
 
 void batch_generator::remember_prompt(int64_t place, const std::vector<int64_t>& tokens,
                                       int64_t slot) {
+  if (prefix_entries_ == 0) return;
   prefix_entry* into = nullptr;
   if (static_cast<int64_t>(prefixes_.size()) < prefix_entries_) {
     into = &prefixes_.emplace_back();
@@ -205,9 +206,9 @@ std::vector<int64_t> batch_generator::add_batch(const std::vector<new_sequence>&
   for (std::size_t i = 0; i < slot_owner_.size() && free_slots.size() < seqs.size(); ++i)
     if (!slot_owner_[i]) free_slots.push_back(static_cast<int64_t>(i));
   if (seqs.empty() || free_slots.size() < seqs.size()) return {};
-  // One prefill forward for all of them. Row b starts at position reuse[b]
-  // (what the prefix cache had of its prompt, already copied into its slot)
-  // and the rows are right-padded to the longest rest; a row's padding sits
+  // One prefill forward for all of them (or two, below). Row b starts at
+  // position reuse[b] (what the prefix cache had of its prompt, copied into
+  // its slot) and the rows are right-padded to the longest rest; a row's padding sits
   // at positions past its length, which no query of that row sees (causal
   // mask) before a real token overwrites them.
   const auto n = static_cast<int64_t>(seqs.size());
@@ -221,8 +222,7 @@ std::vector<int64_t> batch_generator::add_batch(const std::vector<new_sequence>&
     const int64_t keep =
         std::max<int64_t>(1, base_.cfg.context - std::max<int64_t>(1, q.s.max_tokens));
     if (static_cast<int64_t>(t.size()) > keep) t.erase(t.begin(), t.end() - keep);
-    auto [e, m] = prefix_entries_ > 0 ? longest_prefix(q.adapter, t)
-                                      : std::pair<prefix_entry*, int64_t>{nullptr, 0};
+    auto [e, m] = longest_prefix(q.adapter, t);  // none while the cache is off
     // The last prompt token is always computed: its logits give the first
     // generated token.
     reuse.push_back(std::min<int64_t>(m, static_cast<int64_t>(t.size()) - 1));
@@ -283,7 +283,7 @@ std::vector<int64_t> batch_generator::add_batch(const std::vector<new_sequence>&
   prefill({order.begin() + static_cast<std::ptrdiff_t>(split), order.end()});
   // Prompts mostly new to the cache are kept, from their slots.
   for (int64_t b = 0; b < n; ++b)
-    if (prefix_entries_ > 0 && 2 * reuse[b] < static_cast<int64_t>(tokens[b].size()))
+    if (2 * reuse[b] < static_cast<int64_t>(tokens[b].size()))
       remember_prompt(seqs[b].adapter, tokens[b], free_slots[static_cast<std::size_t>(b)]);
   std::vector<int64_t> ids;
   for (int64_t b = 0; b < n; ++b) {
