@@ -11,34 +11,6 @@ namespace tailor::actors {
 
 namespace {
 
-// Delivery reports arrive inside producer->poll(), i.e. on the egress actor's
-// own thread, so the callback may touch its state directly.
-class delivery_cb : public RdKafka::DeliveryReportCb {
- public:
-  explicit delivery_cb(egress_state* st) : st_(st) {}
-  void dr_cb(RdKafka::Message& msg) override {
-    auto id = reinterpret_cast<uintptr_t>(msg.msg_opaque());
-    auto it = st_->batches.find(id);
-    if (it == st_->batches.end()) return;
-    auto& b = it->second;
-    if (msg.err() != RdKafka::ERR_NO_ERROR) {
-      if (b.error.empty()) b.error = msg.topic_name() + ": " + msg.errstr();
-    } else if (st_->stats) {
-      st_->stats->count_out(msg.topic_name());
-    }
-    if (--b.remaining == 0) {
-      if (b.error.empty())
-        b.promise.deliver(caf::ok_atom_v);
-      else
-        b.promise.deliver(caf::make_error(caf::sec::runtime_error, b.error));
-      st_->batches.erase(it);
-    }
-  }
-
- private:
-  egress_state* st_;
-};
-
 const std::string& topic_of(const kafka_config& cfg, channel c) {
   switch (c) {
     case channel::results: return cfg.topics.results;
@@ -50,8 +22,29 @@ const std::string& topic_of(const kafka_config& cfg, channel c) {
 
 }  // namespace
 
-std::unique_ptr<RdKafka::Producer> make_producer(const kafka_config& cfg,
-                                                 RdKafka::DeliveryReportCb* cb, std::string& err) {
+// Delivery reports arrive inside producer->poll(), i.e. on the owner's own
+// thread, so the callback may touch its batches directly.
+class batch_producer::reports : public RdKafka::DeliveryReportCb {
+ public:
+  explicit reports(batch_producer* owner) : owner_(owner) {}
+  void dr_cb(RdKafka::Message& msg) override {
+    const bool ok = msg.err() == RdKafka::ERR_NO_ERROR;
+    owner_->settle(reinterpret_cast<uintptr_t>(msg.msg_opaque()), msg.topic_name(),
+                   ok ? "" : msg.topic_name() + ": " + msg.errstr());
+  }
+
+ private:
+  batch_producer* owner_;
+};
+
+std::unique_ptr<batch_producer> batch_producer::make(const kafka_config& cfg,
+                                                     std::shared_ptr<metrics> stats,
+                                                     const std::string& client_id,
+                                                     std::string& err) {
+  std::unique_ptr<batch_producer> p(new batch_producer());
+  p->cfg_ = cfg;
+  p->stats_ = std::move(stats);
+  p->on_delivery_ = std::make_unique<reports>(p.get());
   auto conf = make_conf(cfg,
                         {{"enable.idempotence", "true"},
                          {"acks", "all"},
@@ -70,76 +63,99 @@ std::unique_ptr<RdKafka::Producer> make_producer(const kafka_config& cfg,
                          // p90 16-33 -> 3 ms in a closed loop, 100 adapters
                          // 12.3k -> 15.5k tokens/s; open loop unchanged.
                          {"max.in.flight", "1"},
-                         {"client.id", "tailord-egress"}},
+                         {"client.id", client_id}},
                         err);
   if (!conf) return nullptr;
-  if (cb && conf->set("dr_cb", cb, err) != RdKafka::Conf::CONF_OK) return nullptr;
-  std::unique_ptr<RdKafka::Producer> p(RdKafka::Producer::create(conf.get(), err));
+  if (conf->set("dr_cb", p->on_delivery_.get(), err) != RdKafka::Conf::CONF_OK) return nullptr;
+  p->producer_.reset(RdKafka::Producer::create(conf.get(), err));
+  if (!p->producer_) return nullptr;
   return p;
+}
+
+batch_producer::~batch_producer() {
+  if (!producer_) return;
+  // Orderly shutdown: everything accepted is delivered before we go.
+  if (!flush(10000))
+    spdlog::error("{}: {} messages not delivered at shutdown", producer_->name(),
+                  producer_->outq_len());
+}
+
+bool batch_producer::flush(int timeout_ms) {
+  return producer_->flush(timeout_ms) == RdKafka::ERR_NO_ERROR;
+}
+
+void batch_producer::settle(uint64_t id, const std::string& topic, const std::string& error) {
+  auto it = batches_.find(id);
+  if (it == batches_.end()) return;
+  auto& b = it->second;
+  if (!error.empty()) {
+    if (b.error.empty()) b.error = error;
+  } else if (stats_) {
+    stats_->count_out(topic);
+  }
+  if (--b.remaining > 0) return;
+  auto done = std::move(b.done);
+  auto err = std::move(b.error);
+  batches_.erase(it);
+  done(err);
+}
+
+void batch_producer::send(const std::vector<outgoing_message>& batch, done_fn done) {
+  if (batch.empty()) return done("");
+  const auto id = next_batch_++;
+  auto& pend = batches_[id];
+  pend.remaining = batch.size();
+  pend.done = std::move(done);
+  for (const auto& m : batch) {
+    const auto& topic = topic_of(cfg_, m.to);
+    for (;;) {
+      auto rc = producer_->produce(topic, RdKafka::Topic::PARTITION_UA,
+                                   RdKafka::Producer::RK_MSG_COPY,
+                                   const_cast<char*>(m.payload.data()), m.payload.size(),
+                                   m.key.data(), m.key.size(), 0,
+                                   reinterpret_cast<void*>(static_cast<uintptr_t>(id)));
+      if (rc == RdKafka::ERR_NO_ERROR) break;
+      if (rc == RdKafka::ERR__QUEUE_FULL) {
+        producer_->poll(50);  // the owner runs detached: waiting here blocks only it
+        continue;
+      }
+      // Counts as a failed delivery of this message.
+      settle(id, topic, topic + ": " + RdKafka::err2str(rc));
+      break;
+    }
+  }
+  producer_->poll(0);
 }
 
 egress_state::~egress_state() {
   wakeup.reset();
-  if (!producer) return;
-  // Orderly shutdown: everything accepted is delivered before we go.
-  auto rc = producer->flush(10000);
-  if (rc != RdKafka::ERR_NO_ERROR)
-    spdlog::error("egress: {} messages not delivered at shutdown: {}", producer->outq_len(),
-                  RdKafka::err2str(rc));
 }
 
 egress_actor::behavior_type egress(egress_actor::stateful_pointer<egress_state> self,
                                    kafka_config cfg, std::shared_ptr<metrics> stats) {
   auto& st = self->state;
-  st.cfg = std::move(cfg);
-  st.stats = std::move(stats);
-  st.on_delivery = std::make_unique<delivery_cb>(&st);
   std::string err;
-  st.producer = make_producer(st.cfg, st.on_delivery.get(), err);
-  if (!st.producer) {
+  st.out = batch_producer::make(cfg, std::move(stats), "tailord-egress", err);
+  if (!st.out) {
     spdlog::critical("egress: cannot create the producer: {}", err);
     self->quit(caf::make_error(caf::sec::runtime_error, err));
     return egress_actor::behavior_type::make_empty_behavior();
   }
   // A delivery report is served as soon as it arrives, not at the next
   // round of a polling clock.
-  st.wakeup = poll_on_wakeup<egress_actor>(self, st.producer->c_ptr(), queue_wakeup::queue::main);
+  st.wakeup =
+      poll_on_wakeup<egress_actor>(self, st.out->producer().c_ptr(), queue_wakeup::queue::main);
   return {
       [self](publish_atom, std::vector<outgoing_message>& batch) -> caf::result<caf::ok_atom> {
         auto& st = self->state;
-        if (batch.empty()) return caf::ok_atom_v;
-        auto id = st.next_batch++;
-        auto& pend = st.batches[id];
-        pend.remaining = batch.size();
-        pend.promise = self->make_response_promise<caf::ok_atom>();
-        auto promise = pend.promise;
-        for (auto& m : batch) {
-          const auto& topic = topic_of(st.cfg, m.to);
-          for (;;) {
-            auto rc = st.producer->produce(topic, RdKafka::Topic::PARTITION_UA,
-                                           RdKafka::Producer::RK_MSG_COPY, m.payload.data(),
-                                           m.payload.size(), m.key.data(), m.key.size(), 0,
-                                           reinterpret_cast<void*>(static_cast<uintptr_t>(id)));
-            if (rc == RdKafka::ERR_NO_ERROR) break;
-            if (rc == RdKafka::ERR__QUEUE_FULL) {
-              st.producer->poll(50);  // detached: waiting here blocks only us
-              continue;
-            }
-            // Counts as a failed delivery of this message.
-            auto it = st.batches.find(id);
-            if (it != st.batches.end()) {
-              if (it->second.error.empty()) it->second.error = topic + ": " + RdKafka::err2str(rc);
-              if (--it->second.remaining == 0) {
-                it->second.promise.deliver(
-                    caf::make_error(caf::sec::runtime_error, it->second.error));
-                st.batches.erase(it);
-              }
-            }
-            break;
-          }
-        }
-        st.producer->poll(0);
-        if (!st.ticking && !st.batches.empty()) {
+        auto promise = self->make_response_promise<caf::ok_atom>();
+        st.out->send(batch, [promise](const std::string& error) mutable {
+          if (error.empty())
+            promise.deliver(caf::ok_atom_v);
+          else
+            promise.deliver(caf::make_error(caf::sec::runtime_error, error));
+        });
+        if (!st.ticking && st.out->waiting()) {
           st.ticking = true;
           self->delayed_send(self, std::chrono::milliseconds(100), tick_atom_v);
         }
@@ -150,13 +166,13 @@ egress_actor::behavior_type egress(egress_actor::stateful_pointer<egress_state> 
         // Re-armed before serving: a report that arrives after this poll
         // emptied the queue wakes us again.
         st.wakeup->rearm();
-        st.producer->poll(0);
+        st.out->poll();
       },
       [self](tick_atom) {
         auto& st = self->state;
         st.wakeup->rearm();
-        st.producer->poll(0);
-        st.ticking = !st.batches.empty();
+        st.out->poll();
+        st.ticking = st.out->waiting();
         if (st.ticking) self->delayed_send(self, std::chrono::milliseconds(100), tick_atom_v);
       },
   };

@@ -6,6 +6,7 @@
 #include <caf/typed_event_based_actor.hpp>
 #include <caf/typed_response_promise.hpp>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -20,7 +21,51 @@ namespace tailor::actors {
 
 using namespace tailor::messages;
 
-// The process's one Kafka producer. `publish` answers once every message of
+// A Kafka producer that reports on batches of messages: a batch is done once
+// every message of it has a successful delivery report (acks=all,
+// idempotent), or at its first failure. Reports, and so `done`, run inside
+// poll() on the caller's thread.
+class batch_producer {
+ public:
+  // Empty `error`: every message of the batch was delivered.
+  using done_fn = std::function<void(const std::string& error)>;
+  // Null, with `err` set, when the producer cannot be created.
+  static std::unique_ptr<batch_producer> make(const kafka_config& cfg,
+                                              std::shared_ptr<metrics> stats,
+                                              const std::string& client_id, std::string& err);
+  ~batch_producer();
+  // Produces every message of `batch`; waits (polling) while librdkafka's
+  // queue is full.
+  void send(const std::vector<outgoing_message>& batch, done_fn done);
+  void poll() { producer_->poll(0); }
+  bool waiting() const { return !batches_.empty(); }
+  // Waits up to `timeout_ms` for every report; false if some did not come.
+  bool flush(int timeout_ms);
+  // The batches not yet done are forgotten: their `done` is never called
+  // (for an owner about to go, whose callbacks must not run any more).
+  void forget() { batches_.clear(); }
+  RdKafka::Producer& producer() { return *producer_; }
+
+ private:
+  class reports;
+  struct pending {
+    done_fn done;
+    std::size_t remaining = 0;
+    std::string error;
+  };
+  batch_producer() = default;
+  void settle(uint64_t id, const std::string& topic, const std::string& error);
+  kafka_config cfg_;
+  std::shared_ptr<metrics> stats_;
+  std::unique_ptr<RdKafka::DeliveryReportCb> on_delivery_;
+  std::unique_ptr<RdKafka::Producer> producer_;
+  std::map<uint64_t, pending> batches_;
+  uint64_t next_batch_ = 1;
+};
+
+// The process's producer for what actors other than the ingress publish
+// (the ingress publishes its answers with a batch_producer of its own, one
+// thread hop closer to Kafka). `publish` answers once every message of
 // the batch has a successful delivery report (acks=all, idempotent), or with
 // an error naming the first failure. Runs detached. `poll` serves delivery
 // reports, sent by librdkafka's wake-up when they arrive; `tick` does too,
@@ -30,27 +75,12 @@ using egress_actor = caf::typed_actor<
     caf::reacts_to<poll_atom>, caf::reacts_to<tick_atom>>;
 
 struct egress_state {
-  struct pending {
-    caf::typed_response_promise<caf::ok_atom> promise;
-    std::size_t remaining = 0;
-    std::string error;
-  };
-  kafka_config cfg;
-  std::shared_ptr<metrics> stats;
-  std::unique_ptr<RdKafka::DeliveryReportCb> on_delivery;
-  std::unique_ptr<RdKafka::Producer> producer;
+  std::unique_ptr<batch_producer> out;
   std::unique_ptr<queue_wakeup> wakeup;  // reset before the producer goes
-  std::map<uint64_t, pending> batches;
-  uint64_t next_batch = 1;
-  bool ticking = false;  // the safety net's poll is scheduled
+  bool ticking = false;                  // the safety net's poll is scheduled
   ~egress_state();
   static inline const char* name = "tailor.egress";
 };
-
-// Creates the producer; on failure `err` is set and null is returned, so the
-// caller can report it before any actor runs.
-std::unique_ptr<RdKafka::Producer> make_producer(const kafka_config& cfg,
-                                                 RdKafka::DeliveryReportCb* cb, std::string& err);
 
 egress_actor::behavior_type egress(egress_actor::stateful_pointer<egress_state> self,
                                    kafka_config cfg, std::shared_ptr<metrics> stats);

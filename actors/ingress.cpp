@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <nlohmann/json.hpp>
 
 #include "actors/kafka.hpp"
@@ -174,18 +175,39 @@ void later(self_ptr self, std::function<void()> f) {
 }
 
 void publish(self_ptr self, std::shared_ptr<incoming_event> ev, std::vector<outgoing_message> out,
+             uint64_t generation);
+
+void published(self_ptr self, const std::shared_ptr<incoming_event>& ev,
+               const std::vector<outgoing_message>& out, uint64_t generation,
+               const std::string& error) {
+  if (!error.empty()) {
+    spdlog::error("ingress {}: answer of {}/{} not delivered, retrying: {}", ev->topic,
+                  ev->partition, ev->offset, error);
+    later(self, [self, ev, out, generation] { publish(self, ev, out, generation); });
+    return;
+  }
+  count_errors(*self->state.stats, out);
+  observe_overhead(self->state, *ev, out);
+  mark_answered(self, *ev, generation);
+}
+
+void publish(self_ptr self, std::shared_ptr<incoming_event> ev, std::vector<outgoing_message> out,
              uint64_t generation) {
-  self->request(self->state.out, route_timeout, publish_atom_v, out)
+  auto& st = self->state;
+  const bool has_events = std::any_of(out.begin(), out.end(), [](const outgoing_message& m) {
+    return m.to == channel::events;
+  });
+  if (!has_events) {
+    st.answers->send(out, [self, ev, out, generation](const std::string& error) {
+      published(self, ev, out, generation, error);
+    });
+    return;
+  }
+  self->request(st.out, route_timeout, publish_atom_v, out)
       .then(
-          [self, ev, out, generation](caf::ok_atom) {
-            count_errors(*self->state.stats, out);
-            observe_overhead(self->state, *ev, out);
-            mark_answered(self, *ev, generation);
-          },
+          [self, ev, out, generation](caf::ok_atom) { published(self, ev, out, generation, ""); },
           [self, ev, out, generation](caf::error& err) {
-            spdlog::error("ingress {}: answer of {}/{} not delivered, retrying: {}", ev->topic,
-                          ev->partition, ev->offset, caf::to_string(err));
-            later(self, [self, ev, out, generation] { publish(self, ev, out, generation); });
+            published(self, ev, out, generation, caf::to_string(err));
           });
 }
 
@@ -273,6 +295,10 @@ void update_lag(ingress_state& st) {
 
 ingress_state::~ingress_state() {
   wakeup.reset();
+  answers_wakeup.reset();
+  // Their callbacks would reach into this state while it goes; what was
+  // produced is still delivered (the producer flushes as it goes).
+  if (answers) answers->forget();
   if (!consumer) return;
   commit(*this, true);
   consumer->close();
@@ -316,20 +342,32 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
     self->quit(caf::make_error(caf::sec::runtime_error, err));
     return ingress_actor::behavior_type::make_empty_behavior();
   }
+  st.answers = batch_producer::make(st.cfg.kafka, st.stats, "tailord-ingress", err);
+  if (!st.answers) {
+    spdlog::critical("ingress: cannot create the producer: {}", err);
+    self->quit(caf::make_error(caf::sec::runtime_error, err));
+    return ingress_actor::behavior_type::make_empty_behavior();
+  }
   st.wakeup =
       poll_on_wakeup<ingress_actor>(self, st.consumer->c_ptr(), queue_wakeup::queue::consumer);
+  st.answers_wakeup = poll_on_wakeup<ingress_actor>(self, st.answers->producer().c_ptr(),
+                                                    queue_wakeup::queue::main);
   self->send(self, tick_atom_v);
   return {
       [self](poll_atom) {
         auto& st = self->state;
         if (st.stopping) return;
+        // Re-armed before serving: what arrives after this poll wakes us again.
         st.wakeup->rearm();
+        st.answers_wakeup->rearm();
+        st.answers->poll();
         if (drain(self)) self->send(self, poll_atom_v);
       },
       [self](tick_atom) {
         auto& st = self->state;
         if (st.stopping) return;
-        // A safety net only: events arrive through the wake-up.
+        // A safety net only: events and delivery reports arrive through the wake-ups.
+        st.answers->poll();
         if (drain(self)) self->send(self, poll_atom_v);
         // The admission queue drains as slots free up, without any event here.
         apply_backpressure(st, st.cfg.kafka.topics.onboarding);
@@ -354,6 +392,11 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
         auto& st = self->state;
         st.stopping = true;
         st.wakeup.reset();
+        st.answers_wakeup.reset();
+        // Answers on their way out are delivered (and so committed) first;
+        // those that do not make it are answered again after a restart.
+        if (!st.answers->flush(10000))
+          spdlog::error("ingress: answers not delivered at shutdown are answered again next time");
         commit(st, true);
         st.consumer->close();
         st.consumer.reset();

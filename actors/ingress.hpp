@@ -56,6 +56,12 @@ struct ingress_state {
   std::unique_ptr<RdKafka::RebalanceCb> on_rebalance;
   std::unique_ptr<RdKafka::KafkaConsumer> consumer;
   std::unique_ptr<queue_wakeup> wakeup;  // reset before the consumer closes
+  // Answers without events (results, DLQ records) go out through a producer
+  // of the ingress's own: their delivery reports come back on this thread,
+  // not through the egress's (two thread hops fewer per request). Events
+  // keep to the egress, so that a job's events stay in order.
+  std::unique_ptr<batch_producer> answers;
+  std::unique_ptr<queue_wakeup> answers_wakeup;  // reset before the producer goes
   std::map<partition_key, partition_progress> partitions;
   bool stopping = false;
   bool dirty = false;  // committable offsets not yet committed

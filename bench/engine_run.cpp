@@ -67,8 +67,9 @@ engine_run::engine_run(const engine_run_options& o) {
   if (bootstrap_.empty()) {
     broker_dir_ = dir_ + "/kafka";
     std::fprintf(stderr, "starting a Kafka broker (scripts/kafka-broker)...\n");
-    auto cmd = std::string(TAILOR_SOURCE_DIR) + "/scripts/kafka-broker start --dir " + broker_dir_ +
-               " >" + dir_ + "/broker.out 2>&1";
+    // A broker's JVM as Kafka's own scripts run it, not the tests' quick-start one.
+    auto cmd = std::string(TAILOR_SOURCE_DIR) + "/scripts/kafka-broker start --jvm server --dir " +
+               broker_dir_ + " >" + dir_ + "/broker.out 2>&1";
     if (std::system(cmd.c_str()) != 0) {
       broker_dir_.clear();
       throw std::runtime_error("the Kafka broker did not start:\n" + slurp(dir_ + "/broker.out"));

@@ -14,7 +14,9 @@
 #include <set>
 #include <sstream>
 
+#include "actors/egress.hpp"
 #include "actors/kafka.hpp"
+#include "actors/metrics.hpp"
 #include "engine_harness.hpp"
 
 using namespace tailor::test;
@@ -532,4 +534,62 @@ TEST(QueueWakeup, DeliveryReportsArriveThroughAWakeUp) {
   EXPECT_TRUE(delivered_through_wakeups(2));
   wakeup.reset();  // before the producer it refers to
   producer->flush(10000);
+}
+
+// The ingress publishes its answers, and the egress everything else,
+// through batch_producer: a batch is done once every message of it is in
+// Kafka, or with an error naming the topic of a message that could not go
+// out; either way exactly once, from poll() on the caller's thread.
+TEST(BatchProducer, ABatchIsDoneOnceEveryMessageIsInKafkaOrWithItsError) {
+  using tailor::messages::channel;
+  const auto bootstrap = broker_bootstrap();
+  ASSERT_FALSE(bootstrap.empty());
+  const auto tag = std::to_string(::getpid());
+  tailor::actors::kafka_config cfg;
+  cfg.bootstrap_servers = bootstrap;
+  cfg.topics.results = "bp-results-" + tag;
+  cfg.topics.events = "bp-events-" + tag;
+  cfg.topics.dlq = "bp-dlq-" + tag;
+  auto stats = std::make_shared<tailor::actors::metrics>();
+  std::string err;
+  auto out = tailor::actors::batch_producer::make(cfg, stats, "bp-test", err);
+  ASSERT_TRUE(out) << err;
+  std::vector<std::string> first, second;
+  // Reports are served by polling, as the actors do after a wake-up; each
+  // poll waits up to 100 ms for one.
+  auto poll_until = [&](const std::vector<std::string>& done) {
+    const auto deadline = std::chrono::steady_clock::now() + 60s;
+    while (done.empty() && std::chrono::steady_clock::now() < deadline)
+      out->producer().poll(100);
+    return !done.empty();
+  };
+  out->send({{channel::results, "u1", "result-" + tag},
+             {channel::events, "u1", "event-" + tag},
+             {channel::dlq, "k1", "dlq-" + tag}},
+            [&](const std::string& error) { first.push_back("done:" + error); });
+  ASSERT_TRUE(poll_until(first));
+  EXPECT_EQ(first, std::vector<std::string>{"done:"});
+  EXPECT_FALSE(out->waiting());
+  collector seen(bootstrap, {cfg.topics.results, cfg.topics.events, cfg.topics.dlq});
+  EXPECT_TRUE(wait_until([&] { return seen.size() == 3; }, 60s)) << seen.size() << " of 3";
+  std::set<std::pair<std::string, std::string>> got;
+  for (const auto& r : seen.snapshot()) got.insert({r.topic, r.payload});
+  EXPECT_EQ(got, (std::set<std::pair<std::string, std::string>>{
+                     {cfg.topics.results, "result-" + tag},
+                     {cfg.topics.events, "event-" + tag},
+                     {cfg.topics.dlq, "dlq-" + tag}}));
+  const auto text = stats->render();
+  EXPECT_NE(text.find("tailor_events_out_total{topic=\"" + cfg.topics.events + "\"} 1"),
+            std::string::npos)
+      << text;
+  // librdkafka refuses a message above message.max.bytes (1 MB) at once:
+  // the batch is done with that error, after its other message's report.
+  out->send({{channel::results, "u1", "small-" + tag},
+             {channel::results, "u1", std::string(2 << 20, 'x')}},
+            [&](const std::string& error) { second.push_back("done:" + error); });
+  ASSERT_TRUE(poll_until(second));
+  ASSERT_EQ(second.size(), 1u);
+  EXPECT_NE(second[0].find(cfg.topics.results + ": "), std::string::npos) << second[0];
+  EXPECT_TRUE(out->flush(10000));
+  EXPECT_EQ(second.size(), 1u) << "done more than once";
 }
