@@ -62,6 +62,9 @@ std::string validate(const engine_config& cfg) {
   if (v.host_adapters < 0) return bad("serving.host_adapters", "must not be negative");
   if (v.prefix_cache_entries < 0)
     return bad("serving.prefix_cache_entries", "must not be negative (0 turns it off)");
+  if (v.prefix_cache_mb < 1)
+    return bad("serving.prefix_cache_mb",
+               "must be at least 1 (serving.prefix_cache_entries 0 turns the cache off)");
   if (v.max_requests_per_user < 1)
     return bad("serving.max_requests_per_user", "must be at least 1");
   if (v.default_max_tokens < 1 || v.default_max_tokens > cfg.limits.max_tokens)
@@ -186,8 +189,8 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
   }
   if (section("serving",
               {"devices", "max_batch", "max_tokens_in_flight", "device_adapters", "host_adapters",
-               "max_rank", "prefix_cache_entries", "max_requests_per_user", "default_max_tokens",
-               "default_temperature", "deadline_ms", "pinned_models"})) {
+               "max_rank", "prefix_cache_entries", "prefix_cache_mb", "max_requests_per_user",
+               "default_max_tokens", "default_temperature", "deadline_ms", "pinned_models"})) {
     const auto& v = j["serving"];
     auto& sc = cfg.serving;
     const std::string w = "serving.";
@@ -197,6 +200,7 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
          take(v, "host_adapters", sc.host_adapters, w, err) &&
          take(v, "max_rank", sc.max_rank, w, err) &&
          take(v, "prefix_cache_entries", sc.prefix_cache_entries, w, err) &&
+         take(v, "prefix_cache_mb", sc.prefix_cache_mb, w, err) &&
          take(v, "max_requests_per_user", sc.max_requests_per_user, w, err) &&
          take(v, "default_max_tokens", sc.default_max_tokens, w, err) &&
          take(v, "default_temperature", sc.default_temperature, w, err) &&

@@ -363,6 +363,8 @@ void admit(gpu_ptr self) {
   const auto t1 = clock::now();
   st.stats->count_prompt_tokens(c.gen->prompt_tokens_reused() - reused,
                                 c.gen->prompt_tokens_computed() - computed);
+  st.stats->set_prefix_cache_bytes(st.base_model + "/" + std::to_string(st.device),
+                                   c.gen->prefix_cache_bytes());
   if (ids.size() != chosen.size()) {  // not enough rows: cannot happen below max_batch
     for (auto it = chosen.rbegin(); it != chosen.rend(); ++it) c.waiting.push_front(*it);
     return;
@@ -443,8 +445,9 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
   c.base = &st.bases->by_name.at(st.base_model);
   c.bank = model::adapter_bank::make(c.base->cfg, sc.device_adapters, sc.max_rank, false);
   c.owner.assign(static_cast<std::size_t>(sc.device_adapters) + 1, "");
-  c.gen = std::make_unique<model::batch_generator>(*c.base, c.bank, sc.max_batch,
-                                                   sc.prefix_cache_entries);
+  c.gen = std::make_unique<model::batch_generator>(
+      *c.base, c.bank, sc.max_batch, sc.prefix_cache_entries,
+      static_cast<int64_t>(sc.prefix_cache_mb) << 20);
   return {
       [self](infer_atom, inference_order& o) -> caf::result<outgoing_message> {
         auto& st = self->state;

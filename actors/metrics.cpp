@@ -96,6 +96,9 @@ std::string metrics::render() const {
   family("tailor_serving_waiting", "gauge", "Requests waiting to join a batch.", "device",
          serving_waiting_);
   family("tailor_serving_active", "gauge", "Sequences in the batch.", "device", serving_active_);
+  family("tailor_prefix_cache_bytes", "gauge",
+         "Memory the prefix cache holds (keys and values of cached prompts).", "device",
+         prefix_bytes_);
   auto gauge = [&](const char* name, const char* type, const char* help, auto value) {
     out << "# HELP " << name << ' ' << help << "\n# TYPE " << name << ' ' << type << '\n'
         << name << ' ' << value << '\n';

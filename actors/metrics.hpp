@@ -57,6 +57,9 @@ class metrics {
     set(serving_waiting_, device, waiting);
     set(serving_active_, device, active);
   }
+  void set_prefix_cache_bytes(const std::string& device, int64_t bytes) {
+    set(prefix_bytes_, device, bytes);
+  }
 
   // Time an inference request spent in the engine outside batch steps and
   // adapter loads (parsing, routing, bookkeeping, serialization, producing
@@ -85,7 +88,8 @@ class metrics {
 
   mutable std::mutex mtx_;
   std::map<std::string, int64_t> events_in_, events_out_, errors_, lag_, joined_, in_flight_,
-      paused_, jobs_, pauses_, model_requests_, user_requests_, serving_waiting_, serving_active_;
+      paused_, jobs_, pauses_, model_requests_, user_requests_, serving_waiting_, serving_active_,
+      prefix_bytes_;
   std::map<std::string, std::map<std::string, int64_t>> cache_;  // event -> tier -> count
   static constexpr std::size_t overhead_window = 8192;
   std::vector<double> overhead_;  // ring buffer of the last samples

@@ -39,12 +39,14 @@ struct batch_generator::row {
 };
 
 batch_generator::batch_generator(const base_weights& base, const adapter_bank& bank,
-                                 int64_t max_rows, int64_t prefix_entries)
+                                 int64_t max_rows, int64_t prefix_entries,
+                                 int64_t prefix_bytes)
     : base_(base),
       bank_(bank),
       cache_(kv_cache::make(base.cfg, max_rows)),
       slot_owner_(max_rows),
-      prefix_entries_(std::max<int64_t>(0, prefix_entries)) {}
+      prefix_entries_(std::max<int64_t>(0, prefix_entries)),
+      prefix_bytes_(std::max<int64_t>(0, prefix_bytes)) {}
 
 uint64_t batch_generator::version_of(int64_t place) const {
   const auto i = static_cast<std::size_t>(place);
@@ -69,31 +71,41 @@ std::pair<batch_generator::prefix_entry*, int64_t> batch_generator::longest_pref
 void batch_generator::remember_prompt(int64_t place, const std::vector<int64_t>& tokens,
                                       int64_t slot) {
   if (prefix_entries_ == 0) return;
-  prefix_entry* into = nullptr;
-  if (static_cast<int64_t>(prefixes_.size()) < prefix_entries_) {
-    into = &prefixes_.emplace_back();
-  } else {
-    // The least recently used goes; a stale one (its place got another
-    // adapter) first of all.
-    for (auto& e : prefixes_) {
-      if (e.version != version_of(e.place)) {
-        into = &e;
+  const auto n = static_cast<int64_t>(tokens.size());
+  const auto& k0 = cache_.k[0];  // [slots, heads, context, head_dim]
+  const int64_t bytes = static_cast<int64_t>(cache_.k.size()) * 2 * k0.size(1) * n * k0.size(3) *
+                        static_cast<int64_t>(k0.element_size());
+  if (prefix_bytes_ > 0 && bytes > prefix_bytes_) return;  // larger than the whole cache
+  // Room for it: stale entries (their place got another adapter) go first,
+  // then the least recently used, until both limits allow one more.
+  auto full = [&] {
+    return static_cast<int64_t>(prefixes_.size()) >= prefix_entries_ ||
+           (prefix_bytes_ > 0 && prefix_used_ + bytes > prefix_bytes_);
+  };
+  while (!prefixes_.empty() && full()) {
+    auto victim = prefixes_.begin();
+    for (auto it = prefixes_.begin(); it != prefixes_.end(); ++it) {
+      if (it->version != version_of(it->place)) {
+        victim = it;
         break;
       }
-      if (!into || e.last_used < into->last_used) into = &e;
+      if (it->last_used < victim->last_used) victim = it;
     }
+    prefix_used_ -= victim->bytes;
+    if (victim != prefixes_.end() - 1) *victim = std::move(prefixes_.back());
+    prefixes_.pop_back();
   }
-  const auto n = static_cast<int64_t>(tokens.size());
-  into->place = place;
-  into->version = version_of(place);
-  into->tokens = tokens;
-  into->last_used = ++prefix_tick_;
-  into->k.clear();
-  into->v.clear();
+  auto& into = prefixes_.emplace_back();
+  into.place = place;
+  into.version = version_of(place);
+  into.tokens = tokens;
+  into.last_used = ++prefix_tick_;
+  into.bytes = bytes;
   for (std::size_t l = 0; l < cache_.k.size(); ++l) {
-    into->k.push_back(cache_.k[l][slot].narrow(1, 0, n).clone());
-    into->v.push_back(cache_.v[l][slot].narrow(1, 0, n).clone());
+    into.k.push_back(cache_.k[l][slot].narrow(1, 0, n).clone());
+    into.v.push_back(cache_.v[l][slot].narrow(1, 0, n).clone());
   }
+  prefix_used_ += bytes;
 }
 
 batch_generator::~batch_generator() = default;

@@ -45,10 +45,13 @@ struct generation {
 // the adapter (LoRA adapts the QKV projection), so prompts of different
 // adapters never share. A prompt is kept when less than half of it was
 // found, so a shared template is stored once per adapter, not per prompt.
+// With `prefix_bytes` > 0 the entries' keys and values take at most that
+// many bytes (a prompt costs 2 * n_layer * d_model * 4 bytes per token),
+// however long the prompts: the least recently used go first.
 class batch_generator {
  public:
   batch_generator(const base_weights& base, const adapter_bank& bank, int64_t max_rows,
-                  int64_t prefix_entries = 0);
+                  int64_t prefix_entries = 0, int64_t prefix_bytes = 0);
   ~batch_generator();
 
   // Starts a sequence with the bank's adapter `adapter` (0: none). Returns its
@@ -76,6 +79,8 @@ class batch_generator {
   // computed by prefill.
   int64_t prompt_tokens_reused() const { return reused_tokens_; }
   int64_t prompt_tokens_computed() const { return computed_tokens_; }
+  // Bytes of keys and values the prefix cache holds now.
+  int64_t prefix_cache_bytes() const { return prefix_used_; }
 
  private:
   struct row;
@@ -89,6 +94,7 @@ class batch_generator {
     uint64_t version = 0;
     std::vector<int64_t> tokens;
     std::vector<torch::Tensor> k, v;  // [layer] -> [heads, tokens, head_dim]
+    int64_t bytes = 0;                // of k and v
     uint64_t last_used = 0;
   };
   // The cached prompt of `place` sharing the longest prefix with `tokens`,
@@ -108,6 +114,8 @@ class batch_generator {
   int64_t next_id_ = 0;
   std::vector<std::pair<float, int64_t>> sample_buffer_;  // reused by sample()
   int64_t prefix_entries_ = 0;
+  int64_t prefix_bytes_ = 0;  // 0: no limit but the entries'
+  int64_t prefix_used_ = 0;
   std::vector<prefix_entry> prefixes_;
   uint64_t prefix_tick_ = 0;
   int64_t reused_tokens_ = 0, computed_tokens_ = 0;

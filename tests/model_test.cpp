@@ -362,6 +362,49 @@ TEST_F(ModelTest, APromptCachedForItsAdapterIsReusedWithoutChangingTheText) {
   EXPECT_EQ(g.take(ids[1]).tokens, generate_all(base_, bank, {fresh}, {3}, {s4})[0].tokens);
 }
 
+// The prefix cache holds at most its memory budget, however many entries
+// it may have: the least recently used prompt goes to make room, and a
+// prompt larger than the whole budget is not kept at all.
+TEST_F(ModelTest, ThePrefixCacheKeepsToItsMemoryBudget) {
+  std::vector<const lora_adapter*> ptrs;
+  for (auto& a : adapters_) ptrs.push_back(&a);
+  auto bank = adapter_bank::build(cfg_, ptrs);
+  sampling s;
+  s.max_tokens = 4;
+  s.temperature = 1.0;
+  s.seed = 3;
+  const int64_t per_token = cfg_.n_layer * 2 * cfg_.d_model * 4;  // keys and values, fp32
+  const std::string a = "Tell me something about number 1.";  // 34 tokens with end-of-text
+  // Room for two such prompts, not three; eight entries would allow more.
+  batch_generator g(base_, bank, 2, 8, 70 * per_token);
+  auto run = [&](batch_generator& gen, const std::string& prompt, int64_t place) {
+    auto id = gen.add(prompt, place, s);
+    EXPECT_TRUE(id);
+    while (!gen.idle()) gen.step();
+    auto tokens = gen.take(*id).tokens;
+    EXPECT_EQ(tokens, generate_all(base_, bank, {prompt}, {place}, {s})[0].tokens);
+    return tokens;
+  };
+  run(g, a, 1);
+  EXPECT_EQ(g.prefix_cache_bytes(), 34 * per_token);
+  run(g, a, 2);  // another adapter: a second entry
+  EXPECT_EQ(g.prefix_cache_bytes(), 68 * per_token);
+  run(g, a, 3);  // a third does not fit: adapter 1's, the least recently used, goes
+  EXPECT_EQ(g.prefix_cache_bytes(), 68 * per_token);
+  EXPECT_EQ(g.prompt_tokens_reused(), 0);
+  run(g, a, 3);
+  EXPECT_EQ(g.prompt_tokens_reused(), 33) << "the newest entry is kept";
+  run(g, a, 1);
+  EXPECT_EQ(g.prompt_tokens_reused(), 33) << "the oldest entry is gone";
+  EXPECT_LE(g.prefix_cache_bytes(), 70 * per_token);
+  // A budget below one prompt keeps nothing, and the text is the same.
+  batch_generator tiny(base_, bank, 2, 8, 10 * per_token);
+  run(tiny, a, 1);
+  run(tiny, a, 1);
+  EXPECT_EQ(tiny.prefix_cache_bytes(), 0);
+  EXPECT_EQ(tiny.prompt_tokens_reused(), 0);
+}
+
 TEST(Tokenizer, BytesRoundTripAndInvalidUtf8IsRepaired) {
   EXPECT_EQ(decode(encode("héllo")), "héllo");
   EXPECT_EQ(decode({0x68, 0xff, end_of_text, 0x69}), "h\xEF\xBF\xBDi");
