@@ -63,9 +63,11 @@ class batch_producer {
   uint64_t next_batch_ = 1;
 };
 
-// The process's producer for what actors other than the ingress publish
-// (the ingress publishes its answers with a batch_producer of its own, one
-// thread hop closer to Kafka). `publish` answers once every message of
+// The process's producer of events, and of what actors other than the
+// ingress publish (the ingress publishes results and DLQ records with a
+// batch_producer of its own, a thread hop closer to Kafka each way; answers
+// with events come here, so that a job's events keep their order).
+// `publish` answers once every message of
 // the batch has a successful delivery report (acks=all, idempotent), or with
 // an error naming the first failure. Runs detached. `poll` serves delivery
 // reports, sent by librdkafka's wake-up when they arrive; `tick` does too,
