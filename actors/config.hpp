@@ -61,7 +61,7 @@ struct serving_config {
   int device_adapters = 256;        // adapters resident in a device bank
   int host_adapters = 1024;         // decoded adapters kept in host memory (LRU)
   int max_rank = 16;                // of the device banks; higher-rank adapters cannot be served
-  int prefix_cache_entries = 256;   // prompts whose keys and values a device keeps (0: off)
+  int prefix_cache_entries = 1024;  // prompts whose keys and values a device keeps (0: off)
   int prefix_cache_mb = 128;        // at most this much memory for them, per device
   int max_requests_per_user = 16;   // in flight; more is quota_exceeded
   int64_t default_max_tokens = 64;

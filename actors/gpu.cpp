@@ -240,12 +240,12 @@ int64_t free_index(gpu_ptr self) {
 // Copies a decoded adapter into its reserved place in the bank and marks the
 // requests waiting for it as loaded; false (and those requests failed) when
 // it does not fit the bank.
-bool place(gpu_ptr self, const std::string& model_id, int64_t index,
+bool place(gpu_ptr self, const std::string& model_id, uint64_t key, int64_t index,
            const model::lora_adapter& ad) {
   auto& c = *self->state.core;
   auto it = c.adapters.find(model_id);
   if (it == c.adapters.end()) return false;
-  if (!c.bank.set(index, ad)) {
+  if (!c.bank.set(index, ad, key)) {
     c.adapters.erase(it);
     c.owner[static_cast<std::size_t>(index)].clear();
     fail_waiting(self, model_id,
@@ -284,18 +284,22 @@ void fetch_adapters(gpu_ptr self) {
     res.loading = true;
     c.owner[static_cast<std::size_t>(index)] = m.model_id;
     auto model_id = m.model_id;
+    // The adapter's weights, by name and checksum: what is cached for them
+    // (prompts' keys and values) stays valid when they leave the bank and
+    // come back.
+    const auto key = fnv1a64(m.checksum, fnv1a64(m.model_id));
     if (auto ad = st.host->find(model_id)) {
       st.stats->count_cache("host", "hit");
       // Failing its requests may erase from `waiting`: start over then.
-      if (!place(self, model_id, index, *ad)) return fetch_adapters(self);
+      if (!place(self, model_id, key, index, *ad)) return fetch_adapters(self);
       continue;
     }
     st.stats->count_cache("host", "miss");
     self->request(st.loader, std::chrono::minutes(2), load_atom_v, m)
         .then(
-            [self, model_id, index](loaded_adapter& la) {
+            [self, model_id, key, index](loaded_adapter& la) {
               auto ad = std::static_pointer_cast<const model::lora_adapter>(la.adapter);
-              if (place(self, model_id, index, *ad)) kick(self);
+              if (place(self, model_id, key, index, *ad)) kick(self);
             },
             [self, model_id, index](caf::error& err) {
               auto& c = *self->state.core;

@@ -173,7 +173,7 @@ BENCHMARK(bm_continuous)
     ->Args({64, 256})
     ->Unit(benchmark::kMicrosecond);
 
-// The same with tailord's default prefix cache (256 prompts): the prompts
+// The same with a prefix cache of 256 prompts (as many as the bank's places): the prompts
 // share "Tell me something about number ", as the serving bench's do.
 void bm_continuous_prefix(benchmark::State& state) {
   continuous(state, 256);

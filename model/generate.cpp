@@ -48,18 +48,18 @@ batch_generator::batch_generator(const base_weights& base, const adapter_bank& b
       prefix_entries_(std::max<int64_t>(0, prefix_entries)),
       prefix_bytes_(std::max<int64_t>(0, prefix_bytes)) {}
 
-uint64_t batch_generator::version_of(int64_t place) const {
+uint64_t batch_generator::identity_of(int64_t place) const {
   const auto i = static_cast<std::size_t>(place);
-  return i < bank_.versions.size() ? bank_.versions[i] : 0;
+  return i < bank_.identities.size() ? bank_.identities[i] : 0;
 }
 
 std::pair<batch_generator::prefix_entry*, int64_t> batch_generator::longest_prefix(
     int64_t place, const std::vector<int64_t>& tokens) {
-  const auto version = version_of(place);
+  const auto identity = identity_of(place);
   prefix_entry* best = nullptr;
   int64_t best_n = 0;
   for (auto& e : prefixes_) {
-    if (e.place != place || e.version != version) continue;
+    if (e.identity != identity) continue;
     const auto n = static_cast<int64_t>(
         std::mismatch(e.tokens.begin(), e.tokens.end(), tokens.begin(), tokens.end()).first -
         e.tokens.begin());
@@ -76,28 +76,23 @@ void batch_generator::remember_prompt(int64_t place, const std::vector<int64_t>&
   const int64_t bytes = static_cast<int64_t>(cache_.k.size()) * 2 * k0.size(1) * n * k0.size(3) *
                         static_cast<int64_t>(k0.element_size());
   if (prefix_bytes_ > 0 && bytes > prefix_bytes_) return;  // larger than the whole cache
-  // Room for it: stale entries (their place got another adapter) go first,
-  // then the least recently used, until both limits allow one more.
+  // Room for it: the least recently used go until both limits allow one
+  // more. An entry whose adapter left the bank stays: it serves again once
+  // the adapter is placed again.
   auto full = [&] {
     return static_cast<int64_t>(prefixes_.size()) >= prefix_entries_ ||
            (prefix_bytes_ > 0 && prefix_used_ + bytes > prefix_bytes_);
   };
   while (!prefixes_.empty() && full()) {
-    auto victim = prefixes_.begin();
-    for (auto it = prefixes_.begin(); it != prefixes_.end(); ++it) {
-      if (it->version != version_of(it->place)) {
-        victim = it;
-        break;
-      }
-      if (it->last_used < victim->last_used) victim = it;
-    }
+    auto victim = std::min_element(
+        prefixes_.begin(), prefixes_.end(),
+        [](const prefix_entry& x, const prefix_entry& y) { return x.last_used < y.last_used; });
     prefix_used_ -= victim->bytes;
     if (victim != prefixes_.end() - 1) *victim = std::move(prefixes_.back());
     prefixes_.pop_back();
   }
   auto& into = prefixes_.emplace_back();
-  into.place = place;
-  into.version = version_of(place);
+  into.identity = identity_of(place);
   into.tokens = tokens;
   into.last_used = ++prefix_tick_;
   into.bytes = bytes;

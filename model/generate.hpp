@@ -39,9 +39,10 @@ struct generation {
 // runs one decode step for every active row in one batched forward.
 //
 // With `prefix_entries` > 0 it keeps the keys and values of up to that many
-// recent prompts, each under the bank place (and the place's version) of its
-// adapter: a prompt that begins like one its adapter saw before copies that
-// part into its slot and prefills only the rest. Keys and values depend on
+// recent prompts, each under its adapter's identity in the bank (which
+// follows the adapter's weights, not its place): a prompt that begins like
+// one its adapter saw before, even in another place, copies that part into
+// its slot and prefills only the rest. Keys and values depend on
 // the adapter (LoRA adapts the QKV projection), so prompts of different
 // adapters never share. A prompt is kept when less than half of it was
 // found, so a shared template is stored once per adapter, not per prompt.
@@ -90,8 +91,7 @@ class batch_generator {
   void compact();
   int64_t sample(row& r, const float* logits, int64_t vocab);
   struct prefix_entry {
-    int64_t place = 0;
-    uint64_t version = 0;
+    uint64_t identity = 0;  // the adapter's (adapter_bank::identities)
     std::vector<int64_t> tokens;
     std::vector<torch::Tensor> k, v;  // [layer] -> [heads, tokens, head_dim]
     int64_t bytes = 0;                // of k and v
@@ -102,7 +102,7 @@ class batch_generator {
   std::pair<prefix_entry*, int64_t> longest_prefix(int64_t place,
                                                    const std::vector<int64_t>& tokens);
   void remember_prompt(int64_t place, const std::vector<int64_t>& tokens, int64_t slot);
-  uint64_t version_of(int64_t place) const;  // of the bank's place (0 if it has none)
+  uint64_t identity_of(int64_t place) const;  // of the adapter at the bank's place
 
   const base_weights& base_;
   const adapter_bank& bank_;

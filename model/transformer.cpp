@@ -1,5 +1,6 @@
 #include "model/transformer.hpp"
 
+#include <atomic>
 #include <cmath>
 #include <type_traits>
 
@@ -362,6 +363,18 @@ base_weights merge(const base_weights& base, const lora_adapter& adapter) {
   return m;
 }
 
+namespace {
+
+// Identities of adapter weights in banks: fresh ones count up from 1; those
+// made from a caller's key have the top bit set, so the two never meet.
+constexpr uint64_t keyed_bit = uint64_t{1} << 63;
+std::atomic<uint64_t> next_identity{1};
+uint64_t fresh_identity() {
+  return next_identity.fetch_add(1) & ~keyed_bit;
+}
+
+}  // namespace
+
 adapter_bank adapter_bank::build(const model_config& mc,
                                  const std::vector<const lora_adapter*>& adapters) {
   torch::NoGradGuard no_grad;
@@ -393,7 +406,8 @@ adapter_bank adapter_bank::build(const model_config& mc,
   bank.rank = rank;
   bank.ranks.assign(1, 0);
   for (const auto* ad : adapters) bank.ranks.push_back(ad->cfg.rank);
-  bank.versions.assign(static_cast<std::size_t>(bank.size) + 1, 0);
+  bank.identities.assign(1, 0);
+  for (std::size_t i = 0; i < adapters.size(); ++i) bank.identities.push_back(fresh_identity());
   return bank;
 }
 
@@ -402,7 +416,7 @@ adapter_bank adapter_bank::make(const model_config& mc, int64_t capacity, int64_
   bank.size = capacity;
   bank.rank = rank;
   bank.ranks.assign(static_cast<std::size_t>(capacity) + 1, 0);
-  bank.versions.assign(static_cast<std::size_t>(capacity) + 1, 0);
+  bank.identities.assign(static_cast<std::size_t>(capacity) + 1, 0);
   bank.mlp = mlp;
   const int sites = mlp ? 4 : 2;
   bank.a.resize(mc.n_layer);
@@ -415,7 +429,7 @@ adapter_bank adapter_bank::make(const model_config& mc, int64_t capacity, int64_
   return bank;
 }
 
-bool adapter_bank::set(int64_t index, const lora_adapter& ad) {
+bool adapter_bank::set(int64_t index, const lora_adapter& ad, uint64_t key) {
   if (index < 1 || index > size || ad.cfg.rank > rank || (ad.cfg.mlp && !mlp) ||
       ad.layers.size() != a.size())
     return false;
@@ -432,7 +446,7 @@ bool adapter_bank::set(int64_t index, const lora_adapter& ad) {
       bi.narrow(0, 0, ad.cfg.rank).copy_(p.b * ad.scale());
     }
   ranks[static_cast<std::size_t>(index)] = ad.cfg.rank;
-  ++versions[static_cast<std::size_t>(index)];
+  identities[static_cast<std::size_t>(index)] = key != 0 ? key | keyed_bit : fresh_identity();
   return true;
 }
 

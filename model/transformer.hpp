@@ -80,9 +80,10 @@ struct adapter_bank {
   // [layer][site] -> A [n + 1, in, r], B [n + 1, r, out] (scale folded into B)
   std::vector<std::vector<torch::Tensor>> a, b;
   std::vector<int64_t> ranks;  // per place (0: empty): a decode step skips the padding
-  // Per place, bumped by every set(): what was computed with a place's old
-  // adapter (cached prompt keys and values) is recognized as stale.
-  std::vector<uint64_t> versions;
+  // Per place, which adapter weights it holds: what was computed with them
+  // (cached prompt keys and values) is valid wherever and whenever the same
+  // identity is placed again, and only then. 0: no adapter.
+  std::vector<uint64_t> identities;
   int64_t size = 0;  // adapters, not counting index 0
   bool mlp = false;
   int64_t rank = 0;  // of the stacked factors; smaller adapters are zero-padded
@@ -93,8 +94,11 @@ struct adapter_bank {
   // most `rank`, to be filled and refilled with set() (a serving cache).
   static adapter_bank make(const model_config& mc, int64_t capacity, int64_t rank, bool mlp);
   // Puts `adapter` at `index` (1..size); false when it does not fit the bank
-  // (rank above the bank's, or MLP sites in a bank without them).
-  bool set(int64_t index, const lora_adapter& adapter);
+  // (rank above the bank's, or MLP sites in a bank without them). `key`
+  // names the adapter's weights (the same key must always mean the same
+  // weights, e.g. a hash of an immutable model id); 0 gives it an identity
+  // of its own that no other set() shares.
+  bool set(int64_t index, const lora_adapter& adapter, uint64_t key = 0);
 };
 
 // The adapters of a batch's rows: the bank's factors read in place at each

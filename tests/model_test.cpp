@@ -362,6 +362,41 @@ TEST_F(ModelTest, APromptCachedForItsAdapterIsReusedWithoutChangingTheText) {
   EXPECT_EQ(g.take(ids[1]).tokens, generate_all(base_, bank, {fresh}, {3}, {s4})[0].tokens);
 }
 
+// What the prefix cache holds follows the adapter's weights, not its place
+// in the bank: an adapter that leaves the bank and comes back elsewhere
+// finds its prompts again, and nothing else does.
+TEST_F(ModelTest, ACachedPromptFollowsItsAdapterToAnotherPlace) {
+  std::vector<const lora_adapter*> ptrs;
+  for (auto& a : adapters_) ptrs.push_back(&a);
+  auto bank = adapter_bank::build(cfg_, ptrs);
+  sampling s;
+  s.max_tokens = 4;
+  s.temperature = 1.0;
+  s.seed = 5;
+  const std::string prompt = "Tell me something about number 1.";  // 34 tokens
+  batch_generator g(base_, bank, 2, 8);
+  auto run = [&](int64_t place) {
+    auto id = g.add(prompt, place, s);
+    EXPECT_TRUE(id);
+    while (!g.idle()) g.step();
+    auto tokens = g.take(*id).tokens;
+    EXPECT_EQ(tokens, generate_all(base_, bank, {prompt}, {place}, {s})[0].tokens);
+    return tokens;
+  };
+  ASSERT_TRUE(bank.set(1, adapters_[0], 42));
+  run(1);
+  EXPECT_EQ(g.prompt_tokens_reused(), 0);
+  ASSERT_TRUE(bank.set(1, adapters_[1], 43));  // evicted: place 1 holds another adapter
+  run(1);
+  EXPECT_EQ(g.prompt_tokens_reused(), 0) << "another adapter's prompt";
+  ASSERT_TRUE(bank.set(2, adapters_[0], 42));  // back, elsewhere
+  run(2);
+  EXPECT_EQ(g.prompt_tokens_reused(), 33);
+  ASSERT_TRUE(bank.set(2, adapters_[2]));  // no key: an identity of its own
+  run(2);
+  EXPECT_EQ(g.prompt_tokens_reused(), 33);
+}
+
 // The prefix cache holds at most its memory budget, however many entries
 // it may have: the least recently used prompt goes to make room, and a
 // prompt larger than the whole budget is not kept at all.
