@@ -55,6 +55,33 @@ class ModelTest : public ::testing::Test {
     auto merged = merge(base_, adapters_[k - 1]);
     return forward_single(merged, nullptr, t)[0];
   }
+  // Sampling at temperature 1: texts that differ if any logit differs.
+  static sampling sampled(uint64_t seed, int64_t max_tokens) {
+    sampling s;
+    s.max_tokens = max_tokens;
+    s.temperature = 1.0;
+    s.seed = seed;
+    return s;
+  }
+  // A bank of the fixture's adapters that a test may change.
+  adapter_bank own_bank() const {
+    std::vector<const lora_adapter*> ptrs;
+    for (const auto& a : adapters_) ptrs.push_back(&a);
+    return adapter_bank::build(cfg_, ptrs);
+  }
+  // Generates `prompt` with `g` at `place`, checks the text against a full
+  // prefill of it alone, and returns the tokens.
+  std::vector<int64_t> generate_checked(batch_generator& g, const adapter_bank& bank,
+                                        const std::string& prompt, int64_t place,
+                                        const sampling& s) {
+    auto id = g.add(prompt, place, s);
+    EXPECT_TRUE(id);
+    if (!id) return {};
+    while (!g.idle()) g.step();
+    auto tokens = g.take(*id).tokens;
+    EXPECT_EQ(tokens, generate_all(base_, bank, {prompt}, {place}, {s})[0].tokens);
+    return tokens;
+  }
   model_config cfg_;
   base_weights base_;
   std::vector<lora_adapter> adapters_;
@@ -286,9 +313,7 @@ TEST_F(ModelTest, ContinuousBatchingAdmitsAndRetiresRowsBetweenSteps) {
 // adapter's prompts, or the same bank place once it holds another adapter,
 // share nothing.
 TEST_F(ModelTest, APromptCachedForItsAdapterIsReusedWithoutChangingTheText) {
-  std::vector<const lora_adapter*> ptrs;
-  for (auto& a : adapters_) ptrs.push_back(&a);
-  auto bank = adapter_bank::build(cfg_, ptrs);  // its own: place 1 changes below
+  auto bank = own_bank();  // place 1 changes below
   sampling s;
   s.max_tokens = 16;
   s.temperature = 1.0;
@@ -366,34 +391,21 @@ TEST_F(ModelTest, APromptCachedForItsAdapterIsReusedWithoutChangingTheText) {
 // in the bank: an adapter that leaves the bank and comes back elsewhere
 // finds its prompts again, and nothing else does.
 TEST_F(ModelTest, ACachedPromptFollowsItsAdapterToAnotherPlace) {
-  std::vector<const lora_adapter*> ptrs;
-  for (auto& a : adapters_) ptrs.push_back(&a);
-  auto bank = adapter_bank::build(cfg_, ptrs);
-  sampling s;
-  s.max_tokens = 4;
-  s.temperature = 1.0;
-  s.seed = 5;
+  auto bank = own_bank();
+  const auto s = sampled(5, 4);
   const std::string prompt = "Tell me something about number 1.";  // 34 tokens
   batch_generator g(base_, bank, 2, 8);
-  auto run = [&](int64_t place) {
-    auto id = g.add(prompt, place, s);
-    EXPECT_TRUE(id);
-    while (!g.idle()) g.step();
-    auto tokens = g.take(*id).tokens;
-    EXPECT_EQ(tokens, generate_all(base_, bank, {prompt}, {place}, {s})[0].tokens);
-    return tokens;
-  };
   ASSERT_TRUE(bank.set(1, adapters_[0], 42));
-  run(1);
+  generate_checked(g, bank, prompt, 1, s);
   EXPECT_EQ(g.prompt_tokens_reused(), 0);
   ASSERT_TRUE(bank.set(1, adapters_[1], 43));  // evicted: place 1 holds another adapter
-  run(1);
+  generate_checked(g, bank, prompt, 1, s);
   EXPECT_EQ(g.prompt_tokens_reused(), 0) << "another adapter's prompt";
   ASSERT_TRUE(bank.set(2, adapters_[0], 42));  // back, elsewhere
-  run(2);
+  generate_checked(g, bank, prompt, 2, s);
   EXPECT_EQ(g.prompt_tokens_reused(), 33);
   ASSERT_TRUE(bank.set(2, adapters_[2]));  // no key: an identity of its own
-  run(2);
+  generate_checked(g, bank, prompt, 2, s);
   EXPECT_EQ(g.prompt_tokens_reused(), 33);
 }
 
@@ -401,41 +413,29 @@ TEST_F(ModelTest, ACachedPromptFollowsItsAdapterToAnotherPlace) {
 // it may have: the least recently used prompt goes to make room, and a
 // prompt larger than the whole budget is not kept at all.
 TEST_F(ModelTest, ThePrefixCacheKeepsToItsMemoryBudget) {
-  std::vector<const lora_adapter*> ptrs;
-  for (auto& a : adapters_) ptrs.push_back(&a);
-  auto bank = adapter_bank::build(cfg_, ptrs);
-  sampling s;
-  s.max_tokens = 4;
-  s.temperature = 1.0;
-  s.seed = 3;
+  auto bank = own_bank();
+  const auto s = sampled(3, 4);
   const int64_t per_token = cfg_.n_layer * 2 * cfg_.d_model * 4;  // keys and values, fp32
   const std::string a = "Tell me something about number 1.";  // 34 tokens with end-of-text
   // Room for two such prompts, not three; eight entries would allow more.
   batch_generator g(base_, bank, 2, 8, 70 * per_token);
-  auto run = [&](batch_generator& gen, const std::string& prompt, int64_t place) {
-    auto id = gen.add(prompt, place, s);
-    EXPECT_TRUE(id);
-    while (!gen.idle()) gen.step();
-    auto tokens = gen.take(*id).tokens;
-    EXPECT_EQ(tokens, generate_all(base_, bank, {prompt}, {place}, {s})[0].tokens);
-    return tokens;
-  };
-  run(g, a, 1);
+  generate_checked(g, bank, a, 1, s);
   EXPECT_EQ(g.prefix_cache_bytes(), 34 * per_token);
-  run(g, a, 2);  // another adapter: a second entry
+  generate_checked(g, bank, a, 2, s);  // another adapter: a second entry
   EXPECT_EQ(g.prefix_cache_bytes(), 68 * per_token);
-  run(g, a, 3);  // a third does not fit: adapter 1's, the least recently used, goes
+  // A third does not fit: adapter 1's, the least recently used, goes.
+  generate_checked(g, bank, a, 3, s);
   EXPECT_EQ(g.prefix_cache_bytes(), 68 * per_token);
   EXPECT_EQ(g.prompt_tokens_reused(), 0);
-  run(g, a, 3);
+  generate_checked(g, bank, a, 3, s);
   EXPECT_EQ(g.prompt_tokens_reused(), 33) << "the newest entry is kept";
-  run(g, a, 1);
+  generate_checked(g, bank, a, 1, s);
   EXPECT_EQ(g.prompt_tokens_reused(), 33) << "the oldest entry is gone";
   EXPECT_LE(g.prefix_cache_bytes(), 70 * per_token);
   // A budget below one prompt keeps nothing, and the text is the same.
   batch_generator tiny(base_, bank, 2, 8, 10 * per_token);
-  run(tiny, a, 1);
-  run(tiny, a, 1);
+  generate_checked(tiny, bank, a, 1, s);
+  generate_checked(tiny, bank, a, 1, s);
   EXPECT_EQ(tiny.prefix_cache_bytes(), 0);
   EXPECT_EQ(tiny.prompt_tokens_reused(), 0);
 }
