@@ -157,9 +157,9 @@ void kick(gpu_ptr self) {
 
 void publish_gauges(gpu_ptr self) {
   auto& st = self->state;
-  st.stats->set_serving(st.base_model + "/" + std::to_string(st.device),
-                        static_cast<int64_t>(st.core->waiting.size()),
-                        static_cast<int64_t>(st.core->active.size()));
+  st.stats->set_serving(st.label, static_cast<int64_t>(st.core->waiting.size()),
+                        static_cast<int64_t>(st.core->active.size()),
+                        st.core->gen->prefix_cache_bytes());
 }
 
 void release_adapter(gpu_core& c, const std::string& model_id) {
@@ -367,8 +367,6 @@ void admit(gpu_ptr self) {
   const auto t1 = clock::now();
   st.stats->count_prompt_tokens(c.gen->prompt_tokens_reused() - reused,
                                 c.gen->prompt_tokens_computed() - computed);
-  st.stats->set_prefix_cache_bytes(st.base_model + "/" + std::to_string(st.device),
-                                   c.gen->prefix_cache_bytes());
   if (ids.size() != chosen.size()) {  // not enough rows: cannot happen below max_batch
     for (auto it = chosen.rbegin(); it != chosen.rend(); ++it) c.waiting.push_front(*it);
     return;
@@ -438,6 +436,7 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
   auto& st = self->state;
   st.device = device;
   st.base_model = std::move(base_model);
+  st.label = st.base_model + "/" + std::to_string(device);
   st.cfg = std::move(cfg);
   st.loader = std::move(loader);
   st.host = std::move(host);

@@ -89,6 +89,7 @@ struct gpu_core;  // the batch, the bank and the waiting requests (gpu.cpp)
 struct gpu_state {
   int device = 0;
   std::string base_model;
+  std::string label;  // "<base model>/<device>": the device label of its gauges
   engine_config cfg;
   std::shared_ptr<const base_models> bases;  // outlive the core's pointers into them
   std::shared_ptr<metrics> stats;

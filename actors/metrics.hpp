@@ -53,12 +53,14 @@ class metrics {
     prompt_reused_.fetch_add(reused);
     prompt_computed_.fetch_add(computed);
   }
-  void set_serving(const std::string& device, int64_t waiting, int64_t active) {
-    set(serving_waiting_, device, waiting);
-    set(serving_active_, device, active);
-  }
-  void set_prefix_cache_bytes(const std::string& device, int64_t bytes) {
-    set(prefix_bytes_, device, bytes);
+  // A GPU actor's gauges: requests waiting for a row, rows in the batch,
+  // bytes its prefix cache holds.
+  void set_serving(const std::string& device, int64_t waiting, int64_t active,
+                   int64_t prefix_bytes) {
+    std::lock_guard<std::mutex> g(mtx_);
+    serving_waiting_[device] = waiting;
+    serving_active_[device] = active;
+    prefix_bytes_[device] = prefix_bytes;
   }
 
   // Time an inference request spent in the engine outside batch steps and

@@ -140,6 +140,10 @@ TEST_F(ServingTest, ConcurrentRequestsAreBatchedAndEachEqualsItsResultAlone) {
   // prefix cache (first prefilled, then reused, and the texts are equal).
   EXPECT_GT(labelled("tailor_prompt_tokens_total", "source", "reused"), 0);
   EXPECT_GT(labelled("tailor_prompt_tokens_total", "source", "computed"), 0);
+  // What the cache holds is on view, within its budget (128 MB by default).
+  const auto held = labelled("tailor_prefix_cache_bytes", "device", "tailor-test/0");
+  EXPECT_GT(held, 0);
+  EXPECT_LE(held, 128 << 20);
 }
 
 TEST_F(ServingTest, AColdAdapterIsLoadedAndLaterEvictedUnderCapacityPressure) {
