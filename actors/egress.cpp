@@ -11,13 +11,13 @@ namespace tailor::actors {
 
 namespace {
 
-const std::string& topic_of(const kafka_config& cfg, channel c) {
+const std::string& topic_of(const topic_names& topics, channel c) {
   switch (c) {
-    case channel::results: return cfg.topics.results;
-    case channel::events: return cfg.topics.events;
-    case channel::dlq: return cfg.topics.dlq;
+    case channel::results: return topics.results;
+    case channel::events: return topics.events;
+    case channel::dlq: return topics.dlq;
   }
-  return cfg.topics.dlq;
+  return topics.dlq;
 }
 
 }  // namespace
@@ -42,7 +42,7 @@ std::unique_ptr<batch_producer> batch_producer::make(const kafka_config& cfg,
                                                      const std::string& client_id,
                                                      std::string& err) {
   std::unique_ptr<batch_producer> p(new batch_producer());
-  p->cfg_ = cfg;
+  p->topics_ = cfg.topics;
   p->stats_ = std::move(stats);
   p->on_delivery_ = std::make_unique<reports>(p.get());
   auto conf = make_conf(cfg,
@@ -107,7 +107,7 @@ void batch_producer::send(const std::vector<outgoing_message>& batch, done_fn do
   pend.remaining = batch.size();
   pend.done = std::move(done);
   for (const auto& m : batch) {
-    const auto& topic = topic_of(cfg_, m.to);
+    const auto& topic = topic_of(topics_, m.to);
     for (;;) {
       auto rc = producer_->produce(topic, RdKafka::Topic::PARTITION_UA,
                                    RdKafka::Producer::RK_MSG_COPY,

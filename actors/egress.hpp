@@ -55,7 +55,7 @@ class batch_producer {
   };
   batch_producer() = default;
   void settle(uint64_t id, const std::string& topic, const std::string& error);
-  kafka_config cfg_;
+  topic_names topics_;  // where each channel goes
   std::shared_ptr<metrics> stats_;
   std::unique_ptr<RdKafka::DeliveryReportCb> on_delivery_;
   std::unique_ptr<RdKafka::Producer> producer_;
