@@ -4,6 +4,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "model/cuda/bgmv_math.hpp"
 #ifdef TAILOR_WITH_CUDA
 #include "model/cuda/bgmv.hpp"
 #endif
@@ -33,6 +34,11 @@ torch::Tensor lora_single(const torch::Tensor& x, const lora_adapter::pair& p, d
   return torch::matmul(torch::matmul(x, p.a), p.b) * scale;
 }
 
+// The bank's bfloat16 factors as their raw bits, for our loops and kernels.
+const uint16_t* bf16_bits(const torch::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+
 #ifdef TAILOR_WITH_CUDA
 // add_lora_rows on a CUDA device, by our kernels (model/cuda/bgmv.cu):
 // every token of a row uses the row's adapter, so a prefill's [B, T] tokens
@@ -40,14 +46,15 @@ torch::Tensor lora_single(const torch::Tensor& x, const lora_adapter::pair& p, d
 void add_lora_rows_cuda(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b,
                         const row_adapters& ra, torch::Tensor& out) {
   TORCH_CHECK(out.is_contiguous() && a.is_contiguous() && b.is_contiguous() &&
-              x.scalar_type() == torch::kFloat32 && out.scalar_type() == torch::kFloat32);
+              x.scalar_type() == torch::kFloat32 && out.scalar_type() == torch::kFloat32 &&
+              a.scalar_type() == torch::kBFloat16 && b.scalar_type() == torch::kBFloat16);
   const int64_t B = x.size(0), T = x.size(1), in = a.size(1), r = a.size(2), n_out = b.size(2);
   const auto longs = torch::TensorOptions().dtype(torch::kLong);
   auto places = torch::tensor(ra.rows, longs).repeat_interleave(T).to(x.device());
   auto ranks = torch::tensor(ra.ranks, longs).repeat_interleave(T).to(x.device());
   auto xc = x.reshape({B * T, in}).contiguous();
   auto xa = torch::empty({B * T, r}, x.options());
-  auto err = cuda::bgmv(xc.data_ptr<float>(), a.data_ptr<float>(), b.data_ptr<float>(),
+  auto err = cuda::bgmv(xc.data_ptr<float>(), bf16_bits(a), bf16_bits(b),
                         places.data_ptr<int64_t>(), ranks.data_ptr<int64_t>(),
                         out.data_ptr<float>(), xa.data_ptr<float>(), B * T, in, r, n_out, nullptr);
   TORCH_CHECK(err.empty(), err);
@@ -64,71 +71,73 @@ template <int64_t N>
 struct local_size<fixed_size<N>> : fixed_size<N> {};
 
 // One row's x·A·B added to `orow`, up to `rank` (int64_t, or for the
-// common ranks fixed_size): `scratch` holds `rank` floats when it is a
-// run-time value. With the rank known at compile time the sums live in a
-// local array and stay in registers (a buffer that may alias the inputs is
-// reloaded and stored at every step). Each output element is written once.
+// common ranks fixed_size); `ar` is the row's A packed [in, rank]. `scratch`
+// holds `rank` floats when it is a run-time value. With the rank known at
+// compile time the sums live in a local array and stay in registers (a
+// buffer that may alias the inputs is reloaded and stored at every step).
+// Each output element is written once.
 template <typename Rank>
-void lora_row(const float* xr, const float* ar, const float* br, int64_t in, int64_t r, Rank rank,
+void lora_row(const float* xr, const uint16_t* ar, const uint16_t* br, int64_t in, Rank rank,
               int64_t n_out, float* scratch, float* orow) {
   float local[local_size<Rank>::value];
   float* xa = std::is_same_v<Rank, int64_t> ? scratch : local;
   for (int64_t k = 0; k < rank; ++k) xa[k] = 0.0f;
   for (int64_t i = 0; i < in; ++i) {
     const float xi = xr[i];
-    const float* ai = ar + i * r;
-    for (int64_t k = 0; k < rank; ++k) xa[k] += xi * ai[k];
+    const uint16_t* ai = ar + i * rank;
+    for (int64_t k = 0; k < rank; ++k) xa[k] += xi * bgmv::widen(ai[k]);
   }
 #pragma omp simd
   for (int64_t o = 0; o < n_out; ++o) {
     float acc = orow[o];
-    for (int64_t k = 0; k < rank; ++k) acc += xa[k] * br[k * n_out + o];
+    for (int64_t k = 0; k < rank; ++k) acc += xa[k] * bgmv::widen(br[k * n_out + o]);
     orow[o] = acc;
   }
 }
 
 // Rows of x use different adapters (`ra`, factors of one layer and site:
-// a [n + 1, in, r], b [n + 1, r, out]); adds x·A·B of each row to `out`
-// [B, T, out]. Decode steps (T == 1) run a plain loop per row reading the
-// bank in place, up to the row's own rank (the shape of Punica's BGMV):
-// with Debian's MKL-less LibTorch, bmm issues one small product per row, and
-// a gather plus multiply-and-sum copies [B, in, r] and [B, r, out] per step.
-// The CPU loop (lora_row) runs over inputs, then outputs, each output
-// element once; the CUDA kernels compute the same sums one output element
-// per thread (model/cuda/bgmv_math.hpp).
+// a [n + 1, in, r] with each place's A packed [in, rank], b [n + 1, r, out]);
+// adds x·A·B of each row to `out` [B, T, out], reading the bank in place up
+// to the row's own rank (the shape of Punica's BGMV). Every token of a row
+// uses the row's adapter, so a prefill's tokens run the same loop as a
+// decode step's rows (lora_row: over inputs, then outputs, each output
+// element once). With Debian's MKL-less LibTorch, bmm issues one small
+// product per row, and a gather plus multiply-and-sum copies [B, in, r] and
+// [B, r, out] per step; products per row cost more in dispatch than the
+// loop in arithmetic. The CUDA kernels compute the same sums one output
+// element per thread (model/cuda/bgmv_math.hpp).
 void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b,
                    const row_adapters& ra, torch::Tensor& out) {
 #ifdef TAILOR_WITH_CUDA
   if (x.is_cuda()) return add_lora_rows_cuda(x, a, b, ra, out);
 #endif
-  if (x.size(1) != 1) {
-    auto rows = torch::tensor(ra.rows, torch::kLong);
-    out.add_(torch::matmul(torch::matmul(x, a.index_select(0, rows)), b.index_select(0, rows)));
-    return;
-  }
   const auto xc = x.contiguous();
   TORCH_CHECK(out.is_contiguous() && a.is_contiguous() && b.is_contiguous() &&
-              out.scalar_type() == torch::kFloat32 && xc.scalar_type() == torch::kFloat32);
-  const int64_t B = xc.size(0), in = a.size(1), r = a.size(2), n_out = b.size(2);
+              out.scalar_type() == torch::kFloat32 && xc.scalar_type() == torch::kFloat32 &&
+              a.scalar_type() == torch::kBFloat16 && b.scalar_type() == torch::kBFloat16);
+  const int64_t B = xc.size(0), T = xc.size(1), in = a.size(1), r = a.size(2),
+                n_out = b.size(2);
   const float* xp = xc.data_ptr<float>();
-  const float* ap = a.data_ptr<float>();
-  const float* bp = b.data_ptr<float>();
+  const uint16_t* ap = bf16_bits(a);
+  const uint16_t* bp = bf16_bits(b);
   float* op = out.data_ptr<float>();
   std::vector<float> scratch(static_cast<std::size_t>(r));
+  float* sc = scratch.data();
   for (int64_t row = 0; row < B; ++row) {
     const int64_t rank = ra.ranks[static_cast<std::size_t>(row)];
     if (rank == 0) continue;  // no adapter
     const int64_t place = ra.rows[static_cast<std::size_t>(row)];
-    const float* xr = xp + row * in;
-    const float* ar = ap + place * in * r;
-    const float* br = bp + place * r * n_out;
-    float* orow = op + row * n_out;
-    float* sc = scratch.data();
-    switch (rank) {
-      case 4: lora_row(xr, ar, br, in, r, fixed_size<4>{}, n_out, sc, orow); break;
-      case 8: lora_row(xr, ar, br, in, r, fixed_size<8>{}, n_out, sc, orow); break;
-      case 16: lora_row(xr, ar, br, in, r, fixed_size<16>{}, n_out, sc, orow); break;
-      default: lora_row(xr, ar, br, in, r, rank, n_out, sc, orow);
+    const uint16_t* ar = ap + place * in * r;
+    const uint16_t* br = bp + place * r * n_out;
+    for (int64_t t = 0; t < T; ++t) {
+      const float* xr = xp + (row * T + t) * in;
+      float* orow = op + (row * T + t) * n_out;
+      switch (rank) {
+        case 4: lora_row(xr, ar, br, in, fixed_size<4>{}, n_out, sc, orow); break;
+        case 8: lora_row(xr, ar, br, in, fixed_size<8>{}, n_out, sc, orow); break;
+        case 16: lora_row(xr, ar, br, in, fixed_size<16>{}, n_out, sc, orow); break;
+        default: lora_row(xr, ar, br, in, rank, n_out, sc, orow);
+      }
     }
   }
 }
@@ -375,6 +384,21 @@ uint64_t fresh_identity() {
 
 }  // namespace
 
+namespace {
+
+// One adapter's factors of one site into its bank place (A [in, r] and
+// B [r, out] of the bank, zeroed), rounded to bfloat16: A packed as
+// [in, rank] at the start of the place, so that a row of a smaller rank
+// reads whole cache lines of its own numbers only; B's first `rank` rows,
+// with the scale folded in.
+void put_factors(torch::Tensor a, torch::Tensor b, const lora_adapter::pair& p, int64_t rank,
+                 double scale) {
+  a.view({-1}).narrow(0, 0, a.size(0) * rank).view({a.size(0), rank}).copy_(p.a);
+  b.narrow(0, 0, rank).copy_(p.b * scale);
+}
+
+}  // namespace
+
 adapter_bank adapter_bank::build(const model_config& mc,
                                  const std::vector<const lora_adapter*>& adapters) {
   torch::NoGradGuard no_grad;
@@ -390,14 +414,12 @@ adapter_bank adapter_bank::build(const model_config& mc,
   bank.b.resize(mc.n_layer);
   for (int64_t i = 0; i < mc.n_layer; ++i) {
     for (int s = 0; s < sites; ++s) {
-      auto a = torch::zeros({bank.size + 1, site_in(mc, s), rank});
-      auto b = torch::zeros({bank.size + 1, rank, site_out_dim(mc, s)});
+      auto a = torch::zeros({bank.size + 1, site_in(mc, s), rank}, torch::kBFloat16);
+      auto b = torch::zeros({bank.size + 1, rank, site_out_dim(mc, s)}, torch::kBFloat16);
       for (int64_t k = 0; k < bank.size; ++k) {
         const auto* ad = adapters[k];
         if (s >= ad->sites()) continue;
-        const auto& p = ad->layers[i][s];
-        a[k + 1].narrow(1, 0, ad->cfg.rank).copy_(p.a);
-        b[k + 1].narrow(0, 0, ad->cfg.rank).copy_(p.b * ad->scale());
+        put_factors(a[k + 1], b[k + 1], ad->layers[i][s], ad->cfg.rank, ad->scale());
       }
       bank.a[i].push_back(a);
       bank.b[i].push_back(b);
@@ -423,8 +445,9 @@ adapter_bank adapter_bank::make(const model_config& mc, int64_t capacity, int64_
   bank.b.resize(mc.n_layer);
   for (int64_t i = 0; i < mc.n_layer; ++i)
     for (int s = 0; s < sites; ++s) {
-      bank.a[i].push_back(torch::zeros({capacity + 1, site_in(mc, s), rank}));
-      bank.b[i].push_back(torch::zeros({capacity + 1, rank, site_out_dim(mc, s)}));
+      bank.a[i].push_back(torch::zeros({capacity + 1, site_in(mc, s), rank}, torch::kBFloat16));
+      bank.b[i].push_back(
+          torch::zeros({capacity + 1, rank, site_out_dim(mc, s)}, torch::kBFloat16));
     }
   return bank;
 }
@@ -441,9 +464,7 @@ bool adapter_bank::set(int64_t index, const lora_adapter& ad, uint64_t key) {
       ai.zero_();
       bi.zero_();
       if (static_cast<int>(s) >= ad.sites()) continue;
-      const auto& p = ad.layers[i][s];
-      ai.narrow(1, 0, ad.cfg.rank).copy_(p.a);
-      bi.narrow(0, 0, ad.cfg.rank).copy_(p.b * ad.scale());
+      put_factors(ai, bi, ad.layers[i][s], ad.cfg.rank, ad.scale());
     }
   ranks[static_cast<std::size_t>(index)] = ad.cfg.rank;
   identities[static_cast<std::size_t>(index)] = key != 0 ? key | keyed_bit : fresh_identity();

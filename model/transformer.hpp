@@ -74,10 +74,14 @@ struct lora_adapter {
 base_weights merge(const base_weights& base, const lora_adapter& adapter);
 
 // Adapters stacked for the batched forward. Row index 0 is "no adapter"
-// (zeros); adapter i of `build` is index i + 1. Ranks may differ: smaller
-// ones are zero-padded to the largest, and each B carries its own scale.
+// (zeros); adapter i of `build` is index i + 1. Factors are kept in
+// bfloat16, as GPU LoRA servers keep them: a decode step reads every row's
+// factors, and at many adapters that read is what a step waits for; sums
+// stay in float. Ranks may differ: a place holds its A packed [in, rank] at
+// its start (a row reads no padding), and its B's first rank rows, with its
+// own scale folded in.
 struct adapter_bank {
-  // [layer][site] -> A [n + 1, in, r], B [n + 1, r, out] (scale folded into B)
+  // [layer][site] -> bfloat16 A [n + 1, in, r] (each place packed [in, rank]), B [n + 1, r, out]
   std::vector<std::vector<torch::Tensor>> a, b;
   std::vector<int64_t> ranks;  // per place (0: empty): a decode step skips the padding
   // Per place, which adapter weights it holds: what was computed with them
@@ -86,7 +90,7 @@ struct adapter_bank {
   std::vector<uint64_t> identities;
   int64_t size = 0;  // adapters, not counting index 0
   bool mlp = false;
-  int64_t rank = 0;  // of the stacked factors; smaller adapters are zero-padded
+  int64_t rank = 0;  // of the stacked factors: the largest rank a place holds
 
   static adapter_bank build(const model_config& mc,
                             const std::vector<const lora_adapter*>& adapters);
@@ -105,7 +109,7 @@ struct adapter_bank {
 // row's place (nothing is copied per step; Punica's BGMV reads the same
 // way). Valid while the bank's places used by `rows` keep their adapters.
 struct row_adapters {
-  // [layer][site]: the bank's A [n + 1, in, r] and B [n + 1, r, out]; empty: no adapters
+  // [layer][site]: the bank's A and B (adapter_bank's layout); empty: no adapters
   std::vector<std::vector<torch::Tensor>> a, b;
   std::vector<int64_t> rows;   // each row's place in the bank
   std::vector<int64_t> ranks;  // each row's adapter rank (0: none)

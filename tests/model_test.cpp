@@ -18,12 +18,22 @@ model_config tiny() {
   return *named_config("tailor-test");
 }
 
-// An adapter whose B is not zero, so that it changes the model.
+// A float rounded to bfloat16, the precision of the bank's factors.
+torch::Tensor bf16(const torch::Tensor& t) {
+  return t.to(torch::kBFloat16).to(torch::kFloat32);
+}
+
+// An adapter whose B is not zero, so that it changes the model. Its factors
+// are bfloat16 numbers (and its scale 2), so that the bank holds them
+// exactly and the batched forward can be held to a float reference.
 lora_adapter trained_like(const model_config& c, int64_t rank, bool mlp, uint64_t seed) {
   auto ad = lora_adapter::init(c, {rank, 2.0 * rank, mlp}, seed);
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed + 1000);
   for (auto& l : ad.layers)
-    for (auto& p : l) p.b = torch::randn(p.b.sizes(), gen) * 0.05;
+    for (auto& p : l) {
+      p.a = bf16(p.a);
+      p.b = bf16(torch::randn(p.b.sizes(), gen) * 0.05);
+    }
   return ad;
 }
 
@@ -114,6 +124,38 @@ TEST_F(ModelTest, BatchedMixedAdapterForwardEqualsMergedPerRow) {
   EXPECT_GT(max_diff(reference(tokens_of(T, 0), 1), reference(tokens_of(T, 0), 0)), 1e-3);
 }
 
+// The bank keeps an adapter's factors rounded to the nearest bfloat16 (A
+// packed to its rank), and a float adapter served from it changes the
+// logits as the float adapter does, to within 2% of what it changes.
+TEST_F(ModelTest, TheBankKeepsFactorsInBfloat16CloseToTheFloatAdapter) {
+  torch::NoGradGuard ng;
+  auto ad = lora_adapter::init(cfg_, {8, 16.0, false}, 99);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(77);
+  for (auto& l : ad.layers)
+    for (auto& p : l) p.b = torch::randn(p.b.sizes(), gen) * 0.05;
+  auto bank = adapter_bank::build(cfg_, {&ad});
+  const auto& p = ad.layers[0][site_qkv];
+  const int64_t in = p.a.size(0);
+  EXPECT_FALSE(bf16(p.a).equal(p.a));  // float factors: the rounding below is real
+  EXPECT_TRUE(bank.a[0][site_qkv][1].view({-1}).narrow(0, 0, in * 8).view({in, 8}).to(
+      torch::kFloat32).equal(bf16(p.a)));
+  EXPECT_TRUE(bank.b[0][site_qkv][1].narrow(0, 0, 8).to(torch::kFloat32).equal(
+      bf16(p.b * ad.scale())));
+
+  const int64_t T = 8;
+  auto tokens = tokens_of(T, 5);
+  auto cache = kv_cache::make(cfg_, 1);
+  auto served = forward_batched(base_, bank, torch::tensor(std::vector<int64_t>{1}, torch::kLong),
+                                torch::tensor(tokens, torch::kLong).view({1, T}),
+                                torch::zeros({1}, torch::kLong), torch::zeros({1}, torch::kLong),
+                                cache)[0];
+  auto t = torch::tensor(tokens, torch::kLong).view({1, T});
+  auto exact = forward_single(merge(base_, ad), nullptr, t)[0];
+  const double effect = max_diff(exact, forward_single(base_, nullptr, t)[0]);
+  EXPECT_GT(effect, 1e-2);
+  EXPECT_LE(max_diff(served, exact), 0.02 * effect);
+}
+
 // What our CUDA kernels compute per element (model/cuda/bgmv_math.hpp),
 // checked on the CPU: CI has nvcc but no GPU to run them on. Every row,
 // including one without an adapter and ranks below the bank's, must get
@@ -125,6 +167,8 @@ TEST_F(ModelTest, CudaKernelArithmeticGivesEachRowItsOwnAdapter) {
   for (int site = 0; site < 4; ++site) {
     const auto a = bank_.a[0][site].contiguous();
     const auto b = bank_.b[0][site].contiguous();
+    const auto* a_bits = reinterpret_cast<const uint16_t*>(a.data_ptr<at::BFloat16>());
+    const auto* b_bits = reinterpret_cast<const uint16_t*>(b.data_ptr<at::BFloat16>());
     const bgmv::shape s{rows, a.size(1), a.size(2), b.size(2)};
     auto x = torch::randn({s.rows, s.in});
     std::vector<float> xa(static_cast<std::size_t>(s.rows * s.r));
@@ -134,11 +178,11 @@ TEST_F(ModelTest, CudaKernelArithmeticGivesEachRowItsOwnAdapter) {
       const auto rank = bank_.ranks[static_cast<std::size_t>(place)];
       for (int64_t k = 0; k < s.r; ++k)
         xa[static_cast<std::size_t>(row * s.r + k)] =
-            k < rank ? bgmv::shrink(x.data_ptr<float>(), a.data_ptr<float>(), place, row, k, s)
+            k < rank ? bgmv::shrink(x.data_ptr<float>(), a_bits, place, rank, row, k, s)
                      : 0.0f;
       for (int64_t o = 0; rank > 0 && o < s.n_out; ++o)
         out[static_cast<std::size_t>(row * s.n_out + o)] +=
-            bgmv::expand(xa.data(), b.data_ptr<float>(), place, rank, row, o, s);
+            bgmv::expand(xa.data(), b_bits, place, rank, row, o, s);
     }
     auto got = torch::from_blob(out.data(), {s.rows, s.n_out}).clone();
     for (int64_t row = 0; row < rows; ++row) {

@@ -14,15 +14,16 @@ namespace {
 
 constexpr int expand_threads = 128;
 
-__global__ void shrink_kernel(const float* x, const float* a, const int64_t* places,
+__global__ void shrink_kernel(const float* x, const uint16_t* a, const int64_t* places,
                               const int64_t* ranks, float* xa, bgmv::shape s) {
   const int64_t row = blockIdx.x;
   const int64_t k = threadIdx.x;
   if (row >= s.rows || k >= s.r) return;
-  xa[row * s.r + k] = k < ranks[row] ? bgmv::shrink(x, a, places[row], row, k, s) : 0.0f;
+  xa[row * s.r + k] =
+      k < ranks[row] ? bgmv::shrink(x, a, places[row], ranks[row], row, k, s) : 0.0f;
 }
 
-__global__ void expand_kernel(const float* xa, const float* b, const int64_t* places,
+__global__ void expand_kernel(const float* xa, const uint16_t* b, const int64_t* places,
                               const int64_t* ranks, float* out, bgmv::shape s) {
   const int64_t row = blockIdx.y;
   const int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -32,7 +33,7 @@ __global__ void expand_kernel(const float* xa, const float* b, const int64_t* pl
 
 }  // namespace
 
-std::string bgmv(const float* x, const float* a, const float* b, const int64_t* places,
+std::string bgmv(const float* x, const uint16_t* a, const uint16_t* b, const int64_t* places,
                  const int64_t* ranks, float* out, float* xa, int64_t rows, int64_t in, int64_t r,
                  int64_t n_out, void* stream) {
   if (rows == 0) return {};
