@@ -115,6 +115,7 @@ struct gpu_core {
     model::sampling sampling;
     clock::time_point arrived, loaded, admitted, deadline;
     double adapter_load_ms = 0, prefill_ms = 0;
+    bool prefilling = false;  // admitted; its prompt is computed by the next step
     int64_t gen_id = -1;  // in the batch when >= 0
     int64_t budget = 0;   // tokens it may occupy: prompt + max_tokens
     int64_t prompt_tokens = 0;
@@ -331,7 +332,7 @@ void admit(gpu_ptr self) {
     auto [it, fresh] = c.served.try_emplace(r->order.request.user_id, 0.0);
     if (fresh || it->second < floor) it->second = std::max(0.0, floor);
   }
-  // Pick first, then prefill everything picked in one forward.
+  // Pick first, then add everything picked: the next step computes their prompts.
   std::vector<request_ptr> chosen;
   int64_t tokens = c.tokens_in_flight;
   while (static_cast<int>(c.active.size() + chosen.size()) < sc.max_batch) {
@@ -364,7 +365,6 @@ void admit(gpu_ptr self) {
   const auto t0 = clock::now();
   const auto reused = c.gen->prompt_tokens_reused(), computed = c.gen->prompt_tokens_computed();
   auto ids = c.gen->add_batch(seqs);
-  const auto t1 = clock::now();
   st.stats->count_prompt_tokens(c.gen->prompt_tokens_reused() - reused,
                                 c.gen->prompt_tokens_computed() - computed);
   if (ids.size() != chosen.size()) {  // not enough rows: cannot happen below max_batch
@@ -374,7 +374,7 @@ void admit(gpu_ptr self) {
   for (std::size_t k = 0; k < chosen.size(); ++k) {
     auto& r = chosen[k];
     r->admitted = t0;
-    r->prefill_ms = ms_between(t0, t1);  // the shared prefill of everything admitted with it
+    r->prefilling = true;
     r->gen_id = ids[k];
     c.active[ids[k]] = r;
     c.tokens_in_flight += r->budget;
@@ -404,6 +404,11 @@ void step(gpu_ptr self) {
   admit(self);
   const auto rows = static_cast<int64_t>(c.active.size());
   auto finished = c.gen->step();
+  // Prefill: from admission to the end of the step that computed the prompt
+  // (with every other row's next token) and the first token.
+  const auto stepped = clock::now();
+  for (auto& [id, r] : c.active)
+    if (r->prefilling) r->prefill_ms = ms_between(r->admitted, stepped), r->prefilling = false;
   if (rows > 0) st.stats->count_step(rows);
   for (auto& [id, r] : c.active) c.served[r->order.request.user_id] += 1.0;
   for (auto id : finished) {

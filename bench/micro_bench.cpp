@@ -128,7 +128,7 @@ BENCHMARK(bm_decode_step)->Arg(1)->Arg(8)->Arg(32)->Arg(64)->Unit(benchmark::kMi
 // The batch loop in its steady state: `rows` sequences of 32 tokens with
 // staggered starts; as each ends, a new one joins (its prefill, and moving
 // the caches together, included), with an adapter drawn in turn from
-// `adapters` places. Items are generated tokens.
+// `adapters` places. Items are generated tokens, counted as sequences end.
 void continuous(benchmark::State& state, int64_t prefix_entries) {
   auto& f = fixture::get();
   const auto rows = state.range(0);
@@ -150,11 +150,10 @@ void continuous(benchmark::State& state, int64_t prefix_entries) {
   }
   int64_t tokens = 0;
   for (auto _ : state) {
-    tokens += static_cast<int64_t>(g.active());
     auto done = g.step();
     std::vector<batch_generator::new_sequence> seqs;
     for (auto id : done) {
-      g.take(id);
+      tokens += static_cast<int64_t>(g.take(id).tokens.size());
       seqs.push_back(seq());
     }
     if (!seqs.empty()) g.add_batch(seqs);

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
 #include <random>
 
 #include "messages/events.hpp"
@@ -31,6 +30,10 @@ struct batch_generator::row {
   int64_t adapter = 0;
   int64_t length = 0;  // tokens in the cache
   int64_t next = 0;    // the token to feed at the next step
+  // Prompt tokens the next step computes (a row that joined since the last
+  // step; what the prefix cache had of its prompt is already in the cache).
+  std::vector<int64_t> pending;
+  std::vector<int64_t> remember;  // the whole prompt, to keep once computed (or empty)
   sampling s;
   std::mt19937_64 rng;  // the row's own: its draws never depend on the batch
   std::vector<int64_t> out;
@@ -213,111 +216,52 @@ std::vector<int64_t> batch_generator::add_batch(const std::vector<new_sequence>&
   for (std::size_t i = 0; i < slot_owner_.size() && free_slots.size() < seqs.size(); ++i)
     if (!slot_owner_[i]) free_slots.push_back(static_cast<int64_t>(i));
   if (seqs.empty() || free_slots.size() < seqs.size()) return {};
-  // One prefill forward for all of them (or two, below). Row b starts at
-  // position reuse[b] (what the prefix cache had of its prompt, copied into
-  // its slot) and the rows are right-padded to the longest rest; a row's padding sits
-  // at positions past its length, which no query of that row sees (causal
-  // mask) before a real token overwrites them.
-  const auto n = static_cast<int64_t>(seqs.size());
-  std::vector<std::vector<int64_t>> tokens;
-  std::vector<int64_t> reuse;
-  std::vector<prefix_entry*> found;
-  for (const auto& q : seqs) {
+  // A row's prompt is computed by the next step, in the same forward as the
+  // other rows' next tokens: joining costs its tokens, not a forward of its
+  // own. What the prefix cache has of it is copied into its slot now.
+  std::vector<int64_t> ids;
+  for (std::size_t b = 0; b < seqs.size(); ++b) {
+    const auto& q = seqs[b];
     // A sequence starts after an end-of-text, as every training entry does.
     auto t = encode(q.prompt);
     t.insert(t.begin(), end_of_text);
     const int64_t keep =
         std::max<int64_t>(1, base_.cfg.context - std::max<int64_t>(1, q.s.max_tokens));
     if (static_cast<int64_t>(t.size()) > keep) t.erase(t.begin(), t.end() - keep);
-    auto [e, m] = longest_prefix(q.adapter, t);  // none while the cache is off
-    // The last prompt token is always computed: its logits give the first
-    // generated token.
-    reuse.push_back(std::min<int64_t>(m, static_cast<int64_t>(t.size()) - 1));
-    found.push_back(e);
-    tokens.push_back(std::move(t));
-  }
-  // Rows whose rest is short (most of the prompt cached) would be padded to
-  // the longest rest: when that wastes more than a forward's fixed cost, the
-  // shortest rests go in a forward of their own.
-  std::vector<int64_t> order(static_cast<std::size_t>(n));
-  std::iota(order.begin(), order.end(), 0);
-  auto rest = [&](int64_t b) { return static_cast<int64_t>(tokens[b].size()) - reuse[b]; };
-  std::sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return rest(x) < rest(y); });
-  constexpr int64_t forward_cost = 16;  // ~a forward's fixed cost, in prompt tokens
-  std::size_t split = 0;
-  int64_t best = n * rest(order.back());
-  for (std::size_t k = 1; k < order.size(); ++k) {
-    const auto cost = static_cast<int64_t>(k) * rest(order[k - 1]) +
-                      static_cast<int64_t>(order.size() - k) * rest(order.back()) + forward_cost;
-    if (cost < best) best = cost, split = k;
-  }
-  std::vector<torch::Tensor> logits(static_cast<std::size_t>(n));  // each [1, V]
-  auto prefill = [&](std::vector<int64_t> group) {
-    int64_t T = 1;
-    for (auto b : group) T = std::max(T, rest(b));
-    const auto m = static_cast<int64_t>(group.size());
-    std::vector<int64_t> flat, idx, last, starts, slots;
-    for (auto b : group) {
-      // Padding must stay inside the context: a long cached prefix next to a
-      // long rest is cut back (never below 0: no prompt exceeds the context).
-      reuse[b] = std::min(reuse[b], base_.cfg.context - T);
-      const auto slot = free_slots[static_cast<std::size_t>(b)];
-      if (reuse[b] > 0) {
-        found[b]->last_used = ++prefix_tick_;
-        for (std::size_t l = 0; l < cache_.k.size(); ++l) {
-          cache_.k[l][slot].narrow(1, 0, reuse[b]).copy_(found[b]->k[l].narrow(1, 0, reuse[b]));
-          cache_.v[l][slot].narrow(1, 0, reuse[b]).copy_(found[b]->v[l].narrow(1, 0, reuse[b]));
-        }
-      }
-      reused_tokens_ += reuse[b];
-      computed_tokens_ += rest(b);
-      last.push_back(rest(b) - 1);
-      std::vector<int64_t> t(tokens[b].begin() + reuse[b], tokens[b].end());
-      t.resize(static_cast<std::size_t>(T), end_of_text);
-      flat.insert(flat.end(), t.begin(), t.end());
-      idx.push_back(seqs[b].adapter);
-      starts.push_back(reuse[b]);
-      slots.push_back(slot);
-    }
-    auto out =
-        forward_batched(base_, bank_, torch::tensor(idx, torch::kLong),
-                        torch::tensor(flat, torch::kLong).view({m, T}),
-                        torch::tensor(starts, torch::kLong), torch::tensor(slots, torch::kLong),
-                        cache_, torch::tensor(last, torch::kLong));  // [m, 1, V]: last tokens
-    for (int64_t i = 0; i < m; ++i) logits[static_cast<std::size_t>(group[i])] = out[i];
-  };
-  if (split > 0) prefill({order.begin(), order.begin() + static_cast<std::ptrdiff_t>(split)});
-  prefill({order.begin() + static_cast<std::ptrdiff_t>(split), order.end()});
-  // Prompts mostly new to the cache are kept, from their slots.
-  for (int64_t b = 0; b < n; ++b)
-    if (2 * reuse[b] < static_cast<int64_t>(tokens[b].size()))
-      remember_prompt(seqs[b].adapter, tokens[b], free_slots[static_cast<std::size_t>(b)]);
-  std::vector<int64_t> ids;
-  for (int64_t b = 0; b < n; ++b) {
-    const auto& q = seqs[b];
+    const auto n = static_cast<int64_t>(t.size());
     auto r = std::make_unique<row>();
     r->id = next_id_++;
     r->slot = free_slots[b];
     r->adapter = q.adapter;
     r->s = q.s;
     r->rng.seed(q.s.seed);
-    const auto len = static_cast<int64_t>(tokens[b].size());
-    r->length = len;
     slot_owner_[r->slot] = r->id;
     ids.push_back(r->id);
     if (q.s.max_tokens <= 0) {
       r->finish = "length";
-    } else {
-      auto next = logits[static_cast<std::size_t>(b)][0].to(torch::kFloat32).contiguous();
-      emit(*r, sample(*r, next.data_ptr<float>(), next.size(0)));
-    }
-    if (!r->finish.empty()) {
       done_[r->id] = generation{decode(r->out), r->finish, r->out};
       slot_owner_[r->slot].reset();
       finished_early_.push_back(r->id);
-    } else {
-      rows_.push_back(std::move(r));
+      continue;
     }
+    auto [e, m] = longest_prefix(q.adapter, t);  // none while the cache is off
+    // The last prompt token is always computed: its logits give the first
+    // generated token.
+    const int64_t reuse = std::min<int64_t>(m, n - 1);
+    if (reuse > 0) {
+      e->last_used = ++prefix_tick_;
+      for (std::size_t l = 0; l < cache_.k.size(); ++l) {
+        cache_.k[l][r->slot].narrow(1, 0, reuse).copy_(e->k[l].narrow(1, 0, reuse));
+        cache_.v[l][r->slot].narrow(1, 0, reuse).copy_(e->v[l].narrow(1, 0, reuse));
+      }
+    }
+    reused_tokens_ += reuse;
+    computed_tokens_ += n - reuse;
+    r->length = reuse;
+    r->pending.assign(t.begin() + reuse, t.end());
+    // Prompts mostly new to the cache are kept once computed.
+    if (2 * reuse < n) r->remember = std::move(t);
+    rows_.push_back(std::move(r));
   }
   return ids;
 }
@@ -327,23 +271,41 @@ std::vector<int64_t> batch_generator::step() {
   finished_early_.clear();
   if (rows_.empty()) return finished;
   compact();
-  const auto B = static_cast<int64_t>(rows_.size());
-  std::vector<int64_t> idx, tok, start, slots;
+  // Every row's tokens of this step: its next one, or the rest of its prompt.
+  std::vector<int64_t> places, tokens, positions, slots, last_of_row;
   for (const auto& r : rows_) {
-    idx.push_back(r->adapter);
-    tok.push_back(r->next);
-    start.push_back(r->length);
-    slots.push_back(r->slot);
+    if (r->pending.empty()) {
+      places.push_back(r->adapter);
+      tokens.push_back(r->next);
+      positions.push_back(r->length);
+      slots.push_back(r->slot);
+    } else {
+      for (std::size_t j = 0; j < r->pending.size(); ++j) {
+        places.push_back(r->adapter);
+        tokens.push_back(r->pending[j]);
+        positions.push_back(r->length + static_cast<int64_t>(j));
+        slots.push_back(r->slot);
+      }
+    }
+    last_of_row.push_back(static_cast<int64_t>(tokens.size()) - 1);
   }
-  auto logits = forward_batched(
-      base_, row_adapters::of(bank_, idx), torch::tensor(tok, torch::kLong).view({B, 1}),
-      torch::tensor(start, torch::kLong), torch::tensor(slots, torch::kLong), cache_);
-  auto last = logits.select(1, 0).to(torch::kFloat32).contiguous();  // [B, V]
-  const int64_t V = last.size(1);
-  const float* data = last.data_ptr<float>();
+  auto logits = forward_tokens(base_, row_adapters::of(bank_, std::move(places)), tokens,
+                               positions, slots, cache_, last_of_row)
+                    .to(torch::kFloat32)
+                    .contiguous();  // [B, V]
+  const auto B = static_cast<int64_t>(rows_.size());
+  const int64_t V = logits.size(1);
+  const float* data = logits.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) {
     auto& r = *rows_[b];
-    r.length += 1;
+    if (r.pending.empty()) {
+      r.length += 1;
+    } else {
+      r.length += static_cast<int64_t>(r.pending.size());
+      r.pending.clear();
+      if (!r.remember.empty()) remember_prompt(r.adapter, r.remember, r.slot);
+      r.remember.clear();
+    }
     emit(r, sample(r, data + b * V, V));
   }
   std::vector<std::unique_ptr<row>> still;

@@ -35,8 +35,10 @@ struct generation {
   std::vector<int64_t> tokens;
 };
 
-// Rows of one batch. Each row owns a cache slot; `add` prefills a row, `step`
-// runs one decode step for every active row in one batched forward.
+// Rows of one batch. Each row owns a cache slot; `add` starts a row, and
+// `step` runs one forward for every row: the next token of each decoding
+// row and the whole prompt (what the prefix cache lacks of it) of each row
+// that joined since, so joining costs a prompt's tokens, not a forward.
 //
 // With `prefix_entries` > 0 it keeps the keys and values of up to that many
 // recent prompts, each under its adapter's identity in the bank (which
@@ -63,11 +65,13 @@ class batch_generator {
     int64_t adapter = 0;
     sampling s;
   };
-  // Starts several sequences with one prefill forward; their ids in order, or
-  // none at all when there are not enough free rows for every one.
+  // Starts several sequences (their prompts are computed by the next step);
+  // their ids in order, or none at all when there are not enough free rows
+  // for every one.
   std::vector<int64_t> add_batch(const std::vector<new_sequence>& seqs);
-  // One decode step; returns the ids of sequences that finished in it (or
-  // already in add(), e.g. with an immediate end-of-text).
+  // One step: prompts of rows that joined, and the next token of every row;
+  // returns the ids of sequences that finished in it (or already in add(),
+  // with max_tokens 0).
   std::vector<int64_t> step();
   bool idle() const;
   std::size_t active() const;

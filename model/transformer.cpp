@@ -129,6 +129,14 @@ void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::
     const int64_t place = ra.rows[static_cast<std::size_t>(row)];
     const uint16_t* ar = ap + place * in * r;
     const uint16_t* br = bp + place * r * n_out;
+    if (row + 1 < B) {
+      const int64_t next = ra.rows[static_cast<std::size_t>(row + 1)];
+      const int64_t next_rank = ra.ranks[static_cast<std::size_t>(row + 1)];
+      const uint16_t* na = ap + next * in * r;
+      const uint16_t* nb = bp + next * r * n_out;
+      for (int64_t i = 0; i < in * next_rank; i += 32) __builtin_prefetch(na + i);
+      for (int64_t i = 0; i < n_out * next_rank; i += 32) __builtin_prefetch(nb + i);
+    }
     for (int64_t t = 0; t < T; ++t) {
       const float* xr = xp + (row * T + t) * in;
       float* orow = op + (row * T + t) * n_out;
@@ -177,14 +185,15 @@ void attend(const float* q, const float* kb, int64_t ks, const float* vb, int64_
   for (int64_t d = 0; d < hd; ++d) out[d] = acc[d] * inv;
 }
 
-// One decode step's attention: q [B, H, hd] (any strides) against each
-// row's cached keys and values [B, H, >= n, hd] (last dim contiguous), row
-// b seeing positions 0..last[b]. Returns [B, 1, H * hd]. A loop per (row,
-// head) reads the cache once; ATen's multiply-and-sum materializes
-// [B, H, L, hd] twice per layer.
+// Attention of single query tokens: q [B, H, hd] (any strides) against the
+// cache's keys and values [slots, H, context, hd] (last dim contiguous), row
+// b reading slot slot[b] at positions 0..last[b]. Returns [B, 1, H * hd].
+// A loop per (row, head) reads the cache in place, once; ATen's
+// multiply-and-sum materializes [B, H, L, hd] twice per layer, and a gather
+// of the rows' slots would copy them.
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& K,
-                               const torch::Tensor& V, const std::vector<int64_t>& last,
-                               double scale) {
+                               const torch::Tensor& V, const std::vector<int64_t>& slot,
+                               const std::vector<int64_t>& last, double scale) {
   TORCH_CHECK(K.stride(3) == 1 && V.stride(3) == 1 && K.scalar_type() == torch::kFloat32 &&
               q.scalar_type() == torch::kFloat32);
   const int64_t B = q.size(0), H = q.size(1), hd = q.size(2);
@@ -206,8 +215,9 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& K,
       const int64_t n = last[static_cast<std::size_t>(b)] + 1;
       p.resize(static_cast<std::size_t>(n));
       const float* qr = qp + b * qs[0] + h * qs[1];
-      const float* kb = kp + b * ks[0] + h * ks[1];
-      const float* vb = vp + b * vs[0] + h * vs[1];
+      const int64_t sb = slot[static_cast<std::size_t>(b)];
+      const float* kb = kp + sb * ks[0] + h * ks[1];
+      const float* vb = vp + sb * vs[0] + h * vs[1];
       float* out = yp + (b * H + h) * hd;
       float* pp = p.data();
       float* sp = scratch.data();
@@ -559,17 +569,21 @@ torch::Tensor forward_batched(const base_weights& w, const row_adapters& ga,
   // Prefill masks with tensors; a decode step's loop needs each row's last
   // visible position only.
   torch::Tensor visible, neg_inf;
-  std::vector<int64_t> last;
+  std::vector<int64_t> last, slot_of;
   if (T == 1) {
     auto sc = start.contiguous();
     last.assign(sc.data_ptr<int64_t>(), sc.data_ptr<int64_t>() + B);
+    auto slc = slots.contiguous();
+    slot_of.assign(slc.data_ptr<int64_t>(), slc.data_ptr<int64_t>() + B);
   } else {
     auto key_pos = torch::arange(L, torch::kLong);
     visible = (key_pos.view({1, 1, 1, L}) <= pos.view({B, 1, T, 1}));  // [B, 1, T, L]
     neg_inf = torch::full({}, -std::numeric_limits<float>::infinity());
   }
-  // Rows that sit in slots 0..B-1 in order read the cache without a copy.
-  const bool contiguous = slots.size(0) == B && slots.equal(torch::arange(B, torch::kLong));
+  // A prefill's rows that sit in slots 0..B-1 in order read the cache
+  // without a copy (a decode step reads it in place anyway).
+  const bool contiguous =
+      T > 1 && slots.size(0) == B && slots.equal(torch::arange(B, torch::kLong));
   auto slot_rows = slots.view({B, 1}).expand({B, T});
   const double inv_sqrt = 1.0 / std::sqrt(static_cast<double>(hd));
   const bool lora = !ga.a.empty();
@@ -588,14 +602,14 @@ torch::Tensor forward_batched(const base_weights& w, const row_adapters& ga,
     where.push_back(pos);
     cache.k[i].index_put_(where, parts[1].view({B, T, H, hd}));
     cache.v[i].index_put_(where, parts[2].view({B, T, H, hd}));
-    auto K = contiguous ? cache.k[i].narrow(0, 0, B).narrow(2, 0, L)
-                        : cache.k[i].narrow(2, 0, L).index_select(0, slots);
-    auto V = contiguous ? cache.v[i].narrow(0, 0, B).narrow(2, 0, L)
-                        : cache.v[i].narrow(2, 0, L).index_select(0, slots);
     torch::Tensor y;
     if (T == 1) {
-      y = decode_attention(q.squeeze(2), K, V, last, inv_sqrt);
+      y = decode_attention(q.squeeze(2), cache.k[i], cache.v[i], slot_of, last, inv_sqrt);
     } else {
+      auto K = contiguous ? cache.k[i].narrow(0, 0, B).narrow(2, 0, L)
+                          : cache.k[i].narrow(2, 0, L).index_select(0, slots);
+      auto V = contiguous ? cache.v[i].narrow(0, 0, B).narrow(2, 0, L)
+                          : cache.v[i].narrow(2, 0, L).index_select(0, slots);
       auto att = torch::matmul(q, K.transpose(-2, -1)) * inv_sqrt;  // [B, H, T, L]
       att = torch::where(visible, att, neg_inf).softmax(-1);
       y = torch::matmul(att, V).transpose(1, 2).reshape({B, T, D});
@@ -613,6 +627,57 @@ torch::Tensor forward_batched(const base_weights& w, const row_adapters& ga,
   }
   if (logits_at.defined())
     x = x.index({torch::arange(B, torch::kLong), logits_at}).unsqueeze(1);  // [B, 1, D]
+  x = torch::layer_norm(x, {D}, w.lnf_w, w.lnf_b, 1e-5);
+  return torch::linear(x, w.wte);
+}
+
+torch::Tensor forward_tokens(const base_weights& w, const row_adapters& ga,
+                             const std::vector<int64_t>& tokens,
+                             const std::vector<int64_t>& positions,
+                             const std::vector<int64_t>& slots, kv_cache& cache,
+                             const std::vector<int64_t>& logits_of) {
+  c10::InferenceMode guard;
+  const auto& c = w.cfg;
+  const auto N = static_cast<int64_t>(tokens.size());
+  const int64_t H = c.n_head, hd = c.head_dim(), D = c.d_model;
+  TORCH_CHECK(positions.size() == tokens.size() && slots.size() == tokens.size(),
+              "forward_tokens: tokens, positions and slots differ in length");
+  const auto longs = torch::TensorOptions().dtype(torch::kLong);
+  auto tok = torch::tensor(tokens, longs);
+  auto pos = torch::tensor(positions, longs);
+  auto x = (w.wte.index_select(0, tok) + w.wpe.index_select(0, pos)).view({N, 1, D});
+  c10::List<c10::optional<at::Tensor>> where;
+  where.push_back(torch::tensor(slots, longs));
+  where.push_back(c10::nullopt);
+  where.push_back(pos);
+  const double inv_sqrt = 1.0 / std::sqrt(static_cast<double>(hd));
+  const bool lora = !ga.a.empty();
+  for (std::size_t i = 0; i < w.layers.size(); ++i) {
+    const auto& l = w.layers[i];
+    auto h = torch::layer_norm(x, {D}, l.ln1_w, l.ln1_b, 1e-5);
+    auto qkv = torch::linear(h, l.qkv_w, l.qkv_b);
+    if (lora) add_lora_rows(h, ga.a[i][site_qkv], ga.b[i][site_qkv], ga, qkv);
+    auto parts = qkv.split(D, -1);
+    // Every token's key and value go in first, so that a prompt's tokens
+    // attend to the earlier ones of the same forward.
+    cache.k[i].index_put_(where, parts[1].view({N, H, hd}));
+    cache.v[i].index_put_(where, parts[2].view({N, H, hd}));
+    auto y = decode_attention(parts[0].view({N, H, hd}), cache.k[i], cache.v[i], slots, positions,
+                              inv_sqrt);
+    auto proj = torch::linear(y, l.proj_w, l.proj_b);
+    if (lora) add_lora_rows(y, ga.a[i][site_proj], ga.b[i][site_proj], ga, proj);
+    x = x + proj;
+    auto h2 = torch::layer_norm(x, {D}, l.ln2_w, l.ln2_b, 1e-5);
+    auto f = torch::linear(h2, l.fc_w, l.fc_b);
+    if (lora && ga.mlp) add_lora_rows(h2, ga.a[i][site_fc], ga.b[i][site_fc], ga, f);
+    f = torch::gelu(f);
+    auto o = torch::linear(f, l.out_w, l.out_b);
+    if (lora && ga.mlp) add_lora_rows(f, ga.a[i][site_out], ga.b[i][site_out], ga, o);
+    x = x + o;
+  }
+  x = x.view({N, D});
+  if (static_cast<int64_t>(logits_of.size()) != N)
+    x = x.index_select(0, torch::tensor(logits_of, longs));
   x = torch::layer_norm(x, {D}, w.lnf_w, w.lnf_b, 1e-5);
   return torch::linear(x, w.wte);
 }

@@ -145,4 +145,18 @@ torch::Tensor forward_batched(const base_weights& base, const row_adapters& adap
                               const torch::Tensor& slots, kv_cache& cache,
                               const torch::Tensor& logits_at = {});
 
+// One forward over tokens of several sequences (a continuous batch's step:
+// the next token of each decoding row and the prompt tokens of rows joining
+// it). Token n is tokens[n] at position positions[n] of cache slot
+// slots[n], with adapter adapters.rows[n]; its key and value go into the
+// cache and it attends to its slot's positions 0..positions[n], so a
+// prompt's tokens see the earlier ones of the same forward. A sequence's
+// positions must follow what its slot already holds. Returns the logits
+// [logits_of.size(), vocab] of the tokens logits_of (indices into tokens).
+torch::Tensor forward_tokens(const base_weights& base, const row_adapters& adapters,
+                             const std::vector<int64_t>& tokens,
+                             const std::vector<int64_t>& positions,
+                             const std::vector<int64_t>& slots, kv_cache& cache,
+                             const std::vector<int64_t>& logits_of);
+
 }  // namespace tailor::model

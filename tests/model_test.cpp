@@ -252,6 +252,54 @@ TEST_F(ModelTest, KvCachedDecodingEqualsFullRecomputation) {
   }
 }
 
+// A continuous batch's step as one forward over a ragged set of tokens:
+// whole prompts of rows joining (one with a part already in its slot) next
+// to single tokens of rows decoding, in non-contiguous slots, with
+// different adapters. Every row's logits equal a full recomputation of its
+// sequence, and the keys and values left in the cache serve the next step.
+TEST_F(ModelTest, OneForwardOverPromptsAndDecodeTokensEqualsFullRecomputation) {
+  std::vector<std::vector<int64_t>> seqs = {tokens_of(6, 1), tokens_of(9, 2), tokens_of(4, 3),
+                                            tokens_of(7, 4)};
+  const std::vector<int64_t> place = {2, 0, 5, 4}, slot = {3, 0, 5, 1};
+  // Already in the cache: all of row 1 but its last token (it decodes), the
+  // first 3 tokens of row 3 (a cached prefix); rows 0 and 2 are new.
+  const std::vector<int64_t> cached = {0, 8, 0, 3};
+  auto cache = kv_cache::make(cfg_, 6);
+  for (std::size_t r = 0; r < seqs.size(); ++r) {
+    if (cached[r] == 0) continue;
+    std::vector<int64_t> head(seqs[r].begin(), seqs[r].begin() + cached[r]);
+    forward_batched(base_, bank_, torch::tensor({place[r]}, torch::kLong),
+                    torch::tensor(head, torch::kLong).view({1, cached[r]}),
+                    torch::zeros({1}, torch::kLong), torch::tensor({slot[r]}, torch::kLong),
+                    cache);
+  }
+  for (int step = 0; step < 3; ++step) {
+    std::vector<int64_t> places, tokens, positions, slots, last;
+    for (std::size_t r = 0; r < seqs.size(); ++r) {
+      const auto from = step == 0 ? cached[r] : static_cast<int64_t>(seqs[r].size()) - 1;
+      for (auto p = from; p < static_cast<int64_t>(seqs[r].size()); ++p) {
+        places.push_back(place[r]);
+        tokens.push_back(seqs[r][static_cast<std::size_t>(p)]);
+        positions.push_back(p);
+        slots.push_back(slot[r]);
+      }
+      last.push_back(static_cast<int64_t>(tokens.size()) - 1);
+    }
+    if (step == 0) {
+      ASSERT_EQ(tokens.size(), 6u + 1u + 4u + 4u);
+    }
+    auto logits = forward_tokens(base_, row_adapters::of(bank_, places), tokens, positions,
+                                 slots, cache, last);
+    ASSERT_EQ(logits.sizes(), (std::vector<int64_t>{4, cfg_.vocab}));
+    for (std::size_t r = 0; r < seqs.size(); ++r) {
+      auto ref = reference(seqs[r], place[r]);
+      EXPECT_LE(max_diff(logits[static_cast<int64_t>(r)], ref[ref.size(0) - 1]), 1e-4)
+          << "step " << step << " row " << r;
+      seqs[r].push_back((step * 13 + static_cast<int64_t>(r) * 7) % 256);
+    }
+  }
+}
+
 // The decode loop has fixed-size paths for head widths 16, 32 and 64; a
 // model with heads of 12 takes the general one, which must agree as well.
 TEST(DecodeAttention, AnyHeadWidthEqualsFullRecomputation) {
@@ -391,8 +439,8 @@ TEST_F(ModelTest, APromptCachedForItsAdapterIsReusedWithoutChangingTheText) {
   EXPECT_EQ(g.prompt_tokens_reused(), 65) << "place 1 holds another adapter now";
   EXPECT_EQ(run(first, 1), alone(first, 1));
   EXPECT_EQ(g.prompt_tokens_reused(), 97) << "and is cached anew";
-  // One prefill for rows that start at different positions: a cached
-  // prompt (all but its last token), a new one (end-of-text only), another
+  // One step for rows that start at different positions: a cached prompt
+  // (all but its last token), a new one (end-of-text only), another
   // adapter's cached one.
   const std::string other = "Something else, and longer.";
   auto ids = g.add_batch({{second, 1, s}, {other, 1, s}, {second, 2, s}});
@@ -403,8 +451,7 @@ TEST_F(ModelTest, APromptCachedForItsAdapterIsReusedWithoutChangingTheText) {
   EXPECT_EQ(g.take(ids[1]).tokens, alone(other, 1));
   EXPECT_EQ(g.take(ids[2]).tokens, alone(second, 2));
   // A cached prompt next to a 48-token new one (the longest that 16 new
-  // tokens leave in a context of 64): padding the short rest to 48 would
-  // cost more than a forward, so each gets its own.
+  // tokens leave in a context of 64): one token of one, 48 of the other.
   const std::string long_one(60, 'x');
   ids = g.add_batch({{second, 1, s}, {long_one, 1, s}});
   ASSERT_EQ(ids.size(), 2u);
@@ -412,8 +459,8 @@ TEST_F(ModelTest, APromptCachedForItsAdapterIsReusedWithoutChangingTheText) {
   while (!g.idle()) g.step();
   EXPECT_EQ(g.take(ids[0]).tokens, alone(second, 1));
   EXPECT_EQ(g.take(ids[1]).tokens, alone(long_one, 1));
-  // In one forward, padding must stay inside the context: a row 51 tokens
-  // into its prompt next to a rest of 20 may start at 64 - 20 = 44 at most.
+  // Nothing is padded: a row 51 tokens into its prompt keeps all 51 cached
+  // tokens next to a fresh prompt of 20, whose tokens alone reach position 19.
   sampling s4 = s;
   s4.max_tokens = 4;
   const std::string stored = std::string(50, 'a') + std::string(9, 'b');
@@ -425,7 +472,7 @@ TEST_F(ModelTest, APromptCachedForItsAdapterIsReusedWithoutChangingTheText) {
   const auto before = g.prompt_tokens_reused();
   ids = g.add_batch({{shared, 1, s4}, {fresh, 3, s4}});
   ASSERT_EQ(ids.size(), 2u);
-  EXPECT_EQ(g.prompt_tokens_reused(), before + 44);
+  EXPECT_EQ(g.prompt_tokens_reused(), before + 51);
   while (!g.idle()) g.step();
   EXPECT_EQ(g.take(ids[0]).tokens, generate_all(base_, bank, {shared}, {1}, {s4})[0].tokens);
   EXPECT_EQ(g.take(ids[1]).tokens, generate_all(base_, bank, {fresh}, {3}, {s4})[0].tokens);
