@@ -541,6 +541,41 @@ row_adapters row_adapters::of(const adapter_bank& bank, std::vector<int64_t> row
   return ra;
 }
 
+namespace {
+
+// Layer i's query, key and value of x [.., D] (split along the last
+// dimension), with the rows' adapters (`ga`, empty for none: then no LoRA
+// op runs at all, the plain dense model).
+std::vector<torch::Tensor> qkv_of(const base_weights::layer& l, const row_adapters& ga,
+                                  std::size_t i, const torch::Tensor& x) {
+  const int64_t D = x.size(-1);
+  auto h = torch::layer_norm(x, {D}, l.ln1_w, l.ln1_b, 1e-5);
+  auto qkv = torch::linear(h, l.qkv_w, l.qkv_b);
+  if (!ga.a.empty()) add_lora_rows(h, ga.a[i][site_qkv], ga.b[i][site_qkv], ga, qkv);
+  return qkv.split(D, -1);
+}
+
+// The rest of layer i of a batched forward once attention gave y: the
+// output projection and the MLP, each with the rows' adapters (`ga`, empty
+// for none), and their residuals; returns the layer's output.
+torch::Tensor after_attention(const base_weights::layer& l, const row_adapters& ga, std::size_t i,
+                              const torch::Tensor& x_in, const torch::Tensor& y) {
+  const bool lora = !ga.a.empty();
+  const int64_t D = x_in.size(-1);
+  auto proj = torch::linear(y, l.proj_w, l.proj_b);
+  if (lora) add_lora_rows(y, ga.a[i][site_proj], ga.b[i][site_proj], ga, proj);
+  auto x = x_in + proj;
+  auto h2 = torch::layer_norm(x, {D}, l.ln2_w, l.ln2_b, 1e-5);
+  auto f = torch::linear(h2, l.fc_w, l.fc_b);
+  if (lora && ga.mlp) add_lora_rows(h2, ga.a[i][site_fc], ga.b[i][site_fc], ga, f);
+  f = torch::gelu(f);
+  auto o = torch::linear(f, l.out_w, l.out_b);
+  if (lora && ga.mlp) add_lora_rows(f, ga.a[i][site_out], ga.b[i][site_out], ga, o);
+  return x + o;
+}
+
+}  // namespace
+
 torch::Tensor forward_batched(const base_weights& w, const adapter_bank& bank,
                               const torch::Tensor& idx, const torch::Tensor& tokens,
                               const torch::Tensor& start, const torch::Tensor& slots,
@@ -586,14 +621,9 @@ torch::Tensor forward_batched(const base_weights& w, const row_adapters& ga,
       T > 1 && slots.size(0) == B && slots.equal(torch::arange(B, torch::kLong));
   auto slot_rows = slots.view({B, 1}).expand({B, T});
   const double inv_sqrt = 1.0 / std::sqrt(static_cast<double>(hd));
-  const bool lora = !ga.a.empty();
   for (std::size_t i = 0; i < w.layers.size(); ++i) {
     const auto& l = w.layers[i];
-    auto h = torch::layer_norm(x, {D}, l.ln1_w, l.ln1_b, 1e-5);
-    // Without adapters no LoRA op runs at all: the plain dense model.
-    auto qkv = torch::linear(h, l.qkv_w, l.qkv_b);
-    if (lora) add_lora_rows(h, ga.a[i][site_qkv], ga.b[i][site_qkv], ga, qkv);
-    auto parts = qkv.split(D, -1);
+    auto parts = qkv_of(l, ga, i, x);
     auto q = parts[0].view({B, T, H, hd}).transpose(1, 2);  // [B, H, T, hd]
     // New keys/values go to (slot, position) of each row.
     c10::List<c10::optional<at::Tensor>> where;
@@ -614,16 +644,7 @@ torch::Tensor forward_batched(const base_weights& w, const row_adapters& ga,
       att = torch::where(visible, att, neg_inf).softmax(-1);
       y = torch::matmul(att, V).transpose(1, 2).reshape({B, T, D});
     }
-    auto proj = torch::linear(y, l.proj_w, l.proj_b);
-    if (lora) add_lora_rows(y, ga.a[i][site_proj], ga.b[i][site_proj], ga, proj);
-    x = x + proj;
-    auto h2 = torch::layer_norm(x, {D}, l.ln2_w, l.ln2_b, 1e-5);
-    auto f = torch::linear(h2, l.fc_w, l.fc_b);
-    if (lora && ga.mlp) add_lora_rows(h2, ga.a[i][site_fc], ga.b[i][site_fc], ga, f);
-    f = torch::gelu(f);
-    auto o = torch::linear(f, l.out_w, l.out_b);
-    if (lora && ga.mlp) add_lora_rows(f, ga.a[i][site_out], ga.b[i][site_out], ga, o);
-    x = x + o;
+    x = after_attention(l, ga, i, x, y);
   }
   if (logits_at.defined())
     x = x.index({torch::arange(B, torch::kLong), logits_at}).unsqueeze(1);  // [B, 1, D]
@@ -651,29 +672,16 @@ torch::Tensor forward_tokens(const base_weights& w, const row_adapters& ga,
   where.push_back(c10::nullopt);
   where.push_back(pos);
   const double inv_sqrt = 1.0 / std::sqrt(static_cast<double>(hd));
-  const bool lora = !ga.a.empty();
   for (std::size_t i = 0; i < w.layers.size(); ++i) {
     const auto& l = w.layers[i];
-    auto h = torch::layer_norm(x, {D}, l.ln1_w, l.ln1_b, 1e-5);
-    auto qkv = torch::linear(h, l.qkv_w, l.qkv_b);
-    if (lora) add_lora_rows(h, ga.a[i][site_qkv], ga.b[i][site_qkv], ga, qkv);
-    auto parts = qkv.split(D, -1);
+    auto parts = qkv_of(l, ga, i, x);
     // Every token's key and value go in first, so that a prompt's tokens
     // attend to the earlier ones of the same forward.
     cache.k[i].index_put_(where, parts[1].view({N, H, hd}));
     cache.v[i].index_put_(where, parts[2].view({N, H, hd}));
     auto y = decode_attention(parts[0].view({N, H, hd}), cache.k[i], cache.v[i], slots, positions,
                               inv_sqrt);
-    auto proj = torch::linear(y, l.proj_w, l.proj_b);
-    if (lora) add_lora_rows(y, ga.a[i][site_proj], ga.b[i][site_proj], ga, proj);
-    x = x + proj;
-    auto h2 = torch::layer_norm(x, {D}, l.ln2_w, l.ln2_b, 1e-5);
-    auto f = torch::linear(h2, l.fc_w, l.fc_b);
-    if (lora && ga.mlp) add_lora_rows(h2, ga.a[i][site_fc], ga.b[i][site_fc], ga, f);
-    f = torch::gelu(f);
-    auto o = torch::linear(f, l.out_w, l.out_b);
-    if (lora && ga.mlp) add_lora_rows(f, ga.a[i][site_out], ga.b[i][site_out], ga, o);
-    x = x + o;
+    x = after_attention(l, ga, i, x, y);
   }
   x = x.view({N, D});
   if (static_cast<int64_t>(logits_of.size()) != N)
