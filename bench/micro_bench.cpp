@@ -64,11 +64,14 @@ std::vector<batch_generator::new_sequence> requests(int64_t n, int64_t first) {
   return seqs;
 }
 
-// Times `join` joining the batch `g` (the rows leave again untimed).
+// Times `join` joining the batch `g`: their add and the step that computes
+// their prompts, next to the running rows' next tokens (the rows leave
+// again untimed).
 void time_joins(benchmark::State& state, batch_generator& g,
                 const std::vector<batch_generator::new_sequence>& join) {
   for (auto _ : state) {
     auto ids = g.add_batch(join);
+    g.step();
     state.PauseTiming();
     for (auto id : ids) g.finish(id, "cancelled");
     g.step();
@@ -78,8 +81,8 @@ void time_joins(benchmark::State& state, batch_generator& g,
   state.SetItemsProcessed(state.iterations() * static_cast<int64_t>(join.size()));
 }
 
-// Rows joining a batch: one prefill forward for all of them (37 tokens each,
-// as the serving bench's prompts).
+// Rows joining an empty batch: one step computes all their prompts (37
+// tokens each, as the serving bench's) and first tokens.
 void bm_prefill(benchmark::State& state) {
   auto& f = fixture::get();
   const auto n = state.range(0);
@@ -88,8 +91,9 @@ void bm_prefill(benchmark::State& state) {
 }
 BENCHMARK(bm_prefill)->Arg(1)->Arg(8)->Arg(32)->Unit(benchmark::kMicrosecond);
 
-// Rows joining a batch of 64 places where `rows` already run: the prefill
-// plus moving the running rows' caches together.
+// Rows joining a batch of 64 places where `rows` already run: the step
+// with their prompts and the running rows' next tokens, plus moving the
+// running rows' caches together.
 void bm_join(benchmark::State& state) {
   auto& f = fixture::get();
   const auto running = state.range(0);
