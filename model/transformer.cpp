@@ -672,6 +672,25 @@ torch::Tensor forward_tokens(const base_weights& w, const row_adapters& ga,
   where.push_back(c10::nullopt);
   where.push_back(pos);
   const double inv_sqrt = 1.0 / std::sqrt(static_cast<double>(hd));
+  // Past the last layer's keys and values, only the tokens whose logits are
+  // wanted matter: a prompt's other tokens skip that layer's attention,
+  // projection and MLP (the logits are the same).
+  const bool all_wanted = static_cast<int64_t>(logits_of.size()) == N;
+  auto wanted = all_wanted ? torch::Tensor() : torch::tensor(logits_of, longs);
+  std::vector<int64_t> wanted_slots, wanted_positions;
+  row_adapters wanted_ga = ga;
+  if (!all_wanted) {
+    wanted_ga.rows.clear();
+    wanted_ga.ranks.clear();
+    for (auto n : logits_of) {
+      const auto k = static_cast<std::size_t>(n);
+      wanted_slots.push_back(slots[k]);
+      wanted_positions.push_back(positions[k]);
+      if (ga.rows.empty()) continue;  // no adapters
+      wanted_ga.rows.push_back(ga.rows[k]);
+      wanted_ga.ranks.push_back(ga.ranks[k]);
+    }
+  }
   for (std::size_t i = 0; i < w.layers.size(); ++i) {
     const auto& l = w.layers[i];
     auto parts = qkv_of(l, ga, i, x);
@@ -679,13 +698,17 @@ torch::Tensor forward_tokens(const base_weights& w, const row_adapters& ga,
     // attend to the earlier ones of the same forward.
     cache.k[i].index_put_(where, parts[1].view({N, H, hd}));
     cache.v[i].index_put_(where, parts[2].view({N, H, hd}));
-    auto y = decode_attention(parts[0].view({N, H, hd}), cache.k[i], cache.v[i], slots, positions,
-                              inv_sqrt);
-    x = after_attention(l, ga, i, x, y);
+    auto q = parts[0].view({N, H, hd});
+    if (i + 1 < w.layers.size() || all_wanted) {
+      auto y = decode_attention(q, cache.k[i], cache.v[i], slots, positions, inv_sqrt);
+      x = after_attention(l, ga, i, x, y);
+    } else {
+      auto y = decode_attention(q.index_select(0, wanted), cache.k[i], cache.v[i], wanted_slots,
+                                wanted_positions, inv_sqrt);
+      x = after_attention(l, wanted_ga, i, x.index_select(0, wanted), y);
+    }
   }
-  x = x.view({N, D});
-  if (static_cast<int64_t>(logits_of.size()) != N)
-    x = x.index_select(0, torch::tensor(logits_of, longs));
+  x = x.view({-1, D});
   x = torch::layer_norm(x, {D}, w.lnf_w, w.lnf_b, 1e-5);
   return torch::linear(x, w.wte);
 }
