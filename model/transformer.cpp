@@ -1,7 +1,9 @@
 #include "model/transformer.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <functional>
 #include <type_traits>
 
 #include "model/cuda/bgmv_math.hpp"
@@ -129,6 +131,8 @@ void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::
     const int64_t place = ra.rows[static_cast<std::size_t>(row)];
     const uint16_t* ar = ap + place * in * r;
     const uint16_t* br = bp + place * r * n_out;
+    // The next row's factors start streams the hardware prefetcher has not
+    // seen yet: ask for them while this row computes.
     if (row + 1 < B) {
       const int64_t next = ra.rows[static_cast<std::size_t>(row + 1)];
       const int64_t next_rank = ra.ranks[static_cast<std::size_t>(row + 1)];
@@ -663,6 +667,10 @@ torch::Tensor forward_tokens(const base_weights& w, const row_adapters& ga,
   const int64_t H = c.n_head, hd = c.head_dim(), D = c.d_model;
   TORCH_CHECK(positions.size() == tokens.size() && slots.size() == tokens.size(),
               "forward_tokens: tokens, positions and slots differ in length");
+  TORCH_CHECK(std::adjacent_find(logits_of.begin(), logits_of.end(), std::greater_equal<>()) ==
+                      logits_of.end() &&
+                  (logits_of.empty() || (logits_of.front() >= 0 && logits_of.back() < N)),
+              "forward_tokens: logits_of must be increasing indices into the tokens");
   const auto longs = torch::TensorOptions().dtype(torch::kLong);
   auto tok = torch::tensor(tokens, longs);
   auto pos = torch::tensor(positions, longs);

@@ -152,7 +152,8 @@ torch::Tensor forward_batched(const base_weights& base, const row_adapters& adap
 // cache and it attends to its slot's positions 0..positions[n], so a
 // prompt's tokens see the earlier ones of the same forward. A sequence's
 // positions must follow what its slot already holds. Returns the logits
-// [logits_of.size(), vocab] of the tokens logits_of (indices into tokens);
+// [logits_of.size(), vocab] of the tokens logits_of (increasing indices
+// into tokens);
 // the others stop at the last layer's keys and values, which is all later
 // tokens need of them.
 torch::Tensor forward_tokens(const base_weights& base, const row_adapters& adapters,
