@@ -30,10 +30,11 @@ struct batch_generator::row {
   int64_t adapter = 0;
   int64_t length = 0;  // tokens in the cache
   int64_t next = 0;    // the token to feed at the next step
-  // Prompt tokens the next step computes (a row that joined since the last
-  // step; what the prefix cache had of its prompt is already in the cache).
-  std::vector<int64_t> pending;
-  std::vector<int64_t> remember;  // the whole prompt, to keep once computed (or empty)
+  // The whole prompt while the next step is to compute it (a row that
+  // joined since the last step): its tokens from `length` on, what the
+  // prefix cache had of it being in the cache already. Empty after.
+  std::vector<int64_t> prompt;
+  bool remember = false;  // keep the prompt in the prefix cache once computed
   sampling s;
   std::mt19937_64 rng;  // the row's own: its draws never depend on the batch
   std::vector<int64_t> out;
@@ -258,9 +259,9 @@ std::vector<int64_t> batch_generator::add_batch(const std::vector<new_sequence>&
     reused_tokens_ += reuse;
     computed_tokens_ += n - reuse;
     r->length = reuse;
-    r->pending.assign(t.begin() + reuse, t.end());
     // Prompts mostly new to the cache are kept once computed.
-    if (2 * reuse < n) r->remember = std::move(t);
+    r->remember = 2 * reuse < n;
+    r->prompt = std::move(t);
     rows_.push_back(std::move(r));
   }
   return ids;
@@ -274,18 +275,12 @@ std::vector<int64_t> batch_generator::step() {
   // Every row's tokens of this step: its next one, or the rest of its prompt.
   std::vector<int64_t> places, tokens, positions, slots, last_of_row;
   for (const auto& r : rows_) {
-    if (r->pending.empty()) {
+    const auto end = r->prompt.empty() ? r->length + 1 : static_cast<int64_t>(r->prompt.size());
+    for (auto p = r->length; p < end; ++p) {
       places.push_back(r->adapter);
-      tokens.push_back(r->next);
-      positions.push_back(r->length);
+      tokens.push_back(r->prompt.empty() ? r->next : r->prompt[static_cast<std::size_t>(p)]);
+      positions.push_back(p);
       slots.push_back(r->slot);
-    } else {
-      for (std::size_t j = 0; j < r->pending.size(); ++j) {
-        places.push_back(r->adapter);
-        tokens.push_back(r->pending[j]);
-        positions.push_back(r->length + static_cast<int64_t>(j));
-        slots.push_back(r->slot);
-      }
     }
     last_of_row.push_back(static_cast<int64_t>(tokens.size()) - 1);
   }
@@ -298,13 +293,12 @@ std::vector<int64_t> batch_generator::step() {
   const float* data = logits.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) {
     auto& r = *rows_[b];
-    if (r.pending.empty()) {
+    if (r.prompt.empty()) {
       r.length += 1;
     } else {
-      r.length += static_cast<int64_t>(r.pending.size());
-      r.pending.clear();
-      if (!r.remember.empty()) remember_prompt(r.adapter, r.remember, r.slot);
-      r.remember.clear();
+      r.length = static_cast<int64_t>(r.prompt.size());
+      if (r.remember) remember_prompt(r.adapter, r.prompt, r.slot);
+      r.prompt.clear();
     }
     emit(r, sample(r, data + b * V, V));
   }
