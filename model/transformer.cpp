@@ -580,80 +580,31 @@ torch::Tensor after_attention(const base_weights::layer& l, const row_adapters& 
 
 }  // namespace
 
+// A [B, T] batch is a ragged one whose rows all have T tokens.
 torch::Tensor forward_batched(const base_weights& w, const adapter_bank& bank,
                               const torch::Tensor& idx, const torch::Tensor& tokens,
                               const torch::Tensor& start, const torch::Tensor& slots,
                               kv_cache& cache, const torch::Tensor& logits_at) {
-  c10::InferenceMode guard;
-  auto ic = idx.contiguous();
-  return forward_batched(
-      w, row_adapters::of(bank, {ic.data_ptr<int64_t>(), ic.data_ptr<int64_t>() + ic.numel()}),
-      tokens, start, slots, cache, logits_at);
-}
-
-torch::Tensor forward_batched(const base_weights& w, const row_adapters& ga,
-                              const torch::Tensor& tokens, const torch::Tensor& start,
-                              const torch::Tensor& slots, kv_cache& cache,
-                              const torch::Tensor& logits_at) {
-  c10::InferenceMode guard;
-  const auto& c = w.cfg;
-  const int64_t B = tokens.size(0), T = tokens.size(1), H = c.n_head, hd = c.head_dim(),
-                D = c.d_model;
-  auto steps = torch::arange(T, torch::kLong);
-  auto pos = start.view({B, 1}) + steps.view({1, T});  // [B, T]
-  auto x = w.wte.index_select(0, tokens.reshape({-1})).view({B, T, D}) +
-           w.wpe.index_select(0, pos.reshape({-1})).view({B, T, D});
-  // Keys up to the furthest position any row reaches this step.
-  const int64_t L = pos.max().item<int64_t>() + 1;
-  // Prefill masks with tensors; a decode step's loop needs each row's last
-  // visible position only.
-  torch::Tensor visible, neg_inf;
-  std::vector<int64_t> last, slot_of;
-  if (T == 1) {
-    auto sc = start.contiguous();
-    last.assign(sc.data_ptr<int64_t>(), sc.data_ptr<int64_t>() + B);
-    auto slc = slots.contiguous();
-    slot_of.assign(slc.data_ptr<int64_t>(), slc.data_ptr<int64_t>() + B);
-  } else {
-    auto key_pos = torch::arange(L, torch::kLong);
-    visible = (key_pos.view({1, 1, 1, L}) <= pos.view({B, 1, T, 1}));  // [B, 1, T, L]
-    neg_inf = torch::full({}, -std::numeric_limits<float>::infinity());
-  }
-  // A prefill's rows that sit in slots 0..B-1 in order read the cache
-  // without a copy (a decode step reads it in place anyway).
-  const bool contiguous =
-      T > 1 && slots.size(0) == B && slots.equal(torch::arange(B, torch::kLong));
-  auto slot_rows = slots.view({B, 1}).expand({B, T});
-  const double inv_sqrt = 1.0 / std::sqrt(static_cast<double>(hd));
-  for (std::size_t i = 0; i < w.layers.size(); ++i) {
-    const auto& l = w.layers[i];
-    auto parts = qkv_of(l, ga, i, x);
-    auto q = parts[0].view({B, T, H, hd}).transpose(1, 2);  // [B, H, T, hd]
-    // New keys/values go to (slot, position) of each row.
-    c10::List<c10::optional<at::Tensor>> where;
-    where.push_back(slot_rows);
-    where.push_back(c10::nullopt);
-    where.push_back(pos);
-    cache.k[i].index_put_(where, parts[1].view({B, T, H, hd}));
-    cache.v[i].index_put_(where, parts[2].view({B, T, H, hd}));
-    torch::Tensor y;
-    if (T == 1) {
-      y = decode_attention(q.squeeze(2), cache.k[i], cache.v[i], slot_of, last, inv_sqrt);
-    } else {
-      auto K = contiguous ? cache.k[i].narrow(0, 0, B).narrow(2, 0, L)
-                          : cache.k[i].narrow(2, 0, L).index_select(0, slots);
-      auto V = contiguous ? cache.v[i].narrow(0, 0, B).narrow(2, 0, L)
-                          : cache.v[i].narrow(2, 0, L).index_select(0, slots);
-      auto att = torch::matmul(q, K.transpose(-2, -1)) * inv_sqrt;  // [B, H, T, L]
-      att = torch::where(visible, att, neg_inf).softmax(-1);
-      y = torch::matmul(att, V).transpose(1, 2).reshape({B, T, D});
+  auto values = [](const torch::Tensor& t) {
+    auto c = t.to(torch::kLong).contiguous();
+    return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+  };
+  const int64_t B = tokens.size(0), T = tokens.size(1);
+  const auto rows = values(idx), flat = values(tokens), first = values(start),
+             slot = values(slots);
+  const auto at = logits_at.defined() ? values(logits_at) : std::vector<int64_t>{};
+  std::vector<int64_t> places, positions, slot_of, wanted;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const auto k = static_cast<std::size_t>(b);
+      places.push_back(rows[k]);
+      positions.push_back(first[k] + t);
+      slot_of.push_back(slot[k]);
+      if (at.empty() || at[k] == t) wanted.push_back(b * T + t);
     }
-    x = after_attention(l, ga, i, x, y);
-  }
-  if (logits_at.defined())
-    x = x.index({torch::arange(B, torch::kLong), logits_at}).unsqueeze(1);  // [B, 1, D]
-  x = torch::layer_norm(x, {D}, w.lnf_w, w.lnf_b, 1e-5);
-  return torch::linear(x, w.wte);
+  auto logits = forward_tokens(w, row_adapters::of(bank, std::move(places)), flat, positions,
+                               slot_of, cache, wanted);
+  return logits.view({B, at.empty() ? T : 1, logits.size(1)});
 }
 
 torch::Tensor forward_tokens(const base_weights& w, const row_adapters& ga,

@@ -129,21 +129,16 @@ struct kv_cache {
 torch::Tensor forward_single(const base_weights& base, const lora_adapter* adapter,
                              const torch::Tensor& tokens, int64_t first_position = 0);
 
-// The batched multi-adapter forward: rows `slots` of the cache, each with
+// The batched multi-adapter forward over a rectangle of tokens (forward_tokens
+// below, with every row T tokens long): rows `slots` of the cache, each with
 // its adapter index `adapter_idx` (into `bank`), T new `tokens` per row
 // starting at position `start` (per row). Writes the new keys/values into
 // the cache and returns logits [B, T, vocab]; with `logits_at` ([B], an
-// index into T per row) only those, [B, 1, vocab] (a prefill needs the
-// logits of each prompt's last token only).
+// index into T per row) only those, [B, 1, vocab].
 torch::Tensor forward_batched(const base_weights& base, const adapter_bank& bank,
                               const torch::Tensor& adapter_idx, const torch::Tensor& tokens,
                               const torch::Tensor& start, const torch::Tensor& slots,
                               kv_cache& cache, const torch::Tensor& logits_at = {});
-// The same with the rows' adapters given as row_adapters.
-torch::Tensor forward_batched(const base_weights& base, const row_adapters& adapters,
-                              const torch::Tensor& tokens, const torch::Tensor& start,
-                              const torch::Tensor& slots, kv_cache& cache,
-                              const torch::Tensor& logits_at = {});
 
 // One forward over tokens of several sequences (a continuous batch's step:
 // the next token of each decoding row and the prompt tokens of rows joining
