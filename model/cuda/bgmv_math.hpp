@@ -1,7 +1,8 @@
 #pragma once
 // The arithmetic of one element of the gathered low-rank product (Punica's
 // BGMV shape), shared by the CUDA kernels (bgmv.cu) and by the test that
-// checks it on the CPU, where no GPU is present to run the kernels.
+// checks it on the CPU, where no GPU is present to run the kernels; the
+// CPU loop (transformer.cpp) reads the bank's bfloat16 with the same widen().
 //
 // Layouts are those of model::adapter_bank: bfloat16 factors A
 // [places, in, r] with each place's A packed [in, rank] at its start, and
