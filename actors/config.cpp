@@ -71,6 +71,8 @@ std::string validate(const engine_config& cfg) {
     return bad("serving.default_max_tokens", "must lie in [1, limits.max_tokens]");
   if (v.default_temperature < 0) return bad("serving.default_temperature", "must not be negative");
   if (v.deadline_ms < 1) return bad("serving.deadline_ms", "must be at least 1");
+  if (v.batch_thread != "shared" && v.batch_thread != "realtime")
+    return bad("serving.batch_thread", "must be \"shared\" or \"realtime\"");
   if (v.max_rank < b.max_rank)
     return bad("serving.max_rank", "must be at least the largest rank onboarding accepts (" +
                                        std::to_string(b.max_rank) + ")");
@@ -190,7 +192,8 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
   if (section("serving",
               {"devices", "max_batch", "max_tokens_in_flight", "device_adapters", "host_adapters",
                "max_rank", "prefix_cache_entries", "prefix_cache_mb", "max_requests_per_user",
-               "default_max_tokens", "default_temperature", "deadline_ms", "pinned_models"})) {
+               "default_max_tokens", "default_temperature", "deadline_ms", "pinned_models",
+               "batch_thread"})) {
     const auto& v = j["serving"];
     auto& sc = cfg.serving;
     const std::string w = "serving.";
@@ -205,7 +208,8 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
          take(v, "default_max_tokens", sc.default_max_tokens, w, err) &&
          take(v, "default_temperature", sc.default_temperature, w, err) &&
          take(v, "deadline_ms", sc.deadline_ms, w, err) &&
-         take(v, "pinned_models", sc.pinned_models, w, err);
+         take(v, "pinned_models", sc.pinned_models, w, err) &&
+         take(v, "batch_thread", sc.batch_thread, w, err);
   }
   if (section("compute", {"intra_op_threads", "blas_threads"})) {
     const auto& c = j["compute"];

@@ -68,6 +68,10 @@ struct serving_config {
   double default_temperature = 0.7;
   int deadline_ms = 60000;  // a request not finished by then ends with finish_reason deadline
   std::vector<std::string> pinned_models;  // kept resident on every device once loaded
+  // "shared": the batch loop is an ordinary thread. "realtime": SCHED_FIFO,
+  // so that no ordinary thread takes its core while it steps (needs
+  // CAP_SYS_NICE; without it the loop stays shared and says so).
+  std::string batch_thread = "shared";
 };
 
 // How LibTorch and OpenBLAS use the cores (process-wide): each training slot

@@ -1,8 +1,12 @@
 #include "actors/gpu.hpp"
 
+#include <pthread.h>
+#include <sched.h>
 #include <spdlog/spdlog.h>
 
 #include <chrono>
+#include <cstring>
+#include <fstream>
 #include <list>
 #include <unordered_map>
 
@@ -20,6 +24,13 @@ using clock = std::chrono::steady_clock;
 
 double ms_between(clock::time_point a, clock::time_point b) {
   return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+// The calling thread's time on a core and ready but waiting for one, in ns,
+// from the kernel's scheduler statistics; false where they are unavailable.
+bool thread_sched_times(int64_t& running_ns, int64_t& runnable_ns) {
+  std::ifstream in("/proc/thread-self/schedstat");
+  return static_cast<bool>(in >> running_ns >> runnable_ns);
 }
 
 }  // namespace
@@ -139,6 +150,8 @@ struct gpu_core {
   int64_t tokens_in_flight = 0;
   uint64_t tick = 0;
   bool stepping = false;
+  clock::time_point sched_read;  // when the thread's scheduler times were last published
+  bool thread_set = false;       // serving.batch_thread applied to this thread
 };
 
 gpu_state::gpu_state() = default;
@@ -161,6 +174,42 @@ void publish_gauges(gpu_ptr self) {
   st.stats->set_serving(st.label, static_cast<int64_t>(st.core->waiting.size()),
                         static_cast<int64_t>(st.core->active.size()),
                         st.core->gen->prefix_cache_bytes());
+}
+
+// On a machine whose cores the loop shares with Kafka's and the actors'
+// threads, each of them woken preempts it; with 1000 users the loop waited
+// a fifth of its time for its core (docs/operations.md). Realtime gives the
+// loop its core whenever it has a step to run; it sleeps, and yields the
+// core, when it has none. Applied on the first step: that is this thread.
+void apply_batch_thread(gpu_ptr self) {
+  auto& st = self->state;
+  st.core->thread_set = true;
+  bool realtime = false;
+  if (st.cfg.serving.batch_thread == "realtime") {
+    sched_param param{};
+    param.sched_priority = 1;
+    // Reset on fork: nothing this thread might start inherits the policy.
+    int rc = pthread_setschedparam(pthread_self(), SCHED_FIFO | SCHED_RESET_ON_FORK, &param);
+    realtime = rc == 0;
+    if (realtime)
+      spdlog::info("batch loop {}: realtime (SCHED_FIFO)", st.label);
+    else
+      spdlog::warn("batch loop {}: cannot run realtime ({}); it runs as an ordinary thread",
+                   st.label, std::strerror(rc));
+  }
+  st.stats->set_batch_realtime(st.label, realtime);
+}
+
+// This actor runs on a thread of its own (detached), so the thread's times
+// are the batch loop's: how much of a core it got, and how long other
+// threads kept it from one. A few times a second: reading costs a syscall.
+void publish_thread_times(gpu_ptr self, clock::time_point now) {
+  auto& c = *self->state.core;
+  if (now - c.sched_read < std::chrono::milliseconds(200)) return;
+  c.sched_read = now;
+  int64_t running = 0, runnable = 0;
+  if (thread_sched_times(running, runnable))
+    self->state.stats->set_batch_thread(self->state.label, running * 1e-9, runnable * 1e-9);
 }
 
 void release_adapter(gpu_core& c, const std::string& model_id) {
@@ -400,6 +449,7 @@ void expire(gpu_ptr self) {
 void step(gpu_ptr self) {
   auto& st = self->state;
   auto& c = *st.core;
+  if (!c.thread_set) apply_batch_thread(self);
   expire(self);
   admit(self);
   const auto rows = static_cast<int64_t>(c.active.size());
@@ -410,6 +460,7 @@ void step(gpu_ptr self) {
   for (auto& [id, r] : c.active)
     if (r->prefilling) r->prefill_ms = ms_between(r->admitted, stepped), r->prefilling = false;
   if (rows > 0) st.stats->count_step(rows);
+  publish_thread_times(self, stepped);
   for (auto& [id, r] : c.active) c.served[r->order.request.user_id] += 1.0;
   for (auto id : finished) {
     auto it = c.active.find(id);

@@ -99,11 +99,23 @@ std::string metrics::render() const {
   family("tailor_prefix_cache_bytes", "gauge",
          "Memory the prefix cache holds (keys and values of cached prompts).", "device",
          prefix_bytes_);
+  family("tailor_batch_thread_realtime", "gauge",
+         "1 while a batch loop runs SCHED_FIFO (serving.batch_thread realtime).", "device",
+         batch_realtime_);
+  out.precision(15);
+  if (!batch_thread_.empty()) {
+    out << "# HELP tailor_batch_thread_seconds_total Time a batch loop's thread spent on a core "
+           "(running) and ready but waiting for one (runnable).\n"
+           "# TYPE tailor_batch_thread_seconds_total counter\n";
+    for (const auto& [device, t] : batch_thread_)
+      out << "tailor_batch_thread_seconds_total{device=\"" << device << "\",state=\"running\"} "
+          << t.first << "\ntailor_batch_thread_seconds_total{device=\"" << device
+          << "\",state=\"runnable\"} " << t.second << '\n';
+  }
   auto gauge = [&](const char* name, const char* type, const char* help, auto value) {
     out << "# HELP " << name << ' ' << help << "\n# TYPE " << name << ' ' << type << '\n'
         << name << ' ' << value << '\n';
   };
-  out.precision(15);
   gauge("tailor_serving_steps_total", "counter", "Batch steps run (all devices).",
         serving_steps_.load());
   gauge("tailor_serving_rows_total", "counter",

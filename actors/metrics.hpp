@@ -63,6 +63,16 @@ class metrics {
     prefix_bytes_[device] = prefix_bytes;
   }
 
+  // A batch loop's thread since it started, in seconds: on a core, and ready
+  // but waiting for one (taken by other threads of this machine).
+  void set_batch_thread(const std::string& device, double running_s, double runnable_s) {
+    std::lock_guard<std::mutex> g(mtx_);
+    batch_thread_[device] = {running_s, runnable_s};
+  }
+  void set_batch_realtime(const std::string& device, bool realtime) {
+    set(batch_realtime_, device, realtime ? 1 : 0);
+  }
+
   // Time an inference request spent in the engine outside batch steps and
   // adapter loads (parsing, routing, bookkeeping, serialization, producing
   // until the delivery report), in ms: the last `overhead_window` samples.
@@ -91,8 +101,9 @@ class metrics {
   mutable std::mutex mtx_;
   std::map<std::string, int64_t> events_in_, events_out_, errors_, lag_, joined_, in_flight_,
       paused_, jobs_, pauses_, model_requests_, user_requests_, serving_waiting_, serving_active_,
-      prefix_bytes_;
+      prefix_bytes_, batch_realtime_;
   std::map<std::string, std::map<std::string, int64_t>> cache_;  // event -> tier -> count
+  std::map<std::string, std::pair<double, double>> batch_thread_;  // device -> running, runnable
   static constexpr std::size_t overhead_window = 8192;
   std::vector<double> overhead_;  // ring buffer of the last samples
   std::size_t overhead_next_ = 0;

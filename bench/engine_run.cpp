@@ -175,6 +175,19 @@ double engine_run::metric(const std::string& name, const std::string& label,
   return std::stod(text.substr(pos + key.size()));
 }
 
+double engine_run::metric_sum(const std::string& name, const std::string& labels) const {
+  std::istringstream text(get("/metrics"));
+  double sum = 0;
+  for (std::string line; std::getline(text, line);) {
+    if (line.rfind(name + "{", 0) != 0) continue;
+    auto close = line.find('}');
+    if (close == std::string::npos || line.substr(0, close).find(labels) == std::string::npos)
+      continue;
+    sum += std::stod(line.substr(close + 1));
+  }
+  return sum;
+}
+
 topic_watch::topic_watch(const std::string& bootstrap, const std::string& topic,
                          std::function<void(const json&)> on_record)
     : on_record_(std::move(on_record)) {

@@ -47,6 +47,9 @@ class engine_run {
   // An unlabelled metric, or one with a label {label="value"}; -1 when absent.
   double metric(const std::string& name, const std::string& label = {},
                 const std::string& value = {}) const;
+  // The sum of a metric's series whose labels contain `labels` (e.g.
+  // state="running"); 0 when none.
+  double metric_sum(const std::string& name, const std::string& labels) const;
   int stop();  // SIGTERM; the exit status
 
  private:

@@ -169,7 +169,10 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
   ro.tailord = o.tailord;
   ro.config = {{"base_models", {o.base_model}},
                {"default_base_model", o.base_model},
-               {"serving", {{"max_batch", max_batch}, {"max_requests_per_user", 100000}}},
+               {"serving",
+                {{"max_batch", max_batch},
+                 {"max_requests_per_user", 100000},
+                 {"batch_thread", o.batch_thread}}},
                {"compute", {{"intra_op_threads", 1}, {"blas_threads", 1}}}};
   ro.prepare = [&](const std::string& dir) { register_adapters(dir, n, o); };
   std::fprintf(stderr, "%s: %d adapters, batch up to %d: starting tailord...\n", label, n,
@@ -256,6 +259,11 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
   const auto computed0 = engine.metric("tailor_prompt_tokens_total", "source", "computed");
   const auto hits0 = engine.metric("tailor_adapter_cache_hits_total", "tier", "device");
   const auto misses0 = engine.metric("tailor_adapter_cache_misses_total", "tier", "device");
+  auto batch_thread = [&](const char* state) {
+    return engine.metric_sum("tailor_batch_thread_seconds_total",
+                             std::string("state=\"") + state + "\"");
+  };
+  const double running0 = batch_thread("running"), runnable0 = batch_thread("runnable");
   const double started = std::chrono::duration<double>(clock::now().time_since_epoch()).count();
   const auto t0 = clock::now();
   const auto deadline = t0 + std::chrono::minutes(30);
@@ -337,6 +345,13 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
   out["mean_batch"] = engine.metric("tailor_serving_rows_total") /
                       std::max(1.0, engine.metric("tailor_serving_steps_total"));
   out["wall_s"] = wall;
+  // Whether tailord's batch loop got the realtime policy it was asked for.
+  out["batch_thread_realtime"] =
+      engine.metric_sum("tailor_batch_thread_realtime", "device=") > 0;
+  // Of the run's wall time, the share the batch loop's thread spent on a
+  // core, and ready but kept from one by other threads of the machine.
+  out["batch_thread_running"] = (batch_thread("running") - running0) / wall;
+  out["batch_thread_runnable"] = (batch_thread("runnable") - runnable0) / wall;
   out["steps_per_s"] = engine.metric("tailor_serving_steps_total") / wall;
   std::fprintf(stderr,
                "%s: %.0f tokens/s, p50 %.0f ms, p99 %.0f ms, mean batch %.1f, transport p50 %.0f "
@@ -358,6 +373,7 @@ json run_serving(const serving_options& o) {
   else
     out["concurrency"] = o.concurrency;
   out["repeats"] = o.repeats;
+  out["batch_thread"] = o.batch_thread;
   // A per-model endpoint serves one request at a time: no cross-user batch.
   const int baseline_n = std::find(o.adapters.begin(), o.adapters.end(), 100) != o.adapters.end()
                              ? 100

@@ -14,6 +14,7 @@ struct serving_options {
   int concurrency = 64;  // closed loop: requests always outstanding
   double rate = 0;       // > 0: open loop, Poisson arrivals per second instead
   int max_batch = 64;
+  std::string batch_thread = "shared";  // tailord's serving.batch_thread
   int rank = 8;
   std::string base_model = "tailor-base";
   std::string bootstrap;  // empty: start a broker

@@ -114,6 +114,11 @@ int main(int argc, char** argv) {
       ->excludes(conc);
   serving->add_option("--max-batch", so.max_batch, "tailord's serving.max_batch (default: 64)")
       ->check(CLI::PositiveNumber);
+  serving
+      ->add_option("--batch-thread", so.batch_thread,
+                   "tailord's serving.batch_thread: shared, or realtime (SCHED_FIFO, needs "
+                   "CAP_SYS_NICE) (default: shared)")
+      ->check(CLI::IsMember({"shared", "realtime"}));
   serving->add_option("--rank", so.rank, "LoRA rank of the adapters (default: 8)")
       ->check(CLI::Range(1, 16));
   serving->add_option("--base-model", so.base_model, "base model (default: tailor-base)");

@@ -117,6 +117,11 @@ TEST(EngineConfig, ValidationNamesTheOffendingKey) {
   EXPECT_EQ(validate(cfg), "");
   cfg.serving.prefix_cache_mb = 0;
   EXPECT_NE(validate(cfg).find("serving.prefix_cache_mb"), std::string::npos);
+  cfg = {};
+  cfg.serving.batch_thread = "fast";
+  EXPECT_NE(validate(cfg).find("serving.batch_thread"), std::string::npos);
+  cfg.serving.batch_thread = "realtime";
+  EXPECT_EQ(validate(cfg), "");
 }
 
 TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
@@ -126,11 +131,12 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
   EXPECT_NE(load_config_file(path.string(), cfg).find("training: unknown key 'nope'"),
             std::string::npos);
   std::ofstream(path)
-      << R"({"training":{"slots":3,"steps":7},"compute":{"blas_threads":2},"serving":{"prefix_cache_entries":8,"prefix_cache_mb":32}})";
+      << R"({"training":{"slots":3,"steps":7},"compute":{"blas_threads":2},"serving":{"prefix_cache_entries":8,"prefix_cache_mb":32,"batch_thread":"realtime"}})";
   cfg = {};
   EXPECT_EQ(load_config_file(path.string(), cfg), "");
   EXPECT_EQ(cfg.serving.prefix_cache_entries, 8);
   EXPECT_EQ(cfg.serving.prefix_cache_mb, 32);
+  EXPECT_EQ(cfg.serving.batch_thread, "realtime");
   EXPECT_EQ(cfg.training.slots, 3);
   EXPECT_EQ(cfg.training.defaults.steps, 7);
   EXPECT_EQ(cfg.compute.blas_threads, 2);

@@ -50,6 +50,7 @@ class engine_process {
   const std::string& bootstrap() const { return bootstrap_; }
   const std::string& data_dir() const { return dir_; }
   const std::string& group() const { return group_; }
+  pid_t pid() const { return pid_; }
   // GET on the admin API: status and body.
   std::pair<int, std::string> get(const std::string& path) const;
 

@@ -2,10 +2,14 @@
 // answered by their own model, batched with other users' requests, through a
 // tiered adapter cache, fairly, and within their quota.
 #include <gtest/gtest.h>
+#include <pthread.h>
+#include <sched.h>
 
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <sstream>
+#include <thread>
 
 #include "engine_harness.hpp"
 
@@ -13,6 +17,34 @@ using namespace tailor::test;
 namespace fs = std::filesystem;
 
 namespace {
+
+// Whether a thread of this process may take SCHED_FIFO (root or CAP_SYS_NICE);
+// tailord, started by it, may then too.
+bool may_run_realtime() {
+  bool ok = false;
+  std::thread([&] {
+    sched_param p{};
+    p.sched_priority = 1;
+    ok = pthread_setschedparam(pthread_self(), SCHED_FIFO, &p) == 0;
+  }).join();
+  return ok;
+}
+
+// Threads of process `pid` whose scheduling policy is SCHED_FIFO.
+int fifo_threads(pid_t pid) {
+  int n = 0;
+  for (const auto& t : fs::directory_iterator("/proc/" + std::to_string(pid) + "/task")) {
+    std::ifstream in(t.path() / "stat");
+    std::string line;
+    std::getline(in, line);
+    // After the command name in parentheses: fields 3, 4, ...; policy is field 41.
+    std::istringstream rest(line.substr(line.rfind(')') + 2));
+    std::string field;
+    for (int i = 3; i <= 41 && rest >> field; ++i)
+      if (i == 41 && std::stoi(field) == SCHED_FIFO) ++n;
+  }
+  return n;
+}
 
 class ServingTest : public engine_test {
  protected:
@@ -114,7 +146,9 @@ TEST_F(ServingTest, ARequestNamingAnotherUsersModelIsRefused) {
 }
 
 TEST_F(ServingTest, ConcurrentRequestsAreBatchedAndEachEqualsItsResultAlone) {
-  start({{"serving", {{"max_batch", 64}}}});
+  // A realtime batch loop where this machine allows it: the policy changes
+  // when steps run, never what they compute.
+  start({{"serving", {{"max_batch", 64}, {"batch_thread", "realtime"}}}});
   ASSERT_FALSE(HasFatalFailure());
   std::vector<std::string> users;
   for (int i = 0; i < 16; ++i) users.push_back("u" + std::to_string(i));
@@ -144,6 +178,17 @@ TEST_F(ServingTest, ConcurrentRequestsAreBatchedAndEachEqualsItsResultAlone) {
   const auto held = labelled("tailor_prefix_cache_bytes", "device", "tailor-test/0");
   EXPECT_GT(held, 0);
   EXPECT_LE(held, 128 << 20);
+  // The loop runs realtime exactly when the machine allows it, and says so;
+  // the time its thread ran on a core is on view.
+  const bool realtime = may_run_realtime();
+  EXPECT_EQ(labelled("tailor_batch_thread_realtime", "device", "tailor-test/0"), realtime ? 1 : 0);
+  EXPECT_EQ(fifo_threads(engine_->pid()), realtime ? 1 : 0);
+  const auto m = engine_->get("/metrics").second;
+  const std::string running =
+      "\ntailor_batch_thread_seconds_total{device=\"tailor-test/0\",state=\"running\"} ";
+  const auto at = m.find(running);
+  ASSERT_NE(at, std::string::npos) << m;
+  EXPECT_GT(std::stod(m.substr(at + running.size())), 0.0);
 }
 
 TEST_F(ServingTest, AColdAdapterIsLoadedAndLaterEvictedUnderCapacityPressure) {
