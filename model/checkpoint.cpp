@@ -80,7 +80,8 @@ caf::expected<lora_adapter> adapter_from(const storage::safetensors_file& f,
   }
   if (lc.rank < 1 || lc.rank > 4096)
     return caf::make_error(errc::bad_header, what + ": lora.rank out of range");
-  auto ad = lora_adapter::init(cfg, lc, 0);
+  // Every tensor is read from the file: no initial values to draw.
+  auto ad = lora_adapter::shaped(cfg, lc);
   if (auto e = load_named(f, ad.named())) return e;
   return ad;
 }

@@ -327,20 +327,28 @@ std::vector<std::pair<std::string, torch::Tensor*>> base_weights::named() {
   return out;
 }
 
-lora_adapter lora_adapter::init(const model_config& mc, const lora_config& lc, uint64_t seed) {
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+lora_adapter lora_adapter::shaped(const model_config& mc, const lora_config& lc) {
   lora_adapter ad;
   ad.cfg = lc;
   for (int64_t i = 0; i < mc.n_layer; ++i) {
     std::vector<pair> sites;
-    for (int s = 0; s < ad.sites(); ++s) {
-      auto in = site_in(mc, s);
-      pair p{normal({in, lc.rank}, 1.0 / std::sqrt(static_cast<double>(in)), gen),
-             torch::zeros({lc.rank, site_out_dim(mc, s)})};
-      sites.push_back(std::move(p));
-    }
+    for (int s = 0; s < ad.sites(); ++s)
+      sites.push_back(
+          {torch::empty({site_in(mc, s), lc.rank}), torch::empty({lc.rank, site_out_dim(mc, s)})});
     ad.layers.push_back(std::move(sites));
   }
+  return ad;
+}
+
+lora_adapter lora_adapter::init(const model_config& mc, const lora_config& lc, uint64_t seed) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  auto ad = shaped(mc, lc);
+  for (auto& sites : ad.layers)
+    for (auto& p : sites) {
+      const auto in = p.a.size(0);
+      p.a = normal({in, lc.rank}, 1.0 / std::sqrt(static_cast<double>(in)), gen);
+      p.b.zero_();
+    }
   return ad;
 }
 

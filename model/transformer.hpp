@@ -63,6 +63,8 @@ struct lora_adapter {
 
   // A ~ small random, B = 0: a fresh adapter leaves the base unchanged.
   static lora_adapter init(const model_config& mc, const lora_config& lc, uint64_t seed);
+  // Factors of the right shapes, uninitialised: for a loader that fills them all.
+  static lora_adapter shaped(const model_config& mc, const lora_config& lc);
   double scale() const { return cfg.alpha / static_cast<double>(cfg.rank); }
   int sites() const { return cfg.mlp ? 4 : 2; }
   std::vector<torch::Tensor> parameters() const;
