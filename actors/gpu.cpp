@@ -152,6 +152,7 @@ struct gpu_core {
   bool stepping = false;
   clock::time_point sched_read;  // when the thread's scheduler times were last published
   bool thread_set = false;       // serving.batch_thread applied to this thread
+  bool realtime = false;         // the loop's thread runs SCHED_FIFO
 };
 
 gpu_state::gpu_state() = default;
@@ -197,6 +198,7 @@ void apply_batch_thread(gpu_ptr self) {
       spdlog::warn("batch loop {}: cannot run realtime ({}); it runs as an ordinary thread",
                    st.label, std::strerror(rc));
   }
+  st.core->realtime = realtime;
   st.stats->set_batch_realtime(st.label, realtime);
 }
 
@@ -479,6 +481,11 @@ void step(gpu_ptr self) {
   for (const auto& r : c.waiting)
     if (c.adapters[r->order.model.model_id].index > 0) admissible = true;
   c.stepping = false;
+  // A thread woken onto this core (the user actor taking an answer, Kafka's)
+  // would wait for the loop's time slice to end, up to a few ms on this
+  // kernel, while the loop goes on stepping; yielding at the step's end
+  // lets it run now. A realtime loop keeps its core (docs/operations.md).
+  if (!c.realtime) sched_yield();
   if (!c.active.empty() || admissible) kick(self);
 }
 
