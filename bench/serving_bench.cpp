@@ -355,10 +355,11 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
   out["steps_per_s"] = engine.metric("tailor_serving_steps_total") / wall;
   std::fprintf(stderr,
                "%s: %.0f tokens/s, p50 %.0f ms, p99 %.0f ms, mean batch %.1f, transport p50 %.0f "
-               "ms\n",
+               "ms, batch loop on its core %.2f and kept from it %.2f of the time\n",
                label, out["tokens_per_s"].get<double>(), out["p50_ms"].get<double>(),
                out["p99_ms"].get<double>(), out["mean_batch"].get<double>(),
-               out["transport_p50_ms"].get<double>());
+               out["transport_p50_ms"].get<double>(), out["batch_thread_running"].get<double>(),
+               out["batch_thread_runnable"].get<double>());
   return out;
 }
 
