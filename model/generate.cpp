@@ -199,7 +199,7 @@ void batch_generator::compact() {
     slot_owner_[r.slot].reset();
     r.slot = target;
   }
-  // Row i sits in slot i: the batched forward reads the cache in place.
+  // Row i sits in slot i: the forward walks the cache in address order.
   std::sort(rows_.begin(), rows_.end(),
             [](const auto& a, const auto& b) { return a->slot < b->slot; });
 }

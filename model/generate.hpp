@@ -90,8 +90,9 @@ class batch_generator {
  private:
   struct row;
   void emit(row& r, int64_t token);
-  // Moves rows down so that row i sits in cache slot i: the batched forward
-  // then reads the cache in place instead of gathering it every step.
+  // Moves rows down so that row i sits in cache slot i. The forward would
+  // read any slot in place, but in slot order it walks the cache in address
+  // order: measured faster than leaving holes (docs/operations.md).
   void compact();
   int64_t sample(row& r, const float* logits, int64_t vocab);
   struct prefix_entry {

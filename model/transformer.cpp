@@ -645,10 +645,11 @@ torch::Tensor forward_tokens(const base_weights& w, const row_adapters& ga,
   const bool all_wanted = static_cast<int64_t>(logits_of.size()) == N;
   auto wanted = all_wanted ? torch::Tensor() : torch::tensor(logits_of, longs);
   std::vector<int64_t> wanted_slots, wanted_positions;
-  row_adapters wanted_ga = ga;
+  row_adapters wanted_ga;  // copied only when some tokens are left out
   if (!all_wanted) {
-    wanted_ga.rows.clear();
-    wanted_ga.ranks.clear();
+    wanted_ga.a = ga.a;
+    wanted_ga.b = ga.b;
+    wanted_ga.mlp = ga.mlp;
     for (auto n : logits_of) {
       const auto k = static_cast<std::size_t>(n);
       wanted_slots.push_back(slots[k]);
