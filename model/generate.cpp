@@ -46,6 +46,7 @@ batch_generator::batch_generator(const base_weights& base, const adapter_bank& b
                                  int64_t max_rows, int64_t prefix_entries,
                                  int64_t prefix_bytes)
     : base_(base),
+      weights_(serving_weights::of(base)),
       bank_(bank),
       cache_(kv_cache::make(base.cfg, max_rows)),
       slot_owner_(max_rows),
@@ -284,7 +285,7 @@ std::vector<int64_t> batch_generator::step() {
     }
     last_of_row.push_back(static_cast<int64_t>(tokens.size()) - 1);
   }
-  auto logits = forward_tokens(base_, row_adapters::of(bank_, std::move(places)), tokens,
+  auto logits = forward_tokens(weights_, row_adapters::of(bank_, std::move(places)), tokens,
                                positions, slots, cache_, last_of_row)
                     .to(torch::kFloat32)
                     .contiguous();  // [B, V]

@@ -110,6 +110,7 @@ class batch_generator {
   uint64_t identity_of(int64_t place) const;  // of the adapter at the bank's place
 
   const base_weights& base_;
+  serving_weights weights_;  // base_ as the forward reads it
   const adapter_bank& bank_;
   kv_cache cache_;
   std::vector<std::optional<int64_t>> slot_owner_;

@@ -7,6 +7,8 @@
 #include <type_traits>
 
 #include "model/cuda/bgmv_math.hpp"
+#include "model/dense.hpp"
+#include "model/row_kernels.hpp"
 #ifdef TAILOR_WITH_CUDA
 #include "model/cuda/bgmv.hpp"
 #endif
@@ -125,6 +127,7 @@ void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::
   float* op = out.data_ptr<float>();
   std::vector<float> scratch(static_cast<std::size_t>(r));
   float* sc = scratch.data();
+  const bool avx512 = row_kernels_available();
   for (int64_t row = 0; row < B; ++row) {
     const int64_t rank = ra.ranks[static_cast<std::size_t>(row)];
     if (rank == 0) continue;  // no adapter
@@ -144,6 +147,7 @@ void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::
     for (int64_t t = 0; t < T; ++t) {
       const float* xr = xp + (row * T + t) * in;
       float* orow = op + (row * T + t) * n_out;
+      if (avx512 && lora_row_avx512(xr, ar, br, in, rank, n_out, orow)) continue;
       switch (rank) {
         case 4: lora_row(xr, ar, br, in, fixed_size<4>{}, n_out, sc, orow); break;
         case 8: lora_row(xr, ar, br, in, fixed_size<8>{}, n_out, sc, orow); break;
@@ -214,6 +218,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& K,
   const auto vs = V.strides();
   const auto sc = static_cast<float>(scale);
   std::vector<float> p, scratch(static_cast<std::size_t>(2 * hd));
+  const bool avx512 = row_kernels_available();
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) {
       const int64_t n = last[static_cast<std::size_t>(b)] + 1;
@@ -225,6 +230,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& K,
       float* out = yp + (b * H + h) * hd;
       float* pp = p.data();
       float* sp = scratch.data();
+      if (avx512 && attend_avx512(qr, kb, ks[2], vb, vs[2], n, hd, sc, pp, out)) continue;
       switch (hd) {
         case 16: attend(qr, kb, ks[2], vb, vs[2], n, fixed_size<16>{}, sc, sp, pp, out); break;
         case 32: attend(qr, kb, ks[2], vb, vs[2], n, fixed_size<32>{}, sc, sp, pp, out); break;
@@ -553,16 +559,43 @@ row_adapters row_adapters::of(const adapter_bank& bank, std::vector<int64_t> row
   return ra;
 }
 
+serving_weights serving_weights::of(const base_weights& base) {
+  serving_weights w;
+  w.base = &base;
+  auto t = [](const torch::Tensor& m) { return m.t().contiguous(); };
+  for (const auto& l : base.layers)
+    w.layers.push_back({t(l.qkv_w), t(l.proj_w), t(l.fc_w), t(l.out_w)});
+  w.head = t(base.wte);
+  return w;
+}
+
 namespace {
+
+// x [.., in] times the matrix `w` [out, in] (`wt` is it transposed), plus
+// `b` unless undefined: dense() for float tensors on the CPU, LibTorch for
+// any other device.
+torch::Tensor product(const torch::Tensor& x, const torch::Tensor& wt, const torch::Tensor& w,
+                      const torch::Tensor& b) {
+  if (!x.is_cpu() || x.scalar_type() != torch::kFloat) return torch::linear(x, w, b);
+  auto xc = x.contiguous();
+  const int64_t in = wt.size(0), out = wt.size(1);
+  auto shape = x.sizes().vec();
+  shape.back() = out;
+  auto y = torch::empty(shape, x.options());
+  dense(xc.data_ptr<float>(), xc.numel() / in, in, wt.data_ptr<float>(), out,
+        b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
+  return y;
+}
 
 // Layer i's query, key and value of x [.., D] (split along the last
 // dimension), with the rows' adapters (`ga`, empty for none: then no LoRA
 // op runs at all, the plain dense model).
-std::vector<torch::Tensor> qkv_of(const base_weights::layer& l, const row_adapters& ga,
-                                  std::size_t i, const torch::Tensor& x) {
+std::vector<torch::Tensor> qkv_of(const serving_weights& w, const row_adapters& ga, std::size_t i,
+                                  const torch::Tensor& x) {
+  const auto& l = w.base->layers[i];
   const int64_t D = x.size(-1);
   auto h = torch::layer_norm(x, {D}, l.ln1_w, l.ln1_b, 1e-5);
-  auto qkv = torch::linear(h, l.qkv_w, l.qkv_b);
+  auto qkv = product(h, w.layers[i].qkv, l.qkv_w, l.qkv_b);
   if (!ga.a.empty()) add_lora_rows(h, ga.a[i][site_qkv], ga.b[i][site_qkv], ga, qkv);
   return qkv.split(D, -1);
 }
@@ -570,18 +603,20 @@ std::vector<torch::Tensor> qkv_of(const base_weights::layer& l, const row_adapte
 // The rest of layer i of a batched forward once attention gave y: the
 // output projection and the MLP, each with the rows' adapters (`ga`, empty
 // for none), and their residuals; returns the layer's output.
-torch::Tensor after_attention(const base_weights::layer& l, const row_adapters& ga, std::size_t i,
+torch::Tensor after_attention(const serving_weights& w, const row_adapters& ga, std::size_t i,
                               const torch::Tensor& x_in, const torch::Tensor& y) {
+  const auto& l = w.base->layers[i];
+  const auto& lt = w.layers[i];
   const bool lora = !ga.a.empty();
   const int64_t D = x_in.size(-1);
-  auto proj = torch::linear(y, l.proj_w, l.proj_b);
+  auto proj = product(y, lt.proj, l.proj_w, l.proj_b);
   if (lora) add_lora_rows(y, ga.a[i][site_proj], ga.b[i][site_proj], ga, proj);
   auto x = x_in + proj;
   auto h2 = torch::layer_norm(x, {D}, l.ln2_w, l.ln2_b, 1e-5);
-  auto f = torch::linear(h2, l.fc_w, l.fc_b);
+  auto f = product(h2, lt.fc, l.fc_w, l.fc_b);
   if (lora && ga.mlp) add_lora_rows(h2, ga.a[i][site_fc], ga.b[i][site_fc], ga, f);
   f = torch::gelu(f);
-  auto o = torch::linear(f, l.out_w, l.out_b);
+  auto o = product(f, lt.out, l.out_w, l.out_b);
   if (lora && ga.mlp) add_lora_rows(f, ga.a[i][site_out], ga.b[i][site_out], ga, o);
   return x + o;
 }
@@ -610,17 +645,18 @@ torch::Tensor forward_batched(const base_weights& w, const adapter_bank& bank,
       slot_of.push_back(slot[k]);
       if (at.empty() || at[k] == t) wanted.push_back(b * T + t);
     }
-  auto logits = forward_tokens(w, row_adapters::of(bank, std::move(places)), flat, positions,
-                               slot_of, cache, wanted);
+  auto logits = forward_tokens(serving_weights::of(w), row_adapters::of(bank, std::move(places)),
+                               flat, positions, slot_of, cache, wanted);
   return logits.view({B, at.empty() ? T : 1, logits.size(1)});
 }
 
-torch::Tensor forward_tokens(const base_weights& w, const row_adapters& ga,
+torch::Tensor forward_tokens(const serving_weights& sw, const row_adapters& ga,
                              const std::vector<int64_t>& tokens,
                              const std::vector<int64_t>& positions,
                              const std::vector<int64_t>& slots, kv_cache& cache,
                              const std::vector<int64_t>& logits_of) {
   c10::InferenceMode guard;
+  const auto& w = *sw.base;
   const auto& c = w.cfg;
   const auto N = static_cast<int64_t>(tokens.size());
   const int64_t H = c.n_head, hd = c.head_dim(), D = c.d_model;
@@ -660,8 +696,7 @@ torch::Tensor forward_tokens(const base_weights& w, const row_adapters& ga,
     }
   }
   for (std::size_t i = 0; i < w.layers.size(); ++i) {
-    const auto& l = w.layers[i];
-    auto parts = qkv_of(l, ga, i, x);
+    auto parts = qkv_of(sw, ga, i, x);
     // Every token's key and value go in first, so that a prompt's tokens
     // attend to the earlier ones of the same forward.
     cache.k[i].index_put_(where, parts[1].view({N, H, hd}));
@@ -669,16 +704,16 @@ torch::Tensor forward_tokens(const base_weights& w, const row_adapters& ga,
     auto q = parts[0].view({N, H, hd});
     if (i + 1 < w.layers.size() || all_wanted) {
       auto y = decode_attention(q, cache.k[i], cache.v[i], slots, positions, inv_sqrt);
-      x = after_attention(l, ga, i, x, y);
+      x = after_attention(sw, ga, i, x, y);
     } else {
       auto y = decode_attention(q.index_select(0, wanted), cache.k[i], cache.v[i], wanted_slots,
                                 wanted_positions, inv_sqrt);
-      x = after_attention(l, wanted_ga, i, x.index_select(0, wanted), y);
+      x = after_attention(sw, wanted_ga, i, x.index_select(0, wanted), y);
     }
   }
   x = x.view({-1, D});
   x = torch::layer_norm(x, {D}, w.lnf_w, w.lnf_b, 1e-5);
-  return torch::linear(x, w.wte);
+  return product(x, sw.head, w.wte, {});
 }
 
 }  // namespace tailor::model

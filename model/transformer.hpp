@@ -131,6 +131,20 @@ struct kv_cache {
 torch::Tensor forward_single(const base_weights& base, const lora_adapter* adapter,
                              const torch::Tensor& tokens, int64_t first_position = 0);
 
+// The base as the serving forward reads it: its matrices also transposed
+// to [in, out], the layout of dense() (model/dense.hpp), whose products do
+// not depend on the batch. Built once per batch generator; it refers to
+// `base`, which must outlive it and not change.
+struct serving_weights {
+  struct layer {
+    torch::Tensor qkv, proj, fc, out;  // [in, out]
+  };
+  const base_weights* base = nullptr;
+  std::vector<layer> layers;
+  torch::Tensor head;  // wte transposed: [d_model, vocab]
+  static serving_weights of(const base_weights& base);
+};
+
 // The batched multi-adapter forward over a rectangle of tokens (forward_tokens
 // below, with every row T tokens long): rows `slots` of the cache, each with
 // its adapter index `adapter_idx` (into `bank`), T new `tokens` per row
@@ -153,7 +167,7 @@ torch::Tensor forward_batched(const base_weights& base, const adapter_bank& bank
 // into tokens);
 // the others stop at the last layer's keys and values, which is all later
 // tokens need of them.
-torch::Tensor forward_tokens(const base_weights& base, const row_adapters& adapters,
+torch::Tensor forward_tokens(const serving_weights& weights, const row_adapters& adapters,
                              const std::vector<int64_t>& tokens,
                              const std::vector<int64_t>& positions,
                              const std::vector<int64_t>& slots, kv_cache& cache,

@@ -1,10 +1,13 @@
 // model/: the batched multi-adapter forward equals each row's adapter merged
 // into the weights, KV-cached decoding equals full recomputation, and
 // generation is reproducible per seed whatever else shares the batch.
+#include <cmath>
+
 #include <gtest/gtest.h>
 
 #include "messages/events.hpp"
 #include "model/cuda/bgmv_math.hpp"
+#include "model/dense.hpp"
 #include "model/generate.hpp"
 #include "model/pretrain.hpp"
 #include "model/transformer.hpp"
@@ -288,8 +291,8 @@ TEST_F(ModelTest, OneForwardOverPromptsAndDecodeTokensEqualsFullRecomputation) {
     if (step == 0) {
       ASSERT_EQ(tokens.size(), 6u + 1u + 4u + 4u);
     }
-    auto logits = forward_tokens(base_, row_adapters::of(bank_, places), tokens, positions,
-                                 slots, cache, last);
+    auto logits = forward_tokens(serving_weights::of(base_), row_adapters::of(bank_, places),
+                                 tokens, positions, slots, cache, last);
     ASSERT_EQ(logits.sizes(), (std::vector<int64_t>{4, cfg_.vocab}));
     for (std::size_t r = 0; r < seqs.size(); ++r) {
       auto ref = reference(seqs[r], place[r]);
@@ -332,6 +335,97 @@ TEST(DecodeAttention, AnyHeadWidthEqualsFullRecomputation) {
           << "step " << step << " row " << r;
     }
   }
+}
+
+// Every kernel this machine can run (the best is what serving uses; the
+// others are tested here so that a machine without it is not untested).
+std::vector<dense_isa> runnable_kernels() {
+  std::vector<dense_isa> out;
+  for (auto isa : {dense_isa::portable, dense_isa::avx2, dense_isa::avx512})
+    if (dense_supported(isa)) out.push_back(isa);
+  return out;
+}
+
+// Shapes around the kernels' blocks: rows by fours and a tail, columns by
+// 16 and 32 and a remainder, the tied head's 257.
+TEST(Dense, EveryKernelComputesTheProductForAnyShape) {
+  torch::manual_seed(2);
+  for (auto isa : runnable_kernels())
+    for (int64_t rows : {1, 3, 4, 9})
+      for (int64_t in : {1, 5, 128})
+        for (int64_t out : {1, 7, 16, 33, 257})
+          for (bool bias : {true, false}) {
+            auto x = torch::randn({rows, in}), wt = torch::randn({in, out}),
+                 b = torch::randn({out});
+            auto y = torch::full({rows, out}, std::nanf(""));
+            dense(isa, x.data_ptr<float>(), rows, in, wt.data_ptr<float>(), out,
+                  bias ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
+            auto ref = x.to(torch::kDouble).matmul(wt.to(torch::kDouble));
+            if (bias) ref = ref + b.to(torch::kDouble);
+            // A float sum of `in` products is good to about in * 2^-24 of
+            // the sum of their magnitudes.
+            auto bound = x.abs().to(torch::kDouble).matmul(wt.abs().to(torch::kDouble)) * 1e-6 +
+                         1e-6;
+            EXPECT_TRUE(((y.to(torch::kDouble) - ref).abs() <= bound).all().item<bool>())
+                << dense_name(isa) << " rows " << rows << " in " << in << " out " << out
+                << (bias ? " with" : " without") << " bias";
+          }
+}
+
+// What makes a request's text independent of its batch: a row's products
+// are the same bits whatever rows surround it and wherever it sits.
+TEST(Dense, ARowsProductIsTheSameBitsInAnyBatch) {
+  torch::manual_seed(3);
+  const int64_t in = 128, out = 257;
+  auto wt = torch::randn({in, out}), b = torch::randn({out});
+  auto x = torch::randn({9, in});
+  for (auto isa : runnable_kernels()) {
+    std::vector<torch::Tensor> alone;
+    for (int64_t r = 0; r < 9; ++r) {
+      auto y = torch::empty({1, out});
+      dense(isa, x[r].data_ptr<float>(), 1, in, wt.data_ptr<float>(), out, b.data_ptr<float>(),
+            y.data_ptr<float>());
+      alone.push_back(y[0]);
+    }
+    for (int64_t rows = 2; rows <= 9; ++rows) {
+      auto y = torch::empty({rows, out});
+      dense(isa, x.data_ptr<float>(), rows, in, wt.data_ptr<float>(), out, b.data_ptr<float>(),
+            y.data_ptr<float>());
+      for (int64_t r = 0; r < rows; ++r)
+        EXPECT_TRUE(torch::equal(y[r], alone[static_cast<std::size_t>(r)]))
+            << dense_name(isa) << ": row " << r << " of " << rows;
+    }
+  }
+}
+
+// The serving forward as a whole: a decoding row's logits are the same bits
+// alone and in a step with other rows' decode and prompt tokens.
+TEST_F(ModelTest, AServedRowsLogitsAreTheSameBitsInAnyStep) {
+  const auto weights = serving_weights::of(base_);
+  const auto prompt = tokens_of(9, 4);
+  auto logits_of_row = [&](bool crowded) {
+    auto cache = kv_cache::make(cfg_, 4);
+    std::vector<int64_t> places, tokens, positions, slots;
+    auto add = [&](int64_t place, const std::vector<int64_t>& toks, int64_t slot) {
+      for (std::size_t t = 0; t < toks.size(); ++t) {
+        places.push_back(place);
+        tokens.push_back(toks[t]);
+        positions.push_back(static_cast<int64_t>(t));
+        slots.push_back(slot);
+      }
+    };
+    add(2, prompt, 0);
+    if (crowded) {
+      add(1, tokens_of(5, 7), 1);
+      add(3, tokens_of(30, 8), 2);
+      add(0, tokens_of(2, 9), 3);
+    }
+    std::vector<int64_t> last = {static_cast<int64_t>(prompt.size()) - 1};
+    return forward_tokens(weights, row_adapters::of(bank_, places), tokens, positions, slots,
+                          cache, last)[0];
+  };
+  auto alone = logits_of_row(false), crowded = logits_of_row(true);
+  EXPECT_TRUE(torch::equal(alone, crowded)) << "largest difference " << max_diff(alone, crowded);
 }
 
 TEST_F(ModelTest, GenerationIsReproducibleAndIndependentOfTheBatch) {

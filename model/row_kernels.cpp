@@ -1,0 +1,121 @@
+#include "model/row_kernels.hpp"
+
+// GCC 12's AVX-512 headers start some results from an undefined register
+// (_mm512_undefined_ps), which -Wmaybe-uninitialized reports (GCC bug 105593).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+
+#include <cmath>
+#include <limits>
+
+namespace tailor::model {
+
+namespace {
+
+// 16 bfloat16 values (their bits) as floats: a bfloat16 is a float's upper half.
+#define TAILOR_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+TAILOR_AVX512 inline __m512 widen16(const uint16_t* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+}  // namespace
+
+bool row_kernels_available() {
+  static const bool yes = __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  return yes;
+}
+
+TAILOR_AVX512 bool lora_row_avx512(const float* x, const uint16_t* a, const uint16_t* b,
+                                   int64_t in, int64_t rank, int64_t n_out, float* orow) {
+  if (rank <= 0 || 16 % rank != 0) return false;
+  // x·A over A's flat [in * rank] values, 16 at a time: lane j holds
+  // input (offset + j) / rank and column j % rank, so x is spread to match.
+  const int64_t per = 16 / rank;  // inputs per 16 values
+  alignas(64) int32_t spread[16];
+  for (int j = 0; j < 16; ++j) spread[j] = static_cast<int32_t>(j / rank);
+  const __m512i idx = _mm512_load_si512(spread);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < in; i += per) {
+    const int64_t left = in - i;  // inputs
+    const __mmask16 mx = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+    const __mmask16 ma = left >= per ? 0xFFFF : static_cast<__mmask16>((1u << (left * rank)) - 1);
+    const __m512 xs = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(mx, x + i));
+    acc = _mm512_fmadd_ps(xs, widen16(a + i * rank, ma), acc);
+  }
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, acc);
+  float xa[16];
+  for (int64_t k = 0; k < rank; ++k) {
+    float s = 0;
+    for (int64_t j = k; j < 16; j += rank) s += lanes[j];
+    xa[k] = s;
+  }
+  // (x·A)·B into the row, 16 outputs at a time.
+  for (int64_t o = 0; o < n_out; o += 16) {
+    const int64_t left = n_out - o;
+    const __mmask16 m = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+    __m512 sum = _mm512_maskz_loadu_ps(m, orow + o);
+    for (int64_t k = 0; k < rank; ++k)
+      sum = _mm512_fmadd_ps(_mm512_set1_ps(xa[k]), widen16(b + k * n_out + o, m), sum);
+    _mm512_mask_storeu_ps(orow + o, m, sum);
+  }
+  return true;
+}
+
+namespace {
+
+// attend_avx512 with the width in C chunks of 16 floats (the last masked),
+// known at compile time so that q and the sums stay in registers.
+template <int C>
+TAILOR_AVX512 void attend_chunks(const float* q, const float* k, int64_t ks, const float* v,
+                                 int64_t vs, int64_t n, int64_t hd, float scale, float* p,
+                                 float* out) {
+  __mmask16 mask[C];
+  __m512 qv[C], acc[C];
+  for (int c = 0; c < C; ++c) {
+    const int64_t left = hd - 16 * c;
+    mask[c] = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+    qv[c] = _mm512_maskz_loadu_ps(mask[c], q + 16 * c);
+    acc[c] = _mm512_setzero_ps();
+  }
+  float hi = -std::numeric_limits<float>::infinity();
+  for (int64_t l = 0; l < n; ++l) {
+    const float* kl = k + l * ks;
+    __m512 d = _mm512_mul_ps(qv[0], _mm512_maskz_loadu_ps(mask[0], kl));
+    for (int c = 1; c < C; ++c)
+      d = _mm512_fmadd_ps(qv[c], _mm512_maskz_loadu_ps(mask[c], kl + 16 * c), d);
+    p[l] = _mm512_reduce_add_ps(d) * scale;
+    hi = std::max(hi, p[l]);
+  }
+  float total = 0;
+  for (int64_t l = 0; l < n; ++l) total += p[l] = std::exp(p[l] - hi);
+  for (int64_t l = 0; l < n; ++l) {
+    const __m512 w = _mm512_set1_ps(p[l]);
+    const float* vl = v + l * vs;
+    for (int c = 0; c < C; ++c)
+      acc[c] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mask[c], vl + 16 * c), acc[c]);
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / total);
+  for (int c = 0; c < C; ++c)
+    _mm512_mask_storeu_ps(out + 16 * c, mask[c], _mm512_mul_ps(acc[c], inv));
+}
+
+}  // namespace
+
+bool attend_avx512(const float* q, const float* k, int64_t ks, const float* v, int64_t vs,
+                   int64_t n, int64_t hd, float scale, float* p, float* out) {
+  switch ((hd + 15) / 16) {
+    case 1: attend_chunks<1>(q, k, ks, v, vs, n, hd, scale, p, out); return true;
+    case 2: attend_chunks<2>(q, k, ks, v, vs, n, hd, scale, p, out); return true;
+    case 3: attend_chunks<3>(q, k, ks, v, vs, n, hd, scale, p, out); return true;
+    case 4: attend_chunks<4>(q, k, ks, v, vs, n, hd, scale, p, out); return true;
+    default: return false;
+  }
+}
+
+}  // namespace tailor::model
