@@ -86,6 +86,13 @@ TAILOR_AVX512 void attend_chunks(const float* q, const float* k, int64_t ks, con
   float hi = -std::numeric_limits<float>::infinity();
   for (int64_t l = 0; l < n; ++l) {
     const float* kl = k + l * ks;
+    // The values are read after the softmax: ask for them now, and for
+    // the keys a few positions ahead (each (row, head) is a short stream
+    // the hardware prefetcher has not seen).
+    for (int c = 0; c < C; ++c) {
+      _mm_prefetch(reinterpret_cast<const char*>(kl + 8 * ks + 16 * c), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(v + l * vs + 16 * c), _MM_HINT_T0);
+    }
     __m512 d = _mm512_mul_ps(qv[0], _mm512_maskz_loadu_ps(mask[0], kl));
     for (int c = 1; c < C; ++c)
       d = _mm512_fmadd_ps(qv[c], _mm512_maskz_loadu_ps(mask[c], kl + 16 * c), d);
