@@ -76,7 +76,8 @@ std::string validate(const engine_config& cfg) {
   if (v.max_rank < b.max_rank)
     return bad("serving.max_rank", "must be at least the largest rank onboarding accepts (" +
                                        std::to_string(b.max_rank) + ")");
-  if (cfg.compute.intra_op_threads < 0 || cfg.compute.blas_threads < 0)
+  if (cfg.compute.intra_op_threads < 0 || cfg.compute.blas_threads < 0 ||
+      cfg.compute.actor_threads < 0)
     return bad("compute", "thread counts must not be negative");
   if (cfg.models.pretrain_minutes <= 0 && cfg.models.pretrain_steps <= 0)
     return bad("models.pretrain_minutes", "must be positive (or set pretrain_steps)");
@@ -211,10 +212,11 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
          take(v, "pinned_models", sc.pinned_models, w, err) &&
          take(v, "batch_thread", sc.batch_thread, w, err);
   }
-  if (section("compute", {"intra_op_threads", "blas_threads"})) {
+  if (section("compute", {"intra_op_threads", "blas_threads", "actor_threads"})) {
     const auto& c = j["compute"];
     ok = take(c, "intra_op_threads", cfg.compute.intra_op_threads, "compute.", err) &&
-         take(c, "blas_threads", cfg.compute.blas_threads, "compute.", err);
+         take(c, "blas_threads", cfg.compute.blas_threads, "compute.", err) &&
+         take(c, "actor_threads", cfg.compute.actor_threads, "compute.", err);
   }
   if (section("models", {"dir", "pretrain_minutes", "pretrain_steps"})) {
     const auto& m = j["models"];

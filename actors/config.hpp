@@ -79,6 +79,11 @@ struct serving_config {
 struct compute_config {
   int intra_op_threads = 1;
   int blas_threads = 1;
+  // CAF's scheduler threads for the actors that are not detached (users,
+  // the registry, jobs): all short handlers, so one thread (no wake-ups
+  // between threads on a request's hops) serves them best; 0: CAF's
+  // default (the number of cores, at least 4).
+  int actor_threads = 1;
 };
 
 // Where base models come from: $TAILOR_HOME/models/NAME.safetensors, made by

@@ -122,6 +122,11 @@ TEST(EngineConfig, ValidationNamesTheOffendingKey) {
   EXPECT_NE(validate(cfg).find("serving.batch_thread"), std::string::npos);
   cfg.serving.batch_thread = "realtime";
   EXPECT_EQ(validate(cfg), "");
+  cfg = {};
+  cfg.compute.actor_threads = -1;
+  EXPECT_NE(validate(cfg).find("compute"), std::string::npos);
+  cfg.compute.actor_threads = 0;  // CAF's default
+  EXPECT_EQ(validate(cfg), "");
 }
 
 TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
@@ -131,7 +136,7 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
   EXPECT_NE(load_config_file(path.string(), cfg).find("training: unknown key 'nope'"),
             std::string::npos);
   std::ofstream(path)
-      << R"({"training":{"slots":3,"steps":7},"compute":{"blas_threads":2},"serving":{"prefix_cache_entries":8,"prefix_cache_mb":32,"batch_thread":"realtime"}})";
+      << R"({"training":{"slots":3,"steps":7},"compute":{"blas_threads":2,"actor_threads":3},"serving":{"prefix_cache_entries":8,"prefix_cache_mb":32,"batch_thread":"realtime"}})";
   cfg = {};
   EXPECT_EQ(load_config_file(path.string(), cfg), "");
   EXPECT_EQ(cfg.serving.prefix_cache_entries, 8);
@@ -140,6 +145,8 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
   EXPECT_EQ(cfg.training.slots, 3);
   EXPECT_EQ(cfg.training.defaults.steps, 7);
   EXPECT_EQ(cfg.compute.blas_threads, 2);
+  EXPECT_EQ(cfg.compute.actor_threads, 3);
+  EXPECT_EQ(engine_config{}.compute.actor_threads, 1);
   fs::remove(path);
 }
 
