@@ -7,8 +7,10 @@
 // depend on its batch: served alone or with 63 others it yields the same
 // text (batch invariance, which the serving tests hold exactly). And unlike
 // BLAS, which packs the whole matrix on every call, a step of a few rows
-// reads it once: measured 3-7x faster at 1-8 rows, and no slower at 256
-// (docs/operations.md).
+// reads it once: the AVX-512 kernel measured 4-8x faster than OpenBLAS at
+// 1-8 rows and 1.1-1.7x at 256 (docs/operations.md). The AVX2 kernel is as
+// fast at a few rows but slower than OpenBLAS (0.7x) from about 64; it is
+// kept, not BLAS, on machines without AVX-512 for the invariance.
 #include <cstdint>
 
 namespace tailor::model {

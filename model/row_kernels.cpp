@@ -10,13 +10,14 @@
 #include <cmath>
 #include <limits>
 
+// What the kernels below are compiled for; row_kernels_available() checks it.
+#define TAILOR_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+
 namespace tailor::model {
 
 namespace {
 
 // 16 bfloat16 values (their bits) as floats: a bfloat16 is a float's upper half.
-#define TAILOR_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-
 TAILOR_AVX512 inline __m512 widen16(const uint16_t* p, __mmask16 m) {
   const __m256i h = _mm256_maskz_loadu_epi16(m, p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
