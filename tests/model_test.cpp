@@ -225,8 +225,10 @@ TEST_F(ModelTest, LogitsAtPicksEachRowsPositionOfTheFullLogits) {
 
 TEST_F(ModelTest, KvCachedDecodingEqualsFullRecomputation) {
   // Rows of different lengths in non-contiguous slots, decoding together.
-  std::vector<std::vector<int64_t>> seqs = {tokens_of(5, 1), tokens_of(9, 2), tokens_of(3, 3),
-                                            tokens_of(4, 4), tokens_of(6, 5)};
+  // Lengths on both sides of 16 and 32: the attention loop scores
+  // positions 16 at a time and the rest one by one.
+  std::vector<std::vector<int64_t>> seqs = {tokens_of(5, 1), tokens_of(29, 2), tokens_of(3, 3),
+                                            tokens_of(4, 4), tokens_of(14, 5)};
   std::vector<int64_t> idx = {2, 0, 3, 4, 5}, slots = {4, 0, 2, 5, 1};
   auto cache = kv_cache::make(cfg_, 6);
   for (std::size_t r = 0; r < seqs.size(); ++r) {
@@ -312,7 +314,7 @@ TEST(DecodeAttention, AnyHeadWidthEqualsFullRecomputation) {
   auto base = base_weights::init(c, 3);
   auto bank = adapter_bank::build(c, {});
   auto cache = kv_cache::make(c, 2);
-  std::vector<std::vector<int64_t>> seqs = {tokens_of(4, 1), tokens_of(7, 2)};
+  std::vector<std::vector<int64_t>> seqs = {tokens_of(4, 1), tokens_of(15, 2)};
   for (int64_t r = 0; r < 2; ++r) {
     auto T = static_cast<int64_t>(seqs[r].size());
     forward_batched(base, bank, torch::zeros({1}, torch::kLong),
