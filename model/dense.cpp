@@ -11,12 +11,39 @@ namespace {
 
 // Every kernel computes an element as acc = 0; acc = fma(x[k], w[k], acc)
 // for k = 0 .. in-1 (portable: acc += x[k] * w[k]); then acc + b. Rows go
-// in blocks of four while they last, then one by one: the blocks only
-// share the loads of the matrix, never an element's arithmetic.
+// in blocks while they last, then one by one: the blocks only share the
+// loads of the matrix, never an element's arithmetic.
 
-// Columns in blocks of 32 (two 16-float registers; masks for the last),
-// and within one block every row, so the block's slice of the matrix
-// stays in L1 while the rows pass over it.
+// R rows by 32 columns (two 16-float registers each; masks for the last
+// columns) of dense_avx512.
+template <int R>
+__attribute__((target("avx512f"))) inline void block_avx512(const float* x, int64_t in,
+                                                            const float* w, int64_t out,
+                                                            __mmask16 m0, __mmask16 m1, __m512 b0,
+                                                            __m512 b1, float* y) {
+  __m512 a0[R], a1[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < in; ++k, w += out) {
+    const __m512 w0 = _mm512_maskz_loadu_ps(m0, w), w1 = _mm512_maskz_loadu_ps(m1, w + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 v = _mm512_set1_ps(x[r * in + k]);
+      a0[r] = _mm512_fmadd_ps(v, w0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(v, w1, a1[r]);
+    }
+  }
+  // Without a bias, b0 and b1 are zeros.
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    _mm512_mask_storeu_ps(y + r * out, m0, _mm512_add_ps(a0[r], b0));
+    _mm512_mask_storeu_ps(y + r * out + 16, m1, _mm512_add_ps(a1[r], b1));
+  }
+}
+
+// Columns in blocks of 32, and within one block every row (by eights, then
+// fours, then one by one), so the block's slice of the matrix stays in L1
+// while the rows pass over it.
 __attribute__((target("avx512f"))) void dense_avx512(const float* x, int64_t rows, int64_t in,
                                                      const float* wt, int64_t out, const float* b,
                                                      float* y) {
@@ -29,59 +56,41 @@ __attribute__((target("avx512f"))) void dense_avx512(const float* x, int64_t row
     const __m512 b0 = b ? _mm512_maskz_loadu_ps(m0, b + n) : _mm512_setzero_ps();
     const __m512 b1 = b ? _mm512_maskz_loadu_ps(m1, b + n + 16) : _mm512_setzero_ps();
     int64_t m = 0;
-    for (; m + 4 <= rows; m += 4) {
-      const float* x0 = x + m * in;
-      const float *x1 = x0 + in, *x2 = x1 + in, *x3 = x2 + in;
-      __m512 a00 = _mm512_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00,
-             a30 = a00, a31 = a00;
-      const float* w = wt + n;
-      for (int64_t k = 0; k < in; ++k, w += out) {
-        const __m512 w0 = _mm512_maskz_loadu_ps(m0, w), w1 = _mm512_maskz_loadu_ps(m1, w + 16);
-        __m512 v = _mm512_set1_ps(x0[k]);
-        a00 = _mm512_fmadd_ps(v, w0, a00);
-        a01 = _mm512_fmadd_ps(v, w1, a01);
-        v = _mm512_set1_ps(x1[k]);
-        a10 = _mm512_fmadd_ps(v, w0, a10);
-        a11 = _mm512_fmadd_ps(v, w1, a11);
-        v = _mm512_set1_ps(x2[k]);
-        a20 = _mm512_fmadd_ps(v, w0, a20);
-        a21 = _mm512_fmadd_ps(v, w1, a21);
-        v = _mm512_set1_ps(x3[k]);
-        a30 = _mm512_fmadd_ps(v, w0, a30);
-        a31 = _mm512_fmadd_ps(v, w1, a31);
-      }
-      // Without a bias, b0 and b1 are zeros.
-      float* yr = y + m * out + n;
-      _mm512_mask_storeu_ps(yr, m0, _mm512_add_ps(a00, b0));
-      _mm512_mask_storeu_ps(yr + 16, m1, _mm512_add_ps(a01, b1));
-      yr += out;
-      _mm512_mask_storeu_ps(yr, m0, _mm512_add_ps(a10, b0));
-      _mm512_mask_storeu_ps(yr + 16, m1, _mm512_add_ps(a11, b1));
-      yr += out;
-      _mm512_mask_storeu_ps(yr, m0, _mm512_add_ps(a20, b0));
-      _mm512_mask_storeu_ps(yr + 16, m1, _mm512_add_ps(a21, b1));
-      yr += out;
-      _mm512_mask_storeu_ps(yr, m0, _mm512_add_ps(a30, b0));
-      _mm512_mask_storeu_ps(yr + 16, m1, _mm512_add_ps(a31, b1));
-    }
-    for (; m < rows; ++m) {
-      const float* x0 = x + m * in;
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-      const float* w = wt + n;
-      for (int64_t k = 0; k < in; ++k, w += out) {
-        const __m512 v = _mm512_set1_ps(x0[k]);
-        a0 = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m0, w), a0);
-        a1 = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m1, w + 16), a1);
-      }
-      float* yr = y + m * out + n;
-      _mm512_mask_storeu_ps(yr, m0, _mm512_add_ps(a0, b0));
-      _mm512_mask_storeu_ps(yr + 16, m1, _mm512_add_ps(a1, b1));
-    }
+    for (; m + 8 <= rows; m += 8)
+      block_avx512<8>(x + m * in, in, wt + n, out, m0, m1, b0, b1, y + m * out + n);
+    for (; m + 4 <= rows; m += 4)
+      block_avx512<4>(x + m * in, in, wt + n, out, m0, m1, b0, b1, y + m * out + n);
+    for (; m < rows; ++m)
+      block_avx512<1>(x + m * in, in, wt + n, out, m0, m1, b0, b1, y + m * out + n);
   }
 }
 
-// The same in blocks of 16 columns (two 8-float registers); the columns
-// past the last full block one element at a time (fma rounds as a lane does).
+// R rows by 16 columns (two 8-float registers each) of dense_avx2.
+template <int R>
+__attribute__((target("avx2,fma"))) inline void block_avx2(const float* x, int64_t in,
+                                                           const float* w, int64_t out, __m256 b0,
+                                                           __m256 b1, float* y) {
+  __m256 a0[R], a1[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < in; ++k, w += out) {
+    const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 v = _mm256_broadcast_ss(x + r * in + k);
+      a0[r] = _mm256_fmadd_ps(v, w0, a0[r]);
+      a1[r] = _mm256_fmadd_ps(v, w1, a1[r]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(y + r * out, _mm256_add_ps(a0[r], b0));
+    _mm256_storeu_ps(y + r * out + 8, _mm256_add_ps(a1[r], b1));
+  }
+}
+
+// The same in blocks of 16 columns, rows by fours; the columns past the
+// last full block one element at a time (fma rounds as a lane does).
 __attribute__((target("avx2,fma"))) void dense_avx2(const float* x, int64_t rows, int64_t in,
                                                     const float* wt, int64_t out, const float* b,
                                                     float* y) {
@@ -90,53 +99,9 @@ __attribute__((target("avx2,fma"))) void dense_avx2(const float* x, int64_t rows
     const __m256 b0 = b ? _mm256_loadu_ps(b + n) : _mm256_setzero_ps();
     const __m256 b1 = b ? _mm256_loadu_ps(b + n + 8) : _mm256_setzero_ps();
     int64_t m = 0;
-    for (; m + 4 <= rows; m += 4) {
-      const float* x0 = x + m * in;
-      const float *x1 = x0 + in, *x2 = x1 + in, *x3 = x2 + in;
-      __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00,
-             a30 = a00, a31 = a00;
-      const float* w = wt + n;
-      for (int64_t k = 0; k < in; ++k, w += out) {
-        const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
-        __m256 v = _mm256_broadcast_ss(x0 + k);
-        a00 = _mm256_fmadd_ps(v, w0, a00);
-        a01 = _mm256_fmadd_ps(v, w1, a01);
-        v = _mm256_broadcast_ss(x1 + k);
-        a10 = _mm256_fmadd_ps(v, w0, a10);
-        a11 = _mm256_fmadd_ps(v, w1, a11);
-        v = _mm256_broadcast_ss(x2 + k);
-        a20 = _mm256_fmadd_ps(v, w0, a20);
-        a21 = _mm256_fmadd_ps(v, w1, a21);
-        v = _mm256_broadcast_ss(x3 + k);
-        a30 = _mm256_fmadd_ps(v, w0, a30);
-        a31 = _mm256_fmadd_ps(v, w1, a31);
-      }
-      float* yr = y + m * out + n;
-      _mm256_storeu_ps(yr, _mm256_add_ps(a00, b0));
-      _mm256_storeu_ps(yr + 8, _mm256_add_ps(a01, b1));
-      yr += out;
-      _mm256_storeu_ps(yr, _mm256_add_ps(a10, b0));
-      _mm256_storeu_ps(yr + 8, _mm256_add_ps(a11, b1));
-      yr += out;
-      _mm256_storeu_ps(yr, _mm256_add_ps(a20, b0));
-      _mm256_storeu_ps(yr + 8, _mm256_add_ps(a21, b1));
-      yr += out;
-      _mm256_storeu_ps(yr, _mm256_add_ps(a30, b0));
-      _mm256_storeu_ps(yr + 8, _mm256_add_ps(a31, b1));
-    }
-    for (; m < rows; ++m) {
-      const float* x0 = x + m * in;
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-      const float* w = wt + n;
-      for (int64_t k = 0; k < in; ++k, w += out) {
-        const __m256 v = _mm256_broadcast_ss(x0 + k);
-        a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w), a0);
-        a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + 8), a1);
-      }
-      float* yr = y + m * out + n;
-      _mm256_storeu_ps(yr, _mm256_add_ps(a0, b0));
-      _mm256_storeu_ps(yr + 8, _mm256_add_ps(a1, b1));
-    }
+    for (; m + 4 <= rows; m += 4)
+      block_avx2<4>(x + m * in, in, wt + n, out, b0, b1, y + m * out + n);
+    for (; m < rows; ++m) block_avx2<1>(x + m * in, in, wt + n, out, b0, b1, y + m * out + n);
   }
   for (int64_t m = 0; m < rows; ++m)
     for (int64_t n = full; n < out; ++n) {
