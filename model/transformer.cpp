@@ -560,6 +560,7 @@ row_adapters row_adapters::of(const adapter_bank& bank, std::vector<int64_t> row
 }
 
 serving_weights serving_weights::of(const base_weights& base) {
+  torch::NoGradGuard no_grad;  // copies for inference, whatever the base's flags
   serving_weights w;
   w.base = &base;
   auto t = [](const torch::Tensor& m) { return m.t().contiguous(); };

@@ -150,7 +150,8 @@ struct serving_weights {
 // its adapter index `adapter_idx` (into `bank`), T new `tokens` per row
 // starting at position `start` (per row). Writes the new keys/values into
 // the cache and returns logits [B, T, vocab]; with `logits_at` ([B], an
-// index into T per row) only those, [B, 1, vocab].
+// index into T per row) only those, [B, 1, vocab]. It prepares the base
+// (serving_weights) on every call: for tests and tools, not a serving loop.
 torch::Tensor forward_batched(const base_weights& base, const adapter_bank& bank,
                               const torch::Tensor& adapter_idx, const torch::Tensor& tokens,
                               const torch::Tensor& start, const torch::Tensor& slots,
