@@ -45,8 +45,7 @@ struct batch_generator::row {
 batch_generator::batch_generator(const base_weights& base, const adapter_bank& bank,
                                  int64_t max_rows, int64_t prefix_entries,
                                  int64_t prefix_bytes)
-    : base_(base),
-      weights_(serving_weights::of(base)),
+    : weights_(serving_weights::of(base)),
       bank_(bank),
       cache_(kv_cache::make(base.cfg, max_rows)),
       slot_owner_(max_rows),
@@ -173,7 +172,7 @@ void batch_generator::emit(row& r, int64_t token) {
       return;
     }
   }
-  if (static_cast<int64_t>(r.out.size()) >= r.s.max_tokens || r.length >= base_.cfg.context)
+  if (static_cast<int64_t>(r.out.size()) >= r.s.max_tokens || r.length >= cfg().context)
     r.finish = "length";
   r.next = token;
 }
@@ -228,7 +227,7 @@ std::vector<int64_t> batch_generator::add_batch(const std::vector<new_sequence>&
     auto t = encode(q.prompt);
     t.insert(t.begin(), end_of_text);
     const int64_t keep =
-        std::max<int64_t>(1, base_.cfg.context - std::max<int64_t>(1, q.s.max_tokens));
+        std::max<int64_t>(1, cfg().context - std::max<int64_t>(1, q.s.max_tokens));
     if (static_cast<int64_t>(t.size()) > keep) t.erase(t.begin(), t.end() - keep);
     const auto n = static_cast<int64_t>(t.size());
     auto r = std::make_unique<row>();

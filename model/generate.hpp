@@ -109,8 +109,8 @@ class batch_generator {
   void remember_prompt(int64_t place, const std::vector<int64_t>& tokens, int64_t slot);
   uint64_t identity_of(int64_t place) const;  // of the adapter at the bank's place
 
-  const base_weights& base_;
-  serving_weights weights_;  // base_ as the forward reads it
+  const model_config& cfg() const { return weights_.base->cfg; }
+  serving_weights weights_;  // the base as the forward reads it
   const adapter_bank& bank_;
   kv_cache cache_;
   std::vector<std::optional<int64_t>> slot_owner_;
