@@ -10,6 +10,10 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "model/cuda/bgmv_math.hpp"
 
 // What the kernels below are compiled for; row_kernels_available() checks it.
 #define TAILOR_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
@@ -62,12 +66,76 @@ TAILOR_AVX512 inline __m512 sum16(const __m512 (&v)[16]) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
 }
 
-}  // namespace
+// The portable loops, compiled for any x86-64 (the compiler vectorises
+// them four floats at a time).
 
-bool row_kernels_available() {
-  static const bool yes = __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-  return yes;
+// A size known at compile time, for the loops below; `local_size` is the
+// size of their local scratch (1 when the size is a run-time value).
+template <int64_t N>
+using fixed_size = std::integral_constant<int64_t, N>;
+template <typename Size>
+struct local_size : fixed_size<1> {};
+template <int64_t N>
+struct local_size<fixed_size<N>> : fixed_size<N> {};
+
+// One row's x·A·B added to `orow`, up to `rank` (int64_t, or for the
+// common ranks fixed_size); `ar` is the row's A packed [in, rank]. `scratch`
+// holds `rank` floats when it is a run-time value. With the rank known at
+// compile time the sums live in a local array and stay in registers (a
+// buffer that may alias the inputs is reloaded and stored at every step).
+// Each output element is written once.
+template <typename Rank>
+void lora_row_portable(const float* xr, const uint16_t* ar, const uint16_t* br, int64_t in,
+                       Rank rank, int64_t n_out, float* scratch, float* orow) {
+  float local[local_size<Rank>::value];
+  float* xa = std::is_same_v<Rank, int64_t> ? scratch : local;
+  for (int64_t k = 0; k < rank; ++k) xa[k] = 0.0f;
+  for (int64_t i = 0; i < in; ++i) {
+    const float xi = xr[i];
+    const uint16_t* ai = ar + i * rank;
+    for (int64_t k = 0; k < rank; ++k) xa[k] += xi * bgmv::widen(ai[k]);
+  }
+#pragma omp simd
+  for (int64_t o = 0; o < n_out; ++o) {
+    float acc = orow[o];
+    for (int64_t k = 0; k < rank; ++k) acc += xa[k] * bgmv::widen(br[k * n_out + o]);
+    orow[o] = acc;
+  }
+}
+
+// One (row, head) of a decode step: q [hd] against the row's first n cached
+// keys and values (consecutive positions `ks`/`vs` floats apart), the
+// weighted values into out [hd]. `hd` is int64_t or, for the common widths,
+// fixed_size; `scratch` holds 2 hd floats when it is a run-time value, p n.
+// With the width known, q and the sums live in local arrays and stay in
+// registers; `out` may alias the cache as far as the compiler knows, so
+// summing into it would reload and store it per position.
+template <typename Width>
+void attend_portable(const float* q, const float* kb, int64_t ks, const float* vb, int64_t vs,
+                     int64_t n, Width hd, float scale, float* scratch, float* p, float* out) {
+  constexpr bool at_run_time = std::is_same_v<Width, int64_t>;
+  float local_q[local_size<Width>::value], local_acc[local_size<Width>::value];
+  float* qr = at_run_time ? scratch : local_q;
+  float* acc = at_run_time ? scratch + hd : local_acc;
+  for (int64_t d = 0; d < hd; ++d) qr[d] = q[d], acc[d] = 0.0f;
+  float hi = -std::numeric_limits<float>::infinity();
+  for (int64_t l = 0; l < n; ++l) {
+    const float* kl = kb + l * ks;
+    float dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t d = 0; d < hd; ++d) dot += qr[d] * kl[d];
+    p[l] = dot * scale;
+    hi = std::max(hi, p[l]);
+  }
+  float total = 0;
+  for (int64_t l = 0; l < n; ++l) total += p[l] = std::exp(p[l] - hi);
+  for (int64_t l = 0; l < n; ++l) {
+    const float w = p[l];
+    const float* vl = vb + l * vs;
+    for (int64_t d = 0; d < hd; ++d) acc[d] += w * vl[d];
+  }
+  const float inv = 1.0f / total;
+  for (int64_t d = 0; d < hd; ++d) out[d] = acc[d] * inv;
 }
 
 TAILOR_AVX512 bool lora_row_avx512(const float* x, const uint16_t* a, const uint16_t* b,
@@ -106,8 +174,6 @@ TAILOR_AVX512 bool lora_row_avx512(const float* x, const uint16_t* a, const uint
   }
   return true;
 }
-
-namespace {
 
 // attend_avx512 with the width in C chunks of 16 floats (the last masked),
 // known at compile time so that q and the sums stay in registers.
@@ -173,8 +239,6 @@ TAILOR_AVX512 void attend_chunks(const float* q, const float* k, int64_t ks, con
     _mm512_mask_storeu_ps(out + 16 * c, mask[c], _mm512_mul_ps(acc[c], inv));
 }
 
-}  // namespace
-
 bool attend_avx512(const float* q, const float* k, int64_t ks, const float* v, int64_t vs,
                    int64_t n, int64_t hd, float scale, float* p, float* out) {
   switch ((hd + 15) / 16) {
@@ -184,6 +248,59 @@ bool attend_avx512(const float* q, const float* k, int64_t ks, const float* v, i
     case 4: attend_chunks<4>(q, k, ks, v, vs, n, hd, scale, p, out); return true;
     default: return false;
   }
+}
+
+}  // namespace
+
+bool row_kernels_supported(row_isa isa) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f") &&
+                             __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl");
+  return isa == row_isa::portable || avx512;
+}
+
+void lora_row(row_isa isa, const float* x, const uint16_t* a, const uint16_t* b, int64_t in,
+              int64_t rank, int64_t n_out, float* orow) {
+  if (isa == row_isa::avx512 && lora_row_avx512(x, a, b, in, rank, n_out, orow)) return;
+  switch (rank) {
+    case 4: return lora_row_portable(x, a, b, in, fixed_size<4>{}, n_out, nullptr, orow);
+    case 8: return lora_row_portable(x, a, b, in, fixed_size<8>{}, n_out, nullptr, orow);
+    case 16: return lora_row_portable(x, a, b, in, fixed_size<16>{}, n_out, nullptr, orow);
+  }
+  thread_local std::vector<float> scratch;
+  scratch.resize(static_cast<std::size_t>(rank));
+  lora_row_portable(x, a, b, in, rank, n_out, scratch.data(), orow);
+}
+
+void attend(row_isa isa, const float* q, const float* k, int64_t ks, const float* v, int64_t vs,
+            int64_t n, int64_t hd, float scale, float* p, float* out) {
+  if (isa == row_isa::avx512 && attend_avx512(q, k, ks, v, vs, n, hd, scale, p, out)) return;
+  switch (hd) {
+    case 16: return attend_portable(q, k, ks, v, vs, n, fixed_size<16>{}, scale, nullptr, p, out);
+    case 32: return attend_portable(q, k, ks, v, vs, n, fixed_size<32>{}, scale, nullptr, p, out);
+    case 64: return attend_portable(q, k, ks, v, vs, n, fixed_size<64>{}, scale, nullptr, p, out);
+  }
+  thread_local std::vector<float> scratch;
+  scratch.resize(static_cast<std::size_t>(2 * hd));
+  attend_portable(q, k, ks, v, vs, n, hd, scale, scratch.data(), p, out);
+}
+
+namespace {
+row_isa best_row_isa() {
+  static const row_isa best =
+      row_kernels_supported(row_isa::avx512) ? row_isa::avx512 : row_isa::portable;
+  return best;
+}
+}  // namespace
+
+void lora_row(const float* x, const uint16_t* a, const uint16_t* b, int64_t in, int64_t rank,
+              int64_t n_out, float* orow) {
+  lora_row(best_row_isa(), x, a, b, in, rank, n_out, orow);
+}
+
+void attend(const float* q, const float* k, int64_t ks, const float* v, int64_t vs, int64_t n,
+            int64_t hd, float scale, float* p, float* out) {
+  attend(best_row_isa(), q, k, ks, v, vs, n, hd, scale, p, out);
 }
 
 }  // namespace tailor::model

@@ -4,9 +4,7 @@
 #include <atomic>
 #include <cmath>
 #include <functional>
-#include <type_traits>
 
-#include "model/cuda/bgmv_math.hpp"
 #include "model/dense.hpp"
 #include "model/row_kernels.hpp"
 #ifdef TAILOR_WITH_CUDA
@@ -65,40 +63,6 @@ void add_lora_rows_cuda(const torch::Tensor& x, const torch::Tensor& a, const to
 }
 #endif
 
-// A size known at compile time, for the loops below; `local_size` is the
-// size of their local scratch (1 when the size is a run-time value).
-template <int64_t N>
-using fixed_size = std::integral_constant<int64_t, N>;
-template <typename Size>
-struct local_size : fixed_size<1> {};
-template <int64_t N>
-struct local_size<fixed_size<N>> : fixed_size<N> {};
-
-// One row's x·A·B added to `orow`, up to `rank` (int64_t, or for the
-// common ranks fixed_size); `ar` is the row's A packed [in, rank]. `scratch`
-// holds `rank` floats when it is a run-time value. With the rank known at
-// compile time the sums live in a local array and stay in registers (a
-// buffer that may alias the inputs is reloaded and stored at every step).
-// Each output element is written once.
-template <typename Rank>
-void lora_row(const float* xr, const uint16_t* ar, const uint16_t* br, int64_t in, Rank rank,
-              int64_t n_out, float* scratch, float* orow) {
-  float local[local_size<Rank>::value];
-  float* xa = std::is_same_v<Rank, int64_t> ? scratch : local;
-  for (int64_t k = 0; k < rank; ++k) xa[k] = 0.0f;
-  for (int64_t i = 0; i < in; ++i) {
-    const float xi = xr[i];
-    const uint16_t* ai = ar + i * rank;
-    for (int64_t k = 0; k < rank; ++k) xa[k] += xi * bgmv::widen(ai[k]);
-  }
-#pragma omp simd
-  for (int64_t o = 0; o < n_out; ++o) {
-    float acc = orow[o];
-    for (int64_t k = 0; k < rank; ++k) acc += xa[k] * bgmv::widen(br[k * n_out + o]);
-    orow[o] = acc;
-  }
-}
-
 // Rows of x use different adapters (`ra`, factors of one layer and site:
 // a [n + 1, in, r] with each place's A packed [in, rank], b [n + 1, r, out]);
 // adds x·A·B of each row to `out` [B, T, out], reading the bank in place up
@@ -125,9 +89,6 @@ void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::
   const uint16_t* ap = bf16_bits(a);
   const uint16_t* bp = bf16_bits(b);
   float* op = out.data_ptr<float>();
-  std::vector<float> scratch(static_cast<std::size_t>(r));
-  float* sc = scratch.data();
-  const bool avx512 = row_kernels_available();
   for (int64_t row = 0; row < B; ++row) {
     const int64_t rank = ra.ranks[static_cast<std::size_t>(row)];
     if (rank == 0) continue;  // no adapter
@@ -146,51 +107,9 @@ void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::
     }
     for (int64_t t = 0; t < T; ++t) {
       const float* xr = xp + (row * T + t) * in;
-      float* orow = op + (row * T + t) * n_out;
-      if (avx512 && lora_row_avx512(xr, ar, br, in, rank, n_out, orow)) continue;
-      switch (rank) {
-        case 4: lora_row(xr, ar, br, in, fixed_size<4>{}, n_out, sc, orow); break;
-        case 8: lora_row(xr, ar, br, in, fixed_size<8>{}, n_out, sc, orow); break;
-        case 16: lora_row(xr, ar, br, in, fixed_size<16>{}, n_out, sc, orow); break;
-        default: lora_row(xr, ar, br, in, rank, n_out, sc, orow);
-      }
+      lora_row(xr, ar, br, in, rank, n_out, op + (row * T + t) * n_out);
     }
   }
-}
-
-// One (row, head) of a decode step: q [hd] against the row's first n cached
-// keys and values (consecutive positions `ks`/`vs` floats apart), the
-// weighted values into out [hd]. `hd` is int64_t or, for the common widths,
-// fixed_size; `scratch` holds 2 hd floats when it is a run-time value, p n.
-// With the width known, q and the sums live in local arrays and stay in
-// registers; `out` may alias the cache as far as the compiler knows, so
-// summing into it would reload and store it per position.
-template <typename Width>
-void attend(const float* q, const float* kb, int64_t ks, const float* vb, int64_t vs, int64_t n,
-            Width hd, float scale, float* scratch, float* p, float* out) {
-  constexpr bool at_run_time = std::is_same_v<Width, int64_t>;
-  float local_q[local_size<Width>::value], local_acc[local_size<Width>::value];
-  float* qr = at_run_time ? scratch : local_q;
-  float* acc = at_run_time ? scratch + hd : local_acc;
-  for (int64_t d = 0; d < hd; ++d) qr[d] = q[d], acc[d] = 0.0f;
-  float hi = -std::numeric_limits<float>::infinity();
-  for (int64_t l = 0; l < n; ++l) {
-    const float* kl = kb + l * ks;
-    float dot = 0;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t d = 0; d < hd; ++d) dot += qr[d] * kl[d];
-    p[l] = dot * scale;
-    hi = std::max(hi, p[l]);
-  }
-  float total = 0;
-  for (int64_t l = 0; l < n; ++l) total += p[l] = std::exp(p[l] - hi);
-  for (int64_t l = 0; l < n; ++l) {
-    const float w = p[l];
-    const float* vl = vb + l * vs;
-    for (int64_t d = 0; d < hd; ++d) acc[d] += w * vl[d];
-  }
-  const float inv = 1.0f / total;
-  for (int64_t d = 0; d < hd; ++d) out[d] = acc[d] * inv;
 }
 
 // Attention of single query tokens: q [B, H, hd] (any strides) against the
@@ -217,8 +136,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& K,
   const auto ks = K.strides();
   const auto vs = V.strides();
   const auto sc = static_cast<float>(scale);
-  std::vector<float> p, scratch(static_cast<std::size_t>(2 * hd));
-  const bool avx512 = row_kernels_available();
+  std::vector<float> p;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) {
       const int64_t n = last[static_cast<std::size_t>(b)] + 1;
@@ -227,16 +145,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& K,
       const int64_t sb = slot[static_cast<std::size_t>(b)];
       const float* kb = kp + sb * ks[0] + h * ks[1];
       const float* vb = vp + sb * vs[0] + h * vs[1];
-      float* out = yp + (b * H + h) * hd;
-      float* pp = p.data();
-      float* sp = scratch.data();
-      if (avx512 && attend_avx512(qr, kb, ks[2], vb, vs[2], n, hd, sc, pp, out)) continue;
-      switch (hd) {
-        case 16: attend(qr, kb, ks[2], vb, vs[2], n, fixed_size<16>{}, sc, sp, pp, out); break;
-        case 32: attend(qr, kb, ks[2], vb, vs[2], n, fixed_size<32>{}, sc, sp, pp, out); break;
-        case 64: attend(qr, kb, ks[2], vb, vs[2], n, fixed_size<64>{}, sc, sp, pp, out); break;
-        default: attend(qr, kb, ks[2], vb, vs[2], n, hd, sc, sp, pp, out);
-      }
+      attend(qr, kb, ks[2], vb, vs[2], n, hd, sc, p.data(), yp + (b * H + h) * hd);
     }
   return y;
 }

@@ -10,6 +10,7 @@
 #include "model/dense.hpp"
 #include "model/generate.hpp"
 #include "model/pretrain.hpp"
+#include "model/row_kernels.hpp"
 #include "model/transformer.hpp"
 
 using namespace tailor::model;
@@ -398,6 +399,55 @@ TEST(Dense, ARowsProductIsTheSameBitsInAnyBatch) {
             << dense_name(isa) << ": row " << r << " of " << rows;
     }
   }
+}
+
+std::vector<row_isa> runnable_row_kernels() {
+  std::vector<row_isa> out;
+  for (auto isa : {row_isa::portable, row_isa::avx512})
+    if (row_kernels_supported(isa)) out.push_back(isa);
+  return out;
+}
+
+// Both kinds of each per-row loop (the serving forward runs the best; the
+// other is what a machine without it runs) against a double reference,
+// at ranks and widths with and without their fixed-size paths.
+TEST(RowKernels, EveryKindOfLoraRowAddsXAB) {
+  torch::manual_seed(4);
+  const int64_t in = 40, n_out = 37;
+  for (auto isa : runnable_row_kernels())
+    for (int64_t rank : {4, 5, 8, 16}) {
+      auto x = torch::randn({in});
+      auto a = torch::randn({in, rank}).to(torch::kBFloat16);
+      auto b = torch::randn({rank, n_out}).to(torch::kBFloat16);
+      auto out = torch::randn({n_out});
+      auto ref = out.to(torch::kDouble) + x.to(torch::kDouble).matmul(a.to(torch::kDouble))
+                                              .matmul(b.to(torch::kDouble));
+      lora_row(isa, x.data_ptr<float>(), reinterpret_cast<const uint16_t*>(a.data_ptr()),
+               reinterpret_cast<const uint16_t*>(b.data_ptr()), in, rank, n_out,
+               out.data_ptr<float>());
+      EXPECT_LE(max_diff(out.to(torch::kDouble), ref), 1e-4)
+          << (isa == row_isa::avx512 ? "avx512" : "portable") << " rank " << rank;
+    }
+}
+
+TEST(RowKernels, EveryKindOfAttendIsASoftmaxOfTheScores) {
+  torch::manual_seed(5);
+  const int64_t context = 40;
+  for (auto isa : runnable_row_kernels())
+    for (int64_t hd : {12, 32, 64, 80})
+      for (int64_t n : {1, 15, 16, 33}) {
+        auto q = torch::randn({hd}), k = torch::randn({context, hd}),
+             v = torch::randn({context, hd});
+        std::vector<float> p(static_cast<std::size_t>(n));
+        auto out = torch::empty({hd});
+        const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+        attend(isa, q.data_ptr<float>(), k.data_ptr<float>(), hd, v.data_ptr<float>(), hd, n, hd,
+               static_cast<float>(scale), p.data(), out.data_ptr<float>());
+        auto kd = k.narrow(0, 0, n).to(torch::kDouble), vd = v.narrow(0, 0, n).to(torch::kDouble);
+        auto w = (kd.matmul(q.to(torch::kDouble)) * scale).softmax(0);
+        EXPECT_LE(max_diff(out.to(torch::kDouble), w.matmul(vd)), 1e-5)
+            << (isa == row_isa::avx512 ? "avx512" : "portable") << " width " << hd << " n " << n;
+      }
 }
 
 // The serving forward as a whole: a decoding row's logits are the same bits
