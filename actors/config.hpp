@@ -72,6 +72,9 @@ struct serving_config {
   // so that no ordinary thread takes its core while it steps (needs
   // CAP_SYS_NICE; without it the loop stays shared and says so).
   std::string batch_thread = "shared";
+  // The keys and values a device keeps of each running sequence and cached
+  // prompt: "float16" (half the memory and reads) or "float32".
+  std::string kv_cache = "float16";
 };
 
 // How LibTorch and OpenBLAS use the cores (process-wide): each training slot

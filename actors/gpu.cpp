@@ -513,7 +513,8 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
   c.owner.assign(static_cast<std::size_t>(sc.device_adapters) + 1, "");
   c.gen = std::make_unique<model::batch_generator>(
       *c.base, c.bank, sc.max_batch, sc.prefix_cache_entries,
-      static_cast<int64_t>(sc.prefix_cache_mb) << 20);
+      static_cast<int64_t>(sc.prefix_cache_mb) << 20,
+      sc.kv_cache == "float16" ? torch::kHalf : torch::kFloat32);
   return {
       [self](infer_atom, inference_order& o) -> caf::result<outgoing_message> {
         auto& st = self->state;

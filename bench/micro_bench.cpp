@@ -106,12 +106,12 @@ void bm_join(benchmark::State& state) {
 BENCHMARK(bm_join)->Arg(0)->Arg(24)->Arg(56)->Unit(benchmark::kMicrosecond);
 
 // One decode step of `rows` rows, each with its own adapter.
-void bm_decode_step(benchmark::State& state) {
+void decode_step(benchmark::State& state, torch::ScalarType kv) {
   auto& f = fixture::get();
   const auto rows = state.range(0);
-  auto g = std::make_unique<batch_generator>(f.base, f.bank, rows);
+  auto g = std::make_unique<batch_generator>(f.base, f.bank, rows, 0, 0, kv);
   auto fill = [&] {
-    g = std::make_unique<batch_generator>(f.base, f.bank, rows);
+    g = std::make_unique<batch_generator>(f.base, f.bank, rows, 0, 0, kv);
     g->add_batch(requests(rows, 0));
   };
   fill();
@@ -127,17 +127,26 @@ void bm_decode_step(benchmark::State& state) {
   }
   state.SetItemsProcessed(state.iterations() * rows);
 }
+void bm_decode_step(benchmark::State& state) {
+  decode_step(state, torch::kFloat32);
+}
 BENCHMARK(bm_decode_step)->Arg(1)->Arg(8)->Arg(32)->Arg(64)->Unit(benchmark::kMicrosecond);
+// The same with a float16 key/value cache (serving.kv_cache).
+void bm_decode_step_f16(benchmark::State& state) {
+  decode_step(state, torch::kHalf);
+}
+BENCHMARK(bm_decode_step_f16)->Arg(1)->Arg(64)->Unit(benchmark::kMicrosecond);
 
 // The batch loop in its steady state: `rows` sequences of 32 tokens with
 // staggered starts; as each ends, a new one joins (its prefill, and moving
 // the caches together, included), with an adapter drawn in turn from
 // `adapters` places. Items are generated tokens, counted as sequences end.
-void continuous(benchmark::State& state, int64_t prefix_entries) {
+void continuous(benchmark::State& state, int64_t prefix_entries,
+                torch::ScalarType kv = torch::kFloat32) {
   auto& f = fixture::get();
   const auto rows = state.range(0);
   const auto adapters = std::min(state.range(1), f.bank.size);
-  batch_generator g(f.base, f.bank, rows, prefix_entries);
+  batch_generator g(f.base, f.bank, rows, prefix_entries, 0, kv);
   int next = 0;
   auto seq = [&] {
     auto s = temperature_sampling(static_cast<uint64_t>(next));
@@ -175,6 +184,11 @@ BENCHMARK(bm_continuous)
     ->Args({64, 64})
     ->Args({64, 256})
     ->Unit(benchmark::kMicrosecond);
+// The same with a float16 key/value cache (serving.kv_cache).
+void bm_continuous_f16(benchmark::State& state) {
+  continuous(state, 0, torch::kHalf);
+}
+BENCHMARK(bm_continuous_f16)->Args({64, 1})->Args({64, 256})->Unit(benchmark::kMicrosecond);
 
 // The same with a prefix cache of 256 prompts (as many as the bank's places): the prompts
 // share "Tell me something about number ", as the serving bench's do.

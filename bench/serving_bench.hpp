@@ -15,6 +15,7 @@ struct serving_options {
   double rate = 0;       // > 0: open loop, Poisson arrivals per second instead
   int max_batch = 64;
   std::string batch_thread = "shared";  // tailord's serving.batch_thread
+  std::string kv_cache = "float16";     // tailord's serving.kv_cache
   int rank = 8;
   std::string base_model = "tailor-base";
   std::string bootstrap;  // empty: start a broker

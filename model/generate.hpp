@@ -49,12 +49,14 @@ struct generation {
 // adapters never share. A prompt is kept when less than half of it was
 // found, so a shared template is stored once per adapter, not per prompt.
 // With `prefix_bytes` > 0 the entries' keys and values take at most that
-// many bytes (a prompt costs 2 * n_layer * d_model * 4 bytes per token),
-// however long the prompts: the least recently used go first.
+// many bytes (a prompt costs 2 * n_layer * d_model * 4 bytes per token in
+// a float cache, half that in float16), however long the prompts: the
+// least recently used go first. `kv` is the cache's type (kv_cache::make).
 class batch_generator {
  public:
   batch_generator(const base_weights& base, const adapter_bank& bank, int64_t max_rows,
-                  int64_t prefix_entries = 0, int64_t prefix_bytes = 0);
+                  int64_t prefix_entries = 0, int64_t prefix_bytes = 0,
+                  torch::ScalarType kv = torch::kFloat32);
   ~batch_generator();
 
   // Starts a sequence with the bank's adapter `adapter` (0: none). Returns its

@@ -8,6 +8,7 @@
 #include <immintrin.h>
 #pragma GCC diagnostic pop
 
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -26,6 +27,14 @@ namespace {
 TAILOR_AVX512 inline __m512 widen16(const uint16_t* p, __mmask16 m) {
   const __m256i h = _mm256_maskz_loadu_epi16(m, p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// 16 keys or values of the cache as floats (masked lanes 0).
+TAILOR_AVX512 inline __m512 load16(const float* p, __mmask16 m) {
+  return _mm512_maskz_loadu_ps(m, p);
+}
+TAILOR_AVX512 inline __m512 load16(const float16* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
 }
 
 // e^x of 16 floats x <= 0 (a softmax's shifted scores), to about one ulp:
@@ -110,9 +119,12 @@ void lora_row_portable(const float* xr, const uint16_t* ar, const uint16_t* br, 
 // With the width known, q and the sums live in local arrays and stay in
 // registers; `out` may alias the cache as far as the compiler knows, so
 // summing into it would reload and store it per position.
-template <typename Width>
-void attend_portable(const float* q, const float* kb, int64_t ks, const float* vb, int64_t vs,
-                     int64_t n, Width hd, float scale, float* scratch, float* p, float* out) {
+inline float value_of(float x) { return x; }
+inline float value_of(float16 x) { return from_float16(x); }
+
+template <typename Width, typename T>
+void attend_portable(const float* q, const T* kb, int64_t ks, const T* vb, int64_t vs, int64_t n,
+                     Width hd, float scale, float* scratch, float* p, float* out) {
   constexpr bool at_run_time = std::is_same_v<Width, int64_t>;
   float local_q[local_size<Width>::value], local_acc[local_size<Width>::value];
   float* qr = at_run_time ? scratch : local_q;
@@ -120,10 +132,10 @@ void attend_portable(const float* q, const float* kb, int64_t ks, const float* v
   for (int64_t d = 0; d < hd; ++d) qr[d] = q[d], acc[d] = 0.0f;
   float hi = -std::numeric_limits<float>::infinity();
   for (int64_t l = 0; l < n; ++l) {
-    const float* kl = kb + l * ks;
+    const T* kl = kb + l * ks;
     float dot = 0;
 #pragma omp simd reduction(+ : dot)
-    for (int64_t d = 0; d < hd; ++d) dot += qr[d] * kl[d];
+    for (int64_t d = 0; d < hd; ++d) dot += qr[d] * value_of(kl[d]);
     p[l] = dot * scale;
     hi = std::max(hi, p[l]);
   }
@@ -131,8 +143,8 @@ void attend_portable(const float* q, const float* kb, int64_t ks, const float* v
   for (int64_t l = 0; l < n; ++l) total += p[l] = std::exp(p[l] - hi);
   for (int64_t l = 0; l < n; ++l) {
     const float w = p[l];
-    const float* vl = vb + l * vs;
-    for (int64_t d = 0; d < hd; ++d) acc[d] += w * vl[d];
+    const T* vl = vb + l * vs;
+    for (int64_t d = 0; d < hd; ++d) acc[d] += w * value_of(vl[d]);
   }
   const float inv = 1.0f / total;
   for (int64_t d = 0; d < hd; ++d) out[d] = acc[d] * inv;
@@ -177,10 +189,9 @@ TAILOR_AVX512 bool lora_row_avx512(const float* x, const uint16_t* a, const uint
 
 // attend_avx512 with the width in C chunks of 16 floats (the last masked),
 // known at compile time so that q and the sums stay in registers.
-template <int C>
-TAILOR_AVX512 void attend_chunks(const float* q, const float* k, int64_t ks, const float* v,
-                                 int64_t vs, int64_t n, int64_t hd, float scale, float* p,
-                                 float* out) {
+template <int C, typename T>
+TAILOR_AVX512 void attend_chunks(const float* q, const T* k, int64_t ks, const T* v, int64_t vs,
+                                 int64_t n, int64_t hd, float scale, float* p, float* out) {
   __mmask16 mask[C];
   __m512 qv[C], acc[C];
   for (int c = 0; c < C; ++c) {
@@ -194,14 +205,13 @@ TAILOR_AVX512 void attend_chunks(const float* q, const float* k, int64_t ks, con
   // positions ahead (each (row, head) is a short stream the hardware
   // prefetcher has not seen).
   auto products = [&](int64_t l) TAILOR_AVX512 {
-    const float* kl = k + l * ks;
+    const T* kl = k + l * ks;
     for (int c = 0; c < C; ++c) {
       _mm_prefetch(reinterpret_cast<const char*>(kl + 8 * ks + 16 * c), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(v + l * vs + 16 * c), _MM_HINT_T0);
     }
-    __m512 d = _mm512_mul_ps(qv[0], _mm512_maskz_loadu_ps(mask[0], kl));
-    for (int c = 1; c < C; ++c)
-      d = _mm512_fmadd_ps(qv[c], _mm512_maskz_loadu_ps(mask[c], kl + 16 * c), d);
+    __m512 d = _mm512_mul_ps(qv[0], load16(kl, mask[0]));
+    for (int c = 1; c < C; ++c) d = _mm512_fmadd_ps(qv[c], load16(kl + 16 * c, mask[c]), d);
     return d;
   };
   const __m512 scale16 = _mm512_set1_ps(scale);
@@ -230,17 +240,17 @@ TAILOR_AVX512 void attend_chunks(const float* q, const float* k, int64_t ks, con
   const float total = _mm512_reduce_add_ps(total16);
   for (int64_t l = 0; l < n; ++l) {
     const __m512 w = _mm512_set1_ps(p[l]);
-    const float* vl = v + l * vs;
-    for (int c = 0; c < C; ++c)
-      acc[c] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mask[c], vl + 16 * c), acc[c]);
+    const T* vl = v + l * vs;
+    for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(w, load16(vl + 16 * c, mask[c]), acc[c]);
   }
   const __m512 inv = _mm512_set1_ps(1.0f / total);
   for (int c = 0; c < C; ++c)
     _mm512_mask_storeu_ps(out + 16 * c, mask[c], _mm512_mul_ps(acc[c], inv));
 }
 
-bool attend_avx512(const float* q, const float* k, int64_t ks, const float* v, int64_t vs,
-                   int64_t n, int64_t hd, float scale, float* p, float* out) {
+template <typename T>
+bool attend_avx512(const float* q, const T* k, int64_t ks, const T* v, int64_t vs, int64_t n,
+                   int64_t hd, float scale, float* p, float* out) {
   switch ((hd + 15) / 16) {
     case 1: attend_chunks<1>(q, k, ks, v, vs, n, hd, scale, p, out); return true;
     case 2: attend_chunks<2>(q, k, ks, v, vs, n, hd, scale, p, out); return true;
@@ -250,7 +260,54 @@ bool attend_avx512(const float* q, const float* k, int64_t ks, const float* v, i
   }
 }
 
+// n floats to float16 bits, 16 at a time (round to nearest even, as the
+// portable conversion).
+TAILOR_AVX512 void to_float16_avx512(const float* x, int64_t n, float16* out) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m256i h = _mm512_cvtps_ph(_mm512_maskz_loadu_ps(m, x + i),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_mask_storeu_epi16(out + i, m, h);
+  }
+}
+
+float16 to_float16_portable(float f) {
+  const auto x = std::bit_cast<uint32_t>(f);
+  const auto sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  const uint32_t mag = x & 0x7FFFFFFFu;
+  if (mag > 0x7F800000u) return {static_cast<uint16_t>(sign | 0x7E00u)};  // NaN stays NaN
+  // From 65520 (halfway past the largest float16, which is odd) up: infinite.
+  if (mag >= 0x477FF000u) return {static_cast<uint16_t>(sign | 0x7C00u)};
+  if (mag < 0x38800000u) {  // below 2^-14: a subnormal float16 (or zero), in units of 2^-24;
+    // the product is exact, and the current rounding mode is to nearest even.
+    const auto units = std::nearbyint(std::bit_cast<float>(mag) * 16777216.0f);
+    return {static_cast<uint16_t>(sign | static_cast<uint16_t>(units))};
+  }
+  // Rebias the exponent (127 to 15) and keep 10 of the 23 fraction bits,
+  // rounding on the 13 dropped; a carry into the exponent is still right.
+  auto h = (mag - 0x38000000u) >> 13;
+  const uint32_t dropped = mag & 0x1FFFu;
+  if (dropped > 0x1000u || (dropped == 0x1000u && (h & 1u) != 0)) ++h;
+  return {static_cast<uint16_t>(sign | h)};
+}
+
 }  // namespace
+
+float from_float16(float16 h) {
+  const uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16;
+  uint32_t exponent = (h.bits >> 10) & 0x1Fu, fraction = h.bits & 0x3FFu;
+  uint32_t bits = sign;
+  if (exponent == 0x1F) {
+    bits |= 0x7F800000u | (fraction << 13);  // infinite or NaN
+  } else if (exponent != 0) {
+    bits |= ((exponent + 112) << 23) | (fraction << 13);
+  } else if (fraction != 0) {  // subnormal: shift until the leading one is the implicit bit
+    uint32_t shifts = 0;
+    while ((fraction & 0x400u) == 0) fraction <<= 1, ++shifts;
+    bits |= ((113 - shifts) << 23) | ((fraction & 0x3FFu) << 13);
+  }
+  return std::bit_cast<float>(bits);
+}
 
 bool row_kernels_supported(row_isa isa) {
   static const bool avx512 = __builtin_cpu_supports("avx512f") &&
@@ -272,8 +329,10 @@ void lora_row(row_isa isa, const float* x, const uint16_t* a, const uint16_t* b,
   lora_row_portable(x, a, b, in, rank, n_out, scratch.data(), orow);
 }
 
-void attend(row_isa isa, const float* q, const float* k, int64_t ks, const float* v, int64_t vs,
-            int64_t n, int64_t hd, float scale, float* p, float* out) {
+namespace {
+template <typename T>
+void attend_any(row_isa isa, const float* q, const T* k, int64_t ks, const T* v, int64_t vs,
+                int64_t n, int64_t hd, float scale, float* p, float* out) {
   if (isa == row_isa::avx512 && attend_avx512(q, k, ks, v, vs, n, hd, scale, p, out)) return;
   switch (hd) {
     case 16: return attend_portable(q, k, ks, v, vs, n, fixed_size<16>{}, scale, nullptr, p, out);
@@ -283,6 +342,22 @@ void attend(row_isa isa, const float* q, const float* k, int64_t ks, const float
   thread_local std::vector<float> scratch;
   scratch.resize(static_cast<std::size_t>(2 * hd));
   attend_portable(q, k, ks, v, vs, n, hd, scale, scratch.data(), p, out);
+}
+}  // namespace
+
+void attend(row_isa isa, const float* q, const float* k, int64_t ks, const float* v, int64_t vs,
+            int64_t n, int64_t hd, float scale, float* p, float* out) {
+  attend_any(isa, q, k, ks, v, vs, n, hd, scale, p, out);
+}
+
+void attend(row_isa isa, const float* q, const float16* k, int64_t ks, const float16* v,
+            int64_t vs, int64_t n, int64_t hd, float scale, float* p, float* out) {
+  attend_any(isa, q, k, ks, v, vs, n, hd, scale, p, out);
+}
+
+void to_float16(row_isa isa, const float* x, int64_t n, float16* out) {
+  if (isa == row_isa::avx512) return to_float16_avx512(x, n, out);
+  for (int64_t i = 0; i < n; ++i) out[i] = to_float16_portable(x[i]);
 }
 
 namespace {
@@ -302,5 +377,12 @@ void attend(const float* q, const float* k, int64_t ks, const float* v, int64_t 
             int64_t hd, float scale, float* p, float* out) {
   attend(best_row_isa(), q, k, ks, v, vs, n, hd, scale, p, out);
 }
+
+void attend(const float* q, const float16* k, int64_t ks, const float16* v, int64_t vs, int64_t n,
+            int64_t hd, float scale, float* p, float* out) {
+  attend(best_row_isa(), q, k, ks, v, vs, n, hd, scale, p, out);
+}
+
+void to_float16(const float* x, int64_t n, float16* out) { to_float16(best_row_isa(), x, n, out); }
 
 }  // namespace tailor::model

@@ -13,6 +13,17 @@ namespace tailor::model {
 enum class row_isa { portable, avx512 };
 bool row_kernels_supported(row_isa isa);
 
+// An IEEE half-precision value (its bits), as a float16 key/value cache
+// keeps keys and values; the same layout as LibTorch's kHalf.
+struct float16 {
+  uint16_t bits;
+};
+
+// n floats as float16, rounded to nearest (ties to even), as the cache
+// stores them; beyond the largest float16 (65504) they become infinite.
+void to_float16(const float* x, int64_t n, float16* out);
+float from_float16(float16 h);  // exact
+
 // One row's x·A·B added to orow [n_out]: A packed [in, rank] and B [rank,
 // rows n_out apart], both bfloat16 bits. The AVX-512 loop takes ranks
 // dividing 16 (1, 2, 4, 8, 16); others run the portable one.
@@ -20,10 +31,13 @@ void lora_row(const float* x, const uint16_t* a, const uint16_t* b, int64_t in, 
               int64_t n_out, float* orow);
 
 // One (row, head) of a decode step: q [hd] against n cached keys and values
-// (consecutive positions ks / vs floats apart), softmax(q·k * scale)·v into
-// out [hd]; p holds n floats. The AVX-512 loop takes widths up to 64;
-// wider ones run the portable one.
+// (consecutive positions ks / vs values apart), softmax(q·k * scale)·v into
+// out [hd]; p holds n floats. The keys and values are floats or float16
+// (widened exactly; the sums are in float either way). The AVX-512 loop
+// takes widths up to 64; wider ones run the portable one.
 void attend(const float* q, const float* k, int64_t ks, const float* v, int64_t vs, int64_t n,
+            int64_t hd, float scale, float* p, float* out);
+void attend(const float* q, const float16* k, int64_t ks, const float16* v, int64_t vs, int64_t n,
             int64_t hd, float scale, float* p, float* out);
 
 // The same with a given kind (tests compare them); it must be supported.
@@ -32,5 +46,8 @@ void lora_row(row_isa isa, const float* x, const uint16_t* a, const uint16_t* b,
               int64_t rank, int64_t n_out, float* orow);
 void attend(row_isa isa, const float* q, const float* k, int64_t ks, const float* v, int64_t vs,
             int64_t n, int64_t hd, float scale, float* p, float* out);
+void attend(row_isa isa, const float* q, const float16* k, int64_t ks, const float16* v,
+            int64_t vs, int64_t n, int64_t hd, float scale, float* p, float* out);
+void to_float16(row_isa isa, const float* x, int64_t n, float16* out);
 
 }  // namespace tailor::model

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cmath>
 #include <functional>
+#include <type_traits>
 
 #include "model/dense.hpp"
 #include "model/row_kernels.hpp"
@@ -115,14 +116,18 @@ void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::
 // Attention of single query tokens: q [B, H, hd] (any strides) against the
 // cache's keys and values [slots, H, context, hd] (last dim contiguous), row
 // b reading slot slot[b] at positions 0..last[b]. Returns [B, 1, H * hd].
-// A loop per (row, head) reads the cache in place, once; ATen's
-// multiply-and-sum materializes [B, H, L, hd] twice per layer, and a gather
-// of the rows' slots would copy them.
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& K,
-                               const torch::Tensor& V, const std::vector<int64_t>& slot,
-                               const std::vector<int64_t>& last, double scale) {
-  TORCH_CHECK(K.stride(3) == 1 && V.stride(3) == 1 && K.scalar_type() == torch::kFloat32 &&
-              q.scalar_type() == torch::kFloat32);
+template <typename T>
+const T* cache_data(const torch::Tensor& t) {
+  if constexpr (std::is_same_v<T, float>)
+    return t.data_ptr<float>();
+  else
+    return reinterpret_cast<const float16*>(t.data_ptr<c10::Half>());
+}
+
+template <typename T>
+torch::Tensor decode_attention_of(const torch::Tensor& q, const torch::Tensor& K,
+                                  const torch::Tensor& V, const std::vector<int64_t>& slot,
+                                  const std::vector<int64_t>& last, double scale) {
   const int64_t B = q.size(0), H = q.size(1), hd = q.size(2);
   auto y = torch::empty({B, 1, H * hd});
   float* yp = y.data_ptr<float>();
@@ -131,8 +136,8 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& K,
   const auto qc = q.stride(2) == 1 ? q : q.contiguous();
   const float* qp = qc.data_ptr<float>();
   const auto qs = qc.strides();
-  const float* kp = K.data_ptr<float>();
-  const float* vp = V.data_ptr<float>();
+  const T* kp = cache_data<T>(K);
+  const T* vp = cache_data<T>(V);
   const auto ks = K.strides();
   const auto vs = V.strides();
   const auto sc = static_cast<float>(scale);
@@ -143,11 +148,59 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& K,
       p.resize(static_cast<std::size_t>(n));
       const float* qr = qp + b * qs[0] + h * qs[1];
       const int64_t sb = slot[static_cast<std::size_t>(b)];
-      const float* kb = kp + sb * ks[0] + h * ks[1];
-      const float* vb = vp + sb * vs[0] + h * vs[1];
+      const T* kb = kp + sb * ks[0] + h * ks[1];
+      const T* vb = vp + sb * vs[0] + h * vs[1];
       attend(qr, kb, ks[2], vb, vs[2], n, hd, sc, p.data(), yp + (b * H + h) * hd);
     }
   return y;
+}
+
+// A loop per (row, head) reads the cache in place, once; ATen's
+// multiply-and-sum materializes [B, H, L, hd] twice per layer, and a gather
+// of the rows' slots would copy them.
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& K,
+                               const torch::Tensor& V, const std::vector<int64_t>& slot,
+                               const std::vector<int64_t>& last, double scale) {
+  TORCH_CHECK(K.stride(3) == 1 && V.stride(3) == 1 && K.scalar_type() == V.scalar_type() &&
+              q.scalar_type() == torch::kFloat32);
+  if (K.scalar_type() == torch::kHalf)
+    return decode_attention_of<float16>(q, K, V, slot, last, scale);
+  TORCH_CHECK(K.scalar_type() == torch::kFloat32, "a key/value cache is float or half");
+  return decode_attention_of<float>(q, K, V, slot, last, scale);
+}
+
+// Writes each token's keys or values (`x` [N, heads, head_dim], last
+// dimension contiguous) into the cache `into` [slots, heads, context,
+// head_dim] at its slot and position, converted to the cache's type.
+template <typename T>
+void write_cache_of(const torch::Tensor& x, const std::vector<int64_t>& slots,
+                    const std::vector<int64_t>& positions, torch::Tensor& into) {
+  const int64_t N = x.size(0), H = x.size(1), hd = x.size(2);
+  const auto xs = x.strides();
+  const auto cs = into.strides();
+  const float* xp = x.data_ptr<float>();
+  T* cp = const_cast<T*>(cache_data<T>(into));
+  for (int64_t n = 0; n < N; ++n) {
+    const auto s = slots[static_cast<std::size_t>(n)], p = positions[static_cast<std::size_t>(n)];
+    TORCH_CHECK(s >= 0 && s < into.size(0) && p >= 0 && p < into.size(2),
+                "forward_tokens: slot ", s, " or position ", p, " outside the cache");
+    for (int64_t h = 0; h < H; ++h) {
+      const float* from = xp + n * xs[0] + h * xs[1];
+      T* to = cp + s * cs[0] + h * cs[1] + p * cs[2];
+      if constexpr (std::is_same_v<T, float>)
+        std::copy(from, from + hd, to);
+      else
+        to_float16(from, hd, to);
+    }
+  }
+}
+
+void write_cache(const torch::Tensor& x, const std::vector<int64_t>& slots,
+                 const std::vector<int64_t>& positions, torch::Tensor& into) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.stride(2) == 1 && into.stride(3) == 1);
+  if (into.scalar_type() == torch::kHalf) return write_cache_of<float16>(x, slots, positions, into);
+  TORCH_CHECK(into.scalar_type() == torch::kFloat32, "a key/value cache is float or half");
+  write_cache_of<float>(x, slots, positions, into);
 }
 
 }  // namespace
@@ -408,11 +461,14 @@ bool adapter_bank::set(int64_t index, const lora_adapter& ad, uint64_t key) {
   return true;
 }
 
-kv_cache kv_cache::make(const model_config& cfg, int64_t slots) {
+kv_cache kv_cache::make(const model_config& cfg, int64_t slots, torch::ScalarType type) {
+  TORCH_CHECK(type == torch::kFloat32 || type == torch::kHalf,
+              "a key/value cache is float or half");
   kv_cache c;
+  const auto options = torch::TensorOptions().dtype(type);
   for (int64_t i = 0; i < cfg.n_layer; ++i) {
-    c.k.push_back(torch::zeros({slots, cfg.n_head, cfg.context, cfg.head_dim()}));
-    c.v.push_back(torch::zeros({slots, cfg.n_head, cfg.context, cfg.head_dim()}));
+    c.k.push_back(torch::zeros({slots, cfg.n_head, cfg.context, cfg.head_dim()}, options));
+    c.v.push_back(torch::zeros({slots, cfg.n_head, cfg.context, cfg.head_dim()}, options));
   }
   return c;
 }
@@ -580,10 +636,6 @@ torch::Tensor forward_tokens(const serving_weights& sw, const row_adapters& ga,
   auto tok = torch::tensor(tokens, longs);
   auto pos = torch::tensor(positions, longs);
   auto x = (w.wte.index_select(0, tok) + w.wpe.index_select(0, pos)).view({N, 1, D});
-  c10::List<c10::optional<at::Tensor>> where;
-  where.push_back(torch::tensor(slots, longs));
-  where.push_back(c10::nullopt);
-  where.push_back(pos);
   const double inv_sqrt = 1.0 / std::sqrt(static_cast<double>(hd));
   // Past the last layer's keys and values, only the tokens whose logits are
   // wanted matter: a prompt's other tokens skip that layer's attention,
@@ -609,8 +661,8 @@ torch::Tensor forward_tokens(const serving_weights& sw, const row_adapters& ga,
     auto parts = qkv_of(sw, ga, i, x);
     // Every token's key and value go in first, so that a prompt's tokens
     // attend to the earlier ones of the same forward.
-    cache.k[i].index_put_(where, parts[1].view({N, H, hd}));
-    cache.v[i].index_put_(where, parts[2].view({N, H, hd}));
+    write_cache(parts[1].view({N, H, hd}), slots, positions, cache.k[i]);
+    write_cache(parts[2].view({N, H, hd}), slots, positions, cache.v[i]);
     auto q = parts[0].view({N, H, hd});
     if (i + 1 < w.layers.size() || all_wanted) {
       auto y = decode_attention(q, cache.k[i], cache.v[i], slots, positions, inv_sqrt);

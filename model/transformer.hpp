@@ -119,10 +119,13 @@ struct row_adapters {
   static row_adapters of(const adapter_bank& bank, std::vector<int64_t> rows);
 };
 
-// Per-sequence key/value cache for `slots` sequences of up to cfg.context tokens.
+// Per-sequence key/value cache for `slots` sequences of up to cfg.context
+// tokens, in float or, at half the memory and reads, in IEEE half (kHalf):
+// the forward computes in float and rounds what it stores.
 struct kv_cache {
   std::vector<torch::Tensor> k, v;  // [layer] -> [slots, heads, context, head_dim]
-  static kv_cache make(const model_config& cfg, int64_t slots);
+  static kv_cache make(const model_config& cfg, int64_t slots,
+                       torch::ScalarType type = torch::kFloat32);
 };
 
 // Logits [B, T, vocab] of B independent sequences, with one adapter (or none)

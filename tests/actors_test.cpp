@@ -123,6 +123,11 @@ TEST(EngineConfig, ValidationNamesTheOffendingKey) {
   cfg.serving.batch_thread = "realtime";
   EXPECT_EQ(validate(cfg), "");
   cfg = {};
+  cfg.serving.kv_cache = "bfloat16";
+  EXPECT_NE(validate(cfg).find("serving.kv_cache"), std::string::npos);
+  cfg.serving.kv_cache = "float32";
+  EXPECT_EQ(validate(cfg), "");
+  cfg = {};
   cfg.compute.actor_threads = -1;
   EXPECT_NE(validate(cfg).find("compute"), std::string::npos);
   cfg.compute.actor_threads = 0;  // CAF's default
@@ -136,12 +141,14 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
   EXPECT_NE(load_config_file(path.string(), cfg).find("training: unknown key 'nope'"),
             std::string::npos);
   std::ofstream(path)
-      << R"({"training":{"slots":3,"steps":7},"compute":{"blas_threads":2,"actor_threads":3},"serving":{"prefix_cache_entries":8,"prefix_cache_mb":32,"batch_thread":"realtime"}})";
+      << R"({"training":{"slots":3,"steps":7},"compute":{"blas_threads":2,"actor_threads":3},"serving":{"prefix_cache_entries":8,"prefix_cache_mb":32,"batch_thread":"realtime","kv_cache":"float32"}})";
   cfg = {};
   EXPECT_EQ(load_config_file(path.string(), cfg), "");
   EXPECT_EQ(cfg.serving.prefix_cache_entries, 8);
   EXPECT_EQ(cfg.serving.prefix_cache_mb, 32);
   EXPECT_EQ(cfg.serving.batch_thread, "realtime");
+  EXPECT_EQ(cfg.serving.kv_cache, "float32");
+  EXPECT_EQ(engine_config{}.serving.kv_cache, "float16");
   EXPECT_EQ(cfg.training.slots, 3);
   EXPECT_EQ(cfg.training.defaults.steps, 7);
   EXPECT_EQ(cfg.compute.blas_threads, 2);

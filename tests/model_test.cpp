@@ -2,6 +2,8 @@
 // into the weights, KV-cached decoding equals full recomputation, and
 // generation is reproducible per seed whatever else shares the batch.
 #include <cmath>
+#include <iostream>
+#include <limits>
 
 #include <gtest/gtest.h>
 
@@ -96,6 +98,13 @@ class ModelTest : public ::testing::Test {
     EXPECT_EQ(tokens, generate_all(base_, bank, {prompt}, {place}, {s})[0].tokens);
     return tokens;
   }
+  // Bodies of the tests of the same names, for a cache of `type`.
+  void kv_cached_decoding(torch::ScalarType type, double tolerance);
+  void one_forward_over_prompts_and_decode_tokens(std::vector<std::vector<int64_t>> seqs,
+                                                  const std::vector<int64_t>& place,
+                                                  const std::vector<int64_t>& slot,
+                                                  const std::vector<int64_t>& cached,
+                                                  torch::ScalarType type, double tolerance);
   model_config cfg_;
   base_weights base_;
   std::vector<lora_adapter> adapters_;
@@ -224,14 +233,33 @@ TEST_F(ModelTest, LogitsAtPicksEachRowsPositionOfTheFullLogits) {
     EXPECT_LE(max_diff(picked[b][0], full[b][at[b]]), 1e-5) << "row " << b;
 }
 
+// The largest difference a float16 key/value cache may make to the logits,
+// against the float forward: keys and values are rounded to 11 significant
+// bits, everything else is computed in float. KvCachedDecodingEquals...
+// measured 1.5e-4 on the test model.
+constexpr double float16_cache_tolerance = 1e-3;
+
+// A cache of each kind, with what its logits must match a float forward to.
+std::vector<std::pair<torch::ScalarType, double>> cache_kinds() {
+  return {{torch::kFloat32, 1e-4}, {torch::kHalf, float16_cache_tolerance}};
+}
+
 TEST_F(ModelTest, KvCachedDecodingEqualsFullRecomputation) {
+  for (auto [type, tolerance] : cache_kinds()) {
+    SCOPED_TRACE(type == torch::kHalf ? "float16 cache" : "float cache");
+    kv_cached_decoding(type, tolerance);
+  }
+}
+
+void ModelTest::kv_cached_decoding(torch::ScalarType type, double tolerance) {
   // Rows of different lengths in non-contiguous slots, decoding together.
   // Lengths on both sides of 16 and 32: the attention loop scores
   // positions 16 at a time and the rest one by one.
   std::vector<std::vector<int64_t>> seqs = {tokens_of(5, 1), tokens_of(29, 2), tokens_of(3, 3),
                                             tokens_of(4, 4), tokens_of(14, 5)};
   std::vector<int64_t> idx = {2, 0, 3, 4, 5}, slots = {4, 0, 2, 5, 1};
-  auto cache = kv_cache::make(cfg_, 6);
+  auto cache = kv_cache::make(cfg_, 6, type);
+  double largest = 0;
   for (std::size_t r = 0; r < seqs.size(); ++r) {
     auto T = static_cast<int64_t>(seqs[r].size());
     forward_batched(base_, bank_, torch::tensor({idx[r]}, torch::kLong),
@@ -252,10 +280,12 @@ TEST_F(ModelTest, KvCachedDecodingEqualsFullRecomputation) {
     for (std::size_t r = 0; r < seqs.size(); ++r) {
       seqs[r].push_back(tok[r]);
       auto ref = reference(seqs[r], idx[r]);
-      EXPECT_LE(max_diff(logits[r][0], ref[ref.size(0) - 1]), 1e-4)
-          << "step " << step << " row " << r;
+      const auto diff = max_diff(logits[r][0], ref[ref.size(0) - 1]);
+      EXPECT_LE(diff, tolerance) << "step " << step << " row " << r;
+      largest = std::max(largest, diff);
     }
   }
+  std::cout << "largest difference from the float forward: " << largest << "\n";
 }
 
 // A continuous batch's step as one forward over a ragged set of tokens:
@@ -270,7 +300,17 @@ TEST_F(ModelTest, OneForwardOverPromptsAndDecodeTokensEqualsFullRecomputation) {
   // Already in the cache: all of row 1 but its last token (it decodes), the
   // first 3 tokens of row 3 (a cached prefix); rows 0 and 2 are new.
   const std::vector<int64_t> cached = {0, 8, 0, 3};
-  auto cache = kv_cache::make(cfg_, 6);
+  for (auto [type, tolerance] : cache_kinds()) {
+    SCOPED_TRACE(type == torch::kHalf ? "float16 cache" : "float cache");
+    one_forward_over_prompts_and_decode_tokens(seqs, place, slot, cached, type, tolerance);
+  }
+}
+
+void ModelTest::one_forward_over_prompts_and_decode_tokens(
+    std::vector<std::vector<int64_t>> seqs, const std::vector<int64_t>& place,
+    const std::vector<int64_t>& slot, const std::vector<int64_t>& cached, torch::ScalarType type,
+    double tolerance) {
+  auto cache = kv_cache::make(cfg_, 6, type);
   for (std::size_t r = 0; r < seqs.size(); ++r) {
     if (cached[r] == 0) continue;
     std::vector<int64_t> head(seqs[r].begin(), seqs[r].begin() + cached[r]);
@@ -299,7 +339,7 @@ TEST_F(ModelTest, OneForwardOverPromptsAndDecodeTokensEqualsFullRecomputation) {
     ASSERT_EQ(logits.sizes(), (std::vector<int64_t>{4, cfg_.vocab}));
     for (std::size_t r = 0; r < seqs.size(); ++r) {
       auto ref = reference(seqs[r], place[r]);
-      EXPECT_LE(max_diff(logits[static_cast<int64_t>(r)], ref[ref.size(0) - 1]), 1e-4)
+      EXPECT_LE(max_diff(logits[static_cast<int64_t>(r)], ref[ref.size(0) - 1]), tolerance)
           << "step " << step << " row " << r;
       seqs[r].push_back((step * 13 + static_cast<int64_t>(r) * 7) % 256);
     }
@@ -430,24 +470,70 @@ TEST(RowKernels, EveryKindOfLoraRowAddsXAB) {
     }
 }
 
+// Keys and values in float or float16 (the reference reads the same
+// float16 values, widened).
 TEST(RowKernels, EveryKindOfAttendIsASoftmaxOfTheScores) {
   torch::manual_seed(5);
   const int64_t context = 40;
+  auto half = [](const torch::Tensor& t) {
+    return reinterpret_cast<const float16*>(t.data_ptr<c10::Half>());
+  };
   for (auto isa : runnable_row_kernels())
-    for (int64_t hd : {12, 32, 64, 80})
-      for (int64_t n : {1, 15, 16, 33}) {
-        auto q = torch::randn({hd}), k = torch::randn({context, hd}),
-             v = torch::randn({context, hd});
-        std::vector<float> p(static_cast<std::size_t>(n));
-        auto out = torch::empty({hd});
-        const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
-        attend(isa, q.data_ptr<float>(), k.data_ptr<float>(), hd, v.data_ptr<float>(), hd, n, hd,
-               static_cast<float>(scale), p.data(), out.data_ptr<float>());
-        auto kd = k.narrow(0, 0, n).to(torch::kDouble), vd = v.narrow(0, 0, n).to(torch::kDouble);
-        auto w = (kd.matmul(q.to(torch::kDouble)) * scale).softmax(0);
-        EXPECT_LE(max_diff(out.to(torch::kDouble), w.matmul(vd)), 1e-5)
-            << (isa == row_isa::avx512 ? "avx512" : "portable") << " width " << hd << " n " << n;
-      }
+    for (auto type : {torch::kFloat32, torch::kHalf})
+      for (int64_t hd : {12, 32, 64, 80})
+        for (int64_t n : {1, 15, 16, 33}) {
+          auto q = torch::randn({hd}), k = torch::randn({context, hd}).to(type),
+               v = torch::randn({context, hd}).to(type);
+          std::vector<float> p(static_cast<std::size_t>(n));
+          auto out = torch::empty({hd});
+          const auto scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+          if (type == torch::kHalf)
+            attend(isa, q.data_ptr<float>(), half(k), hd, half(v), hd, n, hd, scale, p.data(),
+                   out.data_ptr<float>());
+          else
+            attend(isa, q.data_ptr<float>(), k.data_ptr<float>(), hd, v.data_ptr<float>(), hd, n,
+                   hd, scale, p.data(), out.data_ptr<float>());
+          auto kd = k.narrow(0, 0, n).to(torch::kDouble),
+               vd = v.narrow(0, 0, n).to(torch::kDouble);
+          auto w = (kd.matmul(q.to(torch::kDouble)) * scale).softmax(0);
+          EXPECT_LE(max_diff(out.to(torch::kDouble), w.matmul(vd)), 1e-5)
+              << (isa == row_isa::avx512 ? "avx512" : "portable")
+              << (type == torch::kHalf ? " float16" : " float") << " width " << hd << " n " << n;
+        }
+}
+
+// What the float16 cache stores: LibTorch's rounding (to nearest, ties to
+// even; subnormals; infinity from 65520), bit for bit, and back exactly.
+TEST(RowKernels, EveryKindOfFloat16ConversionRoundsAsLibTorch) {
+  torch::manual_seed(6);
+  std::vector<float> values = {0.0f, -0.0f, 1.0f, 65504.0f, 65519.0f, 65520.0f, -1e9f,
+                               std::ldexp(1.0f, -24), std::ldexp(1.0f, -25),  // a tie to 0
+                               std::ldexp(3.0f, -25), std::ldexp(1.0f, -14) * 0.999f,
+                               1.0f + std::ldexp(1.0f, -11),   // a tie to 1 (even)
+                               1.0f + std::ldexp(3.0f, -11),   // a tie up to even
+                               std::numeric_limits<float>::infinity()};
+  for (double scale : {1e-7, 1e-5, 1e-2, 1.0, 1e3, 7e4}) {
+    auto r = (torch::randn({997}) * scale).contiguous();
+    values.insert(values.end(), r.data_ptr<float>(), r.data_ptr<float>() + r.numel());
+  }
+  auto x = torch::tensor(values);
+  auto want = x.to(torch::kHalf);
+  for (auto isa : runnable_row_kernels()) {
+    auto got = torch::empty_like(want);
+    to_float16(isa, x.data_ptr<float>(), x.numel(),
+               reinterpret_cast<float16*>(got.data_ptr<c10::Half>()));
+    const auto* g = reinterpret_cast<const uint16_t*>(got.data_ptr<c10::Half>());
+    const auto* w = reinterpret_cast<const uint16_t*>(want.data_ptr<c10::Half>());
+    for (int64_t i = 0; i < x.numel(); ++i)
+      ASSERT_EQ(g[i], w[i]) << (isa == row_isa::avx512 ? "avx512" : "portable") << " of "
+                            << values[static_cast<std::size_t>(i)];
+  }
+  for (uint32_t bits = 0; bits <= 0xFFFF; ++bits) {
+    const auto h = static_cast<uint16_t>(bits);
+    if ((h & 0x7C00u) == 0x7C00u && (h & 0x3FFu) != 0) continue;  // NaN
+    const float lib = static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+    ASSERT_EQ(from_float16({h}), lib) << "bits " << bits;
+  }
 }
 
 // The serving forward as a whole: a decoding row's logits are the same bits
@@ -455,8 +541,8 @@ TEST(RowKernels, EveryKindOfAttendIsASoftmaxOfTheScores) {
 TEST_F(ModelTest, AServedRowsLogitsAreTheSameBitsInAnyStep) {
   const auto weights = serving_weights::of(base_);
   const auto prompt = tokens_of(9, 4);
-  auto logits_of_row = [&](bool crowded) {
-    auto cache = kv_cache::make(cfg_, 4);
+  auto logits_of_row = [&](bool crowded, torch::ScalarType type) {
+    auto cache = kv_cache::make(cfg_, 4, type);
     std::vector<int64_t> places, tokens, positions, slots;
     auto add = [&](int64_t place, const std::vector<int64_t>& toks, int64_t slot) {
       for (std::size_t t = 0; t < toks.size(); ++t) {
@@ -476,8 +562,12 @@ TEST_F(ModelTest, AServedRowsLogitsAreTheSameBitsInAnyStep) {
     return forward_tokens(weights, row_adapters::of(bank_, places), tokens, positions, slots,
                           cache, last)[0];
   };
-  auto alone = logits_of_row(false), crowded = logits_of_row(true);
-  EXPECT_TRUE(torch::equal(alone, crowded)) << "largest difference " << max_diff(alone, crowded);
+  for (auto type : {torch::kFloat32, torch::kHalf}) {
+    auto alone = logits_of_row(false, type), crowded = logits_of_row(true, type);
+    EXPECT_TRUE(torch::equal(alone, crowded))
+        << (type == torch::kHalf ? "float16" : "float") << " cache: largest difference "
+        << max_diff(alone, crowded);
+  }
 }
 
 TEST_F(ModelTest, GenerationIsReproducibleAndIndependentOfTheBatch) {
