@@ -75,6 +75,8 @@ std::string validate(const engine_config& cfg) {
     return bad("serving.batch_thread", "must be \"shared\" or \"realtime\"");
   if (v.kv_cache != "float16" && v.kv_cache != "float32")
     return bad("serving.kv_cache", "must be \"float16\" or \"float32\"");
+  if (v.products != "float32" && v.products != "bfloat16")
+    return bad("serving.products", "must be \"float32\" or \"bfloat16\"");
   if (v.max_rank < b.max_rank)
     return bad("serving.max_rank", "must be at least the largest rank onboarding accepts (" +
                                        std::to_string(b.max_rank) + ")");
@@ -196,7 +198,7 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
               {"devices", "max_batch", "max_tokens_in_flight", "device_adapters", "host_adapters",
                "max_rank", "prefix_cache_entries", "prefix_cache_mb", "max_requests_per_user",
                "default_max_tokens", "default_temperature", "deadline_ms", "pinned_models",
-               "batch_thread", "kv_cache"})) {
+               "batch_thread", "kv_cache", "products"})) {
     const auto& v = j["serving"];
     auto& sc = cfg.serving;
     const std::string w = "serving.";
@@ -213,7 +215,8 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
          take(v, "deadline_ms", sc.deadline_ms, w, err) &&
          take(v, "pinned_models", sc.pinned_models, w, err) &&
          take(v, "batch_thread", sc.batch_thread, w, err) &&
-         take(v, "kv_cache", sc.kv_cache, w, err);
+         take(v, "kv_cache", sc.kv_cache, w, err) &&
+         take(v, "products", sc.products, w, err);
   }
   if (section("compute", {"intra_op_threads", "blas_threads", "actor_threads"})) {
     const auto& c = j["compute"];

@@ -75,6 +75,10 @@ struct serving_config {
   // The keys and values a device keeps of each running sequence and cached
   // prompt: "float16" (half the memory and reads) or "float32".
   std::string kv_cache = "float16";
+  // The serving forward's matrix products: "bfloat16" (inputs rounded to
+  // bfloat16, sums in float; twice the multiply-adds per cycle where the CPU
+  // has AVX-512 BF16, and float32 where it has not) or "float32".
+  std::string products = "bfloat16";
 };
 
 // How LibTorch and OpenBLAS use the cores (process-wide): each training slot

@@ -514,7 +514,11 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
   c.gen = std::make_unique<model::batch_generator>(
       *c.base, c.bank, sc.max_batch, sc.prefix_cache_entries,
       static_cast<int64_t>(sc.prefix_cache_mb) << 20,
-      sc.kv_cache == "float16" ? torch::kHalf : torch::kFloat32);
+      model::serving_precision{sc.kv_cache == "float16" ? torch::kHalf : torch::kFloat32,
+                               sc.products == "bfloat16"});
+  if (sc.products == "bfloat16" && !c.gen->bf16_products())
+    spdlog::warn("gpu {}: this CPU has no AVX-512 BF16: the products run in float32",
+                 st.label);
   return {
       [self](infer_atom, inference_order& o) -> caf::result<outgoing_message> {
         auto& st = self->state;

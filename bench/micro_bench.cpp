@@ -106,12 +106,12 @@ void bm_join(benchmark::State& state) {
 BENCHMARK(bm_join)->Arg(0)->Arg(24)->Arg(56)->Unit(benchmark::kMicrosecond);
 
 // One decode step of `rows` rows, each with its own adapter.
-void decode_step(benchmark::State& state, torch::ScalarType kv) {
+void decode_step(benchmark::State& state, serving_precision precision) {
   auto& f = fixture::get();
   const auto rows = state.range(0);
-  auto g = std::make_unique<batch_generator>(f.base, f.bank, rows, 0, 0, kv);
+  auto g = std::make_unique<batch_generator>(f.base, f.bank, rows, 0, 0, precision);
   auto fill = [&] {
-    g = std::make_unique<batch_generator>(f.base, f.bank, rows, 0, 0, kv);
+    g = std::make_unique<batch_generator>(f.base, f.bank, rows, 0, 0, precision);
     g->add_batch(requests(rows, 0));
   };
   fill();
@@ -128,25 +128,30 @@ void decode_step(benchmark::State& state, torch::ScalarType kv) {
   state.SetItemsProcessed(state.iterations() * rows);
 }
 void bm_decode_step(benchmark::State& state) {
-  decode_step(state, torch::kFloat32);
+  decode_step(state, {});
 }
 BENCHMARK(bm_decode_step)->Arg(1)->Arg(8)->Arg(32)->Arg(64)->Unit(benchmark::kMicrosecond);
-// The same with a float16 key/value cache (serving.kv_cache).
+// The same with a float16 key/value cache (serving.kv_cache), and with
+// bfloat16 products too (serving.products).
 void bm_decode_step_f16(benchmark::State& state) {
-  decode_step(state, torch::kHalf);
+  decode_step(state, {torch::kHalf, false});
 }
 BENCHMARK(bm_decode_step_f16)->Arg(1)->Arg(64)->Unit(benchmark::kMicrosecond);
+void bm_decode_step_bf16(benchmark::State& state) {
+  decode_step(state, {torch::kHalf, true});
+}
+BENCHMARK(bm_decode_step_bf16)->Arg(1)->Arg(64)->Unit(benchmark::kMicrosecond);
 
 // The batch loop in its steady state: `rows` sequences of 32 tokens with
 // staggered starts; as each ends, a new one joins (its prefill, and moving
 // the caches together, included), with an adapter drawn in turn from
 // `adapters` places. Items are generated tokens, counted as sequences end.
 void continuous(benchmark::State& state, int64_t prefix_entries,
-                torch::ScalarType kv = torch::kFloat32) {
+                serving_precision precision = {}) {
   auto& f = fixture::get();
   const auto rows = state.range(0);
   const auto adapters = std::min(state.range(1), f.bank.size);
-  batch_generator g(f.base, f.bank, rows, prefix_entries, 0, kv);
+  batch_generator g(f.base, f.bank, rows, prefix_entries, 0, precision);
   int next = 0;
   auto seq = [&] {
     auto s = temperature_sampling(static_cast<uint64_t>(next));
@@ -184,11 +189,16 @@ BENCHMARK(bm_continuous)
     ->Args({64, 64})
     ->Args({64, 256})
     ->Unit(benchmark::kMicrosecond);
-// The same with a float16 key/value cache (serving.kv_cache).
+// The same with a float16 key/value cache (serving.kv_cache), and with
+// bfloat16 products too (serving.products).
 void bm_continuous_f16(benchmark::State& state) {
-  continuous(state, 0, torch::kHalf);
+  continuous(state, 0, {torch::kHalf, false});
 }
 BENCHMARK(bm_continuous_f16)->Args({64, 1})->Args({64, 256})->Unit(benchmark::kMicrosecond);
+void bm_continuous_bf16(benchmark::State& state) {
+  continuous(state, 0, {torch::kHalf, true});
+}
+BENCHMARK(bm_continuous_bf16)->Args({64, 1})->Args({64, 256})->Unit(benchmark::kMicrosecond);
 
 // The same with a prefix cache of 256 prompts (as many as the bank's places): the prompts
 // share "Tell me something about number ", as the serving bench's do.

@@ -173,7 +173,8 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
                 {{"max_batch", max_batch},
                  {"max_requests_per_user", 100000},
                  {"batch_thread", o.batch_thread},
-                 {"kv_cache", o.kv_cache}}},
+                 {"kv_cache", o.kv_cache},
+                 {"products", o.products}}},
                {"compute", {{"intra_op_threads", 1}, {"blas_threads", 1}}}};
   ro.prepare = [&](const std::string& dir) { register_adapters(dir, n, o); };
   std::fprintf(stderr, "%s: %d adapters, batch up to %d: starting tailord...\n", label, n,
@@ -377,6 +378,7 @@ json run_serving(const serving_options& o) {
   out["repeats"] = o.repeats;
   out["batch_thread"] = o.batch_thread;
   out["kv_cache"] = o.kv_cache;
+  out["products"] = o.products;
   // A per-model endpoint serves one request at a time: no cross-user batch.
   const int baseline_n = std::find(o.adapters.begin(), o.adapters.end(), 100) != o.adapters.end()
                              ? 100

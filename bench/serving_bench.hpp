@@ -16,6 +16,7 @@ struct serving_options {
   int max_batch = 64;
   std::string batch_thread = "shared";  // tailord's serving.batch_thread
   std::string kv_cache = "float16";     // tailord's serving.kv_cache
+  std::string products = "bfloat16";    // tailord's serving.products
   int rank = 8;
   std::string base_model = "tailor-base";
   std::string bootstrap;  // empty: start a broker

@@ -123,6 +123,10 @@ int main(int argc, char** argv) {
       ->add_option("--kv-cache", so.kv_cache,
                    "tailord's serving.kv_cache: float16 or float32 (default: float16)")
       ->check(CLI::IsMember({"float16", "float32"}));
+  serving
+      ->add_option("--products", so.products,
+                   "tailord's serving.products: bfloat16 or float32 (default: bfloat16)")
+      ->check(CLI::IsMember({"bfloat16", "float32"}));
   serving->add_option("--rank", so.rank, "LoRA rank of the adapters (default: 8)")
       ->check(CLI::Range(1, 16));
   serving->add_option("--base-model", so.base_model, "base model (default: tailor-base)");

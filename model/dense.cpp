@@ -3,6 +3,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstring>
 #include <vector>
 
 namespace tailor::model {
@@ -128,7 +130,103 @@ void dense_portable(const float* x, int64_t rows, int64_t in, const float* wt, i
   }
 }
 
+// bfloat16 products. The matrix is packed as pairs of consecutive inputs
+// per output (packed_bf16), so that one 32-bit lane holds the two weights a
+// dot-product instruction pairs with two inputs of a row: an element is
+// acc = 0; acc = dpbf16(acc, (x[2k], x[2k+1]), (w[2k], w[2k+1])) for the
+// pairs k in order; then acc + b. As in the float kernels, blocks only
+// share loads, never an element's arithmetic.
+#define TAILOR_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+template <int R>
+TAILOR_AVX512_BF16 inline void block_bf16(const uint32_t* x, int64_t pairs, const uint32_t* w,
+                                          int64_t out, __mmask16 m0, __mmask16 m1, __m512 b0,
+                                          __m512 b1, float* y) {
+  __m512 a0[R], a1[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < pairs; ++k, w += out) {
+    const auto w0 = (__m512bh)_mm512_maskz_loadu_epi32(m0, w);
+    const auto w1 = (__m512bh)_mm512_maskz_loadu_epi32(m1, w + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const auto v = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * pairs + k]));
+      a0[r] = _mm512_dpbf16_ps(a0[r], v, w0);
+      a1[r] = _mm512_dpbf16_ps(a1[r], v, w1);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    _mm512_mask_storeu_ps(y + r * out, m0, _mm512_add_ps(a0[r], b0));
+    _mm512_mask_storeu_ps(y + r * out + 16, m1, _mm512_add_ps(a1[r], b1));
+  }
+}
+
+// x's rows as bfloat16 pairs (rounded to nearest even; a zero pads an odd
+// row), then the blocks of dense_avx512's shape.
+TAILOR_AVX512_BF16 void dense_bf16_avx512(const float* x, int64_t rows, int64_t in,
+                                          const uint16_t* packed, int64_t out, const float* b,
+                                          float* y) {
+  const int64_t pairs = (in + 1) / 2;
+  thread_local std::vector<uint32_t> xb;
+  xb.assign(static_cast<std::size_t>(rows * pairs), 0);
+  auto* xh = reinterpret_cast<uint16_t*>(xb.data());
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t k = 0; k < in; k += 16) {
+      const __mmask16 mk = in - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (in - k)) - 1);
+      const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, x + m * in + k));
+      _mm256_mask_storeu_epi16(xh + m * 2 * pairs + k, mk, (__m256i)h);
+    }
+  const auto* w = reinterpret_cast<const uint32_t*>(packed);
+  for (int64_t n = 0; n < out; n += 32) {
+    const int64_t left = out - n;
+    const __mmask16 m0 = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+    const __mmask16 m1 = left >= 32   ? 0xFFFF
+                         : left <= 16 ? 0
+                                      : static_cast<__mmask16>((1u << (left - 16)) - 1);
+    const __m512 b0 = b ? _mm512_maskz_loadu_ps(m0, b + n) : _mm512_setzero_ps();
+    const __m512 b1 = b ? _mm512_maskz_loadu_ps(m1, b + n + 16) : _mm512_setzero_ps();
+    const uint32_t* x0 = xb.data();
+    int64_t m = 0;
+    for (; m + 8 <= rows; m += 8)
+      block_bf16<8>(x0 + m * pairs, pairs, w + n, out, m0, m1, b0, b1, y + m * out + n);
+    for (; m + 4 <= rows; m += 4)
+      block_bf16<4>(x0 + m * pairs, pairs, w + n, out, m0, m1, b0, b1, y + m * out + n);
+    for (; m < rows; ++m)
+      block_bf16<1>(x0 + m * pairs, pairs, w + n, out, m0, m1, b0, b1, y + m * out + n);
+  }
+}
+
+// A float rounded to bfloat16, to nearest even (NaN stays NaN).
+uint16_t bf16_bits(float f) {
+  const auto u = std::bit_cast<uint32_t>(f);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
 }  // namespace
+
+bool dense_bf16_supported() {
+  static const bool yes = __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512bf16");
+  return yes;
+}
+
+std::vector<uint16_t> packed_bf16(const float* wt, int64_t in, int64_t out) {
+  const int64_t pairs = (in + 1) / 2;
+  std::vector<uint16_t> p(static_cast<std::size_t>(pairs * out * 2), 0);
+  for (int64_t k = 0; k < in; ++k)
+    for (int64_t n = 0; n < out; ++n)
+      p[static_cast<std::size_t>(((k / 2) * out + n) * 2 + k % 2)] = bf16_bits(wt[k * out + n]);
+  return p;
+}
+
+void dense_bf16(const float* x, int64_t rows, int64_t in, const uint16_t* packed, int64_t out,
+                const float* b, float* y) {
+  dense_bf16_avx512(x, rows, in, packed, out, b, y);
+}
 
 bool dense_supported(dense_isa isa) {
   switch (isa) {

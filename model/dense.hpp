@@ -12,6 +12,7 @@
 // fast at a few rows but slower than OpenBLAS (0.7x) from about 64; it is
 // kept, not BLAS, on machines without AVX-512 for the invariance.
 #include <cstdint>
+#include <vector>
 
 namespace tailor::model {
 
@@ -29,5 +30,19 @@ void dense(const float* x, int64_t rows, int64_t in, const float* wt, int64_t ou
 // The same with a given kernel (tests compare them); it must be supported.
 void dense(dense_isa isa, const float* x, int64_t rows, int64_t in, const float* wt, int64_t out,
            const float* b, float* y);
+
+// The same product with bfloat16 inputs: x and the matrix rounded to
+// nearest even, the sums in float. AVX-512 BF16's dot product does twice
+// the multiply-adds per cycle of a float FMA (1.9x on tailor-base's
+// shapes, docs/operations.md); the error is bfloat16's, ~3 significant
+// digits per input. Batch-invariant as dense(). Only where the machine has
+// AVX-512 BF16: callers check dense_bf16_supported().
+bool dense_bf16_supported();
+// wt [in, out] as dense_bf16 reads it: for each pair of consecutive inputs
+// and each output, the two weights side by side ([ceil(in / 2), out, 2]
+// bfloat16 bits; a zero pads an odd `in`).
+std::vector<uint16_t> packed_bf16(const float* wt, int64_t in, int64_t out);
+void dense_bf16(const float* x, int64_t rows, int64_t in, const uint16_t* packed, int64_t out,
+                const float* b, float* y);
 
 }  // namespace tailor::model

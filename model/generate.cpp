@@ -44,10 +44,10 @@ struct batch_generator::row {
 
 batch_generator::batch_generator(const base_weights& base, const adapter_bank& bank,
                                  int64_t max_rows, int64_t prefix_entries,
-                                 int64_t prefix_bytes, torch::ScalarType kv)
-    : weights_(serving_weights::of(base)),
+                                 int64_t prefix_bytes, serving_precision precision)
+    : weights_(serving_weights::of(base, precision.bf16_products)),
       bank_(bank),
-      cache_(kv_cache::make(base.cfg, max_rows, kv)),
+      cache_(kv_cache::make(base.cfg, max_rows, precision.kv)),
       slot_owner_(max_rows),
       prefix_entries_(std::max<int64_t>(0, prefix_entries)),
       prefix_bytes_(std::max<int64_t>(0, prefix_bytes)) {}

@@ -51,12 +51,17 @@ struct generation {
 // With `prefix_bytes` > 0 the entries' keys and values take at most that
 // many bytes (a prompt costs 2 * n_layer * d_model * 4 bytes per token in
 // a float cache, half that in float16), however long the prompts: the
-// least recently used go first. `kv` is the cache's type (kv_cache::make).
+// least recently used go first. `precision` says how it keeps keys and
+// values and computes the products (float by default, as tests and tools).
+struct serving_precision {
+  torch::ScalarType kv = torch::kFloat32;  // the key/value cache (kv_cache::make): or kHalf
+  bool bf16_products = false;  // bfloat16 products where the machine can (serving_weights)
+};
 class batch_generator {
  public:
   batch_generator(const base_weights& base, const adapter_bank& bank, int64_t max_rows,
                   int64_t prefix_entries = 0, int64_t prefix_bytes = 0,
-                  torch::ScalarType kv = torch::kFloat32);
+                  serving_precision precision = {});
   ~batch_generator();
 
   // Starts a sequence with the bank's adapter `adapter` (0: none). Returns its
@@ -88,6 +93,8 @@ class batch_generator {
   int64_t prompt_tokens_computed() const { return computed_tokens_; }
   // Bytes of keys and values the prefix cache holds now.
   int64_t prefix_cache_bytes() const { return prefix_used_; }
+  // Whether the products run in bfloat16 (asked for, and the machine can).
+  bool bf16_products() const { return weights_.bf16_products; }
 
  private:
   struct row;

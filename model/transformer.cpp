@@ -524,11 +524,17 @@ row_adapters row_adapters::of(const adapter_bank& bank, std::vector<int64_t> row
   return ra;
 }
 
-serving_weights serving_weights::of(const base_weights& base) {
+serving_weights serving_weights::of(const base_weights& base, bool bf16) {
   torch::NoGradGuard no_grad;  // copies for inference, whatever the base's flags
   serving_weights w;
   w.base = &base;
-  auto t = [](const torch::Tensor& m) { return m.t().contiguous(); };
+  w.bf16_products = bf16 && dense_bf16_supported();
+  auto t = [&](const torch::Tensor& m) {
+    matrix out{m.t().contiguous().to(torch::kFloat32), {}};
+    if (w.bf16_products)
+      out.packed = packed_bf16(out.t.data_ptr<float>(), out.t.size(0), out.t.size(1));
+    return out;
+  };
   for (const auto& l : base.layers)
     w.layers.push_back({t(l.qkv_w), t(l.proj_w), t(l.fc_w), t(l.out_w)});
   w.head = t(base.wte);
@@ -537,19 +543,25 @@ serving_weights serving_weights::of(const base_weights& base) {
 
 namespace {
 
-// x [.., in] times the matrix `w` [out, in] (`wt` is it transposed), plus
-// `b` unless undefined: dense() for float tensors on the CPU, LibTorch for
-// any other device.
-torch::Tensor product(const torch::Tensor& x, const torch::Tensor& wt, const torch::Tensor& w,
-                      const torch::Tensor& b) {
+// x [.., in] times the matrix `w` [out, in] (`m` is it transposed, and
+// packed for bfloat16 products if they are on), plus `b` unless undefined:
+// dense() or dense_bf16() for float tensors on the CPU, LibTorch for any
+// other device.
+torch::Tensor product(const torch::Tensor& x, const serving_weights::matrix& m,
+                      const torch::Tensor& w, const torch::Tensor& b) {
   if (!x.is_cpu() || x.scalar_type() != torch::kFloat) return torch::linear(x, w, b);
   auto xc = x.contiguous();
-  const int64_t in = wt.size(0), out = wt.size(1);
+  const int64_t in = m.t.size(0), out = m.t.size(1);
   auto shape = x.sizes().vec();
   shape.back() = out;
   auto y = torch::empty(shape, x.options());
-  dense(xc.data_ptr<float>(), xc.numel() / in, in, wt.data_ptr<float>(), out,
-        b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
+  const float* bias = b.defined() ? b.data_ptr<float>() : nullptr;
+  if (!m.packed.empty())
+    dense_bf16(xc.data_ptr<float>(), xc.numel() / in, in, m.packed.data(), out, bias,
+               y.data_ptr<float>());
+  else
+    dense(xc.data_ptr<float>(), xc.numel() / in, in, m.t.data_ptr<float>(), out, bias,
+          y.data_ptr<float>());
   return y;
 }
 

@@ -138,14 +138,23 @@ torch::Tensor forward_single(const base_weights& base, const lora_adapter* adapt
 // to [in, out], the layout of dense() (model/dense.hpp), whose products do
 // not depend on the batch. Built once per batch generator; it refers to
 // `base`, which must outlive it and not change.
+//
+// With `bf16` (and a machine with AVX-512 BF16: see dense_bf16), the
+// products run in bfloat16 over packed copies of the matrices (`packed`),
+// at twice the multiply-adds per cycle; `bf16_products` says whether they do.
 struct serving_weights {
+  struct matrix {
+    torch::Tensor t;                // [in, out]
+    std::vector<uint16_t> packed;  // packed_bf16(t), when the products are bfloat16
+  };
   struct layer {
-    torch::Tensor qkv, proj, fc, out;  // [in, out]
+    matrix qkv, proj, fc, out;
   };
   const base_weights* base = nullptr;
   std::vector<layer> layers;
-  torch::Tensor head;  // wte transposed: [d_model, vocab]
-  static serving_weights of(const base_weights& base);
+  matrix head;  // wte transposed: [d_model, vocab]
+  bool bf16_products = false;
+  static serving_weights of(const base_weights& base, bool bf16 = false);
 };
 
 // The batched multi-adapter forward over a rectangle of tokens (forward_tokens

@@ -127,6 +127,10 @@ TEST(EngineConfig, ValidationNamesTheOffendingKey) {
   EXPECT_NE(validate(cfg).find("serving.kv_cache"), std::string::npos);
   cfg.serving.kv_cache = "float32";
   EXPECT_EQ(validate(cfg), "");
+  cfg.serving.products = "float16";
+  EXPECT_NE(validate(cfg).find("serving.products"), std::string::npos);
+  cfg.serving.products = "float32";
+  EXPECT_EQ(validate(cfg), "");
   cfg = {};
   cfg.compute.actor_threads = -1;
   EXPECT_NE(validate(cfg).find("compute"), std::string::npos);
@@ -141,7 +145,9 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
   EXPECT_NE(load_config_file(path.string(), cfg).find("training: unknown key 'nope'"),
             std::string::npos);
   std::ofstream(path)
-      << R"({"training":{"slots":3,"steps":7},"compute":{"blas_threads":2,"actor_threads":3},"serving":{"prefix_cache_entries":8,"prefix_cache_mb":32,"batch_thread":"realtime","kv_cache":"float32"}})";
+      << R"({"training":{"slots":3,"steps":7},"compute":{"blas_threads":2,"actor_threads":3},)"
+         R"("serving":{"prefix_cache_entries":8,"prefix_cache_mb":32,"batch_thread":"realtime",)"
+         R"("kv_cache":"float32","products":"float32"}})";
   cfg = {};
   EXPECT_EQ(load_config_file(path.string(), cfg), "");
   EXPECT_EQ(cfg.serving.prefix_cache_entries, 8);
@@ -149,6 +155,8 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
   EXPECT_EQ(cfg.serving.batch_thread, "realtime");
   EXPECT_EQ(cfg.serving.kv_cache, "float32");
   EXPECT_EQ(engine_config{}.serving.kv_cache, "float16");
+  EXPECT_EQ(cfg.serving.products, "float32");
+  EXPECT_EQ(engine_config{}.serving.products, "bfloat16");
   EXPECT_EQ(cfg.training.slots, 3);
   EXPECT_EQ(cfg.training.defaults.steps, 7);
   EXPECT_EQ(cfg.compute.blas_threads, 2);

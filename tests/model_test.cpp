@@ -104,7 +104,8 @@ class ModelTest : public ::testing::Test {
                                                   const std::vector<int64_t>& place,
                                                   const std::vector<int64_t>& slot,
                                                   const std::vector<int64_t>& cached,
-                                                  torch::ScalarType type, double tolerance);
+                                                  torch::ScalarType type, bool bf16_products,
+                                                  double tolerance);
   model_config cfg_;
   base_weights base_;
   std::vector<lora_adapter> adapters_;
@@ -238,6 +239,10 @@ TEST_F(ModelTest, LogitsAtPicksEachRowsPositionOfTheFullLogits) {
 // bits, everything else is computed in float. KvCachedDecodingEquals...
 // measured 1.5e-4 on the test model.
 constexpr double float16_cache_tolerance = 1e-3;
+// With bfloat16 products too (x and the matrices rounded to 8 significant
+// bits, the sums in float): One...DecodeTokens measured 1.2e-3 on the test
+// model.
+constexpr double bf16_products_tolerance = 1e-2;
 
 // A cache of each kind, with what its logits must match a float forward to.
 std::vector<std::pair<torch::ScalarType, double>> cache_kinds() {
@@ -302,15 +307,21 @@ TEST_F(ModelTest, OneForwardOverPromptsAndDecodeTokensEqualsFullRecomputation) {
   const std::vector<int64_t> cached = {0, 8, 0, 3};
   for (auto [type, tolerance] : cache_kinds()) {
     SCOPED_TRACE(type == torch::kHalf ? "float16 cache" : "float cache");
-    one_forward_over_prompts_and_decode_tokens(seqs, place, slot, cached, type, tolerance);
+    one_forward_over_prompts_and_decode_tokens(seqs, place, slot, cached, type, false, tolerance);
   }
+  // bfloat16 products and a float16 cache, where the machine has them.
+  SCOPED_TRACE("bfloat16 products");
+  one_forward_over_prompts_and_decode_tokens(seqs, place, slot, cached, torch::kHalf, true,
+                                             bf16_products_tolerance);
 }
 
 void ModelTest::one_forward_over_prompts_and_decode_tokens(
     std::vector<std::vector<int64_t>> seqs, const std::vector<int64_t>& place,
     const std::vector<int64_t>& slot, const std::vector<int64_t>& cached, torch::ScalarType type,
-    double tolerance) {
+    bool bf16_products, double tolerance) {
   auto cache = kv_cache::make(cfg_, 6, type);
+  const auto weights = serving_weights::of(base_, bf16_products);
+  double largest = 0;
   for (std::size_t r = 0; r < seqs.size(); ++r) {
     if (cached[r] == 0) continue;
     std::vector<int64_t> head(seqs[r].begin(), seqs[r].begin() + cached[r]);
@@ -334,16 +345,18 @@ void ModelTest::one_forward_over_prompts_and_decode_tokens(
     if (step == 0) {
       ASSERT_EQ(tokens.size(), 6u + 1u + 4u + 4u);
     }
-    auto logits = forward_tokens(serving_weights::of(base_), row_adapters::of(bank_, places),
-                                 tokens, positions, slots, cache, last);
+    auto logits = forward_tokens(weights, row_adapters::of(bank_, places), tokens, positions,
+                                 slots, cache, last);
     ASSERT_EQ(logits.sizes(), (std::vector<int64_t>{4, cfg_.vocab}));
     for (std::size_t r = 0; r < seqs.size(); ++r) {
       auto ref = reference(seqs[r], place[r]);
-      EXPECT_LE(max_diff(logits[static_cast<int64_t>(r)], ref[ref.size(0) - 1]), tolerance)
-          << "step " << step << " row " << r;
+      const auto diff = max_diff(logits[static_cast<int64_t>(r)], ref[ref.size(0) - 1]);
+      EXPECT_LE(diff, tolerance) << "step " << step << " row " << r;
+      largest = std::max(largest, diff);
       seqs[r].push_back((step * 13 + static_cast<int64_t>(r) * 7) % 256);
     }
   }
+  std::cout << "largest difference from the float forward: " << largest << "\n";
 }
 
 // The decode loop has fixed-size paths for head widths 16, 32 and 64; a
@@ -439,6 +452,42 @@ TEST(Dense, ARowsProductIsTheSameBitsInAnyBatch) {
             << dense_name(isa) << ": row " << r << " of " << rows;
     }
   }
+}
+
+// bfloat16 products: the sums of the rounded inputs' products, in float;
+// and, like dense(), the same bits for a row in any batch. A machine
+// without AVX-512 BF16 must not claim them.
+TEST(Dense, Bfloat16ProductsSumTheRoundedInputsAndDoNotDependOnTheBatch) {
+  if (!dense_bf16_supported()) {
+    auto base = base_weights::init(tiny(), 1);
+    EXPECT_FALSE(serving_weights::of(base, true).bf16_products);
+    return;
+  }
+  torch::manual_seed(7);
+  for (int64_t rows : {1, 3, 4, 9})
+    for (int64_t in : {1, 5, 128})
+      for (int64_t out : {1, 7, 16, 33, 257})
+        for (bool bias : {true, false}) {
+          auto x = torch::randn({rows, in}), wt = torch::randn({in, out}),
+               b = torch::randn({out});
+          const auto packed = packed_bf16(wt.data_ptr<float>(), in, out);
+          auto y = torch::full({rows, out}, std::nanf(""));
+          dense_bf16(x.data_ptr<float>(), rows, in, packed.data(), out,
+                     bias ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
+          auto xr = bf16(x).to(torch::kDouble), wr = bf16(wt).to(torch::kDouble);
+          auto ref = xr.matmul(wr);
+          if (bias) ref = ref + b.to(torch::kDouble);
+          auto bound = xr.abs().matmul(wr.abs()) * 1e-6 + 1e-6;
+          EXPECT_TRUE(((y.to(torch::kDouble) - ref).abs() <= bound).all().item<bool>())
+              << "rows " << rows << " in " << in << " out " << out
+              << (bias ? " with" : " without") << " bias";
+          for (int64_t r = 0; r < rows; ++r) {
+            auto alone = torch::empty({1, out});
+            dense_bf16(x[r].data_ptr<float>(), 1, in, packed.data(), out,
+                       bias ? b.data_ptr<float>() : nullptr, alone.data_ptr<float>());
+            EXPECT_TRUE(torch::equal(alone[0], y[r])) << "row " << r << " of " << rows;
+          }
+        }
 }
 
 std::vector<row_isa> runnable_row_kernels() {
@@ -539,9 +588,8 @@ TEST(RowKernels, EveryKindOfFloat16ConversionRoundsAsLibTorch) {
 // The serving forward as a whole: a decoding row's logits are the same bits
 // alone and in a step with other rows' decode and prompt tokens.
 TEST_F(ModelTest, AServedRowsLogitsAreTheSameBitsInAnyStep) {
-  const auto weights = serving_weights::of(base_);
   const auto prompt = tokens_of(9, 4);
-  auto logits_of_row = [&](bool crowded, torch::ScalarType type) {
+  auto logits_of_row = [&](bool crowded, const serving_weights& weights, torch::ScalarType type) {
     auto cache = kv_cache::make(cfg_, 4, type);
     std::vector<int64_t> places, tokens, positions, slots;
     auto add = [&](int64_t place, const std::vector<int64_t>& toks, int64_t slot) {
@@ -562,11 +610,16 @@ TEST_F(ModelTest, AServedRowsLogitsAreTheSameBitsInAnyStep) {
     return forward_tokens(weights, row_adapters::of(bank_, places), tokens, positions, slots,
                           cache, last)[0];
   };
-  for (auto type : {torch::kFloat32, torch::kHalf}) {
-    auto alone = logits_of_row(false, type), crowded = logits_of_row(true, type);
-    EXPECT_TRUE(torch::equal(alone, crowded))
-        << (type == torch::kHalf ? "float16" : "float") << " cache: largest difference "
-        << max_diff(alone, crowded);
+  for (bool bf16_products : {false, true}) {
+    const auto weights = serving_weights::of(base_, bf16_products);
+    for (auto type : {torch::kFloat32, torch::kHalf}) {
+      auto alone = logits_of_row(false, weights, type),
+           crowded = logits_of_row(true, weights, type);
+      EXPECT_TRUE(torch::equal(alone, crowded))
+          << (type == torch::kHalf ? "float16" : "float") << " cache"
+          << (bf16_products ? ", bfloat16 products" : "") << ": largest difference "
+          << max_diff(alone, crowded);
+    }
   }
 }
 
