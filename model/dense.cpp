@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <type_traits>
 #include <cstring>
 #include <vector>
 
@@ -43,28 +44,45 @@ __attribute__((target("avx512f"))) inline void block_avx512(const float* x, int6
   }
 }
 
+// Where one block of an AVX-512 kernel sits: its first row and column, the
+// masks of its two 16-column halves and their bias (zeros without one).
+struct block_at {
+  int64_t m, n;
+  __mmask16 m0, m1;
+  __m512 b0, b1;
+};
+
 // Columns in blocks of 32, and within one block every row (by eights, then
 // fours, then one by one), so the block's slice of the matrix stays in L1
-// while the rows pass over it.
+// while the rows pass over it: block(std::integral_constant<int, R>, at)
+// for each block of R rows.
+template <typename Block>
+__attribute__((target("avx512f"))) inline void each_block(int64_t rows, int64_t out,
+                                                          const float* b, Block&& block) {
+  for (int64_t n = 0; n < out; n += 32) {
+    const int64_t left = out - n;
+    block_at at{0, n, 0, 0, _mm512_setzero_ps(), _mm512_setzero_ps()};
+    at.m0 = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+    at.m1 = left >= 32   ? 0xFFFF
+            : left <= 16 ? 0
+                         : static_cast<__mmask16>((1u << (left - 16)) - 1);
+    if (b) {
+      at.b0 = _mm512_maskz_loadu_ps(at.m0, b + n);
+      at.b1 = _mm512_maskz_loadu_ps(at.m1, b + n + 16);
+    }
+    for (; at.m + 8 <= rows; at.m += 8) block(std::integral_constant<int, 8>{}, at);
+    for (; at.m + 4 <= rows; at.m += 4) block(std::integral_constant<int, 4>{}, at);
+    for (; at.m < rows; ++at.m) block(std::integral_constant<int, 1>{}, at);
+  }
+}
+
 __attribute__((target("avx512f"))) void dense_avx512(const float* x, int64_t rows, int64_t in,
                                                      const float* wt, int64_t out, const float* b,
                                                      float* y) {
-  for (int64_t n = 0; n < out; n += 32) {
-    const int64_t left = out - n;
-    const __mmask16 m0 = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
-    const __mmask16 m1 = left >= 32   ? 0xFFFF
-                         : left <= 16 ? 0
-                                      : static_cast<__mmask16>((1u << (left - 16)) - 1);
-    const __m512 b0 = b ? _mm512_maskz_loadu_ps(m0, b + n) : _mm512_setzero_ps();
-    const __m512 b1 = b ? _mm512_maskz_loadu_ps(m1, b + n + 16) : _mm512_setzero_ps();
-    int64_t m = 0;
-    for (; m + 8 <= rows; m += 8)
-      block_avx512<8>(x + m * in, in, wt + n, out, m0, m1, b0, b1, y + m * out + n);
-    for (; m + 4 <= rows; m += 4)
-      block_avx512<4>(x + m * in, in, wt + n, out, m0, m1, b0, b1, y + m * out + n);
-    for (; m < rows; ++m)
-      block_avx512<1>(x + m * in, in, wt + n, out, m0, m1, b0, b1, y + m * out + n);
-  }
+  each_block(rows, out, b, [&](auto r, const block_at& at) __attribute__((target("avx512f"))) {
+    block_avx512<decltype(r)::value>(x + at.m * in, in, wt + at.n, out, at.m0, at.m1, at.b0,
+                                     at.b1, y + at.m * out + at.n);
+  });
 }
 
 // R rows by 16 columns (two 8-float registers each) of dense_avx2.
@@ -178,23 +196,11 @@ TAILOR_AVX512_BF16 void dense_bf16_avx512(const float* x, int64_t rows, int64_t 
       _mm256_mask_storeu_epi16(xh + m * 2 * pairs + k, mk, (__m256i)h);
     }
   const auto* w = reinterpret_cast<const uint32_t*>(packed);
-  for (int64_t n = 0; n < out; n += 32) {
-    const int64_t left = out - n;
-    const __mmask16 m0 = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
-    const __mmask16 m1 = left >= 32   ? 0xFFFF
-                         : left <= 16 ? 0
-                                      : static_cast<__mmask16>((1u << (left - 16)) - 1);
-    const __m512 b0 = b ? _mm512_maskz_loadu_ps(m0, b + n) : _mm512_setzero_ps();
-    const __m512 b1 = b ? _mm512_maskz_loadu_ps(m1, b + n + 16) : _mm512_setzero_ps();
-    const uint32_t* x0 = xb.data();
-    int64_t m = 0;
-    for (; m + 8 <= rows; m += 8)
-      block_bf16<8>(x0 + m * pairs, pairs, w + n, out, m0, m1, b0, b1, y + m * out + n);
-    for (; m + 4 <= rows; m += 4)
-      block_bf16<4>(x0 + m * pairs, pairs, w + n, out, m0, m1, b0, b1, y + m * out + n);
-    for (; m < rows; ++m)
-      block_bf16<1>(x0 + m * pairs, pairs, w + n, out, m0, m1, b0, b1, y + m * out + n);
-  }
+  const uint32_t* x0 = xb.data();
+  each_block(rows, out, b, [&](auto r, const block_at& at) TAILOR_AVX512_BF16 {
+    block_bf16<decltype(r)::value>(x0 + at.m * pairs, pairs, w + at.n, out, at.m0, at.m1, at.b0,
+                                   at.b1, y + at.m * out + at.n);
+  });
 }
 
 // A float rounded to bfloat16, to nearest even (NaN stays NaN).

@@ -402,6 +402,18 @@ std::vector<dense_isa> runnable_kernels() {
   return out;
 }
 
+// Whether y is x * wt (+ b when defined) as a float sum computes it: a sum
+// of `in` products is good to about in * 2^-24 of the sum of their
+// magnitudes, against a double reference.
+bool is_float_sum_of_products(const torch::Tensor& y, const torch::Tensor& x,
+                              const torch::Tensor& wt, const torch::Tensor& b) {
+  auto xd = x.to(torch::kDouble), wd = wt.to(torch::kDouble);
+  auto ref = xd.matmul(wd);
+  if (b.defined()) ref = ref + b.to(torch::kDouble);
+  auto bound = xd.abs().matmul(wd.abs()) * 1e-6 + 1e-6;
+  return ((y.to(torch::kDouble) - ref).abs() <= bound).all().item<bool>();
+}
+
 // Shapes around the kernels' blocks: rows by fours and a tail, columns by
 // 16 and 32 and a remainder, the tied head's 257.
 TEST(Dense, EveryKernelComputesTheProductForAnyShape) {
@@ -416,13 +428,7 @@ TEST(Dense, EveryKernelComputesTheProductForAnyShape) {
             auto y = torch::full({rows, out}, std::nanf(""));
             dense(isa, x.data_ptr<float>(), rows, in, wt.data_ptr<float>(), out,
                   bias ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
-            auto ref = x.to(torch::kDouble).matmul(wt.to(torch::kDouble));
-            if (bias) ref = ref + b.to(torch::kDouble);
-            // A float sum of `in` products is good to about in * 2^-24 of
-            // the sum of their magnitudes.
-            auto bound = x.abs().to(torch::kDouble).matmul(wt.abs().to(torch::kDouble)) * 1e-6 +
-                         1e-6;
-            EXPECT_TRUE(((y.to(torch::kDouble) - ref).abs() <= bound).all().item<bool>())
+            EXPECT_TRUE(is_float_sum_of_products(y, x, wt, bias ? b : torch::Tensor()))
                 << dense_name(isa) << " rows " << rows << " in " << in << " out " << out
                 << (bias ? " with" : " without") << " bias";
           }
@@ -474,11 +480,7 @@ TEST(Dense, Bfloat16ProductsSumTheRoundedInputsAndDoNotDependOnTheBatch) {
           auto y = torch::full({rows, out}, std::nanf(""));
           dense_bf16(x.data_ptr<float>(), rows, in, packed.data(), out,
                      bias ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
-          auto xr = bf16(x).to(torch::kDouble), wr = bf16(wt).to(torch::kDouble);
-          auto ref = xr.matmul(wr);
-          if (bias) ref = ref + b.to(torch::kDouble);
-          auto bound = xr.abs().matmul(wr.abs()) * 1e-6 + 1e-6;
-          EXPECT_TRUE(((y.to(torch::kDouble) - ref).abs() <= bound).all().item<bool>())
+          EXPECT_TRUE(is_float_sum_of_products(y, bf16(x), bf16(wt), bias ? b : torch::Tensor()))
               << "rows " << rows << " in " << in << " out " << out
               << (bias ? " with" : " without") << " bias";
           for (int64_t r = 0; r < rows; ++r) {
