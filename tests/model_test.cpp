@@ -414,24 +414,29 @@ bool is_float_sum_of_products(const torch::Tensor& y, const torch::Tensor& x,
   return ((y.to(torch::kDouble) - ref).abs() <= bound).all().item<bool>();
 }
 
-// Shapes around the kernels' blocks: rows by fours and a tail, columns by
-// 16 and 32 and a remainder, the tied head's 257.
+// Shapes around the kernels' blocks: rows by eights and fours and a tail,
+// an odd number of inputs, columns by 16 and 32 and a remainder, the tied
+// head's 257; with and without a bias.
+template <typename Check>
+void for_each_product_shape(Check check) {
+  for (int64_t rows : {1, 3, 4, 9})
+    for (int64_t in : {1, 5, 128})
+      for (int64_t out : {1, 7, 16, 33, 257})
+        for (bool bias : {true, false}) check(rows, in, out, bias);
+}
+
 TEST(Dense, EveryKernelComputesTheProductForAnyShape) {
   torch::manual_seed(2);
   for (auto isa : runnable_kernels())
-    for (int64_t rows : {1, 3, 4, 9})
-      for (int64_t in : {1, 5, 128})
-        for (int64_t out : {1, 7, 16, 33, 257})
-          for (bool bias : {true, false}) {
-            auto x = torch::randn({rows, in}), wt = torch::randn({in, out}),
-                 b = torch::randn({out});
-            auto y = torch::full({rows, out}, std::nanf(""));
-            dense(isa, x.data_ptr<float>(), rows, in, wt.data_ptr<float>(), out,
-                  bias ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
-            EXPECT_TRUE(is_float_sum_of_products(y, x, wt, bias ? b : torch::Tensor()))
-                << dense_name(isa) << " rows " << rows << " in " << in << " out " << out
-                << (bias ? " with" : " without") << " bias";
-          }
+    for_each_product_shape([&](int64_t rows, int64_t in, int64_t out, bool bias) {
+      auto x = torch::randn({rows, in}), wt = torch::randn({in, out}), b = torch::randn({out});
+      auto y = torch::full({rows, out}, std::nanf(""));
+      dense(isa, x.data_ptr<float>(), rows, in, wt.data_ptr<float>(), out,
+            bias ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
+      EXPECT_TRUE(is_float_sum_of_products(y, x, wt, bias ? b : torch::Tensor()))
+          << dense_name(isa) << " rows " << rows << " in " << in << " out " << out
+          << (bias ? " with" : " without") << " bias";
+    });
 }
 
 // What makes a request's text independent of its batch: a row's products
@@ -470,26 +475,21 @@ TEST(Dense, Bfloat16ProductsSumTheRoundedInputsAndDoNotDependOnTheBatch) {
     return;
   }
   torch::manual_seed(7);
-  for (int64_t rows : {1, 3, 4, 9})
-    for (int64_t in : {1, 5, 128})
-      for (int64_t out : {1, 7, 16, 33, 257})
-        for (bool bias : {true, false}) {
-          auto x = torch::randn({rows, in}), wt = torch::randn({in, out}),
-               b = torch::randn({out});
-          const auto packed = packed_bf16(wt.data_ptr<float>(), in, out);
-          auto y = torch::full({rows, out}, std::nanf(""));
-          dense_bf16(x.data_ptr<float>(), rows, in, packed.data(), out,
-                     bias ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
-          EXPECT_TRUE(is_float_sum_of_products(y, bf16(x), bf16(wt), bias ? b : torch::Tensor()))
-              << "rows " << rows << " in " << in << " out " << out
-              << (bias ? " with" : " without") << " bias";
-          for (int64_t r = 0; r < rows; ++r) {
-            auto alone = torch::empty({1, out});
-            dense_bf16(x[r].data_ptr<float>(), 1, in, packed.data(), out,
-                       bias ? b.data_ptr<float>() : nullptr, alone.data_ptr<float>());
-            EXPECT_TRUE(torch::equal(alone[0], y[r])) << "row " << r << " of " << rows;
-          }
-        }
+  for_each_product_shape([&](int64_t rows, int64_t in, int64_t out, bool bias) {
+    auto x = torch::randn({rows, in}), wt = torch::randn({in, out}), b = torch::randn({out});
+    const auto packed = packed_bf16(wt.data_ptr<float>(), in, out);
+    const float* bp = bias ? b.data_ptr<float>() : nullptr;
+    auto y = torch::full({rows, out}, std::nanf(""));
+    dense_bf16(x.data_ptr<float>(), rows, in, packed.data(), out, bp, y.data_ptr<float>());
+    EXPECT_TRUE(is_float_sum_of_products(y, bf16(x), bf16(wt), bias ? b : torch::Tensor()))
+        << "rows " << rows << " in " << in << " out " << out << (bias ? " with" : " without")
+        << " bias";
+    for (int64_t r = 0; r < rows; ++r) {
+      auto alone = torch::empty({1, out});
+      dense_bf16(x[r].data_ptr<float>(), 1, in, packed.data(), out, bp, alone.data_ptr<float>());
+      EXPECT_TRUE(torch::equal(alone[0], y[r])) << "row " << r << " of " << rows;
+    }
+  });
 }
 
 std::vector<row_isa> runnable_row_kernels() {
