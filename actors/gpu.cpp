@@ -519,6 +519,8 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
   if (sc.products == "bfloat16" && !c.gen->bf16_products())
     spdlog::warn("gpu {}: this CPU has no AVX-512 BF16: the products run in float32",
                  st.label);
+  spdlog::info("gpu {}: batches of up to {}, {} products, {} key/value cache", st.label,
+               sc.max_batch, c.gen->bf16_products() ? "bfloat16" : "float32", sc.kv_cache);
   return {
       [self](infer_atom, inference_order& o) -> caf::result<outgoing_message> {
         auto& st = self->state;
