@@ -519,8 +519,12 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
   if (sc.products == "bfloat16" && !c.gen->bf16_products())
     spdlog::warn("gpu {}: this CPU has no AVX-512 BF16: the products run in float32",
                  st.label);
+  const bool half = c.gen->kv_type() == torch::kHalf;
+  if (sc.kv_cache == "float16" && !half)
+    spdlog::warn("gpu {}: this CPU has no AVX-512: the key/value cache is float32", st.label);
   spdlog::info("gpu {}: batches of up to {}, {} products, {} key/value cache", st.label,
-               sc.max_batch, c.gen->bf16_products() ? "bfloat16" : "float32", sc.kv_cache);
+               sc.max_batch, c.gen->bf16_products() ? "bfloat16" : "float32",
+               half ? "float16" : "float32");
   return {
       [self](infer_atom, inference_order& o) -> caf::result<outgoing_message> {
         auto& st = self->state;

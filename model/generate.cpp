@@ -7,6 +7,7 @@
 #include <random>
 
 #include "messages/events.hpp"
+#include "model/row_kernels.hpp"
 
 namespace tailor::model {
 
@@ -47,7 +48,9 @@ batch_generator::batch_generator(const base_weights& base, const adapter_bank& b
                                  int64_t prefix_bytes, serving_precision precision)
     : weights_(serving_weights::of(base, precision.bf16_products)),
       bank_(bank),
-      cache_(kv_cache::make(base.cfg, max_rows, precision.kv)),
+      cache_(kv_cache::make(base.cfg, max_rows,
+                            row_kernels_supported(row_isa::avx512) ? precision.kv
+                                                                   : torch::kFloat32)),
       slot_owner_(max_rows),
       prefix_entries_(std::max<int64_t>(0, prefix_entries)),
       prefix_bytes_(std::max<int64_t>(0, prefix_bytes)) {}

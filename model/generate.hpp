@@ -54,7 +54,10 @@ struct generation {
 // least recently used go first. `precision` says how it keeps keys and
 // values and computes the products (float by default, as tests and tools).
 struct serving_precision {
-  torch::ScalarType kv = torch::kFloat32;  // the key/value cache (kv_cache::make): or kHalf
+  // The key/value cache (kv_cache::make): or kHalf, where the machine
+  // converts it in hardware (the AVX-512 row kernels); float otherwise, as
+  // widening half in portable code costs more than the reads it saves.
+  torch::ScalarType kv = torch::kFloat32;
   bool bf16_products = false;  // bfloat16 products where the machine can (serving_weights)
 };
 class batch_generator {
@@ -93,8 +96,10 @@ class batch_generator {
   int64_t prompt_tokens_computed() const { return computed_tokens_; }
   // Bytes of keys and values the prefix cache holds now.
   int64_t prefix_cache_bytes() const { return prefix_used_; }
-  // Whether the products run in bfloat16 (asked for, and the machine can).
+  // Whether the products run in bfloat16 (asked for, and the machine can),
+  // and the key/value cache's type.
   bool bf16_products() const { return weights_.bf16_products; }
+  torch::ScalarType kv_type() const { return cache_.k.front().scalar_type(); }
 
  private:
   struct row;

@@ -625,6 +625,25 @@ TEST_F(ModelTest, AServedRowsLogitsAreTheSameBitsInAnyStep) {
   }
 }
 
+// What a generator asks for it gets where the machine can run it fast, and
+// float elsewhere (serving.kv_cache, serving.products); float by default.
+TEST_F(ModelTest, AGeneratorTakesReducedPrecisionOnlyWhereTheMachineHasItsInstructions) {
+  batch_generator plain(base_, bank_, 2);
+  EXPECT_EQ(plain.kv_type(), torch::kFloat32);
+  EXPECT_FALSE(plain.bf16_products());
+  batch_generator reduced(base_, bank_, 2, 0, 0, {torch::kHalf, true});
+  EXPECT_EQ(reduced.kv_type(),
+            row_kernels_supported(row_isa::avx512) ? torch::kHalf : torch::kFloat32);
+  EXPECT_EQ(reduced.bf16_products(), dense_bf16_supported());
+  // Either way it serves.
+  auto s = sampled(3, 12);
+  s.ignore_end_of_text = true;
+  auto id = reduced.add("Hello", 1, s);
+  ASSERT_TRUE(id);
+  while (!reduced.idle()) reduced.step();
+  EXPECT_EQ(reduced.take(*id).tokens.size(), 12u);
+}
+
 TEST_F(ModelTest, GenerationIsReproducibleAndIndependentOfTheBatch) {
   sampling s;
   s.max_tokens = 24;
