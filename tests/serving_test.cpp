@@ -270,14 +270,17 @@ TEST_F(ServingTest, AHeavyUserOverQuotaIsRefusedWhileOthersAreServed) {
 
 TEST_F(ServingTest, ACancelledRequestEndsWithCancelled) {
   // One place in the bank: while the busy user has requests queued, the
-  // victim's adapter cannot be placed and the victim waits.
-  // All 300 busy requests and the victim in flight at once: no ingress pause.
-  start({{"max_in_flight", 1000},
-         {"serving", {{"max_batch", 1}, {"device_adapters", 1}, {"max_requests_per_user", 1000}}}});
+  // victim's adapter cannot be placed and the victim waits. The backlog
+  // must outlast the cancel's trip through Kafka: 1500 requests of 60
+  // steps are ~3.5 s of steps of the test model (300 were 0.7 s, and once
+  // the cancel came later).
+  // All busy requests and the victim in flight at once: no ingress pause.
+  start({{"max_in_flight", 4000},
+         {"serving", {{"max_batch", 1}, {"device_adapters", 1}, {"max_requests_per_user", 4000}}}});
   ASSERT_FALSE(HasFatalFailure());
   onboard_all({"busy", "victim"});
   const auto device = "tailor-test/0";
-  for (int i = 0; i < 300; ++i) {
+  for (int i = 0; i < 1500; ++i) {
     auto j = ask("busy", "w" + std::to_string(i), "go", i, 60);
     j["ignore_end_of_text"] = true;  // each one takes its full 60 steps
     send_inference(j);
