@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <bit>
 #include <type_traits>
-#include <cstring>
 #include <vector>
 
 namespace tailor::model {
@@ -187,14 +186,16 @@ TAILOR_AVX512_BF16 void dense_bf16_avx512(const float* x, int64_t rows, int64_t 
                                           float* y) {
   const int64_t pairs = (in + 1) / 2;
   thread_local std::vector<uint32_t> xb;
-  xb.assign(static_cast<std::size_t>(rows * pairs), 0);
+  xb.resize(static_cast<std::size_t>(rows * pairs));
   auto* xh = reinterpret_cast<uint16_t*>(xb.data());
-  for (int64_t m = 0; m < rows; ++m)
+  for (int64_t m = 0; m < rows; ++m) {
+    if (in % 2 != 0) xh[m * 2 * pairs + in] = 0;  // the odd input's partner
     for (int64_t k = 0; k < in; k += 16) {
       const __mmask16 mk = in - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (in - k)) - 1);
       const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, x + m * in + k));
       _mm256_mask_storeu_epi16(xh + m * 2 * pairs + k, mk, (__m256i)h);
     }
+  }
   const auto* w = reinterpret_cast<const uint32_t*>(packed);
   const uint32_t* x0 = xb.data();
   each_block(rows, out, b, [&](auto r, const block_at& at) TAILOR_AVX512_BF16 {
@@ -204,7 +205,7 @@ TAILOR_AVX512_BF16 void dense_bf16_avx512(const float* x, int64_t rows, int64_t 
 }
 
 // A float rounded to bfloat16, to nearest even (NaN stays NaN).
-uint16_t bf16_bits(float f) {
+uint16_t round_to_bf16(float f) {
   const auto u = std::bit_cast<uint32_t>(f);
   if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
   return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
@@ -225,7 +226,7 @@ std::vector<uint16_t> packed_bf16(const float* wt, int64_t in, int64_t out) {
   std::vector<uint16_t> p(static_cast<std::size_t>(pairs * out * 2), 0);
   for (int64_t k = 0; k < in; ++k)
     for (int64_t n = 0; n < out; ++n)
-      p[static_cast<std::size_t>(((k / 2) * out + n) * 2 + k % 2)] = bf16_bits(wt[k * out + n]);
+      p[static_cast<std::size_t>(((k / 2) * out + n) * 2 + k % 2)] = round_to_bf16(wt[k * out + n]);
   return p;
 }
 

@@ -16,7 +16,7 @@
 
 #include "model/cuda/bgmv_math.hpp"
 
-// What the kernels below are compiled for; row_kernels_available() checks it.
+// What the kernels below are compiled for; row_kernels_supported() checks it.
 #define TAILOR_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 namespace tailor::model {

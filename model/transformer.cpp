@@ -116,12 +116,13 @@ void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::
 // Attention of single query tokens: q [B, H, hd] (any strides) against the
 // cache's keys and values [slots, H, context, hd] (last dim contiguous), row
 // b reading slot slot[b] at positions 0..last[b]. Returns [B, 1, H * hd].
+// The cache's values as the row kernels read them (float or float16 bits).
 template <typename T>
-const T* cache_data(const torch::Tensor& t) {
+T* cache_data(const torch::Tensor& t) {
   if constexpr (std::is_same_v<T, float>)
     return t.data_ptr<float>();
   else
-    return reinterpret_cast<const float16*>(t.data_ptr<c10::Half>());
+    return reinterpret_cast<float16*>(t.data_ptr<c10::Half>());
 }
 
 template <typename T>
@@ -179,7 +180,7 @@ void write_cache_of(const torch::Tensor& x, const std::vector<int64_t>& slots,
   const auto xs = x.strides();
   const auto cs = into.strides();
   const float* xp = x.data_ptr<float>();
-  T* cp = const_cast<T*>(cache_data<T>(into));
+  T* cp = cache_data<T>(into);
   for (int64_t n = 0; n < N; ++n) {
     const auto s = slots[static_cast<std::size_t>(n)], p = positions[static_cast<std::size_t>(n)];
     TORCH_CHECK(s >= 0 && s < into.size(0) && p >= 0 && p < into.size(2),
