@@ -124,11 +124,21 @@ std::size_t batch_generator::active() const {
 // top-k and top-p need an order, and then only of the tokens they keep.
 int64_t batch_generator::sample(row& r, const float* logits, int64_t V) {
   if (r.s.temperature <= 0.0) return std::max_element(logits, logits + V) - logits;
+  auto& w = sample_weights_;
+  w.resize(static_cast<std::size_t>(V));
+  softmax_weights(logits, V, static_cast<float>(1.0 / r.s.temperature), w.data());
+  if ((r.s.top_k <= 0 || r.s.top_k >= V) && r.s.top_p >= 1.0) {
+    // Every token stays: no order needed.
+    double total = 0;
+    for (float x : w) total += x;
+    double u = std::uniform_real_distribution<double>(0.0, total)(r.rng);
+    for (int64_t v = 0; v < V; ++v)
+      if ((u -= w[v]) <= 0) return v;
+    return V - 1;
+  }
   auto& p = sample_buffer_;
   p.resize(static_cast<std::size_t>(V));
-  const float hi = *std::max_element(logits, logits + V);
-  const auto inv_t = static_cast<float>(1.0 / r.s.temperature);
-  for (int64_t v = 0; v < V; ++v) p[v] = {std::exp((logits[v] - hi) * inv_t), v};
+  for (int64_t v = 0; v < V; ++v) p[v] = {w[v], v};
   std::size_t keep = p.size();
   auto larger = [](const auto& a, const auto& b) { return a.first > b.first; };
   if (r.s.top_k > 0 && r.s.top_k < V) {

@@ -132,7 +132,8 @@ class batch_generator {
   std::map<int64_t, generation> done_;
   std::vector<int64_t> finished_early_;
   int64_t next_id_ = 0;
-  std::vector<std::pair<float, int64_t>> sample_buffer_;  // reused by sample()
+  std::vector<float> sample_weights_;                    // reused by sample()
+  std::vector<std::pair<float, int64_t>> sample_buffer_;  // reused by sample() for top-k/p
   int64_t prefix_entries_ = 0;
   int64_t prefix_bytes_ = 0;  // 0: no limit but the entries'
   int64_t prefix_used_ = 0;

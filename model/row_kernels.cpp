@@ -8,6 +8,7 @@
 #include <immintrin.h>
 #pragma GCC diagnostic pop
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <limits>
@@ -271,6 +272,21 @@ TAILOR_AVX512 void to_float16_avx512(const float* x, int64_t n, float16* out) {
   }
 }
 
+TAILOR_AVX512 void softmax_weights_avx512(const float* x, int64_t n, float inv_t, float* out) {
+  auto mask = [n](int64_t i) {
+    return n - i >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << (n - i)) - 1);
+  };
+  const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 hi16 = lowest;
+  for (int64_t i = 0; i < n; i += 16)
+    hi16 = _mm512_max_ps(hi16, _mm512_mask_loadu_ps(lowest, mask(i), x + i));
+  const __m512 hi = _mm512_set1_ps(_mm512_reduce_max_ps(hi16)), scale = _mm512_set1_ps(inv_t);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask(i), x + i), hi), scale);
+    _mm512_mask_storeu_ps(out + i, mask(i), exp16(d));
+  }
+}
+
 float16 to_float16_portable(float f) {
   const auto x = std::bit_cast<uint32_t>(f);
   const auto sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
@@ -360,6 +376,14 @@ void to_float16(row_isa isa, const float* x, int64_t n, float16* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = to_float16_portable(x[i]);
 }
 
+void softmax_weights(row_isa isa, const float* x, int64_t n, float inv_temperature,
+                     float* out) {
+  if (n <= 0) return;
+  if (isa == row_isa::avx512) return softmax_weights_avx512(x, n, inv_temperature, out);
+  const float hi = *std::max_element(x, x + n);
+  for (int64_t i = 0; i < n; ++i) out[i] = std::exp((x[i] - hi) * inv_temperature);
+}
+
 namespace {
 row_isa best_row_isa() {
   static const row_isa best =
@@ -384,5 +408,9 @@ void attend(const float* q, const float16* k, int64_t ks, const float16* v, int6
 }
 
 void to_float16(const float* x, int64_t n, float16* out) { to_float16(best_row_isa(), x, n, out); }
+
+void softmax_weights(const float* x, int64_t n, float inv_temperature, float* out) {
+  softmax_weights(best_row_isa(), x, n, inv_temperature, out);
+}
 
 }  // namespace tailor::model

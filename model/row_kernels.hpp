@@ -1,7 +1,7 @@
 #pragma once
 
 // The serving forward's per-row loops: one row's LoRA product (x·A·B) and
-// one (row, head) of decode attention, each in a portable version (the
+// one (row, head) of decode attention, a row's sampling weights, each in a portable version (the
 // compiler vectorises it four floats at a time and widens bfloat16 one
 // value at a time) and, for machines that have it, an AVX-512 one (16 at a
 // time; attention scores 16 positions at once). No LibTorch here. Each
@@ -40,6 +40,10 @@ void attend(const float* q, const float* k, int64_t ks, const float* v, int64_t 
 void attend(const float* q, const float16* k, int64_t ks, const float16* v, int64_t vs, int64_t n,
             int64_t hd, float scale, float* p, float* out);
 
+// Sampling weights of n logits x at a temperature: out[i] = e^((x[i] -
+// max x) * inv_temperature), not normalised.
+void softmax_weights(const float* x, int64_t n, float inv_temperature, float* out);
+
 // The same with a given kind (tests compare them); it must be supported.
 // The ones above run the best this machine has.
 void lora_row(row_isa isa, const float* x, const uint16_t* a, const uint16_t* b, int64_t in,
@@ -49,5 +53,6 @@ void attend(row_isa isa, const float* q, const float* k, int64_t ks, const float
 void attend(row_isa isa, const float* q, const float16* k, int64_t ks, const float16* v,
             int64_t vs, int64_t n, int64_t hd, float scale, float* p, float* out);
 void to_float16(row_isa isa, const float* x, int64_t n, float16* out);
+void softmax_weights(row_isa isa, const float* x, int64_t n, float inv_temperature, float* out);
 
 }  // namespace tailor::model

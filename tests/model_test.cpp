@@ -553,6 +553,31 @@ TEST(RowKernels, EveryKindOfAttendIsASoftmaxOfTheScores) {
         }
 }
 
+// What sampling draws from: e^((x - max x) / temperature), 1 at the
+// largest logit, over vocabulary-sized and ragged lengths, down to
+// weights that underflow.
+TEST(RowKernels, EveryKindOfSoftmaxWeightsIsTheShiftedExponential) {
+  torch::manual_seed(7);
+  for (auto isa : runnable_row_kernels())
+    for (int64_t n : {1, 15, 16, 257})
+      for (float temperature : {1.0f, 0.7f, 0.05f}) {
+        auto x = torch::randn({n}) * 8;
+        std::vector<float> w(static_cast<std::size_t>(n) + 1, -1.0f);  // one past: untouched
+        softmax_weights(isa, x.data_ptr<float>(), n, 1.0f / temperature, w.data());
+        // The exponent as the kernels form it, in float; its exponential in double.
+        const auto ref = ((x - x.max()) * (1.0f / temperature)).to(torch::kDouble).exp();
+        const auto top = x.argmax().item<int64_t>();
+        EXPECT_EQ(w[static_cast<std::size_t>(top)], 1.0f);
+        for (int64_t i = 0; i < n; ++i) {
+          const double r = ref[i].item<double>();
+          EXPECT_LE(std::abs(w[static_cast<std::size_t>(i)] - r), 1e-6 * r + 1e-37)
+              << (isa == row_isa::avx512 ? "avx512" : "portable") << " n " << n << " t "
+              << temperature << " i " << i;
+        }
+        EXPECT_EQ(w[static_cast<std::size_t>(n)], -1.0f);
+      }
+}
+
 // What the float16 cache stores: LibTorch's rounding (to nearest, ties to
 // even; subnormals; infinity from 65520), bit for bit, and back exactly.
 TEST(RowKernels, EveryKindOfFloat16ConversionRoundsAsLibTorch) {
