@@ -120,6 +120,13 @@ loader_actor::behavior_type adapter_loader(loader_actor::stateful_pointer<loader
 // --- device tier and batch loop ------------------------------------------------
 
 struct gpu_core {
+  // A user's service on this device (S-LoRA's virtual token counter), and
+  // how many of their requests wait or run here.
+  struct user_share {
+    double served = 0;
+    int64_t requests = 0;
+    bool fresh = true;  // not yet counted against the others
+  };
   struct request {
     inference_order order;
     caf::typed_response_promise<outgoing_message> rp;
@@ -130,6 +137,7 @@ struct gpu_core {
     int64_t gen_id = -1;  // in the batch when >= 0
     int64_t budget = 0;   // tokens it may occupy: prompt + max_tokens
     int64_t prompt_tokens = 0;
+    user_share* share = nullptr;  // its user's; stable: map nodes do not move
   };
   struct resident {
     int64_t index = 0;  // place in the bank; 0 while not placed
@@ -146,7 +154,7 @@ struct gpu_core {
   std::vector<std::string> owner;                      // bank index -> model id ("" free)
   std::list<std::shared_ptr<request>> waiting;
   std::unordered_map<int64_t, std::shared_ptr<request>> active;  // by generator id
-  std::unordered_map<std::string, double> served;                // per user: virtual token counter
+  std::unordered_map<std::string, user_share> shares;            // by user id
   int64_t tokens_in_flight = 0;
   uint64_t tick = 0;
   bool stepping = false;
@@ -185,6 +193,9 @@ void publish_gauges(gpu_ptr self) {
 void apply_batch_thread(gpu_ptr self) {
   auto& st = self->state;
   st.core->thread_set = true;
+  // So that top -H, perf and ps -L show which thread is the loop.
+  const auto name = ("tailor.batch." + std::to_string(st.device)).substr(0, 15);
+  pthread_setname_np(pthread_self(), name.c_str());
   bool realtime = false;
   if (st.cfg.serving.batch_thread == "realtime") {
     sched_param param{};
@@ -252,6 +263,7 @@ void answer(gpu_ptr self, const request_ptr& r, const model::generation& g,
   // batch loop, as waiting for a row is: queue. Route is the user actor's part.
   res.timings.route = ms_between(r->order.received, r->order.dispatched);
   st.stats->count_request(res.model_id, res.user_id);
+  --r->share->requests;
   r->rp.deliver(outgoing_message{channel::results, res.user_id, to_json(res)});
 }
 
@@ -366,23 +378,37 @@ void fetch_adapters(gpu_ptr self) {
   }
 }
 
+// Drops the counters of users with nothing here whose service is at most
+// `floor` (the least of the waiting users'): were they to come back, they
+// would start at the floor anyway. Without this the map would grow by every
+// user the device ever served; swept only when it holds many such users.
+void forget_idle_users(gpu_core& c, double floor) {
+  if (floor < 0) return;
+  const auto busy = c.waiting.size() + c.active.size();
+  if (c.shares.size() <= 2 * busy + 1024) return;
+  for (auto it = c.shares.begin(); it != c.shares.end();) {
+    const bool idle = it->second.requests == 0 && it->second.served <= floor;
+    it = idle ? c.shares.erase(it) : std::next(it);
+  }
+}
+
 // Moves waiting requests into the batch: only those whose adapter is placed,
 // least-served user first, within the batch's row and token limits.
 void admit(gpu_ptr self) {
   auto& st = self->state;
   auto& c = *st.core;
   const auto& sc = st.cfg.serving;
-  // A user who was idle starts at the least service among active users, so
-  // that idling does not bank credit (S-LoRA's virtual token counter).
+  // A user who was idle starts at the least service among waiting users,
+  // so that idling does not bank credit (S-LoRA's virtual token counter).
   double floor = -1;
-  for (const auto& r : c.waiting) {
-    auto it = c.served.find(r->order.request.user_id);
-    if (it != c.served.end() && (floor < 0 || it->second < floor)) floor = it->second;
-  }
-  for (const auto& r : c.waiting) {
-    auto [it, fresh] = c.served.try_emplace(r->order.request.user_id, 0.0);
-    if (fresh || it->second < floor) it->second = std::max(0.0, floor);
-  }
+  for (const auto& r : c.waiting)
+    if (!r->share->fresh && (floor < 0 || r->share->served < floor)) floor = r->share->served;
+  for (const auto& r : c.waiting)
+    if (r->share->fresh || r->share->served < floor) {
+      r->share->served = std::max(0.0, floor);
+      r->share->fresh = false;
+    }
+  forget_idle_users(c, floor);
   // Pick first, then add everything picked: the next step computes their prompts.
   std::vector<request_ptr> chosen;
   int64_t tokens = c.tokens_in_flight;
@@ -394,16 +420,14 @@ void admit(gpu_ptr self) {
       if ((!c.active.empty() || !chosen.empty()) &&
           tokens + (*it)->budget > sc.max_tokens_in_flight)
         continue;
-      if (best == c.waiting.end() ||
-          c.served[(*it)->order.request.user_id] < c.served[(*best)->order.request.user_id])
-        best = it;
+      if (best == c.waiting.end() || (*it)->share->served < (*best)->share->served) best = it;
     }
     if (best == c.waiting.end()) break;
     auto r = *best;
     c.waiting.erase(best);
     tokens += r->budget;
     // Counted now, so that the next pick already sees this user's share.
-    c.served[r->order.request.user_id] += static_cast<double>(r->prompt_tokens);
+    r->share->served += static_cast<double>(r->prompt_tokens);
     chosen.push_back(r);
   }
   if (chosen.empty()) return;
@@ -463,7 +487,7 @@ void step(gpu_ptr self) {
     if (r->prefilling) r->prefill_ms = ms_between(r->admitted, stepped), r->prefilling = false;
   if (rows > 0) st.stats->count_step(rows);
   publish_thread_times(self, stepped);
-  for (auto& [id, r] : c.active) c.served[r->order.request.user_id] += 1.0;
+  for (auto& [id, r] : c.active) r->share->served += 1.0;
   for (auto id : finished) {
     auto it = c.active.find(id);
     if (it == c.active.end()) continue;
@@ -548,6 +572,8 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
         r->prompt_tokens = static_cast<int64_t>(q.prompt.size()) + 1;
         r->budget = r->prompt_tokens + s.max_tokens;
         r->order = std::move(o);
+        r->share = &c.shares[r->order.request.user_id];
+        ++r->share->requests;
         auto& res = c.adapters[r->order.model.model_id];
         ++res.users;
         st.stats->count_cache("device", res.index > 0 ? "hit" : "miss");

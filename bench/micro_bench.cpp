@@ -4,6 +4,7 @@
 // step of a full batch, and sampling one row's next token.
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <random>
 
 #include "model/checkpoint.hpp"
@@ -147,17 +148,26 @@ BENCHMARK(bm_decode_step_bf16)->Arg(1)->Arg(64)->Unit(benchmark::kMicrosecond);
 // the caches together, included), with an adapter drawn in turn from
 // `adapters` places. Items are generated tokens, counted as sequences end.
 void continuous(benchmark::State& state, int64_t prefix_entries,
-                serving_precision precision = {}) {
+                serving_precision precision = {}, bool zipf = false) {
   auto& f = fixture::get();
   const auto rows = state.range(0);
   const auto adapters = std::min(state.range(1), f.bank.size);
+  // Zipf(1) over the places, as the serving bench draws its users' adapters.
+  std::vector<double> cdf;
+  double sum = 0;
+  for (int64_t k = 1; k <= adapters; ++k) cdf.push_back(sum += 1.0 / static_cast<double>(k));
+  std::mt19937_64 rng(42);
+  std::uniform_real_distribution<double> u(0, sum);
   batch_generator g(f.base, f.bank, rows, prefix_entries, 0, precision);
   int next = 0;
   auto seq = [&] {
     auto s = temperature_sampling(static_cast<uint64_t>(next));
     s.max_tokens = 32;
     ++next;
-    return batch_generator::new_sequence{prompt_of(next), 1 + next % adapters, s};
+    const int64_t place =
+        zipf ? 1 + (std::lower_bound(cdf.begin(), cdf.end(), u(rng)) - cdf.begin())
+             : 1 + next % adapters;
+    return batch_generator::new_sequence{prompt_of(next), place, s};
   };
   // Staggered: row k joins at step k % 32, so that some end at every step.
   for (int k = 0; k < 32; ++k) {
@@ -199,6 +209,11 @@ void bm_continuous_bf16(benchmark::State& state) {
   continuous(state, 0, {torch::kHalf, true});
 }
 BENCHMARK(bm_continuous_bf16)->Args({64, 1})->Args({64, 256})->Unit(benchmark::kMicrosecond);
+// The same with adapters drawn from Zipf(1), as the serving bench's.
+void bm_continuous_zipf_bf16(benchmark::State& state) {
+  continuous(state, 0, {torch::kHalf, true}, true);
+}
+BENCHMARK(bm_continuous_zipf_bf16)->Args({64, 100})->Args({64, 256})->Unit(benchmark::kMicrosecond);
 
 // The same with a prefix cache of 256 prompts (as many as the bank's places): the prompts
 // share "Tell me something about number ", as the serving bench's do.

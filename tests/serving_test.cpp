@@ -268,6 +268,34 @@ TEST_F(ServingTest, AHeavyUserOverQuotaIsRefusedWhileOthersAreServed) {
   EXPECT_GE(served, 2);
 }
 
+// Least service first (S-LoRA's virtual token counter): a user who comes
+// while another has a long backlog queued is served next, not after it.
+TEST_F(ServingTest, ARequestIsNotQueuedBehindAnotherUsersBacklog) {
+  start({{"max_in_flight", 4000},
+         {"serving", {{"max_batch", 1}, {"max_requests_per_user", 4000}}}});
+  ASSERT_FALSE(HasFatalFailure());
+  onboard_all({"heavy", "light"});
+  const int backlog = 1500;  // ~3.5 s of steps, as in the cancel test
+  for (int i = 0; i < backlog; ++i) {
+    auto j = ask("heavy", "h" + std::to_string(i), "go", i, 60);
+    j["ignore_end_of_text"] = true;
+    send_inference(j);
+  }
+  in_->flush();
+  ASSERT_TRUE(wait_until(
+      [&] { return labelled("tailor_serving_waiting", "device", "tailor-test/0") >= 500; }, 60s))
+      << "no backlog formed";
+  send_inference(ask("light", "l", "go", 1, 60));
+  in_->flush();
+  auto light = result("light", "l");
+  EXPECT_FALSE(light.contains("error")) << light.dump();
+  int answered = 0;
+  for (int i = 0; i < backlog; ++i)
+    answered += events_of("heavy", "h" + std::to_string(i), "inference.result").empty() ? 0 : 1;
+  // In arrival order the light request would wait for all of them.
+  EXPECT_LE(answered, backlog - 300) << "the light request waited for the heavy backlog";
+}
+
 TEST_F(ServingTest, ACancelledRequestEndsWithCancelled) {
   // One place in the bank: while the busy user has requests queued, the
   // victim's adapter cannot be placed and the victim waits. The backlog
