@@ -222,6 +222,18 @@ void bm_continuous_prefix(benchmark::State& state) {
 }
 BENCHMARK(bm_continuous_prefix)->Args({64, 64})->Args({64, 256})->Unit(benchmark::kMicrosecond);
 
+// Placing a decoded adapter (the host tier's) into a place of the device's
+// bank: what a device miss costs the batch loop, whose thread does it.
+void bm_place_adapter(benchmark::State& state) {
+  auto& f = fixture::get();
+  auto bank = adapter_bank::make(f.cfg, 256, 16, false);
+  auto ad = lora_adapter::init(f.cfg, {state.range(0), 16.0, false}, 7);
+  int64_t index = 0;
+  for (auto _ : state) benchmark::DoNotOptimize(bank.set(1 + index++ % bank.size, ad));
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(bm_place_adapter)->Arg(8)->Arg(16)->Unit(benchmark::kMicrosecond);
+
 }  // namespace
 
 int main(int argc, char** argv) {

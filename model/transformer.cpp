@@ -377,15 +377,32 @@ uint64_t fresh_identity() {
 
 namespace {
 
-// One adapter's factors of one site into its bank place (A [in, r] and
-// B [r, out] of the bank, zeroed), rounded to bfloat16: A packed as
-// [in, rank] at the start of the place, so that a row of a smaller rank
-// reads whole cache lines of its own numbers only; B's first `rank` rows,
-// with the scale folded in.
-void put_factors(torch::Tensor a, torch::Tensor b, const lora_adapter::pair& p, int64_t rank,
-                 double scale) {
-  a.view({-1}).narrow(0, 0, a.size(0) * rank).view({a.size(0), rank}).copy_(p.a);
-  b.narrow(0, 0, rank).copy_(p.b * scale);
+// Place `index` of one site's bank factors: A [n + 1, in, r] and B [n + 1,
+// r, out] (CPU, bfloat16). Zeroes it and, with `p`, writes an adapter's
+// factors rounded to bfloat16 (to nearest even, as LibTorch converts): A
+// packed as [in, rank] at the start of the place, so that a row of a
+// smaller rank reads whole cache lines of its own numbers only; B's first
+// `rank` rows, with the scale folded in (multiplied in float). Plain loops:
+// a device miss places an adapter on the batch loop's thread, and tensor
+// ops per layer and site cost it ~30 us where these take a few.
+void put_factors(const torch::Tensor& a, const torch::Tensor& b, int64_t index,
+                 const lora_adapter::pair* p, int64_t rank, double scale) {
+  TORCH_CHECK(a.is_cpu() && b.is_cpu() && a.is_contiguous() && b.is_contiguous() &&
+              a.scalar_type() == torch::kBFloat16 && b.scalar_type() == torch::kBFloat16);
+  const int64_t in = a.size(1), r = a.size(2), out = b.size(2);
+  auto* ap = a.data_ptr<c10::BFloat16>() + index * in * r;
+  auto* bp = b.data_ptr<c10::BFloat16>() + index * r * out;
+  std::fill(ap, ap + in * r, c10::BFloat16(0.0f));
+  std::fill(bp, bp + r * out, c10::BFloat16(0.0f));
+  if (!p) return;
+  TORCH_CHECK(p->a.size(0) == in && p->a.size(1) == rank && p->b.size(0) == rank &&
+              p->b.size(1) == out && rank <= r);
+  const auto fa = p->a.to(torch::kFloat32).contiguous(), fb = p->b.to(torch::kFloat32).contiguous();
+  const float* pa = fa.data_ptr<float>();
+  const float* pb = fb.data_ptr<float>();
+  const auto s = static_cast<float>(scale);
+  for (int64_t k = 0; k < in * rank; ++k) ap[k] = c10::BFloat16(pa[k]);
+  for (int64_t k = 0; k < rank * out; ++k) bp[k] = c10::BFloat16(pb[k] * s);
 }
 
 }  // namespace
@@ -410,7 +427,7 @@ adapter_bank adapter_bank::build(const model_config& mc,
       for (int64_t k = 0; k < bank.size; ++k) {
         const auto* ad = adapters[k];
         if (s >= ad->sites()) continue;
-        put_factors(a[k + 1], b[k + 1], ad->layers[i][s], ad->cfg.rank, ad->scale());
+        put_factors(a, b, k + 1, &ad->layers[i][s], ad->cfg.rank, ad->scale());
       }
       bank.a[i].push_back(a);
       bank.b[i].push_back(b);
@@ -449,14 +466,10 @@ bool adapter_bank::set(int64_t index, const lora_adapter& ad, uint64_t key) {
     return false;
   torch::NoGradGuard no_grad;
   for (std::size_t i = 0; i < a.size(); ++i)
-    for (std::size_t s = 0; s < a[i].size(); ++s) {
-      auto ai = a[i][s][index];
-      auto bi = b[i][s][index];
-      ai.zero_();
-      bi.zero_();
-      if (static_cast<int>(s) >= ad.sites()) continue;
-      put_factors(ai, bi, ad.layers[i][s], ad.cfg.rank, ad.scale());
-    }
+    for (std::size_t s = 0; s < a[i].size(); ++s)
+      put_factors(a[i][s], b[i][s], index,
+                  static_cast<int>(s) < ad.sites() ? &ad.layers[i][s] : nullptr, ad.cfg.rank,
+                  ad.scale());
   ranks[static_cast<std::size_t>(index)] = ad.cfg.rank;
   identities[static_cast<std::size_t>(index)] = key != 0 ? key | keyed_bit : fresh_identity();
   return true;

@@ -155,6 +155,22 @@ TEST_F(ModelTest, TheBankKeepsFactorsInBfloat16CloseToTheFloatAdapter) {
       torch::kFloat32).equal(bf16(p.a)));
   EXPECT_TRUE(bank.b[0][site_qkv][1].narrow(0, 0, 8).to(torch::kFloat32).equal(
       bf16(p.b * ad.scale())));
+  // Placed in a serving bank of a larger rank, over an adapter of that
+  // rank: the same numbers, and zeros where the larger one's were.
+  auto placed = adapter_bank::make(cfg_, 2, 16, false);
+  ASSERT_TRUE(placed.set(2, adapters_[3]));
+  ASSERT_TRUE(placed.set(2, ad));
+  for (std::size_t i = 0; i < ad.layers.size(); ++i)
+    for (int s = 0; s < 2; ++s) {
+      const auto& f = ad.layers[i][s];
+      auto a = placed.a[i][s][2].reshape({-1}).to(torch::kFloat32);
+      auto b = placed.b[i][s][2].to(torch::kFloat32);
+      const int64_t n = f.a.numel();
+      EXPECT_TRUE(a.narrow(0, 0, n).equal(bf16(f.a).reshape({-1}))) << "layer " << i;
+      EXPECT_EQ(a.narrow(0, n, a.numel() - n).count_nonzero().item<int64_t>(), 0);
+      EXPECT_TRUE(b.narrow(0, 0, 8).equal(bf16(f.b * ad.scale()))) << "layer " << i;
+      EXPECT_EQ(b.narrow(0, 8, 8).count_nonzero().item<int64_t>(), 0);
+    }
 
   const int64_t T = 8;
   auto tokens = tokens_of(T, 5);
