@@ -8,7 +8,10 @@ namespace tailor::bench {
 
 struct serving_options {
   std::vector<int> adapters = {1, 100, 1000};
-  int requests = 1000;
+  // A run long enough for its steady state: at ~1,700 requests/s, 1,000
+  // were 0.6 s, where one burst of the machine's noise, or every user's
+  // first request, made the figures (docs/operations.md, 2026-12-03).
+  int requests = 10000;
   int max_tokens = 32;
   double zipf = 1.0;
   int concurrency = 64;  // closed loop: requests always outstanding

@@ -97,7 +97,7 @@ int main(int argc, char** argv) {
       ->add_option("--adapters", so.adapters, "adapter counts, one run each (default: 1,100,1000)")
       ->delimiter(',')
       ->check(CLI::PositiveNumber);
-  serving->add_option("--requests", so.requests, "requests per run (default: 1000)")
+  serving->add_option("--requests", so.requests, "requests per run (default: 10000)")
       ->check(CLI::PositiveNumber);
   serving->add_option("--max-tokens", so.max_tokens, "tokens per request at most (default: 32)")
       ->check(CLI::PositiveNumber);
