@@ -120,11 +120,9 @@ loader_actor::behavior_type adapter_loader(loader_actor::stateful_pointer<loader
 // --- device tier and batch loop ------------------------------------------------
 
 struct gpu_core {
-  // A user's service on this device (S-LoRA's virtual token counter), and
-  // how many of their requests wait or run here.
+  // A user's service on this device (S-LoRA's virtual token counter).
   struct user_share {
     double served = 0;
-    int64_t requests = 0;
     bool fresh = true;  // not yet counted against the others
   };
   struct request {
@@ -263,7 +261,6 @@ void answer(gpu_ptr self, const request_ptr& r, const model::generation& g,
   // batch loop, as waiting for a row is: queue. Route is the user actor's part.
   res.timings.route = ms_between(r->order.received, r->order.dispatched);
   st.stats->count_request(res.model_id, res.user_id);
-  --r->share->requests;
   r->rp.deliver(outgoing_message{channel::results, res.user_id, to_json(res)});
 }
 
@@ -378,20 +375,6 @@ void fetch_adapters(gpu_ptr self) {
   }
 }
 
-// Drops the counters of users with nothing here whose service is at most
-// `floor` (the least of the waiting users'): were they to come back, they
-// would start at the floor anyway. Without this the map would grow by every
-// user the device ever served; swept only when it holds many such users.
-void forget_idle_users(gpu_core& c, double floor) {
-  if (floor < 0) return;
-  const auto busy = c.waiting.size() + c.active.size();
-  if (c.shares.size() <= 2 * busy + 1024) return;
-  for (auto it = c.shares.begin(); it != c.shares.end();) {
-    const bool idle = it->second.requests == 0 && it->second.served <= floor;
-    it = idle ? c.shares.erase(it) : std::next(it);
-  }
-}
-
 // Moves waiting requests into the batch: only those whose adapter is placed,
 // least-served user first, within the batch's row and token limits.
 void admit(gpu_ptr self) {
@@ -408,7 +391,6 @@ void admit(gpu_ptr self) {
       r->share->served = std::max(0.0, floor);
       r->share->fresh = false;
     }
-  forget_idle_users(c, floor);
   // Pick first, then add everything picked: the next step computes their prompts.
   std::vector<request_ptr> chosen;
   int64_t tokens = c.tokens_in_flight;
@@ -573,7 +555,6 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
         r->budget = r->prompt_tokens + s.max_tokens;
         r->order = std::move(o);
         r->share = &c.shares[r->order.request.user_id];
-        ++r->share->requests;
         auto& res = c.adapters[r->order.model.model_id];
         ++res.users;
         st.stats->count_cache("device", res.index > 0 ? "hit" : "miss");

@@ -1,7 +1,8 @@
 // Micro-benchmarks (Google Benchmark) of the pieces a serving batch step is
 // made of, on the default model shape with random weights (time does not
 // depend on their values): the prefill of rows joining a batch, one decode
-// step of a full batch, and sampling one row's next token.
+// step of a full batch, the loop's steady state, and placing an adapter in
+// the device's bank.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>

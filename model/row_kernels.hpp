@@ -1,10 +1,10 @@
 #pragma once
 
-// The serving forward's per-row loops: one row's LoRA product (x·A·B) and
-// one (row, head) of decode attention, a row's sampling weights, each in a portable version (the
-// compiler vectorises it four floats at a time and widens bfloat16 one
-// value at a time) and, for machines that have it, an AVX-512 one (16 at a
-// time; attention scores 16 positions at once). No LibTorch here. Each
+// The serving forward's per-row loops: one row's LoRA product (x·A·B),
+// one (row, head) of decode attention and one row's sampling weights, each
+// in a portable version (the compiler vectorises it four floats at a time
+// and widens bfloat16 one value at a time) and, for machines that have it,
+// an AVX-512 one (16 at a time; attention scores 16 positions at once). No LibTorch here. Each
 // row's arithmetic is its own, so results do not depend on the batch.
 #include <cstdint>
 
