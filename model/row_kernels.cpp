@@ -287,6 +287,32 @@ TAILOR_AVX512 void softmax_weights_avx512(const float* x, int64_t n, float inv_t
   }
 }
 
+// GELU of 16 floats: erf(z) for z = |x| / sqrt 2 as 1 - t P(t) e^(-z^2)
+// with t = 1 / (1 + p z). For x < 0, GELU is x / 2 * t P(t) e^(-z^2):
+// that product, not 1 minus an erf near 1, so the tail keeps its digits.
+TAILOR_AVX512 void gelu_avx512(float* x, int64_t n) {
+  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    const __m512 z = _mm512_mul_ps(_mm512_abs_ps(v), _mm512_set1_ps(0.70710678118654752f));
+    const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), z, one));
+    __m512 p = _mm512_set1_ps(1.061405429f);
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+    // 1 - erf(z), in [0, 1].
+    const __m512 minus_z2 = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), z);
+    const __m512 rest = _mm512_mul_ps(_mm512_mul_ps(p, t), exp16(minus_z2));
+    const __mmask16 negative = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
+    // x >= 0: x / 2 * (2 - rest); x < 0: x / 2 * rest.
+    const __m512 factor = _mm512_mask_blend_ps(negative, _mm512_sub_ps(_mm512_set1_ps(2.0f), rest),
+                                               rest);
+    _mm512_mask_storeu_ps(x + i, m, _mm512_mul_ps(_mm512_mul_ps(half, v), factor));
+  }
+}
+
 float16 to_float16_portable(float f) {
   const auto x = std::bit_cast<uint32_t>(f);
   const auto sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
@@ -384,6 +410,11 @@ void softmax_weights(row_isa isa, const float* x, int64_t n, float inv_temperatu
   for (int64_t i = 0; i < n; ++i) out[i] = std::exp((x[i] - hi) * inv_temperature);
 }
 
+void gelu(row_isa isa, float* x, int64_t n) {
+  if (isa == row_isa::avx512) return gelu_avx512(x, n);
+  for (int64_t i = 0; i < n; ++i) x[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * 0.70710678f));
+}
+
 namespace {
 row_isa best_row_isa() {
   static const row_isa best =
@@ -412,5 +443,7 @@ void to_float16(const float* x, int64_t n, float16* out) { to_float16(best_row_i
 void softmax_weights(const float* x, int64_t n, float inv_temperature, float* out) {
   softmax_weights(best_row_isa(), x, n, inv_temperature, out);
 }
+
+void gelu(float* x, int64_t n) { gelu(best_row_isa(), x, n); }
 
 }  // namespace tailor::model

@@ -1,11 +1,12 @@
 #pragma once
 
 // The serving forward's per-row loops: one row's LoRA product (x·A·B),
-// one (row, head) of decode attention and one row's sampling weights, each
-// in a portable version (the compiler vectorises it four floats at a time
-// and widens bfloat16 one value at a time) and, for machines that have it,
-// an AVX-512 one (16 at a time; attention scores 16 positions at once). No LibTorch here. Each
-// row's arithmetic is its own, so results do not depend on the batch.
+// one (row, head) of decode attention, a row's GELU and its sampling
+// weights, each in a portable version (the compiler vectorises it four
+// floats at a time and widens bfloat16 one value at a time) and, for
+// machines that have it, an AVX-512 one (16 at a time; attention scores 16
+// positions at once). No LibTorch here. Each row's arithmetic is its own,
+// so results do not depend on the batch.
 #include <cstdint>
 
 namespace tailor::model {
@@ -44,6 +45,12 @@ void attend(const float* q, const float16* k, int64_t ks, const float16* v, int6
 // max x) * inv_temperature), not normalised.
 void softmax_weights(const float* x, int64_t n, float inv_temperature, float* out);
 
+// GELU of n floats in place, x / 2 * (1 + erf(x / sqrt 2)) as
+// torch::gelu's default: the portable loop with std::erf, the AVX-512 one
+// with an erf approximation of absolute error below 2e-7 (Abramowitz and
+// Stegun 7.1.26).
+void gelu(float* x, int64_t n);
+
 // The same with a given kind (tests compare them); it must be supported.
 // The ones above run the best this machine has.
 void lora_row(row_isa isa, const float* x, const uint16_t* a, const uint16_t* b, int64_t in,
@@ -54,5 +61,6 @@ void attend(row_isa isa, const float* q, const float16* k, int64_t ks, const flo
             int64_t vs, int64_t n, int64_t hd, float scale, float* p, float* out);
 void to_float16(row_isa isa, const float* x, int64_t n, float16* out);
 void softmax_weights(row_isa isa, const float* x, int64_t n, float inv_temperature, float* out);
+void gelu(row_isa isa, float* x, int64_t n);
 
 }  // namespace tailor::model

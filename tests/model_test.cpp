@@ -594,6 +594,31 @@ TEST(RowKernels, EveryKindOfSoftmaxWeightsIsTheShiftedExponential) {
       }
 }
 
+// The MLP's activation: x / 2 * (1 + erf(x / sqrt 2)), as torch::gelu, to
+// within 1e-6 of a double reference (times |x| beyond 1), over ragged
+// lengths, leaving what follows them alone.
+TEST(RowKernels, EveryKindOfGeluIsTheErfGelu) {
+  torch::manual_seed(8);
+  auto x = torch::cat({torch::linspace(-12, 12, 2401), torch::randn({37}) * 3});
+  const auto xd = x.to(torch::kDouble);
+  const auto ref = xd * 0.5 * (1 + torch::erf(xd / std::sqrt(2.0)));
+  for (auto isa : runnable_row_kernels())
+    for (int64_t n : {x.numel(), int64_t{15}, int64_t{1}}) {
+      auto y = x.clone();
+      if (n < y.numel()) y[n].fill_(7.0f);
+      gelu(isa, y.data_ptr<float>(), n);
+      for (int64_t i = 0; i < n; ++i) {
+        const double at = x[i].item<double>();
+        EXPECT_LE(std::abs(y[i].item<double>() - ref[i].item<double>()),
+                  1e-6 * std::max(1.0, std::abs(at)))
+            << (isa == row_isa::avx512 ? "avx512" : "portable") << " x " << at;
+      }
+      if (n < y.numel()) {
+        EXPECT_EQ(y[n].item<float>(), 7.0f);
+      }
+    }
+}
+
 // What the float16 cache stores: LibTorch's rounding (to nearest, ties to
 // even; subnormals; infinity from 65520), bit for bit, and back exactly.
 TEST(RowKernels, EveryKindOfFloat16ConversionRoundsAsLibTorch) {
