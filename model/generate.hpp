@@ -98,7 +98,7 @@ class batch_generator {
   int64_t prefix_cache_bytes() const { return prefix_used_; }
   // Whether the products run in bfloat16 (asked for, and the machine can),
   // and the key/value cache's type.
-  bool bf16_products() const { return weights_.bf16_products; }
+  bool bf16_products() const { return weights_.bf16_products(); }
   torch::ScalarType kv_type() const { return cache_.k.front().scalar_type(); }
 
  private:

@@ -24,6 +24,12 @@ namespace tailor::model {
 
 namespace {
 
+// The first min(k, 16) lanes (k > 0): the mask of a loop's last, partial
+// vector of 16.
+TAILOR_AVX512 inline __mmask16 lanes(int64_t k) {
+  return k >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << k) - 1);
+}
+
 // 16 bfloat16 values (their bits) as floats: a bfloat16 is a float's upper half.
 TAILOR_AVX512 inline __m512 widen16(const uint16_t* p, __mmask16 m) {
   const __m256i h = _mm256_maskz_loadu_epi16(m, p);
@@ -163,23 +169,22 @@ TAILOR_AVX512 bool lora_row_avx512(const float* x, const uint16_t* a, const uint
   __m512 acc = _mm512_setzero_ps();
   for (int64_t i = 0; i < in; i += per) {
     const int64_t left = in - i;  // inputs
-    const __mmask16 mx = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
-    const __mmask16 ma = left >= per ? 0xFFFF : static_cast<__mmask16>((1u << (left * rank)) - 1);
+    const __mmask16 mx = lanes(left), ma = lanes(left * rank);
     const __m512 xs = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(mx, x + i));
     acc = _mm512_fmadd_ps(xs, widen16(a + i * rank, ma), acc);
   }
-  alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, acc);
+  alignas(64) float sums[16];
+  _mm512_store_ps(sums, acc);
   float xa[16];
   for (int64_t k = 0; k < rank; ++k) {
     float s = 0;
-    for (int64_t j = k; j < 16; j += rank) s += lanes[j];
+    for (int64_t j = k; j < 16; j += rank) s += sums[j];
     xa[k] = s;
   }
   // (x·A)·B into the row, 16 outputs at a time.
   for (int64_t o = 0; o < n_out; o += 16) {
     const int64_t left = n_out - o;
-    const __mmask16 m = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+    const __mmask16 m = lanes(left);
     __m512 sum = _mm512_maskz_loadu_ps(m, orow + o);
     for (int64_t k = 0; k < rank; ++k)
       sum = _mm512_fmadd_ps(_mm512_set1_ps(xa[k]), widen16(b + k * n_out + o, m), sum);
@@ -197,7 +202,7 @@ TAILOR_AVX512 void attend_chunks(const float* q, const T* k, int64_t ks, const T
   __m512 qv[C], acc[C];
   for (int c = 0; c < C; ++c) {
     const int64_t left = hd - 16 * c;
-    mask[c] = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+    mask[c] = lanes(left);
     qv[c] = _mm512_maskz_loadu_ps(mask[c], q + 16 * c);
     acc[c] = _mm512_setzero_ps();
   }
@@ -233,7 +238,7 @@ TAILOR_AVX512 void attend_chunks(const float* q, const T* k, int64_t ks, const T
   const __m512 shift = _mm512_set1_ps(hi);
   __m512 total16 = _mm512_setzero_ps();
   for (l = 0; l < n; l += 16) {
-    const __mmask16 m = n - l >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - l)) - 1);
+    const __mmask16 m = lanes(n - l);
     const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + l), shift));
     _mm512_mask_storeu_ps(p + l, m, e);
     total16 = _mm512_mask_add_ps(total16, m, total16, e);
@@ -265,7 +270,7 @@ bool attend_avx512(const float* q, const T* k, int64_t ks, const T* v, int64_t v
 // portable conversion).
 TAILOR_AVX512 void to_float16_avx512(const float* x, int64_t n, float16* out) {
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 m = lanes(n - i);
     const __m256i h = _mm512_cvtps_ph(_mm512_maskz_loadu_ps(m, x + i),
                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     _mm256_mask_storeu_epi16(out + i, m, h);
@@ -273,9 +278,7 @@ TAILOR_AVX512 void to_float16_avx512(const float* x, int64_t n, float16* out) {
 }
 
 TAILOR_AVX512 void softmax_weights_avx512(const float* x, int64_t n, float inv_t, float* out) {
-  auto mask = [n](int64_t i) {
-    return n - i >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << (n - i)) - 1);
-  };
+  auto mask = [n](int64_t i) TAILOR_AVX512 { return lanes(n - i); };
   const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 hi16 = lowest;
   for (int64_t i = 0; i < n; i += 16)
@@ -293,7 +296,7 @@ TAILOR_AVX512 void softmax_weights_avx512(const float* x, int64_t n, float inv_t
 TAILOR_AVX512 void gelu_avx512(float* x, int64_t n) {
   const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 m = lanes(n - i);
     const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
     const __m512 z = _mm512_mul_ps(_mm512_abs_ps(v), _mm512_set1_ps(0.70710678118654752f));
     const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), z, one));

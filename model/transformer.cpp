@@ -542,10 +542,10 @@ serving_weights serving_weights::of(const base_weights& base, bool bf16) {
   torch::NoGradGuard no_grad;  // copies for inference, whatever the base's flags
   serving_weights w;
   w.base = &base;
-  w.bf16_products = bf16 && dense_bf16_supported();
+  const bool packed = bf16 && dense_bf16_supported();
   auto t = [&](const torch::Tensor& m) {
     matrix out{m.t().contiguous().to(torch::kFloat32), {}};
-    if (w.bf16_products)
+    if (packed)
       out.packed = packed_bf16(out.t.data_ptr<float>(), out.t.size(0), out.t.size(1));
     return out;
   };

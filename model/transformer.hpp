@@ -141,7 +141,7 @@ torch::Tensor forward_single(const base_weights& base, const lora_adapter* adapt
 //
 // With `bf16` (and a machine with AVX-512 BF16: see dense_bf16), the
 // products run in bfloat16 over packed copies of the matrices (`packed`),
-// at twice the multiply-adds per cycle; `bf16_products` says whether they do.
+// at twice the multiply-adds per cycle; bf16_products() says whether they do.
 struct serving_weights {
   struct matrix {
     torch::Tensor t;                // [in, out]
@@ -153,7 +153,7 @@ struct serving_weights {
   const base_weights* base = nullptr;
   std::vector<layer> layers;
   matrix head;  // wte transposed: [d_model, vocab]
-  bool bf16_products = false;
+  bool bf16_products() const { return !head.packed.empty(); }
   static serving_weights of(const base_weights& base, bool bf16 = false);
 };
 

@@ -487,7 +487,7 @@ TEST(Dense, ARowsProductIsTheSameBitsInAnyBatch) {
 TEST(Dense, Bfloat16ProductsSumTheRoundedInputsAndDoNotDependOnTheBatch) {
   if (!dense_bf16_supported()) {
     auto base = base_weights::init(tiny(), 1);
-    EXPECT_FALSE(serving_weights::of(base, true).bf16_products);
+    EXPECT_FALSE(serving_weights::of(base, true).bf16_products());
     return;
   }
   torch::manual_seed(7);
