@@ -54,6 +54,7 @@ std::string validate(const engine_config& cfg) {
   if (t.prompt_max_tokens < 1) return bad("training.prompt_max_tokens", "must be at least 1");
   if (cfg.kafka.commit_interval_ms < 0)
     return bad("kafka.commit_interval_ms", "must be 0 (every poll) or more");
+  if (cfg.admin_max_user_series < 1) return bad("admin.max_user_series", "must be at least 1");
   const auto& v = cfg.serving;
   if (v.devices < 1) return bad("serving.devices", "must be at least 1");
   if (v.max_batch < 1) return bad("serving.max_batch", "must be at least 1");
@@ -119,11 +120,6 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
             take(j, "log_level", cfg.log_level, "", err) &&
             take(j, "ready_file", cfg.ready_file, "", err) &&
             take(j, "artifact_dir", cfg.artifact_dir, "", err);
-  if (ok && j.contains("admin")) {
-    const auto& a = j["admin"];
-    ok = take(a, "host", cfg.admin_host, "admin.", err) &&
-         take(a, "port", cfg.admin_port, "admin.", err);
-  }
   if (ok && j.contains("kafka")) {
     const auto& k = j["kafka"];
     auto& kc = cfg.kafka;
@@ -217,6 +213,12 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
          take(v, "batch_thread", sc.batch_thread, w, err) &&
          take(v, "kv_cache", sc.kv_cache, w, err) &&
          take(v, "products", sc.products, w, err);
+  }
+  if (section("admin", {"host", "port", "max_user_series"})) {
+    const auto& a = j["admin"];
+    ok = take(a, "host", cfg.admin_host, "admin.", err) &&
+         take(a, "port", cfg.admin_port, "admin.", err) &&
+         take(a, "max_user_series", cfg.admin_max_user_series, "admin.", err);
   }
   if (section("compute", {"intra_op_threads", "blas_threads", "actor_threads"})) {
     const auto& c = j["compute"];

@@ -153,7 +153,7 @@ std::unique_ptr<engine> engine::start(engine_config cfg, std::string& err,
   }
   std::shared_ptr<storage::metadata_store> shared_db(std::move(*db));
   e->cfg_ = cfg;
-  e->stats_ = std::make_shared<metrics>();
+  e->stats_ = std::make_shared<metrics>(static_cast<std::size_t>(cfg.admin_max_user_series));
   e->sys_cfg_ = std::make_unique<caf::actor_system_config>();
   e->sys_cfg_->add_message_types<caf::id_block::tailor>();
   // Work stealing lets idle workers sleep up to 10 ms before they look for

@@ -5,13 +5,16 @@
 #include <spdlog/spdlog.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <list>
 #include <unordered_map>
 
 #include "actors/base_models.hpp"
 #include "actors/error_text.hpp"
+#include "actors/fair_shares.hpp"
 #include "model/checkpoint.hpp"
 #include "model/generate.hpp"
 #include "storage/artifacts.hpp"
@@ -120,11 +123,6 @@ loader_actor::behavior_type adapter_loader(loader_actor::stateful_pointer<loader
 // --- device tier and batch loop ------------------------------------------------
 
 struct gpu_core {
-  // A user's service on this device (S-LoRA's virtual token counter).
-  struct user_share {
-    double served = 0;
-    bool fresh = true;  // not yet counted against the others
-  };
   struct request {
     inference_order order;
     caf::typed_response_promise<outgoing_message> rp;
@@ -135,7 +133,7 @@ struct gpu_core {
     int64_t gen_id = -1;  // in the batch when >= 0
     int64_t budget = 0;   // tokens it may occupy: prompt + max_tokens
     int64_t prompt_tokens = 0;
-    user_share* share = nullptr;  // its user's; stable: map nodes do not move
+    fair_shares::share* share = nullptr;  // its user's, until it is answered
   };
   struct resident {
     int64_t index = 0;  // place in the bank; 0 while not placed
@@ -152,7 +150,7 @@ struct gpu_core {
   std::vector<std::string> owner;                      // bank index -> model id ("" free)
   std::list<std::shared_ptr<request>> waiting;
   std::unordered_map<int64_t, std::shared_ptr<request>> active;  // by generator id
-  std::unordered_map<std::string, user_share> shares;            // by user id
+  fair_shares shares;
   int64_t tokens_in_flight = 0;
   uint64_t tick = 0;
   bool stepping = false;
@@ -180,7 +178,8 @@ void publish_gauges(gpu_ptr self) {
   auto& st = self->state;
   st.stats->set_serving(st.label, static_cast<int64_t>(st.core->waiting.size()),
                         static_cast<int64_t>(st.core->active.size()),
-                        st.core->gen->prefix_cache_bytes());
+                        st.core->gen->prefix_cache_bytes(),
+                        static_cast<int64_t>(st.core->shares.users()));
 }
 
 // On a machine whose cores the loop shares with Kafka's and the actors'
@@ -261,6 +260,8 @@ void answer(gpu_ptr self, const request_ptr& r, const model::generation& g,
   // batch loop, as waiting for a row is: queue. Route is the user actor's part.
   res.timings.route = ms_between(r->order.received, r->order.dispatched);
   st.stats->count_request(res.model_id, res.user_id);
+  st.core->shares.release(res.user_id);
+  r->share = nullptr;
   r->rp.deliver(outgoing_message{channel::results, res.user_id, to_json(res)});
 }
 
@@ -381,16 +382,15 @@ void admit(gpu_ptr self) {
   auto& st = self->state;
   auto& c = *st.core;
   const auto& sc = st.cfg.serving;
-  // A user who was idle starts at the least service among waiting users,
-  // so that idling does not bank credit (S-LoRA's virtual token counter).
-  double floor = -1;
+  // A user who was idle, or is new, starts at the least service among users
+  // with requests waiting or running, so that idling does not bank credit
+  // (S-LoRA's virtual token counter; fair_shares).
+  double least = std::numeric_limits<double>::infinity();
   for (const auto& r : c.waiting)
-    if (!r->share->fresh && (floor < 0 || r->share->served < floor)) floor = r->share->served;
-  for (const auto& r : c.waiting)
-    if (r->share->fresh || r->share->served < floor) {
-      r->share->served = std::max(0.0, floor);
-      r->share->fresh = false;
-    }
+    if (!r->share->fresh) least = std::min(least, r->share->served);
+  for (const auto& [id, r] : c.active) least = std::min(least, r->share->served);
+  if (std::isfinite(least)) c.shares.raise_floor(least);
+  for (const auto& r : c.waiting) c.shares.lift(*r->share);
   // Pick first, then add everything picked: the next step computes their prompts.
   std::vector<request_ptr> chosen;
   int64_t tokens = c.tokens_in_flight;
@@ -554,7 +554,7 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
         r->prompt_tokens = static_cast<int64_t>(q.prompt.size()) + 1;
         r->budget = r->prompt_tokens + s.max_tokens;
         r->order = std::move(o);
-        r->share = &c.shares[r->order.request.user_id];
+        r->share = c.shares.arrive(r->order.request.user_id);
         auto& res = c.adapters[r->order.model.model_id];
         ++res.users;
         st.stats->count_cache("device", res.index > 0 ? "hit" : "miss");

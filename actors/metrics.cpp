@@ -11,6 +11,23 @@ const std::vector<double> overhead_bounds = {0.5, 1,   2,   3,   5,   7.5, 10,  
                                              75,  100, 150, 200, 300, 500, 750, 1000, 2000, 5000};
 }  // namespace
 
+void bounded_counts::add(const std::string& key, int64_t d) {
+  auto it = counts_.find(key);
+  if (it == counts_.end()) {
+    if (counts_.size() >= limit_) {
+      auto fewest = by_count_.begin();
+      other_ += fewest->first;
+      counts_.erase(fewest->second);
+      by_count_.erase(fewest);
+    }
+    it = counts_.emplace(key, 0).first;
+  } else {
+    by_count_.erase({it->second, key});
+  }
+  it->second += d;
+  by_count_.emplace(it->second, key);
+}
+
 void metrics::observe_overhead(double ms) {
   std::lock_guard<std::mutex> g(mtx_);
   if (overhead_buckets_.empty()) overhead_buckets_.assign(overhead_bounds.size(), 0);
@@ -89,16 +106,26 @@ std::string metrics::render() const {
     family(f.name, "counter", f.help, "tier",
            it == cache_.end() ? std::map<std::string, int64_t>{} : it->second);
   }
-  family("tailor_model_requests_total", "counter", "Inference requests served, per model.", "model",
-         model_requests_);
-  family("tailor_user_requests_total", "counter", "Inference requests served, per user.", "user",
-         user_requests_);
+  // The busiest models and users by name, the rest as one "_other".
+  auto bounded = [&](const char* name, const char* help, const char* label,
+                     const bounded_counts& c) {
+    auto m = c.counts();
+    if (c.other() > 0) m["_other"] += c.other();
+    family(name, "counter", help, label, m);
+  };
+  bounded("tailor_model_requests_total", "Inference requests served, per model.", "model",
+          model_requests_);
+  bounded("tailor_user_requests_total", "Inference requests served, per user.", "user",
+          user_requests_);
   family("tailor_serving_waiting", "gauge", "Requests waiting to join a batch.", "device",
          serving_waiting_);
   family("tailor_serving_active", "gauge", "Sequences in the batch.", "device", serving_active_);
   family("tailor_prefix_cache_bytes", "gauge",
          "Memory the prefix cache holds (keys and values of cached prompts).", "device",
          prefix_bytes_);
+  family("tailor_serving_users", "gauge",
+         "Users whose service a device keeps count of for fair admission.", "device",
+         serving_users_);
   family("tailor_batch_thread_realtime", "gauge",
          "1 while a batch loop runs SCHED_FIFO (serving.batch_thread realtime).", "device",
          batch_realtime_);

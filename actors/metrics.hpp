@@ -1,18 +1,43 @@
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
 namespace tailor::actors {
 
+// Counts by key for at most `limit` keys: a new key past that moves the
+// key with the fewest counts into one sum (`other`), so that a million users
+// are not a million series on /metrics while the busiest keep theirs. The
+// sum over all keys and `other` only grows, as a counter family's should.
+class bounded_counts {
+ public:
+  explicit bounded_counts(std::size_t limit) : limit_(std::max<std::size_t>(1, limit)) {}
+  void add(const std::string& key, int64_t d);
+  const std::map<std::string, int64_t>& counts() const { return counts_; }
+  int64_t other() const { return other_; }
+
+ private:
+  std::size_t limit_;
+  std::map<std::string, int64_t> counts_;
+  std::set<std::pair<int64_t, std::string>> by_count_;  // the same, fewest first
+  int64_t other_ = 0;
+};
+
 // Process-wide counters and gauges, rendered in Prometheus text format by
 // the admin API. Written from actors, read from the HTTP thread.
 class metrics {
  public:
+  // At most `max_user_series` series each of the per-user and per-model
+  // request counts; the rest sum under the label value "_other".
+  explicit metrics(std::size_t max_user_series = 1000)
+      : model_requests_(max_user_series), user_requests_(max_user_series) {}
+
   void count_in(const std::string& topic) { add(events_in_, topic, 1); }
   void count_out(const std::string& topic) { add(events_out_, topic, 1); }
   void count_error(const std::string& code) { add(errors_, code, 1); }
@@ -38,8 +63,9 @@ class metrics {
     add(cache_[event], tier, 1);
   }
   void count_request(const std::string& model_id, const std::string& user_id) {
-    add(model_requests_, model_id, 1);
-    add(user_requests_, user_id, 1);
+    std::lock_guard<std::mutex> g(mtx_);
+    model_requests_.add(model_id, 1);
+    user_requests_.add(user_id, 1);
   }
   void count_step(int64_t rows) {
     serving_steps_.fetch_add(1);
@@ -54,13 +80,14 @@ class metrics {
     prompt_computed_.fetch_add(computed);
   }
   // A GPU actor's gauges: requests waiting for a row, rows in the batch,
-  // bytes its prefix cache holds.
+  // bytes its prefix cache holds, users whose service it keeps count of.
   void set_serving(const std::string& device, int64_t waiting, int64_t active,
-                   int64_t prefix_bytes) {
+                   int64_t prefix_bytes, int64_t users) {
     std::lock_guard<std::mutex> g(mtx_);
     serving_waiting_[device] = waiting;
     serving_active_[device] = active;
     prefix_bytes_[device] = prefix_bytes;
+    serving_users_[device] = users;
   }
 
   // A batch loop's thread since it started, in seconds: on a core, and ready
@@ -100,8 +127,9 @@ class metrics {
 
   mutable std::mutex mtx_;
   std::map<std::string, int64_t> events_in_, events_out_, errors_, lag_, joined_, in_flight_,
-      paused_, jobs_, pauses_, model_requests_, user_requests_, serving_waiting_, serving_active_,
-      prefix_bytes_, batch_realtime_;
+      paused_, jobs_, pauses_, serving_waiting_, serving_active_, prefix_bytes_, serving_users_,
+      batch_realtime_;
+  bounded_counts model_requests_, user_requests_;
   std::map<std::string, std::map<std::string, int64_t>> cache_;  // event -> tier -> count
   std::map<std::string, std::pair<double, double>> batch_thread_;  // device -> running, runnable
   static constexpr std::size_t overhead_window = 8192;

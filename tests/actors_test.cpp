@@ -9,12 +9,15 @@
 #include <caf/actor_system_config.hpp>
 #include <caf/scoped_actor.hpp>
 #include <chrono>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <thread>
 
 #include "actors/config.hpp"
+#include "actors/fair_shares.hpp"
 #include "actors/gpu.hpp"
+#include "actors/metrics.hpp"
 #include "actors/training_data.hpp"
 #include "actors/training_pool.hpp"
 #include "model/transformer.hpp"
@@ -132,6 +135,9 @@ TEST(EngineConfig, ValidationNamesTheOffendingKey) {
   cfg.serving.products = "float32";
   EXPECT_EQ(validate(cfg), "");
   cfg = {};
+  cfg.admin_max_user_series = 0;
+  EXPECT_NE(validate(cfg).find("admin.max_user_series"), std::string::npos);
+  cfg = {};
   cfg.compute.actor_threads = -1;
   EXPECT_NE(validate(cfg).find("compute"), std::string::npos);
   cfg.compute.actor_threads = 0;  // CAF's default
@@ -144,8 +150,13 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
   engine_config cfg;
   EXPECT_NE(load_config_file(path.string(), cfg).find("training: unknown key 'nope'"),
             std::string::npos);
+  std::ofstream(path) << R"({"admin":{"port":9,"maxuserseries":5}})";
+  cfg = {};
+  EXPECT_NE(load_config_file(path.string(), cfg).find("admin: unknown key 'maxuserseries'"),
+            std::string::npos);
   std::ofstream(path)
       << R"({"training":{"slots":3,"steps":7},"compute":{"blas_threads":2,"actor_threads":3},)"
+         R"("admin":{"port":0,"max_user_series":50},)"
          R"("serving":{"prefix_cache_entries":8,"prefix_cache_mb":32,"batch_thread":"realtime",)"
          R"("kv_cache":"float32","products":"float32"}})";
   cfg = {};
@@ -162,7 +173,108 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
   EXPECT_EQ(cfg.compute.blas_threads, 2);
   EXPECT_EQ(cfg.compute.actor_threads, 3);
   EXPECT_EQ(engine_config{}.compute.actor_threads, 1);
+  EXPECT_EQ(cfg.admin_port, 0);
+  EXPECT_EQ(cfg.admin_max_user_series, 50);
+  EXPECT_EQ(engine_config{}.admin_max_user_series, 1000);
   fs::remove(path);
+}
+
+// S-LoRA's virtual token counter as the GPU actor keeps it: a new or idle
+// user starts at the floor, which never falls, and one served above it
+// keeps that service when coming back.
+TEST(FairShares, ANewOrIdleUserStartsAtTheFloorAndKeepsServiceAboveIt) {
+  fair_shares shares;
+  auto* a = shares.arrive("a");
+  shares.lift(*a);
+  EXPECT_EQ(a->served, 0);
+  a->served = 100;
+  shares.raise_floor(100);
+  auto* b = shares.arrive("b");
+  shares.lift(*b);
+  EXPECT_EQ(b->served, 100) << "a new user starts at the floor, not at 0";
+  shares.release("a");  // at the floor: coming back, it would be lifted to it
+  EXPECT_EQ(shares.users(), 1u);
+  auto* h = shares.arrive("h");
+  shares.lift(*h);
+  h->served = 1000;
+  shares.release("h");  // idle, but served above the floor
+  EXPECT_EQ(shares.users(), 2u);
+  auto* again = shares.arrive("h");
+  shares.lift(*again);
+  EXPECT_EQ(again->served, 1000) << "idling must not forgive service";
+  shares.raise_floor(50);
+  EXPECT_EQ(shares.floor(), 100) << "the floor never falls";
+  auto* returning = shares.arrive("a");
+  shares.lift(*returning);
+  EXPECT_EQ(returning->served, 100);
+}
+
+// Thousands of users, each with one request and gone: the table holds those
+// in flight and those above the floor, not everyone ever served, and never
+// forgets a user whose service is above the floor.
+TEST(FairShares, RemembersOnlyUsersInFlightOrAboveTheFloor) {
+  fair_shares shares;
+  auto* heavy = shares.arrive("heavy");
+  shares.lift(*heavy);
+  heavy->served = 1e12;  // served far more than anyone will be here
+  shares.release("heavy");
+  struct flight {
+    std::string user;
+    fair_shares::share* share;
+    double rate;  // tokens per step: some users leave above the floor
+  };
+  std::deque<flight> in_flight;
+  std::size_t most = 0;
+  for (int i = 0; i < 10000; ++i) {
+    const auto user = "user-" + std::to_string(i);
+    auto* s = shares.arrive(user);
+    shares.lift(*s);
+    in_flight.push_back({user, s, 5.0 * (1 + i % 3)});
+    for (auto& f : in_flight) f.share->served += f.rate;  // a step's tokens
+    double least = in_flight.front().share->served;
+    for (auto& f : in_flight) least = std::min(least, f.share->served);
+    shares.raise_floor(least);
+    if (in_flight.size() > 8) {
+      shares.release(in_flight.front().user);
+      in_flight.pop_front();
+    }
+    most = std::max(most, shares.users());
+  }
+  EXPECT_LE(most, 600u) << "the table grew with every user ever served";
+  EXPECT_GT(shares.floor(), 0);
+  auto* back = shares.arrive("heavy");
+  shares.lift(*back);
+  EXPECT_EQ(back->served, 1e12) << "a user above the floor was forgotten";
+}
+
+// Per-user request counts on /metrics: at most the limit of series, the
+// busiest kept by name, the others summed under "_other", nothing lost.
+TEST(Metrics, PerUserSeriesAreBoundedAndTheRestSumUnderOther) {
+  metrics m(3);
+  for (int i = 0; i < 50; ++i) m.count_request("model-heavy", "heavy");
+  for (int i = 0; i < 20; ++i) m.count_request("model-busy", "busy");
+  for (int u = 0; u < 1000; ++u)
+    m.count_request("model-" + std::to_string(u), "u" + std::to_string(u));
+  const auto text = m.render();
+  auto value = [&](const std::string& series) -> double {
+    auto pos = text.find("\n" + series + " ");
+    return pos == std::string::npos ? -1 : std::stod(text.substr(pos + series.size() + 2));
+  };
+  int user_series = 0;
+  double total = 0;
+  for (auto pos = text.find("\ntailor_user_requests_total{"); pos != std::string::npos;
+       pos = text.find("\ntailor_user_requests_total{", pos + 1)) {
+    ++user_series;
+    total += std::stod(text.substr(text.find("} ", pos) + 2));
+  }
+  EXPECT_EQ(user_series, 4) << "three users by name and _other:\n" << text;
+  EXPECT_EQ(value("tailor_user_requests_total{user=\"heavy\"}"), 50);
+  EXPECT_EQ(value("tailor_user_requests_total{user=\"busy\"}"), 20);
+  EXPECT_EQ(value("tailor_user_requests_total{user=\"u999\"}"), 1) << "the newest keeps a series";
+  EXPECT_EQ(value("tailor_user_requests_total{user=\"_other\"}"), 999);
+  EXPECT_EQ(total, 1070) << "every request is counted once";
+  EXPECT_EQ(value("tailor_model_requests_total{model=\"model-heavy\"}"), 50);
+  EXPECT_EQ(value("tailor_model_requests_total{model=\"_other\"}"), 999);
 }
 
 // The host tier of the adapter cache: least recently used out first, a hit
