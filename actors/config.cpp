@@ -68,6 +68,8 @@ std::string validate(const engine_config& cfg) {
                "must be at least 1 (serving.prefix_cache_entries 0 turns the cache off)");
   if (v.max_requests_per_user < 1)
     return bad("serving.max_requests_per_user", "must be at least 1");
+  if (v.prefill_chunk < 0)
+    return bad("serving.prefill_chunk", "must not be negative (0: whole prompts)");
   if (v.default_max_tokens < 1 || v.default_max_tokens > cfg.limits.max_tokens)
     return bad("serving.default_max_tokens", "must lie in [1, limits.max_tokens]");
   if (v.default_temperature < 0) return bad("serving.default_temperature", "must not be negative");
@@ -194,7 +196,7 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
               {"devices", "max_batch", "max_tokens_in_flight", "device_adapters", "host_adapters",
                "max_rank", "prefix_cache_entries", "prefix_cache_mb", "max_requests_per_user",
                "default_max_tokens", "default_temperature", "deadline_ms", "pinned_models",
-               "batch_thread", "kv_cache", "products"})) {
+               "batch_thread", "kv_cache", "products", "prefill_chunk"})) {
     const auto& v = j["serving"];
     auto& sc = cfg.serving;
     const std::string w = "serving.";
@@ -212,7 +214,8 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
          take(v, "pinned_models", sc.pinned_models, w, err) &&
          take(v, "batch_thread", sc.batch_thread, w, err) &&
          take(v, "kv_cache", sc.kv_cache, w, err) &&
-         take(v, "products", sc.products, w, err);
+         take(v, "products", sc.products, w, err) &&
+         take(v, "prefill_chunk", sc.prefill_chunk, w, err);
   }
   if (section("admin", {"host", "port", "max_user_series"})) {
     const auto& a = j["admin"];

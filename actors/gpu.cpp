@@ -129,7 +129,7 @@ struct gpu_core {
     model::sampling sampling;
     clock::time_point arrived, loaded, admitted, deadline;
     double adapter_load_ms = 0, prefill_ms = 0;
-    bool prefilling = false;  // admitted; its prompt is computed by the next step
+    bool prefilling = false;  // admitted; its prompt is computed by the next steps
     int64_t gen_id = -1;  // in the batch when >= 0
     int64_t budget = 0;   // tokens it may occupy: prompt + max_tokens
     int64_t prompt_tokens = 0;
@@ -465,8 +465,12 @@ void step(gpu_ptr self) {
   // Prefill: from admission to the end of the step that computed the prompt
   // (with every other row's next token) and the first token.
   const auto stepped = clock::now();
-  for (auto& [id, r] : c.active)
-    if (r->prefilling) r->prefill_ms = ms_between(r->admitted, stepped), r->prefilling = false;
+  for (auto id : c.gen->started()) {
+    auto it = c.active.find(id);
+    if (it == c.active.end() || !it->second->prefilling) continue;
+    it->second->prefill_ms = ms_between(it->second->admitted, stepped);
+    it->second->prefilling = false;
+  }
   if (rows > 0) st.stats->count_step(rows);
   publish_thread_times(self, stepped);
   for (auto& [id, r] : c.active) r->share->served += 1.0;
@@ -522,6 +526,7 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
       static_cast<int64_t>(sc.prefix_cache_mb) << 20,
       model::serving_precision{sc.kv_cache == "float16" ? torch::kHalf : torch::kFloat32,
                                sc.products == "bfloat16"});
+  c.gen->set_prefill_chunk(sc.prefill_chunk);
   if (sc.products == "bfloat16" && !c.gen->bf16_products())
     spdlog::warn("gpu {}: this CPU has no AVX-512 BF16: the products run in float32",
                  st.label);

@@ -6,6 +6,7 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <chrono>
 #include <random>
 
 #include "model/checkpoint.hpp"
@@ -106,6 +107,40 @@ void bm_join(benchmark::State& state) {
   time_joins(state, g, requests(joining, 100));
 }
 BENCHMARK(bm_join)->Arg(0)->Arg(24)->Arg(56)->Unit(benchmark::kMicrosecond);
+
+// A burst: 32 prompts join 32 running rows at once (as when many users come
+// back together), computed whole or `chunk` tokens a step
+// (serving.prefill_chunk). Timed: every step until all of them have their
+// first token; `longest_step_us`: the longest of those steps, which every
+// running row waits for between two of its tokens.
+void bm_burst(benchmark::State& state) {
+  auto& f = fixture::get();
+  const auto chunk = state.range(0);
+  batch_generator g(f.base, f.bank, 64, 0, 0, {torch::kHalf, true});
+  g.set_prefill_chunk(chunk);
+  g.add_batch(requests(32, 0));
+  for (int k = 0; k < 10; ++k) g.step();
+  double longest = 0;
+  for (auto _ : state) {
+    auto ids = g.add_batch(requests(32, 100));
+    std::size_t started = 0;
+    while (started < ids.size()) {
+      const auto t0 = std::chrono::steady_clock::now();
+      g.step();
+      longest = std::max(
+          longest,
+          std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+      started += g.started().size();
+    }
+    state.PauseTiming();
+    for (auto id : ids) g.finish(id, "cancelled");
+    g.step();
+    for (auto id : ids) g.take(id);
+    state.ResumeTiming();
+  }
+  state.counters["longest_step_us"] = longest;
+}
+BENCHMARK(bm_burst)->Arg(0)->Arg(256)->Unit(benchmark::kMicrosecond);
 
 // One decode step of `rows` rows, each with its own adapter.
 void decode_step(benchmark::State& state, serving_precision precision) {

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <random>
 
 #include "messages/events.hpp"
@@ -31,9 +32,9 @@ struct batch_generator::row {
   int64_t adapter = 0;
   int64_t length = 0;  // tokens in the cache
   int64_t next = 0;    // the token to feed at the next step
-  // The whole prompt while the next step is to compute it (a row that
-  // joined since the last step): its tokens from `length` on, what the
-  // prefix cache had of it being in the cache already. Empty after.
+  // The whole prompt while steps are to compute it (a row that joined
+  // since): its tokens from `length` on, what the prefix cache had of it
+  // and earlier steps' chunks being in the cache already. Empty after.
   std::vector<int64_t> prompt;
   bool remember = false;  // keep the prompt in the prefix cache once computed
   sampling s;
@@ -285,35 +286,56 @@ std::vector<int64_t> batch_generator::step() {
   finished_early_.clear();
   if (rows_.empty()) return finished;
   compact();
-  // Every row's tokens of this step: its next one, or the rest of its prompt.
-  std::vector<int64_t> places, tokens, positions, slots, last_of_row;
+  started_.clear();
+  // Every row's tokens of this step: its next one, or the next chunk of its
+  // prompt. Prompts share prefill_chunk_ tokens a step in row order, and
+  // the first prompt always gets some, so each step's length stays bounded
+  // whatever joins; a row samples once its prompt is complete.
+  std::vector<int64_t> places, tokens, positions, slots, last_of_row, end_of;
+  int64_t budget = prefill_chunk_ > 0 ? prefill_chunk_ : std::numeric_limits<int64_t>::max();
+  bool first_prompt = true;
   for (const auto& r : rows_) {
-    const auto end = r->prompt.empty() ? r->length + 1 : static_cast<int64_t>(r->prompt.size());
+    auto end = r->length + 1;
+    if (!r->prompt.empty()) {
+      const auto left = static_cast<int64_t>(r->prompt.size()) - r->length;
+      const auto take = std::min(left, first_prompt ? std::max<int64_t>(1, budget) : budget);
+      first_prompt = false;
+      budget -= take;
+      end = r->length + take;
+    }
     for (auto p = r->length; p < end; ++p) {
       places.push_back(r->adapter);
       tokens.push_back(r->prompt.empty() ? r->next : r->prompt[static_cast<std::size_t>(p)]);
       positions.push_back(p);
       slots.push_back(r->slot);
     }
-    last_of_row.push_back(static_cast<int64_t>(tokens.size()) - 1);
+    end_of.push_back(end);
+    if (r->prompt.empty() || end == static_cast<int64_t>(r->prompt.size()))
+      last_of_row.push_back(static_cast<int64_t>(tokens.size()) - 1);
   }
   auto logits = forward_tokens(weights_, row_adapters::of(bank_, std::move(places)), tokens,
                                positions, slots, cache_, last_of_row)
                     .to(torch::kFloat32)
-                    .contiguous();  // [B, V]
+                    .contiguous();  // [rows that sample, V]
   const auto B = static_cast<int64_t>(rows_.size());
   const int64_t V = logits.size(1);
-  const float* data = logits.data_ptr<float>();
+  const float* next_logits = logits.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) {
     auto& r = *rows_[b];
+    const auto end = end_of[static_cast<std::size_t>(b)];
     if (r.prompt.empty()) {
-      r.length += 1;
+      r.length = end;
+    } else if (end < static_cast<int64_t>(r.prompt.size())) {
+      r.length = end;  // the rest of the prompt in later steps
+      continue;
     } else {
-      r.length = static_cast<int64_t>(r.prompt.size());
+      r.length = end;
       if (r.remember) remember_prompt(r.adapter, r.prompt, r.slot);
       r.prompt.clear();
+      started_.push_back(r.id);
     }
-    emit(r, sample(r, data + b * V, V));
+    emit(r, sample(r, next_logits, V));
+    next_logits += V;
   }
   std::vector<std::unique_ptr<row>> still;
   for (auto& r : rows_) {

@@ -3,6 +3,7 @@
 // Tokenizer (bytes + end-of-text), sampling, and a continuous batch of
 // generations over one shared base: sequences join and leave between steps,
 // each with its own adapter, sampling settings and seed.
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -79,10 +80,17 @@ class batch_generator {
   // their ids in order, or none at all when there are not enough free rows
   // for every one.
   std::vector<int64_t> add_batch(const std::vector<new_sequence>& seqs);
-  // One step: prompts of rows that joined, and the next token of every row;
-  // returns the ids of sequences that finished in it (or already in add(),
-  // with max_tokens 0).
+  // One step: prompts of rows that joined (up to prefill_chunk tokens of
+  // them), and the next token of every row past its prompt; returns the ids
+  // of sequences that finished in it (or already in add(), with max_tokens 0).
   std::vector<int64_t> step();
+  // Sequences whose prompt the last step completed (their first token).
+  const std::vector<int64_t>& started() const { return started_; }
+  // At most this many prompt tokens a step (0: every prompt whole in the
+  // step after it joins). A chunk's keys and values are the whole prompt's:
+  // the text does not depend on it, only how long one step can take when
+  // many prompts join at once.
+  void set_prefill_chunk(int64_t tokens) { prefill_chunk_ = std::max<int64_t>(0, tokens); }
   bool idle() const;
   std::size_t active() const;
   // Ends an active sequence now with `reason` (cancelled, deadline): its
@@ -140,6 +148,8 @@ class batch_generator {
   std::vector<prefix_entry> prefixes_;
   uint64_t prefix_tick_ = 0;
   int64_t reused_tokens_ = 0, computed_tokens_ = 0;
+  int64_t prefill_chunk_ = 0;
+  std::vector<int64_t> started_;
 };
 
 // Convenience: every prompt at once, batched; results in order.

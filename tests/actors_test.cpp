@@ -135,6 +135,11 @@ TEST(EngineConfig, ValidationNamesTheOffendingKey) {
   cfg.serving.products = "float32";
   EXPECT_EQ(validate(cfg), "");
   cfg = {};
+  cfg.serving.prefill_chunk = -1;
+  EXPECT_NE(validate(cfg).find("serving.prefill_chunk"), std::string::npos);
+  cfg.serving.prefill_chunk = 0;  // whole prompts
+  EXPECT_EQ(validate(cfg), "");
+  cfg = {};
   cfg.admin_max_user_series = 0;
   EXPECT_NE(validate(cfg).find("admin.max_user_series"), std::string::npos);
   cfg = {};
@@ -158,12 +163,14 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
       << R"({"training":{"slots":3,"steps":7},"compute":{"blas_threads":2,"actor_threads":3},)"
          R"("admin":{"port":0,"max_user_series":50},)"
          R"("serving":{"prefix_cache_entries":8,"prefix_cache_mb":32,"batch_thread":"realtime",)"
-         R"("kv_cache":"float32","products":"float32"}})";
+         R"("kv_cache":"float32","products":"float32","prefill_chunk":64}})";
   cfg = {};
   EXPECT_EQ(load_config_file(path.string(), cfg), "");
   EXPECT_EQ(cfg.serving.prefix_cache_entries, 8);
   EXPECT_EQ(cfg.serving.prefix_cache_mb, 32);
   EXPECT_EQ(cfg.serving.batch_thread, "realtime");
+  EXPECT_EQ(cfg.serving.prefill_chunk, 64);
+  EXPECT_EQ(engine_config{}.serving.prefill_chunk, 256);
   EXPECT_EQ(cfg.serving.kv_cache, "float32");
   EXPECT_EQ(engine_config{}.serving.kv_cache, "float16");
   EXPECT_EQ(cfg.serving.products, "float32");

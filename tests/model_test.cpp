@@ -710,6 +710,52 @@ TEST_F(ModelTest, AGeneratorTakesReducedPrecisionOnlyWhereTheMachineHasItsInstru
   EXPECT_EQ(reduced.take(*id).tokens.size(), 12u);
 }
 
+// Prompts computed a chunk a step (serving.prefill_chunk) give the same
+// text as whole, with the prefix cache too, and spread their tokens over
+// steps: a burst of joiners no longer makes one long step.
+TEST_F(ModelTest, PromptsInChunksGiveTheSameTextOverMoreSteps) {
+  const std::vector<std::string> prompts = {"a longer prompt here, with more words in it",
+                                            "hello", "x", "another prompt of some length"};
+  const std::vector<int64_t> places = {1, 2, 0, 3};
+  int64_t prompt_tokens = 0;
+  for (const auto& p : prompts) prompt_tokens += static_cast<int64_t>(p.size()) + 1;
+  for (auto precision : {serving_precision{}, serving_precision{torch::kHalf, true}}) {
+    SCOPED_TRACE(precision.bf16_products ? "float16 cache, bfloat16 products" : "float");
+    // Two rounds of the same prompts: the second copies what the prefix
+    // cache kept and computes the rest in chunks from there.
+    auto run = [&](int64_t chunk, std::vector<int>& steps_to_start) {
+      batch_generator g(base_, bank_, 4, 16, 0, precision);
+      g.set_prefill_chunk(chunk);
+      std::vector<std::vector<int64_t>> texts;
+      for (int round = 0; round < 2; ++round) {
+        std::vector<batch_generator::new_sequence> seqs;
+        for (std::size_t i = 0; i < prompts.size(); ++i)
+          seqs.push_back({prompts[i], places[i], sampled(static_cast<uint64_t>(i), 10)});
+        auto ids = g.add_batch(seqs);
+        EXPECT_EQ(ids.size(), prompts.size());
+        int steps = 0;
+        std::size_t started = 0;
+        while (!g.idle()) {
+          g.step();
+          ++steps;
+          started += g.started().size();
+          if (started < prompts.size()) steps_to_start[round] = steps + 1;
+        }
+        EXPECT_EQ(started, prompts.size()) << "every prompt was completed once";
+        for (auto id : ids) texts.push_back(g.take(id).tokens);
+      }
+      return texts;
+    };
+    std::vector<int> whole_steps = {1, 1}, chunked_steps = {1, 1};
+    auto whole = run(0, whole_steps);
+    auto chunked = run(5, chunked_steps);
+    EXPECT_EQ(chunked, whole) << "the text must not depend on the chunks";
+    EXPECT_EQ(whole_steps[0], 1) << "whole prompts all start in the first step";
+    EXPECT_GE(chunked_steps[0], static_cast<int>((prompt_tokens + 4) / 5))
+        << "at most 5 prompt tokens a step";
+  }
+}
+
 TEST_F(ModelTest, GenerationIsReproducibleAndIndependentOfTheBatch) {
   sampling s;
   s.max_tokens = 24;
