@@ -24,7 +24,7 @@ void fair_shares::release(const std::string& user) {
 void fair_shares::raise_floor(double least) { floor_ = std::max(floor_, least); }
 
 void fair_shares::lift(share& s) const {
-  if (s.fresh || s.served < floor_) s.served = std::max(s.served, floor_);
+  s.served = std::max(s.served, floor_);
   s.fresh = false;
 }
 

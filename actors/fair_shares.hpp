@@ -24,7 +24,7 @@ class fair_shares {
   struct share {
     double served = 0;    // tokens, prompts and generated
     int64_t pending = 0;  // requests waiting or in the batch
-    bool fresh = true;    // not yet lifted to the floor
+    bool fresh = true;    // not yet lifted: its 0 must not pull the floor down
   };
 
   // A request of `user` arrived: their share, which stays where it is (map

@@ -284,9 +284,9 @@ std::vector<int64_t> batch_generator::add_batch(const std::vector<new_sequence>&
 std::vector<int64_t> batch_generator::step() {
   std::vector<int64_t> finished = std::move(finished_early_);
   finished_early_.clear();
+  started_.clear();
   if (rows_.empty()) return finished;
   compact();
-  started_.clear();
   // Every row's tokens of this step: its next one, or the next chunk of its
   // prompt. Prompts share prefill_chunk_ tokens a step in row order, and
   // the first prompt always gets some, so each step's length stays bounded
