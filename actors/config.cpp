@@ -86,6 +86,8 @@ std::string validate(const engine_config& cfg) {
   if (cfg.compute.intra_op_threads < 0 || cfg.compute.blas_threads < 0 ||
       cfg.compute.actor_threads < 0)
     return bad("compute", "thread counts must not be negative");
+  if (cfg.compute.scheduling != "batch" && cfg.compute.scheduling != "normal")
+    return bad("compute.scheduling", "must be \"batch\" or \"normal\"");
   if (cfg.models.pretrain_minutes <= 0 && cfg.models.pretrain_steps <= 0)
     return bad("models.pretrain_minutes", "must be positive (or set pretrain_steps)");
   if (cfg.base_models.empty()) return bad("base_models", "must name at least one base model");
@@ -223,11 +225,12 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
          take(a, "port", cfg.admin_port, "admin.", err) &&
          take(a, "max_user_series", cfg.admin_max_user_series, "admin.", err);
   }
-  if (section("compute", {"intra_op_threads", "blas_threads", "actor_threads"})) {
+  if (section("compute", {"intra_op_threads", "blas_threads", "actor_threads", "scheduling"})) {
     const auto& c = j["compute"];
     ok = take(c, "intra_op_threads", cfg.compute.intra_op_threads, "compute.", err) &&
          take(c, "blas_threads", cfg.compute.blas_threads, "compute.", err) &&
-         take(c, "actor_threads", cfg.compute.actor_threads, "compute.", err);
+         take(c, "actor_threads", cfg.compute.actor_threads, "compute.", err) &&
+         take(c, "scheduling", cfg.compute.scheduling, "compute.", err);
   }
   if (section("models", {"dir", "pretrain_minutes", "pretrain_steps"})) {
     const auto& m = j["models"];

@@ -92,6 +92,9 @@ struct compute_config {
   // between threads on a request's hops) serves them best; 0: CAF's
   // default (the number of cores, at least 4).
   int actor_threads = 1;
+  // "batch": every thread of tailord runs SCHED_BATCH (model/threads.hpp);
+  // "normal": the default policy.
+  std::string scheduling = "batch";
 };
 
 // Where base models come from: $TAILOR_HOME/models/NAME.safetensors, made by

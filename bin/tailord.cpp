@@ -116,6 +116,13 @@ int main(int argc, char** argv) {
     return 2;
   }
 
+  // Before any thread starts: they all inherit the policy.
+  if (cfg.compute.scheduling == "batch") {
+    std::string why;
+    if (!tailor::model::use_batch_scheduling(why))
+      spdlog::warn("cannot run SCHED_BATCH ({}); tailord's threads keep the default policy", why);
+  }
+
   // Base models load (or pre-train) before the stop signals are blocked, so
   // that SIGTERM during a long pre-training simply ends the process.
   std::string err;

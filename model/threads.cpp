@@ -2,8 +2,12 @@
 
 #include <dlfcn.h>
 #include <malloc.h>
+#include <sched.h>
 #include <torch/torch.h>
 
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 
 #ifdef TAILOR_WITH_CUDA
@@ -27,6 +31,31 @@ void configure_threads(int intra_op, int blas) {
   if (intra_op > 0) torch::set_num_threads(intra_op);
   if (blas > 0)
     if (auto set = openblas_fn<void (*)(int)>("openblas_set_num_threads")) set(blas);
+}
+
+bool use_batch_scheduling(std::string& err) {
+  sched_param param{};
+  param.sched_priority = 0;
+  if (sched_setscheduler(0, SCHED_BATCH, &param) != 0) {
+    err = std::strerror(errno);
+    return false;
+  }
+  // Threads started before main (OpenBLAS starts its pool as it loads) do
+  // not inherit it: each gets it by its id.
+  std::error_code ec;
+  for (const auto& t : std::filesystem::directory_iterator("/proc/self/task", ec)) {
+    pid_t tid = 0;
+    try {
+      tid = static_cast<pid_t>(std::stol(t.path().filename().string()));
+    } catch (const std::exception&) {
+      continue;
+    }
+    if (sched_setscheduler(tid, SCHED_BATCH, &param) != 0 && errno != ESRCH) {
+      err = std::strerror(errno);
+      return false;
+    }
+  }
+  return true;
 }
 
 void configure_allocator() {

@@ -16,6 +16,15 @@ void configure_threads(int intra_op, int blas);
 // only above 256 MiB free. Call once at start, before other threads.
 void configure_allocator();
 
+// Marks every thread of this process, and so every thread they start from
+// then on (they inherit it), SCHED_BATCH: the kernel's policy for CPU-bound work
+// that is not interactive. Such a thread, woken, does not preempt the one
+// running on its core, so the engine's own hops no longer take the batch
+// loop's core in the middle of a step; they run when it yields at the
+// step's end or on another core (docs/operations.md, 2026-12-03). False,
+// with the reason in `err`, when the kernel refuses.
+bool use_batch_scheduling(std::string& err);
+
 // The BLAS shared library mapped into this process (e.g. libopenblasp-r0.3.21.so),
 // and its thread count (-1 when not OpenBLAS).
 std::string blas_library();

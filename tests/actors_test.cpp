@@ -147,6 +147,10 @@ TEST(EngineConfig, ValidationNamesTheOffendingKey) {
   EXPECT_NE(validate(cfg).find("compute"), std::string::npos);
   cfg.compute.actor_threads = 0;  // CAF's default
   EXPECT_EQ(validate(cfg), "");
+  cfg.compute.scheduling = "fifo";
+  EXPECT_NE(validate(cfg).find("compute.scheduling"), std::string::npos);
+  cfg.compute.scheduling = "normal";
+  EXPECT_EQ(validate(cfg), "");
 }
 
 TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
@@ -160,7 +164,8 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
   EXPECT_NE(load_config_file(path.string(), cfg).find("admin: unknown key 'maxuserseries'"),
             std::string::npos);
   std::ofstream(path)
-      << R"({"training":{"slots":3,"steps":7},"compute":{"blas_threads":2,"actor_threads":3},)"
+      << R"({"training":{"slots":3,"steps":7},)"
+         R"("compute":{"blas_threads":2,"actor_threads":3,"scheduling":"normal"},)"
          R"("admin":{"port":0,"max_user_series":50},)"
          R"("serving":{"prefix_cache_entries":8,"prefix_cache_mb":32,"batch_thread":"realtime",)"
          R"("kv_cache":"float32","products":"float32","prefill_chunk":64}})";
@@ -180,6 +185,8 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
   EXPECT_EQ(cfg.compute.blas_threads, 2);
   EXPECT_EQ(cfg.compute.actor_threads, 3);
   EXPECT_EQ(engine_config{}.compute.actor_threads, 1);
+  EXPECT_EQ(cfg.compute.scheduling, "normal");
+  EXPECT_EQ(engine_config{}.compute.scheduling, "batch");
   EXPECT_EQ(cfg.admin_port, 0);
   EXPECT_EQ(cfg.admin_max_user_series, 50);
   EXPECT_EQ(engine_config{}.admin_max_user_series, 1000);

@@ -30,9 +30,10 @@ bool may_run_realtime() {
   return ok;
 }
 
-// Threads of process `pid` whose scheduling policy is SCHED_FIFO.
-int fifo_threads(pid_t pid) {
-  int n = 0;
+// The scheduling policy of each thread of process `pid`: how many threads
+// have each.
+std::map<int, int> thread_policies(pid_t pid) {
+  std::map<int, int> n;
   for (const auto& t : fs::directory_iterator("/proc/" + std::to_string(pid) + "/task")) {
     std::ifstream in(t.path() / "stat");
     std::string line;
@@ -41,9 +42,14 @@ int fifo_threads(pid_t pid) {
     std::istringstream rest(line.substr(line.rfind(')') + 2));
     std::string field;
     for (int i = 3; i <= 41 && rest >> field; ++i)
-      if (i == 41 && std::stoi(field) == SCHED_FIFO) ++n;
+      if (i == 41) ++n[std::stoi(field)];
   }
   return n;
+}
+
+int threads_with(const std::map<int, int>& policies, int policy) {
+  auto it = policies.find(policy);
+  return it == policies.end() ? 0 : it->second;
 }
 
 class ServingTest : public engine_test {
@@ -87,8 +93,11 @@ class ServingTest : public engine_test {
 }  // namespace
 
 TEST_F(ServingTest, AUserIsAnsweredByTheirOwnModel) {
-  start();
+  // With the threads' default policy (compute.scheduling normal): the
+  // scheduling policy changes when threads run, never what they compute.
+  start({{"compute", {{"scheduling", "normal"}}}});
   ASSERT_FALSE(HasFatalFailure());
+  EXPECT_EQ(threads_with(thread_policies(engine_->pid()), SCHED_BATCH), 0);
   auto models = onboard_all({"ann", "bob"}, 40);
   // Past an end-of-text too: 24 bytes of each, not a one-byte answer that
   // two small models may share by chance.
@@ -182,7 +191,12 @@ TEST_F(ServingTest, ConcurrentRequestsAreBatchedAndEachEqualsItsResultAlone) {
   // the time its thread ran on a core is on view.
   const bool realtime = may_run_realtime();
   EXPECT_EQ(labelled("tailor_batch_thread_realtime", "device", "tailor-test/0"), realtime ? 1 : 0);
-  EXPECT_EQ(fifo_threads(engine_->pid()), realtime ? 1 : 0);
+  const auto policies = thread_policies(engine_->pid());
+  EXPECT_EQ(threads_with(policies, SCHED_FIFO), realtime ? 1 : 0);
+  // Every other thread runs SCHED_BATCH (compute.scheduling), started after it was set.
+  int all = 0;
+  for (const auto& [policy, n] : policies) all += n;
+  EXPECT_EQ(threads_with(policies, SCHED_BATCH), all - (realtime ? 1 : 0));
   const auto m = engine_->get("/metrics").second;
   const std::string running =
       "\ntailor_batch_thread_seconds_total{device=\"tailor-test/0\",state=\"running\"} ";
