@@ -13,6 +13,7 @@
 #include "model/generate.hpp"
 #include "model/pretrain.hpp"
 #include "model/threads.hpp"
+#include "zipf.hpp"
 
 namespace {
 
@@ -189,20 +190,15 @@ void continuous(benchmark::State& state, int64_t prefix_entries,
   const auto rows = state.range(0);
   const auto adapters = std::min(state.range(1), f.bank.size);
   // Zipf(1) over the places, as the serving bench draws its users' adapters.
-  std::vector<double> cdf;
-  double sum = 0;
-  for (int64_t k = 1; k <= adapters; ++k) cdf.push_back(sum += 1.0 / static_cast<double>(k));
+  const tailor::bench::zipf draw(static_cast<int>(adapters), 1.0);
   std::mt19937_64 rng(42);
-  std::uniform_real_distribution<double> u(0, sum);
   batch_generator g(f.base, f.bank, rows, prefix_entries, 0, precision);
   int next = 0;
   auto seq = [&] {
     auto s = temperature_sampling(static_cast<uint64_t>(next));
     s.max_tokens = 32;
     ++next;
-    const int64_t place =
-        zipf ? 1 + (std::lower_bound(cdf.begin(), cdf.end(), u(rng)) - cdf.begin())
-             : 1 + next % adapters;
+    const int64_t place = zipf ? 1 + draw(rng) : 1 + next % adapters;
     return batch_generator::new_sequence{prompt_of(next), place, s};
   };
   // Staggered: row k joins at step k % 32, so that some end at every step.

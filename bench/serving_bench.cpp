@@ -17,6 +17,7 @@
 #include "model/pretrain.hpp"
 #include "progress.hpp"
 #include "run_stats.hpp"
+#include "zipf.hpp"
 #include "storage/artifacts.hpp"
 #include "storage/metadata_store.hpp"
 
@@ -68,14 +69,10 @@ void register_adapters(const std::string& data_dir, int n, const serving_options
 // Adapter ranks for each request: Zipf(a) over n adapters, the same sequence
 // for every run of the same n.
 std::vector<int> zipf_draws(int n, double a, int count, uint64_t seed) {
-  std::vector<double> cdf(static_cast<std::size_t>(n));
-  double sum = 0;
-  for (int k = 0; k < n; ++k) cdf[static_cast<std::size_t>(k)] = sum += 1.0 / std::pow(k + 1, a);
+  const zipf draw(n, a);
   std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<double> u(0, sum);
   std::vector<int> out;
-  for (int i = 0; i < count; ++i)
-    out.push_back(static_cast<int>(std::lower_bound(cdf.begin(), cdf.end(), u(rng)) - cdf.begin()));
+  for (int i = 0; i < count; ++i) out.push_back(draw(rng));
   return out;
 }
 

@@ -288,18 +288,15 @@ std::vector<int64_t> batch_generator::step() {
   if (rows_.empty()) return finished;
   compact();
   // Every row's tokens of this step: its next one, or the next chunk of its
-  // prompt. Prompts share prefill_chunk_ tokens a step in row order, and
-  // the first prompt always gets some, so each step's length stays bounded
-  // whatever joins; a row samples once its prompt is complete.
+  // prompt. Prompts share prefill_chunk_ tokens a step in row order (the
+  // first always gets some), so each step's length stays bounded whatever
+  // joins; a row samples once its prompt is complete.
   std::vector<int64_t> places, tokens, positions, slots, last_of_row, end_of;
   int64_t budget = prefill_chunk_ > 0 ? prefill_chunk_ : std::numeric_limits<int64_t>::max();
-  bool first_prompt = true;
   for (const auto& r : rows_) {
     auto end = r->length + 1;
     if (!r->prompt.empty()) {
-      const auto left = static_cast<int64_t>(r->prompt.size()) - r->length;
-      const auto take = std::min(left, first_prompt ? std::max<int64_t>(1, budget) : budget);
-      first_prompt = false;
+      const auto take = std::min(static_cast<int64_t>(r->prompt.size()) - r->length, budget);
       budget -= take;
       end = r->length + take;
     }
@@ -322,14 +319,9 @@ std::vector<int64_t> batch_generator::step() {
   const float* next_logits = logits.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) {
     auto& r = *rows_[b];
-    const auto end = end_of[static_cast<std::size_t>(b)];
-    if (r.prompt.empty()) {
-      r.length = end;
-    } else if (end < static_cast<int64_t>(r.prompt.size())) {
-      r.length = end;  // the rest of the prompt in later steps
-      continue;
-    } else {
-      r.length = end;
+    r.length = end_of[static_cast<std::size_t>(b)];
+    if (!r.prompt.empty()) {
+      if (r.length < static_cast<int64_t>(r.prompt.size())) continue;  // the rest later
       if (r.remember) remember_prompt(r.adapter, r.prompt, r.slot);
       r.prompt.clear();
       started_.push_back(r.id);

@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include <cerrno>
+#include <charconv>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -44,12 +45,9 @@ bool use_batch_scheduling(std::string& err) {
   // not inherit it: each gets it by its id.
   std::error_code ec;
   for (const auto& t : std::filesystem::directory_iterator("/proc/self/task", ec)) {
+    const auto name = t.path().filename().string();
     pid_t tid = 0;
-    try {
-      tid = static_cast<pid_t>(std::stol(t.path().filename().string()));
-    } catch (const std::exception&) {
-      continue;
-    }
+    if (std::from_chars(name.data(), name.data() + name.size(), tid).ec != std::errc{}) continue;
     if (sched_setscheduler(tid, SCHED_BATCH, &param) != 0 && errno != ESRCH) {
       err = std::strerror(errno);
       return false;
