@@ -149,7 +149,10 @@ void dense_portable(const float* x, int64_t rows, int64_t in, const float* wt, i
 
 // bfloat16 products. The matrix is packed as pairs of consecutive inputs
 // per output (packed_bf16), so that one 32-bit lane holds the two weights a
-// dot-product instruction pairs with two inputs of a row: an element is
+// dot-product instruction pairs with two inputs of a row, and by blocks of
+// 32 outputs, each block's pairs one after another: a block reads one
+// contiguous stream, which the hardware prefetches, where rows of the whole
+// matrix put each pair on another page. An element is
 // acc = 0; acc = dpbf16(acc, (x[2k], x[2k+1]), (w[2k], w[2k+1])) for the
 // pairs k in order; then acc + b. As in the float kernels, blocks only
 // share loads, never an element's arithmetic.
@@ -162,9 +165,10 @@ TAILOR_AVX512_BF16 inline void block_bf16(const uint32_t* x, int64_t pairs, cons
   __m512 a0[R], a1[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < pairs; ++k, w += out) {
-    const auto w0 = (__m512bh)_mm512_maskz_loadu_epi32(m0, w);
-    const auto w1 = (__m512bh)_mm512_maskz_loadu_epi32(m1, w + 16);
+  // The block's columns past `out` are zeros in the packing: no masks.
+  for (int64_t k = 0; k < pairs; ++k, w += 32) {
+    const auto w0 = (__m512bh)_mm512_loadu_si512(w);
+    const auto w1 = (__m512bh)_mm512_loadu_si512(w + 16);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const auto v = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * pairs + k]));
@@ -199,8 +203,8 @@ TAILOR_AVX512_BF16 void dense_bf16_avx512(const float* x, int64_t rows, int64_t 
   const auto* w = reinterpret_cast<const uint32_t*>(packed);
   const uint32_t* x0 = xb.data();
   each_block(rows, out, b, [&](auto r, const block_at& at) TAILOR_AVX512_BF16 {
-    block_bf16<decltype(r)::value>(x0 + at.m * pairs, pairs, w + at.n, out, at.m0, at.m1, at.b0,
-                                   at.b1, y + at.m * out + at.n);
+    block_bf16<decltype(r)::value>(x0 + at.m * pairs, pairs, w + at.n * pairs, out, at.m0, at.m1,
+                                   at.b0, at.b1, y + at.m * out + at.n);
   });
 }
 
@@ -222,11 +226,12 @@ bool dense_bf16_supported() {
 }
 
 std::vector<uint16_t> packed_bf16(const float* wt, int64_t in, int64_t out) {
-  const int64_t pairs = (in + 1) / 2;
-  std::vector<uint16_t> p(static_cast<std::size_t>(pairs * out * 2), 0);
+  const int64_t pairs = (in + 1) / 2, blocks = (out + 31) / 32;
+  std::vector<uint16_t> p(static_cast<std::size_t>(blocks * pairs * 64), 0);
   for (int64_t k = 0; k < in; ++k)
     for (int64_t n = 0; n < out; ++n)
-      p[static_cast<std::size_t>(((k / 2) * out + n) * 2 + k % 2)] = round_to_bf16(wt[k * out + n]);
+      p[static_cast<std::size_t>(((n / 32 * pairs + k / 2) * 32 + n % 32) * 2 + k % 2)] =
+          round_to_bf16(wt[k * out + n]);
   return p;
 }
 

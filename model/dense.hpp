@@ -38,9 +38,10 @@ void dense(dense_isa isa, const float* x, int64_t rows, int64_t in, const float*
 // digits per input. Batch-invariant as dense(). Only where the machine has
 // AVX-512 BF16: callers check dense_bf16_supported().
 bool dense_bf16_supported();
-// wt [in, out] as dense_bf16 reads it: for each pair of consecutive inputs
-// and each output, the two weights side by side ([ceil(in / 2), out, 2]
-// bfloat16 bits; a zero pads an odd `in`).
+// wt [in, out] as dense_bf16 reads it: by blocks of 32 outputs, for each
+// pair of consecutive inputs and each output of the block, the two weights
+// side by side ([ceil(out / 32), ceil(in / 2), 32, 2] bfloat16 bits; zeros
+// pad an odd `in` and the last block's missing outputs).
 std::vector<uint16_t> packed_bf16(const float* wt, int64_t in, int64_t out);
 void dense_bf16(const float* x, int64_t rows, int64_t in, const uint16_t* packed, int64_t out,
                 const float* b, float* y);
