@@ -198,7 +198,7 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
               {"devices", "max_batch", "max_tokens_in_flight", "device_adapters", "host_adapters",
                "max_rank", "prefix_cache_entries", "prefix_cache_mb", "max_requests_per_user",
                "default_max_tokens", "default_temperature", "deadline_ms", "pinned_models",
-               "batch_thread", "kv_cache", "products", "prefill_chunk"})) {
+               "batch_thread", "kv_cache", "products", "prefill_chunk", "step_helper"})) {
     const auto& v = j["serving"];
     auto& sc = cfg.serving;
     const std::string w = "serving.";
@@ -217,7 +217,8 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
          take(v, "batch_thread", sc.batch_thread, w, err) &&
          take(v, "kv_cache", sc.kv_cache, w, err) &&
          take(v, "products", sc.products, w, err) &&
-         take(v, "prefill_chunk", sc.prefill_chunk, w, err);
+         take(v, "prefill_chunk", sc.prefill_chunk, w, err) &&
+         take(v, "step_helper", sc.step_helper, w, err);
   }
   if (section("admin", {"host", "port", "max_user_series"})) {
     const auto& a = j["admin"];

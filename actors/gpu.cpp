@@ -180,6 +180,7 @@ void publish_gauges(gpu_ptr self) {
                         static_cast<int64_t>(st.core->active.size()),
                         st.core->gen->prefix_cache_bytes(),
                         static_cast<int64_t>(st.core->shares.users()));
+  st.stats->set_helper_chunks(st.label, st.core->gen->helper_chunks());
 }
 
 // On a machine whose cores the loop shares with Kafka's and the actors'
@@ -527,6 +528,14 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
       model::serving_precision{sc.kv_cache == "float16" ? torch::kHalf : torch::kFloat32,
                                sc.products == "bfloat16"});
   c.gen->set_prefill_chunk(sc.prefill_chunk);
+  // Steps of fewer tokens gained nothing from it (tailor-micro,
+  // bm_decode_step_bf16_helped): they end before it has woken.
+  constexpr int64_t helper_min_tokens = 16;
+  std::string helper_err;
+  if (sc.step_helper &&
+      !c.gen->start_helper("tailor.help." + std::to_string(device), helper_min_tokens, helper_err))
+    spdlog::warn("gpu {}: no step helper ({}): steps run on the batch loop's thread alone",
+                 st.label, helper_err);
   if (sc.products == "bfloat16" && !c.gen->bf16_products())
     spdlog::warn("gpu {}: this CPU has no AVX-512 BF16: the products run in float32",
                  st.label);

@@ -129,6 +129,10 @@ std::string metrics::render() const {
   family("tailor_batch_thread_realtime", "gauge",
          "1 while a batch loop runs SCHED_FIFO (serving.batch_thread realtime).", "device",
          batch_realtime_);
+  family("tailor_step_helper_chunks_total", "counter",
+         "Chunks of batch steps a device's helper thread ran on an otherwise idle core "
+         "(serving.step_helper).",
+         "device", helper_chunks_);
   out.precision(15);
   if (!batch_thread_.empty()) {
     out << "# HELP tailor_batch_thread_seconds_total Time a batch loop's thread spent on a core "

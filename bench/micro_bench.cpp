@@ -143,13 +143,20 @@ void bm_burst(benchmark::State& state) {
 }
 BENCHMARK(bm_burst)->Arg(0)->Arg(256)->Unit(benchmark::kMicrosecond);
 
+// A step helper for every step (serving.step_helper), or none.
+void help(benchmark::State& state, batch_generator& g, bool helped) {
+  std::string err;
+  if (helped && !g.start_helper("micro.help", 0, err)) state.SkipWithError(err.c_str());
+}
+
 // One decode step of `rows` rows, each with its own adapter.
-void decode_step(benchmark::State& state, serving_precision precision) {
+void decode_step(benchmark::State& state, serving_precision precision, bool helped = false) {
   auto& f = fixture::get();
   const auto rows = state.range(0);
   auto g = std::make_unique<batch_generator>(f.base, f.bank, rows, 0, 0, precision);
   auto fill = [&] {
     g = std::make_unique<batch_generator>(f.base, f.bank, rows, 0, 0, precision);
+    help(state, *g, helped);
     g->add_batch(requests(rows, 0));
   };
   fill();
@@ -178,14 +185,29 @@ BENCHMARK(bm_decode_step_f16)->Arg(1)->Arg(64)->Unit(benchmark::kMicrosecond);
 void bm_decode_step_bf16(benchmark::State& state) {
   decode_step(state, {torch::kHalf, true});
 }
-BENCHMARK(bm_decode_step_bf16)->Arg(1)->Arg(64)->Unit(benchmark::kMicrosecond);
+BENCHMARK(bm_decode_step_bf16)
+    ->Arg(1)
+    ->Arg(8)
+    ->Arg(16)
+    ->Arg(64)
+    ->Unit(benchmark::kMicrosecond);
+// The same with a step helper on the other core.
+void bm_decode_step_bf16_helped(benchmark::State& state) {
+  decode_step(state, {torch::kHalf, true}, true);
+}
+BENCHMARK(bm_decode_step_bf16_helped)
+    ->Arg(1)
+    ->Arg(8)
+    ->Arg(16)
+    ->Arg(64)
+    ->Unit(benchmark::kMicrosecond);
 
 // The batch loop in its steady state: `rows` sequences of 32 tokens with
 // staggered starts; as each ends, a new one joins (its prefill, and moving
 // the caches together, included), with an adapter drawn in turn from
 // `adapters` places. Items are generated tokens, counted as sequences end.
 void continuous(benchmark::State& state, int64_t prefix_entries,
-                serving_precision precision = {}, bool zipf = false) {
+                serving_precision precision = {}, bool zipf = false, bool helped = false) {
   auto& f = fixture::get();
   const auto rows = state.range(0);
   const auto adapters = std::min(state.range(1), f.bank.size);
@@ -193,6 +215,7 @@ void continuous(benchmark::State& state, int64_t prefix_entries,
   const tailor::bench::zipf draw(static_cast<int>(adapters), 1.0);
   std::mt19937_64 rng(42);
   batch_generator g(f.base, f.bank, rows, prefix_entries, 0, precision);
+  help(state, g, helped);
   int next = 0;
   auto seq = [&] {
     auto s = temperature_sampling(static_cast<uint64_t>(next));
@@ -246,6 +269,10 @@ void bm_continuous_zipf_bf16(benchmark::State& state) {
   continuous(state, 0, {torch::kHalf, true}, true);
 }
 BENCHMARK(bm_continuous_zipf_bf16)->Args({64, 100})->Args({64, 256})->Unit(benchmark::kMicrosecond);
+void bm_continuous_zipf_bf16_helped(benchmark::State& state) {
+  continuous(state, 0, {torch::kHalf, true}, true, true);
+}
+BENCHMARK(bm_continuous_zipf_bf16_helped)->Args({64, 100})->Unit(benchmark::kMicrosecond);
 
 // The same with a prefix cache of 256 prompts (as many as the bank's places): the prompts
 // share "Tell me something about number ", as the serving bench's do.

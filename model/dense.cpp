@@ -7,6 +7,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "model/step_helper.hpp"
+
 namespace tailor::model {
 
 namespace {
@@ -54,12 +56,13 @@ struct block_at {
 // Columns in blocks of 32, and within one block every row (by eights, then
 // fours, then one by one), so the block's slice of the matrix stays in L1
 // while the rows pass over it: block(std::integral_constant<int, R>, at)
-// for each block of R rows.
+// for each block of R rows. The column blocks are the chunks a step's
+// helper may share (parallel_chunks).
 template <typename Block>
 __attribute__((target("avx512f"))) inline void each_block(int64_t rows, int64_t out,
                                                           const float* b, Block&& block) {
-  for (int64_t n = 0; n < out; n += 32) {
-    const int64_t left = out - n;
+  parallel_chunks((out + 31) / 32, [&](int64_t c) __attribute__((target("avx512f"))) {
+    const int64_t n = c * 32, left = out - n;
     block_at at{0, n, 0, 0, _mm512_setzero_ps(), _mm512_setzero_ps()};
     at.m0 = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
     at.m1 = left >= 32   ? 0xFFFF
@@ -72,7 +75,7 @@ __attribute__((target("avx512f"))) inline void each_block(int64_t rows, int64_t 
     for (; at.m + 8 <= rows; at.m += 8) block(std::integral_constant<int, 8>{}, at);
     for (; at.m + 4 <= rows; at.m += 4) block(std::integral_constant<int, 4>{}, at);
     for (; at.m < rows; ++at.m) block(std::integral_constant<int, 1>{}, at);
-  }
+  });
 }
 
 __attribute__((target("avx512f"))) void dense_avx512(const float* x, int64_t rows, int64_t in,

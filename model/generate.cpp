@@ -281,6 +281,13 @@ std::vector<int64_t> batch_generator::add_batch(const std::vector<new_sequence>&
   return ids;
 }
 
+bool batch_generator::start_helper(const std::string& thread_name, int64_t min_tokens,
+                                   std::string& err) {
+  helper_ = step_helper::start(thread_name, err);
+  helper_min_tokens_ = min_tokens;
+  return helper_ != nullptr;
+}
+
 std::vector<int64_t> batch_generator::step() {
   std::vector<int64_t> finished = std::move(finished_early_);
   finished_early_.clear();
@@ -310,10 +317,16 @@ std::vector<int64_t> batch_generator::step() {
     if (r->prompt.empty() || end == static_cast<int64_t>(r->prompt.size()))
       last_of_row.push_back(static_cast<int64_t>(tokens.size()) - 1);
   }
-  auto logits = forward_tokens(weights_, row_adapters::of(bank_, std::move(places)), tokens,
-                               positions, slots, cache_, last_of_row)
-                    .to(torch::kFloat32)
-                    .contiguous();  // [rows that sample, V]
+  torch::Tensor logits;
+  {
+    // A step of a few tokens is over before a helper would wake for it.
+    const bool big = static_cast<int64_t>(tokens.size()) >= helper_min_tokens_;
+    helping with(big ? helper_.get() : nullptr);
+    logits = forward_tokens(weights_, row_adapters::of(bank_, std::move(places)), tokens,
+                            positions, slots, cache_, last_of_row)
+                 .to(torch::kFloat32)
+                 .contiguous();  // [rows that sample, V]
+  }
   const auto B = static_cast<int64_t>(rows_.size());
   const int64_t V = logits.size(1);
   const float* next_logits = logits.data_ptr<float>();

@@ -5,11 +5,13 @@
 // each with its own adapter, sampling settings and seed.
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "model/step_helper.hpp"
 #include "model/transformer.hpp"
 
 namespace tailor::model {
@@ -91,6 +93,12 @@ class batch_generator {
   // the text does not depend on it, only how long one step can take when
   // many prompts join at once.
   void set_prefill_chunk(int64_t tokens) { prefill_chunk_ = std::max<int64_t>(0, tokens); }
+  // Starts a helper thread (model/step_helper.hpp) that takes chunks of
+  // the steps of at least `min_tokens` tokens on a core nothing else
+  // wants. False, with the reason in `err`, when it cannot start.
+  bool start_helper(const std::string& thread_name, int64_t min_tokens, std::string& err);
+  // The chunks of work the helper has taken so far (0 without one).
+  int64_t helper_chunks() const { return helper_ ? helper_->chunks_run() : 0; }
   bool idle() const;
   std::size_t active() const;
   // Ends an active sequence now with `reason` (cancelled, deadline): its
@@ -149,6 +157,8 @@ class batch_generator {
   uint64_t prefix_tick_ = 0;
   int64_t reused_tokens_ = 0, computed_tokens_ = 0;
   int64_t prefill_chunk_ = 0;
+  std::unique_ptr<step_helper> helper_;
+  int64_t helper_min_tokens_ = 0;
   std::vector<int64_t> started_;
 };
 

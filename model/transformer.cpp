@@ -8,6 +8,7 @@
 
 #include "model/dense.hpp"
 #include "model/row_kernels.hpp"
+#include "model/step_helper.hpp"
 #ifdef TAILOR_WITH_CUDA
 #include "model/cuda/bgmv.hpp"
 #endif
@@ -90,27 +91,32 @@ void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::
   const uint16_t* ap = bf16_bits(a);
   const uint16_t* bp = bf16_bits(b);
   float* op = out.data_ptr<float>();
-  for (int64_t row = 0; row < B; ++row) {
-    const int64_t rank = ra.ranks[static_cast<std::size_t>(row)];
-    if (rank == 0) continue;  // no adapter
-    const int64_t place = ra.rows[static_cast<std::size_t>(row)];
-    const uint16_t* ar = ap + place * in * r;
-    const uint16_t* br = bp + place * r * n_out;
-    // The next row's factors start streams the hardware prefetcher has not
-    // seen yet: ask for them while this row computes.
-    if (row + 1 < B) {
-      const int64_t next = ra.rows[static_cast<std::size_t>(row + 1)];
-      const int64_t next_rank = ra.ranks[static_cast<std::size_t>(row + 1)];
-      const uint16_t* na = ap + next * in * r;
-      const uint16_t* nb = bp + next * r * n_out;
-      for (int64_t i = 0; i < in * next_rank; i += 32) __builtin_prefetch(na + i);
-      for (int64_t i = 0; i < n_out * next_rank; i += 32) __builtin_prefetch(nb + i);
+  // Rows by fours are the chunks a step's helper may take.
+  constexpr int64_t rows_per_chunk = 4;
+  parallel_chunks((B + rows_per_chunk - 1) / rows_per_chunk, [&](int64_t chunk) {
+    const int64_t end = std::min(B, (chunk + 1) * rows_per_chunk);
+    for (int64_t row = chunk * rows_per_chunk; row < end; ++row) {
+      const int64_t rank = ra.ranks[static_cast<std::size_t>(row)];
+      if (rank == 0) continue;  // no adapter
+      const int64_t place = ra.rows[static_cast<std::size_t>(row)];
+      const uint16_t* ar = ap + place * in * r;
+      const uint16_t* br = bp + place * r * n_out;
+      // The next row's factors start streams the hardware prefetcher has
+      // not seen yet: ask for them while this row computes.
+      if (row + 1 < end) {
+        const int64_t next = ra.rows[static_cast<std::size_t>(row + 1)];
+        const int64_t next_rank = ra.ranks[static_cast<std::size_t>(row + 1)];
+        const uint16_t* na = ap + next * in * r;
+        const uint16_t* nb = bp + next * r * n_out;
+        for (int64_t i = 0; i < in * next_rank; i += 32) __builtin_prefetch(na + i);
+        for (int64_t i = 0; i < n_out * next_rank; i += 32) __builtin_prefetch(nb + i);
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        const float* xr = xp + (row * T + t) * in;
+        lora_row(xr, ar, br, in, rank, n_out, op + (row * T + t) * n_out);
+      }
     }
-    for (int64_t t = 0; t < T; ++t) {
-      const float* xr = xp + (row * T + t) * in;
-      lora_row(xr, ar, br, in, rank, n_out, op + (row * T + t) * n_out);
-    }
-  }
+  });
 }
 
 // Attention of single query tokens: q [B, H, hd] (any strides) against the
@@ -142,17 +148,19 @@ torch::Tensor decode_attention_of(const torch::Tensor& q, const torch::Tensor& K
   const auto ks = K.strides();
   const auto vs = V.strides();
   const auto sc = static_cast<float>(scale);
-  std::vector<float> p;
-  for (int64_t b = 0; b < B; ++b)
+  // A row is a chunk a step's helper may take; each thread its own scores.
+  parallel_chunks(B, [&](int64_t b) {
+    thread_local std::vector<float> p;
+    const int64_t n = last[static_cast<std::size_t>(b)] + 1;
+    p.resize(static_cast<std::size_t>(n));
+    const int64_t sb = slot[static_cast<std::size_t>(b)];
     for (int64_t h = 0; h < H; ++h) {
-      const int64_t n = last[static_cast<std::size_t>(b)] + 1;
-      p.resize(static_cast<std::size_t>(n));
       const float* qr = qp + b * qs[0] + h * qs[1];
-      const int64_t sb = slot[static_cast<std::size_t>(b)];
       const T* kb = kp + sb * ks[0] + h * ks[1];
       const T* vb = vp + sb * vs[0] + h * vs[1];
       attend(qr, kb, ks[2], vb, vs[2], n, hd, sc, p.data(), yp + (b * H + h) * hd);
     }
+  });
   return y;
 }
 
@@ -609,9 +617,14 @@ torch::Tensor after_attention(const serving_weights& w, const row_adapters& ga, 
   if (lora && ga.mlp) add_lora_rows(h2, ga.a[i][site_fc], ga.b[i][site_fc], ga, f);
   // In place by our loop: torch::gelu goes through oneDNN, whose set-up per
   // call was a sixth of a one-row step (perf, bm_decode_step_bf16/1).
-  if (f.is_cpu() && f.is_contiguous() && f.scalar_type() == torch::kFloat32)
-    gelu(f.data_ptr<float>(), f.numel());
-  else
+  if (f.is_cpu() && f.is_contiguous() && f.scalar_type() == torch::kFloat32) {
+    // By eights of rows, the chunks a step's helper may take.
+    const int64_t width = f.size(-1), rows = f.numel() / width;
+    float* fp = f.data_ptr<float>();
+    parallel_chunks((rows + 7) / 8, [&](int64_t c) {
+      gelu(fp + c * 8 * width, (std::min(rows, (c + 1) * 8) - c * 8) * width);
+    });
+  } else
     f = torch::gelu(f);
   auto o = product(f, lt.out, l.out_w, l.out_b);
   if (lora && ga.mlp) add_lora_rows(f, ga.a[i][site_out], ga.b[i][site_out], ga, o);

@@ -168,7 +168,7 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
          R"("compute":{"blas_threads":2,"actor_threads":3,"scheduling":"normal"},)"
          R"("admin":{"port":0,"max_user_series":50},)"
          R"("serving":{"prefix_cache_entries":8,"prefix_cache_mb":32,"batch_thread":"realtime",)"
-         R"("kv_cache":"float32","products":"float32","prefill_chunk":64}})";
+         R"("kv_cache":"float32","products":"float32","prefill_chunk":64,"step_helper":false}})";
   cfg = {};
   EXPECT_EQ(load_config_file(path.string(), cfg), "");
   EXPECT_EQ(cfg.serving.prefix_cache_entries, 8);
@@ -176,6 +176,8 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
   EXPECT_EQ(cfg.serving.batch_thread, "realtime");
   EXPECT_EQ(cfg.serving.prefill_chunk, 64);
   EXPECT_EQ(engine_config{}.serving.prefill_chunk, 256);
+  EXPECT_FALSE(cfg.serving.step_helper);
+  EXPECT_TRUE(engine_config{}.serving.step_helper);
   EXPECT_EQ(cfg.serving.kv_cache, "float32");
   EXPECT_EQ(engine_config{}.serving.kv_cache, "float16");
   EXPECT_EQ(cfg.serving.products, "float32");

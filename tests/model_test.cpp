@@ -1,7 +1,13 @@
 // model/: the batched multi-adapter forward equals each row's adapter merged
 // into the weights, KV-cached decoding equals full recomputation, and
 // generation is reproducible per seed whatever else shares the batch.
+#include <sched.h>
+
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
+#include <mutex>
 #include <iostream>
 #include <limits>
 
@@ -13,6 +19,7 @@
 #include "model/generate.hpp"
 #include "model/pretrain.hpp"
 #include "model/row_kernels.hpp"
+#include "model/step_helper.hpp"
 #include "model/transformer.hpp"
 
 using namespace tailor::model;
@@ -753,6 +760,76 @@ TEST_F(ModelTest, PromptsInChunksGiveTheSameTextOverMoreSteps) {
     EXPECT_EQ(whole_steps[0], 1) << "whole prompts all start in the first step";
     EXPECT_GE(chunked_steps[0], static_cast<int>((prompt_tokens + 4) / 5))
         << "at most 5 prompt tokens a step";
+  }
+}
+
+// The step helper: every chunk of a job runs exactly once, whichever of
+// the two threads takes it; the helper runs SCHED_IDLE and does take chunks.
+TEST(StepHelper, RunsEveryChunkOnceOnEitherThread) {
+  std::string err;
+  auto h = step_helper::start("test.help", err);
+  ASSERT_TRUE(h) << err;
+  EXPECT_EQ(sched_getscheduler(h->thread_id()), SCHED_IDLE);
+  std::vector<std::atomic<int>> runs(64);
+  for (int job = 0; job < 3000; ++job) {
+    const int n = 1 + job % 64;
+    for (int i = 0; i < n; ++i) runs[static_cast<std::size_t>(i)] = 0;
+    auto count = [&](int64_t i) { runs[static_cast<std::size_t>(i)].fetch_add(1); };
+    h->run(n, count);
+    for (int i = 0; i < n; ++i)
+      ASSERT_EQ(runs[static_cast<std::size_t>(i)].load(), 1) << "job " << job << " chunk " << i;
+  }
+  // Two chunks that each wait until both have started: only two threads
+  // running at once finish them (the caller takes one, the helper the other).
+  std::mutex m;
+  std::condition_variable cv;
+  int started = 0;
+  bool together = true;
+  auto both = [&](int64_t) {
+    std::unique_lock lock(m);
+    ++started;
+    cv.notify_all();
+    if (!cv.wait_for(lock, std::chrono::seconds(30), [&] { return started == 2; }))
+      together = false;
+  };
+  h->run(2, both);
+  EXPECT_TRUE(together) << "the helper never took the second chunk";
+  EXPECT_GE(h->chunks_run(), 1);
+}
+
+// Steps shared with a helper give the same texts as steps on one thread
+// (each product column, row of attention or LoRA, whoever computes it, is
+// summed alike), with float and with the float16/bfloat16 path. Rounds go
+// on until the helper has taken part (30 s at most).
+TEST_F(ModelTest, AStepHelperChangesNoText) {
+  const std::vector<std::string> prompts = {"a prompt of some length, with words", "hello", "x",
+                                            "another prompt", "and one more", "the sixth"};
+  const std::vector<int64_t> places = {1, 2, 0, 3, 1, 2};
+  for (auto precision : {serving_precision{}, serving_precision{torch::kHalf, true}}) {
+    SCOPED_TRACE(precision.bf16_products ? "float16 cache, bfloat16 products" : "float");
+    auto texts = [&](batch_generator& g) {
+      std::vector<batch_generator::new_sequence> seqs;
+      for (std::size_t i = 0; i < prompts.size(); ++i)
+        seqs.push_back({prompts[i], places[i], sampled(static_cast<uint64_t>(i), 12)});
+      auto ids = g.add_batch(seqs);
+      EXPECT_EQ(ids.size(), prompts.size());
+      while (!g.idle()) g.step();
+      std::vector<std::vector<int64_t>> out;
+      for (auto id : ids) out.push_back(g.take(id).tokens);
+      return out;
+    };
+    batch_generator alone(base_, bank_, 6, 0, 0, precision);
+    const auto expected = texts(alone);
+    batch_generator helped(base_, bank_, 6, 0, 0, precision);
+    std::string err;
+    ASSERT_TRUE(helped.start_helper("test.help", 0, err)) << err;
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    int rounds = 0;
+    do {
+      ASSERT_EQ(texts(helped), expected) << "round " << rounds;
+      ++rounds;
+    } while (helped.helper_chunks() == 0 && std::chrono::steady_clock::now() < until);
+    EXPECT_GT(helped.helper_chunks(), 0) << "the helper took no chunk in " << rounds << " rounds";
   }
 }
 

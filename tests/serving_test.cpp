@@ -93,11 +93,13 @@ class ServingTest : public engine_test {
 }  // namespace
 
 TEST_F(ServingTest, AUserIsAnsweredByTheirOwnModel) {
-  // With the threads' default policy (compute.scheduling normal): the
-  // scheduling policy changes when threads run, never what they compute.
-  start({{"compute", {{"scheduling", "normal"}}}});
+  // With the threads' default policy (compute.scheduling normal) and no
+  // step helper: the scheduling changes when threads run, never what they
+  // compute.
+  start({{"compute", {{"scheduling", "normal"}}}, {"serving", {{"step_helper", false}}}});
   ASSERT_FALSE(HasFatalFailure());
   EXPECT_EQ(threads_with(thread_policies(engine_->pid()), SCHED_BATCH), 0);
+  EXPECT_EQ(threads_with(thread_policies(engine_->pid()), SCHED_IDLE), 0);
   auto models = onboard_all({"ann", "bob"}, 40);
   // Past an end-of-text too: 24 bytes of each, not a one-byte answer that
   // two small models may share by chance.
@@ -193,10 +195,12 @@ TEST_F(ServingTest, ConcurrentRequestsAreBatchedAndEachEqualsItsResultAlone) {
   EXPECT_EQ(labelled("tailor_batch_thread_realtime", "device", "tailor-test/0"), realtime ? 1 : 0);
   const auto policies = thread_policies(engine_->pid());
   EXPECT_EQ(threads_with(policies, SCHED_FIFO), realtime ? 1 : 0);
+  // The device's step helper (serving.step_helper) runs only where a core idles.
+  EXPECT_EQ(threads_with(policies, SCHED_IDLE), 1);
   // Every other thread runs SCHED_BATCH (compute.scheduling), started after it was set.
   int all = 0;
   for (const auto& [policy, n] : policies) all += n;
-  EXPECT_EQ(threads_with(policies, SCHED_BATCH), all - (realtime ? 1 : 0));
+  EXPECT_EQ(threads_with(policies, SCHED_BATCH), all - (realtime ? 1 : 0) - 1);
   const auto m = engine_->get("/metrics").second;
   const std::string running =
       "\ntailor_batch_thread_seconds_total{device=\"tailor-test/0\",state=\"running\"} ";

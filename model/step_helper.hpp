@@ -1,0 +1,97 @@
+#pragma once
+
+// A second thread for the batch loop's kernels that only runs on a core
+// nothing else wants (SCHED_IDLE). No LibTorch here: dense.cpp and
+// row_kernels.cpp split their work with it.
+//
+// The loop's thread and the helper take chunks of a kernel's work from one
+// counter, so the loop never waits for the helper to start: on a busy
+// machine the loop does every chunk itself, as before; with a core idle the
+// helper takes about half. A chunk computes the same numbers on either
+// thread, so a row's text does not depend on who ran it.
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <thread>
+
+namespace tailor::model {
+
+class step_helper {
+ public:
+  // Starts the thread, named `name` (at most 15 characters show). Null, with
+  // the reason in `err`, when it cannot start or cannot run SCHED_IDLE.
+  static std::unique_ptr<step_helper> start(const std::string& name, std::string& err);
+  ~step_helper();
+  step_helper(const step_helper&) = delete;
+  step_helper& operator=(const step_helper&) = delete;
+
+  // Calls fn(i) once for every i in [0, n), on the calling thread and the
+  // helper; returns when every call has returned. fn must not throw (on the
+  // helper it would end the process). Not reentrant: one caller.
+  template <typename F>
+  void run(int64_t n, F& fn) {
+    run_chunks(n, [](void* f, int64_t i) { (*static_cast<F*>(f))(i); }, &fn);
+  }
+
+  // No more work for a while (the step has ended): the helper sleeps now
+  // rather than spin, so that it is not waiting for a core when the loop
+  // yields its own between steps. The next run() wakes it.
+  void rest() { resting_.store(true); }
+
+  // The helper's thread id (0 until it has started) and how many chunks it
+  // has run: tests and the serving metrics read them.
+  int thread_id() const { return tid_.load(); }
+  int64_t chunks_run() const { return helped_.load(std::memory_order_relaxed); }
+
+ private:
+  step_helper() = default;
+  using chunk_fn = void (*)(void*, int64_t);
+  void run_chunks(int64_t n, chunk_fn fn, void* arg);
+  void loop();
+  // Claims the current job's next chunk: its index, or -1 when none is left.
+  int64_t claim();
+
+  // The current job's next chunk (low 32 bits) and number of chunks (high
+  // 32): one word, so that a claim cannot take a chunk of a job that ended.
+  std::atomic<uint64_t> next_{0};
+  std::atomic<chunk_fn> fn_{nullptr};
+  std::atomic<void*> arg_{nullptr};
+  std::atomic<int64_t> done_{0};        // chunks of the current job finished
+  std::atomic<uint32_t> posted_{0};     // job numbers: the helper waits on it
+  std::atomic<uint32_t> finished_{0};   // bumped when the helper ends a chunk
+  std::atomic<bool> helper_asleep_{false}, caller_asleep_{false}, resting_{false}, stop_{false};
+  std::atomic<int> tid_{0};
+  std::atomic<int64_t> helped_{0};
+  std::thread thread_;
+};
+
+// The helper the calling thread's kernels split their work with, for as
+// long as an object of this type lives on it (null: none); then it rests.
+class helping {
+ public:
+  explicit helping(step_helper* h);
+  ~helping();
+  helping(const helping&) = delete;
+  helping& operator=(const helping&) = delete;
+
+ private:
+  step_helper* previous_;
+};
+
+// The calling thread's helper (set by `helping`), or null.
+step_helper* current_helper();
+
+// fn(i) for every i in [0, n): with the calling thread's helper when it has
+// one and there are at least two chunks, else in order on this thread.
+template <typename F>
+void parallel_chunks(int64_t n, F&& fn) {
+  step_helper* h = n > 1 ? current_helper() : nullptr;
+  if (h == nullptr) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  h->run(n, fn);
+}
+
+}  // namespace tailor::model
