@@ -112,7 +112,7 @@ struct engine_config {
   bool sync_writes = false;
   std::string admin_host = "127.0.0.1";
   int admin_port = 8080;   // 0: any free port (printed and written to ready_file)
-  // Per-user and per-model request series on /metrics; the rest sum as "_other".
+  // Per-user and per-model request series on /metrics; the rest sum as "(other)".
   int admin_max_user_series = 1000;
   std::string ready_file;  // JSON {admin_port, bootstrap_servers} once ready
   std::vector<std::string> base_models = {"tailor-base"};

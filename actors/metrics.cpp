@@ -106,11 +106,13 @@ std::string metrics::render() const {
     family(f.name, "counter", f.help, "tier",
            it == cache_.end() ? std::map<std::string, int64_t>{} : it->second);
   }
-  // The busiest models and users by name, the rest as one "_other".
+  // The busiest models and users by name, the rest as one "(other)": no id
+  // has parentheses (messages/ids.hpp), so no user's series is mistaken
+  // for it.
   auto bounded = [&](const char* name, const char* help, const char* label,
                      const bounded_counts& c) {
     auto m = c.counts();
-    if (c.other() > 0) m["_other"] += c.other();
+    if (c.other() > 0) m["(other)"] += c.other();
     family(name, "counter", help, label, m);
   };
   bounded("tailor_model_requests_total", "Inference requests served, per model.", "model",

@@ -34,7 +34,7 @@ class bounded_counts {
 class metrics {
  public:
   // At most `max_user_series` series each of the per-user and per-model
-  // request counts; the rest sum under the label value "_other".
+  // request counts; the rest sum under the label value "(other)".
   explicit metrics(std::size_t max_user_series = 1000)
       : model_requests_(max_user_series), user_requests_(max_user_series) {}
 

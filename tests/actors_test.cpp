@@ -264,10 +264,12 @@ TEST(FairShares, RemembersOnlyUsersInFlightOrAboveTheFloor) {
 }
 
 // Per-user request counts on /metrics: at most the limit of series, the
-// busiest kept by name, the others summed under "_other", nothing lost.
+// busiest kept by name, the others summed under "(other)" (which no id can
+// be: a user named "_other" keeps a series of its own), nothing lost.
 TEST(Metrics, PerUserSeriesAreBoundedAndTheRestSumUnderOther) {
-  metrics m(3);
+  metrics m(4);
   for (int i = 0; i < 50; ++i) m.count_request("model-heavy", "heavy");
+  for (int i = 0; i < 30; ++i) m.count_request("model-x", "_other");
   for (int i = 0; i < 20; ++i) m.count_request("model-busy", "busy");
   for (int u = 0; u < 1000; ++u)
     m.count_request("model-" + std::to_string(u), "u" + std::to_string(u));
@@ -283,14 +285,15 @@ TEST(Metrics, PerUserSeriesAreBoundedAndTheRestSumUnderOther) {
     ++user_series;
     total += std::stod(text.substr(text.find("} ", pos) + 2));
   }
-  EXPECT_EQ(user_series, 4) << "three users by name and _other:\n" << text;
+  EXPECT_EQ(user_series, 5) << "four users by name and (other):\n" << text;
   EXPECT_EQ(value("tailor_user_requests_total{user=\"heavy\"}"), 50);
+  EXPECT_EQ(value("tailor_user_requests_total{user=\"_other\"}"), 30) << "a user, not the rest";
   EXPECT_EQ(value("tailor_user_requests_total{user=\"busy\"}"), 20);
   EXPECT_EQ(value("tailor_user_requests_total{user=\"u999\"}"), 1) << "the newest keeps a series";
-  EXPECT_EQ(value("tailor_user_requests_total{user=\"_other\"}"), 999);
-  EXPECT_EQ(total, 1070) << "every request is counted once";
+  EXPECT_EQ(value("tailor_user_requests_total{user=\"(other)\"}"), 999);
+  EXPECT_EQ(total, 1100) << "every request is counted once";
   EXPECT_EQ(value("tailor_model_requests_total{model=\"model-heavy\"}"), 50);
-  EXPECT_EQ(value("tailor_model_requests_total{model=\"_other\"}"), 999);
+  EXPECT_EQ(value("tailor_model_requests_total{model=\"(other)\"}"), 999);
 }
 
 // The host tier of the adapter cache: least recently used out first, a hit
