@@ -180,7 +180,7 @@ void publish_gauges(gpu_ptr self) {
                         static_cast<int64_t>(st.core->active.size()),
                         st.core->gen->prefix_cache_bytes(),
                         static_cast<int64_t>(st.core->shares.users()));
-  st.stats->set_helper_chunks(st.label, st.core->gen->helper_chunks());
+  st.stats->set_helper(st.label, st.core->gen->helper_chunks(), st.core->gen->helper_late_waits());
 }
 
 // On a machine whose cores the loop shares with Kafka's and the actors'

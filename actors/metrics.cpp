@@ -135,6 +135,10 @@ std::string metrics::render() const {
          "Chunks of batch steps a device's helper thread ran on an otherwise idle core "
          "(serving.step_helper).",
          "device", helper_chunks_);
+  family("tailor_step_helper_late_total", "counter",
+         "Times a batch loop waited long for a chunk its helper had begun, which then sits "
+         "out a while (the machine's other cores were busy).",
+         "device", helper_late_);
   out.precision(15);
   if (!batch_thread_.empty()) {
     out << "# HELP tailor_batch_thread_seconds_total Time a batch loop's thread spent on a core "

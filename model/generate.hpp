@@ -97,8 +97,10 @@ class batch_generator {
   // the steps of at least `min_tokens` tokens on a core nothing else
   // wants. False, with the reason in `err`, when it cannot start.
   bool start_helper(const std::string& thread_name, int64_t min_tokens, std::string& err);
-  // The chunks of work the helper has taken so far (0 without one).
+  // The chunks of work the helper has taken so far, and the times the step
+  // waited long for one (0 without a helper).
   int64_t helper_chunks() const { return helper_ ? helper_->chunks_run() : 0; }
+  int64_t helper_late_waits() const { return helper_ ? helper_->late_waits() : 0; }
   bool idle() const;
   std::size_t active() const;
   // Ends an active sequence now with `reason` (cancelled, deadline): its

@@ -6,6 +6,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -21,6 +22,10 @@ using clock = std::chrono::steady_clock;
 // spins for the helper's last chunk (a chunk is a few us) before it sleeps.
 constexpr auto helper_spin = std::chrono::microseconds(50);
 constexpr auto caller_spin = std::chrono::microseconds(20);
+// A wait for the helper longer than this leaves it out for a while: a
+// chunk takes a few us, so the helper was kept from its core.
+constexpr auto late = std::chrono::microseconds(200);
+constexpr clock::duration longest_backoff = std::chrono::seconds(1);
 
 // Spins until `ready()` or `limit` has passed; whether it became ready.
 template <typename Ready>
@@ -47,8 +52,10 @@ thread_local step_helper* current = nullptr;
 
 }  // namespace
 
-std::unique_ptr<step_helper> step_helper::start(const std::string& name, std::string& err) {
+std::unique_ptr<step_helper> step_helper::start(const std::string& name, std::string& err,
+                                                clock::duration backoff) {
   std::unique_ptr<step_helper> h(new step_helper());
+  h->base_backoff_ = h->backoff_ = backoff;
   // 0 while starting, 1 running, -errno when it could not take SCHED_IDLE.
   std::atomic<int> status{0};
   h->thread_ = std::thread([self = h.get(), &status] {
@@ -108,6 +115,7 @@ void step_helper::run_chunks(int64_t n, chunk_fn fn, void* arg) {
   }
   // The chunks the helper took: wait for them to end.
   auto all_done = [&] { return done_.load(std::memory_order_acquire) + mine >= n; };
+  const auto waiting = clock::now();
   if (spin_until(all_done, caller_spin)) return;
   while (true) {
     const auto seen = finished_.load();
@@ -116,6 +124,22 @@ void step_helper::run_chunks(int64_t n, chunk_fn fn, void* arg) {
     finished_.wait(seen);
   }
   caller_asleep_ = false;
+  const auto now = clock::now();
+  if (now - waiting > late) {
+    late_.fetch_add(1, std::memory_order_relaxed);
+    resume_ = now + backoff_;
+    last_late_ = now;
+    backoff_ = std::min<clock::duration>(2 * backoff_, std::max(longest_backoff, base_backoff_));
+  }
+}
+
+bool step_helper::available() {
+  if (resume_ == clock::time_point{}) return true;  // never late
+  const auto now = clock::now();
+  if (now < resume_) return false;
+  // Long after the last late wait, a late wait starts over from the shortest.
+  if (now - last_late_ > 4 * backoff_) backoff_ = base_backoff_;
+  return true;
 }
 
 void step_helper::loop() {

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <mutex>
+#include <thread>
 #include <iostream>
 #include <limits>
 
@@ -795,6 +796,45 @@ TEST(StepHelper, RunsEveryChunkOnceOnEitherThread) {
   h->run(2, both);
   EXPECT_TRUE(together) << "the helper never took the second chunk";
   EXPECT_GE(h->chunks_run(), 1);
+}
+
+// A helper kept from its core must not keep the loop waiting again and
+// again: once the loop has waited long for one of its chunks, the next
+// kernels run on the loop's thread alone for a while.
+TEST(StepHelper, IsLeftOutForAWhileAfterTheLoopWaitedLongForIt) {
+  std::string err;
+  // Left out for a minute: longer than this test, however slow the machine.
+  auto h = step_helper::start("test.help", err, std::chrono::minutes(1));
+  ASSERT_TRUE(h) << err;
+  const auto caller = std::this_thread::get_id();
+  std::mutex m;
+  std::condition_variable cv;
+  bool helper_started = false;
+  // The caller's chunk waits until the helper has taken the other, which
+  // stands for a helper preempted for 5 ms.
+  auto slow_helper = [&](int64_t) {
+    std::unique_lock lock(m);
+    if (std::this_thread::get_id() != caller) {
+      helper_started = true;
+      cv.notify_all();
+      lock.unlock();
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      return;
+    }
+    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(30), [&] { return helper_started; }))
+        << "the helper never took a chunk";
+  };
+  h->run(2, slow_helper);
+  EXPECT_EQ(h->late_waits(), 1);
+  // Right after: every chunk on the caller's thread, in order.
+  helping with(h.get());
+  std::vector<int64_t> order;
+  parallel_chunks(32, [&](int64_t i) {
+    EXPECT_EQ(std::this_thread::get_id(), caller) << "chunk " << i;
+    order.push_back(i);
+  });
+  EXPECT_EQ(order.size(), 32u);
+  EXPECT_FALSE(h->available());
 }
 
 // Steps shared with a helper give the same texts as steps on one thread
