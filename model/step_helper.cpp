@@ -109,9 +109,15 @@ void step_helper::run_chunks(int64_t n, chunk_fn fn, void* arg) {
   posted_.fetch_add(1);
   if (helper_asleep_.load()) posted_.notify_one();
   int64_t mine = 0;
-  for (int64_t i = claim(); i >= 0; i = claim()) {
-    fn(arg, i);
-    ++mine;
+  {
+    // A kernel that splits its work inside a chunk runs it in order.
+    step_helper* const outer = current;
+    current = nullptr;
+    for (int64_t i = claim(); i >= 0; i = claim()) {
+      fn(arg, i);
+      ++mine;
+    }
+    current = outer;
   }
   // The chunks the helper took: wait for them to end.
   auto all_done = [&] { return done_.load(std::memory_order_acquire) + mine >= n; };

@@ -39,7 +39,8 @@ class step_helper {
 
   // Calls fn(i) once for every i in [0, n), on the calling thread and the
   // helper; returns when every call has returned. fn must not throw (on the
-  // helper it would end the process). Not reentrant: one caller.
+  // helper it would end the process). One caller thread; parallel_chunks
+  // inside fn runs in order on whichever thread calls it.
   template <typename F>
   void run(int64_t n, F& fn) {
     run_chunks(n, [](void* f, int64_t i) { (*static_cast<F*>(f))(i); }, &fn);

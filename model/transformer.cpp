@@ -103,7 +103,7 @@ void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::
       const uint16_t* br = bp + place * r * n_out;
       // The next row's factors start streams the hardware prefetcher has
       // not seen yet: ask for them while this row computes.
-      if (row + 1 < end) {
+      if (row + 1 < B) {
         const int64_t next = ra.rows[static_cast<std::size_t>(row + 1)];
         const int64_t next_rank = ra.ranks[static_cast<std::size_t>(row + 1)];
         const uint16_t* na = ap + next * in * r;

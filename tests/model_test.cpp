@@ -796,6 +796,11 @@ TEST(StepHelper, RunsEveryChunkOnceOnEitherThread) {
   h->run(2, both);
   EXPECT_TRUE(together) << "the helper never took the second chunk";
   EXPECT_GE(h->chunks_run(), 1);
+  // A kernel that splits its work inside a chunk: every inner chunk once.
+  helping with(h.get());
+  std::atomic<int> inner{0};
+  parallel_chunks(4, [&](int64_t) { parallel_chunks(8, [&](int64_t) { inner.fetch_add(1); }); });
+  EXPECT_EQ(inner.load(), 32);
 }
 
 // A helper kept from its core must not keep the loop waiting again and
