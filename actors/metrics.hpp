@@ -102,8 +102,9 @@ class metrics {
   // Chunks of a device's steps its helper thread has run (serving.step_helper),
   // and the times the loop waited long for one (the helper then sits out).
   void set_helper(const std::string& device, int64_t chunks, int64_t late) {
-    set(helper_chunks_, device, chunks);
-    set(helper_late_, device, late);
+    std::lock_guard<std::mutex> g(mtx_);
+    helper_chunks_[device] = chunks;
+    helper_late_[device] = late;
   }
 
   // Time an inference request spent in the engine outside batch steps and

@@ -22,9 +22,6 @@ using clock = std::chrono::steady_clock;
 // spins for the helper's last chunk (a chunk is a few us) before it sleeps.
 constexpr auto helper_spin = std::chrono::microseconds(50);
 constexpr auto caller_spin = std::chrono::microseconds(20);
-// A wait for the helper longer than this leaves it out for a while: a
-// chunk takes a few us, so the helper was kept from its core.
-constexpr auto late = std::chrono::microseconds(200);
 constexpr clock::duration longest_backoff = std::chrono::seconds(1);
 
 // Spins until `ready()` or `limit` has passed; whether it became ready.
@@ -53,9 +50,11 @@ thread_local step_helper* current = nullptr;
 }  // namespace
 
 std::unique_ptr<step_helper> step_helper::start(const std::string& name, std::string& err,
-                                                clock::duration backoff) {
+                                                clock::duration backoff,
+                                                clock::duration late) {
   std::unique_ptr<step_helper> h(new step_helper());
   h->base_backoff_ = h->backoff_ = backoff;
+  h->late_after_ = late;
   // 0 while starting, 1 running, -errno when it could not take SCHED_IDLE.
   std::atomic<int> status{0};
   h->thread_ = std::thread([self = h.get(), &status] {
@@ -131,7 +130,7 @@ void step_helper::run_chunks(int64_t n, chunk_fn fn, void* arg) {
   }
   caller_asleep_ = false;
   const auto now = clock::now();
-  if (now - waiting > late) {
+  if (now - waiting > late_after_) {
     late_.fetch_add(1, std::memory_order_relaxed);
     resume_ = now + backoff_;
     last_late_ = now;

@@ -29,10 +29,12 @@ class step_helper {
  public:
   // Starts the thread, named `name` (at most 15 characters show). Null, with
   // the reason in `err`, when it cannot start or cannot run SCHED_IDLE.
-  // `backoff`: how long the first late wait leaves the helper out.
+  // A wait for the helper longer than `late` (a chunk takes a few us, so
+  // the helper was kept from its core) leaves it out for `backoff`.
   static std::unique_ptr<step_helper> start(
       const std::string& name, std::string& err,
-      std::chrono::steady_clock::duration backoff = std::chrono::milliseconds(10));
+      std::chrono::steady_clock::duration backoff = std::chrono::milliseconds(10),
+      std::chrono::steady_clock::duration late = std::chrono::microseconds(200));
   ~step_helper();
   step_helper(const step_helper&) = delete;
   step_helper& operator=(const step_helper&) = delete;
@@ -61,6 +63,9 @@ class step_helper {
   int thread_id() const { return tid_.load(); }
   int64_t chunks_run() const { return helped_.load(std::memory_order_relaxed); }
   int64_t late_waits() const { return late_.load(std::memory_order_relaxed); }
+  // Whether the caller has stopped spinning and sleeps until the helper
+  // ends a chunk it took (what a late wait is made of).
+  bool caller_asleep() const { return caller_asleep_.load(); }
 
  private:
   step_helper() = default;
@@ -84,7 +89,7 @@ class step_helper {
   // The caller's back-off (its thread only): no helper until `resume_`, and
   // how long the next back-off lasts.
   std::chrono::steady_clock::time_point resume_{}, last_late_{};
-  std::chrono::steady_clock::duration base_backoff_{}, backoff_{};
+  std::chrono::steady_clock::duration base_backoff_{}, backoff_{}, late_after_{};
   std::thread thread_;
 };
 

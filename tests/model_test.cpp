@@ -809,24 +809,32 @@ TEST(StepHelper, RunsEveryChunkOnceOnEitherThread) {
 TEST(StepHelper, IsLeftOutForAWhileAfterTheLoopWaitedLongForIt) {
   std::string err;
   // Left out for a minute: longer than this test, however slow the machine.
-  auto h = step_helper::start("test.help", err, std::chrono::minutes(1));
+  // Late: any wait the caller had to sleep through.
+  auto h = step_helper::start("test.help", err, std::chrono::minutes(1),
+                              std::chrono::steady_clock::duration::zero());
   ASSERT_TRUE(h) << err;
   const auto caller = std::this_thread::get_id();
   std::mutex m;
   std::condition_variable cv;
   bool helper_started = false;
-  // The caller's chunk waits until the helper has taken the other, which
-  // stands for a helper preempted for 5 ms.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  // The caller's chunk waits until the helper has taken the other; the
+  // helper's does not end before the caller has given up spinning and
+  // sleeps for it, as behind a helper kept from its core.
   auto slow_helper = [&](int64_t) {
-    std::unique_lock lock(m);
     if (std::this_thread::get_id() != caller) {
-      helper_started = true;
+      {
+        std::lock_guard lock(m);
+        helper_started = true;
+      }
       cv.notify_all();
-      lock.unlock();
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      while (!h->caller_asleep() && std::chrono::steady_clock::now() < deadline)
+        std::this_thread::yield();
+      EXPECT_TRUE(h->caller_asleep()) << "the caller never waited for the helper's chunk";
       return;
     }
-    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(30), [&] { return helper_started; }))
+    std::unique_lock lock(m);
+    ASSERT_TRUE(cv.wait_until(lock, deadline, [&] { return helper_started; }))
         << "the helper never took a chunk";
   };
   h->run(2, slow_helper);
