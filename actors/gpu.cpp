@@ -180,7 +180,9 @@ void publish_gauges(gpu_ptr self) {
                         static_cast<int64_t>(st.core->active.size()),
                         st.core->gen->prefix_cache_bytes(),
                         static_cast<int64_t>(st.core->shares.users()));
-  st.stats->set_helper(st.label, st.core->gen->helper_chunks(), st.core->gen->helper_late_waits());
+  const auto& gen = *st.core->gen;
+  st.stats->set_helper(st.label, gen.helper_chunks(), gen.helper_late_waits(),
+                       gen.helper_cores_lent());
 }
 
 // On a machine whose cores the loop shares with Kafka's and the actors'

@@ -136,9 +136,12 @@ std::string metrics::render() const {
          "(serving.step_helper).",
          "device", helper_chunks_);
   family("tailor_step_helper_late_total", "counter",
-         "Times a batch loop waited long for a chunk its helper had begun, which then sits "
-         "out a while (the machine's other cores were busy).",
+         "Times a batch loop waited over 200 us for a chunk its helper had begun (the "
+         "machine's other cores were busy).",
          "device", helper_late_);
+  family("tailor_step_helper_lent_total", "counter",
+         "Times a batch loop lent its core to its helper while it waited for the helper's chunk.",
+         "device", helper_lent_);
   out.precision(15);
   if (!batch_thread_.empty()) {
     out << "# HELP tailor_batch_thread_seconds_total Time a batch loop's thread spent on a core "

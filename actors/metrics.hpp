@@ -100,11 +100,13 @@ class metrics {
     set(batch_realtime_, device, realtime ? 1 : 0);
   }
   // Chunks of a device's steps its helper thread has run (serving.step_helper),
-  // and the times the loop waited long for one (the helper then sits out).
-  void set_helper(const std::string& device, int64_t chunks, int64_t late) {
+  // the times the loop waited long for one, and the times it lent the helper
+  // its core meanwhile.
+  void set_helper(const std::string& device, int64_t chunks, int64_t late, int64_t lent) {
     std::lock_guard<std::mutex> g(mtx_);
     helper_chunks_[device] = chunks;
     helper_late_[device] = late;
+    helper_lent_[device] = lent;
   }
 
   // Time an inference request spent in the engine outside batch steps and
@@ -135,7 +137,8 @@ class metrics {
   mutable std::mutex mtx_;
   std::map<std::string, int64_t> events_in_, events_out_, errors_, lag_, joined_, in_flight_,
       paused_, jobs_, pauses_, serving_waiting_, serving_active_, prefix_bytes_, serving_users_,
-      batch_realtime_, helper_chunks_, helper_late_;
+      batch_realtime_, helper_chunks_, helper_late_,
+      helper_lent_;
   bounded_counts model_requests_, user_requests_;
   std::map<std::string, std::map<std::string, int64_t>> cache_;  // event -> tier -> count
   std::map<std::string, std::pair<double, double>> batch_thread_;  // device -> running, runnable

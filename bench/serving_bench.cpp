@@ -264,7 +264,8 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
   };
   const double running0 = batch_thread("running"), runnable0 = batch_thread("runnable");
   const double helped0 = engine.metric_sum("tailor_step_helper_chunks_total", "device="),
-               late0 = engine.metric_sum("tailor_step_helper_late_total", "device=");
+               late0 = engine.metric_sum("tailor_step_helper_late_total", "device="),
+               lent0 = engine.metric_sum("tailor_step_helper_lent_total", "device=");
   const double started = std::chrono::duration<double>(clock::now().time_since_epoch()).count();
   const auto t0 = clock::now();
   const auto deadline = t0 + std::chrono::minutes(30);
@@ -359,6 +360,7 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
   out["helper_chunks"] =
       engine.metric_sum("tailor_step_helper_chunks_total", "device=") - helped0;
   out["helper_late_waits"] = engine.metric_sum("tailor_step_helper_late_total", "device=") - late0;
+  out["helper_cores_lent"] = engine.metric_sum("tailor_step_helper_lent_total", "device=") - lent0;
   std::fprintf(stderr,
                "%s: %.0f tokens/s, p50 %.0f ms, p99 %.0f ms, mean batch %.1f, transport p50 %.0f "
                "ms, batch loop on its core %.2f and kept from it %.2f of the time\n",

@@ -101,6 +101,7 @@ class batch_generator {
   // waited long for one (0 without a helper).
   int64_t helper_chunks() const { return helper_ ? helper_->chunks_run() : 0; }
   int64_t helper_late_waits() const { return helper_ ? helper_->late_waits() : 0; }
+  int64_t helper_cores_lent() const { return helper_ ? helper_->cores_lent() : 0; }
   bool idle() const;
   std::size_t active() const;
   // Ends an active sequence now with `reason` (cancelled, deadline): its

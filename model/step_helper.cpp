@@ -22,7 +22,9 @@ using clock = std::chrono::steady_clock;
 // spins for the helper's last chunk (a chunk is a few us) before it sleeps.
 constexpr auto helper_spin = std::chrono::microseconds(50);
 constexpr auto caller_spin = std::chrono::microseconds(20);
-constexpr clock::duration longest_backoff = std::chrono::seconds(1);
+// A wait for the helper's chunk longer than this counts as late: a chunk
+// takes a few us, so the helper was kept from running.
+constexpr auto late_after = std::chrono::microseconds(200);
 
 // Spins until `ready()` or `limit` has passed; whether it became ready.
 template <typename Ready>
@@ -49,12 +51,17 @@ thread_local step_helper* current = nullptr;
 
 }  // namespace
 
-std::unique_ptr<step_helper> step_helper::start(const std::string& name, std::string& err,
-                                                clock::duration backoff,
-                                                clock::duration late) {
+std::unique_ptr<step_helper> step_helper::start(const std::string& name, std::string& err) {
   std::unique_ptr<step_helper> h(new step_helper());
-  h->base_backoff_ = h->backoff_ = backoff;
-  h->late_after_ = late;
+  // The helper starts with the CPUs of the thread that starts it.
+  if (sched_getaffinity(0, sizeof(h->cpus_), &h->cpus_) != 0) {
+    err = std::string("sched_getaffinity: ") + std::strerror(errno);
+    return nullptr;
+  }
+  if (CPU_COUNT(&h->cpus_) < 2) {
+    err = "only one CPU to run on: a helper would never run";
+    return nullptr;
+  }
   // 0 while starting, 1 running, -errno when it could not take SCHED_IDLE.
   std::atomic<int> status{0};
   h->thread_ = std::thread([self = h.get(), &status] {
@@ -122,6 +129,9 @@ void step_helper::run_chunks(int64_t n, chunk_fn fn, void* arg) {
   auto all_done = [&] { return done_.load(std::memory_order_acquire) + mine >= n; };
   const auto waiting = clock::now();
   if (spin_until(all_done, caller_spin)) return;
+  // The helper was kept from its core (or its chunk is long): it gets this
+  // one while the caller sleeps, then may run anywhere again.
+  const bool moved = lend_core();
   while (true) {
     const auto seen = finished_.load();
     caller_asleep_ = true;
@@ -129,26 +139,33 @@ void step_helper::run_chunks(int64_t n, chunk_fn fn, void* arg) {
     finished_.wait(seen);
   }
   caller_asleep_ = false;
-  const auto now = clock::now();
-  if (now - waiting > late_after_) {
-    late_.fetch_add(1, std::memory_order_relaxed);
-    resume_ = now + backoff_;
-    last_late_ = now;
-    backoff_ = std::min<clock::duration>(2 * backoff_, std::max(longest_backoff, base_backoff_));
-  }
+  if (moved) free_helper();
+  // Late is when the helper ended its last chunk, not when this thread got
+  // its core back: a loop kept from its core is not the helper's doing.
+  const auto ended = clock::time_point(clock::duration(last_end_.load()));
+  if (ended - waiting > late_after) late_.fetch_add(1, std::memory_order_relaxed);
 }
 
-bool step_helper::available() {
-  if (resume_ == clock::time_point{}) return true;  // never late
-  const auto now = clock::now();
-  if (now < resume_) return false;
-  // Long after the last late wait, a late wait starts over from the shortest.
-  if (now - last_late_ > 4 * backoff_) backoff_ = base_backoff_;
-  return true;
+bool step_helper::lend_core() {
+  const int tid = tid_.load();
+  const int cpu = sched_getcpu();
+  if (tid == 0 || cpu < 0 || !CPU_ISSET(cpu, &cpus_)) return false;
+  cpu_set_t here;
+  CPU_ZERO(&here);
+  CPU_SET(cpu, &here);
+  // Fails only if the helper's CPUs were changed from outside (cpusets);
+  // then the caller just waits.
+  return sched_setaffinity(tid, sizeof(here), &here) == 0;
+}
+
+void step_helper::free_helper() {
+  if (sched_setaffinity(tid_.load(), sizeof(cpus_), &cpus_) == 0) ++lent_;
 }
 
 void step_helper::loop() {
-  uint32_t seen = posted_.load();
+  // No job before start() returned, so none before 0: reading posted_ here
+  // could miss the first.
+  uint32_t seen = 0;
   while (!stop_) {
     auto posted = [&] { return posted_.load(std::memory_order_acquire) != seen; };
     auto posted_or_resting = [&] { return posted() || resting_.load(); };
@@ -162,6 +179,7 @@ void step_helper::loop() {
     for (int64_t i = claim(); i >= 0; i = claim()) {
       fn_.load(std::memory_order_relaxed)(arg_.load(std::memory_order_relaxed), i);
       helped_.fetch_add(1, std::memory_order_relaxed);
+      last_end_.store(clock::now().time_since_epoch().count(), std::memory_order_relaxed);
       done_.fetch_add(1);
       if (caller_asleep_.load()) {
         finished_.fetch_add(1);

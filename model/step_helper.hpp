@@ -11,11 +11,13 @@
 // thread, so a row's text does not depend on who ran it.
 //
 // The loop does wait for a chunk the helper has begun, and a SCHED_IDLE
-// thread that another thread preempts may not run again for milliseconds.
-// So when the loop has waited long for one (`late`), the helper is left out
-// for a while (`available()` false), twice as long each time up to a second,
-// and the wait it cost stays rare: without this, an open loop at 930
-// requests/s fell to 530, the loop asleep two thirds of the time.
+// thread that another thread preempts may not run again for milliseconds:
+// an open loop at 930 requests/s fell to 530, its loop asleep two thirds of
+// the time. So while the loop sleeps for the helper, it lends the helper its
+// own core (the helper's CPUs become that one, and return when the wait
+// ends): the core that would idle finishes the chunk.
+#include <sched.h>
+
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -28,13 +30,9 @@ namespace tailor::model {
 class step_helper {
  public:
   // Starts the thread, named `name` (at most 15 characters show). Null, with
-  // the reason in `err`, when it cannot start or cannot run SCHED_IDLE.
-  // A wait for the helper longer than `late` (a chunk takes a few us, so
-  // the helper was kept from its core) leaves it out for `backoff`.
-  static std::unique_ptr<step_helper> start(
-      const std::string& name, std::string& err,
-      std::chrono::steady_clock::duration backoff = std::chrono::milliseconds(10),
-      std::chrono::steady_clock::duration late = std::chrono::microseconds(200));
+  // the reason in `err`, when it cannot start, cannot run SCHED_IDLE, or
+  // the process may use only one CPU (the helper would never run).
+  static std::unique_ptr<step_helper> start(const std::string& name, std::string& err);
   ~step_helper();
   step_helper(const step_helper&) = delete;
   step_helper& operator=(const step_helper&) = delete;
@@ -53,16 +51,14 @@ class step_helper {
   // yields its own between steps. The next run() wakes it.
   void rest() { resting_.store(true); }
 
-  // Whether run() may give the helper chunks now; false for a while after
-  // the loop waited long for one. The caller's thread only.
-  bool available();
-
   // The helper's thread id (0 until it has started), how many chunks it has
-  // run, and how many times the loop waited long for one: tests and the
-  // serving metrics read them.
+  // run, how many times the loop waited long for one (the helper ended it
+  // over 200 us after the loop had ended its own), and how many times the
+  // loop lent it its core: tests and the serving metrics read them.
   int thread_id() const { return tid_.load(); }
   int64_t chunks_run() const { return helped_.load(std::memory_order_relaxed); }
   int64_t late_waits() const { return late_.load(std::memory_order_relaxed); }
+  int64_t cores_lent() const { return lent_.load(std::memory_order_relaxed); }
   // Whether the caller has stopped spinning and sleeps until the helper
   // ends a chunk it took (what a late wait is made of).
   bool caller_asleep() const { return caller_asleep_.load(); }
@@ -74,6 +70,10 @@ class step_helper {
   void loop();
   // Claims the current job's next chunk: its index, or -1 when none is left.
   int64_t claim();
+  // Restricts the helper to the caller's CPU (whether it did), and gives it
+  // its CPUs back.
+  bool lend_core();
+  void free_helper();
 
   // The current job's next chunk (low 32 bits) and number of chunks (high
   // 32): one word, so that a claim cannot take a chunk of a job that ended.
@@ -85,11 +85,9 @@ class step_helper {
   std::atomic<uint32_t> finished_{0};   // bumped when the helper ends a chunk
   std::atomic<bool> helper_asleep_{false}, caller_asleep_{false}, resting_{false}, stop_{false};
   std::atomic<int> tid_{0};
-  std::atomic<int64_t> helped_{0}, late_{0};
-  // The caller's back-off (its thread only): no helper until `resume_`, and
-  // how long the next back-off lasts.
-  std::chrono::steady_clock::time_point resume_{}, last_late_{};
-  std::chrono::steady_clock::duration base_backoff_{}, backoff_{}, late_after_{};
+  std::atomic<int64_t> helped_{0}, late_{0}, lent_{0};
+  std::atomic<int64_t> last_end_{0};  // when the helper ended its last chunk (steady clock ticks)
+  cpu_set_t cpus_{};  // the helper's CPUs when it started
   std::thread thread_;
 };
 
@@ -114,7 +112,7 @@ step_helper* current_helper();
 template <typename F>
 void parallel_chunks(int64_t n, F&& fn) {
   step_helper* h = n > 1 ? current_helper() : nullptr;
-  if (h == nullptr || !h->available()) {
+  if (h == nullptr) {
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;
   }

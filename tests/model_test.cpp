@@ -803,24 +803,37 @@ TEST(StepHelper, RunsEveryChunkOnceOnEitherThread) {
   EXPECT_EQ(inner.load(), 32);
 }
 
-// A helper kept from its core must not keep the loop waiting again and
-// again: once the loop has waited long for one of its chunks, the next
-// kernels run on the loop's thread alone for a while.
-TEST(StepHelper, IsLeftOutForAWhileAfterTheLoopWaitedLongForIt) {
+// A helper kept from its core must not keep the loop waiting on a core it
+// leaves idle: while the loop sleeps for the helper's chunk, the helper may
+// run on the loop's CPU only, and gets all its CPUs back after.
+TEST(StepHelper, FinishesItsChunkOnTheCoreTheLoopSleepsOn) {
+  cpu_set_t all;
+  ASSERT_EQ(sched_getaffinity(0, sizeof(all), &all), 0);
+  if (CPU_COUNT(&all) < 2) GTEST_FAIL() << "needs two CPUs; this process may use one";
   std::string err;
-  // Left out for a minute: longer than this test, however slow the machine.
-  // Late: any wait the caller had to sleep through.
-  auto h = step_helper::start("test.help", err, std::chrono::minutes(1),
-                              std::chrono::steady_clock::duration::zero());
+  auto h = step_helper::start("test.help", err);
   ASSERT_TRUE(h) << err;
+  // The caller stays on one CPU (the helper keeps all it started with).
+  const int caller_cpu = sched_getcpu();
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(caller_cpu, &one);
+  ASSERT_EQ(sched_setaffinity(0, sizeof(one), &one), 0);
+  struct restore {
+    cpu_set_t cpus;
+    ~restore() { sched_setaffinity(0, sizeof(cpus), &cpus); }
+  } restore_after{all};
   const auto caller = std::this_thread::get_id();
   std::mutex m;
   std::condition_variable cv;
   bool helper_started = false;
+  int helper_cpu = -1;
+  cpu_set_t while_asleep;
+  CPU_ZERO(&while_asleep);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   // The caller's chunk waits until the helper has taken the other; the
-  // helper's does not end before the caller has given up spinning and
-  // sleeps for it, as behind a helper kept from its core.
+  // helper's ends only once the caller sleeps for it, and over 200 us after
+  // the caller's chunk ended (a late wait).
   auto slow_helper = [&](int64_t) {
     if (std::this_thread::get_id() != caller) {
       {
@@ -830,7 +843,11 @@ TEST(StepHelper, IsLeftOutForAWhileAfterTheLoopWaitedLongForIt) {
       cv.notify_all();
       while (!h->caller_asleep() && std::chrono::steady_clock::now() < deadline)
         std::this_thread::yield();
-      EXPECT_TRUE(h->caller_asleep()) << "the caller never waited for the helper's chunk";
+      ASSERT_TRUE(h->caller_asleep()) << "the caller never waited for the helper's chunk";
+      helper_cpu = sched_getcpu();
+      sched_getaffinity(0, sizeof(while_asleep), &while_asleep);
+      const auto late = std::chrono::steady_clock::now() + std::chrono::microseconds(300);
+      while (std::chrono::steady_clock::now() < late) std::this_thread::yield();
       return;
     }
     std::unique_lock lock(m);
@@ -838,16 +855,15 @@ TEST(StepHelper, IsLeftOutForAWhileAfterTheLoopWaitedLongForIt) {
         << "the helper never took a chunk";
   };
   h->run(2, slow_helper);
+  EXPECT_EQ(CPU_COUNT(&while_asleep), 1);
+  EXPECT_TRUE(CPU_ISSET(caller_cpu, &while_asleep)) << "lent CPU is not the caller's "
+                                                    << caller_cpu;
+  EXPECT_EQ(helper_cpu, caller_cpu);
+  EXPECT_EQ(h->cores_lent(), 1);
   EXPECT_EQ(h->late_waits(), 1);
-  // Right after: every chunk on the caller's thread, in order.
-  helping with(h.get());
-  std::vector<int64_t> order;
-  parallel_chunks(32, [&](int64_t i) {
-    EXPECT_EQ(std::this_thread::get_id(), caller) << "chunk " << i;
-    order.push_back(i);
-  });
-  EXPECT_EQ(order.size(), 32u);
-  EXPECT_FALSE(h->available());
+  cpu_set_t after;
+  ASSERT_EQ(sched_getaffinity(h->thread_id(), sizeof(after), &after), 0);
+  EXPECT_TRUE(CPU_EQUAL(&after, &all)) << "the helper did not get its CPUs back";
 }
 
 // Steps shared with a helper give the same texts as steps on one thread
