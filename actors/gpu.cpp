@@ -6,10 +6,12 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <limits>
 #include <list>
+#include <stdexcept>
 #include <unordered_map>
 
 #include "actors/base_models.hpp"
@@ -157,6 +159,9 @@ struct gpu_core {
   clock::time_point sched_read;  // when the thread's scheduler times were last published
   bool thread_set = false;       // serving.batch_thread applied to this thread
   bool realtime = false;         // the loop's thread runs SCHED_FIFO
+  // Fault injection for tests (TAILOR_FAULT_STEP, docs/operations.md): the
+  // step with rows of this number throws; 0: none.
+  int64_t fault_step = 0, steps_with_rows = 0;
 };
 
 gpu_state::gpu_state() = default;
@@ -228,6 +233,28 @@ void publish_thread_times(gpu_ptr self, clock::time_point now) {
 void release_adapter(gpu_core& c, const std::string& model_id) {
   auto it = c.adapters.find(model_id);
   if (it != c.adapters.end() && it->second.users > 0) --it->second.users;
+}
+
+// The device's batch: rows, key/value and prefix caches, step helper. Made
+// at start, and again when a step failed.
+std::unique_ptr<model::batch_generator> make_generator(gpu_state& st) {
+  auto& c = *st.core;
+  const auto& sc = st.cfg.serving;
+  auto gen = std::make_unique<model::batch_generator>(
+      *c.base, c.bank, sc.max_batch, sc.prefix_cache_entries,
+      static_cast<int64_t>(sc.prefix_cache_mb) << 20,
+      model::serving_precision{sc.kv_cache == "float16" ? torch::kHalf : torch::kFloat32,
+                               sc.products == "bfloat16"});
+  gen->set_prefill_chunk(sc.prefill_chunk);
+  // Steps of fewer tokens gained nothing from it (tailor-micro,
+  // bm_decode_step_bf16_helped): they end before it has woken.
+  constexpr int64_t helper_min_tokens = 16;
+  std::string helper_err;
+  if (sc.step_helper &&
+      !gen->start_helper("tailor.help." + std::to_string(st.device), helper_min_tokens, helper_err))
+    spdlog::warn("gpu {}: no step helper ({}): steps run on the batch loop's thread alone",
+                 st.label, helper_err);
+  return gen;
 }
 
 // Answers a request; `error` set makes it an error result.
@@ -379,6 +406,34 @@ void fetch_adapters(gpu_ptr self) {
   }
 }
 
+// A request of a step that threw: an `internal` error result.
+void fail_request(gpu_ptr self, const request_ptr& r, const std::string& what) {
+  auto& st = self->state;
+  release_adapter(*st.core, r->order.model.model_id);
+  answer(self, r, {},
+         error_info{errc::internal, "batch step failed on " + st.label + ": " + what +
+                                        "; send the request again with a new request_id"});
+}
+
+// LibTorch reports failures (out of memory, ...) by exception. The step's
+// requests get an error result and the device goes on with a fresh batch:
+// the rows' state may be half updated, and requests still waiting are not
+// lost.
+void step_failed(gpu_ptr self, const std::string& what) {
+  auto& st = self->state;
+  auto& c = *st.core;
+  spdlog::critical("gpu {}: a batch step failed ({}); its {} requests get an error result, and "
+                   "the device goes on with a fresh batch",
+                   st.label, what, c.active.size());
+  st.stats->count_step_failure(st.label);
+  for (auto& [id, r] : c.active) fail_request(self, r, what);
+  c.active.clear();
+  c.tokens_in_flight = 0;
+  c.gen.reset();  // its step helper stops before the next one starts
+  c.gen = make_generator(st);
+  publish_gauges(self);
+}
+
 // Moves waiting requests into the batch: only those whose adapter is placed,
 // least-served user first, within the batch's row and token limits.
 void admit(gpu_ptr self) {
@@ -424,7 +479,15 @@ void admit(gpu_ptr self) {
   }
   const auto t0 = clock::now();
   const auto reused = c.gen->prompt_tokens_reused(), computed = c.gen->prompt_tokens_computed();
-  auto ids = c.gen->add_batch(seqs);
+  std::vector<int64_t> ids;
+  try {
+    ids = c.gen->add_batch(seqs);
+  } catch (const std::exception& e) {
+    // Part of the failed step (step_failed): answered, not requeued, so
+    // that a request that fails every time cannot fail every batch.
+    for (const auto& r : chosen) fail_request(self, r, e.what());
+    throw;
+  }
   st.stats->count_prompt_tokens(c.gen->prompt_tokens_reused() - reused,
                                 c.gen->prompt_tokens_computed() - computed);
   if (ids.size() != chosen.size()) {  // not enough rows: cannot happen below max_batch
@@ -462,9 +525,18 @@ void step(gpu_ptr self) {
   auto& c = *st.core;
   if (!c.thread_set) apply_batch_thread(self);
   expire(self);
-  admit(self);
-  const auto rows = static_cast<int64_t>(c.active.size());
-  auto finished = c.gen->step();
+  int64_t rows = 0;
+  std::vector<int64_t> finished;
+  try {
+    admit(self);
+    rows = static_cast<int64_t>(c.active.size());
+    if (c.fault_step > 0 && !c.active.empty() && ++c.steps_with_rows == c.fault_step)
+      throw std::runtime_error("fault injected by TAILOR_FAULT_STEP");
+    finished = c.gen->step();
+  } catch (const std::exception& e) {
+    step_failed(self, e.what());
+    rows = 0;
+  }
   // Prefill: from admission to the end of the step that computed the prompt
   // (with every other row's next token) and the first token.
   const auto stepped = clock::now();
@@ -524,20 +596,19 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
   c.base = &st.bases->by_name.at(st.base_model);
   c.bank = model::adapter_bank::make(c.base->cfg, sc.device_adapters, sc.max_rank, false);
   c.owner.assign(static_cast<std::size_t>(sc.device_adapters) + 1, "");
-  c.gen = std::make_unique<model::batch_generator>(
-      *c.base, c.bank, sc.max_batch, sc.prefix_cache_entries,
-      static_cast<int64_t>(sc.prefix_cache_mb) << 20,
-      model::serving_precision{sc.kv_cache == "float16" ? torch::kHalf : torch::kFloat32,
-                               sc.products == "bfloat16"});
-  c.gen->set_prefill_chunk(sc.prefill_chunk);
-  // Steps of fewer tokens gained nothing from it (tailor-micro,
-  // bm_decode_step_bf16_helped): they end before it has woken.
-  constexpr int64_t helper_min_tokens = 16;
-  std::string helper_err;
-  if (sc.step_helper &&
-      !c.gen->start_helper("tailor.help." + std::to_string(device), helper_min_tokens, helper_err))
-    spdlog::warn("gpu {}: no step helper ({}): steps run on the batch loop's thread alone",
-                 st.label, helper_err);
+  c.gen = make_generator(st);
+  if (const char* f = std::getenv("TAILOR_FAULT_STEP")) {
+    char* end = nullptr;
+    const long long n = std::strtoll(f, &end, 10);
+    if (end == f || *end != '\0' || n <= 0) {
+      spdlog::warn("gpu {}: TAILOR_FAULT_STEP='{}' is not a positive step number: ignored",
+                   st.label, f);
+    } else {
+      c.fault_step = n;
+      spdlog::warn("gpu {}: TAILOR_FAULT_STEP: step {} with rows will fail (fault injection)",
+                   st.label, n);
+    }
+  }
   if (sc.products == "bfloat16" && !c.gen->bf16_products())
     spdlog::warn("gpu {}: this CPU has no AVX-512 BF16: the products run in float32",
                  st.label);

@@ -139,6 +139,10 @@ std::string metrics::render() const {
          "Times a batch loop waited over 200 us for a chunk its helper had begun (the "
          "machine's other cores were busy).",
          "device", helper_late_);
+  family("tailor_serving_step_failures_total", "counter",
+         "Batch steps that failed (an exception, such as out of memory): their requests got "
+         "error results and the device went on with a fresh batch.",
+         "device", step_failures_);
   family("tailor_step_helper_lent_total", "counter",
          "Times a batch loop lent its core to its helper while it waited for the helper's chunk.",
          "device", helper_lent_);

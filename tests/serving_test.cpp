@@ -5,6 +5,7 @@
 #include <pthread.h>
 #include <sched.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -351,4 +352,52 @@ TEST_F(ServingTest, ACancelledRequestEndsWithCancelled) {
   auto r = result("victim", "v", 60s);
   EXPECT_EQ(r["finish_reason"], "cancelled") << r.dump();
   EXPECT_FALSE(r.contains("error"));
+}
+
+// A batch step that throws, as LibTorch does when memory runs out, costs the
+// requests in it an error result, not the device: requests after it are
+// served, and every request gets exactly one answer. The fault is injected
+// (TAILOR_FAULT_STEP): nothing a request can send makes a step throw.
+TEST_F(ServingTest, AFailedBatchStepGivesItsRequestsAnErrorAndTheDeviceGoesOn) {
+  ::setenv("TAILOR_FAULT_STEP", "3", 1);
+  start();
+  ::unsetenv("TAILOR_FAULT_STEP");
+  ASSERT_FALSE(HasFatalFailure());
+  onboard_all({"ann", "bob"});
+  // Two tokens at most: done within the first two steps.
+  send_inference(ask("ann", "before", "hello", 7, 2));
+  in_->flush();
+  auto before = result("ann", "before");
+  ASSERT_FALSE(before.contains("error")) << before.dump();
+  const std::vector<std::string> users = {"ann", "bob"};
+  for (int i = 0; i < 8; ++i)
+    send_inference(ask(users[i % 2], "q" + std::to_string(i), "hello", i));
+  in_->flush();
+  int errors = 0;
+  for (int i = 0; i < 8; ++i) {
+    auto r = result(users[i % 2], "q" + std::to_string(i));
+    if (!r.contains("error")) {
+      EXPECT_FALSE(r["finish_reason"].get<std::string>().empty()) << r.dump();
+      continue;
+    }
+    ++errors;
+    EXPECT_EQ(r["error"]["code"], "internal") << r.dump();
+    EXPECT_NE(r["error"]["message"].get<std::string>().find("batch step failed"),
+              std::string::npos)
+        << r.dump();
+  }
+  // The third step with rows failed: one of these requests' steps.
+  EXPECT_GE(errors, 1);
+  EXPECT_EQ(labelled("tailor_serving_step_failures_total", "device", "tailor-test/0"), 1);
+  // The device goes on with the same base and adapters: the first request
+  // sent again under a new id gets the same text.
+  send_inference(ask("ann", "after", "hello", 7, 2));
+  in_->flush();
+  auto after = result("ann", "after");
+  ASSERT_FALSE(after.contains("error")) << after.dump();
+  EXPECT_EQ(after["text"], before["text"]);
+  for (int i = 0; i < 8; ++i)
+    EXPECT_EQ(events_of(users[i % 2], "q" + std::to_string(i), "inference.result").size(), 1u)
+        << "request q" << i;
+  EXPECT_EQ(engine_->get("/healthz").first, 200);
 }
