@@ -155,11 +155,15 @@ bool step_helper::lend_core() {
   CPU_SET(cpu, &here);
   // Fails only if the helper's CPUs were changed from outside (cpusets);
   // then the caller just waits.
-  return sched_setaffinity(tid, sizeof(here), &here) == 0;
+  if (sched_setaffinity(tid, sizeof(here), &here) != 0) return false;
+  lent_.fetch_add(1, std::memory_order_relaxed);
+  return true;
 }
 
 void step_helper::free_helper() {
-  if (sched_setaffinity(tid_.load(), sizeof(cpus_), &cpus_) == 0) ++lent_;
+  // If this fails (cpusets changed from outside), the helper stays on the
+  // loop's CPU: it then runs only while the loop waits, which is safe.
+  sched_setaffinity(tid_.load(), sizeof(cpus_), &cpus_);
 }
 
 void step_helper::loop() {
