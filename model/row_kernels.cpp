@@ -166,15 +166,26 @@ TAILOR_AVX512 bool lora_row_avx512(const float* x, const uint16_t* a, const uint
   alignas(64) int32_t spread[16];
   for (int j = 0; j < 16; ++j) spread[j] = static_cast<int32_t>(j / rank);
   const __m512i idx = _mm512_load_si512(spread);
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < in; i += per) {
+  // Four sums, so that the multiply-adds do not wait on each other's
+  // latency (one sum made x·A a chain of in / per dependent steps).
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                   _mm512_setzero_ps()};
+  const __mmask16 whole = lanes(per);  // x's lanes a full step reads
+  int64_t i = 0;
+  for (; i + 4 * per <= in; i += 4 * per)
+    for (int u = 0; u < 4; ++u) {
+      const int64_t at = i + u * per;
+      const __m512 xs = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(whole, x + at));
+      acc[u] = _mm512_fmadd_ps(xs, widen16(a + at * rank, 0xFFFF), acc[u]);
+    }
+  for (; i < in; i += per) {
     const int64_t left = in - i;  // inputs
     const __mmask16 mx = lanes(left), ma = lanes(left * rank);
     const __m512 xs = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(mx, x + i));
-    acc = _mm512_fmadd_ps(xs, widen16(a + i * rank, ma), acc);
+    acc[0] = _mm512_fmadd_ps(xs, widen16(a + i * rank, ma), acc[0]);
   }
   alignas(64) float sums[16];
-  _mm512_store_ps(sums, acc);
+  _mm512_store_ps(sums, _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
   float xa[16];
   for (int64_t k = 0; k < rank; ++k) {
     float s = 0;
