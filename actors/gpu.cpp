@@ -162,6 +162,9 @@ struct gpu_core {
   // Fault injection for tests (TAILOR_FAULT_STEP, docs/operations.md): the
   // step with rows of this number throws; 0: none.
   int64_t fault_step = 0, steps_with_rows = 0;
+  // What the helpers of generators replaced after a failed step counted, so
+  // that the helper's counters never go back.
+  int64_t helper_chunks = 0, helper_late = 0, helper_lent = 0;
 };
 
 gpu_state::gpu_state() = default;
@@ -185,9 +188,10 @@ void publish_gauges(gpu_ptr self) {
                         static_cast<int64_t>(st.core->active.size()),
                         st.core->gen->prefix_cache_bytes(),
                         static_cast<int64_t>(st.core->shares.users()));
-  const auto& gen = *st.core->gen;
-  st.stats->set_helper(st.label, gen.helper_chunks(), gen.helper_late_waits(),
-                       gen.helper_cores_lent());
+  const auto& c = *st.core;
+  st.stats->set_helper(st.label, c.helper_chunks + c.gen->helper_chunks(),
+                       c.helper_late + c.gen->helper_late_waits(),
+                       c.helper_lent + c.gen->helper_cores_lent());
 }
 
 // On a machine whose cores the loop shares with Kafka's and the actors'
@@ -429,6 +433,9 @@ void step_failed(gpu_ptr self, const std::string& what) {
   for (auto& [id, r] : c.active) fail_request(self, r, what);
   c.active.clear();
   c.tokens_in_flight = 0;
+  c.helper_chunks += c.gen->helper_chunks();
+  c.helper_late += c.gen->helper_late_waits();
+  c.helper_lent += c.gen->helper_cores_lent();
   c.gen.reset();  // its step helper stops before the next one starts
   c.gen = make_generator(st);
   publish_gauges(self);
