@@ -64,18 +64,7 @@ engine_run::engine_run(const engine_run_options& o) {
   dir_ = (fs::temp_directory_path() / ("tailor-bench-" + tag)).string();
   fs::create_directories(dir_);
   bootstrap_ = o.bootstrap;
-  if (bootstrap_.empty()) {
-    broker_dir_ = dir_ + "/kafka";
-    std::fprintf(stderr, "starting a Kafka broker (scripts/kafka-broker)...\n");
-    // A broker's JVM as Kafka's own scripts run it, not the tests' quick-start one.
-    auto cmd = std::string(TAILOR_SOURCE_DIR) + "/scripts/kafka-broker start --jvm server --dir " +
-               broker_dir_ + " >" + dir_ + "/broker.out 2>&1";
-    if (std::system(cmd.c_str()) != 0) {
-      broker_dir_.clear();
-      throw std::runtime_error("the Kafka broker did not start:\n" + slurp(dir_ + "/broker.out"));
-    }
-    std::ifstream(broker_dir_ + "/bootstrap") >> bootstrap_;
-  }
+  if (bootstrap_.empty()) bootstrap_ = broker_.emplace(dir_ + "/kafka").bootstrap();
   prefix_ = "bench" + tag + ".";
   json cfg = {{"data_dir", dir_ + "/data"},
               {"admin", {{"host", "127.0.0.1"}, {"port", 0}}},
@@ -121,13 +110,33 @@ engine_run::engine_run(const engine_run_options& o) {
 
 engine_run::~engine_run() {
   stop();
-  if (!broker_dir_.empty()) {
-    auto cmd = std::string(TAILOR_SOURCE_DIR) + "/scripts/kafka-broker stop --dir " + broker_dir_ +
-               " >/dev/null 2>&1";
-    if (std::system(cmd.c_str()) != 0)
-      std::fprintf(stderr, "tailor-bench: the broker in %s did not stop cleanly\n",
-                   broker_dir_.c_str());
+  broker_.reset();
+  std::error_code ec;
+  fs::remove_all(dir_, ec);
+}
+
+kafka_broker::kafka_broker(const std::string& dir) : dir_(dir) {
+  fs::create_directories(dir_);
+  std::fprintf(stderr, "starting a Kafka broker (scripts/kafka-broker)...\n");
+  // A broker's JVM as Kafka's own scripts run it, not the tests' quick-start one.
+  const auto out = dir_ + "/broker.out";
+  auto cmd = std::string(TAILOR_SOURCE_DIR) + "/scripts/kafka-broker start --jvm server --dir " +
+             dir_ + " >" + out + " 2>&1";
+  if (std::system(cmd.c_str()) != 0) {
+    auto why = slurp(out);
+    cmd = std::string(TAILOR_SOURCE_DIR) + "/scripts/kafka-broker stop --dir " + dir_ +
+          " >/dev/null 2>&1";
+    (void)std::system(cmd.c_str());
+    throw std::runtime_error("the Kafka broker did not start:\n" + why);
   }
+  std::ifstream(dir_ + "/bootstrap") >> bootstrap_;
+}
+
+kafka_broker::~kafka_broker() {
+  auto cmd = std::string(TAILOR_SOURCE_DIR) + "/scripts/kafka-broker stop --dir " + dir_ +
+             " >/dev/null 2>&1";
+  if (std::system(cmd.c_str()) != 0)
+    std::fprintf(stderr, "tailor-bench: the broker in %s did not stop cleanly\n", dir_.c_str());
   std::error_code ec;
   fs::remove_all(dir_, ec);
 }

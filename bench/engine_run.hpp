@@ -9,6 +9,7 @@
 #include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -19,6 +20,20 @@ class KafkaConsumer;
 }  // namespace RdKafka
 
 namespace tailor::bench {
+
+// A Kafka broker of the project's script (scripts/kafka-broker) in `dir`,
+// stopped when this object goes.
+class kafka_broker {
+ public:
+  explicit kafka_broker(const std::string& dir);  // throws with the script's output
+  ~kafka_broker();
+  kafka_broker(const kafka_broker&) = delete;
+  kafka_broker& operator=(const kafka_broker&) = delete;
+  const std::string& bootstrap() const { return bootstrap_; }
+
+ private:
+  std::string dir_, bootstrap_;
+};
 
 struct engine_run_options {
   std::string bootstrap;  // empty: start a broker with scripts/kafka-broker
@@ -53,7 +68,8 @@ class engine_run {
   int stop();  // SIGTERM; the exit status
 
  private:
-  std::string dir_, bootstrap_, prefix_, broker_dir_;
+  std::string dir_, bootstrap_, prefix_;
+  std::optional<kafka_broker> broker_;  // when no bootstrap servers were given
   pid_t pid_ = -1;
   int admin_port_ = -1;
 };

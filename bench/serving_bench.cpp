@@ -1,5 +1,7 @@
 #include "serving_bench.hpp"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -8,6 +10,7 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <stdexcept>
 #include <thread>
@@ -373,8 +376,19 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
 
 }  // namespace
 
-json run_serving(const serving_options& o) {
+json run_serving(const serving_options& given) {
+  serving_options o = given;
   json out;
+  // One broker for every run: engine_run would start one for each, and an
+  // open loop in the first run on a new broker fell behind in Kafka
+  // (docs/operations.md, 2026-12-03 afternoon), so every run would measure that.
+  std::optional<kafka_broker> broker;
+  if (o.bootstrap.empty()) {
+    broker.emplace((std::filesystem::temp_directory_path() /
+                    ("tailor-bench-broker-" + std::to_string(::getpid())))
+                       .string());
+    o.bootstrap = broker->bootstrap();
+  }
   out["zipf"] = o.zipf;
   out["max_tokens"] = o.max_tokens;
   if (o.rate > 0)

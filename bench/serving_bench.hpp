@@ -22,7 +22,7 @@ struct serving_options {
   std::string products = "bfloat16";    // tailord's serving.products
   int rank = 8;
   std::string base_model = "tailor-base";
-  std::string bootstrap;  // empty: start a broker
+  std::string bootstrap;  // empty: start a broker, one for every run
   std::string tailord = TAILORD_PATH;
   bool baseline = true;
   int repeats = 1;  // rounds of every run; each figure is the median round's

@@ -132,7 +132,8 @@ int main(int argc, char** argv) {
   serving->add_option("--base-model", so.base_model, "base model (default: tailor-base)");
   serving->add_option(
       "--bootstrap", so.bootstrap,
-      "Kafka bootstrap servers (default: start a broker with scripts/kafka-broker)");
+      "Kafka bootstrap servers (default: start one broker with scripts/kafka-broker for all "
+      "runs)");
   serving->add_option("--tailord", so.tailord, "the tailord binary (default: this build's)");
   serving->add_flag("!--no-baseline", so.baseline, "skip the one-request-at-a-time baseline");
   serving
