@@ -115,6 +115,17 @@ engine_run::~engine_run() {
   fs::remove_all(dir_, ec);
 }
 
+namespace {
+
+// scripts/kafka-broker stop for the broker in `dir`; whether it stopped.
+bool stop_broker(const std::string& dir) {
+  auto cmd = std::string(TAILOR_SOURCE_DIR) + "/scripts/kafka-broker stop --dir " + dir +
+             " >/dev/null 2>&1";
+  return std::system(cmd.c_str()) == 0;
+}
+
+}  // namespace
+
 kafka_broker::kafka_broker(const std::string& dir) : dir_(dir) {
   fs::create_directories(dir_);
   std::fprintf(stderr, "starting a Kafka broker (scripts/kafka-broker)...\n");
@@ -124,18 +135,14 @@ kafka_broker::kafka_broker(const std::string& dir) : dir_(dir) {
              dir_ + " >" + out + " 2>&1";
   if (std::system(cmd.c_str()) != 0) {
     auto why = slurp(out);
-    cmd = std::string(TAILOR_SOURCE_DIR) + "/scripts/kafka-broker stop --dir " + dir_ +
-          " >/dev/null 2>&1";
-    (void)std::system(cmd.c_str());
+    stop_broker(dir_);  // whatever part of it did start
     throw std::runtime_error("the Kafka broker did not start:\n" + why);
   }
   std::ifstream(dir_ + "/bootstrap") >> bootstrap_;
 }
 
 kafka_broker::~kafka_broker() {
-  auto cmd = std::string(TAILOR_SOURCE_DIR) + "/scripts/kafka-broker stop --dir " + dir_ +
-             " >/dev/null 2>&1";
-  if (std::system(cmd.c_str()) != 0)
+  if (!stop_broker(dir_))
     std::fprintf(stderr, "tailor-bench: the broker in %s did not stop cleanly\n", dir_.c_str());
   std::error_code ec;
   fs::remove_all(dir_, ec);

@@ -22,9 +22,6 @@ using clock = std::chrono::steady_clock;
 // spins for the helper's last chunk (a chunk is a few us) before it sleeps.
 constexpr auto helper_spin = std::chrono::microseconds(50);
 constexpr auto caller_spin = std::chrono::microseconds(20);
-// A wait for the helper's chunk longer than this counts as late: a chunk
-// takes a few us, so the helper was kept from running.
-constexpr auto late_after = std::chrono::microseconds(200);
 
 // Spins until `ready()` or `limit` has passed; whether it became ready.
 template <typename Ready>
@@ -51,8 +48,10 @@ thread_local step_helper* current = nullptr;
 
 }  // namespace
 
-std::unique_ptr<step_helper> step_helper::start(const std::string& name, std::string& err) {
+std::unique_ptr<step_helper> step_helper::start(const std::string& name, std::string& err,
+                                                clock::duration late) {
   std::unique_ptr<step_helper> h(new step_helper());
+  h->late_after_ = late;
   // The helper starts with the CPUs of the thread that starts it.
   if (sched_getaffinity(0, sizeof(h->cpus_), &h->cpus_) != 0) {
     err = std::string("sched_getaffinity: ") + std::strerror(errno);
@@ -143,7 +142,7 @@ void step_helper::run_chunks(int64_t n, chunk_fn fn, void* arg) {
   // Late is when the helper ended its last chunk, not when this thread got
   // its core back: a loop kept from its core is not the helper's doing.
   const auto ended = clock::time_point(clock::duration(last_end_.load()));
-  if (ended - waiting > late_after) late_.fetch_add(1, std::memory_order_relaxed);
+  if (ended - waiting > late_after_) late_.fetch_add(1, std::memory_order_relaxed);
 }
 
 bool step_helper::lend_core() {

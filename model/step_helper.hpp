@@ -31,8 +31,12 @@ class step_helper {
  public:
   // Starts the thread, named `name` (at most 15 characters show). Null, with
   // the reason in `err`, when it cannot start, cannot run SCHED_IDLE, or
-  // the process may use only one CPU (the helper would never run).
-  static std::unique_ptr<step_helper> start(const std::string& name, std::string& err);
+  // the process may use only one CPU (the helper would never run). A wait
+  // for the helper's chunk that ends more than `late` after the caller ended
+  // its own counts as late (a chunk takes a few us).
+  static std::unique_ptr<step_helper> start(
+      const std::string& name, std::string& err,
+      std::chrono::steady_clock::duration late = std::chrono::microseconds(200));
   ~step_helper();
   step_helper(const step_helper&) = delete;
   step_helper& operator=(const step_helper&) = delete;
@@ -52,8 +56,7 @@ class step_helper {
   void rest() { resting_.store(true); }
 
   // The helper's thread id (0 until it has started), how many chunks it has
-  // run, how many times the loop waited long for one (the helper ended it
-  // over 200 us after the loop had ended its own), and how many times the
+  // run, how many times the loop waited long for one (see start), and how many times the
   // loop lent it its core: tests and the serving metrics read them.
   int thread_id() const { return tid_.load(); }
   int64_t chunks_run() const { return helped_.load(std::memory_order_relaxed); }
@@ -88,6 +91,7 @@ class step_helper {
   std::atomic<int64_t> helped_{0}, late_{0}, lent_{0};
   std::atomic<int64_t> last_end_{0};  // when the helper ended its last chunk (steady clock ticks)
   cpu_set_t cpus_{};  // the helper's CPUs when it started
+  std::chrono::steady_clock::duration late_after_{};
   std::thread thread_;
 };
 

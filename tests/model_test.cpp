@@ -126,6 +126,16 @@ std::vector<int64_t> tokens_of(int64_t n, int64_t seed) {
   return t;
 }
 
+// Polls `holds` until it does or `deadline` passes; whether it holds.
+template <typename Holds>
+bool holds_by(Holds&& holds, std::chrono::steady_clock::time_point deadline) {
+  while (!holds()) {
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::yield();
+  }
+  return true;
+}
+
 }  // namespace
 
 TEST_F(ModelTest, BatchedMixedAdapterForwardEqualsMergedPerRow) {
@@ -811,7 +821,8 @@ TEST(StepHelper, FinishesItsChunkOnTheCoreTheLoopSleepsOn) {
   ASSERT_EQ(sched_getaffinity(0, sizeof(all), &all), 0);
   if (CPU_COUNT(&all) < 2) GTEST_FAIL() << "needs two CPUs; this process may use one";
   std::string err;
-  auto h = step_helper::start("test.help", err);
+  // Late: any wait the helper's chunk outlasts.
+  auto h = step_helper::start("test.help", err, std::chrono::steady_clock::duration::zero());
   ASSERT_TRUE(h) << err;
   // The caller stays on one CPU (the helper keeps all it started with).
   const int caller_cpu = sched_getcpu();
@@ -832,8 +843,7 @@ TEST(StepHelper, FinishesItsChunkOnTheCoreTheLoopSleepsOn) {
   CPU_ZERO(&while_asleep);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   // The caller's chunk waits until the helper has taken the other; the
-  // helper's ends only once the caller sleeps for it, and over 200 us after
-  // the caller's chunk ended (a late wait).
+  // helper's ends only once the caller sleeps for it (a late wait).
   auto slow_helper = [&](int64_t) {
     if (std::this_thread::get_id() != caller) {
       {
@@ -841,13 +851,10 @@ TEST(StepHelper, FinishesItsChunkOnTheCoreTheLoopSleepsOn) {
         helper_started = true;
       }
       cv.notify_all();
-      while (!h->caller_asleep() && std::chrono::steady_clock::now() < deadline)
-        std::this_thread::yield();
-      ASSERT_TRUE(h->caller_asleep()) << "the caller never waited for the helper's chunk";
+      ASSERT_TRUE(holds_by([&] { return h->caller_asleep(); }, deadline))
+          << "the caller never waited for the helper's chunk";
       helper_cpu = sched_getcpu();
       sched_getaffinity(0, sizeof(while_asleep), &while_asleep);
-      const auto late = std::chrono::steady_clock::now() + std::chrono::microseconds(300);
-      while (std::chrono::steady_clock::now() < late) std::this_thread::yield();
       return;
     }
     std::unique_lock lock(m);
