@@ -19,6 +19,7 @@
 #include "actors/fair_shares.hpp"
 #include "model/checkpoint.hpp"
 #include "model/generate.hpp"
+#include "model/huge_pages.hpp"
 #include "storage/artifacts.hpp"
 
 namespace tailor::actors {
@@ -622,9 +623,12 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
   const bool half = c.gen->kv_type() == torch::kHalf;
   if (sc.kv_cache == "float16" && !half)
     spdlog::warn("gpu {}: this CPU has no AVX-512: the key/value cache is float32", st.label);
-  spdlog::info("gpu {}: batches of up to {}, {} products, {} key/value cache", st.label,
-               sc.max_batch, c.gen->bf16_products() ? "bfloat16" : "float32",
-               half ? "float16" : "float32");
+  // Where the kernel gives no transparent huge pages (mode "never"), a
+  // step with many adapters is ~10% slower (docs/operations.md).
+  const bool huge = model::backed_by_huge_pages(c.bank.b.front().front());
+  spdlog::info("gpu {}: batches of up to {}, {} products, {} key/value cache, adapter bank {}",
+               st.label, sc.max_batch, c.gen->bf16_products() ? "bfloat16" : "float32",
+               half ? "float16" : "float32", huge ? "on huge pages" : "on 4 KiB pages");
   return {
       [self](infer_atom, inference_order& o) -> caf::result<outgoing_message> {
         auto& st = self->state;

@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "model/dense.hpp"
+#include "model/huge_pages.hpp"
 #include "model/row_kernels.hpp"
 #include "model/step_helper.hpp"
 #ifdef TAILOR_WITH_CUDA
@@ -461,9 +462,10 @@ adapter_bank adapter_bank::make(const model_config& mc, int64_t capacity, int64_
   bank.b.resize(mc.n_layer);
   for (int64_t i = 0; i < mc.n_layer; ++i)
     for (int s = 0; s < sites; ++s) {
-      bank.a[i].push_back(torch::zeros({capacity + 1, site_in(mc, s), rank}, torch::kBFloat16));
+      bank.a[i].push_back(
+          huge_page_zeros({capacity + 1, site_in(mc, s), rank}, torch::kBFloat16));
       bank.b[i].push_back(
-          torch::zeros({capacity + 1, rank, site_out_dim(mc, s)}, torch::kBFloat16));
+          huge_page_zeros({capacity + 1, rank, site_out_dim(mc, s)}, torch::kBFloat16));
     }
   return bank;
 }
@@ -487,10 +489,9 @@ kv_cache kv_cache::make(const model_config& cfg, int64_t slots, torch::ScalarTyp
   TORCH_CHECK(type == torch::kFloat32 || type == torch::kHalf,
               "a key/value cache is float or half");
   kv_cache c;
-  const auto options = torch::TensorOptions().dtype(type);
   for (int64_t i = 0; i < cfg.n_layer; ++i) {
-    c.k.push_back(torch::zeros({slots, cfg.n_head, cfg.context, cfg.head_dim()}, options));
-    c.v.push_back(torch::zeros({slots, cfg.n_head, cfg.context, cfg.head_dim()}, options));
+    c.k.push_back(huge_page_zeros({slots, cfg.n_head, cfg.context, cfg.head_dim()}, type));
+    c.v.push_back(huge_page_zeros({slots, cfg.n_head, cfg.context, cfg.head_dim()}, type));
   }
   return c;
 }

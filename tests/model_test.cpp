@@ -6,6 +6,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <fstream>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -18,6 +19,7 @@
 #include "model/cuda/bgmv_math.hpp"
 #include "model/dense.hpp"
 #include "model/generate.hpp"
+#include "model/huge_pages.hpp"
 #include "model/pretrain.hpp"
 #include "model/row_kernels.hpp"
 #include "model/step_helper.hpp"
@@ -772,6 +774,45 @@ TEST_F(ModelTest, PromptsInChunksGiveTheSameTextOverMoreSteps) {
     EXPECT_GE(chunked_steps[0], static_cast<int>((prompt_tokens + 4) / 5))
         << "at most 5 prompt tokens a step";
   }
+}
+
+// Whether this kernel gives transparent huge pages to memory that asks for
+// them (mode "always" or "madvise").
+bool transparent_huge_pages() {
+  std::ifstream f("/sys/kernel/mm/transparent_hugepage/enabled");
+  std::string mode;
+  return std::getline(f, mode) && mode.find("[never]") == std::string::npos;
+}
+
+// The serving step's big tensors (the key/value cache, the adapter bank)
+// come zeroed, start on a 2 MiB boundary and, where the kernel has
+// transparent huge pages, sit on them: a step reads them at ~1,000
+// scattered places, and on 4 KiB pages those reads miss the TLB.
+TEST(HugePages, TheCacheAndTheBankAreZeroedAlignedAndOnHugePages) {
+  const auto cfg = tiny();
+  const auto cache = kv_cache::make(cfg, 256);  // 2 MiB a tensor in float32
+  auto bank = adapter_bank::make(cfg, 1024, 16, false);
+  std::vector<torch::Tensor> big;
+  for (const auto& layer : {cache.k, cache.v, bank.a.front(), bank.b.front()})
+    big.insert(big.end(), layer.begin(), layer.end());
+  const bool thp = transparent_huge_pages();
+  for (const auto& t : big) {
+    ASSERT_GE(t.numel() * t.element_size(), int64_t{1} << 20);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(t.data_ptr()) % (uintptr_t{2} << 20), 0u);
+    EXPECT_EQ(t.count_nonzero().item<int64_t>(), 0);
+    if (thp) {
+      EXPECT_TRUE(backed_by_huge_pages(t)) << "sizes " << t.sizes();
+    }
+  }
+  // Writable like any tensor, and a place of the bank takes an adapter.
+  big.front().fill_(1.5);
+  EXPECT_EQ(big.front().sum().item<double>(), 1.5 * static_cast<double>(big.front().numel()));
+  EXPECT_TRUE(bank.set(1024, trained_like(cfg, 16, false, 3)));
+  EXPECT_GT(bank.b.front().front()[1024].abs().sum().item<double>(), 0.0);
+  // A small tensor is an ordinary one, zeroed too.
+  const auto small = huge_page_zeros({16}, torch::kFloat32);
+  EXPECT_EQ(small.count_nonzero().item<int64_t>(), 0);
+  EXPECT_NE(small.data_ptr(), nullptr);
 }
 
 // The step helper: every chunk of a job runs exactly once, whichever of
