@@ -265,13 +265,21 @@ void handle_inference(user_ptr self, promise_t rp, inference_request x, uint64_t
         return answer(errc::model_not_ready, "model_id: " + model_id + " is " + m->status);
       return serve(self, rp, x, hash, std::move(*m), received);
     }
-    auto models = st.db.direct->list_models(st.user_id);
-    if (!models) {
-      rp.deliver(std::move(models.error()));
-      return;
+    const auto generation = st.db.direct->models_generation();  // before the list
+    if (!st.newest || st.newest->generation != generation) {
+      auto models = st.db.direct->list_models(st.user_id);
+      if (!models) {
+        rp.deliver(std::move(models.error()));
+        return;
+      }
+      st.newest = user_state::newest_ready{generation, std::nullopt};
+      for (auto& m : *models)  // newest first
+        if (m.status == "ready") {
+          st.newest->model = std::move(m);
+          break;
+        }
     }
-    for (auto& m : *models)  // newest first
-      if (m.status == "ready") return serve(self, rp, x, hash, std::move(m), received);
+    if (st.newest->model) return serve(self, rp, x, hash, *st.newest->model, received);
     answer(errc::no_ready_model, "user " + st.user_id + " has no ready model");
   });
 }

@@ -4,6 +4,7 @@
 #include <caf/typed_event_based_actor.hpp>
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -55,6 +56,15 @@ struct user_state {
   serving_routes routes;
   registry_actor registry;
   std::map<std::string, pending> inflight;  // by request id
+  // The newest ready model (none: the user has none), as read when the
+  // store's models_generation was `generation`: every request without a
+  // model_id needs it, and listing the models cost a quarter of the user
+  // actors' time per request.
+  struct newest_ready {
+    uint64_t generation = 0;
+    std::optional<messages::model_record> model;
+  };
+  std::optional<newest_ready> newest;
   uint64_t handled = 0;
   uint64_t handled_at_last_check = 0;
   static inline const char* name = "tailor.user";

@@ -39,6 +39,7 @@ struct metadata_store::impl {
   // Serializes read-modify-write sequences (transitions, model lists).
   std::mutex rmw;
   std::atomic<uint64_t> history_seq{0};
+  std::atomic<uint64_t> models_generation{0};
 
   rocksdb::ColumnFamilyHandle* t(table x) { return cf[x]; }
 
@@ -215,7 +216,14 @@ caf::error metadata_store::register_model(const model_record& model, const std::
     job->outcome = outcome;
     batch.Put(im.t(jobs), job_id, messages::to_json(*job));
   }
-  return im.write(batch, "register model");
+  if (auto err = im.write(batch, "register model")) return err;
+  // After the write: a reader that saw the old value re-reads the models.
+  im.models_generation.fetch_add(1, std::memory_order_release);
+  return {};
+}
+
+uint64_t metadata_store::models_generation() const {
+  return impl_->models_generation.load(std::memory_order_acquire);
 }
 
 caf::error metadata_store::mark_announced(const std::string& job_id, const std::string& status) {

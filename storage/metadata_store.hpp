@@ -68,6 +68,10 @@ class metadata_store {
   caf::expected<std::vector<job_record>> unfinished_jobs();
   caf::expected<model_record> get_model(const std::string& model_id);
   caf::expected<std::vector<model_record>> list_models(const std::string& user_id);
+  // Goes up after every change to the models (register_model), so that a
+  // reader may keep what it read of them while this value is unchanged:
+  // read it before reading the models.
+  uint64_t models_generation() const;
 
   // --- requests (dedup) ---------------------------------------------------
   caf::expected<std::optional<request_record>> find_request(const std::string& user_id,

@@ -144,6 +144,33 @@ TEST_F(ServingTest, AUserIsAnsweredByTheirOwnModel) {
   EXPECT_EQ(h["entries"][0]["output"], both[0].payload);
 }
 
+// Without a model_id, a request is served by the user's newest ready model:
+// none before the first onboarding, and the second model once it is ready
+// (the user actor keeps its pick only while no model has been added).
+TEST_F(ServingTest, ARequestIsServedByTheUsersNewestReadyModel) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  send_inference(ask("cara", "before", "hello", 1));
+  in_->flush();
+  EXPECT_EQ(result("cara", "before")["error"]["code"], "no_ready_model");
+  auto first = onboard_all({"cara"})["cara"];
+  send_inference(ask("cara", "after-first", "hello", 1));
+  in_->flush();
+  auto r1 = result("cara", "after-first");
+  EXPECT_EQ(r1["model_id"], first) << r1.dump();
+  auto j = onboarding("cara", "again", {"Cara again, with new words.", "New words for cara."});
+  j["hyperparameters"] = {{"steps", 3}, {"learning_rate", 0.01}};
+  send_onboarding(j);
+  in_->flush();
+  auto second = await_event("cara", "again", "model.ready", 120s).value.value("model_id", "");
+  ASSERT_FALSE(second.empty());
+  ASSERT_NE(second, first);
+  send_inference(ask("cara", "after-second", "hello", 1));
+  in_->flush();
+  auto r2 = result("cara", "after-second");
+  EXPECT_EQ(r2["model_id"], second) << r2.dump();
+}
+
 TEST_F(ServingTest, ARequestNamingAnotherUsersModelIsRefused) {
   start();
   ASSERT_FALSE(HasFatalFailure());
