@@ -163,33 +163,40 @@ void fail_waiters(user_ptr self, const std::string& request_id, const caf::error
   st.inflight.erase(it);
 }
 
-// Stores the result as the request's answer, answers every copy of the
-// request that waited for it, and keeps input and output in the user's
-// history (fire and forget: not on the answer's path).
+// Stores the result as the request's answer with its history entry (input
+// and output), then answers every copy of the request that waited for it.
 void finish_inference(user_ptr self, inference_request x, uint64_t hash, outgoing_message result) {
-  auto rec = make_record(self->state, x.request_id, "inference.request", hash, {result});
-  auto recorded = [=] {
+  auto& st = self->state;
+  auto rec = make_record(st, x.request_id, "inference.request", hash, {result});
+  history_entry entry{st.user_id, now_ms(), x.request_id, to_json(x), result.payload};
+  auto answer_waiters = [=] {
     auto& st = self->state;
     auto it = st.inflight.find(x.request_id);
     if (it == st.inflight.end()) return;
     for (auto& rp : it->second.waiters) rp.deliver(answers{result});
     st.inflight.erase(it);
-    self->send(st.db.actor, history_atom_v,
-               history_entry{st.user_id, now_ms(), x.request_id, to_json(x), result.payload});
   };
   // Not recorded: every waiter's event is retried by the ingress, and the
   // retry generates the same text (same seed).
   auto failed = [=](const caf::error& err) { fail_waiters(self, x.request_id, err); };
-  if (!self->state.cfg.sync_writes) {
-    if (auto err = self->state.db.direct->put_request(rec))
+  if (!st.cfg.sync_writes) {
+    // One write for both: a second (the history's, on the store actor) cost
+    // as much again in WAL appends and memtable inserts.
+    if (auto err = st.db.direct->put_request(rec, &entry))
       failed(err);
     else
-      recorded();
+      answer_waiters();
     return;
   }
-  // A synced write waits on the disk: on the store actor's thread.
-  self->request(self->state.db.actor, store_timeout, record_atom_v, rec)
-      .then([=](caf::ok_atom) { recorded(); }, [=](caf::error& err) { failed(err); });
+  // A synced write waits on the disk: on the store actor's thread, and the
+  // history after it, off the answer's path.
+  self->request(st.db.actor, store_timeout, record_atom_v, rec)
+      .then(
+          [=](caf::ok_atom) {
+            answer_waiters();
+            self->send(self->state.db.actor, history_atom_v, entry);
+          },
+          [=](caf::error& err) { failed(err); });
 }
 
 // Sends the request to the GPU actor of the model's base; the answer comes

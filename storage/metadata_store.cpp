@@ -43,6 +43,10 @@ struct metadata_store::impl {
 
   rocksdb::ColumnFamilyHandle* t(table x) { return cf[x]; }
 
+  // history: user \0 be64(time) be64(seq), so that a user's entries are in
+  // time order and two in the same millisecond do not collide.
+  std::string history_key(const history_entry& entry);
+
   caf::error write(rocksdb::WriteBatch& batch, const char* what) {
     auto s = db->Write(wopts, &batch);
     return s.ok() ? caf::error{} : io(s, what);
@@ -282,20 +286,27 @@ caf::expected<std::optional<request_record>> metadata_store::find_request(
   return r.error();
 }
 
-caf::error metadata_store::put_request(const request_record& req) {
-  rocksdb::WriteBatch batch;
-  batch.Put(impl_->t(requests), request_key(req.user_id, req.request_id), messages::to_json(req));
-  return impl_->write(batch, "put request");
-}
-
-caf::error metadata_store::append_history(const history_entry& entry) {
+std::string metadata_store::impl::history_key(const history_entry& entry) {
   std::string key = entry.user_id;
   key.push_back('\0');
   put_be64(key, static_cast<uint64_t>(entry.time_ms));
-  put_be64(key, impl_->history_seq.fetch_add(1));
+  put_be64(key, history_seq.fetch_add(1));
+  return key;
+}
+
+caf::error metadata_store::put_request(const request_record& req, const history_entry* entry) {
+  auto& im = *impl_;
   rocksdb::WriteBatch batch;
-  batch.Put(impl_->t(history), key, messages::to_json(entry));
-  return impl_->write(batch, "append history");
+  batch.Put(im.t(requests), request_key(req.user_id, req.request_id), messages::to_json(req));
+  if (entry) batch.Put(im.t(history), im.history_key(*entry), messages::to_json(*entry));
+  return im.write(batch, entry ? "put request and history" : "put request");
+}
+
+caf::error metadata_store::append_history(const history_entry& entry) {
+  auto& im = *impl_;
+  rocksdb::WriteBatch batch;
+  batch.Put(im.t(history), im.history_key(entry), messages::to_json(entry));
+  return im.write(batch, "append history");
 }
 
 caf::expected<history_page> metadata_store::page_history(const std::string& user_id,

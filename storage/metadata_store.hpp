@@ -76,7 +76,9 @@ class metadata_store {
   // --- requests (dedup) ---------------------------------------------------
   caf::expected<std::optional<request_record>> find_request(const std::string& user_id,
                                                             const std::string& request_id);
-  caf::error put_request(const request_record& req);
+  // The request's record and, when given, its history entry in the same
+  // write (one WAL record, not two).
+  caf::error put_request(const request_record& req, const history_entry* entry = nullptr);
 
   // --- history ------------------------------------------------------------
   caf::error append_history(const history_entry& entry);

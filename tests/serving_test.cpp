@@ -96,8 +96,11 @@ class ServingTest : public engine_test {
 TEST_F(ServingTest, AUserIsAnsweredByTheirOwnModel) {
   // With the threads' default policy (compute.scheduling normal) and no
   // step helper: the scheduling changes when threads run, never what they
-  // compute.
-  start({{"compute", {{"scheduling", "normal"}}}, {"serving", {{"step_helper", false}}}});
+  // compute. With synced writes, whose answers and history take the store
+  // actor's way (the other tests take the default's).
+  start({{"compute", {{"scheduling", "normal"}}},
+         {"serving", {{"step_helper", false}}},
+         {"sync_writes", true}});
   ASSERT_FALSE(HasFatalFailure());
   EXPECT_EQ(threads_with(thread_policies(engine_->pid()), SCHED_BATCH), 0);
   EXPECT_EQ(threads_with(thread_policies(engine_->pid()), SCHED_IDLE), 0);
@@ -169,6 +172,14 @@ TEST_F(ServingTest, ARequestIsServedByTheUsersNewestReadyModel) {
   in_->flush();
   auto r2 = result("cara", "after-second");
   EXPECT_EQ(r2["model_id"], second) << r2.dump();
+  // Served requests are in the history, written with their answers.
+  auto h = json::parse(engine_->get("/v1/users/cara/history").second);
+  ASSERT_EQ(h["entries"].size(), 2u) << h.dump();
+  EXPECT_EQ(h["entries"][0]["request_id"], "after-first");
+  EXPECT_EQ(h["entries"][1]["request_id"], "after-second");
+  EXPECT_EQ(h["entries"][1]["output"], events_of("cara", "after-second", "inference.result")
+                                           .at(0)
+                                           .payload);
 }
 
 TEST_F(ServingTest, ARequestNamingAnotherUsersModelIsRefused) {

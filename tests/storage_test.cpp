@@ -243,6 +243,24 @@ TEST_F(StoreTest, HistoryPagesInTimeOrderPerUser) {
   EXPECT_EQ(seen, (std::vector<std::string>{"q0", "q1", "q2", "q3", "q4", "q5", "q6"}));
 }
 
+// An inference's answer and its history entry are one write: both or neither.
+TEST_F(StoreTest, ARequestWithItsHistoryEntryIsStoredAndPagedLikeAnAppendedOne) {
+  const history_entry entry{"u1", 200, "q9", "in9", "out9"};
+  ASSERT_FALSE(store_->put_request(request("u1", "q9", 9), &entry));
+  ASSERT_FALSE(store_->append_history({"u1", 100, "q8", "in8", "out8"}));
+  EXPECT_EQ((*store_->find_request("u1", "q9"))->payload_hash, 9u);
+  auto page = store_->page_history("u1", "", 10);
+  ASSERT_TRUE(page);
+  ASSERT_EQ(page->entries.size(), 2u);
+  EXPECT_EQ(page->entries[0].request_id, "q8") << "time order, whichever way each was written";
+  EXPECT_EQ(page->entries[1].request_id, "q9");
+  EXPECT_EQ(page->entries[1].input, "in9");
+  EXPECT_EQ(page->entries[1].output, "out9");
+  reopen();
+  EXPECT_EQ(store_->page_history("u1", "", 10)->entries.size(), 2u);
+  EXPECT_TRUE(store_->find_request("u1", "q9")->has_value());
+}
+
 TEST_F(StoreTest, DataSurvivesReopen) {
   ASSERT_FALSE(store_->create_job(job("j1"), request("u1", "a")));
   ASSERT_FALSE(store_->register_model(model("m1", "u1", 1)));
