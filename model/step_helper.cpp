@@ -131,9 +131,15 @@ void step_helper::run_chunks(int64_t n, chunk_fn fn, void* arg) {
   // The helper was kept from its core (or its chunk is long): it gets this
   // one while the caller sleeps, then may run anywhere again.
   const bool moved = lend_core();
+  {
+    // Before the check below: a helper that ends its chunk after it sees
+    // caller_asleep_ and bumps finished_, which ends the wait.
+    std::lock_guard<std::mutex> lock(asleep_mutex_);
+    caller_asleep_ = true;
+  }
+  asleep_cv_.notify_all();
   while (true) {
     const auto seen = finished_.load();
-    caller_asleep_ = true;
     if (all_done()) break;
     finished_.wait(seen);
   }
@@ -143,6 +149,11 @@ void step_helper::run_chunks(int64_t n, chunk_fn fn, void* arg) {
   // its core back: a loop kept from its core is not the helper's doing.
   const auto ended = clock::time_point(clock::duration(last_end_.load()));
   if (ended - waiting > late_after_) late_.fetch_add(1, std::memory_order_relaxed);
+}
+
+bool step_helper::caller_asleep_by(clock::time_point deadline) {
+  std::unique_lock<std::mutex> lock(asleep_mutex_);
+  return asleep_cv_.wait_until(lock, deadline, [this] { return caller_asleep_.load(); });
 }
 
 bool step_helper::lend_core() {

@@ -20,8 +20,10 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 
@@ -62,9 +64,10 @@ class step_helper {
   int64_t chunks_run() const { return helped_.load(std::memory_order_relaxed); }
   int64_t late_waits() const { return late_.load(std::memory_order_relaxed); }
   int64_t cores_lent() const { return lent_.load(std::memory_order_relaxed); }
-  // Whether the caller has stopped spinning and sleeps until the helper
-  // ends a chunk it took (what a late wait is made of).
-  bool caller_asleep() const { return caller_asleep_.load(); }
+  // Blocks until the caller has stopped spinning and sleeps until the helper
+  // ends a chunk it took (what a late wait is made of), or until `deadline`;
+  // whether it did. For a chunk that must not end before then (tests).
+  bool caller_asleep_by(std::chrono::steady_clock::time_point deadline);
 
  private:
   step_helper() = default;
@@ -90,6 +93,10 @@ class step_helper {
   std::atomic<int> tid_{0};
   std::atomic<int64_t> helped_{0}, late_{0}, lent_{0};
   std::atomic<int64_t> last_end_{0};  // when the helper ended its last chunk (steady clock ticks)
+  // caller_asleep_ becoming true, for caller_asleep_by (the caller reaches
+  // it only on its slow path, after spinning).
+  std::mutex asleep_mutex_;
+  std::condition_variable asleep_cv_;
   cpu_set_t cpus_{};  // the helper's CPUs when it started
   std::chrono::steady_clock::duration late_after_{};
   std::thread thread_;

@@ -128,16 +128,6 @@ std::vector<int64_t> tokens_of(int64_t n, int64_t seed) {
   return t;
 }
 
-// Polls `holds` until it does or `deadline` passes; whether it holds.
-template <typename Holds>
-bool holds_by(Holds&& holds, std::chrono::steady_clock::time_point deadline) {
-  while (!holds()) {
-    if (std::chrono::steady_clock::now() >= deadline) return false;
-    std::this_thread::yield();
-  }
-  return true;
-}
-
 }  // namespace
 
 TEST_F(ModelTest, BatchedMixedAdapterForwardEqualsMergedPerRow) {
@@ -892,7 +882,7 @@ TEST(StepHelper, FinishesItsChunkOnTheCoreTheLoopSleepsOn) {
         helper_started = true;
       }
       cv.notify_all();
-      ASSERT_TRUE(holds_by([&] { return h->caller_asleep(); }, deadline))
+      ASSERT_TRUE(h->caller_asleep_by(deadline))
           << "the caller never waited for the helper's chunk";
       helper_cpu = sched_getcpu();
       sched_getaffinity(0, sizeof(while_asleep), &while_asleep);
