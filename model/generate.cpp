@@ -105,8 +105,11 @@ void batch_generator::remember_prompt(int64_t place, const std::vector<int64_t>&
   into.last_used = ++prefix_tick_;
   into.bytes = bytes;
   for (std::size_t l = 0; l < cache_.k.size(); ++l) {
-    into.k.push_back(cache_.k[l][slot].narrow(1, 0, n).clone());
-    into.v.push_back(cache_.v[l][slot].narrow(1, 0, n).clone());
+    const auto& k = cache_.k[l];
+    into.k.push_back(torch::empty({1, k.size(1), n, k.size(3)}, k.options()));
+    into.v.push_back(torch::empty({1, k.size(1), n, k.size(3)}, k.options()));
+    copy_positions(k, slot, into.k.back(), 0, n);
+    copy_positions(cache_.v[l], slot, into.v.back(), 0, n);
   }
   prefix_used_ += bytes;
 }
@@ -206,8 +209,8 @@ void batch_generator::compact() {
     if (r.slot < B) continue;
     const auto target = holes[next_hole++];
     for (std::size_t l = 0; l < cache_.k.size(); ++l) {
-      cache_.k[l][target].narrow(1, 0, r.length).copy_(cache_.k[l][r.slot].narrow(1, 0, r.length));
-      cache_.v[l][target].narrow(1, 0, r.length).copy_(cache_.v[l][r.slot].narrow(1, 0, r.length));
+      copy_positions(cache_.k[l], r.slot, cache_.k[l], target, r.length);
+      copy_positions(cache_.v[l], r.slot, cache_.v[l], target, r.length);
     }
     slot_owner_[target] = r.id;
     slot_owner_[r.slot].reset();
@@ -266,8 +269,8 @@ std::vector<int64_t> batch_generator::add_batch(const std::vector<new_sequence>&
     if (reuse > 0) {
       e->last_used = ++prefix_tick_;
       for (std::size_t l = 0; l < cache_.k.size(); ++l) {
-        cache_.k[l][r->slot].narrow(1, 0, reuse).copy_(e->k[l].narrow(1, 0, reuse));
-        cache_.v[l][r->slot].narrow(1, 0, reuse).copy_(e->v[l].narrow(1, 0, reuse));
+        copy_positions(e->k[l], 0, cache_.k[l], r->slot, reuse);
+        copy_positions(e->v[l], 0, cache_.v[l], r->slot, reuse);
       }
     }
     reused_tokens_ += reuse;

@@ -131,7 +131,7 @@ class batch_generator {
   struct prefix_entry {
     uint64_t identity = 0;  // the adapter's (adapter_bank::identities)
     std::vector<int64_t> tokens;
-    std::vector<torch::Tensor> k, v;  // [layer] -> [heads, tokens, head_dim]
+    std::vector<torch::Tensor> k, v;  // [layer] -> [1, heads, tokens, head_dim]
     int64_t bytes = 0;                // of k and v
     uint64_t last_used = 0;
   };

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <type_traits>
 
@@ -494,6 +495,29 @@ kv_cache kv_cache::make(const model_config& cfg, int64_t slots, torch::ScalarTyp
     c.v.push_back(huge_page_zeros({slots, cfg.n_head, cfg.context, cfg.head_dim()}, type));
   }
   return c;
+}
+
+void copy_positions(const torch::Tensor& from, int64_t from_slot, const torch::Tensor& to,
+                    int64_t to_slot, int64_t n) {
+  TORCH_CHECK(from.dim() == 4 && to.dim() == 4 && from.size(1) == to.size(1) &&
+                  from.size(3) == to.size(3) && from.scalar_type() == to.scalar_type(),
+              "copy_positions: caches of different shapes or types");
+  TORCH_CHECK(n >= 0 && n <= from.size(2) && n <= to.size(2) && from_slot >= 0 &&
+                  from_slot < from.size(0) && to_slot >= 0 && to_slot < to.size(0),
+              "copy_positions: slot or length outside the cache");
+  if (n == 0) return;
+  const bool plain = from.is_cpu() && to.is_cpu() && from.stride(3) == 1 && to.stride(3) == 1 &&
+                     from.stride(2) == from.size(3) && to.stride(2) == to.size(3);
+  if (!plain) {
+    to[to_slot].narrow(1, 0, n).copy_(from[from_slot].narrow(1, 0, n));
+    return;
+  }
+  const auto item = static_cast<int64_t>(from.element_size());
+  const auto bytes = static_cast<std::size_t>(n * from.size(3) * item);
+  const auto* src = static_cast<const char*>(from.data_ptr()) + from_slot * from.stride(0) * item;
+  auto* dst = static_cast<char*>(to.data_ptr()) + to_slot * to.stride(0) * item;
+  for (int64_t h = 0; h < from.size(1); ++h)
+    std::memcpy(dst + h * to.stride(1) * item, src + h * from.stride(1) * item, bytes);
 }
 
 torch::Tensor forward_single(const base_weights& w, const lora_adapter* ad,

@@ -128,6 +128,14 @@ struct kv_cache {
                        torch::ScalarType type = torch::kFloat32);
 };
 
+// Copies positions [0, n) of every head from slot `from_slot` of `from` to
+// slot `to_slot` of `to`, both [slots, heads, length, head_dim] of one type
+// (a cache layer, or a prefix entry of one slot). A memcpy per head: a step
+// moves a few rows' caches, and ATen's copy of such a strided half view
+// cost ~9 us each, a tenth of a serving step (perf, docs/operations.md).
+void copy_positions(const torch::Tensor& from, int64_t from_slot, const torch::Tensor& to,
+                    int64_t to_slot, int64_t n);
+
 // Logits [B, T, vocab] of B independent sequences, with one adapter (or none)
 // applied unmerged; differentiable (training). Tokens sit at positions
 // first_position .. first_position + T - 1.

@@ -774,6 +774,46 @@ bool transparent_huge_pages() {
   return std::getline(f, mode) && mode.find("[never]") == std::string::npos;
 }
 
+// Moving a row's cache (compaction) and a cached prompt in and out of a
+// slot copy exactly the first n positions of every head, and nothing else.
+TEST(KvCache, CopyPositionsMovesTheFirstPositionsOfEveryHeadAndNothingElse) {
+  const auto cfg = tiny();
+  for (auto type : {torch::kFloat32, torch::kHalf}) {
+    auto cache = kv_cache::make(cfg, 4, type);
+    auto& k = cache.k.front();  // [slots, heads, context, head_dim]
+    k.copy_(torch::randn(k.sizes()).to(type));
+    const auto before = k.clone();
+    const int64_t n = 5;
+    copy_positions(k, 3, k, 1, n);
+    EXPECT_TRUE(torch::equal(k[1].narrow(1, 0, n), before[3].narrow(1, 0, n)));
+    EXPECT_TRUE(torch::equal(k[1].narrow(1, n, cfg.context - n),
+                             before[1].narrow(1, n, cfg.context - n)));
+    for (int64_t s : {0, 2, 3}) EXPECT_TRUE(torch::equal(k[s], before[s])) << "slot " << s;
+    // Out to an entry of one slot and back into another slot.
+    auto entry = torch::empty({1, k.size(1), n, k.size(3)}, k.options());
+    copy_positions(k, 2, entry, 0, n);
+    EXPECT_TRUE(torch::equal(entry[0], before[2].narrow(1, 0, n)));
+    copy_positions(entry, 0, k, 0, n);
+    EXPECT_TRUE(torch::equal(k[0].narrow(1, 0, n), before[2].narrow(1, 0, n)));
+    // A strided view takes ATen's copy, with the same result.
+    auto half_width = k.narrow(3, 0, k.size(3) / 2);
+    copy_positions(half_width, 3, half_width, 2, n);
+    EXPECT_TRUE(torch::equal(k[2].narrow(1, 0, n).narrow(2, 0, k.size(3) / 2),
+                             before[3].narrow(1, 0, n).narrow(2, 0, k.size(3) / 2)));
+    EXPECT_TRUE(torch::equal(k[2].narrow(1, 0, n).narrow(2, k.size(3) / 2, k.size(3) / 2),
+                             before[2].narrow(1, 0, n).narrow(2, k.size(3) / 2, k.size(3) / 2)));
+    // Outside the cache, or another type: an error, no write.
+    const auto kept = k.clone();
+    EXPECT_THROW(copy_positions(k, 4, k, 0, n), c10::Error);
+    EXPECT_THROW(copy_positions(k, 0, k, 1, cfg.context + 1), c10::Error);
+    EXPECT_THROW(copy_positions(entry, 0, k, 1, n + 1), c10::Error);
+    EXPECT_THROW(copy_positions(k.to(type == torch::kHalf ? torch::kFloat32 : torch::kHalf), 0, k,
+                                1, n),
+                 c10::Error);
+    EXPECT_TRUE(torch::equal(k, kept));
+  }
+}
+
 // The serving step's big tensors (the key/value cache, the adapter bank)
 // come zeroed, start on a 2 MiB boundary and, where the kernel has
 // transparent huge pages, sit on them: a step reads them at ~1,000
