@@ -327,6 +327,29 @@ TAILOR_AVX512 void gelu_avx512(float* x, int64_t n) {
   }
 }
 
+TAILOR_AVX512 void layer_norm_row_avx512(const float* x, int64_t n, const float* w, const float* b,
+                                         float eps, float* out) {
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16)
+    sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(lanes(n - i), x + i));
+  const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / static_cast<float>(n));
+  __m512 squares = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = lanes(n - i);
+    const __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, x + i), mean);
+    squares = _mm512_fmadd_ps(d, d, squares);
+  }
+  const float var = _mm512_reduce_add_ps(squares) / static_cast<float>(n);
+  const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(var + eps));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = lanes(n - i);
+    const __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), mean), rstd);
+    _mm512_mask_storeu_ps(out + i, m,
+                          _mm512_fmadd_ps(d, _mm512_maskz_loadu_ps(m, w + i),
+                                          _mm512_maskz_loadu_ps(m, b + i)));
+  }
+}
+
 float16 to_float16_portable(float f) {
   const auto x = std::bit_cast<uint32_t>(f);
   const auto sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
@@ -429,6 +452,19 @@ void gelu(row_isa isa, float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * 0.70710678f));
 }
 
+void layer_norm_row(row_isa isa, const float* x, int64_t n, const float* w, const float* b,
+                    float eps, float* out) {
+  if (n <= 0) return;
+  if (isa == row_isa::avx512) return layer_norm_row_avx512(x, n, w, b, eps, out);
+  float sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += x[i];
+  const float mean = sum / static_cast<float>(n);
+  float squares = 0;
+  for (int64_t i = 0; i < n; ++i) squares += (x[i] - mean) * (x[i] - mean);
+  const float rstd = 1.0f / std::sqrt(squares / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - mean) * rstd * w[i] + b[i];
+}
+
 namespace {
 row_isa best_row_isa() {
   static const row_isa best =
@@ -459,5 +495,10 @@ void softmax_weights(const float* x, int64_t n, float inv_temperature, float* ou
 }
 
 void gelu(float* x, int64_t n) { gelu(best_row_isa(), x, n); }
+
+void layer_norm_row(const float* x, int64_t n, const float* w, const float* b, float eps,
+                    float* out) {
+  layer_norm_row(best_row_isa(), x, n, w, b, eps, out);
+}
 
 }  // namespace tailor::model

@@ -5,7 +5,7 @@
 // weights, each in a portable version (the compiler vectorises it four
 // floats at a time and widens bfloat16 one value at a time) and, for
 // machines that have it, an AVX-512 one (16 at a time; attention scores 16
-// positions at once). No LibTorch here. Each row's arithmetic is its own,
+// positions at once), and its layer norm. No LibTorch here. Each row's arithmetic is its own,
 // so results do not depend on the batch.
 #include <cstdint>
 
@@ -51,6 +51,12 @@ void softmax_weights(const float* x, int64_t n, float inv_temperature, float* ou
 // Stegun 7.1.26).
 void gelu(float* x, int64_t n);
 
+// One row's layer norm: out = (x - mean) / sqrt(var + eps) * w + b over
+// its n values (var the population variance, both in float, the variance
+// of x - mean in a second pass); out may be x.
+void layer_norm_row(const float* x, int64_t n, const float* w, const float* b, float eps,
+                    float* out);
+
 // The same with a given kind (tests compare them); it must be supported.
 // The ones above run the best this machine has.
 void lora_row(row_isa isa, const float* x, const uint16_t* a, const uint16_t* b, int64_t in,
@@ -62,5 +68,7 @@ void attend(row_isa isa, const float* q, const float16* k, int64_t ks, const flo
 void to_float16(row_isa isa, const float* x, int64_t n, float16* out);
 void softmax_weights(row_isa isa, const float* x, int64_t n, float inv_temperature, float* out);
 void gelu(row_isa isa, float* x, int64_t n);
+void layer_norm_row(row_isa isa, const float* x, int64_t n, const float* w, const float* b,
+                    float eps, float* out);
 
 }  // namespace tailor::model

@@ -615,11 +615,65 @@ torch::Tensor product(const torch::Tensor& x, const serving_weights::matrix& m,
 // Layer i's query, key and value of x [.., D] (split along the last
 // dimension), with the rows' adapters (`ga`, empty for none: then no LoRA
 // op runs at all, the plain dense model).
+// The serving forward's small element-wise steps as plain loops over float
+// tensors on the CPU: through LibTorch each is a dispatch and an
+// allocation, and the layer norms, embeddings and residual sums were a
+// tenth of a serving step (perf, docs/operations.md). Other devices and
+// types go through LibTorch.
+bool plain_floats(const torch::Tensor& t) {
+  return t.is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous();
+}
+
+// LayerNorm over the last dimension, each row by layer_norm_row.
+torch::Tensor norm_rows(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
+  const int64_t D = x.size(-1);
+  if (!plain_floats(x) || !plain_floats(w) || !plain_floats(b))
+    return torch::layer_norm(x, {D}, w, b, 1e-5);
+  auto out = torch::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *bp = b.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t r = 0, rows = x.numel() / D; r < rows; ++r)
+    layer_norm_row(xp + r * D, D, wp, bp, 1e-5f, op + r * D);
+  return out;
+}
+
+// sum + x, written into `sum` (a product's fresh output) and returned.
+torch::Tensor add_residual(const torch::Tensor& x, torch::Tensor sum) {
+  if (!plain_floats(x) || !plain_floats(sum) || x.sizes() != sum.sizes()) return x + sum;
+  const float* xp = x.data_ptr<float>();
+  float* sp = sum.data_ptr<float>();
+  for (int64_t i = 0, n = x.numel(); i < n; ++i) sp[i] += xp[i];
+  return sum;
+}
+
+// [N, 1, D]: each token's embedding plus its position's.
+torch::Tensor embed(const base_weights& w, const std::vector<int64_t>& tokens,
+                    const std::vector<int64_t>& positions) {
+  const auto N = static_cast<int64_t>(tokens.size());
+  const int64_t D = w.cfg.d_model;
+  if (!plain_floats(w.wte) || !plain_floats(w.wpe)) {
+    const auto longs = torch::TensorOptions().dtype(torch::kLong);
+    return (w.wte.index_select(0, torch::tensor(tokens, longs).to(w.wte.device())) +
+            w.wpe.index_select(0, torch::tensor(positions, longs).to(w.wpe.device())))
+        .view({N, 1, D});
+  }
+  auto x = torch::empty({N, 1, D});
+  const float *te = w.wte.data_ptr<float>(), *pe = w.wpe.data_ptr<float>();
+  float* xp = x.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n) {
+    const auto t = tokens[static_cast<std::size_t>(n)], p = positions[static_cast<std::size_t>(n)];
+    TORCH_CHECK(t >= 0 && t < w.wte.size(0) && p >= 0 && p < w.wpe.size(0), "forward_tokens: token ",
+                t, " or position ", p, " outside the model");
+    for (int64_t d = 0; d < D; ++d) xp[n * D + d] = te[t * D + d] + pe[p * D + d];
+  }
+  return x;
+}
+
 std::vector<torch::Tensor> qkv_of(const serving_weights& w, const row_adapters& ga, std::size_t i,
                                   const torch::Tensor& x) {
   const auto& l = w.base->layers[i];
   const int64_t D = x.size(-1);
-  auto h = torch::layer_norm(x, {D}, l.ln1_w, l.ln1_b, 1e-5);
+  auto h = norm_rows(x, l.ln1_w, l.ln1_b);
   auto qkv = product(h, w.layers[i].qkv, l.qkv_w, l.qkv_b);
   if (!ga.a.empty()) add_lora_rows(h, ga.a[i][site_qkv], ga.b[i][site_qkv], ga, qkv);
   return qkv.split(D, -1);
@@ -633,11 +687,10 @@ torch::Tensor after_attention(const serving_weights& w, const row_adapters& ga, 
   const auto& l = w.base->layers[i];
   const auto& lt = w.layers[i];
   const bool lora = !ga.a.empty();
-  const int64_t D = x_in.size(-1);
   auto proj = product(y, lt.proj, l.proj_w, l.proj_b);
   if (lora) add_lora_rows(y, ga.a[i][site_proj], ga.b[i][site_proj], ga, proj);
-  auto x = x_in + proj;
-  auto h2 = torch::layer_norm(x, {D}, l.ln2_w, l.ln2_b, 1e-5);
+  auto x = add_residual(x_in, proj);
+  auto h2 = norm_rows(x, l.ln2_w, l.ln2_b);
   auto f = product(h2, lt.fc, l.fc_w, l.fc_b);
   if (lora && ga.mlp) add_lora_rows(h2, ga.a[i][site_fc], ga.b[i][site_fc], ga, f);
   // In place by our loop: torch::gelu goes through oneDNN, whose set-up per
@@ -653,7 +706,7 @@ torch::Tensor after_attention(const serving_weights& w, const row_adapters& ga, 
     f = torch::gelu(f);
   auto o = product(f, lt.out, l.out_w, l.out_b);
   if (lora && ga.mlp) add_lora_rows(f, ga.a[i][site_out], ga.b[i][site_out], ga, o);
-  return x + o;
+  return add_residual(x, o);
 }
 
 }  // namespace
@@ -702,9 +755,7 @@ torch::Tensor forward_tokens(const serving_weights& sw, const row_adapters& ga,
                   (logits_of.empty() || (logits_of.front() >= 0 && logits_of.back() < N)),
               "forward_tokens: logits_of must be increasing indices into the tokens");
   const auto longs = torch::TensorOptions().dtype(torch::kLong);
-  auto tok = torch::tensor(tokens, longs);
-  auto pos = torch::tensor(positions, longs);
-  auto x = (w.wte.index_select(0, tok) + w.wpe.index_select(0, pos)).view({N, 1, D});
+  auto x = embed(w, tokens, positions);
   const double inv_sqrt = 1.0 / std::sqrt(static_cast<double>(hd));
   // Past the last layer's keys and values, only the tokens whose logits are
   // wanted matter: a prompt's other tokens skip that layer's attention,
@@ -742,8 +793,7 @@ torch::Tensor forward_tokens(const serving_weights& sw, const row_adapters& ga,
       x = after_attention(sw, wanted_ga, i, x.index_select(0, wanted), y);
     }
   }
-  x = x.view({-1, D});
-  x = torch::layer_norm(x, {D}, w.lnf_w, w.lnf_b, 1e-5);
+  x = norm_rows(x.view({-1, D}), w.lnf_w, w.lnf_b);
   return product(x, sw.head, w.wte, {});
 }
 
