@@ -158,6 +158,7 @@ struct gpu_core {
   uint64_t tick = 0;
   bool stepping = false;
   clock::time_point sched_read;  // when the thread's scheduler times were last published
+  clock::duration busy{};        // in steps since the start (tailor_serving_busy_seconds_total)
   bool thread_set = false;       // serving.batch_thread applied to this thread
   bool realtime = false;         // the loop's thread runs SCHED_FIFO
   // Fault injection for tests (TAILOR_FAULT_STEP, docs/operations.md): the
@@ -531,6 +532,7 @@ void expire(gpu_ptr self) {
 void step(gpu_ptr self) {
   auto& st = self->state;
   auto& c = *st.core;
+  const auto began = clock::now();
   if (!c.thread_set) apply_batch_thread(self);
   expire(self);
   int64_t rows = 0;
@@ -555,6 +557,9 @@ void step(gpu_ptr self) {
     it->second->prefilling = false;
   }
   if (rows > 0) st.stats->count_step(rows);
+  // Published before the answers go, so that an answer's step is in it.
+  c.busy += stepped - began;
+  st.stats->set_serving_busy(st.label, std::chrono::duration<double>(c.busy).count());
   publish_thread_times(self, stepped);
   for (auto& [id, r] : c.active) r->share->served += 1.0;
   for (auto id : finished) {
@@ -605,6 +610,7 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
   c.bank = model::adapter_bank::make(c.base->cfg, sc.device_adapters, sc.max_rank, false);
   c.owner.assign(static_cast<std::size_t>(sc.device_adapters) + 1, "");
   c.gen = make_generator(st);
+  st.stats->set_serving_busy(st.label, 0.0);  // the series exists before the first step
   if (const char* f = std::getenv("TAILOR_FAULT_STEP")) {
     char* end = nullptr;
     const long long n = std::strtoll(f, &end, 10);

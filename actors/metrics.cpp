@@ -147,6 +147,13 @@ std::string metrics::render() const {
          "Times a batch loop lent its core to its helper while it waited for the helper's chunk.",
          "device", helper_lent_);
   out.precision(15);
+  if (!serving_busy_.empty()) {
+    out << "# HELP tailor_serving_busy_seconds_total Time a device's batch loop spent in steps; "
+           "the rest of the time it had no sequence to step.\n"
+           "# TYPE tailor_serving_busy_seconds_total counter\n";
+    for (const auto& [device, s] : serving_busy_)
+      out << "tailor_serving_busy_seconds_total{device=\"" << device << "\"} " << s << '\n';
+  }
   if (!batch_thread_.empty()) {
     out << "# HELP tailor_batch_thread_seconds_total Time a batch loop's thread spent on a core "
            "(running) and ready but waiting for one (runnable).\n"

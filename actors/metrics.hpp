@@ -98,6 +98,12 @@ class metrics {
     std::lock_guard<std::mutex> g(mtx_);
     batch_thread_[device] = {running_s, runnable_s};
   }
+  // A device's batch loop: wall time it has spent in steps since it
+  // started, in seconds (the rest it had no row to step).
+  void set_serving_busy(const std::string& device, double busy_s) {
+    std::lock_guard<std::mutex> g(mtx_);
+    serving_busy_[device] = busy_s;
+  }
   void set_batch_realtime(const std::string& device, bool realtime) {
     set(batch_realtime_, device, realtime ? 1 : 0);
   }
@@ -144,6 +150,7 @@ class metrics {
   bounded_counts model_requests_, user_requests_;
   std::map<std::string, std::map<std::string, int64_t>> cache_;  // event -> tier -> count
   std::map<std::string, std::pair<double, double>> batch_thread_;  // device -> running, runnable
+  std::map<std::string, double> serving_busy_;                      // device -> seconds
   static constexpr std::size_t overhead_window = 8192;
   std::vector<double> overhead_;  // ring buffer of the last samples
   std::size_t overhead_next_ = 0;

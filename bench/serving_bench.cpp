@@ -268,7 +268,8 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
   const double running0 = batch_thread("running"), runnable0 = batch_thread("runnable");
   const double helped0 = engine.metric_sum("tailor_step_helper_chunks_total", "device="),
                late0 = engine.metric_sum("tailor_step_helper_late_total", "device="),
-               lent0 = engine.metric_sum("tailor_step_helper_lent_total", "device=");
+               lent0 = engine.metric_sum("tailor_step_helper_lent_total", "device="),
+               busy0 = engine.metric_sum("tailor_serving_busy_seconds_total", "device=");
   const double started = std::chrono::duration<double>(clock::now().time_since_epoch()).count();
   const auto t0 = clock::now();
   const auto deadline = t0 + std::chrono::minutes(30);
@@ -358,6 +359,10 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
   out["batch_thread_running"] = (batch_thread("running") - running0) / wall;
   out["batch_thread_runnable"] = (batch_thread("runnable") - runnable0) / wall;
   out["steps_per_s"] = engine.metric("tailor_serving_steps_total") / wall;
+  // Of the wall time, the share the batch loop spent in steps (the rest
+  // its batch was empty: between waves of requests, for one).
+  out["batch_busy"] =
+      (engine.metric_sum("tailor_serving_busy_seconds_total", "device=") - busy0) / wall;
   // What the step helper did: chunks it ran, and times the loop waited long
   // for one (then it sat out a while).
   out["helper_chunks"] =
@@ -366,11 +371,12 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
   out["helper_cores_lent"] = engine.metric_sum("tailor_step_helper_lent_total", "device=") - lent0;
   std::fprintf(stderr,
                "%s: %.0f tokens/s, p50 %.0f ms, p99 %.0f ms, mean batch %.1f, transport p50 %.0f "
-               "ms, batch loop on its core %.2f and kept from it %.2f of the time\n",
+               "ms, batch loop on its core %.2f and kept from it %.2f of the time, in steps "
+               "%.2f\n",
                label, out["tokens_per_s"].get<double>(), out["p50_ms"].get<double>(),
                out["p99_ms"].get<double>(), out["mean_batch"].get<double>(),
                out["transport_p50_ms"].get<double>(), out["batch_thread_running"].get<double>(),
-               out["batch_thread_runnable"].get<double>());
+               out["batch_thread_runnable"].get<double>(), out["batch_busy"].get<double>());
   return out;
 }
 

@@ -182,6 +182,48 @@ TEST_F(ServingTest, ARequestIsServedByTheUsersNewestReadyModel) {
                                            .payload);
 }
 
+// tailor_serving_busy_seconds_total is the time a device spent in steps:
+// it grows with a request's steps, and not while the device has nothing to
+// step (an operator reads 1 - its rate as the share of time the batch was
+// empty).
+TEST_F(ServingTest, ADevicesBusyTimeCountsItsStepsNotItsIdleTime) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  auto busy = [&] {
+    // Summed over the devices (one here).
+    auto m = engine_->get("/metrics").second;
+    const std::string key = "\ntailor_serving_busy_seconds_total{";
+    double sum = 0;
+    int series = 0;
+    for (auto pos = m.find(key); pos != std::string::npos; pos = m.find(key, pos + 1)) {
+      sum += std::stod(m.substr(m.find("} ", pos) + 2));
+      ++series;
+    }
+    EXPECT_EQ(series, 1) << m;
+    return sum;
+  };
+  onboard_all({"dora"});
+  send_inference(ask("dora", "first", "hello", 1, 16));
+  in_->flush();
+  ASSERT_FALSE(result("dora", "first").contains("error"));
+  const double b1 = busy();
+  EXPECT_GT(b1, 0.0) << "the first request's steps";
+  // A known stretch with nothing to step: the time under test, not a wait
+  // for something to happen.
+  std::this_thread::sleep_for(300ms);
+  const auto sent = std::chrono::steady_clock::now();
+  send_inference(ask("dora", "second", "hello", 2, 16));
+  in_->flush();
+  ASSERT_FALSE(result("dora", "second").contains("error"));
+  const double elapsed =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - sent).count();
+  const double b2 = busy();
+  EXPECT_GT(b2, b1) << "the second request's steps";
+  // Its steps ran between its sending and its answer (published before the
+  // answer leaves); the 300 ms before are not in it.
+  EXPECT_LE(b2 - b1, elapsed + 0.001) << "busy " << b1 << " -> " << b2 << ", elapsed " << elapsed;
+}
+
 TEST_F(ServingTest, ARequestNamingAnotherUsersModelIsRefused) {
   start();
   ASSERT_FALSE(HasFatalFailure());
