@@ -5,8 +5,8 @@
 // weights, each in a portable version (the compiler vectorises it four
 // floats at a time and widens bfloat16 one value at a time) and, for
 // machines that have it, an AVX-512 one (16 at a time; attention scores 16
-// positions at once), and its layer norm. No LibTorch here. Each row's arithmetic is its own,
-// so results do not depend on the batch.
+// positions at once), and its layer norm. No LibTorch here. Each row's
+// arithmetic is its own, so results do not depend on the batch.
 #include <cstdint>
 
 namespace tailor::model {

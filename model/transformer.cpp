@@ -505,7 +505,7 @@ void copy_positions(const torch::Tensor& from, int64_t from_slot, const torch::T
   TORCH_CHECK(n >= 0 && n <= from.size(2) && n <= to.size(2) && from_slot >= 0 &&
                   from_slot < from.size(0) && to_slot >= 0 && to_slot < to.size(0),
               "copy_positions: slot or length outside the cache");
-  if (n == 0) return;
+  if (n == 0 || (from_slot == to_slot && from.data_ptr() == to.data_ptr())) return;
   const bool plain = from.is_cpu() && to.is_cpu() && from.stride(3) == 1 && to.stride(3) == 1 &&
                      from.stride(2) == from.size(3) && to.stride(2) == to.size(3);
   if (!plain) {
@@ -612,9 +612,6 @@ torch::Tensor product(const torch::Tensor& x, const serving_weights::matrix& m,
   return y;
 }
 
-// Layer i's query, key and value of x [.., D] (split along the last
-// dimension), with the rows' adapters (`ga`, empty for none: then no LoRA
-// op runs at all, the plain dense model).
 // The serving forward's small element-wise steps as plain loops over float
 // tensors on the CPU: through LibTorch each is a dispatch and an
 // allocation, and the layer norms, embeddings and residual sums were a
@@ -662,13 +659,16 @@ torch::Tensor embed(const base_weights& w, const std::vector<int64_t>& tokens,
   float* xp = x.data_ptr<float>();
   for (int64_t n = 0; n < N; ++n) {
     const auto t = tokens[static_cast<std::size_t>(n)], p = positions[static_cast<std::size_t>(n)];
-    TORCH_CHECK(t >= 0 && t < w.wte.size(0) && p >= 0 && p < w.wpe.size(0), "forward_tokens: token ",
-                t, " or position ", p, " outside the model");
+    TORCH_CHECK(t >= 0 && t < w.wte.size(0) && p >= 0 && p < w.wpe.size(0),
+                "forward_tokens: token ", t, " or position ", p, " outside the model");
     for (int64_t d = 0; d < D; ++d) xp[n * D + d] = te[t * D + d] + pe[p * D + d];
   }
   return x;
 }
 
+// Layer i's query, key and value of x [.., D] (split along the last
+// dimension), with the rows' adapters (`ga`, empty for none: then no LoRA
+// op runs at all, the plain dense model).
 std::vector<torch::Tensor> qkv_of(const serving_weights& w, const row_adapters& ga, std::size_t i,
                                   const torch::Tensor& x) {
   const auto& l = w.base->layers[i];

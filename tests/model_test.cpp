@@ -819,6 +819,9 @@ TEST(KvCache, CopyPositionsMovesTheFirstPositionsOfEveryHeadAndNothingElse) {
     EXPECT_TRUE(torch::equal(k[1].narrow(1, n, cfg.context - n),
                              before[1].narrow(1, n, cfg.context - n)));
     for (int64_t s : {0, 2, 3}) EXPECT_TRUE(torch::equal(k[s], before[s])) << "slot " << s;
+    const auto moved = k.clone();
+    copy_positions(k, 2, k, 2, n);  // onto itself: nothing changes
+    EXPECT_TRUE(torch::equal(k, moved));
     // Out to an entry of one slot and back into another slot.
     auto entry = torch::empty({1, k.size(1), n, k.size(3)}, k.options());
     copy_positions(k, 2, entry, 0, n);
