@@ -1,8 +1,8 @@
 // Micro-benchmarks (Google Benchmark) of the pieces a serving batch step is
 // made of, on the default model shape with random weights (time does not
 // depend on their values): the prefill of rows joining a batch, one decode
-// step of a full batch, the loop's steady state, and placing an adapter in
-// the device's bank.
+// step of a full batch, the loop's steady state, placing an adapter in the
+// device's bank, and two of the step's per-row loops.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -12,6 +12,7 @@
 #include "model/checkpoint.hpp"
 #include "model/generate.hpp"
 #include "model/pretrain.hpp"
+#include "model/row_kernels.hpp"
 #include "model/threads.hpp"
 #include "zipf.hpp"
 
@@ -292,6 +293,59 @@ void bm_place_adapter(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations());
 }
 BENCHMARK(bm_place_adapter)->Arg(8)->Arg(16)->Unit(benchmark::kMicrosecond);
+
+// One (row, head) of decode attention over n positions of a float16 cache,
+// tailor-base's head width: in the cache's own layout (Arg 1: consecutive
+// positions, the unrolled loop) against the same positions further apart
+// (Arg 0: the loop for any strides, which the cache's layout took before).
+// 256 (row, head) streams, 4 MB of keys and values, as a 64-row step reads.
+void bm_attend(benchmark::State& state) {
+  const int64_t hd = 32, context = 128, streams = 256, n = state.range(1);
+  const int64_t stride = state.range(0) == 1 ? hd : hd + 16;
+  auto keys = torch::randn({streams, context, stride}).to(torch::kHalf);
+  auto values = torch::randn({streams, context, stride}).to(torch::kHalf);
+  auto q = torch::randn({hd});
+  std::vector<float> p(static_cast<std::size_t>(n)), out(static_cast<std::size_t>(hd));
+  const auto* k = reinterpret_cast<const float16*>(keys.data_ptr<c10::Half>());
+  const auto* v = reinterpret_cast<const float16*>(values.data_ptr<c10::Half>());
+  int64_t s = 0;
+  for (auto _ : state) {
+    const int64_t at = (s++ % streams) * context * stride;
+    attend(q.data_ptr<float>(), k + at, stride, v + at, stride, n, hd, 0.17f, p.data(),
+           out.data());
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetItemsProcessed(state.iterations() * n);  // positions
+}
+BENCHMARK(bm_attend)->Args({0, 40})->Args({1, 40})->Args({0, 100})->Args({1, 100});
+
+// Four rows' LoRA product on tailor-base's widest site (in 128, out 384,
+// rank 8) with one adapter: each row alone (Arg 0: lora_row, as every row
+// ran before) against the four together (Arg 1: lora_rows, B read once).
+void bm_lora_rows(benchmark::State& state) {
+  const int64_t in = 128, n_out = 384, rank = 8, rows = 4;
+  auto x = torch::randn({rows, in});
+  auto a = torch::randn({in, rank}).to(torch::kBFloat16);
+  auto b = torch::randn({rank, n_out}).to(torch::kBFloat16);
+  auto out = torch::zeros({rows, n_out});
+  const auto* ab = reinterpret_cast<const uint16_t*>(a.data_ptr());
+  const auto* bb = reinterpret_cast<const uint16_t*>(b.data_ptr());
+  const float* xs[rows];
+  float* outs[rows];
+  for (int64_t r = 0; r < rows; ++r) {
+    xs[r] = x[r].data_ptr<float>();
+    outs[r] = out[r].data_ptr<float>();
+  }
+  for (auto _ : state) {
+    if (state.range(0) == 1)
+      lora_rows(xs, rows, ab, bb, in, rank, n_out, outs);
+    else
+      for (int64_t r = 0; r < rows; ++r) lora_row(xs[r], ab, bb, in, rank, n_out, outs[r]);
+    benchmark::DoNotOptimize(outs[0]);
+  }
+  state.SetItemsProcessed(state.iterations() * rows);
+}
+BENCHMARK(bm_lora_rows)->Arg(0)->Arg(1);
 
 }  // namespace
 

@@ -192,8 +192,11 @@ TAILOR_AVX512_BF16 void dense_bf16_avx512(const float* x, int64_t rows, int64_t 
                                           const uint16_t* packed, int64_t out, const float* b,
                                           float* y) {
   const int64_t pairs = (in + 1) / 2;
+  // Grown, never shrunk: products of different widths alternate in a step,
+  // and regrowing would zero the difference each time (a memset per product).
   thread_local std::vector<uint32_t> xb;
-  xb.resize(static_cast<std::size_t>(rows * pairs));
+  if (xb.size() < static_cast<std::size_t>(rows * pairs))
+    xb.resize(static_cast<std::size_t>(rows * pairs));
   auto* xh = reinterpret_cast<uint16_t*>(xb.data());
   for (int64_t m = 0; m < rows; ++m) {
     if (in % 2 != 0) xh[m * 2 * pairs + in] = 0;  // the odd input's partner

@@ -1,12 +1,13 @@
 #pragma once
 
-// The serving forward's per-row loops: one row's LoRA product (x·A·B),
-// one (row, head) of decode attention, a row's GELU and its sampling
-// weights, each in a portable version (the compiler vectorises it four
-// floats at a time and widens bfloat16 one value at a time) and, for
-// machines that have it, an AVX-512 one (16 at a time; attention scores 16
-// positions at once), and its layer norm. No LibTorch here. Each row's
-// arithmetic is its own, so results do not depend on the batch.
+// The serving forward's per-row loops: one row's LoRA product (x·A·B; a few
+// rows that share an adapter at once), one (row, head) of decode attention,
+// a row's GELU and its sampling weights, each in a portable version (the
+// compiler vectorises it four floats at a time and widens bfloat16 one value
+// at a time) and, for machines that have it, an AVX-512 one (16 at a time;
+// attention scores 16 positions at once), and its layer norm. No LibTorch
+// here. Each row's arithmetic is its own, so results do not depend on the
+// batch.
 #include <cstdint>
 
 namespace tailor::model {
@@ -30,6 +31,13 @@ float from_float16(float16 h);  // exact
 // dividing 16 (1, 2, 4, 8, 16); others run the portable one.
 void lora_row(const float* x, const uint16_t* a, const uint16_t* b, int64_t in, int64_t rank,
               int64_t n_out, float* orow);
+
+// lora_row for rows that share one adapter: x[g]·A·B added to orow[g] for
+// g < rows. The AVX-512 loop reads B once for up to lora_group rows; each
+// row's sums are lora_row's, in the same order.
+inline constexpr int64_t lora_group = 4;
+void lora_rows(const float* const* x, int64_t rows, const uint16_t* a, const uint16_t* b,
+               int64_t in, int64_t rank, int64_t n_out, float* const* orow);
 
 // One (row, head) of a decode step: q [hd] against n cached keys and values
 // (consecutive positions ks / vs values apart), softmax(q·k * scale)·v into
@@ -61,6 +69,8 @@ void layer_norm_row(const float* x, int64_t n, const float* w, const float* b, f
 // The ones above run the best this machine has.
 void lora_row(row_isa isa, const float* x, const uint16_t* a, const uint16_t* b, int64_t in,
               int64_t rank, int64_t n_out, float* orow);
+void lora_rows(row_isa isa, const float* const* x, int64_t rows, const uint16_t* a,
+               const uint16_t* b, int64_t in, int64_t rank, int64_t n_out, float* const* orow);
 void attend(row_isa isa, const float* q, const float* k, int64_t ks, const float* v, int64_t vs,
             int64_t n, int64_t hd, float scale, float* p, float* out);
 void attend(row_isa isa, const float* q, const float16* k, int64_t ks, const float16* v,

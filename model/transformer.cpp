@@ -67,17 +67,18 @@ void add_lora_rows_cuda(const torch::Tensor& x, const torch::Tensor& a, const to
 }
 #endif
 
-// Rows of x use different adapters (`ra`, factors of one layer and site:
-// a [n + 1, in, r] with each place's A packed [in, rank], b [n + 1, r, out]);
+// Rows of x use different adapters (`ra`, factors of one layer and site: a
+// [n + 1, in, r] with each place's A packed [in, rank], b [n + 1, r, out]);
 // adds x·A·B of each row to `out` [B, T, out], reading the bank in place up
 // to the row's own rank (the shape of Punica's BGMV). Every token of a row
 // uses the row's adapter, so a prefill's tokens run the same loop as a
-// decode step's rows (lora_row: over inputs, then outputs, each output
-// element once). With Debian's MKL-less LibTorch, bmm issues one small
-// product per row, and a gather plus multiply-and-sum copies [B, in, r] and
-// [B, r, out] per step; products per row cost more in dispatch than the
-// loop in arithmetic. The CUDA kernels compute the same sums one output
-// element per thread (model/cuda/bgmv_math.hpp).
+// decode step's rows (lora_rows: over inputs, then outputs, each output
+// element once; rows that share an adapter read its B together). With
+// Debian's MKL-less LibTorch, bmm issues one small product per row, and a
+// gather plus multiply-and-sum copies [B, in, r] and [B, r, out] per step;
+// products per row cost more in dispatch than the loop in arithmetic. The
+// CUDA kernels compute the same sums one output element per thread
+// (model/cuda/bgmv_math.hpp).
 void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b,
                    const row_adapters& ra, torch::Tensor& out) {
 #ifdef TAILOR_WITH_CUDA
@@ -93,31 +94,49 @@ void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::
   const uint16_t* ap = bf16_bits(a);
   const uint16_t* bp = bf16_bits(b);
   float* op = out.data_ptr<float>();
-  // Rows by fours are the chunks a step's helper may take.
-  constexpr int64_t rows_per_chunk = 4;
-  parallel_chunks((B + rows_per_chunk - 1) / rows_per_chunk, [&](int64_t chunk) {
-    const int64_t end = std::min(B, (chunk + 1) * rows_per_chunk);
-    for (int64_t row = chunk * rows_per_chunk; row < end; ++row) {
-      const int64_t rank = ra.ranks[static_cast<std::size_t>(row)];
-      if (rank == 0) continue;  // no adapter
-      const int64_t place = ra.rows[static_cast<std::size_t>(row)];
-      const uint16_t* ar = ap + place * in * r;
-      const uint16_t* br = bp + place * r * n_out;
-      // The next row's factors start streams the hardware prefetcher has
-      // not seen yet: ask for them while this row computes.
-      if (row + 1 < B) {
-        const int64_t next = ra.rows[static_cast<std::size_t>(row + 1)];
-        const int64_t next_rank = ra.ranks[static_cast<std::size_t>(row + 1)];
-        const uint16_t* na = ap + next * in * r;
-        const uint16_t* nb = bp + next * r * n_out;
-        for (int64_t i = 0; i < in * next_rank; i += 32) __builtin_prefetch(na + i);
-        for (int64_t i = 0; i < n_out * next_rank; i += 32) __builtin_prefetch(nb + i);
-      }
-      for (int64_t t = 0; t < T; ++t) {
-        const float* xr = xp + (row * T + t) * in;
-        lora_row(xr, ar, br, in, rank, n_out, op + (row * T + t) * n_out);
-      }
+  // Token rows (row * T + t) by adapter place, in runs of up to lora_group
+  // that share one: lora_rows reads the run's B once. Each run is a chunk
+  // a step's helper may take.
+  std::vector<int64_t> order;
+  order.reserve(static_cast<std::size_t>(B * T));
+  for (int64_t row = 0; row < B; ++row)
+    if (ra.ranks[static_cast<std::size_t>(row)] > 0)  // else no adapter
+      for (int64_t t = 0; t < T; ++t) order.push_back(row * T + t);
+  auto place_of = [&](int64_t token_row) {
+    return ra.rows[static_cast<std::size_t>(token_row / T)];
+  };
+  std::sort(order.begin(), order.end(), [&](int64_t lhs, int64_t rhs) {
+    return std::pair(place_of(lhs), lhs) < std::pair(place_of(rhs), rhs);
+  });
+  std::vector<std::size_t> starts;  // each run's first index in `order`, then the end
+  for (std::size_t i = 0; i < order.size(); ++i)
+    if (i == 0 || place_of(order[i]) != place_of(order[i - 1]) ||
+        static_cast<int64_t>(i - starts.back()) == lora_group)
+      starts.push_back(i);
+  starts.push_back(order.size());
+  parallel_chunks(static_cast<int64_t>(starts.size()) - 1, [&](int64_t chunk) {
+    const auto begin = starts[static_cast<std::size_t>(chunk)],
+               end = starts[static_cast<std::size_t>(chunk) + 1];
+    const int64_t place = place_of(order[begin]);
+    const int64_t rank = ra.ranks[static_cast<std::size_t>(order[begin] / T)];
+    // The next run's factors start streams the hardware prefetcher has not
+    // seen yet: ask for them while this run computes.
+    if (end < order.size() && place_of(order[end]) != place) {
+      const int64_t next = place_of(order[end]);
+      const int64_t next_rank = ra.ranks[static_cast<std::size_t>(order[end] / T)];
+      const uint16_t* na = ap + next * in * r;
+      const uint16_t* nb = bp + next * r * n_out;
+      for (int64_t i = 0; i < in * next_rank; i += 32) __builtin_prefetch(na + i);
+      for (int64_t i = 0; i < n_out * next_rank; i += 32) __builtin_prefetch(nb + i);
     }
+    const float* xs[lora_group];
+    float* outs[lora_group];
+    for (auto i = begin; i < end; ++i) {
+      xs[i - begin] = xp + order[i] * in;
+      outs[i - begin] = op + order[i] * n_out;
+    }
+    lora_rows(xs, static_cast<int64_t>(end - begin), ap + place * in * r, bp + place * r * n_out,
+              in, rank, n_out, outs);
   });
 }
 

@@ -530,25 +530,64 @@ std::vector<row_isa> runnable_row_kernels() {
 // at ranks and widths with and without their fixed-size paths.
 TEST(RowKernels, EveryKindOfLoraRowAddsXAB) {
   torch::manual_seed(4);
-  const int64_t in = 40, n_out = 37;
+  const int64_t in = 40;
   for (auto isa : runnable_row_kernels())
-    for (int64_t rank : {4, 5, 8, 16}) {
-      auto x = torch::randn({in});
-      auto a = torch::randn({in, rank}).to(torch::kBFloat16);
-      auto b = torch::randn({rank, n_out}).to(torch::kBFloat16);
-      auto out = torch::randn({n_out});
-      auto ref = out.to(torch::kDouble) + x.to(torch::kDouble).matmul(a.to(torch::kDouble))
-                                              .matmul(b.to(torch::kDouble));
-      lora_row(isa, x.data_ptr<float>(), reinterpret_cast<const uint16_t*>(a.data_ptr()),
-               reinterpret_cast<const uint16_t*>(b.data_ptr()), in, rank, n_out,
-               out.data_ptr<float>());
-      EXPECT_LE(max_diff(out.to(torch::kDouble), ref), 1e-4)
-          << (isa == row_isa::avx512 ? "avx512" : "portable") << " rank " << rank;
-    }
+    for (int64_t n_out : {37, 50, 64})  // the AVX-512 loop's outputs by 32: 5, 18 and 0 left
+      for (int64_t rank : {4, 5, 8, 16}) {
+        auto x = torch::randn({in});
+        auto a = torch::randn({in, rank}).to(torch::kBFloat16);
+        auto b = torch::randn({rank, n_out}).to(torch::kBFloat16);
+        auto out = torch::randn({n_out});
+        auto ref = out.to(torch::kDouble) + x.to(torch::kDouble).matmul(a.to(torch::kDouble))
+                                                .matmul(b.to(torch::kDouble));
+        lora_row(isa, x.data_ptr<float>(), reinterpret_cast<const uint16_t*>(a.data_ptr()),
+                 reinterpret_cast<const uint16_t*>(b.data_ptr()), in, rank, n_out,
+                 out.data_ptr<float>());
+        EXPECT_LE(max_diff(out.to(torch::kDouble), ref), 1e-4)
+            << (isa == row_isa::avx512 ? "avx512" : "portable") << " rank " << rank << " width "
+            << n_out;
+      }
+}
+
+// Rows that share an adapter go through lora_rows together (B read once
+// for up to lora_group of them): each row must get exactly what lora_row
+// gives it alone, for widths with and without a partial last 32, groups
+// larger than lora_group, and ranks the AVX-512 loop does not take.
+TEST(RowKernels, LoraRowsGiveEachRowExactlyItsLoraRow) {
+  torch::manual_seed(6);
+  const int64_t in = 40;
+  for (auto isa : runnable_row_kernels())
+    for (int64_t rank : {4, 5, 8})
+      for (int64_t n_out : {1, 16, 31, 33, 384})
+        for (int64_t rows : {1, 3, 6}) {
+          auto x = torch::randn({rows, in});
+          auto a = torch::randn({in, rank}).to(torch::kBFloat16);
+          auto b = torch::randn({rank, n_out}).to(torch::kBFloat16);
+          auto start = torch::randn({rows, n_out + 1});  // one past each row: untouched
+          auto alone = start.clone(), together = start.clone();
+          const auto* ab = reinterpret_cast<const uint16_t*>(a.data_ptr());
+          const auto* bb = reinterpret_cast<const uint16_t*>(b.data_ptr());
+          std::vector<const float*> xs;
+          std::vector<float*> outs;
+          for (int64_t r = 0; r < rows; ++r) {
+            lora_row(isa, x[r].data_ptr<float>(), ab, bb, in, rank, n_out,
+                     alone[r].data_ptr<float>());
+            xs.push_back(x[r].data_ptr<float>());
+            outs.push_back(together[r].data_ptr<float>());
+          }
+          lora_rows(isa, xs.data(), rows, ab, bb, in, rank, n_out, outs.data());
+          EXPECT_TRUE(torch::equal(together, alone))
+              << (isa == row_isa::avx512 ? "avx512" : "portable") << " rank " << rank
+              << " width " << n_out << " rows " << rows;
+          EXPECT_TRUE(torch::equal(together.narrow(1, n_out, 1), start.narrow(1, n_out, 1)));
+          EXPECT_FALSE(torch::equal(together, start));
+        }
 }
 
 // Keys and values in float or float16 (the reference reads the same
-// float16 values, widened).
+// float16 values, widened), in the cache's own layout (consecutive
+// positions, the AVX-512 kernel's unrolled loop for widths of 16s) and
+// with positions further apart (its loop for any strides).
 TEST(RowKernels, EveryKindOfAttendIsASoftmaxOfTheScores) {
   torch::manual_seed(5);
   const int64_t context = 40;
@@ -558,25 +597,28 @@ TEST(RowKernels, EveryKindOfAttendIsASoftmaxOfTheScores) {
   for (auto isa : runnable_row_kernels())
     for (auto type : {torch::kFloat32, torch::kHalf})
       for (int64_t hd : {12, 32, 64, 80})
-        for (int64_t n : {1, 15, 16, 33}) {
-          auto q = torch::randn({hd}), k = torch::randn({context, hd}).to(type),
-               v = torch::randn({context, hd}).to(type);
-          std::vector<float> p(static_cast<std::size_t>(n));
-          auto out = torch::empty({hd});
-          const auto scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
-          if (type == torch::kHalf)
-            attend(isa, q.data_ptr<float>(), half(k), hd, half(v), hd, n, hd, scale, p.data(),
-                   out.data_ptr<float>());
-          else
-            attend(isa, q.data_ptr<float>(), k.data_ptr<float>(), hd, v.data_ptr<float>(), hd, n,
-                   hd, scale, p.data(), out.data_ptr<float>());
-          auto kd = k.narrow(0, 0, n).to(torch::kDouble),
-               vd = v.narrow(0, 0, n).to(torch::kDouble);
-          auto w = (kd.matmul(q.to(torch::kDouble)) * scale).softmax(0);
-          EXPECT_LE(max_diff(out.to(torch::kDouble), w.matmul(vd)), 1e-5)
-              << (isa == row_isa::avx512 ? "avx512" : "portable")
-              << (type == torch::kHalf ? " float16" : " float") << " width " << hd << " n " << n;
-        }
+        for (int64_t gap : {0, 8})
+          for (int64_t n : {1, 15, 16, 33, 40}) {
+            const int64_t stride = hd + gap;
+            auto q = torch::randn({hd}), k = torch::randn({context, stride}).to(type),
+                 v = torch::randn({context, stride}).to(type);
+            std::vector<float> p(static_cast<std::size_t>(n));
+            auto out = torch::empty({hd});
+            const auto scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+            if (type == torch::kHalf)
+              attend(isa, q.data_ptr<float>(), half(k), stride, half(v), stride, n, hd, scale,
+                     p.data(), out.data_ptr<float>());
+            else
+              attend(isa, q.data_ptr<float>(), k.data_ptr<float>(), stride, v.data_ptr<float>(),
+                     stride, n, hd, scale, p.data(), out.data_ptr<float>());
+            auto kd = k.narrow(0, 0, n).narrow(1, 0, hd).to(torch::kDouble),
+                 vd = v.narrow(0, 0, n).narrow(1, 0, hd).to(torch::kDouble);
+            auto w = (kd.matmul(q.to(torch::kDouble)) * scale).softmax(0);
+            EXPECT_LE(max_diff(out.to(torch::kDouble), w.matmul(vd)), 1e-5)
+                << (isa == row_isa::avx512 ? "avx512" : "portable")
+                << (type == torch::kHalf ? " float16" : " float") << " width " << hd
+                << " stride " << stride << " n " << n;
+          }
 }
 
 // What sampling draws from: e^((x - max x) / temperature), 1 at the
