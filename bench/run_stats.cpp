@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <stdexcept>
+#include <string>
 
 namespace tailor::bench {
 
@@ -34,6 +35,26 @@ nlohmann::json median_run(const std::vector<nlohmann::json>& runs, const std::st
                    [&](std::size_t a, std::size_t b) { return values[a] < values[b]; });
   auto out = runs[order[median_position(order.size())]];
   out[field + "_runs"] = values;
+  return out;
+}
+
+std::vector<double> round_ratios(const std::vector<nlohmann::json>& num,
+                                 const std::vector<nlohmann::json>& den, const std::string& field) {
+  if (num.empty() || num.size() != den.size())
+    throw std::invalid_argument("round_ratios: " + std::to_string(num.size()) + " runs over " +
+                                std::to_string(den.size()));
+  auto value = [&](const nlohmann::json& r) {
+    if (!r.contains(field) || !r[field].is_number())
+      throw std::invalid_argument("round_ratios: a run without a number " + field);
+    return r[field].get<double>();
+  };
+  std::vector<double> out;
+  for (std::size_t i = 0; i < num.size(); ++i) {
+    const double d = value(den[i]);
+    if (d == 0) throw std::invalid_argument("round_ratios: " + field + " is 0 in round " +
+                                            std::to_string(i + 1));
+    out.push_back(value(num[i]) / d);
+  }
   return out;
 }
 

@@ -17,4 +17,12 @@ double median(std::vector<double> values);
 // for. Throws std::invalid_argument on no runs or a run without `field`.
 nlohmann::json median_run(const std::vector<nlohmann::json>& runs, const std::string& field);
 
+// `field` of each run in `num` over the same round's run in `den` (runs in
+// round order, one per round): a ratio of two figures measured minutes
+// apart, where the ratio of two medians may pair a calm round with a noisy
+// one. Throws std::invalid_argument on unequal counts, no runs, a run
+// without a number `field`, or a zero denominator.
+std::vector<double> round_ratios(const std::vector<nlohmann::json>& num,
+                                 const std::vector<nlohmann::json>& den, const std::string& field);
+
 }  // namespace tailor::bench

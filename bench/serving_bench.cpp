@@ -427,11 +427,23 @@ json run_serving(const serving_options& given) {
       if (r["adapters"] == baseline_n)
         out["batched_over_baseline"] =
             r["tokens_per_s"].get<double>() / b["tokens_per_s"].get<double>();
+    // The same ratio within each round (a round runs every configuration
+    // back to back), and their median.
+    for (std::size_t i = 0; i < o.adapters.size(); ++i)
+      if (o.adapters[i] == baseline_n) {
+        const auto by_round = round_ratios(batched[i], baseline, "tokens_per_s");
+        out["batched_over_baseline_by_round"] = by_round;
+        out["batched_over_baseline_round_median"] = median(by_round);
+      }
   }
   const auto& runs = out["runs"];
-  if (runs.size() >= 2)
+  if (runs.size() >= 2) {
     out["last_over_first"] =
         runs.back()["tokens_per_s"].get<double>() / runs.front()["tokens_per_s"].get<double>();
+    const auto by_round = round_ratios(batched.back(), batched.front(), "tokens_per_s");
+    out["last_over_first_by_round"] = by_round;
+    out["last_over_first_round_median"] = median(by_round);
+  }
   return out;
 }
 

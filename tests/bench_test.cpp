@@ -6,6 +6,7 @@
 using nlohmann::json;
 using tailor::bench::median;
 using tailor::bench::median_run;
+using tailor::bench::round_ratios;
 
 TEST(MedianRun, PicksTheRunOfMedianValueAndListsEveryValue) {
   std::vector<json> runs{{{"adapters", 100}, {"tokens_per_s", 15000.0}, {"p50_ms", 1}},
@@ -38,4 +39,17 @@ TEST(Median, TakesTheMiddleValueAndTheLowerMiddleOfAnEvenCount) {
   EXPECT_EQ(median({3.0, 1.0, 2.0}), 2.0);
   EXPECT_EQ(median({4.0, 1.0, 3.0, 2.0}), 2.0);
   EXPECT_THROW(median({}), std::invalid_argument);
+}
+
+// Round by round: the first run over the first, and so on, not a median
+// over a median.
+TEST(RoundRatios, PairsEachRoundWithItsOwnRound) {
+  std::vector<json> many{{{"tokens_per_s", 40.0}}, {{"tokens_per_s", 90.0}}, {{"tokens_per_s", 30.0}}};
+  std::vector<json> one{{{"tokens_per_s", 50.0}}, {{"tokens_per_s", 100.0}}, {{"tokens_per_s", 40.0}}};
+  EXPECT_EQ(round_ratios(many, one, "tokens_per_s"), (std::vector<double>{0.8, 0.9, 0.75}));
+  EXPECT_THROW(round_ratios(many, {one[0]}, "tokens_per_s"), std::invalid_argument);
+  EXPECT_THROW(round_ratios({}, {}, "tokens_per_s"), std::invalid_argument);
+  EXPECT_THROW(round_ratios(many, one, "p50_ms"), std::invalid_argument);
+  std::vector<json> zero{{{"tokens_per_s", 0.0}}, {{"tokens_per_s", 1.0}}, {{"tokens_per_s", 1.0}}};
+  EXPECT_THROW(round_ratios(many, zero, "tokens_per_s"), std::invalid_argument);
 }
