@@ -95,8 +95,10 @@ void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::
   const uint16_t* bp = bf16_bits(b);
   float* op = out.data_ptr<float>();
   // Token rows (row * T + t) by adapter place, in runs of up to lora_group
-  // that share one: lora_rows reads the run's B once. Each run is a chunk
-  // a step's helper may take.
+  // that share one: lora_rows reads the run's B once. A chunk that a step's
+  // helper may take holds whole runs, lora_group rows at most: with a chunk
+  // per run, most of them one row at 100 adapters, the step's hand-overs to
+  // the helper rose by a fifth.
   std::vector<int64_t> order;
   order.reserve(static_cast<std::size_t>(B * T));
   for (int64_t row = 0; row < B; ++row)
@@ -114,29 +116,37 @@ void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::
         static_cast<int64_t>(i - starts.back()) == lora_group)
       starts.push_back(i);
   starts.push_back(order.size());
-  parallel_chunks(static_cast<int64_t>(starts.size()) - 1, [&](int64_t chunk) {
-    const auto begin = starts[static_cast<std::size_t>(chunk)],
-               end = starts[static_cast<std::size_t>(chunk) + 1];
-    const int64_t place = place_of(order[begin]);
-    const int64_t rank = ra.ranks[static_cast<std::size_t>(order[begin] / T)];
-    // The next run's factors start streams the hardware prefetcher has not
-    // seen yet: ask for them while this run computes.
-    if (end < order.size() && place_of(order[end]) != place) {
-      const int64_t next = place_of(order[end]);
-      const int64_t next_rank = ra.ranks[static_cast<std::size_t>(order[end] / T)];
-      const uint16_t* na = ap + next * in * r;
-      const uint16_t* nb = bp + next * r * n_out;
-      for (int64_t i = 0; i < in * next_rank; i += 32) __builtin_prefetch(na + i);
-      for (int64_t i = 0; i < n_out * next_rank; i += 32) __builtin_prefetch(nb + i);
+  std::vector<std::size_t> chunks;  // each chunk's first run, then the end
+  for (std::size_t run = 0; run + 1 < starts.size(); ++run)
+    if (chunks.empty() ||
+        starts[run + 1] - starts[chunks.back()] > static_cast<std::size_t>(lora_group))
+      chunks.push_back(run);
+  chunks.push_back(starts.size() - 1);
+  parallel_chunks(static_cast<int64_t>(chunks.size()) - 1, [&](int64_t chunk) {
+    for (auto run = chunks[static_cast<std::size_t>(chunk)];
+         run < chunks[static_cast<std::size_t>(chunk) + 1]; ++run) {
+      const auto begin = starts[run], end = starts[run + 1];
+      const int64_t place = place_of(order[begin]);
+      const int64_t rank = ra.ranks[static_cast<std::size_t>(order[begin] / T)];
+      // The next run's factors start streams the hardware prefetcher has
+      // not seen yet: ask for them while this run computes.
+      if (end < order.size() && place_of(order[end]) != place) {
+        const int64_t next = place_of(order[end]);
+        const int64_t next_rank = ra.ranks[static_cast<std::size_t>(order[end] / T)];
+        const uint16_t* na = ap + next * in * r;
+        const uint16_t* nb = bp + next * r * n_out;
+        for (int64_t i = 0; i < in * next_rank; i += 32) __builtin_prefetch(na + i);
+        for (int64_t i = 0; i < n_out * next_rank; i += 32) __builtin_prefetch(nb + i);
+      }
+      const float* xs[lora_group];
+      float* outs[lora_group];
+      for (auto i = begin; i < end; ++i) {
+        xs[i - begin] = xp + order[i] * in;
+        outs[i - begin] = op + order[i] * n_out;
+      }
+      lora_rows(xs, static_cast<int64_t>(end - begin), ap + place * in * r,
+                bp + place * r * n_out, in, rank, n_out, outs);
     }
-    const float* xs[lora_group];
-    float* outs[lora_group];
-    for (auto i = begin; i < end; ++i) {
-      xs[i - begin] = xp + order[i] * in;
-      outs[i - begin] = op + order[i] * n_out;
-    }
-    lora_rows(xs, static_cast<int64_t>(end - begin), ap + place * in * r, bp + place * r * n_out,
-              in, rank, n_out, outs);
   });
 }
 
