@@ -44,8 +44,10 @@ TEST(Median, TakesTheMiddleValueAndTheLowerMiddleOfAnEvenCount) {
 // Round by round: the first run over the first, and so on, not a median
 // over a median.
 TEST(RoundRatios, PairsEachRoundWithItsOwnRound) {
-  std::vector<json> many{{{"tokens_per_s", 40.0}}, {{"tokens_per_s", 90.0}}, {{"tokens_per_s", 30.0}}};
-  std::vector<json> one{{{"tokens_per_s", 50.0}}, {{"tokens_per_s", 100.0}}, {{"tokens_per_s", 40.0}}};
+  std::vector<json> many{
+      {{"tokens_per_s", 40.0}}, {{"tokens_per_s", 90.0}}, {{"tokens_per_s", 30.0}}};
+  std::vector<json> one{
+      {{"tokens_per_s", 50.0}}, {{"tokens_per_s", 100.0}}, {{"tokens_per_s", 40.0}}};
   EXPECT_EQ(round_ratios(many, one, "tokens_per_s"), (std::vector<double>{0.8, 0.9, 0.75}));
   EXPECT_THROW(round_ratios(many, {one[0]}, "tokens_per_s"), std::invalid_argument);
   EXPECT_THROW(round_ratios({}, {}, "tokens_per_s"), std::invalid_argument);
