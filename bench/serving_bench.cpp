@@ -423,14 +423,12 @@ json run_serving(const serving_options& given) {
   if (o.baseline) {
     auto b = median_run(baseline, "tokens_per_s");
     out["baseline"] = {{"adapters", baseline_n}, {"tokens_per_s", b["tokens_per_s"]}, {"run", b}};
-    for (auto& r : out["runs"])
-      if (r["adapters"] == baseline_n)
-        out["batched_over_baseline"] =
-            r["tokens_per_s"].get<double>() / b["tokens_per_s"].get<double>();
-    // The same ratio within each round (a round runs every configuration
-    // back to back), and their median.
     for (std::size_t i = 0; i < o.adapters.size(); ++i)
       if (o.adapters[i] == baseline_n) {
+        out["batched_over_baseline"] = out["runs"][i]["tokens_per_s"].get<double>() /
+                                       b["tokens_per_s"].get<double>();
+        // The same ratio within each round (a round runs every configuration
+        // back to back), and their median.
         const auto by_round = round_ratios(batched[i], baseline, "tokens_per_s");
         out["batched_over_baseline_by_round"] = by_round;
         out["batched_over_baseline_round_median"] = median(by_round);

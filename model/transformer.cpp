@@ -99,17 +99,15 @@ void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::
   // helper may take holds whole runs, lora_group rows at most: with a chunk
   // per run, most of them one row at 100 adapters, the step's hand-overs to
   // the helper rose by a fifth.
+  TORCH_CHECK(static_cast<int64_t>(ra.rows.size()) == B, "add_lora_rows: ", ra.rows.size(),
+              " rows' adapters for ", B, " rows");
   std::vector<int64_t> order;
-  order.reserve(static_cast<std::size_t>(B * T));
-  for (int64_t row = 0; row < B; ++row)
-    if (ra.ranks[static_cast<std::size_t>(row)] > 0)  // else no adapter
-      for (int64_t t = 0; t < T; ++t) order.push_back(row * T + t);
+  order.reserve(ra.by_place.size() * static_cast<std::size_t>(T));
+  for (auto row : ra.by_place)
+    for (int64_t t = 0; t < T; ++t) order.push_back(row * T + t);
   auto place_of = [&](int64_t token_row) {
     return ra.rows[static_cast<std::size_t>(token_row / T)];
   };
-  std::sort(order.begin(), order.end(), [&](int64_t lhs, int64_t rhs) {
-    return std::pair(place_of(lhs), lhs) < std::pair(place_of(rhs), rhs);
-  });
   std::vector<std::size_t> starts;  // each run's first index in `order`, then the end
   for (std::size_t i = 0; i < order.size(); ++i)
     if (i == 0 || place_of(order[i]) != place_of(order[i - 1]) ||
@@ -586,6 +584,20 @@ torch::Tensor forward_single(const base_weights& w, const lora_adapter* ad,
   return torch::linear(x, w.wte);
 }
 
+namespace {
+
+void sort_by_place(row_adapters& ra) {
+  ra.by_place.clear();
+  for (std::size_t i = 0; i < ra.ranks.size(); ++i)
+    if (ra.ranks[i] > 0) ra.by_place.push_back(static_cast<int64_t>(i));  // else no adapter
+  std::sort(ra.by_place.begin(), ra.by_place.end(), [&](int64_t l, int64_t r) {
+    return std::pair(ra.rows[static_cast<std::size_t>(l)], l) <
+           std::pair(ra.rows[static_cast<std::size_t>(r)], r);
+  });
+}
+
+}  // namespace
+
 row_adapters row_adapters::of(const adapter_bank& bank, std::vector<int64_t> rows) {
   row_adapters ra;
   ra.mlp = bank.mlp;
@@ -597,7 +609,22 @@ row_adapters row_adapters::of(const adapter_bank& bank, std::vector<int64_t> row
     ra.ranks.push_back(bank.ranks[static_cast<std::size_t>(place)]);
   }
   ra.rows = std::move(rows);
+  sort_by_place(ra);
   return ra;
+}
+
+row_adapters row_adapters::subset(const std::vector<int64_t>& keep) const {
+  row_adapters out;
+  out.a = a;
+  out.b = b;
+  out.mlp = mlp;
+  if (!rows.empty())
+    for (auto k : keep) {
+      out.rows.push_back(rows[static_cast<std::size_t>(k)]);
+      out.ranks.push_back(ranks[static_cast<std::size_t>(k)]);
+    }
+  sort_by_place(out);
+  return out;
 }
 
 serving_weights serving_weights::of(const base_weights& base, bool bf16) {
@@ -792,18 +819,13 @@ torch::Tensor forward_tokens(const serving_weights& sw, const row_adapters& ga,
   const bool all_wanted = static_cast<int64_t>(logits_of.size()) == N;
   auto wanted = all_wanted ? torch::Tensor() : torch::tensor(logits_of, longs);
   std::vector<int64_t> wanted_slots, wanted_positions;
-  row_adapters wanted_ga;  // copied only when some tokens are left out
+  row_adapters wanted_ga;  // made only when some tokens are left out
   if (!all_wanted) {
-    wanted_ga.a = ga.a;
-    wanted_ga.b = ga.b;
-    wanted_ga.mlp = ga.mlp;
+    wanted_ga = ga.subset(logits_of);
     for (auto n : logits_of) {
       const auto k = static_cast<std::size_t>(n);
       wanted_slots.push_back(slots[k]);
       wanted_positions.push_back(positions[k]);
-      if (ga.rows.empty()) continue;  // no adapters
-      wanted_ga.rows.push_back(ga.rows[k]);
-      wanted_ga.ranks.push_back(ga.ranks[k]);
     }
   }
   for (std::size_t i = 0; i < w.layers.size(); ++i) {

@@ -115,8 +115,14 @@ struct row_adapters {
   std::vector<std::vector<torch::Tensor>> a, b;
   std::vector<int64_t> rows;   // each row's place in the bank
   std::vector<int64_t> ranks;  // each row's adapter rank (0: none)
+  // The rows that have an adapter, by place (then row): the order in which
+  // add_lora_rows runs them, so that rows sharing an adapter are neighbours.
+  // Sorted once here, not at each layer and site of a forward.
+  std::vector<int64_t> by_place;
   bool mlp = false;
   static row_adapters of(const adapter_bank& bank, std::vector<int64_t> rows);
+  // The same adapters for the rows `keep` (indices into `rows`), in its order.
+  row_adapters subset(const std::vector<int64_t>& keep) const;
 };
 
 // Per-sequence key/value cache for `slots` sequences of up to cfg.context
