@@ -2,18 +2,22 @@
 // made of, on the default model shape with random weights (time does not
 // depend on their values): the prefill of rows joining a batch, one decode
 // step of a full batch, the loop's steady state, placing an adapter in the
-// device's bank, and two of the step's per-row loops.
+// device's bank, two of the step's per-row loops, and the store's writes
+// for each answer.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
 #include <chrono>
+#include <filesystem>
 #include <random>
+#include <unistd.h>
 
 #include "model/checkpoint.hpp"
 #include "model/generate.hpp"
 #include "model/pretrain.hpp"
 #include "model/row_kernels.hpp"
 #include "model/threads.hpp"
+#include "storage/metadata_store.hpp"
 #include "zipf.hpp"
 
 namespace {
@@ -346,6 +350,49 @@ void bm_lora_rows(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations() * rows);
 }
 BENCHMARK(bm_lora_rows)->Arg(0)->Arg(1);
+
+// What the store does for each inference request a user actor answers: the
+// lookup of its request id (new, so absent) and one write of its record and
+// history entry, for users drawn from Zipf(1) over `users` as the serving
+// bench draws them. The ratio of /1000 to /1 is what many users add.
+void bm_answer_record(benchmark::State& state) {
+  namespace fs = std::filesystem;
+  using namespace tailor::messages;
+  const auto dir = fs::temp_directory_path() /
+                   ("tailor-micro-store-" + std::to_string(::getpid()) + "-" +
+                    std::to_string(state.range(0)));
+  fs::remove_all(dir);
+  {
+    auto store = tailor::storage::metadata_store::open(dir.string());
+    if (!store) {
+      state.SkipWithError(caf::to_string(store.error()).c_str());
+      return;
+    }
+    const tailor::bench::zipf draw(static_cast<int>(state.range(0)), 1.0);
+    std::mt19937_64 rng(11);
+    // Sizes of the serving bench's: a short prompt in, 32 tokens out.
+    const std::string input(180, 'i'), output(420, 'o');
+    int64_t n = 0;
+    for (auto _ : state) {
+      const auto user = "user-" + std::to_string(draw(rng));
+      const auto id = "req-" + std::to_string(n++);
+      auto found = (*store)->find_request(user, id);
+      if (!found || found->has_value()) {
+        state.SkipWithError("a new request id was found, or the lookup failed");
+        break;
+      }
+      request_record rec{user, id, "inference.request", 42, "", {{channel::results, user, output}},
+                         n};
+      history_entry entry{user, n, id, input, output};
+      if (auto err = (*store)->put_request(rec, &entry)) {
+        state.SkipWithError(caf::to_string(err).c_str());
+        break;
+      }
+    }
+  }
+  fs::remove_all(dir);
+}
+BENCHMARK(bm_answer_record)->Arg(1)->Arg(1000)->Unit(benchmark::kMicrosecond);
 
 }  // namespace
 

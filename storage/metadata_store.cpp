@@ -1,9 +1,13 @@
 #include "storage/metadata_store.hpp"
 
 #include <rocksdb/db.h>
+#include <rocksdb/filter_policy.h>
+#include <rocksdb/slice_transform.h>
+#include <rocksdb/table.h>
 #include <rocksdb/write_batch.h>
 
 #include <chrono>
+#include <cstring>
 #include <limits>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -28,6 +32,40 @@ std::string request_key(const std::string& user_id, const std::string& request_i
 
 void put_be64(std::string& out, uint64_t v) {
   for (int i = 7; i >= 0; --i) out.push_back(static_cast<char>((v >> (i * 8)) & 0xff));
+}
+
+// A key's user part (`user \0`) in the requests and history tables.
+class user_prefix : public rocksdb::SliceTransform {
+ public:
+  const char* Name() const override { return "tailor.user_prefix"; }
+  rocksdb::Slice Transform(const rocksdb::Slice& key) const override {
+    const auto* end = static_cast<const char*>(std::memchr(key.data(), '\0', key.size()));
+    return {key.data(), static_cast<std::size_t>(end - key.data()) + 1};
+  }
+  bool InDomain(const rocksdb::Slice& key) const override {
+    return std::memchr(key.data(), '\0', key.size()) != nullptr;
+  }
+};
+
+// The requests and history tables get a write per answer, for users in
+// any order. A memtable insert searches the whole skip list unless it has a
+// hint; one per user, where that user's last key went, makes it a short
+// step (a user's keys come in about in order). Each answer first looks up
+// its request id, which is new: whole-key Bloom filters, in the memtable
+// and in the table files, answer "absent" without a search. For users
+// drawn from 1,000 the two took a third off an answer's store work
+// (bm_answer_record/1000, median 21 against 30 us; docs/operations.md).
+rocksdb::ColumnFamilyOptions per_user_table(bool looked_up) {
+  rocksdb::ColumnFamilyOptions o;
+  o.memtable_insert_with_hint_prefix_extractor = std::make_shared<user_prefix>();
+  if (looked_up) {
+    o.memtable_prefix_bloom_size_ratio = 0.02;
+    o.memtable_whole_key_filtering = true;
+    rocksdb::BlockBasedTableOptions t;
+    t.filter_policy.reset(rocksdb::NewBloomFilterPolicy(10));
+    o.table_factory.reset(rocksdb::NewBlockBasedTableFactory(t));
+  }
+  return o;
 }
 
 }  // namespace
@@ -91,9 +129,15 @@ caf::expected<std::unique_ptr<metadata_store>> metadata_store::open(const std::s
   dbo.create_if_missing = true;
   dbo.create_missing_column_families = true;
   dbo.keep_log_file_num = 4;
+  // Concurrent memtable writes ignore insert hints; writers here are the
+  // user actors' one thread and the store actor.
+  dbo.allow_concurrent_memtable_write = false;
   std::vector<rocksdb::ColumnFamilyDescriptor> cfs;
   cfs.emplace_back(rocksdb::kDefaultColumnFamilyName, rocksdb::ColumnFamilyOptions());
-  for (const auto& n : table_names) cfs.emplace_back(n, rocksdb::ColumnFamilyOptions());
+  for (std::size_t i = 0; i < table_count; ++i)
+    cfs.emplace_back(table_names[i], i == requests  ? per_user_table(true)
+                                     : i == history ? per_user_table(false)
+                                                    : rocksdb::ColumnFamilyOptions());
   std::vector<rocksdb::ColumnFamilyHandle*> handles;
   auto s = rocksdb::DB::Open(dbo, path, cfs, &handles, &im.db);
   if (!s.ok()) return io(s, ("open " + path).c_str());

@@ -5,6 +5,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <csignal>
 #include <filesystem>
 #include <random>
@@ -259,6 +260,46 @@ TEST_F(StoreTest, ARequestWithItsHistoryEntryIsStoredAndPagedLikeAnAppendedOne) 
   reopen();
   EXPECT_EQ(store_->page_history("u1", "", 10)->entries.size(), 2u);
   EXPECT_TRUE(store_->find_request("u1", "q9")->has_value());
+}
+
+// Answers of many users arrive interleaved, a user's ids not in key order;
+// each lookup finds exactly its own record (or none: a new id, another
+// user's id) and each history is that user's in time order, both from the
+// memtable and, after a reopen, from table files.
+TEST_F(StoreTest, ManyUsersInterleavedEachFindOnlyTheirOwnRequestsAndHistory) {
+  constexpr int users = 120, per_user = 6;
+  std::vector<std::pair<int, int>> order;
+  for (int u = 0; u < users; ++u)
+    for (int i = 0; i < per_user; ++i) order.emplace_back(u, i);
+  std::shuffle(order.begin(), order.end(), std::mt19937(5));
+  std::vector<int> written(users, 0);  // a user's entries so far: its next time
+  for (auto [u, i] : order) {
+    const auto user = "user-" + std::to_string(u), id = "q" + std::to_string(per_user - i);
+    const history_entry entry{user, 1000 + written[u]++, id, "in", "out" + id};
+    ASSERT_FALSE(store_->put_request(request(user, id, static_cast<uint64_t>(u * 100 + i)), &entry));
+  }
+  auto check = [&](const char* where) {
+    for (int u = 0; u < users; ++u) {
+      const auto user = "user-" + std::to_string(u);
+      for (int i = 0; i < per_user; ++i) {
+        auto found = store_->find_request(user, "q" + std::to_string(per_user - i));
+        ASSERT_TRUE(found && found->has_value()) << user << " " << where;
+        EXPECT_EQ((*found)->payload_hash, static_cast<uint64_t>(u * 100 + i)) << where;
+      }
+      EXPECT_FALSE(store_->find_request(user, "q0")->has_value()) << where;
+      EXPECT_FALSE(store_->find_request(user + "x", "q1")->has_value()) << where;
+      auto page = store_->page_history(user, "", 100);
+      ASSERT_TRUE(page);
+      ASSERT_EQ(page->entries.size(), static_cast<std::size_t>(per_user)) << user << " " << where;
+      for (std::size_t k = 0; k < page->entries.size(); ++k) {
+        EXPECT_EQ(page->entries[k].user_id, user);
+        EXPECT_EQ(page->entries[k].time_ms, 1000 + static_cast<int64_t>(k)) << where;
+      }
+    }
+  };
+  check("in the memtable");
+  reopen();  // the log is replayed into table files
+  check("after a reopen");
 }
 
 TEST_F(StoreTest, DataSurvivesReopen) {
