@@ -50,7 +50,8 @@ class user_prefix : public rocksdb::SliceTransform {
 // The requests and history tables get a write per answer, for users in
 // any order. A memtable insert searches the whole skip list unless it has a
 // hint; one per user, where that user's last key went, makes it a short
-// step (a user's keys come in about in order). Each answer first looks up
+// step (a user's keys come in about in order); a hint takes ~250 bytes per
+// user written since the memtable's last flush. Each answer first looks up
 // its request id, which is new: whole-key Bloom filters, in the memtable
 // and in the table files, answer "absent" without a search. For users
 // drawn from 1,000 the two took a third off an answer's store work
