@@ -276,7 +276,8 @@ TEST_F(StoreTest, ManyUsersInterleavedEachFindOnlyTheirOwnRequestsAndHistory) {
   for (auto [u, i] : order) {
     const auto user = "user-" + std::to_string(u), id = "q" + std::to_string(per_user - i);
     const history_entry entry{user, 1000 + written[u]++, id, "in", "out" + id};
-    ASSERT_FALSE(store_->put_request(request(user, id, static_cast<uint64_t>(u * 100 + i)), &entry));
+    const auto hash = static_cast<uint64_t>(u * 100 + i);
+    ASSERT_FALSE(store_->put_request(request(user, id, hash), &entry));
   }
   auto check = [&](const char* where) {
     for (int u = 0; u < users; ++u) {
