@@ -92,7 +92,8 @@ caf::expected<host_tier::adapter_ptr> load_adapter(loader_state& st, const model
   if (!ad)
     return caf::make_error(errc::adapter_unavailable,
                            "model " + m.model_id + ": " + error_text(ad.error()));
-  auto ptr = std::make_shared<const model::lora_adapter>(std::move(*ad));
+  // Packed here, off the batch loop: placing it then is a copy.
+  auto ptr = std::make_shared<const model::packed_adapter>(model::packed_adapter::of(*ad));
   st.stats->count_cache("disk", "load");
   st.host->insert(m.model_id, ptr);
   return ptr;
@@ -339,7 +340,7 @@ int64_t free_index(gpu_ptr self) {
 // requests waiting for it as loaded; false (and those requests failed) when
 // it does not fit the bank.
 bool place(gpu_ptr self, const std::string& model_id, uint64_t key, int64_t index,
-           const model::lora_adapter& ad) {
+           const model::packed_adapter& ad) {
   auto& c = *self->state.core;
   auto it = c.adapters.find(model_id);
   if (it == c.adapters.end()) return false;
@@ -396,7 +397,7 @@ void fetch_adapters(gpu_ptr self) {
     self->request(st.loader, std::chrono::minutes(2), load_atom_v, m)
         .then(
             [self, model_id, key, index](loaded_adapter& la) {
-              auto ad = std::static_pointer_cast<const model::lora_adapter>(la.adapter);
+              auto ad = std::static_pointer_cast<const model::packed_adapter>(la.adapter);
               if (place(self, model_id, key, index, *ad)) kick(self);
             },
             [self, model_id, index](caf::error& err) {

@@ -17,7 +17,7 @@
 #include "messages/type_ids.hpp"
 
 namespace tailor::model {
-struct lora_adapter;
+struct packed_adapter;
 }
 
 namespace tailor::actors {
@@ -31,7 +31,8 @@ using namespace tailor::messages;
 // the loader's mailbox and its own batch steps for the answer.
 class host_tier {
  public:
-  using adapter_ptr = std::shared_ptr<const model::lora_adapter>;
+  // Adapters packed for a bank: a device miss then costs the batch loop a copy.
+  using adapter_ptr = std::shared_ptr<const model::packed_adapter>;
   host_tier(std::size_t capacity, std::shared_ptr<metrics> stats);
   // The adapter of `model_id`, now the most recently used; null when absent.
   adapter_ptr find(const std::string& model_id);

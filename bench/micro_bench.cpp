@@ -286,17 +286,29 @@ void bm_continuous_prefix(benchmark::State& state) {
 }
 BENCHMARK(bm_continuous_prefix)->Args({64, 64})->Args({64, 256})->Unit(benchmark::kMicrosecond);
 
-// Placing a decoded adapter (the host tier's) into a place of the device's
-// bank: what a device miss costs the batch loop, whose thread does it.
+// Placing a rank-R adapter into a place of the device's bank: what a device
+// miss costs the batch loop, whose thread does it. P 1: packed, as the host
+// tier keeps adapters (a copy); P 0: decoded, packed on the loop's thread
+// (what a miss cost before the host tier kept them packed).
 void bm_place_adapter(benchmark::State& state) {
   auto& f = fixture::get();
   auto bank = adapter_bank::make(f.cfg, 256, 16, false);
   auto ad = lora_adapter::init(f.cfg, {state.range(0), 16.0, false}, 7);
+  const auto packed = packed_adapter::of(ad);
   int64_t index = 0;
-  for (auto _ : state) benchmark::DoNotOptimize(bank.set(1 + index++ % bank.size, ad));
+  for (auto _ : state) {
+    const int64_t place = 1 + index++ % bank.size;
+    benchmark::DoNotOptimize(state.range(1) == 1 ? bank.set(place, packed)
+                                                  : bank.set(place, ad));
+  }
   state.SetItemsProcessed(state.iterations());
 }
-BENCHMARK(bm_place_adapter)->Arg(8)->Arg(16)->Unit(benchmark::kMicrosecond);
+BENCHMARK(bm_place_adapter)
+    ->Args({8, 0})
+    ->Args({8, 1})
+    ->Args({16, 0})
+    ->Args({16, 1})
+    ->Unit(benchmark::kMicrosecond);
 
 // One (row, head) of decode attention over n positions of a float16 cache,
 // tailor-base's head width: in the cache's own layout (Arg 1: consecutive

@@ -21,7 +21,7 @@ struct inference_order {
 };
 
 // A decoded adapter, ready to copy into a device bank. The pointee is a
-// model::lora_adapter: messages/ must not include LibTorch, so it travels
+// model::packed_adapter: messages/ must not include LibTorch, so it travels
 // type-erased and only the GPU actor casts it back. Local only.
 struct loaded_adapter {
   std::shared_ptr<const void> adapter;

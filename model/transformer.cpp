@@ -415,34 +415,52 @@ uint64_t fresh_identity() {
 namespace {
 
 // Place `index` of one site's bank factors: A [n + 1, in, r] and B [n + 1,
-// r, out] (CPU, bfloat16). Zeroes it and, with `p`, writes an adapter's
-// factors rounded to bfloat16 (to nearest even, as LibTorch converts): A
-// packed as [in, rank] at the start of the place, so that a row of a
-// smaller rank reads whole cache lines of its own numbers only; B's first
-// `rank` rows, with the scale folded in (multiplied in float). Plain loops:
-// a device miss places an adapter on the batch loop's thread, and tensor
-// ops per layer and site cost it ~30 us where these take a few.
+// r, out] (CPU, bfloat16). Writes one site of a packed adapter (null: none)
+// and zeroes the rest of the place. A copy: a device miss places an
+// adapter on the batch loop's thread.
 void put_factors(const torch::Tensor& a, const torch::Tensor& b, int64_t index,
-                 const lora_adapter::pair* p, int64_t rank, double scale) {
+                 const packed_adapter::site* p, int64_t rank) {
   TORCH_CHECK(a.is_cpu() && b.is_cpu() && a.is_contiguous() && b.is_contiguous() &&
               a.scalar_type() == torch::kBFloat16 && b.scalar_type() == torch::kBFloat16);
   const int64_t in = a.size(1), r = a.size(2), out = b.size(2);
-  auto* ap = a.data_ptr<c10::BFloat16>() + index * in * r;
-  auto* bp = b.data_ptr<c10::BFloat16>() + index * r * out;
-  std::fill(ap, ap + in * r, c10::BFloat16(0.0f));
-  std::fill(bp, bp + r * out, c10::BFloat16(0.0f));
-  if (!p) return;
-  TORCH_CHECK(p->a.size(0) == in && p->a.size(1) == rank && p->b.size(0) == rank &&
-              p->b.size(1) == out && rank <= r);
-  const auto fa = p->a.to(torch::kFloat32).contiguous(), fb = p->b.to(torch::kFloat32).contiguous();
-  const float* pa = fa.data_ptr<float>();
-  const float* pb = fb.data_ptr<float>();
-  const auto s = static_cast<float>(scale);
-  for (int64_t k = 0; k < in * rank; ++k) ap[k] = c10::BFloat16(pa[k]);
-  for (int64_t k = 0; k < rank * out; ++k) bp[k] = c10::BFloat16(pb[k] * s);
+  auto* ap = reinterpret_cast<uint16_t*>(a.data_ptr<at::BFloat16>()) + index * in * r;
+  auto* bp = reinterpret_cast<uint16_t*>(b.data_ptr<at::BFloat16>()) + index * r * out;
+  int64_t na = 0, nb = 0;  // values of the adapter's own
+  if (p) {
+    TORCH_CHECK(rank <= r && static_cast<int64_t>(p->a.size()) == in * rank &&
+                static_cast<int64_t>(p->b.size()) == rank * out);
+    na = in * rank;
+    nb = rank * out;
+    std::memcpy(ap, p->a.data(), static_cast<std::size_t>(na) * sizeof(uint16_t));
+    std::memcpy(bp, p->b.data(), static_cast<std::size_t>(nb) * sizeof(uint16_t));
+  }
+  std::fill(ap + na, ap + in * r, uint16_t{0});
+  std::fill(bp + nb, bp + r * out, uint16_t{0});
 }
 
 }  // namespace
+
+packed_adapter packed_adapter::of(const lora_adapter& ad) {
+  torch::NoGradGuard no_grad;
+  packed_adapter p;
+  p.cfg = ad.cfg;
+  const auto s = static_cast<float>(ad.scale());
+  for (const auto& layer : ad.layers) {
+    auto& sites = p.layers.emplace_back();
+    for (int k = 0; k < ad.sites(); ++k) {
+      const auto fa = layer[static_cast<std::size_t>(k)].a.to(torch::kFloat32).contiguous();
+      const auto fb = layer[static_cast<std::size_t>(k)].b.to(torch::kFloat32).contiguous();
+      auto& site = sites.emplace_back();
+      site.a.resize(static_cast<std::size_t>(fa.numel()));
+      site.b.resize(static_cast<std::size_t>(fb.numel()));
+      const float* pa = fa.data_ptr<float>();
+      const float* pb = fb.data_ptr<float>();
+      for (std::size_t i = 0; i < site.a.size(); ++i) site.a[i] = c10::BFloat16(pa[i]).x;
+      for (std::size_t i = 0; i < site.b.size(); ++i) site.b[i] = c10::BFloat16(pb[i] * s).x;
+    }
+  }
+  return p;
+}
 
 adapter_bank adapter_bank::build(const model_config& mc,
                                  const std::vector<const lora_adapter*>& adapters) {
@@ -455,6 +473,8 @@ adapter_bank adapter_bank::build(const model_config& mc,
     bank.mlp = bank.mlp || ad->cfg.mlp;
   }
   const int sites = bank.mlp ? 4 : 2;
+  std::vector<packed_adapter> packed;
+  for (const auto* ad : adapters) packed.push_back(packed_adapter::of(*ad));
   bank.a.resize(mc.n_layer);
   bank.b.resize(mc.n_layer);
   for (int64_t i = 0; i < mc.n_layer; ++i) {
@@ -462,9 +482,9 @@ adapter_bank adapter_bank::build(const model_config& mc,
       auto a = torch::zeros({bank.size + 1, site_in(mc, s), rank}, torch::kBFloat16);
       auto b = torch::zeros({bank.size + 1, rank, site_out_dim(mc, s)}, torch::kBFloat16);
       for (int64_t k = 0; k < bank.size; ++k) {
-        const auto* ad = adapters[k];
-        if (s >= ad->sites()) continue;
-        put_factors(a, b, k + 1, &ad->layers[i][s], ad->cfg.rank, ad->scale());
+        const auto& p = packed[static_cast<std::size_t>(k)];
+        if (s >= static_cast<int>(p.layers[i].size())) continue;
+        put_factors(a, b, k + 1, &p.layers[i][s], p.cfg.rank);
       }
       bank.a[i].push_back(a);
       bank.b[i].push_back(b);
@@ -499,16 +519,18 @@ adapter_bank adapter_bank::make(const model_config& mc, int64_t capacity, int64_
 }
 
 bool adapter_bank::set(int64_t index, const lora_adapter& ad, uint64_t key) {
-  if (index < 1 || index > size || ad.cfg.rank > rank || (ad.cfg.mlp && !mlp) ||
-      ad.layers.size() != a.size())
+  return set(index, packed_adapter::of(ad), key);
+}
+
+bool adapter_bank::set(int64_t index, const packed_adapter& p, uint64_t key) {
+  if (index < 1 || index > size || p.cfg.rank > rank || (p.cfg.mlp && !mlp) ||
+      p.layers.size() != a.size())
     return false;
-  torch::NoGradGuard no_grad;
   for (std::size_t i = 0; i < a.size(); ++i)
     for (std::size_t s = 0; s < a[i].size(); ++s)
-      put_factors(a[i][s], b[i][s], index,
-                  static_cast<int>(s) < ad.sites() ? &ad.layers[i][s] : nullptr, ad.cfg.rank,
-                  ad.scale());
-  ranks[static_cast<std::size_t>(index)] = ad.cfg.rank;
+      put_factors(a[i][s], b[i][s], index, s < p.layers[i].size() ? &p.layers[i][s] : nullptr,
+                  p.cfg.rank);
+  ranks[static_cast<std::size_t>(index)] = p.cfg.rank;
   identities[static_cast<std::size_t>(index)] = key != 0 ? key | keyed_bit : fresh_identity();
   return true;
 }

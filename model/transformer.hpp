@@ -75,6 +75,20 @@ struct lora_adapter {
 // batched forward must equal, and the "merged" serving baseline.
 base_weights merge(const base_weights& base, const lora_adapter& adapter);
 
+// One adapter's factors as a bank place holds them: bfloat16 bits (rounded
+// to nearest even), A [in, rank] and B [rank, out] with the scale folded in
+// (multiplied in float), per layer and site. Packing converts; placing a
+// packed adapter in a bank copies, so the host tier keeps adapters packed
+// and a device miss costs the batch loop a copy (bm_place_adapter).
+struct packed_adapter {
+  struct site {
+    std::vector<uint16_t> a, b;
+  };
+  lora_config cfg;
+  std::vector<std::vector<site>> layers;  // [layer][site]
+  static packed_adapter of(const lora_adapter& adapter);
+};
+
 // Adapters stacked for the batched forward. Row index 0 is "no adapter"
 // (zeros); adapter i of `build` is index i + 1. Factors are kept in
 // bfloat16, as GPU LoRA servers keep them: a decode step reads every row's
@@ -105,6 +119,7 @@ struct adapter_bank {
   // weights, e.g. a hash of an immutable model id); 0 gives it an identity
   // of its own that no other set() shares.
   bool set(int64_t index, const lora_adapter& adapter, uint64_t key = 0);
+  bool set(int64_t index, const packed_adapter& adapter, uint64_t key = 0);
 };
 
 // The adapters of a batch's rows: the bank's factors read in place at each

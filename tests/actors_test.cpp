@@ -301,7 +301,7 @@ TEST(Metrics, PerUserSeriesAreBoundedAndTheRestSumUnderOther) {
 TEST(HostTier, EvictsTheLeastRecentlyUsed) {
   auto stats = std::make_shared<metrics>();
   host_tier host(2, stats);
-  auto adapter = [] { return std::make_shared<const tailor::model::lora_adapter>(); };
+  auto adapter = [] { return std::make_shared<const tailor::model::packed_adapter>(); };
   auto a = adapter(), b = adapter(), c = adapter();
   host.insert("a", a);
   host.insert("b", b);
@@ -325,9 +325,9 @@ TEST(HostTier, EvictsTheLeastRecentlyUsed) {
 TEST(HostTier, ConcurrentUseKeepsEachAdapterUnderItsOwnId) {
   auto stats = std::make_shared<metrics>();
   host_tier host(8, stats);
-  std::vector<std::shared_ptr<const tailor::model::lora_adapter>> adapters;
+  std::vector<std::shared_ptr<const tailor::model::packed_adapter>> adapters;
   for (int i = 0; i < 16; ++i) {
-    auto ad = std::make_shared<tailor::model::lora_adapter>();
+    auto ad = std::make_shared<tailor::model::packed_adapter>();
     ad->cfg.rank = i;  // tells the adapters apart
     adapters.push_back(ad);
   }

@@ -181,6 +181,16 @@ TEST_F(ModelTest, TheBankKeepsFactorsInBfloat16CloseToTheFloatAdapter) {
       EXPECT_TRUE(b.narrow(0, 0, 8).equal(bf16(f.b * ad.scale()))) << "layer " << i;
       EXPECT_EQ(b.narrow(0, 8, 8).count_nonzero().item<int64_t>(), 0);
     }
+  // Packed first (as the host tier keeps adapters), then placed: the same
+  // bits, over the larger adapter's too.
+  ASSERT_TRUE(placed.set(1, adapters_[3]));
+  ASSERT_TRUE(placed.set(1, packed_adapter::of(ad)));
+  for (std::size_t i = 0; i < ad.layers.size(); ++i)
+    for (int s = 0; s < 2; ++s) {
+      EXPECT_TRUE(placed.a[i][s][1].equal(placed.a[i][s][2])) << "layer " << i << " site " << s;
+      EXPECT_TRUE(placed.b[i][s][1].equal(placed.b[i][s][2])) << "layer " << i << " site " << s;
+    }
+  EXPECT_EQ(placed.ranks[1], 8);
 
   const int64_t T = 8;
   auto tokens = tokens_of(T, 5);
