@@ -1,6 +1,8 @@
 #include "run_stats.hpp"
 
 #include <algorithm>
+#include <fstream>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 
@@ -56,6 +58,35 @@ std::vector<double> round_ratios(const std::vector<nlohmann::json>& num,
     out.push_back(value(num[i]) / d);
   }
   return out;
+}
+
+cpu_times parse_cpu_times(std::string_view line) {
+  std::istringstream in{std::string(line)};
+  std::string name;
+  in >> name;
+  if (name != "cpu") return {};
+  cpu_times t;
+  // user nice system idle iowait irq softirq steal; guest time is already
+  // in user and nice.
+  for (int field = 0; field < 8; ++field) {
+    uint64_t v = 0;
+    if (!(in >> v)) return {};
+    t.total += v;
+    if (field == 7) t.steal = v;
+  }
+  return t;
+}
+
+cpu_times read_cpu_times() {
+  std::ifstream f("/proc/stat");
+  std::string line;
+  if (!std::getline(f, line)) return {};
+  return parse_cpu_times(line);
+}
+
+double steal_share(const cpu_times& from, const cpu_times& to) {
+  if (to.total <= from.total || to.steal < from.steal) return 0.0;
+  return static_cast<double>(to.steal - from.steal) / static_cast<double>(to.total - from.total);
 }
 
 }  // namespace tailor::bench

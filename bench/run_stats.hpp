@@ -1,7 +1,9 @@
 #pragma once
 
+#include <cstdint>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace tailor::bench {
@@ -24,5 +26,20 @@ nlohmann::json median_run(const std::vector<nlohmann::json>& runs, const std::st
 // without a number `field`, or a zero denominator.
 std::vector<double> round_ratios(const std::vector<nlohmann::json>& num,
                                  const std::vector<nlohmann::json>& den, const std::string& field);
+
+// The machine's CPU time so far, in clock ticks, from the first line of
+// /proc/stat ("cpu  user nice system idle iowait irq softirq steal ..."):
+// all of it, and the steal, the time this guest wanted a CPU and the
+// hypervisor ran another guest. A figure measured while a tenth is stolen
+// is not the machine's.
+struct cpu_times {
+  uint64_t total = 0, steal = 0;
+};
+// Zeros for a line that is not such a line.
+cpu_times parse_cpu_times(std::string_view line);
+cpu_times read_cpu_times();  // zeros where /proc/stat cannot be read
+// The share of the time between two readings that was stolen; 0 when no
+// time passed.
+double steal_share(const cpu_times& from, const cpu_times& to);
 
 }  // namespace tailor::bench

@@ -271,6 +271,7 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
                lent0 = engine.metric_sum("tailor_step_helper_lent_total", "device="),
                busy0 = engine.metric_sum("tailor_serving_busy_seconds_total", "device=");
   const double started = std::chrono::duration<double>(clock::now().time_since_epoch()).count();
+  const auto cpu0 = read_cpu_times();
   const auto t0 = clock::now();
   const auto deadline = t0 + std::chrono::minutes(30);
   if (o.rate > 0) {
@@ -312,6 +313,7 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
     log.cv.wait_until(lock, deadline, [&] { return log.received >= o.requests; });
   }
   const double wall = std::chrono::duration<double>(clock::now() - t0).count();
+  const double stolen = steal_share(cpu0, read_cpu_times());
   bar.done();
   const auto hits = engine.metric("tailor_adapter_cache_hits_total", "tier", "device") - hits0;
   const auto misses =
@@ -351,6 +353,9 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
   out["mean_batch"] = engine.metric("tailor_serving_rows_total") /
                       std::max(1.0, engine.metric("tailor_serving_steps_total"));
   out["wall_s"] = wall;
+  // Of the machine's CPU time during the run, the share the hypervisor gave
+  // other guests: a run with much of it measured a busier host, not tailord.
+  out["cpu_steal"] = stolen;
   // Whether tailord's batch loop got the realtime policy it was asked for.
   out["batch_thread_realtime"] =
       engine.metric_sum("tailor_batch_thread_realtime", "device=") > 0;
@@ -372,11 +377,11 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
   std::fprintf(stderr,
                "%s: %.0f tokens/s, p50 %.0f ms, p99 %.0f ms, mean batch %.1f, transport p50 %.0f "
                "ms, batch loop on its core %.2f and kept from it %.2f of the time, in steps "
-               "%.2f\n",
+               "%.2f; the host stole %.2f of the CPU time\n",
                label, out["tokens_per_s"].get<double>(), out["p50_ms"].get<double>(),
                out["p99_ms"].get<double>(), out["mean_batch"].get<double>(),
                out["transport_p50_ms"].get<double>(), out["batch_thread_running"].get<double>(),
-               out["batch_thread_runnable"].get<double>(), out["batch_busy"].get<double>());
+               out["batch_thread_runnable"].get<double>(), out["batch_busy"].get<double>(), stolen);
   return out;
 }
 

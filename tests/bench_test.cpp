@@ -7,6 +7,9 @@ using nlohmann::json;
 using tailor::bench::median;
 using tailor::bench::median_run;
 using tailor::bench::round_ratios;
+using tailor::bench::parse_cpu_times;
+using tailor::bench::read_cpu_times;
+using tailor::bench::steal_share;
 
 TEST(MedianRun, PicksTheRunOfMedianValueAndListsEveryValue) {
   std::vector<json> runs{{{"adapters", 100}, {"tokens_per_s", 15000.0}, {"p50_ms", 1}},
@@ -54,4 +57,19 @@ TEST(RoundRatios, PairsEachRoundWithItsOwnRound) {
   EXPECT_THROW(round_ratios(many, one, "p50_ms"), std::invalid_argument);
   std::vector<json> zero{{{"tokens_per_s", 0.0}}, {{"tokens_per_s", 1.0}}, {{"tokens_per_s", 1.0}}};
   EXPECT_THROW(round_ratios(many, zero, "tokens_per_s"), std::invalid_argument);
+}
+
+// The serving bench reports how much of each run the hypervisor took.
+TEST(CpuTimes, StealIsTheEighthFieldOfTheFirstLineOfProcStat) {
+  const auto a = parse_cpu_times("cpu  600 0 100 300 5 0 5 10 0 0");
+  EXPECT_EQ(a.total, 1020u);
+  EXPECT_EQ(a.steal, 10u);
+  const auto b = parse_cpu_times("cpu  700 0 150 400 5 0 5 40 7 0");
+  EXPECT_DOUBLE_EQ(steal_share(a, b), 30.0 / 280.0);
+  EXPECT_EQ(steal_share(b, b), 0.0) << "no time passed";
+  EXPECT_EQ(parse_cpu_times("cpu0 1 2 3 4 5 6 7 8").total, 0u) << "one CPU's line, not the sum";
+  EXPECT_EQ(parse_cpu_times("cpu  1 2 3").total, 0u) << "a short line";
+  const auto now = read_cpu_times();
+  EXPECT_GT(now.total, 0u) << "this machine's /proc/stat";
+  EXPECT_LE(now.steal, now.total);
 }
