@@ -161,21 +161,28 @@ result_log& result_log_reset(result_log& log) {
   return log;
 }
 
+// The configuration of a run's tailord (serving and Kafka settings; engine_run
+// adds the data directory and topic names).
+json tailord_config(const serving_options& o, int max_batch) {
+  return {{"base_models", {o.base_model}},
+          {"default_base_model", o.base_model},
+          {"serving",
+           {{"max_batch", max_batch},
+            {"max_requests_per_user", 100000},
+            {"batch_thread", o.batch_thread},
+            {"kv_cache", o.kv_cache},
+            {"products", o.products}}},
+          {"kafka", {{"topic_partitions", o.partitions}}},
+          {"compute", {{"intra_op_threads", 1}, {"blas_threads", 1}}}};
+}
+
 // One run: a tailord with `n` adapters and `max_batch`, the requests sent
 // closed- or open-loop; its figures.
 json run_once(const serving_options& o, int n, int max_batch, const char* label) {
   engine_run_options ro;
   ro.bootstrap = o.bootstrap;
   ro.tailord = o.tailord;
-  ro.config = {{"base_models", {o.base_model}},
-               {"default_base_model", o.base_model},
-               {"serving",
-                {{"max_batch", max_batch},
-                 {"max_requests_per_user", 100000},
-                 {"batch_thread", o.batch_thread},
-                 {"kv_cache", o.kv_cache},
-                 {"products", o.products}}},
-               {"compute", {{"intra_op_threads", 1}, {"blas_threads", 1}}}};
+  ro.config = tailord_config(o, max_batch);
   ro.prepare = [&](const std::string& dir) { register_adapters(dir, n, o); };
   std::fprintf(stderr, "%s: %d adapters, batch up to %d: starting tailord...\n", label, n,
                max_batch);
@@ -407,6 +414,7 @@ json run_serving(const serving_options& given) {
   else
     out["concurrency"] = o.concurrency;
   out["repeats"] = o.repeats;
+  out["partitions"] = o.partitions;
   out["batch_thread"] = o.batch_thread;
   out["kv_cache"] = o.kv_cache;
   out["products"] = o.products;

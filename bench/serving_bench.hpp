@@ -26,6 +26,12 @@ struct serving_options {
   std::string tailord = TAILORD_PATH;
   bool baseline = true;
   int repeats = 1;  // rounds of every run; each figure is the median round's
+  // Partitions of the topics each run's tailord creates; 4 as tailord's
+  // default. librdkafka sends one partition per produce request, so with 4,
+  // one user's run costs the broker (on this machine, beside tailord) up to
+  // a quarter of the requests of many users' runs; 1 takes that difference
+  // out of a comparison of adapter counts (docs/operations.md).
+  int partitions = 4;
 };
 
 // Many personal models on one base through a real broker and a tailord of

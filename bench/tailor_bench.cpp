@@ -137,6 +137,11 @@ int main(int argc, char** argv) {
   serving->add_option("--tailord", so.tailord, "the tailord binary (default: this build's)");
   serving->add_flag("!--no-baseline", so.baseline, "skip the one-request-at-a-time baseline");
   serving
+      ->add_option("--partitions", so.partitions,
+                   "partitions of the topics each run's tailord creates (default: 4, as "
+                   "tailord's kafka.topic_partitions; see bench/README.md)")
+      ->check(CLI::PositiveNumber);
+  serving
       ->add_option("--repeats", so.repeats,
                    "rounds of all runs; each figure is the median round's (default: 1)")
       ->check(CLI::PositiveNumber);
