@@ -127,6 +127,13 @@ loader_actor::behavior_type adapter_loader(loader_actor::stateful_pointer<loader
 // --- device tier and batch loop ------------------------------------------------
 
 struct gpu_core {
+  struct resident {
+    int64_t index = 0;  // place in the bank; 0 while not placed
+    int64_t users = 0;  // requests waiting for or running with it
+    uint64_t last_used = 0;
+    bool loading = false;
+    bool pinned = false;
+  };
   struct request {
     inference_order order;
     caf::typed_response_promise<outgoing_message> rp;
@@ -138,19 +145,17 @@ struct gpu_core {
     int64_t budget = 0;   // tokens it may occupy: prompt + max_tokens
     int64_t prompt_tokens = 0;
     fair_shares::share* share = nullptr;  // its user's, until it is answered
-  };
-  struct resident {
-    int64_t index = 0;  // place in the bank; 0 while not placed
-    int64_t users = 0;  // requests waiting for or running with it
-    uint64_t last_used = 0;
-    bool loading = false;
-    bool pinned = false;
+    // Its adapter's entry in `adapters`, which stays while a request uses
+    // it: the loop's scans of the waiting requests read it without hashing
+    // model ids (docs/operations.md, 2026-12-03, late night).
+    resident* adapter = nullptr;
   };
 
   const model::base_weights* base = nullptr;
   model::adapter_bank bank;
   std::unique_ptr<model::batch_generator> gen;
-  std::unordered_map<std::string, resident> adapters;  // by model id
+  // By model id; references stay valid as entries come and go.
+  std::unordered_map<std::string, resident> adapters;
   std::vector<std::string> owner;                      // bank index -> model id ("" free)
   std::list<std::shared_ptr<request>> waiting;
   std::unordered_map<int64_t, std::shared_ptr<request>> active;  // by generator id
@@ -345,11 +350,12 @@ bool place(gpu_ptr self, const std::string& model_id, uint64_t key, int64_t inde
   auto it = c.adapters.find(model_id);
   if (it == c.adapters.end()) return false;
   if (!c.bank.set(index, ad, key)) {
-    c.adapters.erase(it);
-    c.owner[static_cast<std::size_t>(index)].clear();
+    // Its requests go first: they point at the entry.
     fail_waiting(self, model_id,
                  "model " + model_id + ": its adapter (rank " + std::to_string(ad.cfg.rank) +
                      ") does not fit a bank of rank " + std::to_string(c.bank.rank));
+    c.adapters.erase(model_id);
+    c.owner[static_cast<std::size_t>(index)].clear();
     return false;
   }
   it->second.index = index;
@@ -375,7 +381,7 @@ void fetch_adapters(gpu_ptr self) {
   auto& c = *st.core;
   for (const auto& r : c.waiting) {
     const auto& m = r->order.model;
-    auto& res = c.adapters[m.model_id];
+    auto& res = *r->adapter;
     if (res.index > 0 || res.loading) continue;
     auto index = free_index(self);
     if (index == 0) return;  // every place is in use: retried when one frees
@@ -402,11 +408,12 @@ void fetch_adapters(gpu_ptr self) {
             },
             [self, model_id, index](caf::error& err) {
               auto& c = *self->state.core;
-              c.adapters.erase(model_id);
-              c.owner[static_cast<std::size_t>(index)].clear();
               spdlog::warn("gpu {}: cannot load {}: {}", self->state.device, model_id,
                            error_text(err));
+              // Its requests go first: they point at the entry.
               fail_waiting(self, model_id, error_text(err));
+              c.adapters.erase(model_id);
+              c.owner[static_cast<std::size_t>(index)].clear();
               fetch_adapters(self);
               kick(self);
             });
@@ -465,8 +472,7 @@ void admit(gpu_ptr self) {
   while (static_cast<int>(c.active.size() + chosen.size()) < sc.max_batch) {
     auto best = c.waiting.end();
     for (auto it = c.waiting.begin(); it != c.waiting.end(); ++it) {
-      const auto& res = c.adapters[(*it)->order.model.model_id];
-      if (res.index <= 0) continue;
+      if ((*it)->adapter->index <= 0) continue;
       if ((!c.active.empty() || !chosen.empty()) &&
           tokens + (*it)->budget > sc.max_tokens_in_flight)
         continue;
@@ -483,7 +489,7 @@ void admit(gpu_ptr self) {
   if (chosen.empty()) return;
   std::vector<model::batch_generator::new_sequence> seqs;
   for (const auto& r : chosen) {
-    auto& res = c.adapters[r->order.model.model_id];
+    auto& res = *r->adapter;
     res.last_used = ++c.tick;
     seqs.push_back({r->order.request.prompt, res.index, r->sampling});
   }
@@ -578,7 +584,7 @@ void step(gpu_ptr self) {
   publish_gauges(self);
   bool admissible = false;
   for (const auto& r : c.waiting)
-    if (c.adapters[r->order.model.model_id].index > 0) admissible = true;
+    if (r->adapter->index > 0) admissible = true;
   c.stepping = false;
   // A thread woken onto this core (the user actor taking an answer, Kafka's)
   // would wait for the loop's time slice to end, up to a few ms on this
@@ -662,6 +668,7 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
         r->share = c.shares.arrive(r->order.request.user_id);
         auto& res = c.adapters[r->order.model.model_id];
         ++res.users;
+        r->adapter = &res;
         st.stats->count_cache("device", res.index > 0 ? "hit" : "miss");
         c.waiting.push_back(r);
         fetch_adapters(self);
