@@ -156,7 +156,7 @@ struct gpu_core {
   std::unique_ptr<model::batch_generator> gen;
   // By model id; references stay valid as entries come and go.
   std::unordered_map<std::string, resident> adapters;
-  std::vector<std::string> owner;                      // bank index -> model id ("" free)
+  std::vector<std::string> owner;  // bank index -> model id ("" free)
   std::list<std::shared_ptr<request>> waiting;
   std::unordered_map<int64_t, std::shared_ptr<request>> active;  // by generator id
   fair_shares shares;
