@@ -13,6 +13,10 @@
 #include <thread>
 
 #include "engine_harness.hpp"
+#include "model/checkpoint.hpp"
+#include "model/pretrain.hpp"
+#include "storage/artifacts.hpp"
+#include "storage/metadata_store.hpp"
 
 using namespace tailor::test;
 namespace fs = std::filesystem;
@@ -347,6 +351,53 @@ TEST_F(ServingTest, ACorruptedAdapterGivesAnErrorResultNotACrash) {
   EXPECT_NE(bad["error"]["message"].get<std::string>().find("checksum"), std::string::npos);
   auto good = result("fine", "q");
   EXPECT_FALSE(good.contains("error")) << good.dump();
+  EXPECT_EQ(engine_->get("/healthz").first, 200);
+}
+
+// An adapter of a higher rank than the device's bank (one registered
+// before serving.max_rank was lowered, say) cannot be placed: each request
+// for it gets an error result, again on a later request, and other users
+// are served meanwhile.
+TEST_F(ServingTest, AnAdapterTooLargeForTheBankGivesAnErrorResultEachTime) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  onboard_all({"fine"});
+  ASSERT_EQ(engine_->stop(), 0);
+  {
+    auto cfg = tailor::model::named_config("tailor-test");
+    ASSERT_TRUE(cfg);
+    tailor::model::lora_config lc;
+    lc.rank = 32;  // the bank's is 16
+    auto ad = tailor::model::lora_adapter::init(*cfg, lc, 7);
+    auto bytes = tailor::model::encode_adapter(ad, *cfg);
+    ASSERT_TRUE(bytes);
+    tailor::messages::model_record m;
+    m.model_id = "model-big";
+    m.user_id = "big";
+    m.base_model = "tailor-test";
+    m.artifact_path = engine_->data_dir() + "/data/artifacts/adapters/big/model-big.safetensors";
+    m.checksum = tailor::storage::checksum_of(*bytes);
+    m.status = "ready";
+    m.created_ms = 1;
+    fs::create_directories(fs::path(m.artifact_path).parent_path());
+    ASSERT_FALSE(tailor::storage::write_file_atomic(m.artifact_path, *bytes));
+    auto db = tailor::storage::metadata_store::open(engine_->data_dir() + "/data/metadata");
+    ASSERT_TRUE(db);
+    ASSERT_FALSE((*db)->register_model(m));
+  }
+  engine_->start();
+  ASSERT_FALSE(HasFatalFailure());
+  for (const std::string round : {"1", "2"}) {
+    send_inference(ask("big", "q" + round, "hello", 1));
+    send_inference(ask("fine", "q" + round, "hello", 1));
+    in_->flush();
+    auto bad = result("big", "q" + round);
+    EXPECT_EQ(bad["error"]["code"], "adapter_unavailable") << bad.dump();
+    EXPECT_NE(bad["error"]["message"].get<std::string>().find("does not fit"), std::string::npos)
+        << bad.dump();
+    auto good = result("fine", "q" + round);
+    EXPECT_FALSE(good.contains("error")) << good.dump();
+  }
   EXPECT_EQ(engine_->get("/healthz").first, 200);
 }
 
