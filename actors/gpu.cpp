@@ -4,6 +4,7 @@
 #include <sched.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -242,9 +243,9 @@ void publish_thread_times(gpu_ptr self, clock::time_point now) {
     self->state.stats->set_batch_thread(self->state.label, running * 1e-9, runnable * 1e-9);
 }
 
-void release_adapter(gpu_core& c, const std::string& model_id) {
-  auto it = c.adapters.find(model_id);
-  if (it != c.adapters.end() && it->second.users > 0) --it->second.users;
+// A request that leaves (answered) no longer holds its adapter's place.
+void release_adapter(gpu_core::request& r) {
+  if (r.adapter->users > 0) --r.adapter->users;
 }
 
 // The device's batch: rows, key/value and prefix caches, step helper. Made
@@ -314,7 +315,7 @@ void fail_waiting(gpu_ptr self, const std::string& model_id, const std::string& 
       ++it;
       continue;
     }
-    release_adapter(c, model_id);
+    release_adapter(**it);
     answer(self, *it, {}, error_info{errc::adapter_unavailable, message});
     it = c.waiting.erase(it);
   }
@@ -423,7 +424,7 @@ void fetch_adapters(gpu_ptr self) {
 // A request of a step that threw: an `internal` error result.
 void fail_request(gpu_ptr self, const request_ptr& r, const std::string& what) {
   auto& st = self->state;
-  release_adapter(*st.core, r->order.model.model_id);
+  release_adapter(*r);
   answer(self, r, {},
          error_info{errc::internal, "batch step failed on " + st.label + ": " + what +
                                         "; send the request again with a new request_id"});
@@ -528,7 +529,7 @@ void expire(gpu_ptr self) {
       ++it;
       continue;
     }
-    release_adapter(c, (*it)->order.model.model_id);
+    release_adapter(**it);
     answer(self, *it, model::generation{"", "deadline", {}});
     it = c.waiting.erase(it);
   }
@@ -575,16 +576,15 @@ void step(gpu_ptr self) {
     auto r = it->second;
     c.active.erase(it);
     c.tokens_in_flight -= r->budget;
-    release_adapter(c, r->order.model.model_id);
+    release_adapter(*r);
     answer(self, r, c.gen->take(id));
   }
   // Places freed by the requests that just finished go to those still
   // waiting for one, even when nothing else would wake the loop.
   fetch_adapters(self);
   publish_gauges(self);
-  bool admissible = false;
-  for (const auto& r : c.waiting)
-    if (r->adapter->index > 0) admissible = true;
+  const bool admissible = std::any_of(c.waiting.begin(), c.waiting.end(),
+                                      [](const request_ptr& r) { return r->adapter->index > 0; });
   c.stepping = false;
   // A thread woken onto this core (the user actor taking an answer, Kafka's)
   // would wait for the loop's time slice to end, up to a few ms on this
@@ -683,7 +683,7 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
         };
         for (auto it = c.waiting.begin(); it != c.waiting.end(); ++it) {
           if (!match(*it)) continue;
-          release_adapter(c, (*it)->order.model.model_id);
+          release_adapter(**it);
           answer(self, *it, model::generation{"", "cancelled", {}});
           c.waiting.erase(it);
           publish_gauges(self);
