@@ -80,6 +80,8 @@ std::string validate(const engine_config& cfg) {
     return bad("serving.kv_cache", "must be \"float16\" or \"float32\"");
   if (v.products != "float32" && v.products != "bfloat16")
     return bad("serving.products", "must be \"float32\" or \"bfloat16\"");
+  if (v.step_helper != "auto" && v.step_helper != "on" && v.step_helper != "off")
+    return bad("serving.step_helper", "must be \"auto\", \"on\" or \"off\"");
   if (v.max_rank < b.max_rank)
     return bad("serving.max_rank", "must be at least the largest rank onboarding accepts (" +
                                        std::to_string(b.max_rank) + ")");
@@ -202,6 +204,9 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
     const auto& v = j["serving"];
     auto& sc = cfg.serving;
     const std::string w = "serving.";
+    // true and false: the spellings before "auto" (every big step, none).
+    json helper = v.value("step_helper", json(sc.step_helper));
+    if (helper.is_boolean()) helper = helper.get<bool>() ? "on" : "off";
     ok = take(v, "devices", sc.devices, w, err) && take(v, "max_batch", sc.max_batch, w, err) &&
          take(v, "max_tokens_in_flight", sc.max_tokens_in_flight, w, err) &&
          take(v, "device_adapters", sc.device_adapters, w, err) &&
@@ -218,7 +223,7 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
          take(v, "kv_cache", sc.kv_cache, w, err) &&
          take(v, "products", sc.products, w, err) &&
          take(v, "prefill_chunk", sc.prefill_chunk, w, err) &&
-         take(v, "step_helper", sc.step_helper, w, err);
+         take(json{{"step_helper", helper}}, "step_helper", sc.step_helper, w, err);
   }
   if (section("admin", {"host", "port", "max_user_series"})) {
     const auto& a = j["admin"];

@@ -12,6 +12,7 @@
 #include <fstream>
 #include <limits>
 #include <list>
+#include <optional>
 #include <stdexcept>
 #include <unordered_map>
 
@@ -173,7 +174,11 @@ struct gpu_core {
   int64_t fault_step = 0, steps_with_rows = 0;
   // What the helpers of generators replaced after a failed step counted, so
   // that the helper's counters never go back.
-  int64_t helper_chunks = 0, helper_late = 0, helper_lent = 0;
+  metrics::helper_figures helper_before;
+  // The helper's trials (serving.step_helper auto) seen so far by this
+  // generator's loop, and the last choice logged.
+  int64_t helper_trials = 0;
+  std::optional<bool> helper_logged;
 };
 
 gpu_state::gpu_state() = default;
@@ -191,16 +196,39 @@ void kick(gpu_ptr self) {
   self->send(self, step_atom_v);
 }
 
+// The helper's counters since the device started, across generators.
+metrics::helper_figures helper_figures_of(const gpu_core& c) {
+  const auto& g = *c.gen;
+  const auto& b = c.helper_before;
+  const auto* p = g.helper_choice();
+  return {b.chunks + g.helper_chunks(),
+          b.late + g.helper_late_waits(),
+          b.lent + g.helper_cores_lent(),
+          b.eligible_steps + g.helper_eligible_steps(),
+          b.helped_steps + g.helper_steps(),
+          p && p->trials() > 0 ? p->ratio() : b.ratio};
+}
+
+// Says when a trial of the step helper changed its choice.
+void log_helper_choice(gpu_state& st) {
+  auto& c = *st.core;
+  const auto* p = c.gen->helper_choice();
+  if (!p || p->trials() == c.helper_trials) return;
+  c.helper_trials = p->trials();
+  if (c.helper_logged == p->chosen()) return;
+  c.helper_logged = p->chosen();
+  spdlog::info("gpu {}: step helper {} (a big step's cost per token with it: {:.2f} of without)",
+               st.label, p->chosen() ? "on" : "off", p->ratio());
+}
+
 void publish_gauges(gpu_ptr self) {
   auto& st = self->state;
+  log_helper_choice(st);
   st.stats->set_serving(st.label, static_cast<int64_t>(st.core->waiting.size()),
                         static_cast<int64_t>(st.core->active.size()),
                         st.core->gen->prefix_cache_bytes(),
                         static_cast<int64_t>(st.core->shares.users()));
-  const auto& c = *st.core;
-  st.stats->set_helper(st.label, c.helper_chunks + c.gen->helper_chunks(),
-                       c.helper_late + c.gen->helper_late_waits(),
-                       c.helper_lent + c.gen->helper_cores_lent());
+  st.stats->set_helper(st.label, helper_figures_of(*st.core));
 }
 
 // On a machine whose cores the loop shares with Kafka's and the actors'
@@ -263,8 +291,10 @@ std::unique_ptr<model::batch_generator> make_generator(gpu_state& st) {
   // bm_decode_step_bf16_helped): they end before it has woken.
   constexpr int64_t helper_min_tokens = 16;
   std::string helper_err;
-  if (sc.step_helper &&
-      !gen->start_helper("tailor.help." + std::to_string(st.device), helper_min_tokens, helper_err))
+  std::optional<model::helper_policy::options> adaptive;
+  if (sc.step_helper == "auto") adaptive.emplace();
+  if (sc.step_helper != "off" && !gen->start_helper("tailor.help." + std::to_string(st.device),
+                                                    helper_min_tokens, helper_err, adaptive))
     spdlog::warn("gpu {}: no step helper ({}): steps run on the batch loop's thread alone",
                  st.label, helper_err);
   return gen;
@@ -444,9 +474,8 @@ void step_failed(gpu_ptr self, const std::string& what) {
   for (auto& [id, r] : c.active) fail_request(self, r, what);
   c.active.clear();
   c.tokens_in_flight = 0;
-  c.helper_chunks += c.gen->helper_chunks();
-  c.helper_late += c.gen->helper_late_waits();
-  c.helper_lent += c.gen->helper_cores_lent();
+  c.helper_before = helper_figures_of(c);
+  c.helper_trials = 0;
   c.gen.reset();  // its step helper stops before the next one starts
   c.gen = make_generator(st);
   publish_gauges(self);

@@ -146,6 +146,13 @@ std::string metrics::render() const {
   family("tailor_step_helper_lent_total", "counter",
          "Times a batch loop lent its core to its helper while it waited for the helper's chunk.",
          "device", helper_lent_);
+  family("tailor_step_helper_eligible_steps_total", "counter",
+         "Batch steps big enough for the step helper (16 tokens or more).", "device",
+         helper_eligible_);
+  family("tailor_step_helper_steps_total", "counter",
+         "Batch steps the step helper took part in (serving.step_helper auto: those its trials "
+         "found faster with it).",
+         "device", helper_steps_);
   out.precision(15);
   if (!serving_busy_.empty()) {
     out << "# HELP tailor_serving_busy_seconds_total Time a device's batch loop spent in steps; "
@@ -153,6 +160,14 @@ std::string metrics::render() const {
            "# TYPE tailor_serving_busy_seconds_total counter\n";
     for (const auto& [device, s] : serving_busy_)
       out << "tailor_serving_busy_seconds_total{device=\"" << device << "\"} " << s << '\n';
+  }
+  if (!helper_ratio_.empty()) {
+    out << "# HELP tailor_step_helper_ratio A device's batch step cost per token with its helper "
+           "over without, in the last trial (serving.step_helper auto; 0: no trial yet). Under "
+           "0.95 the helper takes part.\n"
+           "# TYPE tailor_step_helper_ratio gauge\n";
+    for (const auto& [device, r] : helper_ratio_)
+      out << "tailor_step_helper_ratio{device=\"" << device << "\"} " << r << '\n';
   }
   if (!batch_thread_.empty()) {
     out << "# HELP tailor_batch_thread_seconds_total Time a batch loop's thread spent on a core "

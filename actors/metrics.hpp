@@ -107,14 +107,22 @@ class metrics {
   void set_batch_realtime(const std::string& device, bool realtime) {
     set(batch_realtime_, device, realtime ? 1 : 0);
   }
-  // Chunks of a device's steps its helper thread has run (serving.step_helper),
-  // the times the loop waited long for one, and the times it lent the helper
-  // its core meanwhile.
-  void set_helper(const std::string& device, int64_t chunks, int64_t late, int64_t lent) {
+  // What a device's step helper did (serving.step_helper): chunks of steps it
+  // ran, the times the loop waited long for one and lent the helper its core
+  // meanwhile, the steps it could have taken part in and those it did, and
+  // its last trial's cost per token with it over without (0: none yet).
+  struct helper_figures {
+    int64_t chunks = 0, late = 0, lent = 0, eligible_steps = 0, helped_steps = 0;
+    double ratio = 0;
+  };
+  void set_helper(const std::string& device, const helper_figures& f) {
     std::lock_guard<std::mutex> g(mtx_);
-    helper_chunks_[device] = chunks;
-    helper_late_[device] = late;
-    helper_lent_[device] = lent;
+    helper_chunks_[device] = f.chunks;
+    helper_late_[device] = f.late;
+    helper_lent_[device] = f.lent;
+    helper_eligible_[device] = f.eligible_steps;
+    helper_steps_[device] = f.helped_steps;
+    helper_ratio_[device] = f.ratio;
   }
 
   // Time an inference request spent in the engine outside batch steps and
@@ -145,12 +153,13 @@ class metrics {
   mutable std::mutex mtx_;
   std::map<std::string, int64_t> events_in_, events_out_, errors_, lag_, joined_, in_flight_,
       paused_, jobs_, pauses_, serving_waiting_, serving_active_, prefix_bytes_, serving_users_,
-      batch_realtime_, helper_chunks_, helper_late_,
-      helper_lent_, step_failures_;
+      batch_realtime_, helper_chunks_, helper_late_, helper_lent_, helper_eligible_,
+      helper_steps_, step_failures_;
   bounded_counts model_requests_, user_requests_;
   std::map<std::string, std::map<std::string, int64_t>> cache_;  // event -> tier -> count
   std::map<std::string, std::pair<double, double>> batch_thread_;  // device -> running, runnable
   std::map<std::string, double> serving_busy_;                      // device -> seconds
+  std::map<std::string, double> helper_ratio_;                      // device -> last trial's
   static constexpr std::size_t overhead_window = 8192;
   std::vector<double> overhead_;  // ring buffer of the last samples
   std::size_t overhead_next_ = 0;

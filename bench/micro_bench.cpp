@@ -2,15 +2,21 @@
 // made of, on the default model shape with random weights (time does not
 // depend on their values): the prefill of rows joining a batch, one decode
 // step of a full batch, the loop's steady state, placing an adapter in the
-// device's bank, two of the step's per-row loops, and the store's writes
-// for each answer.
+// device's bank, two of the step's per-row loops, the store's writes for
+// each answer, and a round trip between two cores.
 #include <benchmark/benchmark.h>
 
+#include <pthread.h>
+#include <sched.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <random>
-#include <unistd.h>
+#include <thread>
+#include <vector>
 
 #include "model/checkpoint.hpp"
 #include "model/generate.hpp"
@@ -405,6 +411,54 @@ void bm_answer_record(benchmark::State& state) {
   fs::remove_all(dir);
 }
 BENCHMARK(bm_answer_record)->Arg(1)->Arg(1000)->Unit(benchmark::kMicrosecond);
+
+// A cache line passed between two threads on the first two CPUs this
+// process may use, there and back: what every chunk the step helper shares
+// with the loop pays. Tens of ns where the cores share a cache, hundreds
+// where they do not; then the helper may cost a step more than it saves
+// (serving.step_helper auto finds out by timing steps).
+void bm_core_round_trip(benchmark::State& state) {
+  cpu_set_t allowed;
+  CPU_ZERO(&allowed);
+  if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0 || CPU_COUNT(&allowed) < 2) {
+    state.SkipWithError("needs two CPUs");
+    return;
+  }
+  std::vector<int> cpus;
+  for (int c = 0; c < CPU_SETSIZE && cpus.size() < 2; ++c)
+    if (CPU_ISSET(c, &allowed)) cpus.push_back(c);
+  auto pin = [](int cpu) {
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(cpu, &one);
+    pthread_setaffinity_np(pthread_self(), sizeof(one), &one);
+  };
+  std::atomic<int64_t> ball{0};
+  std::atomic<bool> stop{false};
+  std::thread other([&] {
+    pin(cpus[1]);
+    // Returns each odd value as the next even one.
+    for (int64_t seen = 0; !stop.load(std::memory_order_relaxed);) {
+      const auto v = ball.load(std::memory_order_acquire);
+      if (v != seen && v % 2 == 1) {
+        ball.store(v + 1, std::memory_order_release);
+        seen = v + 1;
+      }
+    }
+  });
+  pin(cpus[0]);
+  int64_t v = 0;
+  for (auto _ : state) {
+    ball.store(v + 1, std::memory_order_release);
+    while (ball.load(std::memory_order_acquire) != v + 2) {
+    }
+    v += 2;
+  }
+  stop = true;
+  other.join();
+  pthread_setaffinity_np(pthread_self(), sizeof(allowed), &allowed);
+}
+BENCHMARK(bm_core_round_trip)->Unit(benchmark::kNanosecond);
 
 }  // namespace
 

@@ -276,6 +276,8 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
   const double helped0 = engine.metric_sum("tailor_step_helper_chunks_total", "device="),
                late0 = engine.metric_sum("tailor_step_helper_late_total", "device="),
                lent0 = engine.metric_sum("tailor_step_helper_lent_total", "device="),
+               eligible0 = engine.metric_sum("tailor_step_helper_eligible_steps_total", "device="),
+               helper_steps0 = engine.metric_sum("tailor_step_helper_steps_total", "device="),
                busy0 = engine.metric_sum("tailor_serving_busy_seconds_total", "device=");
   const double started = std::chrono::duration<double>(clock::now().time_since_epoch()).count();
   const auto cpu0 = read_cpu_times();
@@ -381,6 +383,17 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
       engine.metric_sum("tailor_step_helper_chunks_total", "device=") - helped0;
   out["helper_late_waits"] = engine.metric_sum("tailor_step_helper_late_total", "device=") - late0;
   out["helper_cores_lent"] = engine.metric_sum("tailor_step_helper_lent_total", "device=") - lent0;
+  // Of the steps big enough for the helper, the share it took part in (its
+  // trials decide, serving.step_helper auto), and its last trial's cost per
+  // token with it over without (one device).
+  const double eligible =
+      engine.metric_sum("tailor_step_helper_eligible_steps_total", "device=") - eligible0;
+  out["helper_steps_share"] =
+      eligible > 0
+          ? (engine.metric_sum("tailor_step_helper_steps_total", "device=") - helper_steps0) /
+                eligible
+          : 0.0;
+  out["helper_ratio"] = engine.metric_sum("tailor_step_helper_ratio", "device=");
   std::fprintf(stderr,
                "%s: %.0f tokens/s, p50 %.0f ms, p99 %.0f ms, mean batch %.1f, transport p50 %.0f "
                "ms, batch loop on its core %.2f and kept from it %.2f of the time, in steps "

@@ -3,6 +3,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <random>
@@ -285,9 +286,11 @@ std::vector<int64_t> batch_generator::add_batch(const std::vector<new_sequence>&
 }
 
 bool batch_generator::start_helper(const std::string& thread_name, int64_t min_tokens,
-                                   std::string& err) {
+                                   std::string& err,
+                                   std::optional<helper_policy::options> adaptive) {
   helper_ = step_helper::start(thread_name, err);
   helper_min_tokens_ = min_tokens;
+  if (helper_ && adaptive) policy_.emplace(*adaptive);
   return helper_ != nullptr;
 }
 
@@ -323,12 +326,24 @@ std::vector<int64_t> batch_generator::step() {
   torch::Tensor logits;
   {
     // A step of a few tokens is over before a helper would wake for it.
-    const bool big = static_cast<int64_t>(tokens.size()) >= helper_min_tokens_;
-    helping with(big ? helper_.get() : nullptr);
-    logits = forward_tokens(weights_, row_adapters::of(bank_, std::move(places)), tokens,
-                            positions, slots, cache_, last_of_row)
-                 .to(torch::kFloat32)
-                 .contiguous();  // [rows that sample, V]
+    const auto n = static_cast<int64_t>(tokens.size());
+    const bool eligible = helper_ && n >= helper_min_tokens_;
+    const bool helped = eligible && (!policy_ || policy_->use_helper());
+    const auto start = std::chrono::steady_clock::now();
+    {
+      helping with(helped ? helper_.get() : nullptr);
+      logits = forward_tokens(weights_, row_adapters::of(bank_, std::move(places)), tokens,
+                              positions, slots, cache_, last_of_row)
+                   .to(torch::kFloat32)
+                   .contiguous();  // [rows that sample, V]
+    }
+    if (eligible) {
+      ++eligible_steps_;
+      helped_steps_ += helped ? 1 : 0;
+      if (policy_)
+        policy_->observe(
+            n, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    }
   }
   const auto B = static_cast<int64_t>(rows_.size());
   const int64_t V = logits.size(1);

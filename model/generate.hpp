@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "model/helper_policy.hpp"
 #include "model/step_helper.hpp"
 #include "model/transformer.hpp"
 
@@ -95,8 +96,16 @@ class batch_generator {
   void set_prefill_chunk(int64_t tokens) { prefill_chunk_ = std::max<int64_t>(0, tokens); }
   // Starts a helper thread (model/step_helper.hpp) that takes chunks of
   // the steps of at least `min_tokens` tokens on a core nothing else
-  // wants. False, with the reason in `err`, when it cannot start.
-  bool start_helper(const std::string& thread_name, int64_t min_tokens, std::string& err);
+  // wants: of every such step, or with `adaptive`, of those a
+  // helper_policy with these options picks. False, with the reason in
+  // `err`, when it cannot start.
+  bool start_helper(const std::string& thread_name, int64_t min_tokens, std::string& err,
+                    std::optional<helper_policy::options> adaptive = std::nullopt);
+  // The adaptive helper's policy (null without one).
+  const helper_policy* helper_choice() const { return policy_ ? &*policy_ : nullptr; }
+  // Steps the helper could have taken, and those it did.
+  int64_t helper_eligible_steps() const { return eligible_steps_; }
+  int64_t helper_steps() const { return helped_steps_; }
   // The chunks of work the helper has taken so far, and the times the step
   // waited long for one (0 without a helper).
   int64_t helper_chunks() const { return helper_ ? helper_->chunks_run() : 0; }
@@ -162,6 +171,8 @@ class batch_generator {
   int64_t prefill_chunk_ = 0;
   std::unique_ptr<step_helper> helper_;
   int64_t helper_min_tokens_ = 0;
+  std::optional<helper_policy> policy_;
+  int64_t eligible_steps_ = 0, helped_steps_ = 0;
   std::vector<int64_t> started_;
 };
 

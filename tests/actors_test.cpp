@@ -140,6 +140,13 @@ TEST(EngineConfig, ValidationNamesTheOffendingKey) {
   cfg.serving.prefill_chunk = 0;  // whole prompts
   EXPECT_EQ(validate(cfg), "");
   cfg = {};
+  cfg.serving.step_helper = "sometimes";
+  EXPECT_NE(validate(cfg).find("serving.step_helper"), std::string::npos);
+  for (const char* v : {"auto", "on", "off"}) {
+    cfg.serving.step_helper = v;
+    EXPECT_EQ(validate(cfg), "") << v;
+  }
+  cfg = {};
   cfg.admin_max_user_series = 0;
   EXPECT_NE(validate(cfg).find("admin.max_user_series"), std::string::npos);
   cfg = {};
@@ -176,8 +183,8 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
   EXPECT_EQ(cfg.serving.batch_thread, "realtime");
   EXPECT_EQ(cfg.serving.prefill_chunk, 64);
   EXPECT_EQ(engine_config{}.serving.prefill_chunk, 256);
-  EXPECT_FALSE(cfg.serving.step_helper);
-  EXPECT_TRUE(engine_config{}.serving.step_helper);
+  EXPECT_EQ(cfg.serving.step_helper, "off");  // false: the spelling before "auto"
+  EXPECT_EQ(engine_config{}.serving.step_helper, "auto");
   EXPECT_EQ(cfg.serving.kv_cache, "float32");
   EXPECT_EQ(engine_config{}.serving.kv_cache, "float16");
   EXPECT_EQ(cfg.serving.products, "float32");
@@ -192,6 +199,17 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
   EXPECT_EQ(cfg.admin_port, 0);
   EXPECT_EQ(cfg.admin_max_user_series, 50);
   EXPECT_EQ(engine_config{}.admin_max_user_series, 1000);
+  for (auto [text, helper] : std::vector<std::pair<std::string, std::string>>{
+           {"true", "on"}, {"\"on\"", "on"}, {"\"auto\"", "auto"}, {"\"off\"", "off"}}) {
+    std::ofstream(path) << R"({"serving":{"step_helper":)" << text << "}}";
+    cfg = {};
+    EXPECT_EQ(load_config_file(path.string(), cfg), "") << text;
+    EXPECT_EQ(cfg.serving.step_helper, helper) << text;
+  }
+  std::ofstream(path) << R"({"serving":{"step_helper":3}})";
+  cfg = {};
+  EXPECT_NE(load_config_file(path.string(), cfg).find("serving.step_helper: has the wrong type"),
+            std::string::npos);
   fs::remove(path);
 }
 

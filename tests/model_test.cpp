@@ -22,6 +22,7 @@
 #include "model/huge_pages.hpp"
 #include "model/pretrain.hpp"
 #include "model/row_kernels.hpp"
+#include "model/helper_policy.hpp"
 #include "model/step_helper.hpp"
 #include "model/transformer.hpp"
 
@@ -1033,6 +1034,72 @@ TEST(StepHelper, FinishesItsChunkOnTheCoreTheLoopSleepsOn) {
 // (each product column, row of attention or LoRA, whoever computes it, is
 // summed alike), with float and with the float16/bfloat16 path. Rounds go
 // on until the helper has taken part (30 s at most).
+// The adaptive helper's trials: steps timed with and without it, in pairs
+// of blocks; the helper runs in between only when it made a token cheaper
+// by more than the threshold, and each trial can change the choice.
+TEST(HelperPolicy, KeepsTheHelperOnlyWhereItMadeATokenCheaper) {
+  helper_policy::options o;
+  o.block = 4;
+  o.pairs = 5;
+  o.settle = 100;
+  // Feeds `steps` steps of 20 tokens; a step with the helper costs `factor`
+  // times one without. Returns how many of them ran with it.
+  auto run = [](helper_policy& p, int steps, double factor) {
+    int helped = 0;
+    for (int i = 0; i < steps; ++i) {
+      const bool h = p.use_helper();
+      helped += h ? 1 : 0;
+      p.observe(20, (h ? factor : 1.0) * 1e-3);
+    }
+    return helped;
+  };
+  helper_policy p(o);
+  EXPECT_EQ(p.trials(), 0);
+  // A trial is half with the helper, half without, in alternating blocks.
+  EXPECT_EQ(run(p, 40, 0.7), 20);
+  EXPECT_EQ(p.trials(), 1);
+  EXPECT_TRUE(p.chosen());
+  EXPECT_NEAR(p.ratio(), 0.7, 1e-9);
+  // Between trials, the choice alone.
+  EXPECT_EQ(run(p, 100, 0.7), 100);
+  // The next trial finds the helper now slows the steps, and drops it.
+  EXPECT_EQ(run(p, 40, 1.2), 20);
+  EXPECT_EQ(p.trials(), 2);
+  EXPECT_FALSE(p.chosen());
+  EXPECT_NEAR(p.ratio(), 1.2, 1e-9);
+  EXPECT_EQ(run(p, 100, 0.7), 0);
+  // A gain under the threshold's 5 % is not worth the other core.
+  run(p, 40, 0.97);
+  EXPECT_EQ(p.trials(), 3);
+  EXPECT_FALSE(p.chosen());
+  EXPECT_EQ(run(p, 100, 0.97), 0);
+}
+
+// One pair spoiled (a preemption in the steps without the helper) moves the
+// median pair, not the choice; costs are per token, so bigger steps with the
+// helper do not make it look slower.
+TEST(HelperPolicy, ComparesCostPerTokenByTheMedianPair) {
+  helper_policy::options o;
+  o.block = 2;
+  o.pairs = 5;
+  o.settle = 10;
+  helper_policy p(o);
+  int step = 0;
+  while (p.trials() == 0) {
+    const bool h = p.use_helper();
+    const int pair = step / 4;
+    // With the helper: 40 tokens at 0.8 ms per 20 (0.04 ms a token); without:
+    // 20 tokens at 1 ms (0.05 ms a token), save pair 1's, 50 times slower.
+    const int64_t tokens = h ? 40 : 20;
+    const double seconds = h ? 1.6e-3 : (pair == 1 ? 50e-3 : 1e-3);
+    p.observe(tokens, seconds);
+    ++step;
+  }
+  EXPECT_EQ(step, 20);
+  EXPECT_TRUE(p.chosen());
+  EXPECT_NEAR(p.ratio(), 0.8, 1e-9);
+}
+
 TEST_F(ModelTest, AStepHelperChangesNoText) {
   const std::vector<std::string> prompts = {"a prompt of some length, with words", "hello", "x",
                                             "another prompt", "and one more", "the sixth"};
@@ -1062,6 +1129,19 @@ TEST_F(ModelTest, AStepHelperChangesNoText) {
       ++rounds;
     } while (helped.helper_chunks() == 0 && std::chrono::steady_clock::now() < until);
     EXPECT_GT(helped.helper_chunks(), 0) << "the helper took no chunk in " << rounds << " rounds";
+    // Adaptive, with trials of one step a side: the helper joins and leaves
+    // from step to step, in the middle of every sequence.
+    batch_generator adaptive(base_, bank_, 6, 0, 0, precision);
+    helper_policy::options every_step;
+    every_step.block = 1;
+    every_step.pairs = 1;
+    every_step.settle = 1;
+    ASSERT_TRUE(adaptive.start_helper("test.help", 0, err, every_step)) << err;
+    EXPECT_EQ(texts(adaptive), expected);
+    ASSERT_NE(adaptive.helper_choice(), nullptr);
+    EXPECT_GT(adaptive.helper_choice()->trials(), 0);
+    EXPECT_GT(adaptive.helper_steps(), 0);
+    EXPECT_LT(adaptive.helper_steps(), adaptive.helper_eligible_steps());
   }
 }
 

@@ -288,6 +288,14 @@ TEST_F(ServingTest, ConcurrentRequestsAreBatchedAndEachEqualsItsResultAlone) {
   EXPECT_EQ(threads_with(policies, SCHED_FIFO), realtime ? 1 : 0);
   // The device's step helper (serving.step_helper) runs only where a core idles.
   EXPECT_EQ(threads_with(policies, SCHED_IDLE), 1);
+  // By default (auto) its first trial starts with it: the full steps above
+  // were big enough for it, and it took part in some of them.
+  const auto eligible =
+      labelled("tailor_step_helper_eligible_steps_total", "device", "tailor-test/0");
+  const auto helped = labelled("tailor_step_helper_steps_total", "device", "tailor-test/0");
+  EXPECT_GT(eligible, 0);
+  EXPECT_GT(helped, 0);
+  EXPECT_LE(helped, eligible);
   // Every other thread runs SCHED_BATCH (compute.scheduling), started after it was set.
   int all = 0;
   for (const auto& [policy, n] : policies) all += n;
