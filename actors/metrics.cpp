@@ -150,8 +150,8 @@ std::string metrics::render() const {
          "Batch steps big enough for the step helper (16 tokens or more).", "device",
          helper_eligible_);
   family("tailor_step_helper_steps_total", "counter",
-         "Batch steps the step helper took part in (serving.step_helper auto: those its trials "
-         "found faster with it).",
+         "Batch steps the step helper took part in (serving.step_helper auto: half of each "
+         "trial's, and those after a trial that found it faster).",
          "device", helper_steps_);
   out.precision(15);
   if (!serving_busy_.empty()) {
