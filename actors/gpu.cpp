@@ -209,12 +209,15 @@ metrics::helper_figures helper_figures_of(const gpu_core& c) {
           p && p->trials() > 0 ? p->ratio() : b.ratio};
 }
 
-// Says when a trial of the step helper changed its choice.
+// Says when a trial of the step helper changed its choice (each trial at
+// debug level).
 void log_helper_choice(gpu_state& st) {
   auto& c = *st.core;
   const auto* p = c.gen->helper_choice();
   if (!p || p->trials() == c.helper_trials) return;
   c.helper_trials = p->trials();
+  spdlog::debug("gpu {}: step helper trial {}: cost per token with it {:.2f} of without",
+                st.label, p->trials(), p->ratio());
   if (c.helper_logged == p->chosen()) return;
   c.helper_logged = p->chosen();
   spdlog::info("gpu {}: step helper {} (a big step's cost per token with it: {:.2f} of without)",

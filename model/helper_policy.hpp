@@ -12,7 +12,8 @@
 // the loop keeps measuring: a trial alternates blocks of steps with and
 // without the helper, pair by pair (the order flipping from pair to pair,
 // so a trend in the load favours neither), and compares their cost per
-// token by the median pair; then the winner runs until the next trial.
+// token by the median pair; then the winner runs until the next trial (the
+// helper once it has won two trials in a row).
 // Only the steps the helper could take (`observe`d) count.
 //
 // No LibTorch and no clock here: the caller times its steps.
@@ -41,8 +42,8 @@ class helper_policy {
   void observe(int64_t tokens, double seconds);
 
   // The last trial's cost per token with the helper over without (the
-  // median pair's; 0 before a trial has ended), its choice, and the trials
-  // ended so far.
+  // median pair's; 0 before a trial has ended), the choice until the next
+  // trial, and the trials ended so far.
   double ratio() const { return ratio_; }
   bool chosen() const { return chosen_; }
   int64_t trials() const { return trials_; }
@@ -58,6 +59,7 @@ class helper_policy {
   std::vector<double> pair_ratios_;
   double ratio_ = 0;
   bool chosen_ = false;
+  bool won_before_ = false;  // the last trial ended found the helper faster
   int64_t trials_ = 0;
 };
 

@@ -1035,8 +1035,9 @@ TEST(StepHelper, FinishesItsChunkOnTheCoreTheLoopSleepsOn) {
 // summed alike), with float and with the float16/bfloat16 path. Rounds go
 // on until the helper has taken part (30 s at most).
 // The adaptive helper's trials: steps timed with and without it, in pairs
-// of blocks; the helper runs in between only when it made a token cheaper
-// by more than the threshold, and each trial can change the choice.
+// of blocks. The helper runs in between once two trials in a row found a
+// token cheaper with it by more than the threshold, and stops after one
+// that did not.
 TEST(HelperPolicy, KeepsTheHelperOnlyWhereItMadeATokenCheaper) {
   helper_policy::options o;
   o.block = 4;
@@ -1058,19 +1059,31 @@ TEST(HelperPolicy, KeepsTheHelperOnlyWhereItMadeATokenCheaper) {
   // A trial is half with the helper, half without, in alternating blocks.
   EXPECT_EQ(run(p, 40, 0.7), 20);
   EXPECT_EQ(p.trials(), 1);
-  EXPECT_TRUE(p.chosen());
   EXPECT_NEAR(p.ratio(), 0.7, 1e-9);
-  // Between trials, the choice alone.
+  // One winning trial is not enough: between trials, without it.
+  EXPECT_FALSE(p.chosen());
+  EXPECT_EQ(run(p, 100, 0.7), 0);
+  // The second in a row brings it in.
+  EXPECT_EQ(run(p, 40, 0.7), 20);
+  EXPECT_TRUE(p.chosen());
   EXPECT_EQ(run(p, 100, 0.7), 100);
-  // The next trial finds the helper now slows the steps, and drops it.
+  // The next trial finds the helper now slows the steps: it leaves at once.
   EXPECT_EQ(run(p, 40, 1.2), 20);
-  EXPECT_EQ(p.trials(), 2);
+  EXPECT_EQ(p.trials(), 3);
   EXPECT_FALSE(p.chosen());
   EXPECT_NEAR(p.ratio(), 1.2, 1e-9);
   EXPECT_EQ(run(p, 100, 0.7), 0);
+  // A lucky trial between losing ones does not bring it back.
+  run(p, 40, 0.7);
+  EXPECT_FALSE(p.chosen());
+  run(p, 100, 1.2);
+  run(p, 40, 1.2);
+  EXPECT_FALSE(p.chosen());
+  run(p, 100, 1.2);
   // A gain under the threshold's 5 % is not worth the other core.
+  run(p, 140, 0.97);
   run(p, 40, 0.97);
-  EXPECT_EQ(p.trials(), 3);
+  EXPECT_EQ(p.trials(), 7);
   EXPECT_FALSE(p.chosen());
   EXPECT_EQ(run(p, 100, 0.97), 0);
 }
@@ -1085,17 +1098,21 @@ TEST(HelperPolicy, ComparesCostPerTokenByTheMedianPair) {
   o.settle = 10;
   helper_policy p(o);
   int step = 0;
-  while (p.trials() == 0) {
+  while (p.trials() < 2) {
     const bool h = p.use_helper();
-    const int pair = step / 4;
+    const int pair = (step % 30) / 4;
     // With the helper: 40 tokens at 0.8 ms per 20 (0.04 ms a token); without:
     // 20 tokens at 1 ms (0.05 ms a token), save pair 1's, 50 times slower.
     const int64_t tokens = h ? 40 : 20;
     const double seconds = h ? 1.6e-3 : (pair == 1 ? 50e-3 : 1e-3);
     p.observe(tokens, seconds);
     ++step;
+    if (p.trials() == 1 && step == 20) {
+      EXPECT_NEAR(p.ratio(), 0.8, 1e-9);
+    }
   }
-  EXPECT_EQ(step, 20);
+  // Two trials of 20 steps and the 10 between them.
+  EXPECT_EQ(step, 50);
   EXPECT_TRUE(p.chosen());
   EXPECT_NEAR(p.ratio(), 0.8, 1e-9);
 }
