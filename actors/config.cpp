@@ -205,8 +205,9 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
     auto& sc = cfg.serving;
     const std::string w = "serving.";
     // true and false: the spellings before "auto" (every big step, none).
-    json helper = v.value("step_helper", json(sc.step_helper));
-    if (helper.is_boolean()) helper = helper.get<bool>() ? "on" : "off";
+    const auto helper = v.find("step_helper");
+    const bool helper_bool = helper != v.end() && helper->is_boolean();
+    if (helper_bool) sc.step_helper = helper->get<bool>() ? "on" : "off";
     ok = take(v, "devices", sc.devices, w, err) && take(v, "max_batch", sc.max_batch, w, err) &&
          take(v, "max_tokens_in_flight", sc.max_tokens_in_flight, w, err) &&
          take(v, "device_adapters", sc.device_adapters, w, err) &&
@@ -223,7 +224,7 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
          take(v, "kv_cache", sc.kv_cache, w, err) &&
          take(v, "products", sc.products, w, err) &&
          take(v, "prefill_chunk", sc.prefill_chunk, w, err) &&
-         take(json{{"step_helper", helper}}, "step_helper", sc.step_helper, w, err);
+         (helper_bool || take(v, "step_helper", sc.step_helper, w, err));
   }
   if (section("admin", {"host", "port", "max_user_series"})) {
     const auto& a = j["admin"];

@@ -170,7 +170,7 @@ training_outcome run_order(trainer_actor::stateful_pointer<trainer_state> self, 
 
 std::string adapter_path(const engine_config& cfg, const std::string& user_id,
                          const std::string& model_id) {
-  return cfg.artifact_dir + "/adapters/" + user_id + "/" + model_id + ".safetensors";
+  return storage::adapter_artifact_path(cfg.artifact_dir, user_id, model_id);
 }
 
 std::string checkpoint_path(const engine_config& cfg, const std::string& job_id) {

@@ -21,7 +21,6 @@
 #include "progress.hpp"
 #include "run_stats.hpp"
 #include "zipf.hpp"
-#include "storage/artifacts.hpp"
 #include "storage/metadata_store.hpp"
 
 namespace tailor::bench {
@@ -52,20 +51,10 @@ void register_adapters(const std::string& data_dir, int n, const serving_options
       for (auto& p : layer) p.b = torch::randn_like(p.b) * 0.02;  // a trained-looking B
     auto bytes = model::encode_adapter(ad, *cfg);
     if (!bytes) throw std::runtime_error("encode: " + caf::to_string(bytes.error()));
-    messages::model_record m;
-    m.model_id = "model-bench-" + std::to_string(k);
-    m.user_id = user_of(k);
-    m.base_model = o.base_model;
-    m.artifact_path =
-        data_dir + "/artifacts/adapters/" + m.user_id + "/" + m.model_id + ".safetensors";
-    m.checksum = storage::checksum_of(*bytes);
-    m.status = "ready";
-    m.created_ms = 1;
-    std::filesystem::create_directories(std::filesystem::path(m.artifact_path).parent_path());
-    if (auto err = storage::write_file_atomic(m.artifact_path, *bytes))
-      throw std::runtime_error("write adapter: " + caf::to_string(err));
-    if (auto err = (*db)->register_model(m))
-      throw std::runtime_error("register: " + caf::to_string(err));
+    auto m = storage::register_ready_adapter(**db, data_dir + "/artifacts", user_of(k),
+                                             "model-bench-" + std::to_string(k), o.base_model,
+                                             *bytes);
+    if (!m) throw std::runtime_error("register an adapter: " + caf::to_string(m.error()));
   }
 }
 

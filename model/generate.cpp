@@ -329,7 +329,9 @@ std::vector<int64_t> batch_generator::step() {
     const auto n = static_cast<int64_t>(tokens.size());
     const bool eligible = helper_ && n >= helper_min_tokens_;
     const bool helped = eligible && (!policy_ || policy_->use_helper());
-    const auto start = std::chrono::steady_clock::now();
+    const bool timed = eligible && policy_;  // only a policy reads the step's time
+    using steady = std::chrono::steady_clock;
+    const auto start = timed ? steady::now() : steady::time_point{};
     {
       helping with(helped ? helper_.get() : nullptr);
       logits = forward_tokens(weights_, row_adapters::of(bank_, std::move(places)), tokens,
@@ -340,9 +342,7 @@ std::vector<int64_t> batch_generator::step() {
     if (eligible) {
       ++eligible_steps_;
       helped_steps_ += helped ? 1 : 0;
-      if (policy_)
-        policy_->observe(
-            n, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+      if (timed) policy_->observe(n, std::chrono::duration<double>(steady::now() - start).count());
     }
   }
   const auto B = static_cast<int64_t>(rows_.size());

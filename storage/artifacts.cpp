@@ -27,6 +27,11 @@ std::string checksum_of(std::span<const std::byte> bytes) {
   return out;
 }
 
+std::string adapter_artifact_path(const std::string& artifact_dir, const std::string& user_id,
+                                  const std::string& model_id) {
+  return artifact_dir + "/adapters/" + user_id + "/" + model_id + ".safetensors";
+}
+
 caf::error write_file_atomic(const std::string& path, std::span<const std::byte> bytes) {
   // Unique per process and call: two threads may write beside each other.
   static std::atomic<uint64_t> seq{0};

@@ -20,6 +20,10 @@ std::string checksum_of(std::span<const std::byte> bytes);
 // new one, never a mix.
 caf::error write_file_atomic(const std::string& path, std::span<const std::byte> bytes);
 
+// Where the artifact store under `artifact_dir` keeps a user's adapter.
+std::string adapter_artifact_path(const std::string& artifact_dir, const std::string& user_id,
+                                  const std::string& model_id);
+
 // Reads `path` whole; when `checksum` is not empty, the bytes must match it
 // (else checksum_mismatch).
 caf::expected<std::vector<std::byte>> read_file(const std::string& path,

@@ -4,6 +4,7 @@
 #include <caf/expected.hpp>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -92,5 +93,13 @@ class metadata_store {
   struct impl;
   std::unique_ptr<impl> impl_;
 };
+
+// An adapter's safetensors bytes written to the artifact store under
+// `artifact_dir` and registered ready for its user, as a finished onboarding
+// leaves them: for the benches and tests that need adapters without
+// training them. Its record.
+caf::expected<messages::model_record> register_ready_adapter(
+    metadata_store& db, const std::string& artifact_dir, const std::string& user_id,
+    const std::string& model_id, const std::string& base_model, std::span<const std::byte> bytes);
 
 }  // namespace tailor::storage

@@ -15,7 +15,6 @@
 #include "engine_harness.hpp"
 #include "model/checkpoint.hpp"
 #include "model/pretrain.hpp"
-#include "storage/artifacts.hpp"
 #include "storage/metadata_store.hpp"
 
 using namespace tailor::test;
@@ -379,19 +378,11 @@ TEST_F(ServingTest, AnAdapterTooLargeForTheBankGivesAnErrorResultEachTime) {
     auto ad = tailor::model::lora_adapter::init(*cfg, lc, 7);
     auto bytes = tailor::model::encode_adapter(ad, *cfg);
     ASSERT_TRUE(bytes);
-    tailor::messages::model_record m;
-    m.model_id = "model-big";
-    m.user_id = "big";
-    m.base_model = "tailor-test";
-    m.artifact_path = engine_->data_dir() + "/data/artifacts/adapters/big/model-big.safetensors";
-    m.checksum = tailor::storage::checksum_of(*bytes);
-    m.status = "ready";
-    m.created_ms = 1;
-    fs::create_directories(fs::path(m.artifact_path).parent_path());
-    ASSERT_FALSE(tailor::storage::write_file_atomic(m.artifact_path, *bytes));
     auto db = tailor::storage::metadata_store::open(engine_->data_dir() + "/data/metadata");
     ASSERT_TRUE(db);
-    ASSERT_FALSE((*db)->register_model(m));
+    auto m = tailor::storage::register_ready_adapter(**db, engine_->data_dir() + "/data/artifacts",
+                                                     "big", "model-big", "tailor-test", *bytes);
+    ASSERT_TRUE(m) << caf::to_string(m.error());
   }
   engine_->start();
   ASSERT_FALSE(HasFatalFailure());

@@ -140,6 +140,24 @@ TEST_F(StoreTest, ModelsAreListedNewestFirstPerUser) {
   EXPECT_EQ(store_->register_model(model("m1", "u1", 4)), errc::already_exists);
 }
 
+// What benches and tests use for adapters they do not train: the bytes
+// where the artifact store keeps the user's adapter, under their checksum,
+// and the model ready for the user.
+TEST_F(StoreTest, ARegisteredReadyAdapterIsOnDiskUnderItsChecksumAndListed) {
+  const std::vector<std::byte> bytes(100, std::byte{42});
+  const auto dir = (dir_ / "artifacts").string();
+  auto m = register_ready_adapter(*store_, dir, "u1", "m1", "tailor-base", bytes);
+  ASSERT_TRUE(m) << caf::to_string(m.error());
+  EXPECT_EQ(m->artifact_path, adapter_artifact_path(dir, "u1", "m1"));
+  EXPECT_EQ(read_file(m->artifact_path, m->checksum).value(), bytes);
+  auto listed = store_->list_models("u1");
+  ASSERT_TRUE(listed);
+  ASSERT_EQ(listed->size(), 1u);
+  EXPECT_EQ(listed->front().status, "ready");
+  EXPECT_EQ(listed->front().checksum, checksum_of(bytes));
+  EXPECT_EQ(listed->front().base_model, "tailor-base");
+}
+
 TEST_F(StoreTest, RegisteringAModelFinishesItsJobAtomically) {
   ASSERT_FALSE(store_->create_job(job("j1"), request("u1", "a")));
   // The job is not in `saving`: the whole batch is refused, no table changes.
