@@ -291,6 +291,16 @@ void bm_continuous_prefix(benchmark::State& state) {
   continuous(state, 256);
 }
 BENCHMARK(bm_continuous_prefix)->Args({64, 64})->Args({64, 256})->Unit(benchmark::kMicrosecond);
+// As tailord serves by default: a float16 cache, bfloat16 products, adapters
+// from Zipf(1) and a prefix cache as large as the bank.
+void bm_continuous_prefix_bf16(benchmark::State& state) {
+  continuous(state, 256, {torch::kHalf, true}, true);
+}
+BENCHMARK(bm_continuous_prefix_bf16)
+    ->Args({64, 1})
+    ->Args({64, 100})
+    ->Args({64, 256})
+    ->Unit(benchmark::kMicrosecond);
 
 // Placing a rank-R adapter into a place of the device's bank: what a device
 // miss costs the batch loop, whose thread does it. P 1: packed, as the host

@@ -632,6 +632,49 @@ TEST(RowKernels, EveryKindOfAttendIsASoftmaxOfTheScores) {
           }
 }
 
+// The same keys and values at another address (another cache slot, a
+// prompt copied from the prefix cache) give the same attention, bit for
+// bit: a row's text must not depend on where the batch put it.
+TEST(RowKernels, AttendGivesTheSameBitsWhereverTheCacheLies) {
+  torch::manual_seed(6);
+  const int64_t context = 40;
+  for (auto isa : runnable_row_kernels())
+    for (auto type : {torch::kFloat32, torch::kHalf})
+      for (int64_t hd : {12, 32, 64})
+        for (int64_t n : {1, 16, 33, 40}) {
+          auto q = torch::randn({hd}), k = torch::randn({context, hd}).to(type),
+               v = torch::randn({context, hd}).to(type);
+          const auto scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+          auto attend_at = [&](int64_t offset) {
+            // The same keys and values `offset` values into fresh buffers.
+            auto kk = torch::zeros({context * hd + offset}, type);
+            auto vv = torch::zeros({context * hd + offset}, type);
+            kk.narrow(0, offset, context * hd).copy_(k.flatten());
+            vv.narrow(0, offset, context * hd).copy_(v.flatten());
+            std::vector<float> p(static_cast<std::size_t>(n));
+            auto out = torch::empty({hd});
+            if (type == torch::kHalf) {
+              auto half = [&](const torch::Tensor& t) {
+                return reinterpret_cast<const float16*>(t.data_ptr<c10::Half>()) + offset;
+              };
+              attend(isa, q.data_ptr<float>(), half(kk), hd, half(vv), hd, n, hd, scale,
+                     p.data(), out.data_ptr<float>());
+            } else {
+              attend(isa, q.data_ptr<float>(), kk.data_ptr<float>() + offset, hd,
+                     vv.data_ptr<float>() + offset, hd, n, hd, scale, p.data(),
+                     out.data_ptr<float>());
+            }
+            return out;
+          };
+          const auto first = attend_at(0);
+          for (int64_t offset : {1, 3, 8, 16, 1000})
+            EXPECT_TRUE(torch::equal(first, attend_at(offset)))
+                << (isa == row_isa::avx512 ? "avx512" : "portable")
+                << (type == torch::kHalf ? " float16" : " float") << " width " << hd << " n " << n
+                << " offset " << offset;
+        }
+}
+
 // What sampling draws from: e^((x - max x) / temperature), 1 at the
 // largest logit, over vocabulary-sized and ragged lengths, down to
 // weights that underflow.
