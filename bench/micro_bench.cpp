@@ -291,8 +291,8 @@ void bm_continuous_prefix(benchmark::State& state) {
   continuous(state, 256);
 }
 BENCHMARK(bm_continuous_prefix)->Args({64, 64})->Args({64, 256})->Unit(benchmark::kMicrosecond);
-// As tailord serves by default: a float16 cache, bfloat16 products, adapters
-// from Zipf(1) and a prefix cache as large as the bank.
+// bm_continuous_zipf_bf16 (tailord's default precision, Zipf adapters) with
+// the prefix cache above: the closest to a serving run's steps.
 void bm_continuous_prefix_bf16(benchmark::State& state) {
   continuous(state, 256, {torch::kHalf, true}, true);
 }
