@@ -236,12 +236,12 @@ topic_watch::~topic_watch() {
   consumer_->close();
 }
 
-bench_producer::bench_producer(const std::string& bootstrap)
+bench_producer::bench_producer(const std::string& bootstrap, int linger_ms)
     : reports_(std::make_unique<delivery_check>()) {
   std::string err;
   std::unique_ptr<RdKafka::Conf> conf(RdKafka::Conf::create(RdKafka::Conf::CONF_GLOBAL));
   if (conf->set("bootstrap.servers", bootstrap, err) != RdKafka::Conf::CONF_OK ||
-      conf->set("linger.ms", "5", err) != RdKafka::Conf::CONF_OK ||
+      conf->set("linger.ms", std::to_string(linger_ms), err) != RdKafka::Conf::CONF_OK ||
       conf->set("enable.idempotence", "true", err) != RdKafka::Conf::CONF_OK ||
       conf->set("dr_cb", reports_.get(), err) != RdKafka::Conf::CONF_OK)
     throw std::runtime_error("producer: " + err);

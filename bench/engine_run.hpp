@@ -92,7 +92,9 @@ class topic_watch {
 // A producer with delivery checks; `flush` throws when a message failed.
 class bench_producer {
  public:
-  explicit bench_producer(const std::string& bootstrap);
+  // `linger_ms`: how long librdkafka waits to fill a produce request (its
+  // own default is 5), as the clients being modelled would.
+  explicit bench_producer(const std::string& bootstrap, int linger_ms = 5);
   ~bench_producer();
   void send(const std::string& topic, const std::string& key, const std::string& payload);
   void flush();

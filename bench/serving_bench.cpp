@@ -203,7 +203,7 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
     }
     log.cv.notify_all();
   });
-  bench_producer producer(engine.bootstrap());
+  bench_producer producer(engine.bootstrap(), o.client_linger_ms);
   auto draws = zipf_draws(n, o.zipf, o.requests, 42);
   auto send_as = [&](const std::string& user, const std::string& id, const std::string& prompt,
                      int seed) {
@@ -417,6 +417,7 @@ json run_serving(const serving_options& given) {
     out["concurrency"] = o.concurrency;
   out["repeats"] = o.repeats;
   out["partitions"] = o.partitions;
+  out["client_linger_ms"] = o.client_linger_ms;
   out["batch_thread"] = o.batch_thread;
   out["kv_cache"] = o.kv_cache;
   out["products"] = o.products;

@@ -32,6 +32,11 @@ struct serving_options {
   // a quarter of the requests of many users' runs; 1 takes that difference
   // out of a comparison of adapter counts (docs/operations.md).
   int partitions = 4;
+  // linger.ms of the producer that sends the requests, as a client's: 5 is
+  // librdkafka's default. Less sends each request sooner but in more
+  // produce requests, which the broker pays for beside tailord; how much
+  // depends on the partitions (docs/operations.md, 2026-12-04).
+  int client_linger_ms = 5;
 };
 
 // Many personal models on one base through a real broker and a tailord of

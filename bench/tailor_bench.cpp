@@ -142,6 +142,11 @@ int main(int argc, char** argv) {
                    "tailord's kafka.topic_partitions; see bench/README.md)")
       ->check(CLI::PositiveNumber);
   serving
+      ->add_option("--client-linger-ms", so.client_linger_ms,
+                   "linger.ms of the producer sending the requests, as a client's (default: "
+                   "5, librdkafka's default; see bench/README.md)")
+      ->check(CLI::Range(0, 900000));  // librdkafka's range
+  serving
       ->add_option("--repeats", so.repeats,
                    "rounds of all runs; each figure is the median round's (default: 1)")
       ->check(CLI::PositiveNumber);
