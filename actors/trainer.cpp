@@ -152,13 +152,14 @@ training_outcome run_order(trainer_actor::stateful_pointer<trainer_state> self, 
   if (!bytes)
     return failure(errc::training_failed, "encoding the adapter: " + error_text(bytes.error()),
                    true);
+  auto stored = storage::store_adapter(st.cfg.artifact_dir, o.user_id, o.model_id, *bytes);
+  if (!stored)
+    return failure(errc::training_failed, "writing the adapter: " + error_text(stored.error()),
+                   true);
   training_outcome out;
   out.status = "done";
-  out.artifact_path = adapter_path(st.cfg, o.user_id, o.model_id);
-  out.checksum = storage::checksum_of(*bytes);
-  fs::create_directories(fs::path(out.artifact_path).parent_path(), ec);
-  if (auto err = storage::write_file_atomic(out.artifact_path, *bytes))
-    return failure(errc::training_failed, "writing the adapter: " + error_text(err), true);
+  out.artifact_path = stored->path;
+  out.checksum = stored->checksum;
   out.steps_done = res->steps_done;
   out.loss = res->train_loss;
   out.results = prompt_results(st.cfg, base, res->adapter, o);
@@ -167,11 +168,6 @@ training_outcome run_order(trainer_actor::stateful_pointer<trainer_state> self, 
 }
 
 }  // namespace
-
-std::string adapter_path(const engine_config& cfg, const std::string& user_id,
-                         const std::string& model_id) {
-  return storage::adapter_artifact_path(cfg.artifact_dir, user_id, model_id);
-}
 
 std::string checkpoint_path(const engine_config& cfg, const std::string& job_id) {
   return cfg.artifact_dir + "/checkpoints/" + job_id + ".ckpt";

@@ -47,9 +47,7 @@ trainer_actor::behavior_type trainer(trainer_actor::stateful_pointer<trainer_sta
                                      std::shared_ptr<metrics> stats,
                                      std::shared_ptr<std::atomic<bool>> shutdown);
 
-// Where the adapter of `model_id` and the checkpoint of `job_id` live.
-std::string adapter_path(const engine_config& cfg, const std::string& user_id,
-                         const std::string& model_id);
+// Where the checkpoint of `job_id` lives (the adapter: storage::store_adapter).
 std::string checkpoint_path(const engine_config& cfg, const std::string& job_id);
 
 }  // namespace tailor::actors

@@ -32,6 +32,18 @@ std::string adapter_artifact_path(const std::string& artifact_dir, const std::st
   return artifact_dir + "/adapters/" + user_id + "/" + model_id + ".safetensors";
 }
 
+caf::expected<stored_artifact> store_adapter(const std::string& artifact_dir,
+                                             const std::string& user_id,
+                                             const std::string& model_id,
+                                             std::span<const std::byte> bytes) {
+  stored_artifact out{adapter_artifact_path(artifact_dir, user_id, model_id), checksum_of(bytes)};
+  std::error_code ec;
+  std::filesystem::create_directories(std::filesystem::path(out.path).parent_path(), ec);
+  if (ec) return caf::make_error(errc::io_error, "creating " + out.path + ": " + ec.message());
+  if (auto err = write_file_atomic(out.path, bytes)) return err;
+  return out;
+}
+
 caf::error write_file_atomic(const std::string& path, std::span<const std::byte> bytes) {
   // Unique per process and call: two threads may write beside each other.
   static std::atomic<uint64_t> seq{0};

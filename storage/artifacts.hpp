@@ -24,6 +24,18 @@ caf::error write_file_atomic(const std::string& path, std::span<const std::byte>
 std::string adapter_artifact_path(const std::string& artifact_dir, const std::string& user_id,
                                   const std::string& model_id);
 
+// A user's adapter (safetensors bytes) written there atomically, its
+// directories made: where it went and its checksum, as a model record
+// names them.
+struct stored_artifact {
+  std::string path;
+  std::string checksum;
+};
+caf::expected<stored_artifact> store_adapter(const std::string& artifact_dir,
+                                             const std::string& user_id,
+                                             const std::string& model_id,
+                                             std::span<const std::byte> bytes);
+
 // Reads `path` whole; when `checksum` is not empty, the bytes must match it
 // (else checksum_mismatch).
 caf::expected<std::vector<std::byte>> read_file(const std::string& path,

@@ -8,7 +8,6 @@
 
 #include <chrono>
 #include <cstring>
-#include <filesystem>
 #include <limits>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -391,21 +390,18 @@ caf::expected<history_page> metadata_store::page_history(const std::string& user
 caf::expected<messages::model_record> register_ready_adapter(
     metadata_store& db, const std::string& artifact_dir, const std::string& user_id,
     const std::string& model_id, const std::string& base_model, std::span<const std::byte> bytes) {
+  auto stored = store_adapter(artifact_dir, user_id, model_id, bytes);
+  if (!stored) return stored.error();
   messages::model_record m;
   m.model_id = model_id;
   m.user_id = user_id;
   m.base_model = base_model;
-  m.artifact_path = adapter_artifact_path(artifact_dir, user_id, model_id);
-  m.checksum = checksum_of(bytes);
+  m.artifact_path = stored->path;
+  m.checksum = stored->checksum;
   m.status = "ready";
   m.created_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
                      std::chrono::system_clock::now().time_since_epoch())
                      .count();
-  std::error_code ec;
-  std::filesystem::create_directories(std::filesystem::path(m.artifact_path).parent_path(), ec);
-  if (ec)
-    return caf::make_error(errc::io_error, "creating " + m.artifact_path + ": " + ec.message());
-  if (auto err = write_file_atomic(m.artifact_path, bytes)) return err;
   if (auto err = db.register_model(m)) return err;
   return m;
 }

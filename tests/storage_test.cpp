@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <csignal>
 #include <filesystem>
+#include <fstream>
 #include <random>
 
 #include "storage/artifacts.hpp"
@@ -156,6 +157,19 @@ TEST_F(StoreTest, ARegisteredReadyAdapterIsOnDiskUnderItsChecksumAndListed) {
   EXPECT_EQ(listed->front().status, "ready");
   EXPECT_EQ(listed->front().checksum, checksum_of(bytes));
   EXPECT_EQ(listed->front().base_model, "tailor-base");
+}
+
+// An artifact store that cannot be written (here a file where its
+// directory should be) is an error, not an adapter silently missing.
+TEST_F(StoreTest, AnAdapterThatCannotBeStoredIsAnError) {
+  const auto blocker = (dir_ / "not-a-directory").string();
+  std::ofstream(blocker) << "x";
+  const std::vector<std::byte> bytes(10, std::byte{1});
+  auto stored = store_adapter(blocker, "u1", "m1", bytes);
+  ASSERT_FALSE(stored);
+  EXPECT_EQ(stored.error(), errc::io_error);
+  EXPECT_FALSE(register_ready_adapter(*store_, blocker, "u1", "m1", "tailor-base", bytes));
+  EXPECT_TRUE(store_->list_models("u1")->empty()) << "nothing registered without its bytes";
 }
 
 TEST_F(StoreTest, RegisteringAModelFinishesItsJobAtomically) {
