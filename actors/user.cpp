@@ -227,14 +227,21 @@ void serve(user_ptr self, promise_t rp, inference_request x, uint64_t hash, mode
   // there is nothing to prefetch into: the file would be read twice.
   if (st.routes.loader && st.routes.host->capacity() > 0 && !st.routes.host->find(m.model_id))
     self->send(st.routes.loader, prefetch_atom_v, m);
+  const auto model_id = m.model_id;
   self->request(gpu, caf::infinite, infer_atom_v,
                 inference_order{x, std::move(m), received, std::chrono::steady_clock::now()})
-      .then([=](outgoing_message& result) { finish_inference(self, x, hash, std::move(result)); },
-            [=](caf::error& err) {
-              // The GPU actor is gone (shutdown, or it failed): not an answer.
-              // The waiters fail, the ingress retries, and nothing is recorded.
-              fail_waiters(self, x.request_id, err);
-            });
+      .then(
+          [=](outgoing_message& result) {
+            // Counted here, on a worker, not on the batch loop that answered
+            // (docs/operations.md, 2026-12-04 (later)).
+            self->state.stats->count_request(model_id, self->state.user_id);
+            finish_inference(self, x, hash, std::move(result));
+          },
+          [=](caf::error& err) {
+            // The GPU actor is gone (shutdown, or it failed): not an answer.
+            // The waiters fail, the ingress retries, and nothing is recorded.
+            fail_waiters(self, x.request_id, err);
+          });
 }
 
 void handle_inference(user_ptr self, promise_t rp, inference_request x, uint64_t hash) {
@@ -354,7 +361,8 @@ std::string job_id_for(const std::string& user_id, const std::string& request_id
 
 user_actor::behavior_type user(user_actor::stateful_pointer<user_state> self, std::string user_id,
                                engine_config cfg, metadata_access db, egress_actor out,
-                               pool_actor pool, serving_routes routes, registry_actor registry) {
+                               pool_actor pool, serving_routes routes, registry_actor registry,
+                               std::shared_ptr<metrics> stats) {
   auto& st = self->state;
   st.user_id = std::move(user_id);
   st.cfg = std::move(cfg);
@@ -363,6 +371,7 @@ user_actor::behavior_type user(user_actor::stateful_pointer<user_state> self, st
   st.pool = std::move(pool);
   st.routes = std::move(routes);
   st.registry = std::move(registry);
+  st.stats = std::move(stats);
   self->delayed_send(self, std::chrono::seconds(st.cfg.user_idle_seconds), idle_atom_v);
   return {
       [self](handle_atom, incoming_event& ev) -> caf::result<answers> {
@@ -431,7 +440,7 @@ registry_actor::behavior_type registry(registry_actor::stateful_pointer<registry
         auto& e = st.users[id];
         if (!e.actor) {
           e.actor = self->spawn<caf::linked>(user, id, st.cfg, st.db, st.out, st.pool, st.routes,
-                                             caf::actor_cast<registry_actor>(self));
+                                             caf::actor_cast<registry_actor>(self), st.stats);
           st.stats->add_users(1);
         }
         ++e.routed;

@@ -55,6 +55,7 @@ struct user_state {
   pool_actor pool;
   serving_routes routes;
   registry_actor registry;
+  std::shared_ptr<metrics> stats;
   std::map<std::string, pending> inflight;  // by request id
   // The newest ready model (none: the user has none), as read when the
   // store's models_generation was `generation`: every request without a
@@ -87,7 +88,8 @@ struct registry_state {
 
 user_actor::behavior_type user(user_actor::stateful_pointer<user_state> self, std::string user_id,
                                engine_config cfg, metadata_access db, egress_actor out,
-                               pool_actor pool, serving_routes routes, registry_actor registry);
+                               pool_actor pool, serving_routes routes, registry_actor registry,
+                               std::shared_ptr<metrics> stats);
 
 registry_actor::behavior_type registry(registry_actor::stateful_pointer<registry_state> self,
                                        engine_config cfg, metadata_access db, egress_actor out,

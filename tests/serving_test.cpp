@@ -253,7 +253,7 @@ TEST_F(ServingTest, ConcurrentRequestsAreBatchedAndEachEqualsItsResultAlone) {
   ASSERT_FALSE(HasFatalFailure());
   std::vector<std::string> users;
   for (int i = 0; i < 16; ++i) users.push_back("u" + std::to_string(i));
-  onboard_all(users);
+  auto models = onboard_all(users);
   for (int i = 0; i < 64; ++i)
     send_inference(ask(users[i % 16], "b" + std::to_string(i), "Tell me something.", 100 + i));
   in_->flush();
@@ -264,6 +264,11 @@ TEST_F(ServingTest, ConcurrentRequestsAreBatchedAndEachEqualsItsResultAlone) {
     batched[i] = r["text"];
   }
   EXPECT_GT(metric("tailor_serving_batch_max"), 1) << "requests of different users shared a step";
+  // Every answer counted once for its user and its model, before it was published.
+  for (const auto& u : users) {
+    EXPECT_EQ(metric("tailor_user_requests_total{user=\"" + u + "\"}"), 4) << u;
+    EXPECT_EQ(metric("tailor_model_requests_total{model=\"" + models[u] + "\"}"), 4) << u;
+  }
   // Each request again, alone: the same text (same seed, whatever shared the batch).
   for (int i = 0; i < 64; ++i) {
     send_inference(ask(users[i % 16], "alone" + std::to_string(i), "Tell me something.", 100 + i));
