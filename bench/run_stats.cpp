@@ -1,6 +1,7 @@
 #include "run_stats.hpp"
 
 #include <algorithm>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
@@ -87,6 +88,53 @@ cpu_times read_cpu_times() {
 double steal_share(const cpu_times& from, const cpu_times& to) {
   if (to.total <= from.total || to.steal < from.steal) return 0.0;
   return static_cast<double>(to.steal - from.steal) / static_cast<double>(to.total - from.total);
+}
+
+std::optional<std::pair<std::string, uint64_t>> parse_thread_stat(std::string_view line) {
+  // "TID (NAME) STATE PPID ...": the name ends at the last ')', and utime
+  // and stime are fields 14 and 15, the 12th and 13th after it.
+  const auto open = line.find('(');
+  const auto close = line.rfind(')');
+  if (open == std::string_view::npos || close == std::string_view::npos || close < open)
+    return std::nullopt;
+  std::istringstream in{std::string(line.substr(close + 1))};
+  std::string field;
+  uint64_t utime = 0, stime = 0;
+  for (int i = 3; i <= 13; ++i)
+    if (!(in >> field)) return std::nullopt;
+  if (!(in >> utime >> stime)) return std::nullopt;
+  return std::make_pair(std::string(line.substr(open + 1, close - open - 1)), utime + stime);
+}
+
+std::map<std::string, uint64_t> thread_cpu_ticks(pid_t pid) {
+  std::map<std::string, uint64_t> out;
+  std::error_code ec;
+  const auto dir = std::filesystem::path("/proc") / std::to_string(pid) / "task";
+  for (std::filesystem::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    std::ifstream f(it->path() / "stat");
+    std::string line;
+    if (!std::getline(f, line)) continue;  // the thread ended meanwhile
+    if (auto t = parse_thread_stat(line)) out[t->first] += t->second;
+  }
+  return out;
+}
+
+nlohmann::json cpu_us_per_request(const std::map<std::string, uint64_t>& before,
+                                  const std::map<std::string, uint64_t>& after, double requests,
+                                  double ticks_per_second) {
+  nlohmann::json out = nlohmann::json::object();
+  if (requests <= 0 || ticks_per_second <= 0) return out;
+  double total = 0;
+  for (const auto& [name, ticks] : after) {
+    const auto it = before.find(name);
+    const uint64_t was = it == before.end() ? 0 : it->second;
+    if (ticks <= was) continue;
+    const double us = static_cast<double>(ticks - was) / ticks_per_second * 1e6 / requests;
+    out[name] = us;
+    total += us;
+  }
+  out["total"] = total;
+  return out;
 }
 
 }  // namespace tailor::bench

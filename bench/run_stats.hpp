@@ -1,7 +1,11 @@
 #pragma once
 
+#include <sys/types.h>
+
 #include <cstdint>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -41,5 +45,21 @@ cpu_times read_cpu_times();  // zeros where /proc/stat cannot be read
 // The share of the time between two readings that was stolen; 0 when no
 // time passed.
 double steal_share(const cpu_times& from, const cpu_times& to);
+
+// A thread's name and CPU time so far (user + system, clock ticks) from its
+// /proc/PID/task/TID/stat line; nullopt for a line that is not one. The
+// name is what pthread_setname_np gave it (tailor.batch.0, caf.multiplexer,
+// rdk:broker1, ...), and may hold spaces and parentheses.
+std::optional<std::pair<std::string, uint64_t>> parse_thread_stat(std::string_view line);
+// The CPU time of each thread of process `pid`, summed by thread name;
+// empty where /proc cannot be read. Threads that ended are not in it.
+std::map<std::string, uint64_t> thread_cpu_ticks(pid_t pid);
+// Microseconds of CPU a request, by thread name, between two readings of
+// thread_cpu_ticks (`ticks_per_second` a clock tick's rate), and their sum
+// under "total": where a process's time per request went. A thread new
+// since `before` counts from zero.
+nlohmann::json cpu_us_per_request(const std::map<std::string, uint64_t>& before,
+                                  const std::map<std::string, uint64_t>& after, double requests,
+                                  double ticks_per_second);
 
 }  // namespace tailor::bench

@@ -270,6 +270,8 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
                busy0 = engine.metric_sum("tailor_serving_busy_seconds_total", "device=");
   const double started = std::chrono::duration<double>(clock::now().time_since_epoch()).count();
   const auto cpu0 = read_cpu_times();
+  const auto tailord_threads0 = thread_cpu_ticks(engine.pid());
+  const auto bench_threads0 = thread_cpu_ticks(::getpid());
   const auto t0 = clock::now();
   const auto deadline = t0 + std::chrono::minutes(30);
   if (o.rate > 0) {
@@ -312,6 +314,8 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
   }
   const double wall = std::chrono::duration<double>(clock::now() - t0).count();
   const double stolen = steal_share(cpu0, read_cpu_times());
+  const auto tailord_threads1 = thread_cpu_ticks(engine.pid());
+  const auto bench_threads1 = thread_cpu_ticks(::getpid());
   bar.done();
   const auto hits = engine.metric("tailor_adapter_cache_hits_total", "tier", "device") - hits0;
   const auto misses =
@@ -354,6 +358,13 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
   // Of the machine's CPU time during the run, the share the hypervisor gave
   // other guests: a run with much of it measured a busier host, not tailord.
   out["cpu_steal"] = stolen;
+  // Where a request's CPU went: microseconds of each tailord thread (by
+  // name: tailor.batch.0 is the batch loop, caf.* the actors, rdk:* Kafka's)
+  // and of this bench's, per measured request.
+  const double ticks = static_cast<double>(::sysconf(_SC_CLK_TCK));
+  out["cpu_us_per_request"] = {
+      {"tailord", cpu_us_per_request(tailord_threads0, tailord_threads1, o.requests, ticks)},
+      {"bench", cpu_us_per_request(bench_threads0, bench_threads1, o.requests, ticks)}};
   // Whether tailord's batch loop got the realtime policy it was asked for.
   out["batch_thread_realtime"] =
       engine.metric_sum("tailor_batch_thread_realtime", "device=") > 0;
@@ -386,11 +397,14 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
   std::fprintf(stderr,
                "%s: %.0f tokens/s, p50 %.0f ms, p99 %.0f ms, mean batch %.1f, transport p50 %.0f "
                "ms, batch loop on its core %.2f and kept from it %.2f of the time, in steps "
-               "%.2f; the host stole %.2f of the CPU time\n",
+               "%.2f; tailord's CPU %.0f us a request, the batch loop's %.0f; the host stole "
+               "%.2f of the CPU time\n",
                label, out["tokens_per_s"].get<double>(), out["p50_ms"].get<double>(),
                out["p99_ms"].get<double>(), out["mean_batch"].get<double>(),
                out["transport_p50_ms"].get<double>(), out["batch_thread_running"].get<double>(),
-               out["batch_thread_runnable"].get<double>(), out["batch_busy"].get<double>(), stolen);
+               out["batch_thread_runnable"].get<double>(), out["batch_busy"].get<double>(),
+               out["cpu_us_per_request"]["tailord"].value("total", 0.0),
+               out["cpu_us_per_request"]["tailord"].value("tailor.batch.0", 0.0), stolen);
   return out;
 }
 

@@ -1,5 +1,10 @@
 // The benches' own arithmetic (bench/run_stats): what a repeated run reports.
 #include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <map>
+#include <string>
 
 #include "run_stats.hpp"
 
@@ -10,6 +15,9 @@ using tailor::bench::round_ratios;
 using tailor::bench::parse_cpu_times;
 using tailor::bench::read_cpu_times;
 using tailor::bench::steal_share;
+using tailor::bench::cpu_us_per_request;
+using tailor::bench::parse_thread_stat;
+using tailor::bench::thread_cpu_ticks;
 
 TEST(MedianRun, PicksTheRunOfMedianValueAndListsEveryValue) {
   std::vector<json> runs{{{"adapters", 100}, {"tokens_per_s", 15000.0}, {"p50_ms", 1}},
@@ -72,4 +80,50 @@ TEST(CpuTimes, StealIsTheEighthFieldOfTheFirstLineOfProcStat) {
   const auto now = read_cpu_times();
   EXPECT_GT(now.total, 0u) << "this machine's /proc/stat";
   EXPECT_LE(now.steal, now.total);
+}
+
+// The serving bench reports each tailord thread's CPU time per request.
+TEST(ThreadCpu, ANameAndItsUserPlusSystemTicksFromAThreadsStatLine) {
+  // Fields after the name: state, ppid, pgrp, session, tty, tpgid, flags,
+  // minflt, cminflt, majflt, cmajflt, then utime 250 and stime 50.
+  auto t = parse_thread_stat("4242 (tailor.batch.0) R 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20");
+  ASSERT_TRUE(t);
+  EXPECT_EQ(t->first, "tailor.batch.0");
+  EXPECT_EQ(t->second, 300u);
+  // A name with a space and a parenthesis of its own ends at the last ')'.
+  t = parse_thread_stat("7 (odd) name)) S 1 2 3 4 5 6 7 8 9 10 3 4 0");
+  ASSERT_TRUE(t);
+  EXPECT_EQ(t->first, "odd) name)");
+  EXPECT_EQ(t->second, 7u);
+  EXPECT_FALSE(parse_thread_stat("7 (short) S 1 2 3")) << "no times";
+  EXPECT_FALSE(parse_thread_stat("no name here")) << "no parentheses";
+}
+
+TEST(ThreadCpu, MicrosecondsPerRequestByNameAndTheirSum) {
+  const std::map<std::string, uint64_t> before{{"tailor.batch.0", 100}, {"caf.actor", 40},
+                                               {"gone", 5}};
+  const std::map<std::string, uint64_t> after{{"tailor.batch.0", 300}, {"caf.actor", 40},
+                                              {"new", 10}};
+  // 100 ticks a second over 1,000 requests: a tick is 10 us a request.
+  const auto j = cpu_us_per_request(before, after, 1000, 100);
+  EXPECT_DOUBLE_EQ(j["tailor.batch.0"].get<double>(), 2000.0);
+  EXPECT_FALSE(j.contains("caf.actor")) << "no time spent";
+  EXPECT_DOUBLE_EQ(j["new"].get<double>(), 100.0) << "a new thread counts from zero";
+  EXPECT_FALSE(j.contains("gone"));
+  EXPECT_DOUBLE_EQ(j["total"].get<double>(), 2100.0);
+  EXPECT_TRUE(cpu_us_per_request(before, after, 0, 100).empty()) << "no requests";
+  // This process's threads, by name: busy work shows in them within a
+  // deadline (the counts move by clock ticks).
+  auto sum = [](const std::map<std::string, uint64_t>& m) {
+    uint64_t s = 0;
+    for (const auto& [name, ticks] : m) s += ticks;
+    return s;
+  };
+  const auto a = thread_cpu_ticks(::getpid());
+  ASSERT_FALSE(a.empty());
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  volatile double x = 0;
+  while (sum(thread_cpu_ticks(::getpid())) == sum(a) && std::chrono::steady_clock::now() < deadline)
+    for (int i = 0; i < 1000000; ++i) x = x + 1e-9 * i;
+  EXPECT_GT(sum(thread_cpu_ticks(::getpid())), sum(a)) << "busy for 10 s and no CPU time counted";
 }
