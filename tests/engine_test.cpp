@@ -237,6 +237,37 @@ TEST_F(EngineTest, AdminApi) {
   EXPECT_EQ(engine_->stop(), 0) << "SIGTERM stops tailord cleanly";
 }
 
+// Whether a mapping of process `pid`'s heap is advised for transparent huge
+// pages: VmFlags "hg" in /proc/PID/smaps (whether the kernel then backs it
+// with 2 MiB pages is the machine's THP setting).
+bool heap_advised_for_huge_pages(pid_t pid) {
+  std::ifstream smaps("/proc/" + std::to_string(pid) + "/smaps");
+  bool in_heap = false;
+  for (std::string line; std::getline(smaps, line);) {
+    if (line.find("[heap]") != std::string::npos) in_heap = true;
+    if (in_heap && line.rfind("VmFlags:", 0) == 0) {
+      if ((line + " ").find(" hg ") != std::string::npos) return true;
+      in_heap = false;
+    }
+  }
+  return false;
+}
+
+TEST_F(EngineTest, TheHeapIsOnHugePagesUnlessTheOperatorSaysNot) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  EXPECT_TRUE(heap_advised_for_huge_pages(engine_->pid()))
+      << "tailord restarts itself with glibc.malloc.hugetlb=1";
+  EXPECT_EQ(engine_->get("/healthz").first, 200) << "the process started is the one serving";
+  ::setenv("TAILOR_MALLOC_HUGE_PAGES", "0", 1);
+  engine_process plain("PlainHeap");
+  plain.start();
+  ::unsetenv("TAILOR_MALLOC_HUGE_PAGES");
+  ASSERT_FALSE(HasFatalFailure());
+  EXPECT_FALSE(heap_advised_for_huge_pages(plain.pid())) << "TAILOR_MALLOC_HUGE_PAGES=0";
+  EXPECT_EQ(plain.stop(), 0);
+}
+
 TEST_F(EngineTest, TwoHundredMixedEventsEachGetExactlyOneAnswerOfTheRightKind) {
   start();
   ASSERT_FALSE(HasFatalFailure());
