@@ -104,6 +104,11 @@ int main(int argc, char** argv) {
   app.add_flag("--sync-writes", sync_writes,
                "fsync RocksDB's WAL on every write (survives power loss)");
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error (default: info)");
+  app.footer(
+      "Environment: TAILOR_HOME holds the default data and model directories. tailord starts\n"
+      "itself again once, first thing, with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (malloc's heap\n"
+      "on transparent huge pages); TAILOR_MALLOC_HUGE_PAGES=0, or glibc.malloc.hugetlb already\n"
+      "in GLIBC_TUNABLES, starts it as it is. docs/configuration.md has the rest.");
   CLI11_PARSE(app, argc, argv);
 
   if (!config_file.empty()) {
