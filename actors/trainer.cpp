@@ -111,7 +111,12 @@ training_outcome run_order(trainer_actor::stateful_pointer<trainer_state> self, 
   opt.checkpoint_every = st.cfg.training.checkpoint_every;
   opt.checkpoint_path = checkpoint_path(st.cfg, o.job_id);
   std::error_code ec;
-  fs::create_directories(fs::path(opt.checkpoint_path).parent_path(), ec);
+  const auto checkpoints = fs::path(opt.checkpoint_path).parent_path();
+  // As for the adapter (storage::store_adapter): a store that cannot be
+  // written fails the job with its reason, not later as a torch error.
+  if (fs::create_directories(checkpoints, ec); ec)
+    return failure(errc::training_failed,
+                   "creating " + checkpoints.string() + ": " + ec.message(), true);
   // Progress at a bounded rate: the first step, then at most one per
   // interval, and the last one.
   const auto interval = std::chrono::milliseconds(st.cfg.training.progress_interval_ms);
