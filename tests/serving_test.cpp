@@ -342,6 +342,20 @@ TEST_F(ServingTest, AColdAdapterIsLoadedAndLaterEvictedUnderCapacityPressure) {
   EXPECT_EQ(r["timings_ms"]["adapter_load"], 0.0);
   EXPECT_EQ(labelled("tailor_model_requests_total", "model", r["model_id"]), 3);
   EXPECT_EQ(labelled("tailor_user_requests_total", "user", "c3"), 3);
+  // The least recently used adapter leaves, not the one placed first: c2
+  // was placed before c3, but used after it, so c0 takes c3's place.
+  auto ask_and_count = [&](const std::string& user, const std::string& id) {
+    send_inference(ask(user, id, "hi", 1, 4));
+    in_->flush();
+    auto res = result(user, id);
+    EXPECT_FALSE(res.contains("error")) << res.dump();
+    return std::pair{labelled("tailor_adapter_cache_hits_total", "tier", "device"),
+                     labelled("tailor_adapter_cache_misses_total", "tier", "device")};
+  };
+  EXPECT_EQ(ask_and_count("c2", "lru1"), std::pair(2.0, 8.0));
+  EXPECT_EQ(ask_and_count("c0", "lru2"), std::pair(2.0, 9.0));
+  EXPECT_EQ(ask_and_count("c2", "lru3"), std::pair(3.0, 9.0)) << "c2 was evicted, not c3";
+  EXPECT_EQ(ask_and_count("c3", "lru4"), std::pair(3.0, 10.0));
 }
 
 TEST_F(ServingTest, ACorruptedAdapterGivesAnErrorResultNotACrash) {
