@@ -189,7 +189,9 @@ void finish_inference(user_ptr self, inference_request x, uint64_t hash, outgoin
     return;
   }
   // A synced write waits on the disk: on the store actor's thread, and the
-  // history after it, off the answer's path.
+  // history after it, off the answer's path. The entry's output is the
+  // record's answer, stored once (metadata_store::append_history).
+  entry.output.clear();
   self->request(st.db.actor, store_timeout, record_atom_v, rec)
       .then(
           [=](caf::ok_atom) {

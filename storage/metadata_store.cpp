@@ -345,7 +345,19 @@ caf::error metadata_store::put_request(const request_record& req, const history_
   auto& im = *impl_;
   rocksdb::WriteBatch batch;
   batch.Put(im.t(requests), request_key(req.user_id, req.request_id), messages::to_json(req));
-  if (entry) batch.Put(im.t(history), im.history_key(*entry), messages::to_json(*entry));
+  if (entry) {
+    // The answer (~0.5-1 KB of JSON, escaped again inside the entry's) was
+    // written, copied into the memtable and logged twice per request.
+    const bool in_record = req.answers.size() == 1 && req.user_id == entry->user_id &&
+                           req.request_id == entry->request_id &&
+                           req.answers.front().payload == entry->output;
+    if (in_record) {
+      history_entry lean{entry->user_id, entry->time_ms, entry->request_id, entry->input, {}};
+      batch.Put(im.t(history), im.history_key(lean), messages::to_json(lean));
+    } else {
+      batch.Put(im.t(history), im.history_key(*entry), messages::to_json(*entry));
+    }
+  }
   return im.write(batch, entry ? "put request and history" : "put request");
 }
 
@@ -380,6 +392,17 @@ caf::expected<history_page> metadata_store::page_history(const std::string& user
     if (!messages::from_json(it->value().ToStringView(), e))
       return caf::make_error(errc::corrupt_record,
                              "history entry of " + user_id + " does not parse");
+    if (e.output.empty()) {
+      // Stored once, in the request's record (put_request).
+      auto rec = im.get_record<request_record>(requests, request_key(e.user_id, e.request_id));
+      if (!rec && rec.error() != errc::not_found) return rec.error();
+      if (!rec || rec->answers.empty())
+        return caf::make_error(errc::corrupt_record,
+                               "history entry of " + user_id + " for request " + e.request_id +
+                                   ": its answer is kept in the request's record, which " +
+                                   (rec ? "has no answer" : "is missing"));
+      e.output = std::move(rec->answers.front().payload);
+    }
     page.entries.push_back(std::move(e));
     last = it->key().ToString();
   }

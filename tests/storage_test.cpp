@@ -294,6 +294,42 @@ TEST_F(StoreTest, ARequestWithItsHistoryEntryIsStoredAndPagedLikeAnAppendedOne) 
   EXPECT_TRUE(store_->find_request("u1", "q9")->has_value());
 }
 
+// The answer is kept once, in the request's record: the history entry
+// written with it, or appended after it with no output, reads it from
+// there, before and after a reopen. An entry with another output keeps its
+// own; one whose record is gone is a clear error, not an empty output.
+TEST_F(StoreTest, AHistoryEntryReadsTheAnswerItsRecordKeeps) {
+  const std::string answer = R"({"request_id":"q1","text":"a \"quoted\" answer"})";
+  request_record rec{"u1", "q1", "inference.request", 7, "", {{channel::results, "u1", answer}}, 5};
+  const history_entry with{"u1", 100, "q1", R"({"prompt":"hi"})", answer};
+  ASSERT_FALSE(store_->put_request(rec, &with));
+  request_record rec2{"u1", "q2", "inference.request", 8, "", {{channel::results, "u1", "{}"}}, 6};
+  const history_entry other{"u1", 101, "q2", "in2", "not the record's answer"};
+  ASSERT_FALSE(store_->put_request(rec2, &other));
+  request_record rec3{
+      "u1", "q3", "inference.request", 9, "", {{channel::results, "u1", "{\"n\":3}"}}, 7};
+  ASSERT_FALSE(store_->put_request(rec3));
+  ASSERT_FALSE(store_->append_history({"u1", 102, "q3", "in3", ""}));
+  auto check = [&](const char* where) {
+    auto page = store_->page_history("u1", "", 10);
+    ASSERT_TRUE(page) << where;
+    ASSERT_EQ(page->entries.size(), 3u) << where;
+    EXPECT_EQ(page->entries[0].input, R"({"prompt":"hi"})") << where;
+    EXPECT_EQ(page->entries[0].output, answer) << where;
+    EXPECT_EQ(page->entries[1].output, "not the record's answer") << where;
+    EXPECT_EQ(page->entries[2].input, "in3") << where;
+    EXPECT_EQ(page->entries[2].output, "{\"n\":3}") << where;
+  };
+  check("in the memtable");
+  reopen();
+  check("after a reopen");
+  ASSERT_FALSE(store_->append_history({"u2", 100, "never-answered", "in", ""}));
+  auto broken = store_->page_history("u2", "", 10);
+  ASSERT_FALSE(broken);
+  EXPECT_NE(caf::to_string(broken.error()).find("never-answered"), std::string::npos)
+      << caf::to_string(broken.error());
+}
+
 // Answers of many users arrive interleaved, a user's ids not in key order;
 // each lookup finds exactly its own record (or none: a new id, another
 // user's id) and each history is that user's in time order, both from the
