@@ -302,6 +302,42 @@ BENCHMARK(bm_continuous_prefix_bf16)
     ->Args({64, 256})
     ->Unit(benchmark::kMicrosecond);
 
+// Admitting a request whose prompt the prefix cache holds (its lookup and
+// the copy into the row's slot), with E prompts of E adapters cached: what
+// a returning user's request costs the batch loop before its first step,
+// as the cache (serving.prefix_cache_entries) grows. The row then leaves.
+void bm_prefix_admit(benchmark::State& state) {
+  auto& f = fixture::get();
+  const auto entries = state.range(0);
+  auto bank = adapter_bank::make(f.cfg, 256, 16, false);
+  const auto packed = packed_adapter::of(lora_adapter::init(f.cfg, {8, 16.0, false}, 3));
+  batch_generator g(f.base, bank, 4, entries, 0, {torch::kHalf, true});
+  auto s = temperature_sampling(1);
+  s.max_tokens = 1;
+  // Entry i: adapter identity 1000 + i at place 1 + i % 256, one prompt each.
+  for (int64_t i = 0; i < entries; ++i) {
+    const int64_t place = 1 + i % bank.size;
+    bank.set(place, packed, static_cast<uint64_t>(1000 + i));
+    g.add_batch({{prompt_of(static_cast<int>(i)), place, s}});
+    while (!g.idle())
+      for (auto id : g.step()) g.take(id);
+  }
+  // The adapters placed now are the last 256: admit their requests in turn.
+  const auto first = std::max<int64_t>(0, entries - bank.size);
+  const auto reused = g.prompt_tokens_reused();
+  int64_t i = first;
+  for (auto _ : state) {
+    const auto ids = g.add_batch({{prompt_of(static_cast<int>(i)), 1 + i % bank.size, s}});
+    g.finish(ids.front(), "cancelled");
+    g.step();  // the row leaves
+    g.take(ids.front());
+    i = i + 1 < entries ? i + 1 : first;
+  }
+  if (g.prompt_tokens_reused() == reused) state.SkipWithError("no prompt came from the cache");
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(bm_prefix_admit)->Arg(256)->Arg(4096)->Unit(benchmark::kMicrosecond);
+
 // Placing a rank-R adapter into a place of the device's bank: what a device
 // miss costs the batch loop, whose thread does it. P 1: packed, as the host
 // tier keeps adapters (a copy); P 0: decoded, packed on the loop's thread

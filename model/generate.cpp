@@ -62,17 +62,19 @@ uint64_t batch_generator::identity_of(int64_t place) const {
   return i < bank_.identities.size() ? bank_.identities[i] : 0;
 }
 
-std::pair<batch_generator::prefix_entry*, int64_t> batch_generator::longest_prefix(
+std::pair<batch_generator::prefix_list::iterator, int64_t> batch_generator::longest_prefix(
     int64_t place, const std::vector<int64_t>& tokens) {
-  const auto identity = identity_of(place);
-  prefix_entry* best = nullptr;
+  auto best = prefixes_.end();
   int64_t best_n = 0;
-  for (auto& e : prefixes_) {
-    if (e.identity != identity) continue;
+  auto [from, to] = prefix_index_.equal_range(identity_of(place));
+  for (; from != to; ++from) {
+    const auto& e = *from->second;
     const auto n = static_cast<int64_t>(
         std::mismatch(e.tokens.begin(), e.tokens.end(), tokens.begin(), tokens.end()).first -
         e.tokens.begin());
-    if (n > best_n) best = &e, best_n = n;
+    // On a tie either will do: the same adapter and tokens give the same
+    // keys and values.
+    if (n > best_n) best = from->second, best_n = n;
   }
   return {best, best_n};
 }
@@ -93,18 +95,18 @@ void batch_generator::remember_prompt(int64_t place, const std::vector<int64_t>&
            (prefix_bytes_ > 0 && prefix_used_ + bytes > prefix_bytes_);
   };
   while (!prefixes_.empty() && full()) {
-    auto victim = std::min_element(
-        prefixes_.begin(), prefixes_.end(),
-        [](const prefix_entry& x, const prefix_entry& y) { return x.last_used < y.last_used; });
+    const auto victim = prefixes_.begin();
+    auto [from, to] = prefix_index_.equal_range(victim->identity);
+    while (from->second != victim) ++from;  // it is there: every entry is indexed
+    prefix_index_.erase(from);
     prefix_used_ -= victim->bytes;
-    if (victim != prefixes_.end() - 1) *victim = std::move(prefixes_.back());
-    prefixes_.pop_back();
+    prefixes_.erase(victim);
   }
   auto& into = prefixes_.emplace_back();
   into.identity = identity_of(place);
   into.tokens = tokens;
-  into.last_used = ++prefix_tick_;
   into.bytes = bytes;
+  prefix_index_.emplace(into.identity, std::prev(prefixes_.end()));
   for (std::size_t l = 0; l < cache_.k.size(); ++l) {
     const auto& k = cache_.k[l];
     into.k.push_back(torch::empty({1, k.size(1), n, k.size(3)}, k.options()));
@@ -268,7 +270,7 @@ std::vector<int64_t> batch_generator::add_batch(const std::vector<new_sequence>&
     // generated token.
     const int64_t reuse = std::min<int64_t>(m, n - 1);
     if (reuse > 0) {
-      e->last_used = ++prefix_tick_;
+      prefixes_.splice(prefixes_.end(), prefixes_, e);  // now the most recently used
       for (std::size_t l = 0; l < cache_.k.size(); ++l) {
         copy_positions(e->k[l], 0, cache_.k[l], r->slot, reuse);
         copy_positions(e->v[l], 0, cache_.v[l], r->slot, reuse);

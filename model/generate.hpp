@@ -5,9 +5,11 @@
 // each with its own adapter, sampling settings and seed.
 #include <algorithm>
 #include <cstdint>
+#include <list>
 #include <memory>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -142,12 +144,13 @@ class batch_generator {
     std::vector<int64_t> tokens;
     std::vector<torch::Tensor> k, v;  // [layer] -> [1, heads, tokens, head_dim]
     int64_t bytes = 0;                // of k and v
-    uint64_t last_used = 0;
   };
+  using prefix_list = std::list<prefix_entry>;
   // The cached prompt of `place` sharing the longest prefix with `tokens`,
-  // and that length (0 and nullptr when none does).
-  std::pair<prefix_entry*, int64_t> longest_prefix(int64_t place,
-                                                   const std::vector<int64_t>& tokens);
+  // and that length (0 and prefixes_.end() when none does). Looks at that
+  // adapter's entries only.
+  std::pair<prefix_list::iterator, int64_t> longest_prefix(int64_t place,
+                                                           const std::vector<int64_t>& tokens);
   void remember_prompt(int64_t place, const std::vector<int64_t>& tokens, int64_t slot);
   uint64_t identity_of(int64_t place) const;  // of the adapter at the bank's place
 
@@ -165,8 +168,11 @@ class batch_generator {
   int64_t prefix_entries_ = 0;
   int64_t prefix_bytes_ = 0;  // 0: no limit but the entries'
   int64_t prefix_used_ = 0;
-  std::vector<prefix_entry> prefixes_;
-  uint64_t prefix_tick_ = 0;
+  // Least recently used first; and by adapter identity. A lookup scanned
+  // every entry and each new entry searched all of them for the oldest:
+  // O(entries) per admission, growing with serving.prefix_cache_entries.
+  prefix_list prefixes_;
+  std::unordered_multimap<uint64_t, prefix_list::iterator> prefix_index_;
   int64_t reused_tokens_ = 0, computed_tokens_ = 0;
   int64_t prefill_chunk_ = 0;
   std::unique_ptr<step_helper> helper_;

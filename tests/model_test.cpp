@@ -1402,6 +1402,28 @@ TEST_F(ModelTest, ThePrefixCacheKeepsToItsMemoryBudget) {
   EXPECT_EQ(tiny.prompt_tokens_reused(), 0);
 }
 
+// Leaving the cache goes by last use, not by age: a prompt reused since
+// stays, and the one nobody asked for again goes. Each adapter finds its
+// own entries among the others' (each lookup reads only its adapter's).
+TEST_F(ModelTest, APromptReusedStaysInThePrefixCacheAndTheUnusedOneLeaves) {
+  auto bank = own_bank();
+  const auto s = sampled(3, 4);
+  const std::string a = "Tell me something about number 1.";  // 34 tokens, 33 reusable
+  batch_generator g(base_, bank, 2, 2, 0);  // two entries
+  generate_checked(g, bank, a, 1, s);
+  generate_checked(g, bank, a, 2, s);
+  generate_checked(g, bank, a, 1, s);  // adapter 1's entry, older, is used again
+  EXPECT_EQ(g.prompt_tokens_reused(), 33);
+  generate_checked(g, bank, a, 3, s);  // room for it: adapter 2's goes
+  EXPECT_EQ(g.prompt_tokens_reused(), 33);
+  generate_checked(g, bank, a, 1, s);
+  EXPECT_EQ(g.prompt_tokens_reused(), 66) << "adapter 1's prompt was used last: it stays";
+  generate_checked(g, bank, a, 3, s);
+  EXPECT_EQ(g.prompt_tokens_reused(), 99);
+  generate_checked(g, bank, a, 2, s);
+  EXPECT_EQ(g.prompt_tokens_reused(), 99) << "adapter 2's prompt was the one not used again";
+}
+
 TEST(Tokenizer, BytesRoundTripAndInvalidUtf8IsRepaired) {
   EXPECT_EQ(decode(encode("héllo")), "héllo");
   EXPECT_EQ(decode({0x68, 0xff, end_of_text, 0x69}), "h\xEF\xBF\xBDi");
