@@ -338,6 +338,45 @@ void bm_prefix_admit(benchmark::State& state) {
 }
 BENCHMARK(bm_prefix_admit)->Arg(256)->Arg(4096)->Unit(benchmark::kMicrosecond);
 
+// B requests of returning users joining at once, as a closed loop's wave
+// does, their cached prompts out of every cache (64 MB read between
+// iterations, not timed): the copies into their slots, per request.
+void bm_prefix_admit_cold(benchmark::State& state) {
+  auto& f = fixture::get();
+  const auto batch = state.range(0);
+  auto bank = adapter_bank::make(f.cfg, 256, 16, false);
+  const auto packed = packed_adapter::of(lora_adapter::init(f.cfg, {8, 16.0, false}, 3));
+  batch_generator g(f.base, bank, batch, 1024, 0, {torch::kHalf, true});
+  auto s = temperature_sampling(1);
+  s.max_tokens = 1;
+  for (int64_t i = 0; i < bank.size; ++i) {
+    bank.set(1 + i, packed, static_cast<uint64_t>(1000 + i));
+    g.add_batch({{prompt_of(static_cast<int>(i)), 1 + i, s}});
+    while (!g.idle())
+      for (auto id : g.step()) g.take(id);
+  }
+  std::vector<char> sweep(64 << 20, 1);
+  std::mt19937_64 rng(5);
+  int64_t sum = 0;
+  for (auto _ : state) {
+    state.PauseTiming();
+    for (std::size_t o = 0; o < sweep.size(); o += 64) sum += sweep[o]++;
+    std::vector<batch_generator::new_sequence> seqs;
+    for (int64_t b = 0; b < batch; ++b) {
+      const auto i = static_cast<int64_t>(rng() % static_cast<uint64_t>(bank.size));
+      seqs.push_back({prompt_of(static_cast<int>(i)), 1 + i, s});
+    }
+    state.ResumeTiming();
+    const auto ids = g.add_batch(seqs);
+    for (auto id : ids) g.finish(id, "cancelled");
+    g.step();
+    for (auto id : ids) g.take(id);
+  }
+  benchmark::DoNotOptimize(sum);
+  state.SetItemsProcessed(state.iterations() * batch);
+}
+BENCHMARK(bm_prefix_admit_cold)->Arg(32)->Unit(benchmark::kMicrosecond);
+
 // Placing a rank-R adapter into a place of the device's bank: what a device
 // miss costs the batch loop, whose thread does it. P 1: packed, as the host
 // tier keeps adapters (a copy); P 0: decoded, packed on the loop's thread
