@@ -97,8 +97,8 @@ void batch_generator::remember_prompt(int64_t place, const std::vector<int64_t>&
   while (!prefixes_.empty() && full()) {
     const auto victim = prefixes_.begin();
     auto [from, to] = prefix_index_.equal_range(victim->identity);
-    while (from->second != victim) ++from;  // it is there: every entry is indexed
-    prefix_index_.erase(from);
+    while (from != to && from->second != victim) ++from;
+    if (from != to) prefix_index_.erase(from);  // always: every entry is indexed
     prefix_used_ -= victim->bytes;
     prefixes_.erase(victim);
   }
