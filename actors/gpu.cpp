@@ -236,10 +236,14 @@ void log_helper_choice(gpu_state& st) {
 void publish_gauges(gpu_ptr self) {
   auto& st = self->state;
   log_helper_choice(st);
-  st.stats->set_serving(st.label, static_cast<int64_t>(st.core->waiting.size()),
-                        static_cast<int64_t>(st.core->active.size()),
-                        st.core->gen->prefix_cache_bytes(),
-                        static_cast<int64_t>(st.core->shares.users()));
+  // Every place not free holds an entry (placed or loading); the other
+  // entries are adapters that wait for a place.
+  const auto& c = *st.core;
+  const auto used = static_cast<int64_t>(c.owner.size() - 1 - c.free_places.size());
+  st.stats->set_serving(st.label, static_cast<int64_t>(c.waiting.size()),
+                        static_cast<int64_t>(c.active.size()), c.gen->prefix_cache_bytes(),
+                        static_cast<int64_t>(c.shares.users()), used,
+                        static_cast<int64_t>(c.adapters.size()) - used);
   st.stats->set_helper(st.label, helper_figures_of(*st.core));
 }
 
@@ -309,10 +313,19 @@ void forget_adapter(gpu_core& c, const std::string& model_id, int64_t index) {
   c.free_places.push_back(index);
 }
 
-// A request that leaves (answered) no longer holds its adapter's place.
+// A request that leaves (answered) no longer holds its adapter's place. An
+// adapter that never got a place and that no request wants any more leaves
+// the map: each user whose request expired or was cancelled while the bank
+// was full stayed in it for good.
 void release_adapter(gpu_core& c, gpu_core::request& r) {
-  if (r.adapter->users > 0) --r.adapter->users;
-  sync_idle(c, *r.adapter);
+  auto& a = *r.adapter;
+  r.adapter = nullptr;
+  if (a.users > 0) --a.users;
+  if (a.users == 0 && a.index == 0 && !a.loading) {
+    c.adapters.erase(r.order.model.model_id);
+    return;
+  }
+  sync_idle(c, a);
 }
 
 // The device's batch: rows, key/value and prefix caches, step helper. Made

@@ -128,6 +128,12 @@ std::string metrics::render() const {
   family("tailor_serving_users", "gauge",
          "Users whose service a device keeps count of for fair admission.", "device",
          serving_users_);
+  family("tailor_bank_places_used", "gauge",
+         "Places of a device's adapter bank holding an adapter or reserved for one loading.",
+         "device", bank_used_);
+  family("tailor_bank_adapters_unplaced", "gauge",
+         "Adapters requested on a device that have no place in its bank yet.", "device",
+         bank_unplaced_);
   family("tailor_batch_thread_realtime", "gauge",
          "1 while a batch loop runs SCHED_FIFO (serving.batch_thread realtime).", "device",
          batch_realtime_);

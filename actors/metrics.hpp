@@ -82,14 +82,18 @@ class metrics {
     prompt_computed_.fetch_add(computed);
   }
   // A GPU actor's gauges: requests waiting for a row, rows in the batch,
-  // bytes its prefix cache holds, users whose service it keeps count of.
+  // bytes its prefix cache holds, users whose service it keeps count of,
+  // places of its bank in use and adapters asked for that have none yet.
   void set_serving(const std::string& device, int64_t waiting, int64_t active,
-                   int64_t prefix_bytes, int64_t users) {
+                   int64_t prefix_bytes, int64_t users, int64_t places_used,
+                   int64_t unplaced) {
     std::lock_guard<std::mutex> g(mtx_);
     serving_waiting_[device] = waiting;
     serving_active_[device] = active;
     prefix_bytes_[device] = prefix_bytes;
     serving_users_[device] = users;
+    bank_used_[device] = places_used;
+    bank_unplaced_[device] = unplaced;
   }
 
   // A batch loop's thread since it started, in seconds: on a core, and ready
@@ -153,8 +157,8 @@ class metrics {
   mutable std::mutex mtx_;
   std::map<std::string, int64_t> events_in_, events_out_, errors_, lag_, joined_, in_flight_,
       paused_, jobs_, pauses_, serving_waiting_, serving_active_, prefix_bytes_, serving_users_,
-      batch_realtime_, helper_chunks_, helper_late_, helper_lent_, helper_eligible_,
-      helper_steps_, step_failures_;
+      bank_used_, bank_unplaced_, batch_realtime_, helper_chunks_, helper_late_, helper_lent_,
+      helper_eligible_, helper_steps_, step_failures_;
   bounded_counts model_requests_, user_requests_;
   std::map<std::string, std::map<std::string, int64_t>> cache_;  // event -> tier -> count
   std::map<std::string, std::pair<double, double>> batch_thread_;  // device -> running, runnable

@@ -505,6 +505,9 @@ TEST_F(ServingTest, ACancelledRequestEndsWithCancelled) {
       [&] { return labelled("tailor_adapter_cache_misses_total", "tier", "device") >= misses + 1; },
       30s));
   ASSERT_TRUE(events_of("victim", "v", "inference.result").empty()) << "the victim ran already";
+  // The bank's one place holds the busy adapter; the victim's waits for one.
+  EXPECT_EQ(labelled("tailor_bank_places_used", "device", device), 1);
+  EXPECT_EQ(labelled("tailor_bank_adapters_unplaced", "device", device), 1);
   send_control({{"type", "inference.cancel"},
                 {"schema_version", 1},
                 {"user_id", "victim"},
@@ -513,6 +516,11 @@ TEST_F(ServingTest, ACancelledRequestEndsWithCancelled) {
   auto r = result("victim", "v", 60s);
   EXPECT_EQ(r["finish_reason"], "cancelled") << r.dump();
   EXPECT_FALSE(r.contains("error"));
+  // Nobody waits for the victim's adapter any more: the device keeps nothing
+  // of it (each such user used to stay in its map for good).
+  EXPECT_TRUE(wait_until(
+      [&] { return labelled("tailor_bank_adapters_unplaced", "device", device) == 0; }, 10s));
+  EXPECT_EQ(labelled("tailor_bank_places_used", "device", device), 1);
 }
 
 // A batch step that throws, as LibTorch does when memory runs out, costs the
