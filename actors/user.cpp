@@ -165,10 +165,12 @@ void fail_waiters(user_ptr self, const std::string& request_id, const caf::error
 
 // Stores the result as the request's answer with its history entry (input
 // and output), then answers every copy of the request that waited for it.
+// The output is the record's answer, stored once: the entry's is left empty
+// and read from the record (metadata_store::page_history).
 void finish_inference(user_ptr self, inference_request x, uint64_t hash, outgoing_message result) {
   auto& st = self->state;
   auto rec = make_record(st, x.request_id, "inference.request", hash, {result});
-  history_entry entry{st.user_id, now_ms(), x.request_id, to_json(x), result.payload};
+  history_entry entry{st.user_id, now_ms(), x.request_id, to_json(x), ""};
   auto answer_waiters = [=] {
     auto& st = self->state;
     auto it = st.inflight.find(x.request_id);
@@ -189,9 +191,7 @@ void finish_inference(user_ptr self, inference_request x, uint64_t hash, outgoin
     return;
   }
   // A synced write waits on the disk: on the store actor's thread, and the
-  // history after it, off the answer's path. The entry's output is the
-  // record's answer, stored once (metadata_store::append_history).
-  entry.output.clear();
+  // history after it, off the answer's path.
   self->request(st.db.actor, store_timeout, record_atom_v, rec)
       .then(
           [=](caf::ok_atom) {

@@ -306,22 +306,28 @@ BENCHMARK(bm_continuous_prefix_bf16)
 // the copy into the row's slot), with E prompts of E adapters cached: what
 // a returning user's request costs the batch loop before its first step,
 // as the cache (serving.prefix_cache_entries) grows. The row then leaves.
-void bm_prefix_admit(benchmark::State& state) {
-  auto& f = fixture::get();
-  const auto entries = state.range(0);
-  auto bank = adapter_bank::make(f.cfg, 256, 16, false);
-  const auto packed = packed_adapter::of(lora_adapter::init(f.cfg, {8, 16.0, false}, 3));
-  batch_generator g(f.base, bank, 4, entries, 0, {torch::kHalf, true});
-  auto s = temperature_sampling(1);
-  s.max_tokens = 1;
-  // Entry i: adapter identity 1000 + i at place 1 + i % 256, one prompt each.
-  for (int64_t i = 0; i < entries; ++i) {
+// Caches prompt_of(i) for i < n in `g`, each under its own adapter: identity
+// 1000 + i at place 1 + i % the bank's size (the last ones stay placed).
+void cache_prompts(adapter_bank& bank, batch_generator& g, int64_t n, const sampling& s) {
+  const auto& cfg = fixture::get().cfg;
+  const auto packed = packed_adapter::of(lora_adapter::init(cfg, {8, 16.0, false}, 3));
+  for (int64_t i = 0; i < n; ++i) {
     const int64_t place = 1 + i % bank.size;
     bank.set(place, packed, static_cast<uint64_t>(1000 + i));
     g.add_batch({{prompt_of(static_cast<int>(i)), place, s}});
     while (!g.idle())
       for (auto id : g.step()) g.take(id);
   }
+}
+
+void bm_prefix_admit(benchmark::State& state) {
+  auto& f = fixture::get();
+  const auto entries = state.range(0);
+  auto bank = adapter_bank::make(f.cfg, 256, 16, false);
+  batch_generator g(f.base, bank, 4, entries, 0, {torch::kHalf, true});
+  auto s = temperature_sampling(1);
+  s.max_tokens = 1;
+  cache_prompts(bank, g, entries, s);
   // The adapters placed now are the last 256: admit their requests in turn.
   const auto first = std::max<int64_t>(0, entries - bank.size);
   const auto reused = g.prompt_tokens_reused();
@@ -345,16 +351,10 @@ void bm_prefix_admit_cold(benchmark::State& state) {
   auto& f = fixture::get();
   const auto batch = state.range(0);
   auto bank = adapter_bank::make(f.cfg, 256, 16, false);
-  const auto packed = packed_adapter::of(lora_adapter::init(f.cfg, {8, 16.0, false}, 3));
   batch_generator g(f.base, bank, batch, 1024, 0, {torch::kHalf, true});
   auto s = temperature_sampling(1);
   s.max_tokens = 1;
-  for (int64_t i = 0; i < bank.size; ++i) {
-    bank.set(1 + i, packed, static_cast<uint64_t>(1000 + i));
-    g.add_batch({{prompt_of(static_cast<int>(i)), 1 + i, s}});
-    while (!g.idle())
-      for (auto id : g.step()) g.take(id);
-  }
+  cache_prompts(bank, g, bank.size, s);
   std::vector<char> sweep(64 << 20, 1);
   std::mt19937_64 rng(5);
   int64_t sum = 0;
@@ -486,7 +486,7 @@ void bm_answer_record(benchmark::State& state) {
       }
       request_record rec{user, id, "inference.request", 42, "", {{channel::results, user, output}},
                          n};
-      history_entry entry{user, n, id, input, output};
+      history_entry entry{user, n, id, input, ""};  // its output is the record's, as tailord's
       if (auto err = (*store)->put_request(rec, &entry)) {
         state.SkipWithError(caf::to_string(err).c_str());
         break;

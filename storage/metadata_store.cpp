@@ -345,19 +345,7 @@ caf::error metadata_store::put_request(const request_record& req, const history_
   auto& im = *impl_;
   rocksdb::WriteBatch batch;
   batch.Put(im.t(requests), request_key(req.user_id, req.request_id), messages::to_json(req));
-  if (entry) {
-    // The answer (~0.5-1 KB of JSON, escaped again inside the entry's) was
-    // written, copied into the memtable and logged twice per request.
-    const bool in_record = req.answers.size() == 1 && req.user_id == entry->user_id &&
-                           req.request_id == entry->request_id &&
-                           req.answers.front().payload == entry->output;
-    if (in_record) {
-      history_entry lean{entry->user_id, entry->time_ms, entry->request_id, entry->input, {}};
-      batch.Put(im.t(history), im.history_key(lean), messages::to_json(lean));
-    } else {
-      batch.Put(im.t(history), im.history_key(*entry), messages::to_json(*entry));
-    }
-  }
+  if (entry) batch.Put(im.t(history), im.history_key(*entry), messages::to_json(*entry));
   return im.write(batch, entry ? "put request and history" : "put request");
 }
 

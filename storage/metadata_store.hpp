@@ -78,13 +78,14 @@ class metadata_store {
   caf::expected<std::optional<request_record>> find_request(const std::string& user_id,
                                                             const std::string& request_id);
   // The request's record and, when given, its history entry in the same
-  // write (one WAL record, not two). An entry whose output is the record's
-  // answer is stored without it: the answer is kept once.
+  // write (one WAL record, not two).
   caf::error put_request(const request_record& req, const history_entry* entry = nullptr);
 
   // --- history ------------------------------------------------------------
   // An entry stored with an empty output reads its request record's answer
-  // as its output (page_history): store the record first.
+  // as its output (page_history), so that an answer (~0.5-1 KB of JSON,
+  // escaped again inside the entry's) is written once: store the record
+  // first, or in the same write.
   caf::error append_history(const history_entry& entry);
   caf::expected<history_page> page_history(const std::string& user_id, const std::string& after,
                                            std::size_t limit);

@@ -294,14 +294,14 @@ TEST_F(StoreTest, ARequestWithItsHistoryEntryIsStoredAndPagedLikeAnAppendedOne) 
   EXPECT_TRUE(store_->find_request("u1", "q9")->has_value());
 }
 
-// The answer is kept once, in the request's record: the history entry
-// written with it, or appended after it with no output, reads it from
-// there, before and after a reopen. An entry with another output keeps its
-// own; one whose record is gone is a clear error, not an empty output.
+// The answer is kept once, in the request's record: a history entry with
+// no output, written with the record or appended after it, reads it from
+// there, before and after a reopen. An entry with an output keeps its own;
+// one whose record is gone is a clear error, not an empty output.
 TEST_F(StoreTest, AHistoryEntryReadsTheAnswerItsRecordKeeps) {
   const std::string answer = R"({"request_id":"q1","text":"a \"quoted\" answer"})";
   request_record rec{"u1", "q1", "inference.request", 7, "", {{channel::results, "u1", answer}}, 5};
-  const history_entry with{"u1", 100, "q1", R"({"prompt":"hi"})", answer};
+  const history_entry with{"u1", 100, "q1", R"({"prompt":"hi"})", ""};
   ASSERT_FALSE(store_->put_request(rec, &with));
   request_record rec2{"u1", "q2", "inference.request", 8, "", {{channel::results, "u1", "{}"}}, 6};
   const history_entry other{"u1", 101, "q2", "in2", "not the record's answer"};
