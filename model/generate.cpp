@@ -337,7 +337,7 @@ std::vector<int64_t> batch_generator::step() {
     {
       helping with(helped ? helper_.get() : nullptr);
       logits = forward_tokens(weights_, row_adapters::of(bank_, std::move(places)), tokens,
-                              positions, slots, cache_, last_of_row)
+                              positions, slots, cache_, last_of_row, &scratch_)
                    .to(torch::kFloat32)
                    .contiguous();  // [rows that sample, V]
     }

@@ -158,6 +158,7 @@ class batch_generator {
   serving_weights weights_;  // the base as the forward reads it
   const adapter_bank& bank_;
   kv_cache cache_;
+  forward_scratch scratch_;  // the step's temporaries and logits
   std::vector<std::optional<int64_t>> slot_owner_;
   std::vector<std::unique_ptr<row>> rows_;
   std::map<int64_t, generation> done_;

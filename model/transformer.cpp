@@ -163,9 +163,10 @@ T* cache_data(const torch::Tensor& t) {
 template <typename T>
 torch::Tensor decode_attention_of(const torch::Tensor& q, const torch::Tensor& K,
                                   const torch::Tensor& V, const std::vector<int64_t>& slot,
-                                  const std::vector<int64_t>& last, double scale) {
+                                  const std::vector<int64_t>& last, double scale,
+                                  forward_scratch* scratch) {
   const int64_t B = q.size(0), H = q.size(1), hd = q.size(2);
-  auto y = torch::empty({B, 1, H * hd});
+  auto y = scratch ? scratch->floats({B, 1, H * hd}) : torch::empty({B, 1, H * hd});
   float* yp = y.data_ptr<float>();
   // A view of the fused projection as a rule: read in place (a copy is one
   // more op per layer, which a batch of one feels).
@@ -198,13 +199,14 @@ torch::Tensor decode_attention_of(const torch::Tensor& q, const torch::Tensor& K
 // of the rows' slots would copy them.
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& K,
                                const torch::Tensor& V, const std::vector<int64_t>& slot,
-                               const std::vector<int64_t>& last, double scale) {
+                               const std::vector<int64_t>& last, double scale,
+                               forward_scratch* scratch) {
   TORCH_CHECK(K.stride(3) == 1 && V.stride(3) == 1 && K.scalar_type() == V.scalar_type() &&
               q.scalar_type() == torch::kFloat32);
   if (K.scalar_type() == torch::kHalf)
-    return decode_attention_of<float16>(q, K, V, slot, last, scale);
+    return decode_attention_of<float16>(q, K, V, slot, last, scale, scratch);
   TORCH_CHECK(K.scalar_type() == torch::kFloat32, "a key/value cache is float or half");
-  return decode_attention_of<float>(q, K, V, slot, last, scale);
+  return decode_attention_of<float>(q, K, V, slot, last, scale, scratch);
 }
 
 // Writes each token's keys or values (`x` [N, heads, head_dim], last
@@ -673,13 +675,13 @@ namespace {
 // dense() or dense_bf16() for float tensors on the CPU, LibTorch for any
 // other device.
 torch::Tensor product(const torch::Tensor& x, const serving_weights::matrix& m,
-                      const torch::Tensor& w, const torch::Tensor& b) {
+                      const torch::Tensor& w, const torch::Tensor& b, forward_scratch* scratch) {
   if (!x.is_cpu() || x.scalar_type() != torch::kFloat) return torch::linear(x, w, b);
   auto xc = x.contiguous();
   const int64_t in = m.t.size(0), out = m.t.size(1);
   auto shape = x.sizes().vec();
   shape.back() = out;
-  auto y = torch::empty(shape, x.options());
+  auto y = scratch ? scratch->floats(shape) : torch::empty(shape, x.options());
   const float* bias = b.defined() ? b.data_ptr<float>() : nullptr;
   if (!m.packed.empty())
     dense_bf16(xc.data_ptr<float>(), xc.numel() / in, in, m.packed.data(), out, bias,
@@ -700,11 +702,12 @@ bool plain_floats(const torch::Tensor& t) {
 }
 
 // LayerNorm over the last dimension, each row by layer_norm_row.
-torch::Tensor norm_rows(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
+torch::Tensor norm_rows(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
+                        forward_scratch* scratch) {
   const int64_t D = x.size(-1);
   if (!plain_floats(x) || !plain_floats(w) || !plain_floats(b))
     return torch::layer_norm(x, {D}, w, b, 1e-5);
-  auto out = torch::empty_like(x);
+  auto out = scratch ? scratch->floats(x.sizes()) : torch::empty_like(x);
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *bp = b.data_ptr<float>();
   float* op = out.data_ptr<float>();
   for (int64_t r = 0, rows = x.numel() / D; r < rows; ++r)
@@ -723,7 +726,7 @@ torch::Tensor add_residual(const torch::Tensor& x, torch::Tensor sum) {
 
 // [N, 1, D]: each token's embedding plus its position's.
 torch::Tensor embed(const base_weights& w, const std::vector<int64_t>& tokens,
-                    const std::vector<int64_t>& positions) {
+                    const std::vector<int64_t>& positions, forward_scratch* scratch) {
   const auto N = static_cast<int64_t>(tokens.size());
   const int64_t D = w.cfg.d_model;
   if (!plain_floats(w.wte) || !plain_floats(w.wpe)) {
@@ -732,7 +735,7 @@ torch::Tensor embed(const base_weights& w, const std::vector<int64_t>& tokens,
             w.wpe.index_select(0, torch::tensor(positions, longs).to(w.wpe.device())))
         .view({N, 1, D});
   }
-  auto x = torch::empty({N, 1, D});
+  auto x = scratch ? scratch->floats({N, 1, D}) : torch::empty({N, 1, D});
   const float *te = w.wte.data_ptr<float>(), *pe = w.wpe.data_ptr<float>();
   float* xp = x.data_ptr<float>();
   for (int64_t n = 0; n < N; ++n) {
@@ -748,11 +751,11 @@ torch::Tensor embed(const base_weights& w, const std::vector<int64_t>& tokens,
 // dimension), with the rows' adapters (`ga`, empty for none: then no LoRA
 // op runs at all, the plain dense model).
 std::vector<torch::Tensor> qkv_of(const serving_weights& w, const row_adapters& ga, std::size_t i,
-                                  const torch::Tensor& x) {
+                                  const torch::Tensor& x, forward_scratch* scratch) {
   const auto& l = w.base->layers[i];
   const int64_t D = x.size(-1);
-  auto h = norm_rows(x, l.ln1_w, l.ln1_b);
-  auto qkv = product(h, w.layers[i].qkv, l.qkv_w, l.qkv_b);
+  auto h = norm_rows(x, l.ln1_w, l.ln1_b, scratch);
+  auto qkv = product(h, w.layers[i].qkv, l.qkv_w, l.qkv_b, scratch);
   if (!ga.a.empty()) add_lora_rows(h, ga.a[i][site_qkv], ga.b[i][site_qkv], ga, qkv);
   return qkv.split(D, -1);
 }
@@ -761,15 +764,16 @@ std::vector<torch::Tensor> qkv_of(const serving_weights& w, const row_adapters& 
 // output projection and the MLP, each with the rows' adapters (`ga`, empty
 // for none), and their residuals; returns the layer's output.
 torch::Tensor after_attention(const serving_weights& w, const row_adapters& ga, std::size_t i,
-                              const torch::Tensor& x_in, const torch::Tensor& y) {
+                              const torch::Tensor& x_in, const torch::Tensor& y,
+                              forward_scratch* scratch) {
   const auto& l = w.base->layers[i];
   const auto& lt = w.layers[i];
   const bool lora = !ga.a.empty();
-  auto proj = product(y, lt.proj, l.proj_w, l.proj_b);
+  auto proj = product(y, lt.proj, l.proj_w, l.proj_b, scratch);
   if (lora) add_lora_rows(y, ga.a[i][site_proj], ga.b[i][site_proj], ga, proj);
   auto x = add_residual(x_in, proj);
-  auto h2 = norm_rows(x, l.ln2_w, l.ln2_b);
-  auto f = product(h2, lt.fc, l.fc_w, l.fc_b);
+  auto h2 = norm_rows(x, l.ln2_w, l.ln2_b, scratch);
+  auto f = product(h2, lt.fc, l.fc_w, l.fc_b, scratch);
   if (lora && ga.mlp) add_lora_rows(h2, ga.a[i][site_fc], ga.b[i][site_fc], ga, f);
   // In place by our loop: torch::gelu goes through oneDNN, whose set-up per
   // call was a sixth of a one-row step (perf, bm_decode_step_bf16/1).
@@ -782,12 +786,57 @@ torch::Tensor after_attention(const serving_weights& w, const row_adapters& ga, 
     });
   } else
     f = torch::gelu(f);
-  auto o = product(f, lt.out, l.out_w, l.out_b);
+  auto o = product(f, lt.out, l.out_w, l.out_b, scratch);
   if (lora && ga.mlp) add_lora_rows(f, ga.a[i][site_out], ga.b[i][site_out], ga, o);
   return add_residual(x, o);
 }
 
+// Rows `rows` of t along its first dimension (each row's elements
+// contiguous, as in a view of a fused projection), into the scratch by a
+// memcpy each; through index_select without one.
+torch::Tensor select_rows(const torch::Tensor& t, const std::vector<int64_t>& rows,
+                          forward_scratch* scratch) {
+  if (!scratch || !t.is_cpu() || t.scalar_type() != torch::kFloat || !t[0].is_contiguous())
+    return t.index_select(0, torch::tensor(rows, torch::TensorOptions().dtype(torch::kLong)));
+  auto sizes = t.sizes().vec();
+  sizes[0] = static_cast<int64_t>(rows.size());
+  auto out = scratch->floats(sizes);
+  const int64_t width = t.numel() / t.size(0);
+  const float* from = t.data_ptr<float>();
+  float* to = out.data_ptr<float>();
+  for (std::size_t k = 0; k < rows.size(); ++k)
+    std::memcpy(to + static_cast<int64_t>(k) * width, from + rows[k] * t.stride(0),
+                static_cast<std::size_t>(width) * sizeof(float));
+  return out;
+}
+
 }  // namespace
+
+void forward_scratch::begin() {
+  // The last forward outgrew the buffer: one block for all of it from now on.
+  if (blocks_.size() > 1) blocks_.assign(1, huge_page_zeros({taken_}, torch::kFloat32));
+  used_ = 0;
+  taken_ = 0;
+}
+
+torch::Tensor forward_scratch::floats(c10::IntArrayRef shape) {
+  const int64_t n = c10::multiply_integers(shape);
+  const int64_t padded = (n + 15) / 16 * 16;  // the next tensor 64-byte aligned too
+  if (blocks_.empty() || used_ + padded > blocks_.back().numel()) {
+    blocks_.push_back(huge_page_zeros({std::max(padded, min_floats_)}, torch::kFloat32));
+    used_ = 0;
+  }
+  float* p = blocks_.back().data_ptr<float>() + used_;
+  used_ += padded;
+  taken_ += padded;
+  return torch::from_blob(p, shape, torch::kFloat32);
+}
+
+int64_t forward_scratch::capacity_bytes() const {
+  int64_t floats = 0;
+  for (const auto& b : blocks_) floats += b.numel();
+  return floats * static_cast<int64_t>(sizeof(float));
+}
 
 // A [B, T] batch is a ragged one whose rows all have T tokens.
 torch::Tensor forward_batched(const base_weights& w, const adapter_bank& bank,
@@ -820,8 +869,9 @@ torch::Tensor forward_tokens(const serving_weights& sw, const row_adapters& ga,
                              const std::vector<int64_t>& tokens,
                              const std::vector<int64_t>& positions,
                              const std::vector<int64_t>& slots, kv_cache& cache,
-                             const std::vector<int64_t>& logits_of) {
+                             const std::vector<int64_t>& logits_of, forward_scratch* scratch) {
   c10::InferenceMode guard;
+  if (scratch) scratch->begin();
   const auto& w = *sw.base;
   const auto& c = w.cfg;
   const auto N = static_cast<int64_t>(tokens.size());
@@ -832,14 +882,12 @@ torch::Tensor forward_tokens(const serving_weights& sw, const row_adapters& ga,
                       logits_of.end() &&
                   (logits_of.empty() || (logits_of.front() >= 0 && logits_of.back() < N)),
               "forward_tokens: logits_of must be increasing indices into the tokens");
-  const auto longs = torch::TensorOptions().dtype(torch::kLong);
-  auto x = embed(w, tokens, positions);
+  auto x = embed(w, tokens, positions, scratch);
   const double inv_sqrt = 1.0 / std::sqrt(static_cast<double>(hd));
   // Past the last layer's keys and values, only the tokens whose logits are
   // wanted matter: a prompt's other tokens skip that layer's attention,
   // projection and MLP (the logits are the same).
   const bool all_wanted = static_cast<int64_t>(logits_of.size()) == N;
-  auto wanted = all_wanted ? torch::Tensor() : torch::tensor(logits_of, longs);
   std::vector<int64_t> wanted_slots, wanted_positions;
   row_adapters wanted_ga;  // made only when some tokens are left out
   if (!all_wanted) {
@@ -851,23 +899,23 @@ torch::Tensor forward_tokens(const serving_weights& sw, const row_adapters& ga,
     }
   }
   for (std::size_t i = 0; i < w.layers.size(); ++i) {
-    auto parts = qkv_of(sw, ga, i, x);
+    auto parts = qkv_of(sw, ga, i, x, scratch);
     // Every token's key and value go in first, so that a prompt's tokens
     // attend to the earlier ones of the same forward.
     write_cache(parts[1].view({N, H, hd}), slots, positions, cache.k[i]);
     write_cache(parts[2].view({N, H, hd}), slots, positions, cache.v[i]);
     auto q = parts[0].view({N, H, hd});
     if (i + 1 < w.layers.size() || all_wanted) {
-      auto y = decode_attention(q, cache.k[i], cache.v[i], slots, positions, inv_sqrt);
-      x = after_attention(sw, ga, i, x, y);
+      auto y = decode_attention(q, cache.k[i], cache.v[i], slots, positions, inv_sqrt, scratch);
+      x = after_attention(sw, ga, i, x, y, scratch);
     } else {
-      auto y = decode_attention(q.index_select(0, wanted), cache.k[i], cache.v[i], wanted_slots,
-                                wanted_positions, inv_sqrt);
-      x = after_attention(sw, wanted_ga, i, x.index_select(0, wanted), y);
+      auto y = decode_attention(select_rows(q, logits_of, scratch), cache.k[i], cache.v[i],
+                                wanted_slots, wanted_positions, inv_sqrt, scratch);
+      x = after_attention(sw, wanted_ga, i, select_rows(x, logits_of, scratch), y, scratch);
     }
   }
-  x = norm_rows(x.view({-1, D}), w.lnf_w, w.lnf_b);
-  return product(x, sw.head, w.wte, {});
+  x = norm_rows(x.view({-1, D}), w.lnf_w, w.lnf_b, scratch);
+  return product(x, sw.head, w.wte, {}, scratch);
 }
 
 }  // namespace tailor::model

@@ -198,6 +198,31 @@ torch::Tensor forward_batched(const base_weights& base, const adapter_bank& bank
                               const torch::Tensor& start, const torch::Tensor& slots,
                               kv_cache& cache, const torch::Tensor& logits_at = {});
 
+// Memory for a forward's temporaries, reused forward after forward: each
+// is a view of one buffer, from its start again at every begin(), so that
+// once the buffer has grown to the largest step a serving step allocates
+// no activations. Through malloc each of a step's ~20 temporaries was a
+// search of a heap that the cached prompts and adapters had fragmented:
+// 5 % of the batch loop at 1,000 adapters (perf, docs/operations.md). A
+// tensor it gives is valid until the next begin() and must not outlive it.
+class forward_scratch {
+ public:
+  // Blocks of at least `min_floats` (a step of tailor-base's takes ~4k a token).
+  explicit forward_scratch(int64_t min_floats = int64_t{1} << 16) : min_floats_(min_floats) {}
+  // A new forward; what the last one took is reused from here on. Its
+  // overflow blocks, if it took more than the buffer held, become one.
+  void begin();
+  // An uninitialized float tensor of `shape`, 64-byte aligned.
+  torch::Tensor floats(c10::IntArrayRef shape);
+  int64_t capacity_bytes() const;
+
+ private:
+  int64_t min_floats_;
+  std::vector<torch::Tensor> blocks_;  // the buffer, then this forward's overflow
+  int64_t used_ = 0;                   // floats taken from the last block
+  int64_t taken_ = 0;                  // floats taken since begin()
+};
+
 // One forward over tokens of several sequences (a continuous batch's step:
 // the next token of each decoding row and the prompt tokens of rows joining
 // it). Token n is tokens[n] at position positions[n] of cache slot
@@ -208,11 +233,13 @@ torch::Tensor forward_batched(const base_weights& base, const adapter_bank& bank
 // [logits_of.size(), vocab] of the tokens logits_of (increasing indices
 // into tokens);
 // the others stop at the last layer's keys and values, which is all later
-// tokens need of them.
+// tokens need of them. With `scratch`, its temporaries and the logits come
+// from it (the logits valid until its next begin()); without, from malloc.
 torch::Tensor forward_tokens(const serving_weights& weights, const row_adapters& adapters,
                              const std::vector<int64_t>& tokens,
                              const std::vector<int64_t>& positions,
                              const std::vector<int64_t>& slots, kv_cache& cache,
-                             const std::vector<int64_t>& logits_of);
+                             const std::vector<int64_t>& logits_of,
+                             forward_scratch* scratch = nullptr);
 
 }  // namespace tailor::model

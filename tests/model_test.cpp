@@ -829,6 +829,49 @@ TEST_F(ModelTest, AServedRowsLogitsAreTheSameBitsInAnyStep) {
 
 // What a generator asks for it gets where the machine can run it fast, and
 // float elsewhere (serving.kv_cache, serving.products); float by default.
+// A serving step's temporaries come from a scratch buffer reused step after
+// step. Steps that grow past it, shrink and grow again (prompts joining,
+// whose other tokens skip the last layer) give the same logits, bit for
+// bit, as forwards through malloc; and once the buffer has held the largest
+// step it does not grow again.
+TEST_F(ModelTest, AForwardOnTheScratchBufferEqualsOneOnFreshMemory) {
+  const auto weights = serving_weights::of(base_, true);
+  auto fresh = kv_cache::make(cfg_, 6, torch::kHalf), reused = kv_cache::make(cfg_, 6, torch::kHalf);
+  forward_scratch scratch(256);  // a block of 256 floats, so that steps outgrow it
+  std::vector<int64_t> length(6, 0);
+  // Each step: how many prompt tokens each of six slots adds (0: one decode token).
+  const std::vector<std::vector<int64_t>> steps = {{3, 0, 0, 0, 0, 0}, {1, 9, 0, 0, 0, 0},
+                                                   {1, 1, 20, 20, 0, 0}, {1, 1, 1, 1, 0, 0},
+                                                   {1, 1, 1, 1, 20, 20}, {1, 1, 1, 1, 1, 1},
+                                                   {1, 1, 1, 1, 1, 1}};
+  std::vector<int64_t> capacity;
+  for (std::size_t step = 0; step < steps.size(); ++step) {
+    std::vector<int64_t> places, tokens, positions, slots, last;
+    for (int64_t slot = 0; slot < 6; ++slot) {
+      const auto n = steps[step][static_cast<std::size_t>(slot)];
+      for (int64_t t = 0; t < n; ++t) {
+        places.push_back(slot % 5);
+        tokens.push_back((slot * 31 + length[slot] * 7) % 256);
+        positions.push_back(length[slot]++);
+        slots.push_back(slot);
+      }
+      if (n > 0) last.push_back(static_cast<int64_t>(tokens.size()) - 1);
+    }
+    auto expected = forward_tokens(weights, row_adapters::of(bank_, places), tokens, positions,
+                                   slots, fresh, last);
+    auto got = forward_tokens(weights, row_adapters::of(bank_, places), tokens, positions, slots,
+                              reused, last, &scratch);
+    ASSERT_TRUE(torch::equal(expected, got))
+        << "step " << step << ": largest difference " << max_diff(expected, got);
+    capacity.push_back(scratch.capacity_bytes());
+  }
+  // Steps 4 and 5 are the largest and then a smaller one: the buffer that
+  // held step 4 (merged at step 5's start) serves steps 5 and 6 as it is.
+  EXPECT_GT(capacity[4], capacity[0]);
+  EXPECT_EQ(capacity[5], capacity[6]);
+  EXPECT_LE(capacity[5], capacity[4]);
+}
+
 TEST_F(ModelTest, AGeneratorTakesReducedPrecisionOnlyWhereTheMachineHasItsInstructions) {
   batch_generator plain(base_, bank_, 2);
   EXPECT_EQ(plain.kv_type(), torch::kFloat32);
