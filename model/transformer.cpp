@@ -829,7 +829,9 @@ torch::Tensor forward_scratch::floats(c10::IntArrayRef shape) {
   float* p = blocks_.back().data_ptr<float>() + used_;
   used_ += padded;
   taken_ += padded;
-  return torch::from_blob(p, shape, torch::kFloat32);
+  // ATen's from_blob: torch::from_blob also wraps it for autograd (a copy of
+  // its metadata), which a forward in inference mode never uses.
+  return at::from_blob(p, shape, at::TensorOptions().dtype(at::kFloat));
 }
 
 int64_t forward_scratch::capacity_bytes() const {
