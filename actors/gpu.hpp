@@ -81,7 +81,7 @@ loader_actor::behavior_type adapter_loader(loader_actor::stateful_pointer<loader
 // least service goes first (a virtual token counter, as in S-LoRA). Answers
 // each request with its result (inference.result JSON). Detached.
 using gpu_actor =
-    caf::typed_actor<caf::replies_to<infer_atom, inference_order>::with<outgoing_message>,
+    caf::typed_actor<caf::replies_to<infer_atom, inference_order>::with<inference_result>,
                      caf::reacts_to<cancel_atom, std::string, std::string>,
                      caf::reacts_to<step_atom>>;
 

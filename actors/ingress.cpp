@@ -3,7 +3,6 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <nlohmann/json.hpp>
 
 #include "actors/kafka.hpp"
 
@@ -150,24 +149,18 @@ void count_errors(metrics& stats, const std::vector<outgoing_message>& out) {
 
 // The engine's own share of an inference request's latency: from reading
 // the event to the delivery report of its result, minus what the result
-// reports as batch steps, adapter loading and waiting for a batch row.
-// Replayed answers (their timings are those of the first run) come out
-// negative and are left out.
+// reports as batch steps, adapter loading and waiting for a batch row
+// (inside_ms). Answers not generated now (a stored one sent again, a
+// refusal) have none and are left out.
 void observe_overhead(ingress_state& st, const incoming_event& ev,
                       const std::vector<outgoing_message>& out) {
   if (ev.topic != st.cfg.kafka.topics.inference) return;
   const double engine_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - ev.consumed)
           .count();
-  for (const auto& m : out) {
-    if (m.to != channel::results) continue;
-    auto j = nlohmann::json::parse(m.payload, nullptr, false);
-    if (!j.is_object() || !j.contains("timings_ms")) continue;
-    const auto& t = j["timings_ms"];
-    double inside = t.value("queue", 0.0) + t.value("adapter_load", 0.0) + t.value("prefill", 0.0) +
-                    t.value("decode", 0.0);
-    if (engine_ms >= inside) st.stats->observe_overhead(engine_ms - inside);
-  }
+  for (const auto& m : out)
+    if (m.to == channel::results && m.inside_ms >= 0 && engine_ms >= m.inside_ms)
+      st.stats->observe_overhead(engine_ms - m.inside_ms);
 }
 
 void later(self_ptr self, std::function<void()> f) {

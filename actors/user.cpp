@@ -233,11 +233,14 @@ void serve(user_ptr self, promise_t rp, inference_request x, uint64_t hash, mode
   self->request(gpu, caf::infinite, infer_atom_v,
                 inference_order{x, std::move(m), received, std::chrono::steady_clock::now()})
       .then(
-          [=](outgoing_message& result) {
-            // Counted here, on a worker, not on the batch loop that answered
-            // (docs/operations.md, 2026-12-04 (later)).
+          [=](inference_result& result) {
+            // Counted and serialized here, on a worker, not on the batch loop
+            // that answered (docs/operations.md, 2026-12-04 (later)).
             self->state.stats->count_request(model_id, self->state.user_id);
-            finish_inference(self, x, hash, std::move(result));
+            const auto& t = result.timings;
+            finish_inference(self, x, hash,
+                             outgoing_message{channel::results, result.user_id, to_json(result),
+                                              t.queue + t.adapter_load + t.prefill + t.decode});
           },
           [=](caf::error& err) {
             // The GPU actor is gone (shutdown, or it failed): not an answer.

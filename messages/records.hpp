@@ -16,11 +16,17 @@ struct outgoing_message {
   channel to = channel::results;
   std::string key;
   std::string payload;
+  // Of an inference result as its GPU actor made it: the milliseconds it
+  // reports in the queue, loading its adapter and in batch steps, which
+  // the ingress leaves out of the engine's overhead (without parsing the
+  // payload again). -1 for any other message, a stored answer among them.
+  // Not stored: a record keeps the messages' channel, key and payload.
+  double inside_ms = -1;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, outgoing_message& x) {
-  return f(caf::meta::type_name("outgoing_message"), x.to, x.key, x.payload);
+  return f(caf::meta::type_name("outgoing_message"), x.to, x.key, x.payload, x.inside_ms);
 }
 
 // Job states; design section 1 and issue 4. Stored as their names.

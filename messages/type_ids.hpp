@@ -30,6 +30,7 @@ struct incoming_event {
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(tailor::messages::incoming_event)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(tailor::messages::training_order)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(tailor::messages::inference_order)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(tailor::messages::inference_result)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(tailor::messages::loaded_adapter)
 
 // Every actor message type and atom of Tailor, in one block.
