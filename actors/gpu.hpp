@@ -79,7 +79,8 @@ loader_actor::behavior_type adapter_loader(loader_actor::stateful_pointer<loader
 // the host tier, or else the loader, as soon as it arrives. Among waiting
 // requests whose adapter is resident, the one whose user has received the
 // least service goes first (a virtual token counter, as in S-LoRA). Answers
-// each request with its result (inference.result JSON). Detached.
+// each request with its result (the struct; its user actor serializes it,
+// off the batch loop). Detached.
 using gpu_actor =
     caf::typed_actor<caf::replies_to<infer_atom, inference_order>::with<inference_result>,
                      caf::reacts_to<cancel_atom, std::string, std::string>,
