@@ -207,7 +207,7 @@ torch::Tensor forward_batched(const base_weights& base, const adapter_bank& bank
 // tensor it gives is valid until the next begin() and must not outlive it.
 class forward_scratch {
  public:
-  // Blocks of at least `min_floats` (a step of tailor-base's takes ~4k a token).
+  // Blocks of at least `min_floats` (a step of tailor-base takes ~3.6k a token).
   explicit forward_scratch(int64_t min_floats = int64_t{1} << 16) : min_floats_(min_floats) {}
   // A new forward; what the last one took is reused from here on. Its
   // overflow blocks, if it took more than the buffer held, become one.
