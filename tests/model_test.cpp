@@ -836,10 +836,12 @@ TEST_F(ModelTest, AServedRowsLogitsAreTheSameBitsInAnyStep) {
 // step it does not grow again.
 TEST_F(ModelTest, AForwardOnTheScratchBufferEqualsOneOnFreshMemory) {
   const auto weights = serving_weights::of(base_, true);
-  auto fresh = kv_cache::make(cfg_, 6, torch::kHalf), reused = kv_cache::make(cfg_, 6, torch::kHalf);
+  auto fresh = kv_cache::make(cfg_, 6, torch::kHalf);
+  auto reused = kv_cache::make(cfg_, 6, torch::kHalf);
   forward_scratch scratch(256);  // a block of 256 floats, so that steps outgrow it
   std::vector<int64_t> length(6, 0);
-  // Each step: how many prompt tokens each of six slots adds (0: one decode token).
+  // Each step: how many tokens each of six slots adds (0: none; the logits
+  // of its last one are wanted, so more than one is a prompt joining).
   const std::vector<std::vector<int64_t>> steps = {{3, 0, 0, 0, 0, 0}, {1, 9, 0, 0, 0, 0},
                                                    {1, 1, 20, 20, 0, 0}, {1, 1, 1, 1, 0, 0},
                                                    {1, 1, 1, 1, 20, 20}, {1, 1, 1, 1, 1, 1},
