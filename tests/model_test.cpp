@@ -827,8 +827,6 @@ TEST_F(ModelTest, AServedRowsLogitsAreTheSameBitsInAnyStep) {
   }
 }
 
-// What a generator asks for it gets where the machine can run it fast, and
-// float elsewhere (serving.kv_cache, serving.products); float by default.
 // A serving step's temporaries come from a scratch buffer reused step after
 // step. Steps that grow past it, shrink and grow again (prompts joining,
 // whose other tokens skip the last layer) give the same logits, bit for
@@ -867,13 +865,15 @@ TEST_F(ModelTest, AForwardOnTheScratchBufferEqualsOneOnFreshMemory) {
         << "step " << step << ": largest difference " << max_diff(expected, got);
     capacity.push_back(scratch.capacity_bytes());
   }
-  // Steps 4 and 5 are the largest and then a smaller one: the buffer that
-  // held step 4 (merged at step 5's start) serves steps 5 and 6 as it is.
+  // Step 4 is the largest: the buffer that held it (its blocks merged into
+  // one at step 5's start) serves the smaller steps 5 and 6 as it is.
   EXPECT_GT(capacity[4], capacity[0]);
   EXPECT_EQ(capacity[5], capacity[6]);
   EXPECT_LE(capacity[5], capacity[4]);
 }
 
+// What a generator asks for it gets where the machine can run it fast, and
+// float elsewhere (serving.kv_cache, serving.products); float by default.
 TEST_F(ModelTest, AGeneratorTakesReducedPrecisionOnlyWhereTheMachineHasItsInstructions) {
   batch_generator plain(base_, bank_, 2);
   EXPECT_EQ(plain.kv_type(), torch::kFloat32);
