@@ -302,10 +302,6 @@ BENCHMARK(bm_continuous_prefix_bf16)
     ->Args({64, 256})
     ->Unit(benchmark::kMicrosecond);
 
-// Admitting a request whose prompt the prefix cache holds (its lookup and
-// the copy into the row's slot), with E prompts of E adapters cached: what
-// a returning user's request costs the batch loop before its first step,
-// as the cache (serving.prefix_cache_entries) grows. The row then leaves.
 // Caches prompt_of(i) for i < n in `g`, each under its own adapter: identity
 // 1000 + i at place 1 + i % the bank's size (the last ones stay placed).
 void cache_prompts(adapter_bank& bank, batch_generator& g, int64_t n, const sampling& s) {
@@ -320,6 +316,10 @@ void cache_prompts(adapter_bank& bank, batch_generator& g, int64_t n, const samp
   }
 }
 
+// Admitting a request whose prompt the prefix cache holds (its lookup and
+// the copy into the row's slot), with E prompts of E adapters cached: what
+// a returning user's request costs the batch loop before its first step,
+// as the cache (serving.prefix_cache_entries) grows. The row then leaves.
 void bm_prefix_admit(benchmark::State& state) {
   auto& f = fixture::get();
   const auto entries = state.range(0);

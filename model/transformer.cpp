@@ -148,6 +148,12 @@ void add_lora_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::
   });
 }
 
+// A float tensor for a forward's temporary: from the scratch when the
+// forward has one (a serving step), else from malloc.
+torch::Tensor new_floats(forward_scratch* scratch, c10::IntArrayRef shape) {
+  return scratch ? scratch->floats(shape) : torch::empty(shape);
+}
+
 // Attention of single query tokens: q [B, H, hd] (any strides) against the
 // cache's keys and values [slots, H, context, hd] (last dim contiguous), row
 // b reading slot slot[b] at positions 0..last[b]. Returns [B, 1, H * hd].
@@ -166,7 +172,7 @@ torch::Tensor decode_attention_of(const torch::Tensor& q, const torch::Tensor& K
                                   const std::vector<int64_t>& last, double scale,
                                   forward_scratch* scratch) {
   const int64_t B = q.size(0), H = q.size(1), hd = q.size(2);
-  auto y = scratch ? scratch->floats({B, 1, H * hd}) : torch::empty({B, 1, H * hd});
+  auto y = new_floats(scratch, {B, 1, H * hd});
   float* yp = y.data_ptr<float>();
   // A view of the fused projection as a rule: read in place (a copy is one
   // more op per layer, which a batch of one feels).
@@ -681,7 +687,7 @@ torch::Tensor product(const torch::Tensor& x, const serving_weights::matrix& m,
   const int64_t in = m.t.size(0), out = m.t.size(1);
   auto shape = x.sizes().vec();
   shape.back() = out;
-  auto y = scratch ? scratch->floats(shape) : torch::empty(shape, x.options());
+  auto y = new_floats(scratch, shape);
   const float* bias = b.defined() ? b.data_ptr<float>() : nullptr;
   if (!m.packed.empty())
     dense_bf16(xc.data_ptr<float>(), xc.numel() / in, in, m.packed.data(), out, bias,
@@ -707,7 +713,7 @@ torch::Tensor norm_rows(const torch::Tensor& x, const torch::Tensor& w, const to
   const int64_t D = x.size(-1);
   if (!plain_floats(x) || !plain_floats(w) || !plain_floats(b))
     return torch::layer_norm(x, {D}, w, b, 1e-5);
-  auto out = scratch ? scratch->floats(x.sizes()) : torch::empty_like(x);
+  auto out = new_floats(scratch, x.sizes());
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *bp = b.data_ptr<float>();
   float* op = out.data_ptr<float>();
   for (int64_t r = 0, rows = x.numel() / D; r < rows; ++r)
@@ -735,7 +741,7 @@ torch::Tensor embed(const base_weights& w, const std::vector<int64_t>& tokens,
             w.wpe.index_select(0, torch::tensor(positions, longs).to(w.wpe.device())))
         .view({N, 1, D});
   }
-  auto x = scratch ? scratch->floats({N, 1, D}) : torch::empty({N, 1, D});
+  auto x = new_floats(scratch, {N, 1, D});
   const float *te = w.wte.data_ptr<float>(), *pe = w.wpe.data_ptr<float>();
   float* xp = x.data_ptr<float>();
   for (int64_t n = 0; n < N; ++n) {
