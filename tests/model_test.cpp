@@ -1316,6 +1316,31 @@ TEST_F(ModelTest, ContinuousBatchingAdmitsAndRetiresRowsBetweenSteps) {
   EXPECT_TRUE(g.add("third", 3, s)) << "a freed row takes a new sequence";
 }
 
+// A sequence ended early (a cancel or a deadline, between steps) keeps the
+// text it has so far, which is how its full generation begins, and frees its
+// row for the next sequence.
+TEST_F(ModelTest, ASequenceEndedEarlyKeepsItsTextSoFarAndFreesItsRow) {
+  sampling s;
+  s.max_tokens = 12;
+  batch_generator g(base_, bank_, 1);
+  auto a = g.add("abc", 1, s);
+  ASSERT_TRUE(a);
+  for (int i = 0; i < 4; ++i) g.step();
+  EXPECT_FALSE(g.add("xyz", 2, s)) << "the only row is busy";
+  EXPECT_TRUE(g.finish(*a, "deadline"));
+  EXPECT_FALSE(g.finish(*a, "deadline")) << "ended once";
+  EXPECT_TRUE(g.idle());
+  const auto ended = g.take(*a);
+  EXPECT_EQ(ended.finish_reason, "deadline");
+  const auto full = generate_all(base_, bank_, {"abc"}, {1}, {s})[0];
+  ASSERT_EQ(full.tokens.size(), 12u);
+  const auto n = static_cast<std::ptrdiff_t>(ended.tokens.size());
+  ASSERT_GT(n, 0);
+  ASSERT_LT(ended.tokens.size(), full.tokens.size());
+  EXPECT_EQ(ended.tokens, std::vector<int64_t>(full.tokens.begin(), full.tokens.begin() + n));
+  EXPECT_TRUE(g.add("xyz", 2, s)) << "its row takes a new sequence";
+}
+
 // A prompt that begins like an earlier one of its adapter prefills only the
 // rest (the prefix cache), and its text is what a full prefill gives. Another
 // adapter's prompts, or the same bank place once it holds another adapter,

@@ -529,6 +529,64 @@ TEST_F(ServingTest, ACancelledRequestEndsWithCancelled) {
   EXPECT_EQ(labelled("tailor_bank_places_used", "device", device), 1);
 }
 
+// No request waits forever: one not finished within serving.deadline_ms ends
+// with finish_reason deadline (with its text so far, none if it never ran),
+// each gets exactly one answer, and the device goes on serving after them.
+TEST_F(ServingTest, RequestsPastTheirDeadlineEndWithDeadlineAndTheDeviceGoesOn) {
+  // One row at a time and a backlog of ~3.5 s of steps (as in the cancel
+  // test): most of it waits beyond the 250 ms deadline.
+  start({{"max_in_flight", 4000},
+         {"serving", {{"max_batch", 1}, {"max_requests_per_user", 4000}, {"deadline_ms", 250}}}});
+  ASSERT_FALSE(HasFatalFailure());
+  onboard_all({"slow", "fresh"});
+  const int backlog = 1500, tokens = 60;
+  for (int i = 0; i < backlog; ++i) {
+    auto j = ask("slow", "s" + std::to_string(i), "go", i, tokens);
+    j["ignore_end_of_text"] = true;
+    send_inference(j);
+  }
+  in_->flush();
+  auto slow_results = [&] {
+    return out_->matching(engine_->topics().results, [](const json& v) {
+      return v.value("type", "") == "inference.result" && v.value("user_id", "") == "slow";
+    });
+  };
+  ASSERT_TRUE(wait_until([&] { return slow_results().size() >= backlog; }, 120s))
+      << slow_results().size() << " of " << backlog << " answered";
+  std::map<std::string, int> reasons, answers;
+  for (const auto& r : slow_results()) {
+    const auto& v = r.value;
+    ++answers[v.value("request_id", "")];
+    EXPECT_FALSE(v.contains("error")) << v.dump();
+    const auto reason = v.value("finish_reason", "");
+    ++reasons[reason];
+    const int made = v["usage"].value("completion_tokens", -1);
+    if (reason == "deadline")
+      EXPECT_LT(made, tokens) << v.dump();
+    else
+      EXPECT_EQ(made, tokens) << v.dump();
+  }
+  EXPECT_EQ(answers.size(), static_cast<std::size_t>(backlog));
+  for (const auto& [id, n] : answers) EXPECT_EQ(n, 1) << id << " answered " << n << " times";
+  EXPECT_GT(reasons["deadline"], 0) << "the backlog did not outlast the deadline";
+  // The ended requests hold no row and none waits: a request now runs to its
+  // end, well within the deadline.
+  const auto device = "tailor-test/0";
+  EXPECT_TRUE(wait_until(
+      [&] {
+        return labelled("tailor_serving_active", "device", device) == 0 &&
+               labelled("tailor_serving_waiting", "device", device) == 0;
+      },
+      10s));
+  auto f = ask("fresh", "f", "go", 1, tokens);
+  f["ignore_end_of_text"] = true;
+  send_inference(f);
+  in_->flush();
+  auto fresh = result("fresh", "f");
+  EXPECT_FALSE(fresh.contains("error")) << fresh.dump();
+  EXPECT_EQ(fresh["usage"]["completion_tokens"], tokens) << fresh.dump();
+}
+
 // A batch step that throws, as LibTorch does when memory runs out, costs the
 // requests in it an error result, not the device: requests after it are
 // served, and every request gets exactly one answer. The fault is injected
