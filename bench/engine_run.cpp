@@ -1,6 +1,7 @@
 #include "engine_run.hpp"
 
 #include <httplib.h>
+#include <librdkafka/rdkafka.h>
 #include <librdkafka/rdkafkacpp.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -66,11 +67,13 @@ engine_run::engine_run(const engine_run_options& o) {
   bootstrap_ = o.bootstrap;
   if (bootstrap_.empty()) bootstrap_ = broker_.emplace(dir_ + "/kafka").bootstrap();
   prefix_ = "bench" + tag + ".";
+  group_ = "bench-" + tag;
+  keep_topics_ = o.keep_topics;
   json cfg = {{"data_dir", dir_ + "/data"},
               {"admin", {{"host", "127.0.0.1"}, {"port", 0}}},
               {"kafka",
                {{"bootstrap_servers", bootstrap_},
-                {"group_id", "bench-" + tag},
+                {"group_id", group_},
                 {"topics",
                  {{"onboarding", topic("onboarding")},
                   {"inference", topic("inference")},
@@ -110,9 +113,115 @@ engine_run::engine_run(const engine_run_options& o) {
 
 engine_run::~engine_run() {
   stop();
+  // A broker we did not start may be shared: leave nothing on it. (Topics
+  // left by every run also made a long session's later runs slower.)
+  if (!broker_ && !keep_topics_ && !bootstrap_.empty()) {
+    std::vector<std::string> topics, groups = {group_};
+    for (const auto* role : {"onboarding", "inference", "control", "results", "events", "dlq"}) {
+      topics.push_back(topic(role));
+      groups.push_back(watch_group(topic(role)));
+    }
+    if (auto err = delete_topics_and_groups(bootstrap_, topics, groups); !err.empty())
+      std::fprintf(stderr, "tailor-bench: the run's topics (%s*) are left on %s: %s\n",
+                   prefix_.c_str(), bootstrap_.c_str(), err.c_str());
+  }
   broker_.reset();
   std::error_code ec;
   fs::remove_all(dir_, ec);
+}
+
+std::string watch_group(const std::string& topic) {
+  return "bench-watch-" + topic;
+}
+
+namespace {
+
+// Waits for an admin call's result on `q`: the event, or null with `err` set.
+rd_kafka_event_t* admin_result(rd_kafka_queue_t* q, int timeout_ms, const char* what,
+                               std::string& err) {
+  rd_kafka_event_t* ev = rd_kafka_queue_poll(q, timeout_ms + 5000);
+  if (!ev) {
+    err = std::string(what) + ": no answer within " + std::to_string(timeout_ms) + " ms";
+  } else if (rd_kafka_event_error(ev)) {
+    err = std::string(what) + ": " + rd_kafka_event_error_string(ev);
+    rd_kafka_event_destroy(ev);
+    ev = nullptr;
+  }
+  return ev;
+}
+
+}  // namespace
+
+std::string delete_topics_and_groups(const std::string& bootstrap,
+                                     const std::vector<std::string>& topics,
+                                     const std::vector<std::string>& groups, int timeout_ms) {
+  char errstr[512];
+  rd_kafka_conf_t* conf = rd_kafka_conf_new();
+  if (rd_kafka_conf_set(conf, "bootstrap.servers", bootstrap.c_str(), errstr, sizeof(errstr)) !=
+      RD_KAFKA_CONF_OK) {
+    rd_kafka_conf_destroy(conf);
+    return std::string("admin client: ") + errstr;
+  }
+  rd_kafka_t* rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
+  if (!rk) return std::string("admin client: ") + errstr;
+  rd_kafka_queue_t* q = rd_kafka_queue_new(rk);
+  std::string err;
+  auto options = [&](rd_kafka_admin_op_t op) {
+    rd_kafka_AdminOptions_t* opts = rd_kafka_AdminOptions_new(rk, op);
+    if (rd_kafka_AdminOptions_set_request_timeout(opts, timeout_ms, errstr, sizeof(errstr)))
+      err = std::string("admin options: ") + errstr;
+    return opts;
+  };
+  if (!topics.empty()) {
+    std::vector<rd_kafka_DeleteTopic_t*> del;
+    for (const auto& t : topics) del.push_back(rd_kafka_DeleteTopic_new(t.c_str()));
+    rd_kafka_AdminOptions_t* opts = options(RD_KAFKA_ADMIN_OP_DELETETOPICS);
+    if (err.empty() &&
+        rd_kafka_AdminOptions_set_operation_timeout(opts, timeout_ms, errstr, sizeof(errstr)))
+      err = std::string("admin options: ") + errstr;
+    if (err.empty()) {
+      rd_kafka_DeleteTopics(rk, del.data(), del.size(), opts, q);
+      if (auto* ev = admin_result(q, timeout_ms, "delete topics", err)) {
+        std::size_t n = 0;
+        const auto** res =
+            rd_kafka_DeleteTopics_result_topics(rd_kafka_event_DeleteTopics_result(ev), &n);
+        for (std::size_t i = 0; i < n && err.empty(); ++i) {
+          const auto e = rd_kafka_topic_result_error(res[i]);
+          if (e != RD_KAFKA_RESP_ERR_NO_ERROR && e != RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART)
+            err = std::string("topic ") + rd_kafka_topic_result_name(res[i]) + ": " +
+                  rd_kafka_err2str(e);
+        }
+        rd_kafka_event_destroy(ev);
+      }
+    }
+    rd_kafka_AdminOptions_destroy(opts);
+    for (auto* d : del) rd_kafka_DeleteTopic_destroy(d);
+  }
+  if (err.empty() && !groups.empty()) {
+    std::vector<rd_kafka_DeleteGroup_t*> del;
+    for (const auto& g : groups) del.push_back(rd_kafka_DeleteGroup_new(g.c_str()));
+    rd_kafka_AdminOptions_t* opts = options(RD_KAFKA_ADMIN_OP_DELETEGROUPS);
+    if (err.empty()) {
+      rd_kafka_DeleteGroups(rk, del.data(), del.size(), opts, q);
+      if (auto* ev = admin_result(q, timeout_ms, "delete groups", err)) {
+        std::size_t n = 0;
+        const auto** res =
+            rd_kafka_DeleteGroups_result_groups(rd_kafka_event_DeleteGroups_result(ev), &n);
+        for (std::size_t i = 0; i < n && err.empty(); ++i) {
+          const rd_kafka_error_t* e = rd_kafka_group_result_error(res[i]);
+          if (e && rd_kafka_error_code(e) != RD_KAFKA_RESP_ERR_GROUP_ID_NOT_FOUND)
+            err = std::string("group ") + rd_kafka_group_result_name(res[i]) + ": " +
+                  rd_kafka_error_string(e);
+        }
+        rd_kafka_event_destroy(ev);
+      }
+    }
+    rd_kafka_AdminOptions_destroy(opts);
+    for (auto* d : del) rd_kafka_DeleteGroup_destroy(d);
+  }
+  rd_kafka_queue_destroy(q);
+  rd_kafka_destroy(rk);
+  return err;
 }
 
 namespace {
@@ -210,7 +319,7 @@ topic_watch::topic_watch(const std::string& bootstrap, const std::string& topic,
   std::string err;
   std::unique_ptr<RdKafka::Conf> conf(RdKafka::Conf::create(RdKafka::Conf::CONF_GLOBAL));
   if (conf->set("bootstrap.servers", bootstrap, err) != RdKafka::Conf::CONF_OK ||
-      conf->set("group.id", "bench-watch-" + topic, err) != RdKafka::Conf::CONF_OK ||
+      conf->set("group.id", watch_group(topic), err) != RdKafka::Conf::CONF_OK ||
       conf->set("auto.offset.reset", "earliest", err) != RdKafka::Conf::CONF_OK ||
       conf->set("enable.auto.commit", "false", err) != RdKafka::Conf::CONF_OK ||
       conf->set("topic.metadata.refresh.interval.ms", "500", err) != RdKafka::Conf::CONF_OK)

@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 namespace RdKafka {
 class Producer;
@@ -41,6 +42,9 @@ struct engine_run_options {
   nlohmann::json config;  // merged over the run's own settings (topics, dirs, ports)
   // Called with tailord's data directory before tailord starts (to register models).
   std::function<void(const std::string& data_dir)> prepare;
+  // On a broker given by `bootstrap`, the run's topics and consumer groups
+  // are deleted when it ends, unless this is set (to read them afterwards).
+  bool keep_topics = false;
 };
 
 class engine_run {
@@ -48,7 +52,9 @@ class engine_run {
   // Starts what is needed and waits until tailord is ready; throws with the
   // reason (and tailord's log) when it cannot.
   explicit engine_run(const engine_run_options& o);
-  ~engine_run();  // stops tailord (SIGTERM) and the broker it started
+  // Stops tailord (SIGTERM) and the broker it started; on a given broker,
+  // deletes the run's topics and groups (engine_run_options::keep_topics).
+  ~engine_run();
 
   const std::string& bootstrap() const { return bootstrap_; }
   // Topic names of this run, by role (onboarding, inference, control, results, events, dlq).
@@ -68,11 +74,22 @@ class engine_run {
   int stop();  // SIGTERM; the exit status
 
  private:
-  std::string dir_, bootstrap_, prefix_;
+  std::string dir_, bootstrap_, prefix_, group_;
+  bool keep_topics_ = false;
   std::optional<kafka_broker> broker_;  // when no bootstrap servers were given
   pid_t pid_ = -1;
   int admin_port_ = -1;
 };
+
+// Deletes `topics` and consumer `groups` through the Admin API; those that do
+// not exist are fine. Returns an error message, empty on success.
+std::string delete_topics_and_groups(const std::string& bootstrap,
+                                     const std::vector<std::string>& topics,
+                                     const std::vector<std::string>& groups,
+                                     int timeout_ms = 30000);
+
+// The consumer group of a topic_watch of `topic`.
+std::string watch_group(const std::string& topic);
 
 // Reads a topic from the beginning on a thread of its own and hands every
 // JSON object to `on_record` (on that thread).

@@ -59,6 +59,7 @@ class end_tracker {
 json run_onboarding_spike(const onboarding_options& o) {
   engine_run_options ro;
   ro.bootstrap = o.bootstrap;
+  ro.keep_topics = o.keep_topics;
   ro.tailord = o.tailord;
   ro.config = {{"training",
                 {{"slots", o.slots},

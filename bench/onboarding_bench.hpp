@@ -12,6 +12,7 @@ struct onboarding_options {
   int admission_queue = 32;
   double timeout_minutes = 60;
   std::string bootstrap;  // empty: start a broker
+  bool keep_topics = false;  // on a given broker, after the run (engine_run_options)
   std::string tailord = TAILORD_PATH;
 };
 

@@ -170,6 +170,7 @@ json tailord_config(const serving_options& o, int max_batch) {
 json run_once(const serving_options& o, int n, int max_batch, const char* label) {
   engine_run_options ro;
   ro.bootstrap = o.bootstrap;
+  ro.keep_topics = o.keep_topics;
   ro.tailord = o.tailord;
   ro.config = tailord_config(o, max_batch);
   ro.prepare = [&](const std::string& dir) { register_adapters(dir, n, o); };

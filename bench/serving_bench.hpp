@@ -23,6 +23,7 @@ struct serving_options {
   int rank = 8;
   std::string base_model = "tailor-base";
   std::string bootstrap;  // empty: start a broker, one for every run
+  bool keep_topics = false;  // on the broker, after each run (engine_run_options)
   std::string tailord = TAILORD_PATH;
   bool baseline = true;
   int repeats = 1;  // rounds of every run; each figure is the median round's

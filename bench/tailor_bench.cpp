@@ -82,6 +82,9 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   spike->add_option("--bootstrap", oo.bootstrap,
                     "Kafka bootstrap servers (default: start a broker with scripts/kafka-broker)");
+  spike->add_flag("--keep-topics", oo.keep_topics,
+                  "leave the run's topics and consumer groups on the --bootstrap broker "
+                  "(default: deleted when the run ends)");
   spike->add_option("--tailord", oo.tailord, "the tailord binary (default: this build's)");
   spike
       ->add_option("--timeout-minutes", oo.timeout_minutes,
@@ -134,6 +137,9 @@ int main(int argc, char** argv) {
       "--bootstrap", so.bootstrap,
       "Kafka bootstrap servers (default: start one broker with scripts/kafka-broker for all "
       "runs)");
+  serving->add_flag("--keep-topics", so.keep_topics,
+                    "leave each run's topics and consumer groups on the broker (default: "
+                    "deleted when the run ends)");
   serving->add_option("--tailord", so.tailord, "the tailord binary (default: this build's)");
   serving->add_flag("!--no-baseline", so.baseline, "skip the one-request-at-a-time baseline");
   serving

@@ -18,6 +18,7 @@
 #include "actors/kafka.hpp"
 #include "actors/metrics.hpp"
 #include "engine_harness.hpp"
+#include "engine_run.hpp"
 
 using namespace tailor::test;
 
@@ -623,4 +624,65 @@ TEST(BatchProducer, ABatchIsDoneOnceEveryMessageIsInKafkaOrWithItsError) {
   EXPECT_NE(second[0].find(cfg.topics.results + ": "), std::string::npos) << second[0];
   EXPECT_TRUE(out->flush(10000));
   EXPECT_EQ(second.size(), 1u) << "done more than once";
+}
+
+namespace {
+
+// Whether the broker lists `topic` (all topics' metadata: asking for one
+// topic by name could create it).
+bool topic_listed(const std::string& bootstrap, const std::string& topic) {
+  std::string err;
+  std::unique_ptr<RdKafka::Conf> conf(RdKafka::Conf::create(RdKafka::Conf::CONF_GLOBAL));
+  conf->set("bootstrap.servers", bootstrap, err);
+  std::unique_ptr<RdKafka::Producer> p(RdKafka::Producer::create(conf.get(), err));
+  if (!p) throw std::runtime_error("producer: " + err);
+  RdKafka::Metadata* md = nullptr;
+  if (p->metadata(true, nullptr, &md, 5000) != RdKafka::ERR_NO_ERROR)
+    throw std::runtime_error("no metadata from the broker");
+  std::unique_ptr<RdKafka::Metadata> owned(md);
+  for (const auto* t : *owned->topics())
+    if (t->topic() == topic) return true;
+  return false;
+}
+
+// Commits `offset` of partition 0 of `topic` for `group`, as a consumer
+// outside the group does (the group then exists, empty, with that offset).
+void commit_offset(const std::string& bootstrap, const std::string& group,
+                   const std::string& topic, int64_t offset) {
+  std::string err;
+  std::unique_ptr<RdKafka::Conf> conf(RdKafka::Conf::create(RdKafka::Conf::CONF_GLOBAL));
+  conf->set("bootstrap.servers", bootstrap, err);
+  conf->set("group.id", group, err);
+  std::unique_ptr<RdKafka::KafkaConsumer> c(RdKafka::KafkaConsumer::create(conf.get(), err));
+  if (!c) throw std::runtime_error("consumer: " + err);
+  std::vector<RdKafka::TopicPartition*> parts = {RdKafka::TopicPartition::create(topic, 0, offset)};
+  const auto rc = c->commitSync(parts);
+  RdKafka::TopicPartition::destroy(parts);
+  c->close();
+  if (rc != RdKafka::ERR_NO_ERROR) throw std::runtime_error("commit: " + RdKafka::err2str(rc));
+}
+
+}  // namespace
+
+// tailor-bench against a broker it did not start (--bootstrap) leaves nothing
+// on it: each run's topics and consumer groups are deleted as it ends, and
+// only those; deleting what is already gone is no error.
+TEST(BenchCleanup, ARunsTopicsAndGroupsAreDeletedAndNothingElse) {
+  const auto bootstrap = broker_bootstrap();
+  ASSERT_FALSE(bootstrap.empty());
+  const auto tag = std::to_string(::getpid());
+  const std::string kept = "cleanup-kept-" + tag, gone = "cleanup-gone-" + tag,
+                    group = "cleanup-group-" + tag;
+  tailor::actors::kafka_config cfg;
+  cfg.bootstrap_servers = bootstrap;
+  cfg.topic_partitions = 1;
+  ASSERT_EQ(tailor::actors::create_topics(cfg, {kept, gone}), "");
+  ASSERT_TRUE(wait_until([&] { return topic_listed(bootstrap, gone); }, 30s));
+  commit_offset(bootstrap, group, kept, 1);
+  ASSERT_EQ(committed_total(bootstrap, group, kept, 1), 1);
+  EXPECT_EQ(tailor::bench::delete_topics_and_groups(bootstrap, {gone}, {group}), "");
+  EXPECT_TRUE(wait_until([&] { return !topic_listed(bootstrap, gone); }, 30s));
+  EXPECT_TRUE(topic_listed(bootstrap, kept));
+  EXPECT_EQ(committed_total(bootstrap, group, kept, 1), 0) << "the group's offsets are gone";
+  EXPECT_EQ(tailor::bench::delete_topics_and_groups(bootstrap, {gone}, {group}), "");
 }
