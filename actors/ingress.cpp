@@ -323,6 +323,13 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
                          {"heartbeat.interval.ms", "1000"},
                          // Prefetch at most 8 MB: a paused backlog stays in Kafka, not here.
                          {"queued.max.messages.kbytes", "8192"},
+                         // A resumed topic is fetched again only once the fetch
+                         // in flight returns, and while inference is paused that
+                         // one asks only for idle topics, so it waits this long
+                         // (librdkafka's default, 500 ms). Each pause then cost
+                         // half a second: a backlog drained at ~500 events/s,
+                         // whatever the offered rate, and never caught up.
+                         {"fetch.wait.max.ms", "20"},
                          {"client.id", "tailord-ingress"}},
                         err);
   if (conf && conf->set("rebalance_cb", st.on_rebalance.get(), err) == RdKafka::Conf::CONF_OK)

@@ -72,8 +72,9 @@ std::unique_ptr<queue_wakeup> poll_on_wakeup(Self* self, rd_kafka_s* client,
   });
 }
 
-// A client configuration: bootstrap.servers plus every pass-through property,
-// then `extra`. Returns null and sets `err` on an unknown or invalid property.
+// A client configuration: bootstrap.servers plus `extra`, then every
+// pass-through property (so an operator's setting wins over ours). Returns
+// null and sets `err` on an unknown or invalid property.
 std::unique_ptr<RdKafka::Conf> make_conf(
     const kafka_config& cfg, const std::vector<std::pair<std::string, std::string>>& extra,
     std::string& err);

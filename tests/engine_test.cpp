@@ -58,6 +58,33 @@ TEST_F(EngineTest, InferenceForAUserWithNoModelIsAnsweredWithAnError) {
   EXPECT_EQ(ans.value["error"]["message"], "user u1 has no ready model");
 }
 
+// Backpressure pauses a topic and resumes it at once: a backlog drains at the
+// engine's pace, not one pause per long poll. With at most two events in
+// flight, 400 requests pause and resume the inference topic about 200 times;
+// when each resume waited for the fetch in flight (500 ms, librdkafka's
+// default long poll) they took minutes, and an open loop above ~500
+// requests/s that once paused never caught up.
+TEST_F(EngineTest, ABacklogDrainsThroughPausesWithoutWaitingALongPollEach) {
+  start({{"max_in_flight", 2}});
+  ASSERT_FALSE(HasFatalFailure());
+  const int n = 400;
+  // Users without a model: each answer is an error at once, no step runs.
+  for (int i = 0; i < n; ++i)
+    send_inference(inference("nobody-" + std::to_string(i % 8), "q" + std::to_string(i)));
+  in_->flush();
+  const auto& t = engine_->topics();
+  auto answered = [&] {
+    return out_->matching(t.results, [](const json& v) { return v.contains("error"); }).size();
+  };
+  EXPECT_TRUE(wait_until([&] { return answered() >= static_cast<std::size_t>(n); }, 60s))
+      << answered() << " of " << n << " answered in 60 s";
+  auto m = engine_->get("/metrics").second;
+  const auto key = "tailor_ingress_pauses_total{topic=\"" + t.inference + "\"} ";
+  const auto pos = m.find(key);
+  ASSERT_NE(pos, std::string::npos) << m;
+  EXPECT_GE(std::stod(m.substr(pos + key.size())), 50) << "the backlog did not pause the topic";
+}
+
 TEST_F(EngineTest, UnreadableInputGoesToTheDlqAndTheEngineGoesOn) {
   start();
   ASSERT_FALSE(HasFatalFailure());
