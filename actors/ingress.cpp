@@ -325,10 +325,10 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
                          {"queued.max.messages.kbytes", "8192"},
                          // A resumed topic is fetched again only once the fetch
                          // in flight returns, and while inference is paused that
-                         // one asks only for idle topics, so it waits this long
-                         // (librdkafka's default, 500 ms). Each pause then cost
-                         // half a second: a backlog drained at ~500 events/s,
-                         // whatever the offered rate, and never caught up.
+                         // one asks only for idle topics, so it waits out this
+                         // long poll (500 ms by librdkafka's default). Each pause
+                         // then cost half a second: a backlog drained at ~500
+                         // events/s, whatever the offered rate, and never caught up.
                          {"fetch.wait.max.ms", "20"},
                          {"client.id", "tailord-ingress"}},
                         err);

@@ -113,8 +113,7 @@ engine_run::engine_run(const engine_run_options& o) {
 
 engine_run::~engine_run() {
   stop();
-  // A broker we did not start may be shared: leave nothing on it. (Topics
-  // left by every run also made a long session's later runs slower.)
+  // A broker we did not start may be shared: leave nothing on it.
   if (!broker_ && !keep_topics_ && !bootstrap_.empty()) {
     std::vector<std::string> topics, groups = {group_};
     for (const auto* role : {"onboarding", "inference", "control", "results", "events", "dlq"}) {
@@ -122,7 +121,7 @@ engine_run::~engine_run() {
       groups.push_back(watch_group(topic(role)));
     }
     if (auto err = delete_topics_and_groups(bootstrap_, topics, groups); !err.empty())
-      std::fprintf(stderr, "tailor-bench: the run's topics (%s*) are left on %s: %s\n",
+      std::fprintf(stderr, "tailor-bench: the run's topics (%s*) and groups are left on %s: %s\n",
                    prefix_.c_str(), bootstrap_.c_str(), err.c_str());
   }
   broker_.reset();

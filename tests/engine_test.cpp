@@ -62,8 +62,8 @@ TEST_F(EngineTest, InferenceForAUserWithNoModelIsAnsweredWithAnError) {
 // engine's pace, not one pause per long poll. With at most two events in
 // flight, 400 requests pause and resume the inference topic about 200 times;
 // when each resume waited for the fetch in flight (500 ms, librdkafka's
-// default long poll) they took minutes, and an open loop above ~500
-// requests/s that once paused never caught up.
+// default long poll) they took over a minute and a half, and an open loop
+// above ~500 requests/s that once paused never caught up.
 TEST_F(EngineTest, ABacklogDrainsThroughPausesWithoutWaitingALongPollEach) {
   start({{"max_in_flight", 2}});
   ASSERT_FALSE(HasFatalFailure());
