@@ -12,7 +12,7 @@ namespace {
 
 using self_ptr = ingress_actor::stateful_pointer<ingress_state>;
 
-constexpr auto route_timeout = std::chrono::seconds(120);
+constexpr auto route_timeout = ingress_state::route_timeout;
 constexpr auto retry_delay = std::chrono::seconds(1);
 
 // Rebalance callbacks run inside consume(), on the ingress actor's thread.
@@ -207,6 +207,11 @@ void publish(self_ptr self, std::shared_ptr<incoming_event> ev, std::vector<outg
 // Hands one event to its user actor (or straight to the DLQ) and publishes the
 // answer. A failure anywhere retries the event after a delay: effects are
 // idempotent by (user_id, request_id), so a retry never duplicates them.
+// The reply is watched by the ingress's own timeout (reply_watch), not
+// CAF's, which stays on CAF's clock for its full 120 s even once answered.
+// An event unanswered by then (its user actor quit holding it: CAF 0.17 sends
+// no error for a dropped promise) is dispatched again, and a late reply to
+// the first try is ignored.
 void dispatch(self_ptr self, std::shared_ptr<incoming_event> ev, uint64_t generation) {
   auto& st = self->state;
   auto* rej = std::get_if<rejection>(&ev->parsed);
@@ -218,12 +223,19 @@ void dispatch(self_ptr self, std::shared_ptr<incoming_event> ev, uint64_t genera
     publish(self, ev, {{channel::dlq, ev->key, to_json(rec)}}, generation);
     return;
   }
-  self->request(st.registry, route_timeout, route_atom_v, *ev)
+  auto call = st.route_replies.watch(std::chrono::steady_clock::now(), [self, ev, generation] {
+    spdlog::error("ingress {}: event {}/{} unanswered for {} s, dispatching it again", ev->topic,
+                  ev->partition, ev->offset, route_timeout.count());
+    dispatch(self, ev, generation);
+  });
+  self->request(st.registry, caf::infinite, route_atom_v, *ev)
       .then(
-          [self, ev, generation](std::vector<outgoing_message>& out) {
+          [self, ev, generation, call](std::vector<outgoing_message>& out) {
+            if (!reply_watch::settle(*call)) return;  // dispatched again meanwhile
             publish(self, ev, std::move(out), generation);
           },
-          [self, ev, generation](caf::error& err) {
+          [self, ev, generation, call](caf::error& err) {
+            if (!reply_watch::settle(*call)) return;
             spdlog::error("ingress {}: event {}/{} not handled, retrying: {}", ev->topic,
                           ev->partition, ev->offset, caf::to_string(err));
             later(self, [self, ev, generation] { dispatch(self, ev, generation); });
@@ -372,6 +384,8 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
         // The admission queue drains as slots free up, without any event here.
         apply_backpressure(st, st.cfg.kafka.topics.onboarding);
         auto now = std::chrono::steady_clock::now();
+        for (auto& again : st.route_replies.expire(now))
+          if (!st.stopping) again();
         while (!st.retries.empty() && st.retries.front().first <= now) {
           auto retry = std::move(st.retries.front().second);
           st.retries.pop_front();

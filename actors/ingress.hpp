@@ -16,6 +16,7 @@
 #include "actors/egress.hpp"
 #include "actors/kafka.hpp"
 #include "actors/metrics.hpp"
+#include "actors/reply_watch.hpp"
 #include "actors/user.hpp"
 #include "messages/type_ids.hpp"
 
@@ -69,6 +70,11 @@ struct ingress_state {
       0;  // bumped on every revoke: late answers of revoked partitions are dropped
   std::chrono::steady_clock::time_point next_lag_check{};
   std::chrono::steady_clock::time_point next_commit{};
+  // How long the ingress waits for an event's answer from its user actor
+  // (watched in route_replies, see dispatch in ingress.cpp), and for the
+  // egress to publish a job's events, before it tries again.
+  static constexpr std::chrono::seconds route_timeout{120};
+  reply_watch route_replies{route_timeout};
   // Events whose handling failed, re-run from the poll loop once due.
   std::deque<std::pair<std::chrono::steady_clock::time_point, std::function<void()>>> retries;
   ~ingress_state();

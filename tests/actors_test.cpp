@@ -1,6 +1,6 @@
 // Actor-layer parts that need no broker: training data resolution,
-// configuration checks, the host tier of the adapter cache and how job
-// actors end when the engine stops.
+// configuration checks, the host tier of the adapter cache, how job actors
+// end when the engine stops, and the ingress's timeout for answers.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -18,6 +18,7 @@
 #include "actors/fair_shares.hpp"
 #include "actors/gpu.hpp"
 #include "actors/metrics.hpp"
+#include "actors/reply_watch.hpp"
 #include "actors/training_data.hpp"
 #include "actors/training_pool.hpp"
 #include "model/transformer.hpp"
@@ -488,4 +489,38 @@ TEST_F(JobsAtShutdown, ThePoolsEndEndsItsJobs) {
   int ended = 0;
   for (std::size_t i = 0; i < publishing.size(); ++i) ended += next_down();
   EXPECT_EQ(ended, 2) << "job actors outlived the pool";
+}
+
+// The ingress's own timeout for an event's answer (reply_watch): CAF 0.17's
+// would stay on its clock for the full 120 s even once answered. An answer
+// settles its call once; a call not settled in time expires once, and a late
+// answer to it is then ignored (the event was dispatched again). A settled
+// call lets go of what it holds (the event) at once.
+TEST(ReplyWatch, ACallNotAnsweredInTimeExpiresOnceAndItsLateAnswerIsIgnored) {
+  using namespace std::chrono_literals;
+  reply_watch w{100ms};
+  const auto t0 = reply_watch::clock::now();
+  int expired_a = 0, expired_b = 0, expired_c = 0;
+  auto event = std::make_shared<int>(7);
+  auto a = w.watch(t0, [&] { ++expired_a; });
+  auto b = w.watch(t0 + 10ms, [&, event] { ++expired_b; });
+  auto c = w.watch(t0 + 20ms, [&] { ++expired_c; });
+  EXPECT_EQ(event.use_count(), 2);
+  EXPECT_TRUE(reply_watch::settle(*b));
+  EXPECT_FALSE(reply_watch::settle(*b)) << "an answer counted twice";
+  EXPECT_EQ(event.use_count(), 1) << "a settled call still holds its event";
+  EXPECT_TRUE(w.expire(t0 + 50ms).empty()) << "expired before its time";
+  EXPECT_EQ(w.size(), 3u);  // b waits behind a, which is still due
+  auto due = w.expire(t0 + 105ms);
+  ASSERT_EQ(due.size(), 1u);
+  for (auto& f : due) f();
+  EXPECT_EQ(expired_a, 1);
+  EXPECT_EQ(expired_b, 0) << "an answered call expired";
+  EXPECT_EQ(w.size(), 1u) << "a settled call outlived the pending one ahead of it";
+  EXPECT_FALSE(reply_watch::settle(*a)) << "the late answer of an expired call was taken";
+  EXPECT_TRUE(w.expire(t0 + 110ms).empty()) << "a call expired twice";
+  EXPECT_TRUE(reply_watch::settle(*c));
+  EXPECT_TRUE(w.expire(t0 + 1s).empty());
+  EXPECT_EQ(expired_c, 0);
+  EXPECT_EQ(w.size(), 0u);
 }
