@@ -65,10 +65,20 @@ engine_run::engine_run(const engine_run_options& o) {
   dir_ = (fs::temp_directory_path() / ("tailor-bench-" + tag)).string();
   fs::create_directories(dir_);
   bootstrap_ = o.bootstrap;
-  if (bootstrap_.empty()) bootstrap_ = broker_.emplace(dir_ + "/kafka").bootstrap();
   prefix_ = "bench" + tag + ".";
   group_ = "bench-" + tag;
   keep_topics_ = o.keep_topics;
+  // A failed start leaves nothing either: no tailord, topics or directory.
+  try {
+    start(o);
+  } catch (...) {
+    release();
+    throw;
+  }
+}
+
+void engine_run::start(const engine_run_options& o) {
+  if (bootstrap_.empty()) bootstrap_ = broker_.emplace(dir_ + "/kafka").bootstrap();
   json cfg = {{"data_dir", dir_ + "/data"},
               {"admin", {{"host", "127.0.0.1"}, {"port", 0}}},
               {"kafka",
@@ -112,6 +122,10 @@ engine_run::engine_run(const engine_run_options& o) {
 }
 
 engine_run::~engine_run() {
+  release();
+}
+
+void engine_run::release() {
   stop();
   // A broker we did not start may be shared: leave nothing on it.
   if (!broker_ && !keep_topics_ && !bootstrap_.empty()) {

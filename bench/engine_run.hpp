@@ -50,7 +50,8 @@ struct engine_run_options {
 class engine_run {
  public:
   // Starts what is needed and waits until tailord is ready; throws with the
-  // reason (and tailord's log) when it cannot.
+  // reason (and tailord's log) when it cannot, having stopped and removed
+  // what it started (tailord, its topics on a given broker, the directory).
   explicit engine_run(const engine_run_options& o);
   // Stops tailord (SIGTERM) and the broker it started; on a given broker,
   // deletes the run's topics and groups (engine_run_options::keep_topics).
@@ -74,6 +75,9 @@ class engine_run {
   int stop();  // SIGTERM; the exit status
 
  private:
+  void start(const engine_run_options& o);
+  void release();  // stops tailord and the broker, deletes topics and groups, removes dir_
+
   std::string dir_, bootstrap_, prefix_, group_;
   bool keep_topics_ = false;
   std::optional<kafka_broker> broker_;  // when no bootstrap servers were given

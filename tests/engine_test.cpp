@@ -2,7 +2,10 @@
 // exactly one answer of the right kind, effects happen once, and nothing is
 // lost across a crash.
 #include <gtest/gtest.h>
+#include <arpa/inet.h>
 #include <librdkafka/rdkafkacpp.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -657,6 +660,23 @@ namespace {
 
 // Whether the broker lists `topic` (all topics' metadata: asking for one
 // topic by name could create it).
+// The broker's topics whose names begin with `prefix`.
+std::vector<std::string> topics_named(const std::string& bootstrap, const std::string& prefix) {
+  std::string err;
+  std::unique_ptr<RdKafka::Conf> conf(RdKafka::Conf::create(RdKafka::Conf::CONF_GLOBAL));
+  conf->set("bootstrap.servers", bootstrap, err);
+  std::unique_ptr<RdKafka::Producer> p(RdKafka::Producer::create(conf.get(), err));
+  if (!p) throw std::runtime_error("producer: " + err);
+  RdKafka::Metadata* md = nullptr;
+  if (p->metadata(true, nullptr, &md, 5000) != RdKafka::ERR_NO_ERROR)
+    throw std::runtime_error("no metadata from the broker");
+  std::unique_ptr<RdKafka::Metadata> owned(md);
+  std::vector<std::string> found;
+  for (const auto* t : *owned->topics())
+    if (t->topic().rfind(prefix, 0) == 0) found.push_back(t->topic());
+  return found;
+}
+
 bool topic_listed(const std::string& bootstrap, const std::string& topic) {
   std::string err;
   std::unique_ptr<RdKafka::Conf> conf(RdKafka::Conf::create(RdKafka::Conf::CONF_GLOBAL));
@@ -712,4 +732,47 @@ TEST(BenchCleanup, ARunsTopicsAndGroupsAreDeletedAndNothingElse) {
   EXPECT_TRUE(topic_listed(bootstrap, kept));
   EXPECT_EQ(committed_total(bootstrap, group, kept, 1), 0) << "the group's offsets are gone";
   EXPECT_EQ(tailor::bench::delete_topics_and_groups(bootstrap, {gone}, {group}), "");
+}
+
+// A run whose tailord fails during start-up leaves nothing behind either.
+// Here its admin port is taken, which tailord finds after it has created
+// the run's topics: they are deleted, tailor-bench's error carries
+// tailord's reason, and the run's directory is gone.
+TEST(BenchCleanup, ARunThatFailsToStartLeavesNoTopicsAndNoDirectory) {
+  const auto bootstrap = broker_bootstrap();
+  ASSERT_FALSE(bootstrap.empty());
+  const int taken = ::socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(taken, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  ASSERT_EQ(::bind(taken, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  ASSERT_EQ(::listen(taken, 1), 0);
+  ASSERT_EQ(::getsockname(taken, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  tailor::bench::engine_run_options o;
+  o.bootstrap = bootstrap;
+  o.config = {{"admin", {{"port", ntohs(addr.sin_port)}}}};
+  std::string what = "started";
+  try {
+    tailor::bench::engine_run run(o);
+  } catch (const std::exception& e) {
+    what = e.what();
+  }
+  ::close(taken);
+  EXPECT_NE(what.find("tailord exited during start-up"), std::string::npos) << what;
+  EXPECT_NE(what.find("admin API: cannot listen"), std::string::npos) << what;
+  // Runs of this process name their topics bench<pid>-..., their directory
+  // tailor-bench-<pid>-...
+  const auto pid = std::to_string(::getpid());
+  std::vector<std::string> left;
+  EXPECT_TRUE(wait_until(
+      [&] {
+        left = topics_named(bootstrap, "bench" + pid + "-");
+        return left.empty();
+      },
+      30s))
+      << left.size() << " topics left, the first " << left.front();
+  for (const auto& e : std::filesystem::directory_iterator(std::filesystem::temp_directory_path()))
+    EXPECT_NE(e.path().filename().string().rfind("tailor-bench-" + pid + "-", 0), 0u) << e.path();
 }
