@@ -119,22 +119,71 @@ std::map<std::string, uint64_t> thread_cpu_ticks(pid_t pid) {
   return out;
 }
 
-nlohmann::json cpu_us_per_request(const std::map<std::string, uint64_t>& before,
-                                  const std::map<std::string, uint64_t>& after, double requests,
-                                  double ticks_per_second) {
+namespace {
+
+// What each name's count grew by between two readings, times `scale`, by
+// name, with their sum under "total"; empty without requests.
+nlohmann::json growth_per_request(const std::map<std::string, uint64_t>& before,
+                                  const std::map<std::string, uint64_t>& after, double scale) {
   nlohmann::json out = nlohmann::json::object();
-  if (requests <= 0 || ticks_per_second <= 0) return out;
+  if (scale <= 0) return out;
   double total = 0;
-  for (const auto& [name, ticks] : after) {
+  for (const auto& [name, count] : after) {
     const auto it = before.find(name);
     const uint64_t was = it == before.end() ? 0 : it->second;
-    if (ticks <= was) continue;
-    const double us = static_cast<double>(ticks - was) / ticks_per_second * 1e6 / requests;
-    out[name] = us;
-    total += us;
+    if (count <= was) continue;
+    const double x = static_cast<double>(count - was) * scale;
+    out[name] = x;
+    total += x;
   }
   out["total"] = total;
   return out;
+}
+
+}  // namespace
+
+nlohmann::json cpu_us_per_request(const std::map<std::string, uint64_t>& before,
+                                  const std::map<std::string, uint64_t>& after, double requests,
+                                  double ticks_per_second) {
+  if (requests <= 0 || ticks_per_second <= 0) return nlohmann::json::object();
+  return growth_per_request(before, after, 1e6 / ticks_per_second / requests);
+}
+
+std::optional<uint64_t> parse_context_switches(std::string_view status) {
+  std::optional<uint64_t> sum;
+  for (const std::string_view key : {"voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"}) {
+    // Each key at the start of a line ("nonvoluntary" contains "voluntary").
+    for (auto pos = status.find(key); pos != std::string_view::npos;
+         pos = status.find(key, pos + 1)) {
+      if (pos != 0 && status[pos - 1] != '\n') continue;
+      std::istringstream in{std::string(status.substr(pos + key.size(), 32))};
+      uint64_t n = 0;
+      if (in >> n) sum = sum.value_or(0) + n;
+      break;
+    }
+  }
+  return sum;
+}
+
+std::map<std::string, uint64_t> thread_context_switches(pid_t pid) {
+  std::map<std::string, uint64_t> out;
+  std::error_code ec;
+  const auto dir = std::filesystem::path("/proc") / std::to_string(pid) / "task";
+  for (std::filesystem::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    std::string name;
+    if (!std::getline(std::ifstream(it->path() / "comm"), name)) continue;  // ended meanwhile
+    std::ostringstream text;
+    text << std::ifstream(it->path() / "status").rdbuf();
+    if (auto n = parse_context_switches(text.str())) out[name] += *n;
+  }
+  return out;
+}
+
+nlohmann::json switches_per_request(const std::map<std::string, uint64_t>& before,
+                                    const std::map<std::string, uint64_t>& after,
+                                    double requests) {
+  if (requests <= 0) return nlohmann::json::object();
+  return growth_per_request(before, after, 1.0 / requests);
 }
 
 }  // namespace tailor::bench

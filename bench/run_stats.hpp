@@ -62,4 +62,18 @@ nlohmann::json cpu_us_per_request(const std::map<std::string, uint64_t>& before,
                                   const std::map<std::string, uint64_t>& after, double requests,
                                   double ticks_per_second);
 
+// A thread's context switches so far (voluntary and not) from the text of
+// its /proc/PID/task/TID/status; nullopt where neither count is in it.
+std::optional<uint64_t> parse_context_switches(std::string_view status);
+// The context switches of each thread of process `pid`, summed by thread
+// name (as thread_cpu_ticks). A switch costs CPU of its own, in the kernel
+// and, on a virtual machine, the hypervisor: each hand-over of work between
+// threads, and each sleep, is one.
+std::map<std::string, uint64_t> thread_context_switches(pid_t pid);
+// Context switches a request, by thread name, between two readings of
+// thread_context_switches, and their sum under "total".
+nlohmann::json switches_per_request(const std::map<std::string, uint64_t>& before,
+                                    const std::map<std::string, uint64_t>& after,
+                                    double requests);
+
 }  // namespace tailor::bench

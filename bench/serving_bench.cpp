@@ -273,6 +273,8 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
   const auto cpu0 = read_cpu_times();
   const auto tailord_threads0 = thread_cpu_ticks(engine.pid());
   const auto bench_threads0 = thread_cpu_ticks(::getpid());
+  const auto tailord_switches0 = thread_context_switches(engine.pid());
+  const auto bench_switches0 = thread_context_switches(::getpid());
   const auto t0 = clock::now();
   const auto deadline = t0 + std::chrono::minutes(30);
   if (o.rate > 0) {
@@ -317,6 +319,8 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
   const double stolen = steal_share(cpu0, read_cpu_times());
   const auto tailord_threads1 = thread_cpu_ticks(engine.pid());
   const auto bench_threads1 = thread_cpu_ticks(::getpid());
+  const auto tailord_switches1 = thread_context_switches(engine.pid());
+  const auto bench_switches1 = thread_context_switches(::getpid());
   bar.done();
   const auto hits = engine.metric("tailor_adapter_cache_hits_total", "tier", "device") - hits0;
   const auto misses =
@@ -366,6 +370,9 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
   out["cpu_us_per_request"] = {
       {"tailord", cpu_us_per_request(tailord_threads0, tailord_threads1, o.requests, ticks)},
       {"bench", cpu_us_per_request(bench_threads0, bench_threads1, o.requests, ticks)}};
+  out["switches_per_request"] = {
+      {"tailord", switches_per_request(tailord_switches0, tailord_switches1, o.requests)},
+      {"bench", switches_per_request(bench_switches0, bench_switches1, o.requests)}};
   // Whether tailord's batch loop got the realtime policy it was asked for.
   out["batch_thread_realtime"] =
       engine.metric_sum("tailor_batch_thread_realtime", "device=") > 0;

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <map>
 #include <string>
+#include <thread>
 
 #include "run_stats.hpp"
 
@@ -16,6 +17,9 @@ using tailor::bench::parse_cpu_times;
 using tailor::bench::read_cpu_times;
 using tailor::bench::steal_share;
 using tailor::bench::cpu_us_per_request;
+using tailor::bench::parse_context_switches;
+using tailor::bench::switches_per_request;
+using tailor::bench::thread_context_switches;
 using tailor::bench::parse_thread_stat;
 using tailor::bench::thread_cpu_ticks;
 
@@ -97,6 +101,36 @@ TEST(ThreadCpu, ANameAndItsUserPlusSystemTicksFromAThreadsStatLine) {
   EXPECT_EQ(t->second, 7u);
   EXPECT_FALSE(parse_thread_stat("7 (short) S 1 2 3")) << "no times";
   EXPECT_FALSE(parse_thread_stat("no name here")) << "no parentheses";
+}
+
+// ... and each thread's context switches per request, which cost this
+// machine's threads CPU of their own.
+TEST(ThreadSwitches, VoluntaryAndInvoluntaryFromAStatusTextAndPerRequestByName) {
+  EXPECT_EQ(parse_context_switches("Name:\tcaf.clock\nState:\tS (sleeping)\n"
+                                   "voluntary_ctxt_switches:\t120\n"
+                                   "nonvoluntary_ctxt_switches:\t7\n"),
+            127u);
+  // Either line alone counts; the other one's name inside it does not.
+  EXPECT_EQ(parse_context_switches("nonvoluntary_ctxt_switches:\t5\n"), 5u);
+  EXPECT_FALSE(parse_context_switches("Name:\tx\nState:\tR\n")) << "no counts";
+  const std::map<std::string, uint64_t> before{{"caf.clock", 100}, {"idle", 3}};
+  const std::map<std::string, uint64_t> after{{"caf.clock", 600}, {"idle", 3}, {"new", 50}};
+  const auto j = switches_per_request(before, after, 1000);
+  EXPECT_DOUBLE_EQ(j["caf.clock"].get<double>(), 0.5);
+  EXPECT_DOUBLE_EQ(j["new"].get<double>(), 0.05);
+  EXPECT_FALSE(j.contains("idle"));
+  EXPECT_DOUBLE_EQ(j["total"].get<double>(), 0.55);
+  EXPECT_TRUE(switches_per_request(before, after, 0).empty()) << "no requests";
+  // This process: a thread that sleeps and wakes ten times shows ten more.
+  auto sum = [](const std::map<std::string, uint64_t>& m) {
+    uint64_t s = 0;
+    for (const auto& [name, n] : m) s += n;
+    return s;
+  };
+  const auto a = thread_context_switches(::getpid());
+  ASSERT_FALSE(a.empty());
+  for (int i = 0; i < 10; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  EXPECT_GE(sum(thread_context_switches(::getpid())), sum(a) + 10);
 }
 
 TEST(ThreadCpu, MicrosecondsPerRequestByNameAndTheirSum) {
