@@ -1,5 +1,6 @@
 #include "actors/ingress.hpp"
 
+#include <librdkafka/rdkafka.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -57,6 +58,15 @@ std::vector<RdKafka::TopicPartition*> assigned(ingress_state& st, const std::str
 void set_paused(ingress_state& st, const std::string& topic, bool pause) {
   auto& in = st.inputs[topic];
   if (in.paused == pause) return;
+  if (in.kind == input_topic::inference) {
+    // Not a pause of the partitions: the ingress stops reading their queue
+    // (ingress_state::inference_queue), and librdkafka stops fetching once
+    // it is full.
+    in.paused = pause;
+    st.stats->set_paused(topic, pause);
+    spdlog::debug("ingress {}: {}", topic, pause ? "not read (backpressure)" : "read again");
+    return;
+  }
   auto parts = assigned(st, topic);
   auto rc = pause ? st.consumer->pause(parts) : st.consumer->resume(parts);
   RdKafka::TopicPartition::destroy(parts);
@@ -73,8 +83,9 @@ void set_paused(ingress_state& st, const std::string& topic, bool pause) {
 // Pauses a topic with too many events in flight, and onboarding also while
 // the training pool's admission queue (counting the onboarding events still
 // on their way to it) is full; resumes at half of either, so the consumer
-// does not flap. The backlog waits in Kafka.
-void apply_backpressure(ingress_state& st, const std::string& topic) {
+// does not flap. The backlog waits in Kafka. True when it resumed a topic:
+// what waits for it gets no new wake-up, so the caller drains.
+bool apply_backpressure(ingress_state& st, const std::string& topic) {
   auto& in = st.inputs[topic];
   bool over = in.in_flight >= st.cfg.max_in_flight;
   bool under = in.in_flight <= st.cfg.max_in_flight / 2;
@@ -89,17 +100,32 @@ void apply_backpressure(ingress_state& st, const std::string& topic) {
     if (in.paused) st.stats->count_pause(topic);
   } else if (in.paused && under) {
     set_paused(st, topic, false);
+    return !in.paused;
   }
+  return false;
 }
 
 void rebalance_handler::rebalance_cb(RdKafka::KafkaConsumer* consumer, RdKafka::ErrorCode err,
                                      std::vector<RdKafka::TopicPartition*>& parts) {
   if (err == RdKafka::ERR__ASSIGN_PARTITIONS) {
+    // Before the assignment, so that no inference event reaches the
+    // consumer's own queue.
+    const auto& inference = st_->cfg.kafka.topics.inference;
+    for (const auto* tp : parts) {
+      if (tp->topic() != inference) continue;
+      auto* q = rd_kafka_queue_get_partition(consumer->c_ptr(), inference.c_str(), tp->partition());
+      if (!q) {
+        spdlog::error("ingress: no queue for {}/{}", inference, tp->partition());
+        continue;
+      }
+      rd_kafka_queue_forward(q, st_->inference_queue);
+      rd_kafka_queue_destroy(q);
+    }
     auto rc = consumer->assign(parts);
     if (rc != RdKafka::ERR_NO_ERROR)
       spdlog::error("ingress: assign failed: {}", RdKafka::err2str(rc));
     for (auto& [topic, in] : st_->inputs) {
-      if (!in.paused) continue;
+      if (!in.paused || in.kind == input_topic::inference) continue;
       in.paused = false;  // re-applied to the new assignment
       set_paused(*st_, topic, true);
     }
@@ -123,7 +149,7 @@ void mark_answered(self_ptr self, const incoming_event& ev, uint64_t generation)
   auto& in = st.inputs[ev.topic];
   --in.in_flight;
   st.stats->set_in_flight(ev.topic, in.in_flight);
-  apply_backpressure(st, ev.topic);
+  if (apply_backpressure(st, ev.topic)) self->send(self, poll_atom_v);
   if (generation != st.generation) return;  // partition was revoked meanwhile
   auto it = st.partitions.find({ev.topic, ev.partition});
   if (it == st.partitions.end()) return;
@@ -242,37 +268,61 @@ void dispatch(self_ptr self, std::shared_ptr<incoming_event> ev, uint64_t genera
           });
 }
 
-// Reads the events the consumer's queue holds now, at most 64 (the mailbox
-// gets its turn in between); true when there may be more. Never waits.
+// Parses one event read from Kafka, tracks it for its partition's commit
+// and hands it to its user actor.
+void take(self_ptr self, const char* topic, int32_t partition, int64_t offset, const void* key,
+          std::size_t key_len, const void* payload, std::size_t len) {
+  auto& st = self->state;
+  auto it = st.inputs.find(topic);
+  if (it == st.inputs.end()) return;
+  auto& in = it->second;
+  st.stats->count_in(it->first);
+  auto ev = std::make_shared<incoming_event>();
+  ev->topic = it->first;
+  ev->partition = partition;
+  ev->offset = offset;
+  if (key) ev->key.assign(static_cast<const char*>(key), key_len);
+  ev->payload.assign(static_cast<const char*>(payload), len);
+  ev->consumed = std::chrono::steady_clock::now();
+  ev->parsed = parse_event(in.kind, ev->payload, st.cfg.limits);
+  st.partitions[{ev->topic, ev->partition}].outstanding[ev->offset] = false;
+  ++in.in_flight;
+  st.stats->set_in_flight(ev->topic, in.in_flight);
+  dispatch(self, ev, st.generation);
+  apply_backpressure(st, ev->topic);
+}
+
+// Reads the events the queues hold now, at most 64 from each (the mailbox
+// gets its turn in between): the consumer's (onboarding, control), and the
+// inference queue unless backpressure holds it. True when there may be
+// more. Never waits.
 bool drain(self_ptr self) {
   auto& st = self->state;
-  for (int n = 0; n < 64; ++n) {
+  int n = 0;
+  for (; n < 64; ++n) {
     std::unique_ptr<RdKafka::Message> msg(st.consumer->consume(0));
-    if (msg->err() == RdKafka::ERR__TIMED_OUT) return false;
+    if (msg->err() == RdKafka::ERR__TIMED_OUT) break;
     if (msg->err() != RdKafka::ERR_NO_ERROR) {
       // Keep reading: what follows an error gets no new wake-up.
       spdlog::warn("ingress: {}", msg->errstr());
       continue;
     }
-    auto it = st.inputs.find(msg->topic_name());
-    if (it == st.inputs.end()) continue;
-    auto& in = it->second;
-    st.stats->count_in(it->first);
-    auto ev = std::make_shared<incoming_event>();
-    ev->topic = it->first;
-    ev->partition = msg->partition();
-    ev->offset = msg->offset();
-    if (msg->key()) ev->key = *msg->key();
-    ev->payload.assign(static_cast<const char*>(msg->payload()), msg->len());
-    ev->consumed = std::chrono::steady_clock::now();
-    ev->parsed = parse_event(in.kind, ev->payload, st.cfg.limits);
-    st.partitions[{ev->topic, ev->partition}].outstanding[ev->offset] = false;
-    ++in.in_flight;
-    st.stats->set_in_flight(ev->topic, in.in_flight);
-    dispatch(self, ev, st.generation);
-    apply_backpressure(st, ev->topic);
+    take(self, msg->topic_name().c_str(), msg->partition(), msg->offset(), msg->key_pointer(),
+         msg->key_len(), msg->payload(), msg->len());
   }
-  return true;
+  bool more = n == 64;
+  const auto& inference = st.inputs[st.cfg.kafka.topics.inference];
+  for (n = 0; n < 64 && !inference.paused; ++n) {
+    auto* m = rd_kafka_consume_queue(st.inference_queue, 0);
+    if (!m) break;
+    if (m->err)
+      spdlog::warn("ingress: {}", rd_kafka_message_errstr(m));
+    else
+      take(self, rd_kafka_topic_name(m->rkt), m->partition, m->offset, m->key, m->key_len,
+           m->payload, m->len);
+    rd_kafka_message_destroy(m);
+  }
+  return more || (n == 64 && !inference.paused);
 }
 
 void update_lag(ingress_state& st) {
@@ -300,6 +350,7 @@ void update_lag(ingress_state& st) {
 
 ingress_state::~ingress_state() {
   wakeup.reset();
+  inference_wakeup.reset();
   answers_wakeup.reset();
   // Their callbacks would reach into this state while it goes; what was
   // produced is still delivered (the producer flushes as it goes).
@@ -307,6 +358,9 @@ ingress_state::~ingress_state() {
   if (!consumer) return;
   commit(*this, true);
   consumer->close();
+  // After the close, which forwards nothing here any more; before the
+  // consumer is destroyed, as librdkafka requires of every queue.
+  if (inference_queue) rd_kafka_queue_destroy(inference_queue);
 }
 
 ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_state> self,
@@ -333,20 +387,22 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
                          // A crashed instance's partitions move on after 10 s, not 45.
                          {"session.timeout.ms", "10000"},
                          {"heartbeat.interval.ms", "1000"},
-                         // Prefetch at most 8 MB: a paused backlog stays in Kafka, not here.
+                         // Prefetch at most 8 MB a queue (inference's, the other
+                         // topics'): a held backlog stays in Kafka, not here.
+                         // librdkafka's long poll (fetch.wait.max.ms, 500 ms) is
+                         // kept: inference is held by not reading its queue, so
+                         // its resume waits for no fetch (a 20 ms poll did that
+                         // for paused partitions, at 50 fetches a second idle).
+                         // A resumed onboarding waits for the fetch in flight, at
+                         // most that, beside training jobs of seconds.
                          {"queued.max.messages.kbytes", "8192"},
-                         // A resumed topic is fetched again only once the fetch
-                         // in flight returns, and while inference is paused that
-                         // one asks only for idle topics, so it waits out this
-                         // long poll (500 ms by librdkafka's default). Each pause
-                         // then cost half a second: a backlog drained at ~500
-                         // events/s, whatever the offered rate, and never caught up.
-                         {"fetch.wait.max.ms", "20"},
                          {"client.id", "tailord-ingress"}},
                         err);
   if (conf && conf->set("rebalance_cb", st.on_rebalance.get(), err) == RdKafka::Conf::CONF_OK)
     st.consumer.reset(RdKafka::KafkaConsumer::create(conf.get(), err));
   RdKafka::ErrorCode rc = RdKafka::ERR_NO_ERROR;
+  // Before any assignment can forward partitions to it (in consume()).
+  if (st.consumer) st.inference_queue = rd_kafka_queue_new(st.consumer->c_ptr());
   if (st.consumer) rc = st.consumer->subscribe({t.onboarding, t.inference, t.control});
   if (!st.consumer || rc != RdKafka::ERR_NO_ERROR) {
     if (rc != RdKafka::ERR_NO_ERROR) err = RdKafka::err2str(rc);
@@ -362,6 +418,7 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
   }
   st.wakeup =
       poll_on_wakeup<ingress_actor>(self, st.consumer->c_ptr(), queue_wakeup::queue::consumer);
+  st.inference_wakeup = poll_on_wakeup<ingress_actor>(self, st.inference_queue);
   st.answers_wakeup = poll_on_wakeup<ingress_actor>(self, st.answers->producer().c_ptr(),
                                                     queue_wakeup::queue::main);
   self->send(self, tick_atom_v);
@@ -371,6 +428,7 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
         if (st.stopping) return;
         // Re-armed before serving: what arrives after this poll wakes us again.
         st.wakeup->rearm();
+        st.inference_wakeup->rearm();
         st.answers_wakeup->rearm();
         st.answers->poll();
         if (drain(self)) self->send(self, poll_atom_v);
@@ -406,6 +464,7 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
         auto& st = self->state;
         st.stopping = true;
         st.wakeup.reset();
+        st.inference_wakeup.reset();
         st.answers_wakeup.reset();
         // Answers on their way out are delivered (and so committed) first;
         // those that do not make it are answered again after a restart.
@@ -413,6 +472,8 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
           spdlog::error("ingress: answers not delivered at shutdown are answered again next time");
         commit(st, true);
         st.consumer->close();
+        rd_kafka_queue_destroy(st.inference_queue);  // before the consumer goes
+        st.inference_queue = nullptr;
         st.consumer.reset();
         spdlog::info("ingress: offsets committed, left the group");
         self->quit();

@@ -29,9 +29,10 @@ namespace tailor::actors {
 // input topics, with the range assignor, keeps partition p of every topic on
 // the same instance: a user's onboarding, inference and control events meet
 // at one user actor (co-partitioning, as in Kafka Streams). A topic with too
-// many events in flight has its partitions paused, so a backlog waits in
-// Kafka rather than in memory. `poll` drains the consumer's queue (sent by
-// librdkafka's wake-up when the queue turns non-empty, so the actor never
+// many events in flight is held (inference: its queue is not read; the
+// others: their partitions are paused), so a backlog waits in Kafka rather
+// than in memory. `poll` drains the queues (sent by librdkafka's wake-up
+// when a queue turns non-empty, so the actor never
 // blocks while answers wait in its mailbox); `tick` runs the timed chores
 // (retries, commits, backpressure, lag) and drains as a safety net; `stop`
 // commits what is done and leaves the group.
@@ -57,6 +58,14 @@ struct ingress_state {
   std::unique_ptr<RdKafka::RebalanceCb> on_rebalance;
   std::unique_ptr<RdKafka::KafkaConsumer> consumer;
   std::unique_ptr<queue_wakeup> wakeup;  // reset before the consumer closes
+  // The inference partitions' events, kept apart from the other topics'
+  // (each partition's queue forwards here). Backpressure stops reading this
+  // queue instead of pausing the partitions: librdkafka stops fetching once
+  // it holds queued.max.messages.kbytes, and a resume reads what is here at
+  // once, where a resumed partition waited for the fetch in flight, up to
+  // fetch.wait.max.ms. Destroyed after the consumer closes.
+  rd_kafka_queue_s* inference_queue = nullptr;
+  std::unique_ptr<queue_wakeup> inference_wakeup;  // reset before the queue goes
   // Answers without events (results, DLQ records) go out through a producer
   // of the ingress's own: their delivery reports come back on this thread,
   // not through the egress's (two thread hops fewer per request). Events

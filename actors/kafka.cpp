@@ -130,10 +130,15 @@ queue_wakeup::queue_wakeup(rd_kafka_s* client, queue which, std::function<void()
   if (queue_) rd_kafka_queue_cb_event_enable(queue_, &queue_wakeup::on_event, this);
 }
 
+queue_wakeup::queue_wakeup(rd_kafka_queue_s* borrowed, std::function<void()> wake)
+    : queue_(borrowed), owned_(false), wake_(std::move(wake)) {
+  if (queue_) rd_kafka_queue_cb_event_enable(queue_, &queue_wakeup::on_event, this);
+}
+
 queue_wakeup::~queue_wakeup() {
   if (!queue_) return;
   rd_kafka_queue_cb_event_enable(queue_, nullptr, nullptr);
-  rd_kafka_queue_destroy(queue_);
+  if (owned_) rd_kafka_queue_destroy(queue_);
 }
 
 void queue_wakeup::on_event(rd_kafka_s*, void* opaque) {

@@ -46,6 +46,9 @@ class queue_wakeup {
  public:
   enum class queue { consumer, main };
   queue_wakeup(rd_kafka_s* client, queue which, std::function<void()> wake);
+  // For a queue of the caller's (rd_kafka_queue_new), which it keeps and
+  // destroys after this.
+  queue_wakeup(rd_kafka_queue_s* borrowed, std::function<void()> wake);
   ~queue_wakeup();
   queue_wakeup(const queue_wakeup&) = delete;
   queue_wakeup& operator=(const queue_wakeup&) = delete;
@@ -56,17 +59,17 @@ class queue_wakeup {
  private:
   static void on_event(rd_kafka_s* client, void* opaque);
   rd_kafka_queue_s* queue_ = nullptr;
+  bool owned_ = true;
   std::function<void()> wake_;
   std::atomic<bool> pending_{false};
 };
 
 // A wake-up that sends `poll` to `self` (an actor of handle type `Handle`),
 // holding only a weak reference to it: it must not keep the actor alive.
-template <class Handle, class Self>
-std::unique_ptr<queue_wakeup> poll_on_wakeup(Self* self, rd_kafka_s* client,
-                                             queue_wakeup::queue which) {
+template <class Handle, class Self, class... Queue>
+std::unique_ptr<queue_wakeup> poll_on_wakeup(Self* self, Queue... queue) {
   auto weak = caf::actor_cast<caf::weak_actor_ptr>(self);
-  return std::make_unique<queue_wakeup>(client, which, [weak] {
+  return std::make_unique<queue_wakeup>(queue..., [weak] {
     if (auto strong = weak.lock())
       caf::anon_send(caf::actor_cast<Handle>(strong), messages::poll_atom_v);
   });

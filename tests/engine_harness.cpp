@@ -119,6 +119,12 @@ engine_process::~engine_process() {
   fs::remove_all(dir_, ec);
 }
 
+void engine_process::join_group_of(const engine_process& other) {
+  bootstrap_ = other.bootstrap_;
+  group_ = other.group_;
+  topics_ = other.topics_;
+}
+
 void engine_process::start() {
   json cfg = {{"data_dir", dir_ + "/data"},
               {"admin", {{"host", "127.0.0.1"}, {"port", 0}}},

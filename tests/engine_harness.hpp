@@ -43,6 +43,9 @@ class engine_process {
   explicit engine_process(const std::string& name, json extra_config = json::object());
   ~engine_process();
   void start();  // waits until ready (consumers joined)
+  // Before start(): the broker, topics and consumer group of `other`, so
+  // that the two share the topics' partitions.
+  void join_group_of(const engine_process& other);
   int stop();    // SIGTERM; returns the exit status
   void kill();   // SIGKILL, no cleanup
   const topic_set& topics() const { return topics_; }
