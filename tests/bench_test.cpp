@@ -86,6 +86,17 @@ TEST(CpuTimes, StealIsTheEighthFieldOfTheFirstLineOfProcStat) {
   EXPECT_LE(now.steal, now.total);
 }
 
+namespace {
+
+// A per-thread reading's total over the process's threads.
+uint64_t sum_of(const std::map<std::string, uint64_t>& by_thread) {
+  uint64_t s = 0;
+  for (const auto& [name, n] : by_thread) s += n;
+  return s;
+}
+
+}  // namespace
+
 // The serving bench reports each tailord thread's CPU time per request.
 TEST(ThreadCpu, ANameAndItsUserPlusSystemTicksFromAThreadsStatLine) {
   // Fields after the name: state, ppid, pgrp, session, tty, tpgid, flags,
@@ -122,15 +133,10 @@ TEST(ThreadSwitches, VoluntaryAndInvoluntaryFromAStatusTextAndPerRequestByName) 
   EXPECT_DOUBLE_EQ(j["total"].get<double>(), 0.55);
   EXPECT_TRUE(switches_per_request(before, after, 0).empty()) << "no requests";
   // This process: a thread that sleeps and wakes ten times shows ten more.
-  auto sum = [](const std::map<std::string, uint64_t>& m) {
-    uint64_t s = 0;
-    for (const auto& [name, n] : m) s += n;
-    return s;
-  };
   const auto a = thread_context_switches(::getpid());
   ASSERT_FALSE(a.empty());
   for (int i = 0; i < 10; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  EXPECT_GE(sum(thread_context_switches(::getpid())), sum(a) + 10);
+  EXPECT_GE(sum_of(thread_context_switches(::getpid())), sum_of(a) + 10);
 }
 
 TEST(ThreadCpu, MicrosecondsPerRequestByNameAndTheirSum) {
@@ -148,16 +154,11 @@ TEST(ThreadCpu, MicrosecondsPerRequestByNameAndTheirSum) {
   EXPECT_TRUE(cpu_us_per_request(before, after, 0, 100).empty()) << "no requests";
   // This process's threads, by name: busy work shows in them within a
   // deadline (the counts move by clock ticks).
-  auto sum = [](const std::map<std::string, uint64_t>& m) {
-    uint64_t s = 0;
-    for (const auto& [name, ticks] : m) s += ticks;
-    return s;
-  };
   const auto a = thread_cpu_ticks(::getpid());
   ASSERT_FALSE(a.empty());
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
   volatile double x = 0;
-  while (sum(thread_cpu_ticks(::getpid())) == sum(a) && std::chrono::steady_clock::now() < deadline)
+  while (sum_of(thread_cpu_ticks(::getpid())) == sum_of(a) && std::chrono::steady_clock::now() < deadline)
     for (int i = 0; i < 1000000; ++i) x = x + 1e-9 * i;
-  EXPECT_GT(sum(thread_cpu_ticks(::getpid())), sum(a)) << "busy for 10 s and no CPU time counted";
+  EXPECT_GT(sum_of(thread_cpu_ticks(::getpid())), sum_of(a)) << "busy for 10 s and no CPU time counted";
 }

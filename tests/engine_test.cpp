@@ -758,18 +758,8 @@ std::vector<std::string> topics_named(const std::string& bootstrap, const std::s
 }
 
 bool topic_listed(const std::string& bootstrap, const std::string& topic) {
-  std::string err;
-  std::unique_ptr<RdKafka::Conf> conf(RdKafka::Conf::create(RdKafka::Conf::CONF_GLOBAL));
-  conf->set("bootstrap.servers", bootstrap, err);
-  std::unique_ptr<RdKafka::Producer> p(RdKafka::Producer::create(conf.get(), err));
-  if (!p) throw std::runtime_error("producer: " + err);
-  RdKafka::Metadata* md = nullptr;
-  if (p->metadata(true, nullptr, &md, 5000) != RdKafka::ERR_NO_ERROR)
-    throw std::runtime_error("no metadata from the broker");
-  std::unique_ptr<RdKafka::Metadata> owned(md);
-  for (const auto* t : *owned->topics())
-    if (t->topic() == topic) return true;
-  return false;
+  const auto named = topics_named(bootstrap, topic);
+  return std::find(named.begin(), named.end(), topic) != named.end();
 }
 
 // Commits `offset` of partition 0 of `topic` for `group`, as a consumer
