@@ -158,7 +158,9 @@ TEST(ThreadCpu, MicrosecondsPerRequestByNameAndTheirSum) {
   ASSERT_FALSE(a.empty());
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
   volatile double x = 0;
-  while (sum_of(thread_cpu_ticks(::getpid())) == sum_of(a) && std::chrono::steady_clock::now() < deadline)
+  while (sum_of(thread_cpu_ticks(::getpid())) == sum_of(a) &&
+         std::chrono::steady_clock::now() < deadline)
     for (int i = 0; i < 1000000; ++i) x = x + 1e-9 * i;
-  EXPECT_GT(sum_of(thread_cpu_ticks(::getpid())), sum_of(a)) << "busy for 10 s and no CPU time counted";
+  EXPECT_GT(sum_of(thread_cpu_ticks(::getpid())), sum_of(a))
+      << "busy for 10 s and no CPU time counted";
 }
