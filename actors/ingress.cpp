@@ -80,11 +80,11 @@ void set_paused(ingress_state& st, const std::string& topic, bool pause) {
   spdlog::debug("ingress {}: {}", topic, pause ? "paused (backpressure)" : "resumed");
 }
 
-// Pauses a topic with too many events in flight, and onboarding also while
-// the training pool's admission queue (counting the onboarding events still
-// on their way to it) is full; resumes at half of either, so the consumer
-// does not flap. The backlog waits in Kafka. True when it resumed a topic:
-// what waits for it gets no new wake-up, so the caller drains.
+// Holds a topic with too many events in flight (set_paused), and onboarding
+// also while the training pool's admission queue (counting the onboarding
+// events still on their way to it) is full; lets it go at half of either, so
+// the consumer does not flap. The backlog waits in Kafka. True when it let a
+// topic go: what waits for it gets no new wake-up, so the caller drains.
 bool apply_backpressure(ingress_state& st, const std::string& topic) {
   auto& in = st.inputs[topic];
   bool over = in.in_flight >= st.cfg.max_in_flight;
