@@ -3,7 +3,9 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <condition_variable>
 #include <map>
+#include <mutex>
 #include <string>
 #include <thread>
 
@@ -132,11 +134,41 @@ TEST(ThreadSwitches, VoluntaryAndInvoluntaryFromAStatusTextAndPerRequestByName) 
   EXPECT_FALSE(j.contains("idle"));
   EXPECT_DOUBLE_EQ(j["total"].get<double>(), 0.55);
   EXPECT_TRUE(switches_per_request(before, after, 0).empty()) << "no requests";
-  // This process: a thread that sleeps and wakes ten times shows ten more.
+  // This process: a thread that hands a turn to another and waits for it
+  // back, ten times, switches at least ten times. It holds the lock from its
+  // hand-over to its wait, so every wait blocks.
   const auto a = thread_context_switches(::getpid());
   ASSERT_FALSE(a.empty());
-  for (int i = 0; i < 10; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  EXPECT_GE(sum_of(thread_context_switches(::getpid())), sum_of(a) + 10);
+  std::mutex mx;
+  std::condition_variable cv;
+  int turn = 0;  // 0: this thread's, 1: the other's, 2: the other ends
+  std::thread other([&] {
+    std::unique_lock lock(mx);
+    for (;;) {
+      if (!cv.wait_for(lock, std::chrono::seconds(10), [&] { return turn != 0; })) return;
+      if (turn == 2) return;
+      turn = 0;
+      cv.notify_all();
+    }
+  });
+  bool answered = true;
+  {
+    std::unique_lock lock(mx);
+    for (int i = 0; i < 10 && answered; ++i) {
+      turn = 1;
+      cv.notify_all();
+      answered = cv.wait_for(lock, std::chrono::seconds(10), [&] { return turn == 0; });
+    }
+  }
+  const auto b = thread_context_switches(::getpid());
+  {
+    std::lock_guard lock(mx);
+    turn = 2;
+  }
+  cv.notify_all();
+  other.join();
+  ASSERT_TRUE(answered) << "the other thread did not answer within 10 s";
+  EXPECT_GE(sum_of(b), sum_of(a) + 10);
 }
 
 TEST(ThreadCpu, MicrosecondsPerRequestByNameAndTheirSum) {
