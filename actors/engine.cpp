@@ -23,7 +23,29 @@ ingress_actor spawn_ingress(supervisor_actor::stateful_pointer<supervisor_state>
   return a;
 }
 
+// Starts the GPU actor of `base_model` on `device`, or a fresh one in the
+// place of one that failed; user actors route to it from their next request.
+void start_gpu(supervisor_actor::stateful_pointer<supervisor_state> self,
+               const std::string& base_model, int device) {
+  auto& st = self->state;
+  auto g = self->spawn<caf::detached>(gpu, device, base_model, st.cfg, st.bases, st.routes.host,
+                                      st.loader, st.stats);
+  self->monitor(g);
+  st.routes.devices->set(base_model, device, g);
+  st.restarts[{base_model, device}].started = std::chrono::steady_clock::now();
+}
+
+
 }  // namespace
+
+std::chrono::milliseconds device_restarts::next_delay(std::chrono::steady_clock::time_point now) {
+  if (now - started >= stable_after) quick_failures = 0;
+  const int n = quick_failures++;
+  if (n == 0) return std::chrono::milliseconds(0);
+  auto delay = std::chrono::duration_cast<std::chrono::milliseconds>(first_delay);
+  for (int i = 1; i < n && delay < max_delay; ++i) delay *= 2;
+  return std::min<std::chrono::milliseconds>(delay, max_delay);
+}
 
 supervisor_actor::behavior_type supervisor(
     supervisor_actor::stateful_pointer<supervisor_state> self, engine_config cfg,
@@ -40,10 +62,9 @@ supervisor_actor::behavior_type supervisor(
   st.loader = self->spawn<caf::detached>(adapter_loader, st.cfg, bases, host, st.stats);
   st.routes.host = host;
   st.routes.loader = st.loader;
+  st.bases = bases;
   for (const auto& base : st.cfg.base_models)
-    for (int d = 0; d < st.cfg.serving.devices; ++d)
-      st.routes.by_base[base].push_back(
-          self->spawn<caf::detached>(gpu, d, base, st.cfg, bases, host, st.loader, st.stats));
+    for (int d = 0; d < st.cfg.serving.devices; ++d) start_gpu(self, base, d);
   st.users = self->spawn(registry, st.cfg, metadata_access{st.db, std::move(db)}, st.out, st.pool,
                          st.routes, st.stats);
   // Jobs of the previous run are back in the pool before new events arrive.
@@ -58,12 +79,33 @@ supervisor_actor::behavior_type supervisor(
           });
   self->set_down_handler([self](caf::down_msg& dm) {
     auto& st = self->state;
-    if (st.input.address() != dm.source || st.stopping) return;
-    spdlog::error("ingress failed ({}); restarting it", caf::to_string(dm.reason));
-    // A fresh consumer rejoins the group; uncommitted events are redelivered.
-    st.input = spawn_ingress(self);
+    if (st.stopping) return;
+    if (st.input.address() == dm.source) {
+      spdlog::error("ingress failed ({}); restarting it", caf::to_string(dm.reason));
+      // A fresh consumer rejoins the group; uncommitted events are redelivered.
+      st.input = spawn_ingress(self);
+      return;
+    }
+    std::string base;
+    int device = 0;
+    if (!st.routes.devices->find(dm.source, base, device)) return;
+    // Its requests were answered with an error as it ended (gpu_state), and
+    // the ingress sends them again; until the restart they are refused the
+    // same way and sent again a second later.
+    const auto label = base + "/" + std::to_string(device);
+    st.stats->count_device_restart(label);
+    const auto delay = st.restarts[{base, device}].next_delay(std::chrono::steady_clock::now());
+    spdlog::critical("gpu {} failed ({}); restarting it{}", label, caf::to_string(dm.reason),
+                     delay.count() > 0 ? " in " + std::to_string(delay.count()) + " ms" : "");
+    if (delay.count() == 0)
+      start_gpu(self, base, device);
+    else
+      self->delayed_send(self, delay, restart_atom_v, base, device);
   });
   return {
+      [self](restart_atom, const std::string& base, int device) {
+        if (!self->state.stopping) start_gpu(self, base, device);
+      },
       [self](stop_atom) -> caf::result<caf::ok_atom> {
         auto& st = self->state;
         st.stopping = true;
@@ -75,8 +117,8 @@ supervisor_actor::behavior_type supervisor(
           self->send_exit(st.out, caf::exit_reason::user_shutdown);
           self->send_exit(st.users, caf::exit_reason::user_shutdown);
           self->send_exit(st.pool, caf::exit_reason::user_shutdown);
-          for (const auto& [base, gpus] : st.routes.by_base)
-            for (const auto& g : gpus) self->send_exit(g, caf::exit_reason::user_shutdown);
+          for (const auto& g : st.routes.devices->all())
+            self->send_exit(g, caf::exit_reason::user_shutdown);
           self->send_exit(st.loader, caf::exit_reason::user_shutdown);
           self->send_exit(st.db, caf::exit_reason::user_shutdown);
           rp.deliver(caf::ok_atom_v);

@@ -2,6 +2,8 @@
 
 #include <caf/typed_actor.hpp>
 #include <caf/typed_event_based_actor.hpp>
+#include <chrono>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -26,11 +28,26 @@ class admin_server;
 class mock_cluster;
 
 // Owns the engine's long-lived actors: resumes the jobs a previous run left
-// unfinished before it starts consuming, restarts the ingress when it fails,
-// and on `stop` shuts down in order (the ingress commits and leaves the
-// group, running jobs stop at their next step, then the egress flushes, then
-// the rest).
-using supervisor_actor = caf::typed_actor<caf::replies_to<stop_atom>::with<caf::ok_atom>>;
+// unfinished before it starts consuming, restarts the ingress and the GPU
+// actors when they fail, and on `stop` shuts down in order (the ingress
+// commits and leaves the group, running jobs stop at their next step, then
+// the egress flushes, then the rest). `restart` (base model, device) is its
+// own delayed message to itself.
+using supervisor_actor = caf::typed_actor<caf::replies_to<stop_atom>::with<caf::ok_atom>,
+                                          caf::reacts_to<restart_atom, std::string, int>>;
+
+// A device's restarts: one that ran for `stable_after` restarts at once,
+// and each failure sooner after its start doubles the delay, up to a cap,
+// so that a device failing as it starts does not spin.
+struct device_restarts {
+  static constexpr auto stable_after = std::chrono::seconds(60);
+  static constexpr auto first_delay = std::chrono::seconds(1);
+  static constexpr auto max_delay = std::chrono::seconds(30);
+  std::chrono::steady_clock::time_point started;
+  int quick_failures = 0;  // in a row, each before `stable_after`
+  // Records a failure at `now` and says how long to wait before the restart.
+  std::chrono::milliseconds next_delay(std::chrono::steady_clock::time_point now);
+};
 
 struct supervisor_state {
   engine_config cfg;
@@ -39,7 +56,9 @@ struct supervisor_state {
   egress_actor out;
   pool_actor pool;
   loader_actor loader;
+  std::shared_ptr<const base_models> bases;
   serving_routes routes;
+  std::map<std::pair<std::string, int>, device_restarts> restarts;  // by (base model, device)
   registry_actor users;
   ingress_actor input;
   bool stopping = false;

@@ -5,6 +5,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -181,6 +182,12 @@ struct gpu_core {
   // Fault injection for tests (TAILOR_FAULT_STEP, docs/operations.md): the
   // step with rows of this number throws; 0: none.
   int64_t fault_step = 0, steps_with_rows = 0;
+  // TAILOR_FAULT_PLACE: the placement of an adapter with this number, counted
+  // across the process's devices and their restarts, throws outside any
+  // batch step (as running out of memory there would), and with
+  // `fault_place_after` every later one too; 0: none.
+  int64_t fault_place = 0;
+  bool fault_place_after = false;
   // What the helpers of generators replaced after a failed step counted, so
   // that the helper's counters never go back.
   metrics::helper_figures helper_before;
@@ -191,11 +198,25 @@ struct gpu_core {
 };
 
 gpu_state::gpu_state() = default;
-gpu_state::~gpu_state() = default;
+
+// An actor that ends (shutdown, or an exception outside a batch step)
+// answers the requests it holds with an error, so that their user actors
+// let go of them and the ingress sends them again: CAF 0.17 sends nothing
+// for a promise dropped with its actor. Runs in CAF's on_exit, while the
+// actor can still send.
+gpu_state::~gpu_state() {
+  if (!core) return;
+  const auto err = caf::make_error(errc::unavailable, "the serving device " + label + " stopped");
+  for (auto& r : core->waiting) r->rp.deliver(err);
+  for (auto& [id, r] : core->active) r->rp.deliver(err);
+}
 
 namespace {
 
 using gpu_ptr = gpu_actor::stateful_pointer<gpu_state>;
+
+// Placements counted for TAILOR_FAULT_PLACE, across devices and restarts.
+std::atomic<int64_t> placements_injected{0};
 using request_ptr = std::shared_ptr<gpu_core::request>;
 
 void kick(gpu_ptr self) {
@@ -434,6 +455,12 @@ bool place(gpu_ptr self, const std::string& model_id, uint64_t key, int64_t inde
   auto& c = *self->state.core;
   auto it = c.adapters.find(model_id);
   if (it == c.adapters.end()) return false;
+  if (c.fault_place > 0) {
+    const auto n = ++placements_injected;
+    if (n == c.fault_place || (c.fault_place_after && n > c.fault_place))
+      throw std::runtime_error("fault injected by TAILOR_FAULT_PLACE (placement " +
+                               std::to_string(n) + ")");
+  }
   if (!c.bank.set(index, ad, key)) {
     // Its requests go first: they point at the entry.
     fail_waiting(self, model_id,
@@ -714,6 +741,22 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
                    st.label, n);
     }
   }
+  if (const char* f = std::getenv("TAILOR_FAULT_PLACE")) {
+    std::string spec = f;
+    const bool after = !spec.empty() && spec.back() == '+';
+    if (after) spec.pop_back();
+    char* end = nullptr;
+    const long long n = std::strtoll(spec.c_str(), &end, 10);
+    if (spec.empty() || *end != '\0' || n <= 0) {
+      spdlog::warn("gpu {}: TAILOR_FAULT_PLACE='{}' is not N or N+ (a positive number): ignored",
+                   st.label, f);
+    } else {
+      c.fault_place = n;
+      c.fault_place_after = after;
+      spdlog::warn("gpu {}: TAILOR_FAULT_PLACE: adapter placement {}{} will fail (fault injection)",
+                   st.label, n, after ? " and every later one" : "");
+    }
+  }
   if (sc.products == "bfloat16" && !c.gen->bf16_products())
     spdlog::warn("gpu {}: this CPU has no AVX-512 BF16: the products run in float32",
                  st.label);
@@ -785,10 +828,38 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
   };
 }
 
-gpu_actor serving_routes::route(const std::string& base_model, const std::string& user_id) const {
-  auto it = by_base.find(base_model);
-  if (it == by_base.end() || it->second.empty()) return {};
+void device_table::set(const std::string& base_model, int device, gpu_actor gpu) {
+  std::unique_lock lock(mutex_);
+  auto& gpus = by_base_[base_model];
+  if (static_cast<std::size_t>(device) >= gpus.size())
+    gpus.resize(static_cast<std::size_t>(device) + 1);
+  gpus[static_cast<std::size_t>(device)] = std::move(gpu);
+}
+
+gpu_actor device_table::route(const std::string& base_model, const std::string& user_id) const {
+  std::shared_lock lock(mutex_);
+  auto it = by_base_.find(base_model);
+  if (it == by_base_.end() || it->second.empty()) return {};
   return it->second[fnv1a64(user_id) % it->second.size()];
+}
+
+bool device_table::find(const caf::actor_addr& gpu, std::string& base_model, int& device) const {
+  std::shared_lock lock(mutex_);
+  for (const auto& [base, gpus] : by_base_)
+    for (std::size_t d = 0; d < gpus.size(); ++d)
+      if (gpus[d] && gpus[d].address() == gpu) {
+        base_model = base;
+        device = static_cast<int>(d);
+        return true;
+      }
+  return false;
+}
+
+std::vector<gpu_actor> device_table::all() const {
+  std::shared_lock lock(mutex_);
+  std::vector<gpu_actor> out;
+  for (const auto& [base, gpus] : by_base_) out.insert(out.end(), gpus.begin(), gpus.end());
+  return out;
 }
 
 }  // namespace tailor::actors

@@ -6,6 +6,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -109,15 +110,36 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
                              std::shared_ptr<host_tier> host, loader_actor loader,
                              std::shared_ptr<metrics> stats);
 
-// The GPU actors of each base model; a user always goes to the same one, so
-// that their adapter stays warm there.
+// The GPU actors of each base model, shared: the supervisor puts a fresh
+// one in the place of one that failed, and every user actor routes by the
+// same table, so that none keeps sending to the failed one.
+class device_table {
+ public:
+  // Puts `gpu` in place `device` of `base_model` (a new place, or a restart).
+  void set(const std::string& base_model, int device, gpu_actor gpu);
+  // The actor of `user_id` (the same one each time, so that their adapter
+  // stays warm there); null when no actor serves `base_model`.
+  gpu_actor route(const std::string& base_model, const std::string& user_id) const;
+  // Which base model and device `gpu` serves; false when it is not in the table.
+  bool find(const caf::actor_addr& gpu, std::string& base_model, int& device) const;
+  std::vector<gpu_actor> all() const;
+
+ private:
+  mutable std::shared_mutex mutex_;
+  std::map<std::string, std::vector<gpu_actor>> by_base_;
+};
+
+// Where a user actor sends a request: the devices, and the host tier and
+// loader that a cold adapter is prefetched through.
 struct serving_routes {
-  std::map<std::string, std::vector<gpu_actor>> by_base;
+  std::shared_ptr<device_table> devices = std::make_shared<device_table>();
   // A routed request's adapter, when a host tier exists and lacks it, is
   // prefetched into it.
   std::shared_ptr<host_tier> host;
   loader_actor loader;
-  gpu_actor route(const std::string& base_model, const std::string& user_id) const;
+  gpu_actor route(const std::string& base_model, const std::string& user_id) const {
+    return devices->route(base_model, user_id);
+  }
 };
 
 }  // namespace tailor::actors

@@ -149,6 +149,10 @@ std::string metrics::render() const {
          "Batch steps that failed (an exception, such as out of memory): their requests got "
          "error results and the device went on with a fresh batch.",
          "device", step_failures_);
+  family("tailor_serving_device_restarts_total", "counter",
+         "GPU actors that failed outside a batch step and were started afresh: the requests they "
+         "held were sent again.",
+         "device", device_restarts_);
   family("tailor_step_helper_lent_total", "counter",
          "Times a batch loop lent its core to its helper while it waited for the helper's chunk.",
          "device", helper_lent_);

@@ -76,6 +76,7 @@ class metrics {
   }
   // A batch step that threw (its requests got error results).
   void count_step_failure(const std::string& device) { add(step_failures_, device, 1); }
+  void count_device_restart(const std::string& device) { add(device_restarts_, device, 1); }
   // Prompt tokens a prefill took from the prefix cache, and computed.
   void count_prompt_tokens(int64_t reused, int64_t computed) {
     prompt_reused_.fetch_add(reused);
@@ -158,7 +159,7 @@ class metrics {
   std::map<std::string, int64_t> events_in_, events_out_, errors_, lag_, joined_, in_flight_,
       paused_, jobs_, pauses_, serving_waiting_, serving_active_, prefix_bytes_, serving_users_,
       bank_used_, bank_unplaced_, batch_realtime_, helper_chunks_, helper_late_, helper_lent_,
-      helper_eligible_, helper_steps_, step_failures_;
+      helper_eligible_, helper_steps_, step_failures_, device_restarts_;
   bounded_counts model_requests_, user_requests_;
   std::map<std::string, std::map<std::string, int64_t>> cache_;  // event -> tier -> count
   std::map<std::string, std::pair<double, double>> batch_thread_;  // device -> running, runnable

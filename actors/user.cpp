@@ -177,6 +177,7 @@ void finish_inference(user_ptr self, inference_request x, uint64_t hash, outgoin
     if (it == st.inflight.end()) return;
     for (auto& rp : it->second.waiters) rp.deliver(answers{result});
     st.inflight.erase(it);
+    st.device_failures.erase(x.request_id);
   };
   // Not recorded: every waiter's event is retried by the ingress, and the
   // retry generates the same text (same seed).
@@ -214,6 +215,20 @@ void serve(user_ptr self, promise_t rp, inference_request x, uint64_t hash, mode
     return record_and_reply(self, rp,
                             make_record(st, x.request_id, "inference.request", hash, out));
   }
+  // A request each of whose last tries ended with its device failing (as a
+  // request that makes the device run out of memory would) is not sent
+  // again: each try costs the device's other requests their progress.
+  if (auto it = st.device_failures.find(x.request_id);
+      it != st.device_failures.end() && it->second >= user_state::max_device_failures) {
+    st.device_failures.erase(it);
+    answers out{error_answer("inference.request", st.user_id, x.request_id, errc::internal,
+                             "the serving device of base model " + m.base_model + " failed " +
+                                 std::to_string(user_state::max_device_failures) +
+                                 " times while it held this request; send the request again "
+                                 "with a new request_id")};
+    return record_and_reply(self, rp,
+                            make_record(st, x.request_id, "inference.request", hash, out));
+  }
   const auto limit = static_cast<std::size_t>(st.cfg.serving.max_requests_per_user);
   if (st.inflight.size() >= limit) {
     answers out{error_answer("inference.request", st.user_id, x.request_id, errc::quota_exceeded,
@@ -245,6 +260,8 @@ void serve(user_ptr self, promise_t rp, inference_request x, uint64_t hash, mode
           [=](caf::error& err) {
             // The GPU actor is gone (shutdown, or it failed): not an answer.
             // The waiters fail, the ingress retries, and nothing is recorded.
+            // It ended holding the request (gpu_state): a strike against it.
+            if (err == errc::unavailable) ++self->state.device_failures[x.request_id];
             fail_waiters(self, x.request_id, err);
           });
 }

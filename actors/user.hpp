@@ -57,6 +57,10 @@ struct user_state {
   registry_actor registry;
   std::shared_ptr<metrics> stats;
   std::map<std::string, pending> inflight;  // by request id
+  // Times a request was in a GPU actor that failed, by request id, until it
+  // is answered: one that keeps failing devices gets an error result.
+  std::map<std::string, int> device_failures;
+  static constexpr int max_device_failures = 3;
   // The newest ready model (none: the user has none), as read when the
   // store's models_generation was `generation`: every request without a
   // model_id needs it, and listing the models cost a quarter of the user

@@ -81,5 +81,6 @@ CAF_ADD_ATOM(tailor, tailor::messages, load_atom, "load")
 CAF_ADD_ATOM(tailor, tailor::messages, history_atom, "history")
 CAF_ADD_ATOM(tailor, tailor::messages, tick_atom, "tick")
 CAF_ADD_ATOM(tailor, tailor::messages, prefetch_atom, "prefetch")
+CAF_ADD_ATOM(tailor, tailor::messages, restart_atom, "restart")
 
 CAF_END_TYPE_ID_BLOCK(tailor)

@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "actors/config.hpp"
+#include "actors/engine.hpp"
 #include "actors/fair_shares.hpp"
 #include "actors/gpu.hpp"
 #include "actors/metrics.hpp"
@@ -523,4 +524,27 @@ TEST(ReplyWatch, ACallNotAnsweredInTimeExpiresOnceAndItsLateAnswerIsIgnored) {
   EXPECT_TRUE(w.expire(t0 + 1s).empty());
   EXPECT_EQ(expired_c, 0);
   EXPECT_EQ(w.size(), 0u);
+}
+
+// The supervisor's delay before it restarts a failed GPU actor: at once
+// after a stable run, then doubling from a second for each failure soon
+// after a start, up to half a minute, so that a device failing as it starts
+// does not spin; a stable run again starts over.
+TEST(DeviceRestarts, FailuresSoonAfterAStartDoubleTheDelayUpToACapAndAStableRunResetsIt) {
+  using namespace std::chrono_literals;
+  device_restarts r;
+  auto t = std::chrono::steady_clock::now();
+  r.started = t;
+  std::vector<int64_t> delays;
+  for (int i = 0; i < 8; ++i) {
+    t += 2s;  // each fails two seconds after its start
+    delays.push_back(r.next_delay(t).count());
+    r.started = t + std::chrono::milliseconds(delays.back());
+    t = r.started;
+  }
+  EXPECT_EQ(delays, (std::vector<int64_t>{0, 1000, 2000, 4000, 8000, 16000, 30000, 30000}));
+  t += device_restarts::stable_after;
+  EXPECT_EQ(r.next_delay(t).count(), 0) << "a stable run did not start the delays over";
+  r.started = t;  // restarted at once
+  EXPECT_EQ(r.next_delay(t + 1s).count(), 1000);
 }

@@ -634,3 +634,73 @@ TEST_F(ServingTest, AFailedBatchStepGivesItsRequestsAnErrorAndTheDeviceGoesOn) {
         << "request q" << i;
   EXPECT_EQ(engine_->get("/healthz").first, 200);
 }
+
+// A GPU actor that fails outside a batch step (an exception while placing
+// an adapter, as running out of memory there would) is started afresh in
+// its place, and the requests it held are sent again and served: none hangs,
+// none is lost, none is answered twice. The fault is injected
+// (TAILOR_FAULT_PLACE=2: the second placement of the process throws).
+TEST_F(ServingTest, ADeviceThatFailsIsRestartedAndTheRequestsItHeldAreServed) {
+  ::setenv("TAILOR_FAULT_PLACE", "2", 1);
+  start();
+  ::unsetenv("TAILOR_FAULT_PLACE");
+  ASSERT_FALSE(HasFatalFailure());
+  onboard_all({"ann", "bob"});
+  send_inference(ask("ann", "before", "hello", 7));
+  in_->flush();
+  auto before = result("ann", "before");
+  ASSERT_FALSE(before.contains("error")) << before.dump();
+  // Bob's adapter is the second placement: the device fails with his
+  // request, and perhaps Ann's, in it.
+  send_inference(ask("ann", "during", "hello", 7));
+  send_inference(ask("bob", "q", "hello", 7));
+  in_->flush();
+  auto during = result("ann", "during");
+  auto q = result("bob", "q");
+  EXPECT_FALSE(during.contains("error")) << during.dump();
+  EXPECT_FALSE(q.contains("error")) << q.dump();
+  // The fresh device has the same base: the same request, the same text.
+  EXPECT_EQ(during["text"], before["text"]);
+  const auto device = "tailor-test/0";
+  EXPECT_EQ(labelled("tailor_serving_device_restarts_total", "device", device), 1);
+  // Answered once each, and nothing left waiting or running on the device.
+  EXPECT_EQ(events_of("ann", "during", "inference.result").size(), 1u);
+  EXPECT_EQ(events_of("bob", "q", "inference.result").size(), 1u);
+  EXPECT_TRUE(wait_until(
+      [&] {
+        return labelled("tailor_serving_active", "device", device) == 0 &&
+               labelled("tailor_serving_waiting", "device", device) == 0;
+      },
+      10s));
+  EXPECT_EQ(engine_->get("/healthz").first, 200);
+}
+
+// A request in the device each of the three times it failed is not sent
+// again: it gets an `internal` error result, once, and the device is
+// restarted with a growing delay, not in a tight loop. The fault is
+// injected (TAILOR_FAULT_PLACE=1+: every placement throws).
+TEST_F(ServingTest, ARequestInThreeFailuresOfItsDeviceGetsAnErrorResult) {
+  ::setenv("TAILOR_FAULT_PLACE", "1+", 1);
+  start();
+  ::unsetenv("TAILOR_FAULT_PLACE");
+  ASSERT_FALSE(HasFatalFailure());
+  onboard_all({"ann"});
+  send_inference(ask("ann", "q", "hello", 7));
+  in_->flush();
+  auto q = result("ann", "q");
+  ASSERT_TRUE(q.contains("error")) << q.dump();
+  EXPECT_EQ(q["error"]["code"], "internal") << q.dump();
+  EXPECT_NE(q["error"]["message"].get<std::string>().find("failed 3 times"), std::string::npos)
+      << q.dump();
+  EXPECT_EQ(labelled("tailor_serving_device_restarts_total", "device", "tailor-test/0"), 3);
+  // The stored answer stands: a repeat gets it again, byte for byte, and the
+  // device is not failed a fourth time.
+  send_inference(ask("ann", "q", "hello", 7));
+  in_->flush();
+  ASSERT_TRUE(wait_until([&] { return events_of("ann", "q", "inference.result").size() >= 2; },
+                         30s));
+  auto both = events_of("ann", "q", "inference.result");
+  EXPECT_EQ(both[0].payload, both[1].payload);
+  EXPECT_EQ(labelled("tailor_serving_device_restarts_total", "device", "tailor-test/0"), 3);
+  EXPECT_EQ(engine_->get("/healthz").first, 200);
+}
