@@ -16,11 +16,11 @@ namespace tailor::actors {
 
 namespace {
 
-ingress_actor spawn_ingress(supervisor_actor::stateful_pointer<supervisor_state> self) {
+void start_ingress(supervisor_actor::stateful_pointer<supervisor_state> self) {
   auto& st = self->state;
-  auto a = self->spawn<caf::detached>(ingress, st.cfg, st.users, st.out, st.stats);
-  self->monitor(a);
-  return a;
+  st.input = self->spawn<caf::detached>(ingress, st.cfg, st.users, st.out, st.stats);
+  self->monitor(st.input);
+  st.ingress_restarts.started = std::chrono::steady_clock::now();
 }
 
 // Starts the GPU actor of `base_model` on `device`, or a fresh one in the
@@ -32,13 +32,13 @@ void start_gpu(supervisor_actor::stateful_pointer<supervisor_state> self,
                                       st.loader, st.stats);
   self->monitor(g);
   st.routes.devices->set(base_model, device, g);
-  st.restarts[{base_model, device}].started = std::chrono::steady_clock::now();
+  st.device_restarts[{base_model, device}].started = std::chrono::steady_clock::now();
 }
 
 
 }  // namespace
 
-std::chrono::milliseconds device_restarts::next_delay(std::chrono::steady_clock::time_point now) {
+std::chrono::milliseconds restart_backoff::next_delay(std::chrono::steady_clock::time_point now) {
   if (now - started >= stable_after) quick_failures = 0;
   const int n = quick_failures++;
   if (n == 0) return std::chrono::milliseconds(0);
@@ -71,19 +71,24 @@ supervisor_actor::behavior_type supervisor(
   self->request(st.pool, std::chrono::minutes(5), recover_atom_v)
       .then(
           [self](caf::ok_atom) {
-            if (!self->state.stopping) self->state.input = spawn_ingress(self);
+            if (!self->state.stopping) start_ingress(self);
           },
           [self](caf::error& err) {
             spdlog::critical("recovery of unfinished jobs failed: {}", caf::to_string(err));
-            if (!self->state.stopping) self->state.input = spawn_ingress(self);
+            if (!self->state.stopping) start_ingress(self);
           });
   self->set_down_handler([self](caf::down_msg& dm) {
     auto& st = self->state;
     if (st.stopping) return;
     if (st.input.address() == dm.source) {
-      spdlog::error("ingress failed ({}); restarting it", caf::to_string(dm.reason));
       // A fresh consumer rejoins the group; uncommitted events are redelivered.
-      st.input = spawn_ingress(self);
+      const auto delay = st.ingress_restarts.next_delay(std::chrono::steady_clock::now());
+      spdlog::error("ingress failed ({}); restarting it{}", caf::to_string(dm.reason),
+                    delay.count() > 0 ? " in " + std::to_string(delay.count()) + " ms" : "");
+      if (delay.count() == 0)
+        start_ingress(self);
+      else
+        self->delayed_send(self, delay, restart_atom_v);
       return;
     }
     std::string base;
@@ -94,7 +99,8 @@ supervisor_actor::behavior_type supervisor(
     // same way and sent again a second later.
     const auto label = base + "/" + std::to_string(device);
     st.stats->count_device_restart(label);
-    const auto delay = st.restarts[{base, device}].next_delay(std::chrono::steady_clock::now());
+    const auto delay =
+        st.device_restarts[{base, device}].next_delay(std::chrono::steady_clock::now());
     spdlog::critical("gpu {} failed ({}); restarting it{}", label, caf::to_string(dm.reason),
                      delay.count() > 0 ? " in " + std::to_string(delay.count()) + " ms" : "");
     if (delay.count() == 0)
@@ -103,6 +109,9 @@ supervisor_actor::behavior_type supervisor(
       self->delayed_send(self, delay, restart_atom_v, base, device);
   });
   return {
+      [self](restart_atom) {
+        if (!self->state.stopping) start_ingress(self);
+      },
       [self](restart_atom, const std::string& base, int device) {
         if (!self->state.stopping) start_gpu(self, base, device);
       },

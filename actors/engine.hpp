@@ -31,15 +31,16 @@ class mock_cluster;
 // unfinished before it starts consuming, restarts the ingress and the GPU
 // actors when they fail, and on `stop` shuts down in order (the ingress
 // commits and leaves the group, running jobs stop at their next step, then
-// the egress flushes, then the rest). `restart` (base model, device) is its
-// own delayed message to itself.
+// the egress flushes, then the rest). `restart` is its own delayed message
+// to itself: for the ingress, or (base model, device) for a GPU actor.
 using supervisor_actor = caf::typed_actor<caf::replies_to<stop_atom>::with<caf::ok_atom>,
+                                          caf::reacts_to<restart_atom>,
                                           caf::reacts_to<restart_atom, std::string, int>>;
 
-// A device's restarts: one that ran for `stable_after` restarts at once,
+// An actor's restarts: one that ran for `stable_after` restarts at once,
 // and each failure sooner after its start doubles the delay, up to a cap,
-// so that a device failing as it starts does not spin.
-struct device_restarts {
+// so that an actor failing as it starts does not spin.
+struct restart_backoff {
   static constexpr auto stable_after = std::chrono::seconds(60);
   static constexpr auto first_delay = std::chrono::seconds(1);
   static constexpr auto max_delay = std::chrono::seconds(30);
@@ -58,9 +59,10 @@ struct supervisor_state {
   loader_actor loader;
   std::shared_ptr<const base_models> bases;
   serving_routes routes;
-  std::map<std::pair<std::string, int>, device_restarts> restarts;  // by (base model, device)
+  std::map<std::pair<std::string, int>, restart_backoff> device_restarts;  // by (base, device)
   registry_actor users;
   ingress_actor input;
+  restart_backoff ingress_restarts;
   bool stopping = false;
   static inline const char* name = "tailor.supervisor";
 };

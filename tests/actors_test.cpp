@@ -526,13 +526,13 @@ TEST(ReplyWatch, ACallNotAnsweredInTimeExpiresOnceAndItsLateAnswerIsIgnored) {
   EXPECT_EQ(w.size(), 0u);
 }
 
-// The supervisor's delay before it restarts a failed GPU actor: at once
-// after a stable run, then doubling from a second for each failure soon
-// after a start, up to half a minute, so that a device failing as it starts
-// does not spin; a stable run again starts over.
-TEST(DeviceRestarts, FailuresSoonAfterAStartDoubleTheDelayUpToACapAndAStableRunResetsIt) {
+// The supervisor's delay before it restarts a failed GPU actor or ingress:
+// at once after a stable run, then doubling from a second for each failure
+// soon after a start, up to half a minute, so that an actor failing as it
+// starts does not spin; a stable run again starts over.
+TEST(RestartBackoff, FailuresSoonAfterAStartDoubleTheDelayUpToACapAndAStableRunResetsIt) {
   using namespace std::chrono_literals;
-  device_restarts r;
+  restart_backoff r;
   auto t = std::chrono::steady_clock::now();
   r.started = t;
   std::vector<int64_t> delays;
@@ -543,7 +543,7 @@ TEST(DeviceRestarts, FailuresSoonAfterAStartDoubleTheDelayUpToACapAndAStableRunR
     t = r.started;
   }
   EXPECT_EQ(delays, (std::vector<int64_t>{0, 1000, 2000, 4000, 8000, 16000, 30000, 30000}));
-  t += device_restarts::stable_after;
+  t += restart_backoff::stable_after;
   EXPECT_EQ(r.next_delay(t).count(), 0) << "a stable run did not start the delays over";
   r.started = t;  // restarted at once
   EXPECT_EQ(r.next_delay(t + 1s).count(), 1000);
