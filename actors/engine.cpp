@@ -35,7 +35,6 @@ void start_gpu(supervisor_actor::stateful_pointer<supervisor_state> self,
   st.device_restarts[{base_model, device}].started = std::chrono::steady_clock::now();
 }
 
-
 }  // namespace
 
 std::chrono::milliseconds restart_backoff::next_delay(std::chrono::steady_clock::time_point now) {
@@ -60,6 +59,7 @@ supervisor_actor::behavior_type supervisor(
   auto host =
       std::make_shared<host_tier>(static_cast<std::size_t>(st.cfg.serving.host_adapters), st.stats);
   st.loader = self->spawn<caf::detached>(adapter_loader, st.cfg, bases, host, st.stats);
+  st.routes.devices = std::make_shared<device_table>();
   st.routes.host = host;
   st.routes.loader = st.loader;
   st.bases = bases;

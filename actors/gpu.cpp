@@ -214,10 +214,10 @@ gpu_state::~gpu_state() {
 namespace {
 
 using gpu_ptr = gpu_actor::stateful_pointer<gpu_state>;
+using request_ptr = std::shared_ptr<gpu_core::request>;
 
 // Placements counted for TAILOR_FAULT_PLACE, across devices and restarts.
 std::atomic<int64_t> placements_injected{0};
-using request_ptr = std::shared_ptr<gpu_core::request>;
 
 void kick(gpu_ptr self) {
   auto& c = *self->state.core;

@@ -132,7 +132,7 @@ class device_table {
 // Where a user actor sends a request: the devices, and the host tier and
 // loader that a cold adapter is prefetched through.
 struct serving_routes {
-  std::shared_ptr<device_table> devices = std::make_shared<device_table>();
+  std::shared_ptr<device_table> devices;  // the supervisor's
   // A routed request's adapter, when a host tier exists and lacks it, is
   // prefetched into it.
   std::shared_ptr<host_tier> host;
