@@ -43,6 +43,35 @@ bool thread_sched_times(int64_t& running_ns, int64_t& runnable_ns) {
   return static_cast<bool>(in >> running_ns >> runnable_ns);
 }
 
+// A fault injector for tests (docs/operations.md, "Stopping and crashing"):
+// environment variable `name` set to N, or to N+ where `every_later` is
+// allowed (then the Nth and every later one fail). {0, false} when unset
+// or malformed (with a warning: an injector that silently did nothing
+// would pass a test for the wrong reason).
+struct fault_setting {
+  int64_t n = 0;
+  bool every_later = false;
+};
+
+fault_setting fault_from_env(const char* name, const std::string& who, const char* what,
+                             bool every_later_allowed) {
+  const char* f = std::getenv(name);
+  if (!f) return {};
+  std::string spec = f;
+  const bool later = every_later_allowed && !spec.empty() && spec.back() == '+';
+  if (later) spec.pop_back();
+  char* end = nullptr;
+  const long long n = std::strtoll(spec.c_str(), &end, 10);
+  if (spec.empty() || *end != '\0' || n <= 0) {
+    spdlog::warn("{}: {}='{}' is not {} (a positive number): ignored", who, name, f,
+                 every_later_allowed ? "N or N+" : "N");
+    return {};
+  }
+  spdlog::warn("{}: {}: {} {}{} will fail (fault injection)", who, name, what, n,
+               later ? " and every later one" : "");
+  return {n, later};
+}
+
 }  // namespace
 
 // --- host tier ---------------------------------------------------------------
@@ -80,13 +109,15 @@ namespace {
 
 // The adapter of `m` from the host tier, else read, checked and decoded
 // from disk into it.
-caf::expected<host_tier::adapter_ptr> load_adapter(loader_state& st, const model_record& m) {
+caf::expected<host_tier::adapter_ptr> read_adapter(loader_state& st, const model_record& m) {
   // Another GPU actor's request, or a prefetch, may have brought it in.
   if (auto ad = st.host->find(m.model_id)) return ad;
   auto base = st.bases->by_name.find(m.base_model);
   if (base == st.bases->by_name.end())
     return caf::make_error(errc::adapter_unavailable, "model " + m.model_id + ": base model " +
                                                           m.base_model + " is not loaded here");
+  if (st.fault_load > 0 && ++st.loads == st.fault_load)
+    throw std::runtime_error("fault injected by TAILOR_FAULT_LOAD");
   // The bytes must be the registered ones before anything decodes them.
   auto bytes = storage::read_file(m.artifact_path, m.checksum);
   if (!bytes)
@@ -103,6 +134,19 @@ caf::expected<host_tier::adapter_ptr> load_adapter(loader_state& st, const model
   return ptr;
 }
 
+// Packing calls LibTorch, which reports failures (out of memory) by
+// exception: this is their edge. The load fails, not the loader, which
+// every GPU actor's cold adapters go through.
+caf::expected<host_tier::adapter_ptr> load_adapter(loader_state& st, const model_record& m) {
+  try {
+    return read_adapter(st, m);
+  } catch (const std::exception& e) {
+    spdlog::error("adapter loader: model {}: {}", m.model_id, e.what());
+    return caf::make_error(errc::adapter_unavailable,
+                           "model " + m.model_id + ": loading its adapter failed: " + e.what());
+  }
+}
+
 }  // namespace
 
 loader_actor::behavior_type adapter_loader(loader_actor::stateful_pointer<loader_state> self,
@@ -115,6 +159,7 @@ loader_actor::behavior_type adapter_loader(loader_actor::stateful_pointer<loader
   st.bases = std::move(bases);
   st.host = std::move(host);
   st.stats = std::move(stats);
+  st.fault_load = fault_from_env("TAILOR_FAULT_LOAD", "adapter loader", "load from disk", false).n;
   return {
       [self](load_atom, const model_record& m) -> caf::result<loaded_adapter> {
         auto ad = load_adapter(self->state, m);
@@ -729,34 +774,11 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
   for (auto i = sc.device_adapters; i >= 1; --i) c.free_places.push_back(i);
   c.gen = make_generator(st);
   st.stats->set_serving_busy(st.label, 0.0);  // the series exists before the first step
-  if (const char* f = std::getenv("TAILOR_FAULT_STEP")) {
-    char* end = nullptr;
-    const long long n = std::strtoll(f, &end, 10);
-    if (end == f || *end != '\0' || n <= 0) {
-      spdlog::warn("gpu {}: TAILOR_FAULT_STEP='{}' is not a positive step number: ignored",
-                   st.label, f);
-    } else {
-      c.fault_step = n;
-      spdlog::warn("gpu {}: TAILOR_FAULT_STEP: step {} with rows will fail (fault injection)",
-                   st.label, n);
-    }
-  }
-  if (const char* f = std::getenv("TAILOR_FAULT_PLACE")) {
-    std::string spec = f;
-    const bool after = !spec.empty() && spec.back() == '+';
-    if (after) spec.pop_back();
-    char* end = nullptr;
-    const long long n = std::strtoll(spec.c_str(), &end, 10);
-    if (spec.empty() || *end != '\0' || n <= 0) {
-      spdlog::warn("gpu {}: TAILOR_FAULT_PLACE='{}' is not N or N+ (a positive number): ignored",
-                   st.label, f);
-    } else {
-      c.fault_place = n;
-      c.fault_place_after = after;
-      spdlog::warn("gpu {}: TAILOR_FAULT_PLACE: adapter placement {}{} will fail (fault injection)",
-                   st.label, n, after ? " and every later one" : "");
-    }
-  }
+  c.fault_step = fault_from_env("TAILOR_FAULT_STEP", "gpu " + st.label, "step with rows", false).n;
+  const auto place_fault =
+      fault_from_env("TAILOR_FAULT_PLACE", "gpu " + st.label, "adapter placement", true);
+  c.fault_place = place_fault.n;
+  c.fault_place_after = place_fault.every_later;
   if (sc.products == "bfloat16" && !c.gen->bf16_products())
     spdlog::warn("gpu {}: this CPU has no AVX-512 BF16: the products run in float32",
                  st.label);

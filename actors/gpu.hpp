@@ -63,6 +63,8 @@ struct loader_state {
   std::shared_ptr<const base_models> bases;
   std::shared_ptr<metrics> stats;
   std::shared_ptr<host_tier> host;
+  // TAILOR_FAULT_LOAD: the load from disk of this number throws; 0: none.
+  int64_t fault_load = 0, loads = 0;
   static inline const char* name = "tailor.adapter_loader";
 };
 

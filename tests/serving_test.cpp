@@ -84,14 +84,20 @@ class ServingTest : public engine_test {
   }
   // Starts tailord with a fault injector in its environment, which it reads
   // as it starts (docs/operations.md, "Stopping and crashing").
-  void start_with_fault(const char* name, const char* value) {
+  void start_with_fault(const char* name, const char* value, json extra = json::object()) {
     ::setenv(name, value, 1);
-    start();
+    start(std::move(extra));
     ::unsetenv(name);
   }
   json result(const std::string& user, const std::string& request,
               std::chrono::milliseconds timeout = 60s) {
     return await_event(user, request, "inference.result", timeout).value;
+  }
+  // Sends one request and waits for its result.
+  json answer_to(const json& request) {
+    send_inference(request);
+    in_->flush();
+    return result(request["user_id"], request["request_id"]);
   }
   double labelled(const std::string& name, const std::string& label, const std::string& value) {
     auto m = engine_->get("/metrics").second;
@@ -649,9 +655,7 @@ TEST_F(ServingTest, ADeviceThatFailsIsRestartedAndTheRequestsItHeldAreServed) {
   start_with_fault("TAILOR_FAULT_PLACE", "2");
   ASSERT_FALSE(HasFatalFailure());
   onboard_all({"ann", "bob"});
-  send_inference(ask("ann", "before", "hello", 7));
-  in_->flush();
-  auto before = result("ann", "before");
+  auto before = answer_to(ask("ann", "before", "hello", 7));
   ASSERT_FALSE(before.contains("error")) << before.dump();
   // Bob's adapter is the second placement: the device fails with his
   // request, and perhaps Ann's, in it.
@@ -686,9 +690,7 @@ TEST_F(ServingTest, ARequestInThreeFailuresOfItsDeviceGetsAnErrorResult) {
   start_with_fault("TAILOR_FAULT_PLACE", "1+");
   ASSERT_FALSE(HasFatalFailure());
   onboard_all({"ann"});
-  send_inference(ask("ann", "q", "hello", 7));
-  in_->flush();
-  auto q = result("ann", "q");
+  auto q = answer_to(ask("ann", "q", "hello", 7));
   ASSERT_TRUE(q.contains("error")) << q.dump();
   EXPECT_EQ(q["error"]["code"], "internal") << q.dump();
   EXPECT_NE(q["error"]["message"].get<std::string>().find("failed 3 times"), std::string::npos)
@@ -703,5 +705,30 @@ TEST_F(ServingTest, ARequestInThreeFailuresOfItsDeviceGetsAnErrorResult) {
   auto both = events_of("ann", "q", "inference.result");
   EXPECT_EQ(both[0].payload, both[1].payload);
   EXPECT_EQ(labelled("tailor_serving_device_restarts_total", "device", "tailor-test/0"), 3);
+  EXPECT_EQ(engine_->get("/healthz").first, 200);
+}
+
+// A load from disk that throws (LibTorch running out of memory while the
+// loader packs an adapter, say) fails that load's request with an error
+// result, and the loader, which every cold adapter goes through, goes on:
+// the same adapter loads on the next request, and another user's too. No
+// host tier here, so that no prefetch takes the faulty load. The fault is
+// injected (TAILOR_FAULT_LOAD=1: the first load from disk throws).
+TEST_F(ServingTest, AnAdapterLoadThatThrowsFailsItsRequestAndTheLoaderGoesOn) {
+  start_with_fault("TAILOR_FAULT_LOAD", "1", {{"serving", {{"host_adapters", 0}}}});
+  ASSERT_FALSE(HasFatalFailure());
+  onboard_all({"ann", "bob"});
+  auto first = answer_to(ask("ann", "first", "hello", 7));
+  ASSERT_TRUE(first.contains("error")) << first.dump();
+  EXPECT_EQ(first["error"]["code"], "adapter_unavailable") << first.dump();
+  EXPECT_NE(first["error"]["message"].get<std::string>().find("loading its adapter failed"),
+            std::string::npos)
+      << first.dump();
+  for (const std::string user : {"ann", "bob"}) {
+    auto next = answer_to(ask(user, "next", "hello", 7));
+    EXPECT_FALSE(next.contains("error")) << next.dump();
+  }
+  EXPECT_EQ(labelled("tailor_adapter_cache_loads_total", "tier", "disk"), 2)
+      << "the two loads after the faulty one";
   EXPECT_EQ(engine_->get("/healthz").first, 200);
 }
