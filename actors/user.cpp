@@ -229,6 +229,23 @@ void serve(user_ptr self, promise_t rp, inference_request x, uint64_t hash, mode
     return record_and_reply(self, rp,
                             make_record(st, x.request_id, "inference.request", hash, out));
   }
+  // Cancelled before it came: it ends so without running, with its model.
+  if (auto it = std::find(st.early_cancels.begin(), st.early_cancels.end(), x.request_id);
+      it != st.early_cancels.end()) {
+    st.early_cancels.erase(it);
+    inference_result res;
+    res.request_id = x.request_id;
+    res.user_id = st.user_id;
+    res.model_id = m.model_id;
+    res.finish_reason = "cancelled";
+    res.timings.total = res.timings.route =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - received)
+            .count();
+    // Stored with its history entry, as a request that ran; no device holds it.
+    st.inflight[x.request_id] = user_state::pending{hash, {}, {rp}};
+    return finish_inference(self, x, hash,
+                            outgoing_message{channel::results, st.user_id, to_json(res)});
+  }
   const auto limit = static_cast<std::size_t>(st.cfg.serving.max_requests_per_user);
   if (st.inflight.size() >= limit) {
     answers out{error_answer("inference.request", st.user_id, x.request_id, errc::quota_exceeded,
@@ -357,10 +374,26 @@ void handle_job_cancel(user_ptr self, promise_t rp, job_cancel x) {
 
 // A running request ends with finish_reason cancelled; that result is its
 // answer. The cancel itself has no answer of its own (architecture.md).
+// A cancel of a request that has not come yet (or waits to be sent again)
+// is kept, and the request ends as cancelled when it comes; a cancel of an
+// answered request does nothing.
 void handle_inference_cancel(user_ptr self, promise_t rp, inference_cancel x) {
   auto& st = self->state;
-  if (auto it = st.inflight.find(x.request_id); it != st.inflight.end())
-    self->send(it->second.gpu, cancel_atom_v, st.user_id, x.request_id);
+  if (auto it = st.inflight.find(x.request_id); it != st.inflight.end()) {
+    if (it->second.gpu) self->send(it->second.gpu, cancel_atom_v, st.user_id, x.request_id);
+    rp.deliver(answers{});
+    return;
+  }
+  auto found = st.db.direct->find_request(st.user_id, x.request_id);
+  if (!found) {
+    rp.deliver(std::move(found.error()));  // the ingress tries again
+    return;
+  }
+  auto& early = st.early_cancels;
+  if (!*found && std::find(early.begin(), early.end(), x.request_id) == early.end()) {
+    early.push_back(x.request_id);
+    if (early.size() > user_state::max_early_cancels) early.pop_front();
+  }
   rp.deliver(answers{});
 }
 

@@ -3,6 +3,7 @@
 #include <caf/typed_actor.hpp>
 #include <caf/typed_event_based_actor.hpp>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <optional>
 #include <string>
@@ -61,6 +62,13 @@ struct user_state {
   // is answered: one that keeps failing devices gets an error result.
   std::map<std::string, int> device_failures;
   static constexpr int max_device_failures = 3;
+  // Cancels of requests not in flight and not answered, oldest first: a
+  // cancel and its request come on different topics, so the cancel may be
+  // read first, or while its request waits to be sent again. The request
+  // then ends as cancelled when it comes. The oldest are forgotten beyond
+  // `max_early_cancels`, and all of them when the actor is passivated.
+  std::deque<std::string> early_cancels;
+  static constexpr std::size_t max_early_cancels = 256;
   // The newest ready model (none: the user has none), as read when the
   // store's models_generation was `generation`: every request without a
   // model_id needs it, and listing the models cost a quarter of the user

@@ -99,6 +99,16 @@ class ServingTest : public engine_test {
     in_->flush();
     return result(request["user_id"], request["request_id"]);
   }
+  // Sends `request` again: its repeat gets the stored result, byte for byte.
+  void expect_repeat_gets_the_stored_result(const json& request) {
+    const std::string user = request["user_id"], id = request["request_id"];
+    send_inference(request);
+    in_->flush();
+    ASSERT_TRUE(
+        wait_until([&] { return events_of(user, id, "inference.result").size() >= 2; }, 30s));
+    auto both = events_of(user, id, "inference.result");
+    EXPECT_EQ(both[0].payload, both[1].payload);
+  }
   double labelled(const std::string& name, const std::string& label, const std::string& value) {
     auto m = engine_->get("/metrics").second;
     auto key = "\n" + name + "{" + label + "=\"" + value + "\"} ";
@@ -144,12 +154,9 @@ TEST_F(ServingTest, AUserIsAnsweredByTheirOwnModel) {
   EXPECT_GE(t["total"].get<double>(),
             t["decode"].get<double>() + t["prefill"].get<double>() - 1e-6);
   // A repeated request id gets the stored result, byte for byte.
-  send_inference(q("ann"));
-  in_->flush();
-  ASSERT_TRUE(
-      wait_until([&] { return events_of("ann", "q1", "inference.result").size() >= 2; }, 30s));
+  expect_repeat_gets_the_stored_result(q("ann"));
+  ASSERT_FALSE(HasFatalFailure());
   auto both = events_of("ann", "q1", "inference.result");
-  EXPECT_EQ(both[0].payload, both[1].payload);
   // The engine's own share of a generated answer's latency is observed once
   // its delivery is reported: two of the three answers delivered, not the
   // stored answer sent again (whose timings are those of its first run).
@@ -542,6 +549,40 @@ TEST_F(ServingTest, ACancelledRequestEndsWithCancelled) {
   EXPECT_EQ(labelled("tailor_bank_places_used", "device", device), 1);
 }
 
+// A cancel and its request come on different topics, so the cancel may be
+// read first: the request then ends as cancelled when it comes, without
+// running, and is stored so (a repeat gets the same answer). The user's
+// other requests are not touched.
+TEST_F(ServingTest, ACancelReadBeforeItsRequestEndsItAsCancelled) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  onboard_all({"ann"});
+  send_control({{"type", "inference.cancel"},
+                {"schema_version", 1},
+                {"user_id", "ann"},
+                {"request_id", "early"}});
+  in_->flush();
+  const auto control_in = "tailor_events_in_total{topic=\"" + engine_->topics().control + "\"}";
+  // Read by the ingress, which hands events to the user actor in the order
+  // it reads them: the cancel reaches it before the request below.
+  ASSERT_TRUE(wait_until([&] { return metric(control_in) >= 1; }, 30s));
+  auto long_request = [&](const std::string& id) {
+    auto j = ask("ann", id, "hello", 7, 64);
+    j["ignore_end_of_text"] = true;
+    return j;
+  };
+  auto early = answer_to(long_request("early"));
+  EXPECT_FALSE(early.contains("error")) << early.dump();
+  EXPECT_EQ(early["finish_reason"], "cancelled") << early.dump();
+  EXPECT_EQ(early["text"], "") << early.dump();
+  EXPECT_FALSE(early["model_id"].get<std::string>().empty()) << early.dump();
+  expect_repeat_gets_the_stored_result(long_request("early"));
+  // The user's next request runs to its end.
+  auto other = answer_to(long_request("other"));
+  EXPECT_EQ(other["finish_reason"], "length") << other.dump();
+  EXPECT_EQ(other["usage"]["completion_tokens"], 64) << other.dump();
+}
+
 // No request waits forever: one not finished within serving.deadline_ms ends
 // with finish_reason deadline (with its text so far, none if it never ran),
 // each gets exactly one answer, and the device goes on serving after them.
@@ -698,12 +739,7 @@ TEST_F(ServingTest, ARequestInThreeFailuresOfItsDeviceGetsAnErrorResult) {
   EXPECT_EQ(labelled("tailor_serving_device_restarts_total", "device", "tailor-test/0"), 3);
   // The stored answer stands: a repeat gets it again, byte for byte, and the
   // device is not failed a fourth time.
-  send_inference(ask("ann", "q", "hello", 7));
-  in_->flush();
-  ASSERT_TRUE(wait_until([&] { return events_of("ann", "q", "inference.result").size() >= 2; },
-                         30s));
-  auto both = events_of("ann", "q", "inference.result");
-  EXPECT_EQ(both[0].payload, both[1].payload);
+  expect_repeat_gets_the_stored_result(ask("ann", "q", "hello", 7));
   EXPECT_EQ(labelled("tailor_serving_device_restarts_total", "device", "tailor-test/0"), 3);
   EXPECT_EQ(engine_->get("/healthz").first, 200);
 }
