@@ -230,9 +230,10 @@ void serve(user_ptr self, promise_t rp, inference_request x, uint64_t hash, mode
                             make_record(st, x.request_id, "inference.request", hash, out));
   }
   // Cancelled before it came: it ends so without running, with its model.
-  if (auto it = std::find(st.early_cancels.begin(), st.early_cancels.end(), x.request_id);
-      it != st.early_cancels.end()) {
-    st.early_cancels.erase(it);
+  // The kept cancel stays (a failed store write retries this request); once
+  // answered, a repeat is answered from the store before it gets here.
+  if (std::find(st.early_cancels.begin(), st.early_cancels.end(), x.request_id) !=
+      st.early_cancels.end()) {
     inference_result res;
     res.request_id = x.request_id;
     res.user_id = st.user_id;
@@ -373,9 +374,9 @@ void handle_job_cancel(user_ptr self, promise_t rp, job_cancel x) {
 }
 
 // A running request ends with finish_reason cancelled; that result is its
-// answer. The cancel itself has no answer of its own (architecture.md).
-// A cancel of a request that has not come yet (or waits to be sent again)
-// is kept, and the request ends as cancelled when it comes; a cancel of an
+// answer. The cancel itself has no answer of its own (architecture.md). A
+// cancel of a request that has not come yet (or waits to be sent again) is
+// kept, and the request ends as cancelled when it comes; a cancel of an
 // answered request does nothing.
 void handle_inference_cancel(user_ptr self, promise_t rp, inference_cancel x) {
   auto& st = self->state;

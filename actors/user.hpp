@@ -65,8 +65,8 @@ struct user_state {
   // Cancels of requests not in flight and not answered, oldest first: a
   // cancel and its request come on different topics, so the cancel may be
   // read first, or while its request waits to be sent again. The request
-  // then ends as cancelled when it comes. The oldest are forgotten beyond
-  // `max_early_cancels`, and all of them when the actor is passivated.
+  // then ends as cancelled when it comes. Kept until `max_early_cancels`
+  // newer ones push them out, or the actor is passivated.
   std::deque<std::string> early_cancels;
   static constexpr std::size_t max_early_cancels = 256;
   // The newest ready model (none: the user has none), as read when the
