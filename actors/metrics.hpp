@@ -76,7 +76,20 @@ class metrics {
   }
   // A batch step that threw (its requests got error results).
   void count_step_failure(const std::string& device) { add(step_failures_, device, 1); }
-  void count_device_restart(const std::string& device) { add(device_restarts_, device, 1); }
+  // A device's GPU actor failed and a fresh one takes its place: the fresh
+  // one's loop counters (busy seconds, thread times, step helper) start
+  // from zero and are published on top of what the failed one left, so
+  // that they never go back.
+  void count_device_restart(const std::string& device) {
+    std::lock_guard<std::mutex> g(mtx_);
+    ++device_restarts_[device];
+    auto& b = device_base_[device];
+    b.busy = serving_busy_[device];
+    b.running = batch_thread_[device].first;
+    b.runnable = batch_thread_[device].second;
+    b.helper = {helper_chunks_[device], helper_late_[device],   helper_lent_[device],
+                helper_eligible_[device], helper_steps_[device], 0};
+  }
   // Prompt tokens a prefill took from the prefix cache, and computed.
   void count_prompt_tokens(int64_t reused, int64_t computed) {
     prompt_reused_.fetch_add(reused);
@@ -101,13 +114,14 @@ class metrics {
   // but waiting for one (taken by other threads of this machine).
   void set_batch_thread(const std::string& device, double running_s, double runnable_s) {
     std::lock_guard<std::mutex> g(mtx_);
-    batch_thread_[device] = {running_s, runnable_s};
+    const auto& b = device_base_[device];
+    batch_thread_[device] = {b.running + running_s, b.runnable + runnable_s};
   }
   // A device's batch loop: wall time it has spent in steps since it
   // started, in seconds (the rest it had no row to step).
   void set_serving_busy(const std::string& device, double busy_s) {
     std::lock_guard<std::mutex> g(mtx_);
-    serving_busy_[device] = busy_s;
+    serving_busy_[device] = device_base_[device].busy + busy_s;
   }
   void set_batch_realtime(const std::string& device, bool realtime) {
     set(batch_realtime_, device, realtime ? 1 : 0);
@@ -122,12 +136,13 @@ class metrics {
   };
   void set_helper(const std::string& device, const helper_figures& f) {
     std::lock_guard<std::mutex> g(mtx_);
-    helper_chunks_[device] = f.chunks;
-    helper_late_[device] = f.late;
-    helper_lent_[device] = f.lent;
-    helper_eligible_[device] = f.eligible_steps;
-    helper_steps_[device] = f.helped_steps;
-    helper_ratio_[device] = f.ratio;
+    const auto& b = device_base_[device].helper;
+    helper_chunks_[device] = b.chunks + f.chunks;
+    helper_late_[device] = b.late + f.late;
+    helper_lent_[device] = b.lent + f.lent;
+    helper_eligible_[device] = b.eligible_steps + f.eligible_steps;
+    helper_steps_[device] = b.helped_steps + f.helped_steps;
+    helper_ratio_[device] = f.ratio;  // a gauge: the fresh actor's own trials
   }
 
   // Time an inference request spent in the engine outside batch steps and
@@ -164,6 +179,11 @@ class metrics {
   std::map<std::string, std::map<std::string, int64_t>> cache_;  // event -> tier -> count
   std::map<std::string, std::pair<double, double>> batch_thread_;  // device -> running, runnable
   std::map<std::string, double> serving_busy_;                      // device -> seconds
+  struct device_base {
+    double busy = 0, running = 0, runnable = 0;
+    helper_figures helper;
+  };
+  std::map<std::string, device_base> device_base_;  // device -> what failed actors left
   std::map<std::string, double> helper_ratio_;                      // device -> last trial's
   static constexpr std::size_t overhead_window = 8192;
   std::vector<double> overhead_;  // ring buffer of the last samples

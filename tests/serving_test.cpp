@@ -696,12 +696,22 @@ TEST_F(ServingTest, ADeviceThatFailsIsRestartedAndTheRequestsItHeldAreServed) {
   start_with_fault("TAILOR_FAULT_PLACE", "2");
   ASSERT_FALSE(HasFatalFailure());
   onboard_all({"ann", "bob"});
-  auto before = answer_to(ask("ann", "before", "hello", 7));
+  // Some 800 steps before the failure, and a few after it: the device's
+  // busy time must not go back when a fresh actor takes its place.
+  for (int i = 0; i < 4; ++i) {
+    auto long_one = ask("ann", "long" + std::to_string(i), "hello", 7, 200);
+    long_one["ignore_end_of_text"] = true;
+    ASSERT_FALSE(answer_to(long_one).contains("error"));
+  }
+  auto before = answer_to(ask("ann", "before", "hello", 7, 4));
   ASSERT_FALSE(before.contains("error")) << before.dump();
+  const auto device = "tailor-test/0";
+  const double busy_before = labelled("tailor_serving_busy_seconds_total", "device", device);
+  ASSERT_GT(busy_before, 0.0);
   // Bob's adapter is the second placement: the device fails with his
   // request, and perhaps Ann's, in it.
-  send_inference(ask("ann", "during", "hello", 7));
-  send_inference(ask("bob", "q", "hello", 7));
+  send_inference(ask("ann", "during", "hello", 7, 4));
+  send_inference(ask("bob", "q", "hello", 7, 4));
   in_->flush();
   auto during = result("ann", "during");
   auto q = result("bob", "q");
@@ -709,8 +719,9 @@ TEST_F(ServingTest, ADeviceThatFailsIsRestartedAndTheRequestsItHeldAreServed) {
   EXPECT_FALSE(q.contains("error")) << q.dump();
   // The fresh device has the same base: the same request, the same text.
   EXPECT_EQ(during["text"], before["text"]);
-  const auto device = "tailor-test/0";
   EXPECT_EQ(labelled("tailor_serving_device_restarts_total", "device", device), 1);
+  EXPECT_GE(labelled("tailor_serving_busy_seconds_total", "device", device), busy_before)
+      << "the fresh actor's busy time started from zero";
   // Answered once each, and nothing left waiting or running on the device.
   EXPECT_EQ(events_of("ann", "during", "inference.result").size(), 1u);
   EXPECT_EQ(events_of("bob", "q", "inference.result").size(), 1u);
