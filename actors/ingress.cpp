@@ -346,21 +346,32 @@ void update_lag(ingress_state& st) {
   RdKafka::TopicPartition::destroy(parts);
 }
 
+// First at shutdown: their callbacks reach into the state.
+void stop_wakeups(ingress_state& st) {
+  st.wakeup.reset();
+  st.inference_wakeup.reset();
+  st.answers_wakeup.reset();
+}
+
+// Commits what is answered and leaves the group. The inference queue goes
+// after the close, which forwards nothing to it any more, and before the
+// consumer, as librdkafka requires of every queue.
+void leave_group(ingress_state& st) {
+  commit(st, true);
+  st.consumer->close();
+  if (st.inference_queue) rd_kafka_queue_destroy(st.inference_queue);
+  st.inference_queue = nullptr;
+  st.consumer.reset();
+}
+
 }  // namespace
 
 ingress_state::~ingress_state() {
-  wakeup.reset();
-  inference_wakeup.reset();
-  answers_wakeup.reset();
+  stop_wakeups(*this);
   // Their callbacks would reach into this state while it goes; what was
   // produced is still delivered (the producer flushes as it goes).
   if (answers) answers->forget();
-  if (!consumer) return;
-  commit(*this, true);
-  consumer->close();
-  // After the close, which forwards nothing here any more; before the
-  // consumer is destroyed, as librdkafka requires of every queue.
-  if (inference_queue) rd_kafka_queue_destroy(inference_queue);
+  if (consumer) leave_group(*this);
 }
 
 ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_state> self,
@@ -463,18 +474,12 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
       [self](stop_atom) -> caf::ok_atom {
         auto& st = self->state;
         st.stopping = true;
-        st.wakeup.reset();
-        st.inference_wakeup.reset();
-        st.answers_wakeup.reset();
+        stop_wakeups(st);
         // Answers on their way out are delivered (and so committed) first;
         // those that do not make it are answered again after a restart.
         if (!st.answers->flush(10000))
           spdlog::error("ingress: answers not delivered at shutdown are answered again next time");
-        commit(st, true);
-        st.consumer->close();
-        rd_kafka_queue_destroy(st.inference_queue);  // before the consumer goes
-        st.inference_queue = nullptr;
-        st.consumer.reset();
+        leave_group(st);
         spdlog::info("ingress: offsets committed, left the group");
         self->quit();
         return caf::ok_atom_v;
