@@ -69,8 +69,12 @@ void ask(caf::actor_system& sys, const store_actor& db, httplib::Response& res, 
 }  // namespace
 
 admin_server::admin_server(caf::actor_system& sys, store_actor db, std::shared_ptr<metrics> stats,
-                           std::size_t input_topics)
-    : sys_(sys), db_(std::move(db)), stats_(std::move(stats)), input_topics_(input_topics) {}
+                           std::shared_ptr<const engine_health> health, std::size_t input_topics)
+    : sys_(sys),
+      db_(std::move(db)),
+      stats_(std::move(stats)),
+      health_(std::move(health)),
+      input_topics_(input_topics) {}
 
 admin_server::~admin_server() {
   stop();
@@ -79,10 +83,21 @@ admin_server::~admin_server() {
 int admin_server::start(const std::string& host, int port) {
   server_ = std::make_unique<httplib::Server>();
   auto& svr = *server_;
-  svr.Get("/healthz", [](const httplib::Request&, httplib::Response& res) {
+  // A failed engine is stopping (engine_health): both probes say why.
+  svr.Get("/healthz", [this](const httplib::Request&, httplib::Response& res) {
+    if (auto failure = health_->failure(); !failure.empty()) {
+      res.status = 503;
+      res.set_content("failed: " + failure + "\n", "text/plain");
+      return;
+    }
     res.set_content("ok\n", "text/plain");
   });
   svr.Get("/readyz", [this](const httplib::Request&, httplib::Response& res) {
+    if (auto failure = health_->failure(); !failure.empty()) {
+      res.status = 503;
+      res.set_content("not ready: failed: " + failure + "\n", "text/plain");
+      return;
+    }
     bool ready = stats_->ready(input_topics_);
     res.status = ready ? 200 : 503;
     res.set_content(ready ? "ready\n" : "not ready: consumers have not joined their group yet\n",

@@ -5,6 +5,7 @@
 #include <string>
 #include <thread>
 
+#include "actors/health.hpp"
 #include "actors/metrics.hpp"
 #include "actors/store_actor.hpp"
 
@@ -20,7 +21,7 @@ namespace tailor::actors {
 class admin_server {
  public:
   admin_server(caf::actor_system& sys, store_actor db, std::shared_ptr<metrics> stats,
-               std::size_t input_topics);
+               std::shared_ptr<const engine_health> health, std::size_t input_topics);
   ~admin_server();
   // Binds host:port (port 0: any free one); returns the bound port or -1.
   int start(const std::string& host, int port);
@@ -30,6 +31,7 @@ class admin_server {
   caf::actor_system& sys_;
   store_actor db_;
   std::shared_ptr<metrics> stats_;
+  std::shared_ptr<const engine_health> health_;
   std::size_t input_topics_;
   std::unique_ptr<httplib::Server> server_;
   std::thread thread_;

@@ -4,7 +4,10 @@
 #include <spdlog/spdlog.h>
 
 #include <chrono>
+#include <stdexcept>
 
+#include "actors/error_text.hpp"
+#include "actors/fault.hpp"
 #include "actors/kafka.hpp"
 
 namespace tailor::actors {
@@ -133,6 +136,7 @@ egress_state::~egress_state() {
 
 egress_actor::behavior_type egress(egress_actor::stateful_pointer<egress_state> self,
                                    kafka_config cfg, std::shared_ptr<metrics> stats) {
+  self->set_exception_handler(exit_reason_of_exception);
   auto& st = self->state;
   std::string err;
   st.out = batch_producer::make(cfg, std::move(stats), "tailord-egress", err);
@@ -141,6 +145,7 @@ egress_actor::behavior_type egress(egress_actor::stateful_pointer<egress_state> 
     self->quit(caf::make_error(caf::sec::runtime_error, err));
     return egress_actor::behavior_type::make_empty_behavior();
   }
+  st.fault_publish = fault_from_env("TAILOR_FAULT_PUBLISH", "egress", "publish", false).n;
   // A delivery report is served as soon as it arrives, not at the next
   // round of a polling clock.
   st.wakeup =
@@ -148,6 +153,8 @@ egress_actor::behavior_type egress(egress_actor::stateful_pointer<egress_state> 
   return {
       [self](publish_atom, std::vector<outgoing_message>& batch) -> caf::result<caf::ok_atom> {
         auto& st = self->state;
+        if (st.fault_publish > 0 && ++st.publishes == st.fault_publish)
+          throw std::runtime_error("fault injected by TAILOR_FAULT_PUBLISH");
         auto promise = self->make_response_promise<caf::ok_atom>();
         st.out->send(batch, [promise](const std::string& error) mutable {
           if (error.empty())

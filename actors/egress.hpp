@@ -80,6 +80,7 @@ struct egress_state {
   std::unique_ptr<batch_producer> out;
   std::unique_ptr<queue_wakeup> wakeup;  // reset before the producer goes
   bool ticking = false;                  // the safety net's poll is scheduled
+  int64_t fault_publish = 0, publishes = 0;  // TAILOR_FAULT_PUBLISH (actors/fault.hpp)
   ~egress_state();
   static inline const char* name = "tailor.egress";
 };

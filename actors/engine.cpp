@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "actors/admin_server.hpp"
+#include "actors/error_text.hpp"
 #include "actors/kafka.hpp"
 #include "storage/paths.hpp"
 
@@ -35,6 +36,60 @@ void start_gpu(supervisor_actor::stateful_pointer<supervisor_state> self,
   st.device_restarts[{base_model, device}].started = std::chrono::steady_clock::now();
 }
 
+// The actor `source` names, if it is one the supervisor cannot restart in
+// place: each holds state, or a handle other actors keep. Empty otherwise.
+std::string unrestartable(const supervisor_state& st, const caf::actor_addr& source) {
+  if (source == st.db.address()) return "the store actor";
+  if (source == st.out.address()) return "the egress";
+  if (source == st.pool.address()) return "the training pool";
+  if (source == st.loader.address()) return "the adapter loader";
+  if (source == st.users.address()) return "the user registry";
+  return "";
+}
+
+// Stops in order, once: the ingress commits what it handled and leaves the
+// group, running jobs stop at their next step and keep their checkpoints,
+// then the egress flushes and the rest end. Every `stop` waiting is
+// answered when it is done.
+void stop_in_order(supervisor_actor::stateful_pointer<supervisor_state> self) {
+  auto& st = self->state;
+  if (st.stopping) return;
+  st.stopping = true;
+  auto finish = [self]() {
+    auto& st = self->state;
+    // Ingresses are gone: nothing new is published; the egress flushes on exit.
+    spdlog::info("shutdown: consumers closed; flushing the producer");
+    self->send_exit(st.out, caf::exit_reason::user_shutdown);
+    self->send_exit(st.users, caf::exit_reason::user_shutdown);
+    self->send_exit(st.pool, caf::exit_reason::user_shutdown);
+    for (const auto& g : st.routes.devices->all())
+      self->send_exit(g, caf::exit_reason::user_shutdown);
+    self->send_exit(st.loader, caf::exit_reason::user_shutdown);
+    self->send_exit(st.db, caf::exit_reason::user_shutdown);
+    st.stopped = true;
+    for (auto& rp : st.stop_waiters) rp.deliver(caf::ok_atom_v);
+    st.stop_waiters.clear();
+  };
+  auto stop_training = [self, finish]() {
+    self->request(self->state.pool, std::chrono::seconds(60), stop_atom_v)
+        .then([finish](caf::ok_atom) { finish(); },
+              [finish](caf::error& err) {
+                spdlog::error("shutdown: training did not stop cleanly: {}", caf::to_string(err));
+                finish();
+              });
+  };
+  if (!st.input) {
+    stop_training();
+    return;
+  }
+  self->request(st.input, std::chrono::seconds(30), stop_atom_v)
+      .then([stop_training](caf::ok_atom) { stop_training(); },
+            [stop_training](caf::error& err) {
+              spdlog::error("shutdown: ingress did not stop cleanly: {}", caf::to_string(err));
+              stop_training();
+            });
+}
+
 }  // namespace
 
 std::chrono::milliseconds restart_backoff::next_delay(std::chrono::steady_clock::time_point now) {
@@ -48,11 +103,12 @@ std::chrono::milliseconds restart_backoff::next_delay(std::chrono::steady_clock:
 
 supervisor_actor::behavior_type supervisor(
     supervisor_actor::stateful_pointer<supervisor_state> self, engine_config cfg,
-    std::shared_ptr<metrics> stats, std::shared_ptr<storage::metadata_store> db,
-    std::shared_ptr<const base_models> bases) {
+    std::shared_ptr<metrics> stats, std::shared_ptr<engine_health> health,
+    std::shared_ptr<storage::metadata_store> db, std::shared_ptr<const base_models> bases) {
   auto& st = self->state;
   st.cfg = std::move(cfg);
   st.stats = std::move(stats);
+  st.health = std::move(health);
   st.db = self->spawn<caf::detached>(store, db);
   st.out = self->spawn<caf::detached>(egress, st.cfg.kafka, st.stats);
   st.pool = self->spawn(training_pool, st.cfg, st.db, st.out, st.stats, bases);
@@ -67,6 +123,12 @@ supervisor_actor::behavior_type supervisor(
     for (int d = 0; d < st.cfg.serving.devices; ++d) start_gpu(self, base, d);
   st.users = self->spawn(registry, st.cfg, metadata_access{st.db, std::move(db)}, st.out, st.pool,
                          st.routes, st.stats);
+  // These are not restarted in place: their end fails the engine (unrestartable).
+  self->monitor(st.db);
+  self->monitor(st.out);
+  self->monitor(st.pool);
+  self->monitor(st.loader);
+  self->monitor(st.users);
   // Jobs of the previous run are back in the pool before new events arrive.
   self->request(st.pool, std::chrono::minutes(5), recover_atom_v)
       .then(
@@ -80,10 +142,20 @@ supervisor_actor::behavior_type supervisor(
   self->set_down_handler([self](caf::down_msg& dm) {
     auto& st = self->state;
     if (st.stopping) return;
+    if (const auto what = unrestartable(st, dm.source); !what.empty()) {
+      // Kafka keeps every event the ingress has not committed for the next run.
+      const auto reason = what + " ended: " + error_text(dm.reason);
+      spdlog::critical("{}; it cannot be restarted in place, so the engine stops (the next run "
+                       "reads again every event this one did not finish)",
+                       reason);
+      st.health->fail(reason);
+      stop_in_order(self);
+      return;
+    }
     if (st.input.address() == dm.source) {
       // A fresh consumer rejoins the group; uncommitted events are redelivered.
       const auto delay = st.ingress_restarts.next_delay(std::chrono::steady_clock::now());
-      spdlog::error("ingress failed ({}); restarting it{}", caf::to_string(dm.reason),
+      spdlog::error("ingress failed ({}); restarting it{}", error_text(dm.reason),
                     delay.count() > 0 ? " in " + std::to_string(delay.count()) + " ms" : "");
       if (delay.count() == 0)
         start_ingress(self);
@@ -101,7 +173,7 @@ supervisor_actor::behavior_type supervisor(
     st.stats->count_device_restart(label);
     const auto delay =
         st.device_restarts[{base, device}].next_delay(std::chrono::steady_clock::now());
-    spdlog::critical("gpu {} failed ({}); restarting it{}", label, caf::to_string(dm.reason),
+    spdlog::critical("gpu {} failed ({}); restarting it{}", label, error_text(dm.reason),
                      delay.count() > 0 ? " in " + std::to_string(delay.count()) + " ms" : "");
     if (delay.count() == 0)
       start_gpu(self, base, device);
@@ -117,42 +189,10 @@ supervisor_actor::behavior_type supervisor(
       },
       [self](stop_atom) -> caf::result<caf::ok_atom> {
         auto& st = self->state;
-        st.stopping = true;
+        if (st.stopped) return caf::ok_atom_v;
         auto rp = self->make_response_promise<caf::ok_atom>();
-        auto finish = [self, rp]() mutable {
-          auto& st = self->state;
-          // Ingresses are gone: nothing new is published; the egress flushes on exit.
-          spdlog::info("shutdown: consumers closed; flushing the producer");
-          self->send_exit(st.out, caf::exit_reason::user_shutdown);
-          self->send_exit(st.users, caf::exit_reason::user_shutdown);
-          self->send_exit(st.pool, caf::exit_reason::user_shutdown);
-          for (const auto& g : st.routes.devices->all())
-            self->send_exit(g, caf::exit_reason::user_shutdown);
-          self->send_exit(st.loader, caf::exit_reason::user_shutdown);
-          self->send_exit(st.db, caf::exit_reason::user_shutdown);
-          rp.deliver(caf::ok_atom_v);
-        };
-        // Running jobs stop at their next step and keep their checkpoints.
-        auto stop_training = [self, finish]() mutable {
-          self->request(self->state.pool, std::chrono::seconds(60), stop_atom_v)
-              .then([finish](caf::ok_atom) mutable { finish(); },
-                    [finish](caf::error& err) mutable {
-                      spdlog::error("shutdown: training did not stop cleanly: {}",
-                                    caf::to_string(err));
-                      finish();
-                    });
-        };
-        if (!st.input) {
-          stop_training();
-          return rp;
-        }
-        self->request(st.input, std::chrono::seconds(30), stop_atom_v)
-            .then([stop_training](caf::ok_atom) mutable { stop_training(); },
-                  [stop_training](caf::error& err) mutable {
-                    spdlog::error("shutdown: ingress did not stop cleanly: {}",
-                                  caf::to_string(err));
-                    stop_training();
-                  });
+        st.stop_waiters.push_back(rp);
+        stop_in_order(self);
         return rp;
       },
   };
@@ -229,11 +269,11 @@ std::unique_ptr<engine> engine::start(engine_config cfg, std::string& err,
                caf::to_string(ctx);
       });
   e->sys_ = std::make_unique<caf::actor_system>(*e->sys_cfg_);
-  e->supervisor_ = e->sys_->spawn(supervisor, cfg, e->stats_, shared_db, bases);
+  e->supervisor_ = e->sys_->spawn(supervisor, cfg, e->stats_, e->health_, shared_db, bases);
   // The admin API reads through a store actor of its own over the same
   // (thread-safe) database, so operators' reads never queue behind events.
   e->admin_db_ = e->sys_->spawn<caf::detached>(store, shared_db);
-  e->admin_ = std::make_unique<admin_server>(*e->sys_, e->admin_db_, e->stats_, 3);
+  e->admin_ = std::make_unique<admin_server>(*e->sys_, e->admin_db_, e->stats_, e->health_, 3);
   e->admin_port_ = e->admin_->start(cfg.admin_host, cfg.admin_port);
   if (e->admin_port_ < 0) {
     err = "admin API: cannot listen on " + cfg.admin_host + ":" + std::to_string(cfg.admin_port);
@@ -244,10 +284,19 @@ std::unique_ptr<engine> engine::start(engine_config cfg, std::string& err,
 }
 
 bool engine::ready() const {
-  return stats_ && stats_->ready(3);
+  return stats_ && stats_->ready(3) && health_->failure().empty();
+}
+
+std::string engine::failure() const {
+  return health_->failure();
+}
+
+std::string engine::wait_for_failure() {
+  return health_->wait();
 }
 
 void engine::stop() {
+  health_->release();
   if (stopped_ || !sys_) return;
   stopped_ = true;
   if (admin_) admin_->stop();

@@ -2,14 +2,17 @@
 
 #include <caf/typed_actor.hpp>
 #include <caf/typed_event_based_actor.hpp>
+#include <caf/typed_response_promise.hpp>
 #include <chrono>
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "actors/config.hpp"
 #include "actors/egress.hpp"
 #include "actors/gpu.hpp"
+#include "actors/health.hpp"
 #include "actors/ingress.hpp"
 #include "actors/metrics.hpp"
 #include "actors/store_actor.hpp"
@@ -31,8 +34,11 @@ class mock_cluster;
 // unfinished before it starts consuming, restarts the ingress and the GPU
 // actors when they fail, and on `stop` shuts down in order (the ingress
 // commits and leaves the group, running jobs stop at their next step, then
-// the egress flushes, then the rest). `restart` is its own delayed message
-// to itself: for the ingress, or (base model, device) for a GPU actor.
+// the egress flushes, then the rest). The other actors it owns hold state
+// or handles that other actors keep, so it does not restart them: when one
+// ends, the engine fails (engine_health) and stops in the same order.
+// `restart` is its own delayed message to itself: for the ingress, or
+// (base model, device) for a GPU actor.
 using supervisor_actor = caf::typed_actor<caf::replies_to<stop_atom>::with<caf::ok_atom>,
                                           caf::reacts_to<restart_atom>,
                                           caf::reacts_to<restart_atom, std::string, int>>;
@@ -63,14 +69,17 @@ struct supervisor_state {
   registry_actor users;
   ingress_actor input;
   restart_backoff ingress_restarts;
-  bool stopping = false;
+  std::shared_ptr<engine_health> health;
+  bool stopping = false;  // the stop in order has begun
+  bool stopped = false;   // ... and is done
+  std::vector<caf::typed_response_promise<caf::ok_atom>> stop_waiters;
   static inline const char* name = "tailor.supervisor";
 };
 
 supervisor_actor::behavior_type supervisor(
     supervisor_actor::stateful_pointer<supervisor_state> self, engine_config cfg,
-    std::shared_ptr<metrics> stats, std::shared_ptr<storage::metadata_store> db,
-    std::shared_ptr<const base_models> bases);
+    std::shared_ptr<metrics> stats, std::shared_ptr<engine_health> health,
+    std::shared_ptr<storage::metadata_store> db, std::shared_ptr<const base_models> bases);
 
 // Fills in the paths that default to places under data_dir.
 void resolve_paths(engine_config& cfg);
@@ -87,6 +96,10 @@ class engine {
   const std::string& bootstrap_servers() const { return cfg_.kafka.bootstrap_servers; }
   int admin_port() const { return admin_port_; }
   bool ready() const;
+  // Why the engine failed (engine_health); empty while it works.
+  std::string failure() const;
+  // Blocks until the engine fails (returns why) or stop() begins (empty).
+  std::string wait_for_failure();
   void stop();
 
  private:
@@ -96,6 +109,7 @@ class engine {
   std::unique_ptr<caf::actor_system_config> sys_cfg_;
   std::unique_ptr<caf::actor_system> sys_;
   std::shared_ptr<metrics> stats_;
+  std::shared_ptr<engine_health> health_ = std::make_shared<engine_health>();
   std::unique_ptr<admin_server> admin_;
   supervisor_actor supervisor_;
   store_actor admin_db_;

@@ -21,6 +21,7 @@
 #include "actors/base_models.hpp"
 #include "actors/error_text.hpp"
 #include "actors/fair_shares.hpp"
+#include "actors/fault.hpp"
 #include "model/checkpoint.hpp"
 #include "model/generate.hpp"
 #include "model/huge_pages.hpp"
@@ -41,35 +42,6 @@ double ms_between(clock::time_point a, clock::time_point b) {
 bool thread_sched_times(int64_t& running_ns, int64_t& runnable_ns) {
   std::ifstream in("/proc/thread-self/schedstat");
   return static_cast<bool>(in >> running_ns >> runnable_ns);
-}
-
-// A fault injector for tests (docs/operations.md, "Stopping and crashing"):
-// environment variable `name` set to N, or to N+ where `every_later` is
-// allowed (then the Nth and every later one fail). {0, false} when unset
-// or malformed (with a warning: an injector that silently did nothing
-// would pass a test for the wrong reason).
-struct fault_setting {
-  int64_t n = 0;
-  bool every_later = false;
-};
-
-fault_setting fault_from_env(const char* name, const std::string& who, const char* what,
-                             bool every_later_allowed) {
-  const char* f = std::getenv(name);
-  if (!f) return {};
-  std::string spec = f;
-  const bool later = every_later_allowed && !spec.empty() && spec.back() == '+';
-  if (later) spec.pop_back();
-  char* end = nullptr;
-  const long long n = std::strtoll(spec.c_str(), &end, 10);
-  if (spec.empty() || *end != '\0' || n <= 0) {
-    spdlog::warn("{}: {}='{}' is not {} (a positive number): ignored", who, name, f,
-                 every_later_allowed ? "N or N+" : "N");
-    return {};
-  }
-  spdlog::warn("{}: {}: {} {}{} will fail (fault injection)", who, name, what, n,
-               later ? " and every later one" : "");
-  return {n, later};
 }
 
 }  // namespace
@@ -154,6 +126,7 @@ loader_actor::behavior_type adapter_loader(loader_actor::stateful_pointer<loader
                                            std::shared_ptr<const base_models> bases,
                                            std::shared_ptr<host_tier> host,
                                            std::shared_ptr<metrics> stats) {
+  self->set_exception_handler(exit_reason_of_exception);
   auto& st = self->state;
   st.cfg = std::move(cfg);
   st.bases = std::move(bases);
@@ -755,6 +728,7 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
                              std::shared_ptr<const base_models> bases,
                              std::shared_ptr<host_tier> host, loader_actor loader,
                              std::shared_ptr<metrics> stats) {
+  self->set_exception_handler(exit_reason_of_exception);
   auto& st = self->state;
   st.device = device;
   st.base_model = std::move(base_model);

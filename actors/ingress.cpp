@@ -5,6 +5,7 @@
 
 #include <algorithm>
 
+#include "actors/error_text.hpp"
 #include "actors/kafka.hpp"
 
 namespace tailor::actors {
@@ -377,6 +378,7 @@ ingress_state::~ingress_state() {
 ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_state> self,
                                      engine_config cfg, registry_actor registry, egress_actor out,
                                      std::shared_ptr<metrics> stats) {
+  self->set_exception_handler(exit_reason_of_exception);
   auto& st = self->state;
   st.cfg = std::move(cfg);
   const auto& t = st.cfg.kafka.topics;

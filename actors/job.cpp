@@ -4,6 +4,8 @@
 
 #include <chrono>
 
+#include "actors/error_text.hpp"
+
 namespace tailor::actors {
 
 namespace {
@@ -248,6 +250,7 @@ outgoing_message job_event_message(const job_record& j, const std::string& type)
 job_actor::behavior_type job(job_actor::stateful_pointer<job_state> self, job_record rec,
                              engine_config cfg, store_actor db, egress_actor out, job_owner pool,
                              std::shared_ptr<metrics> stats) {
+  self->set_exception_handler(exit_reason_of_exception);
   auto& st = self->state;
   st.job = std::move(rec);
   st.cfg = std::move(cfg);

@@ -2,6 +2,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include "actors/error_text.hpp"
+
 namespace tailor::actors {
 
 namespace {
@@ -17,6 +19,7 @@ caf::result<std::vector<T>> zero_or_one(caf::expected<T> x) {
 
 store_actor::behavior_type store(store_actor::stateful_pointer<store_state> self,
                                  std::shared_ptr<storage::metadata_store> db) {
+  self->set_exception_handler(exit_reason_of_exception);
   self->state.db = std::move(db);
   return {
       [self](create_atom, const job_record& job,

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <chrono>
 
+#include "actors/error_text.hpp"
+
 namespace tailor::actors {
 
 namespace {
@@ -102,6 +104,7 @@ pool_actor::behavior_type training_pool(pool_actor::stateful_pointer<pool_state>
                                         engine_config cfg, store_actor db, egress_actor out,
                                         std::shared_ptr<metrics> stats,
                                         std::shared_ptr<const base_models> bases) {
+  self->set_exception_handler(exit_reason_of_exception);
   auto& st = self->state;
   st.cfg = std::move(cfg);
   st.db = std::move(db);
@@ -120,7 +123,7 @@ pool_actor::behavior_type training_pool(pool_actor::stateful_pointer<pool_state>
       if (e.actor.address() != dm.source) continue;
       if (dm.reason && dm.reason != caf::exit_reason::normal &&
           dm.reason != caf::exit_reason::user_shutdown)
-        spdlog::error("job actor {} died: {}", id, caf::to_string(dm.reason));
+        spdlog::error("job actor {} died: {}", id, error_text(dm.reason));
       forget(self, id);
       break;
     }

@@ -419,6 +419,7 @@ user_actor::behavior_type user(user_actor::stateful_pointer<user_state> self, st
                                engine_config cfg, metadata_access db, egress_actor out,
                                pool_actor pool, serving_routes routes, registry_actor registry,
                                std::shared_ptr<metrics> stats) {
+  self->set_exception_handler(exit_reason_of_exception);
   auto& st = self->state;
   st.user_id = std::move(user_id);
   st.cfg = std::move(cfg);
@@ -469,6 +470,7 @@ registry_actor::behavior_type registry(registry_actor::stateful_pointer<registry
                                        engine_config cfg, metadata_access db, egress_actor out,
                                        pool_actor pool, serving_routes routes,
                                        std::shared_ptr<metrics> stats) {
+  self->set_exception_handler(exit_reason_of_exception);
   self->state.cfg = std::move(cfg);
   self->state.db = std::move(db);
   self->state.out = std::move(out);
@@ -482,7 +484,7 @@ registry_actor::behavior_type registry(registry_actor::stateful_pointer<registry
     for (auto it = users.begin(); it != users.end(); ++it) {
       if (it->second.actor.address() != em.source) continue;
       if (em.reason && em.reason != caf::exit_reason::normal)
-        spdlog::error("user actor {} died: {}", it->first, caf::to_string(em.reason));
+        spdlog::error("user actor {} died: {}", it->first, error_text(em.reason));
       users.erase(it);
       self->state.stats->add_users(-1);
       return;

@@ -108,8 +108,17 @@ int main(int argc, char** argv) {
       "Environment: TAILOR_HOME holds the default data and model directories. tailord starts\n"
       "itself again once, first thing, with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (malloc's heap\n"
       "on transparent huge pages); TAILOR_MALLOC_HUGE_PAGES=0, or glibc.malloc.hugetlb already\n"
-      "in GLIBC_TUNABLES, starts it as it is. docs/configuration.md has the rest.");
-  CLI11_PARSE(app, argc, argv);
+      "in GLIBC_TUNABLES, starts it as it is. docs/configuration.md has the rest.\n"
+      "Exit status: 0 after SIGTERM or SIGINT; 1 when it cannot start, or when the engine\n"
+      "failed and stopped (restart it: it reads again what it did not finish); 2 for a bad\n"
+      "command line or configuration.");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // --help and --version end with 0; every usage error with 2, as a bad
+    // configuration does (CLI11's own codes would be 100 and up).
+    return app.exit(e) == 0 ? 0 : 2;
+  }
 
   if (!config_file.empty()) {
     if (auto err = load_config_file(config_file, cfg); !err.empty()) {
@@ -200,12 +209,28 @@ int main(int argc, char** argv) {
     if (!cfg.ready_file.empty() && !write_ready_file(cfg.ready_file, *e))
       spdlog::error("tailord: cannot write ready file {}", cfg.ready_file);
   });
+  // An engine that fails (an actor it cannot restart ended) has stopped in
+  // order; tailord then ends with status 1, so that its process manager
+  // starts a fresh one, which reads again what this one did not finish.
+  std::string failure;
+  std::thread watcher([&] {
+    failure = e->wait_for_failure();
+    if (!failure.empty()) ::kill(::getpid(), SIGTERM);
+  });
   int sig = 0;
   sigwait(&stop_signals, &sig);
   stopping = true;
-  spdlog::info("tailord: {} received, stopping", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+  if (auto why = e->failure(); !why.empty())
+    spdlog::critical("tailord: the engine failed ({}); stopping", why);
+  else
+    spdlog::info("tailord: {} received, stopping", sig == SIGTERM ? "SIGTERM" : "SIGINT");
   announcer.join();
   e->stop();
+  watcher.join();
+  if (!failure.empty()) {
+    spdlog::critical("tailord: stopped after a failure: {}", failure);
+    return 1;
+  }
   spdlog::info("tailord: stopped");
   return 0;
 }

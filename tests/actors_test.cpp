@@ -12,12 +12,14 @@
 #include <deque>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <thread>
 
 #include "actors/config.hpp"
 #include "actors/engine.hpp"
 #include "actors/fair_shares.hpp"
 #include "actors/gpu.hpp"
+#include "actors/health.hpp"
 #include "actors/metrics.hpp"
 #include "actors/reply_watch.hpp"
 #include "actors/training_data.hpp"
@@ -547,4 +549,32 @@ TEST(RestartBackoff, FailuresSoonAfterAStartDoubleTheDelayUpToACapAndAStableRunR
   EXPECT_EQ(r.next_delay(t).count(), 0) << "a stable run did not start the delays over";
   r.started = t;  // restarted at once
   EXPECT_EQ(r.next_delay(t + 1s).count(), 1000);
+}
+
+// What tailord waits on: a failure wakes the waiter with its reason, and
+// the first reason stays; a stop with no failure wakes it with none.
+TEST(EngineHealth, AFailureWakesTheWaiterWithTheFirstReasonAndAStopWithNone) {
+  using namespace std::chrono_literals;
+  // Ends a wait left blocked by a failed check, so the test fails, not hangs.
+  struct releaser {
+    engine_health& h;
+    ~releaser() { h.release(); }
+  };
+  engine_health failing;
+  auto waiter = std::async(std::launch::async, [&] { return failing.wait(); });
+  releaser unblock_failing{failing};
+  failing.fail("the egress ended: out of memory");
+  failing.fail("the store actor ended");
+  ASSERT_EQ(waiter.wait_for(10s), std::future_status::ready) << "the failure did not wake it";
+  EXPECT_EQ(waiter.get(), "the egress ended: out of memory");
+  EXPECT_EQ(failing.failure(), "the egress ended: out of memory");
+
+  engine_health stopping;
+  EXPECT_EQ(stopping.failure(), "");
+  auto idle = std::async(std::launch::async, [&] { return stopping.wait(); });
+  releaser unblock_stopping{stopping};
+  stopping.release();
+  ASSERT_EQ(idle.wait_for(10s), std::future_status::ready) << "the stop did not wake it";
+  EXPECT_EQ(idle.get(), "");
+  EXPECT_EQ(stopping.wait(), "") << "a wait after the stop must not block";
 }

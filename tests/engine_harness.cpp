@@ -190,23 +190,34 @@ void engine_process::start() {
 int engine_process::stop() {
   if (pid_ <= 0) return -1;
   ::kill(pid_, SIGTERM);
-  int status = 0;
-  bool done = wait_until([&] { return ::waitpid(pid_, &status, WNOHANG) == pid_; }, 60s);
-  if (!done) {
+  const int status = wait_exit(60s);
+  if (status < 0) {
     // The end of its log says where it hung.
-    std::ifstream logf(dir_ + "/tailord.log");
-    std::deque<std::string> tail;
-    for (std::string line; std::getline(logf, line);) {
-      tail.push_back(std::move(line));
-      if (tail.size() > 40) tail.pop_front();
-    }
-    std::cerr << "tailord did not stop within 60 s of SIGTERM; the end of its log:\n";
-    for (const auto& line : tail) std::cerr << line << "\n";
+    std::cerr << "tailord did not stop within 60 s of SIGTERM; the end of its log:\n"
+              << log_tail(40);
     kill();
-    return -1;
   }
+  return status;
+}
+
+int engine_process::wait_exit(std::chrono::milliseconds timeout) {
+  if (pid_ <= 0) return -1;
+  int status = 0;
+  if (!wait_until([&] { return ::waitpid(pid_, &status, WNOHANG) == pid_; }, timeout)) return -1;
   pid_ = -1;
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+std::string engine_process::log_tail(std::size_t lines) const {
+  std::ifstream logf(dir_ + "/tailord.log");
+  std::deque<std::string> tail;
+  for (std::string line; std::getline(logf, line);) {
+    tail.push_back(std::move(line));
+    if (tail.size() > lines) tail.pop_front();
+  }
+  std::string out;
+  for (const auto& line : tail) out += line + "\n";
+  return out;
 }
 
 void engine_process::kill() {
@@ -340,6 +351,13 @@ void engine_test::start(json extra) {
   out_ = std::make_unique<collector>(engine_->bootstrap(),
                                      std::vector<std::string>{t.results, t.events, t.dlq});
   in_ = std::make_unique<producer>(engine_->bootstrap());
+}
+
+void engine_test::start_with_fault(const char* name, const char* value, json extra) {
+  // tailord reads it as it starts; the test process itself has no use for it.
+  ::setenv(name, value, 1);
+  start(std::move(extra));
+  ::unsetenv(name);
 }
 
 void engine_test::send_onboarding(const json& j) {

@@ -48,6 +48,10 @@ class engine_process {
   void join_group_of(const engine_process& other);
   int stop();    // SIGTERM; returns the exit status
   void kill();   // SIGKILL, no cleanup
+  // Waits up to `timeout` for it to end by itself: its exit status, or -1.
+  int wait_exit(std::chrono::milliseconds timeout);
+  // The last `lines` lines of its log.
+  std::string log_tail(std::size_t lines) const;
   const topic_set& topics() const { return topics_; }
   int admin_port() const { return admin_port_; }
   const std::string& bootstrap() const { return bootstrap_; }
@@ -110,6 +114,9 @@ json job_cancel(const std::string& user, const std::string& job_id);
 class engine_test : public ::testing::Test {
  protected:
   void start(json extra = json::object());
+  // start() with the fault injector `name` set to `value` in tailord's
+  // environment (docs/operations.md, "Stopping and crashing").
+  void start_with_fault(const char* name, const char* value, json extra = json::object());
   void send_onboarding(const json& j);
   void send_inference(const json& j);
   void send_control(const json& j);

@@ -38,6 +38,20 @@ double in_flight(const tailor::test::engine_process& e, const std::string& topic
   return pos == std::string::npos ? -1 : std::stod(m.substr(pos + key.size()));
 }
 
+// Output is at least once, with identical content: an answer seen twice
+// (the same user, request and type) is the same bytes. Progress reports of
+// a job that ran again are not answers.
+void expect_answers_seen_twice_identical(const std::vector<collector::record>& records) {
+  std::map<std::string, std::string> first;
+  for (const auto& r : records) {
+    if (!r.value.is_object() || r.value.value("type", "") == "job.progress") continue;
+    auto key = r.value.value("user_id", "") + "/" + r.value.value("request_id", "") + "/" +
+               r.value.value("type", "");
+    auto [it, fresh] = first.emplace(key, r.payload);
+    if (!fresh) EXPECT_EQ(it->second, r.payload) << "an answer seen twice differs: " << key;
+  }
+}
+
 }  // namespace
 
 TEST_F(EngineTest, OnboardingRequestIsQueuedAndVisibleToOperators) {
@@ -437,22 +451,44 @@ TEST_F(EngineTest, KilledMidStreamAndRestartedAnswersEveryEventOnce) {
   };
   ASSERT_TRUE(wait_until([&] { return distinct() >= static_cast<std::size_t>(total); }, 120s))
       << distinct() << " of " << total << " answered";
-  std::map<std::string, std::string> first;
-  for (const auto& r : out_->snapshot()) {
-    // Progress reports of a job that ran again are not answers.
-    if (r.value.value("type", "") == "job.progress") continue;
-    auto key = r.value["user_id"].get<std::string>() + "/" +
-               r.value["request_id"].get<std::string>() + "/" + r.value.value("type", "");
-    auto [it, fresh] = first.emplace(key, r.payload);
-    if (!fresh) {
-      EXPECT_EQ(it->second, r.payload) << "an answer seen twice must be identical: " << key;
-    }
-  }
+  expect_answers_seen_twice_identical(out_->snapshot());
   auto jobs = json::parse(engine_->get("/v1/jobs?limit=10000").second);
   EXPECT_EQ(jobs.size(), onboardings.size()) << "one job per onboarding request, none twice";
   std::set<std::string> job_ids;
   for (const auto& j : jobs) job_ids.insert(j["job_id"].get<std::string>());
   EXPECT_EQ(job_ids.size(), onboardings.size());
+}
+
+// The egress is one of the actors the supervisor cannot restart in place:
+// every actor that publishes holds its handle. When it ends, tailord stops
+// in order and exits with status 1 rather than hang with nothing to publish
+// through; its next run reads again what the first did not finish, and
+// every request gets its answers, an answer seen twice the same.
+TEST_F(EngineTest, AnActorThatCannotBeRestartedEndsTailordAndItsNextRunLosesNothing) {
+  // The egress's second publish throws: the first is one job's job.queued.
+  start_with_fault("TAILOR_FAULT_PUBLISH", "2");
+  ASSERT_FALSE(HasFatalFailure());
+  const int users = 6;
+  auto user = [](int i) { return "f" + std::to_string(i); };
+  for (int i = 0; i < users; ++i) send_onboarding(onboarding(user(i), "o" + std::to_string(i)));
+  in_->flush();
+  const int status = engine_->wait_exit(60s);
+  ASSERT_EQ(status, 1) << "tailord should have ended by itself; the end of its log:\n"
+                       << engine_->log_tail(40);
+  const auto log = engine_->log_tail(400);
+  // The log says what ended and why.
+  EXPECT_NE(log.find("stopped after a failure: the egress ended: fault injected by "
+                     "TAILOR_FAULT_PUBLISH"),
+            std::string::npos)
+      << log;
+  engine_->start();
+  ASSERT_FALSE(HasFatalFailure());
+  for (int i = 0; i < users; ++i)
+    await_event(user(i), "o" + std::to_string(i), "model.ready", 120s);
+  expect_answers_seen_twice_identical(out_->snapshot());
+  auto jobs = json::parse(engine_->get("/v1/jobs?limit=10000").second);
+  EXPECT_EQ(jobs.size(), static_cast<std::size_t>(users)) << "one job per request, none twice";
+  EXPECT_EQ(engine_->get("/healthz"), std::make_pair(200, std::string("ok\n")));
 }
 
 // Two tailords in one group share the topics' partitions. While a second
@@ -501,15 +537,7 @@ TEST_F(EngineTest, PartitionsMovingBetweenTwoInstancesLoseNoRequest) {
       90s))
       << distinct() << " of 900";
   EXPECT_LE(most, 8) << "events read past max_in_flight";
-  std::map<std::string, std::string> first;
-  for (const auto& r : out_->snapshot()) {
-    if (r.topic != engine_->topics().results) continue;
-    auto k = r.value["user_id"].get<std::string>() + "/" + r.value["request_id"].get<std::string>();
-    auto [it, fresh] = first.emplace(k, r.payload);
-    if (!fresh) {
-      EXPECT_EQ(it->second, r.payload) << "an answer seen twice must be identical: " << k;
-    }
-  }
+  expect_answers_seen_twice_identical(out_->snapshot());
 }
 
 TEST_F(EngineTest, IdleUserActorsArePassivatedAndComeBackOnTheNextEvent) {

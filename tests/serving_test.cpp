@@ -82,13 +82,6 @@ class ServingTest : public engine_test {
     j["temperature"] = 0.8;
     return j;
   }
-  // Starts tailord with a fault injector in its environment, which it reads
-  // as it starts (docs/operations.md, "Stopping and crashing").
-  void start_with_fault(const char* name, const char* value, json extra = json::object()) {
-    ::setenv(name, value, 1);
-    start(std::move(extra));
-    ::unsetenv(name);
-  }
   json result(const std::string& user, const std::string& request,
               std::chrono::milliseconds timeout = 60s) {
     return await_event(user, request, "inference.result", timeout).value;
