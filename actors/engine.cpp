@@ -154,6 +154,7 @@ supervisor_actor::behavior_type supervisor(
     }
     if (st.input.address() == dm.source) {
       // A fresh consumer rejoins the group; uncommitted events are redelivered.
+      st.stats->count_ingress_restart();
       const auto delay = st.ingress_restarts.next_delay(std::chrono::steady_clock::now());
       spdlog::error("ingress failed ({}); restarting it{}", error_text(dm.reason),
                     delay.count() > 0 ? " in " + std::to_string(delay.count()) + " ms" : "");

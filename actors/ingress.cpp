@@ -4,8 +4,13 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
+#include <stdexcept>
+#include <string>
 
 #include "actors/error_text.hpp"
+#include "actors/fault.hpp"
 #include "actors/kafka.hpp"
 
 namespace tailor::actors {
@@ -16,6 +21,9 @@ using self_ptr = ingress_actor::stateful_pointer<ingress_state>;
 
 constexpr auto route_timeout = ingress_state::route_timeout;
 constexpr auto retry_delay = std::chrono::seconds(1);
+
+// Events read by every ingress of the process, for TAILOR_FAULT_TAKE.
+std::atomic<int64_t> events_taken{0};
 
 // Rebalance callbacks run inside consume(), on the ingress actor's thread.
 class rebalance_handler : public RdKafka::RebalanceCb {
@@ -277,6 +285,11 @@ void take(self_ptr self, const char* topic, int32_t partition, int64_t offset, c
   auto it = st.inputs.find(topic);
   if (it == st.inputs.end()) return;
   auto& in = it->second;
+  // Before the event is tracked: its offset stays uncommitted, so the next
+  // ingress reads it again.
+  if (st.fault_take > 0 && ++events_taken == st.fault_take)
+    throw std::runtime_error("fault injected by TAILOR_FAULT_TAKE (event " +
+                             std::to_string(st.fault_take) + " of the process)");
   st.stats->count_in(it->first);
   auto ev = std::make_shared<incoming_event>();
   ev->topic = it->first;
@@ -314,14 +327,16 @@ bool drain(self_ptr self) {
   bool more = n == 64;
   const auto& inference = st.inputs[st.cfg.kafka.topics.inference];
   for (n = 0; n < 64 && !inference.paused; ++n) {
-    auto* m = rd_kafka_consume_queue(st.inference_queue, 0);
+    // Destroyed even when take throws: librdkafka's handle is not destroyed
+    // while a message of it lives, and the ingress's end would hang.
+    std::unique_ptr<rd_kafka_message_t, void (*)(rd_kafka_message_t*)> m(
+        rd_kafka_consume_queue(st.inference_queue, 0), rd_kafka_message_destroy);
     if (!m) break;
     if (m->err)
-      spdlog::warn("ingress: {}", rd_kafka_message_errstr(m));
+      spdlog::warn("ingress: {}", rd_kafka_message_errstr(m.get()));
     else
       take(self, rd_kafka_topic_name(m->rkt), m->partition, m->offset, m->key, m->key_len,
            m->payload, m->len);
-    rd_kafka_message_destroy(m);
   }
   return more || (n == 64 && !inference.paused);
 }
@@ -389,6 +404,7 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
   st.out = std::move(out);
   st.stats = std::move(stats);
   st.on_rebalance = std::make_unique<rebalance_handler>(&st);
+  st.fault_take = fault_from_env("TAILOR_FAULT_TAKE", "ingress", "event read", false).n;
   std::string err;
   auto conf = make_conf(st.cfg.kafka,
                         {{"group.id", st.cfg.kafka.group_id},

@@ -192,6 +192,10 @@ std::string metrics::render() const {
     out << "# HELP " << name << ' ' << help << "\n# TYPE " << name << ' ' << type << '\n'
         << name << ' ' << value << '\n';
   };
+  gauge("tailor_ingress_restarts_total", "counter",
+        "Times the ingress failed and a fresh consumer rejoined the group: events not yet "
+        "answered were read again.",
+        ingress_restarts_.load());
   gauge("tailor_serving_steps_total", "counter", "Batch steps run (all devices).",
         serving_steps_.load());
   gauge("tailor_serving_rows_total", "counter",

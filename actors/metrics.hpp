@@ -90,6 +90,8 @@ class metrics {
     b.helper = {helper_chunks_[device], helper_late_[device],   helper_lent_[device],
                 helper_eligible_[device], helper_steps_[device], 0};
   }
+  // The ingress failed and a fresh one rejoins the group.
+  void count_ingress_restart() { ingress_restarts_.fetch_add(1); }
   // Prompt tokens a prefill took from the prefix cache, and computed.
   void count_prompt_tokens(int64_t reused, int64_t computed) {
     prompt_reused_.fetch_add(reused);
@@ -197,6 +199,7 @@ class metrics {
   std::atomic<double> training_seconds_{0}, first_admission_{0}, queue_drained_{0};
   std::atomic<int64_t> dlq_{0};
   std::atomic<int64_t> users_{0};
+  std::atomic<int64_t> ingress_restarts_{0};
 };
 
 }  // namespace tailor::actors

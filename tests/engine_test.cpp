@@ -459,6 +459,39 @@ TEST_F(EngineTest, KilledMidStreamAndRestartedAnswersEveryEventOnce) {
   EXPECT_EQ(job_ids.size(), onboardings.size());
 }
 
+// The ingress failing (a fault injector: the process's fifth event read
+// throws) is restarted: a fresh consumer rejoins the group and reads again
+// what was not answered, so every request is answered, an answer seen
+// twice the same, and the restart is counted.
+TEST_F(EngineTest, AnIngressThatFailsIsRestartedAndEveryEventIsAnswered) {
+  start_with_fault("TAILOR_FAULT_TAKE", "5");
+  ASSERT_FALSE(HasFatalFailure());
+  const int total = 40;
+  std::set<std::string> expected;
+  for (int i = 0; i < total; ++i) {
+    const auto user = "g" + std::to_string(i % 7), req = "q" + std::to_string(i);
+    // Onboardings are answered through the egress, inference (users with no
+    // model: an error result) by the ingress itself.
+    if (i % 4 == 0)
+      send_onboarding(onboarding(user, req));
+    else
+      send_inference(inference(user, req));
+    expected.insert(user + "/" + req);
+  }
+  in_->flush();
+  auto answered = [&] {
+    std::set<std::string> keys;
+    for (const auto& r : out_->snapshot())
+      if (r.value.is_object() && r.value.contains("request_id"))
+        keys.insert(r.value.value("user_id", "") + "/" + r.value.value("request_id", ""));
+    return keys;
+  };
+  ASSERT_TRUE(wait_until([&] { return answered() == expected; }, 120s))
+      << answered().size() << " of " << total << " answered";
+  expect_answers_seen_twice_identical(out_->snapshot());
+  EXPECT_EQ(metric("tailor_ingress_restarts_total"), 1);
+}
+
 // The egress is one of the actors the supervisor cannot restart in place:
 // every actor that publishes holds its handle. When it ends, tailord stops
 // in order and exits with status 1 rather than hang with nothing to publish
