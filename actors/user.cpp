@@ -19,6 +19,13 @@ using promise_t = caf::typed_response_promise<answers>;
 
 constexpr auto store_timeout = std::chrono::seconds(30);
 
+// The cancel kept for `request_id`, or end().
+std::deque<user_state::early_cancel>::iterator find_early_cancel(user_state& st,
+                                                                 const std::string& request_id) {
+  return std::find_if(st.early_cancels.begin(), st.early_cancels.end(),
+                      [&](const auto& c) { return c.request_id == request_id; });
+}
+
 int64_t now_ms() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
              std::chrono::system_clock::now().time_since_epoch())
@@ -178,6 +185,9 @@ void finish_inference(user_ptr self, inference_request x, uint64_t hash, outgoin
     for (auto& rp : it->second.waiters) rp.deliver(answers{result});
     st.inflight.erase(it);
     st.device_failures.erase(x.request_id);
+    // Stored: a repeat is answered from the store, before any cancel check.
+    if (auto c = find_early_cancel(st, x.request_id); c != st.early_cancels.end())
+      st.early_cancels.erase(c);
   };
   // Not recorded: every waiter's event is retried by the ingress, and the
   // retry generates the same text (same seed).
@@ -230,10 +240,9 @@ void serve(user_ptr self, promise_t rp, inference_request x, uint64_t hash, mode
                             make_record(st, x.request_id, "inference.request", hash, out));
   }
   // Cancelled before it came: it ends so without running, with its model.
-  // The kept cancel stays (a failed store write retries this request); once
-  // answered, a repeat is answered from the store before it gets here.
-  if (std::find(st.early_cancels.begin(), st.early_cancels.end(), x.request_id) !=
-      st.early_cancels.end()) {
+  // The kept cancel stays until the answer is stored (a failed store write
+  // retries this request).
+  if (find_early_cancel(st, x.request_id) != st.early_cancels.end()) {
     inference_result res;
     res.request_id = x.request_id;
     res.user_id = st.user_id;
@@ -391,8 +400,8 @@ void handle_inference_cancel(user_ptr self, promise_t rp, inference_cancel x) {
     return;
   }
   auto& early = st.early_cancels;
-  if (!*found && std::find(early.begin(), early.end(), x.request_id) == early.end()) {
-    early.push_back(x.request_id);
+  if (!*found && find_early_cancel(st, x.request_id) == early.end()) {
+    early.push_back({x.request_id, std::chrono::steady_clock::now()});
     if (early.size() > user_state::max_early_cancels) early.pop_front();
   }
   rp.deliver(answers{});
@@ -456,8 +465,13 @@ user_actor::behavior_type user(user_actor::stateful_pointer<user_state> self, st
       },
       [self](idle_atom) {
         auto& st = self->state;
-        // Never retired while a generation is on its way back to it.
-        if (st.handled == st.handled_at_last_check && st.inflight.empty())
+        auto& early = st.early_cancels;
+        const auto now = std::chrono::steady_clock::now();
+        while (!early.empty() && now - early.front().read > user_state::early_cancel_wait)
+          early.pop_front();
+        // Never retired while a generation is on its way back to it, nor
+        // while a cancel waits for its request.
+        if (st.handled == st.handled_at_last_check && st.inflight.empty() && early.empty())
           self->send(st.registry, idle_atom_v, st.user_id, st.handled);
         st.handled_at_last_check = st.handled;
         self->delayed_send(self, std::chrono::seconds(st.cfg.user_idle_seconds), idle_atom_v);

@@ -2,6 +2,7 @@
 
 #include <caf/typed_actor.hpp>
 #include <caf/typed_event_based_actor.hpp>
+#include <chrono>
 #include <cstdint>
 #include <deque>
 #include <map>
@@ -64,11 +65,18 @@ struct user_state {
   static constexpr int max_device_failures = 3;
   // Cancels of requests not in flight and not answered, oldest first: a
   // cancel and its request come on different topics, so the cancel may be
-  // read first, or while its request waits to be sent again. The request
-  // then ends as cancelled when it comes. Kept until `max_early_cancels`
-  // newer ones push them out, or the actor is passivated.
-  std::deque<std::string> early_cancels;
+  // read first (minutes first, while backpressure holds inference), or
+  // while its request waits to be sent again. The request then ends as
+  // cancelled when it comes. Kept until that answer is stored, for
+  // `early_cancel_wait`, or until `max_early_cancels` newer ones push it
+  // out; the actor is not passivated while it keeps one.
+  struct early_cancel {
+    std::string request_id;
+    std::chrono::steady_clock::time_point read;
+  };
+  std::deque<early_cancel> early_cancels;
   static constexpr std::size_t max_early_cancels = 256;
+  static constexpr auto early_cancel_wait = std::chrono::minutes(10);
   // The newest ready model (none: the user has none), as read when the
   // store's models_generation was `generation`: every request without a
   // model_id needs it, and listing the models cost a quarter of the user

@@ -82,6 +82,12 @@ class ServingTest : public engine_test {
     j["temperature"] = 0.8;
     return j;
   }
+  // A request of 64 tokens that runs to its end unless cancelled.
+  json long_ask(const std::string& user, const std::string& request) {
+    auto j = ask(user, request, "hello", 7, 64);
+    j["ignore_end_of_text"] = true;
+    return j;
+  }
   json result(const std::string& user, const std::string& request,
               std::chrono::milliseconds timeout = 60s) {
     return await_event(user, request, "inference.result", timeout).value;
@@ -559,11 +565,7 @@ TEST_F(ServingTest, ACancelReadBeforeItsRequestEndsItAsCancelled) {
   // Read by the ingress, which hands events to the user actor in the order
   // it reads them: the cancel reaches it before the request below.
   ASSERT_TRUE(wait_until([&] { return metric(control_in) >= 1; }, 30s));
-  auto long_request = [&](const std::string& id) {
-    auto j = ask("ann", id, "hello", 7, 64);
-    j["ignore_end_of_text"] = true;
-    return j;
-  };
+  auto long_request = [&](const std::string& id) { return long_ask("ann", id); };
   auto early = answer_to(long_request("early"));
   EXPECT_FALSE(early.contains("error")) << early.dump();
   EXPECT_EQ(early["finish_reason"], "cancelled") << early.dump();
@@ -574,6 +576,39 @@ TEST_F(ServingTest, ACancelReadBeforeItsRequestEndsItAsCancelled) {
   auto other = answer_to(long_request("other"));
   EXPECT_EQ(other["finish_reason"], "length") << other.dump();
   EXPECT_EQ(other["usage"]["completion_tokens"], 64) << other.dump();
+}
+
+// A cancel can be read minutes before its request (backpressure holds
+// inference, not control). The user actor keeps it past its idle time and
+// is not retired meanwhile; once the cancelled answer is stored it lets go
+// of it, and is retired like any idle actor.
+TEST_F(ServingTest, AKeptCancelOutlastsItsUsersIdleTime) {
+  start({{"user_idle_seconds", 1}});
+  ASSERT_FALSE(HasFatalFailure());
+  onboard_all({"ann"});
+  send_control({{"type", "inference.cancel"},
+                {"schema_version", 1},
+                {"user_id", "ann"},
+                {"request_id", "late"}});
+  in_->flush();
+  const auto control_in = "tailor_events_in_total{topic=\"" + engine_->topics().control + "\"}";
+  ASSERT_TRUE(wait_until([&] { return metric(control_in) >= 1; }, 30s));
+  // A clock: three other users come and go one after another, each retired
+  // two idle checks after its event, so by the end an idle ann would have
+  // been retired (two checks after the cancel) long before.
+  for (int k = 0; k < 3; ++k) {
+    const auto clock = "clock" + std::to_string(k);
+    auto r = answer_to(inference(clock, "tick"));
+    ASSERT_EQ(r["error"]["code"], "no_ready_model") << r.dump();
+    ASSERT_TRUE(wait_until([&] { return metric("tailor_user_actors") <= 1; }, 30s));
+  }
+  EXPECT_EQ(metric("tailor_user_actors"), 1) << "ann's actor, which kept the cancel, was retired";
+  auto late = answer_to(long_ask("ann", "late"));
+  EXPECT_EQ(late["finish_reason"], "cancelled") << late.dump();
+  EXPECT_EQ(late["text"], "") << late.dump();
+  ASSERT_TRUE(wait_until([&] { return metric("tailor_user_actors") == 0; }, 30s))
+      << "the actor kept the cancel after its answer was stored";
+  expect_repeat_gets_the_stored_result(long_ask("ann", "late"));
 }
 
 // No request waits forever: one not finished within serving.deadline_ms ends
