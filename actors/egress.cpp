@@ -1,8 +1,10 @@
 #include "actors/egress.hpp"
 
+#include <librdkafka/rdkafka.h>
 #include <librdkafka/rdkafkacpp.h>
 #include <spdlog/spdlog.h>
 
+#include <atomic>
 #include <chrono>
 #include <stdexcept>
 
@@ -13,6 +15,9 @@
 namespace tailor::actors {
 
 namespace {
+
+// Batches sent by every producer of the process, for TAILOR_FAULT_FATAL.
+std::atomic<int64_t> batches_sent{0};
 
 const std::string& topic_of(const topic_names& topics, channel c) {
   switch (c) {
@@ -45,10 +50,18 @@ std::unique_ptr<batch_producer> batch_producer::make(const kafka_config& cfg,
                                                      const std::string& client_id,
                                                      std::string& err) {
   std::unique_ptr<batch_producer> p(new batch_producer());
+  p->cfg_ = cfg;
+  p->client_id_ = client_id;
   p->topics_ = cfg.topics;
   p->stats_ = std::move(stats);
   p->on_delivery_ = std::make_unique<reports>(p.get());
-  auto conf = make_conf(cfg,
+  p->fault_fatal_ = fault_from_env("TAILOR_FAULT_FATAL", client_id, "batch sent", false).n;
+  if (!p->create(err)) return nullptr;
+  return p;
+}
+
+bool batch_producer::create(std::string& err) {
+  auto conf = make_conf(cfg_,
                         {{"enable.idempotence", "true"},
                          {"acks", "all"},
                          // Results are latency-bound: no wait for a batch to
@@ -66,13 +79,33 @@ std::unique_ptr<batch_producer> batch_producer::make(const kafka_config& cfg,
                          // p90 16-33 -> 3 ms in a closed loop, 100 adapters
                          // 12.3k -> 15.5k tokens/s; open loop unchanged.
                          {"max.in.flight", "1"},
-                         {"client.id", client_id}},
+                         {"client.id", client_id_}},
                         err);
-  if (!conf) return nullptr;
-  if (conf->set("dr_cb", p->on_delivery_.get(), err) != RdKafka::Conf::CONF_OK) return nullptr;
-  p->producer_.reset(RdKafka::Producer::create(conf.get(), err));
-  if (!p->producer_) return nullptr;
-  return p;
+  if (!conf) return false;
+  if (conf->set("dr_cb", on_delivery_.get(), err) != RdKafka::Conf::CONF_OK) return false;
+  producer_.reset(RdKafka::Producer::create(conf.get(), err));
+  return producer_ != nullptr;
+}
+
+std::string batch_producer::fatal_error() const {
+  char reason[512];
+  const auto code = rd_kafka_fatal_error(producer_->c_ptr(), reason, sizeof reason);
+  if (code == RD_KAFKA_RESP_ERR_NO_ERROR) return "";
+  return std::string(rd_kafka_err2name(code)) + ": " + reason;
+}
+
+bool batch_producer::replace(const std::string& reason, std::string& err) {
+  spdlog::critical("{}: the producer had a fatal error ({}); replacing it", client_id_, reason);
+  // Its messages are not delivered any more; nothing polls it again, so
+  // none of its reports reaches a batch.
+  producer_->purge(RdKafka::Producer::PURGE_QUEUE | RdKafka::Producer::PURGE_INFLIGHT);
+  producer_.reset();
+  auto failed = std::move(batches_);
+  batches_.clear();
+  const bool made = create(err);
+  if (made && stats_) stats_->count_producer_replacement(client_id_);
+  for (auto& [id, b] : failed) b.done(client_id_ + ": producer replaced after " + reason);
+  return made;
 }
 
 batch_producer::~batch_producer() {
@@ -105,6 +138,9 @@ void batch_producer::settle(uint64_t id, const std::string& topic, const std::st
 
 void batch_producer::send(const std::vector<outgoing_message>& batch, done_fn done) {
   if (batch.empty()) return done("");
+  if (fault_fatal_ > 0 && ++batches_sent == fault_fatal_)
+    rd_kafka_test_fatal_error(producer_->c_ptr(), RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                              "fault injected by TAILOR_FAULT_FATAL");
   const auto id = next_batch_++;
   auto& pend = batches_[id];
   pend.remaining = batch.size();
@@ -162,6 +198,7 @@ egress_actor::behavior_type egress(egress_actor::stateful_pointer<egress_state> 
           else
             promise.deliver(caf::make_error(caf::sec::runtime_error, error));
         });
+        renew_if_fatal<egress_actor>(self, *st.out, st.wakeup);
         if (!st.ticking && st.out->waiting()) {
           st.ticking = true;
           self->delayed_send(self, std::chrono::milliseconds(100), tick_atom_v);
@@ -174,11 +211,13 @@ egress_actor::behavior_type egress(egress_actor::stateful_pointer<egress_state> 
         // emptied the queue wakes us again.
         st.wakeup->rearm();
         st.out->poll();
+        renew_if_fatal<egress_actor>(self, *st.out, st.wakeup);
       },
       [self](tick_atom) {
         auto& st = self->state;
         st.wakeup->rearm();
         st.out->poll();
+        renew_if_fatal<egress_actor>(self, *st.out, st.wakeup);
         st.ticking = st.out->waiting();
         if (st.ticking) self->delayed_send(self, std::chrono::milliseconds(100), tick_atom_v);
       },

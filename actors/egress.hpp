@@ -9,6 +9,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -45,6 +46,16 @@ class batch_producer {
   // (for an owner about to go, whose callbacks must not run any more).
   void forget() { batches_.clear(); }
   RdKafka::Producer& producer() { return *producer_; }
+  // The fatal error librdkafka raised on this producer (the idempotent
+  // producer's sequence broken, say), after which it fails every message
+  // for good; empty while there is none.
+  std::string fatal_error() const;
+  // Replaces a producer that had a fatal error with a fresh one of the same
+  // configuration, without waiting for the old one: its batches not yet
+  // done end with `reason`, so that their owners send them again. False,
+  // with `err`, when the fresh one cannot be created. The owner's wake-up
+  // on the old producer must be gone before (renew_if_fatal).
+  bool replace(const std::string& reason, std::string& err);
 
  private:
   class reports;
@@ -54,14 +65,34 @@ class batch_producer {
     std::string error;
   };
   batch_producer() = default;
+  bool create(std::string& err);
   void settle(uint64_t id, const std::string& topic, const std::string& error);
-  topic_names topics_;  // where each channel goes
+  kafka_config cfg_;
+  std::string client_id_;
+  int64_t fault_fatal_ = 0;  // TAILOR_FAULT_FATAL (actors/fault.hpp)
+  topic_names topics_;       // where each channel goes
   std::shared_ptr<metrics> stats_;
   std::unique_ptr<RdKafka::DeliveryReportCb> on_delivery_;
   std::unique_ptr<RdKafka::Producer> producer_;
   std::map<uint64_t, pending> batches_;
   uint64_t next_batch_ = 1;
 };
+
+// The owner's side of batch_producer::replace: when `out` has had a fatal
+// error, its wake-up goes, the producer is replaced and the wake-up made
+// anew. Throws when no fresh producer can be created: the owner then fails
+// and the supervisor restarts it, or stops the engine.
+template <class Handle, class Self>
+void renew_if_fatal(Self* self, batch_producer& out, std::unique_ptr<queue_wakeup>& wakeup) {
+  const auto fatal = out.fatal_error();
+  if (fatal.empty()) return;
+  wakeup.reset();
+  std::string err;
+  if (!out.replace(fatal, err))
+    throw std::runtime_error("a producer with a fatal error (" + fatal +
+                             ") cannot be replaced: " + err);
+  wakeup = poll_on_wakeup<Handle>(self, out.producer().c_ptr(), queue_wakeup::queue::main);
+}
 
 // The process's producer of events, and of what actors other than the
 // ingress publish (the ingress publishes results and DLQ records with a

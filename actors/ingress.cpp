@@ -229,6 +229,7 @@ void publish(self_ptr self, std::shared_ptr<incoming_event> ev, std::vector<outg
     st.answers->send(out, [self, ev, out, generation](const std::string& error) {
       published(self, ev, out, generation, error);
     });
+    renew_if_fatal<ingress_actor>(self, *st.answers, st.answers_wakeup);
     return;
   }
   self->request(st.out, route_timeout, publish_atom_v, out)
@@ -460,6 +461,7 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
         st.inference_wakeup->rearm();
         st.answers_wakeup->rearm();
         st.answers->poll();
+        renew_if_fatal<ingress_actor>(self, *st.answers, st.answers_wakeup);
         if (drain(self)) self->send(self, poll_atom_v);
       },
       [self](tick_atom) {
@@ -467,6 +469,7 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
         if (st.stopping) return;
         // A safety net only: events and delivery reports arrive through the wake-ups.
         st.answers->poll();
+        renew_if_fatal<ingress_actor>(self, *st.answers, st.answers_wakeup);
         if (drain(self)) self->send(self, poll_atom_v);
         // The admission queue drains as slots free up, without any event here.
         apply_backpressure(st, st.cfg.kafka.topics.onboarding);

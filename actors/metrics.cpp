@@ -149,6 +149,10 @@ std::string metrics::render() const {
          "Batch steps that failed (an exception, such as out of memory): their requests got "
          "error results and the device went on with a fresh batch.",
          "device", step_failures_);
+  family("tailor_kafka_producer_replacements_total", "counter",
+         "Kafka producers replaced after a fatal error (by client id): the batches they held "
+         "were sent again.",
+         "producer", producer_replacements_);
   family("tailor_serving_device_restarts_total", "counter",
          "GPU actors that failed outside a batch step and were started afresh: the requests they "
          "held were sent again.",

@@ -90,6 +90,10 @@ class metrics {
     b.helper = {helper_chunks_[device], helper_late_[device],   helper_lent_[device],
                 helper_eligible_[device], helper_steps_[device], 0};
   }
+  // A Kafka producer (by client id) had a fatal error and was replaced.
+  void count_producer_replacement(const std::string& producer) {
+    add(producer_replacements_, producer, 1);
+  }
   // The ingress failed and a fresh one rejoins the group.
   void count_ingress_restart() { ingress_restarts_.fetch_add(1); }
   // Prompt tokens a prefill took from the prefix cache, and computed.
@@ -176,7 +180,7 @@ class metrics {
   std::map<std::string, int64_t> events_in_, events_out_, errors_, lag_, joined_, in_flight_,
       paused_, jobs_, pauses_, serving_waiting_, serving_active_, prefix_bytes_, serving_users_,
       bank_used_, bank_unplaced_, batch_realtime_, helper_chunks_, helper_late_, helper_lent_,
-      helper_eligible_, helper_steps_, step_failures_, device_restarts_;
+      helper_eligible_, helper_steps_, step_failures_, device_restarts_, producer_replacements_;
   bounded_counts model_requests_, user_requests_;
   std::map<std::string, std::map<std::string, int64_t>> cache_;  // event -> tier -> count
   std::map<std::string, std::pair<double, double>> batch_thread_;  // device -> running, runnable

@@ -70,11 +70,12 @@ void record_and_reply(user_ptr self, promise_t rp, request_record rec) {
              [=](caf::error& err) mutable { rp.deliver(std::move(err)); });
 }
 
-// Replays the stored answer of a known (user_id, request_id), refuses a reused
-// id with another payload, or hands a new request to `fresh`.
-template <class Fresh>
+// Replays the stored answer of a known (user_id, request_id) (through
+// `replay`, which delivers it), refuses a reused id with another payload, or
+// hands a new request to `fresh`.
+template <class Replay, class Fresh>
 void with_dedup(user_ptr self, promise_t rp, std::string request_id, uint64_t hash,
-                std::string type, Fresh fresh) {
+                std::string type, Replay replay, Fresh fresh) {
   auto user_id = self->state.user_id;
   auto found = self->state.db.direct->find_request(user_id, request_id);
   if (!found) {
@@ -83,13 +84,44 @@ void with_dedup(user_ptr self, promise_t rp, std::string request_id, uint64_t ha
   }
   if (!*found) return fresh();
   auto& rec = **found;
-  if (rec.payload_hash == hash) {
-    rp.deliver(std::move(rec.answers));
-    return;
-  }
+  if (rec.payload_hash == hash) return replay(std::move(rec));
   rp.deliver(answers{error_answer(type, user_id, request_id, errc::duplicate_request_id,
                                   "request_id: " + request_id + " was already used by user " +
                                       user_id + " for a different request")});
+}
+
+template <class Fresh>
+void with_dedup(user_ptr self, promise_t rp, std::string request_id, uint64_t hash,
+                std::string type, Fresh fresh) {
+  with_dedup(
+      self, rp, std::move(request_id), hash, std::move(type),
+      [rp](request_record rec) mutable { rp.deliver(std::move(rec.answers)); }, std::move(fresh));
+}
+
+// The stored answer of a repeated onboarding request. Its job was persisted
+// before job.queued was published, and handed to the pool only after: if
+// that publish failed, the job waits in the store and the pool never got it.
+// Such a job (still queued in the store) is announced again, then handed to
+// the pool (which ignores a job it has), so job.queued still comes first.
+void replay_onboarding(user_ptr self, promise_t rp, request_record rec) {
+  auto& st = self->state;
+  if (rec.job_id.empty()) {  // answered with an error: no job
+    rp.deliver(std::move(rec.answers));
+    return;
+  }
+  auto job = st.db.direct->get_job(rec.job_id);
+  if (!job || job->status != "queued") {
+    rp.deliver(std::move(rec.answers));
+    return;
+  }
+  auto fail = [=](caf::error& err) mutable { rp.deliver(std::move(err)); };
+  self->request(st.out, store_timeout, publish_atom_v, rec.answers)
+      .await(
+          [=](caf::ok_atom) mutable {
+            self->request(self->state.pool, store_timeout, submit_atom_v, *job)
+                .await([=](caf::ok_atom) mutable { rp.deliver(rec.answers); }, fail);
+          },
+          fail);
 }
 
 void handle_rejection(user_ptr self, promise_t rp, rejection rej) {
@@ -102,7 +134,8 @@ void handle_rejection(user_ptr self, promise_t rp, rejection rej) {
 
 void handle_onboarding(user_ptr self, promise_t rp, onboarding_request x, uint64_t hash) {
   const std::string type = "onboarding.request";
-  with_dedup(self, rp, x.request_id, hash, type, [=]() mutable {
+  auto replay = [=](request_record rec) mutable { replay_onboarding(self, rp, std::move(rec)); };
+  with_dedup(self, rp, x.request_id, hash, type, replay, [=]() mutable {
     auto& st = self->state;
     auto refuse = [=](errc code, std::string msg) mutable {
       answers out{error_answer(type, self->state.user_id, x.request_id, code, std::move(msg))};

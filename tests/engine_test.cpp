@@ -492,6 +492,42 @@ TEST_F(EngineTest, AnIngressThatFailsIsRestartedAndEveryEventIsAnswered) {
   EXPECT_EQ(metric("tailor_ingress_restarts_total"), 1);
 }
 
+// librdkafka's idempotent producer can fail for good (a fatal error: its
+// sequence broken), and then fails every message. A fault injector raises
+// one through librdkafka's own test hook on the process's Nth batch sent.
+// The producer is replaced in place and what it held is sent again: the
+// ingress's, which publishes results (here: users with no model), and the
+// egress's, which publishes events (onboarding).
+TEST_F(EngineTest, TheIngresssProducerWithAFatalErrorIsReplacedAndEveryEventIsAnswered) {
+  start_with_fault("TAILOR_FAULT_FATAL", "3");
+  ASSERT_FALSE(HasFatalFailure());
+  const int total = 20;
+  for (int i = 0; i < total; ++i)
+    send_inference(inference("h" + std::to_string(i % 5), "q" + std::to_string(i)));
+  in_->flush();
+  for (int i = 0; i < total; ++i) {
+    auto r = await_one("h" + std::to_string(i % 5), "q" + std::to_string(i));
+    EXPECT_EQ(r.value["error"]["code"], "no_ready_model") << r.payload;
+  }
+  expect_answers_seen_twice_identical(out_->snapshot());
+  EXPECT_EQ(metric("tailor_kafka_producer_replacements_total{producer=\"tailord-ingress\"}"), 1);
+  EXPECT_EQ(engine_->get("/healthz"), std::make_pair(200, std::string("ok\n")));
+}
+
+TEST_F(EngineTest, TheEgresssProducerWithAFatalErrorIsReplacedAndEveryJobIsAnnounced) {
+  start_with_fault("TAILOR_FAULT_FATAL", "2");
+  ASSERT_FALSE(HasFatalFailure());
+  const int users = 4;
+  for (int i = 0; i < users; ++i)
+    send_onboarding(onboarding("j" + std::to_string(i), "o" + std::to_string(i)));
+  in_->flush();
+  for (int i = 0; i < users; ++i)
+    await_event("j" + std::to_string(i), "o" + std::to_string(i), "model.ready", 120s);
+  expect_answers_seen_twice_identical(out_->snapshot());
+  EXPECT_EQ(metric("tailor_kafka_producer_replacements_total{producer=\"tailord-egress\"}"), 1);
+  EXPECT_EQ(engine_->get("/healthz"), std::make_pair(200, std::string("ok\n")));
+}
+
 // The egress is one of the actors the supervisor cannot restart in place:
 // every actor that publishes holds its handle. When it ends, tailord stops
 // in order and exits with status 1 rather than hang with nothing to publish
