@@ -82,6 +82,21 @@ class ServingTest : public engine_test {
     j["temperature"] = 0.8;
     return j;
   }
+  // Sends the cancel of (user, request) and waits until the ingress has read
+  // it. The ingress hands events to the user actor in the order it reads
+  // them: the cancel reaches it before a request sent afterwards.
+  void send_cancel_first(const std::string& user, const std::string& request) {
+    const auto before = cancels_read();
+    send_control({{"type", "inference.cancel"},
+                   {"schema_version", 1},
+                   {"user_id", user},
+                   {"request_id", request}});
+    in_->flush();
+    ASSERT_TRUE(wait_until([&] { return cancels_read() > before; }, 30s));
+  }
+  double cancels_read() {
+    return labelled("tailor_events_in_total", "topic", engine_->topics().control);
+  }
   // A request of 64 tokens that runs to its end unless cancelled.
   json long_ask(const std::string& user, const std::string& request) {
     auto j = ask(user, request, "hello", 7, 64);
@@ -556,15 +571,8 @@ TEST_F(ServingTest, ACancelReadBeforeItsRequestEndsItAsCancelled) {
   start();
   ASSERT_FALSE(HasFatalFailure());
   onboard_all({"ann"});
-  send_control({{"type", "inference.cancel"},
-                {"schema_version", 1},
-                {"user_id", "ann"},
-                {"request_id", "early"}});
-  in_->flush();
-  const auto control_in = "tailor_events_in_total{topic=\"" + engine_->topics().control + "\"}";
-  // Read by the ingress, which hands events to the user actor in the order
-  // it reads them: the cancel reaches it before the request below.
-  ASSERT_TRUE(wait_until([&] { return metric(control_in) >= 1; }, 30s));
+  send_cancel_first("ann", "early");
+  ASSERT_FALSE(HasFatalFailure());
   auto long_request = [&](const std::string& id) { return long_ask("ann", id); };
   auto early = answer_to(long_request("early"));
   EXPECT_FALSE(early.contains("error")) << early.dump();
@@ -586,13 +594,8 @@ TEST_F(ServingTest, AKeptCancelOutlastsItsUsersIdleTime) {
   start({{"user_idle_seconds", 1}});
   ASSERT_FALSE(HasFatalFailure());
   onboard_all({"ann"});
-  send_control({{"type", "inference.cancel"},
-                {"schema_version", 1},
-                {"user_id", "ann"},
-                {"request_id", "late"}});
-  in_->flush();
-  const auto control_in = "tailor_events_in_total{topic=\"" + engine_->topics().control + "\"}";
-  ASSERT_TRUE(wait_until([&] { return metric(control_in) >= 1; }, 30s));
+  send_cancel_first("ann", "late");
+  ASSERT_FALSE(HasFatalFailure());
   // A clock: three other users come and go one after another, each retired
   // two idle checks after its event, so by the end an idle ann would have
   // been retired (two checks after the cancel) long before.
