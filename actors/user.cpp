@@ -102,7 +102,8 @@ void with_dedup(user_ptr self, promise_t rp, std::string request_id, uint64_t ha
 // before job.queued was published, and handed to the pool only after: if
 // that publish failed, the job waits in the store and the pool never got it.
 // Such a job (still queued in the store) is announced again, then handed to
-// the pool (which ignores a job it has), so job.queued still comes first.
+// the pool (which ignores a job it has), so job.queued still comes first;
+// the ingress then has nothing left to publish.
 void replay_onboarding(user_ptr self, promise_t rp, request_record rec) {
   auto& st = self->state;
   if (rec.job_id.empty()) {  // answered with an error: no job
@@ -119,7 +120,7 @@ void replay_onboarding(user_ptr self, promise_t rp, request_record rec) {
       .await(
           [=](caf::ok_atom) mutable {
             self->request(self->state.pool, store_timeout, submit_atom_v, *job)
-                .await([=](caf::ok_atom) mutable { rp.deliver(rec.answers); }, fail);
+                .await([=](caf::ok_atom) mutable { rp.deliver(answers{}); }, fail);
           },
           fail);
 }

@@ -668,8 +668,13 @@ TEST(EngineStartup, BadConfigurationIsRefusedWithAClearMessage) {
   std::tie(code, out) = run("-X no.such.property=1");
   EXPECT_EQ(code, 1);
   EXPECT_NE(out.find("no.such.property"), std::string::npos) << out;
+  // Usage errors end with 2, as --help says.
   std::tie(code, out) = run("--admin-port 70000");
-  EXPECT_NE(code, 0);
+  EXPECT_EQ(code, 2);
+  EXPECT_NE(out.find("--admin-port"), std::string::npos) << out;
+  std::tie(code, out) = run("--no-such-flag");
+  EXPECT_EQ(code, 2);
+  EXPECT_NE(out.find("--no-such-flag"), std::string::npos) << out;
   std::filesystem::remove_all(dir);
 }
 
