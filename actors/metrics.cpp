@@ -196,6 +196,10 @@ std::string metrics::render() const {
     out << "# HELP " << name << ' ' << help << "\n# TYPE " << name << ' ' << type << '\n'
         << name << ' ' << value << '\n';
   };
+  gauge("tailor_job_actor_failures_total", "counter",
+        "Times a job's actor failed (not the job): the job started again from its last "
+        "persisted state, or failed at its third.",
+        job_actor_failures_.load());
   gauge("tailor_ingress_restarts_total", "counter",
         "Times the ingress failed and a fresh consumer rejoined the group: events not yet "
         "answered were read again.",

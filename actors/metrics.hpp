@@ -94,6 +94,8 @@ class metrics {
   void count_producer_replacement(const std::string& producer) {
     add(producer_replacements_, producer, 1);
   }
+  // A job's actor failed (its job starts again, or fails at the third).
+  void count_job_actor_failure() { job_actor_failures_.fetch_add(1); }
   // The ingress failed and a fresh one rejoins the group.
   void count_ingress_restart() { ingress_restarts_.fetch_add(1); }
   // Prompt tokens a prefill took from the prefix cache, and computed.
@@ -204,6 +206,7 @@ class metrics {
   std::atomic<int64_t> dlq_{0};
   std::atomic<int64_t> users_{0};
   std::atomic<int64_t> ingress_restarts_{0};
+  std::atomic<int64_t> job_actor_failures_{0};
 };
 
 }  // namespace tailor::actors

@@ -98,6 +98,43 @@ void forget(pool_ptr self, const std::string& id) {
   st.jobs.erase(it);
 }
 
+// A job whose actor failed is persisted as the actor left it. It starts
+// again from there with a fresh actor, as a job found at recovery does,
+// after 1, 2 ... s; at its actor's third failure it fails with `internal`
+// instead, so that a job that takes its actor down every time ends.
+void restart_job(pool_ptr self, const std::string& id, const std::string& why) {
+  auto& st = self->state;
+  auto& f = st.job_actor_failures[id];
+  f.last = why;
+  const int n = ++f.count;
+  st.stats->count_job_actor_failure();
+  const auto delay = std::chrono::seconds(1) * (1 << std::min(n - 1, 4));
+  spdlog::error("job {}: its actor failed ({}); the job {} in {} s", id, why,
+                n >= pool_state::max_job_actor_failures ? "fails" : "starts again",
+                delay.count());
+  self->delayed_send(self, delay, restart_atom_v, id);
+}
+
+// Fails a job whose actors failed too often, then hands it to a fresh actor,
+// which announces job.failed.
+void fail_job(pool_ptr self, const job_record& j, const pool_state::actor_failures& f) {
+  job_record update;
+  update.error_code = to_string(errc::internal);
+  update.error_message = "the job's actor failed " + std::to_string(f.count) +
+                         " times, last: " + f.last;
+  self->request(self->state.db, std::chrono::seconds(30), transit_atom_v, j.job_id, j.status,
+                std::string("failed"), update)
+      .then(
+          [self](job_record& failed) {
+            add_job(self, std::move(failed), false);
+            admit(self);
+          },
+          [id = j.job_id](caf::error& err) {
+            spdlog::error("job {}: cannot fail it: {}; the next start resumes it", id,
+                          error_text(err));
+          });
+}
+
 }  // namespace
 
 pool_actor::behavior_type training_pool(pool_actor::stateful_pointer<pool_state> self,
@@ -116,15 +153,16 @@ pool_actor::behavior_type training_pool(pool_actor::stateful_pointer<pool_state>
     st.slots.push_back({t, {}});
   }
   // A job actor that dies without `done` (a bug, not a job failure) leaves
-  // its job persisted as it was: the next start resumes it.
+  // its job persisted as it was: it starts again (restart_job).
   self->set_down_handler([self](caf::down_msg& dm) {
     auto& st = self->state;
-    for (auto& [id, e] : st.jobs) {
+    for (auto& [job_id, e] : st.jobs) {
       if (e.actor.address() != dm.source) continue;
-      if (dm.reason && dm.reason != caf::exit_reason::normal &&
-          dm.reason != caf::exit_reason::user_shutdown)
-        spdlog::error("job actor {} died: {}", id, error_text(dm.reason));
+      const auto id = job_id;  // forget() erases the entry
       forget(self, id);
+      if (dm.reason && dm.reason != caf::exit_reason::normal &&
+          dm.reason != caf::exit_reason::user_shutdown && !st.shutdown->load())
+        restart_job(self, id, error_text(dm.reason));
       break;
     }
     admit(self);
@@ -171,7 +209,35 @@ pool_actor::behavior_type training_pool(pool_actor::stateful_pointer<pool_state>
         st.queue.push_back(id);
         admit(self);
       },
+      [self](restart_atom, const std::string& id) {
+        auto& st = self->state;
+        if (st.shutdown->load() || st.jobs.count(id)) return;
+        self->request(st.db, std::chrono::seconds(30), job_atom_v, id)
+            .then(
+                [self, id](std::vector<job_record>& found) {
+                  auto& st = self->state;
+                  auto f = st.job_actor_failures[id];
+                  if (found.empty() || st.shutdown->load() || st.jobs.count(id)) return;
+                  auto& j = found.front();
+                  const bool final =
+                      j.status == "ready" || j.status == "failed" || j.status == "cancelled";
+                  if (!final && f.count >= pool_state::max_job_actor_failures) {
+                    st.job_actor_failures.erase(id);
+                    return fail_job(self, j, f);
+                  }
+                  const bool running =
+                      j.status == "admitted" || j.status == "training" || j.status == "saving";
+                  add_job(self, std::move(j), running);
+                  admit(self);
+                },
+                [id](caf::error& err) {
+                  spdlog::error("job {}: cannot read it to start it again: {}; the next start "
+                                "resumes it",
+                                id, error_text(err));
+                });
+      },
       [self](done_atom, const std::string& id) {
+        self->state.job_actor_failures.erase(id);
         forget(self, id);
         admit(self);
         maybe_stopped(self);

@@ -28,13 +28,14 @@ namespace tailor::actors {
 // user's jobs in flight (the per-user quota), `cancel` reaches a job
 // wherever it is, `recover` resubmits the jobs a previous run left
 // unfinished, and `stop` interrupts running jobs at their next step (they
-// resume from their checkpoints at the next start).
+// resume from their checkpoints at the next start). `restart` is its own
+// delayed message to itself: a job whose actor failed starts again.
 using pool_actor = job_owner::extend<
     caf::replies_to<submit_atom, job_record>::with<caf::ok_atom>,
     caf::replies_to<count_atom, std::string>::with<int64_t>,
     caf::replies_to<cancel_atom, std::string>::with<std::vector<outgoing_message>>,
     caf::replies_to<recover_atom>::with<caf::ok_atom>,
-    caf::replies_to<stop_atom>::with<caf::ok_atom>>;
+    caf::replies_to<stop_atom>::with<caf::ok_atom>, caf::reacts_to<restart_atom, std::string>>;
 
 struct pool_state {
   struct entry {
@@ -55,6 +56,15 @@ struct pool_state {
   std::deque<std::string> queue;
   std::unordered_map<std::string, entry> jobs;
   std::unordered_map<std::string, int64_t> per_user;
+  // Failures of a job's actors (a bug, not the job's own failures, which it
+  // retries itself) and the last one's reason, by job id, until the job
+  // starts again for good or fails.
+  struct actor_failures {
+    int count = 0;
+    std::string last;
+  };
+  std::unordered_map<std::string, actor_failures> job_actor_failures;
+  static constexpr int max_job_actor_failures = 3;
   bool admitted_any = false;
   std::vector<caf::typed_response_promise<caf::ok_atom>> stop_waiters;
   static inline const char* name = "tailor.training_pool";

@@ -283,3 +283,45 @@ TEST_F(OnboardingTest, TransientFailuresRetryWithBackoffThenFailWithTheReason) {
   EXPECT_EQ(job["status"], "failed");
   EXPECT_EQ(job["attempts"], 3);
 }
+
+// A job's actor that fails (a bug, not the job's own failure: a fault
+// injector throws in its second transition) leaves the job persisted as it
+// was; a fresh actor takes it on from there, and every user gets a model,
+// from one job per request.
+TEST_F(OnboardingTest, AJobWhoseActorFailsStartsAgainAndEndsWithItsModel) {
+  start_with_fault("TAILOR_FAULT_JOB", "2");
+  ASSERT_FALSE(HasFatalFailure());
+  const std::vector<std::string> users = {"pia", "quinn", "rosa"};
+  for (const auto& u : users) send_onboarding(onboarding(u, "r"));
+  in_->flush();
+  for (const auto& u : users) await_event(u, "r", "model.ready", 60s);
+  ASSERT_FALSE(HasFailure());
+  EXPECT_EQ(metric("tailor_job_actor_failures_total"), 1);
+  for (const auto& u : users) {
+    EXPECT_TRUE(events_of(u, "r", "job.failed").empty()) << u;
+    auto models = json::parse(engine_->get("/v1/users/" + u + "/models").second);
+    EXPECT_EQ(models.size(), 1u) << u << ": " << models.dump();
+  }
+  auto jobs = json::parse(engine_->get("/v1/jobs?limit=100").second);
+  EXPECT_EQ(jobs.size(), users.size()) << "one job per request";
+}
+
+// A job that takes its actor down every time (every transition throws)
+// fails at the third failure with `internal`, naming why, instead of
+// starting again for good.
+TEST_F(OnboardingTest, AJobWhoseActorFailsThreeTimesFailsWithTheReason) {
+  start_with_fault("TAILOR_FAULT_JOB", "1+");
+  ASSERT_FALSE(HasFatalFailure());
+  send_onboarding(onboarding("sam", "r"));
+  in_->flush();
+  auto failed = await_event("sam", "r", "job.failed", 60s);
+  ASSERT_FALSE(HasFailure());
+  EXPECT_EQ(failed.value["error"]["code"], "internal") << failed.payload;
+  const auto message = failed.value["error"]["message"].get<std::string>();
+  EXPECT_NE(message.find("failed 3 times"), std::string::npos) << message;
+  EXPECT_NE(message.find("TAILOR_FAULT_JOB"), std::string::npos) << message;
+  EXPECT_EQ(metric("tailor_job_actor_failures_total"), 3);
+  auto job =
+      json::parse(engine_->get("/v1/jobs/" + failed.value["job_id"].get<std::string>()).second);
+  EXPECT_EQ(job["status"], "failed");
+}
