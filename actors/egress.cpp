@@ -4,7 +4,6 @@
 #include <librdkafka/rdkafkacpp.h>
 #include <spdlog/spdlog.h>
 
-#include <atomic>
 #include <chrono>
 #include <stdexcept>
 
@@ -15,9 +14,6 @@
 namespace tailor::actors {
 
 namespace {
-
-// Batches sent by every producer of the process, for TAILOR_FAULT_FATAL.
-std::atomic<int64_t> batches_sent{0};
 
 const std::string& topic_of(const topic_names& topics, channel c) {
   switch (c) {
@@ -55,7 +51,6 @@ std::unique_ptr<batch_producer> batch_producer::make(const kafka_config& cfg,
   p->topics_ = cfg.topics;
   p->stats_ = std::move(stats);
   p->on_delivery_ = std::make_unique<reports>(p.get());
-  p->fault_fatal_ = fault_from_env("TAILOR_FAULT_FATAL", client_id, "batch sent", false).n;
   if (!p->create(err)) return nullptr;
   return p;
 }
@@ -138,7 +133,9 @@ void batch_producer::settle(uint64_t id, const std::string& topic, const std::st
 
 void batch_producer::send(const std::vector<outgoing_message>& batch, done_fn done) {
   if (batch.empty()) return done("");
-  if (fault_fatal_ > 0 && ++batches_sent == fault_fatal_)
+  // Counted over the process's producers, so the fresh one goes on.
+  static fault_point fault("TAILOR_FAULT_FATAL", "kafka producers", "batch sent", false);
+  if (fault.fires())
     rd_kafka_test_fatal_error(producer_->c_ptr(), RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
                               "fault injected by TAILOR_FAULT_FATAL");
   const auto id = next_batch_++;
@@ -181,7 +178,7 @@ egress_actor::behavior_type egress(egress_actor::stateful_pointer<egress_state> 
     self->quit(caf::make_error(caf::sec::runtime_error, err));
     return egress_actor::behavior_type::make_empty_behavior();
   }
-  st.fault_publish = fault_from_env("TAILOR_FAULT_PUBLISH", "egress", "publish", false).n;
+  st.fault_publish = fault_point("TAILOR_FAULT_PUBLISH", "egress", "publish", false);
   // A delivery report is served as soon as it arrives, not at the next
   // round of a polling clock.
   st.wakeup =
@@ -189,8 +186,7 @@ egress_actor::behavior_type egress(egress_actor::stateful_pointer<egress_state> 
   return {
       [self](publish_atom, std::vector<outgoing_message>& batch) -> caf::result<caf::ok_atom> {
         auto& st = self->state;
-        if (st.fault_publish > 0 && ++st.publishes == st.fault_publish)
-          throw std::runtime_error("fault injected by TAILOR_FAULT_PUBLISH");
+        st.fault_publish.throw_if_fires();
         auto promise = self->make_response_promise<caf::ok_atom>();
         st.out->send(batch, [promise](const std::string& error) mutable {
           if (error.empty())

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "actors/config.hpp"
+#include "actors/fault.hpp"
 #include "actors/kafka.hpp"
 #include "actors/metrics.hpp"
 #include "messages/type_ids.hpp"
@@ -69,8 +70,7 @@ class batch_producer {
   void settle(uint64_t id, const std::string& topic, const std::string& error);
   kafka_config cfg_;
   std::string client_id_;
-  int64_t fault_fatal_ = 0;  // TAILOR_FAULT_FATAL (actors/fault.hpp)
-  topic_names topics_;       // where each channel goes
+  topic_names topics_;  // where each channel goes
   std::shared_ptr<metrics> stats_;
   std::unique_ptr<RdKafka::DeliveryReportCb> on_delivery_;
   std::unique_ptr<RdKafka::Producer> producer_;
@@ -111,7 +111,7 @@ struct egress_state {
   std::unique_ptr<batch_producer> out;
   std::unique_ptr<queue_wakeup> wakeup;  // reset before the producer goes
   bool ticking = false;                  // the safety net's poll is scheduled
-  int64_t fault_publish = 0, publishes = 0;  // TAILOR_FAULT_PUBLISH (actors/fault.hpp)
+  fault_point fault_publish;  // TAILOR_FAULT_PUBLISH: the Nth publish throws
   ~egress_state();
   static inline const char* name = "tailor.egress";
 };

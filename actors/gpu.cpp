@@ -88,8 +88,7 @@ caf::expected<host_tier::adapter_ptr> read_adapter(loader_state& st, const model
   if (base == st.bases->by_name.end())
     return caf::make_error(errc::adapter_unavailable, "model " + m.model_id + ": base model " +
                                                           m.base_model + " is not loaded here");
-  if (st.fault_load > 0 && ++st.loads == st.fault_load)
-    throw std::runtime_error("fault injected by TAILOR_FAULT_LOAD");
+  st.fault_load.throw_if_fires();
   // The bytes must be the registered ones before anything decodes them.
   auto bytes = storage::read_file(m.artifact_path, m.checksum);
   if (!bytes)
@@ -132,7 +131,7 @@ loader_actor::behavior_type adapter_loader(loader_actor::stateful_pointer<loader
   st.bases = std::move(bases);
   st.host = std::move(host);
   st.stats = std::move(stats);
-  st.fault_load = fault_from_env("TAILOR_FAULT_LOAD", "adapter loader", "load from disk", false).n;
+  st.fault_load = fault_point("TAILOR_FAULT_LOAD", "adapter loader", "load from disk", false);
   return {
       [self](load_atom, const model_record& m) -> caf::result<loaded_adapter> {
         auto ad = load_adapter(self->state, m);
@@ -197,15 +196,9 @@ struct gpu_core {
   clock::duration busy{};        // in steps since the start (tailor_serving_busy_seconds_total)
   bool thread_set = false;       // serving.batch_thread applied to this thread
   bool realtime = false;         // the loop's thread runs SCHED_FIFO
-  // Fault injection for tests (TAILOR_FAULT_STEP, docs/operations.md): the
-  // step with rows of this number throws; 0: none.
-  int64_t fault_step = 0, steps_with_rows = 0;
-  // TAILOR_FAULT_PLACE: the placement of an adapter with this number, counted
-  // across the process's devices and their restarts, throws outside any
-  // batch step (as running out of memory there would), and with
-  // `fault_place_after` every later one too; 0: none.
-  int64_t fault_place = 0;
-  bool fault_place_after = false;
+  // TAILOR_FAULT_STEP (actors/fault.hpp): this device's Nth step with rows
+  // throws. TAILOR_FAULT_PLACE, counted over the process, is in place().
+  fault_point fault_step;
   // What the helpers of generators replaced after a failed step counted, so
   // that the helper's counters never go back.
   metrics::helper_figures helper_before;
@@ -233,9 +226,6 @@ namespace {
 
 using gpu_ptr = gpu_actor::stateful_pointer<gpu_state>;
 using request_ptr = std::shared_ptr<gpu_core::request>;
-
-// Placements counted for TAILOR_FAULT_PLACE, across devices and restarts.
-std::atomic<int64_t> placements_injected{0};
 
 void kick(gpu_ptr self) {
   auto& c = *self->state.core;
@@ -473,12 +463,10 @@ bool place(gpu_ptr self, const std::string& model_id, uint64_t key, int64_t inde
   auto& c = *self->state.core;
   auto it = c.adapters.find(model_id);
   if (it == c.adapters.end()) return false;
-  if (c.fault_place > 0) {
-    const auto n = ++placements_injected;
-    if (n == c.fault_place || (c.fault_place_after && n > c.fault_place))
-      throw std::runtime_error("fault injected by TAILOR_FAULT_PLACE (placement " +
-                               std::to_string(n) + ")");
-  }
+  // Outside any batch step, as running out of memory there would; counted
+  // over the process's devices, so a restarted device goes on from the count.
+  static fault_point fault("TAILOR_FAULT_PLACE", "gpu actors", "adapter placement", true);
+  fault.throw_if_fires();
   if (!c.bank.set(index, ad, key)) {
     // Its requests go first: they point at the entry.
     fail_waiting(self, model_id,
@@ -675,8 +663,7 @@ void step(gpu_ptr self) {
   try {
     admit(self);
     rows = static_cast<int64_t>(c.active.size());
-    if (c.fault_step > 0 && !c.active.empty() && ++c.steps_with_rows == c.fault_step)
-      throw std::runtime_error("fault injected by TAILOR_FAULT_STEP");
+    if (!c.active.empty()) c.fault_step.throw_if_fires();
     finished = c.gen->step();
   } catch (const std::exception& e) {
     step_failed(self, e.what());
@@ -748,11 +735,7 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
   for (auto i = sc.device_adapters; i >= 1; --i) c.free_places.push_back(i);
   c.gen = make_generator(st);
   st.stats->set_serving_busy(st.label, 0.0);  // the series exists before the first step
-  c.fault_step = fault_from_env("TAILOR_FAULT_STEP", "gpu " + st.label, "step with rows", false).n;
-  const auto place_fault =
-      fault_from_env("TAILOR_FAULT_PLACE", "gpu " + st.label, "adapter placement", true);
-  c.fault_place = place_fault.n;
-  c.fault_place_after = place_fault.every_later;
+  c.fault_step = fault_point("TAILOR_FAULT_STEP", "gpu " + st.label, "step with rows", false);
   if (sc.products == "bfloat16" && !c.gen->bf16_products())
     spdlog::warn("gpu {}: this CPU has no AVX-512 BF16: the products run in float32",
                  st.label);

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "actors/config.hpp"
+#include "actors/fault.hpp"
 #include "actors/metrics.hpp"
 #include "actors/trainer.hpp"
 #include "messages/type_ids.hpp"
@@ -63,8 +64,7 @@ struct loader_state {
   std::shared_ptr<const base_models> bases;
   std::shared_ptr<metrics> stats;
   std::shared_ptr<host_tier> host;
-  // TAILOR_FAULT_LOAD: the load from disk of this number throws; 0: none.
-  int64_t fault_load = 0, loads = 0;
+  fault_point fault_load;  // TAILOR_FAULT_LOAD: the Nth load from disk throws
   static inline const char* name = "tailor.adapter_loader";
 };
 

@@ -4,10 +4,8 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <atomic>
 #include <memory>
 #include <stdexcept>
-#include <string>
 
 #include "actors/error_text.hpp"
 #include "actors/fault.hpp"
@@ -21,9 +19,6 @@ using self_ptr = ingress_actor::stateful_pointer<ingress_state>;
 
 constexpr auto route_timeout = ingress_state::route_timeout;
 constexpr auto retry_delay = std::chrono::seconds(1);
-
-// Events read by every ingress of the process, for TAILOR_FAULT_TAKE.
-std::atomic<int64_t> events_taken{0};
 
 // Rebalance callbacks run inside consume(), on the ingress actor's thread.
 class rebalance_handler : public RdKafka::RebalanceCb {
@@ -287,10 +282,9 @@ void take(self_ptr self, const char* topic, int32_t partition, int64_t offset, c
   if (it == st.inputs.end()) return;
   auto& in = it->second;
   // Before the event is tracked: its offset stays uncommitted, so the next
-  // ingress reads it again.
-  if (st.fault_take > 0 && ++events_taken == st.fault_take)
-    throw std::runtime_error("fault injected by TAILOR_FAULT_TAKE (event " +
-                             std::to_string(st.fault_take) + " of the process)");
+  // ingress reads it again. Counted over the process, so that one goes on.
+  static fault_point fault("TAILOR_FAULT_TAKE", "ingress", "event read", false);
+  fault.throw_if_fires();
   st.stats->count_in(it->first);
   auto ev = std::make_shared<incoming_event>();
   ev->topic = it->first;
@@ -405,7 +399,6 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
   st.out = std::move(out);
   st.stats = std::move(stats);
   st.on_rebalance = std::make_unique<rebalance_handler>(&st);
-  st.fault_take = fault_from_env("TAILOR_FAULT_TAKE", "ingress", "event read", false).n;
   std::string err;
   auto conf = make_conf(st.cfg.kafka,
                         {{"group.id", st.cfg.kafka.group_id},

@@ -86,9 +86,6 @@ struct ingress_state {
   reply_watch route_replies{route_timeout};
   // Events whose handling failed, re-run from the poll loop once due.
   std::deque<std::pair<std::chrono::steady_clock::time_point, std::function<void()>>> retries;
-  // TAILOR_FAULT_TAKE (actors/fault.hpp): the process's Nth event read
-  // throws, counted over every ingress, so that the restarted one goes on.
-  int64_t fault_take = 0;
   ~ingress_state();
   static inline const char* name = "tailor.ingress";
 };

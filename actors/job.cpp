@@ -2,10 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
-#include <atomic>
 #include <chrono>
-#include <stdexcept>
-#include <string>
 
 #include "actors/error_text.hpp"
 #include "actors/fault.hpp"
@@ -75,17 +72,10 @@ void park(job_ptr self, std::chrono::milliseconds delay) {
 // `next`. A store failure parks the job: it runs again from its persisted
 // state after the backoff.
 void advance(job_ptr self, const std::string& to, job_record update, std::function<void()> next) {
-  // TAILOR_FAULT_JOB (actors/fault.hpp): the process's Nth transition (N+:
-  // and every later one) throws, which ends the job's actor.
-  static const fault_setting fault =
-      fault_from_env("TAILOR_FAULT_JOB", "job actors", "job transition", true);
-  static std::atomic<int64_t> transitions{0};
-  if (fault.n > 0) {
-    const auto n = ++transitions;
-    if (n == fault.n || (fault.every_later && n > fault.n))
-      throw std::runtime_error("fault injected by TAILOR_FAULT_JOB (transition " +
-                               std::to_string(n) + " of the process)");
-  }
+  // The process's Nth transition (N+: and every later one) throws, which
+  // ends the job's actor.
+  static fault_point fault("TAILOR_FAULT_JOB", "job actors", "job transition", true);
+  fault.throw_if_fires();
   auto& st = self->state;
   self->request(st.db, store_timeout, transit_atom_v, st.job.job_id, st.job.status, to, update)
       .await(

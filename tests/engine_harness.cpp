@@ -405,6 +405,16 @@ collector::record engine_test::await_event(const std::string& user, const std::s
   return got ? events_of(user, request, type).front() : collector::record{};
 }
 
+void engine_test::ask_users_without_a_model(const std::string& prefix, int users, int n) {
+  auto user = [&](int i) { return prefix + std::to_string(i % users); };
+  for (int i = 0; i < n; ++i) send_inference(inference(user(i), "q" + std::to_string(i)));
+  in_->flush();
+  for (int i = 0; i < n; ++i) {
+    auto r = await_one(user(i), "q" + std::to_string(i));
+    EXPECT_EQ(r.value["error"]["code"], "no_ready_model") << r.payload;
+  }
+}
+
 double engine_test::metric(const std::string& name) {
   auto m = engine_->get("/metrics").second;
   auto pos = m.find("\n" + name + " ");

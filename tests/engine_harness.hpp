@@ -130,6 +130,10 @@ class engine_test : public ::testing::Test {
   // Waits up to `timeout` for an event of `type` about (user, request).
   collector::record await_event(const std::string& user, const std::string& request,
                                 const std::string& type, std::chrono::milliseconds timeout = 60s);
+  // Sends `n` inference requests q0, q1 ... from `users` users with no
+  // model (`prefix`0, `prefix`1 ... in turn) and checks that each is
+  // answered with no_ready_model.
+  void ask_users_without_a_model(const std::string& prefix, int users, int n);
   // The value of an unlabelled metric, or -1.
   double metric(const std::string& name);
 

@@ -173,12 +173,7 @@ TEST_F(EngineTest, AnsweredEventsAreCommittedWhileTheEngineRuns) {
   start();
   ASSERT_FALSE(HasFatalFailure());
   const int n = 12;
-  for (int i = 0; i < n; ++i)
-    send_inference(inference("u" + std::to_string(i), "q" + std::to_string(i)));
-  in_->flush();
-  for (int i = 0; i < n; ++i)
-    EXPECT_EQ(await_one("u" + std::to_string(i), "q" + std::to_string(i)).value["error"]["code"],
-              "no_ready_model");
+  ask_users_without_a_model("u", n, n);
   const auto& e = *engine_;
   int64_t committed = 0;
   EXPECT_TRUE(wait_until(
@@ -514,14 +509,7 @@ TEST_F(EngineTest, AnIngressThatFailsIsRestartedAndEveryEventIsAnswered) {
 TEST_F(EngineTest, TheIngresssProducerWithAFatalErrorIsReplacedAndEveryEventIsAnswered) {
   start_with_fault("TAILOR_FAULT_FATAL", "3");
   ASSERT_FALSE(HasFatalFailure());
-  const int total = 20;
-  for (int i = 0; i < total; ++i)
-    send_inference(inference("h" + std::to_string(i % 5), "q" + std::to_string(i)));
-  in_->flush();
-  for (int i = 0; i < total; ++i) {
-    auto r = await_one("h" + std::to_string(i % 5), "q" + std::to_string(i));
-    EXPECT_EQ(r.value["error"]["code"], "no_ready_model") << r.payload;
-  }
+  ask_users_without_a_model("h", 5, 20);
   expect_replaced_once_and_healthy(*engine_, *out_, "tailord-ingress");
 }
 
