@@ -144,7 +144,8 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
            take(t, "control", tn.control, "kafka.topics.", err) &&
            take(t, "results", tn.results, "kafka.topics.", err) &&
            take(t, "events", tn.events, "kafka.topics.", err) &&
-           take(t, "dlq", tn.dlq, "kafka.topics.", err);
+           take(t, "dlq", tn.dlq, "kafka.topics.", err) &&
+           take(t, "state", tn.state, "kafka.topics.", err);
     }
   }
   if (ok && j.contains("limits")) {

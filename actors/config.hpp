@@ -18,6 +18,9 @@ struct topic_names {
   std::string results = "tailor.results";
   std::string events = "tailor.events";
   std::string dlq = "tailor.dlq";
+  // Compacted: the ready models every instance of the group reads
+  // (design section 6).
+  std::string state = "tailor.state";
 };
 
 struct kafka_config {

@@ -20,6 +20,7 @@ const std::string& topic_of(const topic_names& topics, channel c) {
     case channel::results: return topics.results;
     case channel::events: return topics.events;
     case channel::dlq: return topics.dlq;
+    case channel::state: return topics.state;
   }
   return topics.dlq;
 }

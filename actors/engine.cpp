@@ -24,6 +24,33 @@ void start_ingress(supervisor_actor::stateful_pointer<supervisor_state> self) {
   st.ingress_restarts.started = std::chrono::steady_clock::now();
 }
 
+// Once the last run's jobs are back in the pool and the state topic has
+// been read: before that, a user's events could meet a registry that does
+// not yet list the user's models.
+void start_ingress_when_ready(supervisor_actor::stateful_pointer<supervisor_state> self) {
+  auto& st = self->state;
+  if (st.stopping || st.input || !st.recovered || !st.caught_up) return;
+  start_ingress(self);
+}
+
+// A state follower, fresh at the start or after one failed. Until the
+// ingress has started, it waits for this follower to catch up; a follower
+// that ends first is restarted and asked again.
+void start_state_follower(supervisor_actor::stateful_pointer<supervisor_state> self) {
+  auto& st = self->state;
+  st.follower = self->spawn<caf::detached>(state_follower, st.cfg, st.store, st.stats);
+  self->monitor(st.follower);
+  st.follower_restarts.started = std::chrono::steady_clock::now();
+  if (st.caught_up) return;
+  self->request(st.follower, caf::infinite, catch_up_atom_v)
+      .then(
+          [self](caf::ok_atom) {
+            self->state.caught_up = true;
+            start_ingress_when_ready(self);
+          },
+          [](caf::error&) {});  // it ended: the down handler restarts it
+}
+
 // Starts the GPU actor of `base_model` on `device`, or a fresh one in the
 // place of one that failed; user actors route to it from their next request.
 void start_gpu(supervisor_actor::stateful_pointer<supervisor_state> self,
@@ -66,6 +93,7 @@ void stop_in_order(supervisor_actor::stateful_pointer<supervisor_state> self) {
       self->send_exit(g, caf::exit_reason::user_shutdown);
     self->send_exit(st.loader, caf::exit_reason::user_shutdown);
     self->send_exit(st.db, caf::exit_reason::user_shutdown);
+    self->send_exit(st.follower, caf::exit_reason::user_shutdown);
     st.stopped = true;
     for (auto& rp : st.stop_waiters) rp.deliver(caf::ok_atom_v);
     st.stop_waiters.clear();
@@ -121,8 +149,10 @@ supervisor_actor::behavior_type supervisor(
   st.bases = bases;
   for (const auto& base : st.cfg.base_models)
     for (int d = 0; d < st.cfg.serving.devices; ++d) start_gpu(self, base, d);
+  st.store = db;
   st.users = self->spawn(registry, st.cfg, metadata_access{st.db, std::move(db)}, st.out, st.pool,
                          st.routes, st.stats);
+  start_state_follower(self);
   // These are not restarted in place: their end fails the engine (unrestartable).
   self->monitor(st.db);
   self->monitor(st.out);
@@ -133,11 +163,13 @@ supervisor_actor::behavior_type supervisor(
   self->request(st.pool, std::chrono::minutes(5), recover_atom_v)
       .then(
           [self](caf::ok_atom) {
-            if (!self->state.stopping) start_ingress(self);
+            self->state.recovered = true;
+            start_ingress_when_ready(self);
           },
           [self](caf::error& err) {
             spdlog::critical("recovery of unfinished jobs failed: {}", caf::to_string(err));
-            if (!self->state.stopping) start_ingress(self);
+            self->state.recovered = true;
+            start_ingress_when_ready(self);
           });
   self->set_down_handler([self](caf::down_msg& dm) {
     auto& st = self->state;
@@ -164,6 +196,18 @@ supervisor_actor::behavior_type supervisor(
         self->delayed_send(self, delay, restart_atom_v);
       return;
     }
+    if (st.follower.address() == dm.source) {
+      // A fresh one reads the state topic again from its beginning.
+      st.stats->count_state_follower_restart();
+      const auto delay = st.follower_restarts.next_delay(std::chrono::steady_clock::now());
+      spdlog::error("state follower failed ({}); restarting it{}", error_text(dm.reason),
+                    delay.count() > 0 ? " in " + std::to_string(delay.count()) + " ms" : "");
+      if (delay.count() == 0)
+        start_state_follower(self);
+      else
+        self->delayed_send(self, delay, follow_atom_v);
+      return;
+    }
     std::string base;
     int device = 0;
     if (!st.routes.devices->find(dm.source, base, device)) return;
@@ -187,6 +231,9 @@ supervisor_actor::behavior_type supervisor(
       },
       [self](restart_atom, const std::string& base, int device) {
         if (!self->state.stopping) start_gpu(self, base, device);
+      },
+      [self](follow_atom) {
+        if (!self->state.stopping) start_state_follower(self);
       },
       [self](stop_atom) -> caf::result<caf::ok_atom> {
         auto& st = self->state;
@@ -225,8 +272,8 @@ std::unique_ptr<engine> engine::start(engine_config cfg, std::string& err,
   // A bad pass-through property fails the start, not a client later on.
   if (!make_conf(cfg.kafka, {}, err)) return nullptr;
   const auto& t = cfg.kafka.topics;
-  std::vector<std::string> topics = {t.onboarding, t.inference, t.control,
-                                     t.results,    t.events,    t.dlq};
+  std::vector<std::string> topics = {t.onboarding, t.inference, t.control, t.results,
+                                     t.events,     t.dlq,       t.state};
   if (cfg.kafka.bootstrap_servers.empty()) {
     e->mock_ = mock_cluster::start(1, err);
     if (!e->mock_) return nullptr;
@@ -236,7 +283,7 @@ std::unique_ptr<engine> engine::start(engine_config cfg, std::string& err,
         return nullptr;
     spdlog::info("embedded Kafka (librdkafka mock cluster) at {}", cfg.kafka.bootstrap_servers);
   } else if (cfg.kafka.create_topics) {
-    if (err = create_topics(cfg.kafka, topics); !err.empty()) return nullptr;
+    if (err = create_topics(cfg.kafka, topics, {t.state}); !err.empty()) return nullptr;
   }
   auto db = storage::metadata_store::open(cfg.data_dir + "/metadata", {cfg.sync_writes});
   if (!db) {

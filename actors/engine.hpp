@@ -15,6 +15,7 @@
 #include "actors/health.hpp"
 #include "actors/ingress.hpp"
 #include "actors/metrics.hpp"
+#include "actors/state_follower.hpp"
 #include "actors/store_actor.hpp"
 #include "actors/trainer.hpp"
 #include "actors/training_pool.hpp"
@@ -41,7 +42,8 @@ class mock_cluster;
 // (base model, device) for a GPU actor.
 using supervisor_actor = caf::typed_actor<caf::replies_to<stop_atom>::with<caf::ok_atom>,
                                           caf::reacts_to<restart_atom>,
-                                          caf::reacts_to<restart_atom, std::string, int>>;
+                                          caf::reacts_to<restart_atom, std::string, int>,
+                                          caf::reacts_to<follow_atom>>;
 
 // An actor's restarts: one that ran for `stable_after` restarts at once,
 // and each failure sooner after its start doubles the delay, up to a cap,
@@ -69,6 +71,13 @@ struct supervisor_state {
   registry_actor users;
   ingress_actor input;
   restart_backoff ingress_restarts;
+  std::shared_ptr<storage::metadata_store> store;  // for each fresh state follower
+  state_follower_actor follower;
+  restart_backoff follower_restarts;
+  // The ingress starts once the jobs of the last run are back in the pool
+  // and the state topic has been read: not before either.
+  bool recovered = false;
+  bool caught_up = false;
   std::shared_ptr<engine_health> health;
   bool stopping = false;  // the stop in order has begun
   bool stopped = false;   // ... and is done

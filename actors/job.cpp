@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include <chrono>
+#include <filesystem>
 
 #include "actors/error_text.hpp"
 #include "actors/fault.hpp"
@@ -149,7 +150,10 @@ void on_outcome(job_ptr self, training_outcome& o) {
     m.job_id = st.job.job_id;
     auto ready = st.job;
     ready.model_id = m.model_id;
-    answers outcome{job_event_message(ready, "model.ready")};
+    // The state record first: an instance that takes the user over knows
+    // the model before anyone is told that it is ready.
+    answers outcome{model_state_message(m, st.job, st.cfg.artifact_dir),
+                    job_event_message(ready, "model.ready")};
     for (auto& r : o.results) outcome.push_back(std::move(r));
     self->request(st.db, store_timeout, register_atom_v, m, st.job.job_id, outcome)
         .await(
@@ -250,6 +254,14 @@ outgoing_message job_event_message(const job_record& j, const std::string& type)
   if ((type == "job.failed" || type == "job.retrying") && !j.error_code.empty())
     ev.error = error_info{code_of(j.error_code), j.error_message};
   return {channel::events, j.user_id, to_json(ev)};
+}
+
+outgoing_message model_state_message(const model_record& model, const job_record& job,
+                                     const std::string& artifact_dir) {
+  model_state s{model, job.request_id, job.payload_hash};
+  s.model.artifact_path =
+      std::filesystem::path(model.artifact_path).lexically_relative(artifact_dir).string();
+  return {channel::state, model.model_id, to_json(s)};
 }
 
 job_actor::behavior_type job(job_actor::stateful_pointer<job_state> self, job_record rec,

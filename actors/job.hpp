@@ -67,4 +67,10 @@ outgoing_message cancel_rejected(const std::string& job_id, const std::string& r
 // The job event of `type` for `job` (with its error for failures).
 outgoing_message job_event_message(const job_record& job, const std::string& type);
 
+// The ready model `job` made, as the group's other instances read it on
+// tailor.state: its artifact's path relative to `artifact_dir`, and the
+// job's request.
+outgoing_message model_state_message(const model_record& model, const job_record& job,
+                                     const std::string& artifact_dir);
+
 }  // namespace tailor::actors

@@ -4,6 +4,8 @@
 #include <librdkafka/rdkafka_mock.h>
 #include <librdkafka/rdkafkacpp.h>
 
+#include <algorithm>
+
 namespace tailor::actors {
 
 std::unique_ptr<mock_cluster> mock_cluster::start(int brokers, std::string& err) {
@@ -60,7 +62,7 @@ std::unique_ptr<RdKafka::Conf> make_conf(
 }
 
 std::string create_topics(const kafka_config& cfg, const std::vector<std::string>& topics,
-                          int timeout_ms) {
+                          const std::vector<std::string>& compacted, int timeout_ms) {
   char errstr[512];
   rd_kafka_conf_t* conf = rd_kafka_conf_new();
   auto set = [&](const std::string& k, const std::string& v) {
@@ -85,6 +87,12 @@ std::string create_topics(const kafka_config& cfg, const std::vector<std::string
       break;
     }
     specs.push_back(nt);
+    if (std::find(compacted.begin(), compacted.end(), t) != compacted.end()) {
+      if (auto e = rd_kafka_NewTopic_set_config(nt, "cleanup.policy", "compact")) {
+        result = "topic " + t + ": " + rd_kafka_err2str(e);
+        break;
+      }
+    }
   }
   rd_kafka_queue_t* q = rd_kafka_queue_new(rk);
   if (result.empty()) {

@@ -82,9 +82,11 @@ std::unique_ptr<RdKafka::Conf> make_conf(
     const kafka_config& cfg, const std::vector<std::pair<std::string, std::string>>& extra,
     std::string& err);
 
-// Creates `topics` through the Admin API; existing ones are fine. Returns an
-// error message, empty on success.
+// Creates `topics` through the Admin API, those also in `compacted` with
+// cleanup.policy=compact; existing ones are fine (and left as they are).
+// Returns an error message, empty on success.
 std::string create_topics(const kafka_config& cfg, const std::vector<std::string>& topics,
+                          const std::vector<std::string>& compacted = {},
                           int timeout_ms = 30000);
 
 }  // namespace tailor::actors

@@ -153,6 +153,10 @@ std::string metrics::render() const {
          "Kafka producers replaced after a fatal error (by client id): the batches they held "
          "were sent again.",
          "producer", producer_replacements_);
+  family("tailor_state_records_total", "counter",
+         "Records read from the state topic: imported (a model another instance made ready), "
+         "known (here already) or rejected (unreadable, in the log).",
+         "outcome", state_records_);
   family("tailor_serving_device_restarts_total", "counter",
          "GPU actors that failed outside a batch step and were started afresh: the requests they "
          "held were sent again.",
@@ -204,6 +208,9 @@ std::string metrics::render() const {
         "Times the ingress failed and a fresh consumer rejoined the group: events not yet "
         "answered were read again.",
         ingress_restarts_.load());
+  gauge("tailor_state_follower_restarts_total", "counter",
+        "Times the reader of the state topic failed and a fresh one read it again.",
+        state_follower_restarts_.load());
   gauge("tailor_serving_steps_total", "counter", "Batch steps run (all devices).",
         serving_steps_.load());
   gauge("tailor_serving_rows_total", "counter",

@@ -94,6 +94,11 @@ class metrics {
   void count_producer_replacement(const std::string& producer) {
     add(producer_replacements_, producer, 1);
   }
+  // A record read from tailor.state: imported (a model another instance
+  // made ready), known (here already) or rejected (unreadable).
+  void count_state_record(const std::string& outcome) { add(state_records_, outcome, 1); }
+  // The state follower failed and a fresh one reads tailor.state again.
+  void count_state_follower_restart() { state_follower_restarts_.fetch_add(1); }
   // A job's actor failed (its job starts again, or fails at the third).
   void count_job_actor_failure() { job_actor_failures_.fetch_add(1); }
   // The ingress failed and a fresh one rejoins the group.
@@ -182,7 +187,8 @@ class metrics {
   std::map<std::string, int64_t> events_in_, events_out_, errors_, lag_, joined_, in_flight_,
       paused_, jobs_, pauses_, serving_waiting_, serving_active_, prefix_bytes_, serving_users_,
       bank_used_, bank_unplaced_, batch_realtime_, helper_chunks_, helper_late_, helper_lent_,
-      helper_eligible_, helper_steps_, step_failures_, device_restarts_, producer_replacements_;
+      helper_eligible_, helper_steps_, step_failures_, device_restarts_, producer_replacements_,
+      state_records_;
   bounded_counts model_requests_, user_requests_;
   std::map<std::string, std::map<std::string, int64_t>> cache_;  // event -> tier -> count
   std::map<std::string, std::pair<double, double>> batch_thread_;  // device -> running, runnable
@@ -206,6 +212,7 @@ class metrics {
   std::atomic<int64_t> dlq_{0};
   std::atomic<int64_t> users_{0};
   std::atomic<int64_t> ingress_restarts_{0};
+  std::atomic<int64_t> state_follower_restarts_{0};
   std::atomic<int64_t> job_actor_failures_{0};
 };
 

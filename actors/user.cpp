@@ -169,6 +169,7 @@ void handle_onboarding(user_ptr self, promise_t rp, onboarding_request x, uint64
               job.base_model = base;
               job.status = "queued";
               job.request = to_json(x);
+              job.payload_hash = hash;
               job.created_ms = job.updated_ms = now_ms();
               answers out{job_answer(job_event{"job.queued", job.job_id, x.request_id, st.user_id,
                                                std::nullopt, std::nullopt, std::nullopt})};

@@ -90,7 +90,8 @@ void engine_run::start(const engine_run_options& o) {
                   {"control", topic("control")},
                   {"results", topic("results")},
                   {"events", topic("events")},
-                  {"dlq", topic("dlq")}}}}}};
+                  {"dlq", topic("dlq")},
+                  {"state", topic("state")}}}}}};
   cfg.merge_patch(o.config);
   if (o.prepare) o.prepare(dir_ + "/data");
   auto cfg_path = dir_ + "/tailord.json";
@@ -134,6 +135,7 @@ void engine_run::release() {
       topics.push_back(topic(role));
       groups.push_back(watch_group(topic(role)));
     }
+    topics.push_back(topic("state"));
     if (auto err = delete_topics_and_groups(bootstrap_, topics, groups); !err.empty())
       std::fprintf(stderr, "tailor-bench: the run's topics (%s*) and groups are left on %s: %s\n",
                    prefix_.c_str(), bootstrap_.c_str(), err.c_str());

@@ -18,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "messages/events.hpp"
 #include "model/checkpoint.hpp"
 #include "model/generate.hpp"
 #include "model/pretrain.hpp"
@@ -496,6 +497,62 @@ void bm_answer_record(benchmark::State& state) {
   fs::remove_all(dir);
 }
 BENCHMARK(bm_answer_record)->Arg(1)->Arg(1000)->Unit(benchmark::kMicrosecond);
+
+// What an instance does for each record of the state topic it reads as it
+// starts (design section 6): parse a ready model's record and import it
+// into the store with its request's dedup record, two models a user. /1: a
+// model new here; /0: one it knows already, as at every later start (the
+// topic is read whole).
+void bm_state_record(benchmark::State& state) {
+  namespace fs = std::filesystem;
+  using namespace tailor::messages;
+  const bool fresh = state.range(0) == 1;
+  const auto dir = fs::temp_directory_path() /
+                   ("tailor-micro-state-" + std::to_string(::getpid()) + "-" +
+                    std::to_string(state.range(0)));
+  fs::remove_all(dir);
+  {
+    auto store = tailor::storage::metadata_store::open(dir.string());
+    if (!store) {
+      state.SkipWithError(caf::to_string(store.error()).c_str());
+      return;
+    }
+    auto record = [](int64_t n) {
+      const auto user = "user-" + std::to_string(n / 2), model = "model-" + std::to_string(n);
+      return to_json(model_state{{model, user, "tailor-base",
+                                  "adapters/" + user + "/" + model + ".safetensors",
+                                  "sha256:" + std::string(64, 'a'), "ready", n, "job-" + model},
+                                 "signup-" + model,
+                                 static_cast<uint64_t>(n)});
+    };
+    // What the state follower does with each record.
+    auto import = [&](const std::string& bytes) -> caf::expected<bool> {
+      model_state ms;
+      if (auto why = parse_model_state(bytes, ms); !why.empty())
+        return caf::make_error(tailor::storage::errc::corrupt_record, why);
+      const auto made_by = onboarding_record_of(ms);
+      return (*store)->import_model(ms.model, made_by ? &*made_by : nullptr);
+    };
+    constexpr int64_t known = 4096;  // what /0 reads again and again
+    for (int64_t n = 0; !fresh && n < known; ++n) {
+      if (auto added = import(record(n)); !added || !*added) {
+        state.SkipWithError("cannot import");
+        return;
+      }
+    }
+    int64_t n = 0;
+    for (auto _ : state) {
+      auto added = import(record(fresh ? n : n % known));
+      ++n;
+      if (!added || *added != fresh) {
+        state.SkipWithError("imported, or not, against expectation");
+        break;
+      }
+    }
+  }
+  fs::remove_all(dir);
+}
+BENCHMARK(bm_state_record)->Arg(1)->Arg(0)->Unit(benchmark::kMicrosecond);
 
 // A cache line passed between two threads on the first two CPUs this
 // process may use, there and back: what every chunk the step helper shares

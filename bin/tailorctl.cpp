@@ -276,13 +276,14 @@ int main(int argc, char** argv) {
 
   // tail
   auto* tail =
-      app.add_subcommand("tail", "print a topic's events as they arrive: results|events|dlq");
+      app.add_subcommand("tail", "print a topic's events as they arrive: results|events|dlq|state");
   std::string tail_what;
   bool from_beginning = false;
   double tail_seconds = 0;
-  tail->add_option("topic", tail_what, "results, events or dlq")
+  tail->add_option("topic", tail_what,
+                   "results, events, dlq or state (the ready models the instances share)")
       ->required()
-      ->check(CLI::IsMember({"results", "events", "dlq"}));
+      ->check(CLI::IsMember({"results", "events", "dlq", "state"}));
   tail->add_flag("--from-beginning", from_beginning, "start at the oldest retained event");
   tail->add_option("--seconds", tail_seconds,
                    "stop after this long (default: follow until interrupted)");
@@ -422,6 +423,7 @@ int main(int argc, char** argv) {
   if (tail->parsed()) {
     const auto& topic = tail_what == "results"  ? o.topics.results
                         : tail_what == "events" ? o.topics.events
+                        : tail_what == "state"  ? o.topics.state
                                                 : o.topics.dlq;
     follower f(o, topic, from_beginning);
     auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(tail_seconds);

@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "actors/engine.hpp"
+#include "actors/kafka.hpp"
 #include "model/threads.hpp"
 
 using namespace tailor::actors;
@@ -156,6 +157,12 @@ int main(int argc, char** argv) {
   resolve_paths(cfg);
   if (auto bad = validate(cfg); !bad.empty()) {
     std::fprintf(stderr, "tailord: %s\n", bad.c_str());
+    return 2;
+  }
+  // A bad pass-through property is refused now, not after the base models
+  // load (minutes, when one has to be pre-trained first).
+  if (std::string bad; !tailor::actors::make_conf(cfg.kafka, {}, bad)) {
+    std::fprintf(stderr, "tailord: -X / kafka.properties: %s\n", bad.c_str());
     return 2;
   }
 

@@ -1,5 +1,6 @@
 #include "messages/events.hpp"
 
+#include <cstdio>
 #include <limits>
 #include <nlohmann/json.hpp>
 
@@ -385,6 +386,80 @@ std::string to_json(const dlq_record& x) {
   j["key"] = repair_utf8(x.key);
   j["payload_base64"] = base64_encode(x.payload);
   return dump(j);
+}
+
+std::string to_json(const model_state& x) {
+  const auto& m = x.model;
+  json j = header("model.state");
+  j["model_id"] = m.model_id;
+  j["user_id"] = m.user_id;
+  j["base_model"] = m.base_model;
+  j["artifact"] = m.artifact_path;
+  j["checksum"] = m.checksum;
+  j["status"] = m.status;
+  j["created_ms"] = m.created_ms;
+  j["job_id"] = m.job_id;
+  if (!x.request_id.empty()) {
+    char hex[17];
+    std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(x.payload_hash));
+    j["request_id"] = x.request_id;
+    j["payload_hash"] = hex;  // a string: JSON readers need not hold 64-bit integers
+  }
+  return dump(j);
+}
+
+std::string parse_model_state(std::string_view bytes, model_state& x) {
+  json j = json::parse(bytes.begin(), bytes.end(), nullptr, false);
+  if (!j.is_object()) return "not a JSON object";
+  reader r(j);
+  std::string type;
+  std::optional<int64_t> version, created;
+  auto& m = x.model;
+  r.string("type", type, true, 64);
+  r.integer("schema_version", version);
+  r.id("model_id", m.model_id, true);
+  r.id("user_id", m.user_id, true);
+  r.string("base_model", m.base_model, true, max_id_length);
+  r.string("artifact", m.artifact_path, true, 4096);
+  r.string("checksum", m.checksum, true, 128);
+  r.string("status", m.status, true, 16);
+  r.integer("created_ms", created);
+  r.id("job_id", m.job_id, false);
+  std::string hash;
+  r.id("request_id", x.request_id, false);
+  r.string("payload_hash", hash, !x.request_id.empty(), 16);
+  if (r.failed()) return r.error.message;
+  if (!x.request_id.empty()) {
+    if (m.job_id.empty()) return "job_id: is required with request_id";
+    if (hash.size() != 16 || hash.find_first_not_of("0123456789abcdef") != std::string::npos)
+      return "payload_hash: must be 16 hexadecimal digits";
+    x.payload_hash = std::stoull(hash, nullptr, 16);
+  }
+  if (type != "model.state") return "type: must be model.state, not " + type;
+  if (version != schema_version) return "schema_version: must be 1";
+  if (!created) return "created_ms: is required";
+  m.created_ms = *created;
+  if (m.status != "ready") return "status: must be ready, not " + m.status;
+  // Confined to the artifact store: relative, and never climbing out of it.
+  const auto& a = m.artifact_path;
+  if (a.empty() || a.front() == '/' || a == ".." || a.rfind("../", 0) == 0 ||
+      a.find("/../") != std::string::npos || a.ends_with("/.."))
+    return "artifact: must be a path inside the artifact store";
+  return {};
+}
+
+std::optional<request_record> onboarding_record_of(const model_state& x) {
+  if (x.request_id.empty()) return std::nullopt;
+  const auto& m = x.model;
+  const job_event queued{"job.queued", m.job_id,     x.request_id, m.user_id,
+                         std::nullopt, std::nullopt, std::nullopt};
+  return request_record{m.user_id,
+                        x.request_id,
+                        "onboarding",
+                        x.payload_hash,
+                        m.job_id,
+                        {{channel::events, m.user_id, to_json(queued)}},
+                        m.created_ms};
 }
 
 std::string to_json(const onboarding_request& x) {

@@ -9,6 +9,7 @@
 
 #include "messages/errc.hpp"
 #include "messages/limits.hpp"
+#include "messages/records.hpp"
 
 // The events of design section 3: parsing with validation for what clients
 // send, serialization for what Tailor sends. JSON never leaves this folder
@@ -151,6 +152,30 @@ std::string to_json(const onboarding_request& x);
 std::string to_json(const inference_request& x);
 std::string to_json(const job_cancel& x);
 std::string to_json(const inference_cancel& x);
+
+// --- What instances share (tailor.state, design section 6) -----------------
+
+// A ready model as another instance of the group needs it to serve the
+// model's user. Keyed by model id on a compacted topic, so the topic keeps
+// the latest record of every model. `model.artifact_path` is relative to the
+// artifact store: each instance resolves it against its own artifact_dir
+// (a store the instances share). The onboarding request that made it
+// (`request_id`, `payload_hash`; empty and 0 when unknown) lets another
+// instance answer a repeat of that request as its first instance did,
+// rather than train again.
+struct model_state {
+  model_record model;
+  std::string request_id;
+  uint64_t payload_hash = 0;
+};
+
+std::string to_json(const model_state& x);
+// Parses a tailor.state record: empty on success, else what is wrong with it.
+std::string parse_model_state(std::string_view bytes, model_state& x);
+// The dedup record of the onboarding request that made the model, as the
+// instance that took the request stored it (its answer: job.queued); none
+// when the record names no request.
+std::optional<request_record> onboarding_record_of(const model_state& x);
 
 std::string base64_encode(std::string_view bytes);
 

@@ -36,7 +36,7 @@ void messages_from(const json& j, std::vector<outgoing_message>& out) {
   out.clear();
   for (const auto& a : j) {
     auto to = a.at("to").get<int>();
-    if (to < 0 || to > static_cast<int>(channel::dlq))
+    if (to < 0 || to > static_cast<int>(channel::state))
       throw json::other_error::create(501, "bad channel", &a);
     out.push_back({static_cast<channel>(to), a.at("key").get<std::string>(),
                    a.at("payload").get<std::string>()});
@@ -52,6 +52,7 @@ std::string to_json(const job_record& x) {
                    {"base_model", x.base_model},
                    {"status", x.status},
                    {"request", x.request},
+                   {"payload_hash", x.payload_hash},
                    {"attempts", x.attempts},
                    {"created_ms", x.created_ms},
                    {"updated_ms", x.updated_ms},
@@ -70,6 +71,7 @@ bool from_json(std::string_view s, job_record& x) {
     j.at("base_model").get_to(x.base_model);
     j.at("status").get_to(x.status);
     j.at("request").get_to(x.request);
+    x.payload_hash = j.value("payload_hash", uint64_t{0});  // absent in older records
     j.at("attempts").get_to(x.attempts);
     j.at("created_ms").get_to(x.created_ms);
     j.at("updated_ms").get_to(x.updated_ms);

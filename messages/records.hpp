@@ -10,7 +10,7 @@
 namespace tailor::messages {
 
 // Where an outgoing event goes; egress maps each to its configured topic.
-enum class channel : uint8_t { results = 0, events = 1, dlq = 2 };
+enum class channel : uint8_t { results = 0, events = 1, dlq = 2, state = 3 };
 
 struct outgoing_message {
   channel to = channel::results;
@@ -37,6 +37,7 @@ struct job_record {
   std::string base_model;
   std::string status;   // queued|admitted|training|saving|ready|retrying|failed|cancelled
   std::string request;  // the onboarding request as received (JSON): data and settings for training
+  uint64_t payload_hash = 0;  // the request's, as its dedup record has it
   int64_t attempts = 0;
   int64_t created_ms = 0;
   int64_t updated_ms = 0;
@@ -54,8 +55,8 @@ struct job_record {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, job_record& x) {
   return f(caf::meta::type_name("job_record"), x.job_id, x.request_id, x.user_id, x.base_model,
-           x.status, x.request, x.attempts, x.created_ms, x.updated_ms, x.error_code,
-           x.error_message, x.model_id, x.announced, x.outcome);
+           x.status, x.request, x.payload_hash, x.attempts, x.created_ms, x.updated_ms,
+           x.error_code, x.error_message, x.model_id, x.announced, x.outcome);
 }
 
 struct model_record {

@@ -82,5 +82,7 @@ CAF_ADD_ATOM(tailor, tailor::messages, history_atom, "history")
 CAF_ADD_ATOM(tailor, tailor::messages, tick_atom, "tick")
 CAF_ADD_ATOM(tailor, tailor::messages, prefetch_atom, "prefetch")
 CAF_ADD_ATOM(tailor, tailor::messages, restart_atom, "restart")
+CAF_ADD_ATOM(tailor, tailor::messages, catch_up_atom, "catchup")
+CAF_ADD_ATOM(tailor, tailor::messages, follow_atom, "follow")
 
 CAF_END_TYPE_ID_BLOCK(tailor)

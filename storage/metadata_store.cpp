@@ -6,6 +6,7 @@
 #include <rocksdb/table.h>
 #include <rocksdb/write_batch.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <limits>
@@ -248,12 +249,14 @@ caf::error metadata_store::register_model(const model_record& model, const std::
   } else if (err != errc::not_found) {
     return err;
   }
-  for (const auto& id : ids)
-    if (id == model.model_id)
-      return caf::make_error(errc::already_exists, "model " + model.model_id + " exists");
-  ids.insert(ids.begin(), model.model_id);
+  const bool listed = std::find(ids.begin(), ids.end(), model.model_id) != ids.end();
+  if (listed && job_id.empty())
+    return caf::make_error(errc::already_exists, "model " + model.model_id + " exists");
   rocksdb::WriteBatch batch;
-  batch.Put(im.t(users), model.user_id, ids.dump());
+  if (!listed) {
+    ids.insert(ids.begin(), model.model_id);
+    batch.Put(im.t(users), model.user_id, ids.dump());
+  }
   batch.Put(im.t(models), model.model_id, messages::to_json(model));
   if (!job_id.empty()) {
     auto job = im.get_record<job_record>(jobs, job_id);
@@ -271,6 +274,48 @@ caf::error metadata_store::register_model(const model_record& model, const std::
   // After the write: a reader that saw the old value re-reads the models.
   im.models_generation.fetch_add(1, std::memory_order_release);
   return {};
+}
+
+caf::expected<bool> metadata_store::import_model(const model_record& model,
+                                                 const request_record* made_by) {
+  auto& im = *impl_;
+  std::lock_guard<std::mutex> guard(im.rmw);
+  std::string raw;
+  auto known = im.get(models, model.model_id, raw);
+  if (!known) return false;
+  if (known != errc::not_found) return known;
+  nlohmann::json ids = nlohmann::json::array();
+  if (auto err = im.get(users, model.user_id, raw); !err) {
+    ids = nlohmann::json::parse(raw, nullptr, false);
+    if (!ids.is_array())
+      return caf::make_error(errc::corrupt_record, "users/" + model.user_id + " does not parse");
+  } else if (err != errc::not_found) {
+    return err;
+  }
+  // Records of different partitions arrive in any order: the list stays
+  // newest first by creation time, as "the user's newest model" reads it.
+  auto at = ids.begin();
+  for (; at != ids.end(); ++at) {
+    if (!at->is_string()) continue;
+    auto listed = im.get_record<model_record>(models, at->get<std::string>());
+    if (!listed) return listed.error();
+    if (listed->created_ms <= model.created_ms) break;
+  }
+  ids.insert(at, model.model_id);
+  rocksdb::WriteBatch batch;
+  batch.Put(im.t(users), model.user_id, ids.dump());
+  batch.Put(im.t(models), model.model_id, messages::to_json(model));
+  if (made_by) {
+    const auto key = request_key(made_by->user_id, made_by->request_id);
+    auto known = im.get(requests, key, raw);
+    if (known == errc::not_found)
+      batch.Put(im.t(requests), key, messages::to_json(*made_by));
+    else if (known)
+      return known;
+  }
+  if (auto err = im.write(batch, "import model")) return err;
+  im.models_generation.fetch_add(1, std::memory_order_release);
+  return true;
 }
 
 uint64_t metadata_store::models_generation() const {

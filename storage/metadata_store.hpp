@@ -60,9 +60,18 @@ class metadata_store {
   // --- models -------------------------------------------------------------
   // Adds the model to its user's list (newest first) and the models table,
   // and moves `job_id` (if given) from saving to ready with its final events
-  // `outcome`, in one batch.
+  // `outcome`, in one batch. A model already listed is refused
+  // (already_exists) unless a job is given: then it was imported from
+  // another instance that ran the same request, and the job still ends.
   caf::error register_model(const model_record& model, const std::string& job_id = {},
                             const std::vector<messages::outgoing_message>& outcome = {});
+  // A ready model that another instance registered (read from tailor.state):
+  // added to its user's list in order of creation, newest first, with the
+  // dedup record of the request that made it (`made_by`, when given and no
+  // record of that request is here), in one batch. True when added; false
+  // when the model is here already (it is kept as it is).
+  caf::expected<bool> import_model(const model_record& model,
+                                   const request_record* made_by = nullptr);
   // Records that the job's events up to `status` were delivered.
   caf::error mark_announced(const std::string& job_id, const std::string& status);
   // Jobs not yet at rest: in a non-final state, or final but not announced.

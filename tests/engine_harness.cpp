@@ -101,6 +101,14 @@ bool wait_until(const std::function<bool()>& pred, std::chrono::milliseconds tim
   }
 }
 
+json test_base_config() {
+  return {{"base_models", {"tailor-test"}},
+          {"default_base_model", "tailor-test"},
+          {"models",
+           {{"dir", setting("TAILOR_TEST_MODELS_DIR", TAILOR_TEST_MODELS_DIR)},
+            {"pretrain_steps", 300}}}};
+}
+
 engine_process::engine_process(const std::string& name, json extra_config)
     : extra_(std::move(extra_config)) {
   auto suffix = unique_suffix();
@@ -109,8 +117,8 @@ engine_process::engine_process(const std::string& name, json extra_config)
   bootstrap_ = broker_bootstrap();
   group_ = "tailor-test-" + suffix;
   auto p = "t" + suffix + ".";
-  topics_ = {p + "onboarding", p + "inference", p + "control",
-             p + "results",    p + "events",    p + "dlq"};
+  topics_ = {p + "onboarding", p + "inference", p + "control", p + "results",
+             p + "events",     p + "dlq",       p + "state"};
 }
 
 engine_process::~engine_process() {
@@ -137,19 +145,15 @@ void engine_process::start() {
                   {"control", topics_.control},
                   {"results", topics_.results},
                   {"events", topics_.events},
-                  {"dlq", topics_.dlq}}}}}};
-  // The tiny test base (pre-trained once per build tree) and short jobs;
-  // a test that needs other settings patches them.
-  json defaults = {{"base_models", {"tailor-test"}},
-                   {"default_base_model", "tailor-test"},
-                   {"models",
-                    {{"dir", setting("TAILOR_TEST_MODELS_DIR", TAILOR_TEST_MODELS_DIR)},
-                     {"pretrain_steps", 300}}},
-                   {"training",
+                  {"dlq", topics_.dlq},
+                  {"state", topics_.state}}}}}};
+  // Short jobs; a test that needs other settings patches them.
+  json defaults = {{"training",
                     {{"steps", 3},
                      {"max_jobs_per_user", 1000},
                      {"progress_interval_ms", 100},
                      {"retry_backoff_ms", 200}}}};
+  cfg.merge_patch(test_base_config());
   cfg.merge_patch(defaults);
   cfg.merge_patch(extra_);
   auto cfg_path = dir_ + "/tailord.json";

@@ -34,8 +34,13 @@ std::string broker_bootstrap();
 bool wait_until(const std::function<bool()>& pred, std::chrono::milliseconds timeout);
 
 struct topic_set {
-  std::string onboarding, inference, control, results, events, dlq;
+  std::string onboarding, inference, control, results, events, dlq, state;
 };
+
+// tailord's configuration of the tiny test base (pre-trained once per build
+// tree, in seconds), so that no test waits for the default base to be
+// pre-trained on a machine that has none yet.
+json test_base_config();
 
 // A tailord child process with a fresh data directory and topic names of its own.
 class engine_process {

@@ -654,7 +654,7 @@ TEST(EngineStartup, BadConfigurationIsRefusedWithAClearMessage) {
   EXPECT_EQ(code, 2);
   EXPECT_NE(out.find("unknown key 'no_such_key'"), std::string::npos) << out;
   std::tie(code, out) = run("-X no.such.property=1");
-  EXPECT_EQ(code, 1);
+  EXPECT_EQ(code, 2);
   EXPECT_NE(out.find("no.such.property"), std::string::npos) << out;
   // Usage errors end with 2, as --help says.
   std::tie(code, out) = run("--admin-port 70000");
@@ -921,7 +921,8 @@ TEST(BenchCleanup, ARunThatFailsToStartLeavesNoTopicsAndNoDirectory) {
   ASSERT_EQ(::getsockname(taken, reinterpret_cast<sockaddr*>(&addr), &len), 0);
   tailor::bench::engine_run_options o;
   o.bootstrap = bootstrap;
-  o.config = {{"admin", {{"port", ntohs(addr.sin_port)}}}};
+  o.config = test_base_config();
+  o.config["admin"] = {{"port", ntohs(addr.sin_port)}};
   std::string what = "started";
   try {
     tailor::bench::engine_run run(o);

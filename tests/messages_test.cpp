@@ -2,6 +2,7 @@
 // round trips of what Tailor writes.
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <nlohmann/json.hpp>
 
 #include "messages/events.hpp"
@@ -401,4 +402,56 @@ TEST(Records, RoundTripThroughJson) {
   job_record jr;
   EXPECT_FALSE(from_json("{}", jr));
   EXPECT_FALSE(from_json("nope", jr));
+}
+
+// What instances share on tailor.state: a ready model, its artifact relative
+// to the artifact store. A record that could make an instance read outside
+// its store, or that is not a ready model, is refused with the reason.
+TEST(Records, AModelStateRecordRoundTripsAndStaysInsideTheArtifactStore) {
+  model_state ms{{"model-1", "u1", "tiny", "adapters/u1/model-1.safetensors", "sha256:ab",
+                  "ready", 42, "job-1"},
+                 "signup",
+                 0xfedcba9876543210ULL};
+  model_state back;
+  ASSERT_EQ(parse_model_state(to_json(ms), back), "");
+  EXPECT_EQ(to_json(back.model), to_json(ms.model));
+  EXPECT_EQ(back.request_id, "signup");
+  EXPECT_EQ(back.payload_hash, 0xfedcba9876543210ULL) << "all 64 bits, through a JSON string";
+  EXPECT_EQ(to_json(back), to_json(ms));
+  // The dedup record another instance stores for the request that made it.
+  const auto made_by = onboarding_record_of(back);
+  ASSERT_TRUE(made_by);
+  EXPECT_EQ(made_by->user_id, "u1");
+  EXPECT_EQ(made_by->request_id, "signup");
+  EXPECT_EQ(made_by->payload_hash, 0xfedcba9876543210ULL);
+  EXPECT_EQ(made_by->job_id, "job-1");
+  ASSERT_EQ(made_by->answers.size(), 1u);
+  EXPECT_EQ(json::parse(made_by->answers[0].payload)["type"], "job.queued");
+  model_state unknown{ms.model, "", 0};  // a model not made by a known request
+  ASSERT_EQ(parse_model_state(to_json(unknown), back = {}), "");
+  EXPECT_EQ(back.request_id, "");
+  EXPECT_FALSE(onboarding_record_of(back));
+  auto refused = [&](const std::function<void(json&)>& change) {
+    auto j = json::parse(to_json(ms));
+    change(j);
+    model_state x;
+    return parse_model_state(j.dump(), x);
+  };
+  EXPECT_NE(refused([](json& j) { j["artifact"] = "/etc/passwd"; }).find("artifact"),
+            std::string::npos);
+  EXPECT_NE(refused([](json& j) { j["artifact"] = "adapters/../../x"; }).find("artifact"),
+            std::string::npos);
+  EXPECT_NE(refused([](json& j) { j["artifact"] = ".."; }).find("artifact"), std::string::npos);
+  EXPECT_NE(refused([](json& j) { j["status"] = "deleted"; }).find("status"), std::string::npos);
+  EXPECT_NE(refused([](json& j) { j["type"] = "model.ready"; }).find("type"), std::string::npos);
+  EXPECT_NE(refused([](json& j) { j["schema_version"] = 2; }).find("schema_version"),
+            std::string::npos);
+  EXPECT_NE(refused([](json& j) { j.erase("created_ms"); }).find("created_ms"), std::string::npos);
+  EXPECT_NE(refused([](json& j) { j["user_id"] = "a b"; }).find("user_id"), std::string::npos);
+  EXPECT_NE(refused([](json& j) { j["payload_hash"] = "xyz"; }).find("payload_hash"),
+            std::string::npos);
+  EXPECT_NE(refused([](json& j) { j.erase("payload_hash"); }).find("payload_hash"),
+            std::string::npos);
+  model_state x;
+  EXPECT_EQ(parse_model_state("nope", x), "not a JSON object");
 }

@@ -58,16 +58,18 @@ int threads_with(const std::map<int, int>& policies, int policy) {
 
 class ServingTest : public engine_test {
  protected:
-  // Onboards `users` (each with texts of their own) and waits for their models.
+  // User `u`'s onboarding request "signup", with texts of their own.
+  static json signup(const std::string& u, int steps) {
+    auto j = onboarding(u, "signup",
+                        {"I am " + u + " and I say " + u + " all day long.",
+                         u + " " + u + " " + u + "!", "Ask " + u + " anything."});
+    j["hyperparameters"] = {{"steps", steps}, {"learning_rate", 0.01}};
+    return j;
+  }
+  // Onboards `users` and waits for their models.
   std::map<std::string, std::string> onboard_all(const std::vector<std::string>& users,
                                                  int steps = 3) {
-    for (const auto& u : users) {
-      auto j = onboarding(u, "signup",
-                          {"I am " + u + " and I say " + u + " all day long.",
-                           u + " " + u + " " + u + "!", "Ask " + u + " anything."});
-      j["hyperparameters"] = {{"steps", steps}, {"learning_rate", 0.01}};
-      send_onboarding(j);
-    }
+    for (const auto& u : users) send_onboarding(signup(u, steps));
     in_->flush();
     std::map<std::string, std::string> models;
     for (const auto& u : users)
@@ -284,6 +286,69 @@ TEST_F(ServingTest, ARequestNamingAnotherUsersModelIsRefused) {
   auto r = result("thief", "steal");
   EXPECT_EQ(r["error"]["code"], "model_not_owned") << r.dump();
   EXPECT_FALSE(r.contains("text") && !r["text"].get<std::string>().empty());
+}
+
+// Design section 6: every instance of a group reads the ready models from
+// the state topic. Whichever instance a user's partition moves to then
+// serves the user's own model (the instances share the artifact store), and
+// an instance that starts later learns the models made before it started,
+// and answers a repeat of the request that made one as the first did.
+TEST_F(ServingTest, EveryInstanceOfAGroupServesEveryUsersOwnModel) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  auto models = onboard_all({"ann"});  // before the second instance starts
+  engine_process second("second", {{"artifact_dir", engine_->data_dir() + "/data/artifacts"}});
+  second.join_group_of(*engine_);
+  second.start();
+  ASSERT_FALSE(HasFatalFailure());
+  // Each trained by whichever instance holds the user's partition.
+  const std::vector<std::string> users = {"ann", "bob", "cid", "dee", "eve", "fay"};
+  models.merge(onboard_all({"bob", "cid", "dee", "eve", "fay"}));
+  auto lists = [](const engine_process& e, const std::string& user, const std::string& model) {
+    auto [status, body] = e.get("/v1/users/" + user + "/models");
+    if (status != 200) return false;
+    for (const auto& m : json::parse(body))
+      if (m.value("model_id", "") == model && m.value("status", "") == "ready") return true;
+    return false;
+  };
+  for (const auto& u : users) {
+    EXPECT_TRUE(wait_until([&] { return lists(*engine_, u, models[u]); }, 30s))
+        << "the first instance does not list " << u << "'s model";
+    EXPECT_TRUE(wait_until([&] { return lists(second, u, models[u]); }, 30s))
+        << "the second instance does not list " << u << "'s model";
+  }
+  std::map<std::string, json> before;
+  for (const auto& u : users) send_inference(ask(u, "q1", "Who are you?", 7));
+  in_->flush();
+  for (const auto& u : users) before[u] = result(u, "q1");
+  ASSERT_FALSE(HasFailure());
+  // The second instance takes every partition, and serves every user.
+  ASSERT_EQ(engine_->stop(), 0);
+  for (const auto& u : users) send_inference(ask(u, "q2", "Who are you?", 7));
+  in_->flush();
+  for (const auto& u : users) {
+    auto r = result(u, "q2");
+    EXPECT_FALSE(r.contains("error")) << r.dump();
+    EXPECT_EQ(r["model_id"], models[u]);
+    EXPECT_EQ(r["text"], before[u]["text"]) << u << ": the same model, prompt and seed";
+  }
+  // Ann's model was made by the first instance before the second started.
+  send_onboarding(signup("ann", 3));
+  auto other = signup("ann", 3);
+  other["texts"] = {"not what ann sent"};
+  send_onboarding(other);
+  in_->flush();
+  const auto refusal = await_event("ann", "signup", "job.failed");
+  EXPECT_EQ(refusal.value["error"]["code"], "duplicate_request_id") << refusal.payload;
+  const auto queued = events_of("ann", "signup", "job.queued");
+  ASSERT_EQ(queued.size(), 2u) << "the repeat is answered as the first instance answered it";
+  EXPECT_EQ(queued[0].payload, queued[1].payload);
+  EXPECT_EQ(events_of("ann", "signup", "job.admitted").size(), 1u) << "trained once";
+  EXPECT_EQ(second.get("/v1/jobs/" + queued[0].value["job_id"].get<std::string>()).first, 404);
+  const auto m = second.get("/metrics").second;
+  EXPECT_NE(m.find("tailor_state_records_total{outcome=\"imported\"}"), std::string::npos) << m;
+  EXPECT_EQ(m.find("tailor_state_records_total{outcome=\"rejected\"}"), std::string::npos);
+  EXPECT_EQ(second.stop(), 0);
 }
 
 TEST_F(ServingTest, ConcurrentRequestsAreBatchedAndEachEqualsItsResultAlone) {

@@ -188,6 +188,54 @@ TEST_F(StoreTest, RegisteringAModelFinishesItsJobAtomically) {
   EXPECT_EQ(store_->list_models("u1")->size(), 1u);
 }
 
+// Models another instance registered (read from tailor.state) arrive in any
+// order across partitions: each user's list stays newest first, a model is
+// imported once, and a job of this instance that made the same model (the
+// same request, run on both) still ends ready without listing it twice.
+TEST_F(StoreTest, ImportedModelsAreListedNewestFirstOnceEach) {
+  const auto generation = store_->models_generation();
+  EXPECT_EQ(store_->import_model(model("m2", "u1", 2)), true);
+  EXPECT_GT(store_->models_generation(), generation) << "readers of the models must re-read";
+  EXPECT_EQ(store_->import_model(model("m1", "u1", 1)), true);
+  EXPECT_EQ(store_->import_model(model("m3", "u1", 3)), true);
+  auto ids = [&] {
+    std::vector<std::string> out;
+    auto listed = store_->list_models("u1");
+    EXPECT_TRUE(listed);
+    if (listed)
+      for (const auto& m : *listed) out.push_back(m.model_id);
+    return out;
+  };
+  EXPECT_EQ(ids(), (std::vector<std::string>{"m3", "m2", "m1"}));
+  const auto after = store_->models_generation();
+  EXPECT_EQ(store_->import_model(model("m2", "u1", 9)), false);
+  EXPECT_EQ(store_->get_model("m2")->created_ms, 2) << "a known model is kept as it is";
+  EXPECT_EQ(store_->models_generation(), after);
+  EXPECT_EQ(ids(), (std::vector<std::string>{"m3", "m2", "m1"}));
+  ASSERT_FALSE(store_->create_job(job("j3"), request("u1", "r3")));
+  for (auto [from, to] :
+       {std::pair{"queued", "admitted"}, {"admitted", "training"}, {"training", "saving"}})
+    ASSERT_TRUE(store_->transition_job("j3", from, to));
+  ASSERT_FALSE(store_->register_model(model("m3", "u1", 3), "j3"));
+  EXPECT_EQ(store_->get_job("j3")->status, "ready");
+  EXPECT_EQ(ids(), (std::vector<std::string>{"m3", "m2", "m1"}));
+  // With the dedup record of the request that made it, unless one is here.
+  const request_record made{"u2", "signup", "onboarding", 77, "j9",
+                            {{channel::events, "u2", "{}"}}, 5};
+  EXPECT_EQ(store_->import_model(model("m9", "u2", 5), &made), true);
+  auto found = store_->find_request("u2", "signup");
+  ASSERT_TRUE(found && *found);
+  EXPECT_EQ((*found)->payload_hash, 77u);
+  EXPECT_EQ((*found)->job_id, "j9");
+  ASSERT_FALSE(store_->put_request(request("u2", "mine", 1)));
+  auto again = made;
+  again.request_id = "mine";
+  again.payload_hash = 2;
+  EXPECT_EQ(store_->import_model(model("m10", "u2", 6), &again), true);
+  EXPECT_EQ((*store_->find_request("u2", "mine"))->payload_hash, 1u)
+      << "this instance's own record is kept";
+}
+
 TEST_F(StoreTest, UnfinishedJobsAreThoseNotAtRestYet) {
   ASSERT_FALSE(store_->create_job(job("q"), request("u1", "q")));
   ASSERT_FALSE(store_->create_job(job("r"), request("u1", "r")));

@@ -1,0 +1,194 @@
+#include "actors/state_follower.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include "actors/error_text.hpp"
+#include "messages/events.hpp"
+
+namespace tailor::actors {
+
+namespace {
+
+using self_ptr = state_follower_actor::stateful_pointer<state_follower_state>;
+
+constexpr int metadata_timeout_ms = 10000;
+constexpr int drain_batch = 500;  // records a poll takes before it yields to the mailbox
+
+double ms_since(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count();
+}
+
+// The partitions of `topic`, and where each that holds records ends now;
+// an error message (empty on success) otherwise.
+std::string partition_ends(RdKafka::KafkaConsumer& c, const std::string& topic,
+                           std::vector<int32_t>& partitions, std::map<int32_t, int64_t>& ends) {
+  std::string err;
+  std::unique_ptr<RdKafka::Topic> t(RdKafka::Topic::create(&c, topic, nullptr, err));
+  if (!t) return err;
+  RdKafka::Metadata* raw = nullptr;
+  if (auto rc = c.metadata(false, t.get(), &raw, metadata_timeout_ms); rc != RdKafka::ERR_NO_ERROR)
+    return "metadata: " + RdKafka::err2str(rc);
+  std::unique_ptr<RdKafka::Metadata> md(raw);
+  const auto* topics = md->topics();
+  if (topics->empty()) return "no metadata";
+  const auto* tm = topics->front();
+  if (tm->err() != RdKafka::ERR_NO_ERROR) return RdKafka::err2str(tm->err());
+  if (tm->partitions()->empty()) return "no partitions";
+  for (const auto* p : *tm->partitions()) {
+    int64_t low = 0, high = 0;
+    if (auto rc = c.query_watermark_offsets(topic, p->id(), &low, &high, metadata_timeout_ms);
+        rc != RdKafka::ERR_NO_ERROR)
+      return "partition " + std::to_string(p->id()) + ": " + RdKafka::err2str(rc);
+    partitions.push_back(p->id());
+    if (high > low) ends[p->id()] = high;
+  }
+  return {};
+}
+
+void caught_up_to(state_follower_state& st, int32_t partition, int64_t next_offset) {
+  auto it = st.behind.find(partition);
+  if (it != st.behind.end() && next_offset >= it->second) st.behind.erase(it);
+}
+
+void check_caught_up(state_follower_state& st) {
+  if (st.caught_up || !st.behind.empty()) return;
+  st.caught_up = true;
+  spdlog::info("state: read {} record(s) of {} ({} model(s) new here) in {:.0f} ms; following it",
+               st.read, st.cfg.kafka.topics.state, st.imported, ms_since(st.started));
+  for (auto& rp : st.catch_up_waiters) rp.deliver(caf::ok_atom_v);
+  st.catch_up_waiters.clear();
+}
+
+// One record: a ready model of another instance goes into the store. A
+// record that cannot be read is logged and skipped (it is nobody's request,
+// so it has no requester to answer); a store that cannot take it ends the
+// follower, which the supervisor starts again to read the topic again.
+void apply(self_ptr self, const RdKafka::Message& msg) {
+  auto& st = self->state;
+  ++st.read;
+  if (msg.len() == 0) return;  // a tombstone: nothing to forget yet
+  messages::model_state ms;
+  const std::string_view bytes(static_cast<const char*>(msg.payload()), msg.len());
+  if (auto why = messages::parse_model_state(bytes, ms); !why.empty()) {
+    spdlog::error("state: record {}/{}@{} skipped: {}", msg.topic_name(), msg.partition(),
+                  msg.offset(), why);
+    st.stats->count_state_record("rejected");
+    return;
+  }
+  ms.model.artifact_path = st.cfg.artifact_dir + "/" + ms.model.artifact_path;
+  // A repeat of the request that made the model, read here, is answered
+  // as its first instance answered it, not trained again.
+  const auto made_by = messages::onboarding_record_of(ms);
+  auto added = st.db->import_model(ms.model, made_by ? &*made_by : nullptr);
+  if (!added)
+    throw std::runtime_error("cannot import model " + ms.model.model_id + ": " +
+                             caf::to_string(added.error()));
+  st.stats->count_state_record(*added ? "imported" : "known");
+  if (*added) {
+    ++st.imported;
+    spdlog::debug("state: model {} of user {} imported", ms.model.model_id, ms.model.user_id);
+  }
+}
+
+// Drains what the consumer holds, a batch at a time: true if more may wait.
+bool drain(self_ptr self) {
+  auto& st = self->state;
+  for (int i = 0; i < drain_batch; ++i) {
+    std::unique_ptr<RdKafka::Message> msg(st.consumer->consume(0));
+    switch (msg->err()) {
+      case RdKafka::ERR_NO_ERROR:
+        apply(self, *msg);
+        caught_up_to(st, msg->partition(), msg->offset() + 1);
+        break;
+      case RdKafka::ERR__PARTITION_EOF:
+        caught_up_to(st, msg->partition(), msg->offset());
+        break;
+      case RdKafka::ERR__TIMED_OUT:
+        check_caught_up(st);
+        return false;
+      default:
+        // librdkafka retries on its own (a broker down, a leader moving).
+        spdlog::warn("state: reading {}: {}", st.cfg.kafka.topics.state, msg->errstr());
+        check_caught_up(st);
+        return false;
+    }
+  }
+  check_caught_up(st);
+  return true;
+}
+
+}  // namespace
+
+state_follower_state::~state_follower_state() {
+  wakeup.reset();
+  if (consumer) consumer->close();
+}
+
+state_follower_actor::behavior_type state_follower(
+    state_follower_actor::stateful_pointer<state_follower_state> self, engine_config cfg,
+    std::shared_ptr<storage::metadata_store> db, std::shared_ptr<metrics> stats) {
+  self->set_exception_handler(exit_reason_of_exception);
+  auto& st = self->state;
+  st.cfg = std::move(cfg);
+  st.db = std::move(db);
+  st.stats = std::move(stats);
+  st.started = std::chrono::steady_clock::now();
+  st.next_progress_log = st.started + std::chrono::seconds(10);
+  const auto& topic = st.cfg.kafka.topics.state;
+  auto fail = [&](const std::string& what) {
+    spdlog::error("state: cannot read {}: {}", topic, what);
+    self->quit(caf::make_error(caf::sec::runtime_error, "cannot read " + topic + ": " + what));
+    return state_follower_actor::behavior_type::make_empty_behavior();
+  };
+  std::string err;
+  // No group membership: every instance reads every partition. The group
+  // id is only librdkafka's requirement for a consumer; nothing is committed.
+  auto conf = make_conf(st.cfg.kafka,
+                        {{"group.id", st.cfg.kafka.group_id + ".state"},
+                         {"enable.auto.commit", "false"},
+                         {"enable.auto.offset.store", "false"},
+                         {"enable.partition.eof", "true"},
+                         {"client.id", "tailord-state"}},
+                        err);
+  if (conf) st.consumer.reset(RdKafka::KafkaConsumer::create(conf.get(), err));
+  if (!st.consumer) return fail(err);
+  std::vector<int32_t> partitions;
+  if (err = partition_ends(*st.consumer, topic, partitions, st.behind); !err.empty())
+    return fail(err);
+  std::vector<RdKafka::TopicPartition*> parts;
+  for (auto p : partitions)
+    parts.push_back(RdKafka::TopicPartition::create(topic, p, RdKafka::Topic::OFFSET_BEGINNING));
+  const auto rc = st.consumer->assign(parts);
+  RdKafka::TopicPartition::destroy(parts);
+  if (rc != RdKafka::ERR_NO_ERROR) return fail("assign: " + RdKafka::err2str(rc));
+  st.wakeup = poll_on_wakeup<state_follower_actor>(self, st.consumer->c_ptr(),
+                                                   queue_wakeup::queue::consumer);
+  check_caught_up(st);
+  self->send(self, tick_atom_v);
+  return {
+      [self](catch_up_atom) -> caf::result<caf::ok_atom> {
+        auto& st = self->state;
+        if (st.caught_up) return caf::ok_atom_v;
+        auto rp = self->make_response_promise<caf::ok_atom>();
+        st.catch_up_waiters.push_back(rp);
+        return rp;
+      },
+      [self](poll_atom) {
+        self->state.wakeup->rearm();
+        if (drain(self)) self->send(self, poll_atom_v);
+      },
+      [self](tick_atom) {
+        auto& st = self->state;
+        if (drain(self)) self->send(self, poll_atom_v);
+        const auto now = std::chrono::steady_clock::now();
+        if (!st.caught_up && now >= st.next_progress_log) {
+          spdlog::info("state: reading {}: {} record(s) so far, {} partition(s) to go",
+                       st.cfg.kafka.topics.state, st.read, st.behind.size());
+          st.next_progress_log = now + std::chrono::seconds(10);
+        }
+        self->delayed_send(self, std::chrono::seconds(1), tick_atom_v);
+      },
+  };
+}
+
+}  // namespace tailor::actors
