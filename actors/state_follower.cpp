@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include "actors/error_text.hpp"
+#include "actors/fault.hpp"
 #include "messages/events.hpp"
 
 namespace tailor::actors {
@@ -67,6 +68,9 @@ void apply(self_ptr self, const RdKafka::Message& msg) {
   auto& st = self->state;
   ++st.read;
   if (msg.len() == 0) return;  // a tombstone: nothing to forget yet
+  // The process's Nth record throws, which ends the follower.
+  static fault_point fault("TAILOR_FAULT_STATE", "the state follower", "state record", false);
+  fault.throw_if_fires();
   messages::model_state ms;
   const std::string_view bytes(static_cast<const char*>(msg.payload()), msg.len());
   if (auto why = messages::parse_model_state(bytes, ms); !why.empty()) {

@@ -125,6 +125,14 @@ class ServingTest : public engine_test {
     auto both = events_of(user, id, "inference.result");
     EXPECT_EQ(both[0].payload, both[1].payload);
   }
+  // Whether instance `e` lists `model` as `user`'s, ready.
+  static bool lists(const engine_process& e, const std::string& user, const std::string& model) {
+    auto [status, body] = e.get("/v1/users/" + user + "/models");
+    if (status != 200) return false;
+    for (const auto& m : json::parse(body))
+      if (m.value("model_id", "") == model && m.value("status", "") == "ready") return true;
+    return false;
+  }
   double labelled(const std::string& name, const std::string& label, const std::string& value) {
     auto m = engine_->get("/metrics").second;
     auto key = "\n" + name + "{" + label + "=\"" + value + "\"} ";
@@ -301,16 +309,11 @@ TEST_F(ServingTest, EveryInstanceOfAGroupServesEveryUsersOwnModel) {
   second.join_group_of(*engine_);
   second.start();
   ASSERT_FALSE(HasFatalFailure());
+  // Read before it read any event: it is ready only once its ingress runs.
+  EXPECT_TRUE(lists(second, "ann", models["ann"]));
   // Each trained by whichever instance holds the user's partition.
   const std::vector<std::string> users = {"ann", "bob", "cid", "dee", "eve", "fay"};
   models.merge(onboard_all({"bob", "cid", "dee", "eve", "fay"}));
-  auto lists = [](const engine_process& e, const std::string& user, const std::string& model) {
-    auto [status, body] = e.get("/v1/users/" + user + "/models");
-    if (status != 200) return false;
-    for (const auto& m : json::parse(body))
-      if (m.value("model_id", "") == model && m.value("status", "") == "ready") return true;
-    return false;
-  };
   for (const auto& u : users) {
     EXPECT_TRUE(wait_until([&] { return lists(*engine_, u, models[u]); }, 30s))
         << "the first instance does not list " << u << "'s model";
@@ -348,6 +351,26 @@ TEST_F(ServingTest, EveryInstanceOfAGroupServesEveryUsersOwnModel) {
   const auto m = second.get("/metrics").second;
   EXPECT_NE(m.find("tailor_state_records_total{outcome=\"imported\"}"), std::string::npos) << m;
   EXPECT_EQ(m.find("tailor_state_records_total{outcome=\"rejected\"}"), std::string::npos);
+  EXPECT_EQ(second.stop(), 0);
+}
+
+// A state follower that fails (here on its first record) is started again
+// and reads the topic again from its beginning; the instance serves only
+// once a follower has read it all.
+TEST_F(ServingTest, AStateFollowerThatFailsIsRestartedAndReadsTheTopicAgain) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  auto models = onboard_all({"ann"});
+  engine_process second("second", {{"artifact_dir", engine_->data_dir() + "/data/artifacts"}});
+  second.join_group_of(*engine_);
+  ::setenv("TAILOR_FAULT_STATE", "1", 1);  // read by tailord as it starts
+  second.start();
+  ::unsetenv("TAILOR_FAULT_STATE");
+  ASSERT_FALSE(HasFatalFailure());
+  EXPECT_TRUE(lists(second, "ann", models["ann"]));
+  const auto m = second.get("/metrics").second;
+  EXPECT_NE(m.find("\ntailor_state_follower_restarts_total 1\n"), std::string::npos) << m;
+  EXPECT_NE(second.log_tail(200).find("fault injected by TAILOR_FAULT_STATE"), std::string::npos);
   EXPECT_EQ(second.stop(), 0);
 }
 
