@@ -63,6 +63,21 @@ void start_gpu(supervisor_actor::stateful_pointer<supervisor_state> self,
   st.device_restarts[{base_model, device}].started = std::chrono::steady_clock::now();
 }
 
+// Logs that `what` failed and starts it again: at once through `start`, or
+// after the backoff's delay through the message `later` to the supervisor.
+template <class Start, class... Later>
+void restart(supervisor_actor::stateful_pointer<supervisor_state> self, restart_backoff& backoff,
+             spdlog::level::level_enum level, const std::string& what, const caf::error& reason,
+             Start start, Later... later) {
+  const auto delay = backoff.next_delay(std::chrono::steady_clock::now());
+  spdlog::log(level, "{} failed ({}); restarting it{}", what, error_text(reason),
+              delay.count() > 0 ? " in " + std::to_string(delay.count()) + " ms" : "");
+  if (delay.count() == 0)
+    start();
+  else
+    self->delayed_send(self, delay, later...);
+}
+
 // The actor `source` names, if it is one the supervisor cannot restart in
 // place: each holds state, or a handle other actors keep. Empty otherwise.
 std::string unrestartable(const supervisor_state& st, const caf::actor_addr& source) {
@@ -187,25 +202,15 @@ supervisor_actor::behavior_type supervisor(
     if (st.input.address() == dm.source) {
       // A fresh consumer rejoins the group; uncommitted events are redelivered.
       st.stats->count_ingress_restart();
-      const auto delay = st.ingress_restarts.next_delay(std::chrono::steady_clock::now());
-      spdlog::error("ingress failed ({}); restarting it{}", error_text(dm.reason),
-                    delay.count() > 0 ? " in " + std::to_string(delay.count()) + " ms" : "");
-      if (delay.count() == 0)
-        start_ingress(self);
-      else
-        self->delayed_send(self, delay, restart_atom_v);
+      restart(self, st.ingress_restarts, spdlog::level::err, "ingress", dm.reason,
+              [self] { start_ingress(self); }, restart_atom_v);
       return;
     }
     if (st.follower.address() == dm.source) {
       // A fresh one reads the state topic again from its beginning.
       st.stats->count_state_follower_restart();
-      const auto delay = st.follower_restarts.next_delay(std::chrono::steady_clock::now());
-      spdlog::error("state follower failed ({}); restarting it{}", error_text(dm.reason),
-                    delay.count() > 0 ? " in " + std::to_string(delay.count()) + " ms" : "");
-      if (delay.count() == 0)
-        start_state_follower(self);
-      else
-        self->delayed_send(self, delay, follow_atom_v);
+      restart(self, st.follower_restarts, spdlog::level::err, "state follower", dm.reason,
+              [self] { start_state_follower(self); }, follow_atom_v);
       return;
     }
     std::string base;
@@ -216,14 +221,9 @@ supervisor_actor::behavior_type supervisor(
     // same way and sent again a second later.
     const auto label = base + "/" + std::to_string(device);
     st.stats->count_device_restart(label);
-    const auto delay =
-        st.device_restarts[{base, device}].next_delay(std::chrono::steady_clock::now());
-    spdlog::critical("gpu {} failed ({}); restarting it{}", label, error_text(dm.reason),
-                     delay.count() > 0 ? " in " + std::to_string(delay.count()) + " ms" : "");
-    if (delay.count() == 0)
-      start_gpu(self, base, device);
-    else
-      self->delayed_send(self, delay, restart_atom_v, base, device);
+    restart(self, st.device_restarts[{base, device}], spdlog::level::critical, "gpu " + label,
+            dm.reason, [self, base, device] { start_gpu(self, base, device); }, restart_atom_v,
+            base, device);
   });
   return {
       [self](restart_atom) {

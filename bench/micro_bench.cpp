@@ -455,23 +455,32 @@ void bm_lora_rows(benchmark::State& state) {
 }
 BENCHMARK(bm_lora_rows)->Arg(0)->Arg(1);
 
+// Runs `body` on a metadata store in a fresh temporary directory (named
+// after `name` and the benchmark's argument), removed afterwards.
+template <class Body>
+void with_temp_store(benchmark::State& state, const char* name, Body body) {
+  namespace fs = std::filesystem;
+  const auto dir = fs::temp_directory_path() /
+                   (std::string("tailor-micro-") + name + "-" + std::to_string(::getpid()) + "-" +
+                    std::to_string(state.range(0)));
+  fs::remove_all(dir);
+  {
+    auto store = tailor::storage::metadata_store::open(dir.string());
+    if (store)
+      body(**store);
+    else
+      state.SkipWithError(caf::to_string(store.error()).c_str());
+  }
+  fs::remove_all(dir);
+}
+
 // What the store does for each inference request a user actor answers: the
 // lookup of its request id (new, so absent) and one write of its record and
 // history entry, for users drawn from Zipf(1) over `users` as the serving
 // bench draws them. The ratio of /1000 to /1 is what many users add.
 void bm_answer_record(benchmark::State& state) {
-  namespace fs = std::filesystem;
   using namespace tailor::messages;
-  const auto dir = fs::temp_directory_path() /
-                   ("tailor-micro-store-" + std::to_string(::getpid()) + "-" +
-                    std::to_string(state.range(0)));
-  fs::remove_all(dir);
-  {
-    auto store = tailor::storage::metadata_store::open(dir.string());
-    if (!store) {
-      state.SkipWithError(caf::to_string(store.error()).c_str());
-      return;
-    }
+  with_temp_store(state, "store", [&](tailor::storage::metadata_store& store) {
     const tailor::bench::zipf draw(static_cast<int>(state.range(0)), 1.0);
     std::mt19937_64 rng(11);
     // Sizes of the serving bench's: a short prompt in, 32 tokens out.
@@ -480,7 +489,7 @@ void bm_answer_record(benchmark::State& state) {
     for (auto _ : state) {
       const auto user = "user-" + std::to_string(draw(rng));
       const auto id = "req-" + std::to_string(n++);
-      auto found = (*store)->find_request(user, id);
+      auto found = store.find_request(user, id);
       if (!found || found->has_value()) {
         state.SkipWithError("a new request id was found, or the lookup failed");
         break;
@@ -488,13 +497,12 @@ void bm_answer_record(benchmark::State& state) {
       request_record rec{user, id, "inference.request", 42, "", {{channel::results, user, output}},
                          n};
       history_entry entry{user, n, id, input, ""};  // its output is the record's, as tailord's
-      if (auto err = (*store)->put_request(rec, &entry)) {
+      if (auto err = store.put_request(rec, &entry)) {
         state.SkipWithError(caf::to_string(err).c_str());
         break;
       }
     }
-  }
-  fs::remove_all(dir);
+  });
 }
 BENCHMARK(bm_answer_record)->Arg(1)->Arg(1000)->Unit(benchmark::kMicrosecond);
 
@@ -504,19 +512,9 @@ BENCHMARK(bm_answer_record)->Arg(1)->Arg(1000)->Unit(benchmark::kMicrosecond);
 // model new here; /0: one it knows already, as at every later start (the
 // topic is read whole).
 void bm_state_record(benchmark::State& state) {
-  namespace fs = std::filesystem;
   using namespace tailor::messages;
   const bool fresh = state.range(0) == 1;
-  const auto dir = fs::temp_directory_path() /
-                   ("tailor-micro-state-" + std::to_string(::getpid()) + "-" +
-                    std::to_string(state.range(0)));
-  fs::remove_all(dir);
-  {
-    auto store = tailor::storage::metadata_store::open(dir.string());
-    if (!store) {
-      state.SkipWithError(caf::to_string(store.error()).c_str());
-      return;
-    }
+  with_temp_store(state, "state", [&](tailor::storage::metadata_store& store) {
     auto record = [](int64_t n) {
       const auto user = "user-" + std::to_string(n / 2), model = "model-" + std::to_string(n);
       return to_json(model_state{{model, user, "tailor-base",
@@ -531,7 +529,7 @@ void bm_state_record(benchmark::State& state) {
       if (auto why = parse_model_state(bytes, ms); !why.empty())
         return caf::make_error(tailor::storage::errc::corrupt_record, why);
       const auto made_by = onboarding_record_of(ms);
-      return (*store)->import_model(ms.model, made_by ? &*made_by : nullptr);
+      return store.import_model(ms.model, made_by ? &*made_by : nullptr);
     };
     constexpr int64_t known = 4096;  // what /0 reads again and again
     for (int64_t n = 0; !fresh && n < known; ++n) {
@@ -549,8 +547,7 @@ void bm_state_record(benchmark::State& state) {
         break;
       }
     }
-  }
-  fs::remove_all(dir);
+  });
 }
 BENCHMARK(bm_state_record)->Arg(1)->Arg(0)->Unit(benchmark::kMicrosecond);
 
