@@ -391,14 +391,14 @@ std::string to_json(const dlq_record& x) {
 std::string to_json(const model_state& x) {
   const auto& m = x.model;
   json j = header("model.state");
-  j["model_id"] = m.model_id;
-  j["user_id"] = m.user_id;
-  j["base_model"] = m.base_model;
-  j["artifact"] = m.artifact_path;
-  j["checksum"] = m.checksum;
-  j["status"] = m.status;
-  j["created_ms"] = m.created_ms;
-  j["job_id"] = m.job_id;
+  j.update(json{{"model_id", m.model_id},
+                {"user_id", m.user_id},
+                {"base_model", m.base_model},
+                {"artifact", m.artifact_path},
+                {"checksum", m.checksum},
+                {"status", m.status},
+                {"created_ms", m.created_ms},
+                {"job_id", m.job_id}});
   if (!x.request_id.empty()) {
     char hex[17];
     std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(x.payload_hash));
