@@ -245,7 +245,7 @@ outgoing_message cancel_rejected(const std::string& job_id, const std::string& r
                std::nullopt,
                std::nullopt,
                error_info{code, std::move(message)}};
-  return {channel::events, user_id, to_json(ev)};
+  return to_message(ev);
 }
 
 outgoing_message job_event_message(const job_record& j, const std::string& type) {
@@ -253,7 +253,7 @@ outgoing_message job_event_message(const job_record& j, const std::string& type)
   if (type == "model.ready") ev.model_id = j.model_id;
   if ((type == "job.failed" || type == "job.retrying") && !j.error_code.empty())
     ev.error = error_info{code_of(j.error_code), j.error_message};
-  return {channel::events, j.user_id, to_json(ev)};
+  return to_message(ev);
 }
 
 outgoing_message model_state_message(const model_record& model, const job_record& job,
@@ -297,7 +297,7 @@ job_actor::behavior_type job(job_actor::stateful_pointer<job_state> self, job_re
         job_event ev{"job.progress", j.job_id,     j.request_id,
                      j.user_id,      std::nullopt, progress_info{step, steps, loss},
                      std::nullopt};
-        publish(self, {{channel::events, j.user_id, to_json(ev)}});
+        publish(self, {to_message(ev)});
       },
       [self](saving_atom) {
         if (self->state.job.status != "training") return;

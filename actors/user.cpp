@@ -32,15 +32,11 @@ int64_t now_ms() {
       .count();
 }
 
-outgoing_message job_answer(const job_event& ev) {
-  return {channel::events, ev.user_id, to_json(ev)};
-}
-
 outgoing_message error_answer(const std::string& type, const std::string& user_id,
                               const std::string& request_id, errc code, std::string message) {
   if (type == "onboarding.request") {
     // No job exists; the event names the id the job would have had.
-    return job_answer(job_event{"job.failed", job_id_for(user_id, request_id), request_id, user_id,
+    return to_message(job_event{"job.failed", job_id_for(user_id, request_id), request_id, user_id,
                                 std::nullopt, std::nullopt, error_info{code, std::move(message)}});
   }
   inference_result r;
@@ -171,7 +167,7 @@ void handle_onboarding(user_ptr self, promise_t rp, onboarding_request x, uint64
               job.request = to_json(x);
               job.payload_hash = hash;
               job.created_ms = job.updated_ms = now_ms();
-              answers out{job_answer(job_event{"job.queued", job.job_id, x.request_id, st.user_id,
+              answers out{to_message(job_event{"job.queued", job.job_id, x.request_id, st.user_id,
                                                std::nullopt, std::nullopt, std::nullopt})};
               auto rec = make_record(st, x.request_id, type, hash, out);
               rec.job_id = job.job_id;
@@ -398,7 +394,7 @@ void handle_job_cancel(user_ptr self, promise_t rp, job_cancel x) {
             // A redelivered cancel is answered as the first one was.
             if (job.status == "cancelled") {
               rp.deliver(answers{
-                  job_answer(job_event{"job.cancelled", job.job_id, job.request_id, job.user_id,
+                  to_message(job_event{"job.cancelled", job.job_id, job.request_id, job.user_id,
                                        std::nullopt, std::nullopt, std::nullopt})});
               return;
             }

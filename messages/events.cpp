@@ -388,6 +388,10 @@ std::string to_json(const dlq_record& x) {
   return dump(j);
 }
 
+outgoing_message to_message(const job_event& x) {
+  return {channel::events, x.user_id, to_json(x)};
+}
+
 std::string to_json(const model_state& x) {
   const auto& m = x.model;
   json j = header("model.state");
@@ -453,13 +457,8 @@ std::optional<request_record> onboarding_record_of(const model_state& x) {
   const auto& m = x.model;
   const job_event queued{"job.queued", m.job_id,     x.request_id, m.user_id,
                          std::nullopt, std::nullopt, std::nullopt};
-  return request_record{m.user_id,
-                        x.request_id,
-                        "onboarding",
-                        x.payload_hash,
-                        m.job_id,
-                        {{channel::events, m.user_id, to_json(queued)}},
-                        m.created_ms};
+  return request_record{m.user_id,   x.request_id,        "onboarding", x.payload_hash,
+                        m.job_id,    {to_message(queued)}, m.created_ms};
 }
 
 std::string to_json(const onboarding_request& x) {

@@ -145,6 +145,10 @@ struct dlq_record {
 
 std::string to_json(const inference_result& x);
 std::string to_json(const job_event& x);
+// A job event as it goes out: on tailor.events, keyed by its user. Every
+// job event is made here, so that a stored answer and one made again
+// elsewhere are the same bytes.
+outgoing_message to_message(const job_event& x);
 std::string to_json(const dlq_record& x);
 
 // Serialize a client request (used by tailorctl and tests).

@@ -102,6 +102,18 @@ struct metadata_store::impl {
     return s.ok() ? caf::error{} : io(s, "get");
   }
 
+  // The ids of `user`'s models, newest first (an empty array for none).
+  caf::expected<nlohmann::json> model_ids(const std::string& user) {
+    std::string raw;
+    auto err = get(users, user, raw);
+    if (err == errc::not_found) return nlohmann::json::array();
+    if (err) return err;
+    auto ids = nlohmann::json::parse(raw, nullptr, false);
+    if (!ids.is_array())
+      return caf::make_error(errc::corrupt_record, "users/" + user + " does not parse");
+    return ids;
+  }
+
   template <class Record>
   caf::expected<Record> get_record(table tab, const std::string& key) {
     std::string raw;
@@ -239,16 +251,9 @@ caf::error metadata_store::register_model(const model_record& model, const std::
                                           const std::vector<messages::outgoing_message>& outcome) {
   auto& im = *impl_;
   std::lock_guard<std::mutex> guard(im.rmw);
-  std::string raw;
-  nlohmann::json ids = nlohmann::json::array();
-  auto err = im.get(users, model.user_id, raw);
-  if (!err) {
-    ids = nlohmann::json::parse(raw, nullptr, false);
-    if (!ids.is_array())
-      return caf::make_error(errc::corrupt_record, "users/" + model.user_id + " does not parse");
-  } else if (err != errc::not_found) {
-    return err;
-  }
+  auto found = im.model_ids(model.user_id);
+  if (!found) return found.error();
+  auto& ids = *found;
   const bool listed = std::find(ids.begin(), ids.end(), model.model_id) != ids.end();
   if (listed && job_id.empty())
     return caf::make_error(errc::already_exists, "model " + model.model_id + " exists");
@@ -284,14 +289,9 @@ caf::expected<bool> metadata_store::import_model(const model_record& model,
   auto known = im.get(models, model.model_id, raw);
   if (!known) return false;
   if (known != errc::not_found) return known;
-  nlohmann::json ids = nlohmann::json::array();
-  if (auto err = im.get(users, model.user_id, raw); !err) {
-    ids = nlohmann::json::parse(raw, nullptr, false);
-    if (!ids.is_array())
-      return caf::make_error(errc::corrupt_record, "users/" + model.user_id + " does not parse");
-  } else if (err != errc::not_found) {
-    return err;
-  }
+  auto found = im.model_ids(model.user_id);
+  if (!found) return found.error();
+  auto& ids = *found;
   // Records of different partitions arrive in any order: the list stays
   // newest first by creation time, as "the user's newest model" reads it.
   auto at = ids.begin();
@@ -352,15 +352,10 @@ caf::expected<model_record> metadata_store::get_model(const std::string& model_i
 
 caf::expected<std::vector<model_record>> metadata_store::list_models(const std::string& user_id) {
   auto& im = *impl_;
-  std::string raw;
   std::vector<model_record> out;
-  auto err = im.get(users, user_id, raw);
-  if (err == errc::not_found) return out;
-  if (err) return err;
-  auto ids = nlohmann::json::parse(raw, nullptr, false);
-  if (!ids.is_array())
-    return caf::make_error(errc::corrupt_record, "users/" + user_id + " does not parse");
-  for (const auto& id : ids) {
+  auto ids = im.model_ids(user_id);
+  if (!ids) return ids.error();
+  for (const auto& id : *ids) {
     if (!id.is_string())
       return caf::make_error(errc::corrupt_record, "users/" + user_id + " holds a non-string");
     auto m = im.get_record<model_record>(models, id.get<std::string>());
