@@ -6,6 +6,8 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "messages/ids.hpp"
+
 namespace tailor::actors {
 
 namespace {
@@ -55,6 +57,13 @@ std::string validate(const engine_config& cfg) {
   if (cfg.kafka.commit_interval_ms < 0)
     return bad("kafka.commit_interval_ms", "must be 0 (every poll) or more");
   if (cfg.admin_max_user_series < 1) return bad("admin.max_user_series", "must be at least 1");
+  const auto& in = cfg.instance;
+  if (!in.id.empty() && !messages::is_valid_id(in.id))
+    return bad("instance.id", "must be 1-128 characters of [A-Za-z0-9._:-]");
+  if (in.heartbeat_ms < 1) return bad("instance.heartbeat_ms", "must be at least 1");
+  if (in.takeover_after_ms != 0 && in.takeover_after_ms < 2 * in.heartbeat_ms)
+    return bad("instance.takeover_after_ms",
+               "must be 0 (never take over) or at least twice instance.heartbeat_ms");
   const auto& v = cfg.serving;
   if (v.devices < 1) return bad("serving.devices", "must be at least 1");
   if (v.max_batch < 1) return bad("serving.max_batch", "must be at least 1");
@@ -112,7 +121,7 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
       "limits",    "user_idle_seconds", "max_in_flight",
       "log_level", "ready_file",        "artifact_dir",
       "training",  "compute",           "models",
-      "serving"};
+      "serving",   "instance"};
   for (auto it = j.begin(); it != j.end(); ++it)
     if (std::find(known.begin(), known.end(), it.key()) == known.end())
       return path + ": unknown key '" + it.key() + "'";
@@ -226,6 +235,13 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
          take(v, "products", sc.products, w, err) &&
          take(v, "prefill_chunk", sc.prefill_chunk, w, err) &&
          (helper_bool || take(v, "step_helper", sc.step_helper, w, err));
+  }
+  if (section("instance", {"id", "heartbeat_ms", "takeover_after_ms"})) {
+    const auto& i = j["instance"];
+    auto& ic = cfg.instance;
+    ok = take(i, "id", ic.id, "instance.", err) &&
+         take(i, "heartbeat_ms", ic.heartbeat_ms, "instance.", err) &&
+         take(i, "takeover_after_ms", ic.takeover_after_ms, "instance.", err);
   }
   if (section("admin", {"host", "port", "max_user_series"})) {
     const auto& a = j["admin"];

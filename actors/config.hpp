@@ -111,8 +111,20 @@ struct models_config {
   int64_t pretrain_steps = 0;  // 0: the budget decides
 };
 
+// This instance among the others of its group (design section 6).
+struct instance_config {
+  // Empty: made up at the first start and kept in <data_dir>/instance-id,
+  // so a restart from the same data directory is the same instance.
+  std::string id;
+  int heartbeat_ms = 2000;  // how often it says it is alive on the state topic
+  // An instance not heard from this long is gone: its open jobs are taken
+  // over by the live ones. 0: never take over.
+  int takeover_after_ms = 30000;
+};
+
 struct engine_config {
   kafka_config kafka;
+  instance_config instance;
   std::string data_dir;  // RocksDB and artifacts; default $TAILOR_HOME/engine
   bool sync_writes = false;
   std::string admin_host = "127.0.0.1";

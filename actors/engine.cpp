@@ -5,17 +5,56 @@
 #include <caf/actor_system.hpp>
 #include <caf/actor_system_config.hpp>
 #include <caf/scoped_actor.hpp>
+#include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <random>
 #include <thread>
 
 #include "actors/admin_server.hpp"
 #include "actors/error_text.hpp"
 #include "actors/kafka.hpp"
+#include "messages/events.hpp"
+#include "messages/ids.hpp"
 #include "storage/paths.hpp"
 
 namespace tailor::actors {
 
 namespace {
+
+int64_t now_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// This instance's id: configured, else kept in the data directory (made up
+// at its first start), so that a restart from it is the same instance.
+std::string resolve_instance_id(engine_config& cfg) {
+  if (!cfg.instance.id.empty()) return {};
+  const auto path = std::filesystem::path(cfg.data_dir) / "instance-id";
+  std::ifstream in(path);
+  if (in) {
+    std::getline(in, cfg.instance.id);
+    if (!messages::is_valid_id(cfg.instance.id))
+      return path.string() + ": not an instance id; remove it to have a new one made";
+    return {};
+  }
+  std::random_device rd;
+  char id[32];
+  std::snprintf(id, sizeof(id), "tailord-%08x%08x", rd(), rd());
+  const auto tmp = path.string() + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << id << "\n";
+    if (!out.flush()) return "cannot write " + tmp;
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) return "cannot write " + path.string() + ": " + ec.message();
+  cfg.instance.id = id;
+  return {};
+}
 
 void start_ingress(supervisor_actor::stateful_pointer<supervisor_state> self) {
   auto& st = self->state;
@@ -36,19 +75,58 @@ void start_ingress_when_ready(supervisor_actor::stateful_pointer<supervisor_stat
 // A state follower, fresh at the start or after one failed. Until the
 // ingress has started, it waits for this follower to catch up; a follower
 // that ends first is restarted and asked again.
+void recover_jobs(supervisor_actor::stateful_pointer<supervisor_state> self);
+
 void start_state_follower(supervisor_actor::stateful_pointer<supervisor_state> self) {
   auto& st = self->state;
-  st.follower = self->spawn<caf::detached>(state_follower, st.cfg, st.store, st.stats);
+  // Only the first catch-up hands over this instance's jobs that another
+  // took over while it was gone: later, the pool may be running them.
+  st.follower = self->spawn<caf::detached>(state_follower, st.cfg, st.store, st.stats, st.pool,
+                                           st.out, !st.caught_up);
   self->monitor(st.follower);
   st.follower_restarts.started = std::chrono::steady_clock::now();
   if (st.caught_up) return;
   self->request(st.follower, caf::infinite, catch_up_atom_v)
       .then(
           [self](caf::ok_atom) {
+            if (self->state.caught_up) return;
             self->state.caught_up = true;
-            start_ingress_when_ready(self);
+            recover_jobs(self);
           },
           [](caf::error&) {});  // it ended: the down handler restarts it
+}
+
+// The previous run's jobs back in the pool, once the state topic said which
+// of them another instance took over meanwhile.
+void recover_jobs(supervisor_actor::stateful_pointer<supervisor_state> self) {
+  self->request(self->state.pool, std::chrono::minutes(5), recover_atom_v)
+      .then(
+          [self](caf::ok_atom) {
+            self->state.recovered = true;
+            start_ingress_when_ready(self);
+          },
+          [self](caf::error& err) {
+            spdlog::critical("recovery of unfinished jobs failed: {}", caf::to_string(err));
+            self->state.recovered = true;
+            start_ingress_when_ready(self);
+          });
+}
+
+// Says on the state topic that this instance is alive, every heartbeat_ms:
+// the other instances take its open jobs over once it falls silent.
+void heartbeat(supervisor_actor::stateful_pointer<supervisor_state> self) {
+  auto& st = self->state;
+  if (st.stopping) return;
+  messages::instance_alive alive{st.cfg.instance.id, now_ms()};
+  std::vector<outgoing_message> msgs{
+      {channel::state, messages::state_key_of_instance(alive.instance_id), to_json(alive)}};
+  self->request(st.out, std::chrono::milliseconds(st.cfg.instance.heartbeat_ms), publish_atom_v,
+                std::move(msgs))
+      .then([](caf::ok_atom) {},
+            [](caf::error& err) {
+              spdlog::warn("heartbeat not delivered: {}", caf::to_string(err));
+            });
+  self->delayed_send(self, std::chrono::milliseconds(st.cfg.instance.heartbeat_ms), tick_atom_v);
 }
 
 // Starts the GPU actor of `base_model` on `device`, or a fresh one in the
@@ -167,25 +245,16 @@ supervisor_actor::behavior_type supervisor(
   st.store = db;
   st.users = self->spawn(registry, st.cfg, metadata_access{st.db, std::move(db)}, st.out, st.pool,
                          st.routes, st.stats);
+  // Jobs of the previous run are back in the pool (recover_jobs, once the
+  // state topic is read) before new events arrive.
   start_state_follower(self);
+  heartbeat(self);
   // These are not restarted in place: their end fails the engine (unrestartable).
   self->monitor(st.db);
   self->monitor(st.out);
   self->monitor(st.pool);
   self->monitor(st.loader);
   self->monitor(st.users);
-  // Jobs of the previous run are back in the pool before new events arrive.
-  self->request(st.pool, std::chrono::minutes(5), recover_atom_v)
-      .then(
-          [self](caf::ok_atom) {
-            self->state.recovered = true;
-            start_ingress_when_ready(self);
-          },
-          [self](caf::error& err) {
-            spdlog::critical("recovery of unfinished jobs failed: {}", caf::to_string(err));
-            self->state.recovered = true;
-            start_ingress_when_ready(self);
-          });
   self->set_down_handler([self](caf::down_msg& dm) {
     auto& st = self->state;
     if (st.stopping) return;
@@ -235,6 +304,7 @@ supervisor_actor::behavior_type supervisor(
       [self](follow_atom) {
         if (!self->state.stopping) start_state_follower(self);
       },
+      [self](tick_atom) { heartbeat(self); },
       [self](stop_atom) -> caf::result<caf::ok_atom> {
         auto& st = self->state;
         if (st.stopped) return caf::ok_atom_v;
@@ -267,6 +337,8 @@ std::unique_ptr<engine> engine::start(engine_config cfg, std::string& err,
       return nullptr;
     }
   }
+  if (err = resolve_instance_id(cfg); !err.empty()) return nullptr;
+  spdlog::info("instance {}", cfg.instance.id);
   if (!bases) bases = load_base_models(cfg, err);
   if (!bases) return nullptr;
   // A bad pass-through property fails the start, not a client later on.

@@ -43,7 +43,8 @@ class mock_cluster;
 using supervisor_actor = caf::typed_actor<caf::replies_to<stop_atom>::with<caf::ok_atom>,
                                           caf::reacts_to<restart_atom>,
                                           caf::reacts_to<restart_atom, std::string, int>,
-                                          caf::reacts_to<follow_atom>>;
+                                          caf::reacts_to<follow_atom>,
+                                          caf::reacts_to<tick_atom>>;
 
 // An actor's restarts: one that ran for `stable_after` restarts at once,
 // and each failure sooner after its start doubles the delay, up to a cap,

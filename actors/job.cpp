@@ -91,15 +91,21 @@ void advance(job_ptr self, const std::string& to, job_record update, std::functi
           });
 }
 
-answers final_messages(const job_record& j) {
-  if (j.status == "ready") return j.outcome;
-  return {job_event_message(j, j.status == "failed" ? "job.failed" : "job.cancelled")};
+// The final events, then the job's closed state for the other instances.
+answers final_messages(const job_record& j, const std::string& instance) {
+  answers out;
+  if (j.status == "ready")
+    out = j.outcome;
+  else
+    out.push_back(job_event_message(j, j.status == "failed" ? "job.failed" : "job.cancelled"));
+  out.push_back(job_state_message(j, instance));
+  return out;
 }
 
 // Publishes the final events, records that they were delivered, answers any
 // cancel waiting, and ends.
 void finish(job_ptr self) {
-  publish(self, final_messages(self->state.job), [self] {
+  publish(self, final_messages(self->state.job, self->state.cfg.instance.id), [self] {
     auto& st = self->state;
     self->request(st.db, store_timeout, announce_atom_v, st.job.job_id, st.job.status)
         .then([](caf::ok_atom) {},
@@ -262,6 +268,23 @@ outgoing_message model_state_message(const model_record& model, const job_record
   s.model.artifact_path =
       std::filesystem::path(model.artifact_path).lexically_relative(artifact_dir).string();
   return {channel::state, model.model_id, to_json(s)};
+}
+
+outgoing_message job_state_message(const job_record& job, const std::string& owner) {
+  job_state_record s;
+  s.owner = owner;
+  s.status = is_final(job.status) ? job.status : "queued";
+  s.job_id = job.job_id;
+  s.request_id = job.request_id;
+  s.user_id = job.user_id;
+  s.base_model = job.base_model;
+  // Within what any broker takes in one record (message.max.bytes,
+  // 1,000,000 by default), with room for the rest.
+  constexpr std::size_t max_request_bytes = 900 * 1000;
+  if (s.status == "queued" && job.request.size() <= max_request_bytes) s.request = job.request;
+  s.payload_hash = job.payload_hash;
+  s.created_ms = job.created_ms;
+  return {channel::state, state_key_of_job(job.job_id), to_json(s)};
 }
 
 job_actor::behavior_type job(job_actor::stateful_pointer<job_state> self, job_record rec,

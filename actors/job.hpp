@@ -73,4 +73,9 @@ outgoing_message job_event_message(const job_record& job, const std::string& typ
 outgoing_message model_state_message(const model_record& model, const job_record& job,
                                      const std::string& artifact_dir);
 
+// `job` as the group's other instances read it on tailor.state, run by
+// instance `owner`: closed when final, else open (queued) with its request,
+// so that another instance can take it over if `owner` is gone.
+outgoing_message job_state_message(const job_record& job, const std::string& owner);
+
 }  // namespace tailor::actors

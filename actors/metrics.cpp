@@ -155,7 +155,8 @@ std::string metrics::render() const {
          "producer", producer_replacements_);
   family("tailor_state_records_total", "counter",
          "Records read from the state topic: imported (a model another instance made ready), "
-         "known (here already) or rejected (unreadable, in the log).",
+         "known (here already), followed (a job's or an instance's state) or rejected "
+         "(unreadable, in the log).",
          "outcome", state_records_);
   family("tailor_serving_device_restarts_total", "counter",
          "GPU actors that failed outside a batch step and were started afresh: the requests they "
@@ -211,6 +212,14 @@ std::string metrics::render() const {
   gauge("tailor_state_follower_restarts_total", "counter",
         "Times the reader of the state topic failed and a fresh one read it again.",
         state_follower_restarts_.load());
+  gauge("tailor_jobs_taken_over_total", "counter",
+        "Jobs of an instance not heard from for instance.takeover_after_ms that this instance "
+        "took over and ran.",
+        jobs_taken_over_.load());
+  gauge("tailor_jobs_handed_over_total", "counter",
+        "Jobs of this instance that another took over while this one was gone: moved, not run "
+        "here again.",
+        jobs_handed_over_.load());
   gauge("tailor_serving_steps_total", "counter", "Batch steps run (all devices).",
         serving_steps_.load());
   gauge("tailor_serving_rows_total", "counter",

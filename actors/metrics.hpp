@@ -95,10 +95,15 @@ class metrics {
     add(producer_replacements_, producer, 1);
   }
   // A record read from tailor.state: imported (a model another instance
-  // made ready), known (here already) or rejected (unreadable).
+  // made ready), known (here already), followed (a job's or an instance's
+  // state) or rejected (unreadable).
   void count_state_record(const std::string& outcome) { add(state_records_, outcome, 1); }
   // The state follower failed and a fresh one reads tailor.state again.
   void count_state_follower_restart() { state_follower_restarts_.fetch_add(1); }
+  // A job of an instance that is gone, run here now.
+  void count_job_taken_over() { jobs_taken_over_.fetch_add(1); }
+  // A job of this instance that another took over while this one was gone.
+  void count_job_handed_over() { jobs_handed_over_.fetch_add(1); }
   // A job's actor failed (its job starts again, or fails at the third).
   void count_job_actor_failure() { job_actor_failures_.fetch_add(1); }
   // The ingress failed and a fresh one rejoins the group.
@@ -213,6 +218,8 @@ class metrics {
   std::atomic<int64_t> users_{0};
   std::atomic<int64_t> ingress_restarts_{0};
   std::atomic<int64_t> state_follower_restarts_{0};
+  std::atomic<int64_t> jobs_taken_over_{0};
+  std::atomic<int64_t> jobs_handed_over_{0};
   std::atomic<int64_t> job_actor_failures_{0};
 };
 

@@ -51,11 +51,31 @@ void caught_up_to(state_follower_state& st, int32_t partition, int64_t next_offs
   if (it != st.behind.end() && next_offset >= it->second) st.behind.erase(it);
 }
 
+// Jobs of this instance that another took over while this one was gone
+// become `moved`, so that the pool does not resume them. A store that
+// cannot take it ends the follower (the supervisor starts it again).
+void hand_over_jobs(state_follower_state& st) {
+  for (const auto& [job_id, owner] : st.owned_elsewhere) {
+    auto moved = st.db->hand_over_job(job_id, owner);
+    if (!moved)
+      throw std::runtime_error("cannot hand job " + job_id + " over: " +
+                               caf::to_string(moved.error()));
+    if (!*moved) continue;
+    st.stats->count_job_handed_over();
+    spdlog::warn("state: job {} was taken over by instance {} while this one was away; it is "
+                 "moved and does not run here",
+                 job_id, owner);
+  }
+}
+
 void check_caught_up(state_follower_state& st) {
   if (st.caught_up || !st.behind.empty()) return;
+  if (st.hand_over) hand_over_jobs(st);
   st.caught_up = true;
-  spdlog::info("state: read {} record(s) of {} ({} model(s) new here) in {:.0f} ms; following it",
-               st.read, st.cfg.kafka.topics.state, st.imported, ms_since(st.started));
+  spdlog::info("state: read {} record(s) of {} ({} model(s) new here, {} open job(s) in the "
+               "group) in {:.0f} ms; following it",
+               st.read, st.cfg.kafka.topics.state, st.imported, st.open_jobs.size(),
+               ms_since(st.started));
   for (auto& rp : st.catch_up_waiters) rp.deliver(caf::ok_atom_v);
   st.catch_up_waiters.clear();
 }
@@ -71,14 +91,35 @@ void apply(self_ptr self, const RdKafka::Message& msg) {
   // The process's Nth record throws, which ends the follower.
   static fault_point fault("TAILOR_FAULT_STATE", "the state follower", "state record", false);
   fault.throw_if_fires();
-  messages::model_state ms;
+  messages::state_record record;
   const std::string_view bytes(static_cast<const char*>(msg.payload()), msg.len());
-  if (auto why = messages::parse_model_state(bytes, ms); !why.empty()) {
+  if (auto why = messages::parse_state_record(bytes, record); !why.empty()) {
     spdlog::error("state: record {}/{}@{} skipped: {}", msg.topic_name(), msg.partition(),
                   msg.offset(), why);
     st.stats->count_state_record("rejected");
     return;
   }
+  if (auto* alive = std::get_if<messages::instance_alive>(&record)) {
+    st.heard[alive->instance_id] = state_follower_state::clock::now();
+    st.stats->count_state_record("followed");
+    return;
+  }
+  if (auto* job = std::get_if<messages::job_state_record>(&record)) {
+    // A request is kept only while another instance may have to be
+    // replaced: at most its admission queue and slots' worth each.
+    if (job->owner == st.cfg.instance.id) job->request.clear();
+    if (job->status == "queued")
+      st.open_jobs[job->job_id] = *job;
+    else
+      st.open_jobs.erase(job->job_id);
+    if (job->owner != st.cfg.instance.id)
+      st.owned_elsewhere[job->job_id] = job->owner;
+    else
+      st.owned_elsewhere.erase(job->job_id);
+    st.stats->count_state_record("followed");
+    return;
+  }
+  auto& ms = std::get<messages::model_state>(record);
   ms.model.artifact_path = st.cfg.artifact_dir + "/" + ms.model.artifact_path;
   // A repeat of the request that made the model, read here, is answered
   // as its first instance answered it, not trained again.
@@ -91,6 +132,104 @@ void apply(self_ptr self, const RdKafka::Message& msg) {
   if (*added) {
     ++st.imported;
     spdlog::debug("state: model {} of user {} imported", ms.model.model_id, ms.model.user_id);
+  }
+}
+
+// Runs here a job whose instance is gone: stored (with its request's dedup
+// record, so a repeat read here is answered as the first instance answered
+// it), handed to the pool, and published as this instance's. A failure
+// leaves it open, to be tried again at the next tick.
+void take_over(self_ptr self, messages::job_state_record open) {
+  auto& st = self->state;
+  job_record job;
+  job.job_id = open.job_id;
+  job.request_id = open.request_id;
+  job.user_id = open.user_id;
+  job.base_model = open.base_model;
+  job.status = "queued";
+  job.request = open.request;
+  job.payload_hash = open.payload_hash;
+  job.created_ms = open.created_ms;
+  job.updated_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                       std::chrono::system_clock::now().time_since_epoch())
+                       .count();
+  const auto made_by = messages::queued_record(job.user_id, job.request_id, job.payload_hash,
+                                               job.job_id, job.created_ms);
+  auto stored = st.db->import_job(job, made_by);
+  if (!stored) {
+    spdlog::error("state: cannot take job {} over: {}", job.job_id,
+                  caf::to_string(stored.error()));
+    return;
+  }
+  if (!*stored) {
+    // Here already: the pool runs it from this instance's own store (a
+    // restart, or a repeat of its request read here). Unless it has ended,
+    // the group learns that it runs here.
+    auto here = st.db->get_job(job.job_id);
+    if (!here) return;
+    if (here->status == "ready" || here->status == "failed" || here->status == "cancelled") {
+      st.open_jobs.erase(job.job_id);
+      return;
+    }
+  }
+  const auto gone = open.owner;
+  open.owner = st.cfg.instance.id;
+  open.request.clear();
+  st.open_jobs[job.job_id] = open;
+  st.owned_elsewhere.erase(job.job_id);
+  spdlog::warn("state: instance {} not heard from for {} ms; job {} of user {} runs here",
+               gone, st.cfg.instance.takeover_after_ms, job.job_id, job.user_id);
+  if (*stored) {
+    st.stats->count_job_taken_over();
+    // The pool resumes it from the checkpoint the other instance left in
+    // the shared artifact store, if any.
+    self->request(st.pool, caf::infinite, submit_atom_v, job)
+        .then([](caf::ok_atom) {},
+              [id = job.job_id](caf::error& err) {
+                spdlog::error("state: job {} taken over but not queued: {}", id,
+                              caf::to_string(err));
+              });
+  }
+  self->request(st.out, caf::infinite, publish_atom_v,
+                std::vector<outgoing_message>{job_state_message(job, st.cfg.instance.id)})
+      .then([](caf::ok_atom) {},
+            [id = job.job_id](caf::error& err) {
+              spdlog::error("state: job {} taken over; its new owner not published: {}", id,
+                            caf::to_string(err));
+            });
+}
+
+// Takes over the open jobs of instances gone quiet whose taker is this one.
+void take_over_gone(self_ptr self) {
+  auto& st = self->state;
+  const auto after = std::chrono::milliseconds(st.cfg.instance.takeover_after_ms);
+  if (!st.caught_up || after.count() == 0) return;
+  const auto now = state_follower_state::clock::now();
+  // Not heard from since this follower started counts from its start: an
+  // instance alive now is heard from well within `after`.
+  auto gone = [&](const std::string& id) {
+    auto it = st.heard.find(id);
+    return now - (it == st.heard.end() ? st.started : it->second) > after;
+  };
+  std::vector<std::string> live = {st.cfg.instance.id};
+  for (const auto& [id, at] : st.heard)
+    if (id != st.cfg.instance.id && !gone(id)) live.push_back(id);
+  std::vector<messages::job_state_record> mine;
+  for (const auto& [job_id, open] : st.open_jobs)
+    if (open.owner != st.cfg.instance.id && gone(open.owner) &&
+        taker_of(job_id, live) == st.cfg.instance.id)
+      mine.push_back(open);
+  for (auto& open : mine) {
+    if (!open.request.empty()) {
+      take_over(self, std::move(open));
+      continue;
+    }
+    // Published without it (too large for a record): said once, and left
+    // to the instance that has it.
+    spdlog::error("state: job {} of gone instance {} cannot be taken over: its request was too "
+                  "large to publish; it waits for that instance",
+                  open.job_id, open.owner);
+    st.open_jobs.erase(open.job_id);
   }
 }
 
@@ -123,6 +262,19 @@ bool drain(self_ptr self) {
 
 }  // namespace
 
+std::string taker_of(const std::string& job_id, const std::vector<std::string>& live) {
+  std::string best;
+  uint64_t best_score = 0;
+  for (const auto& id : live) {
+    const auto score = messages::fnv1a64(job_id, messages::fnv1a64(id));
+    if (best.empty() || score > best_score || (score == best_score && id < best)) {
+      best = id;
+      best_score = score;
+    }
+  }
+  return best;
+}
+
 state_follower_state::~state_follower_state() {
   wakeup.reset();
   if (consumer) consumer->close();
@@ -130,12 +282,16 @@ state_follower_state::~state_follower_state() {
 
 state_follower_actor::behavior_type state_follower(
     state_follower_actor::stateful_pointer<state_follower_state> self, engine_config cfg,
-    std::shared_ptr<storage::metadata_store> db, std::shared_ptr<metrics> stats) {
+    std::shared_ptr<storage::metadata_store> db, std::shared_ptr<metrics> stats,
+    pool_actor pool, egress_actor out, bool hand_over) {
   self->set_exception_handler(exit_reason_of_exception);
   auto& st = self->state;
   st.cfg = std::move(cfg);
   st.db = std::move(db);
   st.stats = std::move(stats);
+  st.pool = std::move(pool);
+  st.out = std::move(out);
+  st.hand_over = hand_over;
   st.started = std::chrono::steady_clock::now();
   st.next_progress_log = st.started + std::chrono::seconds(10);
   const auto& topic = st.cfg.kafka.topics.state;
@@ -190,6 +346,7 @@ state_follower_actor::behavior_type state_follower(
                        st.cfg.kafka.topics.state, st.read, st.behind.size());
           st.next_progress_log = now + std::chrono::seconds(10);
         }
+        take_over_gone(self);
         self->delayed_send(self, std::chrono::seconds(1), tick_atom_v);
       },
   };

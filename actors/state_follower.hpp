@@ -12,8 +12,11 @@
 #include <vector>
 
 #include "actors/config.hpp"
+#include "actors/egress.hpp"
 #include "actors/kafka.hpp"
 #include "actors/metrics.hpp"
+#include "actors/training_pool.hpp"
+#include "messages/events.hpp"
 #include "messages/type_ids.hpp"
 #include "storage/metadata_store.hpp"
 
@@ -28,18 +31,40 @@ using namespace tailor::messages;
 // the user's own model, and a fresh instance rebuilds the model registry
 // from Kafka. It belongs to no consumer group and commits nothing: it
 // reads the whole topic at each start (imports are idempotent).
+//
+// It also follows the group's open jobs and its instances' heartbeats. An
+// open job whose instance has not been heard from for
+// instance.takeover_after_ms is taken over by one live instance (the same
+// for every instance that sees the same heartbeats: taker_of): that one
+// imports the job, hands it to its pool and publishes the job again as its
+// own. At its first catch-up (`hand_over`), jobs of this instance that
+// another took over while this one was gone become `moved`, before the
+// pool resumes unfinished jobs.
+//
 // `catch_up` is answered once every partition has been read up to where
-// it ended when the follower started: the supervisor starts the ingress
-// only then. `poll` drains the consumer (sent by librdkafka's wake-up);
-// `tick` is the safety net and logs progress while catching up.
+// it ended when the follower started: the supervisor recovers the last
+// run's jobs and starts the ingress only then. `poll` drains the consumer
+// (sent by librdkafka's wake-up); `tick` is the safety net, logs progress
+// while catching up and looks for jobs to take over.
 using state_follower_actor =
     caf::typed_actor<caf::replies_to<catch_up_atom>::with<caf::ok_atom>,
                      caf::reacts_to<poll_atom>, caf::reacts_to<tick_atom>>;
 
 struct state_follower_state {
+  using clock = std::chrono::steady_clock;
   engine_config cfg;
   std::shared_ptr<storage::metadata_store> db;
   std::shared_ptr<metrics> stats;
+  pool_actor pool;
+  egress_actor out;
+  bool hand_over = false;
+  // When each instance was last heard from (by this follower's clock, so
+  // that instances' clocks need not agree).
+  std::map<std::string, clock::time_point> heard;
+  // The group's open jobs, by id, as last published (their owner among them).
+  std::map<std::string, messages::job_state_record> open_jobs;
+  // Jobs whose last record names another instance than this one.
+  std::map<std::string, std::string> owned_elsewhere;
   std::unique_ptr<RdKafka::KafkaConsumer> consumer;
   std::unique_ptr<queue_wakeup> wakeup;  // reset before the consumer closes
   // Per partition: the end offset when the follower started; erased once
@@ -55,6 +80,13 @@ struct state_follower_state {
 
 state_follower_actor::behavior_type state_follower(
     state_follower_actor::stateful_pointer<state_follower_state> self, engine_config cfg,
-    std::shared_ptr<storage::metadata_store> db, std::shared_ptr<metrics> stats);
+    std::shared_ptr<storage::metadata_store> db, std::shared_ptr<metrics> stats,
+    pool_actor pool, egress_actor out, bool hand_over);
+
+// Which of the `live` instances takes over job `job_id` of an instance that
+// is gone: the highest hash of (instance, job), so every instance that sees
+// the same live ones picks the same, and a lost instance's jobs spread over
+// them. Empty when none is live.
+std::string taker_of(const std::string& job_id, const std::vector<std::string>& live);
 
 }  // namespace tailor::actors

@@ -112,7 +112,9 @@ void replay_onboarding(user_ptr self, promise_t rp, request_record rec) {
     return;
   }
   auto fail = [=](caf::error& err) mutable { rp.deliver(std::move(err)); };
-  self->request(st.out, store_timeout, publish_atom_v, rec.answers)
+  auto announced = rec.answers;
+  announced.push_back(job_state_message(*job, st.cfg.instance.id));
+  self->request(st.out, store_timeout, publish_atom_v, announced)
       .await(
           [=](caf::ok_atom) mutable {
             self->request(self->state.pool, store_timeout, submit_atom_v, *job)
@@ -173,11 +175,15 @@ void handle_onboarding(user_ptr self, promise_t rp, onboarding_request x, uint64
               rec.job_id = job.job_id;
               auto fail = [=](caf::error& err) mutable { rp.deliver(std::move(err)); };
               // Persisted, then announced, then handed to the pool: job.queued
-              // always reaches tailor.events before the job's next event.
+              // always reaches tailor.events before the job's next event. The
+              // job's open state goes to the other instances with it, so that
+              // one of them takes the job over if this instance is gone.
+              auto announced = out;
+              announced.push_back(job_state_message(job, st.cfg.instance.id));
               self->request(st.db.actor, store_timeout, create_atom_v, job, rec)
                   .await(
                       [=](caf::ok_atom) mutable {
-                        self->request(self->state.out, store_timeout, publish_atom_v, out)
+                        self->request(self->state.out, store_timeout, publish_atom_v, announced)
                             .await(
                                 [=](caf::ok_atom) mutable {
                                   self->request(self->state.pool, store_timeout, submit_atom_v, job)

@@ -345,6 +345,20 @@ std::string dump(const json& j) {
   return j.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
+// A 64-bit hash as a string: JSON readers need not hold 64-bit integers.
+std::string hex64(uint64_t v) {
+  char hex[17];
+  std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(v));
+  return hex;
+}
+
+bool parse_hex64(const std::string& hex, uint64_t& v) {
+  if (hex.size() != 16 || hex.find_first_not_of("0123456789abcdef") != std::string::npos)
+    return false;
+  v = std::stoull(hex, nullptr, 16);
+  return true;
+}
+
 }  // namespace
 
 std::string to_json(const inference_result& x) {
@@ -404,10 +418,8 @@ std::string to_json(const model_state& x) {
                 {"created_ms", m.created_ms},
                 {"job_id", m.job_id}});
   if (!x.request_id.empty()) {
-    char hex[17];
-    std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(x.payload_hash));
     j["request_id"] = x.request_id;
-    j["payload_hash"] = hex;  // a string: JSON readers need not hold 64-bit integers
+    j["payload_hash"] = hex64(x.payload_hash);
   }
   return dump(j);
 }
@@ -435,9 +447,7 @@ std::string parse_model_state(std::string_view bytes, model_state& x) {
   if (r.failed()) return r.error.message;
   if (!x.request_id.empty()) {
     if (m.job_id.empty()) return "job_id: is required with request_id";
-    if (hash.size() != 16 || hash.find_first_not_of("0123456789abcdef") != std::string::npos)
-      return "payload_hash: must be 16 hexadecimal digits";
-    x.payload_hash = std::stoull(hash, nullptr, 16);
+    if (!parse_hex64(hash, x.payload_hash)) return "payload_hash: must be 16 hexadecimal digits";
   }
   if (type != "model.state") return "type: must be model.state, not " + type;
   if (version != schema_version) return "schema_version: must be 1";
@@ -452,13 +462,119 @@ std::string parse_model_state(std::string_view bytes, model_state& x) {
   return {};
 }
 
+request_record queued_record(const std::string& user_id, const std::string& request_id,
+                             uint64_t payload_hash, const std::string& job_id,
+                             int64_t created_ms) {
+  const job_event queued{"job.queued", job_id,       request_id,  user_id,
+                         std::nullopt, std::nullopt, std::nullopt};
+  return request_record{user_id, request_id,           "onboarding", payload_hash,
+                        job_id,  {to_message(queued)}, created_ms};
+}
+
 std::optional<request_record> onboarding_record_of(const model_state& x) {
   if (x.request_id.empty()) return std::nullopt;
   const auto& m = x.model;
-  const job_event queued{"job.queued", m.job_id,     x.request_id, m.user_id,
-                         std::nullopt, std::nullopt, std::nullopt};
-  return request_record{m.user_id,   x.request_id,        "onboarding", x.payload_hash,
-                        m.job_id,    {to_message(queued)}, m.created_ms};
+  return queued_record(m.user_id, x.request_id, x.payload_hash, m.job_id, m.created_ms);
+}
+
+std::string to_json(const job_state_record& x) {
+  json j = header("job.state");
+  j.update(json{{"owner", x.owner},
+                {"status", x.status},
+                {"job_id", x.job_id},
+                {"request_id", x.request_id},
+                {"user_id", x.user_id},
+                {"base_model", x.base_model},
+                {"payload_hash", hex64(x.payload_hash)},
+                {"created_ms", x.created_ms}});
+  if (auto request = json::parse(x.request, nullptr, false); request.is_object())
+    j["request"] = std::move(request);
+  return dump(j);
+}
+
+std::string to_json(const instance_alive& x) {
+  json j = header("instance.alive");
+  j.update(json{{"instance_id", x.instance_id}, {"at_ms", x.at_ms}});
+  return dump(j);
+}
+
+std::string state_key_of_job(const std::string& job_id) {
+  return "job/" + job_id;
+}
+
+std::string state_key_of_instance(const std::string& instance_id) {
+  return "instance/" + instance_id;
+}
+
+namespace {
+
+std::string parse_job_state(const json& j, job_state_record& x) {
+  reader r(j);
+  std::optional<int64_t> created;
+  std::string hash;
+  r.id("owner", x.owner, true);
+  r.string("status", x.status, true, 16);
+  r.id("job_id", x.job_id, true);
+  r.id("request_id", x.request_id, true);
+  r.id("user_id", x.user_id, true);
+  r.string("base_model", x.base_model, true, max_id_length);
+  r.string("payload_hash", hash, true, 16);
+  r.integer("created_ms", created);
+  if (r.failed()) return r.error.message;
+  if (!parse_hex64(hash, x.payload_hash)) return "payload_hash: must be 16 hexadecimal digits";
+  if (!created) return "created_ms: is required";
+  x.created_ms = *created;
+  const bool open = x.status == "queued";
+  if (!open && x.status != "ready" && x.status != "failed" && x.status != "cancelled")
+    return "status: must be queued, ready, failed or cancelled, not " + x.status;
+  // An open job's request may be left out (too large to publish): such a
+  // job cannot be taken over.
+  const auto request = j.find("request");
+  if (request != j.end() && !request->is_object()) return "request: must be an object";
+  if (open && request != j.end()) x.request = dump(*request);
+  return {};
+}
+
+std::string parse_instance_alive(const json& j, instance_alive& x) {
+  reader r(j);
+  std::optional<int64_t> at;
+  r.id("instance_id", x.instance_id, true);
+  r.integer("at_ms", at);
+  if (r.failed()) return r.error.message;
+  if (!at) return "at_ms: is required";
+  x.at_ms = *at;
+  return {};
+}
+
+}  // namespace
+
+std::string parse_state_record(std::string_view bytes, state_record& x) {
+  json j = json::parse(bytes.begin(), bytes.end(), nullptr, false);
+  if (!j.is_object()) return "not a JSON object";
+  const auto type = j.find("type");
+  if (type == j.end() || !type->is_string()) return "type: is required";
+  if (*type == "model.state") {
+    model_state ms;
+    auto why = parse_model_state(bytes, ms);
+    x = std::move(ms);
+    return why;
+  }
+  const auto version = j.find("schema_version");
+  if (version == j.end() || *version != schema_version) return "schema_version: must be 1";
+  if (*type == "job.state") {
+    job_state_record js;
+    auto why = parse_job_state(j, js);
+    x = std::move(js);
+    return why;
+  }
+  if (*type == "instance.alive") {
+    instance_alive ia;
+    auto why = parse_instance_alive(j, ia);
+    x = std::move(ia);
+    return why;
+  }
+  return "type: must be model.state, job.state or instance.alive, not " +
+         type->get<std::string>();
 }
 
 std::string to_json(const onboarding_request& x) {

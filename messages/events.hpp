@@ -181,6 +181,46 @@ std::string parse_model_state(std::string_view bytes, model_state& x);
 // when the record names no request.
 std::optional<request_record> onboarding_record_of(const model_state& x);
 
+// An onboarding job as another instance needs it to take the job over when
+// the instance running it (`owner`) is gone. Keyed "job/<job_id>" ('/' is
+// in no id, so no key of a model collides). Open while `status` is queued:
+// `request` then holds the onboarding request as received (a JSON object);
+// a closed job (ready, failed, cancelled) carries no request.
+struct job_state_record {
+  std::string owner;
+  std::string status;
+  std::string job_id;
+  std::string request_id;
+  std::string user_id;
+  std::string base_model;
+  std::string request;
+  uint64_t payload_hash = 0;
+  int64_t created_ms = 0;
+};
+
+// An instance's heartbeat, keyed "instance/<instance_id>": an instance not
+// heard from for a while is gone, and its open jobs are taken over.
+struct instance_alive {
+  std::string instance_id;
+  int64_t at_ms = 0;
+};
+
+std::string to_json(const job_state_record& x);
+std::string to_json(const instance_alive& x);
+std::string state_key_of_job(const std::string& job_id);
+std::string state_key_of_instance(const std::string& instance_id);
+
+// Any record of tailor.state, by its type.
+using state_record = std::variant<model_state, job_state_record, instance_alive>;
+// Parses a tailor.state record: empty on success, else what is wrong with it.
+std::string parse_state_record(std::string_view bytes, state_record& x);
+
+// The dedup record of an onboarding request answered with job.queued, as
+// the instance that took the request stored it.
+request_record queued_record(const std::string& user_id, const std::string& request_id,
+                             uint64_t payload_hash, const std::string& job_id,
+                             int64_t created_ms);
+
 std::string base64_encode(std::string_view bytes);
 
 // Replaces every invalid UTF-8 sequence with U+FFFD.

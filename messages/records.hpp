@@ -35,7 +35,9 @@ struct job_record {
   std::string request_id;
   std::string user_id;
   std::string base_model;
-  std::string status;   // queued|admitted|training|saving|ready|retrying|failed|cancelled
+  // queued|admitted|training|saving|ready|retrying|failed|cancelled, or moved (taken
+  // over by another instance while this one was gone; never run here again)
+  std::string status;
   std::string request;  // the onboarding request as received (JSON): data and settings for training
   uint64_t payload_hash = 0;  // the request's, as its dedup record has it
   int64_t attempts = 0;

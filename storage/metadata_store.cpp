@@ -22,6 +22,11 @@ namespace {
 const std::vector<std::string> table_names = {"users", "models", "jobs", "requests", "history"};
 enum table : std::size_t { users = 0, models, jobs, requests, history, table_count };
 
+// A job that will not run again: final, or run by another instance.
+bool is_at_rest(const std::string& status) {
+  return status == "ready" || status == "failed" || status == "cancelled" || status == "moved";
+}
+
 caf::error io(const rocksdb::Status& s, const char* what) {
   return caf::make_error(errc::io_error, std::string(what) + ": " + s.ToString());
 }
@@ -318,6 +323,44 @@ caf::expected<bool> metadata_store::import_model(const model_record& model,
   return true;
 }
 
+caf::expected<bool> metadata_store::import_job(const job_record& job,
+                                               const request_record& made_by) {
+  auto& im = *impl_;
+  std::lock_guard<std::mutex> guard(im.rmw);
+  // A job this instance handed over comes back to it like a new one.
+  auto here = im.get_record<job_record>(jobs, job.job_id);
+  if (here && here->status != "moved") return false;
+  if (!here && here.error() != errc::not_found) return here.error();
+  rocksdb::WriteBatch batch;
+  batch.Put(im.t(jobs), job.job_id, messages::to_json(job));
+  std::string raw;
+  const auto key = request_key(made_by.user_id, made_by.request_id);
+  if (auto found = im.get(requests, key, raw); found == errc::not_found)
+    batch.Put(im.t(requests), key, messages::to_json(made_by));
+  else if (found)
+    return found;
+  if (auto err = im.write(batch, "import job")) return err;
+  return true;
+}
+
+caf::expected<bool> metadata_store::hand_over_job(const std::string& job_id,
+                                                  const std::string& owner) {
+  auto& im = *impl_;
+  std::lock_guard<std::mutex> guard(im.rmw);
+  auto job = im.get_record<job_record>(jobs, job_id);
+  if (!job) return job.error() == errc::not_found ? caf::expected<bool>(false) : job.error();
+  if (is_at_rest(job->status)) return false;
+  job->status = job->announced = "moved";
+  job->error_message = "taken over by instance " + owner;
+  job->updated_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                        std::chrono::system_clock::now().time_since_epoch())
+                        .count();
+  rocksdb::WriteBatch batch;
+  batch.Put(im.t(jobs), job_id, messages::to_json(*job));
+  if (auto err = im.write(batch, "hand over job")) return err;
+  return true;
+}
+
 uint64_t metadata_store::models_generation() const {
   return impl_->models_generation.load(std::memory_order_acquire);
 }
@@ -340,8 +383,7 @@ caf::expected<std::vector<job_record>> metadata_store::unfinished_jobs() {
   if (!all) return all.error();
   std::vector<job_record> out;
   for (auto& j : *all) {
-    bool final = j.status == "ready" || j.status == "failed" || j.status == "cancelled";
-    if (!final || j.announced != j.status) out.push_back(std::move(j));
+    if (!is_at_rest(j.status) || j.announced != j.status) out.push_back(std::move(j));
   }
   return out;
 }

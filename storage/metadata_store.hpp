@@ -72,6 +72,16 @@ class metadata_store {
   // when the model is here already (it is kept as it is).
   caf::expected<bool> import_model(const model_record& model,
                                    const request_record* made_by = nullptr);
+  // A job another instance admitted and is gone from (read from
+  // tailor.state), to be run here: stored with the dedup record of its
+  // request (unless one is here), in one batch. True when stored; false
+  // when the job is here already (it is kept as it is), unless it is one
+  // this instance handed over (`moved`), which is stored anew.
+  caf::expected<bool> import_job(const job_record& job, const request_record& made_by);
+  // A job of this instance that `owner` took over while this one was gone:
+  // unless it is final, it becomes `moved` (at rest, announced, never run
+  // here again). True when it moved; false when it is not here or final.
+  caf::expected<bool> hand_over_job(const std::string& job_id, const std::string& owner);
   // Records that the job's events up to `status` were delivered.
   caf::error mark_announced(const std::string& job_id, const std::string& status);
   // Jobs not yet at rest: in a non-final state, or final but not announced.

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <caf/actor_system.hpp>
 #include <caf/actor_system_config.hpp>
@@ -13,6 +14,7 @@
 #include <filesystem>
 #include <fstream>
 #include <future>
+#include <map>
 #include <thread>
 
 #include "actors/config.hpp"
@@ -22,6 +24,7 @@
 #include "actors/health.hpp"
 #include "actors/metrics.hpp"
 #include "actors/reply_watch.hpp"
+#include "actors/state_follower.hpp"
 #include "actors/training_data.hpp"
 #include "actors/training_pool.hpp"
 #include "model/transformer.hpp"
@@ -162,6 +165,41 @@ TEST(EngineConfig, ValidationNamesTheOffendingKey) {
   EXPECT_NE(validate(cfg).find("compute.scheduling"), std::string::npos);
   cfg.compute.scheduling = "normal";
   EXPECT_EQ(validate(cfg), "");
+  cfg = {};
+  cfg.instance.id = "a b";
+  EXPECT_NE(validate(cfg).find("instance.id"), std::string::npos);
+  cfg.instance.id = "tailord-1";
+  EXPECT_EQ(validate(cfg), "");
+  cfg.instance.takeover_after_ms = cfg.instance.heartbeat_ms;  // would take over the living
+  EXPECT_NE(validate(cfg).find("instance.takeover_after_ms"), std::string::npos);
+  cfg.instance.takeover_after_ms = 0;  // never
+  EXPECT_EQ(validate(cfg), "");
+  cfg.instance.heartbeat_ms = 0;
+  EXPECT_NE(validate(cfg).find("instance.heartbeat_ms"), std::string::npos);
+}
+
+// Every instance that sees the same live instances picks the same one to
+// take over a job; a lost instance's jobs spread over all the live ones,
+// and a job's taker changes only if its taker is itself gone.
+TEST(Takeover, EachJobHasOneTakerAmongTheLiveAndTheJobsSpread) {
+  const std::vector<std::string> live = {"tailord-a", "tailord-b", "tailord-c"};
+  auto reversed = live;
+  std::reverse(reversed.begin(), reversed.end());
+  std::map<std::string, int> taken;
+  int kept = 0;
+  for (int i = 0; i < 300; ++i) {
+    const auto job = "job-u" + std::to_string(i) + ":signup";
+    const auto taker = taker_of(job, live);
+    ASSERT_NE(std::find(live.begin(), live.end(), taker), live.end());
+    EXPECT_EQ(taker_of(job, reversed), taker) << "not the order they were heard in";
+    ++taken[taker];
+    // Without tailord-c: jobs that tailord-c would not have taken keep their taker.
+    const auto without_c = taker_of(job, {"tailord-a", "tailord-b"});
+    if (taker != "tailord-c") kept += without_c == taker;
+  }
+  for (const auto& id : live) EXPECT_GT(taken[id], 60) << id << " takes its share";
+  EXPECT_EQ(kept, 300 - taken["tailord-c"]);
+  EXPECT_EQ(taker_of("job-1", {}), "");
 }
 
 TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {

@@ -455,3 +455,70 @@ TEST(Records, AModelStateRecordRoundTripsAndStaysInsideTheArtifactStore) {
   model_state x;
   EXPECT_EQ(parse_model_state("nope", x), "not a JSON object");
 }
+
+// The other records of tailor.state: a job as another instance needs it to
+// take the job over (its request while open, nothing of it once closed),
+// and an instance's heartbeat. Any record parses by its type.
+TEST(Records, JobStateAndHeartbeatRecordsRoundTripAndParseByType) {
+  onboarding_request req;
+  req.request_id = "signup";
+  req.user_id = "u1";
+  req.texts = {"hello", "world"};
+  job_state_record open{"tailord-a", "queued", "job-1", "signup", "u1", "tiny", to_json(req),
+                        0x8000000000000001ULL, 42};
+  state_record any;
+  ASSERT_EQ(parse_state_record(to_json(open), any), "");
+  ASSERT_TRUE(std::holds_alternative<job_state_record>(any));
+  auto back = std::get<job_state_record>(any);
+  EXPECT_EQ(to_json(back), to_json(open));
+  EXPECT_EQ(back.payload_hash, 0x8000000000000001ULL);
+  EXPECT_EQ(json::parse(back.request), json::parse(to_json(req))) << "the request, to run it";
+  EXPECT_TRUE(json::parse(to_json(open))["request"].is_object()) << "readable with kcat";
+  auto closed = open;
+  closed.status = "ready";
+  closed.request.clear();
+  ASSERT_EQ(parse_state_record(to_json(closed), any), "");
+  EXPECT_EQ(std::get<job_state_record>(any).status, "ready");
+  EXPECT_FALSE(json::parse(to_json(closed)).contains("request"));
+  EXPECT_EQ(state_key_of_job("job-1"), "job/job-1") << "no model id has a '/'";
+  instance_alive alive{"tailord-a", 1234567};
+  ASSERT_EQ(parse_state_record(to_json(alive), any), "");
+  ASSERT_TRUE(std::holds_alternative<instance_alive>(any));
+  EXPECT_EQ(std::get<instance_alive>(any).instance_id, "tailord-a");
+  EXPECT_EQ(std::get<instance_alive>(any).at_ms, 1234567);
+  EXPECT_EQ(state_key_of_instance("tailord-a"), "instance/tailord-a");
+  model_state ms{{"model-1", "u1", "tiny", "a/m.safetensors", "sha256:ab", "ready", 42, "job-1"},
+                 "",
+                 0};
+  ASSERT_EQ(parse_state_record(to_json(ms), any), "");
+  EXPECT_TRUE(std::holds_alternative<model_state>(any));
+  // The queued answer an instance stores for the request of a job it takes over.
+  const auto made_by = queued_record("u1", "signup", 7, "job-1", 42);
+  EXPECT_EQ(made_by.kind, "onboarding");
+  ASSERT_EQ(made_by.answers.size(), 1u);
+  EXPECT_EQ(json::parse(made_by.answers[0].payload)["type"], "job.queued");
+  EXPECT_EQ(json::parse(made_by.answers[0].payload)["job_id"], "job-1");
+  auto refused = [&](const std::string& of, const std::function<void(json&)>& change) {
+    auto j = json::parse(of);
+    change(j);
+    state_record x;
+    return parse_state_record(j.dump(), x);
+  };
+  const auto job = to_json(open), heartbeat = to_json(alive);
+  EXPECT_NE(refused(job, [](json& j) { j["owner"] = "a b"; }).find("owner"), std::string::npos);
+  EXPECT_NE(refused(job, [](json& j) { j["status"] = "training"; }).find("status"),
+            std::string::npos);
+  EXPECT_NE(refused(job, [](json& j) { j["request"] = "text"; }).find("request"),
+            std::string::npos);
+  EXPECT_NE(refused(job, [](json& j) { j.erase("job_id"); }).find("job_id"), std::string::npos);
+  EXPECT_NE(refused(job, [](json& j) { j["payload_hash"] = "12"; }).find("payload_hash"),
+            std::string::npos);
+  EXPECT_NE(refused(job, [](json& j) { j["schema_version"] = 2; }).find("schema_version"),
+            std::string::npos);
+  EXPECT_NE(refused(heartbeat, [](json& j) { j.erase("at_ms"); }).find("at_ms"),
+            std::string::npos);
+  EXPECT_NE(refused(heartbeat, [](json& j) { j["type"] = "instance.gone"; }).find("type"),
+            std::string::npos);
+  // Open without its request (too large to publish): read, and not taken over.
+  EXPECT_EQ(refused(job, [](json& j) { j.erase("request"); }), "");
+}

@@ -197,6 +197,69 @@ TEST_F(OnboardingTest, KilledDuringTrainingAndRestartedEndsWithExactlyOneModel) 
   EXPECT_EQ(json::parse(engine_->get("/v1/jobs").second).size(), 1u);
 }
 
+// Several instances (design section 6): a job whose instance is gone for
+// good is taken over by a live one, resumes from the checkpoint the lost
+// instance left in the shared artifact store and ends with one model; the
+// lost instance, started again from its data, leaves the job to the other.
+TEST_F(OnboardingTest, AJobOfAnInstanceGoneSilentIsTakenOverAndEndsWithOneModel) {
+  const json cfg = {{"training", {{"checkpoint_every", 20}, {"progress_interval_ms", 50}}},
+                    {"instance", {{"heartbeat_ms", 200}, {"takeover_after_ms", 2000}}}};
+  start(cfg);
+  ASSERT_FALSE(HasFatalFailure());
+  const auto request = onboarding_with("gone", "job", {{"steps", 1500}, {"batch_size", 32}});
+  send_onboarding(request);
+  in_->flush();
+  ASSERT_TRUE(wait_until(
+      [&] {
+        for (const auto& p : events_of("gone", "job", "job.progress"))
+          if (p.value["progress"]["step"].get<int>() > 20) return true;
+        return false;
+      },
+      120s));
+  ASSERT_TRUE(events_of("gone", "job", "model.ready").empty()) << "killed too late";
+  engine_->kill();
+  const auto before = events_of("gone", "job", "job.progress").size();
+  auto second_cfg = cfg;
+  second_cfg["artifact_dir"] = engine_->data_dir() + "/data/artifacts";
+  engine_process second("second", second_cfg);
+  second.join_group_of(*engine_);
+  second.start();
+  ASSERT_FALSE(HasFatalFailure());
+  auto ready = await_event("gone", "job", "model.ready", 300s);
+  ASSERT_FALSE(HasFailure());
+  const auto job_id = ready.value["job_id"].get<std::string>();
+  const auto model_id = ready.value["model_id"].get<std::string>();
+  EXPECT_EQ(json::parse(second.get("/v1/jobs/" + job_id).second)["status"], "ready");
+  auto models = json::parse(second.get("/v1/users/gone/models").second);
+  ASSERT_EQ(models.size(), 1u) << models.dump();
+  EXPECT_EQ(models[0]["model_id"], model_id);
+  // From the first instance's checkpoint, not from step 1.
+  auto progress = events_of("gone", "job", "job.progress");
+  ASSERT_GT(progress.size(), before);
+  EXPECT_GT(progress[before].value["progress"]["step"].get<int>(), 20) << progress[before].payload;
+  EXPECT_NE(second.get("/metrics").second.find("\ntailor_jobs_taken_over_total 1\n"),
+            std::string::npos);
+  // The first instance, back: the job was moved, and its model is listed.
+  engine_->start();
+  ASSERT_FALSE(HasFatalFailure());
+  auto job = json::parse(engine_->get("/v1/jobs/" + job_id).second);
+  EXPECT_EQ(job["status"], "moved") << job.dump();
+  EXPECT_EQ(metric("tailor_jobs_handed_over_total"), 1);
+  models = json::parse(engine_->get("/v1/users/gone/models").second);
+  ASSERT_EQ(models.size(), 1u) << models.dump();
+  EXPECT_EQ(models[0]["model_id"], model_id);
+  // A repeat, read by either instance, is answered as the first was, not trained.
+  send_onboarding(request);
+  in_->flush();
+  ASSERT_TRUE(wait_until([&] { return events_of("gone", "job", "job.queued").size() == 2; }, 60s));
+  const auto queued = events_of("gone", "job", "job.queued");
+  EXPECT_EQ(queued[0].payload, queued[1].payload);
+  EXPECT_EQ(engine_->stop(), 0);
+  EXPECT_EQ(second.stop(), 0);
+  EXPECT_EQ(events_of("gone", "job", "model.ready").size(), 1u);
+  EXPECT_EQ(events_of("gone", "job", "job.admitted").size(), 2u) << "admitted by each instance";
+}
+
 TEST_F(OnboardingTest, CancellationStopsARunningJobAndFreesItsSlot) {
   start({{"training", {{"slots", 1}}}});
   ASSERT_FALSE(HasFatalFailure());

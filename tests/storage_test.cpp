@@ -236,6 +236,47 @@ TEST_F(StoreTest, ImportedModelsAreListedNewestFirstOnceEach) {
       << "this instance's own record is kept";
 }
 
+// A job taken over from an instance that is gone is stored once, with its
+// request's dedup record unless one is here; a job of this instance that
+// another took over while it was away is moved: at rest, never resumed,
+// and stored anew if it comes back to this instance.
+TEST_F(StoreTest, JobsTakenOverAreImportedOnceAndJobsHandedOverRest) {
+  auto theirs = job("t1", "u2");
+  const request_record made{"u2", "r-t1", "onboarding", 77, "t1", {{channel::events, "u2", "q"}},
+                            5};
+  EXPECT_EQ(store_->import_job(theirs, made), true);
+  EXPECT_EQ(store_->get_job("t1")->status, "queued");
+  auto found = store_->find_request("u2", "r-t1");
+  ASSERT_TRUE(found && *found);
+  EXPECT_EQ((*found)->payload_hash, 77u);
+  EXPECT_EQ((*found)->answers[0].payload, "q");
+  ASSERT_TRUE(store_->transition_job("t1", "queued", "admitted"));
+  EXPECT_EQ(store_->import_job(theirs, made), false);
+  EXPECT_EQ(store_->get_job("t1")->status, "admitted") << "a job here is kept as it is";
+  // Ours, taken over elsewhere while this instance was away.
+  ASSERT_FALSE(store_->create_job(job("o1"), request("u1", "o1")));
+  ASSERT_TRUE(store_->transition_job("o1", "queued", "admitted"));
+  ASSERT_TRUE(store_->transition_job("o1", "admitted", "training"));
+  ASSERT_FALSE(store_->create_job(job("o2"), request("u1", "o2")));
+  ASSERT_TRUE(store_->transition_job("o2", "queued", "failed"));
+  EXPECT_EQ(store_->hand_over_job("o1", "tailord-b"), true);
+  EXPECT_EQ(store_->hand_over_job("o2", "tailord-b"), false) << "a final job stays final";
+  EXPECT_EQ(store_->hand_over_job("nowhere", "tailord-b"), false);
+  const auto moved = store_->get_job("o1");
+  EXPECT_EQ(moved->status, "moved");
+  EXPECT_NE(moved->error_message.find("tailord-b"), std::string::npos) << moved->error_message;
+  std::vector<std::string> unfinished;
+  const auto jobs = store_->unfinished_jobs();
+  ASSERT_TRUE(jobs);
+  for (const auto& j : *jobs) unfinished.push_back(j.job_id);
+  EXPECT_EQ(unfinished, (std::vector<std::string>{"o2", "t1"})) << "o1 is not resumed here";
+  EXPECT_EQ(store_->hand_over_job("o1", "tailord-c"), false) << "moved once";
+  // Taken over again by this instance when the other is gone too.
+  auto back = job("o1");
+  EXPECT_EQ(store_->import_job(back, request("u1", "o1")), true);
+  EXPECT_EQ(store_->get_job("o1")->status, "queued");
+}
+
 TEST_F(StoreTest, UnfinishedJobsAreThoseNotAtRestYet) {
   ASSERT_FALSE(store_->create_job(job("q"), request("u1", "q")));
   ASSERT_FALSE(store_->create_job(job("r"), request("u1", "r")));
