@@ -141,6 +141,10 @@ training_outcome run_order(trainer_actor::stateful_pointer<trainer_state> self, 
       return failure(errc::out_of_bounds, "hyperparameters: " + error_text(err), false);
     return failure(errc::training_failed, error_text(err), true);
   }
+  if (!res->checkpoint_dropped.empty())
+    spdlog::warn("job {}: its checkpoint could not be read ({}); it was dropped and the job ran "
+                 "from its first step",
+                 o.job_id, res->checkpoint_dropped);
   if (res->cancelled) {
     if (o.cancel && o.cancel->load()) {
       fs::remove(opt.checkpoint_path, ec);

@@ -1,8 +1,10 @@
 #include "model/trainer.hpp"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <filesystem>
 #include <numeric>
@@ -83,7 +85,10 @@ caf::error save_checkpoint(const std::string& path, lora_adapter& ad, lora_adapt
     torch::serialize::OutputArchive opt_ar;
     opt.save(opt_ar);
     ar.write("optimizer", opt_ar);
-    auto tmp = path + ".tmp";
+    // A name of its own: two runs of one job (a job taken over from an
+    // instance that only stalled) may save into the same store at once.
+    static std::atomic<uint64_t> seq{0};
+    auto tmp = path + ".tmp-" + std::to_string(::getpid()) + "-" + std::to_string(seq++);
     ar.save_to(tmp);
     std::filesystem::rename(tmp, path);
   } catch (const std::exception& e) {  // edge: LibTorch reports I/O by exception
@@ -214,8 +219,25 @@ caf::expected<train_result> train_lora(const base_weights& base,
   run_state st;
   const bool has_val = !val_stream.empty();
   res.initial_validation_loss = has_val ? evaluate(base, nullptr, val_stream, T) : 0.0;
-  if (!o.checkpoint_path.empty() && std::filesystem::exists(o.checkpoint_path))
-    if (auto err = load_checkpoint(o.checkpoint_path, res.adapter, best, opt, st)) return err;
+  if (!o.checkpoint_path.empty() && std::filesystem::exists(o.checkpoint_path)) {
+    const auto initial = clone_adapter(res.adapter);
+    if (auto err = load_checkpoint(o.checkpoint_path, res.adapter, best, opt, st)) {
+      // A checkpoint only saves time: one that cannot be read (cut short,
+      // or not a checkpoint) is dropped, and the run starts over, to the
+      // result of an uninterrupted run, rather than failing the job.
+      res.checkpoint_dropped = caf::to_string(err);
+      torch::NoGradGuard ng;
+      auto from = clone_adapter(initial);
+      auto to = named_of(res.adapter);
+      auto fresh = named_of(from);
+      for (std::size_t i = 0; i < to.size(); ++i) to[i].second->copy_(*fresh[i].second);
+      best = clone_adapter(initial);
+      st = run_state{};
+      opt.state().clear();
+      std::error_code ec;
+      std::filesystem::remove(o.checkpoint_path, ec);
+    }
+  }
 
   auto params = res.adapter.parameters();
   while (st.step < o.steps) {

@@ -53,6 +53,9 @@ struct train_result {
   double initial_validation_loss = 0;     // before training (the base alone)
   bool stopped_early = false;
   bool cancelled = false;
+  // Why the checkpoint found at the start could not be read (then the run
+  // started over); empty when there was none or it was read.
+  std::string checkpoint_dropped;
 };
 
 using progress_fn = std::function<void(const train_progress&)>;

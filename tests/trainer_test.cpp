@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
 
 #include "model/checkpoint.hpp"
 #include "model/pretrain.hpp"
@@ -106,6 +107,39 @@ TEST_F(TrainerTest, ResumingFromACheckpointEqualsAnUninterruptedRun) {
   EXPECT_EQ(resumed->steps_done, 20);
   EXPECT_LE(max_diff(resumed->adapter, whole->adapter), 1e-6);
   EXPECT_EQ(resumed->validation_loss, whole->validation_loss);
+}
+
+// A checkpoint only saves time: one cut short (a crash as it was written)
+// or that is not a checkpoint at all is dropped, and the run starts over
+// to the result of an uninterrupted run, rather than failing the job.
+TEST_F(TrainerTest, ACheckpointThatCannotBeReadIsDroppedAndTheRunStartsOver) {
+  auto o = quick();
+  auto whole = train_lora(base_, user_texts(), {4, 8, true}, o);
+  ASSERT_TRUE(whole);
+  o.checkpoint_every = 5;
+  o.checkpoint_path = (dir_ / "job.ckpt").string();
+  int64_t last = 0;
+  auto first = train_lora(
+      base_, user_texts(), {4, 8, true}, o, [&](const train_progress& p) { last = p.step; },
+      [&] { return last >= 10; });
+  ASSERT_TRUE(first) << caf::to_string(first.error());
+  const auto size = std::filesystem::file_size(o.checkpoint_path);
+  for (const std::string& damage : {std::string("cut"), std::string("not")}) {
+    if (damage == "cut")
+      std::filesystem::resize_file(o.checkpoint_path, size / 2);
+    else
+      std::ofstream(o.checkpoint_path, std::ios::trunc) << "not a checkpoint";
+    int64_t first_step = 0;
+    auto again = train_lora(base_, user_texts(), {4, 8, true}, o, [&](const train_progress& p) {
+      if (first_step == 0) first_step = p.step;
+    });
+    ASSERT_TRUE(again) << damage << ": " << caf::to_string(again.error());
+    EXPECT_NE(again->checkpoint_dropped, "") << damage;
+    EXPECT_EQ(first_step, 1) << damage;
+    EXPECT_EQ(again->steps_done, 20) << damage;
+    EXPECT_LE(max_diff(again->adapter, whole->adapter), 1e-6) << damage;
+    EXPECT_EQ(again->validation_loss, whole->validation_loss) << damage;
+  }
 }
 
 TEST_F(TrainerTest, CancellationEndsARunBetweenSteps) {
