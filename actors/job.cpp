@@ -130,10 +130,44 @@ void finish(job_ptr self) {
   });
 }
 
+// The job ended on another instance: it becomes `moved` here, with no event
+// (the other instance announced its end), and the actor ends. A store that
+// cannot take it leaves the job as it is: the next start moves it.
+void hand_over(job_ptr self) {
+  auto& st = self->state;
+  self->request(st.db, store_timeout, moved_atom_v, st.job.job_id, st.moved_to)
+      .then(
+          [self](bool moved) {
+            auto& st = self->state;
+            if (moved) {
+              st.stats->count_job_handed_over();
+              spdlog::warn("job {}: instance {} ran it to its end; stopped and moved here",
+                           st.job.job_id, st.moved_to);
+            }
+            for (auto& rp : st.cancel_waiters)
+              rp.deliver(answers{cancel_rejected(
+                  st.job.job_id, st.job.request_id, st.job.user_id, errc::job_not_cancellable,
+                  "job " + st.job.job_id + " ended on instance " + st.moved_to)});
+            st.cancel_waiters.clear();
+            self->send(st.pool, done_atom_v, st.job.job_id);
+            self->quit();
+          },
+          [self](caf::error& err) {
+            spdlog::error("job {}: cannot move it: {}; the next start does", self->state.job.job_id,
+                          caf::to_string(err));
+            self->send(self->state.pool, done_atom_v, self->state.job.job_id);
+            self->quit();
+          });
+}
+
 void on_outcome(job_ptr self, training_outcome& o) {
   auto& st = self->state;
   self->send(st.pool, release_atom_v, st.job.job_id);
   st.in_slot = false;
+  if (!st.moved_to.empty() && o.status == "cancelled") {
+    hand_over(self);
+    return;
+  }
   if (o.status == "interrupted") {
     // Shutdown: the job stays where it is and resumes at the next start.
     self->send(st.pool, done_atom_v, st.job.job_id);
@@ -350,6 +384,15 @@ job_actor::behavior_type job(job_actor::stateful_pointer<job_state> self, job_re
       },
       [self](done_atom) {
         if (is_final(self->state.job.status)) finish(self);
+      },
+      [self](moved_atom, const std::string& owner) {
+        auto& st = self->state;
+        if (is_final(st.job.status) || !st.moved_to.empty()) return;
+        st.moved_to = owner;
+        if (!st.in_slot) return hand_over(self);
+        // A job saving registers the model the other instance made: its
+        // end is announced twice, the same model id.
+        if (st.job.status != "saving") st.cancel->store(true);
       },
   };
 }

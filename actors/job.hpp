@@ -31,13 +31,16 @@ using job_owner = caf::typed_actor<caf::reacts_to<release_atom, std::string>,
 // (a trainer_actor, as an untyped handle); `started`, `progress` and `saving`
 // come from that slot; `cancel` answers once the job has stopped (or at once
 // when it cannot be cancelled any more); `done` announces a final state
-// found at recovery and ends the actor.
+// found at recovery and ends the actor. `moved` says that another instance
+// ran the job to its end: it stops at its next step, unless it is saving,
+// and becomes `moved` without a word on tailor.events.
 using job_actor =
     caf::typed_actor<caf::reacts_to<admit_atom, caf::actor>, caf::reacts_to<started_atom>,
                      caf::reacts_to<progress_atom, int64_t, int64_t, double>,
                      caf::reacts_to<saving_atom>,
                      caf::replies_to<cancel_atom>::with<std::vector<outgoing_message>>,
-                     caf::reacts_to<requeue_atom>, caf::reacts_to<done_atom>>;
+                     caf::reacts_to<requeue_atom>, caf::reacts_to<done_atom>,
+                     caf::reacts_to<moved_atom, std::string>>;
 
 struct job_state {
   job_record job;
@@ -49,6 +52,7 @@ struct job_state {
   std::shared_ptr<std::atomic<bool>> cancel = std::make_shared<std::atomic<bool>>(false);
   std::vector<caf::typed_response_promise<std::vector<outgoing_message>>> cancel_waiters;
   bool in_slot = false;
+  std::string moved_to;  // the instance that ended the job, once told
   static inline const char* name = "tailor.job";
 };
 

@@ -116,6 +116,12 @@ void apply(self_ptr self, const RdKafka::Message& msg) {
       st.owned_elsewhere[job->job_id] = job->owner;
     else
       st.owned_elsewhere.erase(job->job_id);
+    // Ended elsewhere while it may run here too (this instance stalled
+    // and its job was taken over, or it came back while the taker ran it):
+    // the run here stops. Before the first catch-up, the store does it.
+    if (job->status != "queued" && job->owner != st.cfg.instance.id &&
+        (st.caught_up || !st.hand_over))
+      self->send(st.pool, moved_atom_v, job->job_id, job->owner);
     st.stats->count_state_record("followed");
     return;
   }

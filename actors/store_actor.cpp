@@ -61,6 +61,12 @@ store_actor::behavior_type store(store_actor::stateful_pointer<store_state> self
         if (auto err = self->state.db->mark_announced(job_id, status)) return err;
         return caf::ok_atom_v;
       },
+      [self](moved_atom, const std::string& job_id,
+             const std::string& owner) -> caf::result<bool> {
+        auto moved = self->state.db->hand_over_job(job_id, owner);
+        if (!moved) return moved.error();
+        return *moved;
+      },
       [self](history_atom, const history_entry& e) {
         // Off the answer's path: a failure is logged, never retried into it.
         if (auto err = self->state.db->append_history(e))

@@ -27,6 +27,8 @@ using store_actor = caf::typed_actor<
     caf::replies_to<register_atom, model_record, std::string,
                     std::vector<outgoing_message>>::with<caf::ok_atom>,
     caf::replies_to<announce_atom, std::string, std::string>::with<caf::ok_atom>,
+    // A job another instance ran to its end: moved here (hand_over_job).
+    caf::replies_to<moved_atom, std::string, std::string>::with<bool>,
     caf::replies_to<recover_atom>::with<std::vector<job_record>>,
     caf::reacts_to<history_atom, history_entry>,
     // A page of a user's history after a cursor: entries and the next cursor.

@@ -197,6 +197,14 @@ pool_actor::behavior_type training_pool(pool_actor::stateful_pointer<pool_state>
         update_gauges(st);
         return self->delegate(it->second.actor, cancel_atom_v);
       },
+      [self](moved_atom, const std::string& id, const std::string& owner) {
+        auto& st = self->state;
+        auto it = st.jobs.find(id);
+        if (it == st.jobs.end()) return;
+        st.queue.erase(std::remove(st.queue.begin(), st.queue.end(), id), st.queue.end());
+        update_gauges(st);
+        self->send(it->second.actor, moved_atom_v, owner);
+      },
       [self](release_atom, const std::string& id) {
         auto& st = self->state;
         if (auto it = st.jobs.find(id); it != st.jobs.end()) unassign(st, it->second, id);

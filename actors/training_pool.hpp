@@ -30,12 +30,15 @@ namespace tailor::actors {
 // unfinished, and `stop` interrupts running jobs at their next step (they
 // resume from their checkpoints at the next start). `restart` is its own
 // delayed message to itself: a job whose actor failed starts again.
+// `moved` (job, instance) says another instance ran the job to its end:
+// its actor here stops it quietly (a job not here is left alone).
 using pool_actor = job_owner::extend<
     caf::replies_to<submit_atom, job_record>::with<caf::ok_atom>,
     caf::replies_to<count_atom, std::string>::with<int64_t>,
     caf::replies_to<cancel_atom, std::string>::with<std::vector<outgoing_message>>,
     caf::replies_to<recover_atom>::with<caf::ok_atom>,
-    caf::replies_to<stop_atom>::with<caf::ok_atom>, caf::reacts_to<restart_atom, std::string>>;
+    caf::replies_to<stop_atom>::with<caf::ok_atom>, caf::reacts_to<restart_atom, std::string>,
+    caf::reacts_to<moved_atom, std::string, std::string>>;
 
 struct pool_state {
   struct entry {

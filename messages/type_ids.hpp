@@ -84,5 +84,6 @@ CAF_ADD_ATOM(tailor, tailor::messages, prefetch_atom, "prefetch")
 CAF_ADD_ATOM(tailor, tailor::messages, restart_atom, "restart")
 CAF_ADD_ATOM(tailor, tailor::messages, catch_up_atom, "catchup")
 CAF_ADD_ATOM(tailor, tailor::messages, follow_atom, "follow")
+CAF_ADD_ATOM(tailor, tailor::messages, moved_atom, "moved")
 
 CAF_END_TYPE_ID_BLOCK(tailor)

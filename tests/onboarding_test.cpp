@@ -260,6 +260,40 @@ TEST_F(OnboardingTest, AJobOfAnInstanceGoneSilentIsTakenOverAndEndsWithOneModel)
   EXPECT_EQ(events_of("gone", "job", "job.admitted").size(), 2u) << "admitted by each instance";
 }
 
+// A job that another instance ran to its end (it had taken the job over
+// while this one stalled) stops here at its next step, becomes `moved`,
+// and says nothing more on tailor.events: its end was announced there.
+TEST_F(OnboardingTest, AJobThatAnotherInstanceEndedStopsHereWithoutAWord) {
+  start({{"training", {{"slots", 1}}}});
+  ASSERT_FALSE(HasFatalFailure());
+  send_onboarding(onboarding_with("m", "long", {{"steps", 10000}}));
+  in_->flush();
+  const auto first = await_event("m", "long", "job.progress");
+  ASSERT_FALSE(HasFailure());
+  const auto job_id = first.value["job_id"].get<std::string>();
+  const json ended = {{"type", "job.state"},     {"schema_version", 1},
+                      {"owner", "tailord-else"}, {"status", "ready"},
+                      {"job_id", job_id},        {"request_id", "long"},
+                      {"user_id", "m"},          {"base_model", "tailor-test"},
+                      {"payload_hash", "0000000000000001"}, {"created_ms", 1}};
+  in_->send(engine_->topics().state, "job/" + job_id, ended.dump());
+  in_->flush();
+  ASSERT_TRUE(wait_until(
+      [&] {
+        return json::parse(engine_->get("/v1/jobs/" + job_id).second).value("status", "") ==
+               "moved";
+      },
+      60s))
+      << engine_->get("/v1/jobs/" + job_id).second;
+  EXPECT_EQ(metric("tailor_jobs_handed_over_total"), 1);
+  // Its one slot is free again.
+  send_onboarding(onboarding("m", "next"));
+  in_->flush();
+  await_event("m", "next", "model.ready", 60s);
+  for (const char* type : {"job.cancelled", "job.failed", "model.ready", "job.saving"})
+    EXPECT_TRUE(events_of("m", "long", type).empty()) << type;
+}
+
 TEST_F(OnboardingTest, CancellationStopsARunningJobAndFreesItsSlot) {
   start({{"training", {{"slots", 1}}}});
   ASSERT_FALSE(HasFatalFailure());
