@@ -71,6 +71,7 @@ void hand_over_jobs(state_follower_state& st) {
 void check_caught_up(state_follower_state& st) {
   if (st.caught_up || !st.behind.empty()) return;
   if (st.hand_over) hand_over_jobs(st);
+  st.owned_elsewhere.clear();
   st.caught_up = true;
   spdlog::info("state: read {} record(s) of {} ({} model(s) new here, {} open job(s) in the "
                "group) in {:.0f} ms; following it",
@@ -112,10 +113,13 @@ void apply(self_ptr self, const RdKafka::Message& msg) {
       st.open_jobs[job->job_id] = *job;
     else
       st.open_jobs.erase(job->job_id);
-    if (job->owner != st.cfg.instance.id)
-      st.owned_elsewhere[job->job_id] = job->owner;
-    else
-      st.owned_elsewhere.erase(job->job_id);
+    // Needed only for the first catch-up's hand-over.
+    if (st.hand_over && !st.caught_up) {
+      if (job->owner != st.cfg.instance.id)
+        st.owned_elsewhere[job->job_id] = job->owner;
+      else
+        st.owned_elsewhere.erase(job->job_id);
+    }
     // Ended elsewhere while it may run here too (this instance stalled
     // and its job was taken over, or it came back while the taker ran it):
     // the run here stops. Before the first catch-up, the store does it.
@@ -182,7 +186,6 @@ void take_over(self_ptr self, messages::job_state_record open) {
   open.owner = st.cfg.instance.id;
   open.request.clear();
   st.open_jobs[job.job_id] = open;
-  st.owned_elsewhere.erase(job.job_id);
   spdlog::warn("state: instance {} not heard from for {} ms; job {} of user {} runs here",
                gone, st.cfg.instance.takeover_after_ms, job.job_id, job.user_id);
   if (*stored) {

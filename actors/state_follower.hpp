@@ -63,7 +63,8 @@ struct state_follower_state {
   std::map<std::string, clock::time_point> heard;
   // The group's open jobs, by id, as last published (their owner among them).
   std::map<std::string, messages::job_state_record> open_jobs;
-  // Jobs whose last record names another instance than this one.
+  // Jobs whose last record names another instance than this one, while
+  // catching up the first time (for the hand-over).
   std::map<std::string, std::string> owned_elsewhere;
   std::unique_ptr<RdKafka::KafkaConsumer> consumer;
   std::unique_ptr<queue_wakeup> wakeup;  // reset before the consumer closes

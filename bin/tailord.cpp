@@ -71,7 +71,8 @@ int main(int argc, char** argv) {
   engine_config cfg;
   CLI::App app{
       "tailord - the Tailor engine: personal LoRA models, trained and served through Kafka"};
-  std::string config_file, bootstrap, group_id, data_dir, admin_host, ready_file, log_level;
+  std::string config_file, bootstrap, group_id, instance_id, data_dir, admin_host, ready_file,
+      log_level;
   std::vector<std::string> props;
   int admin_port = -1, max_in_flight = -1, idle = -1, slots = -1, admission_queue = -1;
   bool sync_writes = false;
@@ -80,6 +81,9 @@ int main(int argc, char** argv) {
   app.add_option("-b,--bootstrap-servers", bootstrap,
                  "Kafka bootstrap servers; unset: start an embedded mock cluster (demo only)");
   app.add_option("-g,--group-id", group_id, "Kafka consumer group (default: tailor)");
+  app.add_option("--instance-id", instance_id,
+                 "this instance's name in its group (default: made up at the first start and "
+                 "kept in the data directory)");
   app.add_option("-X,--kafka-property", props,
                  "librdkafka property KEY=VALUE, repeatable (SASL, TLS, ...)");
   app.add_option("-d,--data-dir", data_dir, "RocksDB and artifacts (default: $TAILOR_HOME/engine)");
@@ -129,6 +133,7 @@ int main(int argc, char** argv) {
   }
   if (!bootstrap.empty()) cfg.kafka.bootstrap_servers = bootstrap;
   if (!group_id.empty()) cfg.kafka.group_id = group_id;
+  if (!instance_id.empty()) cfg.instance.id = instance_id;
   for (const auto& p : props) {
     auto eq = p.find('=');
     if (eq == std::string::npos || eq == 0) {
