@@ -257,6 +257,7 @@ void run(job_ptr self, trainer_actor slot) {
   order.hp = resolve(req.hparams, st.cfg.training.defaults);
   order.prompts = req.prompts;
   order.cancel = st.cancel;
+  order.abandon = st.abandon;
   self->request(slot, caf::infinite, train_atom_v, std::move(order))
       .then([self](training_outcome& o) { on_outcome(self, o); },
             [self](caf::error& err) {
@@ -323,7 +324,8 @@ outgoing_message job_state_message(const job_record& job, const std::string& own
 
 job_actor::behavior_type job(job_actor::stateful_pointer<job_state> self, job_record rec,
                              engine_config cfg, store_actor db, egress_actor out, job_owner pool,
-                             std::shared_ptr<metrics> stats) {
+                             std::shared_ptr<metrics> stats,
+                             std::shared_ptr<std::atomic<bool>> abandon) {
   self->set_exception_handler(exit_reason_of_exception);
   auto& st = self->state;
   st.job = std::move(rec);
@@ -332,6 +334,7 @@ job_actor::behavior_type job(job_actor::stateful_pointer<job_state> self, job_re
   st.out = std::move(out);
   st.pool = std::move(pool);
   st.stats = std::move(stats);
+  st.abandon = std::move(abandon);
   return {
       [self](admit_atom, caf::actor slot) {
         auto& st = self->state;

@@ -50,15 +50,20 @@ struct job_state {
   job_owner pool;
   std::shared_ptr<metrics> stats;
   std::shared_ptr<std::atomic<bool>> cancel = std::make_shared<std::atomic<bool>>(false);
+  std::shared_ptr<std::atomic<bool>> abandon;  // the pool's: set once this actor has failed
   std::vector<caf::typed_response_promise<std::vector<outgoing_message>>> cancel_waiters;
   bool in_slot = false;
   std::string moved_to;  // the instance that ended the job, once told
   static inline const char* name = "tailor.job";
 };
 
+// `abandon`: the pool sets it when this actor fails, so that a training run
+// it ordered stops at its next step rather than run on beside the job's
+// fresh actor.
 job_actor::behavior_type job(job_actor::stateful_pointer<job_state> self, job_record rec,
                              engine_config cfg, store_actor db, egress_actor out, job_owner pool,
-                             std::shared_ptr<metrics> stats);
+                             std::shared_ptr<metrics> stats,
+                             std::shared_ptr<std::atomic<bool>> abandon);
 
 // The model a job registers: derived from the job id, so a retried or
 // resumed job can only ever register one.

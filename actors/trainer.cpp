@@ -81,6 +81,7 @@ training_outcome run_order(trainer_actor::stateful_pointer<trainer_state> self, 
   auto& st = self->state;
   auto job = caf::actor_cast<job_actor>(self->current_sender());
   if (o.cancel && o.cancel->load()) return with_status("cancelled");
+  if (o.abandon && o.abandon->load()) return with_status("interrupted");
   if (st.shutdown->load()) return with_status("interrupted");
   auto it = st.bases->by_name.find(o.base_model);
   if (it == st.bases->by_name.end())
@@ -127,7 +128,10 @@ training_outcome run_order(trainer_actor::stateful_pointer<trainer_state> self, 
     last_report = now;
     self->send(job, progress_atom_v, p.step, p.steps, p.loss);
   };
-  auto stop = [&] { return (o.cancel && o.cancel->load()) || st.shutdown->load(); };
+  auto stop = [&] {
+    return (o.cancel && o.cancel->load()) || (o.abandon && o.abandon->load()) ||
+           st.shutdown->load();
+  };
   auto t0 = clock::now();
   auto res = model::train_lora(base, texts, lc, opt, progress, stop);
   st.stats->add_training_seconds(std::chrono::duration<double>(clock::now() - t0).count());

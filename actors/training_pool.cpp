@@ -73,10 +73,11 @@ void add_job(pool_ptr self, job_record rec, bool front) {
   auto id = rec.job_id;
   auto user = rec.user_id;
   bool final = rec.status == "ready" || rec.status == "failed" || rec.status == "cancelled";
+  auto abandon = std::make_shared<std::atomic<bool>>(false);
   auto a = self->spawn(job, std::move(rec), st.cfg, st.db, st.out, caf::actor_cast<job_owner>(self),
-                       st.stats);
+                       st.stats, abandon);
   self->monitor(a);
-  st.jobs[id] = {a, user, -1};
+  st.jobs[id] = {a, user, -1, abandon};
   ++st.per_user[user];
   if (final) {
     self->send(a, done_atom_v);  // only its final events are left to announce
@@ -158,6 +159,9 @@ pool_actor::behavior_type training_pool(pool_actor::stateful_pointer<pool_state>
     auto& st = self->state;
     for (auto& [job_id, e] : st.jobs) {
       if (e.actor.address() != dm.source) continue;
+      // A run it ordered stops at its next step, keeping its checkpoint:
+      // its slot is free for the job's fresh actor, which resumes from it.
+      e.abandon->store(true);
       const auto id = job_id;  // forget() erases the entry
       forget(self, id);
       if (dm.reason && dm.reason != caf::exit_reason::normal &&

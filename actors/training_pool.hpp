@@ -45,6 +45,8 @@ struct pool_state {
     job_actor actor;
     std::string user_id;
     int slot = -1;  // -1: not on a slot
+    // Set when the actor fails: a run it ordered stops at its next step.
+    std::shared_ptr<std::atomic<bool>> abandon;
   };
   struct slot {
     trainer_actor trainer;

@@ -51,6 +51,9 @@ struct training_order {
   hyperparameter_values hp;
   std::vector<std::string> prompts;
   std::shared_ptr<std::atomic<bool>> cancel;
+  // Set when the job's actor has failed: the slot stops before its next
+  // step and keeps the checkpoint, which the job's fresh actor resumes.
+  std::shared_ptr<std::atomic<bool>> abandon;
 };
 
 struct training_outcome {

@@ -500,7 +500,8 @@ TEST_F(JobsAtShutdown, AJobWhoseEventsCannotGoOutAnyMoreEnds) {
   auto& self = *self_;
   engine_config cfg;
   auto j = sys_->spawn(job, record("j1", "ready"), cfg, db_, out_,
-                       caf::actor_cast<job_owner>(self), std::make_shared<metrics>());
+                       caf::actor_cast<job_owner>(self), std::make_shared<metrics>(),
+                       std::make_shared<std::atomic<bool>>(false));
   self->monitor(j);
   self->send(j, done_atom_v);  // announce the final events, as at recovery
   bool ended = next_down();

@@ -403,6 +403,26 @@ TEST_F(OnboardingTest, AJobWhoseActorFailsStartsAgainAndEndsWithItsModel) {
   EXPECT_EQ(jobs.size(), users.size()) << "one job per request";
 }
 
+// A job whose actor fails while its slot trains: the run stops at its next
+// step, keeping its checkpoint, and the job's fresh actor resumes from it
+// at once, on the same slot, rather than wait for the orphaned run to end.
+TEST_F(OnboardingTest, AJobWhoseActorFailsWhileTrainingResumesAtOnce) {
+  start_with_fault("TAILOR_FAULT_JOB", "2",  // admitted -> training: the run has begun
+                   {{"training",
+                     {{"slots", 1}, {"checkpoint_every", 20}, {"progress_interval_ms", 50}}}});
+  ASSERT_FALSE(HasFatalFailure());
+  send_onboarding(onboarding_with("tom", "long", {{"steps", 10000}, {"batch_size", 32}}));
+  in_->flush();
+  // The progress the first actor would have published went nowhere: any
+  // job.progress is the fresh actor's, resuming.
+  const auto resumed = await_event("tom", "long", "job.progress", 30s);
+  ASSERT_FALSE(HasFailure()) << "the orphaned run kept the one slot";
+  EXPECT_EQ(metric("tailor_job_actor_failures_total"), 1);
+  send_control(job_cancel("tom", resumed.value["job_id"]));
+  in_->flush();
+  await_event("tom", "long", "job.cancelled", 30s);
+}
+
 // A job that takes its actor down every time (every transition throws)
 // fails at the third failure with `internal`, naming why, instead of
 // starting again for good.

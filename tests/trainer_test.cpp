@@ -58,6 +58,16 @@ class TrainerTest : public ::testing::Test {
     o.seed = 7;
     return o;
   }
+  // `o`, made to checkpoint every 5 steps into the test's directory, run
+  // until step 10 and stopped there (its checkpoint kept).
+  caf::expected<train_result> stopped_at_step_10(train_options& o) {
+    o.checkpoint_every = 5;
+    o.checkpoint_path = (dir_ / "job.ckpt").string();
+    int64_t last = 0;
+    return train_lora(
+        base_, user_texts(), {4, 8, true}, o, [&](const train_progress& p) { last = p.step; },
+        [&] { return last >= 10; });
+  }
   std::filesystem::path dir_;
   base_weights base_;
 };
@@ -90,12 +100,7 @@ TEST_F(TrainerTest, ResumingFromACheckpointEqualsAnUninterruptedRun) {
   auto o = quick();
   auto whole = train_lora(base_, user_texts(), {4, 8, true}, o);
   ASSERT_TRUE(whole);
-  o.checkpoint_every = 5;
-  o.checkpoint_path = (dir_ / "job.ckpt").string();
-  int64_t last = 0;
-  auto first = train_lora(
-      base_, user_texts(), {4, 8, true}, o, [&](const train_progress& p) { last = p.step; },
-      [&] { return last >= 10; });
+  auto first = stopped_at_step_10(o);
   ASSERT_TRUE(first) << caf::to_string(first.error());
   EXPECT_TRUE(first->cancelled);
   EXPECT_EQ(first->steps_done, 10);
@@ -116,12 +121,7 @@ TEST_F(TrainerTest, ACheckpointThatCannotBeReadIsDroppedAndTheRunStartsOver) {
   auto o = quick();
   auto whole = train_lora(base_, user_texts(), {4, 8, true}, o);
   ASSERT_TRUE(whole);
-  o.checkpoint_every = 5;
-  o.checkpoint_path = (dir_ / "job.ckpt").string();
-  int64_t last = 0;
-  auto first = train_lora(
-      base_, user_texts(), {4, 8, true}, o, [&](const train_progress& p) { last = p.step; },
-      [&] { return last >= 10; });
+  auto first = stopped_at_step_10(o);
   ASSERT_TRUE(first) << caf::to_string(first.error());
   const auto size = std::filesystem::file_size(o.checkpoint_path);
   for (const std::string& damage : {std::string("cut"), std::string("not")}) {
