@@ -17,10 +17,6 @@ using job_ptr = job_actor::stateful_pointer<job_state>;
 
 constexpr auto store_timeout = std::chrono::seconds(30);
 
-bool is_final(const std::string& status) {
-  return status == "ready" || status == "failed" || status == "cancelled";
-}
-
 int64_t now_ms() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
              std::chrono::system_clock::now().time_since_epoch())
@@ -308,7 +304,7 @@ outgoing_message model_state_message(const model_record& model, const job_record
 outgoing_message job_state_message(const job_record& job, const std::string& owner) {
   job_state_record s;
   s.owner = owner;
-  s.status = is_final(job.status) ? job.status : "queued";
+  s.status = is_final_job_status(job.status) ? job.status : "queued";
   s.job_id = job.job_id;
   s.request_id = job.request_id;
   s.user_id = job.user_id;
@@ -386,11 +382,11 @@ job_actor::behavior_type job(job_actor::stateful_pointer<job_state> self, job_re
         self->send(self->state.pool, requeue_atom_v, self->state.job.job_id);
       },
       [self](done_atom) {
-        if (is_final(self->state.job.status)) finish(self);
+        if (is_final_job_status(self->state.job.status)) finish(self);
       },
       [self](moved_atom, const std::string& owner) {
         auto& st = self->state;
-        if (is_final(st.job.status) || !st.moved_to.empty()) return;
+        if (is_final_job_status(st.job.status) || !st.moved_to.empty()) return;
         st.moved_to = owner;
         if (!st.in_slot) return hand_over(self);
         // A job saving registers the model the other instance made: its

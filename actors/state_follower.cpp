@@ -177,7 +177,7 @@ void take_over(self_ptr self, messages::job_state_record open) {
     // the group learns that it runs here.
     auto here = st.db->get_job(job.job_id);
     if (!here) return;
-    if (here->status == "ready" || here->status == "failed" || here->status == "cancelled") {
+    if (is_final_job_status(here->status)) {
       st.open_jobs.erase(job.job_id);
       return;
     }

@@ -72,7 +72,7 @@ void add_job(pool_ptr self, job_record rec, bool front) {
   if (st.jobs.count(rec.job_id)) return;
   auto id = rec.job_id;
   auto user = rec.user_id;
-  bool final = rec.status == "ready" || rec.status == "failed" || rec.status == "cancelled";
+  const bool final = is_final_job_status(rec.status);
   auto abandon = std::make_shared<std::atomic<bool>>(false);
   auto a = self->spawn(job, std::move(rec), st.cfg, st.db, st.out, caf::actor_cast<job_owner>(self),
                        st.stats, abandon);
@@ -231,8 +231,7 @@ pool_actor::behavior_type training_pool(pool_actor::stateful_pointer<pool_state>
                   auto f = st.job_actor_failures[id];
                   if (found.empty() || st.shutdown->load() || st.jobs.count(id)) return;
                   auto& j = found.front();
-                  const bool final =
-                      j.status == "ready" || j.status == "failed" || j.status == "cancelled";
+                  const bool final = is_final_job_status(j.status);
                   if (!final && f.count >= pool_state::max_job_actor_failures) {
                     st.job_actor_failures.erase(id);
                     return fail_job(self, j, f);

@@ -54,6 +54,12 @@ struct job_record {
   std::vector<outgoing_message> outcome;
 };
 
+// A job that has ended: ready, failed or cancelled (a `moved` job has not:
+// it ended, or still runs, on another instance).
+inline bool is_final_job_status(const std::string& status) {
+  return status == "ready" || status == "failed" || status == "cancelled";
+}
+
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, job_record& x) {
   return f(caf::meta::type_name("job_record"), x.job_id, x.request_id, x.user_id, x.base_model,

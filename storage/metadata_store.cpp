@@ -24,7 +24,7 @@ enum table : std::size_t { users = 0, models, jobs, requests, history, table_cou
 
 // A job that will not run again: final, or run by another instance.
 bool is_at_rest(const std::string& status) {
-  return status == "ready" || status == "failed" || status == "cancelled" || status == "moved";
+  return messages::is_final_job_status(status) || status == "moved";
 }
 
 caf::error io(const rocksdb::Status& s, const char* what) {
