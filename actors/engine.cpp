@@ -72,11 +72,12 @@ void start_ingress_when_ready(supervisor_actor::stateful_pointer<supervisor_stat
   start_ingress(self);
 }
 
-// A state follower, fresh at the start or after one failed. Until the
-// ingress has started, it waits for this follower to catch up; a follower
-// that ends first is restarted and asked again.
 void recover_jobs(supervisor_actor::stateful_pointer<supervisor_state> self);
 
+// A state follower, fresh at the start or after one failed. Until its first
+// catch-up, the supervisor waits for it (then recovers the last run's jobs
+// and starts the ingress); a follower that ends first is restarted and
+// asked again.
 void start_state_follower(supervisor_actor::stateful_pointer<supervisor_state> self) {
   auto& st = self->state;
   // Only the first catch-up hands over this instance's jobs that another

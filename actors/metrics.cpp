@@ -216,6 +216,17 @@ std::string metrics::render() const {
         "Jobs of an instance not heard from for instance.takeover_after_ms that this instance "
         "took over and ran.",
         jobs_taken_over_.load());
+  gauge("tailor_group_instances_live", "gauge",
+        "Other instances of the group heard from on the state topic within "
+        "instance.takeover_after_ms.",
+        group_live_.load());
+  gauge("tailor_group_open_jobs", "gauge",
+        "Onboarding jobs of the whole group not ended yet, as the state topic shows them.",
+        group_open_jobs_.load());
+  gauge("tailor_group_orphaned_jobs", "gauge",
+        "Open jobs whose instance has been silent for instance.takeover_after_ms: taken over "
+        "within a second, unless they cannot be (the log says why).",
+        group_orphaned_jobs_.load());
   gauge("tailor_jobs_handed_over_total", "counter",
         "Jobs of this instance that another took over while this one was gone: moved, not run "
         "here again.",

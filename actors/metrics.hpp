@@ -104,6 +104,14 @@ class metrics {
   void count_job_taken_over() { jobs_taken_over_.fetch_add(1); }
   // A job of this instance that another took over while this one was gone.
   void count_job_handed_over() { jobs_handed_over_.fetch_add(1); }
+  // The group as the state topic shows it: other instances heard from
+  // within instance.takeover_after_ms, its open jobs, and those of them
+  // whose instance is silent.
+  void set_group(int64_t live, int64_t open_jobs, int64_t orphaned_jobs) {
+    group_live_.store(live);
+    group_open_jobs_.store(open_jobs);
+    group_orphaned_jobs_.store(orphaned_jobs);
+  }
   // A job's actor failed (its job starts again, or fails at the third).
   void count_job_actor_failure() { job_actor_failures_.fetch_add(1); }
   // The ingress failed and a fresh one rejoins the group.
@@ -220,6 +228,7 @@ class metrics {
   std::atomic<int64_t> state_follower_restarts_{0};
   std::atomic<int64_t> jobs_taken_over_{0};
   std::atomic<int64_t> jobs_handed_over_{0};
+  std::atomic<int64_t> group_live_{0}, group_open_jobs_{0}, group_orphaned_jobs_{0};
   std::atomic<int64_t> job_actor_failures_{0};
 };
 

@@ -109,10 +109,12 @@ void apply(self_ptr self, const RdKafka::Message& msg) {
     // A request is kept only while another instance may have to be
     // replaced: at most its admission queue and slots' worth each.
     if (job->owner == st.cfg.instance.id) job->request.clear();
-    if (job->status == "queued")
+    if (job->status == "queued") {
       st.open_jobs[job->job_id] = *job;
-    else
+    } else {
       st.open_jobs.erase(job->job_id);
+      st.untakeable.erase(job->job_id);
+    }
     // Needed only for the first catch-up's hand-over.
     if (st.hand_over && !st.caught_up) {
       if (job->owner != st.cfg.instance.id)
@@ -208,37 +210,42 @@ void take_over(self_ptr self, messages::job_state_record open) {
             });
 }
 
-// Takes over the open jobs of instances gone quiet whose taker is this one.
-void take_over_gone(self_ptr self) {
+// Counts the group's instances and open jobs (for /metrics), and takes over
+// the open jobs of silent instances whose taker is this one.
+void watch_group(self_ptr self) {
   auto& st = self->state;
+  if (!st.caught_up) return;
   const auto after = std::chrono::milliseconds(st.cfg.instance.takeover_after_ms);
-  if (!st.caught_up || after.count() == 0) return;
   const auto now = state_follower_state::clock::now();
   // Not heard from since this follower started counts from its start: an
   // instance alive now is heard from well within `after`.
   auto gone = [&](const std::string& id) {
     auto it = st.heard.find(id);
-    return now - (it == st.heard.end() ? st.started : it->second) > after;
+    return after.count() > 0 && now - (it == st.heard.end() ? st.started : it->second) > after;
   };
   std::vector<std::string> live = {st.cfg.instance.id};
   for (const auto& [id, at] : st.heard)
     if (id != st.cfg.instance.id && !gone(id)) live.push_back(id);
   std::vector<messages::job_state_record> mine;
-  for (const auto& [job_id, open] : st.open_jobs)
-    if (open.owner != st.cfg.instance.id && gone(open.owner) &&
-        taker_of(job_id, live) == st.cfg.instance.id)
-      mine.push_back(open);
+  int64_t orphaned = 0;
+  for (const auto& [job_id, open] : st.open_jobs) {
+    if (open.owner == st.cfg.instance.id || !gone(open.owner)) continue;
+    ++orphaned;
+    if (taker_of(job_id, live) == st.cfg.instance.id) mine.push_back(open);
+  }
+  st.stats->set_group(static_cast<int64_t>(live.size()) - 1,
+                      static_cast<int64_t>(st.open_jobs.size()), orphaned);
   for (auto& open : mine) {
     if (!open.request.empty()) {
       take_over(self, std::move(open));
       continue;
     }
-    // Published without it (too large for a record): said once, and left
-    // to the instance that has it.
-    spdlog::error("state: job {} of gone instance {} cannot be taken over: its request was too "
-                  "large to publish; it waits for that instance",
-                  open.job_id, open.owner);
-    st.open_jobs.erase(open.job_id);
+    // Published without it (too large for a record): left to the instance
+    // that has it, and said once (it stays among the orphaned jobs).
+    if (st.untakeable.insert(open.job_id).second)
+      spdlog::error("state: job {} of gone instance {} cannot be taken over: its request was "
+                    "too large to publish; it waits for that instance",
+                    open.job_id, open.owner);
   }
 }
 
@@ -355,7 +362,7 @@ state_follower_actor::behavior_type state_follower(
                        st.cfg.kafka.topics.state, st.read, st.behind.size());
           st.next_progress_log = now + std::chrono::seconds(10);
         }
-        take_over_gone(self);
+        watch_group(self);
         self->delayed_send(self, std::chrono::seconds(1), tick_atom_v);
       },
   };

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -63,6 +64,9 @@ struct state_follower_state {
   std::map<std::string, clock::time_point> heard;
   // The group's open jobs, by id, as last published (their owner among them).
   std::map<std::string, messages::job_state_record> open_jobs;
+  // Open jobs of silent instances published without their request, which
+  // no other instance can run (logged once each).
+  std::set<std::string> untakeable;
   // Jobs whose last record names another instance than this one, while
   // catching up the first time (for the hand-over).
   std::map<std::string, std::string> owned_elsewhere;

@@ -237,14 +237,17 @@ TEST_F(OnboardingTest, AJobOfAnInstanceGoneSilentIsTakenOverAndEndsWithOneModel)
   auto progress = events_of("gone", "job", "job.progress");
   ASSERT_GT(progress.size(), before);
   EXPECT_GT(progress[before].value["progress"]["step"].get<int>(), 20) << progress[before].payload;
-  EXPECT_NE(second.get("/metrics").second.find("\ntailor_jobs_taken_over_total 1\n"),
-            std::string::npos);
+  const auto taker = second.get("/metrics").second;
+  EXPECT_NE(taker.find("\ntailor_jobs_taken_over_total 1\n"), std::string::npos) << taker;
+  EXPECT_NE(taker.find("\ntailor_group_orphaned_jobs 0\n"), std::string::npos) << taker;
   // The first instance, back: the job was moved, and its model is listed.
   engine_->start();
   ASSERT_FALSE(HasFatalFailure());
   auto job = json::parse(engine_->get("/v1/jobs/" + job_id).second);
   EXPECT_EQ(job["status"], "moved") << job.dump();
   EXPECT_EQ(metric("tailor_jobs_handed_over_total"), 1);
+  EXPECT_TRUE(wait_until([&] { return metric("tailor_group_instances_live") == 1; }, 30s))
+      << "the first instance hears the second";
   models = json::parse(engine_->get("/v1/users/gone/models").second);
   ASSERT_EQ(models.size(), 1u) << models.dump();
   EXPECT_EQ(models[0]["model_id"], model_id);
