@@ -22,12 +22,6 @@ namespace tailor::actors {
 
 namespace {
 
-int64_t now_ms() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
-
 // This instance's id: configured, else kept in the data directory (made up
 // at its first start), so that a restart from it is the same instance.
 std::string resolve_instance_id(engine_config& cfg) {
@@ -118,7 +112,7 @@ void recover_jobs(supervisor_actor::stateful_pointer<supervisor_state> self) {
 void heartbeat(supervisor_actor::stateful_pointer<supervisor_state> self) {
   auto& st = self->state;
   if (st.stopping) return;
-  messages::instance_alive alive{st.cfg.instance.id, now_ms()};
+  messages::instance_alive alive{st.cfg.instance.id, unix_ms()};
   std::vector<outgoing_message> msgs{
       {channel::state, messages::state_key_of_instance(alive.instance_id), to_json(alive)}};
   self->request(st.out, std::chrono::milliseconds(st.cfg.instance.heartbeat_ms), publish_atom_v,

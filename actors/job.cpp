@@ -17,12 +17,6 @@ using job_ptr = job_actor::stateful_pointer<job_state>;
 
 constexpr auto store_timeout = std::chrono::seconds(30);
 
-int64_t now_ms() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
-
 errc code_of(const std::string& name) {
   for (int c = 0; c <= static_cast<int>(errc::adapter_unavailable); ++c)
     if (to_string(static_cast<errc>(c)) == name) return static_cast<errc>(c);
@@ -182,7 +176,7 @@ void on_outcome(job_ptr self, training_outcome& o) {
     m.artifact_path = o.artifact_path;
     m.checksum = o.checksum;
     m.status = "ready";
-    m.created_ms = now_ms();
+    m.created_ms = unix_ms();
     m.job_id = st.job.job_id;
     auto ready = st.job;
     ready.model_id = m.model_id;

@@ -162,9 +162,7 @@ void take_over(self_ptr self, messages::job_state_record open) {
   job.request = open.request;
   job.payload_hash = open.payload_hash;
   job.created_ms = open.created_ms;
-  job.updated_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
-                       std::chrono::system_clock::now().time_since_epoch())
-                       .count();
+  job.updated_ms = messages::unix_ms();
   const auto made_by = messages::queued_record(job.user_id, job.request_id, job.payload_hash,
                                                job.job_id, job.created_ms);
   auto stored = st.db->import_job(job, made_by);

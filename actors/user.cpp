@@ -26,12 +26,6 @@ std::deque<user_state::early_cancel>::iterator find_early_cancel(user_state& st,
                       [&](const auto& c) { return c.request_id == request_id; });
 }
 
-int64_t now_ms() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
-
 outgoing_message error_answer(const std::string& type, const std::string& user_id,
                               const std::string& request_id, errc code, std::string message) {
   if (type == "onboarding.request") {
@@ -54,7 +48,7 @@ request_record make_record(const user_state& st, const std::string& request_id,
   rec.kind = type == "onboarding.request" ? "onboarding" : "inference";
   rec.payload_hash = hash;
   rec.answers = std::move(out);
-  rec.created_ms = now_ms();
+  rec.created_ms = unix_ms();
   return rec;
 }
 
@@ -168,7 +162,7 @@ void handle_onboarding(user_ptr self, promise_t rp, onboarding_request x, uint64
               job.status = "queued";
               job.request = to_json(x);
               job.payload_hash = hash;
-              job.created_ms = job.updated_ms = now_ms();
+              job.created_ms = job.updated_ms = unix_ms();
               answers out{to_message(job_event{"job.queued", job.job_id, x.request_id, st.user_id,
                                                std::nullopt, std::nullopt, std::nullopt})};
               auto rec = make_record(st, x.request_id, type, hash, out);
@@ -214,7 +208,7 @@ void fail_waiters(user_ptr self, const std::string& request_id, const caf::error
 void finish_inference(user_ptr self, inference_request x, uint64_t hash, outgoing_message result) {
   auto& st = self->state;
   auto rec = make_record(st, x.request_id, "inference.request", hash, {result});
-  history_entry entry{st.user_id, now_ms(), x.request_id, to_json(x), ""};
+  history_entry entry{st.user_id, unix_ms(), x.request_id, to_json(x), ""};
   auto answer_waiters = [=] {
     auto& st = self->state;
     auto it = st.inflight.find(x.request_id);

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <caf/meta/type_name.hpp>
+#include <chrono>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -8,6 +9,14 @@
 // Records that storage/ persists and actors/ pass around. Plain fields only,
 // so each has a CAF inspect and a JSON form (records.cpp).
 namespace tailor::messages {
+
+// Unix time in milliseconds, as records stamp it (created_ms, updated_ms,
+// at_ms).
+inline int64_t unix_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
 
 // Where an outgoing event goes; egress maps each to its configured topic.
 enum class channel : uint8_t { results = 0, events = 1, dlq = 2, state = 3 };

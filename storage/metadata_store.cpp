@@ -221,9 +221,7 @@ caf::expected<job_record> metadata_store::transition_job(const std::string& job_
                            "job " + job_id + ": " + from + " -> " + to +
                                " is not a transition of the job state machine");
   job->status = to;
-  job->updated_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
-                        std::chrono::system_clock::now().time_since_epoch())
-                        .count();
+  job->updated_ms = messages::unix_ms();
   if (update) {
     if (!update->error_code.empty()) job->error_code = update->error_code;
     if (!update->error_message.empty()) job->error_message = update->error_message;
@@ -352,9 +350,7 @@ caf::expected<bool> metadata_store::hand_over_job(const std::string& job_id,
   if (is_at_rest(job->status)) return false;
   job->status = job->announced = "moved";
   job->error_message = "taken over by instance " + owner;
-  job->updated_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
-                        std::chrono::system_clock::now().time_since_epoch())
-                        .count();
+  job->updated_ms = messages::unix_ms();
   rocksdb::WriteBatch batch;
   batch.Put(im.t(jobs), job_id, messages::to_json(*job));
   if (auto err = im.write(batch, "hand over job")) return err;
@@ -492,9 +488,7 @@ caf::expected<messages::model_record> register_ready_adapter(
   m.artifact_path = stored->path;
   m.checksum = stored->checksum;
   m.status = "ready";
-  m.created_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
-                     std::chrono::system_clock::now().time_since_epoch())
-                     .count();
+  m.created_ms = messages::unix_ms();
   if (auto err = db.register_model(m)) return err;
   return m;
 }
