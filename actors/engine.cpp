@@ -77,7 +77,7 @@ void start_state_follower(supervisor_actor::stateful_pointer<supervisor_state> s
   // Only the first catch-up hands over this instance's jobs that another
   // took over while it was gone: later, the pool may be running them.
   st.follower = self->spawn<caf::detached>(state_follower, st.cfg, st.store, st.stats, st.pool,
-                                           st.out, !st.caught_up);
+                                           st.out, st.group, !st.caught_up);
   self->monitor(st.follower);
   st.follower_restarts.started = std::chrono::steady_clock::now();
   if (st.caught_up) return;
@@ -238,8 +238,9 @@ supervisor_actor::behavior_type supervisor(
   for (const auto& base : st.cfg.base_models)
     for (int d = 0; d < st.cfg.serving.devices; ++d) start_gpu(self, base, d);
   st.store = db;
+  st.group = std::make_shared<group_jobs>();
   st.users = self->spawn(registry, st.cfg, metadata_access{st.db, std::move(db)}, st.out, st.pool,
-                         st.routes, st.stats);
+                         st.routes, st.group, st.stats);
   // Jobs of the previous run are back in the pool (recover_jobs, once the
   // state topic is read) before new events arrive.
   start_state_follower(self);

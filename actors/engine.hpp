@@ -73,6 +73,7 @@ struct supervisor_state {
   ingress_actor input;
   restart_backoff ingress_restarts;
   std::shared_ptr<storage::metadata_store> store;  // for each fresh state follower
+  std::shared_ptr<group_jobs> group;  // the follower's view of open jobs, for the user actors
   state_follower_actor follower;
   restart_backoff follower_restarts;
   // The ingress starts once the jobs of the last run are back in the pool

@@ -312,6 +312,12 @@ outgoing_message job_state_message(const job_record& job, const std::string& own
   return {channel::state, state_key_of_job(job.job_id), to_json(s)};
 }
 
+outgoing_message cancelling_message(messages::job_state_record open) {
+  open.status = "cancelling";
+  open.request.clear();  // a cancelled job is not run: whoever takes it over closes it
+  return {channel::state, state_key_of_job(open.job_id), to_json(open)};
+}
+
 job_actor::behavior_type job(job_actor::stateful_pointer<job_state> self, job_record rec,
                              engine_config cfg, store_actor db, egress_actor out, job_owner pool,
                              std::shared_ptr<metrics> stats,

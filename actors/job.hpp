@@ -14,6 +14,7 @@
 #include "actors/metrics.hpp"
 #include "actors/store_actor.hpp"
 #include "actors/trainer.hpp"
+#include "messages/events.hpp"
 #include "messages/type_ids.hpp"
 
 namespace tailor::actors {
@@ -86,5 +87,9 @@ outgoing_message model_state_message(const model_record& model, const job_record
 // instance `owner`: closed when final, else open (queued) with its request,
 // so that another instance can take it over if `owner` is gone.
 outgoing_message job_state_message(const job_record& job, const std::string& owner);
+
+// A cancel of open job `open`, passed on through tailor.state to the
+// instance that runs it: the job's record, now `cancelling`.
+outgoing_message cancelling_message(messages::job_state_record open);
 
 }  // namespace tailor::actors

@@ -158,6 +158,10 @@ std::string metrics::render() const {
          "known (here already), followed (a job's or an instance's state) or rejected "
          "(unreadable, in the log).",
          "outcome", state_records_);
+  family("tailor_job_cancels_passed_on_total", "counter",
+         "Cancels of jobs that run on another instance, passed on through the state topic: "
+         "sent (read here) or received (acted on here).",
+         "way", cancels_passed_on_);
   family("tailor_serving_device_restarts_total", "counter",
          "GPU actors that failed outside a batch step and were started afresh: the requests they "
          "held were sent again.",

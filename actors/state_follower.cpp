@@ -4,6 +4,7 @@
 
 #include "actors/error_text.hpp"
 #include "actors/fault.hpp"
+#include "actors/job.hpp"
 #include "messages/events.hpp"
 
 namespace tailor::actors {
@@ -11,6 +12,7 @@ namespace tailor::actors {
 namespace {
 
 using self_ptr = state_follower_actor::stateful_pointer<state_follower_state>;
+using answers = std::vector<outgoing_message>;
 
 constexpr int metadata_timeout_ms = 10000;
 constexpr int drain_batch = 500;  // records a poll takes before it yields to the mailbox
@@ -46,6 +48,15 @@ std::string partition_ends(RdKafka::KafkaConsumer& c, const std::string& topic,
   return {};
 }
 
+// Publishes `out`; a failure is logged (`what` failed) and not retried.
+void publish(self_ptr self, answers out, std::string what) {
+  self->request(self->state.out, caf::infinite, publish_atom_v, std::move(out))
+      .then([](caf::ok_atom) {},
+            [what = std::move(what)](caf::error& err) {
+              spdlog::error("state: {} not published: {}", what, caf::to_string(err));
+            });
+}
+
 void caught_up_to(state_follower_state& st, int32_t partition, int64_t next_offset) {
   auto it = st.behind.find(partition);
   if (it != st.behind.end() && next_offset >= it->second) st.behind.erase(it);
@@ -75,7 +86,7 @@ void check_caught_up(state_follower_state& st) {
   st.caught_up = true;
   spdlog::info("state: read {} record(s) of {} ({} model(s) new here, {} open job(s) in the "
                "group) in {:.0f} ms; following it",
-               st.read, st.cfg.kafka.topics.state, st.imported, st.open_jobs.size(),
+               st.read, st.cfg.kafka.topics.state, st.imported, st.group->size(),
                ms_since(st.started));
   for (auto& rp : st.catch_up_waiters) rp.deliver(caf::ok_atom_v);
   st.catch_up_waiters.clear();
@@ -108,12 +119,14 @@ void apply(self_ptr self, const RdKafka::Message& msg) {
   if (auto* job = std::get_if<messages::job_state_record>(&record)) {
     // A request is kept only while another instance may have to be
     // replaced: at most its admission queue and slots' worth each.
-    if (job->owner == st.cfg.instance.id) job->request.clear();
-    if (job->status == "queued") {
-      st.open_jobs[job->job_id] = *job;
-    } else {
-      st.open_jobs.erase(job->job_id);
+    const bool mine = job->owner == st.cfg.instance.id;
+    if (mine) job->request.clear();
+    st.group->update(*job);
+    if (!is_open_job_state(job->status)) {
       st.untakeable.erase(job->job_id);
+      st.cancels.erase(job->job_id);
+    } else if (job->status == "cancelling" && mine) {
+      st.cancels.emplace(job->job_id, false);  // acted on once caught up
     }
     // Needed only for the first catch-up's hand-over.
     if (st.hand_over && !st.caught_up) {
@@ -125,8 +138,7 @@ void apply(self_ptr self, const RdKafka::Message& msg) {
     // Ended elsewhere while it may run here too (this instance stalled
     // and its job was taken over, or it came back while the taker ran it):
     // the run here stops. Before the first catch-up, the store does it.
-    if (job->status != "queued" && job->owner != st.cfg.instance.id &&
-        (st.caught_up || !st.hand_over))
+    if (!is_open_job_state(job->status) && !mine && (st.caught_up || !st.hand_over))
       self->send(st.pool, moved_atom_v, job->job_id, job->owner);
     st.stats->count_state_record("followed");
     return;
@@ -149,16 +161,19 @@ void apply(self_ptr self, const RdKafka::Message& msg) {
 
 // Runs here a job whose instance is gone: stored (with its request's dedup
 // record, so a repeat read here is answered as the first instance answered
-// it), handed to the pool, and published as this instance's. A failure
-// leaves it open, to be tried again at the next tick.
+// it), handed to the pool, and published as this instance's. A job whose
+// cancel was passed on to the gone instance is stored cancelled instead,
+// and the pool only announces its end. A failure leaves it open, to be
+// tried again at the next tick.
 void take_over(self_ptr self, messages::job_state_record open) {
   auto& st = self->state;
+  const bool cancelled = open.status == "cancelling";
   job_record job;
   job.job_id = open.job_id;
   job.request_id = open.request_id;
   job.user_id = open.user_id;
   job.base_model = open.base_model;
-  job.status = "queued";
+  job.status = cancelled ? "cancelled" : "queued";
   job.request = open.request;
   job.payload_hash = open.payload_hash;
   job.created_ms = open.created_ms;
@@ -178,16 +193,19 @@ void take_over(self_ptr self, messages::job_state_record open) {
     auto here = st.db->get_job(job.job_id);
     if (!here) return;
     if (is_final_job_status(here->status)) {
-      st.open_jobs.erase(job.job_id);
+      st.group->erase(job.job_id);
       return;
     }
+    // Not ended here, and its cancel was passed on to the gone instance.
+    if (cancelled) st.cancels.emplace(job.job_id, false);
   }
   const auto gone = open.owner;
   open.owner = st.cfg.instance.id;
   open.request.clear();
-  st.open_jobs[job.job_id] = open;
-  spdlog::warn("state: instance {} not heard from for {} ms; job {} of user {} runs here",
-               gone, st.cfg.instance.takeover_after_ms, job.job_id, job.user_id);
+  st.group->update(open);
+  spdlog::warn("state: instance {} not heard from for {} ms; job {} of user {} {}", gone,
+               st.cfg.instance.takeover_after_ms, job.job_id, job.user_id,
+               cancelled ? "was to be cancelled there: cancelled here" : "runs here");
   if (*stored) {
     st.stats->count_job_taken_over();
     // The pool resumes it from the checkpoint the other instance left in
@@ -199,13 +217,67 @@ void take_over(self_ptr self, messages::job_state_record open) {
                               caf::to_string(err));
               });
   }
-  self->request(st.out, caf::infinite, publish_atom_v,
-                std::vector<outgoing_message>{job_state_message(job, st.cfg.instance.id)})
-      .then([](caf::ok_atom) {},
-            [id = job.job_id](caf::error& err) {
-              spdlog::error("state: job {} taken over; its new owner not published: {}", id,
-                            caf::to_string(err));
+  // A job stored cancelled is closed by its announcement; one here already
+  // stays cancelling, under its new owner.
+  if (*stored && cancelled) return;
+  publish(self, {cancelled ? cancelling_message(open) : job_state_message(job, open.owner)},
+          "job " + job.job_id + " taken over; its new owner");
+}
+
+// The cancels another instance passed on of jobs of this one: each goes to
+// the pool, as a cancel read here would, and its answer goes out from here.
+// A job not in the pool yet (being recovered) is asked again at the next
+// tick; one that ended before its cancel came is refused with the reason,
+// and the topic told again that it ended.
+void pass_cancels(self_ptr self) {
+  auto& st = self->state;
+  for (auto it = st.cancels.begin(); it != st.cancels.end();) {
+    auto& [job_id, asked] = *it;
+    if (asked) {
+      ++it;
+      continue;
+    }
+    auto job = st.db->get_job(job_id);
+    if (!job && job.error() != storage::errc::not_found) {
+      ++it;  // the store may answer at the next tick
+      continue;
+    }
+    if (!job || job->status == "moved") {
+      spdlog::warn("state: a cancel of job {} was passed on here, but it does not run here; "
+                   "dropped",
+                   job_id);
+      it = st.cancels.erase(it);
+      continue;
+    }
+    st.stats->count_cancel_passed_on("received");
+    if (is_final_job_status(job->status)) {
+      answers out;
+      if (job->status != "cancelled")
+        out.push_back(cancel_rejected(job->job_id, job->request_id, job->user_id,
+                                      errc::job_not_cancellable,
+                                      "job " + job->job_id + " is " + job->status));
+      out.push_back(job_state_message(*job, st.cfg.instance.id));
+      publish(self, std::move(out), "the answer to the cancel of job " + job_id);
+      it = st.cancels.erase(it);
+      continue;
+    }
+    spdlog::info("state: job {} of user {} cancelled by way of another instance", job_id,
+                 job->user_id);
+    asked = true;
+    self->request(st.pool, std::chrono::minutes(10), cancel_atom_v, job_id)
+        .then(
+            [self, id = job_id](answers& out) {
+              self->state.cancels.erase(id);
+              if (!out.empty()) publish(self, std::move(out), "the answer to the cancel of " + id);
+            },
+            [self, id = job_id](caf::error& err) {
+              auto found = self->state.cancels.find(id);
+              if (found != self->state.cancels.end()) found->second = false;
+              spdlog::debug("state: cancel of job {} not taken yet ({}); asked again",
+                            id, caf::to_string(err));
             });
+    ++it;
+  }
 }
 
 // Counts the group's instances and open jobs (for /metrics), and takes over
@@ -225,16 +297,16 @@ void watch_group(self_ptr self) {
   for (const auto& [id, at] : st.heard)
     if (id != st.cfg.instance.id && !gone(id)) live.push_back(id);
   std::vector<messages::job_state_record> mine;
-  int64_t orphaned = 0;
-  for (const auto& [job_id, open] : st.open_jobs) {
-    if (open.owner == st.cfg.instance.id || !gone(open.owner)) continue;
+  int64_t orphaned = 0, open_jobs = 0;
+  st.group->for_each([&](const messages::job_state_record& open) {
+    ++open_jobs;
+    if (open.owner == st.cfg.instance.id || !gone(open.owner)) return;
     ++orphaned;
-    if (taker_of(job_id, live) == st.cfg.instance.id) mine.push_back(open);
-  }
-  st.stats->set_group(static_cast<int64_t>(live.size()) - 1,
-                      static_cast<int64_t>(st.open_jobs.size()), orphaned);
+    if (taker_of(open.job_id, live) == st.cfg.instance.id) mine.push_back(open);
+  });
+  st.stats->set_group(static_cast<int64_t>(live.size()) - 1, open_jobs, orphaned);
   for (auto& open : mine) {
-    if (!open.request.empty()) {
+    if (!open.request.empty() || open.status == "cancelling") {
       take_over(self, std::move(open));
       continue;
     }
@@ -297,7 +369,7 @@ state_follower_state::~state_follower_state() {
 state_follower_actor::behavior_type state_follower(
     state_follower_actor::stateful_pointer<state_follower_state> self, engine_config cfg,
     std::shared_ptr<storage::metadata_store> db, std::shared_ptr<metrics> stats,
-    pool_actor pool, egress_actor out, bool hand_over) {
+    pool_actor pool, egress_actor out, std::shared_ptr<group_jobs> group, bool hand_over) {
   self->set_exception_handler(exit_reason_of_exception);
   auto& st = self->state;
   st.cfg = std::move(cfg);
@@ -305,6 +377,8 @@ state_follower_actor::behavior_type state_follower(
   st.stats = std::move(stats);
   st.pool = std::move(pool);
   st.out = std::move(out);
+  st.group = std::move(group);
+  st.group->clear();  // a fresh follower reads the topic from its beginning
   st.hand_over = hand_over;
   st.started = std::chrono::steady_clock::now();
   st.next_progress_log = st.started + std::chrono::seconds(10);
@@ -361,6 +435,7 @@ state_follower_actor::behavior_type state_follower(
           st.next_progress_log = now + std::chrono::seconds(10);
         }
         watch_group(self);
+        if (st.caught_up) pass_cancels(self);
         self->delayed_send(self, std::chrono::seconds(1), tick_atom_v);
       },
   };

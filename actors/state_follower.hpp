@@ -14,6 +14,7 @@
 
 #include "actors/config.hpp"
 #include "actors/egress.hpp"
+#include "actors/group_jobs.hpp"
 #include "actors/kafka.hpp"
 #include "actors/metrics.hpp"
 #include "actors/training_pool.hpp"
@@ -40,7 +41,11 @@ using namespace tailor::messages;
 // imports the job, hands it to its pool and publishes the job again as its
 // own. At its first catch-up (`hand_over`), jobs of this instance that
 // another took over while this one was gone become `moved`, before the
-// pool resumes unfinished jobs.
+// pool resumes unfinished jobs. A job of this instance that another marked
+// `cancelling` (it read the job's cancel) is cancelled here, and the
+// requester answered from here; one of a silent instance is closed as
+// cancelled by its taker, without running. The open jobs it keeps in
+// `group` (shared with the user actors, which pass cancels on).
 //
 // `catch_up` is answered once every partition has been read up to where
 // it ended when the follower started: the supervisor recovers the last
@@ -63,7 +68,10 @@ struct state_follower_state {
   // that instances' clocks need not agree).
   std::map<std::string, clock::time_point> heard;
   // The group's open jobs, by id, as last published (their owner among them).
-  std::map<std::string, messages::job_state_record> open_jobs;
+  std::shared_ptr<group_jobs> group;
+  // Jobs of this instance that another instance marked `cancelling`, each
+  // with whether the pool has been asked to cancel it (answered: erased).
+  std::map<std::string, bool> cancels;
   // Open jobs of silent instances published without their request, which
   // no other instance can run (logged once each).
   std::set<std::string> untakeable;
@@ -86,7 +94,7 @@ struct state_follower_state {
 state_follower_actor::behavior_type state_follower(
     state_follower_actor::stateful_pointer<state_follower_state> self, engine_config cfg,
     std::shared_ptr<storage::metadata_store> db, std::shared_ptr<metrics> stats,
-    pool_actor pool, egress_actor out, bool hand_over);
+    pool_actor pool, egress_actor out, std::shared_ptr<group_jobs> group, bool hand_over);
 
 // Which of the `live` instances takes over job `job_id` of an instance that
 // is gone: the highest hash of (instance, job), so every instance that sees

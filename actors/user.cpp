@@ -8,6 +8,7 @@
 
 #include "actors/error_text.hpp"
 #include "actors/training_data.hpp"
+#include "messages/ids.hpp"
 
 namespace tailor::actors {
 
@@ -38,6 +39,14 @@ outgoing_message error_answer(const std::string& type, const std::string& user_i
   r.user_id = user_id;
   r.error = error_info{code, std::move(message)};
   return {channel::results, user_id, to_json(r)};
+}
+
+// The answer to a request_id used again for a different request.
+outgoing_message reused_request_id(const std::string& type, const std::string& user_id,
+                                   const std::string& request_id) {
+  return error_answer(type, user_id, request_id, errc::duplicate_request_id,
+                      "request_id: " + request_id + " was already used by user " + user_id +
+                          " for a different request");
 }
 
 request_record make_record(const user_state& st, const std::string& request_id,
@@ -75,9 +84,7 @@ void with_dedup(user_ptr self, promise_t rp, std::string request_id, uint64_t ha
   if (!*found) return fresh();
   auto& rec = **found;
   if (rec.payload_hash == hash) return replay(std::move(rec));
-  rp.deliver(answers{error_answer(type, user_id, request_id, errc::duplicate_request_id,
-                                  "request_id: " + request_id + " was already used by user " +
-                                      user_id + " for a different request")});
+  rp.deliver(answers{reused_request_id(type, user_id, request_id)});
 }
 
 template <class Fresh>
@@ -134,6 +141,18 @@ void handle_onboarding(user_ptr self, promise_t rp, onboarding_request x, uint64
       answers out{error_answer(type, self->state.user_id, x.request_id, code, std::move(msg))};
       record_and_reply(self, rp, make_record(self->state, x.request_id, type, hash, out));
     };
+    // A repeat of a request whose job runs on another instance (the user's
+    // partition moved here meanwhile) is answered as that instance answered
+    // it, and not trained here too.
+    if (auto open = st.group->find(job_id_for(st.user_id, x.request_id));
+        open && open->owner != st.cfg.instance.id) {
+      if (open->payload_hash != hash) {
+        rp.deliver(answers{reused_request_id(type, st.user_id, x.request_id)});
+        return;
+      }
+      auto rec = queued_record(st.user_id, x.request_id, hash, open->job_id, open->created_ms);
+      return record_and_reply(self, rp, std::move(rec));
+    }
     auto base = x.base_model.value_or(st.cfg.default_base_model);
     if (std::find(st.cfg.base_models.begin(), st.cfg.base_models.end(), base) ==
         st.cfg.base_models.end())
@@ -378,6 +397,22 @@ void handle_inference(user_ptr self, promise_t rp, inference_request x, uint64_t
   });
 }
 
+// A cancel of a job that runs on another instance (the user's partition
+// moved here, or another instance took the job over) is passed on to that
+// instance through the state topic, as the job's record marked
+// `cancelling`: that instance cancels it and answers. False when the group
+// has no such open job of the user.
+bool pass_cancel_on(user_ptr self, promise_t& rp, const job_cancel& x) {
+  auto& st = self->state;
+  auto open = st.group->find(x.job_id);
+  if (!open || open->user_id != x.user_id || open->owner == st.cfg.instance.id) return false;
+  spdlog::info("job {} of user {} runs on instance {}: its cancel is passed on there", x.job_id,
+               x.user_id, open->owner);
+  st.stats->count_cancel_passed_on("sent");
+  rp.deliver(answers{cancelling_message(std::move(*open))});
+  return true;
+}
+
 void handle_job_cancel(user_ptr self, promise_t rp, job_cancel x) {
   auto& st = self->state;
   auto reject = [=](const job_record* job, errc code, std::string msg) mutable {
@@ -387,10 +422,18 @@ void handle_job_cancel(user_ptr self, promise_t rp, job_cancel x) {
   self->request(st.db.actor, store_timeout, job_atom_v, x.job_id)
       .await(
           [=](std::vector<job_record>& found) mutable {
-            if (found.empty() || found.front().user_id != x.user_id)
+            if (found.empty() || found.front().user_id != x.user_id) {
+              if (pass_cancel_on(self, rp, x)) return;
               return reject(nullptr, errc::job_not_found,
                             "job_id: " + x.job_id + " is not a job of user " + x.user_id);
+            }
             auto job = found.front();
+            if (job.status == "moved") {
+              if (pass_cancel_on(self, rp, x)) return;
+              return reject(&job, errc::job_not_cancellable,
+                            "job " + x.job_id + " was " + job.error_message +
+                                ", and has ended there");
+            }
             // A redelivered cancel is answered as the first one was.
             if (job.status == "cancelled") {
               rp.deliver(answers{
@@ -446,19 +489,10 @@ const std::string& user_of(const parse_result& r) {
 
 }  // namespace
 
-std::string job_id_for(const std::string& user_id, const std::string& request_id) {
-  std::string key = user_id;
-  key.push_back('\0');
-  key += request_id;
-  char buf[24];
-  std::snprintf(buf, sizeof(buf), "job-%016llx", static_cast<unsigned long long>(fnv1a64(key)));
-  return buf;
-}
-
 user_actor::behavior_type user(user_actor::stateful_pointer<user_state> self, std::string user_id,
                                engine_config cfg, metadata_access db, egress_actor out,
                                pool_actor pool, serving_routes routes, registry_actor registry,
-                               std::shared_ptr<metrics> stats) {
+                               std::shared_ptr<group_jobs> group, std::shared_ptr<metrics> stats) {
   self->set_exception_handler(exit_reason_of_exception);
   auto& st = self->state;
   st.user_id = std::move(user_id);
@@ -468,6 +502,7 @@ user_actor::behavior_type user(user_actor::stateful_pointer<user_state> self, st
   st.pool = std::move(pool);
   st.routes = std::move(routes);
   st.registry = std::move(registry);
+  st.group = std::move(group);
   st.stats = std::move(stats);
   self->delayed_send(self, std::chrono::seconds(st.cfg.user_idle_seconds), idle_atom_v);
   return {
@@ -514,6 +549,7 @@ user_actor::behavior_type user(user_actor::stateful_pointer<user_state> self, st
 registry_actor::behavior_type registry(registry_actor::stateful_pointer<registry_state> self,
                                        engine_config cfg, metadata_access db, egress_actor out,
                                        pool_actor pool, serving_routes routes,
+                                       std::shared_ptr<group_jobs> group,
                                        std::shared_ptr<metrics> stats) {
   self->set_exception_handler(exit_reason_of_exception);
   self->state.cfg = std::move(cfg);
@@ -521,6 +557,7 @@ registry_actor::behavior_type registry(registry_actor::stateful_pointer<registry
   self->state.out = std::move(out);
   self->state.pool = std::move(pool);
   self->state.routes = std::move(routes);
+  self->state.group = std::move(group);
   self->state.stats = std::move(stats);
   // User actors are linked to the registry: when it goes, they go. A user
   // actor's own end arrives here as an exit message and only forgets it.
@@ -543,7 +580,8 @@ registry_actor::behavior_type registry(registry_actor::stateful_pointer<registry
         auto& e = st.users[id];
         if (!e.actor) {
           e.actor = self->spawn<caf::linked>(user, id, st.cfg, st.db, st.out, st.pool, st.routes,
-                                             caf::actor_cast<registry_actor>(self), st.stats);
+                                             caf::actor_cast<registry_actor>(self), st.group,
+                                             st.stats);
           st.stats->add_users(1);
         }
         ++e.routed;

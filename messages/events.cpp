@@ -477,6 +477,10 @@ std::optional<request_record> onboarding_record_of(const model_state& x) {
   return queued_record(m.user_id, x.request_id, x.payload_hash, m.job_id, m.created_ms);
 }
 
+bool is_open_job_state(const std::string& status) {
+  return status == "queued" || status == "cancelling";
+}
+
 std::string to_json(const job_state_record& x) {
   json j = header("job.state");
   j.update(json{{"owner", x.owner},
@@ -524,14 +528,14 @@ std::string parse_job_state(const json& j, job_state_record& x) {
   if (!parse_hex64(hash, x.payload_hash)) return "payload_hash: must be 16 hexadecimal digits";
   if (!created) return "created_ms: is required";
   x.created_ms = *created;
-  const bool open = x.status == "queued";
-  if (!open && x.status != "ready" && x.status != "failed" && x.status != "cancelled")
-    return "status: must be queued, ready, failed or cancelled, not " + x.status;
-  // An open job's request may be left out (too large to publish): such a
+  if (!is_open_job_state(x.status) && x.status != "ready" && x.status != "failed" &&
+      x.status != "cancelled")
+    return "status: must be queued, cancelling, ready, failed or cancelled, not " + x.status;
+  // A queued job's request may be left out (too large to publish): such a
   // job cannot be taken over.
   const auto request = j.find("request");
   if (request != j.end() && !request->is_object()) return "request: must be an object";
-  if (open && request != j.end()) x.request = dump(*request);
+  if (x.status == "queued" && request != j.end()) x.request = dump(*request);
   return {};
 }
 

@@ -185,7 +185,9 @@ std::optional<request_record> onboarding_record_of(const model_state& x);
 // the instance running it (`owner`) is gone. Keyed "job/<job_id>" ('/' is
 // in no id, so no key of a model collides). Open while `status` is queued:
 // `request` then holds the onboarding request as received (a JSON object);
-// a closed job (ready, failed, cancelled) carries no request.
+// a closed job (ready, failed, cancelled) carries no request. `cancelling`
+// is still open: a cancel read by another instance than `owner`, passed on
+// to it (no request either; whoever would take the job over cancels it).
 struct job_state_record {
   std::string owner;
   std::string status;
@@ -204,6 +206,9 @@ struct instance_alive {
   std::string instance_id;
   int64_t at_ms = 0;
 };
+
+// Queued or cancelling: the job has not ended.
+bool is_open_job_state(const std::string& status);
 
 std::string to_json(const job_state_record& x);
 std::string to_json(const instance_alive& x);

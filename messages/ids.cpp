@@ -1,5 +1,9 @@
 #include "messages/ids.hpp"
 
+#include <cstdio>
+
+#include "messages/events.hpp"
+
 namespace tailor::messages {
 
 bool is_valid_id(std::string_view id) {
@@ -10,6 +14,15 @@ bool is_valid_id(std::string_view id) {
     if (!ok) return false;
   }
   return true;
+}
+
+std::string job_id_for(const std::string& user_id, const std::string& request_id) {
+  std::string key = user_id;
+  key.push_back('\0');
+  key += request_id;
+  char buf[24];
+  std::snprintf(buf, sizeof(buf), "job-%016llx", static_cast<unsigned long long>(fnv1a64(key)));
+  return buf;
 }
 
 }  // namespace tailor::messages

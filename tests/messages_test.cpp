@@ -521,4 +521,15 @@ TEST(Records, JobStateAndHeartbeatRecordsRoundTripAndParseByType) {
             std::string::npos);
   // Open without its request (too large to publish): read, and not taken over.
   EXPECT_EQ(refused(job, [](json& j) { j.erase("request"); }), "");
+  // A cancel passed on to the owner: still open, and it carries no request
+  // (a request in it is not kept: nobody runs a job to be cancelled).
+  auto cancelling = open;
+  cancelling.status = "cancelling";
+  ASSERT_EQ(parse_state_record(to_json(cancelling), any), "");
+  EXPECT_EQ(std::get<job_state_record>(any).status, "cancelling");
+  EXPECT_TRUE(std::get<job_state_record>(any).request.empty());
+  EXPECT_TRUE(is_open_job_state("queued"));
+  EXPECT_TRUE(is_open_job_state("cancelling"));
+  for (const char* closed_status : {"ready", "failed", "cancelled"})
+    EXPECT_FALSE(is_open_job_state(closed_status)) << closed_status;
 }

@@ -8,6 +8,8 @@
 #include <set>
 
 #include "engine_harness.hpp"
+#include "messages/events.hpp"
+#include "messages/ids.hpp"
 #include "storage/artifacts.hpp"
 
 using namespace tailor::test;
@@ -21,6 +23,35 @@ std::vector<std::string> types_of(const std::vector<collector::record>& rs) {
   std::vector<std::string> out;
   for (const auto& r : rs) out.push_back(r.value.value("type", ""));
   return out;
+}
+
+// A job's record on tailor.state as instance `owner` publishes it (with the
+// request it runs, when given).
+json job_state(const std::string& owner, const std::string& status, const std::string& job_id,
+               const std::string& user, const std::string& request_id, uint64_t payload_hash,
+               const json& request = nullptr) {
+  char hash[17];
+  std::snprintf(hash, sizeof(hash), "%016llx", static_cast<unsigned long long>(payload_hash));
+  json j = {{"type", "job.state"}, {"schema_version", 1},        {"owner", owner},
+            {"status", status},    {"job_id", job_id},           {"request_id", request_id},
+            {"user_id", user},     {"base_model", "tailor-test"}, {"payload_hash", hash},
+            {"created_ms", 1}};
+  if (!request.is_null()) j["request"] = request;
+  return j;
+}
+
+// The hash tailord keeps of a request, to tell a repeat from a reused id.
+uint64_t hash_of(const json& request) {
+  return tailor::messages::fnv1a64(request.dump());
+}
+
+// Records of job `job_id` on the state topic with `status`.
+std::vector<collector::record> job_states(const collector& state, const std::string& topic,
+                                          const std::string& job_id, const std::string& status) {
+  return state.matching(topic, [&](const json& j) {
+    return j.value("type", "") == "job.state" && j.value("job_id", "") == job_id &&
+           j.value("status", "") == status;
+  });
 }
 
 }  // namespace
@@ -295,6 +326,130 @@ TEST_F(OnboardingTest, AJobThatAnotherInstanceEndedStopsHereWithoutAWord) {
   await_event("m", "next", "model.ready", 60s);
   for (const char* type : {"job.cancelled", "job.failed", "model.ready", "job.saving"})
     EXPECT_TRUE(events_of("m", "long", type).empty()) << type;
+}
+
+// The state topic shows a job of user "far" running on another instance
+// (as when far's partition moved here from it). What is read here about the
+// job is answered for that instance: a repeat of its request gets the
+// job.queued it got there and is not trained here, and a cancel is passed
+// on to that instance as the job's record marked `cancelling`.
+TEST_F(OnboardingTest, EventsAboutAJobRunningOnAnotherInstanceAreAnsweredForIt) {
+  start({{"instance", {{"takeover_after_ms", 0}}}});  // the other one is never taken over
+  ASSERT_FALSE(HasFatalFailure());
+  const auto& state_topic = engine_->topics().state;
+  collector state(engine_->bootstrap(), {state_topic});
+  const auto request = onboarding("far", "job");
+  const auto job_id = tailor::messages::job_id_for("far", "job");
+  in_->send(state_topic, "job/" + job_id,
+            job_state("tailord-far", "queued", job_id, "far", "job", hash_of(request), request)
+                .dump());
+  in_->flush();
+  ASSERT_TRUE(wait_until([&] { return metric("tailor_group_open_jobs") == 1; }, 30s));
+  send_onboarding(request);
+  in_->flush();
+  const auto queued = await_event("far", "job", "job.queued");
+  ASSERT_FALSE(HasFailure());
+  EXPECT_EQ(queued.value["job_id"], job_id);
+  EXPECT_EQ(engine_->get("/v1/jobs/" + job_id).first, 404) << "not a job of this instance";
+  // The same id for another request is refused, as it would be there.
+  send_onboarding(onboarding("far", "job", {"something else"}));
+  in_->flush();
+  EXPECT_EQ(await_event("far", "job", "job.failed").value["error"]["code"],
+            "duplicate_request_id");
+  send_control(job_cancel("far", job_id));
+  in_->flush();
+  auto passed_on = [&] { return job_states(state, state_topic, job_id, "cancelling"); };
+  ASSERT_TRUE(wait_until([&] { return !passed_on().empty(); }, 30s)) << "the cancel is passed on";
+  const auto passed = passed_on().front();
+  EXPECT_EQ(passed.key, "job/" + job_id);
+  EXPECT_EQ(passed.value["owner"], "tailord-far") << "to the instance that runs it";
+  EXPECT_EQ(passed.value["user_id"], "far");
+  EXPECT_FALSE(passed.value.contains("request"));
+  const auto metrics = engine_->get("/metrics").second;
+  EXPECT_NE(metrics.find("\ntailor_job_cancels_passed_on_total{way=\"sent\"} 1\n"),
+            std::string::npos)
+      << metrics;
+  // Another user's cancel of it is refused, and not passed on.
+  send_control(job_cancel("near", job_id));
+  in_->flush();
+  ASSERT_TRUE(wait_until(
+      [&] {
+        return !out_->matching(engine_->topics().events, [&](const json& j) {
+                      return j.value("user_id", "") == "near" &&
+                             j.value("type", "") == "job.cancel_rejected";
+                    }).empty();
+      },
+      30s));
+  const auto refused = out_->matching(engine_->topics().events, [&](const json& j) {
+    return j.value("user_id", "") == "near";
+  });
+  EXPECT_EQ(refused.front().value["error"]["code"], "job_not_found");
+  EXPECT_EQ(passed_on().size(), 1u);
+}
+
+// Another instance read a cancel of a job that runs here and passed it on:
+// the job stops here, and the answer comes from here. A cancel passed on
+// after the job ended is refused with the reason, and the topic told again
+// that the job ended.
+TEST_F(OnboardingTest, ACancelPassedOnByAnotherInstanceStopsTheJobHere) {
+  start({{"training", {{"slots", 1}}}, {"instance", {{"id", "tailord-here"}}}});
+  ASSERT_FALSE(HasFatalFailure());
+  const auto& state_topic = engine_->topics().state;
+  collector state(engine_->bootstrap(), {state_topic});
+  send_onboarding(onboarding_with("c", "long", {{"steps", 10000}}));
+  in_->flush();
+  const auto first = await_event("c", "long", "job.progress");
+  ASSERT_FALSE(HasFailure());
+  const auto job_id = first.value["job_id"].get<std::string>();
+  in_->send(state_topic, "job/" + job_id,
+            job_state("tailord-here", "cancelling", job_id, "c", "long", 1).dump());
+  in_->flush();
+  await_event("c", "long", "job.cancelled", 30s);
+  ASSERT_FALSE(HasFailure());
+  EXPECT_EQ(json::parse(engine_->get("/v1/jobs/" + job_id).second)["status"], "cancelled");
+  EXPECT_TRUE(events_of("c", "long", "model.ready").empty());
+  EXPECT_TRUE(
+      wait_until([&] { return job_states(state, state_topic, job_id, "cancelled").size() == 1; },
+                 30s))
+      << "the group learns that it ended";
+  // Ended before the cancel came.
+  send_onboarding(onboarding("c", "next"));
+  in_->flush();
+  const auto ready = await_event("c", "next", "model.ready", 60s);
+  ASSERT_FALSE(HasFailure());
+  const auto next_id = ready.value["job_id"].get<std::string>();
+  auto closed = [&] { return job_states(state, state_topic, next_id, "ready").size(); };
+  ASSERT_TRUE(wait_until([&] { return closed() == 1; }, 30s));
+  in_->send(state_topic, "job/" + next_id,
+            job_state("tailord-here", "cancelling", next_id, "c", "next", 1).dump());
+  in_->flush();
+  const auto rej = await_event("c", "next", "job.cancel_rejected", 30s);
+  ASSERT_FALSE(HasFailure());
+  EXPECT_EQ(rej.value["error"]["code"], "job_not_cancellable");
+  EXPECT_TRUE(wait_until([&] { return closed() == 2; }, 30s))
+      << "closed again after the cancelling record";
+  EXPECT_EQ(events_of("c", "next", "model.ready").size(), 1u) << "its end is not announced again";
+  const auto metrics = engine_->get("/metrics").second;
+  EXPECT_NE(metrics.find("\ntailor_job_cancels_passed_on_total{way=\"received\"} 2\n"),
+            std::string::npos)
+      << metrics;
+}
+
+// A cancel was passed on to an instance that then fell silent: the job's
+// taker closes it as cancelled, without running it.
+TEST_F(OnboardingTest, ACancelledJobOfASilentInstanceIsClosedByItsTakerWithoutRunning) {
+  start({{"instance", {{"heartbeat_ms", 200}, {"takeover_after_ms", 2000}}}});
+  ASSERT_FALSE(HasFatalFailure());
+  const auto job_id = tailor::messages::job_id_for("g", "job");
+  in_->send(engine_->topics().state, "job/" + job_id,
+            job_state("tailord-gone", "cancelling", job_id, "g", "job", 1).dump());
+  in_->flush();
+  await_event("g", "job", "job.cancelled", 60s);
+  ASSERT_FALSE(HasFailure());
+  EXPECT_EQ(json::parse(engine_->get("/v1/jobs/" + job_id).second)["status"], "cancelled");
+  EXPECT_EQ(metric("tailor_jobs_taken_over_total"), 1);
+  for (const char* type : {"job.admitted", "job.training", "model.ready", "job.failed"})
+    EXPECT_TRUE(events_of("g", "job", type).empty()) << type;
 }
 
 TEST_F(OnboardingTest, CancellationStopsARunningJobAndFreesItsSlot) {
