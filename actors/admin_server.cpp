@@ -2,16 +2,17 @@
 
 #include <httplib.h>
 
-#include <caf/scoped_actor.hpp>
 #include <nlohmann/json.hpp>
 #include <optional>
+
+#include "storage/errc.hpp"
 
 namespace tailor::actors {
 
 namespace {
 
 using json = nlohmann::json;
-constexpr auto ask_timeout = std::chrono::seconds(10);
+using namespace tailor::messages;
 
 void reply_json(httplib::Response& res, int status, const json& body) {
   res.status = status;
@@ -56,22 +57,19 @@ std::optional<std::string> from_hex(const std::string& hex) {
   return out;
 }
 
-// Asks the store actor and answers with `on_value`, or 500 on an error.
-template <class OnValue, class... Ts>
-void ask(caf::actor_system& sys, const store_actor& db, httplib::Response& res, OnValue on_value,
-         Ts&&... xs) {
-  caf::scoped_actor self{sys};
-  self->request(db, ask_timeout, std::forward<Ts>(xs)...).receive(on_value, [&](caf::error& err) {
-    reply_error(res, 500, "internal", caf::to_string(err));
-  });
+// Answers with `on_value` of what the store read, or 500 with its error.
+template <class T, class OnValue>
+void answer(httplib::Response& res, caf::expected<T> read, OnValue on_value) {
+  if (!read) return reply_error(res, 500, "internal", caf::to_string(read.error()));
+  on_value(*read);
 }
 
 }  // namespace
 
-admin_server::admin_server(caf::actor_system& sys, store_actor db, std::shared_ptr<metrics> stats,
+admin_server::admin_server(std::shared_ptr<storage::metadata_store> db,
+                           std::shared_ptr<metrics> stats,
                            std::shared_ptr<const engine_health> health, std::size_t input_topics)
-    : sys_(sys),
-      db_(std::move(db)),
+    : db_(std::move(db)),
       stats_(std::move(stats)),
       health_(std::move(health)),
       input_topics_(input_topics) {}
@@ -116,30 +114,26 @@ int admin_server::start(const std::string& host, int port) {
         return reply_error(res, 400, "invalid_argument", "limit: must be a positive integer");
       }
     }
-    ask(
-        sys_, db_, res,
-        [&](std::vector<job_record>& jobs) { reply_json(res, 200, records_to_json(jobs)); },
-        jobs_atom_v, status, limit);
+    answer(res, db_->list_jobs(status, limit), [&](const std::vector<job_record>& jobs) {
+      reply_json(res, 200, records_to_json(jobs));
+    });
   });
   svr.Get(R"(/v1/jobs/([A-Za-z0-9._:-]+))",
           [this](const httplib::Request& req, httplib::Response& res) {
             std::string id = req.matches[1];
-            ask(
-                sys_, db_, res,
-                [&](std::vector<job_record>& jobs) {
-                  if (jobs.empty())
-                    return reply_error(res, 404, "job_not_found", "job " + id + " does not exist");
-                  reply_json(res, 200, json::parse(to_json(jobs.front())));
-                },
-                job_atom_v, id);
+            auto job = db_->get_job(id);
+            if (!job && job.error() == storage::errc::not_found)
+              return reply_error(res, 404, "job_not_found", "job " + id + " does not exist");
+            answer(res, std::move(job), [&](const job_record& found) {
+              reply_json(res, 200, json::parse(to_json(found)));
+            });
           });
   svr.Get(R"(/v1/users/([A-Za-z0-9._:-]+)/models)", [this](const httplib::Request& req,
                                                            httplib::Response& res) {
     std::string id = req.matches[1];
-    ask(
-        sys_, db_, res,
-        [&](std::vector<model_record>& models) { reply_json(res, 200, records_to_json(models)); },
-        models_atom_v, id);
+    answer(res, db_->list_models(id), [&](const std::vector<model_record>& models) {
+      reply_json(res, 200, records_to_json(models));
+    });
   });
   svr.Get(R"(/v1/users/([A-Za-z0-9._:-]+)/history)", [this](const httplib::Request& req,
                                                             httplib::Response& res) {
@@ -156,12 +150,10 @@ int admin_server::start(const std::string& host, int port) {
     }
     if (limit == 0 || limit > 1000)
       return reply_error(res, 400, "invalid_argument", "limit: must be in [1, 1000]");
-    ask(
-        sys_, db_, res,
-        [&](std::vector<history_entry>& entries, std::string& next) {
-          reply_json(res, 200, json{{"entries", records_to_json(entries)}, {"next", to_hex(next)}});
-        },
-        history_atom_v, id, *after, limit);
+    answer(res, db_->page_history(id, *after, limit), [&](const storage::history_page& page) {
+      reply_json(res, 200,
+                 json{{"entries", records_to_json(page.entries)}, {"next", to_hex(page.next)}});
+    });
   });
   int bound = port == 0 ? svr.bind_to_any_port(host) : (svr.bind_to_port(host, port) ? port : -1);
   if (bound < 0) return -1;

@@ -1,13 +1,12 @@
 #pragma once
 
-#include <caf/actor_system.hpp>
 #include <memory>
 #include <string>
 #include <thread>
 
 #include "actors/health.hpp"
 #include "actors/metrics.hpp"
-#include "actors/store_actor.hpp"
+#include "storage/metadata_store.hpp"
 
 namespace httplib {
 class Server;
@@ -16,11 +15,13 @@ class Server;
 namespace tailor::actors {
 
 // The operators' HTTP API on localhost: /healthz, /readyz, /metrics and
-// read-only JSON views of jobs and of a user's models. It asks the store actor
-// and never opens RocksDB itself. Runs on its own thread, outside CAF.
+// read-only JSON views of jobs, of a user's models and history. It reads
+// the engine's metadata store (thread-safe) on its own threads, outside
+// CAF: no actor stands between an operator and the data, so none can be
+// lost and take the API with it, and reads never queue behind events.
 class admin_server {
  public:
-  admin_server(caf::actor_system& sys, store_actor db, std::shared_ptr<metrics> stats,
+  admin_server(std::shared_ptr<storage::metadata_store> db, std::shared_ptr<metrics> stats,
                std::shared_ptr<const engine_health> health, std::size_t input_topics);
   ~admin_server();
   // Binds host:port (port 0: any free one); returns the bound port or -1.
@@ -28,8 +29,7 @@ class admin_server {
   void stop();
 
  private:
-  caf::actor_system& sys_;
-  store_actor db_;
+  std::shared_ptr<storage::metadata_store> db_;
   std::shared_ptr<metrics> stats_;
   std::shared_ptr<const engine_health> health_;
   std::size_t input_topics_;

@@ -386,10 +386,7 @@ std::unique_ptr<engine> engine::start(engine_config cfg, std::string& err,
       });
   e->sys_ = std::make_unique<caf::actor_system>(*e->sys_cfg_);
   e->supervisor_ = e->sys_->spawn(supervisor, cfg, e->stats_, e->health_, shared_db, bases);
-  // The admin API reads through a store actor of its own over the same
-  // (thread-safe) database, so operators' reads never queue behind events.
-  e->admin_db_ = e->sys_->spawn<caf::detached>(store, shared_db);
-  e->admin_ = std::make_unique<admin_server>(*e->sys_, e->admin_db_, e->stats_, e->health_, 3);
+  e->admin_ = std::make_unique<admin_server>(shared_db, e->stats_, e->health_, 3);
   e->admin_port_ = e->admin_->start(cfg.admin_host, cfg.admin_port);
   if (e->admin_port_ < 0) {
     err = "admin API: cannot listen on " + cfg.admin_host + ":" + std::to_string(cfg.admin_port);
@@ -422,11 +419,9 @@ void engine::stop() {
         .receive([](caf::ok_atom) {},
                  [](caf::error& err) { spdlog::error("shutdown: {}", caf::to_string(err)); });
     self->send_exit(supervisor_, caf::exit_reason::user_shutdown);
-    self->send_exit(admin_db_, caf::exit_reason::user_shutdown);
   }
   admin_.reset();
   // A detached actor's thread ends only once no handle refers to it.
-  admin_db_ = nullptr;
   supervisor_ = nullptr;
   sys_.reset();  // waits for every actor: the egress flushes in its destructor
   mock_.reset();

@@ -123,7 +123,6 @@ class engine {
   std::shared_ptr<engine_health> health_ = std::make_shared<engine_health>();
   std::unique_ptr<admin_server> admin_;
   supervisor_actor supervisor_;
-  store_actor admin_db_;
   int admin_port_ = -1;
   bool stopped_ = false;
 };
