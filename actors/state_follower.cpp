@@ -2,6 +2,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include <filesystem>
+
 #include "actors/error_text.hpp"
 #include "actors/fault.hpp"
 #include "actors/job.hpp"
@@ -79,9 +81,66 @@ void hand_over_jobs(state_follower_state& st) {
   }
 }
 
-void check_caught_up(state_follower_state& st) {
+// What this instance's store has and the topic lacks goes out: ready models
+// (made before the topic existed, or the topic was lost or recreated) and
+// this instance's open jobs, so that the group learns them. Nothing, when
+// the topic is whole.
+void publish_missing(self_ptr self) {
+  auto& st = self->state;
+  constexpr std::size_t chunk = 1000;  // records per publish
+  answers out;
+  int64_t models = 0, jobs = 0, outside = 0;
+  auto flush = [&](bool all) {
+    if (out.empty() || (!all && out.size() < chunk)) return;
+    publish(self, std::move(out), "records missing from " + st.cfg.kafka.topics.state);
+    out.clear();
+  };
+  auto err = st.db->for_each_model([&](const model_record& m) {
+    if (m.status != "ready" || st.seen_models.count(m.model_id)) return;
+    const auto rel =
+        std::filesystem::path(m.artifact_path).lexically_relative(st.cfg.artifact_dir);
+    if (rel.empty() || *rel.begin() == "..") {
+      ++outside;  // no other instance could load it
+      return;
+    }
+    job_record made_by;  // names the request that made it, if that job is here
+    if (auto job = st.db->get_job(m.job_id)) made_by = std::move(*job);
+    out.push_back(model_state_message(m, made_by, st.cfg.artifact_dir));
+    ++models;
+    flush(false);
+  });
+  if (err) spdlog::error("state: cannot list this instance's models: {}", caf::to_string(err));
+  auto unfinished = st.db->unfinished_jobs();
+  if (!unfinished)
+    spdlog::error("state: cannot list this instance's jobs: {}",
+                  caf::to_string(unfinished.error()));
+  for (const auto& job : unfinished ? *unfinished : std::vector<job_record>{}) {
+    if (is_final_job_status(job.status) || job.status == "moved" || st.seen_jobs.count(job.job_id))
+      continue;
+    out.push_back(job_state_message(job, st.cfg.instance.id));
+    ++jobs;
+    flush(false);
+  }
+  flush(true);
+  if (models + jobs > 0)
+    spdlog::warn("state: {} model(s) and {} open job(s) of this instance were not on {}; "
+                 "published",
+                 models, jobs, st.cfg.kafka.topics.state);
+  if (outside > 0)
+    spdlog::warn("state: {} model(s) here have their adapter outside artifact_dir ({}); other "
+                 "instances cannot serve them",
+                 outside, st.cfg.artifact_dir);
+  st.seen_models.clear();
+  st.seen_jobs.clear();
+}
+
+void check_caught_up(self_ptr self) {
+  auto& st = self->state;
   if (st.caught_up || !st.behind.empty()) return;
-  if (st.hand_over) hand_over_jobs(st);
+  if (st.hand_over) {
+    hand_over_jobs(st);
+    publish_missing(self);
+  }
   st.owned_elsewhere.clear();
   st.caught_up = true;
   spdlog::info("state: read {} record(s) of {} ({} model(s) new here, {} open job(s) in the "
@@ -128,8 +187,9 @@ void apply(self_ptr self, const RdKafka::Message& msg) {
     } else if (job->status == "cancelling" && mine) {
       st.cancels.emplace(job->job_id, false);  // acted on once caught up
     }
-    // Needed only for the first catch-up's hand-over.
+    // Needed only for the first catch-up's hand-over and publish_missing.
     if (st.hand_over && !st.caught_up) {
+      st.seen_jobs.insert(job->job_id);
       if (job->owner != st.cfg.instance.id)
         st.owned_elsewhere[job->job_id] = job->owner;
       else
@@ -144,6 +204,7 @@ void apply(self_ptr self, const RdKafka::Message& msg) {
     return;
   }
   auto& ms = std::get<messages::model_state>(record);
+  if (st.hand_over && !st.caught_up) st.seen_models.insert(ms.model.model_id);
   ms.model.artifact_path = st.cfg.artifact_dir + "/" + ms.model.artifact_path;
   // A repeat of the request that made the model, read here, is answered
   // as its first instance answered it, not trained again.
@@ -333,16 +394,16 @@ bool drain(self_ptr self) {
         caught_up_to(st, msg->partition(), msg->offset());
         break;
       case RdKafka::ERR__TIMED_OUT:
-        check_caught_up(st);
+        check_caught_up(self);
         return false;
       default:
         // librdkafka retries on its own (a broker down, a leader moving).
         spdlog::warn("state: reading {}: {}", st.cfg.kafka.topics.state, msg->errstr());
-        check_caught_up(st);
+        check_caught_up(self);
         return false;
     }
   }
-  check_caught_up(st);
+  check_caught_up(self);
   return true;
 }
 
@@ -411,7 +472,7 @@ state_follower_actor::behavior_type state_follower(
   if (rc != RdKafka::ERR_NO_ERROR) return fail("assign: " + RdKafka::err2str(rc));
   st.wakeup = poll_on_wakeup<state_follower_actor>(self, st.consumer->c_ptr(),
                                                    queue_wakeup::queue::consumer);
-  check_caught_up(st);
+  check_caught_up(self);
   self->send(self, tick_atom_v);
   return {
       [self](catch_up_atom) -> caf::result<caf::ok_atom> {

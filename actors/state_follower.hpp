@@ -78,6 +78,9 @@ struct state_follower_state {
   // Jobs whose last record names another instance than this one, while
   // catching up the first time (for the hand-over).
   std::map<std::string, std::string> owned_elsewhere;
+  // Models and jobs the topic holds, while catching up the first time: what
+  // this instance has beyond them is published then (publish_missing).
+  std::set<std::string> seen_models, seen_jobs;
   std::unique_ptr<RdKafka::KafkaConsumer> consumer;
   std::unique_ptr<queue_wakeup> wakeup;  // reset before the consumer closes
   // Per partition: the end offset when the follower started; erased once

@@ -403,6 +403,20 @@ caf::expected<std::vector<model_record>> metadata_store::list_models(const std::
   return out;
 }
 
+caf::error metadata_store::for_each_model(const std::function<void(const model_record&)>& f) {
+  auto& im = *impl_;
+  std::unique_ptr<rocksdb::Iterator> it(im.db->NewIterator(rocksdb::ReadOptions(), im.t(models)));
+  for (it->SeekToFirst(); it->Valid(); it->Next()) {
+    model_record m;
+    if (!messages::from_json(it->value().ToStringView(), m))
+      return caf::make_error(errc::corrupt_record,
+                             "models/" + it->key().ToString() + " does not parse");
+    f(m);
+  }
+  if (!it->status().ok()) return io(it->status(), "list models");
+  return {};
+}
+
 caf::expected<std::optional<request_record>> metadata_store::find_request(
     const std::string& user_id, const std::string& request_id) {
   auto r = impl_->get_record<request_record>(requests, request_key(user_id, request_id));

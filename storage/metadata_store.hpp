@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <caf/expected.hpp>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <span>
@@ -88,6 +89,9 @@ class metadata_store {
   caf::expected<std::vector<job_record>> unfinished_jobs();
   caf::expected<model_record> get_model(const std::string& model_id);
   caf::expected<std::vector<model_record>> list_models(const std::string& user_id);
+  // Calls `f` with every model of every user, by model id (one at a time:
+  // a store may hold more than memory should).
+  caf::error for_each_model(const std::function<void(const model_record&)>& f);
   // Goes up after every change to the models (register_model), so that a
   // reader may keep what it read of them while this value is unchanged:
   // read it before reading the models.

@@ -51,6 +51,8 @@ class engine_process {
   // Before start(): the broker, topics and consumer group of `other`, so
   // that the two share the topics' partitions.
   void join_group_of(const engine_process& other);
+  // Before a (re)start: merges `patch` into its configuration.
+  void reconfigure(const json& patch) { extra_.merge_patch(patch); }
   int stop();    // SIGTERM; returns the exit status
   void kill();   // SIGKILL, no cleanup
   // Waits up to `timeout` for it to end by itself: its exit status, or -1.

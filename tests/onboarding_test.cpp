@@ -452,6 +452,77 @@ TEST_F(OnboardingTest, ACancelledJobOfASilentInstanceIsClosedByItsTakerWithoutRu
     EXPECT_TRUE(events_of("g", "job", type).empty()) << type;
 }
 
+// The state topic lost what an instance has (it was recreated empty, or the
+// models were made before it existed): at its next start the instance
+// publishes its ready models and its open jobs there, so a fresh instance
+// serves those models and could take those jobs over. A topic that lacks
+// nothing gets nothing.
+TEST_F(OnboardingTest, WhatTheStateTopicLacksIsPublishedAtTheNextStart) {
+  start({{"training", {{"slots", 1}}}, {"instance", {{"id", "tailord-keeper"}}}});
+  ASSERT_FALSE(HasFatalFailure());
+  send_onboarding(onboarding("early", "first"));
+  in_->flush();
+  const auto ready = await_event("early", "first", "model.ready", 60s);
+  ASSERT_FALSE(HasFailure());
+  const auto model_id = ready.value["model_id"].get<std::string>();
+  send_onboarding(onboarding_with("early", "long", {{"steps", 10000}}));
+  in_->flush();
+  const auto running = await_event("early", "long", "job.progress");
+  ASSERT_FALSE(HasFailure());
+  const auto job_id = running.value["job_id"].get<std::string>();
+  engine_->kill();
+  const auto lost_topic = engine_->topics().state;
+  const auto fresh_topic = lost_topic + ".fresh";
+  const json on_fresh = {{"kafka", {{"topics", {{"state", fresh_topic}}}}}};
+  engine_->reconfigure(on_fresh);
+  engine_->start();
+  ASSERT_FALSE(HasFatalFailure());
+  collector state(engine_->bootstrap(), {fresh_topic});
+  auto records = [&](const std::string& type, const std::string& key) {
+    return state.matching(fresh_topic, [&](const json& j) {
+      return j.value("type", "") == type &&
+             j.value(type == "model.state" ? "model_id" : "job_id", "") == key;
+    });
+  };
+  ASSERT_TRUE(wait_until(
+      [&] {
+        return !records("model.state", model_id).empty() && !records("job.state", job_id).empty();
+      },
+      30s))
+      << engine_->log_tail(20);
+  const auto model = records("model.state", model_id).front().value;
+  EXPECT_EQ(model["user_id"], "early");
+  EXPECT_EQ(model["request_id"], "first") << "a repeat elsewhere is not trained again";
+  EXPECT_EQ(model["artifact"].get<std::string>().rfind("adapters/", 0), 0u) << model.dump();
+  const auto job = records("job.state", job_id).front().value;
+  EXPECT_EQ(job["owner"], "tailord-keeper");
+  EXPECT_EQ(job["status"], "queued");
+  EXPECT_EQ(job["request"]["request_id"], "long") << "so another instance can run it";
+  // A fresh instance on the fresh topic serves the model.
+  engine_process second("second", {{"artifact_dir", engine_->data_dir() + "/data/artifacts"}});
+  second.join_group_of(*engine_);
+  second.reconfigure(on_fresh);
+  second.start();
+  ASSERT_FALSE(HasFatalFailure());
+  const auto models = json::parse(second.get("/v1/users/early/models").second);
+  ASSERT_EQ(models.size(), 1u) << models.dump();
+  EXPECT_EQ(models[0]["model_id"], model_id);
+  EXPECT_EQ(second.stop(), 0);
+  // The topic lacks nothing now: a restart publishes nothing.
+  auto published = [&] {
+    const auto log = engine_->log_tail(100000);
+    std::size_t n = 0;
+    const std::string line = "were not on";
+    for (auto at = log.find(line); at != std::string::npos; at = log.find(line, at + 1)) ++n;
+    return n;
+  };
+  ASSERT_EQ(published(), 1u) << engine_->log_tail(40);
+  EXPECT_EQ(engine_->stop(), 0);
+  engine_->start();
+  ASSERT_FALSE(HasFatalFailure());
+  EXPECT_EQ(published(), 1u) << engine_->log_tail(40);
+}
+
 TEST_F(OnboardingTest, CancellationStopsARunningJobAndFreesItsSlot) {
   start({{"training", {{"slots", 1}}}});
   ASSERT_FALSE(HasFatalFailure());
