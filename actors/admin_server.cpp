@@ -64,15 +64,46 @@ void answer(httplib::Response& res, caf::expected<T> read, OnValue on_value) {
   on_value(*read);
 }
 
+// The group as the state follower saw it: instances heard from, open jobs
+// (the first `limit`, by job id).
+json group_json(const admin_server::group_info& group, std::size_t limit) {
+  const auto now = group_view::clock::now();
+  json instances = json::array();
+  for (const auto& [id, at] : group.view->instances()) {
+    const auto ago = std::chrono::duration_cast<std::chrono::milliseconds>(now - at).count();
+    instances.push_back({{"instance_id", id},
+                         {"heard_ms_ago", ago},
+                         {"live", group.takeover_after_ms == 0 || ago <= group.takeover_after_ms},
+                         {"this", id == group.instance_id}});
+  }
+  json jobs = json::array();
+  group.view->for_each([&](const messages::job_state_record& open) {
+    if (jobs.size() >= limit) return false;
+    jobs.push_back({{"job_id", open.job_id},
+                    {"user_id", open.user_id},
+                    {"owner", open.owner},
+                    {"status", open.status},
+                    {"created_ms", open.created_ms}});
+    return true;
+  });
+  return {{"instance_id", group.instance_id},
+          {"takeover_after_ms", group.takeover_after_ms},
+          {"instances", std::move(instances)},
+          {"open_jobs_total", group.view->size()},
+          {"open_jobs", std::move(jobs)}};
+}
+
 }  // namespace
 
 admin_server::admin_server(std::shared_ptr<storage::metadata_store> db,
                            std::shared_ptr<metrics> stats,
-                           std::shared_ptr<const engine_health> health, std::size_t input_topics)
+                           std::shared_ptr<const engine_health> health, std::size_t input_topics,
+                           group_info group)
     : db_(std::move(db)),
       stats_(std::move(stats)),
       health_(std::move(health)),
-      input_topics_(input_topics) {}
+      input_topics_(input_topics),
+      group_(std::move(group)) {}
 
 admin_server::~admin_server() {
   stop();
@@ -154,6 +185,17 @@ int admin_server::start(const std::string& host, int port) {
       reply_json(res, 200,
                  json{{"entries", records_to_json(page.entries)}, {"next", to_hex(page.next)}});
     });
+  });
+  svr.Get("/v1/group", [this](const httplib::Request& req, httplib::Response& res) {
+    uint64_t limit = 100;
+    if (req.has_param("limit")) {
+      try {
+        limit = std::stoull(req.get_param_value("limit"));
+      } catch (const std::exception&) {
+        return reply_error(res, 400, "invalid_argument", "limit: must be a positive integer");
+      }
+    }
+    reply_json(res, 200, group_json(group_, limit));
   });
   int bound = port == 0 ? svr.bind_to_any_port(host) : (svr.bind_to_port(host, port) ? port : -1);
   if (bound < 0) return -1;

@@ -220,7 +220,8 @@ std::chrono::milliseconds restart_backoff::next_delay(std::chrono::steady_clock:
 supervisor_actor::behavior_type supervisor(
     supervisor_actor::stateful_pointer<supervisor_state> self, engine_config cfg,
     std::shared_ptr<metrics> stats, std::shared_ptr<engine_health> health,
-    std::shared_ptr<storage::metadata_store> db, std::shared_ptr<const base_models> bases) {
+    std::shared_ptr<storage::metadata_store> db, std::shared_ptr<const base_models> bases,
+    std::shared_ptr<group_view> group) {
   auto& st = self->state;
   st.cfg = std::move(cfg);
   st.stats = std::move(stats);
@@ -238,7 +239,7 @@ supervisor_actor::behavior_type supervisor(
   for (const auto& base : st.cfg.base_models)
     for (int d = 0; d < st.cfg.serving.devices; ++d) start_gpu(self, base, d);
   st.store = db;
-  st.group = std::make_shared<group_jobs>();
+  st.group = std::move(group);
   st.users = self->spawn(registry, st.cfg, metadata_access{st.db, std::move(db)}, st.out, st.pool,
                          st.routes, st.group, st.stats);
   // Jobs of the previous run are back in the pool (recover_jobs, once the
@@ -385,8 +386,11 @@ std::unique_ptr<engine> engine::start(engine_config cfg, std::string& err,
                caf::to_string(ctx);
       });
   e->sys_ = std::make_unique<caf::actor_system>(*e->sys_cfg_);
-  e->supervisor_ = e->sys_->spawn(supervisor, cfg, e->stats_, e->health_, shared_db, bases);
-  e->admin_ = std::make_unique<admin_server>(shared_db, e->stats_, e->health_, 3);
+  auto group = std::make_shared<group_view>();
+  e->supervisor_ =
+      e->sys_->spawn(supervisor, cfg, e->stats_, e->health_, shared_db, bases, group);
+  admin_server::group_info about{group, cfg.instance.id, cfg.instance.takeover_after_ms};
+  e->admin_ = std::make_unique<admin_server>(shared_db, e->stats_, e->health_, 3, about);
   e->admin_port_ = e->admin_->start(cfg.admin_host, cfg.admin_port);
   if (e->admin_port_ < 0) {
     err = "admin API: cannot listen on " + cfg.admin_host + ":" + std::to_string(cfg.admin_port);

@@ -73,7 +73,7 @@ struct supervisor_state {
   ingress_actor input;
   restart_backoff ingress_restarts;
   std::shared_ptr<storage::metadata_store> store;  // for each fresh state follower
-  std::shared_ptr<group_jobs> group;  // the follower's view of open jobs, for the user actors
+  std::shared_ptr<group_view> group;  // the follower's view, for the user actors and admin API
   state_follower_actor follower;
   restart_backoff follower_restarts;
   // The ingress starts once the jobs of the last run are back in the pool
@@ -90,7 +90,8 @@ struct supervisor_state {
 supervisor_actor::behavior_type supervisor(
     supervisor_actor::stateful_pointer<supervisor_state> self, engine_config cfg,
     std::shared_ptr<metrics> stats, std::shared_ptr<engine_health> health,
-    std::shared_ptr<storage::metadata_store> db, std::shared_ptr<const base_models> bases);
+    std::shared_ptr<storage::metadata_store> db, std::shared_ptr<const base_models> bases,
+    std::shared_ptr<group_view> group);
 
 // Fills in the paths that default to places under data_dir.
 void resolve_paths(engine_config& cfg);

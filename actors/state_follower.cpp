@@ -171,7 +171,7 @@ void apply(self_ptr self, const RdKafka::Message& msg) {
     return;
   }
   if (auto* alive = std::get_if<messages::instance_alive>(&record)) {
-    st.heard[alive->instance_id] = state_follower_state::clock::now();
+    st.group->heard(alive->instance_id, group_view::clock::now());
     st.stats->count_state_record("followed");
     return;
   }
@@ -347,23 +347,25 @@ void watch_group(self_ptr self) {
   auto& st = self->state;
   if (!st.caught_up) return;
   const auto after = std::chrono::milliseconds(st.cfg.instance.takeover_after_ms);
-  const auto now = state_follower_state::clock::now();
+  const auto now = group_view::clock::now();
+  const auto heard = st.group->instances();
   // Not heard from since this follower started counts from its start: an
   // instance alive now is heard from well within `after`.
   auto gone = [&](const std::string& id) {
-    auto it = st.heard.find(id);
-    return after.count() > 0 && now - (it == st.heard.end() ? st.started : it->second) > after;
+    auto it = heard.find(id);
+    return after.count() > 0 && now - (it == heard.end() ? st.started : it->second) > after;
   };
   std::vector<std::string> live = {st.cfg.instance.id};
-  for (const auto& [id, at] : st.heard)
+  for (const auto& [id, at] : heard)
     if (id != st.cfg.instance.id && !gone(id)) live.push_back(id);
   std::vector<messages::job_state_record> mine;
   int64_t orphaned = 0, open_jobs = 0;
   st.group->for_each([&](const messages::job_state_record& open) {
     ++open_jobs;
-    if (open.owner == st.cfg.instance.id || !gone(open.owner)) return;
+    if (open.owner == st.cfg.instance.id || !gone(open.owner)) return true;
     ++orphaned;
     if (taker_of(open.job_id, live) == st.cfg.instance.id) mine.push_back(open);
+    return true;
   });
   st.stats->set_group(static_cast<int64_t>(live.size()) - 1, open_jobs, orphaned);
   for (auto& open : mine) {
@@ -430,7 +432,7 @@ state_follower_state::~state_follower_state() {
 state_follower_actor::behavior_type state_follower(
     state_follower_actor::stateful_pointer<state_follower_state> self, engine_config cfg,
     std::shared_ptr<storage::metadata_store> db, std::shared_ptr<metrics> stats,
-    pool_actor pool, egress_actor out, std::shared_ptr<group_jobs> group, bool hand_over) {
+    pool_actor pool, egress_actor out, std::shared_ptr<group_view> group, bool hand_over) {
   self->set_exception_handler(exit_reason_of_exception);
   auto& st = self->state;
   st.cfg = std::move(cfg);

@@ -14,7 +14,7 @@
 
 #include "actors/config.hpp"
 #include "actors/egress.hpp"
-#include "actors/group_jobs.hpp"
+#include "actors/group_view.hpp"
 #include "actors/kafka.hpp"
 #include "actors/metrics.hpp"
 #include "actors/training_pool.hpp"
@@ -57,18 +57,15 @@ using state_follower_actor =
                      caf::reacts_to<poll_atom>, caf::reacts_to<tick_atom>>;
 
 struct state_follower_state {
-  using clock = std::chrono::steady_clock;
   engine_config cfg;
   std::shared_ptr<storage::metadata_store> db;
   std::shared_ptr<metrics> stats;
   pool_actor pool;
   egress_actor out;
   bool hand_over = false;
-  // When each instance was last heard from (by this follower's clock, so
-  // that instances' clocks need not agree).
-  std::map<std::string, clock::time_point> heard;
-  // The group's open jobs, by id, as last published (their owner among them).
-  std::shared_ptr<group_jobs> group;
+  // The group's open jobs, by id, as last published (their owner among
+  // them), and when each instance was last heard from.
+  std::shared_ptr<group_view> group;
   // Jobs of this instance that another instance marked `cancelling`, each
   // with whether the pool has been asked to cancel it (answered: erased).
   std::map<std::string, bool> cancels;
@@ -97,7 +94,7 @@ struct state_follower_state {
 state_follower_actor::behavior_type state_follower(
     state_follower_actor::stateful_pointer<state_follower_state> self, engine_config cfg,
     std::shared_ptr<storage::metadata_store> db, std::shared_ptr<metrics> stats,
-    pool_actor pool, egress_actor out, std::shared_ptr<group_jobs> group, bool hand_over);
+    pool_actor pool, egress_actor out, std::shared_ptr<group_view> group, bool hand_over);
 
 // Which of the `live` instances takes over job `job_id` of an instance that
 // is gone: the highest hash of (instance, job), so every instance that sees

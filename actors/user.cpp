@@ -492,7 +492,7 @@ const std::string& user_of(const parse_result& r) {
 user_actor::behavior_type user(user_actor::stateful_pointer<user_state> self, std::string user_id,
                                engine_config cfg, metadata_access db, egress_actor out,
                                pool_actor pool, serving_routes routes, registry_actor registry,
-                               std::shared_ptr<group_jobs> group, std::shared_ptr<metrics> stats) {
+                               std::shared_ptr<group_view> group, std::shared_ptr<metrics> stats) {
   self->set_exception_handler(exit_reason_of_exception);
   auto& st = self->state;
   st.user_id = std::move(user_id);
@@ -549,7 +549,7 @@ user_actor::behavior_type user(user_actor::stateful_pointer<user_state> self, st
 registry_actor::behavior_type registry(registry_actor::stateful_pointer<registry_state> self,
                                        engine_config cfg, metadata_access db, egress_actor out,
                                        pool_actor pool, serving_routes routes,
-                                       std::shared_ptr<group_jobs> group,
+                                       std::shared_ptr<group_view> group,
                                        std::shared_ptr<metrics> stats) {
   self->set_exception_handler(exit_reason_of_exception);
   self->state.cfg = std::move(cfg);

@@ -14,7 +14,7 @@
 #include "actors/config.hpp"
 #include "actors/egress.hpp"
 #include "actors/gpu.hpp"
-#include "actors/group_jobs.hpp"
+#include "actors/group_view.hpp"
 #include "actors/metrics.hpp"
 #include "actors/store_actor.hpp"
 #include "actors/training_pool.hpp"
@@ -58,7 +58,7 @@ struct user_state {
   pool_actor pool;
   serving_routes routes;
   registry_actor registry;
-  std::shared_ptr<group_jobs> group;  // jobs open on other instances
+  std::shared_ptr<group_view> group;  // jobs open on other instances
   std::shared_ptr<metrics> stats;
   std::map<std::string, pending> inflight;  // by request id
   // Times a request was in a GPU actor that failed, by request id, until it
@@ -103,7 +103,7 @@ struct registry_state {
   egress_actor out;
   pool_actor pool;
   serving_routes routes;
-  std::shared_ptr<group_jobs> group;
+  std::shared_ptr<group_view> group;
   std::shared_ptr<metrics> stats;
   std::unordered_map<std::string, entry> users;
   static inline const char* name = "tailor.registry";
@@ -112,12 +112,12 @@ struct registry_state {
 user_actor::behavior_type user(user_actor::stateful_pointer<user_state> self, std::string user_id,
                                engine_config cfg, metadata_access db, egress_actor out,
                                pool_actor pool, serving_routes routes, registry_actor registry,
-                               std::shared_ptr<group_jobs> group, std::shared_ptr<metrics> stats);
+                               std::shared_ptr<group_view> group, std::shared_ptr<metrics> stats);
 
 registry_actor::behavior_type registry(registry_actor::stateful_pointer<registry_state> self,
                                        engine_config cfg, metadata_access db, egress_actor out,
                                        pool_actor pool, serving_routes routes,
-                                       std::shared_ptr<group_jobs> group,
+                                       std::shared_ptr<group_view> group,
                                        std::shared_ptr<metrics> stats);
 
 }  // namespace tailor::actors

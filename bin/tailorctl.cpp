@@ -294,6 +294,11 @@ int main(int argc, char** argv) {
   auto* job = app.add_subcommand("job", "show one job (admin API)");
   std::string job_id;
   job->add_option("job_id", job_id, "job id")->required();
+  auto* group = app.add_subcommand(
+      "group", "the group's instances and open jobs, as this instance sees them (admin API)");
+  std::size_t group_limit = 100;
+  group->add_option("--limit", group_limit, "open jobs to show at most")
+      ->check(CLI::PositiveNumber);
   auto* models = app.add_subcommand("models", "list a user's models, newest first (admin API)");
   std::string models_user;
   models->add_option("user_id", models_user, "user id")->required();
@@ -435,6 +440,7 @@ int main(int argc, char** argv) {
     admin_get(o, "/v1/jobs" + (job_status.empty() ? "" : "?status=" + job_status));
   if (job->parsed()) admin_get(o, "/v1/jobs/" + job_id);
   if (models->parsed()) admin_get(o, "/v1/users/" + models_user + "/models");
+  if (group->parsed()) admin_get(o, "/v1/group?limit=" + std::to_string(group_limit));
   if (history->parsed()) print_history(o, history_user, history_limit);
   if (cancel->parsed()) {
     produce(o, o.topics.control, jc.user_id, messages::to_json(jc));

@@ -5,6 +5,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <set>
 
 #include "engine_harness.hpp"
@@ -271,6 +272,15 @@ TEST_F(OnboardingTest, AJobOfAnInstanceGoneSilentIsTakenOverAndEndsWithOneModel)
   const auto taker = second.get("/metrics").second;
   EXPECT_NE(taker.find("\ntailor_jobs_taken_over_total 1\n"), std::string::npos) << taker;
   EXPECT_NE(taker.find("\ntailor_group_orphaned_jobs 0\n"), std::string::npos) << taker;
+  // The taker shows the first instance as gone, itself as live.
+  const auto group = json::parse(second.get("/v1/group").second);
+  std::map<bool, int> by_live;
+  for (const auto& i : group["instances"]) ++by_live[i["live"].get<bool>()];
+  EXPECT_EQ(by_live[false], 1) << group.dump();
+  EXPECT_EQ(by_live[true], 1) << group.dump();
+  EXPECT_TRUE(wait_until(
+      [&] { return json::parse(second.get("/v1/group").second)["open_jobs_total"] == 0; }, 30s))
+      << "the taker reads the job's end back";
   // The first instance, back: the job was moved, and its model is listed.
   engine_->start();
   ASSERT_FALSE(HasFatalFailure());
@@ -345,6 +355,13 @@ TEST_F(OnboardingTest, EventsAboutAJobRunningOnAnotherInstanceAreAnsweredForIt) 
                 .dump());
   in_->flush();
   ASSERT_TRUE(wait_until([&] { return metric("tailor_group_open_jobs") == 1; }, 30s));
+  auto group = [&] { return json::parse(engine_->get("/v1/group").second); };
+  const auto seen = group();
+  EXPECT_EQ(seen["open_jobs_total"], 1) << seen.dump();
+  ASSERT_EQ(seen["open_jobs"].size(), 1u) << seen.dump();
+  EXPECT_EQ(seen["open_jobs"][0]["job_id"], job_id);
+  EXPECT_EQ(seen["open_jobs"][0]["owner"], "tailord-far");
+  EXPECT_EQ(seen["open_jobs"][0]["status"], "queued");
   send_onboarding(request);
   in_->flush();
   const auto queued = await_event("far", "job", "job.queued");
@@ -365,6 +382,8 @@ TEST_F(OnboardingTest, EventsAboutAJobRunningOnAnotherInstanceAreAnsweredForIt) 
   EXPECT_EQ(passed.value["owner"], "tailord-far") << "to the instance that runs it";
   EXPECT_EQ(passed.value["user_id"], "far");
   EXPECT_FALSE(passed.value.contains("request"));
+  EXPECT_TRUE(wait_until([&] { return group()["open_jobs"][0]["status"] == "cancelling"; }, 30s))
+      << group().dump();
   const auto metrics = engine_->get("/metrics").second;
   EXPECT_NE(metrics.find("\ntailor_job_cancels_passed_on_total{way=\"sent\"} 1\n"),
             std::string::npos)

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <csignal>
 #include <filesystem>
+#include <set>
 #include <fstream>
 #include <random>
 
@@ -234,6 +235,10 @@ TEST_F(StoreTest, ImportedModelsAreListedNewestFirstOnceEach) {
   EXPECT_EQ(store_->import_model(model("m10", "u2", 6), &again), true);
   EXPECT_EQ((*store_->find_request("u2", "mine"))->payload_hash, 1u)
       << "this instance's own record is kept";
+  // Every model of every user, once each (what the state topic may lack).
+  std::multiset<std::string> every;
+  ASSERT_FALSE(store_->for_each_model([&](const model_record& m) { every.insert(m.model_id); }));
+  EXPECT_EQ(every, (std::multiset<std::string>{"m1", "m10", "m2", "m3", "m9"}));
 }
 
 // A job taken over from an instance that is gone is stored once, with its
