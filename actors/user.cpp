@@ -424,6 +424,11 @@ void handle_job_cancel(user_ptr self, promise_t rp, job_cancel x) {
           [=](std::vector<job_record>& found) mutable {
             if (found.empty() || found.front().user_id != x.user_id) {
               if (pass_cancel_on(self, rp, x)) return;
+              // Ended on another instance, which made the user's model.
+              if (auto m = self->state.db.direct->get_model(model_id_for(x.job_id));
+                  m && m->user_id == x.user_id)
+                return reject(nullptr, errc::job_not_cancellable,
+                              "job " + x.job_id + " is ready (model " + m->model_id + ")");
               return reject(nullptr, errc::job_not_found,
                             "job_id: " + x.job_id + " is not a job of user " + x.user_id);
             }

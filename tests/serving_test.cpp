@@ -347,7 +347,26 @@ TEST_F(ServingTest, EveryInstanceOfAGroupServesEveryUsersOwnModel) {
   ASSERT_EQ(queued.size(), 2u) << "the repeat is answered as the first instance answered it";
   EXPECT_EQ(queued[0].payload, queued[1].payload);
   EXPECT_EQ(events_of("ann", "signup", "job.admitted").size(), 1u) << "trained once";
-  EXPECT_EQ(second.get("/v1/jobs/" + queued[0].value["job_id"].get<std::string>()).first, 404);
+  const auto ann_job = queued[0].value["job_id"].get<std::string>();
+  EXPECT_EQ(second.get("/v1/jobs/" + ann_job).first, 404);
+  // A cancel of Ann's job, ended on the first instance, says that it is ready.
+  send_control(job_cancel("ann", ann_job));
+  in_->flush();
+  ASSERT_TRUE(wait_until(
+      [&] {
+        return !out_->matching(engine_->topics().events, [&](const json& j) {
+                      return j.value("type", "") == "job.cancel_rejected" &&
+                             j.value("job_id", "") == ann_job;
+                    }).empty();
+      },
+      30s));
+  const auto rejected = out_->matching(engine_->topics().events, [&](const json& j) {
+    return j.value("type", "") == "job.cancel_rejected" && j.value("job_id", "") == ann_job;
+  });
+  EXPECT_EQ(rejected[0].value["error"]["code"], "job_not_cancellable") << rejected[0].payload;
+  EXPECT_NE(rejected[0].value["error"]["message"].get<std::string>().find(models["ann"]),
+            std::string::npos)
+      << rejected[0].payload;
   const auto m = second.get("/metrics").second;
   EXPECT_NE(m.find("tailor_state_records_total{outcome=\"imported\"}"), std::string::npos) << m;
   EXPECT_EQ(m.find("tailor_state_records_total{outcome=\"rejected\"}"), std::string::npos);

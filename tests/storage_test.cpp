@@ -8,9 +8,9 @@
 #include <algorithm>
 #include <csignal>
 #include <filesystem>
-#include <set>
 #include <fstream>
 #include <random>
+#include <set>
 
 #include "storage/artifacts.hpp"
 #include "storage/metadata_store.hpp"
