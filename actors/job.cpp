@@ -154,7 +154,10 @@ void on_outcome(job_ptr self, training_outcome& o) {
   auto& st = self->state;
   self->send(st.pool, release_atom_v, st.job.job_id);
   st.in_slot = false;
-  if (!st.moved_to.empty() && o.status == "cancelled") {
+  // Ended on another instance while its run here went on (it was saving,
+  // which a cancel does not stop): that end was announced there, and this
+  // run's (the same model id) is not announced again.
+  if (!st.moved_to.empty() && o.status != "interrupted") {
     hand_over(self);
     return;
   }
@@ -389,8 +392,7 @@ job_actor::behavior_type job(job_actor::stateful_pointer<job_state> self, job_re
         if (is_final_job_status(st.job.status) || !st.moved_to.empty()) return;
         st.moved_to = owner;
         if (!st.in_slot) return hand_over(self);
-        // A job saving registers the model the other instance made: its
-        // end is announced twice, the same model id.
+        // A save is not interrupted; its outcome hands the job over.
         if (st.job.status != "saving") st.cancel->store(true);
       },
   };

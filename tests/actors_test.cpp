@@ -420,8 +420,9 @@ namespace {
 // Job actors as the engine runs them, with a real store on disk, against an
 // egress that is either gone, as when the engine stops, or stalled: it
 // takes events and never reports their delivery (as while the broker is out
-// of reach), and tells the test which actor published them.
-class JobsAtShutdown : public ::testing::Test {
+// of reach), and tells the test which actor published them. A test may
+// play the job's pool and slot itself.
+class JobActors : public ::testing::Test {
  protected:
   void SetUp() override {
     dir_ = fs::temp_directory_path() / ("tailor-jobs-" + std::to_string(::getpid()));
@@ -495,7 +496,7 @@ class JobsAtShutdown : public ::testing::Test {
 // A finished job whose final events cannot go out any more (the egress has
 // exited) ends, and leaves them to the next start, instead of retrying
 // forever and keeping the process from stopping.
-TEST_F(JobsAtShutdown, AJobWhoseEventsCannotGoOutAnyMoreEnds) {
+TEST_F(JobActors, AJobWhoseEventsCannotGoOutAnyMoreEnds) {
   egress_exits();
   auto& self = *self_;
   engine_config cfg;
@@ -512,7 +513,7 @@ TEST_F(JobsAtShutdown, AJobWhoseEventsCannotGoOutAnyMoreEnds) {
 // The pool's end reaches the job actors it monitors (they are not linked to
 // it): once it exits, no job actor is left to hold the actor system, not
 // even one that waits for its events' delivery.
-TEST_F(JobsAtShutdown, ThePoolsEndEndsItsJobs) {
+TEST_F(JobActors, ThePoolsEndEndsItsJobs) {
   auto& self = *self_;
   engine_config cfg;
   cfg.training.slots = 0;  // a queued job stays queued
@@ -531,6 +532,76 @@ TEST_F(JobsAtShutdown, ThePoolsEndEndsItsJobs) {
   int ended = 0;
   for (std::size_t i = 0; i < publishing.size(); ++i) ended += next_down();
   EXPECT_EQ(ended, 2) << "job actors outlived the pool";
+}
+
+// A job that another instance ends while this one saves its adapter (a save
+// is not interrupted, as a cancel does not stop it either) is handed over
+// once the save is done: `moved`, with its model neither registered nor
+// announced here, since the other instance announced the job's end.
+TEST_F(JobActors, AJobEndedElsewhereWhileSavingIsMovedWithoutAWord) {
+  auto& self = *self_;
+  caf::actor observer = caf::actor_cast<caf::actor>(self);
+  // An egress that delivers at once and shows the test what went out.
+  auto acking = sys_->spawn([observer](egress_actor::pointer) -> egress_actor::behavior_type {
+    return {[observer](publish_atom, std::vector<outgoing_message>& batch) {
+              caf::anon_send(observer, std::move(batch));
+              return caf::ok_atom_v;
+            },
+            [](poll_atom) {}, [](tick_atom) {}};
+  });
+  auto rec = record("j9", "queued");
+  tailor::messages::onboarding_request req;
+  req.request_id = rec.request_id;
+  req.user_id = rec.user_id;
+  req.texts = {"hello"};
+  rec.request = to_json(req);
+  const request_record made{rec.user_id, rec.request_id, "onboarding", 1, rec.job_id, {}, 1};
+  self->request(db_, std::chrono::seconds(10), create_atom_v, rec, made)
+      .receive([](caf::ok_atom) {}, [](caf::error& e) { FAIL() << caf::to_string(e); });
+  engine_config cfg;
+  auto j = sys_->spawn(job, rec, cfg, db_, acking, caf::actor_cast<job_owner>(self),
+                       std::make_shared<metrics>(), std::make_shared<std::atomic<bool>>(false));
+  self->send(j, admit_atom_v, observer);  // this test is the job's slot
+  std::vector<std::string> published;
+  auto note = [&](std::vector<outgoing_message>& batch) {
+    for (const auto& m : batch) published.push_back(m.payload);
+  };
+  bool trained = false, done = false;
+  self->receive_while([&] { return !trained; })(
+      note,
+      [&](train_atom, training_order&) -> training_outcome {
+        trained = true;
+        // As the slot reports a run that reaches its save, and the pool
+        // passes on the job's end elsewhere, before the save is done.
+        self->send(j, started_atom_v);
+        self->send(j, saving_atom_v);
+        self->send(j, moved_atom_v, std::string("tailord-else"));
+        training_outcome out;
+        out.status = "done";
+        out.artifact_path = "adapters/u/model-j9.safetensors";
+        out.checksum = "sha256:00";
+        return out;
+      },
+      caf::after(std::chrono::seconds(10)) >> [&] { trained = true; });
+  self->receive_while([&] { return !done; })(
+      note, [](release_atom, std::string&) {}, [&](done_atom, std::string&) { done = true; },
+      caf::after(std::chrono::seconds(10)) >> [&] { done = true; });
+  std::vector<job_record> found;
+  self->request(db_, std::chrono::seconds(10), job_atom_v, std::string("j9"))
+      .receive([&](std::vector<job_record>& js) { found = std::move(js); },
+               [](caf::error& e) { FAIL() << caf::to_string(e); });
+  ASSERT_EQ(found.size(), 1u);
+  EXPECT_EQ(found.front().status, "moved") << found.front().error_message;
+  for (const auto& p : published) {
+    EXPECT_EQ(p.find("model.ready"), std::string::npos) << p;
+    EXPECT_EQ(p.find("model.state"), std::string::npos) << p;
+  }
+  std::vector<model_record> models;
+  self->request(db_, std::chrono::seconds(10), models_atom_v, std::string("u"))
+      .receive([&](std::vector<model_record>& ms) { models = std::move(ms); },
+               [](caf::error& e) { FAIL() << caf::to_string(e); });
+  EXPECT_TRUE(models.empty()) << "registered here too";
+  self->send_exit(acking, caf::exit_reason::user_shutdown);
 }
 
 // The ingress's own timeout for an event's answer (reply_watch): CAF 0.17's
