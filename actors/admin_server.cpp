@@ -2,6 +2,7 @@
 
 #include <httplib.h>
 
+#include <charconv>
 #include <nlohmann/json.hpp>
 #include <optional>
 
@@ -55,6 +56,24 @@ std::optional<std::string> from_hex(const std::string& hex) {
     out.push_back(static_cast<char>(v));
   }
   return out;
+}
+
+// The `limit` query parameter, `fallback` when absent; a malformed one (not
+// an integer in [1, max]) is answered 400 here, and nullopt returned.
+std::optional<uint64_t> limit_of(const httplib::Request& req, httplib::Response& res,
+                                 uint64_t fallback, uint64_t max = 0) {
+  if (!req.has_param("limit")) return fallback;
+  const auto text = req.get_param_value("limit");
+  uint64_t value = 0;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc() || end != text.data() + text.size() || value == 0 ||
+      (max > 0 && value > max)) {
+    reply_error(res, 400, "invalid_argument",
+                max > 0 ? "limit: must be an integer in [1, " + std::to_string(max) + "]"
+                        : "limit: must be a positive integer");
+    return std::nullopt;
+  }
+  return value;
 }
 
 // Answers with `on_value` of what the store read, or 500 with its error.
@@ -137,15 +156,9 @@ int admin_server::start(const std::string& host, int port) {
   });
   svr.Get("/v1/jobs", [this](const httplib::Request& req, httplib::Response& res) {
     std::string status = req.has_param("status") ? req.get_param_value("status") : "";
-    uint64_t limit = 100;
-    if (req.has_param("limit")) {
-      try {
-        limit = std::stoull(req.get_param_value("limit"));
-      } catch (const std::exception&) {
-        return reply_error(res, 400, "invalid_argument", "limit: must be a positive integer");
-      }
-    }
-    answer(res, db_->list_jobs(status, limit), [&](const std::vector<job_record>& jobs) {
+    const auto limit = limit_of(req, res, 100);
+    if (!limit) return;
+    answer(res, db_->list_jobs(status, *limit), [&](const std::vector<job_record>& jobs) {
       reply_json(res, 200, records_to_json(jobs));
     });
   });
@@ -171,31 +184,17 @@ int admin_server::start(const std::string& host, int port) {
     std::string id = req.matches[1];
     auto after = from_hex(req.has_param("after") ? req.get_param_value("after") : "");
     if (!after) return reply_error(res, 400, "invalid_argument", "after: must be a cursor (hex)");
-    uint64_t limit = 50;
-    if (req.has_param("limit")) {
-      try {
-        limit = std::stoull(req.get_param_value("limit"));
-      } catch (const std::exception&) {
-        return reply_error(res, 400, "invalid_argument", "limit: must be a positive integer");
-      }
-    }
-    if (limit == 0 || limit > 1000)
-      return reply_error(res, 400, "invalid_argument", "limit: must be in [1, 1000]");
-    answer(res, db_->page_history(id, *after, limit), [&](const storage::history_page& page) {
+    const auto limit = limit_of(req, res, 50, 1000);
+    if (!limit) return;
+    answer(res, db_->page_history(id, *after, *limit), [&](const storage::history_page& page) {
       reply_json(res, 200,
                  json{{"entries", records_to_json(page.entries)}, {"next", to_hex(page.next)}});
     });
   });
   svr.Get("/v1/group", [this](const httplib::Request& req, httplib::Response& res) {
-    uint64_t limit = 100;
-    if (req.has_param("limit")) {
-      try {
-        limit = std::stoull(req.get_param_value("limit"));
-      } catch (const std::exception&) {
-        return reply_error(res, 400, "invalid_argument", "limit: must be a positive integer");
-      }
-    }
-    reply_json(res, 200, group_json(group_, limit));
+    const auto limit = limit_of(req, res, 100);
+    if (!limit) return;
+    reply_json(res, 200, group_json(group_, *limit));
   });
   int bound = port == 0 ? svr.bind_to_any_port(host) : (svr.bind_to_port(host, port) ? port : -1);
   if (bound < 0) return -1;

@@ -310,8 +310,8 @@ void pass_cancels(self_ptr self) {
       it = st.cancels.erase(it);
       continue;
     }
-    st.stats->count_cancel_passed_on("received");
     if (is_final_job_status(job->status)) {
+      st.stats->count_cancel_passed_on("received");
       answers out;
       if (job->status != "cancelled")
         out.push_back(cancel_rejected(job->job_id, job->request_id, job->user_id,
@@ -322,12 +322,14 @@ void pass_cancels(self_ptr self) {
       it = st.cancels.erase(it);
       continue;
     }
-    spdlog::info("state: job {} of user {} cancelled by way of another instance", job_id,
-                 job->user_id);
     asked = true;
     self->request(st.pool, std::chrono::minutes(10), cancel_atom_v, job_id)
         .then(
-            [self, id = job_id](answers& out) {
+            [self, id = job_id, user = job->user_id](answers& out) {
+              spdlog::info("state: job {} of user {}: a cancel passed on by another instance "
+                           "was answered here",
+                           id, user);
+              self->state.stats->count_cancel_passed_on("received");
               self->state.cancels.erase(id);
               if (!out.empty()) publish(self, std::move(out), "the answer to the cancel of " + id);
             },

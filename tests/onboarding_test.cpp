@@ -362,6 +362,13 @@ TEST_F(OnboardingTest, EventsAboutAJobRunningOnAnotherInstanceAreAnsweredForIt) 
   EXPECT_EQ(seen["open_jobs"][0]["job_id"], job_id);
   EXPECT_EQ(seen["open_jobs"][0]["owner"], "tailord-far");
   EXPECT_EQ(seen["open_jobs"][0]["status"], "queued");
+  // A limit that is not a positive integer (in range) is refused, by name.
+  for (const auto* path : {"/v1/group?limit=0", "/v1/group?limit=12x", "/v1/jobs?limit=-1",
+                           "/v1/users/far/history?limit=1001"}) {
+    const auto [status, body] = engine_->get(path);
+    EXPECT_EQ(status, 400) << path;
+    EXPECT_NE(body.find("limit: must be"), std::string::npos) << path << ": " << body;
+  }
   send_onboarding(request);
   in_->flush();
   const auto queued = await_event("far", "job", "job.queued");
