@@ -118,17 +118,15 @@ class follower {
   std::unique_ptr<RdKafka::KafkaConsumer> consumer_;
 };
 
-// Waits for answers of (user, request) on a topic until `done` says so.
-template <class Done>
-int wait_for(follower& f, const std::string& user, const std::string& request, double timeout_s,
-             Done done) {
+// Waits for the answers on a topic that `mine` picks until `done` says so.
+template <class Mine, class Done>
+int wait_for(follower& f, double timeout_s, Mine mine, Done done) {
   auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
   while (std::chrono::steady_clock::now() < deadline) {
     auto msg = f.next(200);
     if (!msg) continue;
     auto j = json::parse(*msg, nullptr, false);
-    if (!j.is_object() || j.value("user_id", "") != user || j.value("request_id", "") != request)
-      continue;
+    if (!j.is_object() || !mine(j)) continue;
     std::cout << j.dump() << std::endl;
     if (auto code = done(j)) return *code;
   }
@@ -149,7 +147,10 @@ int publish(const common_options& o, const std::string& topic, const std::string
   std::fprintf(stderr, "published %s request %s for user %s\n", kind, request.c_str(),
                user.c_str());
   if (!wait) return 0;
-  return wait_for(*f, user, request, timeout_s, done);
+  auto mine = [&](const json& j) {
+    return j.value("user_id", "") == user && j.value("request_id", "") == request;
+  };
+  return wait_for(*f, timeout_s, mine, done);
 }
 
 // GET on the admin API; exits with the server's message unless it is a 200.
@@ -313,6 +314,11 @@ int main(int argc, char** argv) {
   messages::job_cancel jc;
   cancel->add_option("job_id", jc.job_id, "job id")->required();
   cancel->add_option("-u,--user", jc.user_id, "the job's user")->required();
+  bool cancel_wait = false;
+  cancel->add_flag("-w,--wait", cancel_wait,
+                   "print the answer (job.cancelled, or job.cancel_rejected with the reason); "
+                   "exit 1 if refused");
+  cancel->add_option("--timeout", timeout, "with --wait: seconds to wait (default: 120)");
 
   auto* pre =
       app.add_subcommand("pretrain", "pre-train a base model on the English fortunes and cache it");
@@ -443,8 +449,20 @@ int main(int argc, char** argv) {
   if (group->parsed()) admin_get(o, "/v1/group?limit=" + std::to_string(group_limit));
   if (history->parsed()) print_history(o, history_user, history_limit);
   if (cancel->parsed()) {
+    std::optional<follower> f;
+    if (cancel_wait) f.emplace(o, o.topics.events, false);  // before: no answer is missed
     produce(o, o.topics.control, jc.user_id, messages::to_json(jc));
     std::fprintf(stderr, "published job.cancel for %s\n", jc.job_id.c_str());
+    if (!cancel_wait) return 0;
+    // Whichever instance runs the job answers (design section 3).
+    auto answer = [&](const json& j) {
+      const auto type = j.value("type", "");
+      return j.value("user_id", "") == jc.user_id && j.value("job_id", "") == jc.job_id &&
+             (type == "job.cancelled" || type == "job.cancel_rejected");
+    };
+    return wait_for(*f, timeout, answer, [](const json& j) -> std::optional<int> {
+      return j.value("type", "") == "job.cancelled" ? 0 : 1;
+    });
   }
   return 0;
 }
