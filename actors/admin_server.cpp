@@ -166,8 +166,14 @@ int admin_server::start(const std::string& host, int port) {
           [this](const httplib::Request& req, httplib::Response& res) {
             std::string id = req.matches[1];
             auto job = db_->get_job(id);
-            if (!job && job.error() == storage::errc::not_found)
+            if (!job && job.error() == storage::errc::not_found) {
+              // Not here; the state topic may say which instance runs it.
+              if (auto open = group_.view->find(id))
+                return reply_error(res, 404, "job_not_found",
+                                   "job " + id + " is not on this instance: it runs on " +
+                                       open->owner + " (" + open->status + ")");
               return reply_error(res, 404, "job_not_found", "job " + id + " does not exist");
+            }
             answer(res, std::move(job), [&](const job_record& found) {
               reply_json(res, 200, json::parse(to_json(found)));
             });

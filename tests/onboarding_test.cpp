@@ -374,7 +374,9 @@ TEST_F(OnboardingTest, EventsAboutAJobRunningOnAnotherInstanceAreAnsweredForIt) 
   const auto queued = await_event("far", "job", "job.queued");
   ASSERT_FALSE(HasFailure());
   EXPECT_EQ(queued.value["job_id"], job_id);
-  EXPECT_EQ(engine_->get("/v1/jobs/" + job_id).first, 404) << "not a job of this instance";
+  const auto [status, body] = engine_->get("/v1/jobs/" + job_id);
+  EXPECT_EQ(status, 404) << "not a job of this instance";
+  EXPECT_NE(body.find("runs on tailord-far"), std::string::npos) << body;
   // The same id for another request is refused, as it would be there.
   send_onboarding(onboarding("far", "job", {"something else"}));
   in_->flush();
