@@ -68,7 +68,8 @@ void caught_up_to(state_follower_state& st, int32_t partition, int64_t next_offs
 // become `moved`, so that the pool does not resume them. A store that
 // cannot take it ends the follower (the supervisor starts it again).
 void hand_over_jobs(state_follower_state& st) {
-  for (const auto& [job_id, owner] : st.owned_elsewhere) {
+  for (const auto& [job_id, owner] : st.last_owner) {
+    if (owner == st.cfg.instance.id) continue;
     auto moved = st.db->hand_over_job(job_id, owner);
     if (!moved)
       throw std::runtime_error("cannot hand job " + job_id + " over: " +
@@ -115,7 +116,7 @@ void publish_missing(self_ptr self) {
     spdlog::error("state: cannot list this instance's jobs: {}",
                   caf::to_string(unfinished.error()));
   for (const auto& job : unfinished ? *unfinished : std::vector<job_record>{}) {
-    if (is_final_job_status(job.status) || job.status == "moved" || st.seen_jobs.count(job.job_id))
+    if (is_final_job_status(job.status) || job.status == "moved" || st.last_owner.count(job.job_id))
       continue;
     out.push_back(job_state_message(job, st.cfg.instance.id));
     ++jobs;
@@ -131,7 +132,6 @@ void publish_missing(self_ptr self) {
                  "instances cannot serve them",
                  outside, st.cfg.artifact_dir);
   st.seen_models.clear();
-  st.seen_jobs.clear();
 }
 
 void check_caught_up(self_ptr self) {
@@ -141,7 +141,7 @@ void check_caught_up(self_ptr self) {
     hand_over_jobs(st);
     publish_missing(self);
   }
-  st.owned_elsewhere.clear();
+  st.last_owner.clear();
   st.caught_up = true;
   spdlog::info("state: read {} record(s) of {} ({} model(s) new here, {} open job(s) in the "
                "group) in {:.0f} ms; following it",
@@ -188,13 +188,7 @@ void apply(self_ptr self, const RdKafka::Message& msg) {
       st.cancels.emplace(job->job_id, false);  // acted on once caught up
     }
     // Needed only for the first catch-up's hand-over and publish_missing.
-    if (st.hand_over && !st.caught_up) {
-      st.seen_jobs.insert(job->job_id);
-      if (job->owner != st.cfg.instance.id)
-        st.owned_elsewhere[job->job_id] = job->owner;
-      else
-        st.owned_elsewhere.erase(job->job_id);
-    }
+    if (st.hand_over && !st.caught_up) st.last_owner[job->job_id] = job->owner;
     // Ended elsewhere while it may run here too (this instance stalled
     // and its job was taken over, or it came back while the taker ran it):
     // the run here stops. Before the first catch-up, the store does it.

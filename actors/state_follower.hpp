@@ -72,12 +72,12 @@ struct state_follower_state {
   // Open jobs of silent instances published without their request, which
   // no other instance can run (logged once each).
   std::set<std::string> untakeable;
-  // Jobs whose last record names another instance than this one, while
-  // catching up the first time (for the hand-over).
-  std::map<std::string, std::string> owned_elsewhere;
-  // Models and jobs the topic holds, while catching up the first time: what
-  // this instance has beyond them is published then (publish_missing).
-  std::set<std::string> seen_models, seen_jobs;
+  // While catching up the first time: each job on the topic with the owner
+  // its last record names (another owner: the job is handed over), and the
+  // models there; what this instance has beyond them is published then
+  // (publish_missing).
+  std::map<std::string, std::string> last_owner;
+  std::set<std::string> seen_models;
   std::unique_ptr<RdKafka::KafkaConsumer> consumer;
   std::unique_ptr<queue_wakeup> wakeup;  // reset before the consumer closes
   // Per partition: the end offset when the follower started; erased once

@@ -51,6 +51,11 @@ void admit(pool_ptr self) {
   update_gauges(st);
 }
 
+// Out of the admission queue, so that it is never admitted afterwards.
+void unqueue(pool_state& st, const std::string& id) {
+  st.queue.erase(std::remove(st.queue.begin(), st.queue.end(), id), st.queue.end());
+}
+
 void unassign(pool_state& st, pool_state::entry& e, const std::string& id) {
   if (e.slot < 0) return;
   auto& a = st.slots[static_cast<std::size_t>(e.slot)].assigned;
@@ -94,7 +99,7 @@ void forget(pool_ptr self, const std::string& id) {
   auto it = st.jobs.find(id);
   if (it == st.jobs.end()) return;
   unassign(st, it->second, id);
-  st.queue.erase(std::remove(st.queue.begin(), st.queue.end(), id), st.queue.end());
+  unqueue(st, id);
   if (--st.per_user[it->second.user_id] <= 0) st.per_user.erase(it->second.user_id);
   st.jobs.erase(it);
 }
@@ -196,8 +201,7 @@ pool_actor::behavior_type training_pool(pool_actor::stateful_pointer<pool_state>
         auto it = st.jobs.find(id);
         if (it == st.jobs.end())
           return caf::make_error(errc::job_not_found, "job " + id + " is not in flight");
-        // Out of the queue first, so it is never admitted afterwards.
-        st.queue.erase(std::remove(st.queue.begin(), st.queue.end(), id), st.queue.end());
+        unqueue(st, id);  // first: never admitted afterwards
         update_gauges(st);
         return self->delegate(it->second.actor, cancel_atom_v);
       },
@@ -205,7 +209,7 @@ pool_actor::behavior_type training_pool(pool_actor::stateful_pointer<pool_state>
         auto& st = self->state;
         auto it = st.jobs.find(id);
         if (it == st.jobs.end()) return;
-        st.queue.erase(std::remove(st.queue.begin(), st.queue.end(), id), st.queue.end());
+        unqueue(st, id);
         update_gauges(st);
         self->send(it->second.actor, moved_atom_v, owner);
       },

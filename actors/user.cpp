@@ -182,16 +182,15 @@ void handle_onboarding(user_ptr self, promise_t rp, onboarding_request x, uint64
               job.request = to_json(x);
               job.payload_hash = hash;
               job.created_ms = job.updated_ms = unix_ms();
-              answers out{to_message(job_event{"job.queued", job.job_id, x.request_id, st.user_id,
-                                               std::nullopt, std::nullopt, std::nullopt})};
-              auto rec = make_record(st, x.request_id, type, hash, out);
-              rec.job_id = job.job_id;
+              // The same answer (job.queued) any instance gives a repeat.
+              const auto rec =
+                  queued_record(st.user_id, x.request_id, hash, job.job_id, job.created_ms);
               auto fail = [=](caf::error& err) mutable { rp.deliver(std::move(err)); };
               // Persisted, then announced, then handed to the pool: job.queued
               // always reaches tailor.events before the job's next event. The
               // job's open state goes to the other instances with it, so that
               // one of them takes the job over if this instance is gone.
-              auto announced = out;
+              auto announced = rec.answers;
               announced.push_back(job_state_message(job, st.cfg.instance.id));
               self->request(st.db.actor, store_timeout, create_atom_v, job, rec)
                   .await(

@@ -409,6 +409,20 @@ collector::record engine_test::await_event(const std::string& user, const std::s
   return got ? events_of(user, request, type).front() : collector::record{};
 }
 
+collector::record engine_test::await_match(const std::string& topic,
+                                           const std::function<bool(const json&)>& pred,
+                                           std::chrono::milliseconds timeout) {
+  bool got = wait_until([&] { return !out_->matching(topic, pred).empty(); }, timeout);
+  EXPECT_TRUE(got) << "no matching record on " << topic;
+  return got ? out_->matching(topic, pred).front() : collector::record{};
+}
+
+bool engine_test::progressed_past(const std::string& user, const std::string& request, int step) {
+  for (const auto& p : events_of(user, request, "job.progress"))
+    if (p.value["progress"]["step"].get<int>() > step) return true;
+  return false;
+}
+
 void engine_test::ask_users_without_a_model(const std::string& prefix, int users, int n) {
   auto user = [&](int i) { return prefix + std::to_string(i % users); };
   for (int i = 0; i < n; ++i) send_inference(inference(user(i), "q" + std::to_string(i)));

@@ -137,6 +137,13 @@ class engine_test : public ::testing::Test {
   // Waits up to `timeout` for an event of `type` about (user, request).
   collector::record await_event(const std::string& user, const std::string& request,
                                 const std::string& type, std::chrono::milliseconds timeout = 60s);
+  // Waits up to `timeout` for a record of `topic` (one the collector reads)
+  // whose JSON satisfies `pred`: the first such.
+  collector::record await_match(const std::string& topic,
+                                const std::function<bool(const json&)>& pred,
+                                std::chrono::milliseconds timeout = 30s);
+  // Whether (user, request)'s job has reported progress past `step`.
+  bool progressed_past(const std::string& user, const std::string& request, int step);
   // Sends `n` inference requests q0, q1 ... from `users` users with no
   // model (`prefix`0, `prefix`1 ... in turn) and checks that each is
   // answered with no_ready_model.

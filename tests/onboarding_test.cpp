@@ -204,13 +204,7 @@ TEST_F(OnboardingTest, KilledDuringTrainingAndRestartedEndsWithExactlyOneModel) 
   send_onboarding(onboarding_with("crash", "job", {{"steps", 1500}, {"batch_size", 32}}));
   in_->flush();
   // Killed once training is under way (past its first checkpoint).
-  ASSERT_TRUE(wait_until(
-      [&] {
-        for (const auto& p : events_of("crash", "job", "job.progress"))
-          if (p.value["progress"]["step"].get<int>() > 20) return true;
-        return false;
-      },
-      120s));
+  ASSERT_TRUE(wait_until([&] { return progressed_past("crash", "job", 20); }, 120s));
   ASSERT_TRUE(events_of("crash", "job", "model.ready").empty()) << "killed too late";
   engine_->kill();
   auto before = events_of("crash", "job", "job.progress").size();
@@ -241,13 +235,7 @@ TEST_F(OnboardingTest, AJobOfAnInstanceGoneSilentIsTakenOverAndEndsWithOneModel)
   const auto request = onboarding_with("gone", "job", {{"steps", 1500}, {"batch_size", 32}});
   send_onboarding(request);
   in_->flush();
-  ASSERT_TRUE(wait_until(
-      [&] {
-        for (const auto& p : events_of("gone", "job", "job.progress"))
-          if (p.value["progress"]["step"].get<int>() > 20) return true;
-        return false;
-      },
-      120s));
+  ASSERT_TRUE(wait_until([&] { return progressed_past("gone", "job", 20); }, 120s));
   ASSERT_TRUE(events_of("gone", "job", "model.ready").empty()) << "killed too late";
   engine_->kill();
   const auto before = events_of("gone", "job", "job.progress").size();
@@ -400,18 +388,11 @@ TEST_F(OnboardingTest, EventsAboutAJobRunningOnAnotherInstanceAreAnsweredForIt) 
   // Another user's cancel of it is refused, and not passed on.
   send_control(job_cancel("near", job_id));
   in_->flush();
-  ASSERT_TRUE(wait_until(
-      [&] {
-        return !out_->matching(engine_->topics().events, [&](const json& j) {
-                      return j.value("user_id", "") == "near" &&
-                             j.value("type", "") == "job.cancel_rejected";
-                    }).empty();
-      },
-      30s));
-  const auto refused = out_->matching(engine_->topics().events, [&](const json& j) {
-    return j.value("user_id", "") == "near";
+  const auto refused = await_match(engine_->topics().events, [&](const json& j) {
+    return j.value("user_id", "") == "near" && j.value("type", "") == "job.cancel_rejected";
   });
-  EXPECT_EQ(refused.front().value["error"]["code"], "job_not_found");
+  ASSERT_FALSE(HasFailure());
+  EXPECT_EQ(refused.value["error"]["code"], "job_not_found");
   EXPECT_EQ(passed_on().size(), 1u);
 }
 

@@ -352,21 +352,14 @@ TEST_F(ServingTest, EveryInstanceOfAGroupServesEveryUsersOwnModel) {
   // A cancel of Ann's job, ended on the first instance, says that it is ready.
   send_control(job_cancel("ann", ann_job));
   in_->flush();
-  ASSERT_TRUE(wait_until(
-      [&] {
-        return !out_->matching(engine_->topics().events, [&](const json& j) {
-                      return j.value("type", "") == "job.cancel_rejected" &&
-                             j.value("job_id", "") == ann_job;
-                    }).empty();
-      },
-      30s));
-  const auto rejected = out_->matching(engine_->topics().events, [&](const json& j) {
+  const auto rejected = await_match(engine_->topics().events, [&](const json& j) {
     return j.value("type", "") == "job.cancel_rejected" && j.value("job_id", "") == ann_job;
   });
-  EXPECT_EQ(rejected[0].value["error"]["code"], "job_not_cancellable") << rejected[0].payload;
-  EXPECT_NE(rejected[0].value["error"]["message"].get<std::string>().find(models["ann"]),
+  ASSERT_FALSE(HasFailure());
+  EXPECT_EQ(rejected.value["error"]["code"], "job_not_cancellable") << rejected.payload;
+  EXPECT_NE(rejected.value["error"]["message"].get<std::string>().find(models["ann"]),
             std::string::npos)
-      << rejected[0].payload;
+      << rejected.payload;
   const auto m = second.get("/metrics").second;
   EXPECT_NE(m.find("tailor_state_records_total{outcome=\"imported\"}"), std::string::npos) << m;
   EXPECT_EQ(m.find("tailor_state_records_total{outcome=\"rejected\"}"), std::string::npos);
