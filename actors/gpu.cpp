@@ -164,7 +164,7 @@ struct gpu_core {
     double adapter_load_ms = 0, prefill_ms = 0;
     bool prefilling = false;  // admitted; its prompt is computed by the next steps
     int64_t gen_id = -1;  // in the batch when >= 0
-    int64_t budget = 0;   // tokens it may occupy: prompt + max_tokens
+    int64_t budget = 0;   // tokens it may occupy: prompt + max_tokens, within the context
     int64_t prompt_tokens = 0;
     fair_shares::share* share = nullptr;  // its user's, until it is answered
     // Its adapter's entry in `adapters`, which stays while a request uses
@@ -753,6 +753,20 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
         auto& st = self->state;
         auto& c = *st.core;
         const auto& sc = st.cfg.serving;
+        // No row could hold it: refused at once, before a promise takes over
+        // the answer (the handler's result is it) and before it takes a
+        // share or an adapter.
+        if (auto why = model::prompt_misfit(c.base->cfg, o.request.prompt); !why.empty()) {
+          inference_result res;
+          res.request_id = o.request.request_id;
+          res.user_id = o.request.user_id;
+          res.model_id = o.model.model_id;
+          res.error =
+              error_info{errc::prompt_too_long, why + " (base model " + st.base_model + ")"};
+          res.timings.total = ms_between(o.received, clock::now());
+          res.timings.route = ms_between(o.received, o.dispatched);
+          return res;
+        }
         auto r = std::make_shared<gpu_core::request>();
         r->rp = self->make_response_promise<inference_result>();
         r->arrived = clock::now();
@@ -767,9 +781,9 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
         s.seed = q.seed.value_or(fnv1a64(q.user_id + '\0' + q.request_id));
         s.stop = q.stop;
         s.ignore_end_of_text = q.ignore_end_of_text.value_or(false);
-        // The prompt's bytes after the end-of-text that starts every sequence.
-        r->prompt_tokens = static_cast<int64_t>(q.prompt.size()) + 1;
-        r->budget = r->prompt_tokens + s.max_tokens;
+        r->prompt_tokens = model::prompt_tokens(q.prompt);
+        // A row ends at the context, whatever max_tokens allows.
+        r->budget = std::min(r->prompt_tokens + s.max_tokens, c.base->cfg.context);
         r->order = std::move(o);
         r->share = c.shares.arrive(r->order.request.user_id);
         auto& res = c.adapters[r->order.model.model_id];

@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <map>
 
 #include "actors/base_models.hpp"
 #include "actors/error_text.hpp"
@@ -46,32 +47,54 @@ std::vector<outgoing_message> prompt_results(const engine_config& cfg,
                                              const training_order& o) {
   std::vector<outgoing_message> out;
   if (o.prompts.empty()) return out;
-  auto bank = model::adapter_bank::build(base.cfg, {&adapter});
+  auto result_of = [&](std::size_t i) {
+    inference_result r;
+    r.request_id = o.request_id + "#" + std::to_string(i);
+    r.user_id = o.user_id;
+    r.model_id = o.model_id;
+    return r;
+  };
+  // A prompt the context cannot hold gets an error result, as a request would.
+  std::vector<std::string> prompts;
   std::vector<model::sampling> settings;
+  std::map<std::size_t, std::string> misfits;
   for (std::size_t i = 0; i < o.prompts.size(); ++i) {
+    if (auto why = model::prompt_misfit(base.cfg, o.prompts[i]); !why.empty()) {
+      misfits[i] = "prompts[" + std::to_string(i) + "]: " + why.substr(why.find(' ') + 1) +
+                   " (base model " + o.base_model + ")";
+      continue;
+    }
     model::sampling s;
     s.max_tokens = cfg.training.prompt_max_tokens;
     s.temperature = 0.7;
     s.top_k = 40;
     s.seed = o.hp.seed + i;
+    prompts.push_back(o.prompts[i]);
     settings.push_back(s);
   }
-  auto t0 = clock::now();
-  auto gens = model::generate_all(base, bank, o.prompts, std::vector<int64_t>(o.prompts.size(), 1),
-                                  settings);
-  double ms = std::chrono::duration<double, std::milli>(clock::now() - t0).count();
-  for (std::size_t i = 0; i < gens.size(); ++i) {
-    inference_result r;
-    r.request_id = o.request_id + "#" + std::to_string(i);
-    r.user_id = o.user_id;
-    r.model_id = o.model_id;
-    r.text = gens[i].text;
-    r.finish_reason = gens[i].finish_reason;
-    r.usage.prompt_tokens = static_cast<int64_t>(o.prompts[i].size()) + 1;
-    r.usage.completion_tokens = static_cast<int64_t>(gens[i].tokens.size());
-    // One batch generated every prompt: each reports the batch's time.
-    r.timings.decode = ms;
-    r.timings.total = ms;
+  std::vector<model::generation> gens;
+  double ms = 0;
+  if (!prompts.empty()) {
+    auto bank = model::adapter_bank::build(base.cfg, {&adapter});
+    auto t0 = clock::now();
+    gens = model::generate_all(base, bank, prompts, std::vector<int64_t>(prompts.size(), 1),
+                               settings);
+    ms = std::chrono::duration<double, std::milli>(clock::now() - t0).count();
+  }
+  for (std::size_t i = 0, next = 0; i < o.prompts.size(); ++i) {
+    auto r = result_of(i);
+    if (auto m = misfits.find(i); m != misfits.end()) {
+      r.error = error_info{errc::prompt_too_long, m->second};
+    } else {
+      const auto& g = gens[next++];
+      r.text = g.text;
+      r.finish_reason = g.finish_reason;
+      r.usage.prompt_tokens = model::prompt_tokens(o.prompts[i]);
+      r.usage.completion_tokens = static_cast<int64_t>(g.tokens.size());
+      // One batch generated every prompt: each reports the batch's time.
+      r.timings.decode = ms;
+      r.timings.total = ms;
+    }
     out.push_back({channel::results, o.user_id, to_json(r)});
   }
   return out;

@@ -46,6 +46,11 @@ double decode_rate(const base_weights& base, const adapter_bank& bank,
 nlohmann::json run_lora(const lora_options& o) {
   auto cfg = named_config(o.config);
   if (!cfg) throw std::runtime_error(caf::to_string(cfg.error()));
+  // Generation ends at the context: past it the runs would decode nothing.
+  if (o.prompt_tokens >= cfg->context)
+    throw std::runtime_error("--prompt-tokens: " + std::to_string(o.prompt_tokens) +
+                             " leaves no room in the context of " + o.config + " (" +
+                             std::to_string(cfg->context) + " tokens)");
   // Throughput does not depend on weight values: the cached base if there is
   // one, otherwise a freshly initialized one of the same shape.
   base_weights base;

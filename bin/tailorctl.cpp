@@ -262,9 +262,12 @@ int main(int argc, char** argv) {
   bool in_wait = false;
   infer->add_option("-u,--user", in.user_id, "user id");
   infer->add_option("-r,--request", in.request_id, "request id (default: random)");
-  infer->add_option("-p,--prompt", in.prompt, "the prompt");
+  infer->add_option("-p,--prompt", in.prompt,
+                    "the prompt (read whole; refused if over the base model's context: 127 bytes "
+                    "for tailor-base)");
   infer->add_option("-m,--model", in.model_id, "model id (default: the user's newest ready model)");
-  infer->add_option("--max-tokens", in.max_tokens, "tokens to generate at most");
+  infer->add_option("--max-tokens", in.max_tokens,
+                    "tokens to generate at most (generation also ends where the context is full)");
   infer->add_option("--temperature", in.temperature, "sampling temperature (0: greedy)");
   infer->add_option("--top-k", in.top_k, "top-k sampling");
   infer->add_option("--top-p", in.top_p, "nucleus sampling");

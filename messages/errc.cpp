@@ -31,6 +31,7 @@ std::string to_string(errc code) {
     case errc::invalid_data: return "invalid_data";
     case errc::training_failed: return "training_failed";
     case errc::adapter_unavailable: return "adapter_unavailable";
+    case errc::prompt_too_long: return "prompt_too_long";
   }
   return "unknown";
 }

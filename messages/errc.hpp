@@ -42,6 +42,7 @@ enum class errc : uint8_t {
   training_failed,  // training or saving failed after every retry
   // Serving: answered with an error result.
   adapter_unavailable,  // the model's adapter cannot be loaded (missing, damaged, does not fit)
+  prompt_too_long,      // the prompt fills more than the base model's context
 };
 
 std::string to_string(errc code);

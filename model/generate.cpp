@@ -20,6 +20,15 @@ std::vector<int64_t> encode(const std::string& text) {
   return out;
 }
 
+std::string prompt_misfit(const model_config& cfg, const std::string& prompt) {
+  const auto n = prompt_tokens(prompt);
+  if (n <= cfg.context) return {};
+  return "prompt: its " + std::to_string(prompt.size()) + " bytes make " + std::to_string(n) +
+         " tokens with the end-of-text that starts it, and the base model's context holds " +
+         std::to_string(cfg.context) + " (a prompt of at most " +
+         std::to_string(cfg.context - 1) + " bytes)";
+}
+
 std::string decode(const std::vector<int64_t>& tokens) {
   std::string bytes;
   for (auto t : tokens)
@@ -246,9 +255,8 @@ std::vector<int64_t> batch_generator::add_batch(const std::vector<new_sequence>&
     // A sequence starts after an end-of-text, as every training entry does.
     auto t = encode(q.prompt);
     t.insert(t.begin(), end_of_text);
-    const int64_t keep =
-        std::max<int64_t>(1, cfg().context - std::max<int64_t>(1, q.s.max_tokens));
-    if (static_cast<int64_t>(t.size()) > keep) t.erase(t.begin(), t.end() - keep);
+    if (static_cast<int64_t>(t.size()) > cfg().context)
+      t.erase(t.begin(), t.end() - cfg().context);
     const auto n = static_cast<int64_t>(t.size());
     auto r = std::make_unique<row>();
     r->id = next_id_++;

@@ -22,6 +22,14 @@ namespace tailor::model {
 inline constexpr int64_t end_of_text = 256;
 
 std::vector<int64_t> encode(const std::string& text);
+// A prompt's tokens as a sequence starts: its bytes after an end-of-text.
+inline int64_t prompt_tokens(const std::string& prompt) {
+  return static_cast<int64_t>(prompt.size()) + 1;
+}
+// Why `prompt` cannot be generated from with `cfg` (it fills more than the
+// context, so that no token would follow it); empty when it can. Serving
+// refuses such a prompt rather than drop part of it unseen.
+std::string prompt_misfit(const model_config& cfg, const std::string& prompt);
 // Bytes of the tokens (end-of-text dropped), repaired to valid UTF-8.
 std::string decode(const std::vector<int64_t>& tokens);
 
@@ -74,7 +82,10 @@ class batch_generator {
   ~batch_generator();
 
   // Starts a sequence with the bank's adapter `adapter` (0: none). Returns its
-  // id, or nothing when all rows are busy.
+  // id, or nothing when all rows are busy. The whole prompt is read, and the
+  // sequence ends `length` at the context if max_tokens has not ended it
+  // before; of a prompt longer than the context (prompt_misfit: callers
+  // refuse it) only the last context's worth is read.
   std::optional<int64_t> add(const std::string& prompt, int64_t adapter, const sampling& s);
   struct new_sequence {
     std::string prompt;

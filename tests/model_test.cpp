@@ -1295,6 +1295,34 @@ TEST_F(ModelTest, MaxTokensAndStopSequencesEndAGeneration) {
   EXPECT_EQ(generate_all(base_, bank_, {"abc"}, {1}, {s})[0].finish_reason, "length");
 }
 
+// max_tokens bounds what is generated, not what is read: a request asking
+// for more than the context leaves room for is read whole and ends at the
+// context. Before, its prompt was cut to make room for max_tokens (to its
+// last byte once max_tokens reached the context) without a word.
+TEST_F(ModelTest, APromptIsReadWholeAndTheGenerationEndsAtTheContext) {
+  ASSERT_EQ(cfg_.context, 64);
+  const std::string prompt = "Once upon a time, in a land far away, ";  // 38 bytes: 39 tokens
+  sampling s;
+  s.ignore_end_of_text = true;
+  s.max_tokens = 6;
+  const auto few = generate_all(base_, bank_, {prompt}, {1}, {s});
+  s.max_tokens = cfg_.context;  // more than the 25 positions the prompt leaves
+  const auto many = generate_all(base_, bank_, {prompt}, {1}, {s});
+  ASSERT_EQ(many[0].tokens.size(), static_cast<std::size_t>(cfg_.context - 39 + 1))
+      << "generation fills the context: the prompt's last position gives the first token";
+  EXPECT_EQ(many[0].finish_reason, "length");
+  EXPECT_EQ(std::vector<int64_t>(many[0].tokens.begin(), many[0].tokens.begin() + 6),
+            few[0].tokens)
+      << "the same prompt read whole gives the same first tokens, whatever max_tokens";
+  // The longest prompt the context holds still yields one token.
+  const std::string longest(static_cast<std::size_t>(cfg_.context - 1), 'a');
+  EXPECT_EQ(prompt_misfit(cfg_, longest), "");
+  EXPECT_EQ(generate_all(base_, bank_, {longest}, {1}, {s})[0].tokens.size(), 1u);
+  const auto why = prompt_misfit(cfg_, longest + "a");
+  EXPECT_NE(why.find("prompt: its 64 bytes make 65 tokens"), std::string::npos) << why;
+  EXPECT_NE(why.find("at most 63 bytes"), std::string::npos) << why;
+}
+
 TEST_F(ModelTest, ContinuousBatchingAdmitsAndRetiresRowsBetweenSteps) {
   sampling s;
   s.max_tokens = 6;
@@ -1391,12 +1419,14 @@ TEST_F(ModelTest, APromptCachedForItsAdapterIsReusedWithoutChangingTheText) {
   EXPECT_EQ(g.take(ids[0]).tokens, alone(second, 1));
   EXPECT_EQ(g.take(ids[1]).tokens, alone(other, 1));
   EXPECT_EQ(g.take(ids[2]).tokens, alone(second, 2));
-  // A cached prompt next to a 48-token new one (the longest that 16 new
-  // tokens leave in a context of 64): one token of one, 48 of the other.
+  // A cached prompt next to a new one of 61 tokens (read whole: its
+  // generation ends at the context of 64): all but the last token of one,
+  // and the other's first, the end-of-text that every cached prompt of
+  // adapter 1 begins with.
   const std::string long_one(60, 'x');
   ids = g.add_batch({{second, 1, s}, {long_one, 1, s}});
   ASSERT_EQ(ids.size(), 2u);
-  EXPECT_EQ(g.prompt_tokens_reused(), 164 + 33);
+  EXPECT_EQ(g.prompt_tokens_reused(), 164 + 33 + 1);
   while (!g.idle()) g.step();
   EXPECT_EQ(g.take(ids[0]).tokens, alone(second, 1));
   EXPECT_EQ(g.take(ids[1]).tokens, alone(long_one, 1));

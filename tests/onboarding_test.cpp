@@ -561,10 +561,18 @@ TEST_F(OnboardingTest, CancellationStopsARunningJobAndFreesItsSlot) {
 TEST_F(OnboardingTest, PromptsInTheRequestAreAnsweredRightAfterTraining) {
   start();
   ASSERT_FALSE(HasFatalFailure());
-  send_onboarding(onboarding_with("p", "hello", {{"steps", 10}}, {"Tell me a story.", "Hi!"}));
+  // The third is one byte over what tailor-test's context of 64 holds.
+  send_onboarding(onboarding_with("p", "hello", {{"steps", 10}},
+                                  {"Tell me a story.", "Hi!", std::string(64, 'x')}));
   in_->flush();
   auto ready = await_event("p", "hello", "model.ready");
   ASSERT_FALSE(HasFailure());
+  auto refused = await_event("p", "hello#2", "inference.result", 30s);
+  EXPECT_EQ(refused.value["error"]["code"], "prompt_too_long") << refused.payload;
+  EXPECT_NE(refused.value["error"].value("message", "").find("prompts[2]: its 64 bytes"),
+            std::string::npos)
+      << refused.payload;
+  EXPECT_EQ(refused.value["model_id"], ready.value["model_id"]);
   for (int i = 0; i < 2; ++i) {
     auto id = "hello#" + std::to_string(i);
     auto r = await_event("p", id, "inference.result", 30s);

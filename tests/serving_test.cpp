@@ -99,9 +99,10 @@ class ServingTest : public engine_test {
   double cancels_read() {
     return labelled("tailor_events_in_total", "topic", engine_->topics().control);
   }
-  // A request of 64 tokens that runs to its end unless cancelled.
+  // A request that runs to its end unless cancelled: 58 tokens, with the
+  // prompt's 6 all that tailor-test's context of 64 holds.
   json long_ask(const std::string& user, const std::string& request) {
-    auto j = ask(user, request, "hello", 7, 64);
+    auto j = ask(user, request, "hello", 7, 58);
     j["ignore_end_of_text"] = true;
     return j;
   }
@@ -294,6 +295,32 @@ TEST_F(ServingTest, ARequestNamingAnotherUsersModelIsRefused) {
   auto r = result("thief", "steal");
   EXPECT_EQ(r["error"]["code"], "model_not_owned") << r.dump();
   EXPECT_FALSE(r.contains("text") && !r["text"].get<std::string>().empty());
+}
+
+// A prompt the base model's context cannot hold is refused with the reason,
+// not cut where the requester cannot see; one that fits is read whole, and
+// its generation ends where the context is full (tailor-test: 64 tokens).
+TEST_F(ServingTest, APromptLongerThanTheContextIsRefusedAndOneThatFitsIsReadWhole) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  auto models = onboard_all({"talker"});
+  const std::string fits(63, 'a');
+  auto too_long = ask("talker", "long", fits + "a", 1, 8);
+  auto r = answer_to(too_long);
+  EXPECT_EQ(r["error"]["code"], "prompt_too_long") << r.dump();
+  const std::string message = r["error"].value("message", "");
+  EXPECT_NE(message.find("at most 63 bytes"), std::string::npos) << message;
+  EXPECT_NE(message.find("tailor-test"), std::string::npos) << message;
+  EXPECT_EQ(r["model_id"], models["talker"]);
+  expect_repeat_gets_the_stored_result(too_long);
+  // max_tokens over what is left: the context ends it after one token.
+  auto longest = ask("talker", "longest", fits, 1, 64);
+  longest["ignore_end_of_text"] = true;
+  r = answer_to(longest);
+  EXPECT_FALSE(r.contains("error")) << r.dump();
+  EXPECT_EQ(r["finish_reason"], "length") << r.dump();
+  EXPECT_EQ(r["usage"]["prompt_tokens"], 64) << r.dump();
+  EXPECT_EQ(r["usage"]["completion_tokens"], 1) << r.dump();
 }
 
 // Design section 6: every instance of a group reads the ready models from
@@ -683,7 +710,7 @@ TEST_F(ServingTest, ACancelReadBeforeItsRequestEndsItAsCancelled) {
   // The user's next request runs to its end.
   auto other = answer_to(long_request("other"));
   EXPECT_EQ(other["finish_reason"], "length") << other.dump();
-  EXPECT_EQ(other["usage"]["completion_tokens"], 64) << other.dump();
+  EXPECT_EQ(other["usage"]["completion_tokens"], 58) << other.dump();
 }
 
 // A cancel can be read minutes before its request (backpressure holds
