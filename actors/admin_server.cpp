@@ -2,7 +2,10 @@
 
 #include <httplib.h>
 
+#include <unistd.h>
+
 #include <charconv>
+#include <fstream>
 #include <nlohmann/json.hpp>
 #include <optional>
 
@@ -28,6 +31,30 @@ void reply_error(httplib::Response& res, int status, const std::string& code,
 json records_to_json(const auto& records) {
   json out = json::array();
   for (const auto& r : records) out.push_back(json::parse(to_json(r)));
+  return out;
+}
+
+// The process's resident memory and the store's part of it, read at each
+// scrape: what an operator watches a spike of sign-ups by.
+std::string memory_gauges(const storage::metadata_store& db) {
+  std::string out;
+  long pages = 0, resident = 0;
+  if (std::ifstream statm("/proc/self/statm"); statm >> pages >> resident)
+    out += "# HELP process_resident_memory_bytes Resident memory of this process.\n"
+           "# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes " +
+           std::to_string(static_cast<uint64_t>(resident) *
+                          static_cast<uint64_t>(::sysconf(_SC_PAGESIZE))) +
+           "\n";
+  const auto m = db.memory();
+  out += "# HELP tailor_store_memory_bytes What RocksDB holds in memory, by part (its own "
+         "estimates; store_memory_mb bounds memtables and block_cache).\n"
+         "# TYPE tailor_store_memory_bytes gauge\n";
+  const std::pair<const char*, uint64_t> parts[] = {
+      {"memtables", m.memtables}, {"block_cache", m.block_cache},
+      {"table_readers", m.table_readers}};
+  for (const auto& [part, bytes] : parts)
+    out += std::string("tailor_store_memory_bytes{part=\"") + part + "\"} " +
+           std::to_string(bytes) + "\n";
   return out;
 }
 
@@ -152,7 +179,7 @@ int admin_server::start(const std::string& host, int port) {
                     "text/plain");
   });
   svr.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
-    res.set_content(stats_->render(), "text/plain; version=0.0.4");
+    res.set_content(stats_->render() + memory_gauges(*db_), "text/plain; version=0.0.4");
   });
   svr.Get("/v1/jobs", [this](const httplib::Request& req, httplib::Response& res) {
     std::string status = req.has_param("status") ? req.get_param_value("status") : "";

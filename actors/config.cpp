@@ -57,6 +57,8 @@ std::string validate(const engine_config& cfg) {
   if (cfg.kafka.commit_interval_ms < 0)
     return bad("kafka.commit_interval_ms", "must be 0 (every poll) or more");
   if (cfg.admin_max_user_series < 1) return bad("admin.max_user_series", "must be at least 1");
+  if (cfg.store_memory_mb < 0 || (cfg.store_memory_mb > 0 && cfg.store_memory_mb < 8))
+    return bad("store_memory_mb", "must be 0 (RocksDB's defaults) or at least 8");
   const auto& in = cfg.instance;
   if (!in.id.empty() && !messages::is_valid_id(in.id))
     return bad("instance.id", "must be 1-128 characters of [A-Za-z0-9._:-]");
@@ -121,13 +123,14 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
       "limits",    "user_idle_seconds", "max_in_flight",
       "log_level", "ready_file",        "artifact_dir",
       "training",  "compute",           "models",
-      "serving",   "instance"};
+      "serving",   "instance",          "store_memory_mb"};
   for (auto it = j.begin(); it != j.end(); ++it)
     if (std::find(known.begin(), known.end(), it.key()) == known.end())
       return path + ": unknown key '" + it.key() + "'";
   std::string err;
   bool ok = take(j, "data_dir", cfg.data_dir, "", err) &&
             take(j, "sync_writes", cfg.sync_writes, "", err) &&
+            take(j, "store_memory_mb", cfg.store_memory_mb, "", err) &&
             take(j, "base_models", cfg.base_models, "", err) &&
             take(j, "default_base_model", cfg.default_base_model, "", err) &&
             take(j, "user_idle_seconds", cfg.user_idle_seconds, "", err) &&

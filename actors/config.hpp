@@ -127,6 +127,9 @@ struct engine_config {
   instance_config instance;
   std::string data_dir;  // RocksDB and artifacts; default $TAILOR_HOME/engine
   bool sync_writes = false;
+  // RocksDB's memory: half a block cache every table shares, half the
+  // memtables together (storage::store_options). 0: RocksDB's defaults.
+  int store_memory_mb = 128;
   std::string admin_host = "127.0.0.1";
   int admin_port = 8080;   // 0: any free port (printed and written to ready_file)
   // Per-user and per-model request series on /metrics; the rest sum as "(other)".

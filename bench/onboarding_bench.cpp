@@ -66,6 +66,7 @@ json run_onboarding_spike(const onboarding_options& o) {
                  {"steps", o.steps},
                  {"admission_queue", o.admission_queue},
                  {"checkpoint_every", 0}}}};
+  if (o.store_memory_mb >= 0) ro.config["store_memory_mb"] = o.store_memory_mb;
   std::fprintf(stderr, "starting tailord (%d training slots, %d steps per job)...\n", o.slots,
                o.steps);
   engine_run engine(ro);
@@ -122,6 +123,11 @@ json run_onboarding_spike(const onboarding_options& o) {
     if (models.is_array() && models.size() > 1) duplicates += static_cast<int>(models.size()) - 1;
   }
   peak_rss = std::max(peak_rss, engine.peak_rss_mb());
+  // What the store holds at the end: its part of the growth.
+  const auto store_mb = [&](const char* part) {
+    return engine.metric("tailor_store_memory_bytes", "part", part) / (1024.0 * 1024.0);
+  };
+  const double memtables_mb = store_mb("memtables"), block_cache_mb = store_mb("block_cache");
   const double wall_s =
       std::chrono::duration<double>((ended > 0 ? ends.last_end() : clock::now()) - t0).count();
   auto count = [&](const char* type) {
@@ -142,6 +148,9 @@ json run_onboarding_spike(const onboarding_options& o) {
   out["idle_rss_mb"] = idle_rss;
   out["peak_rss_mb"] = peak_rss;
   out["rss_growth_mb"] = peak_rss - idle_rss;
+  out["store_memtables_mb"] = memtables_mb;
+  out["store_block_cache_mb"] = block_cache_mb;
+  out["store_memory_mb"] = o.store_memory_mb;
   out["slot_utilization"] = drained > first_admission && first_admission > 0
                                 ? train_s / (o.slots * (drained - first_admission))
                                 : 0.0;

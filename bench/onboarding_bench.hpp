@@ -14,6 +14,7 @@ struct onboarding_options {
   std::string bootstrap;  // empty: start a broker
   bool keep_topics = false;  // on a given broker, after the run (engine_run_options)
   std::string tailord = TAILORD_PATH;
+  int store_memory_mb = -1;  // tailord's store_memory_mb; -1: its default
 };
 
 // A sign-up spike: N onboarding requests published as fast as possible to a

@@ -87,6 +87,10 @@ int main(int argc, char** argv) {
                   "(default: deleted when the run ends)");
   spike->add_option("--tailord", oo.tailord, "the tailord binary (default: this build's)");
   spike
+      ->add_option("--store-memory-mb", oo.store_memory_mb,
+                   "tailord's store_memory_mb; 0: RocksDB's defaults (default: tailord's, 128)")
+      ->check(CLI::NonNegativeNumber);
+  spike
       ->add_option("--timeout-minutes", oo.timeout_minutes,
                    "give up waiting for the jobs after this long (default: 60)")
       ->check(CLI::PositiveNumber);

@@ -1,5 +1,6 @@
 #include "storage/metadata_store.hpp"
 
+#include <rocksdb/cache.h>
 #include <rocksdb/db.h>
 #include <rocksdb/filter_policy.h>
 #include <rocksdb/slice_transform.h>
@@ -55,6 +56,23 @@ class user_prefix : public rocksdb::SliceTransform {
   }
 };
 
+// A table's block-based format: its blocks in `cache` when one is shared
+// (else RocksDB makes the table a cache of its own), whole-key Bloom filters
+// if `filtered`.
+std::shared_ptr<rocksdb::TableFactory> table_format(const std::shared_ptr<rocksdb::Cache>& cache,
+                                                    bool filtered) {
+  rocksdb::BlockBasedTableOptions t;
+  if (cache) t.block_cache = cache;
+  if (filtered) t.filter_policy.reset(rocksdb::NewBloomFilterPolicy(10));
+  return std::shared_ptr<rocksdb::TableFactory>(rocksdb::NewBlockBasedTableFactory(t));
+}
+
+rocksdb::ColumnFamilyOptions plain_table(const std::shared_ptr<rocksdb::Cache>& cache) {
+  rocksdb::ColumnFamilyOptions o;
+  o.table_factory = table_format(cache, false);
+  return o;
+}
+
 // The requests and history tables get a write per answer, for users in
 // any order. A memtable insert searches the whole skip list unless it has a
 // hint; one per user, where that user's last key went, makes it a short
@@ -64,16 +82,15 @@ class user_prefix : public rocksdb::SliceTransform {
 // and in the table files, answer "absent" without a search. For users
 // drawn from 1,000 the two took a third off an answer's store work
 // (bm_answer_record/1000, median 21 against 30 us; docs/operations.md).
-rocksdb::ColumnFamilyOptions per_user_table(bool looked_up) {
+rocksdb::ColumnFamilyOptions per_user_table(bool looked_up,
+                                            const std::shared_ptr<rocksdb::Cache>& cache) {
   rocksdb::ColumnFamilyOptions o;
   o.memtable_insert_with_hint_prefix_extractor = std::make_shared<user_prefix>();
   if (looked_up) {
     o.memtable_prefix_bloom_size_ratio = 0.02;
     o.memtable_whole_key_filtering = true;
-    rocksdb::BlockBasedTableOptions t;
-    t.filter_policy.reset(rocksdb::NewBloomFilterPolicy(10));
-    o.table_factory.reset(rocksdb::NewBlockBasedTableFactory(t));
   }
+  o.table_factory = table_format(cache, looked_up);
   return o;
 }
 
@@ -87,6 +104,7 @@ struct metadata_store::impl {
   std::mutex rmw;
   std::atomic<uint64_t> history_seq{0};
   std::atomic<uint64_t> models_generation{0};
+  bool shared_cache = false;  // one block cache for every table (store_options::memory_bytes)
 
   rocksdb::ColumnFamilyHandle* t(table x) { return cf[x]; }
 
@@ -131,6 +149,29 @@ struct metadata_store::impl {
   }
 };
 
+store_memory metadata_store::memory() const {
+  store_memory m;
+  auto sum = [&](const std::string& property, uint64_t& into) {
+    for (auto* h : impl_->cf) {
+      uint64_t v = 0;
+      if (impl_->db->GetIntProperty(h, property, &v)) into += v;
+    }
+  };
+  sum(rocksdb::DB::Properties::kCurSizeAllMemTables, m.memtables);
+  sum(rocksdb::DB::Properties::kEstimateTableReadersMem, m.table_readers);
+  if (impl_->shared_cache) {
+    // A cache shared by every table reports its whole usage for each.
+    uint64_t v = 0;
+    if (!impl_->cf.empty() &&
+        impl_->db->GetIntProperty(impl_->cf.front(), rocksdb::DB::Properties::kBlockCacheUsage,
+                                  &v))
+      m.block_cache = v;
+  } else {
+    sum(rocksdb::DB::Properties::kBlockCacheUsage, m.block_cache);
+  }
+  return m;
+}
+
 metadata_store::~metadata_store() {
   if (impl_ && impl_->db) {
     for (auto* h : impl_->cf) {
@@ -153,12 +194,18 @@ caf::expected<std::unique_ptr<metadata_store>> metadata_store::open(const std::s
   // Concurrent memtable writes ignore insert hints; writers here are the
   // user actors' one thread and the store actor.
   dbo.allow_concurrent_memtable_write = false;
+  std::shared_ptr<rocksdb::Cache> cache;
+  if (opts.memory_bytes > 0) {
+    cache = rocksdb::NewLRUCache(opts.memory_bytes / 2);
+    dbo.db_write_buffer_size = opts.memory_bytes / 2;
+    im.shared_cache = true;
+  }
   std::vector<rocksdb::ColumnFamilyDescriptor> cfs;
-  cfs.emplace_back(rocksdb::kDefaultColumnFamilyName, rocksdb::ColumnFamilyOptions());
+  cfs.emplace_back(rocksdb::kDefaultColumnFamilyName, plain_table(cache));
   for (std::size_t i = 0; i < table_count; ++i)
-    cfs.emplace_back(table_names[i], i == requests  ? per_user_table(true)
-                                     : i == history ? per_user_table(false)
-                                                    : rocksdb::ColumnFamilyOptions());
+    cfs.emplace_back(table_names[i], i == requests  ? per_user_table(true, cache)
+                                     : i == history ? per_user_table(false, cache)
+                                                    : plain_table(cache));
   std::vector<rocksdb::ColumnFamilyHandle*> handles;
   auto s = rocksdb::DB::Open(dbo, path, cfs, &handles, &im.db);
   if (!s.ok()) return io(s, ("open " + path).c_str());

@@ -28,6 +28,18 @@ struct store_options {
   // fsync the WAL on every write. Off by default: the WAL already survives a
   // killed process; on, it also survives a power cut, at a cost per write.
   bool sync_writes = false;
+  // What RocksDB may hold in memory: half for one block cache that every
+  // table shares, half for the tables' memtables together (a flush starts
+  // when they pass it). 0: RocksDB's defaults, an 8 MB cache per table and
+  // up to two 64 MB memtables per table, about 800 MB in all for our six.
+  uint64_t memory_bytes = 0;
+};
+
+// What the store holds in memory now, by RocksDB's own accounting.
+struct store_memory {
+  uint64_t memtables = 0;      // every table's memtables, flushed or not yet
+  uint64_t block_cache = 0;    // blocks of table files read
+  uint64_t table_readers = 0;  // indexes and filters of open table files
 };
 
 // A page of a user's history, oldest first; `next` resumes after the last entry.
@@ -43,6 +55,7 @@ class metadata_store {
   static caf::expected<std::unique_ptr<metadata_store>> open(const std::string& path,
                                                              store_options opts = {});
   ~metadata_store();
+  store_memory memory() const;
   metadata_store(const metadata_store&) = delete;
   metadata_store& operator=(const metadata_store&) = delete;
 

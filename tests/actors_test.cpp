@@ -157,6 +157,15 @@ TEST(EngineConfig, ValidationNamesTheOffendingKey) {
   cfg.admin_max_user_series = 0;
   EXPECT_NE(validate(cfg).find("admin.max_user_series"), std::string::npos);
   cfg = {};
+  for (int mb : {-1, 4}) {
+    cfg.store_memory_mb = mb;
+    EXPECT_NE(validate(cfg).find("store_memory_mb"), std::string::npos) << mb;
+  }
+  for (int mb : {0, 8, 4096}) {
+    cfg.store_memory_mb = mb;
+    EXPECT_EQ(validate(cfg), "") << mb;
+  }
+  cfg = {};
   cfg.compute.actor_threads = -1;
   EXPECT_NE(validate(cfg).find("compute"), std::string::npos);
   cfg.compute.actor_threads = 0;  // CAF's default
@@ -215,7 +224,7 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
   std::ofstream(path)
       << R"({"training":{"slots":3,"steps":7},)"
          R"("compute":{"blas_threads":2,"actor_threads":3,"scheduling":"normal"},)"
-         R"("admin":{"port":0,"max_user_series":50},)"
+         R"("admin":{"port":0,"max_user_series":50},"store_memory_mb":64,)"
          R"("serving":{"prefix_cache_entries":8,"prefix_cache_mb":32,"batch_thread":"realtime",)"
          R"("kv_cache":"float32","products":"float32","prefill_chunk":64,"step_helper":false}})";
   cfg = {};
@@ -241,6 +250,8 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
   EXPECT_EQ(cfg.admin_port, 0);
   EXPECT_EQ(cfg.admin_max_user_series, 50);
   EXPECT_EQ(engine_config{}.admin_max_user_series, 1000);
+  EXPECT_EQ(cfg.store_memory_mb, 64);
+  EXPECT_EQ(engine_config{}.store_memory_mb, 128);
   for (auto [text, helper] : std::vector<std::pair<std::string, std::string>>{
            {"true", "on"}, {"\"on\"", "on"}, {"\"auto\"", "auto"}, {"\"off\"", "off"}}) {
     std::ofstream(path) << R"({"serving":{"step_helper":)" << text << "}}";

@@ -48,7 +48,9 @@ void expect_answers_seen_twice_identical(const std::vector<collector::record>& r
     auto key = r.value.value("user_id", "") + "/" + r.value.value("request_id", "") + "/" +
                r.value.value("type", "");
     auto [it, fresh] = first.emplace(key, r.payload);
-    if (!fresh) EXPECT_EQ(it->second, r.payload) << "an answer seen twice differs: " << key;
+    if (!fresh) {
+      EXPECT_EQ(it->second, r.payload) << "an answer seen twice differs: " << key;
+    }
   }
 }
 
@@ -136,6 +138,15 @@ TEST_F(EngineTest, ABacklogDrainsThroughPausesWithoutWaitingALongPollEach) {
   const auto pos = m.find(key);
   ASSERT_NE(pos, std::string::npos) << m;
   EXPECT_GE(std::stod(m.substr(pos + key.size())), 50) << "the backlog did not hold the topic";
+  // What an operator watches memory by: the process's, and the store's part.
+  auto gauge = [&](const std::string& name) {
+    const auto at = m.find("\n" + name + " ");
+    return at == std::string::npos ? -1.0 : std::stod(m.substr(at + name.size() + 2));
+  };
+  EXPECT_GT(gauge("process_resident_memory_bytes"), 20e6) << m;
+  EXPECT_GT(gauge("tailor_store_memory_bytes{part=\"memtables\"}"), 0)
+      << "400 refusals were stored";
+  EXPECT_GE(gauge("tailor_store_memory_bytes{part=\"block_cache\"}"), 0) << m;
 }
 
 TEST_F(EngineTest, UnreadableInputGoesToTheDlqAndTheEngineGoesOn) {

@@ -6,11 +6,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <random>
 #include <set>
+#include <thread>
 
 #include "storage/artifacts.hpp"
 #include "storage/metadata_store.hpp"
@@ -463,6 +465,43 @@ TEST_F(StoreTest, ManyUsersInterleavedEachFindOnlyTheirOwnRequestsAndHistory) {
   check("in the memtable");
   reopen();  // the log is replayed into table files
   check("after a reopen");
+}
+
+// A spike of answers must not grow the store's memory without bound: with a
+// budget, the memtables are flushed once together they pass half of it (by
+// default each table would keep up to 64 MB before a flush, two of them),
+// and /metrics reads what they hold from memory().
+TEST_F(StoreTest, AMemoryBudgetBoundsTheMemtablesAndMemoryReportsThem) {
+  constexpr uint64_t budget = 16u << 20;  // memtables 8 MB
+  const std::string output(2000, 'o');
+  auto write_24_mb = [&](metadata_store& db) {
+    for (int i = 0; i < 12000; ++i)
+      ASSERT_FALSE(db.append_history({"u" + std::to_string(i % 100), 1000 + i,
+                                      "q" + std::to_string(i), "in", output}));
+  };
+  write_24_mb(*store_);
+  ASSERT_FALSE(HasFatalFailure());
+  EXPECT_GT(store_->memory().memtables, 20u << 20) << "RocksDB's defaults keep it all";
+  store_.reset();
+  fs::remove_all(dir_);
+  auto s = metadata_store::open(dir_.string(), {false, budget});
+  ASSERT_TRUE(s) << caf::to_string(s.error());
+  store_ = std::move(*s);
+  write_24_mb(*store_);
+  ASSERT_FALSE(HasFatalFailure());
+  // Flushes run in RocksDB's background threads: wait for them.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (store_->memory().memtables > budget / 2 + (1u << 20) &&
+         std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  const auto m = store_->memory();
+  EXPECT_LE(m.memtables, budget / 2 + (1u << 20));
+  EXPECT_GT(m.memtables, 0u);
+  EXPECT_LE(m.block_cache, budget / 2);
+  // Flushed is not lost: every user's entries page back.
+  auto page = store_->page_history("u7", "", 1000);
+  ASSERT_TRUE(page);
+  EXPECT_EQ(page->entries.size(), 120u);
 }
 
 TEST_F(StoreTest, DataSurvivesReopen) {
