@@ -153,16 +153,18 @@ result_log& result_log_reset(result_log& log) {
 // The configuration of a run's tailord (serving and Kafka settings; engine_run
 // adds the data directory and topic names).
 json tailord_config(const serving_options& o, int max_batch) {
-  return {{"base_models", {o.base_model}},
-          {"default_base_model", o.base_model},
-          {"serving",
-           {{"max_batch", max_batch},
-            {"max_requests_per_user", 100000},
-            {"batch_thread", o.batch_thread},
-            {"kv_cache", o.kv_cache},
-            {"products", o.products}}},
-          {"kafka", {{"topic_partitions", o.partitions}}},
-          {"compute", {{"intra_op_threads", 1}, {"blas_threads", 1}}}};
+  json config = {{"base_models", {o.base_model}},
+                 {"default_base_model", o.base_model},
+                 {"serving",
+                  {{"max_batch", max_batch},
+                   {"max_requests_per_user", 100000},
+                   {"batch_thread", o.batch_thread},
+                   {"kv_cache", o.kv_cache},
+                   {"products", o.products}}},
+                 {"kafka", {{"topic_partitions", o.partitions}}},
+                 {"compute", {{"intra_op_threads", 1}, {"blas_threads", 1}}}};
+  if (o.store_memory_mb >= 0) config["store_memory_mb"] = o.store_memory_mb;
+  return config;
 }
 
 // One run: a tailord with `n` adapters and `max_batch`, the requests sent
@@ -442,6 +444,7 @@ json run_serving(const serving_options& given) {
   out["client_linger_ms"] = o.client_linger_ms;
   out["batch_thread"] = o.batch_thread;
   out["kv_cache"] = o.kv_cache;
+  out["store_memory_mb"] = o.store_memory_mb;
   out["products"] = o.products;
   // A per-model endpoint serves one request at a time: no cross-user batch.
   const int baseline_n = std::find(o.adapters.begin(), o.adapters.end(), 100) != o.adapters.end()

@@ -38,6 +38,7 @@ struct serving_options {
   // produce requests, which the broker pays for beside tailord; how much
   // depends on the partitions (docs/operations.md, 2026-12-04).
   int client_linger_ms = 5;
+  int store_memory_mb = -1;  // tailord's store_memory_mb; -1: its default
 };
 
 // Many personal models on one base through a real broker and a tailord of

@@ -127,6 +127,10 @@ int main(int argc, char** argv) {
                    "CAP_SYS_NICE) (default: shared)")
       ->check(CLI::IsMember({"shared", "realtime"}));
   serving
+      ->add_option("--store-memory-mb", so.store_memory_mb,
+                   "tailord's store_memory_mb; 0: RocksDB's defaults (default: tailord's, 128)")
+      ->check(CLI::NonNegativeNumber);
+  serving
       ->add_option("--kv-cache", so.kv_cache,
                    "tailord's serving.kv_cache: float16 or float32 (default: float16)")
       ->check(CLI::IsMember({"float16", "float32"}));
