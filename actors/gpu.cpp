@@ -761,8 +761,8 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
           res.request_id = o.request.request_id;
           res.user_id = o.request.user_id;
           res.model_id = o.model.model_id;
-          res.error =
-              error_info{errc::prompt_too_long, why + " (base model " + st.base_model + ")"};
+          res.error = error_info{errc::prompt_too_long,
+                                 "prompt: " + why + " (base model " + st.base_model + ")"};
           res.timings.total = ms_between(o.received, clock::now());
           res.timings.route = ms_between(o.received, o.dispatched);
           return res;

@@ -47,21 +47,14 @@ std::vector<outgoing_message> prompt_results(const engine_config& cfg,
                                              const training_order& o) {
   std::vector<outgoing_message> out;
   if (o.prompts.empty()) return out;
-  auto result_of = [&](std::size_t i) {
-    inference_result r;
-    r.request_id = o.request_id + "#" + std::to_string(i);
-    r.user_id = o.user_id;
-    r.model_id = o.model_id;
-    return r;
-  };
   // A prompt the context cannot hold gets an error result, as a request would.
   std::vector<std::string> prompts;
   std::vector<model::sampling> settings;
   std::map<std::size_t, std::string> misfits;
   for (std::size_t i = 0; i < o.prompts.size(); ++i) {
     if (auto why = model::prompt_misfit(base.cfg, o.prompts[i]); !why.empty()) {
-      misfits[i] = "prompts[" + std::to_string(i) + "]: " + why.substr(why.find(' ') + 1) +
-                   " (base model " + o.base_model + ")";
+      misfits[i] = "prompts[" + std::to_string(i) + "]: " + why + " (base model " +
+                   o.base_model + ")";
       continue;
     }
     model::sampling s;
@@ -82,7 +75,10 @@ std::vector<outgoing_message> prompt_results(const engine_config& cfg,
     ms = std::chrono::duration<double, std::milli>(clock::now() - t0).count();
   }
   for (std::size_t i = 0, next = 0; i < o.prompts.size(); ++i) {
-    auto r = result_of(i);
+    inference_result r;
+    r.request_id = o.request_id + "#" + std::to_string(i);
+    r.user_id = o.user_id;
+    r.model_id = o.model_id;
     if (auto m = misfits.find(i); m != misfits.end()) {
       r.error = error_info{errc::prompt_too_long, m->second};
     } else {

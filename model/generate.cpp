@@ -23,7 +23,7 @@ std::vector<int64_t> encode(const std::string& text) {
 std::string prompt_misfit(const model_config& cfg, const std::string& prompt) {
   const auto n = prompt_tokens(prompt);
   if (n <= cfg.context) return {};
-  return "prompt: its " + std::to_string(prompt.size()) + " bytes make " + std::to_string(n) +
+  return "its " + std::to_string(prompt.size()) + " bytes make " + std::to_string(n) +
          " tokens with the end-of-text that starts it, and the base model's context holds " +
          std::to_string(cfg.context) + " (a prompt of at most " +
          std::to_string(cfg.context - 1) + " bytes)";

@@ -27,8 +27,9 @@ inline int64_t prompt_tokens(const std::string& prompt) {
   return static_cast<int64_t>(prompt.size()) + 1;
 }
 // Why `prompt` cannot be generated from with `cfg` (it fills more than the
-// context, so that no token would follow it); empty when it can. Serving
-// refuses such a prompt rather than drop part of it unseen.
+// context, so that no token would follow it), for a message that names the
+// field; empty when it can. Serving refuses such a prompt rather than drop
+// part of it unseen.
 std::string prompt_misfit(const model_config& cfg, const std::string& prompt);
 // Bytes of the tokens (end-of-text dropped), repaired to valid UTF-8.
 std::string decode(const std::vector<int64_t>& tokens);

@@ -309,6 +309,7 @@ TEST_F(ServingTest, APromptLongerThanTheContextIsRefusedAndOneThatFitsIsReadWhol
   auto r = answer_to(too_long);
   EXPECT_EQ(r["error"]["code"], "prompt_too_long") << r.dump();
   const std::string message = r["error"].value("message", "");
+  EXPECT_EQ(message.rfind("prompt: ", 0), 0u) << message;
   EXPECT_NE(message.find("at most 63 bytes"), std::string::npos) << message;
   EXPECT_NE(message.find("tailor-test"), std::string::npos) << message;
   EXPECT_EQ(r["model_id"], models["talker"]);
