@@ -354,9 +354,10 @@ std::unique_ptr<engine> engine::start(engine_config cfg, std::string& err,
   } else if (cfg.kafka.create_topics) {
     if (err = create_topics(cfg.kafka, topics, {t.state}); !err.empty()) return nullptr;
   }
-  auto db = storage::metadata_store::open(
-      cfg.data_dir + "/metadata",
-      {cfg.sync_writes, static_cast<uint64_t>(cfg.store_memory_mb) * 1024 * 1024});
+  storage::store_options store_opts;
+  store_opts.sync_writes = cfg.sync_writes;
+  store_opts.memory_bytes = static_cast<uint64_t>(cfg.store_memory_mb) * 1024 * 1024;
+  auto db = storage::metadata_store::open(cfg.data_dir + "/metadata", store_opts);
   if (!db) {
     err = caf::to_string(db.error());
     return nullptr;

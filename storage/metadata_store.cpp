@@ -194,6 +194,7 @@ caf::expected<std::unique_ptr<metadata_store>> metadata_store::open(const std::s
   // Concurrent memtable writes ignore insert hints; writers here are the
   // user actors' one thread and the store actor.
   dbo.allow_concurrent_memtable_write = false;
+  dbo.listeners = opts.listeners;
   std::shared_ptr<rocksdb::Cache> cache;
   if (opts.memory_bytes > 0) {
     cache = rocksdb::NewLRUCache(opts.memory_bytes / 2);

@@ -15,6 +15,7 @@
 namespace rocksdb {
 class DB;
 class ColumnFamilyHandle;
+class EventListener;
 }  // namespace rocksdb
 
 namespace tailor::storage {
@@ -33,6 +34,9 @@ struct store_options {
   // when they pass it). 0: RocksDB's defaults, an 8 MB cache per table and
   // up to two 64 MB memtables per table, about 800 MB in all for our six.
   uint64_t memory_bytes = 0;
+  // Told of RocksDB's flushes and compactions as they happen (a test waits
+  // on them rather than polling the store's memory).
+  std::vector<std::shared_ptr<rocksdb::EventListener>> listeners;
 };
 
 // What the store holds in memory now, by RocksDB's own accounting.

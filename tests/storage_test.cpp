@@ -2,17 +2,19 @@
 // RocksDB in a temporary directory, atomicity of multi-table writes, and
 // durability across reopen and a killed process.
 #include <gtest/gtest.h>
+#include <rocksdb/listener.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <csignal>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <random>
 #include <set>
-#include <thread>
 
 #include "storage/artifacts.hpp"
 #include "storage/metadata_store.hpp"
@@ -484,16 +486,31 @@ TEST_F(StoreTest, AMemoryBudgetBoundsTheMemtablesAndMemoryReportsThem) {
   EXPECT_GT(store_->memory().memtables, 20u << 20) << "RocksDB's defaults keep it all";
   store_.reset();
   fs::remove_all(dir_);
-  auto s = metadata_store::open(dir_.string(), {false, budget});
+  // Flushes run in RocksDB's background threads: each one that completes
+  // wakes the wait, which ends once the memtables are within the budget.
+  struct flushes : rocksdb::EventListener {
+    std::mutex mutex;
+    std::condition_variable done;
+    void OnFlushCompleted(rocksdb::DB*, const rocksdb::FlushJobInfo&) override {
+      std::lock_guard<std::mutex> lock(mutex);
+      done.notify_all();
+    }
+  };
+  auto listener = std::make_shared<flushes>();
+  store_options options;
+  options.memory_bytes = budget;
+  options.listeners = {listener};
+  auto s = metadata_store::open(dir_.string(), options);
   ASSERT_TRUE(s) << caf::to_string(s.error());
   store_ = std::move(*s);
   write_24_mb(*store_);
   ASSERT_FALSE(HasFatalFailure());
-  // Flushes run in RocksDB's background threads: wait for them.
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while (store_->memory().memtables > budget / 2 + (1u << 20) &&
-         std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  {
+    std::unique_lock<std::mutex> lock(listener->mutex);
+    listener->done.wait_for(lock, std::chrono::seconds(30), [&] {
+      return store_->memory().memtables <= budget / 2 + (1u << 20);
+    });
+  }
   const auto m = store_->memory();
   EXPECT_LE(m.memtables, budget / 2 + (1u << 20));
   EXPECT_GT(m.memtables, 0u);
