@@ -59,6 +59,8 @@ std::string validate(const engine_config& cfg) {
   if (cfg.admin_max_user_series < 1) return bad("admin.max_user_series", "must be at least 1");
   if (cfg.store_memory_mb < 0 || (cfg.store_memory_mb > 0 && cfg.store_memory_mb < 8))
     return bad("store_memory_mb", "must be 0 (RocksDB's defaults) or at least 8");
+  if (cfg.stop_timeout_seconds < 0)
+    return bad("stop_timeout_seconds", "must be 0 (no limit) or more");
   const auto& in = cfg.instance;
   if (!in.id.empty() && !messages::is_valid_id(in.id))
     return bad("instance.id", "must be 1-128 characters of [A-Za-z0-9._:-]");
@@ -123,7 +125,8 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
       "limits",    "user_idle_seconds", "max_in_flight",
       "log_level", "ready_file",        "artifact_dir",
       "training",  "compute",           "models",
-      "serving",   "instance",          "store_memory_mb"};
+      "serving",   "instance",          "store_memory_mb",
+      "stop_timeout_seconds"};
   for (auto it = j.begin(); it != j.end(); ++it)
     if (std::find(known.begin(), known.end(), it.key()) == known.end())
       return path + ": unknown key '" + it.key() + "'";
@@ -134,6 +137,7 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
             take(j, "base_models", cfg.base_models, "", err) &&
             take(j, "default_base_model", cfg.default_base_model, "", err) &&
             take(j, "user_idle_seconds", cfg.user_idle_seconds, "", err) &&
+            take(j, "stop_timeout_seconds", cfg.stop_timeout_seconds, "", err) &&
             take(j, "max_in_flight", cfg.max_in_flight, "", err) &&
             take(j, "log_level", cfg.log_level, "", err) &&
             take(j, "ready_file", cfg.ready_file, "", err) &&

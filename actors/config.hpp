@@ -139,6 +139,9 @@ struct engine_config {
   std::string default_base_model = "tailor-base";
   messages::limits limits;
   int user_idle_seconds = 60;
+  // tailord's: a stop (SIGTERM, SIGINT, a failure) not done by then ends the
+  // process with status 1, logging the step it was stuck at. 0: no limit.
+  int stop_timeout_seconds = 120;
   int max_in_flight = 256;  // per input topic; above it the ingress pauses
   std::string log_level = "info";
   std::string artifact_dir;  // adapters and checkpoints; default <data_dir>/artifacts

@@ -174,6 +174,7 @@ void stop_in_order(supervisor_actor::stateful_pointer<supervisor_state> self) {
     auto& st = self->state;
     // Ingresses are gone: nothing new is published; the egress flushes on exit.
     spdlog::info("shutdown: consumers closed; flushing the producer");
+    st.health->stopping_at("the producer flushing and the actors ending");
     self->send_exit(st.out, caf::exit_reason::user_shutdown);
     self->send_exit(st.users, caf::exit_reason::user_shutdown);
     self->send_exit(st.pool, caf::exit_reason::user_shutdown);
@@ -187,6 +188,7 @@ void stop_in_order(supervisor_actor::stateful_pointer<supervisor_state> self) {
     st.stop_waiters.clear();
   };
   auto stop_training = [self, finish]() {
+    self->state.health->stopping_at("training jobs stopping at their next step");
     self->request(self->state.pool, std::chrono::seconds(60), stop_atom_v)
         .then([finish](caf::ok_atom) { finish(); },
               [finish](caf::error& err) {
@@ -198,6 +200,7 @@ void stop_in_order(supervisor_actor::stateful_pointer<supervisor_state> self) {
     stop_training();
     return;
   }
+  st.health->stopping_at("the consumers committing and leaving their group");
   self->request(st.input, std::chrono::seconds(30), stop_atom_v)
       .then([stop_training](caf::ok_atom) { stop_training(); },
             [stop_training](caf::error& err) {
@@ -419,8 +422,10 @@ void engine::stop() {
   health_->release();
   if (stopped_ || !sys_) return;
   stopped_ = true;
+  health_->stopping_at("the admin API closing");
   if (admin_) admin_->stop();
   {
+    health_->stopping_at("the actors stopping in order");
     caf::scoped_actor self{*sys_};
     self->request(supervisor_, std::chrono::seconds(60), stop_atom_v)
         .receive([](caf::ok_atom) {},
@@ -430,8 +435,15 @@ void engine::stop() {
   admin_.reset();
   // A detached actor's thread ends only once no handle refers to it.
   supervisor_ = nullptr;
+  health_->stopping_at("the actors' threads ending (the producer flushes, Kafka clients close)");
   sys_.reset();  // waits for every actor: the egress flushes in its destructor
+  health_->stopping_at("the embedded Kafka cluster closing");
   mock_.reset();
+  health_->stopping_at("stopped");
+}
+
+std::string engine::stop_step() const {
+  return health_->stop_step();
 }
 
 engine::~engine() {

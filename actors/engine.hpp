@@ -113,6 +113,9 @@ class engine {
   // Blocks until the engine fails (returns why) or stop() begins (empty).
   std::string wait_for_failure();
   void stop();
+  // Which step of stop() runs now (empty before it begins), thread-safe: a
+  // stop that does not end is reported with it.
+  std::string stop_step() const;
 
  private:
   engine() = default;

@@ -30,4 +30,14 @@ void engine_health::release() {
   cv_.notify_all();
 }
 
+void engine_health::stopping_at(std::string step) {
+  std::lock_guard lock(mtx_);
+  stop_step_ = std::move(step);
+}
+
+std::string engine_health::stop_step() const {
+  std::lock_guard lock(mtx_);
+  return stop_step_;
+}
+
 }  // namespace tailor::actors

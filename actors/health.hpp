@@ -22,12 +22,17 @@ class engine_health {
   std::string wait();
   // Ends every wait, now and later: the engine is stopping.
   void release();
+  // Which step of the stop runs now, for a log that says where a stop that
+  // does not end is stuck (tailord's stop_timeout_seconds). Empty before.
+  void stopping_at(std::string step);
+  std::string stop_step() const;
 
  private:
   mutable std::mutex mtx_;
   std::condition_variable cv_;
   std::string failure_;
   bool released_ = false;
+  std::string stop_step_;
 };
 
 }  // namespace tailor::actors

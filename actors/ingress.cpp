@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <memory>
 #include <stdexcept>
+#include <thread>
 
 #include "actors/error_text.hpp"
 #include "actors/fault.hpp"
@@ -369,6 +370,13 @@ void stop_wakeups(ingress_state& st) {
 // consumer, as librdkafka requires of every queue.
 void leave_group(ingress_state& st) {
   commit(st, true);
+  // TAILOR_FAULT_CLOSE=N: the process's Nth close never returns, as a
+  // consumer whose group was deleted under it was seen to hang.
+  static fault_point fault("TAILOR_FAULT_CLOSE", "ingress", "consumer close", false);
+  if (fault.fires()) {
+    spdlog::warn("ingress: fault injected by TAILOR_FAULT_CLOSE: the consumer close hangs");
+    for (;;) std::this_thread::sleep_for(std::chrono::hours(1));
+  }
   st.consumer->close();
   if (st.inference_queue) rd_kafka_queue_destroy(st.inference_queue);
   st.inference_queue = nullptr;

@@ -1,7 +1,10 @@
 // tailord: the Tailor engine. Reads onboarding, inference and control events
 // from Kafka, answers on Kafka, keeps its state in RocksDB, and serves the
 // admin API on localhost. Stops in order on SIGTERM or SIGINT.
+#include <fcntl.h>
+#include <poll.h>
 #include <spdlog/spdlog.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -63,6 +66,132 @@ void restart_with_huge_page_heap(char** argv) {
                std::strerror(errno));
 }
 
+// Why tailord stops, one byte each through a pipe: SIGTERM and SIGINT from
+// their handler (write is async-signal-safe), an engine failure from the
+// thread that waits for one. A handler, not sigwait alone: the threads that
+// exist before the stop signals are blocked (OpenBLAS's pool) would take a
+// signal that arrives while no thread waits in sigwait, and end the process
+// by its default action, as a second Ctrl-C during the stop did.
+constexpr char stop_term = 'T', stop_int = 'I', stop_failure = 'F';
+int stop_pipe_in = -1;
+
+extern "C" void on_stop_signal(int sig) {
+  const int saved = errno;
+  const char why = sig == SIGINT ? stop_int : stop_term;
+  [[maybe_unused]] const auto n = ::write(stop_pipe_in, &why, 1);
+  errno = saved;
+}
+
+// The read end of the pipe, with the handler installed for both signals.
+int install_stop_handler(std::string& err) {
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC) != 0) {
+    err = std::string("pipe: ") + std::strerror(errno);
+    return -1;
+  }
+  // A signal that finds the pipe full (thousands unread) is one too many.
+  ::fcntl(fds[1], F_SETFL, O_NONBLOCK);
+  stop_pipe_in = fds[1];
+  struct sigaction sa {};
+  sa.sa_handler = on_stop_signal;
+  sa.sa_flags = SA_RESTART;
+  sigemptyset(&sa.sa_mask);
+  for (int sig : {SIGTERM, SIGINT})
+    if (::sigaction(sig, &sa, nullptr) != 0) {
+      err = std::string("sigaction: ") + std::strerror(errno);
+      return -1;
+    }
+  return fds[0];
+}
+
+// The next reason to stop; blocks.
+char next_stop_reason(int pipe_out) {
+  char why = 0;
+  while (::read(pipe_out, &why, 1) != 1)
+    if (errno != EINTR) return stop_term;  // cannot happen; stop rather than spin
+  return why;
+}
+
+const char* signal_name(char why) {
+  return why == stop_int ? "SIGINT" : "SIGTERM";
+}
+
+// Bounds a stop that has begun: ends the process with status 1 when it has
+// not finished within `timeout` (0: no limit), or at once at a second stop
+// signal (an operator's second Ctrl-C), logging the step it was at. That
+// loses nothing: offsets are committed only after durable answers, so what
+// was not finished is read again at the next start, as after a SIGKILL.
+class stop_watchdog {
+ public:
+  stop_watchdog(const engine& e, std::chrono::seconds timeout, int stop_pipe_out)
+      : engine_(e), timeout_(timeout), pipe_out_(stop_pipe_out) {
+    done_fd_ = ::eventfd(0, EFD_CLOEXEC);
+    if (done_fd_ < 0) {
+      spdlog::error("tailord: cannot watch the stop ({}); it has no time limit",
+                    std::strerror(errno));
+      return;
+    }
+    thread_ = std::thread([this] { watch(); });
+  }
+  stop_watchdog(const stop_watchdog&) = delete;
+  stop_watchdog& operator=(const stop_watchdog&) = delete;
+  // The stop is done.
+  ~stop_watchdog() {
+    if (thread_.joinable()) {
+      const uint64_t one = 1;
+      if (::write(done_fd_, &one, sizeof one) == sizeof one)
+        thread_.join();
+      else
+        thread_.detach();  // cannot happen with an eventfd; never block the exit on it
+    }
+    if (done_fd_ >= 0) ::close(done_fd_);
+  }
+
+ private:
+  [[noreturn]] void give_up(const std::string& why) {
+    spdlog::critical(
+        "tailord: {}; exiting without finishing the stop, which was at: {}. What it did not "
+        "finish is read again at the next start",
+        why, engine_.stop_step());
+    spdlog::default_logger()->flush();
+    std::_Exit(1);
+  }
+
+  void watch() {
+    using clock = std::chrono::steady_clock;
+    const auto deadline = clock::now() + timeout_;
+    for (;;) {
+      int wait_ms = -1;
+      if (timeout_.count() > 0) {
+        const auto left =
+            std::chrono::ceil<std::chrono::milliseconds>(deadline - clock::now()).count();
+        if (left <= 0)
+          give_up("the stop did not finish within " + std::to_string(timeout_.count()) +
+                  " s (stop_timeout_seconds)");
+        wait_ms = static_cast<int>(left);
+      }
+      pollfd fds[2] = {{done_fd_, POLLIN, 0}, {pipe_out_, POLLIN, 0}};
+      if (::poll(fds, 2, wait_ms) < 0) {
+        if (errno == EINTR) continue;
+        spdlog::error("tailord: cannot watch the stop ({}); it has no time limit",
+                      std::strerror(errno));
+        return;
+      }
+      if (fds[0].revents != 0) return;
+      if (fds[1].revents == 0) continue;
+      const char why = next_stop_reason(pipe_out_);
+      // A failure while stopping changes nothing: the stop goes on.
+      if (why != stop_failure) give_up(std::string(signal_name(why)) + " received again");
+    }
+  }
+
+  const engine& engine_;
+  const std::chrono::seconds timeout_;
+  const int pipe_out_;
+  int done_fd_ = -1;
+  std::thread thread_;
+};
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -74,7 +203,8 @@ int main(int argc, char** argv) {
   std::string config_file, bootstrap, group_id, instance_id, data_dir, admin_host, ready_file,
       log_level;
   std::vector<std::string> props;
-  int admin_port = -1, max_in_flight = -1, idle = -1, slots = -1, admission_queue = -1;
+  int admin_port = -1, max_in_flight = -1, idle = -1, slots = -1, admission_queue = -1,
+      stop_timeout = -1;
   bool sync_writes = false;
   app.add_option("-c,--config", config_file, "JSON configuration file (see docs/configuration.md)")
       ->check(CLI::ExistingFile);
@@ -106,6 +236,10 @@ int main(int argc, char** argv) {
   app.add_option("--admission-queue", admission_queue,
                  "jobs waiting for a training slot before onboarding pauses (default: 32)")
       ->check(CLI::PositiveNumber);
+  app.add_option("--stop-timeout-seconds", stop_timeout,
+                 "a stop not finished by then ends tailord with status 1; 0: no limit "
+                 "(default: 120)")
+      ->check(CLI::NonNegativeNumber);
   app.add_flag("--sync-writes", sync_writes,
                "fsync RocksDB's WAL on every write (survives power loss)");
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error (default: info)");
@@ -114,8 +248,9 @@ int main(int argc, char** argv) {
       "itself again once, first thing, with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (malloc's heap\n"
       "on transparent huge pages); TAILOR_MALLOC_HUGE_PAGES=0, or glibc.malloc.hugetlb already\n"
       "in GLIBC_TUNABLES, starts it as it is. docs/configuration.md has the rest.\n"
-      "Exit status: 0 after SIGTERM or SIGINT; 1 when it cannot start, or when the engine\n"
-      "failed and stopped (restart it: it reads again what it did not finish); 2 for a bad\n"
+      "Exit status: 0 after SIGTERM or SIGINT; 1 when it cannot start, when the engine failed\n"
+      "and stopped, or when a stop did not finish (--stop-timeout-seconds, or a second\n"
+      "SIGTERM or SIGINT): restart it, it reads again what it did not finish; 2 for a bad\n"
       "command line or configuration.");
   try {
     app.parse(argc, argv);
@@ -149,6 +284,7 @@ int main(int argc, char** argv) {
   if (max_in_flight > 0) cfg.max_in_flight = max_in_flight;
   if (idle > 0) cfg.user_idle_seconds = idle;
   if (sync_writes) cfg.sync_writes = true;
+  if (stop_timeout >= 0) cfg.stop_timeout_seconds = stop_timeout;
   if (slots > 0) cfg.training.slots = slots;
   if (admission_queue > 0) cfg.training.admission_queue = admission_queue;
   if (!log_level.empty()) cfg.log_level = log_level;
@@ -187,13 +323,20 @@ int main(int argc, char** argv) {
     return 1;
   }
 
-  // Block the stop signals before any thread starts, so every thread inherits
-  // the mask and only sigwait below receives them.
+  // Block the stop signals before the engine's threads start, so that they
+  // inherit the mask and never see a signal (nor an EINTR from one); the
+  // main thread unblocks them once it waits for the reason to stop. A signal
+  // that comes while the engine starts is kept in the pipe till then.
   sigset_t stop_signals;
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGTERM);
   sigaddset(&stop_signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  const int stop_pipe_out = install_stop_handler(err);
+  if (stop_pipe_out < 0) {
+    spdlog::critical("tailord cannot start: {}", err);
+    return 1;
+  }
 
   auto e = engine::start(cfg, err, bases);
   if (!e) {
@@ -227,18 +370,26 @@ int main(int argc, char** argv) {
   std::string failure;
   std::thread watcher([&] {
     failure = e->wait_for_failure();
-    if (!failure.empty()) ::kill(::getpid(), SIGTERM);
+    if (!failure.empty() && ::write(stop_pipe_in, &stop_failure, 1) != 1) {
+      // Cannot happen (the pipe holds thousands); never go on failed.
+      spdlog::critical("tailord: the engine failed ({}); exiting", failure);
+      spdlog::default_logger()->flush();
+      std::_Exit(1);
+    }
   });
-  int sig = 0;
-  sigwait(&stop_signals, &sig);
+  pthread_sigmask(SIG_UNBLOCK, &stop_signals, nullptr);
+  const char why = next_stop_reason(stop_pipe_out);
   stopping = true;
-  if (auto why = e->failure(); !why.empty())
-    spdlog::critical("tailord: the engine failed ({}); stopping", why);
+  if (why == stop_failure)
+    spdlog::critical("tailord: the engine failed ({}); stopping", e->failure());
   else
-    spdlog::info("tailord: {} received, stopping", sig == SIGTERM ? "SIGTERM" : "SIGINT");
-  announcer.join();
-  e->stop();
-  watcher.join();
+    spdlog::info("tailord: {} received, stopping", signal_name(why));
+  {
+    stop_watchdog watchdog(*e, std::chrono::seconds(cfg.stop_timeout_seconds), stop_pipe_out);
+    announcer.join();
+    e->stop();
+    watcher.join();
+  }
   if (!failure.empty()) {
     spdlog::critical("tailord: stopped after a failure: {}", failure);
     return 1;

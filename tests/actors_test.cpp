@@ -166,6 +166,11 @@ TEST(EngineConfig, ValidationNamesTheOffendingKey) {
     EXPECT_EQ(validate(cfg), "") << mb;
   }
   cfg = {};
+  cfg.stop_timeout_seconds = -1;
+  EXPECT_NE(validate(cfg).find("stop_timeout_seconds"), std::string::npos);
+  cfg.stop_timeout_seconds = 0;  // no limit
+  EXPECT_EQ(validate(cfg), "");
+  cfg = {};
   cfg.compute.actor_threads = -1;
   EXPECT_NE(validate(cfg).find("compute"), std::string::npos);
   cfg.compute.actor_threads = 0;  // CAF's default
@@ -224,7 +229,7 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
   std::ofstream(path)
       << R"({"training":{"slots":3,"steps":7},)"
          R"("compute":{"blas_threads":2,"actor_threads":3,"scheduling":"normal"},)"
-         R"("admin":{"port":0,"max_user_series":50},"store_memory_mb":64,)"
+         R"("admin":{"port":0,"max_user_series":50},"store_memory_mb":64,"stop_timeout_seconds":9,)"
          R"("serving":{"prefix_cache_entries":8,"prefix_cache_mb":32,"batch_thread":"realtime",)"
          R"("kv_cache":"float32","products":"float32","prefill_chunk":64,"step_helper":false}})";
   cfg = {};
@@ -252,6 +257,8 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
   EXPECT_EQ(engine_config{}.admin_max_user_series, 1000);
   EXPECT_EQ(cfg.store_memory_mb, 64);
   EXPECT_EQ(engine_config{}.store_memory_mb, 128);
+  EXPECT_EQ(cfg.stop_timeout_seconds, 9);
+  EXPECT_EQ(engine_config{}.stop_timeout_seconds, 120);
   for (auto [text, helper] : std::vector<std::pair<std::string, std::string>>{
            {"true", "on"}, {"\"on\"", "on"}, {"\"auto\"", "auto"}, {"\"off\"", "off"}}) {
     std::ofstream(path) << R"({"serving":{"step_helper":)" << text << "}}";

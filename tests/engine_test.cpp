@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <condition_variable>
+#include <csignal>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -568,6 +569,55 @@ TEST_F(EngineTest, AnActorThatCannotBeRestartedEndsTailordAndItsNextRunLosesNoth
   EXPECT_EQ(engine_->get("/healthz"), std::make_pair(200, std::string("ok\n")));
 }
 
+// A stop that does not end (a fault injector: the consumer's close never
+// returns, as one whose group was deleted under it was seen not to) ends
+// tailord with status 1 after stop_timeout_seconds, or at once at a second
+// signal, the log naming the step it was stuck at. Nothing is lost: the
+// requests sent while it hung are answered by the next run.
+TEST_F(EngineTest, AStopThatHangsEndsTailordAfterTheStopTimeoutOrASecondSignal) {
+  start_with_fault("TAILOR_FAULT_CLOSE", "1", {{"stop_timeout_seconds", 2}});
+  ASSERT_FALSE(HasFatalFailure());
+  ask_users_without_a_model("s", 2, 4);
+  // Without the watchdog this would wait the harness's 60 s and fail.
+  EXPECT_EQ(engine_->stop(), 1) << engine_->log_tail(40);
+  auto log = engine_->log_tail(100);
+  EXPECT_NE(log.find("the stop did not finish within 2 s (stop_timeout_seconds); exiting without "
+                     "finishing the stop, which was at: the consumers committing and leaving "
+                     "their group"),
+            std::string::npos)
+      << log;
+
+  // No limit now: only a second signal ends it.
+  engine_->reconfigure({{"stop_timeout_seconds", 0}});
+  ::setenv("TAILOR_FAULT_CLOSE", "1", 1);
+  engine_->start();
+  ::unsetenv("TAILOR_FAULT_CLOSE");
+  ASSERT_FALSE(HasFatalFailure());
+  ASSERT_EQ(::kill(engine_->pid(), SIGTERM), 0);
+  ASSERT_TRUE(wait_until(
+      [&] { return engine_->log_tail(20).find("the consumer close hangs") != std::string::npos; },
+      30s))
+      << engine_->log_tail(40);
+  for (int i = 0; i < 3; ++i) send_inference(inference("t" + std::to_string(i), "late"));
+  in_->flush();
+  ASSERT_EQ(::kill(engine_->pid(), SIGINT), 0);
+  EXPECT_EQ(engine_->wait_exit(30s), 1) << engine_->log_tail(40);
+  log = engine_->log_tail(100);
+  EXPECT_NE(log.find("SIGINT received again; exiting without finishing the stop"),
+            std::string::npos)
+      << log;
+
+  // The next run starts on the same store and answers what came meanwhile;
+  // an ordinary stop still ends with 0.
+  engine_->start();
+  ASSERT_FALSE(HasFatalFailure());
+  for (int i = 0; i < 3; ++i) {
+    auto r = await_one("t" + std::to_string(i), "late");
+    EXPECT_EQ(r.value["error"]["code"], "no_ready_model") << r.payload;
+  }
+  EXPECT_EQ(engine_->stop(), 0) << engine_->log_tail(40);
+}
+
 // Two tailords in one group share the topics' partitions. While a second
 // one joins and later leaves, partitions move between them (revoked, then
 // assigned again, the inference partitions' queues forwarded anew), and
@@ -674,6 +724,14 @@ TEST(EngineStartup, BadConfigurationIsRefusedWithAClearMessage) {
   std::tie(code, out) = run("--no-such-flag");
   EXPECT_EQ(code, 2);
   EXPECT_NE(out.find("--no-such-flag"), std::string::npos) << out;
+  std::tie(code, out) = run("--stop-timeout-seconds -1");
+  EXPECT_EQ(code, 2);
+  EXPECT_NE(out.find("--stop-timeout-seconds"), std::string::npos) << out;
+  std::ofstream(dir / "cfg3.json") << R"({"stop_timeout_seconds":-5})";
+  std::tie(code, out) = run("--config " + (dir / "cfg3.json").string());
+  EXPECT_EQ(code, 2);
+  EXPECT_NE(out.find("stop_timeout_seconds: must be 0 (no limit) or more"), std::string::npos)
+      << out;
   std::filesystem::remove_all(dir);
 }
 
