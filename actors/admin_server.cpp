@@ -55,6 +55,11 @@ std::string memory_gauges(const storage::metadata_store& db) {
   for (const auto& [part, bytes] : parts)
     out += std::string("tailor_store_memory_bytes{part=\"") + part + "\"} " +
            std::to_string(bytes) + "\n";
+  out += "# HELP tailor_store_written_bytes_total Keys and values written to each table of the "
+         "store since start.\n# TYPE tailor_store_written_bytes_total counter\n";
+  for (const auto& [table, bytes] : db.written_bytes())
+    out += "tailor_store_written_bytes_total{table=\"" + table + "\"} " + std::to_string(bytes) +
+           "\n";
   return out;
 }
 

@@ -71,6 +71,8 @@ void advance(job_ptr self, const std::string& to, job_record update, std::functi
   self->request(st.db, store_timeout, transit_atom_v, st.job.job_id, st.job.status, to, update)
       .await(
           [=](job_record& j) {
+            // The store answers without the request, which this actor holds.
+            j.request = std::move(self->state.job.request);
             self->state.job = std::move(j);
             next();
           },

@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <map>
 #include <mutex>
 #include <set>
@@ -54,6 +55,24 @@ class end_tracker {
   topic_watch watch_;  // last: it stops before the members it feeds go
 };
 
+// `bytes` of plain words, different for each user `i` (a user's own writing,
+// which the store and the trainer see as they would real text).
+std::string writing_of(int i, int bytes) {
+  static const char* words[] = {"morning", "letter", "garden", "river",  "quiet", "friend",
+                                "window",  "summer", "story",  "bright", "walk",  "kitchen",
+                                "paper",   "music",  "winter", "coffee"};
+  std::string out;
+  out.reserve(static_cast<std::size_t>(bytes) + 16);
+  uint64_t x = 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(i + 1);
+  while (out.size() < static_cast<std::size_t>(bytes)) {
+    x = x * 6364136223846793005ull + 1442695040888963407ull;
+    out += words[(x >> 33) % 16];
+    out += (x >> 40) % 9 == 0 ? ". " : " ";
+  }
+  out.resize(static_cast<std::size_t>(bytes));
+  return out;
+}
+
 }  // namespace
 
 json run_onboarding_spike(const onboarding_options& o) {
@@ -84,6 +103,7 @@ json run_onboarding_spike(const onboarding_options& o) {
                 {"texts",
                  {"Hello, I am " + user + ".", "I like short answers and long walks.",
                   "My favourite fortune: a journey of a thousand miles begins with one step."}}};
+    if (o.text_bytes > 0) req["texts"].push_back(writing_of(i, o.text_bytes));
     producer.send(engine.topic("onboarding"), user, req.dump());
   }
   producer.flush();
@@ -128,6 +148,15 @@ json run_onboarding_spike(const onboarding_options& o) {
     return engine.metric("tailor_store_memory_bytes", "part", part) / (1024.0 * 1024.0);
   };
   const double memtables_mb = store_mb("memtables"), block_cache_mb = store_mb("block_cache");
+  // What the store was given to write per sign-up, by table: its WAL, memtables and files.
+  json written_by_table = json::object();
+  double written_kb = 0;
+  for (const char* table : {"users", "models", "jobs", "job_requests", "requests", "history"}) {
+    const double kb =
+        engine.metric("tailor_store_written_bytes_total", "table", table) / 1024.0 / o.jobs;
+    written_by_table[table] = kb;
+    written_kb += kb;
+  }
   const double wall_s =
       std::chrono::duration<double>((ended > 0 ? ends.last_end() : clock::now()) - t0).count();
   auto count = [&](const char* type) {
@@ -151,6 +180,9 @@ json run_onboarding_spike(const onboarding_options& o) {
   out["store_memtables_mb"] = memtables_mb;
   out["store_block_cache_mb"] = block_cache_mb;
   out["store_memory_mb"] = o.store_memory_mb;
+  out["text_bytes"] = o.text_bytes;
+  out["store_written_kb_per_job"] = written_kb;
+  out["store_written_kb_per_job_by_table"] = written_by_table;
   out["slot_utilization"] = drained > first_admission && first_admission > 0
                                 ? train_s / (o.slots * (drained - first_admission))
                                 : 0.0;

@@ -15,6 +15,7 @@ struct onboarding_options {
   bool keep_topics = false;  // on a given broker, after the run (engine_run_options)
   std::string tailord = TAILORD_PATH;
   int store_memory_mb = -1;  // tailord's store_memory_mb; -1: its default
+  int text_bytes = 0;        // one more text of this size per request (a user's own writing)
 };
 
 // A sign-up spike: N onboarding requests published as fast as possible to a

@@ -91,6 +91,11 @@ int main(int argc, char** argv) {
                    "tailord's store_memory_mb; 0: RocksDB's defaults (default: tailord's, 128)")
       ->check(CLI::NonNegativeNumber);
   spike
+      ->add_option("--text-bytes", oo.text_bytes,
+                   "one more text of this many bytes in each request, as a user's own writing "
+                   "(default: 0; at most 500000, within the texts' limit of 512 KiB)")
+      ->check(CLI::Range(0, 500000));
+  spike
       ->add_option("--timeout-minutes", oo.timeout_minutes,
                    "give up waiting for the jobs after this long (default: 60)")
       ->check(CLI::PositiveNumber);

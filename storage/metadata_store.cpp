@@ -8,6 +8,8 @@
 #include <rocksdb/write_batch.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <limits>
@@ -20,8 +22,17 @@ namespace tailor::storage {
 
 namespace {
 
-const std::vector<std::string> table_names = {"users", "models", "jobs", "requests", "history"};
-enum table : std::size_t { users = 0, models, jobs, requests, history, table_count };
+const std::vector<std::string> table_names = {"users",   "models",  "jobs",
+                                               "requests", "history", "job_requests"};
+enum table : std::size_t {
+  users = 0,
+  models,
+  jobs,
+  requests,
+  history,
+  job_requests,
+  table_count
+};
 
 // A job that will not run again: final, or run by another instance.
 bool is_at_rest(const std::string& status) {
@@ -114,7 +125,36 @@ struct metadata_store::impl {
 
   caf::error write(rocksdb::WriteBatch& batch, const char* what) {
     auto s = db->Write(wopts, &batch);
-    return s.ok() ? caf::error{} : io(s, what);
+    if (!s.ok()) return io(s, what);
+    count_written(batch);
+    return {};
+  }
+
+  // Keys and values written to each table since open (written_bytes()).
+  std::array<std::atomic<uint64_t>, table_count> written{};
+
+  // Attributes a batch's bytes to its tables: what a sign-up or an answer
+  // costs the store, by table, is what grows its memtables, WAL and files.
+  void count_written(const rocksdb::WriteBatch& batch) {
+    struct counter : rocksdb::WriteBatch::Handler {
+      impl* self;
+      explicit counter(impl* s) : self(s) {}
+      void add(uint32_t cf_id, std::size_t bytes) {
+        for (std::size_t x = 0; x < table_count; ++x)
+          if (self->cf[x]->GetID() == cf_id) self->written[x] += bytes;
+      }
+      rocksdb::Status PutCF(uint32_t cf_id, const rocksdb::Slice& key,
+                            const rocksdb::Slice& value) override {
+        add(cf_id, key.size() + value.size());
+        return rocksdb::Status::OK();
+      }
+      rocksdb::Status DeleteCF(uint32_t cf_id, const rocksdb::Slice& key) override {
+        add(cf_id, key.size());
+        return rocksdb::Status::OK();
+      }
+    } c(this);
+    // Counting cannot fail; a batch it did not understand would count less.
+    (void)batch.Iterate(&c);
   }
 
   // Reads `key` from `tab` into `out`; not_found when absent.
@@ -135,6 +175,27 @@ struct metadata_store::impl {
     if (!ids.is_array())
       return caf::make_error(errc::corrupt_record, "users/" + user + " does not parse");
     return ids;
+  }
+
+  // Writes a job's record without its request, which goes to job_requests
+  // once, when given, and is deleted once the job is at rest: a transition
+  // then rewrites a few hundred bytes, not the user's texts, and the texts
+  // are not kept past the job that needed them.
+  void put_job(rocksdb::WriteBatch& batch, job_record job) {
+    if (is_at_rest(job.status))
+      batch.Delete(t(job_requests), job.job_id);
+    else if (!job.request.empty())
+      batch.Put(t(job_requests), job.job_id, job.request);
+    job.request.clear();
+    batch.Put(t(jobs), job.job_id, messages::to_json(job));
+  }
+
+  // Fills in the request of a job that can still run (a record written
+  // before job_requests existed holds it itself).
+  caf::error add_request(job_record& job) {
+    if (!job.request.empty() || is_at_rest(job.status)) return {};
+    auto err = get(job_requests, job.job_id, job.request);
+    return err == errc::not_found ? caf::error{} : err;
   }
 
   template <class Record>
@@ -170,6 +231,13 @@ store_memory metadata_store::memory() const {
     sum(rocksdb::DB::Properties::kBlockCacheUsage, m.block_cache);
   }
   return m;
+}
+
+std::vector<std::pair<std::string, uint64_t>> metadata_store::written_bytes() const {
+  std::vector<std::pair<std::string, uint64_t>> out;
+  for (std::size_t x = 0; x < table_count; ++x)
+    out.emplace_back(table_names[x], impl_->written[x].load());
+  return out;
 }
 
 metadata_store::~metadata_store() {
@@ -244,13 +312,16 @@ caf::error metadata_store::create_job(const job_record& job, const request_recor
   if (!err) return caf::make_error(errc::already_exists, "job " + job.job_id + " exists");
   if (err != errc::not_found) return err;
   rocksdb::WriteBatch batch;
-  batch.Put(im.t(jobs), job.job_id, messages::to_json(job));
+  im.put_job(batch, job);
   batch.Put(im.t(requests), request_key(req.user_id, req.request_id), messages::to_json(req));
   return im.write(batch, "create job");
 }
 
 caf::expected<job_record> metadata_store::get_job(const std::string& job_id) {
-  return impl_->get_record<job_record>(jobs, job_id);
+  auto job = impl_->get_record<job_record>(jobs, job_id);
+  if (job)
+    if (auto err = impl_->add_request(*job)) return err;
+  return job;
 }
 
 caf::expected<job_record> metadata_store::transition_job(const std::string& job_id,
@@ -277,8 +348,9 @@ caf::expected<job_record> metadata_store::transition_job(const std::string& job_
     job->attempts = std::max(job->attempts, update->attempts);
   }
   rocksdb::WriteBatch batch;
-  batch.Put(im.t(jobs), job_id, messages::to_json(*job));
+  im.put_job(batch, *job);
   if (auto err = im.write(batch, "transition job")) return err;
+  job->request.clear();  // as put: the caller has it
   return job;
 }
 
@@ -324,7 +396,7 @@ caf::error metadata_store::register_model(const model_record& model, const std::
     job->model_id = model.model_id;
     job->updated_ms = model.created_ms;
     job->outcome = outcome;
-    batch.Put(im.t(jobs), job_id, messages::to_json(*job));
+    im.put_job(batch, *job);
   }
   if (auto err = im.write(batch, "register model")) return err;
   // After the write: a reader that saw the old value re-reads the models.
@@ -378,7 +450,7 @@ caf::expected<bool> metadata_store::import_job(const job_record& job,
   if (here && here->status != "moved") return false;
   if (!here && here.error() != errc::not_found) return here.error();
   rocksdb::WriteBatch batch;
-  batch.Put(im.t(jobs), job.job_id, messages::to_json(job));
+  im.put_job(batch, job);
   std::string raw;
   const auto key = request_key(made_by.user_id, made_by.request_id);
   if (auto found = im.get(requests, key, raw); found == errc::not_found)
@@ -400,7 +472,7 @@ caf::expected<bool> metadata_store::hand_over_job(const std::string& job_id,
   job->error_message = "taken over by instance " + owner;
   job->updated_ms = messages::unix_ms();
   rocksdb::WriteBatch batch;
-  batch.Put(im.t(jobs), job_id, messages::to_json(*job));
+  im.put_job(batch, *job);
   if (auto err = im.write(batch, "hand over job")) return err;
   return true;
 }
@@ -418,7 +490,7 @@ caf::error metadata_store::mark_announced(const std::string& job_id, const std::
   if (job->status != status) return {};
   job->announced = status;
   rocksdb::WriteBatch batch;
-  batch.Put(im.t(jobs), job_id, messages::to_json(*job));
+  im.put_job(batch, *job);
   return im.write(batch, "mark job announced");
 }
 
@@ -427,7 +499,9 @@ caf::expected<std::vector<job_record>> metadata_store::unfinished_jobs() {
   if (!all) return all.error();
   std::vector<job_record> out;
   for (auto& j : *all) {
-    if (!is_at_rest(j.status) || j.announced != j.status) out.push_back(std::move(j));
+    if (is_at_rest(j.status) && j.announced == j.status) continue;
+    if (auto err = impl_->add_request(j)) return err;  // to run it
+    out.push_back(std::move(j));
   }
   return out;
 }

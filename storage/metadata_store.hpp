@@ -60,19 +60,29 @@ class metadata_store {
                                                              store_options opts = {});
   ~metadata_store();
   store_memory memory() const;
+  // Bytes of keys and values written to each table since open, by name.
+  std::vector<std::pair<std::string, uint64_t>> written_bytes() const;
   metadata_store(const metadata_store&) = delete;
   metadata_store& operator=(const metadata_store&) = delete;
 
   // --- jobs ---------------------------------------------------------------
+  // A job's `request` (the onboarding request, the user's texts) is stored
+  // once, apart from its record, and deleted when the job is at rest (final
+  // or moved): what reads a job to run it gets it (get_job,
+  // unfinished_jobs); what does not, does not (transition_job, list_jobs).
+  //
   // Creates the job and records the request that created it, atomically.
   caf::error create_job(const job_record& job, const request_record& req);
+  // With its request while the job can still run.
   caf::expected<job_record> get_job(const std::string& job_id);
   // Moves a job from `from` to `to`; refused unless the job is in `from` and
   // the edge is part of the state machine. `update` may set error/model fields.
+  // Returns the job as it is now, without its request.
   caf::expected<job_record> transition_job(const std::string& job_id, const std::string& from,
                                            const std::string& to,
                                            const job_record* update = nullptr);
-  // Jobs, optionally only those in `status`; at most `limit`, by job id.
+  // Jobs, optionally only those in `status`; at most `limit`, by job id;
+  // without their requests.
   caf::expected<std::vector<job_record>> list_jobs(const std::string& status, std::size_t limit);
 
   // --- models -------------------------------------------------------------
@@ -102,7 +112,8 @@ class metadata_store {
   caf::expected<bool> hand_over_job(const std::string& job_id, const std::string& owner);
   // Records that the job's events up to `status` were delivered.
   caf::error mark_announced(const std::string& job_id, const std::string& status);
-  // Jobs not yet at rest: in a non-final state, or final but not announced.
+  // Jobs not yet at rest: in a non-final state (with their requests), or
+  // final but not announced.
   caf::expected<std::vector<job_record>> unfinished_jobs();
   caf::expected<model_record> get_model(const std::string& model_id);
   caf::expected<std::vector<model_record>> list_models(const std::string& user_id);

@@ -148,6 +148,9 @@ TEST_F(EngineTest, ABacklogDrainsThroughPausesWithoutWaitingALongPollEach) {
   EXPECT_GT(gauge("tailor_store_memory_bytes{part=\"memtables\"}"), 0)
       << "400 refusals were stored";
   EXPECT_GE(gauge("tailor_store_memory_bytes{part=\"block_cache\"}"), 0) << m;
+  // Each refusal's record: its key, and an answer of well over 100 bytes.
+  EXPECT_GT(gauge("tailor_store_written_bytes_total{table=\"requests\"}"), 400 * 100) << m;
+  EXPECT_EQ(gauge("tailor_store_written_bytes_total{table=\"jobs\"}"), 0) << "no job was made";
 }
 
 TEST_F(EngineTest, UnreadableInputGoesToTheDlqAndTheEngineGoesOn) {

@@ -2,6 +2,7 @@
 // RocksDB in a temporary directory, atomicity of multi-table writes, and
 // durability across reopen and a killed process.
 #include <gtest/gtest.h>
+#include <rocksdb/db.h>
 #include <rocksdb/listener.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -12,7 +13,9 @@
 #include <csignal>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <set>
 
@@ -63,6 +66,44 @@ class StoreTest : public ::testing::Test {
 
   fs::path dir_;
   std::unique_ptr<metadata_store> store_;
+};
+
+// The store's RocksDB opened as it is, every table: for what the store's
+// API does not show (what a table holds), and for records of an older
+// format. Open it only while no metadata_store has the directory open.
+class raw_store {
+ public:
+  explicit raw_store(const std::string& path) {
+    std::vector<std::string> names;
+    auto s = rocksdb::DB::ListColumnFamilies(rocksdb::DBOptions(), path, &names);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    std::vector<rocksdb::ColumnFamilyDescriptor> cfs;
+    for (const auto& n : names) cfs.emplace_back(n, rocksdb::ColumnFamilyOptions());
+    std::vector<rocksdb::ColumnFamilyHandle*> handles;
+    s = rocksdb::DB::Open(rocksdb::DBOptions(), path, cfs, &handles, &db_);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    for (std::size_t i = 0; i < handles.size(); ++i) tables_[names[i]] = handles[i];
+  }
+  ~raw_store() {
+    for (auto& [name, h] : tables_) (void)db_->DestroyColumnFamilyHandle(h);
+    delete db_;
+  }
+  // The value under `key` in `table`; empty when absent (or no such table).
+  std::optional<std::string> get(const std::string& table, const std::string& key) {
+    std::string v;
+    if (!db_ || !tables_.count(table) ||
+        !db_->Get(rocksdb::ReadOptions(), tables_[table], key, &v).ok())
+      return std::nullopt;
+    return v;
+  }
+  bool put(const std::string& table, const std::string& key, const std::string& value) {
+    return db_ && tables_.count(table) &&
+           db_->Put(rocksdb::WriteOptions(), tables_[table], key, value).ok();
+  }
+
+ private:
+  rocksdb::DB* db_ = nullptr;
+  std::map<std::string, rocksdb::ColumnFamilyHandle*> tables_;
 };
 
 }  // namespace
@@ -129,6 +170,72 @@ TEST_F(StoreTest, ListJobsFiltersByStatus) {
   auto admitted = store_->list_jobs("admitted", 100);
   ASSERT_EQ(admitted->size(), 1u);
   EXPECT_EQ((*admitted)[0].job_id, "j2");
+}
+
+// A job's request (the user's texts, up to 512 KiB) is written once, not
+// with each of the job's writes, and deleted when the job ends; what runs
+// the job still reads it.
+TEST_F(StoreTest, AJobsRequestIsWrittenOnceAndDeletedWhenTheJobEnds) {
+  auto written = [&](const std::string& table) {
+    for (const auto& [name, bytes] : store_->written_bytes())
+      if (name == table) return bytes;
+    ADD_FAILURE() << "no table " << table;
+    return uint64_t{0};
+  };
+  auto big = job("j1");
+  big.request = R"({"texts":[")" + std::string(100000, 'x') + R"("]})";
+  ASSERT_FALSE(store_->create_job(big, request("u1", "r-j1")));
+  EXPECT_GE(written("job_requests"), 100000u);
+  const auto record_bytes = written("jobs");
+  EXPECT_LT(record_bytes, 1000u) << "the record holds the texts";
+  for (auto [from, to] :
+       {std::pair{"queued", "admitted"}, {"admitted", "training"}, {"training", "saving"}}) {
+    auto moved = store_->transition_job("j1", from, to);
+    ASSERT_TRUE(moved);
+    EXPECT_TRUE(moved->request.empty());
+  }
+  EXPECT_LT(written("jobs"), 4 * record_bytes + 400) << "a transition wrote the texts";
+  EXPECT_LT(written("job_requests"), 100100u) << "the texts were written again";
+  // What runs the job reads them; a listing does not.
+  EXPECT_EQ(store_->get_job("j1")->request, big.request);
+  auto unfinished = store_->unfinished_jobs();
+  ASSERT_TRUE(unfinished && unfinished->size() == 1u);
+  EXPECT_EQ((*unfinished)[0].request, big.request);
+  EXPECT_TRUE((*store_->list_jobs("", 10))[0].request.empty());
+  ASSERT_FALSE(store_->register_model(model("m1", "u1", 5), "j1"));
+  EXPECT_TRUE(store_->get_job("j1")->request.empty());
+  store_.reset();
+  {
+    raw_store raw(dir_.string());
+    EXPECT_FALSE(raw.get("job_requests", "j1")) << "the texts of an ended job are kept";
+    EXPECT_TRUE(raw.get("jobs", "j1"));
+  }
+  reopen();
+  EXPECT_EQ(store_->get_job("j1")->status, "ready");
+}
+
+// A record written before requests were kept apart holds its request: it
+// still gives it, and its next write moves it out.
+TEST_F(StoreTest, AJobRecordThatHoldsItsRequestStillGivesIt) {
+  ASSERT_FALSE(store_->create_job(job("old"), request("u1", "r-old")));
+  store_.reset();
+  auto inside = job("old");
+  inside.request = R"({"texts":["written by an older tailord"]})";
+  {
+    raw_store raw(dir_.string());
+    ASSERT_TRUE(raw.put("jobs", "old", tailor::messages::to_json(inside)));
+    ASSERT_TRUE(raw.put("job_requests", "old", "{}"));  // not read: the record has one
+  }
+  reopen();
+  EXPECT_EQ(store_->get_job("old")->request, inside.request);
+  ASSERT_TRUE(store_->transition_job("old", "queued", "admitted"));
+  EXPECT_EQ(store_->get_job("old")->request, inside.request);
+  store_.reset();
+  raw_store raw(dir_.string());
+  EXPECT_EQ(raw.get("job_requests", "old"), inside.request);
+  job_record now;
+  ASSERT_TRUE(tailor::messages::from_json(*raw.get("jobs", "old"), now));
+  EXPECT_TRUE(now.request.empty());
 }
 
 TEST_F(StoreTest, ModelsAreListedNewestFirstPerUser) {
