@@ -4,6 +4,7 @@
 #include <librdkafka/rdkafka.h>
 #include <librdkafka/rdkafkacpp.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -16,6 +17,8 @@
 #include <sstream>
 #include <stdexcept>
 #include <thread>
+
+#include "interrupt.hpp"
 
 namespace tailor::bench {
 
@@ -59,6 +62,26 @@ class delivery_check : public RdKafka::DeliveryReportCb {
 
 }  // namespace
 
+std::string read_tailord_config(const std::string& path, json& out) {
+  std::ifstream in(path);
+  if (!in) return "--tailord-config " + path + ": cannot read it";
+  std::stringstream ss;
+  ss << in.rdbuf();
+  auto j = json::parse(ss.str(), nullptr, false, true);
+  if (j.is_discarded() || !j.is_object())
+    return "--tailord-config " + path + ": is not a JSON object";
+  for (const char* key : {"data_dir", "admin", "ready_file"})
+    if (j.contains(key))
+      return "--tailord-config " + path + ": " + key + " is the run's own; leave it out";
+  if (j.contains("kafka") && j["kafka"].is_object())
+    for (const char* key : {"bootstrap_servers", "group_id", "topics"})
+      if (j["kafka"].contains(key))
+        return "--tailord-config " + path + ": kafka." + key +
+               " is the run's own (--bootstrap for the servers); leave it out";
+  out = std::move(j);
+  return {};
+}
+
 engine_run::engine_run(const engine_run_options& o) {
   auto tag = std::to_string(::getpid()) + "-" +
              std::to_string(std::chrono::steady_clock::now().time_since_epoch().count() % 100000);
@@ -98,8 +121,17 @@ void engine_run::start(const engine_run_options& o) {
   std::ofstream(cfg_path) << cfg.dump(2);
   auto ready = dir_ + "/ready.json";
   auto log = dir_ + "/tailord.log";
+  const pid_t bench = ::getpid();
   pid_ = ::fork();
   if (pid_ == 0) {
+    // A process group of its own: a Ctrl-C at the terminal reaches only the
+    // bench, which stops tailord itself (to tailord, a second signal would
+    // end its stop at once). And tailord stops if the bench dies, even by
+    // SIGKILL (the signal is sent when the forking thread, the bench's
+    // main one, ends).
+    ::setpgid(0, 0);
+    ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (::getppid() != bench) ::_exit(127);  // it died before prctl
     FILE* f = std::freopen(log.c_str(), "a", stdout);
     (void)f;
     ::dup2(::fileno(stdout), 2);
@@ -117,6 +149,7 @@ void engine_run::start(const engine_run_options& o) {
     }
     if (std::chrono::steady_clock::now() > deadline)
       throw std::runtime_error("tailord was not ready within 15 min:\n" + slurp(log));
+    throw_if_interrupted();
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   admin_port_ = json::parse(slurp(ready)).at("admin_port").get<int>();

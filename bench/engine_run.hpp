@@ -85,6 +85,14 @@ class engine_run {
   int admin_port_ = -1;
 };
 
+// Reads an operator's tailord configuration (a JSON object, as
+// docs/configuration.md) for a run to start from; the bench's own options
+// are merged over it. Keys that are the run's own (data_dir, admin,
+// ready_file, kafka.bootstrap_servers, kafka.group_id, kafka.topics) are
+// refused, as the run could not clean up after them. Returns an error
+// message, empty on success.
+std::string read_tailord_config(const std::string& path, nlohmann::json& out);
+
 // Deletes `topics` and consumer `groups` through the Admin API; those that do
 // not exist are fine. Returns an error message, empty on success.
 std::string delete_topics_and_groups(const std::string& bootstrap,

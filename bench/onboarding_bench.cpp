@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "engine_run.hpp"
+#include "interrupt.hpp"
 #include "progress.hpp"
 
 namespace tailor::bench {
@@ -76,6 +77,10 @@ std::string writing_of(int i, int bytes) {
 }  // namespace
 
 json run_onboarding_spike(const onboarding_options& o) {
+  json base = json::object();
+  if (!o.tailord_config.empty())
+    if (auto err = read_tailord_config(o.tailord_config, base); !err.empty())
+      throw std::runtime_error(err);
   engine_run_options ro;
   ro.bootstrap = o.bootstrap;
   ro.keep_topics = o.keep_topics;
@@ -86,6 +91,8 @@ json run_onboarding_spike(const onboarding_options& o) {
                  {"admission_queue", o.admission_queue},
                  {"checkpoint_every", 0}}}};
   if (o.store_memory_mb >= 0) ro.config["store_memory_mb"] = o.store_memory_mb;
+  base.merge_patch(ro.config);
+  ro.config = std::move(base);
   std::fprintf(stderr, "starting tailord (%d training slots, %d steps per job)...\n", o.slots,
                o.steps);
   engine_run engine(ro);
@@ -114,6 +121,7 @@ json run_onboarding_spike(const onboarding_options& o) {
   double max_lag = 0, peak_rss = idle_rss;
   const auto deadline = t0 + std::chrono::duration<double>(o.timeout_minutes * 60);
   while (ends.ended() < static_cast<std::size_t>(o.jobs) && clock::now() < deadline) {
+    throw_if_interrupted();
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
     max_lag = std::max(max_lag,
                        engine.metric("tailor_consumer_lag", "topic", engine.topic("onboarding")));

@@ -16,6 +16,7 @@ struct onboarding_options {
   std::string tailord = TAILORD_PATH;
   int store_memory_mb = -1;  // tailord's store_memory_mb; -1: its default
   int text_bytes = 0;        // one more text of this size per request (a user's own writing)
+  std::string tailord_config;  // an operator's tailord configuration to start from
 };
 
 // A sign-up spike: N onboarding requests published as fast as possible to a

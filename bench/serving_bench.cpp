@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "engine_run.hpp"
+#include "interrupt.hpp"
 #include "model/checkpoint.hpp"
 #include "model/pretrain.hpp"
 #include "progress.hpp"
@@ -91,6 +92,7 @@ std::vector<std::pair<double, double>> overhead_buckets(const engine_run& engine
 void await_overheads(const engine_run& engine, double n) {
   const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
   while (std::chrono::steady_clock::now() < until) {
+    throw_if_interrupted();
     auto b = overhead_buckets(engine);
     if (!b.empty() && b.back().second >= n) return;
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -153,16 +155,17 @@ result_log& result_log_reset(result_log& log) {
 // The configuration of a run's tailord (serving and Kafka settings; engine_run
 // adds the data directory and topic names).
 json tailord_config(const serving_options& o, int max_batch) {
-  json config = {{"base_models", {o.base_model}},
-                 {"default_base_model", o.base_model},
-                 {"serving",
-                  {{"max_batch", max_batch},
-                   {"max_requests_per_user", 100000},
-                   {"batch_thread", o.batch_thread},
-                   {"kv_cache", o.kv_cache},
-                   {"products", o.products}}},
-                 {"kafka", {{"topic_partitions", o.partitions}}},
-                 {"compute", {{"intra_op_threads", 1}, {"blas_threads", 1}}}};
+  json config = o.config;  // the operator's, with the bench's own options over it
+  config.merge_patch({{"base_models", {o.base_model}},
+                      {"default_base_model", o.base_model},
+                      {"serving",
+                       {{"max_batch", max_batch},
+                        {"max_requests_per_user", 100000},
+                        {"batch_thread", o.batch_thread},
+                        {"kv_cache", o.kv_cache},
+                        {"products", o.products}}},
+                      {"kafka", {{"topic_partitions", o.partitions}}},
+                      {"compute", {{"intra_op_threads", 1}, {"blas_threads", 1}}}});
   if (o.store_memory_mb >= 0) config["store_memory_mb"] = o.store_memory_mb;
   return config;
 }
@@ -250,8 +253,13 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
               std::string(label) + "-warm-" + std::to_string(i), "Warm up.", i);
     producer.flush();
     std::unique_lock<std::mutex> lock(log.mtx);
-    if (!log.cv.wait_for(lock, std::chrono::minutes(5), [&] { return log.received >= warm; }))
-      throw std::runtime_error(std::string(label) + ": the warm-up requests were not answered");
+    const auto warm_deadline = clock::now() + std::chrono::minutes(5);
+    while (log.received < warm) {
+      if (clock::now() > warm_deadline)
+        throw std::runtime_error(std::string(label) + ": the warm-up requests were not answered");
+      throw_if_interrupted();
+      log.cv.wait_for(lock, std::chrono::milliseconds(100));
+    }
     result_log_reset(log);
   }
   await_overheads(engine, warm);
@@ -287,6 +295,7 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
     for (int i = 0; i < o.requests; ++i) {
       next += std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(gap(rng)));
       std::this_thread::sleep_until(next);
+      throw_if_interrupted();
       send(i);
       if (i % 16 == 0) producer.poll();
       draw(started);
@@ -307,6 +316,7 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
       }
       producer.poll();
       draw(started);
+      throw_if_interrupted();
       std::unique_lock<std::mutex> lock(log.mtx);
       if (log.received >= o.requests) break;
       if (clock::now() > deadline) break;
@@ -315,7 +325,10 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
   }
   {
     std::unique_lock<std::mutex> lock(log.mtx);
-    log.cv.wait_until(lock, deadline, [&] { return log.received >= o.requests; });
+    while (log.received < o.requests && clock::now() < deadline) {
+      throw_if_interrupted();
+      log.cv.wait_for(lock, std::chrono::milliseconds(100));
+    }
   }
   const double wall = std::chrono::duration<double>(clock::now() - t0).count();
   const double stolen = steal_share(cpu0, read_cpu_times());
@@ -422,6 +435,9 @@ json run_once(const serving_options& o, int n, int max_batch, const char* label)
 
 json run_serving(const serving_options& given) {
   serving_options o = given;
+  if (!o.tailord_config.empty())
+    if (auto err = read_tailord_config(o.tailord_config, o.config); !err.empty())
+      throw std::runtime_error(err);
   json out;
   // One broker for every run: engine_run would start one for each, and an
   // open loop in the first run on a new broker fell behind in Kafka

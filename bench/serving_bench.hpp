@@ -25,6 +25,10 @@ struct serving_options {
   std::string bootstrap;  // empty: start a broker, one for every run
   bool keep_topics = false;  // on the broker, after each run (engine_run_options)
   std::string tailord = TAILORD_PATH;
+  // An operator's tailord configuration each run starts from (its `config`,
+  // read by run_serving); the bench's own options are merged over it.
+  std::string tailord_config;
+  nlohmann::json config = nlohmann::json::object();
   bool baseline = true;
   int repeats = 1;  // rounds of every run; each figure is the median round's
   // Partitions of the topics each run's tailord creates; 4 as tailord's

@@ -6,6 +6,7 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 
+#include "interrupt.hpp"
 #include "lora_bench.hpp"
 #include "model/threads.hpp"
 #include "onboarding_bench.hpp"
@@ -16,6 +17,10 @@ int main(int argc, char** argv) {
   tailor::model::configure_allocator();
   CLI::App app{"tailor-bench - Tailor's benchmarks"};
   app.require_subcommand(1);
+  app.footer(
+      "Ctrl-C (SIGINT) or SIGTERM during onboarding-spike or serving stops the run's tailord,\n"
+      "deletes its topics and consumer groups, stops the broker it started and exits with\n"
+      "128 + the signal; a second signal ends it at once.");
   std::string json_out;
   int threads = 1, blas_threads = 2;
   app.add_option("--json", json_out, "also write the figures to this file");
@@ -91,6 +96,11 @@ int main(int argc, char** argv) {
                    "tailord's store_memory_mb; 0: RocksDB's defaults (default: tailord's, 128)")
       ->check(CLI::NonNegativeNumber);
   spike
+      ->add_option("--tailord-config", oo.tailord_config,
+                   "tailord's configuration to start from (JSON, docs/configuration.md); this "
+                   "bench's other options are merged over it")
+      ->check(CLI::ExistingFile);
+  spike
       ->add_option("--text-bytes", oo.text_bytes,
                    "one more text of this many bytes in each request, as a user's own writing "
                    "(default: 0; at most 500000, within the texts' limit of 512 KiB)")
@@ -136,6 +146,11 @@ int main(int argc, char** argv) {
                    "tailord's store_memory_mb; 0: RocksDB's defaults (default: tailord's, 128)")
       ->check(CLI::NonNegativeNumber);
   serving
+      ->add_option("--tailord-config", so.tailord_config,
+                   "tailord's configuration each run starts from (JSON, "
+                   "docs/configuration.md); this bench's other options are merged over it")
+      ->check(CLI::ExistingFile);
+  serving
       ->add_option("--kv-cache", so.kv_cache,
                    "tailord's serving.kv_cache: float16 or float32 (default: float16)")
       ->check(CLI::IsMember({"float16", "float32"}));
@@ -180,11 +195,16 @@ int main(int argc, char** argv) {
   std::fprintf(stderr, "BLAS: %s (%d threads); LibTorch intra-op threads: %d; CUDA kernels: %s\n",
                out["blas"].get<std::string>().c_str(), tailor::model::blas_threads(),
                tailor::model::intra_op_threads(), out["cuda_kernels"].get<std::string>().c_str());
+  // The runs that own a tailord, topics or a broker clean them up on Ctrl-C.
+  if (spike->parsed() || serving->parsed()) tailor::bench::catch_interrupts();
   try {
     if (lora->parsed()) out["lora"] = tailor::bench::run_lora(lo);
     if (quality->parsed()) out["quality"] = tailor::bench::run_quality(qo);
     if (spike->parsed()) out["onboarding_spike"] = tailor::bench::run_onboarding_spike(oo);
     if (serving->parsed()) out["serving"] = tailor::bench::run_serving(so);
+  } catch (const tailor::bench::interrupted_error& e) {
+    std::fprintf(stderr, "\ntailor-bench: %s\n", e.what());
+    return 128 + e.signal;
   } catch (const std::exception& e) {  // edge: report and fail
     std::fprintf(stderr, "tailor-bench: %s\n", e.what());
     return 1;

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <condition_variable>
 #include <csignal>
 #include <cstdlib>
@@ -909,9 +910,8 @@ TEST(BatchProducer, ABatchIsDoneOnceEveryMessageIsInKafkaOrWithItsError) {
 
 namespace {
 
-// Whether the broker lists `topic` (all topics' metadata: asking for one
-// topic by name could create it).
-// The broker's topics whose names begin with `prefix`.
+// The broker's topics whose names begin with `prefix` (all topics'
+// metadata: asking for one topic by name could create it).
 std::vector<std::string> topics_named(const std::string& bootstrap, const std::string& prefix) {
   std::string err;
   std::unique_ptr<RdKafka::Conf> conf(RdKafka::Conf::create(RdKafka::Conf::CONF_GLOBAL));
@@ -928,6 +928,7 @@ std::vector<std::string> topics_named(const std::string& bootstrap, const std::s
   return found;
 }
 
+// Whether the broker lists `topic`.
 bool topic_listed(const std::string& bootstrap, const std::string& topic) {
   const auto named = topics_named(bootstrap, topic);
   return std::find(named.begin(), named.end(), topic) != named.end();
@@ -1017,4 +1018,91 @@ TEST(BenchCleanup, ARunThatFailsToStartLeavesNoTopicsAndNoDirectory) {
       << left.size() << " topics left, the first " << left.front();
   for (const auto& e : std::filesystem::directory_iterator(std::filesystem::temp_directory_path()))
     EXPECT_NE(e.path().filename().string().rfind("tailor-bench-" + pid + "-", 0), 0u) << e.path();
+}
+
+namespace {
+
+// The children of process `parent` (from /proc: each process's parent id).
+std::vector<pid_t> children_of(pid_t parent) {
+  std::vector<pid_t> out;
+  for (const auto& e : std::filesystem::directory_iterator("/proc")) {
+    const auto name = e.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream stat(e.path() / "stat");
+    std::string line;
+    if (!std::getline(stat, line)) continue;  // ended meanwhile
+    // pid (comm) state ppid ...: comm may hold spaces, so read after its ')'.
+    std::istringstream rest(line.substr(line.rfind(')') + 1));
+    std::string state;
+    pid_t ppid = 0;
+    if (rest >> state >> ppid && ppid == parent) out.push_back(std::stoi(name));
+  }
+  return out;
+}
+
+}  // namespace
+
+// A bench interrupted by Ctrl-C cleans up as one that ends: its tailord
+// stops, its topics and directory are gone, and it exits with 128 + SIGINT.
+TEST(BenchCleanup, AnInterruptedRunStopsItsTailordAndLeavesNothing) {
+  const auto bootstrap = broker_bootstrap();
+  ASSERT_FALSE(bootstrap.empty());
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("tailor-interrupt-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const auto config = (dir / "tailord.json").string(), log = (dir / "bench.log").string();
+  std::ofstream(config) << test_base_config().dump();
+  const pid_t bench = ::fork();
+  ASSERT_GE(bench, 0);
+  if (bench == 0) {
+    if (!std::freopen(log.c_str(), "w", stdout)) ::_exit(126);
+    ::dup2(::fileno(stdout), 2);
+    // More sign-ups than it gets through before the interrupt.
+    ::execl(TAILOR_BENCH_PATH, TAILOR_BENCH_PATH, "onboarding-spike", "--jobs", "5000", "--steps",
+            "50", "--bootstrap", bootstrap.c_str(), "--tailord-config", config.c_str(), nullptr);
+    ::_exit(127);
+  }
+  const auto prefix = "bench" + std::to_string(bench) + "-";
+  auto bench_log = [&] {
+    std::ifstream in(log);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+  };
+  // Interrupted while it runs: its tailord is up and its topics exist.
+  pid_t tailord = -1;
+  const bool running = wait_until(
+      [&] {
+        const auto kids = children_of(bench);
+        if (kids.empty() || topics_named(bootstrap, prefix).empty()) return false;
+        tailord = kids.front();
+        return bench_log().find("published 5000") != std::string::npos;
+      },
+      120s);
+  if (!running) ::kill(bench, SIGKILL);  // its tailord gets SIGTERM (PR_SET_PDEATHSIG)
+  ASSERT_TRUE(running) << bench_log();
+  ASSERT_EQ(::kill(bench, SIGINT), 0);
+  int status = 0;
+  const bool ended = wait_until([&] { return ::waitpid(bench, &status, WNOHANG) == bench; }, 90s);
+  if (!ended) {
+    ::kill(bench, SIGKILL);
+    ::waitpid(bench, &status, 0);
+  }
+  ASSERT_TRUE(ended) << "the bench did not end within 90 s of SIGINT:\n" << bench_log();
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 128 + SIGINT) << status;
+  EXPECT_NE(bench_log().find("interrupted by SIGINT"), std::string::npos) << bench_log();
+  EXPECT_TRUE(::kill(tailord, 0) != 0 && errno == ESRCH) << "its tailord " << tailord << " runs";
+  std::vector<std::string> left;
+  EXPECT_TRUE(wait_until(
+      [&] {
+        left = topics_named(bootstrap, prefix);
+        return left.empty();
+      },
+      30s))
+      << left.size() << " topics left";
+  for (const auto& e : std::filesystem::directory_iterator(std::filesystem::temp_directory_path()))
+    EXPECT_NE(e.path().filename().string().rfind("tailor-bench-" + std::to_string(bench) + "-", 0),
+              0u)
+        << e.path();
+  std::filesystem::remove_all(dir);
 }
