@@ -181,8 +181,9 @@ void count_errors(metrics& stats, const std::vector<outgoing_message>& out) {
 // The engine's own share of an inference request's latency: from reading
 // the event to the delivery report of its result, minus what the result
 // reports as batch steps, adapter loading and waiting for a batch row
-// (inside_ms). Answers not generated now (a stored one sent again, a
-// refusal) have none and are left out.
+// (inside_ms); and the whole of it, by whether the request waited for its
+// adapter. Answers not generated now (a stored one sent again, a refusal)
+// have none and are left out.
 void observe_overhead(ingress_state& st, const incoming_event& ev,
                       const std::vector<outgoing_message>& out) {
   if (ev.topic != st.cfg.kafka.topics.inference) return;
@@ -190,8 +191,10 @@ void observe_overhead(ingress_state& st, const incoming_event& ev,
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - ev.consumed)
           .count();
   for (const auto& m : out)
-    if (m.to == channel::results && m.inside_ms >= 0 && engine_ms >= m.inside_ms)
+    if (m.to == channel::results && m.inside_ms >= 0 && engine_ms >= m.inside_ms) {
       st.stats->observe_overhead(engine_ms - m.inside_ms);
+      st.stats->observe_latency(m.adapter_load_ms > 0, engine_ms);
+    }
 }
 
 void later(self_ptr self, std::function<void()> f) {

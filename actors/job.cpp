@@ -117,6 +117,8 @@ void finish(job_ptr self) {
     }
     st.cancel_waiters.clear();
     st.stats->count_job(st.job.status);
+    st.stats->observe_job(st.job.status,
+                          static_cast<double>(unix_ms() - st.job.created_ms) / 1000.0);
     self->send(st.pool, done_atom_v, st.job.job_id);
     self->quit();
   });

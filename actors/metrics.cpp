@@ -6,10 +6,45 @@
 namespace tailor::actors {
 
 namespace {
-// Histogram bounds (ms) of tailor_inference_overhead_ms_bucket.
+// Histogram bounds (ms) of tailor_inference_overhead_ms_hist.
 const std::vector<double> overhead_bounds = {0.5, 1,   2,   3,   5,   7.5, 10,  15,   20,   30,  50,
                                              75,  100, 150, 200, 300, 500, 750, 1000, 2000, 5000};
+// Of tailor_inference_latency_ms: from a hot answer of a few tokens to a
+// long one that waited for a cold adapter (the deadline is 60 s).
+const std::vector<double> latency_bounds = {1,    2,    5,    10,    20,    50,    100,  200,
+                                            500,  1000, 2000, 5000, 10000, 20000, 60000};
+// Of tailor_job_duration_seconds: from a small job on an idle slot to one
+// that waited through a spike of sign-ups.
+const std::vector<double> job_bounds = {1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600};
+
+histogram& of(std::map<std::string, histogram>& m, const std::string& key,
+              const std::vector<double>& bounds) {
+  return m.try_emplace(key, bounds).first->second;
+}
 }  // namespace
+
+void histogram::observe(double v) {
+  for (std::size_t i = 0; i < bounds_.size(); ++i)
+    if (v <= bounds_[i]) ++counts_[i];
+  sum_ += v;
+  ++count_;
+}
+
+void histogram::render(std::ostream& out, const std::string& name,
+                       const std::string& labels) const {
+  const auto lead = labels.empty() ? std::string() : labels + ",";
+  for (std::size_t i = 0; i < bounds_.size(); ++i)
+    out << name << "_bucket{" << lead << "le=\"" << bounds_[i] << "\"} " << counts_[i] << '\n';
+  out << name << "_bucket{" << lead << "le=\"+Inf\"} " << count_ << '\n';
+  const auto braced = labels.empty() ? std::string() : "{" + labels + "}";
+  out << name << "_sum" << braced << ' ' << sum_ << '\n'
+      << name << "_count" << braced << ' ' << count_ << '\n';
+}
+
+metrics::metrics(std::size_t max_user_series)
+    : model_requests_(max_user_series),
+      user_requests_(max_user_series),
+      overhead_hist_(overhead_bounds) {}
 
 void bounded_counts::add(const std::string& key, int64_t d) {
   auto it = counts_.find(key);
@@ -28,11 +63,19 @@ void bounded_counts::add(const std::string& key, int64_t d) {
   by_count_.emplace(it->second, key);
 }
 
+void metrics::observe_latency(bool adapter_loaded, double ms) {
+  std::lock_guard<std::mutex> g(mtx_);
+  of(latency_, adapter_loaded ? "loaded" : "resident", latency_bounds).observe(ms);
+}
+
+void metrics::observe_job(const std::string& status, double seconds) {
+  std::lock_guard<std::mutex> g(mtx_);
+  of(job_duration_, status, job_bounds).observe(seconds);
+}
+
 void metrics::observe_overhead(double ms) {
   std::lock_guard<std::mutex> g(mtx_);
-  if (overhead_buckets_.empty()) overhead_buckets_.assign(overhead_bounds.size(), 0);
-  for (std::size_t i = 0; i < overhead_bounds.size(); ++i)
-    if (ms <= overhead_bounds[i]) ++overhead_buckets_[i];
+  overhead_hist_.observe(ms);
   if (overhead_.size() < overhead_window)
     overhead_.push_back(ms);
   else
@@ -85,11 +128,20 @@ std::string metrics::render() const {
     // load test can take the quantiles of its own interval from two scrapes.
     out << "# HELP tailor_inference_overhead_ms_hist Time in the engine outside batch steps and "
            "adapter loads.\n# TYPE tailor_inference_overhead_ms_hist histogram\n";
-    for (std::size_t i = 0; i < overhead_bounds.size(); ++i)
-      out << "tailor_inference_overhead_ms_hist_bucket{le=\"" << overhead_bounds[i] << "\"} "
-          << overhead_buckets_[i] << '\n';
-    out << "tailor_inference_overhead_ms_hist_bucket{le=\"+Inf\"} " << overhead_count_ << '\n'
-        << "tailor_inference_overhead_ms_hist_count " << overhead_count_ << '\n';
+    overhead_hist_.render(out, "tailor_inference_overhead_ms_hist", "");
+  }
+  if (!latency_.empty()) {
+    out << "# HELP tailor_inference_latency_ms Time in the engine from reading an inference "
+           "request to its result's delivery report; adapter: resident, or loaded (the request "
+           "waited for it).\n# TYPE tailor_inference_latency_ms histogram\n";
+    for (const auto& [adapter, h] : latency_)
+      h.render(out, "tailor_inference_latency_ms", "adapter=\"" + adapter + "\"");
+  }
+  if (!job_duration_.empty()) {
+    out << "# HELP tailor_job_duration_seconds Time from an onboarding request to its job's "
+           "end, by final status.\n# TYPE tailor_job_duration_seconds histogram\n";
+    for (const auto& [status, h] : job_duration_)
+      h.render(out, "tailor_job_duration_seconds", "status=\"" + status + "\"");
   }
   struct cache_family {
     const char* event;

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <ostream>
 #include <set>
 #include <string>
 #include <vector>
@@ -29,14 +30,32 @@ class bounded_counts {
   int64_t other_ = 0;
 };
 
+// A Prometheus histogram: counts of samples up to each bound (cumulative),
+// their sum and their count.
+class histogram {
+ public:
+  explicit histogram(std::vector<double> bounds)
+      : bounds_(std::move(bounds)), counts_(bounds_.size(), 0) {}
+  void observe(double v);
+  // Its _bucket, _sum and _count lines under `name`; `labels` (`k="v"`, or
+  // empty) come first in each.
+  void render(std::ostream& out, const std::string& name, const std::string& labels) const;
+  int64_t count() const { return count_; }
+
+ private:
+  std::vector<double> bounds_;
+  std::vector<int64_t> counts_;
+  double sum_ = 0;
+  int64_t count_ = 0;
+};
+
 // Process-wide counters and gauges, rendered in Prometheus text format by
 // the admin API. Written from actors, read from the HTTP thread.
 class metrics {
  public:
   // At most `max_user_series` series each of the per-user and per-model
   // request counts; the rest sum under the label value "(other)".
-  explicit metrics(std::size_t max_user_series = 1000)
-      : model_requests_(max_user_series), user_requests_(max_user_series) {}
+  explicit metrics(std::size_t max_user_series = 1000);
 
   void count_in(const std::string& topic) { add(events_in_, topic, 1); }
   void count_out(const std::string& topic) { add(events_out_, topic, 1); }
@@ -178,6 +197,12 @@ class metrics {
   // adapter loads (parsing, routing, bookkeeping, serialization, producing
   // until the delivery report), in ms: the last `overhead_window` samples.
   void observe_overhead(double ms);
+  // An inference request's time in the engine, from reading its event to
+  // its result's delivery report, in ms; `adapter_loaded`: it waited for its
+  // adapter to be loaded (a cold adapter), else its adapter was resident.
+  void observe_latency(bool adapter_loaded, double ms);
+  // An onboarding job ended with `status` this long after its request came.
+  void observe_job(const std::string& status, double seconds);
 
   // True once every one of `expected` input topics has joined its group.
   bool ready(std::size_t expected) const;
@@ -220,7 +245,9 @@ class metrics {
   std::size_t overhead_next_ = 0;
   int64_t overhead_count_ = 0;
   double overhead_sum_ = 0;
-  std::vector<int64_t> overhead_buckets_;  // cumulative counts per bound of overhead_bounds
+  histogram overhead_hist_;                         // the same samples, all of them
+  std::map<std::string, histogram> latency_;        // adapter (resident, loaded) -> ms
+  std::map<std::string, histogram> job_duration_;  // final status -> seconds
   std::atomic<int64_t> serving_steps_{0}, serving_rows_{0}, serving_max_rows_{0};
   std::atomic<int64_t> prompt_reused_{0}, prompt_computed_{0};
   std::atomic<int64_t> training_queue_{0}, training_assigned_{0};

@@ -331,7 +331,8 @@ void serve(user_ptr self, promise_t rp, inference_request x, uint64_t hash, mode
             const auto& t = result.timings;
             finish_inference(self, x, hash,
                              outgoing_message{channel::results, result.user_id, to_json(result),
-                                              t.queue + t.adapter_load + t.prefill + t.decode});
+                                              t.queue + t.adapter_load + t.prefill + t.decode,
+                                              t.adapter_load});
           },
           [=](caf::error& err) {
             // The GPU actor is gone (shutdown, or it failed): not an answer.

@@ -31,11 +31,15 @@ struct outgoing_message {
   // payload again). -1 for any other message, a stored answer among them.
   // Not stored: a record keeps the messages' channel, key and payload.
   double inside_ms = -1;
+  // Of the same: the milliseconds it waited for its adapter to be loaded
+  // (0: the adapter was resident), for the ingress's latency histogram.
+  double adapter_load_ms = -1;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, outgoing_message& x) {
-  return f(caf::meta::type_name("outgoing_message"), x.to, x.key, x.payload, x.inside_ms);
+  return f(caf::meta::type_name("outgoing_message"), x.to, x.key, x.payload, x.inside_ms,
+           x.adapter_load_ms);
 }
 
 // Job states; design section 1 and issue 4. Stored as their names.

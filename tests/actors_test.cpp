@@ -374,6 +374,40 @@ TEST(Metrics, PerUserSeriesAreBoundedAndTheRestSumUnderOther) {
   EXPECT_EQ(value("tailor_model_requests_total{model=\"(other)\"}"), 999);
 }
 
+// Latency and job durations as Prometheus histograms: cumulative buckets per
+// label, a +Inf bucket, a sum and a count, so that a scraper can take any
+// quantile of any interval.
+TEST(Metrics, LatencyAndJobDurationsAreHistogramsByLabel) {
+  metrics m;
+  EXPECT_EQ(m.render().find("tailor_inference_latency_ms"), std::string::npos)
+      << "no series before a sample";
+  m.observe_latency(false, 3);
+  m.observe_latency(false, 40);
+  m.observe_latency(true, 700);
+  m.observe_job("ready", 12);
+  m.observe_job("failed", 90000);  // past the last bound
+  const auto text = m.render();
+  auto has = [&](const std::string& line) {
+    EXPECT_NE(text.find("\n" + line + "\n"), std::string::npos) << line << " in\n" << text;
+  };
+  has("# TYPE tailor_inference_latency_ms histogram");
+  has("tailor_inference_latency_ms_bucket{adapter=\"resident\",le=\"2\"} 0");
+  has("tailor_inference_latency_ms_bucket{adapter=\"resident\",le=\"5\"} 1");
+  has("tailor_inference_latency_ms_bucket{adapter=\"resident\",le=\"50\"} 2");
+  has("tailor_inference_latency_ms_bucket{adapter=\"resident\",le=\"+Inf\"} 2");
+  has("tailor_inference_latency_ms_sum{adapter=\"resident\"} 43");
+  has("tailor_inference_latency_ms_count{adapter=\"resident\"} 2");
+  has("tailor_inference_latency_ms_bucket{adapter=\"loaded\",le=\"500\"} 0");
+  has("tailor_inference_latency_ms_bucket{adapter=\"loaded\",le=\"1000\"} 1");
+  has("tailor_inference_latency_ms_count{adapter=\"loaded\"} 1");
+  has("# TYPE tailor_job_duration_seconds histogram");
+  has("tailor_job_duration_seconds_bucket{status=\"ready\",le=\"10\"} 0");
+  has("tailor_job_duration_seconds_bucket{status=\"ready\",le=\"30\"} 1");
+  has("tailor_job_duration_seconds_bucket{status=\"failed\",le=\"21600\"} 0");
+  has("tailor_job_duration_seconds_bucket{status=\"failed\",le=\"+Inf\"} 1");
+  has("tailor_job_duration_seconds_count{status=\"failed\"} 1");
+}
+
 // The host tier of the adapter cache: least recently used out first, a hit
 // refreshes, capacity 0 keeps nothing, and its counters reach /metrics.
 TEST(HostTier, EvictsTheLeastRecentlyUsed) {

@@ -510,6 +510,17 @@ TEST_F(ServingTest, AColdAdapterIsLoadedAndLaterEvictedUnderCapacityPressure) {
   EXPECT_EQ(r["timings_ms"]["adapter_load"], 0.0);
   EXPECT_EQ(labelled("tailor_model_requests_total", "model", r["model_id"]), 3);
   EXPECT_EQ(labelled("tailor_user_requests_total", "user", "c3"), 3);
+  // Their latency, by whether they waited for the adapter (observed at the
+  // delivery report, which may come after the result is read); and the
+  // four sign-ups' time to a model.
+  auto latencies = [&](const char* adapter) {
+    return labelled("tailor_inference_latency_ms_count", "adapter", adapter);
+  };
+  EXPECT_TRUE(wait_until([&] { return latencies("loaded") == 8 && latencies("resident") == 1; },
+                         10s))
+      << latencies("loaded") << " loaded, " << latencies("resident") << " resident";
+  EXPECT_TRUE(wait_until(
+      [&] { return labelled("tailor_job_duration_seconds_count", "status", "ready") == 4; }, 10s));
   // The least recently used adapter leaves, not the one placed first: c2
   // was placed before c3, but used after it, so c0 takes c3's place.
   auto ask_and_count = [&](const std::string& user, const std::string& id) {
