@@ -59,6 +59,8 @@ std::string validate(const engine_config& cfg) {
   if (cfg.admin_max_user_series < 1) return bad("admin.max_user_series", "must be at least 1");
   if (cfg.store_memory_mb < 0 || (cfg.store_memory_mb > 0 && cfg.store_memory_mb < 8))
     return bad("store_memory_mb", "must be 0 (RocksDB's defaults) or at least 8");
+  if (cfg.history_retention_days < 0)
+    return bad("history_retention_days", "must be 0 (kept forever) or more");
   if (cfg.stop_timeout_seconds < 0)
     return bad("stop_timeout_seconds", "must be 0 (no limit) or more");
   const auto& in = cfg.instance;
@@ -126,7 +128,7 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
       "log_level", "ready_file",        "artifact_dir",
       "training",  "compute",           "models",
       "serving",   "instance",          "store_memory_mb",
-      "stop_timeout_seconds"};
+      "stop_timeout_seconds", "history_retention_days"};
   for (auto it = j.begin(); it != j.end(); ++it)
     if (std::find(known.begin(), known.end(), it.key()) == known.end())
       return path + ": unknown key '" + it.key() + "'";
@@ -134,6 +136,7 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
   bool ok = take(j, "data_dir", cfg.data_dir, "", err) &&
             take(j, "sync_writes", cfg.sync_writes, "", err) &&
             take(j, "store_memory_mb", cfg.store_memory_mb, "", err) &&
+            take(j, "history_retention_days", cfg.history_retention_days, "", err) &&
             take(j, "base_models", cfg.base_models, "", err) &&
             take(j, "default_base_model", cfg.default_base_model, "", err) &&
             take(j, "user_idle_seconds", cfg.user_idle_seconds, "", err) &&

@@ -130,6 +130,9 @@ struct engine_config {
   // RocksDB's memory: half a block cache every table shares, half the
   // memtables together (storage::store_options). 0: RocksDB's defaults.
   int store_memory_mb = 128;
+  // Inference answers (the dedup records a repeated request id is answered
+  // from) and history entries older than this go; 0: kept forever.
+  int history_retention_days = 30;
   std::string admin_host = "127.0.0.1";
   int admin_port = 8080;   // 0: any free port (printed and written to ready_file)
   // Per-user and per-model request series on /metrics; the rest sum as "(other)".

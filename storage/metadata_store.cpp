@@ -1,6 +1,7 @@
 #include "storage/metadata_store.hpp"
 
 #include <rocksdb/cache.h>
+#include <rocksdb/compaction_filter.h>
 #include <rocksdb/db.h>
 #include <rocksdb/filter_policy.h>
 #include <rocksdb/slice_transform.h>
@@ -67,6 +68,50 @@ class user_prefix : public rocksdb::SliceTransform {
   }
 };
 
+int64_t now_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// A history key's time (user \0 be64(time) be64(seq)); -1 if it has none.
+int64_t history_time(std::string_view key) {
+  const auto nul = key.find('\0');
+  if (nul == std::string_view::npos || key.size() < nul + 1 + 16) return -1;
+  uint64_t t = 0;
+  for (std::size_t i = nul + 1; i < nul + 9; ++i) t = (t << 8) | static_cast<unsigned char>(key[i]);
+  return static_cast<int64_t>(t);
+}
+
+// Drops what is past retention as RocksDB compacts a table: inference
+// answers' records in the requests table (onboarding ones name jobs, which
+// are kept) and history entries. Called from RocksDB's compaction threads:
+// it keeps no state.
+class expiry_filter : public rocksdb::CompactionFilter {
+ public:
+  expiry_filter(bool history, std::chrono::milliseconds retention)
+      : history_(history), retention_ms_(retention.count()) {}
+  const char* Name() const override {
+    return history_ ? "tailor.history_expiry" : "tailor.requests_expiry";
+  }
+  bool Filter(int /*level*/, const rocksdb::Slice& key, const rocksdb::Slice& value,
+              std::string* /*new_value*/, bool* /*value_changed*/) const override {
+    const auto cutoff = now_ms() - retention_ms_;
+    if (history_) {
+      const auto t = history_time(key.ToStringView());
+      return t >= 0 && t < cutoff;
+    }
+    request_record r;
+    // One that does not parse is kept: reading it reports the corruption.
+    return messages::from_json(value.ToStringView(), r) && r.kind == "inference" &&
+           r.created_ms < cutoff;
+  }
+
+ private:
+  bool history_;
+  int64_t retention_ms_;
+};
+
 // A table's block-based format: its blocks in `cache` when one is shared
 // (else RocksDB makes the table a cache of its own), whole-key Bloom filters
 // if `filtered`.
@@ -114,6 +159,11 @@ struct metadata_store::impl {
   // Serializes read-modify-write sequences (transitions, model lists).
   std::mutex rmw;
   std::atomic<uint64_t> history_seq{0};
+  std::chrono::milliseconds retention{0};
+  std::unique_ptr<expiry_filter> requests_expiry, history_expiry;
+
+  // Entries written before this are past retention (none when it is 0).
+  int64_t expiry_cutoff() const { return retention.count() > 0 ? now_ms() - retention.count() : 0; }
   std::atomic<uint64_t> models_generation{0};
   bool shared_cache = false;  // one block cache for every table (store_options::memory_bytes)
 
@@ -233,6 +283,17 @@ store_memory metadata_store::memory() const {
   return m;
 }
 
+caf::error metadata_store::compact() {
+  for (auto tab : {requests, history}) {
+    rocksdb::CompactRangeOptions o;
+    // The last level too: that is where old entries lie.
+    o.bottommost_level_compaction = rocksdb::BottommostLevelCompaction::kForce;
+    auto s = impl_->db->CompactRange(o, impl_->t(tab), nullptr, nullptr);
+    if (!s.ok()) return io(s, ("compact " + table_names[tab]).c_str());
+  }
+  return {};
+}
+
 std::vector<std::pair<std::string, uint64_t>> metadata_store::written_bytes() const {
   std::vector<std::pair<std::string, uint64_t>> out;
   for (std::size_t x = 0; x < table_count; ++x)
@@ -275,6 +336,21 @@ caf::expected<std::unique_ptr<metadata_store>> metadata_store::open(const std::s
     cfs.emplace_back(table_names[i], i == requests  ? per_user_table(true, cache)
                                      : i == history ? per_user_table(false, cache)
                                                     : plain_table(cache));
+  if (opts.retention.count() > 0) {
+    im.retention = opts.retention;
+    im.requests_expiry = std::make_unique<expiry_filter>(false, opts.retention);
+    im.history_expiry = std::make_unique<expiry_filter>(true, opts.retention);
+    // Every table file is compacted again at least this often, so that old
+    // entries go even where nothing new is written over them.
+    const auto every = std::clamp<uint64_t>(
+        static_cast<uint64_t>(opts.retention.count() / 1000 / 10), 3600, 86400);
+    for (auto [tab, filter] : {std::pair{requests, im.requests_expiry.get()},
+                               std::pair{history, im.history_expiry.get()}}) {
+      auto& o = cfs[tab + 1].options;  // [0] is the default family
+      o.compaction_filter = filter;
+      o.periodic_compaction_seconds = every;
+    }
+  }
   std::vector<rocksdb::ColumnFamilyHandle*> handles;
   auto s = rocksdb::DB::Open(dbo, path, cfs, &handles, &im.db);
   if (!s.ok()) return io(s, ("open " + path).c_str());
@@ -585,10 +661,17 @@ caf::expected<history_page> metadata_store::page_history(const std::string& user
     if (it->Valid() && it->key().ToStringView() == after) it->Next();
   }
   std::string last;
+  const auto cutoff = im.expiry_cutoff();
   for (; it->Valid() && it->key().starts_with(prefix); it->Next()) {
     if (page.entries.size() == limit) {
       page.next = last;
       break;
+    }
+    // Past retention, not compacted away yet: as good as gone.
+    const auto t = history_time(it->key().ToStringView());
+    if (cutoff > 0 && t >= 0 && t < cutoff) {
+      last = it->key().ToString();
+      continue;
     }
     history_entry e;
     if (!messages::from_json(it->value().ToStringView(), e))
@@ -598,6 +681,12 @@ caf::expected<history_page> metadata_store::page_history(const std::string& user
       // Stored once, in the request's record (put_request).
       auto rec = im.get_record<request_record>(requests, request_key(e.user_id, e.request_id));
       if (!rec && rec.error() != errc::not_found) return rec.error();
+      // Its record, stamped a moment before it, may just have expired.
+      constexpr int64_t stamp_skew_ms = 60 * 1000;
+      if (!rec && cutoff > 0 && t < cutoff + stamp_skew_ms) {
+        last = it->key().ToString();
+        continue;
+      }
       if (!rec || rec->answers.empty())
         return caf::make_error(errc::corrupt_record,
                                "history entry of " + user_id + " for request " + e.request_id +

@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <caf/expected.hpp>
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -37,6 +38,11 @@ struct store_options {
   // Told of RocksDB's flushes and compactions as they happen (a test waits
   // on them rather than polling the store's memory).
   std::vector<std::shared_ptr<rocksdb::EventListener>> listeners;
+  // How long inference answers (their dedup records) and history entries
+  // are kept: older ones are not paged and go at the tables' next
+  // compaction, which RocksDB runs at least daily. Onboarding records,
+  // jobs and models are kept. 0: forever.
+  std::chrono::milliseconds retention{0};
 };
 
 // What the store holds in memory now, by RocksDB's own accounting.
@@ -62,6 +68,9 @@ class metadata_store {
   store_memory memory() const;
   // Bytes of keys and values written to each table since open, by name.
   std::vector<std::pair<std::string, uint64_t>> written_bytes() const;
+  // Compacts the requests and history tables now: what is past retention
+  // goes (otherwise RocksDB does it in its own time).
+  caf::error compact();
   metadata_store(const metadata_store&) = delete;
   metadata_store& operator=(const metadata_store&) = delete;
 

@@ -166,6 +166,11 @@ TEST(EngineConfig, ValidationNamesTheOffendingKey) {
     EXPECT_EQ(validate(cfg), "") << mb;
   }
   cfg = {};
+  cfg.history_retention_days = -1;
+  EXPECT_NE(validate(cfg).find("history_retention_days"), std::string::npos);
+  cfg.history_retention_days = 0;  // kept forever
+  EXPECT_EQ(validate(cfg), "");
+  cfg = {};
   cfg.stop_timeout_seconds = -1;
   EXPECT_NE(validate(cfg).find("stop_timeout_seconds"), std::string::npos);
   cfg.stop_timeout_seconds = 0;  // no limit
@@ -230,6 +235,7 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
       << R"({"training":{"slots":3,"steps":7},)"
          R"("compute":{"blas_threads":2,"actor_threads":3,"scheduling":"normal"},)"
          R"("admin":{"port":0,"max_user_series":50},"store_memory_mb":64,"stop_timeout_seconds":9,)"
+         R"("history_retention_days":7,)"
          R"("serving":{"prefix_cache_entries":8,"prefix_cache_mb":32,"batch_thread":"realtime",)"
          R"("kv_cache":"float32","products":"float32","prefill_chunk":64,"step_helper":false}})";
   cfg = {};
@@ -259,6 +265,8 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
   EXPECT_EQ(engine_config{}.store_memory_mb, 128);
   EXPECT_EQ(cfg.stop_timeout_seconds, 9);
   EXPECT_EQ(engine_config{}.stop_timeout_seconds, 120);
+  EXPECT_EQ(cfg.history_retention_days, 7);
+  EXPECT_EQ(engine_config{}.history_retention_days, 30);
   for (auto [text, helper] : std::vector<std::pair<std::string, std::string>>{
            {"true", "on"}, {"\"on\"", "on"}, {"\"auto\"", "auto"}, {"\"off\"", "off"}}) {
     std::ofstream(path) << R"({"serving":{"step_helper":)" << text << "}}";

@@ -96,6 +96,14 @@ class raw_store {
       return std::nullopt;
     return v;
   }
+  // Keys of `table` that begin with `prefix`.
+  std::size_t count_from(const std::string& table, const std::string& prefix) {
+    if (!db_ || !tables_.count(table)) return 0;
+    std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), tables_[table]));
+    std::size_t n = 0;
+    for (it->Seek(prefix); it->Valid() && it->key().starts_with(prefix); it->Next()) ++n;
+    return n;
+  }
   bool put(const std::string& table, const std::string& key, const std::string& value) {
     return db_ && tables_.count(table) &&
            db_->Put(rocksdb::WriteOptions(), tables_[table], key, value).ok();
@@ -461,6 +469,72 @@ TEST_F(StoreTest, RequestsAreKeyedByUserAndRequestId) {
   // A user id that is a prefix of another must not see its requests.
   ASSERT_FALSE(store_->put_request(request("u", "1same", 3)));
   EXPECT_FALSE(store_->find_request("u1", "1same")->has_value());
+}
+
+// With a retention, inference answers and history entries older than it
+// are not paged, and go at the next compaction; onboarding records (they
+// name jobs), newer entries and the other tables stay.
+TEST_F(StoreTest, AnswersAndHistoryPastRetentionGoAndTheRestStays) {
+  store_.reset();
+  store_options o;
+  o.retention = std::chrono::hours(24);
+  auto opened = metadata_store::open(dir_.string(), o);
+  ASSERT_TRUE(opened) << caf::to_string(opened.error());
+  store_ = std::move(*opened);
+  const auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                       std::chrono::system_clock::now().time_since_epoch())
+                       .count();
+  const int64_t old = now - 2 * 24 * 3600 * 1000, recent = now - 3600 * 1000;
+  auto answer = [&](const std::string& id, const std::string& kind, int64_t at) {
+    return request_record{"u1", id, kind, 1, "", {{channel::results, "u1", "answer " + id}}, at};
+  };
+  // Answers stored with their entries, output kept once in the record.
+  for (auto [id, at] : {std::pair{"old", old}, {"new", recent}}) {
+    history_entry e{"u1", at, id, "in", ""};
+    ASSERT_FALSE(store_->put_request(answer(id, "inference", at), &e));
+  }
+  ASSERT_FALSE(store_->put_request(answer("signup", "onboarding", old)));
+  ASSERT_FALSE(store_->create_job(job("j-old"), answer("r-j-old", "onboarding", old)));
+  auto paged = [&] {
+    std::vector<std::string> ids;
+    auto page = store_->page_history("u1", "", 10);
+    EXPECT_TRUE(page) << caf::to_string(page.error());
+    if (page)
+      for (const auto& e : page->entries) ids.push_back(e.request_id + "=" + e.output);
+    return ids;
+  };
+  const std::vector<std::string> only_new{"new=answer new"};
+  EXPECT_EQ(paged(), only_new) << "past retention, even before a compaction";
+  ASSERT_FALSE(store_->compact());
+  EXPECT_EQ(paged(), only_new);
+  auto found = [&](const std::string& id) {
+    auto r = store_->find_request("u1", id);
+    EXPECT_TRUE(r);
+    return r && r->has_value();
+  };
+  EXPECT_FALSE(found("old")) << "compacted away";
+  EXPECT_TRUE(found("new"));
+  EXPECT_TRUE(found("signup")) << "an onboarding record names a job: kept";
+  EXPECT_TRUE(found("r-j-old"));
+  EXPECT_TRUE(store_->get_job("j-old"));
+  store_.reset();
+  raw_store raw(dir_.string());
+  EXPECT_EQ(raw.count_from("history", std::string("u1") + '\0'), 1u) << "the old entry is gone";
+}
+
+// Without one, nothing goes.
+TEST_F(StoreTest, WithoutRetentionOldAnswersStay) {
+  history_entry e{"u1", 1000, "ancient", "in", ""};
+  ASSERT_FALSE(store_->put_request(
+      request_record{"u1", "ancient", "inference", 1, "", {{channel::results, "u1", "a"}}, 1000},
+      &e));
+  ASSERT_FALSE(store_->compact());
+  auto page = store_->page_history("u1", "", 10);
+  ASSERT_TRUE(page);
+  ASSERT_EQ(page->entries.size(), 1u);
+  EXPECT_EQ(page->entries[0].output, "a");
+  auto r = store_->find_request("u1", "ancient");
+  EXPECT_TRUE(r && r->has_value());
 }
 
 TEST_F(StoreTest, HistoryPagesInTimeOrderPerUser) {
