@@ -36,15 +36,20 @@ json records_to_json(const auto& records) {
 
 // The process's resident memory and the store's part of it, read at each
 // scrape: what an operator watches a spike of sign-ups by.
-std::string memory_gauges(const storage::metadata_store& db) {
-  std::string out;
+// This process's resident memory (/proc/self/statm); 0 when unreadable.
+uint64_t resident_bytes() {
   long pages = 0, resident = 0;
   if (std::ifstream statm("/proc/self/statm"); statm >> pages >> resident)
+    return static_cast<uint64_t>(resident) * static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  return 0;
+}
+
+std::string memory_gauges(const storage::metadata_store& db) {
+  std::string out;
+  if (const auto bytes = resident_bytes(); bytes > 0)
     out += "# HELP process_resident_memory_bytes Resident memory of this process.\n"
            "# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes " +
-           std::to_string(static_cast<uint64_t>(resident) *
-                          static_cast<uint64_t>(::sysconf(_SC_PAGESIZE))) +
-           "\n";
+           std::to_string(bytes) + "\n";
   const auto m = db.memory();
   out += "# HELP tailor_store_memory_bytes What RocksDB holds in memory, by part (its own "
          "estimates; store_memory_mb bounds memtables and block_cache).\n"
@@ -171,6 +176,16 @@ int admin_server::start(const std::string& host, int port) {
       return;
     }
     res.set_content("ok\n", "text/plain");
+  });
+  svr.Get("/v1/status", [this](const httplib::Request&, httplib::Response& res) {
+    auto j = stats_->summary();
+    const auto failure = health_->failure();
+    j["health"] = failure.empty() ? "ok" : "failed: " + failure;
+    j["ready"] = failure.empty() && stats_->ready(input_topics_);
+    j["resident_memory_bytes"] = resident_bytes();
+    const auto m = db_->memory();
+    j["store"] = {{"memtables_bytes", m.memtables}, {"block_cache_bytes", m.block_cache}};
+    reply_json(res, 200, j);
   });
   svr.Get("/readyz", [this](const httplib::Request&, httplib::Response& res) {
     if (auto failure = health_->failure(); !failure.empty()) {

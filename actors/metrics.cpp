@@ -41,6 +41,22 @@ void histogram::render(std::ostream& out, const std::string& name,
       << name << "_count" << braced << ' ' << count_ << '\n';
 }
 
+double histogram::quantile(double q) const {
+  if (count_ == 0) return 0;
+  const double rank = q * static_cast<double>(count_);
+  double lower = 0, below = 0;
+  for (std::size_t i = 0; i < bounds_.size(); ++i) {
+    const auto in = static_cast<double>(counts_[i]);
+    if (in >= rank) {
+      const double share = in > below ? (rank - below) / (in - below) : 1.0;
+      return lower + (bounds_[i] - lower) * share;
+    }
+    lower = bounds_[i];
+    below = in;
+  }
+  return bounds_.empty() ? 0 : bounds_.back();
+}
+
 metrics::metrics(std::size_t max_user_series)
     : model_requests_(max_user_series),
       user_requests_(max_user_series),
@@ -83,6 +99,41 @@ void metrics::observe_overhead(double ms) {
   overhead_next_ = (overhead_next_ + 1) % overhead_window;
   ++overhead_count_;
   overhead_sum_ += ms;
+}
+
+nlohmann::json metrics::summary() const {
+  using nlohmann::json;
+  std::lock_guard<std::mutex> g(mtx_);
+  auto quantiles = [](const histogram& h) {
+    return json{{"count", h.count()}, {"p50", h.quantile(0.5)}, {"p99", h.quantile(0.99)}};
+  };
+  json paused = json::array();
+  for (const auto& [topic, on] : paused_)
+    if (on != 0) paused.push_back(topic);
+  json latency = json::object();
+  for (const auto& [adapter, h] : latency_) latency[adapter] = quantiles(h);
+  json durations = json::object();
+  for (const auto& [status, h] : job_duration_) durations[status] = quantiles(h);
+  return {{"consumer_lag", lag_},
+          {"in_flight", in_flight_},
+          {"paused", paused},
+          {"dlq", dlq_.load()},
+          {"errors", errors_},
+          {"training",
+           {{"queue", training_queue_.load()},
+            {"assigned", training_assigned_.load()},
+            {"jobs", jobs_},
+            {"duration_s", durations}}},
+          {"inference",
+           {{"latency_ms", latency},
+            {"overhead_ms", quantiles(overhead_hist_)},
+            {"steps", serving_steps_.load()},
+            {"rows", serving_rows_.load()}}},
+          {"user_actors", users_.load()},
+          {"group",
+           {{"instances_live", group_live_.load()},
+            {"open_jobs", group_open_jobs_.load()},
+            {"orphaned_jobs", group_orphaned_jobs_.load()}}}};
 }
 
 bool metrics::ready(std::size_t expected) const {

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <ostream>
 #include <set>
 #include <string>
@@ -41,6 +42,10 @@ class histogram {
   // empty) come first in each.
   void render(std::ostream& out, const std::string& name, const std::string& labels) const;
   int64_t count() const { return count_; }
+  // The q-quantile, interpolated within its bucket as Prometheus'
+  // histogram_quantile does (the last bound for samples past it); 0 with
+  // no samples.
+  double quantile(double q) const;
 
  private:
   std::vector<double> bounds_;
@@ -203,6 +208,11 @@ class metrics {
   void observe_latency(bool adapter_loaded, double ms);
   // An onboarding job ended with `status` this long after its request came.
   void observe_job(const std::string& status, double seconds);
+
+  // The figures an operator looks at first, as JSON (/v1/status): the
+  // input topics' lag and backpressure, training, inference latency by
+  // adapter, errors by code, the group.
+  nlohmann::json summary() const;
 
   // True once every one of `expected` input topics has joined its group.
   bool ready(std::size_t expected) const;

@@ -298,6 +298,10 @@ int main(int argc, char** argv) {
   auto* job = app.add_subcommand("job", "show one job (admin API)");
   std::string job_id;
   job->add_option("job_id", job_id, "job id")->required();
+  auto* status = app.add_subcommand(
+      "status",
+      "health, lag, training, latency by adapter and errors at a glance (admin API); exits 1 "
+      "unless tailord is healthy and ready");
   auto* group = app.add_subcommand(
       "group", "the group's instances and open jobs, as this instance sees them (admin API)");
   std::size_t group_limit = 100;
@@ -450,6 +454,13 @@ int main(int argc, char** argv) {
   if (job->parsed()) admin_get(o, "/v1/jobs/" + job_id);
   if (models->parsed()) admin_get(o, "/v1/users/" + models_user + "/models");
   if (group->parsed()) admin_get(o, "/v1/group?limit=" + std::to_string(group_limit));
+  if (status->parsed()) {
+    const auto body = admin_fetch(o, "/v1/status");
+    std::cout << body << (body.ends_with('\n') ? "" : "\n");
+    // For scripts and probes: 0 only when healthy and ready.
+    const auto j = json::parse(body, nullptr, false);
+    return j.is_object() && j.value("health", "") == "ok" && j.value("ready", false) ? 0 : 1;
+  }
   if (history->parsed()) print_history(o, history_user, history_limit);
   if (cancel->parsed()) {
     std::optional<follower> f;

@@ -414,6 +414,17 @@ TEST(Metrics, LatencyAndJobDurationsAreHistogramsByLabel) {
   has("tailor_job_duration_seconds_bucket{status=\"failed\",le=\"21600\"} 0");
   has("tailor_job_duration_seconds_bucket{status=\"failed\",le=\"+Inf\"} 1");
   has("tailor_job_duration_seconds_count{status=\"failed\"} 1");
+  // /v1/status reads their quantiles, interpolated within the bucket as
+  // Prometheus does: the first resident sample is the 1st of 1 in (2, 5].
+  const auto s = m.summary();
+  EXPECT_EQ(s["inference"]["latency_ms"]["resident"]["count"], 2);
+  EXPECT_DOUBLE_EQ(s["inference"]["latency_ms"]["resident"]["p50"].get<double>(), 5.0);
+  // 1.98 of 2: in (20, 50], 0.98 of the way from the bucket's first sample.
+  EXPECT_DOUBLE_EQ(s["inference"]["latency_ms"]["resident"]["p99"].get<double>(), 20 + 30 * 0.98);
+  EXPECT_EQ(s["training"]["duration_s"]["ready"]["count"], 1);
+  EXPECT_DOUBLE_EQ(s["training"]["duration_s"]["failed"]["p99"].get<double>(), 21600.0)
+      << "past the last bound: the last bound";
+  EXPECT_DOUBLE_EQ(histogram({1, 2}).quantile(0.5), 0.0) << "no samples";
 }
 
 // The host tier of the adapter cache: least recently used out first, a hit

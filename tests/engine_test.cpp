@@ -326,7 +326,37 @@ TEST_F(EngineTest, AdminApi) {
   EXPECT_EQ(s, 200);
   EXPECT_EQ(json::parse(models), json::array());
   EXPECT_EQ(engine_->get("/v1/jobs/job-unknown").first, 404);
+  // The same at a glance, as JSON and through tailorctl, whose status says
+  // whether tailord is healthy and ready.
+  auto [code, body] = engine_->get("/v1/status");
+  ASSERT_EQ(code, 200) << body;
+  const auto status = json::parse(body, nullptr, false);
+  ASSERT_TRUE(status.is_object()) << body;
+  EXPECT_EQ(status["health"], "ok");
+  EXPECT_EQ(status["ready"], true);
+  EXPECT_EQ(status["dlq"], 1);
+  EXPECT_EQ(status["errors"]["invalid_json"], 1);
+  EXPECT_TRUE(status["consumer_lag"].contains(engine_->topics().onboarding)) << body;
+  EXPECT_TRUE(status["paused"].empty());
+  EXPECT_GT(status["resident_memory_bytes"].get<double>(), 20e6);
+  EXPECT_TRUE(status["training"].contains("queue")) << body;
+  const auto admin = "http://127.0.0.1:" + std::to_string(engine_->admin_port());
+  const auto ctl = [&] {
+    const auto out = engine_->data_dir() + "/tailorctl.out";
+    const int st = std::system((std::string(TAILORCTL_PATH) + " --admin " + admin +
+                                " status >" + out + " 2>&1")
+                                   .c_str());
+    std::ifstream in(out);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return std::pair{WIFEXITED(st) ? WEXITSTATUS(st) : -1, ss.str()};
+  };
+  auto [ctl_code, ctl_out] = ctl();
+  EXPECT_EQ(ctl_code, 0) << ctl_out;
+  EXPECT_NE(ctl_out.find("\"health\": \"ok\""), std::string::npos) << ctl_out;
   EXPECT_EQ(engine_->stop(), 0) << "SIGTERM stops tailord cleanly";
+  std::tie(ctl_code, ctl_out) = ctl();
+  EXPECT_EQ(ctl_code, 1) << "no tailord there: " << ctl_out;
 }
 
 // Whether a mapping of process `pid`'s heap is advised for transparent huge
