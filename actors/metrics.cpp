@@ -1,6 +1,7 @@
 #include "actors/metrics.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <sstream>
 
 namespace tailor::actors {
@@ -104,8 +105,12 @@ void metrics::observe_overhead(double ms) {
 nlohmann::json metrics::summary() const {
   using nlohmann::json;
   std::lock_guard<std::mutex> g(mtx_);
+  // To a hundredth: bucket interpolation is no finer than that.
   auto quantiles = [](const histogram& h) {
-    return json{{"count", h.count()}, {"p50", h.quantile(0.5)}, {"p99", h.quantile(0.99)}};
+    auto round = [](double v) { return std::round(v * 100) / 100; };
+    return json{{"count", h.count()},
+                {"p50", round(h.quantile(0.5))},
+                {"p99", round(h.quantile(0.99))}};
   };
   json paused = json::array();
   for (const auto& [topic, on] : paused_)

@@ -420,7 +420,7 @@ TEST(Metrics, LatencyAndJobDurationsAreHistogramsByLabel) {
   EXPECT_EQ(s["inference"]["latency_ms"]["resident"]["count"], 2);
   EXPECT_DOUBLE_EQ(s["inference"]["latency_ms"]["resident"]["p50"].get<double>(), 5.0);
   // 1.98 of 2: in (20, 50], 0.98 of the way from the bucket's first sample.
-  EXPECT_DOUBLE_EQ(s["inference"]["latency_ms"]["resident"]["p99"].get<double>(), 20 + 30 * 0.98);
+  EXPECT_DOUBLE_EQ(s["inference"]["latency_ms"]["resident"]["p99"].get<double>(), 49.4);
   EXPECT_EQ(s["training"]["duration_s"]["ready"]["count"], 1);
   EXPECT_DOUBLE_EQ(s["training"]["duration_s"]["failed"]["p99"].get<double>(), 21600.0)
       << "past the last bound: the last bound";
