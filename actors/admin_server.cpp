@@ -180,6 +180,7 @@ int admin_server::start(const std::string& host, int port) {
   svr.Get("/v1/status", [this](const httplib::Request&, httplib::Response& res) {
     auto j = stats_->summary();
     const auto failure = health_->failure();
+    j["version"] = TAILOR_VERSION;
     j["health"] = failure.empty() ? "ok" : "failed: " + failure;
     j["ready"] = failure.empty() && stats_->ready(input_topics_);
     j["resident_memory_bytes"] = resident_bytes();

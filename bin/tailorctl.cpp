@@ -215,6 +215,7 @@ int main(int argc, char** argv) {
   tailor::model::configure_allocator();
   CLI::App app{"tailorctl - talk to a Tailor engine through Kafka and its admin API"};
   app.require_subcommand(1);
+  app.set_version_flag("--version", std::string("tailorctl ") + TAILOR_VERSION);
   common_options o;
   if (const char* b = std::getenv("TAILOR_BOOTSTRAP")) o.bootstrap = b;
   if (const char* a = std::getenv("TAILOR_ADMIN")) o.admin = a;

@@ -205,9 +205,13 @@ int main(int argc, char** argv) {
   std::vector<std::string> props;
   int admin_port = -1, max_in_flight = -1, idle = -1, slots = -1, admission_queue = -1,
       stop_timeout = -1;
-  bool sync_writes = false;
+  bool sync_writes = false, check_config = false;
+  app.set_version_flag("--version", std::string("tailord ") + TAILOR_VERSION);
   app.add_option("-c,--config", config_file, "JSON configuration file (see docs/configuration.md)")
       ->check(CLI::ExistingFile);
+  app.add_flag("--check-config", check_config,
+               "check the configuration (file and flags) and exit: 0 when it is good, 2 with the "
+               "reason when not; starts nothing");
   app.add_option("-b,--bootstrap-servers", bootstrap,
                  "Kafka bootstrap servers; unset: start an embedded mock cluster (demo only)");
   app.add_option("-g,--group-id", group_id, "Kafka consumer group (default: tailor)");
@@ -305,6 +309,10 @@ int main(int argc, char** argv) {
   if (std::string bad; !tailor::actors::make_conf(cfg.kafka, {}, bad)) {
     std::fprintf(stderr, "tailord: -X / kafka.properties: %s\n", bad.c_str());
     return 2;
+  }
+  if (check_config) {
+    std::printf("tailord: the configuration is good\n");
+    return 0;
   }
 
   // Before any thread starts: they all inherit the policy.

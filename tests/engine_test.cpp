@@ -333,6 +333,7 @@ TEST_F(EngineTest, AdminApi) {
   const auto status = json::parse(body, nullptr, false);
   ASSERT_TRUE(status.is_object()) << body;
   EXPECT_EQ(status["health"], "ok");
+  EXPECT_EQ(status["version"], TAILOR_VERSION);
   EXPECT_EQ(status["ready"], true);
   EXPECT_EQ(status["dlq"], 1);
   EXPECT_EQ(status["errors"]["invalid_json"], 1);
@@ -758,6 +759,19 @@ TEST(EngineStartup, BadConfigurationIsRefusedWithAClearMessage) {
   std::tie(code, out) = run("--no-such-flag");
   EXPECT_EQ(code, 2);
   EXPECT_NE(out.find("--no-such-flag"), std::string::npos) << out;
+  // --check-config: the same checks, then 0 without starting anything.
+  std::tie(code, out) = run("--config " + (dir / "cfg.json").string() + " --check-config");
+  EXPECT_EQ(code, 2);
+  EXPECT_NE(out.find("kafka.bootstrap_servers: has the wrong type"), std::string::npos) << out;
+  std::ofstream(dir / "good.json") << R"({"kafka":{"bootstrap_servers":"127.0.0.1:1"},)"
+                                   << R"("training":{"slots":3},"history_retention_days":0})";
+  std::tie(code, out) = run("--config " + (dir / "good.json").string() + " --check-config");
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("the configuration is good"), std::string::npos) << out;
+  EXPECT_FALSE(std::filesystem::exists(dir / "data")) << "a check starts nothing";
+  std::tie(code, out) = run("--version");
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_EQ(out, std::string("tailord ") + TAILOR_VERSION + "\n");
   std::tie(code, out) = run("--stop-timeout-seconds -1");
   EXPECT_EQ(code, 2);
   EXPECT_NE(out.find("--stop-timeout-seconds"), std::string::npos) << out;
