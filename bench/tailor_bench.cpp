@@ -13,6 +13,25 @@
 #include "quality_bench.hpp"
 #include "serving_bench.hpp"
 
+namespace {
+
+// The options of the benches that run a tailord of their own.
+void add_tailord_options(CLI::App* bench, std::string& tailord, int& store_memory_mb,
+                         std::string& tailord_config) {
+  bench->add_option("--tailord", tailord, "the tailord binary (default: this build's)");
+  bench
+      ->add_option("--store-memory-mb", store_memory_mb,
+                   "tailord's store_memory_mb; 0: RocksDB's defaults (default: tailord's, 128)")
+      ->check(CLI::NonNegativeNumber);
+  bench
+      ->add_option("--tailord-config", tailord_config,
+                   "tailord's configuration each run starts from (JSON, "
+                   "docs/configuration.md); this bench's other options are merged over it")
+      ->check(CLI::ExistingFile);
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   tailor::model::configure_allocator();
   CLI::App app{"tailor-bench - Tailor's benchmarks"};
@@ -90,16 +109,7 @@ int main(int argc, char** argv) {
   spike->add_flag("--keep-topics", oo.keep_topics,
                   "leave the run's topics and consumer groups on the --bootstrap broker "
                   "(default: deleted when the run ends)");
-  spike->add_option("--tailord", oo.tailord, "the tailord binary (default: this build's)");
-  spike
-      ->add_option("--store-memory-mb", oo.store_memory_mb,
-                   "tailord's store_memory_mb; 0: RocksDB's defaults (default: tailord's, 128)")
-      ->check(CLI::NonNegativeNumber);
-  spike
-      ->add_option("--tailord-config", oo.tailord_config,
-                   "tailord's configuration to start from (JSON, docs/configuration.md); this "
-                   "bench's other options are merged over it")
-      ->check(CLI::ExistingFile);
+  add_tailord_options(spike, oo.tailord, oo.store_memory_mb, oo.tailord_config);
   spike
       ->add_option("--text-bytes", oo.text_bytes,
                    "one more text of this many bytes in each request, as a user's own writing "
@@ -142,15 +152,6 @@ int main(int argc, char** argv) {
                    "CAP_SYS_NICE) (default: shared)")
       ->check(CLI::IsMember({"shared", "realtime"}));
   serving
-      ->add_option("--store-memory-mb", so.store_memory_mb,
-                   "tailord's store_memory_mb; 0: RocksDB's defaults (default: tailord's, 128)")
-      ->check(CLI::NonNegativeNumber);
-  serving
-      ->add_option("--tailord-config", so.tailord_config,
-                   "tailord's configuration each run starts from (JSON, "
-                   "docs/configuration.md); this bench's other options are merged over it")
-      ->check(CLI::ExistingFile);
-  serving
       ->add_option("--kv-cache", so.kv_cache,
                    "tailord's serving.kv_cache: float16 or float32 (default: float16)")
       ->check(CLI::IsMember({"float16", "float32"}));
@@ -168,7 +169,7 @@ int main(int argc, char** argv) {
   serving->add_flag("--keep-topics", so.keep_topics,
                     "leave each run's topics and consumer groups on the broker (default: "
                     "deleted when the run ends)");
-  serving->add_option("--tailord", so.tailord, "the tailord binary (default: this build's)");
+  add_tailord_options(serving, so.tailord, so.store_memory_mb, so.tailord_config);
   serving->add_flag("!--no-baseline", so.baseline, "skip the one-request-at-a-time baseline");
   serving
       ->add_option("--partitions", so.partitions,
