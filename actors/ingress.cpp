@@ -191,10 +191,8 @@ void observe_overhead(ingress_state& st, const incoming_event& ev,
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - ev.consumed)
           .count();
   for (const auto& m : out)
-    if (m.to == channel::results && m.inside_ms >= 0 && engine_ms >= m.inside_ms) {
-      st.stats->observe_overhead(engine_ms - m.inside_ms);
-      st.stats->observe_latency(m.adapter_load_ms > 0, engine_ms);
-    }
+    if (m.to == channel::results && m.inside_ms >= 0 && engine_ms >= m.inside_ms)
+      st.stats->observe_inference(engine_ms, engine_ms - m.inside_ms, m.adapter_load_ms > 0);
 }
 
 void later(self_ptr self, std::function<void()> f) {

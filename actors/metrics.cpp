@@ -80,18 +80,14 @@ void bounded_counts::add(const std::string& key, int64_t d) {
   by_count_.emplace(it->second, key);
 }
 
-void metrics::observe_latency(bool adapter_loaded, double ms) {
-  std::lock_guard<std::mutex> g(mtx_);
-  of(latency_, adapter_loaded ? "loaded" : "resident", latency_bounds).observe(ms);
-}
-
 void metrics::observe_job(const std::string& status, double seconds) {
   std::lock_guard<std::mutex> g(mtx_);
   of(job_duration_, status, job_bounds).observe(seconds);
 }
 
-void metrics::observe_overhead(double ms) {
+void metrics::observe_inference(double engine_ms, double ms, bool adapter_loaded) {
   std::lock_guard<std::mutex> g(mtx_);
+  of(latency_, adapter_loaded ? "loaded" : "resident", latency_bounds).observe(engine_ms);
   overhead_hist_.observe(ms);
   if (overhead_.size() < overhead_window)
     overhead_.push_back(ms);

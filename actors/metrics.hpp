@@ -198,14 +198,13 @@ class metrics {
     helper_ratio_[device] = f.ratio;  // a gauge: the fresh actor's own trials
   }
 
-  // Time an inference request spent in the engine outside batch steps and
-  // adapter loads (parsing, routing, bookkeeping, serialization, producing
-  // until the delivery report), in ms: the last `overhead_window` samples.
-  void observe_overhead(double ms);
   // An inference request's time in the engine, from reading its event to
-  // its result's delivery report, in ms; `adapter_loaded`: it waited for its
-  // adapter to be loaded (a cold adapter), else its adapter was resident.
-  void observe_latency(bool adapter_loaded, double ms);
+  // its result's delivery report (`engine_ms`), by whether it waited for its
+  // adapter to be loaded (a cold adapter) or found it resident; and the
+  // part of it outside batch steps and adapter loads (`overhead_ms`:
+  // parsing, routing, bookkeeping, serialization, producing until the
+  // delivery report), of which the last `overhead_window` samples are kept.
+  void observe_inference(double engine_ms, double overhead_ms, bool adapter_loaded);
   // An onboarding job ended with `status` this long after its request came.
   void observe_job(const std::string& status, double seconds);
 

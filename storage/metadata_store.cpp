@@ -68,12 +68,6 @@ class user_prefix : public rocksdb::SliceTransform {
   }
 };
 
-int64_t now_ms() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
-
 // A history key's time (user \0 be64(time) be64(seq)); -1 if it has none.
 int64_t history_time(std::string_view key) {
   const auto nul = key.find('\0');
@@ -96,7 +90,7 @@ class expiry_filter : public rocksdb::CompactionFilter {
   }
   bool Filter(int /*level*/, const rocksdb::Slice& key, const rocksdb::Slice& value,
               std::string* /*new_value*/, bool* /*value_changed*/) const override {
-    const auto cutoff = now_ms() - retention_ms_;
+    const auto cutoff = messages::unix_ms() - retention_ms_;
     if (history_) {
       const auto t = history_time(key.ToStringView());
       return t >= 0 && t < cutoff;
@@ -163,7 +157,9 @@ struct metadata_store::impl {
   std::unique_ptr<expiry_filter> requests_expiry, history_expiry;
 
   // Entries written before this are past retention (none when it is 0).
-  int64_t expiry_cutoff() const { return retention.count() > 0 ? now_ms() - retention.count() : 0; }
+  int64_t expiry_cutoff() const {
+    return retention.count() > 0 ? messages::unix_ms() - retention.count() : 0;
+  }
   std::atomic<uint64_t> models_generation{0};
   bool shared_cache = false;  // one block cache for every table (store_options::memory_bytes)
 
@@ -180,8 +176,10 @@ struct metadata_store::impl {
     return {};
   }
 
-  // Keys and values written to each table since open (written_bytes()).
+  // Keys and values written to each table since open (written_bytes()),
+  // found by the column family ids a batch names.
   std::array<std::atomic<uint64_t>, table_count> written{};
+  std::array<uint32_t, table_count> cf_ids{};
 
   // Attributes a batch's bytes to its tables: what a sign-up or an answer
   // costs the store, by table, is what grows its memtables, WAL and files.
@@ -191,7 +189,7 @@ struct metadata_store::impl {
       explicit counter(impl* s) : self(s) {}
       void add(uint32_t cf_id, std::size_t bytes) {
         for (std::size_t x = 0; x < table_count; ++x)
-          if (self->cf[x]->GetID() == cf_id) self->written[x] += bytes;
+          if (self->cf_ids[x] == cf_id) self->written[x] += bytes;
       }
       rocksdb::Status PutCF(uint32_t cf_id, const rocksdb::Slice& key,
                             const rocksdb::Slice& value) override {
@@ -356,6 +354,7 @@ caf::expected<std::unique_ptr<metadata_store>> metadata_store::open(const std::s
   if (!s.ok()) return io(s, ("open " + path).c_str());
   // handles[0] is the default family; ours follow in table order.
   im.cf.assign(handles.begin() + 1, handles.end());
+  for (std::size_t x = 0; x < table_count; ++x) im.cf_ids[x] = im.cf[x]->GetID();
   auto ds = im.db->DestroyColumnFamilyHandle(handles[0]);
   if (!ds.ok()) return io(ds, "release default column family");
   im.wopts.sync = opts.sync_writes;

@@ -389,9 +389,9 @@ TEST(Metrics, LatencyAndJobDurationsAreHistogramsByLabel) {
   metrics m;
   EXPECT_EQ(m.render().find("tailor_inference_latency_ms"), std::string::npos)
       << "no series before a sample";
-  m.observe_latency(false, 3);
-  m.observe_latency(false, 40);
-  m.observe_latency(true, 700);
+  m.observe_inference(3, 1, false);
+  m.observe_inference(40, 1, false);
+  m.observe_inference(700, 1, true);
   m.observe_job("ready", 12);
   m.observe_job("failed", 90000);  // past the last bound
   const auto text = m.render();
