@@ -146,9 +146,13 @@ void batch_producer::send(const std::vector<outgoing_message>& batch, done_fn do
   for (const auto& m : batch) {
     const auto& topic = topic_of(topics_, m.to);
     for (;;) {
+      // An empty state record is a tombstone (a null value): the compacted
+      // topic then drops the key's records.
+      const bool tombstone = m.to == channel::state && m.payload.empty();
       auto rc = producer_->produce(topic, RdKafka::Topic::PARTITION_UA,
                                    RdKafka::Producer::RK_MSG_COPY,
-                                   const_cast<char*>(m.payload.data()), m.payload.size(),
+                                   tombstone ? nullptr : const_cast<char*>(m.payload.data()),
+                                   m.payload.size(),
                                    m.key.data(), m.key.size(), 0,
                                    reinterpret_cast<void*>(static_cast<uintptr_t>(id)));
       if (rc == RdKafka::ERR_NO_ERROR) break;

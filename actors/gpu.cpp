@@ -77,6 +77,15 @@ void host_tier::insert(const std::string& model_id, adapter_ptr adapter) {
   }
 }
 
+bool host_tier::erase(const std::string& model_id) {
+  std::lock_guard lock(mutex_);
+  auto it = cache_.find(model_id);
+  if (it == cache_.end()) return false;
+  order_.erase(it->second.second);
+  cache_.erase(it);
+  return true;
+}
+
 namespace {
 
 // The adapter of `m` from the host tier, else read, checked and decoded
@@ -331,6 +340,13 @@ void sync_idle(gpu_core& c, gpu_core::resident& r, bool leaving = false) {
   }
 }
 
+// The adapter's weights, by name and checksum: what is cached for them
+// (prompts' keys and values) stays valid when they leave the bank and
+// come back.
+uint64_t adapter_key(const model_record& m) {
+  return fnv1a64(m.checksum, fnv1a64(m.model_id));
+}
+
 // Erases an adapter that never got its place (or lost it): its entry, and
 // the place it held or had reserved (`index`) is free again.
 void forget_adapter(gpu_core& c, const std::string& model_id, int64_t index) {
@@ -507,10 +523,7 @@ void fetch_adapters(gpu_ptr self) {
     res.loading = true;
     c.owner[static_cast<std::size_t>(index)] = m.model_id;
     auto model_id = m.model_id;
-    // The adapter's weights, by name and checksum: what is cached for them
-    // (prompts' keys and values) stays valid when they leave the bank and
-    // come back.
-    const auto key = fnv1a64(m.checksum, fnv1a64(m.model_id));
+    const auto key = adapter_key(m);
     if (auto ad = st.host->find(model_id)) {
       st.stats->count_cache("host", "hit");
       // Failing its requests may erase from `waiting`: start over then.
@@ -816,6 +829,22 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
             kick(self);
             return;
           }
+      },
+      [self](forget_atom, const model_record& m) {
+        auto& c = *self->state.core;
+        // Its prompts may be cached while it is out of the bank.
+        if (c.gen) c.gen->forget_prefixes(model::adapter_bank::identity_of_key(adapter_key(m)));
+        auto it = c.adapters.find(m.model_id);
+        // A request still using it (none: its user waited for theirs to
+        // end) keeps it; the bank's LRU takes it afterwards.
+        if (it == c.adapters.end() || it->second.users > 0 || it->second.loading) return;
+        if (const auto index = it->second.index; index > 0) {
+          c.bank.clear(index);
+          forget_adapter(c, m.model_id, index);
+        } else {
+          c.adapters.erase(it);
+        }
+        publish_gauges(self);
       },
       [self](step_atom) { step(self); },
   };

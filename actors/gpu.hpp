@@ -40,6 +40,8 @@ class host_tier {
   adapter_ptr find(const std::string& model_id);
   // Keeps `adapter`, evicting the least recently used beyond the capacity.
   void insert(const std::string& model_id, adapter_ptr adapter);
+  // Drops the adapter of `model_id` (its user was deleted); false when absent.
+  bool erase(const std::string& model_id);
   std::size_t capacity() const { return capacity_; }
 
  private:
@@ -83,11 +85,13 @@ loader_actor::behavior_type adapter_loader(loader_actor::stateful_pointer<loader
 // requests whose adapter is resident, the one whose user has received the
 // least service goes first (a virtual token counter, as in S-LoRA). Answers
 // each request with its result (the struct; its user actor serializes it,
-// off the batch loop). Detached.
+// off the batch loop). `forget` drops a model's adapter (its user was
+// deleted): its place zeroed and its prompts' cached keys and values gone.
+// Detached.
 using gpu_actor =
     caf::typed_actor<caf::replies_to<infer_atom, inference_order>::with<inference_result>,
                      caf::reacts_to<cancel_atom, std::string, std::string>,
-                     caf::reacts_to<step_atom>>;
+                     caf::reacts_to<forget_atom, model_record>, caf::reacts_to<step_atom>>;
 
 struct gpu_core;  // the batch, the bank and the waiting requests (gpu.cpp)
 

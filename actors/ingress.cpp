@@ -278,7 +278,7 @@ void dispatch(self_ptr self, std::shared_ptr<incoming_event> ev, uint64_t genera
 // Parses one event read from Kafka, tracks it for its partition's commit
 // and hands it to its user actor.
 void take(self_ptr self, const char* topic, int32_t partition, int64_t offset, const void* key,
-          std::size_t key_len, const void* payload, std::size_t len) {
+          std::size_t key_len, const void* payload, std::size_t len, int64_t timestamp_ms) {
   auto& st = self->state;
   auto it = st.inputs.find(topic);
   if (it == st.inputs.end()) return;
@@ -295,6 +295,7 @@ void take(self_ptr self, const char* topic, int32_t partition, int64_t offset, c
   if (key) ev->key.assign(static_cast<const char*>(key), key_len);
   ev->payload.assign(static_cast<const char*>(payload), len);
   ev->consumed = std::chrono::steady_clock::now();
+  ev->timestamp_ms = timestamp_ms;
   ev->parsed = parse_event(in.kind, ev->payload, st.cfg.limits);
   st.partitions[{ev->topic, ev->partition}].outstanding[ev->offset] = false;
   ++in.in_flight;
@@ -318,8 +319,10 @@ bool drain(self_ptr self) {
       spdlog::warn("ingress: {}", msg->errstr());
       continue;
     }
+    const auto ts = msg->timestamp();
     take(self, msg->topic_name().c_str(), msg->partition(), msg->offset(), msg->key_pointer(),
-         msg->key_len(), msg->payload(), msg->len());
+         msg->key_len(), msg->payload(), msg->len(),
+         ts.type == RdKafka::MessageTimestamp::MSG_TIMESTAMP_NOT_AVAILABLE ? -1 : ts.timestamp);
   }
   bool more = n == 64;
   const auto& inference = st.inputs[st.cfg.kafka.topics.inference];
@@ -333,7 +336,7 @@ bool drain(self_ptr self) {
       spdlog::warn("ingress: {}", rd_kafka_message_errstr(m.get()));
     else
       take(self, rd_kafka_topic_name(m->rkt), m->partition, m->offset, m->key, m->key_len,
-           m->payload, m->len);
+           m->payload, m->len, rd_kafka_message_timestamp(m.get(), nullptr));
   }
   return more || (n == 64 && !inference.paused);
 }

@@ -266,6 +266,10 @@ std::string metrics::render() const {
          "Cancels of jobs that run on another instance, passed on through the state topic: "
          "sent (read here) or received (acted on here).",
          "way", cancels_passed_on_);
+  family("tailor_users_deleted_total", "counter",
+         "Users deleted (user.delete): here, or by another instance, whose erasure this one "
+         "applied.",
+         "by", users_deleted_);
   family("tailor_serving_device_restarts_total", "counter",
          "GPU actors that failed outside a batch step and were started afresh: the requests they "
          "held were sent again.",

@@ -131,6 +131,9 @@ class metrics {
   // A job.cancel of a job that runs on another instance: `sent` there
   // through the state topic by this one, or `received` here from another.
   void count_cancel_passed_on(const std::string& way) { add(cancels_passed_on_, way, 1); }
+  // A user deleted (user.delete): `here`, or by `another` instance, whose
+  // erasure this one applied (read from the state topic).
+  void count_user_deleted(const std::string& by) { add(users_deleted_, by, 1); }
   // The group as the state topic shows it: other instances heard from
   // within instance.takeover_after_ms, its open jobs, and those of them
   // whose instance is silent.
@@ -238,7 +241,7 @@ class metrics {
       paused_, jobs_, pauses_, serving_waiting_, serving_active_, prefix_bytes_, serving_users_,
       bank_used_, bank_unplaced_, batch_realtime_, helper_chunks_, helper_late_, helper_lent_,
       helper_eligible_, helper_steps_, step_failures_, device_restarts_, producer_replacements_,
-      state_records_, cancels_passed_on_;
+      state_records_, cancels_passed_on_, users_deleted_;
   bounded_counts model_requests_, user_requests_;
   std::map<std::string, std::map<std::string, int64_t>> cache_;  // event -> tier -> count
   std::map<std::string, std::pair<double, double>> batch_thread_;  // device -> running, runnable

@@ -158,7 +158,9 @@ void check_caught_up(self_ptr self) {
 void apply(self_ptr self, const RdKafka::Message& msg) {
   auto& st = self->state;
   ++st.read;
-  if (msg.len() == 0) return;  // a tombstone: nothing to forget yet
+  // A tombstone of a deleted user's model or job: the user's erasure
+  // record deletes them here.
+  if (msg.len() == 0) return;
   // The process's Nth record throws, which ends the follower.
   static fault_point fault("TAILOR_FAULT_STATE", "the state follower", "state record", false);
   fault.throw_if_fires();
@@ -194,6 +196,26 @@ void apply(self_ptr self, const RdKafka::Message& msg) {
     // the run here stops. Before the first catch-up, the store does it.
     if (!is_open_job_state(job->status) && !mine && (st.caught_up || !st.hand_over))
       self->send(st.pool, moved_atom_v, job->job_id, job->owner);
+    st.stats->count_state_record("followed");
+    return;
+  }
+  if (auto* gone = std::get_if<messages::user_erasure_record>(&record)) {
+    // The instance that deleted the user has deleted it there; here, what
+    // this instance kept of them from before goes (its store only: their
+    // files are in the shared artifact store, which that instance cleared).
+    // Read again at each start, it changes nothing once applied.
+    if (gone->owner != st.cfg.instance.id) {
+      auto erased = st.db->delete_user(gone->user_id, gone->deleted_ms, {}, true);
+      if (!erased)
+        throw std::runtime_error("cannot delete user " + gone->user_id + ": " +
+                                 caf::to_string(erased.error()));
+      if (!erased->models.empty() || erased->requests > 0) {
+        st.stats->count_user_deleted("another");
+        spdlog::info("state: user {} was deleted on instance {}; {} model(s) and {} job(s) of "
+                     "theirs deleted here",
+                     gone->user_id, gone->owner, erased->models.size(), erased->job_ids.size());
+      }
+    }
     st.stats->count_state_record("followed");
     return;
   }

@@ -5,10 +5,13 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 
 #include "actors/error_text.hpp"
+#include "actors/trainer.hpp"
 #include "actors/training_data.hpp"
 #include "messages/ids.hpp"
+#include "storage/artifacts.hpp"
 
 namespace tailor::actors {
 
@@ -29,6 +32,13 @@ std::deque<user_state::early_cancel>::iterator find_early_cancel(user_state& st,
 
 outgoing_message error_answer(const std::string& type, const std::string& user_id,
                               const std::string& request_id, errc code, std::string message) {
+  if (type == "user.delete") {
+    user_deletion d;
+    d.user_id = user_id;
+    d.request_id = request_id;
+    d.error = error_info{code, std::move(message)};
+    return to_message(d);
+  }
   if (type == "onboarding.request") {
     // No job exists; the event names the id the job would have had.
     return to_message(job_event{"job.failed", job_id_for(user_id, request_id), request_id, user_id,
@@ -54,7 +64,9 @@ request_record make_record(const user_state& st, const std::string& request_id,
   request_record rec;
   rec.user_id = st.user_id;
   rec.request_id = request_id;
-  rec.kind = type == "onboarding.request" ? "onboarding" : "inference";
+  rec.kind = type == "onboarding.request" ? "onboarding"
+             : type == "user.delete"      ? "deletion"
+                                          : "inference";
   rec.payload_hash = hash;
   rec.answers = std::move(out);
   rec.created_ms = unix_ms();
@@ -486,6 +498,264 @@ void handle_inference_cancel(user_ptr self, promise_t rp, inference_cancel x) {
   rp.deliver(answers{});
 }
 
+// --- deleting the user ------------------------------------------------------
+
+// Drops the models' adapters from the host tier and every device, and
+// removes their files and the jobs' checkpoints; what could not be removed,
+// empty when all went.
+std::string forget_files(user_ptr self, const std::vector<model_record>& models,
+                         const std::vector<std::string>& job_ids) {
+  namespace fs = std::filesystem;
+  auto& st = self->state;
+  std::string failed;
+  auto remove = [&](const std::string& path) {
+    std::error_code ec;
+    if (!fs::remove(path, ec) && ec && ec != std::errc::no_such_file_or_directory)
+      failed += (failed.empty() ? "" : "; ") + path + ": " + ec.message();
+  };
+  for (const auto& m : models) {
+    if (st.routes.host) st.routes.host->erase(m.model_id);
+    if (st.routes.devices)
+      for (auto& gpu : st.routes.devices->all()) self->send(gpu, forget_atom_v, m);
+    remove(m.artifact_path);
+  }
+  for (const auto& id : job_ids) remove(checkpoint_path(st.cfg, id));
+  // The user's folder, once empty (a model made meanwhile keeps it).
+  std::error_code ec;
+  fs::remove(
+      fs::path(storage::adapter_artifact_path(st.cfg.artifact_dir, st.user_id, "-")).parent_path(),
+      ec);
+  return failed;
+}
+
+// Handles the events held while the deletion ran, in order, until one of
+// them is a deletion again.
+void release_held(user_ptr self);
+
+void end_erasure(user_ptr self) {
+  self->state.erasing.reset();
+  release_held(self);
+}
+
+// Answers the deletion with an error; stored (a repeat gets it too) unless
+// the cause may pass.
+void reject_erasure(user_ptr self, errc code, std::string message, bool store) {
+  auto& st = self->state;
+  auto& e = *st.erasing;
+  answers out{error_answer("user.delete", st.user_id, e.request.request_id, code,
+                           std::move(message))};
+  if (store)
+    record_and_reply(self, e.rp,
+                     make_record(st, e.request.request_id, "user.delete", e.payload_hash, out));
+  else
+    e.rp.deliver(std::move(out));
+  end_erasure(self);
+}
+
+// Deletes what is kept of the user, none of whose requests and jobs runs:
+// adapters, files, then the store's records in one batch, which records the
+// deletion's answer with them. A crash before that batch leaves the store
+// as it was (the files may be gone), and the deletion, read again, runs again.
+// On this actor's thread even with synced writes: deletions are rare, and
+// the user's events wait for it anyway.
+void erase_now(user_ptr self) {
+  auto& st = self->state;
+  auto& e = *st.erasing;
+  auto models = st.db.direct->list_models(st.user_id);
+  auto jobs = st.db.direct->jobs_of(st.user_id);
+  if (!models || !jobs) {
+    e.rp.deliver(models ? jobs.error() : models.error());  // the ingress tries again
+    return end_erasure(self);
+  }
+  std::vector<std::string> job_ids;
+  for (const auto& j : *jobs) job_ids.push_back(j.job_id);
+  if (auto failed = forget_files(self, *models, job_ids); !failed.empty())
+    return reject_erasure(self, errc::internal, "files of user " + st.user_id +
+                                                    " could not be removed: " + failed,
+                          false);
+  answers out;
+  const auto erased = st.db.direct->delete_user(
+      st.user_id, e.at_ms, [&](const storage::user_erasure& what) {
+        // Tombstones: the compacted state topic keeps none of the user's
+        // models and jobs; the erasure keeps other instances from taking
+        // back what they read of them before.
+        for (const auto& m : what.models) out.push_back({channel::state, m.model_id, ""});
+        for (const auto& id : what.job_ids)
+          out.push_back({channel::state, state_key_of_job(id), ""});
+        out.push_back({channel::state, state_key_of_user(st.user_id),
+                       to_json(user_erasure_record{st.user_id, st.cfg.instance.id, e.at_ms})});
+        user_deletion d;
+        d.user_id = st.user_id;
+        d.request_id = e.request.request_id;
+        d.models = what.models.size();
+        d.jobs = what.job_ids.size();
+        d.requests = what.requests;
+        d.history = what.history;
+        out.push_back(to_message(d));
+        return make_record(st, e.request.request_id, "user.delete", e.payload_hash, out);
+      });
+  if (!erased) {
+    e.rp.deliver(erased.error());
+    return end_erasure(self);
+  }
+  // A model imported between the list and the batch (from another instance).
+  std::vector<model_record> late;
+  for (const auto& m : erased->models)
+    if (std::none_of(models->begin(), models->end(),
+                     [&](const model_record& x) { return x.model_id == m.model_id; }))
+      late.push_back(m);
+  if (!late.empty()) (void)forget_files(self, late, {});
+  spdlog::info("user {} deleted: {} model(s), {} job(s), {} request record(s), {} history "
+               "entries",
+               st.user_id, erased->models.size(), erased->job_ids.size(), erased->requests,
+               erased->history);
+  st.stats->count_user_deleted("here");
+  st.erased_at = e.at_ms;
+  st.newest.reset();
+  st.device_failures.clear();
+  e.rp.deliver(std::move(out));
+  end_erasure(self);
+}
+
+// Goes on with the deletion once none of the user's requests and jobs runs
+// here; checks again shortly otherwise, for up to `erasure_wait`.
+void continue_erasure(user_ptr self) {
+  auto& st = self->state;
+  if (!st.erasing) return;
+  auto wait_more = [self](const std::string& what) {
+    auto& st = self->state;
+    if (std::chrono::steady_clock::now() < st.erasing->deadline) {
+      self->delayed_send(self, std::chrono::milliseconds(50), erase_atom_v);
+      return;
+    }
+    reject_erasure(self, errc::unavailable,
+                   what + " of user " + st.user_id +
+                       " did not end within 10 minutes of their deletion; send user.delete "
+                       "again with a new request_id",
+                   true);
+  };
+  if (!st.inflight.empty())
+    return wait_more(std::to_string(st.inflight.size()) + " request(s)");
+  self->request(st.pool, store_timeout, count_atom_v, st.user_id)
+      .then(
+          [self, wait_more](int64_t running) {
+            if (!self->state.erasing) return;
+            if (running > 0) return wait_more(std::to_string(running) + " job(s)");
+            erase_now(self);
+          },
+          [self](caf::error& err) {
+            if (!self->state.erasing) return;
+            self->state.erasing->rp.deliver(std::move(err));
+            end_erasure(self);
+          });
+}
+
+// Deletes the user: their requests in flight end (cancelled) and their jobs
+// stop; once none runs, everything kept of them goes (erase_now). Refused
+// while a job of theirs runs on another instance, which a cancel passed on
+// must end first.
+void handle_user_delete(user_ptr self, promise_t rp, user_delete x, uint64_t hash,
+                        int64_t sent_ms) {
+  with_dedup(self, rp, x.request_id, hash, "user.delete", [=]() mutable {
+    auto& st = self->state;
+    const auto now = std::chrono::steady_clock::now();
+    st.erasing = user_state::erasure{x, hash, sent_ms >= 0 ? sent_ms : unix_ms(), rp,
+                                     now + user_state::erasure_wait};
+    auto jobs = st.db.direct->jobs_of(st.user_id);
+    if (!jobs) {
+      rp.deliver(std::move(jobs.error()));
+      return end_erasure(self);
+    }
+    for (const auto& j : *jobs)
+      if (auto open = st.group->find(j.job_id); open && open->owner != st.cfg.instance.id)
+        return reject_erasure(self, errc::unavailable,
+                              "job " + j.job_id + " of user " + st.user_id +
+                                  " runs on instance " + open->owner +
+                                  ": cancel it (job.cancel), then send user.delete again with "
+                                  "a new request_id",
+                              true);
+    for (auto& [id, pending] : st.inflight)
+      if (pending.gpu) self->send(pending.gpu, cancel_atom_v, st.user_id, id);
+    st.early_cancels.clear();
+    // Each job announces its own end (job.cancelled); a job saving its
+    // model cannot be cancelled, and its model goes with the rest.
+    for (const auto& j : *jobs)
+      if (!is_final_job_status(j.status) && j.status != "moved")
+        self->request(st.pool, std::chrono::minutes(10), cancel_atom_v, j.job_id)
+            .then([](answers&) {}, [](caf::error&) {});
+    continue_erasure(self);
+  });
+}
+
+// A request sent before its user was deleted and read after: refused, and
+// not stored (nothing of the user is kept; a repeat gets the same answer).
+bool refused_as_erased(user_ptr self, promise_t& rp, const incoming_event& ev) {
+  auto& st = self->state;
+  const auto at = st.erased_at.value_or(0);
+  if (at == 0 || ev.timestamp_ms < 0 || ev.timestamp_ms > at) return false;
+  std::string type, request_id;
+  if (auto* rej = std::get_if<rejection>(&ev.parsed)) {
+    type = rej->type;
+    request_id = rej->request_id;
+  } else {
+    const auto& value = std::get<parsed_request>(ev.parsed).value;
+    if (auto* o = std::get_if<onboarding_request>(&value)) {
+      type = "onboarding.request";
+      request_id = o->request_id;
+    } else if (auto* i = std::get_if<inference_request>(&value)) {
+      type = "inference.request";
+      request_id = i->request_id;
+    }
+  }
+  // Cancels and deletions are handled as ever.
+  if (type != "onboarding.request" && type != "inference.request") return false;
+  rp.deliver(answers{error_answer(
+      type, st.user_id, request_id, errc::user_deleted,
+      "user " + st.user_id + " was deleted (user.delete sent at " + std::to_string(at) +
+          " ms) after this request was sent (at " + std::to_string(ev.timestamp_ms) +
+          " ms); send it again to be served as a new user")});
+  return true;
+}
+
+void dispatch(user_ptr self, promise_t rp, incoming_event ev) {
+  auto& st = self->state;
+  if (!st.erased_at) {
+    auto at = st.db.direct->erased_at(st.user_id);
+    if (!at) {
+      rp.deliver(std::move(at.error()));  // the ingress tries again
+      return;
+    }
+    st.erased_at = at->value_or(0);
+  }
+  if (refused_as_erased(self, rp, ev)) return;
+  if (auto* rej = std::get_if<rejection>(&ev.parsed)) return handle_rejection(self, rp, *rej);
+  auto& pr = std::get<parsed_request>(ev.parsed);
+  std::visit(
+      [&](auto& x) {
+        using T = std::decay_t<decltype(x)>;
+        if constexpr (std::is_same_v<T, onboarding_request>)
+          handle_onboarding(self, rp, std::move(x), pr.payload_hash);
+        else if constexpr (std::is_same_v<T, inference_request>)
+          handle_inference(self, rp, std::move(x), pr.payload_hash);
+        else if constexpr (std::is_same_v<T, job_cancel>)
+          handle_job_cancel(self, rp, std::move(x));
+        else if constexpr (std::is_same_v<T, user_delete>)
+          handle_user_delete(self, rp, std::move(x), pr.payload_hash, ev.timestamp_ms);
+        else
+          handle_inference_cancel(self, rp, std::move(x));
+      },
+      pr.value);
+}
+
+void release_held(user_ptr self) {
+  auto& st = self->state;
+  while (!st.erasing && !st.held.empty()) {
+    auto [ev, rp] = std::move(st.held.front());
+    st.held.pop_front();
+    dispatch(self, rp, std::move(ev));
+  }
+}
+
 const std::string& user_of(const parse_result& r) {
   if (auto* rej = std::get_if<rejection>(&r)) return rej->user_id;
   return std::visit([](const auto& x) -> const std::string& { return x.user_id; },
@@ -514,35 +784,23 @@ user_actor::behavior_type user(user_actor::stateful_pointer<user_state> self, st
       [self](handle_atom, incoming_event& ev) -> caf::result<answers> {
         ++self->state.handled;
         auto rp = self->make_response_promise<answers>();
-        if (auto* rej = std::get_if<rejection>(&ev.parsed)) {
-          handle_rejection(self, rp, std::move(*rej));
-          return rp;
-        }
-        auto& pr = std::get<parsed_request>(ev.parsed);
-        std::visit(
-            [&](auto& x) {
-              using T = std::decay_t<decltype(x)>;
-              if constexpr (std::is_same_v<T, onboarding_request>)
-                handle_onboarding(self, rp, std::move(x), pr.payload_hash);
-              else if constexpr (std::is_same_v<T, inference_request>)
-                handle_inference(self, rp, std::move(x), pr.payload_hash);
-              else if constexpr (std::is_same_v<T, job_cancel>)
-                handle_job_cancel(self, rp, std::move(x));
-              else
-                handle_inference_cancel(self, rp, std::move(x));
-            },
-            pr.value);
+        if (self->state.erasing)
+          self->state.held.emplace_back(std::move(ev), rp);
+        else
+          dispatch(self, rp, std::move(ev));
         return rp;
       },
+      [self](erase_atom) { continue_erasure(self); },
       [self](idle_atom) {
         auto& st = self->state;
         auto& early = st.early_cancels;
         const auto now = std::chrono::steady_clock::now();
         while (!early.empty() && now - early.front().read > user_state::early_cancel_wait)
           early.pop_front();
-        // Never retired while a generation is on its way back to it, nor
-        // while a cancel waits for its request.
-        if (st.handled == st.handled_at_last_check && st.inflight.empty() && early.empty())
+        // Never retired while a generation is on its way back to it, while
+        // a cancel waits for its request, nor during a deletion.
+        if (st.handled == st.handled_at_last_check && st.inflight.empty() && early.empty() &&
+            !st.erasing)
           self->send(st.registry, idle_atom_v, st.user_id, st.handled);
         st.handled_at_last_check = st.handled;
         self->delayed_send(self, std::chrono::seconds(st.cfg.user_idle_seconds), idle_atom_v);

@@ -32,9 +32,13 @@ using namespace tailor::messages;
 // then empty; the offset is committed only after all of that.
 // After `user_idle_seconds` without events it asks the registry to retire it;
 // the registry's `stop` queues behind any event still being handled.
+// A user.delete cancels the user's requests and jobs, waits for them to end
+// (`erase` checks again), then deletes what is kept of the user; the user's
+// events read meanwhile wait for it. Requests sent before the deletion and
+// read after it are refused (user_deleted).
 using user_actor = caf::typed_actor<
     caf::replies_to<handle_atom, incoming_event>::with<std::vector<outgoing_message>>,
-    caf::reacts_to<idle_atom>, caf::reacts_to<stop_atom>>;
+    caf::reacts_to<idle_atom>, caf::reacts_to<erase_atom>, caf::reacts_to<stop_atom>>;
 
 // Spawns user actors on a user's first event and forwards events to them.
 // A user actor is retired only when it has handled every event routed to it,
@@ -88,6 +92,22 @@ struct user_state {
     std::optional<messages::model_record> model;
   };
   std::optional<newest_ready> newest;
+  // A user.delete under way, waiting for the user's requests and jobs to end.
+  struct erasure {
+    user_delete request;
+    uint64_t payload_hash = 0;
+    int64_t at_ms = 0;  // it covers what was sent until then
+    caf::typed_response_promise<std::vector<outgoing_message>> rp;
+    std::chrono::steady_clock::time_point deadline;
+  };
+  std::optional<erasure> erasing;
+  static constexpr auto erasure_wait = std::chrono::minutes(10);
+  // Events read while a deletion is under way, handled once it ends.
+  std::deque<
+      std::pair<incoming_event, caf::typed_response_promise<std::vector<outgoing_message>>>>
+      held;
+  // When the user was last deleted (0: never), once read from the store.
+  std::optional<int64_t> erased_at;
   uint64_t handled = 0;
   uint64_t handled_at_last_check = 0;
   static inline const char* name = "tailor.user";

@@ -411,11 +411,11 @@ bench_producer::~bench_producer() {
 }
 
 void bench_producer::send(const std::string& topic, const std::string& key,
-                          const std::string& payload) {
+                          const std::string& payload, int64_t timestamp_ms) {
   for (;;) {
     auto rc = p_->produce(topic, RdKafka::Topic::PARTITION_UA, RdKafka::Producer::RK_MSG_COPY,
                           const_cast<char*>(payload.data()), payload.size(), key.data(), key.size(),
-                          0, nullptr);
+                          timestamp_ms, nullptr);
     if (rc == RdKafka::ERR_NO_ERROR) return;
     if (rc != RdKafka::ERR__QUEUE_FULL)
       throw std::runtime_error("produce: " + RdKafka::err2str(rc));

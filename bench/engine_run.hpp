@@ -125,7 +125,9 @@ class bench_producer {
   // own default is 5), as the clients being modelled would.
   explicit bench_producer(const std::string& bootstrap, int linger_ms = 5);
   ~bench_producer();
-  void send(const std::string& topic, const std::string& key, const std::string& payload);
+  // `timestamp_ms`: the record's CreateTime (0: now).
+  void send(const std::string& topic, const std::string& key, const std::string& payload,
+            int64_t timestamp_ms = 0);
   void flush();
   void poll();  // serves delivery reports without waiting
 

@@ -328,6 +328,19 @@ int main(int argc, char** argv) {
                    "exit 1 if refused");
   cancel->add_option("--timeout", timeout, "with --wait: seconds to wait (default: 120)");
 
+  auto* del = app.add_subcommand(
+      "delete-user",
+      "delete everything Tailor keeps of a user: models, adapters, jobs, answers, history "
+      "(publishes user.delete on the control topic)");
+  messages::user_delete ud;
+  del->add_option("user_id", ud.user_id, "the user")->required();
+  del->add_option("-r,--request", ud.request_id, "request id (default: random)");
+  bool del_wait = false;
+  del->add_flag("-w,--wait", del_wait,
+                "print the answer (user.deleted with what went, or user.delete_rejected with "
+                "the reason); exit 1 if refused");
+  del->add_option("--timeout", timeout, "with --wait: seconds to wait (default: 120)");
+
   auto* pre =
       app.add_subcommand("pretrain", "pre-train a base model on the English fortunes and cache it");
   std::string pre_config = "tailor-base", pre_out;
@@ -438,6 +451,17 @@ int main(int argc, char** argv) {
     return publish(o, o.topics.inference, o.topics.results, "inference", in.user_id, in.request_id,
                    payload, in_wait, timeout,
                    [](const json& j) -> std::optional<int> { return j.contains("error") ? 1 : 0; });
+  }
+  if (del->parsed()) {
+    if (ud.request_id.empty()) ud.request_id = random_id("del");
+    return publish(o, o.topics.control, o.topics.events, "user.delete", ud.user_id, ud.request_id,
+                   messages::to_json(ud), del_wait, timeout,
+                   [](const json& j) -> std::optional<int> {
+                     const auto type = j.value("type", "");
+                     if (type == "user.deleted") return 0;
+                     if (type == "user.delete_rejected") return 1;
+                     return std::nullopt;
+                   });
   }
   if (tail->parsed()) {
     const auto& topic = tail_what == "results"  ? o.topics.results

@@ -32,6 +32,7 @@ std::string to_string(errc code) {
     case errc::training_failed: return "training_failed";
     case errc::adapter_unavailable: return "adapter_unavailable";
     case errc::prompt_too_long: return "prompt_too_long";
+    case errc::user_deleted: return "user_deleted";
   }
   return "unknown";
 }

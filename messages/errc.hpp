@@ -43,6 +43,9 @@ enum class errc : uint8_t {
   // Serving: answered with an error result.
   adapter_unavailable,  // the model's adapter cannot be loaded (missing, damaged, does not fit)
   prompt_too_long,      // the prompt fills more than the base model's context
+  // Onboarding and serving: a request sent before its user was deleted
+  // (user.delete), read after.
+  user_deleted,
 };
 
 std::string to_string(errc code);

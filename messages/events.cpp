@@ -249,7 +249,7 @@ const char* topic_types(input_topic topic) {
   switch (topic) {
     case input_topic::onboarding: return "onboarding.request";
     case input_topic::inference: return "inference.request";
-    case input_topic::control: return "job.cancel or inference.cancel";
+    case input_topic::control: return "job.cancel, inference.cancel or user.delete";
   }
   return "";
 }
@@ -288,7 +288,8 @@ parse_result parse_event(input_topic topic, std::string_view bytes, const limits
   bool accepted =
       (topic == input_topic::onboarding && type == "onboarding.request") ||
       (topic == input_topic::inference && type == "inference.request") ||
-      (topic == input_topic::control && (type == "job.cancel" || type == "inference.cancel"));
+      (topic == input_topic::control &&
+       (type == "job.cancel" || type == "inference.cancel" || type == "user.delete"));
   if (!r.failed() && !accepted)
     r.fail(errc::unknown_type,
            "type: '" + type + "' is not accepted here (expected " + topic_types(topic) + ")");
@@ -312,6 +313,11 @@ parse_result parse_event(input_topic topic, std::string_view bytes, const limits
   } else if (type == "job.cancel") {
     job_cancel x{user_id, {}};
     r.id("job_id", x.job_id, true);
+    out.value = std::move(x);
+  } else if (type == "user.delete") {
+    user_delete x{user_id, {}};
+    r.id("request_id", x.request_id, true);
+    request_id = x.request_id;
     out.value = std::move(x);
   } else {
     inference_cancel x{user_id, {}};
@@ -400,6 +406,24 @@ std::string to_json(const dlq_record& x) {
   j["key"] = repair_utf8(x.key);
   j["payload_base64"] = base64_encode(x.payload);
   return dump(j);
+}
+
+std::string to_json(const user_deletion& x) {
+  json j = header(x.error ? "user.delete_rejected" : "user.deleted");
+  j["user_id"] = x.user_id;
+  j["request_id"] = x.request_id;
+  if (x.error)
+    j["error"] = error_json(*x.error);
+  else
+    j["deleted"] = {{"models", x.models},
+                    {"jobs", x.jobs},
+                    {"requests", x.requests},
+                    {"history", x.history}};
+  return dump(j);
+}
+
+outgoing_message to_message(const user_deletion& x) {
+  return {channel::events, x.user_id, to_json(x)};
 }
 
 outgoing_message to_message(const job_event& x) {
@@ -502,6 +526,16 @@ std::string to_json(const instance_alive& x) {
   return dump(j);
 }
 
+std::string to_json(const user_erasure_record& x) {
+  json j = header("user.erasure");
+  j.update(json{{"user_id", x.user_id}, {"owner", x.owner}, {"deleted_ms", x.deleted_ms}});
+  return dump(j);
+}
+
+std::string state_key_of_user(const std::string& user_id) {
+  return "user/" + user_id;
+}
+
 std::string state_key_of_job(const std::string& job_id) {
   return "job/" + job_id;
 }
@@ -550,6 +584,18 @@ std::string parse_instance_alive(const json& j, instance_alive& x) {
   return {};
 }
 
+std::string parse_user_erasure(const json& j, user_erasure_record& x) {
+  reader r(j);
+  std::optional<int64_t> at;
+  r.id("user_id", x.user_id, true);
+  r.id("owner", x.owner, true);
+  r.integer("deleted_ms", at);
+  if (r.failed()) return r.error.message;
+  if (!at) return "deleted_ms: is required";
+  x.deleted_ms = *at;
+  return {};
+}
+
 }  // namespace
 
 std::string parse_state_record(std::string_view bytes, state_record& x) {
@@ -577,7 +623,13 @@ std::string parse_state_record(std::string_view bytes, state_record& x) {
     x = std::move(ia);
     return why;
   }
-  return "type: must be model.state, job.state or instance.alive, not " +
+  if (*type == "user.erasure") {
+    user_erasure_record ue;
+    auto why = parse_user_erasure(j, ue);
+    x = std::move(ue);
+    return why;
+  }
+  return "type: must be model.state, job.state, instance.alive or user.erasure, not " +
          type->get<std::string>();
 }
 
@@ -628,6 +680,13 @@ std::string to_json(const job_cancel& x) {
 
 std::string to_json(const inference_cancel& x) {
   json j = header("inference.cancel");
+  j["user_id"] = x.user_id;
+  j["request_id"] = x.request_id;
+  return dump(j);
+}
+
+std::string to_json(const user_delete& x) {
+  json j = header("user.delete");
   j["user_id"] = x.user_id;
   j["request_id"] = x.request_id;
   return dump(j);

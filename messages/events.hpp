@@ -64,7 +64,14 @@ struct inference_cancel {
   std::string request_id;
 };
 
-using request = std::variant<onboarding_request, inference_request, job_cancel, inference_cancel>;
+// Deletes everything Tailor keeps of the user (docs/events.md).
+struct user_delete {
+  std::string user_id;
+  std::string request_id;
+};
+
+using request =
+    std::variant<onboarding_request, inference_request, job_cancel, inference_cancel, user_delete>;
 
 // A rejected event. `user_id`/`request_id` are set when the requester could be
 // identified and the event had the right shape: then the rejection is answered
@@ -134,6 +141,15 @@ struct job_event {
   std::optional<error_info> error;
 };
 
+// The answer to user.delete on tailor.events: user.deleted with what went,
+// or user.delete_rejected with the reason.
+struct user_deletion {
+  std::string user_id;
+  std::string request_id;
+  uint64_t models = 0, jobs = 0, requests = 0, history = 0;
+  std::optional<error_info> error;
+};
+
 struct dlq_record {
   error_info error;
   std::string topic;
@@ -150,12 +166,15 @@ std::string to_json(const job_event& x);
 // elsewhere are the same bytes.
 outgoing_message to_message(const job_event& x);
 std::string to_json(const dlq_record& x);
+std::string to_json(const user_deletion& x);
+outgoing_message to_message(const user_deletion& x);
 
 // Serialize a client request (used by tailorctl and tests).
 std::string to_json(const onboarding_request& x);
 std::string to_json(const inference_request& x);
 std::string to_json(const job_cancel& x);
 std::string to_json(const inference_cancel& x);
+std::string to_json(const user_delete& x);
 
 // --- What instances share (tailor.state, design section 6) -----------------
 
@@ -207,16 +226,28 @@ struct instance_alive {
   int64_t at_ms = 0;
 };
 
+// A deleted user, keyed "user/<user_id>": every instance deletes what it
+// keeps of them, and keeps none of their models or jobs made before
+// `deleted_ms` that it reads afterwards. Stays on the compacted topic.
+struct user_erasure_record {
+  std::string user_id;
+  std::string owner;  // the instance that deleted the user
+  int64_t deleted_ms = 0;
+};
+
 // Queued or cancelling: the job has not ended.
 bool is_open_job_state(const std::string& status);
 
 std::string to_json(const job_state_record& x);
 std::string to_json(const instance_alive& x);
+std::string to_json(const user_erasure_record& x);
 std::string state_key_of_job(const std::string& job_id);
+std::string state_key_of_user(const std::string& user_id);
 std::string state_key_of_instance(const std::string& instance_id);
 
 // Any record of tailor.state, by its type.
-using state_record = std::variant<model_state, job_state_record, instance_alive>;
+using state_record =
+    std::variant<model_state, job_state_record, instance_alive, user_erasure_record>;
 // Parses a tailor.state record: empty on success, else what is wrong with it.
 std::string parse_state_record(std::string_view bytes, state_record& x);
 

@@ -23,6 +23,9 @@ struct incoming_event {
   std::string payload;  // the original bytes
   parse_result parsed;
   std::chrono::steady_clock::time_point consumed;  // when the ingress read it
+  // Its Kafka timestamp (the producer's CreateTime, or the broker's
+  // LogAppendTime), in ms since the epoch; -1 when it has none.
+  int64_t timestamp_ms = -1;
 };
 
 }  // namespace tailor::messages
@@ -85,5 +88,7 @@ CAF_ADD_ATOM(tailor, tailor::messages, restart_atom, "restart")
 CAF_ADD_ATOM(tailor, tailor::messages, catch_up_atom, "catchup")
 CAF_ADD_ATOM(tailor, tailor::messages, follow_atom, "follow")
 CAF_ADD_ATOM(tailor, tailor::messages, moved_atom, "moved")
+CAF_ADD_ATOM(tailor, tailor::messages, forget_atom, "forget")
+CAF_ADD_ATOM(tailor, tailor::messages, erase_atom, "erase")
 
 CAF_END_TYPE_ID_BLOCK(tailor)

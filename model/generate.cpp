@@ -126,6 +126,15 @@ void batch_generator::remember_prompt(int64_t place, const std::vector<int64_t>&
   prefix_used_ += bytes;
 }
 
+void batch_generator::forget_prefixes(uint64_t identity) {
+  auto [from, to] = prefix_index_.equal_range(identity);
+  for (auto it = from; it != to; ++it) {
+    prefix_used_ -= it->second->bytes;
+    prefixes_.erase(it->second);
+  }
+  prefix_index_.erase(from, to);
+}
+
 batch_generator::~batch_generator() = default;
 
 bool batch_generator::idle() const {

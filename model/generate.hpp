@@ -136,6 +136,9 @@ class batch_generator {
   // computed by prefill.
   int64_t prompt_tokens_reused() const { return reused_tokens_; }
   int64_t prompt_tokens_computed() const { return computed_tokens_; }
+  // Drops the prefix cache's prompts of the adapter `identity`
+  // (adapter_bank::identities): their keys and values are its user's.
+  void forget_prefixes(uint64_t identity);
   // Bytes of keys and values the prefix cache holds now.
   int64_t prefix_cache_bytes() const { return prefix_used_; }
   // Whether the products run in bfloat16 (asked for, and the machine can),

@@ -543,6 +543,18 @@ bool adapter_bank::set(int64_t index, const packed_adapter& p, uint64_t key) {
   return true;
 }
 
+void adapter_bank::clear(int64_t index) {
+  if (index < 1 || index > size) return;
+  for (std::size_t i = 0; i < a.size(); ++i)
+    for (std::size_t s = 0; s < a[i].size(); ++s) put_factors(a[i][s], b[i][s], index, nullptr, 0);
+  ranks[static_cast<std::size_t>(index)] = 0;
+  identities[static_cast<std::size_t>(index)] = 0;
+}
+
+uint64_t adapter_bank::identity_of_key(uint64_t key) {
+  return key | keyed_bit;
+}
+
 kv_cache kv_cache::make(const model_config& cfg, int64_t slots, torch::ScalarType type) {
   TORCH_CHECK(type == torch::kFloat32 || type == torch::kHalf,
               "a key/value cache is float or half");

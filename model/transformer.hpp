@@ -120,6 +120,11 @@ struct adapter_bank {
   // of its own that no other set() shares.
   bool set(int64_t index, const lora_adapter& adapter, uint64_t key = 0);
   bool set(int64_t index, const packed_adapter& adapter, uint64_t key = 0);
+  // Empties `index` (1..size): its factors zeroed, so that the weights of
+  // an adapter that must go (its user was deleted) do not stay in memory.
+  void clear(int64_t index);
+  // The identity set() gives the adapter of `key` (not 0).
+  static uint64_t identity_of_key(uint64_t key);
 };
 
 // The adapters of a batch's rows: the bank's factors read in place at each

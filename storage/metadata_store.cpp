@@ -23,8 +23,8 @@ namespace tailor::storage {
 
 namespace {
 
-const std::vector<std::string> table_names = {"users",   "models",  "jobs",
-                                               "requests", "history", "job_requests"};
+const std::vector<std::string> table_names = {"users",   "models",       "jobs",    "requests",
+                                               "history", "job_requests", "erasures"};
 enum table : std::size_t {
   users = 0,
   models,
@@ -32,6 +32,7 @@ enum table : std::size_t {
   requests,
   history,
   job_requests,
+  erasures,  // user id -> {"deleted_ms"}: the users deleted, and when
   table_count
 };
 
@@ -244,6 +245,30 @@ struct metadata_store::impl {
     if (!job.request.empty() || is_at_rest(job.status)) return {};
     auto err = get(job_requests, job.job_id, job.request);
     return err == errc::not_found ? caf::error{} : err;
+  }
+
+  // When `user` was deleted; 0 if never.
+  caf::expected<int64_t> erased_at(const std::string& user) {
+    std::string raw;
+    auto err = get(erasures, user, raw);
+    if (err == errc::not_found) return int64_t{0};
+    if (err) return err;
+    auto j = nlohmann::json::parse(raw, nullptr, false);
+    if (!j.is_object() || !j.contains("deleted_ms") || !j["deleted_ms"].is_number_integer())
+      return caf::make_error(errc::corrupt_record, "erasures/" + user + " does not parse");
+    return j["deleted_ms"].get<int64_t>();
+  }
+
+  // Calls `f` with each key and value of `user`'s part of `tab` (requests,
+  // history).
+  template <class F>
+  caf::error for_each_of_user(table tab, const std::string& user, F f) {
+    std::string prefix = user;
+    prefix.push_back('\0');
+    std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(rocksdb::ReadOptions(), t(tab)));
+    for (it->Seek(prefix); it->Valid() && it->key().starts_with(prefix); it->Next())
+      if (auto err = f(it->key(), it->value())) return err;
+    return it->status().ok() ? caf::error{} : io(it->status(), "scan user");
   }
 
   template <class Record>
@@ -487,6 +512,11 @@ caf::expected<bool> metadata_store::import_model(const model_record& model,
   auto known = im.get(models, model.model_id, raw);
   if (!known) return false;
   if (known != errc::not_found) return known;
+  // Deleted after it was made: a record read late (another partition, or
+  // before its tombstone) does not bring the model back.
+  auto erased = im.erased_at(model.user_id);
+  if (!erased) return erased.error();
+  if (*erased > 0 && model.created_ms <= *erased) return false;
   auto found = im.model_ids(model.user_id);
   if (!found) return found.error();
   auto& ids = *found;
@@ -524,6 +554,9 @@ caf::expected<bool> metadata_store::import_job(const job_record& job,
   auto here = im.get_record<job_record>(jobs, job.job_id);
   if (here && here->status != "moved") return false;
   if (!here && here.error() != errc::not_found) return here.error();
+  auto erased = im.erased_at(job.user_id);
+  if (!erased) return erased.error();
+  if (*erased > 0 && job.created_ms <= *erased) return false;
   rocksdb::WriteBatch batch;
   im.put_job(batch, job);
   std::string raw;
@@ -698,6 +731,100 @@ caf::expected<history_page> metadata_store::page_history(const std::string& user
   }
   if (!it->status().ok()) return io(it->status(), "page history");
   return page;
+}
+
+caf::expected<std::vector<job_record>> metadata_store::jobs_of(const std::string& user_id) {
+  auto& im = *impl_;
+  std::vector<job_record> out;
+  auto err = im.for_each_of_user(requests, user_id, [&](const auto&, const auto& value) {
+    request_record r;
+    if (!messages::from_json(value.ToStringView(), r))
+      return caf::make_error(errc::corrupt_record,
+                             "requests/" + user_id + " has a record that does not parse");
+    if (r.job_id.empty()) return caf::error{};
+    auto job = im.get_record<job_record>(jobs, r.job_id);
+    if (!job && job.error() == errc::not_found) return caf::error{};  // refused: no job
+    if (!job) return job.error();
+    if (job->user_id == user_id) out.push_back(std::move(*job));
+    return caf::error{};
+  });
+  if (err) return err;
+  return out;
+}
+
+caf::expected<user_erasure> metadata_store::delete_user(const std::string& user_id,
+                                                        int64_t deleted_ms,
+                                                        const erasure_answer& answer,
+                                                        bool keep_newer) {
+  auto& im = *impl_;
+  std::lock_guard<std::mutex> guard(im.rmw);
+  user_erasure out;
+  if (keep_newer) {
+    auto at = im.erased_at(user_id);
+    if (!at) return at.error();
+    if (*at >= deleted_ms) return out;
+  }
+  auto goes = [&](int64_t made_ms) { return !keep_newer || made_ms <= deleted_ms; };
+  rocksdb::WriteBatch batch;
+  auto ids = im.model_ids(user_id);
+  if (!ids) return ids.error();
+  auto kept = nlohmann::json::array();
+  for (const auto& id : *ids) {
+    if (!id.is_string())
+      return caf::make_error(errc::corrupt_record, "users/" + user_id + " holds a non-string");
+    auto m = im.get_record<model_record>(models, id.get<std::string>());
+    if (!m && m.error() != errc::not_found) return m.error();
+    if (m && !goes(m->created_ms)) {
+      kept.push_back(id);
+      continue;
+    }
+    batch.Delete(im.t(models), id.get<std::string>());
+    if (m) out.models.push_back(std::move(*m));
+  }
+  if (kept.empty())
+    batch.Delete(im.t(users), user_id);
+  else
+    batch.Put(im.t(users), user_id, kept.dump());
+  auto err = im.for_each_of_user(requests, user_id, [&](const auto& key, const auto& value) {
+    request_record r;
+    // One that does not parse goes too: it is the user's all the same.
+    const bool parsed = messages::from_json(value.ToStringView(), r);
+    if (parsed && !goes(r.created_ms)) return caf::error{};
+    if (parsed && !r.job_id.empty()) {
+      auto job = im.get_record<job_record>(jobs, r.job_id);
+      if (!job && job.error() != errc::not_found) return job.error();
+      if (job && job->user_id == user_id) {
+        batch.Delete(im.t(jobs), r.job_id);
+        batch.Delete(im.t(job_requests), r.job_id);
+        out.job_ids.push_back(r.job_id);
+      }
+    }
+    batch.Delete(im.t(requests), key);
+    ++out.requests;
+    return caf::error{};
+  });
+  if (err) return err;
+  err = im.for_each_of_user(history, user_id, [&](const auto& key, const auto&) {
+    if (!goes(history_time(key.ToStringView()))) return caf::error{};
+    batch.Delete(im.t(history), key);
+    ++out.history;
+    return caf::error{};
+  });
+  if (err) return err;
+  batch.Put(im.t(erasures), user_id, nlohmann::json{{"deleted_ms", deleted_ms}}.dump());
+  if (answer) {
+    const auto rec = answer(out);
+    batch.Put(im.t(requests), request_key(rec.user_id, rec.request_id), messages::to_json(rec));
+  }
+  if (auto werr = im.write(batch, "delete user")) return werr;
+  im.models_generation.fetch_add(1, std::memory_order_release);
+  return out;
+}
+
+caf::expected<std::optional<int64_t>> metadata_store::erased_at(const std::string& user_id) {
+  auto at = impl_->erased_at(user_id);
+  if (!at) return at.error();
+  return *at > 0 ? std::optional<int64_t>(*at) : std::nullopt;
 }
 
 caf::expected<messages::model_record> register_ready_adapter(

@@ -52,6 +52,17 @@ struct store_memory {
   uint64_t table_readers = 0;  // indexes and filters of open table files
 };
 
+// What deleting a user removed (metadata_store::delete_user): the models
+// (whose artifacts and cached adapters the caller removes next), the jobs'
+// ids (whose checkpoints and state records go too) and how many request
+// records and history entries went.
+struct user_erasure {
+  std::vector<model_record> models;
+  std::vector<std::string> job_ids;
+  uint64_t requests = 0;
+  uint64_t history = 0;
+};
+
 // A page of a user's history, oldest first; `next` resumes after the last entry.
 struct history_page {
   std::vector<history_entry> entries;
@@ -106,14 +117,16 @@ class metadata_store {
   // added to its user's list in order of creation, newest first, with the
   // dedup record of the request that made it (`made_by`, when given and no
   // record of that request is here), in one batch. True when added; false
-  // when the model is here already (it is kept as it is).
+  // when the model is here already (it is kept as it is), or its user was
+  // deleted after it was made.
   caf::expected<bool> import_model(const model_record& model,
                                    const request_record* made_by = nullptr);
   // A job another instance admitted and is gone from (read from
   // tailor.state), to be run here: stored with the dedup record of its
   // request (unless one is here), in one batch. True when stored; false
   // when the job is here already (it is kept as it is), unless it is one
-  // this instance handed over (`moved`), which is stored anew.
+  // this instance handed over (`moved`), which is stored anew; false too
+  // when its user was deleted after it was made.
   caf::expected<bool> import_job(const job_record& job, const request_record& made_by);
   // A job of this instance that `owner` took over while this one was gone:
   // unless it is final, it becomes `moved` (at rest, announced, never run
@@ -149,6 +162,25 @@ class metadata_store {
   caf::error append_history(const history_entry& entry);
   caf::expected<history_page> page_history(const std::string& user_id, const std::string& after,
                                            std::size_t limit);
+
+  // --- users ---------------------------------------------------------------
+  // The user's jobs, found through their onboarding requests' records.
+  caf::expected<std::vector<job_record>> jobs_of(const std::string& user_id);
+  // Deletes everything stored of the user, in one batch: their models, jobs
+  // (with their requests), request records and history; then records that
+  // the user was deleted at `deleted_ms` (erased_at), and the deletion's own
+  // record, made by `answer` from what went (when given), which are all
+  // that is left of them. A model or job of the user made before
+  // `deleted_ms` and imported later (import_model, import_job) is not
+  // stored again. With `keep_newer` (a deletion another instance made, read
+  // late), what was made after `deleted_ms` stays, and a deletion already
+  // applied here changes nothing.
+  using erasure_answer = std::function<request_record(const user_erasure&)>;
+  caf::expected<user_erasure> delete_user(const std::string& user_id, int64_t deleted_ms,
+                                          const erasure_answer& answer = {},
+                                          bool keep_newer = false);
+  // When the user was last deleted; none if never.
+  caf::expected<std::optional<int64_t>> erased_at(const std::string& user_id);
 
   static bool is_allowed_transition(const std::string& from, const std::string& to);
 

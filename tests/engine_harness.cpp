@@ -294,7 +294,8 @@ void collector::run() {
     record r;
     r.topic = m->topic_name();
     if (m->key()) r.key = *m->key();
-    r.payload.assign(static_cast<const char*>(m->payload()), m->len());
+    r.tombstone = m->payload() == nullptr;
+    if (!r.tombstone) r.payload.assign(static_cast<const char*>(m->payload()), m->len());
     r.value = json::parse(r.payload, nullptr, false);
     {
       std::lock_guard<std::mutex> g(mtx_);
@@ -364,12 +365,12 @@ void engine_test::start_with_fault(const char* name, const char* value, json ext
   ::unsetenv(name);
 }
 
-void engine_test::send_onboarding(const json& j) {
-  in_->send(engine_->topics().onboarding, j.value("user_id", "k"), j.dump());
+void engine_test::send_onboarding(const json& j, int64_t timestamp_ms) {
+  in_->send(engine_->topics().onboarding, j.value("user_id", "k"), j.dump(), timestamp_ms);
 }
 
-void engine_test::send_inference(const json& j) {
-  in_->send(engine_->topics().inference, j.value("user_id", "k"), j.dump());
+void engine_test::send_inference(const json& j, int64_t timestamp_ms) {
+  in_->send(engine_->topics().inference, j.value("user_id", "k"), j.dump(), timestamp_ms);
 }
 
 void engine_test::send_control(const json& j) {

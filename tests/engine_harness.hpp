@@ -90,7 +90,8 @@ class collector {
  public:
   struct record {
     std::string topic, key, payload;
-    json value;  // parsed payload (discarded when not JSON)
+    json value;              // parsed payload (discarded when not JSON)
+    bool tombstone = false;  // a null value
   };
   collector(const std::string& bootstrap, const std::vector<std::string>& topics);
   ~collector();
@@ -124,8 +125,9 @@ class engine_test : public ::testing::Test {
   // start() with the fault injector `name` set to `value` in tailord's
   // environment (docs/operations.md, "Stopping and crashing").
   void start_with_fault(const char* name, const char* value, json extra = json::object());
-  void send_onboarding(const json& j);
-  void send_inference(const json& j);
+  void send_onboarding(const json& j, int64_t timestamp_ms = 0);
+  // `timestamp_ms`: the record's CreateTime (0: now).
+  void send_inference(const json& j, int64_t timestamp_ms = 0);
   void send_control(const json& j);
   // Answers (results and events) naming (user, request), in arrival order.
   std::vector<collector::record> answers_to(const std::string& user, const std::string& request);

@@ -289,6 +289,39 @@ TEST(Parse, ControlEvents) {
       {"type", "inference.cancel"}, {"schema_version", 1}, {"user_id", "u1"}, {"request_id", "q1"}};
   EXPECT_EQ(accept<inference_cancel>(input_topic::control, ic).request_id, "q1");
   EXPECT_EQ(to_json(accept<inference_cancel>(input_topic::control, ic)), ic.dump());
+  json del = {
+      {"type", "user.delete"}, {"schema_version", 1}, {"user_id", "u1"}, {"request_id", "d1"}};
+  EXPECT_EQ(accept<user_delete>(input_topic::control, del).request_id, "d1");
+  EXPECT_EQ(to_json(accept<user_delete>(input_topic::control, del)), del.dump());
+  EXPECT_EQ(reject(input_topic::inference, del).code, errc::unknown_type) << "control only";
+  del.erase("request_id");
+  EXPECT_EQ(reject(input_topic::control, del).code, errc::missing_field);
+}
+
+// The answers to user.delete and the erasure record other instances read.
+TEST(Serialize, UserDeletion) {
+  user_deletion d{"u1", "d1", 1, 2, 3, 4, std::nullopt};
+  const auto done = json::parse(to_json(d));
+  EXPECT_EQ(done["type"], "user.deleted");
+  EXPECT_EQ(done["deleted"], json({{"models", 1}, {"jobs", 2}, {"requests", 3}, {"history", 4}}));
+  EXPECT_EQ(to_message(d).to, channel::events);
+  EXPECT_EQ(to_message(d).key, "u1");
+  d.error = error_info{errc::unavailable, "busy"};
+  const auto refused = json::parse(to_json(d));
+  EXPECT_EQ(refused["type"], "user.delete_rejected");
+  EXPECT_EQ(refused["error"]["code"], "unavailable");
+  EXPECT_FALSE(refused.contains("deleted"));
+  EXPECT_EQ(to_string(errc::user_deleted), "user_deleted");
+  EXPECT_FALSE(is_unreadable(errc::user_deleted));
+  state_record any;
+  ASSERT_EQ(parse_state_record(to_json(user_erasure_record{"u1", "tailord-a", 99}), any), "");
+  ASSERT_TRUE(std::holds_alternative<user_erasure_record>(any));
+  EXPECT_EQ(std::get<user_erasure_record>(any).deleted_ms, 99);
+  EXPECT_EQ(std::get<user_erasure_record>(any).owner, "tailord-a");
+  EXPECT_EQ(state_key_of_user("u1"), "user/u1");
+  auto j = json::parse(to_json(user_erasure_record{"u1", "tailord-a", 99}));
+  j.erase("deleted_ms");
+  EXPECT_NE(parse_state_record(j.dump(), any).find("deleted_ms"), std::string::npos);
 }
 
 TEST(Parse, EventSizeLimit) {

@@ -1471,6 +1471,36 @@ TEST_F(ModelTest, ACachedPromptFollowsItsAdapterToAnotherPlace) {
   EXPECT_EQ(g.prompt_tokens_reused(), 33);
 }
 
+// A deleted user's adapter leaves nothing: its place is zeroed (a row at it
+// generates as a row with no adapter) and its prompts' cached keys and
+// values go, wherever it is placed again.
+TEST_F(ModelTest, AClearedPlaceAndForgottenPromptsKeepNothingOfAnAdapter) {
+  auto bank = own_bank();
+  const auto s = sampled(5, 4);
+  const std::string prompt = "Tell me something about number 1.";  // 34 tokens
+  batch_generator g(base_, bank, 2, 8);
+  ASSERT_TRUE(bank.set(1, adapters_[0], 42));
+  const auto with = generate_checked(g, bank, prompt, 1, s);
+  generate_checked(g, bank, prompt, 2, s);  // another adapter's entry, which stays
+  const auto bytes = g.prefix_cache_bytes();
+  g.forget_prefixes(adapter_bank::identity_of_key(42));
+  EXPECT_EQ(g.prefix_cache_bytes(), bytes / 2);
+  generate_checked(g, bank, prompt, 1, s);
+  EXPECT_EQ(g.prompt_tokens_reused(), 0) << "its prompt was kept";
+  generate_checked(g, bank, prompt, 2, s);
+  EXPECT_EQ(g.prompt_tokens_reused(), 33) << "another adapter's prompt went too";
+  bank.clear(1);
+  EXPECT_EQ(bank.ranks[1], 0);
+  EXPECT_EQ(bank.identities[1], 0u);
+  for (const auto& layer : bank.a)
+    for (const auto& a : layer) EXPECT_EQ(a[1].abs().sum().item<float>(), 0.0f);
+  for (const auto& layer : bank.b)
+    for (const auto& b : layer) EXPECT_EQ(b[1].abs().sum().item<float>(), 0.0f);
+  const auto cleared = generate_all(base_, bank, {prompt}, {1}, {s})[0].tokens;
+  EXPECT_EQ(cleared, generate_all(base_, bank, {prompt}, {0}, {s})[0].tokens);
+  EXPECT_NE(cleared, with);
+}
+
 // The prefix cache holds at most its memory budget, however many entries
 // it may have: the least recently used prompt goes to make room, and a
 // prompt larger than the whole budget is not kept at all.

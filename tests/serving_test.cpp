@@ -106,6 +106,22 @@ class ServingTest : public engine_test {
     j["ignore_end_of_text"] = true;
     return j;
   }
+  // Sends `n` requests of `user` (ids `prefix`0, `prefix`1 ...), each of
+  // which runs its full 60 steps, and waits until at least `waiting` of them
+  // wait on the device. With max_batch 1, 1500 are ~3.5 s of steps of the
+  // test model (300 were 0.7 s).
+  void send_backlog(const std::string& user, const std::string& prefix, int n, int waiting) {
+    for (int i = 0; i < n; ++i) {
+      auto j = ask(user, prefix + std::to_string(i), "go", static_cast<uint64_t>(i), 60);
+      j["ignore_end_of_text"] = true;
+      send_inference(j);
+    }
+    in_->flush();
+    ASSERT_TRUE(wait_until(
+        [&] { return labelled("tailor_serving_waiting", "device", "tailor-test/0") >= waiting; },
+        60s))
+        << "no backlog formed";
+  }
   json result(const std::string& user, const std::string& request,
               std::chrono::milliseconds timeout = 60s) {
     return await_event(user, request, "inference.result", timeout).value;
@@ -135,7 +151,11 @@ class ServingTest : public engine_test {
     return false;
   }
   double labelled(const std::string& name, const std::string& label, const std::string& value) {
-    auto m = engine_->get("/metrics").second;
+    return labelled_of(*engine_, name, label, value);
+  }
+  static double labelled_of(const engine_process& e, const std::string& name,
+                            const std::string& label, const std::string& value) {
+    auto m = e.get("/metrics").second;
     auto key = "\n" + name + "{" + label + "=\"" + value + "\"} ";
     auto pos = m.find(key);
     return pos == std::string::npos ? 0 : std::stod(m.substr(pos + key.size()));
@@ -394,6 +414,158 @@ TEST_F(ServingTest, EveryInstanceOfAGroupServesEveryUsersOwnModel) {
   EXPECT_EQ(second.stop(), 0);
 }
 
+// A deleted user leaves nothing behind: their model, its adapter file, job,
+// answers and history go, and the state topic gets tombstones and the
+// erasure. What they sent before the deletion is refused; what they send
+// after is served as a new user's. Other users are not touched.
+TEST_F(ServingTest, ADeletedUserLeavesNothingBehindAndOthersAreNotTouched) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  collector state(engine_->bootstrap(), {engine_->topics().state});
+  auto models = onboard_all({"dora", "eli"});
+  const auto job = await_event("dora", "signup", "job.queued").value["job_id"].get<std::string>();
+  auto listed = json::parse(engine_->get("/v1/users/dora/models").second);
+  ASSERT_EQ(listed.size(), 1u);
+  const std::string artifact = listed[0]["artifact_path"];
+  ASSERT_TRUE(fs::exists(artifact));
+  EXPECT_FALSE(answer_to(ask("dora", "q1", "Who are you?", 7)).contains("error"));
+  const auto sent_before = std::chrono::duration_cast<std::chrono::milliseconds>(
+                               std::chrono::system_clock::now().time_since_epoch())
+                               .count();
+  // Still running when the deletion is read, or read after it.
+  send_inference(long_ask("dora", "busy"));
+  const json deletion = {
+      {"type", "user.delete"}, {"schema_version", 1}, {"user_id", "dora"}, {"request_id", "del1"}};
+  send_control(deletion);
+  in_->flush();
+  const auto deleted = await_event("dora", "del1", "user.deleted");
+  ASSERT_FALSE(HasFailure());
+  const auto& what = deleted.value["deleted"];
+  EXPECT_EQ(what["models"], 1) << deleted.payload;
+  EXPECT_EQ(what["jobs"], 1) << deleted.payload;
+  EXPECT_GE(what["requests"], 2) << deleted.payload;  // signup and q1, and busy if it ran
+  EXPECT_GE(what["history"], 1) << deleted.payload;
+  const auto busy = result("dora", "busy");
+  EXPECT_TRUE(busy.value("finish_reason", "") == "cancelled" ||
+              busy.value("finish_reason", "") == "length" ||
+              busy["error"]["code"] == "user_deleted")
+      << busy.dump();
+  EXPECT_EQ(events_of("dora", "busy", "inference.result").size(), 1u);
+
+  EXPECT_FALSE(fs::exists(artifact)) << "the adapter's file is kept";
+  EXPECT_FALSE(fs::exists(fs::path(artifact).parent_path()));
+  EXPECT_EQ(json::parse(engine_->get("/v1/users/dora/models").second).size(), 0u);
+  EXPECT_TRUE(json::parse(engine_->get("/v1/users/dora/history").second)["entries"].empty());
+  EXPECT_EQ(engine_->get("/v1/jobs/" + job).first, 404);
+  auto on_state = [&](const std::string& key, bool tombstone) {
+    return wait_until(
+        [&] {
+          for (const auto& r : state.snapshot())
+            if (r.key == key && r.tombstone == tombstone) return true;
+          return false;
+        },
+        30s);
+  };
+  EXPECT_TRUE(on_state(models["dora"], true)) << "no tombstone of the model";
+  EXPECT_TRUE(on_state("job/" + job, true)) << "no tombstone of the job";
+  EXPECT_TRUE(on_state("user/dora", false)) << "no erasure record";
+  EXPECT_EQ(labelled("tailor_users_deleted_total", "by", "here"), 1);
+
+  // Sent before the deletion, read after it: refused, and kept nowhere.
+  send_inference(ask("dora", "late", "hi", 1), sent_before);
+  in_->flush();
+  EXPECT_EQ(result("dora", "late")["error"]["code"], "user_deleted");
+  EXPECT_EQ(answer_to(ask("dora", "q2", "hi", 1))["error"]["code"], "no_ready_model");
+  const auto eli = answer_to(ask("eli", "q1", "Who are you?", 7));
+  EXPECT_FALSE(eli.contains("error")) << eli.dump();
+  EXPECT_EQ(eli["model_id"], models["eli"]);
+  EXPECT_EQ(json::parse(engine_->get("/v1/users/eli/history").second)["entries"].size(), 1u);
+
+  // The deletion read again is answered as the first time.
+  send_control(deletion);
+  in_->flush();
+  ASSERT_TRUE(
+      wait_until([&] { return events_of("dora", "del1", "user.deleted").size() >= 2; }, 30s));
+  const auto both = events_of("dora", "del1", "user.deleted");
+  EXPECT_EQ(both[0].payload, both[1].payload);
+  // Signing up again, even with the same request id, makes a new model.
+  send_onboarding(signup("dora", 3));
+  in_->flush();
+  ASSERT_TRUE(wait_until([&] { return events_of("dora", "signup", "model.ready").size() >= 2; },
+                         120s));
+  EXPECT_TRUE(fs::exists(artifact));
+  const auto again = answer_to(ask("dora", "q3", "Who are you?", 7));
+  EXPECT_FALSE(again.contains("error")) << again.dump();
+  EXPECT_EQ(engine_->stop(), 0);
+}
+
+// A deletion read while the user has requests running and waiting ends them
+// (cancelled), waits for their answers to be stored, and then deletes those
+// too: every request is answered once, and nothing of them is kept.
+TEST_F(ServingTest, ADeletionEndsTheUsersRunningRequestsFirstAndKeepsNoneOfThem) {
+  start({{"max_in_flight", 4000},
+         {"serving", {{"max_batch", 1}, {"max_requests_per_user", 4000}}}});
+  ASSERT_FALSE(HasFatalFailure());
+  onboard_all({"hal"});
+  constexpr int n = 1500;
+  send_backlog("hal", "w", n, 50);
+  ASSERT_FALSE(HasFatalFailure());
+  send_control(
+      {{"type", "user.delete"}, {"schema_version", 1}, {"user_id", "hal"}, {"request_id", "d"}});
+  in_->flush();
+  const auto deleted = await_event("hal", "d", "user.deleted", 120s);
+  ASSERT_FALSE(HasFailure());
+  int cancelled = 0;
+  for (int i = 0; i < n; ++i) {
+    const auto answers = events_of("hal", "w" + std::to_string(i), "inference.result");
+    ASSERT_EQ(answers.size(), 1u) << "w" << i;
+    const auto reason = answers[0].value.value("finish_reason", "");
+    EXPECT_TRUE(reason == "length" || reason == "cancelled") << answers[0].payload;
+    cancelled += reason == "cancelled";
+  }
+  EXPECT_GT(cancelled, 0) << "the deletion waited for the backlog instead of ending it";
+  // Each answer was stored before the deletion went on, and went with it.
+  EXPECT_EQ(deleted.value["deleted"]["requests"], n + 1) << deleted.payload;  // and the signup
+  EXPECT_EQ(deleted.value["deleted"]["history"], n) << deleted.payload;
+  EXPECT_TRUE(json::parse(engine_->get("/v1/users/hal/history").second)["entries"].empty());
+}
+
+// The other instances of a group delete what they kept of a user deleted
+// on the instance that holds the user's partition, and a restart, which
+// reads the state topic again, brings none of it back.
+TEST_F(ServingTest, ADeletionReachesEveryInstanceOfTheGroup) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  auto models = onboard_all({"gus"});
+  engine_process second("second", {{"artifact_dir", engine_->data_dir() + "/data/artifacts"}});
+  second.join_group_of(*engine_);
+  second.start();
+  ASSERT_FALSE(HasFatalFailure());
+  ASSERT_TRUE(lists(second, "gus", models["gus"]));
+  send_control(
+      {{"type", "user.delete"}, {"schema_version", 1}, {"user_id", "gus"}, {"request_id", "d"}});
+  in_->flush();
+  const auto deleted = await_event("gus", "d", "user.deleted");
+  ASSERT_FALSE(HasFailure());
+  EXPECT_EQ(deleted.value["deleted"]["models"], 1) << deleted.payload;
+  auto by = [&](const std::string& who) {
+    return labelled_of(*engine_, "tailor_users_deleted_total", "by", who) +
+           labelled_of(second, "tailor_users_deleted_total", "by", who);
+  };
+  EXPECT_EQ(by("here"), 1);
+  EXPECT_TRUE(wait_until([&] { return by("another") == 1; }, 30s))
+      << "the instance that did not delete the user kept their model";
+  EXPECT_FALSE(lists(*engine_, "gus", models["gus"]));
+  EXPECT_FALSE(lists(second, "gus", models["gus"]));
+  ASSERT_EQ(second.stop(), 0);
+  second.start();
+  ASSERT_FALSE(HasFatalFailure());
+  EXPECT_FALSE(lists(second, "gus", models["gus"])) << "the state topic brought it back";
+  EXPECT_EQ(labelled_of(second, "tailor_users_deleted_total", "by", "another"), 0)
+      << "the erasure, read again, deleted something again";
+  EXPECT_EQ(second.stop(), 0);
+}
+
 // A state follower that fails (here on its first record) is started again
 // and reads the topic again from its beginning; the instance serves only
 // once a follower has read it all.
@@ -628,16 +800,9 @@ TEST_F(ServingTest, ARequestIsNotQueuedBehindAnotherUsersBacklog) {
          {"serving", {{"max_batch", 1}, {"max_requests_per_user", 4000}}}});
   ASSERT_FALSE(HasFatalFailure());
   onboard_all({"heavy", "light"});
-  const int backlog = 1500;  // ~3.5 s of steps, as in the cancel test
-  for (int i = 0; i < backlog; ++i) {
-    auto j = ask("heavy", "h" + std::to_string(i), "go", i, 60);
-    j["ignore_end_of_text"] = true;
-    send_inference(j);
-  }
-  in_->flush();
-  ASSERT_TRUE(wait_until(
-      [&] { return labelled("tailor_serving_waiting", "device", "tailor-test/0") >= 500; }, 60s))
-      << "no backlog formed";
+  const int backlog = 1500;
+  send_backlog("heavy", "h", backlog, 500);
+  ASSERT_FALSE(HasFatalFailure());
   send_inference(ask("light", "l", "go", 1, 60));
   in_->flush();
   auto light = result("light", "l");
@@ -667,15 +832,8 @@ TEST_F(ServingTest, ACancelledRequestEndsWithCancelled) {
   ASSERT_FALSE(HasFatalFailure());
   onboard_all({"busy", "victim"});
   const auto device = "tailor-test/0";
-  for (int i = 0; i < 1500; ++i) {
-    auto j = ask("busy", "w" + std::to_string(i), "go", i, 60);
-    j["ignore_end_of_text"] = true;  // each one takes its full 60 steps
-    send_inference(j);
-  }
-  in_->flush();
-  ASSERT_TRUE(
-      wait_until([&] { return labelled("tailor_serving_waiting", "device", device) >= 50; }, 60s))
-      << "no backlog formed";
+  send_backlog("busy", "w", 1500, 50);
+  ASSERT_FALSE(HasFatalFailure());
   // The busy adapter is resident by now: the only device miss to come is the victim's.
   const double misses = labelled("tailor_adapter_cache_misses_total", "tier", "device");
   send_inference(ask("victim", "v", "go", 1, 60));

@@ -360,6 +360,114 @@ TEST_F(StoreTest, ImportedModelsAreListedNewestFirstOnceEach) {
   EXPECT_EQ(every, (std::multiset<std::string>{"m1", "m10", "m2", "m3", "m9"}));
 }
 
+// Deleting a user removes everything stored of them in one batch, nothing
+// of anyone else, and keeps their deletion: a model or job of theirs made
+// before it and imported afterwards (a late state record) stays out.
+TEST_F(StoreTest, DeletingAUserLeavesNothingOfThemAndNothingElseGoes) {
+  for (const auto& user : {std::string("gone"), std::string("kept")}) {
+    auto j = job("j-" + user, user);
+    auto r = request(user, "r-j-" + user);
+    r.job_id = j.job_id;
+    j.request = std::string(1000, 'x');  // still running: its texts are kept
+    ASSERT_FALSE(store_->create_job(j, r));
+    ASSERT_FALSE(store_->register_model(model("m-" + user, user, 5)));
+    request_record answer{user, "q1", "inference", 3, "", {{channel::results, user, "{}"}}, 9};
+    history_entry entry{user, 9, "q1", "{\"prompt\":\"secret\"}", ""};
+    ASSERT_FALSE(store_->put_request(answer, &entry));
+    ASSERT_FALSE(store_->append_history({user, 10, "q2", "{}", "{}"}));
+  }
+  ASSERT_EQ(store_->jobs_of("gone")->size(), 1u);
+  EXPECT_EQ(store_->jobs_of("gone")->front().job_id, "j-gone");
+  EXPECT_FALSE(*store_->erased_at("gone"));
+  const auto generation = store_->models_generation();
+  const request_record deletion{
+      "gone", "del-1", "deletion", 4, "", {{channel::events, "gone", "d"}}, 20};
+  auto erased = store_->delete_user("gone", 20, [&](const user_erasure& e) {
+    EXPECT_EQ(e.requests, 2u) << "the answer is made from what went";
+    return deletion;
+  });
+  ASSERT_TRUE(erased) << caf::to_string(erased.error());
+  ASSERT_EQ(erased->models.size(), 1u);
+  EXPECT_EQ(erased->models.front().artifact_path, "/a/m-gone");
+  EXPECT_EQ(erased->job_ids, std::vector<std::string>{"j-gone"});
+  EXPECT_EQ(erased->requests, 2u);  // the onboarding and the inference record
+  EXPECT_EQ(erased->history, 2u);
+  EXPECT_GT(store_->models_generation(), generation) << "readers of the models must re-read";
+
+  EXPECT_TRUE(store_->list_models("gone")->empty());
+  EXPECT_EQ(store_->get_model("m-gone").error(), errc::not_found);
+  EXPECT_EQ(store_->get_job("j-gone").error(), errc::not_found);
+  EXPECT_TRUE(store_->page_history("gone", "", 10)->entries.empty());
+  EXPECT_FALSE(*store_->find_request("gone", "q1"));
+  EXPECT_FALSE(*store_->find_request("gone", "r-j-gone"));
+  EXPECT_TRUE(store_->jobs_of("gone")->empty());
+  EXPECT_EQ(store_->erased_at("gone")->value_or(0), 20);
+  auto kept_answer = store_->find_request("gone", "del-1");
+  ASSERT_TRUE(kept_answer && *kept_answer) << "a repeated deletion is answered as the first";
+  EXPECT_EQ((*kept_answer)->answers.front().payload, "d");
+
+  // The other user is whole.
+  EXPECT_EQ(store_->list_models("kept")->size(), 1u);
+  EXPECT_EQ(store_->get_job("j-kept")->request, std::string(1000, 'x'));
+  EXPECT_EQ(store_->page_history("kept", "", 10)->entries.size(), 2u);
+  EXPECT_TRUE(*store_->find_request("kept", "q1"));
+
+  // Records of the deleted user's past read late do not bring it back;
+  // what they make after the deletion is stored.
+  EXPECT_EQ(store_->import_model(model("m-late", "gone", 19)), false);
+  EXPECT_EQ(store_->get_model("m-late").error(), errc::not_found);
+  auto late = job("j-late", "gone");
+  late.created_ms = 20;
+  EXPECT_EQ(store_->import_job(late, request("gone", "r-j-late")), false);
+  EXPECT_EQ(store_->get_job("j-late").error(), errc::not_found);
+  EXPECT_EQ(store_->import_model(model("m-new", "gone", 21)), true);
+  EXPECT_EQ(store_->list_models("gone")->size(), 1u);
+
+  // On disk: the job's texts went with it, and nothing survives a reopen.
+  store_.reset();
+  {
+    raw_store raw(dir_.string());
+    EXPECT_FALSE(raw.get("job_requests", "j-gone")) << "the deleted user's texts are kept";
+    EXPECT_TRUE(raw.get("job_requests", "j-kept"));
+    EXPECT_EQ(raw.count_from("history", std::string("gone") + '\0'), 0u);
+  }
+  reopen();
+  EXPECT_EQ(store_->erased_at("gone")->value_or(0), 20);
+  EXPECT_EQ(store_->get_model("m-gone").error(), errc::not_found);
+}
+
+// Another instance's deletion of a user, read late from the state topic:
+// what was made before it goes, what was made after stays, and reading it
+// again (each start) changes nothing.
+TEST_F(StoreTest, ADeletionReadLateKeepsWhatWasMadeAfterIt) {
+  ASSERT_FALSE(store_->register_model(model("old", "u", 5)));
+  ASSERT_FALSE(store_->register_model(model("new", "u", 50)));
+  ASSERT_FALSE(store_->append_history({"u", 9, "q1", "{}", "{}"}));
+  ASSERT_FALSE(store_->append_history({"u", 60, "q2", "{}", "{}"}));
+  request_record before{"u", "q1", "inference", 3, "", {{channel::results, "u", "{}"}}, 9};
+  request_record after{"u", "q2", "inference", 3, "", {{channel::results, "u", "{}"}}, 60};
+  ASSERT_FALSE(store_->put_request(before));
+  ASSERT_FALSE(store_->put_request(after));
+  auto erased = store_->delete_user("u", 20, {}, true);
+  ASSERT_TRUE(erased) << caf::to_string(erased.error());
+  EXPECT_EQ(erased->models.size(), 1u);
+  EXPECT_EQ(erased->requests, 1u);
+  EXPECT_EQ(erased->history, 1u);
+  auto listed = store_->list_models("u");
+  ASSERT_EQ(listed->size(), 1u);
+  EXPECT_EQ(listed->front().model_id, "new");
+  EXPECT_FALSE(*store_->find_request("u", "q1"));
+  EXPECT_TRUE(*store_->find_request("u", "q2"));
+  auto page = store_->page_history("u", "", 10);
+  ASSERT_EQ(page->entries.size(), 1u);
+  EXPECT_EQ(page->entries.front().request_id, "q2");
+  auto again = store_->delete_user("u", 20, {}, true);
+  ASSERT_TRUE(again);
+  EXPECT_TRUE(again->models.empty());
+  EXPECT_EQ(again->requests, 0u);
+  EXPECT_EQ(store_->list_models("u")->size(), 1u);
+}
+
 // A job taken over from an instance that is gone is stored once, with its
 // request's dedup record unless one is here; a job of this instance that
 // another took over while it was away is moved: at rest, never resumed,
