@@ -506,6 +506,44 @@ void bm_answer_record(benchmark::State& state) {
 }
 BENCHMARK(bm_answer_record)->Arg(1)->Arg(1000)->Unit(benchmark::kMicrosecond);
 
+// Deleting a user (user.delete) who has `answers` inference answers (each a
+// request record and a history entry, of the serving bench's sizes) and a
+// model, beside the users deleted before: the store's one batch, what the
+// user's events wait for. Filling the user is not timed.
+void bm_delete_user(benchmark::State& state) {
+  using namespace tailor::messages;
+  with_temp_store(state, "delete", [&](tailor::storage::metadata_store& store) {
+    const auto answers = state.range(0);
+    const std::string input(180, 'i'), output(420, 'o');
+    int64_t round = 0;
+    for (auto _ : state) {
+      state.PauseTiming();
+      const auto user = "user-" + std::to_string(round++);
+      caf::error err;
+      for (int64_t i = 0; i < answers && !err; ++i) {
+        const auto id = "req-" + std::to_string(i);
+        request_record rec{user, id, "inference", 42, "", {{channel::results, user, output}}, i};
+        history_entry entry{user, i, id, input, ""};
+        err = store.put_request(rec, &entry);
+      }
+      if (!err)
+        err = store.register_model(
+            {"model-" + user, user, "tailor-base", "/a", "sha256:", "ready", 1, "job"});
+      if (err) {
+        state.SkipWithError(caf::to_string(err).c_str());
+        break;
+      }
+      state.ResumeTiming();
+      auto erased = store.delete_user(user, unix_ms());
+      if (!erased || erased->history != static_cast<uint64_t>(answers)) {
+        state.SkipWithError("the user's answers were not all deleted");
+        break;
+      }
+    }
+  });
+}
+BENCHMARK(bm_delete_user)->Arg(100)->Arg(10000)->Iterations(20)->Unit(benchmark::kMillisecond);
+
 // What an instance does for each record of the state topic it reads as it
 // starts (design section 6): parse a ready model's record and import it
 // into the store with its request's dedup record, two models a user. /1: a

@@ -799,6 +799,9 @@ caf::expected<user_erasure> metadata_store::delete_user(const std::string& user_
         out.job_ids.push_back(r.job_id);
       }
     }
+    // Key by key, not DeleteRange: a range tombstone in a table with
+    // memtable insert hints (per_user_table) broke RocksDB's skip list
+    // (an assertion in InlineSkipList::Insert, 2026-12-05).
     batch.Delete(im.t(requests), key);
     ++out.requests;
     return caf::error{};
