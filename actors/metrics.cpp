@@ -80,6 +80,14 @@ void bounded_counts::add(const std::string& key, int64_t d) {
   by_count_.emplace(it->second, key);
 }
 
+void bounded_counts::fold(const std::string& key) {
+  auto it = counts_.find(key);
+  if (it == counts_.end()) return;
+  other_ += it->second;
+  by_count_.erase({it->second, key});
+  counts_.erase(it);
+}
+
 void metrics::observe_job(const std::string& status, double seconds) {
   std::lock_guard<std::mutex> g(mtx_);
   of(job_duration_, status, job_bounds).observe(seconds);

@@ -21,6 +21,8 @@ class bounded_counts {
  public:
   explicit bounded_counts(std::size_t limit) : limit_(std::max<std::size_t>(1, limit)) {}
   void add(const std::string& key, int64_t d);
+  // Moves `key`'s count to other(): its series goes, the total stays.
+  void fold(const std::string& key);
   const std::map<std::string, int64_t>& counts() const { return counts_; }
   int64_t other() const { return other_; }
 
@@ -90,6 +92,13 @@ class metrics {
     std::lock_guard<std::mutex> g(mtx_);
     model_requests_.add(model_id, 1);
     user_requests_.add(user_id, 1);
+  }
+  // A deleted user's series (their id, their models') go; their counts
+  // stay in the totals, under `other`.
+  void forget_user(const std::string& user_id, const std::vector<std::string>& model_ids) {
+    std::lock_guard<std::mutex> g(mtx_);
+    user_requests_.fold(user_id);
+    for (const auto& m : model_ids) model_requests_.fold(m);
   }
   void count_step(int64_t rows) {
     serving_steps_.fetch_add(1);

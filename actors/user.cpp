@@ -610,6 +610,9 @@ void erase_now(user_ptr self) {
                st.user_id, erased->models.size(), erased->job_ids.size(), erased->requests,
                erased->history);
   st.stats->count_user_deleted("here");
+  std::vector<std::string> model_ids;
+  for (const auto& m : erased->models) model_ids.push_back(m.model_id);
+  st.stats->forget_user(st.user_id, model_ids);
   st.erased_at = e.at_ms;
   st.newest.reset();
   st.device_failures.clear();

@@ -380,6 +380,17 @@ TEST(Metrics, PerUserSeriesAreBoundedAndTheRestSumUnderOther) {
   EXPECT_EQ(total, 1100) << "every request is counted once";
   EXPECT_EQ(value("tailor_model_requests_total{model=\"model-heavy\"}"), 50);
   EXPECT_EQ(value("tailor_model_requests_total{model=\"(other)\"}"), 999);
+  // A deleted user's series go (their id is theirs); the totals stay.
+  m.forget_user("heavy", {"model-heavy"});
+  const auto after = m.render();
+  EXPECT_EQ(after.find("user=\"heavy\""), std::string::npos) << after;
+  EXPECT_EQ(after.find("model=\"model-heavy\""), std::string::npos) << after;
+  EXPECT_NE(after.find("\ntailor_user_requests_total{user=\"(other)\"} 1049\n"),
+            std::string::npos)
+      << after;
+  EXPECT_NE(after.find("\ntailor_model_requests_total{model=\"(other)\"} 1049\n"),
+            std::string::npos)
+      << after;
 }
 
 // Latency and job durations as Prometheus histograms: cumulative buckets per

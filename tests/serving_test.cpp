@@ -470,6 +470,9 @@ TEST_F(ServingTest, ADeletedUserLeavesNothingBehindAndOthersAreNotTouched) {
   EXPECT_TRUE(on_state("job/" + job, true)) << "no tombstone of the job";
   EXPECT_TRUE(on_state("user/dora", false)) << "no erasure record";
   EXPECT_EQ(labelled("tailor_users_deleted_total", "by", "here"), 1);
+  const auto metrics = engine_->get("/metrics").second;
+  EXPECT_EQ(metrics.find("user=\"dora\""), std::string::npos) << "her id stays on /metrics";
+  EXPECT_EQ(metrics.find(models["dora"]), std::string::npos);
 
   // Sent before the deletion, read after it: refused, and kept nowhere.
   send_inference(ask("dora", "late", "hi", 1), sent_before);
