@@ -29,7 +29,11 @@ std::string checksum_of(std::span<const std::byte> bytes) {
 
 std::string adapter_artifact_path(const std::string& artifact_dir, const std::string& user_id,
                                   const std::string& model_id) {
-  return artifact_dir + "/adapters/" + user_id + "/" + model_id + ".safetensors";
+  // "." and ".." are valid ids, but as a folder they name another one:
+  // theirs get a '_' first, which no id has.
+  const bool dots = user_id == "." || user_id == "..";
+  return artifact_dir + "/adapters/" + (dots ? "_" : "") + user_id + "/" + model_id +
+         ".safetensors";
 }
 
 caf::expected<stored_artifact> store_adapter(const std::string& artifact_dir,

@@ -20,7 +20,8 @@ std::string checksum_of(std::span<const std::byte> bytes);
 // new one, never a mix.
 caf::error write_file_atomic(const std::string& path, std::span<const std::byte> bytes);
 
-// Where the artifact store under `artifact_dir` keeps a user's adapter.
+// Where the artifact store under `artifact_dir` keeps a user's adapter: in
+// a folder of the user's own, below `adapters/`, whatever the id.
 std::string adapter_artifact_path(const std::string& artifact_dir, const std::string& user_id,
                                   const std::string& model_id);
 

@@ -281,6 +281,21 @@ TEST_F(StoreTest, ARegisteredReadyAdapterIsOnDiskUnderItsChecksumAndListed) {
 
 // An artifact store that cannot be written (here a file where its
 // directory should be) is an error, not an adapter silently missing.
+// Every user's adapters are in a folder of their own below adapters/, even
+// for the ids "." and "..", which are valid and would name another folder.
+TEST(Artifacts, EveryUsersAdaptersAreInAFolderOfTheirOwn) {
+  const std::string root = "/store";
+  for (const std::string user : {"u1", ".", "..", "..."}) {
+    const fs::path p = adapter_artifact_path(root, user, "model-1");
+    const auto rel = p.lexically_normal().lexically_relative(root + "/adapters");
+    ASSERT_EQ(std::distance(rel.begin(), rel.end()), 2) << user << ": " << p;
+    EXPECT_NE(rel.begin()->string(), "..") << user;
+    EXPECT_NE(rel.begin()->string(), ".") << user;
+    EXPECT_EQ(rel.filename(), "model-1.safetensors") << user;
+  }
+  EXPECT_NE(adapter_artifact_path(root, ".", "m"), adapter_artifact_path(root, "..", "m"));
+}
+
 TEST_F(StoreTest, AnAdapterThatCannotBeStoredIsAnError) {
   const auto blocker = (dir_ / "not-a-directory").string();
   std::ofstream(blocker) << "x";
