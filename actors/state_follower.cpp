@@ -159,8 +159,12 @@ void apply(self_ptr self, const RdKafka::Message& msg) {
   auto& st = self->state;
   ++st.read;
   // A tombstone of a deleted user's model or job: the user's erasure
-  // record deletes them here.
-  if (msg.len() == 0) return;
+  // record deletes them from the store; a job leaves the group too.
+  if (msg.len() == 0) {
+    if (const auto* key = msg.key(); key && key->rfind("job/", 0) == 0)
+      st.group->erase(key->substr(4));
+    return;
+  }
   // The process's Nth record throws, which ends the follower.
   static fault_point fault("TAILOR_FAULT_STATE", "the state follower", "state record", false);
   fault.throw_if_fires();
@@ -268,7 +272,11 @@ void take_over(self_ptr self, messages::job_state_record open) {
     // restart, or a repeat of its request read here). Unless it has ended,
     // the group learns that it runs here.
     auto here = st.db->get_job(job.job_id);
-    if (!here) return;
+    if (!here) {
+      // Not stored: its user was deleted after it was made.
+      if (here.error() == storage::errc::not_found) st.group->erase(job.job_id);
+      return;
+    }
     if (is_final_job_status(here->status)) {
       st.group->erase(job.job_id);
       return;
