@@ -4,10 +4,12 @@
 
 #include <algorithm>
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 
 #include "actors/error_text.hpp"
+#include "actors/fault.hpp"
 #include "actors/trainer.hpp"
 #include "actors/training_data.hpp"
 #include "messages/ids.hpp"
@@ -573,6 +575,16 @@ void erase_now(user_ptr self) {
     return reject_erasure(self, errc::internal, "files of user " + st.user_id +
                                                     " could not be removed: " + failed,
                           false);
+  // TAILOR_FAULT_ERASE=N: the process's Nth deletion kills it here, with
+  // the files gone and the records not, as a crash there would.
+  static fault_point crash("TAILOR_FAULT_ERASE", "user actors", "deletion", false);
+  if (crash.fires()) {
+    spdlog::critical("user {}: killed between the deletion's files and its records "
+                     "(TAILOR_FAULT_ERASE)",
+                     st.user_id);
+    spdlog::default_logger()->flush();
+    ::raise(SIGKILL);
+  }
   answers out;
   const auto erased = st.db.direct->delete_user(
       st.user_id, e.at_ms, [&](const storage::user_erasure& what) {

@@ -533,6 +533,34 @@ TEST_F(ServingTest, ADeletionEndsTheUsersRunningRequestsFirstAndKeepsNoneOfThem)
   EXPECT_TRUE(json::parse(engine_->get("/v1/users/hal/history").second)["entries"].empty());
 }
 
+// A deletion cut short by a crash between the user's files and records
+// goes on when its event is read again at the next start, and is answered
+// once.
+TEST_F(ServingTest, ADeletionCutShortByACrashEndsAtTheNextStart) {
+  start_with_fault("TAILOR_FAULT_ERASE", "1");
+  ASSERT_FALSE(HasFatalFailure());
+  auto models = onboard_all({"ida"});
+  auto listed = json::parse(engine_->get("/v1/users/ida/models").second);
+  ASSERT_EQ(listed.size(), 1u);
+  const std::string artifact = listed[0]["artifact_path"];
+  send_control(
+      {{"type", "user.delete"}, {"schema_version", 1}, {"user_id", "ida"}, {"request_id", "d"}});
+  in_->flush();
+  const int status = engine_->wait_exit(60s);
+  ASSERT_NE(status, -1) << "the fault did not end tailord:\n" << engine_->log_tail(40);
+  EXPECT_FALSE(fs::exists(artifact)) << "killed before the files went";
+  EXPECT_TRUE(events_of("ida", "d", "user.deleted").empty()) << "answered before its records went";
+  engine_->start();
+  ASSERT_FALSE(HasFatalFailure());
+  const auto deleted = await_event("ida", "d", "user.deleted");
+  ASSERT_FALSE(HasFailure());
+  EXPECT_EQ(deleted.value["deleted"]["models"], 1) << deleted.payload;
+  EXPECT_EQ(deleted.value["deleted"]["jobs"], 1) << deleted.payload;
+  EXPECT_EQ(json::parse(engine_->get("/v1/users/ida/models").second).size(), 0u);
+  EXPECT_EQ(events_of("ida", "d", "user.deleted").size(), 1u);
+  EXPECT_EQ(engine_->stop(), 0);
+}
+
 // The other instances of a group delete what they kept of a user deleted
 // on the instance that holds the user's partition, and a restart, which
 // reads the state topic again, brings none of it back.
