@@ -743,7 +743,8 @@ void dispatch(user_ptr self, promise_t rp, incoming_event ev) {
     st.erased_at = at->value_or(0);
   }
   if (refused_as_erased(self, rp, ev)) return;
-  if (auto* rej = std::get_if<rejection>(&ev.parsed)) return handle_rejection(self, rp, *rej);
+  if (auto* rej = std::get_if<rejection>(&ev.parsed))
+    return handle_rejection(self, rp, std::move(*rej));
   auto& pr = std::get<parsed_request>(ev.parsed);
   std::visit(
       [&](auto& x) {
