@@ -643,10 +643,13 @@ void continue_erasure(user_ptr self) {
       self->delayed_send(self, std::chrono::milliseconds(50), erase_atom_v);
       return;
     }
+    const auto minutes =
+        std::chrono::duration_cast<std::chrono::minutes>(user_state::erasure_wait).count();
     reject_erasure(self, errc::unavailable,
-                   what + " of user " + st.user_id +
-                       " did not end within 10 minutes of their deletion; send user.delete "
-                       "again with a new request_id",
+                   what + " of user " + st.user_id + " did not end within " +
+                       std::to_string(minutes) +
+                       " minutes of their deletion; send user.delete again with a new "
+                       "request_id",
                    true);
   };
   if (!st.inflight.empty())

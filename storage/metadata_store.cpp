@@ -259,6 +259,17 @@ struct metadata_store::impl {
     return j["deleted_ms"].get<int64_t>();
   }
 
+  // The job that `user`'s request record `r` names, if it is here and theirs.
+  caf::expected<std::optional<job_record>> job_of(const std::string& user,
+                                                  const request_record& r) {
+    if (r.job_id.empty()) return std::optional<job_record>();  // answered: no job
+    auto job = get_record<job_record>(jobs, r.job_id);
+    if (!job && job.error() == errc::not_found) return std::optional<job_record>();
+    if (!job) return job.error();
+    if (job->user_id != user) return std::optional<job_record>();
+    return std::optional<job_record>(std::move(*job));
+  }
+
   // Calls `f` with each key and value of `user`'s part of `tab` (requests,
   // history).
   template <class F>
@@ -741,11 +752,9 @@ caf::expected<std::vector<job_record>> metadata_store::jobs_of(const std::string
     if (!messages::from_json(value.ToStringView(), r))
       return caf::make_error(errc::corrupt_record,
                              "requests/" + user_id + " has a record that does not parse");
-    if (r.job_id.empty()) return caf::error{};
-    auto job = im.get_record<job_record>(jobs, r.job_id);
-    if (!job && job.error() == errc::not_found) return caf::error{};  // refused: no job
+    auto job = im.job_of(user_id, r);
     if (!job) return job.error();
-    if (job->user_id == user_id) out.push_back(std::move(*job));
+    if (*job) out.push_back(std::move(**job));
     return caf::error{};
   });
   if (err) return err;
@@ -790,10 +799,10 @@ caf::expected<user_erasure> metadata_store::delete_user(const std::string& user_
     // One that does not parse goes too: it is the user's all the same.
     const bool parsed = messages::from_json(value.ToStringView(), r);
     if (parsed && !goes(r.created_ms)) return caf::error{};
-    if (parsed && !r.job_id.empty()) {
-      auto job = im.get_record<job_record>(jobs, r.job_id);
-      if (!job && job.error() != errc::not_found) return job.error();
-      if (job && job->user_id == user_id) {
+    if (parsed) {
+      auto job = im.job_of(user_id, r);
+      if (!job) return job.error();
+      if (*job) {
         batch.Delete(im.t(jobs), r.job_id);
         batch.Delete(im.t(job_requests), r.job_id);
         out.job_ids.push_back(r.job_id);
