@@ -154,7 +154,8 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
          take(k, "create_topics", kc.create_topics, "kafka.", err) &&
          take(k, "topic_partitions", kc.topic_partitions, "kafka.", err) &&
          take(k, "replication_factor", kc.replication_factor, "kafka.", err) &&
-         take(k, "commit_interval_ms", kc.commit_interval_ms, "kafka.", err);
+         take(k, "commit_interval_ms", kc.commit_interval_ms, "kafka.", err) &&
+         take(k, "exactly_once", kc.exactly_once, "kafka.", err);
     if (ok && k.contains("topics")) {
       const auto& t = k["topics"];
       auto& tn = kc.topics;
@@ -193,6 +194,11 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
       }
     return true;
   };
+  // Checked for its keys only (read above): a misspelt key, such as
+  // `exactly_one`, would otherwise leave its default silently.
+  section("kafka", {"bootstrap_servers", "group_id", "properties", "create_topics",
+                    "topic_partitions", "replication_factor", "commit_interval_ms", "exactly_once",
+                    "topics"});
   if (section("training",
               {"slots", "admission_queue", "max_jobs_per_user", "max_attempts", "retry_backoff_ms",
                "checkpoint_every", "progress_interval_ms", "data_dir", "max_data_bytes", "rank",

@@ -37,6 +37,12 @@ struct kafka_config {
   // is a write on the broker; a crash replays at most this much, and replays
   // are answered from the stored results.
   int commit_interval_ms = 100;
+  // Exactly-once output (docs/operations.md): every answer and the input
+  // offset it answers are committed in one Kafka transaction (back to
+  // back, not every commit_interval_ms); consumers reading with
+  // isolation.level read_committed see each answer once, even across
+  // crashes.
+  bool exactly_once = false;
 };
 
 // Fine-tuning (issue 4): the training pool, admission and retries, and the

@@ -52,7 +52,8 @@ std::string resolve_instance_id(engine_config& cfg) {
 
 void start_ingress(supervisor_actor::stateful_pointer<supervisor_state> self) {
   auto& st = self->state;
-  st.input = self->spawn<caf::detached>(ingress, st.cfg, st.users, st.out, st.stats);
+  st.input =
+      self->spawn<caf::detached>(ingress, st.cfg, st.users, st.out, st.stats, st.membership);
   self->monitor(st.input);
   st.ingress_restarts.started = std::chrono::steady_clock::now();
 }
@@ -230,7 +231,12 @@ supervisor_actor::behavior_type supervisor(
   st.stats = std::move(stats);
   st.health = std::move(health);
   st.db = self->spawn<caf::detached>(store, db);
-  st.out = self->spawn<caf::detached>(egress, st.cfg.kafka, st.stats);
+  // One transactional id per instance, the same at every start: the next
+  // run aborts what a crashed one left open (kafka.exactly_once).
+  const auto transactional_id =
+      st.cfg.kafka.exactly_once ? st.cfg.kafka.group_id + "." + st.cfg.instance.id : "";
+  st.out = self->spawn<caf::detached>(egress, st.cfg.kafka, st.stats, transactional_id,
+                                      st.membership);
   st.pool = self->spawn(training_pool, st.cfg, st.db, st.out, st.stats, bases);
   auto host =
       std::make_shared<host_tier>(static_cast<std::size_t>(st.cfg.serving.host_adapters), st.stats);

@@ -64,6 +64,8 @@ struct supervisor_state {
   std::shared_ptr<metrics> stats;
   store_actor db;
   egress_actor out;
+  // The ingress's place in its group, for the egress's transactions.
+  std::shared_ptr<group_membership> membership = std::make_shared<group_membership>();
   pool_actor pool;
   loader_actor loader;
   std::shared_ptr<const base_models> bases;

@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <csignal>
 #include <cstdlib>
 #include <stdexcept>
 
@@ -50,6 +51,17 @@ void fault_point::throw_if_fires() {
   if (const auto n = count_one(); n > 0)
     throw std::runtime_error(std::string("fault injected by ") + name_ + " (occurrence " +
                              std::to_string(n) + ")");
+}
+
+void fault_point::kill_if_fires(const std::string& where) {
+  if (count_one() > 0) kill(where);
+}
+
+void fault_point::kill(const std::string& where) {
+  spdlog::critical("killed {} (fault injected by {})", where, name_);
+  spdlog::default_logger()->flush();
+  ::raise(SIGKILL);
+  std::abort();  // not reached
 }
 
 }  // namespace tailor::actors

@@ -30,6 +30,11 @@ class fault_point {
   // Counts one operation and throws std::runtime_error naming the injector
   // when it is to fail.
   void throw_if_fires();
+  // Counts one operation and, when it is to fail, kills the process
+  // (SIGKILL) as a crash at that point would, after logging `where`.
+  void kill_if_fires(const std::string& where);
+  // Kills the process so (for a caller that prepares the crash first).
+  [[noreturn]] void kill(const std::string& where);
 
  private:
   // Counts one operation: its number when it is to fail, else 0.

@@ -4,6 +4,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <caf/scoped_actor.hpp>
 #include <memory>
 #include <stdexcept>
 #include <thread>
@@ -32,19 +33,49 @@ class rebalance_handler : public RdKafka::RebalanceCb {
   ingress_state* st_;
 };
 
+// Commits the answered offsets. Not under exactly-once output: the egress's
+// transactions commit them there, with their answers.
 void commit(ingress_state& st, bool sync) {
-  if (!st.dirty || !st.consumer) return;
+  if (!st.dirty || !st.consumer || st.cfg.kafka.exactly_once) return;
   std::vector<RdKafka::TopicPartition*> offsets;
   for (auto& [key, prog] : st.partitions)
     if (prog.committable >= 0)
       offsets.push_back(RdKafka::TopicPartition::create(key.first, key.second, prog.committable));
   if (!offsets.empty()) {
+    // TAILOR_FAULT_COMMIT=N: killed before the process's Nth commit, with
+    // answers delivered whose offsets are not committed.
+    static fault_point fault("TAILOR_FAULT_COMMIT", "ingress", "offset commit", false);
+    fault.kill_if_fires("before an offset commit");
     auto rc = sync ? st.consumer->commitSync(offsets) : st.consumer->commitAsync(offsets);
     if (rc != RdKafka::ERR_NO_ERROR && rc != RdKafka::ERR__NO_OFFSET)
       spdlog::warn("ingress: commit failed: {}", RdKafka::err2str(rc));
   }
   RdKafka::TopicPartition::destroy(offsets);
   st.dirty = false;
+}
+
+// Exactly-once output: the egress commits its open transaction now, with
+// every answer sent to it so far and their offsets (the partitions are
+// about to go, or the ingress to stop). Blocks this thread until it has.
+void commit_transaction_now(ingress_state& st) {
+  caf::scoped_actor blocking{*st.system};
+  blocking->request(st.out, std::chrono::seconds(30), commit_atom_v)
+      .receive([](caf::ok_atom) {},
+               [](caf::error& err) {
+                 spdlog::error("ingress: the answers sent were not committed (they are read "
+                               "again): {}",
+                               caf::to_string(err));
+               });
+}
+
+// Exactly-once output: answers held for an earlier event's are dropped
+// with their partitions (the partitions' next owner answers them again).
+void drop_held(ingress_state& st) {
+  for (auto& [key, prog] : st.partitions) {
+    auto& in = st.inputs[key.first];
+    in.in_flight -= static_cast<int64_t>(prog.held.size());
+    st.stats->set_in_flight(key.first, in.in_flight);
+  }
 }
 
 // The assigned partitions of `topic` (all topics when empty).
@@ -135,10 +166,15 @@ void rebalance_handler::rebalance_cb(RdKafka::KafkaConsumer* consumer, RdKafka::
       set_paused(*st_, topic, true);
     }
     for (auto& [topic, in] : st_->inputs) st_->stats->set_ready(topic);
+    if (st_->cfg.kafka.exactly_once) st_->membership->update(*consumer);
     spdlog::info("ingress: assigned {} partitions", parts.size());
   } else {
     // Commit what is answered; events still in flight are redelivered to the
     // partitions' next owner, who answers them from the stored result.
+    if (st_->cfg.kafka.exactly_once) {
+      commit_transaction_now(*st_);
+      drop_held(*st_);
+    }
     commit(*st_, true);
     st_->partitions.clear();
     ++st_->generation;
@@ -216,9 +252,50 @@ void published(self_ptr self, const std::shared_ptr<incoming_event>& ev,
   mark_answered(self, *ev, generation);
 }
 
+// Exactly-once output: sends the held answers whose events' predecessors
+// have all had theirs sent, in offset order, each with the offset after its
+// event. A failure (a transaction aborted) fails the ingress: its successor
+// reads again from the offsets committed.
+void send_in_order(self_ptr self, const ingress_state::partition_key& key) {
+  auto& st = self->state;
+  auto& prog = st.partitions[key];
+  for (auto it = prog.outstanding.upper_bound(prog.sent_through); it != prog.outstanding.end();
+       ++it) {
+    auto held = prog.held.find(it->first);
+    if (held == prog.held.end()) break;
+    auto [ev, out] = std::move(held->second);
+    prog.held.erase(held);
+    prog.sent_through = it->first;
+    const auto generation = st.generation;
+    self->request(st.out, route_timeout, publish_atom_v, out,
+                  input_offset{ev->topic, ev->partition, ev->offset + 1, st.epoch})
+        .then(
+            [self, ev, out, generation](caf::ok_atom) {
+              published(self, ev, out, generation, "");
+            },
+            [ev](caf::error& err) {
+              throw std::runtime_error("the answer of " + ev->topic + "/" +
+                                       std::to_string(ev->partition) + "/" +
+                                       std::to_string(ev->offset) +
+                                       " was not committed: " + caf::to_string(err));
+            });
+  }
+}
+
 void publish(self_ptr self, std::shared_ptr<incoming_event> ev, std::vector<outgoing_message> out,
              uint64_t generation) {
   auto& st = self->state;
+  if (st.cfg.kafka.exactly_once) {
+    if (generation != st.generation) {
+      // Its partition was revoked: the next owner answers it.
+      mark_answered(self, *ev, generation);
+      return;
+    }
+    const ingress_state::partition_key key{ev->topic, ev->partition};
+    st.partitions[key].held[ev->offset] = {ev, std::move(out)};
+    send_in_order(self, key);
+    return;
+  }
   const bool has_events = std::any_of(out.begin(), out.end(), [](const outgoing_message& m) {
     return m.to == channel::events;
   });
@@ -362,6 +439,16 @@ void update_lag(ingress_state& st) {
   RdKafka::TopicPartition::destroy(parts);
 }
 
+// Serves the delivery reports of the ingress's own producer (none under
+// exactly-once output).
+void poll_answers(self_ptr self) {
+  auto& st = self->state;
+  if (!st.answers) return;
+  st.answers_wakeup->rearm();
+  st.answers->poll();
+  renew_if_fatal<ingress_actor>(self, *st.answers, st.answers_wakeup);
+}
+
 // First at shutdown: their callbacks reach into the state.
 void stop_wakeups(ingress_state& st) {
   st.wakeup.reset();
@@ -399,10 +486,14 @@ ingress_state::~ingress_state() {
 
 ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_state> self,
                                      engine_config cfg, registry_actor registry, egress_actor out,
-                                     std::shared_ptr<metrics> stats) {
+                                     std::shared_ptr<metrics> stats,
+                                     std::shared_ptr<group_membership> membership) {
   self->set_exception_handler(exit_reason_of_exception);
   auto& st = self->state;
   st.cfg = std::move(cfg);
+  st.system = &self->system();
+  st.membership = std::move(membership);
+  st.epoch = st.membership->next_epoch();
   const auto& t = st.cfg.kafka.topics;
   st.inputs[t.onboarding].kind = input_topic::onboarding;
   st.inputs[t.inference].kind = input_topic::inference;
@@ -445,17 +536,19 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
     self->quit(caf::make_error(caf::sec::runtime_error, err));
     return ingress_actor::behavior_type::make_empty_behavior();
   }
-  st.answers = batch_producer::make(st.cfg.kafka, st.stats, "tailord-ingress", err);
-  if (!st.answers) {
-    spdlog::critical("ingress: cannot create the producer: {}", err);
-    self->quit(caf::make_error(caf::sec::runtime_error, err));
-    return ingress_actor::behavior_type::make_empty_behavior();
+  if (!st.cfg.kafka.exactly_once) {
+    st.answers = batch_producer::make(st.cfg.kafka, st.stats, "tailord-ingress", err);
+    if (!st.answers) {
+      spdlog::critical("ingress: cannot create the producer: {}", err);
+      self->quit(caf::make_error(caf::sec::runtime_error, err));
+      return ingress_actor::behavior_type::make_empty_behavior();
+    }
+    st.answers_wakeup = poll_on_wakeup<ingress_actor>(self, st.answers->producer().c_ptr(),
+                                                      queue_wakeup::queue::main);
   }
   st.wakeup =
       poll_on_wakeup<ingress_actor>(self, st.consumer->c_ptr(), queue_wakeup::queue::consumer);
   st.inference_wakeup = poll_on_wakeup<ingress_actor>(self, st.inference_queue);
-  st.answers_wakeup = poll_on_wakeup<ingress_actor>(self, st.answers->producer().c_ptr(),
-                                                    queue_wakeup::queue::main);
   self->send(self, tick_atom_v);
   return {
       [self](poll_atom) {
@@ -464,17 +557,14 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
         // Re-armed before serving: what arrives after this poll wakes us again.
         st.wakeup->rearm();
         st.inference_wakeup->rearm();
-        st.answers_wakeup->rearm();
-        st.answers->poll();
-        renew_if_fatal<ingress_actor>(self, *st.answers, st.answers_wakeup);
+        poll_answers(self);
         if (drain(self)) self->send(self, poll_atom_v);
       },
       [self](tick_atom) {
         auto& st = self->state;
         if (st.stopping) return;
         // A safety net only: events and delivery reports arrive through the wake-ups.
-        st.answers->poll();
-        renew_if_fatal<ingress_actor>(self, *st.answers, st.answers_wakeup);
+        poll_answers(self);
         if (drain(self)) self->send(self, poll_atom_v);
         // The admission queue drains as slots free up, without any event here.
         apply_backpressure(st, st.cfg.kafka.topics.onboarding);
@@ -503,8 +593,9 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
         stop_wakeups(st);
         // Answers on their way out are delivered (and so committed) first;
         // those that do not make it are answered again after a restart.
-        if (!st.answers->flush(10000))
+        if (st.answers && !st.answers->flush(10000))
           spdlog::error("ingress: answers not delivered at shutdown are answered again next time");
+        if (st.cfg.kafka.exactly_once) commit_transaction_now(st);
         leave_group(st);
         spdlog::info("ingress: offsets committed, left the group");
         self->quit();

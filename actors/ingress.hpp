@@ -48,9 +48,16 @@ struct ingress_state {
   struct partition_progress {
     std::map<int64_t, bool> outstanding;  // offset -> answered
     int64_t committable = -1;             // next offset to commit, -1: nothing new
+    // Exactly-once output: answers wait here until every event before
+    // theirs has had its answer sent to the egress, which commits each
+    // offset with the answers up to it.
+    std::map<int64_t, std::pair<std::shared_ptr<incoming_event>, std::vector<outgoing_message>>>
+        held;
+    int64_t sent_through = -1;  // the last offset whose answer went to the egress
   };
   using partition_key = std::pair<std::string, int32_t>;
   engine_config cfg;
+  caf::actor_system* system = nullptr;  // for a blocking request in the rebalance callback
   std::map<std::string, input> inputs;  // by topic name
   registry_actor registry;
   egress_actor out;
@@ -70,9 +77,13 @@ struct ingress_state {
   // of the ingress's own: their delivery reports come back on this thread,
   // not through the egress's (two thread hops fewer per request). Events
   // keep to the egress, so that a job's events stay in order.
+  // Null under exactly-once output: every answer then goes through the
+  // egress's transactions.
   std::unique_ptr<batch_producer> answers;
   std::unique_ptr<queue_wakeup> answers_wakeup;  // reset before the producer goes
   std::map<partition_key, partition_progress> partitions;
+  std::shared_ptr<group_membership> membership;
+  uint64_t epoch = 0;  // this ingress's, in every input_offset it sends
   bool stopping = false;
   bool dirty = false;  // committable offsets not yet committed
   uint64_t generation =
@@ -92,6 +103,7 @@ struct ingress_state {
 
 ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_state> self,
                                      engine_config cfg, registry_actor registry, egress_actor out,
-                                     std::shared_ptr<metrics> stats);
+                                     std::shared_ptr<metrics> stats,
+                                     std::shared_ptr<group_membership> membership);
 
 }  // namespace tailor::actors

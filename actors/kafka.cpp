@@ -42,6 +42,17 @@ std::string mock_cluster::create_topic(const std::string& name, int partitions) 
   return {};
 }
 
+void group_membership::update(RdKafka::KafkaConsumer& consumer) {
+  std::shared_ptr<RdKafka::ConsumerGroupMetadata> meta(consumer.groupMetadata());
+  std::lock_guard<std::mutex> lock(mtx_);
+  meta_ = std::move(meta);
+}
+
+std::shared_ptr<RdKafka::ConsumerGroupMetadata> group_membership::current() const {
+  std::lock_guard<std::mutex> lock(mtx_);
+  return meta_;
+}
+
 std::unique_ptr<RdKafka::Conf> make_conf(
     const kafka_config& cfg, const std::vector<std::pair<std::string, std::string>>& extra,
     std::string& err) {

@@ -6,6 +6,7 @@
 #include <caf/send.hpp>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -14,6 +15,8 @@
 
 namespace RdKafka {
 class Conf;
+class ConsumerGroupMetadata;
+class KafkaConsumer;
 }
 struct rd_kafka_s;
 struct rd_kafka_mock_cluster_s;
@@ -74,6 +77,26 @@ std::unique_ptr<queue_wakeup> poll_on_wakeup(Self* self, Queue... queue) {
       caf::anon_send(caf::actor_cast<Handle>(strong), messages::poll_atom_v);
   });
 }
+
+// The ingress consumer's current place in its group (member id and
+// generation), which the egress's transactional producer sends with the
+// offsets it commits (kafka.exactly_once), so that the broker refuses the
+// commit of a member that has lost its partitions. Set by the ingress at
+// each assignment; read by the egress at each commit, on another thread.
+class group_membership {
+ public:
+  void update(RdKafka::KafkaConsumer& consumer);
+  // The last one set; null before the first assignment.
+  std::shared_ptr<RdKafka::ConsumerGroupMetadata> current() const;
+  // A number of its own for each ingress started, so that the egress can
+  // tell the answers of a failed ingress from its successor's.
+  uint64_t next_epoch() { return ++epochs_; }
+
+ private:
+  mutable std::mutex mtx_;
+  std::shared_ptr<RdKafka::ConsumerGroupMetadata> meta_;
+  std::atomic<uint64_t> epochs_{0};
+};
 
 // A client configuration: bootstrap.servers plus `extra`, then every
 // pass-through property (so an operator's setting wins over ours). Returns

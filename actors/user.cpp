@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <csignal>
 #include <cstdio>
 #include <filesystem>
 
@@ -578,13 +577,7 @@ void erase_now(user_ptr self) {
   // TAILOR_FAULT_ERASE=N: the process's Nth deletion kills it here, with
   // the files gone and the records not, as a crash there would.
   static fault_point crash("TAILOR_FAULT_ERASE", "user actors", "deletion", false);
-  if (crash.fires()) {
-    spdlog::critical("user {}: killed between the deletion's files and its records "
-                     "(TAILOR_FAULT_ERASE)",
-                     st.user_id);
-    spdlog::default_logger()->flush();
-    ::raise(SIGKILL);
-  }
+  crash.kill_if_fires("between user " + st.user_id + "'s deletion's files and its records");
   answers out;
   const auto erased = st.db.direct->delete_user(
       st.user_id, e.at_ms, [&](const storage::user_erasure& what) {

@@ -205,7 +205,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> props;
   int admin_port = -1, max_in_flight = -1, idle = -1, slots = -1, admission_queue = -1,
       stop_timeout = -1;
-  bool sync_writes = false, check_config = false;
+  bool sync_writes = false, check_config = false, exactly_once = false;
   app.set_version_flag("--version", std::string("tailord ") + TAILOR_VERSION);
   app.add_option("-c,--config", config_file, "JSON configuration file (see docs/configuration.md)")
       ->check(CLI::ExistingFile);
@@ -244,6 +244,9 @@ int main(int argc, char** argv) {
                  "a stop not finished by then ends tailord with status 1; 0: no limit "
                  "(default: 120)")
       ->check(CLI::NonNegativeNumber);
+  app.add_flag("--exactly-once", exactly_once,
+               "commit answers and input offsets in Kafka transactions, so that read_committed "
+               "consumers see each answer once (kafka.exactly_once)");
   app.add_flag("--sync-writes", sync_writes,
                "fsync RocksDB's WAL on every write (survives power loss)");
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error (default: info)");
@@ -288,6 +291,7 @@ int main(int argc, char** argv) {
   if (max_in_flight > 0) cfg.max_in_flight = max_in_flight;
   if (idle > 0) cfg.user_idle_seconds = idle;
   if (sync_writes) cfg.sync_writes = true;
+  if (exactly_once) cfg.kafka.exactly_once = true;
   if (stop_timeout >= 0) cfg.stop_timeout_seconds = stop_timeout;
   if (slots > 0) cfg.training.slots = slots;
   if (admission_queue > 0) cfg.training.admission_queue = admission_queue;

@@ -42,6 +42,25 @@ typename Inspector::result_type inspect(Inspector& f, outgoing_message& x) {
            x.adapter_load_ms);
 }
 
+// The offset after an input event whose answer goes with it, under
+// exactly-once output (kafka.exactly_once): the egress commits it in the
+// transaction that carries the answer.
+struct input_offset {
+  std::string topic;
+  int32_t partition = -1;
+  int64_t next = -1;  // the offset the group reads next
+  // The ingress that read it (group_membership::next_epoch): after a
+  // transaction of it aborts, the egress refuses its answers until its
+  // successor reads them again.
+  uint64_t epoch = 0;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, input_offset& x) {
+  return f(caf::meta::type_name("input_offset"), x.topic, x.partition, x.next,
+           x.epoch);
+}
+
 // Job states; design section 1 and issue 4. Stored as their names.
 struct job_record {
   std::string job_id;

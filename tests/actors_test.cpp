@@ -231,6 +231,19 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
   cfg = {};
   EXPECT_NE(load_config_file(path.string(), cfg).find("admin: unknown key 'maxuserseries'"),
             std::string::npos);
+  std::ofstream(path) << R"({"kafka":{"exactly_one":true}})";
+  cfg = {};
+  EXPECT_NE(load_config_file(path.string(), cfg).find("kafka: unknown key 'exactly_one'"),
+            std::string::npos);
+  std::ofstream(path) << R"({"kafka":{"exactly_once":"yes"}})";
+  cfg = {};
+  EXPECT_NE(load_config_file(path.string(), cfg).find("kafka.exactly_once: has the wrong type"),
+            std::string::npos);
+  std::ofstream(path) << R"({"kafka":{"exactly_once":true,"commit_interval_ms":50}})";
+  cfg = {};
+  EXPECT_EQ(load_config_file(path.string(), cfg), "");
+  EXPECT_TRUE(cfg.kafka.exactly_once);
+  EXPECT_FALSE(engine_config{}.kafka.exactly_once);
   std::ofstream(path)
       << R"({"training":{"slots":3,"steps":7},)"
          R"("compute":{"blas_threads":2,"actor_threads":3,"scheduling":"normal"},)"
@@ -499,6 +512,16 @@ TEST(HostTier, ConcurrentUseKeepsEachAdapterUnderItsOwnId) {
 
 namespace {
 
+// The egress's handlers of exactly-once output, which the job actors
+// never use: an error if they did.
+const auto unused_offset_publish = [](publish_atom, std::vector<outgoing_message>&,
+                                      input_offset&) -> caf::result<caf::ok_atom> {
+  return caf::make_error(caf::sec::unexpected_message, "not used by job actors");
+};
+const auto unused_commit = [](commit_atom) -> caf::result<caf::ok_atom> {
+  return caf::make_error(caf::sec::unexpected_message, "not used by job actors");
+};
+
 // Job actors as the engine runs them, with a real store on disk, against an
 // egress that is either gone, as when the engine stops, or stalled: it
 // takes events and never reports their delivery (as while the broker is out
@@ -524,6 +547,7 @@ class JobActors : public ::testing::Test {
                     self->state.push_back(self->make_response_promise<caf::ok_atom>());
                     return self->state.back();
                   },
+                  unused_offset_publish, unused_commit, [](commit_atom, uint64_t) {},
                   [](poll_atom) {}, [](tick_atom) {}};
         });
   }
@@ -629,7 +653,8 @@ TEST_F(JobActors, AJobEndedElsewhereWhileSavingIsMovedWithoutAWord) {
               caf::anon_send(observer, std::move(batch));
               return caf::ok_atom_v;
             },
-            [](poll_atom) {}, [](tick_atom) {}};
+            unused_offset_publish, unused_commit, [](commit_atom, uint64_t) {}, [](poll_atom) {},
+            [](tick_atom) {}};
   });
   auto rec = record("j9", "queued");
   tailor::messages::onboarding_request req;

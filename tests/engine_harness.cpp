@@ -260,9 +260,11 @@ int64_t committed_total(const std::string& bootstrap, const std::string& group,
   return total;
 }
 
-collector::collector(const std::string& bootstrap, const std::vector<std::string>& topics) {
+collector::collector(const std::string& bootstrap, const std::vector<std::string>& topics,
+                     bool uncommitted) {
   auto conf = conf_for(bootstrap);
   std::string err;
+  conf->set("isolation.level", uncommitted ? "read_uncommitted" : "read_committed", err);
   conf->set("group.id", "collector-" + unique_suffix(), err);
   conf->set("auto.offset.reset", "earliest", err);
   conf->set("enable.auto.commit", "false", err);

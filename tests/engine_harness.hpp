@@ -93,7 +93,11 @@ class collector {
     json value;              // parsed payload (discarded when not JSON)
     bool tombstone = false;  // a null value
   };
-  collector(const std::string& bootstrap, const std::vector<std::string>& topics);
+  // `uncommitted`: also the records of transactions not (yet) committed
+  // or aborted (isolation.level read_uncommitted), as a consumer that
+  // ignores transactions sees them.
+  collector(const std::string& bootstrap, const std::vector<std::string>& topics,
+            bool uncommitted = false);
   ~collector();
   std::vector<record> snapshot() const;
   std::size_t size() const;
