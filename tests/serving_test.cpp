@@ -224,6 +224,25 @@ TEST_F(ServingTest, AUserIsAnsweredByTheirOwnModel) {
 // Without a model_id, a request is served by the user's newest ready model:
 // none before the first onboarding, and the second model once it is ready
 // (the user actor keeps its pick only while no model has been added).
+// Under exactly-once output a job's events go out in transactions too, and
+// a job counts one as delivered only once it is committed: the whole of
+// workflows A and B works as without it, each event once and in order.
+TEST_F(ServingTest, UnderExactlyOnceOutputAUserIsOnboardedAndServedEachEventOnce) {
+  start({{"kafka", {{"exactly_once", true}}}});
+  ASSERT_FALSE(HasFatalFailure());
+  auto models = onboard_all({"eve"});
+  const auto r = answer_to(ask("eve", "q1", "hello", 3));
+  EXPECT_FALSE(r.contains("error")) << r.dump();
+  EXPECT_EQ(r.value("model_id", ""), models["eve"]);
+  std::vector<std::string> types;
+  for (const auto& e : answers_to("eve", "signup"))
+    if (e.value.value("type", "") != "job.progress") types.push_back(e.value.value("type", ""));
+  EXPECT_EQ(types, (std::vector<std::string>{"job.queued", "job.admitted", "job.training",
+                                             "job.saving", "model.ready"}));
+  EXPECT_EQ(answers_to("eve", "q1").size(), 1u);
+  EXPECT_EQ(engine_->stop(), 0);
+}
+
 TEST_F(ServingTest, ARequestIsServedByTheUsersNewestReadyModel) {
   start();
   ASSERT_FALSE(HasFatalFailure());
