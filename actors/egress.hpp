@@ -133,11 +133,11 @@ void renew_if_fatal(Self* self, batch_producer& out, std::unique_ptr<queue_wakeu
 // Under exactly-once output (kafka.exactly_once, a `transactional_id`),
 // every message goes in the open transaction, which commits as soon as
 // what was queued when it opened is in it (a group commit), and `publish`
-// answers once it is committed. The
-// ingress publishes each answer with the offset after its event
-// (input_offset), in each partition's order, and the transaction commits
-// those offsets for the consumer group with the answers: a crash before the
-// commit loses both, and the next run answers again, once. A transaction
+// answers once it is committed. The ingress publishes each answer with the
+// offset after its event (input_offset), in each partition's order, and the
+// transaction commits those offsets for the consumer group with the
+// answers: a crash before the commit loses both, and the next run answers
+// again, once. A transaction
 // that aborts answers its publishers with an error, and the answers of the
 // ingress that sent offsets in it are refused until a fresh ingress (a
 // higher epoch) reads them again. `commit` commits the open transaction now

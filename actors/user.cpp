@@ -108,16 +108,39 @@ void with_dedup(user_ptr self, promise_t rp, std::string request_id, uint64_t ha
       [rp](request_record rec) mutable { rp.deliver(std::move(rec.answers)); }, std::move(fresh));
 }
 
+// Where the event `ev` is in Kafka: "topic/partition/offset".
+std::string position_of(const incoming_event& ev) {
+  return ev.topic + "/" + std::to_string(ev.partition) + "/" + std::to_string(ev.offset);
+}
+
+// Exactly-once output: records that job.queued, published and committed,
+// answered the event at `at`, then goes on with `next`. The event's offset
+// commits in a later transaction: read again before that (after a crash),
+// the event finds the record and publishes nothing (replay_onboarding).
+template <class Next>
+void mark_announced(user_ptr self, promise_t rp, request_record rec, std::string at, Next next) {
+  if (!self->state.cfg.kafka.exactly_once) return next();
+  rec.announced_by = std::move(at);
+  self->request(self->state.db.actor, store_timeout, record_atom_v, rec)
+      .await([=](caf::ok_atom) mutable { next(); },
+             [=](caf::error& err) mutable { rp.deliver(std::move(err)); });
+}
+
 // The stored answer of a repeated onboarding request. Its job was persisted
 // before job.queued was published, and handed to the pool only after: if
 // that publish failed, the job waits in the store and the pool never got it.
 // Such a job (still queued in the store) is announced again, then handed to
 // the pool (which ignores a job it has), so job.queued still comes first;
-// the ingress then has nothing left to publish.
-void replay_onboarding(user_ptr self, promise_t rp, request_record rec) {
+// the ingress then has nothing left to publish. The event that announced
+// it, read again, has nothing to publish either (mark_announced).
+void replay_onboarding(user_ptr self, promise_t rp, request_record rec, std::string at) {
   auto& st = self->state;
   if (rec.job_id.empty()) {  // answered with an error: no job
     rp.deliver(std::move(rec.answers));
+    return;
+  }
+  if (st.cfg.kafka.exactly_once && rec.announced_by == at) {
+    rp.deliver(answers{});
     return;
   }
   auto job = st.db.direct->get_job(rec.job_id);
@@ -131,8 +154,10 @@ void replay_onboarding(user_ptr self, promise_t rp, request_record rec) {
   self->request(st.out, store_timeout, publish_atom_v, announced)
       .await(
           [=](caf::ok_atom) mutable {
-            self->request(self->state.pool, store_timeout, submit_atom_v, *job)
-                .await([=](caf::ok_atom) mutable { rp.deliver(answers{}); }, fail);
+            mark_announced(self, rp, rec, at, [=]() mutable {
+              self->request(self->state.pool, store_timeout, submit_atom_v, *job)
+                  .await([=](caf::ok_atom) mutable { rp.deliver(answers{}); }, fail);
+            });
           },
           fail);
 }
@@ -145,9 +170,12 @@ void handle_rejection(user_ptr self, promise_t rp, rejection rej) {
   });
 }
 
-void handle_onboarding(user_ptr self, promise_t rp, onboarding_request x, uint64_t hash) {
+void handle_onboarding(user_ptr self, promise_t rp, onboarding_request x, uint64_t hash,
+                       std::string at) {
   const std::string type = "onboarding.request";
-  auto replay = [=](request_record rec) mutable { replay_onboarding(self, rp, std::move(rec)); };
+  auto replay = [=](request_record rec) mutable {
+    replay_onboarding(self, rp, std::move(rec), at);
+  };
   with_dedup(self, rp, x.request_id, hash, type, replay, [=]() mutable {
     auto& st = self->state;
     auto refuse = [=](errc code, std::string msg) mutable {
@@ -211,9 +239,13 @@ void handle_onboarding(user_ptr self, promise_t rp, onboarding_request x, uint64
                         self->request(self->state.out, store_timeout, publish_atom_v, announced)
                             .await(
                                 [=](caf::ok_atom) mutable {
-                                  self->request(self->state.pool, store_timeout, submit_atom_v, job)
-                                      .await([=](caf::ok_atom) mutable { rp.deliver(answers{}); },
-                                             fail);
+                                  mark_announced(self, rp, rec, at, [=]() mutable {
+                                    self->request(self->state.pool, store_timeout, submit_atom_v,
+                                                  job)
+                                        .await([=](caf::ok_atom) mutable {
+                                          rp.deliver(answers{});
+                                        }, fail);
+                                  });
                                 },
                                 fail);
                       },
@@ -746,7 +778,7 @@ void dispatch(user_ptr self, promise_t rp, incoming_event ev) {
       [&](auto& x) {
         using T = std::decay_t<decltype(x)>;
         if constexpr (std::is_same_v<T, onboarding_request>)
-          handle_onboarding(self, rp, std::move(x), pr.payload_hash);
+          handle_onboarding(self, rp, std::move(x), pr.payload_hash, position_of(ev));
         else if constexpr (std::is_same_v<T, inference_request>)
           handle_inference(self, rp, std::move(x), pr.payload_hash);
         else if constexpr (std::is_same_v<T, job_cancel>)

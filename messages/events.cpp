@@ -404,7 +404,13 @@ std::string to_json(const dlq_record& x) {
   j["error"] = error_json(x.error);
   j["source"] = {{"topic", x.topic}, {"partition", x.partition}, {"offset", x.offset}};
   j["key"] = repair_utf8(x.key);
-  j["payload_base64"] = base64_encode(x.payload);
+  // Whole, a large unreadable event's base64 would pass the largest record
+  // Kafka takes (1 MB by default), and the DLQ record could never be
+  // published: its event would wait for it for good.
+  const bool cut = x.payload.size() > dlq_payload_max_bytes;
+  j["payload_base64"] = base64_encode(cut ? x.payload.substr(0, dlq_payload_max_bytes) : x.payload);
+  j["payload_bytes"] = x.payload.size();
+  j["payload_truncated"] = cut;
   return dump(j);
 }
 

@@ -150,6 +150,10 @@ struct user_deletion {
   std::optional<error_info> error;
 };
 
+// The most of an unreadable event's bytes a DLQ record carries; the rest
+// stays in its source topic (the record names topic, partition, offset).
+constexpr std::size_t dlq_payload_max_bytes = 256 * 1024;
+
 struct dlq_record {
   error_info error;
   std::string topic;

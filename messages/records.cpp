@@ -108,13 +108,15 @@ bool from_json(std::string_view s, model_record& x) {
 }
 
 std::string to_json(const request_record& x) {
-  return dump(json{{"user_id", x.user_id},
-                   {"request_id", x.request_id},
-                   {"kind", x.kind},
-                   {"payload_hash", x.payload_hash},
-                   {"job_id", x.job_id},
-                   {"answers", messages_json(x.answers)},
-                   {"created_ms", x.created_ms}});
+  json j{{"user_id", x.user_id},
+         {"request_id", x.request_id},
+         {"kind", x.kind},
+         {"payload_hash", x.payload_hash},
+         {"job_id", x.job_id},
+         {"answers", messages_json(x.answers)},
+         {"created_ms", x.created_ms}};
+  if (!x.announced_by.empty()) j["announced_by"] = x.announced_by;
+  return dump(j);
 }
 
 bool from_json(std::string_view s, request_record& x) {
@@ -126,6 +128,7 @@ bool from_json(std::string_view s, request_record& x) {
     j.at("job_id").get_to(x.job_id);
     j.at("created_ms").get_to(x.created_ms);
     messages_from(j.at("answers"), x.answers);
+    x.announced_by = j.value("announced_by", "");
   });
 }
 

@@ -127,12 +127,17 @@ struct request_record {
   std::string job_id;
   std::vector<outgoing_message> answers;
   int64_t created_ms = 0;
+  // Exactly-once output: the input event ("topic/partition/offset") whose
+  // reading published an onboarding request's job.queued, once that was
+  // committed. The same event read again (its offset was not committed
+  // with it) then has nothing left to publish. Empty otherwise.
+  std::string announced_by;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, request_record& x) {
   return f(caf::meta::type_name("request_record"), x.user_id, x.request_id, x.kind, x.payload_hash,
-           x.job_id, x.answers, x.created_ms);
+           x.job_id, x.answers, x.created_ms, x.announced_by);
 }
 
 struct history_entry {

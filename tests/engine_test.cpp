@@ -167,10 +167,14 @@ TEST_F(EngineTest, UnreadableInputGoesToTheDlqAndTheEngineGoesOn) {
       t.onboarding, "k3",
       R"({"type":"onboarding.request","schema_version":1,"user_id":"bad id","request_id":"r","texts":["a"]})");
   in_->send(t.control, "k4", R"([1,2,3])");
+  // Within max_event_bytes, and whole in base64 over the largest record
+  // Kafka takes (1 MB): the DLQ keeps its first 256 KiB.
+  const std::string big(900 * 1024, 'x');
+  in_->send(t.inference, "k5", big);
   send_inference(inference("u2", "after"));
   in_->flush();
   ASSERT_TRUE(wait_until(
-      [&] { return out_->matching(t.dlq, [](const json&) { return true; }).size() >= 4; }, 30s));
+      [&] { return out_->matching(t.dlq, [](const json&) { return true; }).size() >= 5; }, 30s));
   std::map<std::string, json> by_key;
   for (const auto& r : out_->matching(t.dlq, [](const json&) { return true; }))
     by_key[r.key] = r.value;
@@ -182,6 +186,11 @@ TEST_F(EngineTest, UnreadableInputGoesToTheDlqAndTheEngineGoesOn) {
   EXPECT_EQ(by_key["k2"]["error"]["message"], "request_id: is required");
   EXPECT_EQ(by_key["k3"]["error"]["code"], "invalid_id");
   EXPECT_EQ(by_key["k4"]["error"]["code"], "not_an_object");
+  EXPECT_EQ(by_key["k5"]["error"]["code"], "invalid_json");
+  EXPECT_EQ(by_key["k5"]["payload_bytes"], big.size());
+  EXPECT_EQ(by_key["k5"]["payload_truncated"], true);
+  EXPECT_EQ(by_key["k5"]["payload_base64"].get<std::string>().size(), 4u * (256 * 1024 + 2) / 3);
+  EXPECT_EQ(by_key["k1"]["payload_truncated"], false);
   EXPECT_EQ(await_one("u2", "after").value["error"]["code"], "no_ready_model");
 }
 

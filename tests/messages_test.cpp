@@ -396,6 +396,18 @@ TEST(Write, ResultsEventsAndDlqCarryTheContractFields) {
   EXPECT_EQ(j["source"]["partition"], 2);
   EXPECT_EQ(j["source"]["offset"], 17);
   EXPECT_EQ(j["payload_base64"], "/3s=");
+  EXPECT_EQ(j["payload_bytes"], 2);
+  EXPECT_EQ(j["payload_truncated"], false);
+  // A large event: its first dlq_payload_max_bytes, and a record that a
+  // broker takes (under 1 MB).
+  d.payload = std::string(dlq_payload_max_bytes, 'a') + std::string(700 * 1024, 'b');
+  const auto big = to_json(d);
+  EXPECT_LT(big.size(), 1000000u);
+  j = json::parse(big);
+  EXPECT_EQ(j["payload_bytes"], d.payload.size());
+  EXPECT_EQ(j["payload_truncated"], true);
+  d.payload.resize(dlq_payload_max_bytes);
+  EXPECT_EQ(json::parse(to_json(d))["payload_base64"], j["payload_base64"]);
 }
 
 TEST(Write, Base64) {

@@ -197,6 +197,45 @@ TEST_F(OnboardingTest, BadDataBadHyperparametersAndPathEscapesFailWithTheirReaso
   EXPECT_EQ(json::parse(engine_->get("/v1/users/bad/models").second).size(), 1u);
 }
 
+// Exactly-once output: job.queued goes out in its own transaction, before
+// the request's offset commits in a later one. A kill between the two
+// (TAILOR_FAULT_COMMIT=1: before the first commit of offsets) makes the
+// next run read the request again; it finds job.queued recorded as
+// published for that very event and publishes nothing, and the job,
+// recovered from the store, ends with one model. A client's repeat of the
+// request (a new event) still gets the stored job.queued.
+TEST_F(OnboardingTest, UnderExactlyOnceOutputARequestReadAgainAfterACrashIsAnnouncedOnce) {
+  start_with_fault("TAILOR_FAULT_COMMIT", "1", {{"kafka", {{"exactly_once", true}}}});
+  ASSERT_FALSE(HasFatalFailure());
+  send_onboarding(onboarding_with("eon", "join", {{"steps", 30}}));
+  in_->flush();
+  ASSERT_NE(engine_->wait_exit(60s), -1) << "the fault did not end tailord:\n"
+                                         << engine_->log_tail(40);
+  EXPECT_TRUE(wait_until([&] { return events_of("eon", "join", "job.queued").size() == 1; }, 30s))
+      << "not announced before the kill";
+  engine_->start();
+  ASSERT_FALSE(HasFatalFailure());
+  await_event("eon", "join", "model.ready", 120s);
+  ASSERT_FALSE(HasFailure());
+  // Read again and answered: its offset is committed, with whatever it
+  // published (the job may have ended before the request is read again).
+  ASSERT_TRUE(wait_until(
+      [&] {
+        return committed_total(engine_->bootstrap(), engine_->group(),
+                               engine_->topics().onboarding, 4) >= 1;
+      },
+      60s));
+  const auto observed = out_->size();
+  wait_until([&] { return out_->size() > observed; }, 2s);
+  EXPECT_EQ(events_of("eon", "join", "job.queued").size(), 1u);
+  EXPECT_EQ(events_of("eon", "join", "model.ready").size(), 1u);
+  EXPECT_EQ(json::parse(engine_->get("/v1/users/eon/models").second).size(), 1u);
+  send_onboarding(onboarding_with("eon", "join", {{"steps", 30}}));
+  in_->flush();
+  EXPECT_TRUE(wait_until([&] { return events_of("eon", "join", "job.queued").size() == 2; }, 30s));
+  EXPECT_EQ(engine_->stop(), 0);
+}
+
 TEST_F(OnboardingTest, KilledDuringTrainingAndRestartedEndsWithExactlyOneModel) {
   json cfg = {{"training", {{"checkpoint_every", 20}, {"progress_interval_ms", 50}}}};
   start(cfg);
