@@ -25,7 +25,9 @@ namespace tailor::actors {
 // The process's consumer-group member for all input topics: it parses each
 // event, sends unreadable ones to the DLQ and readable ones to their user
 // actor, publishes the answers, and commits an offset only once every event
-// before it has been answered (persisted and delivered). One consumer for all
+// before it has been answered (persisted and delivered); under exactly-once
+// output it sends each answer to the egress in its partition's order, with
+// the offset that the egress's transaction commits. One consumer for all
 // input topics, with the range assignor, keeps partition p of every topic on
 // the same instance: a user's onboarding, inference and control events meet
 // at one user actor (co-partitioning, as in Kafka Streams). A topic with too

@@ -113,6 +113,14 @@ std::string position_of(const incoming_event& ev) {
   return ev.topic + "/" + std::to_string(ev.partition) + "/" + std::to_string(ev.offset);
 }
 
+// Hands an announced job to the pool (which ignores a job it has); the
+// ingress then has nothing left to publish for the request.
+void hand_to_pool(user_ptr self, promise_t rp, const job_record& job) {
+  self->request(self->state.pool, store_timeout, submit_atom_v, job)
+      .await([=](caf::ok_atom) mutable { rp.deliver(answers{}); },
+             [=](caf::error& err) mutable { rp.deliver(std::move(err)); });
+}
+
 // Exactly-once output: records that job.queued, published and committed,
 // answered the event at `at`, then goes on with `next`. The event's offset
 // commits in a later transaction: read again before that (after a crash),
@@ -154,10 +162,7 @@ void replay_onboarding(user_ptr self, promise_t rp, request_record rec, std::str
   self->request(st.out, store_timeout, publish_atom_v, announced)
       .await(
           [=](caf::ok_atom) mutable {
-            mark_announced(self, rp, rec, at, [=]() mutable {
-              self->request(self->state.pool, store_timeout, submit_atom_v, *job)
-                  .await([=](caf::ok_atom) mutable { rp.deliver(answers{}); }, fail);
-            });
+            mark_announced(self, rp, rec, at, [=] { hand_to_pool(self, rp, *job); });
           },
           fail);
 }
@@ -239,13 +244,8 @@ void handle_onboarding(user_ptr self, promise_t rp, onboarding_request x, uint64
                         self->request(self->state.out, store_timeout, publish_atom_v, announced)
                             .await(
                                 [=](caf::ok_atom) mutable {
-                                  mark_announced(self, rp, rec, at, [=]() mutable {
-                                    self->request(self->state.pool, store_timeout, submit_atom_v,
-                                                  job)
-                                        .await([=](caf::ok_atom) mutable {
-                                          rp.deliver(answers{});
-                                        }, fail);
-                                  });
+                                  mark_announced(self, rp, rec, at,
+                                                 [=] { hand_to_pool(self, rp, job); });
                                 },
                                 fail);
                       },
