@@ -3,11 +3,14 @@
 #include <librdkafka/rdkafkacpp.h>
 
 #include <CLI/CLI.hpp>
+#include <cerrno>
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
@@ -31,6 +34,8 @@ struct common_options {
   std::string admin = "http://127.0.0.1:8080";
   std::vector<std::string> props;
   actors::topic_names topics;
+  std::map<std::string, std::string> config_props;  // kafka.properties of --config
+  std::string admin_unknown;  // why --config names no admin port; set: admin commands fail
 };
 
 [[noreturn]] void fail(const std::string& msg, int code = 1) {
@@ -41,6 +46,7 @@ struct common_options {
 actors::kafka_config kafka_of(const common_options& o) {
   actors::kafka_config k;
   k.bootstrap_servers = o.bootstrap;
+  k.properties = o.config_props;
   for (const auto& p : o.props) {
     auto eq = p.find('=');
     if (eq == std::string::npos) fail("--kafka-property " + p + ": expected KEY=VALUE", 2);
@@ -153,8 +159,56 @@ int publish(const common_options& o, const std::string& topic, const std::string
   return wait_for(*f, timeout_s, mine, done);
 }
 
+// Takes what tailord's configuration file says of its topics, Kafka and admin
+// API, where neither a flag nor the environment said otherwise: so that one
+// file serves both, whatever the topics are called.
+void apply_tailord_config(const std::string& path, bool bootstrap_given, bool admin_given,
+                          common_options& o) {
+  actors::engine_config cfg;
+  if (auto err = actors::load_config_file(path, cfg); !err.empty()) fail("--config: " + err, 2);
+  o.topics = cfg.kafka.topics;
+  o.config_props = cfg.kafka.properties;
+  // What a running tailord wrote once ready: its admin port when the file
+  // says 0 (any free one), and the embedded cluster's address.
+  json ready;
+  if (!cfg.ready_file.empty()) {
+    std::ifstream in(cfg.ready_file);
+    if (in) ready = json::parse(in, nullptr, false);
+    if (ready.is_object() && ready.contains("pid") &&
+        ::kill(ready.value("pid", 0), 0) != 0 && errno == ESRCH)
+      ready = json();  // left by a tailord that has ended
+  }
+  const bool live = ready.is_object();
+  if (!bootstrap_given) {
+    if (!cfg.kafka.bootstrap_servers.empty())
+      o.bootstrap = cfg.kafka.bootstrap_servers;
+    else if (live)
+      o.bootstrap = ready.value("bootstrap_servers", o.bootstrap);
+    else
+      fail("--config: " + path +
+               " names no kafka.bootstrap_servers (tailord starts an embedded cluster) and no "
+               "running tailord's ready_file: give --bootstrap-servers",
+           2);
+  }
+  if (admin_given) return;
+  int port = cfg.admin_port;
+  if (port == 0 && live) port = ready.value("admin_port", 0);
+  if (port == 0) {
+    o.admin_unknown = path + " sets admin.port 0 (any free port), and no running tailord's "
+                             "ready_file says which: give --admin";
+    return;
+  }
+  // An address to listen on everywhere is reached here on loopback.
+  const auto& host = cfg.admin_host;
+  const bool any = host.empty() || host == "0.0.0.0" || host == "::";
+  const bool v6 = !any && host.find(':') != std::string::npos;
+  o.admin = "http://" + (any ? std::string("127.0.0.1") : v6 ? "[" + host + "]" : host) + ":" +
+            std::to_string(port);
+}
+
 // GET on the admin API; exits with the server's message unless it is a 200.
 std::string admin_fetch(const common_options& o, const std::string& path) {
+  if (!o.admin_unknown.empty()) fail("--config: " + o.admin_unknown, 2);
   httplib::Client cli(o.admin);
   cli.set_connection_timeout(5);
   auto res = cli.Get(path.c_str());
@@ -222,7 +276,14 @@ int main(int argc, char** argv) {
   app.add_option("-b,--bootstrap-servers", o.bootstrap,
                  "Kafka bootstrap servers (env TAILOR_BOOTSTRAP)");
   app.add_option("-a,--admin", o.admin, "admin API base URL (env TAILOR_ADMIN)");
-  app.add_option("-X,--kafka-property", o.props, "librdkafka property KEY=VALUE, repeatable");
+  app.add_option("-X,--kafka-property", o.props,
+                 "librdkafka property KEY=VALUE, repeatable (over --config's kafka.properties)");
+  std::string config_file;
+  if (const char* c = std::getenv("TAILOR_CONFIG")) config_file = c;
+  app.add_option("-c,--config", config_file,
+                 "tailord's configuration file: its topic names, kafka.bootstrap_servers, "
+                 "kafka.properties and admin address (or, for port 0, its running ready_file's), "
+                 "where no flag or environment variable says otherwise (env TAILOR_CONFIG)");
 
   // onboard
   auto* onboard =
@@ -368,6 +429,11 @@ int main(int argc, char** argv) {
   pre->add_flag("--force", force, "pre-train even if the cache has this model");
 
   CLI11_PARSE(app, argc, argv);
+  if (!config_file.empty() && !pre->parsed())
+    apply_tailord_config(
+        config_file,
+        app.get_option("--bootstrap-servers")->count() > 0 || std::getenv("TAILOR_BOOTSTRAP"),
+        app.get_option("--admin")->count() > 0 || std::getenv("TAILOR_ADMIN"), o);
 
   if (pre->parsed()) {
     namespace tm = tailor::model;

@@ -156,9 +156,11 @@ void engine_process::start() {
   cfg.merge_patch(test_base_config());
   cfg.merge_patch(defaults);
   cfg.merge_patch(extra_);
+  // In the file, not a flag: tailorctl --config finds the admin port there.
+  auto ready = dir_ + "/ready.json";
+  cfg["ready_file"] = ready;
   auto cfg_path = dir_ + "/tailord.json";
   std::ofstream(cfg_path) << cfg.dump(2);
-  auto ready = dir_ + "/ready.json";
   fs::remove(ready);
   auto bin = setting("TAILORD", TAILORD_PATH);
   auto log = dir_ + "/tailord.log";
@@ -167,8 +169,7 @@ void engine_process::start() {
     FILE* f = std::freopen(log.c_str(), "a", stdout);
     (void)f;
     ::dup2(::fileno(stdout), 2);
-    ::execl(bin.c_str(), bin.c_str(), "--config", cfg_path.c_str(), "--ready-file", ready.c_str(),
-            nullptr);
+    ::execl(bin.c_str(), bin.c_str(), "--config", cfg_path.c_str(), nullptr);
     ::_exit(127);
   }
   ASSERT_GT(pid_, 0);

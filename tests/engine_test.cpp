@@ -72,6 +72,17 @@ void expect_replaced_once_and_healthy(const engine_process& e, const collector& 
   EXPECT_EQ(e.get("/healthz"), std::make_pair(200, std::string("ok\n")));
 }
 
+// Runs tailorctl with `args`; its exit status and what it printed.
+std::pair<int, std::string> tailorctl(const engine_process& e, const std::string& args) {
+  const auto out = e.data_dir() + "/tailorctl.out";
+  const int st =
+      std::system((std::string(TAILORCTL_PATH) + " " + args + " >" + out + " 2>&1").c_str());
+  std::ifstream in(out);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return {WIFEXITED(st) ? WEXITSTATUS(st) : -1, ss.str()};
+}
+
 }  // namespace
 
 TEST_F(EngineTest, OnboardingRequestIsQueuedAndVisibleToOperators) {
@@ -353,23 +364,45 @@ TEST_F(EngineTest, AdminApi) {
   EXPECT_TRUE(status["paused"].empty());
   EXPECT_GT(status["resident_memory_bytes"].get<double>(), 20e6);
   EXPECT_TRUE(status["training"].contains("queue")) << body;
-  const auto admin = "http://127.0.0.1:" + std::to_string(engine_->admin_port());
-  const auto ctl = [&] {
-    const auto out = engine_->data_dir() + "/tailorctl.out";
-    const int st = std::system((std::string(TAILORCTL_PATH) + " --admin " + admin +
-                                " status >" + out + " 2>&1")
-                                   .c_str());
-    std::ifstream in(out);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return std::pair{WIFEXITED(st) ? WEXITSTATUS(st) : -1, ss.str()};
-  };
-  auto [ctl_code, ctl_out] = ctl();
+  const auto status_args =
+      "--admin http://127.0.0.1:" + std::to_string(engine_->admin_port()) + " status";
+  auto [ctl_code, ctl_out] = tailorctl(*engine_, status_args);
   EXPECT_EQ(ctl_code, 0) << ctl_out;
   EXPECT_NE(ctl_out.find("\"health\": \"ok\""), std::string::npos) << ctl_out;
   EXPECT_EQ(engine_->stop(), 0) << "SIGTERM stops tailord cleanly";
-  std::tie(ctl_code, ctl_out) = ctl();
+  std::tie(ctl_code, ctl_out) = tailorctl(*engine_, status_args);
   EXPECT_EQ(ctl_code, 1) << "no tailord there: " << ctl_out;
+}
+
+// An operator points tailorctl at tailord's own configuration file: it then
+// publishes on and reads the topics tailord was configured with (here each
+// test's own names, not tailor.*), and finds the admin API that tailord,
+// told to take any free port, wrote in its ready file.
+TEST_F(EngineTest, TailorctlTakesTopicsAndAddressesFromTailordsConfigurationFile) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  const auto config = " --config " + engine_->data_dir() + "/tailord.json ";
+  auto [code, out] = tailorctl(*engine_, config + "infer --user u9 --request q9 --prompt hello "
+                                                  "--wait --timeout 60");
+  EXPECT_EQ(code, 1) << "an error result exits 1: " << out;
+  EXPECT_NE(out.find("\"no_ready_model\""), std::string::npos) << out;
+  const auto answer = await_one("u9", "q9");
+  EXPECT_EQ(answer.topic, engine_->topics().results) << "published on the configured topic";
+  std::tie(code, out) = tailorctl(*engine_, config + "status");
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("\"health\": \"ok\""), std::string::npos) << out;
+  // A flag still wins over the file.
+  std::tie(code, out) = tailorctl(*engine_, config + "--admin http://127.0.0.1:1 status");
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("127.0.0.1:1"), std::string::npos) << out;
+  // Once tailord has ended, its ready file no longer says where it is.
+  ASSERT_EQ(engine_->stop(), 0);
+  std::tie(code, out) = tailorctl(*engine_, config + "status");
+  EXPECT_EQ(code, 2) << out;
+  EXPECT_NE(out.find("admin.port 0"), std::string::npos) << out;
+  std::tie(code, out) = tailorctl(*engine_, "--config " + engine_->data_dir() + "/none.json status");
+  EXPECT_EQ(code, 2) << out;
+  EXPECT_NE(out.find("cannot read configuration file"), std::string::npos) << out;
 }
 
 // Whether a mapping of process `pid`'s heap is advised for transparent huge
@@ -778,8 +811,9 @@ std::map<std::string, int> EngineTest::answers_while_partitions_move(json extra)
   const auto key = "tailor_events_in_total{topic=\"" + engine_->topics().inference + "\"} ";
   const auto pos = m.find(key);
   EXPECT_NE(pos, std::string::npos) << m;
-  if (pos != std::string::npos)
+  if (pos != std::string::npos) {
     EXPECT_GT(std::stod(m.substr(pos + key.size())), 0) << "the second instance read nothing";
+  }
   EXPECT_EQ(second.stop(), 0);  // the first takes every partition back
   send(600, 900);
   // Its backpressure still holds the partitions it got back.
