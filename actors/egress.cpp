@@ -292,6 +292,7 @@ void end_transaction(egress_ptr self) {
     spdlog::error("egress: transaction aborted ({}); its {} publishers are told", error,
                   txn.waiting.size());
   }
+  if (st.stats) st.stats->count_transaction(error.empty() ? "committed" : "aborted");
   for (auto& promise : txn.waiting) {
     if (error.empty())
       promise.deliver(caf::ok_atom_v);
@@ -370,6 +371,7 @@ egress_actor::behavior_type egress(egress_actor::stateful_pointer<egress_state> 
   auto& st = self->state;
   std::string err;
   st.group = std::move(group);
+  st.stats = stats;
   st.out = batch_producer::make(cfg, std::move(stats), "tailord-egress", err, transactional_id);
   if (!st.out) {
     spdlog::critical("egress: cannot create the producer: {}", err);

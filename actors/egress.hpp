@@ -164,6 +164,7 @@ struct egress_state {
   bool ticking = false;                  // the safety net's poll is scheduled
   fault_point fault_publish;  // TAILOR_FAULT_PUBLISH: the Nth publish throws
   std::shared_ptr<group_membership> group;
+  std::shared_ptr<metrics> stats;
   transaction txn;
   uint64_t transactions = 0;
   uint64_t refused_epoch = 0;  // answers of ingresses up to this one are refused

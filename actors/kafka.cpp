@@ -36,6 +36,12 @@ mock_cluster::~mock_cluster() {
   if (rk_) rd_kafka_destroy(rk_);
 }
 
+void mock_cluster::fail_requests(int16_t api_key, const std::vector<int>& errors) {
+  std::vector<rd_kafka_resp_err_t> codes;
+  for (int e : errors) codes.push_back(static_cast<rd_kafka_resp_err_t>(e));
+  rd_kafka_mock_push_request_errors_array(cluster_, api_key, codes.size(), codes.data());
+}
+
 std::string mock_cluster::create_topic(const std::string& name, int partitions) {
   auto e = rd_kafka_mock_topic_create(cluster_, name.c_str(), partitions, 1);
   if (e != RD_KAFKA_RESP_ERR_NO_ERROR) return "mock topic " + name + ": " + rd_kafka_err2str(e);

@@ -32,6 +32,10 @@ class mock_cluster {
   ~mock_cluster();
   const std::string& bootstrap() const { return bootstrap_; }
   std::string create_topic(const std::string& name, int partitions);
+  // A fault injector for tests: the next errors.size() requests of the
+  // Kafka protocol's `api_key` (24: AddPartitionsToTxn ...) fail with these
+  // error codes, in turn.
+  void fail_requests(int16_t api_key, const std::vector<int>& errors);
 
  private:
   mock_cluster() = default;

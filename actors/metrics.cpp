@@ -278,6 +278,10 @@ std::string metrics::render() const {
          "Users deleted (user.delete): here, or by another instance, whose erasure this one "
          "applied.",
          "by", users_deleted_);
+  family("tailor_transactions_total", "counter",
+         "Transactions of exactly-once output by outcome: committed, or aborted (their answers "
+         "unseen by read_committed consumers, their events read again).",
+         "outcome", transactions_);
   family("tailor_serving_device_restarts_total", "counter",
          "GPU actors that failed outside a batch step and were started afresh: the requests they "
          "held were sent again.",

@@ -143,6 +143,8 @@ class metrics {
   // A user deleted (user.delete): `here`, or by `another` instance, whose
   // erasure this one applied (read from the state topic).
   void count_user_deleted(const std::string& by) { add(users_deleted_, by, 1); }
+  // Exactly-once output: "committed" or "aborted".
+  void count_transaction(const char* outcome) { add(transactions_, outcome, 1); }
   // The group as the state topic shows it: other instances heard from
   // within instance.takeover_after_ms, its open jobs, and those of them
   // whose instance is silent.
@@ -250,7 +252,8 @@ class metrics {
       paused_, jobs_, pauses_, serving_waiting_, serving_active_, prefix_bytes_, serving_users_,
       bank_used_, bank_unplaced_, batch_realtime_, helper_chunks_, helper_late_, helper_lent_,
       helper_eligible_, helper_steps_, step_failures_, device_restarts_, producer_replacements_,
-      state_records_, cancels_passed_on_, users_deleted_;
+      state_records_, cancels_passed_on_, users_deleted_,
+      transactions_;
   bounded_counts model_requests_, user_requests_;
   std::map<std::string, std::map<std::string, int64_t>> cache_;  // event -> tier -> count
   std::map<std::string, std::pair<double, double>> batch_thread_;  // device -> running, runnable

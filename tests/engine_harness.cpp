@@ -109,12 +109,13 @@ json test_base_config() {
             {"pretrain_steps", 300}}}};
 }
 
-engine_process::engine_process(const std::string& name, json extra_config)
+engine_process::engine_process(const std::string& name, json extra_config,
+                               const std::string& bootstrap)
     : extra_(std::move(extra_config)) {
   auto suffix = unique_suffix();
   dir_ = (fs::temp_directory_path() / ("tailor-engine-" + name + "-" + suffix)).string();
   fs::create_directories(dir_);
-  bootstrap_ = broker_bootstrap();
+  bootstrap_ = bootstrap.empty() ? broker_bootstrap() : bootstrap;
   group_ = "tailor-test-" + suffix;
   auto p = "t" + suffix + ".";
   topics_ = {p + "onboarding", p + "inference", p + "control", p + "results",
@@ -350,9 +351,14 @@ json job_cancel(const std::string& user, const std::string& job_id) {
   return {{"type", "job.cancel"}, {"schema_version", 1}, {"user_id", user}, {"job_id", job_id}};
 }
 
-void engine_test::start(json extra) {
+void engine_test::start(json extra) { start_on("", std::move(extra), {}); }
+
+void engine_test::start_on(const std::string& bootstrap, json extra,
+                           const std::function<void(const topic_set&)>& make_topics) {
   engine_ = std::make_unique<engine_process>(
-      ::testing::UnitTest::GetInstance()->current_test_info()->name(), std::move(extra));
+      ::testing::UnitTest::GetInstance()->current_test_info()->name(), std::move(extra),
+      bootstrap);
+  if (make_topics) make_topics(engine_->topics());
   engine_->start();
   if (HasFatalFailure()) return;
   const auto& t = engine_->topics();

@@ -45,7 +45,9 @@ json test_base_config();
 // A tailord child process with a fresh data directory and topic names of its own.
 class engine_process {
  public:
-  explicit engine_process(const std::string& name, json extra_config = json::object());
+  // `bootstrap` empty: the test broker's.
+  explicit engine_process(const std::string& name, json extra_config = json::object(),
+                          const std::string& bootstrap = "");
   ~engine_process();
   void start();  // waits until ready (consumers joined)
   // Before start(): the broker, topics and consumer group of `other`, so
@@ -126,6 +128,11 @@ json job_cancel(const std::string& user, const std::string& job_id);
 class engine_test : public ::testing::Test {
  protected:
   void start(json extra = json::object());
+  // start() on other Kafka servers than the test broker (librdkafka's mock
+  // cluster, as a fault injector), after `make_topics` has made the topics
+  // there.
+  void start_on(const std::string& bootstrap, json extra,
+                const std::function<void(const topic_set&)>& make_topics);
   // start() with the fault injector `name` set to `value` in tailord's
   // environment (docs/operations.md, "Stopping and crashing").
   void start_with_fault(const char* name, const char* value, json extra = json::object());

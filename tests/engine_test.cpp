@@ -633,6 +633,65 @@ TEST_F(EngineTest, ExactlyOnceOutputAnswersEachEventOnceAcrossACrash) {
 // throws) is restarted: a fresh consumer rejoins the group and reads again
 // what was not answered, so every request is answered, an answer seen
 // twice the same, and the restart is counted.
+// Exactly-once output when the broker refuses part of a transaction: the
+// transaction is aborted, its publishers are told, and the ingress whose
+// answers it held is restarted and reads those events again. Each event is
+// answered once, and tailord goes on. A real broker cannot be made to refuse
+// on cue, so this runs on librdkafka's mock cluster with an injected error.
+// The mock keeps no offsets committed in transactions, so its restarted
+// ingress reads from the start: the warm-up request is answered again, and
+// the committed offsets are checked on the real broker instead
+// (ExactlyOnceOutputAnswersEachEventOnceAcrossACrash).
+TEST_F(EngineTest, AnAbortedTransactionsEventsAreReadAgainAndAnsweredOnce) {
+  std::string err;
+  auto mock = tailor::actors::mock_cluster::start(1, err);
+  ASSERT_TRUE(mock) << err;
+  // No heartbeat meets the injected error in a transaction of its own.
+  const json config = {{"kafka", {{"exactly_once", true}, {"create_topics", false}}},
+                       {"instance", {{"heartbeat_ms", 3600000}, {"takeover_after_ms", 0}}}};
+  // The mock cluster has no CreateTopics: the test makes them.
+  start_on(mock->bootstrap(), config, [&](const topic_set& t) {
+    for (const auto* name :
+         {&t.onboarding, &t.inference, &t.control, &t.results, &t.events, &t.dlq, &t.state})
+      ASSERT_EQ(mock->create_topic(*name, 4), "");
+  });
+  ASSERT_FALSE(HasFatalFailure());
+  send_inference(inference("u0", "warm"));
+  in_->flush();
+  await_one("u0", "warm");
+  ASSERT_TRUE(wait_until(
+      [&] { return metric("tailor_transactions_total{outcome=\"committed\"}") >= 1; }, 30s));
+  // AddPartitionsToTxn (API key 24) refused for a topic: librdkafka makes
+  // the transaction abortable, and its commit fails.
+  constexpr int16_t add_partitions_to_txn = 24;
+  mock->fail_requests(add_partitions_to_txn, {RdKafka::ERR_TOPIC_AUTHORIZATION_FAILED});
+  constexpr int n = 100;
+  for (int i = 0; i < n; ++i)
+    send_inference(inference("u" + std::to_string(i % 5), "q" + std::to_string(i)));
+  in_->flush();
+  const auto answers = [&] {
+    std::map<std::string, int> count;
+    for (const auto& r : out_->snapshot())
+      if (r.topic == engine_->topics().results) ++count[r.value.value("request_id", "")];
+    count.erase("warm");
+    return count;
+  };
+  EXPECT_TRUE(wait_until([&] { return answers().size() == n; }, 90s))
+      << answers().size() << " of " << n << " answered; log:\n"
+      << engine_->log_tail(40);
+  // The absence of a duplicate cannot be awaited: observe one more second.
+  const auto observed = out_->size();
+  wait_until([&] { return out_->size() > observed; }, 1s);
+  for (const auto& [request, times] : answers()) EXPECT_EQ(times, 1) << request;
+  EXPECT_GE(metric("tailor_transactions_total{outcome=\"aborted\"}"), 1);
+  EXPECT_GE(metric("tailor_ingress_restarts_total"), 1) << "the refused ingress read again";
+  const auto status = json::parse(engine_->get("/v1/status").second, nullptr, false);
+  EXPECT_EQ(status.value("health", ""), "ok") << status.dump();
+  EXPECT_EQ(engine_->stop(), 0) << engine_->log_tail(40);
+  out_.reset();  // before the cluster they read goes
+  in_.reset();
+}
+
 TEST_F(EngineTest, AnIngressThatFailsIsRestartedAndEveryEventIsAnswered) {
   start_with_fault("TAILOR_FAULT_TAKE", "5");
   ASSERT_FALSE(HasFatalFailure());
