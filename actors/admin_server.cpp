@@ -28,6 +28,15 @@ void reply_error(httplib::Response& res, int status, const std::string& code,
   reply_json(res, status, json{{"error", {{"code", code}, {"message", msg}}}});
 }
 
+// Compares in a time that does not depend on where the two first differ,
+// so that timing does not reveal a token's prefix.
+bool same_secret(const std::string& given, const std::string& expected) {
+  unsigned char diff = given.size() == expected.size() ? 0 : 1;
+  for (std::size_t i = 0; i < expected.size(); ++i)
+    diff |= static_cast<unsigned char>(expected[i] ^ (i < given.size() ? given[i] : 0));
+  return diff == 0;
+}
+
 json records_to_json(const auto& records) {
   json out = json::array();
   for (const auto& r : records) out.push_back(json::parse(to_json(r)));
@@ -165,9 +174,23 @@ admin_server::~admin_server() {
   stop();
 }
 
-int admin_server::start(const std::string& host, int port) {
+int admin_server::start(const std::string& host, int port, const std::string& token) {
   server_ = std::make_unique<httplib::Server>();
   auto& svr = *server_;
+  // Probes stay open: a process manager asks them without credentials, and
+  // they tell nothing of users.
+  if (!token.empty())
+    svr.set_pre_routing_handler([token](const httplib::Request& req, httplib::Response& res) {
+      if (req.path == "/healthz" || req.path == "/readyz" ||
+          same_secret(req.get_header_value("Authorization"), "Bearer " + token))
+        return httplib::Server::HandlerResponse::Unhandled;
+      res.set_header("WWW-Authenticate", "Bearer");
+      reply_error(res, 401, "unauthenticated",
+                  req.has_header("Authorization")
+                      ? "the bearer token is not this admin API's (admin.token_file)"
+                      : "this admin API needs \"Authorization: Bearer TOKEN\" (admin.token_file)");
+      return httplib::Server::HandlerResponse::Handled;
+    });
   // A failed engine is stopping (engine_health): both probes say why.
   svr.Get("/healthz", [this](const httplib::Request&, httplib::Response& res) {
     if (auto failure = health_->failure(); !failure.empty()) {

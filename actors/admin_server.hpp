@@ -35,7 +35,8 @@ class admin_server {
                group_info group);
   ~admin_server();
   // Binds host:port (port 0: any free one); returns the bound port or -1.
-  int start(const std::string& host, int port);
+  // `token` set: every path but the probes needs it as a bearer token.
+  int start(const std::string& host, int port, const std::string& token = "");
   void stop();
 
  private:

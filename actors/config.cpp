@@ -63,6 +63,9 @@ std::string validate(const engine_config& cfg) {
     return bad("history_retention_days", "must be 0 (kept forever) or more");
   if (cfg.stop_timeout_seconds < 0)
     return bad("stop_timeout_seconds", "must be 0 (no limit) or more");
+  if (std::string token; !cfg.admin_token_file.empty())
+    if (auto why = read_admin_token(cfg.admin_token_file, token); !why.empty())
+      return bad("admin.token_file", why);
   const auto& in = cfg.instance;
   if (!in.id.empty() && !messages::is_valid_id(in.id))
     return bad("instance.id", "must be 1-128 characters of [A-Za-z0-9._:-]");
@@ -111,6 +114,18 @@ std::string validate(const engine_config& cfg) {
   if (std::find(cfg.base_models.begin(), cfg.base_models.end(), cfg.default_base_model) ==
       cfg.base_models.end())
     return bad("default_base_model", "'" + cfg.default_base_model + "' is not in base_models");
+  return {};
+}
+
+std::string read_admin_token(const std::string& path, std::string& token) {
+  std::ifstream in(path);
+  if (!in) return "cannot read " + path;
+  std::string line;
+  std::getline(in, line);
+  const auto first = line.find_first_not_of(" \t\r");
+  const auto last = line.find_last_not_of(" \t\r");
+  if (first == std::string::npos) return path + " holds no token on its first line";
+  token = line.substr(first, last - first + 1);
   return {};
 }
 
@@ -259,11 +274,12 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
          take(i, "heartbeat_ms", ic.heartbeat_ms, "instance.", err) &&
          take(i, "takeover_after_ms", ic.takeover_after_ms, "instance.", err);
   }
-  if (section("admin", {"host", "port", "max_user_series"})) {
+  if (section("admin", {"host", "port", "max_user_series", "token_file"})) {
     const auto& a = j["admin"];
     ok = take(a, "host", cfg.admin_host, "admin.", err) &&
          take(a, "port", cfg.admin_port, "admin.", err) &&
-         take(a, "max_user_series", cfg.admin_max_user_series, "admin.", err);
+         take(a, "max_user_series", cfg.admin_max_user_series, "admin.", err) &&
+         take(a, "token_file", cfg.admin_token_file, "admin.", err);
   }
   if (section("compute", {"intra_op_threads", "blas_threads", "actor_threads", "scheduling"})) {
     const auto& c = j["compute"];

@@ -143,6 +143,9 @@ struct engine_config {
   int admin_port = 8080;   // 0: any free port (printed and written to ready_file)
   // Per-user and per-model request series on /metrics; the rest sum as "(other)".
   int admin_max_user_series = 1000;
+  // Set: every admin path but /healthz and /readyz needs "Authorization:
+  // Bearer <the file's first line>" (the history holds users' prompts).
+  std::string admin_token_file;
   std::string ready_file;  // JSON {admin_port, bootstrap_servers} once ready
   std::vector<std::string> base_models = {"tailor-base"};
   std::string default_base_model = "tailor-base";
@@ -166,6 +169,10 @@ std::string validate(const engine_config& cfg);
 
 // Reads a JSON configuration file over `cfg`; returns an error message naming
 // the offending key, empty on success.
+// The admin API's token: the first line of `path`, without surrounding
+// blanks. Returns why not, when the file cannot be read or holds none.
+std::string read_admin_token(const std::string& path, std::string& token);
+
 std::string load_config_file(const std::string& path, engine_config& cfg);
 
 }  // namespace tailor::actors

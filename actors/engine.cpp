@@ -404,7 +404,19 @@ std::unique_ptr<engine> engine::start(engine_config cfg, std::string& err,
       e->sys_->spawn(supervisor, cfg, e->stats_, e->health_, shared_db, bases, group);
   admin_server::group_info about{group, cfg.instance.id, cfg.instance.takeover_after_ms};
   e->admin_ = std::make_unique<admin_server>(shared_db, e->stats_, e->health_, 3, about);
-  e->admin_port_ = e->admin_->start(cfg.admin_host, cfg.admin_port);
+  std::string token;
+  if (!cfg.admin_token_file.empty())
+    if (err = read_admin_token(cfg.admin_token_file, token); !err.empty()) {
+      err = "admin.token_file: " + err;
+      e->stop();
+      return nullptr;
+    }
+  if (token.empty() && cfg.admin_host != "127.0.0.1" && cfg.admin_host != "localhost" &&
+      cfg.admin_host != "::1")
+    spdlog::warn("admin API on {} without admin.token_file: whoever reaches it reads users' "
+                 "history",
+                 cfg.admin_host);
+  e->admin_port_ = e->admin_->start(cfg.admin_host, cfg.admin_port, token);
   if (e->admin_port_ < 0) {
     err = "admin API: cannot listen on " + cfg.admin_host + ":" + std::to_string(cfg.admin_port);
     e->stop();

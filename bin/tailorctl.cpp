@@ -36,6 +36,7 @@ struct common_options {
   actors::topic_names topics;
   std::map<std::string, std::string> config_props;  // kafka.properties of --config
   std::string admin_unknown;  // why --config names no admin port; set: admin commands fail
+  std::string admin_token;    // the admin API's bearer token, if it has one
 };
 
 [[noreturn]] void fail(const std::string& msg, int code = 1) {
@@ -163,11 +164,14 @@ int publish(const common_options& o, const std::string& topic, const std::string
 // API, where neither a flag nor the environment said otherwise: so that one
 // file serves both, whatever the topics are called.
 void apply_tailord_config(const std::string& path, bool bootstrap_given, bool admin_given,
-                          common_options& o) {
+                          bool token_given, common_options& o) {
   actors::engine_config cfg;
   if (auto err = actors::load_config_file(path, cfg); !err.empty()) fail("--config: " + err, 2);
   o.topics = cfg.kafka.topics;
   o.config_props = cfg.kafka.properties;
+  if (!token_given && !cfg.admin_token_file.empty())
+    if (auto err = actors::read_admin_token(cfg.admin_token_file, o.admin_token); !err.empty())
+      fail("--config: admin.token_file: " + err, 2);
   // What a running tailord wrote once ready: its admin port when the file
   // says 0 (any free one), and the embedded cluster's address.
   json ready;
@@ -211,6 +215,7 @@ std::string admin_fetch(const common_options& o, const std::string& path) {
   if (!o.admin_unknown.empty()) fail("--config: " + o.admin_unknown, 2);
   httplib::Client cli(o.admin);
   cli.set_connection_timeout(5);
+  if (!o.admin_token.empty()) cli.set_bearer_token_auth(o.admin_token);
   auto res = cli.Get(path.c_str());
   if (!res) fail("admin API at " + o.admin + ": " + httplib::to_string(res.error()));
   if (res->status != 200) {
@@ -278,11 +283,17 @@ int main(int argc, char** argv) {
   app.add_option("-a,--admin", o.admin, "admin API base URL (env TAILOR_ADMIN)");
   app.add_option("-X,--kafka-property", o.props,
                  "librdkafka property KEY=VALUE, repeatable (over --config's kafka.properties)");
+  std::string token_file;
+  app.add_option("--admin-token-file", token_file,
+                 "file whose first line is the admin API's bearer token (env TAILOR_ADMIN_TOKEN: "
+                 "the token itself)");
+  if (const char* t = std::getenv("TAILOR_ADMIN_TOKEN")) o.admin_token = t;
   std::string config_file;
   if (const char* c = std::getenv("TAILOR_CONFIG")) config_file = c;
   app.add_option("-c,--config", config_file,
                  "tailord's configuration file: its topic names, kafka.bootstrap_servers, "
-                 "kafka.properties and admin address (or, for port 0, its running ready_file's), "
+                 "kafka.properties, admin address (or, for port 0, its running ready_file's) and "
+                 "admin.token_file, "
                  "where no flag or environment variable says otherwise (env TAILOR_CONFIG)");
 
   // onboard
@@ -429,11 +440,15 @@ int main(int argc, char** argv) {
   pre->add_flag("--force", force, "pre-train even if the cache has this model");
 
   CLI11_PARSE(app, argc, argv);
+  if (!token_file.empty())
+    if (auto err = actors::read_admin_token(token_file, o.admin_token); !err.empty())
+      fail("--admin-token-file: " + err, 2);
   if (!config_file.empty() && !pre->parsed())
     apply_tailord_config(
         config_file,
         app.get_option("--bootstrap-servers")->count() > 0 || std::getenv("TAILOR_BOOTSTRAP"),
-        app.get_option("--admin")->count() > 0 || std::getenv("TAILOR_ADMIN"), o);
+        app.get_option("--admin")->count() > 0 || std::getenv("TAILOR_ADMIN"),
+        !o.admin_token.empty(), o);
 
   if (pre->parsed()) {
     namespace tm = tailor::model;

@@ -222,6 +222,10 @@ int main(int argc, char** argv) {
                  "librdkafka property KEY=VALUE, repeatable (SASL, TLS, ...)");
   app.add_option("-d,--data-dir", data_dir, "RocksDB and artifacts (default: $TAILOR_HOME/engine)");
   app.add_option("--admin-host", admin_host, "admin API address (default: 127.0.0.1)");
+  std::string admin_token_file;
+  app.add_option("--admin-token-file", admin_token_file,
+                 "file whose first line is the admin API's bearer token; every path but "
+                 "/healthz and /readyz then needs it (default: none, open to whoever reaches it)");
   app.add_option("-p,--admin-port", admin_port,
                  "admin API port; 0 picks a free one (default: 8080)")
       ->check(CLI::Range(0, 65535));
@@ -286,6 +290,7 @@ int main(int argc, char** argv) {
   }
   if (!data_dir.empty()) cfg.data_dir = data_dir;
   if (!admin_host.empty()) cfg.admin_host = admin_host;
+  if (!admin_token_file.empty()) cfg.admin_token_file = admin_token_file;
   if (admin_port >= 0) cfg.admin_port = admin_port;
   if (!ready_file.empty()) cfg.ready_file = ready_file;
   if (max_in_flight > 0) cfg.max_in_flight = max_in_flight;

@@ -231,6 +231,23 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
   cfg = {};
   EXPECT_NE(load_config_file(path.string(), cfg).find("admin: unknown key 'maxuserseries'"),
             std::string::npos);
+  // The admin token's file is read at validation, so --check-config
+  // catches a missing or empty one.
+  std::ofstream(path) << R"({"admin":{"token_file":"/nonexistent/token"}})";
+  cfg = {};
+  EXPECT_NE(load_config_file(path.string(), cfg)
+                .find("admin.token_file: cannot read /nonexistent/token"),
+            std::string::npos);
+  const auto token = path.string() + ".token";
+  std::ofstream(token) << " \n";
+  cfg.admin_token_file = token;
+  EXPECT_NE(validate(cfg).find("holds no token"), std::string::npos) << validate(cfg);
+  std::ofstream(token) << "t0ken\n";
+  EXPECT_EQ(validate(cfg), "");
+  std::string read;
+  EXPECT_EQ(read_admin_token(token, read), "");
+  EXPECT_EQ(read, "t0ken");
+  fs::remove(token);
   std::ofstream(path) << R"({"kafka":{"exactly_one":true}})";
   cfg = {};
   EXPECT_NE(load_config_file(path.string(), cfg).find("kafka: unknown key 'exactly_one'"),
@@ -662,7 +679,7 @@ TEST_F(JobActors, AJobEndedElsewhereWhileSavingIsMovedWithoutAWord) {
   req.user_id = rec.user_id;
   req.texts = {"hello"};
   rec.request = to_json(req);
-  const request_record made{rec.user_id, rec.request_id, "onboarding", 1, rec.job_id, {}, 1};
+  const request_record made{rec.user_id, rec.request_id, "onboarding", 1, rec.job_id, {}, 1, {}};
   self->request(db_, std::chrono::seconds(10), create_atom_v, rec, made)
       .receive([](caf::ok_atom) {}, [](caf::error& e) { FAIL() << caf::to_string(e); });
   engine_config cfg;

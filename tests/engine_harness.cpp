@@ -234,9 +234,11 @@ void engine_process::kill() {
   pid_ = -1;
 }
 
-std::pair<int, std::string> engine_process::get(const std::string& path) const {
+std::pair<int, std::string> engine_process::get(const std::string& path,
+                                                const std::string& token) const {
   httplib::Client cli("127.0.0.1", admin_port_);
   cli.set_connection_timeout(5);
+  if (!token.empty()) cli.set_bearer_token_auth(token);
   auto res = cli.Get(path.c_str());
   if (!res) return {-1, httplib::to_string(res.error())};
   return {res->status, res->body};

@@ -67,8 +67,8 @@ class engine_process {
   const std::string& data_dir() const { return dir_; }
   const std::string& group() const { return group_; }
   pid_t pid() const { return pid_; }
-  // GET on the admin API: status and body.
-  std::pair<int, std::string> get(const std::string& path) const;
+  // GET on the admin API: status and body; with `token` as a bearer token.
+  std::pair<int, std::string> get(const std::string& path, const std::string& token = "") const;
 
  private:
   std::string dir_, bootstrap_, group_;

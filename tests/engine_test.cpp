@@ -27,6 +27,7 @@
 #include "engine_run.hpp"
 
 using namespace tailor::test;
+namespace fs = std::filesystem;
 
 class EngineTest : public engine_test {
  protected:
@@ -403,6 +404,38 @@ TEST_F(EngineTest, TailorctlTakesTopicsAndAddressesFromTailordsConfigurationFile
   std::tie(code, out) = tailorctl(*engine_, "--config " + engine_->data_dir() + "/none.json status");
   EXPECT_EQ(code, 2) << out;
   EXPECT_NE(out.find("cannot read configuration file"), std::string::npos) << out;
+}
+
+// With admin.token_file, the admin API answers only those who show its
+// token (the history holds users' prompts and answers); the probes stay
+// open for process managers. tailorctl finds the token where it finds the
+// rest: in tailord's configuration file, or a flag.
+TEST_F(EngineTest, AnAdminApiWithATokenAnswersOnlyThoseWhoShowIt) {
+  const auto token_file =
+      fs::temp_directory_path() / ("tailor-admin-token-" + std::to_string(::getpid()));
+  std::ofstream(token_file) << "  s3cret-token \nnot this line\n";
+  start({{"admin", {{"token_file", token_file.string()}}}});
+  ASSERT_FALSE(HasFatalFailure());
+  for (const auto* path : {"/v1/status", "/metrics", "/v1/users/u1/history", "/v1/jobs"}) {
+    const auto [code, body] = engine_->get(path);
+    EXPECT_EQ(code, 401) << path;
+    EXPECT_NE(body.find("\"unauthenticated\""), std::string::npos) << body;
+    EXPECT_EQ(engine_->get(path, "s3cret-tokem").first, 401) << path;
+    EXPECT_EQ(engine_->get(path, "s3cret-token").first, 200) << path;
+  }
+  EXPECT_EQ(engine_->get("/healthz").first, 200);
+  EXPECT_EQ(engine_->get("/readyz").first, 200);
+  const auto admin = " --admin http://127.0.0.1:" + std::to_string(engine_->admin_port());
+  auto [code, out] = tailorctl(*engine_, "--config " + engine_->data_dir() + "/tailord.json status");
+  EXPECT_EQ(code, 0) << out;
+  std::tie(code, out) = tailorctl(*engine_, admin + " status");
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("\"unauthenticated\""), std::string::npos) << out;
+  std::tie(code, out) =
+      tailorctl(*engine_, admin + " --admin-token-file " + token_file.string() + " status");
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_EQ(engine_->stop(), 0);
+  fs::remove(token_file);
 }
 
 // Whether a mapping of process `pid`'s heap is advised for transparent huge
