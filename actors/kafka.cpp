@@ -42,6 +42,13 @@ void mock_cluster::fail_requests(int16_t api_key, const std::vector<int>& errors
   rd_kafka_mock_push_request_errors_array(cluster_, api_key, codes.size(), codes.data());
 }
 
+void mock_cluster::set_down(bool down) {
+  if (down)
+    rd_kafka_mock_broker_set_down(cluster_, -1);
+  else
+    rd_kafka_mock_broker_set_up(cluster_, -1);
+}
+
 std::string mock_cluster::create_topic(const std::string& name, int partitions) {
   auto e = rd_kafka_mock_topic_create(cluster_, name.c_str(), partitions, 1);
   if (e != RD_KAFKA_RESP_ERR_NO_ERROR) return "mock topic " + name + ": " + rd_kafka_err2str(e);

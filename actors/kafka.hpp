@@ -36,6 +36,9 @@ class mock_cluster {
   // Kafka protocol's `api_key` (24: AddPartitionsToTxn ...) fail with these
   // error codes, in turn.
   void fail_requests(int16_t api_key, const std::vector<int>& errors);
+  // Another: its brokers drop every connection and refuse new ones (down),
+  // or take them again (up), keeping their topics and groups.
+  void set_down(bool down);
 
  private:
   mock_cluster() = default;

@@ -369,6 +369,15 @@ void engine_test::start_on(const std::string& bootstrap, json extra,
   in_ = std::make_unique<producer>(engine_->bootstrap());
 }
 
+void engine_test::start_on_mock(tailor::actors::mock_cluster& mock, json extra) {
+  extra.merge_patch({{"kafka", {{"create_topics", false}}}});
+  start_on(mock.bootstrap(), std::move(extra), [&](const topic_set& t) {
+    for (const auto* name :
+         {&t.onboarding, &t.inference, &t.control, &t.results, &t.events, &t.dlq, &t.state})
+      ASSERT_EQ(mock.create_topic(*name, 4), "");
+  });
+}
+
 void engine_test::start_with_fault(const char* name, const char* value, json extra) {
   // tailord reads it as it starts; the test process itself has no use for it.
   ::setenv(name, value, 1);

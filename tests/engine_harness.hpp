@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "actors/kafka.hpp"
 #include "engine_run.hpp"
 
 namespace RdKafka {
@@ -133,6 +134,9 @@ class engine_test : public ::testing::Test {
   // there.
   void start_on(const std::string& bootstrap, json extra,
                 const std::function<void(const topic_set&)>& make_topics);
+  // start_on() the mock cluster, which has no CreateTopics: the topics are
+  // made through its own API, four partitions each.
+  void start_on_mock(tailor::actors::mock_cluster& mock, json extra);
   // start() with the fault injector `name` set to `value` in tailord's
   // environment (docs/operations.md, "Stopping and crashing").
   void start_with_fault(const char* name, const char* value, json extra = json::object());

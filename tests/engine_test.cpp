@@ -32,6 +32,7 @@ namespace fs = std::filesystem;
 class EngineTest : public engine_test {
  protected:
   std::map<std::string, int> answers_while_partitions_move(json extra);
+  void broker_away_longer_than_the_session(const json& config);
 };
 
 namespace {
@@ -680,14 +681,9 @@ TEST_F(EngineTest, AnAbortedTransactionsEventsAreReadAgainAndAnsweredOnce) {
   auto mock = tailor::actors::mock_cluster::start(1, err);
   ASSERT_TRUE(mock) << err;
   // No heartbeat meets the injected error in a transaction of its own.
-  const json config = {{"kafka", {{"exactly_once", true}, {"create_topics", false}}},
+  const json config = {{"kafka", {{"exactly_once", true}}},
                        {"instance", {{"heartbeat_ms", 3600000}, {"takeover_after_ms", 0}}}};
-  // The mock cluster has no CreateTopics: the test makes them.
-  start_on(mock->bootstrap(), config, [&](const topic_set& t) {
-    for (const auto* name :
-         {&t.onboarding, &t.inference, &t.control, &t.results, &t.events, &t.dlq, &t.state})
-      ASSERT_EQ(mock->create_topic(*name, 4), "");
-  });
+  start_on_mock(*mock, config);
   ASSERT_FALSE(HasFatalFailure());
   send_inference(inference("u0", "warm"));
   in_->flush();
@@ -723,6 +719,69 @@ TEST_F(EngineTest, AnAbortedTransactionsEventsAreReadAgainAndAnsweredOnce) {
   EXPECT_EQ(engine_->stop(), 0) << engine_->log_tail(40);
   out_.reset();  // before the cluster they read goes
   in_.reset();
+}
+
+// A broker away for longer than the consumer's session (10 s) loses no
+// request: tailord stays up, its answers wait in its producer, and its
+// consumer, which lost its partitions, joins the group again once the broker
+// is back. Run on the mock cluster, whose broker can be taken down on cue.
+void EngineTest::broker_away_longer_than_the_session(const json& config) {
+  std::string err;
+  auto mock = tailor::actors::mock_cluster::start(1, err);
+  ASSERT_TRUE(mock) << err;
+  start_on_mock(*mock, config);
+  ASSERT_FALSE(HasFatalFailure());
+  const auto answered = [&] {
+    std::map<std::string, std::set<std::string>> payloads;  // by request id
+    for (const auto& r : out_->snapshot())
+      if (r.topic == engine_->topics().results)
+        payloads[r.value.value("request_id", "")].insert(r.payload);
+    return payloads;
+  };
+  const auto revoked = [&] {
+    const auto log = engine_->log_tail(100000);
+    std::size_t n = 0;
+    for (auto at = log.find("partitions revoked"); at != std::string::npos;
+         at = log.find("partitions revoked", at + 1))
+      ++n;
+    return n;
+  };
+  const auto send = [&](int from, int to) {
+    for (int i = from; i < to; ++i)
+      send_inference(inference("u" + std::to_string(i % 7), "q" + std::to_string(i)));
+    in_->flush();
+  };
+  send(0, 50);
+  ASSERT_TRUE(wait_until([&] { return answered().size() == 50u; }, 30s));
+  const auto revoked_before = revoked();
+  send(50, 250);
+  mock->set_down(true);
+  // Down until tailord's consumer has given its partitions up (its session
+  // ran out): the outage is longer than the session, whatever this host's pace.
+  EXPECT_TRUE(wait_until([&] { return revoked() > revoked_before; }, 60s))
+      << engine_->log_tail(30);
+  mock->set_down(false);
+  EXPECT_TRUE(wait_until([&] { return answered().size() == 250u; }, 120s))
+      << answered().size() << " of 250 answered; log:\n"
+      << engine_->log_tail(40);
+  for (const auto& [request, payloads] : answered())
+    EXPECT_EQ(payloads.size(), 1u) << request << ": repeats are byte-identical";
+  const auto status = json::parse(engine_->get("/v1/status").second, nullptr, false);
+  EXPECT_EQ(status.value("health", ""), "ok") << status.dump();
+  send(250, 260);
+  EXPECT_TRUE(wait_until([&] { return answered().size() == 260u; }, 30s))
+      << "serving again after the outage";
+  EXPECT_EQ(engine_->stop(), 0) << engine_->log_tail(40);
+  out_.reset();  // before the cluster they read goes
+  in_.reset();
+}
+
+TEST_F(EngineTest, ABrokerAwayLongerThanTheSessionLosesNoRequest) {
+  broker_away_longer_than_the_session(json::object());
+}
+
+TEST_F(EngineTest, ABrokerAwayLongerThanTheSessionLosesNoRequestUnderExactlyOnceOutput) {
+  broker_away_longer_than_the_session({{"kafka", {{"exactly_once", true}}}});
 }
 
 TEST_F(EngineTest, AnIngressThatFailsIsRestartedAndEveryEventIsAnswered) {
