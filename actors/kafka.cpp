@@ -4,9 +4,34 @@
 #include <librdkafka/rdkafka_mock.h>
 #include <librdkafka/rdkafkacpp.h>
 
+#include <spdlog/spdlog.h>
+
 #include <algorithm>
+#include <atomic>
 
 namespace tailor::actors {
+
+namespace {
+
+std::atomic<bool> kafka_logs_to_spdlog{false};
+
+// librdkafka's levels are syslog's: 0-3 errors, 4 warnings, 5-6 notices
+// and information, 7 debugging. Called on librdkafka's threads.
+void kafka_log(const rd_kafka_t* rk, int level, const char* facility, const char* line) {
+  const auto to = level <= 3   ? spdlog::level::err
+                  : level == 4 ? spdlog::level::warn
+                  : level <= 6 ? spdlog::level::info
+                               : spdlog::level::debug;
+  spdlog::log(to, "kafka: {} {}: {}", rk ? rd_kafka_name(rk) : "-", facility, line);
+}
+
+void route_logs(rd_kafka_conf_t* conf) {
+  if (kafka_logs_to_spdlog.load()) rd_kafka_conf_set_log_cb(conf, kafka_log);
+}
+
+}  // namespace
+
+void log_kafka_through_spdlog() { kafka_logs_to_spdlog.store(true); }
 
 std::unique_ptr<mock_cluster> mock_cluster::start(int brokers, std::string& err) {
   std::unique_ptr<mock_cluster> mc(new mock_cluster);
@@ -17,6 +42,7 @@ std::unique_ptr<mock_cluster> mock_cluster::start(int brokers, std::string& err)
     err = errstr;
     return nullptr;
   }
+  route_logs(conf);
   mc->rk_ = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
   if (!mc->rk_) {
     err = std::string("mock cluster host: ") + errstr;
@@ -82,6 +108,7 @@ std::unique_ptr<RdKafka::Conf> make_conf(
     if (!set(k, v)) return nullptr;
   for (const auto& [k, v] : cfg.properties)
     if (!set(k, v)) return nullptr;
+  route_logs(conf->c_ptr_global());
   return conf;
 }
 
@@ -93,12 +120,13 @@ std::string create_topics(const kafka_config& cfg, const std::vector<std::string
     return rd_kafka_conf_set(conf, k.c_str(), v.c_str(), errstr, sizeof(errstr)) ==
            RD_KAFKA_CONF_OK;
   };
-  bool ok = set("bootstrap.servers", cfg.bootstrap_servers);
+  bool ok = set("bootstrap.servers", cfg.bootstrap_servers) && set("client.id", "tailord-admin");
   for (const auto& [k, v] : cfg.properties) ok = ok && set(k, v);
   if (!ok) {
     rd_kafka_conf_destroy(conf);
     return std::string("admin client: ") + errstr;
   }
+  route_logs(conf);
   rd_kafka_t* rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
   if (!rk) return std::string("admin client: ") + errstr;
   std::vector<rd_kafka_NewTopic_t*> specs;

@@ -105,6 +105,12 @@ class group_membership {
   std::atomic<uint64_t> epochs_{0};
 };
 
+// From now on, librdkafka's log lines of every client made by make_conf or
+// create_topics go to spdlog (its level and format, prefixed "kafka:"),
+// not to stderr in librdkafka's own format. tailord turns it on; tools
+// whose stdout is data (tailorctl) keep librdkafka's default.
+void log_kafka_through_spdlog();
+
 // A client configuration: bootstrap.servers plus `extra`, then every
 // pass-through property (so an operator's setting wins over ours). Returns
 // null and sets `err` on an unknown or invalid property.

@@ -308,6 +308,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   spdlog::set_level(level);
+  // One log, one format: librdkafka's lines too.
+  tailor::actors::log_kafka_through_spdlog();
   resolve_paths(cfg);
   if (auto bad = validate(cfg); !bad.empty()) {
     std::fprintf(stderr, "tailord: %s\n", bad.c_str());

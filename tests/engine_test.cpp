@@ -766,6 +766,10 @@ void EngineTest::broker_away_longer_than_the_session(const json& config) {
       << engine_->log_tail(40);
   for (const auto& [request, payloads] : answered())
     EXPECT_EQ(payloads.size(), 1u) << request << ": repeats are byte-identical";
+  // The outage is in tailord's log, in its format: librdkafka's lines too.
+  const auto log = engine_->log_tail(100000);
+  EXPECT_NE(log.find("] [error] kafka: tailord-"), std::string::npos) << log.substr(0, 4000);
+  EXPECT_EQ(log.find("|FAIL|"), std::string::npos) << "a line in librdkafka's own format";
   const auto status = json::parse(engine_->get("/v1/status").second, nullptr, false);
   EXPECT_EQ(status.value("health", ""), "ok") << status.dump();
   send(250, 260);
