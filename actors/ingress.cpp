@@ -170,18 +170,24 @@ void rebalance_handler::rebalance_cb(RdKafka::KafkaConsumer* consumer, RdKafka::
     spdlog::info("ingress: assigned {} partitions", parts.size());
   } else {
     // Commit what is answered; events still in flight are redelivered to the
-    // partitions' next owner, who answers them from the stored result.
+    // partitions' next owner, who answers them from the stored result. A
+    // lost assignment (the session ran out, e.g. while the brokers were
+    // away) has no generation left to commit in: the group refuses it, and
+    // waiting for that held the revocation for 30 s under transactions.
+    const bool lost = consumer->assignment_lost();
     if (st_->cfg.kafka.exactly_once) {
-      commit_transaction_now(*st_);
+      if (!lost) commit_transaction_now(*st_);
       drop_held(*st_);
     }
-    commit(*st_, true);
+    if (!lost) commit(*st_, true);
     st_->partitions.clear();
     ++st_->generation;
     auto rc = consumer->unassign();
     if (rc != RdKafka::ERR_NO_ERROR)
       spdlog::error("ingress: unassign failed: {}", RdKafka::err2str(rc));
-    spdlog::info("ingress: partitions revoked");
+    spdlog::info(lost ? "ingress: partitions revoked (lost: the consumer's session ran out; "
+                        "their answers not yet committed are read again)"
+                      : "ingress: partitions revoked");
   }
 }
 
