@@ -45,17 +45,9 @@ json records_to_json(const auto& records) {
 
 // The process's resident memory and the store's part of it, read at each
 // scrape: what an operator watches a spike of sign-ups by.
-// This process's resident memory (/proc/self/statm); 0 when unreadable.
-uint64_t resident_bytes() {
-  long pages = 0, resident = 0;
-  if (std::ifstream statm("/proc/self/statm"); statm >> pages >> resident)
-    return static_cast<uint64_t>(resident) * static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
-  return 0;
-}
-
 std::string memory_gauges(const storage::metadata_store& db) {
   std::string out;
-  if (const auto bytes = resident_bytes(); bytes > 0)
+  if (const auto bytes = resident_memory_bytes(); bytes > 0)
     out += "# HELP process_resident_memory_bytes Resident memory of this process.\n"
            "# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes " +
            std::to_string(bytes) + "\n";
@@ -206,7 +198,7 @@ int admin_server::start(const std::string& host, int port, const std::string& to
     j["version"] = TAILOR_VERSION;
     j["health"] = failure.empty() ? "ok" : "failed: " + failure;
     j["ready"] = failure.empty() && stats_->ready(input_topics_);
-    j["resident_memory_bytes"] = resident_bytes();
+    j["resident_memory_bytes"] = resident_memory_bytes();
     const auto m = db_->memory();
     j["store"] = {{"memtables_bytes", m.memtables}, {"block_cache_bytes", m.block_cache}};
     reply_json(res, 200, j);

@@ -61,6 +61,8 @@ std::string validate(const engine_config& cfg) {
     return bad("store_memory_mb", "must be 0 (RocksDB's defaults) or at least 8");
   if (cfg.history_retention_days < 0)
     return bad("history_retention_days", "must be 0 (kept forever) or more");
+  if (cfg.memory_trim_idle_seconds < 0)
+    return bad("memory_trim_idle_seconds", "must be 0 (never) or more");
   if (cfg.stop_timeout_seconds < 0)
     return bad("stop_timeout_seconds", "must be 0 (no limit) or more");
   if (std::string token; !cfg.admin_token_file.empty())
@@ -139,7 +141,7 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
   static const std::vector<std::string> known = {
       "kafka",     "data_dir",          "sync_writes",
       "admin",     "base_models",       "default_base_model",
-      "limits",    "user_idle_seconds", "max_in_flight",
+      "limits",    "user_idle_seconds", "max_in_flight", "memory_trim_idle_seconds",
       "log_level", "ready_file",        "artifact_dir",
       "training",  "compute",           "models",
       "serving",   "instance",          "store_memory_mb",
@@ -155,6 +157,7 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
             take(j, "base_models", cfg.base_models, "", err) &&
             take(j, "default_base_model", cfg.default_base_model, "", err) &&
             take(j, "user_idle_seconds", cfg.user_idle_seconds, "", err) &&
+            take(j, "memory_trim_idle_seconds", cfg.memory_trim_idle_seconds, "", err) &&
             take(j, "stop_timeout_seconds", cfg.stop_timeout_seconds, "", err) &&
             take(j, "max_in_flight", cfg.max_in_flight, "", err) &&
             take(j, "log_level", cfg.log_level, "", err) &&

@@ -151,6 +151,9 @@ struct engine_config {
   std::string default_base_model = "tailor-base";
   messages::limits limits;
   int user_idle_seconds = 60;
+  // After this long without work, the heap malloc holds but no longer uses
+  // goes back to the system (and again each minute while idle); 0: never.
+  int memory_trim_idle_seconds = 10;
   // tailord's: a stop (SIGTERM, SIGINT, a failure) not done by then ends the
   // process with status 1, logging the step it was stuck at. 0: no limit.
   int stop_timeout_seconds = 120;

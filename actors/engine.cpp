@@ -1,5 +1,6 @@
 #include "actors/engine.hpp"
 
+#include <malloc.h>
 #include <spdlog/spdlog.h>
 
 #include <caf/actor_system.hpp>
@@ -123,6 +124,40 @@ void heartbeat(supervisor_actor::stateful_pointer<supervisor_state> self) {
               spdlog::warn("heartbeat not delivered: {}", caf::to_string(err));
             });
   self->delayed_send(self, std::chrono::milliseconds(st.cfg.instance.heartbeat_ms), tick_atom_v);
+}
+
+// After memory_trim_idle_seconds without work, hands the heap that malloc
+// holds but no longer uses back to the system, and again each minute while
+// idle (idle user actors retire meanwhile). malloc keeps what a spike freed
+// otherwise: M_TRIM_THRESHOLD is high so that busy serving never pays for
+// trims (model/threads.cpp), and a trim only trims the heap's top.
+void trim_when_idle(supervisor_actor::stateful_pointer<supervisor_state> self) {
+  auto& st = self->state;
+  if (st.stopping) return;
+  using clock = std::chrono::steady_clock;
+  const auto now = clock::now();
+  auto& t = st.trim;
+  const auto work = st.stats->work_done();
+  if (work != t.work || st.stats->training_queue() > 0 || st.stats->training_assigned() > 0) {
+    t.work = work;
+    t.active = now;
+    t.trimmed = {};
+  } else if (now - t.active >= std::chrono::seconds(st.cfg.memory_trim_idle_seconds) &&
+             (t.trimmed == clock::time_point{} || now - t.trimmed >= std::chrono::minutes(1))) {
+    const auto before = resident_memory_bytes();
+    ::malloc_trim(0);
+    const auto after = resident_memory_bytes();
+    const auto released = before > after ? before - after : 0;
+    st.stats->count_memory_trim(released);
+    t.trimmed = now;
+    if (released >= (16u << 20))
+      spdlog::info("memory: {} MB of freed heap went back to the system after {} s idle "
+                   "(resident {} MB)",
+                   released >> 20,
+                   std::chrono::duration_cast<std::chrono::seconds>(now - t.active).count(),
+                   after >> 20);
+  }
+  self->delayed_send(self, std::chrono::seconds(1), trim_atom_v);
 }
 
 // Starts the GPU actor of `base_model` on `device`, or a fresh one in the
@@ -255,6 +290,7 @@ supervisor_actor::behavior_type supervisor(
   // state topic is read) before new events arrive.
   start_state_follower(self);
   heartbeat(self);
+  if (st.cfg.memory_trim_idle_seconds > 0) trim_when_idle(self);
   // These are not restarted in place: their end fails the engine (unrestartable).
   self->monitor(st.db);
   self->monitor(st.out);
@@ -311,6 +347,7 @@ supervisor_actor::behavior_type supervisor(
         if (!self->state.stopping) start_state_follower(self);
       },
       [self](tick_atom) { heartbeat(self); },
+      [self](trim_atom) { trim_when_idle(self); },
       [self](stop_atom) -> caf::result<caf::ok_atom> {
         auto& st = self->state;
         if (st.stopped) return caf::ok_atom_v;

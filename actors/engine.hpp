@@ -44,7 +44,8 @@ using supervisor_actor = caf::typed_actor<caf::replies_to<stop_atom>::with<caf::
                                           caf::reacts_to<restart_atom>,
                                           caf::reacts_to<restart_atom, std::string, int>,
                                           caf::reacts_to<follow_atom>,
-                                          caf::reacts_to<tick_atom>>;
+                                          caf::reacts_to<tick_atom>,
+                                          caf::reacts_to<trim_atom>>;
 
 // An actor's restarts: one that ran for `stable_after` restarts at once,
 // and each failure sooner after its start doubles the delay, up to a cap,
@@ -86,6 +87,11 @@ struct supervisor_state {
   bool stopping = false;  // the stop in order has begun
   bool stopped = false;   // ... and is done
   std::vector<caf::typed_response_promise<caf::ok_atom>> stop_waiters;
+  // Idle trims of malloc's heap (memory_trim_idle_seconds).
+  struct idle_trim {
+    int64_t work = -1;  // metrics::work_done() at the last look
+    std::chrono::steady_clock::time_point active, trimmed;
+  } trim;
   static inline const char* name = "tailor.supervisor";
 };
 

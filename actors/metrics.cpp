@@ -1,7 +1,10 @@
 #include "actors/metrics.hpp"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
+#include <fstream>
 #include <sstream>
 
 namespace tailor::actors {
@@ -143,6 +146,20 @@ nlohmann::json metrics::summary() const {
            {{"instances_live", group_live_.load()},
             {"open_jobs", group_open_jobs_.load()},
             {"orphaned_jobs", group_orphaned_jobs_.load()}}}};
+}
+
+uint64_t resident_memory_bytes() {
+  long pages = 0, resident = 0;
+  if (std::ifstream statm("/proc/self/statm"); statm >> pages >> resident)
+    return static_cast<uint64_t>(resident) * static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  return 0;
+}
+
+int64_t metrics::work_done() const {
+  std::lock_guard<std::mutex> g(mtx_);
+  int64_t n = serving_steps_.load();
+  for (const auto& [topic, count] : events_in_) n += count;
+  return n;
 }
 
 bool metrics::ready(std::size_t expected) const {
@@ -329,6 +346,12 @@ std::string metrics::render() const {
         "Times a job's actor failed (not the job): the job started again from its last "
         "persisted state, or failed at its third.",
         job_actor_failures_.load());
+  gauge("tailor_memory_trims_total", "counter",
+        "Times an idle tailord handed the heap malloc held but no longer used back to the "
+        "system (memory_trim_idle_seconds).",
+        memory_trims_.load());
+  gauge("tailor_memory_trimmed_bytes_total", "counter",
+        "Resident memory those trims gave back.", memory_trimmed_bytes_.load());
   gauge("tailor_ingress_restarts_total", "counter",
         "Times the ingress failed and a fresh consumer rejoined the group: events not yet "
         "answered were read again.",

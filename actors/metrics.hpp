@@ -13,6 +13,9 @@
 
 namespace tailor::actors {
 
+// This process's resident memory (/proc/self/statm); 0 when unreadable.
+uint64_t resident_memory_bytes();
+
 // Counts by key for at most `limit` keys: a new key past that moves the
 // key with the fewest counts into one sum (`other`), so that a million users
 // are not a million series on /metrics while the busiest keep theirs. The
@@ -78,6 +81,7 @@ class metrics {
   void set_training_queue(int64_t waiting) { training_queue_.store(waiting); }
   int64_t training_queue() const { return training_queue_.load(); }
   void set_training_assigned(int64_t n) { training_assigned_.store(n); }
+  int64_t training_assigned() const { return training_assigned_.load(); }
   void add_training_seconds(double s) { add_double(training_seconds_, s); }
   void count_job(const std::string& final_status) { add(jobs_, final_status, 1); }
   void set_first_admission(double unix_s) { first_admission_.store(unix_s); }
@@ -157,6 +161,14 @@ class metrics {
   void count_job_actor_failure() { job_actor_failures_.fetch_add(1); }
   // The ingress failed and a fresh one rejoins the group.
   void count_ingress_restart() { ingress_restarts_.fetch_add(1); }
+  // Idle trims of malloc's heap, and what resident memory they gave back.
+  void count_memory_trim(uint64_t released_bytes) {
+    memory_trims_.fetch_add(1);
+    memory_trimmed_bytes_.fetch_add(static_cast<int64_t>(released_bytes));
+  }
+  // Grows with every event read and every batch step: unchanged, nothing
+  // was done in between (training is told by training_queue/assigned).
+  int64_t work_done() const;
   // Prompt tokens a prefill took from the prefix cache, and computed.
   void count_prompt_tokens(int64_t reused, int64_t computed) {
     prompt_reused_.fetch_add(reused);
@@ -279,6 +291,7 @@ class metrics {
   std::atomic<int64_t> dlq_{0};
   std::atomic<int64_t> users_{0};
   std::atomic<int64_t> ingress_restarts_{0};
+  std::atomic<int64_t> memory_trims_{0}, memory_trimmed_bytes_{0};
   std::atomic<int64_t> state_follower_restarts_{0};
   std::atomic<int64_t> jobs_taken_over_{0};
   std::atomic<int64_t> jobs_handed_over_{0};

@@ -172,6 +172,18 @@ json run_onboarding_spike(const onboarding_options& o) {
     return it == counts.end() ? 0 : it->second;
   };
   json out;
+  // What the process keeps once the spike is over: tailord hands the heap
+  // malloc no longer uses back after memory_trim_idle_seconds idle. Read
+  // after its first trim, or `settle_seconds` when none comes.
+  const double trims_before = engine.metric("tailor_memory_trims_total");
+  const auto settle_deadline =
+      clock::now() + std::chrono::duration_cast<clock::duration>(
+                         std::chrono::duration<double>(o.settle_seconds));
+  while (clock::now() < settle_deadline &&
+         engine.metric("tailor_memory_trims_total") <= trims_before)
+    std::this_thread::sleep_for(std::chrono::milliseconds(250));
+  out["settled_rss_mb"] = engine.rss_mb();
+  out["memory_trimmed_mb"] = engine.metric("tailor_memory_trimmed_bytes_total") / (1024.0 * 1024.0);
   out["jobs"] = o.jobs;
   out["slots"] = o.slots;
   out["steps"] = o.steps;

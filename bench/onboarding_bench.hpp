@@ -17,6 +17,7 @@ struct onboarding_options {
   int store_memory_mb = -1;  // tailord's store_memory_mb; -1: its default
   int text_bytes = 0;        // one more text of this size per request (a user's own writing)
   std::string tailord_config;  // an operator's tailord configuration to start from
+  double settle_seconds = 30;  // after the spike: up to this long for tailord's idle trim
 };
 
 // A sign-up spike: N onboarding requests published as fast as possible to a

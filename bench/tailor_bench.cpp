@@ -116,6 +116,11 @@ int main(int argc, char** argv) {
                    "(default: 0; at most 500000, within the texts' limit of 512 KiB)")
       ->check(CLI::Range(0, 500000));
   spike
+      ->add_option("--settle-seconds", oo.settle_seconds,
+                   "after the spike, wait up to this long for tailord's first idle trim of its "
+                   "heap (memory_trim_idle_seconds), then report settled_rss_mb (default: 30)")
+      ->check(CLI::NonNegativeNumber);
+  spike
       ->add_option("--timeout-minutes", oo.timeout_minutes,
                    "give up waiting for the jobs after this long (default: 60)")
       ->check(CLI::PositiveNumber);

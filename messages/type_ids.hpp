@@ -92,5 +92,6 @@ CAF_ADD_ATOM(tailor, tailor::messages, moved_atom, "moved")
 CAF_ADD_ATOM(tailor, tailor::messages, forget_atom, "forget")
 CAF_ADD_ATOM(tailor, tailor::messages, erase_atom, "erase")
 CAF_ADD_ATOM(tailor, tailor::messages, commit_atom, "commit")
+CAF_ADD_ATOM(tailor, tailor::messages, trim_atom, "trim")
 
 CAF_END_TYPE_ID_BLOCK(tailor)

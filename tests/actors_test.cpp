@@ -118,6 +118,9 @@ TEST(EngineConfig, ValidationNamesTheOffendingKey) {
   cfg.training.admission_queue = 0;
   EXPECT_NE(validate(cfg).find("training.admission_queue"), std::string::npos);
   cfg = {};
+  cfg.memory_trim_idle_seconds = -1;
+  EXPECT_NE(validate(cfg).find("memory_trim_idle_seconds"), std::string::npos);
+  cfg = {};
   cfg.kafka.commit_interval_ms = -1;
   EXPECT_NE(validate(cfg).find("kafka.commit_interval_ms"), std::string::npos);
   cfg = {};

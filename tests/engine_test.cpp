@@ -439,6 +439,34 @@ TEST_F(EngineTest, AnAdminApiWithATokenAnswersOnlyThoseWhoShowIt) {
   fs::remove(token_file);
 }
 
+// An idle tailord hands the heap malloc holds but no longer uses back to
+// the system, and a busy one never stops to: no trim while requests keep
+// coming less than memory_trim_idle_seconds apart, one once they stop.
+TEST_F(EngineTest, AnIdleTailordGivesItsFreedHeapBackAndABusyOneDoesNot) {
+  start({{"memory_trim_idle_seconds", 3}});
+  ASSERT_FALSE(HasFatalFailure());
+  const auto ask = [&](int i) {
+    const auto id = "q" + std::to_string(i);
+    send_inference(inference("u" + std::to_string(i % 3), id));
+    in_->flush();
+    await_one("u" + std::to_string(i % 3), id);
+  };
+  ask(0);
+  ask(1);
+  const double trims_before = metric("tailor_memory_trims_total");
+  ASSERT_GE(trims_before, 0) << "the counter is on /metrics";
+  // Busy for longer than the idle time, one request after another.
+  const auto busy_until = std::chrono::steady_clock::now() + 6s;
+  int sent = 2;
+  while (std::chrono::steady_clock::now() < busy_until) ask(sent++);
+  EXPECT_EQ(metric("tailor_memory_trims_total"), trims_before)
+      << "trimmed while busy (" << sent << " requests)";
+  EXPECT_TRUE(
+      wait_until([&] { return metric("tailor_memory_trims_total") > trims_before; }, 30s))
+      << "no trim once idle";
+  EXPECT_GE(metric("tailor_memory_trimmed_bytes_total"), 0);
+}
+
 // Whether a mapping of process `pid`'s heap is advised for transparent huge
 // pages: VmFlags "hg" in /proc/PID/smaps (whether the kernel then backs it
 // with 2 MiB pages is the machine's THP setting).
