@@ -170,12 +170,12 @@ struct engine_config {
 // naming the key, empty when the configuration is usable.
 std::string validate(const engine_config& cfg);
 
-// Reads a JSON configuration file over `cfg`; returns an error message naming
-// the offending key, empty on success.
 // The admin API's token: the first line of `path`, without surrounding
 // blanks. Returns why not, when the file cannot be read or holds none.
 std::string read_admin_token(const std::string& path, std::string& token);
 
+// Reads a JSON configuration file over `cfg`; returns an error message naming
+// the offending key, empty on success.
 std::string load_config_file(const std::string& path, engine_config& cfg);
 
 }  // namespace tailor::actors

@@ -361,6 +361,7 @@ void engine_test::start_on(const std::string& bootstrap, json extra,
       ::testing::UnitTest::GetInstance()->current_test_info()->name(), std::move(extra),
       bootstrap);
   if (make_topics) make_topics(engine_->topics());
+  if (HasFatalFailure()) return;
   engine_->start();
   if (HasFatalFailure()) return;
   const auto& t = engine_->topics();
@@ -369,12 +370,15 @@ void engine_test::start_on(const std::string& bootstrap, json extra,
   in_ = std::make_unique<producer>(engine_->bootstrap());
 }
 
-void engine_test::start_on_mock(tailor::actors::mock_cluster& mock, json extra) {
+void engine_test::start_on_mock(json extra) {
+  std::string err;
+  mock_ = tailor::actors::mock_cluster::start(1, err);
+  ASSERT_TRUE(mock_) << err;
   extra.merge_patch({{"kafka", {{"create_topics", false}}}});
-  start_on(mock.bootstrap(), std::move(extra), [&](const topic_set& t) {
+  start_on(mock_->bootstrap(), std::move(extra), [&](const topic_set& t) {
     for (const auto* name :
          {&t.onboarding, &t.inference, &t.control, &t.results, &t.events, &t.dlq, &t.state})
-      ASSERT_EQ(mock.create_topic(*name, 4), "");
+      ASSERT_EQ(mock_->create_topic(*name, 4), "");
   });
 }
 

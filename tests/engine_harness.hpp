@@ -134,9 +134,9 @@ class engine_test : public ::testing::Test {
   // there.
   void start_on(const std::string& bootstrap, json extra,
                 const std::function<void(const topic_set&)>& make_topics);
-  // start_on() the mock cluster, which has no CreateTopics: the topics are
-  // made through its own API, four partitions each.
-  void start_on_mock(tailor::actors::mock_cluster& mock, json extra);
+  // start_on() a mock cluster of its own (mock_), which has no
+  // CreateTopics: the topics are made through its API, four partitions each.
+  void start_on_mock(json extra);
   // start() with the fault injector `name` set to `value` in tailord's
   // environment (docs/operations.md, "Stopping and crashing").
   void start_with_fault(const char* name, const char* value, json extra = json::object());
@@ -168,6 +168,8 @@ class engine_test : public ::testing::Test {
   // The value of an unlabelled metric, or -1.
   double metric(const std::string& name);
 
+  // Declared first, so that it goes last: after the clients that use it.
+  std::unique_ptr<tailor::actors::mock_cluster> mock_;
   std::unique_ptr<engine_process> engine_;
   std::unique_ptr<collector> out_;
   std::unique_ptr<producer> in_;

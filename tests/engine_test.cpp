@@ -705,13 +705,10 @@ TEST_F(EngineTest, ExactlyOnceOutputAnswersEachEventOnceAcrossACrash) {
 // the committed offsets are checked on the real broker instead
 // (ExactlyOnceOutputAnswersEachEventOnceAcrossACrash).
 TEST_F(EngineTest, AnAbortedTransactionsEventsAreReadAgainAndAnsweredOnce) {
-  std::string err;
-  auto mock = tailor::actors::mock_cluster::start(1, err);
-  ASSERT_TRUE(mock) << err;
   // No heartbeat meets the injected error in a transaction of its own.
   const json config = {{"kafka", {{"exactly_once", true}}},
                        {"instance", {{"heartbeat_ms", 3600000}, {"takeover_after_ms", 0}}}};
-  start_on_mock(*mock, config);
+  start_on_mock(config);
   ASSERT_FALSE(HasFatalFailure());
   send_inference(inference("u0", "warm"));
   in_->flush();
@@ -721,7 +718,7 @@ TEST_F(EngineTest, AnAbortedTransactionsEventsAreReadAgainAndAnsweredOnce) {
   // AddPartitionsToTxn (API key 24) refused for a topic: librdkafka makes
   // the transaction abortable, and its commit fails.
   constexpr int16_t add_partitions_to_txn = 24;
-  mock->fail_requests(add_partitions_to_txn, {RdKafka::ERR_TOPIC_AUTHORIZATION_FAILED});
+  mock_->fail_requests(add_partitions_to_txn, {RdKafka::ERR_TOPIC_AUTHORIZATION_FAILED});
   constexpr int n = 100;
   for (int i = 0; i < n; ++i)
     send_inference(inference("u" + std::to_string(i % 5), "q" + std::to_string(i)));
@@ -745,8 +742,6 @@ TEST_F(EngineTest, AnAbortedTransactionsEventsAreReadAgainAndAnsweredOnce) {
   const auto status = json::parse(engine_->get("/v1/status").second, nullptr, false);
   EXPECT_EQ(status.value("health", ""), "ok") << status.dump();
   EXPECT_EQ(engine_->stop(), 0) << engine_->log_tail(40);
-  out_.reset();  // before the cluster they read goes
-  in_.reset();
 }
 
 // A broker away for longer than the consumer's session (10 s) loses no
@@ -754,10 +749,7 @@ TEST_F(EngineTest, AnAbortedTransactionsEventsAreReadAgainAndAnsweredOnce) {
 // consumer, which lost its partitions, joins the group again once the broker
 // is back. Run on the mock cluster, whose broker can be taken down on cue.
 void EngineTest::broker_away_longer_than_the_session(const json& config) {
-  std::string err;
-  auto mock = tailor::actors::mock_cluster::start(1, err);
-  ASSERT_TRUE(mock) << err;
-  start_on_mock(*mock, config);
+  start_on_mock(config);
   ASSERT_FALSE(HasFatalFailure());
   const auto answered = [&] {
     std::map<std::string, std::set<std::string>> payloads;  // by request id
@@ -783,12 +775,12 @@ void EngineTest::broker_away_longer_than_the_session(const json& config) {
   ASSERT_TRUE(wait_until([&] { return answered().size() == 50u; }, 30s));
   const auto revoked_before = revoked();
   send(50, 250);
-  mock->set_down(true);
+  mock_->set_down(true);
   // Down until tailord's consumer has given its partitions up (its session
   // ran out): the outage is longer than the session, whatever this host's pace.
   EXPECT_TRUE(wait_until([&] { return revoked() > revoked_before; }, 60s))
       << engine_->log_tail(30);
-  mock->set_down(false);
+  mock_->set_down(false);
   EXPECT_TRUE(wait_until([&] { return answered().size() == 250u; }, 120s))
       << answered().size() << " of 250 answered; log:\n"
       << engine_->log_tail(40);
@@ -804,8 +796,6 @@ void EngineTest::broker_away_longer_than_the_session(const json& config) {
   EXPECT_TRUE(wait_until([&] { return answered().size() == 260u; }, 30s))
       << "serving again after the outage";
   EXPECT_EQ(engine_->stop(), 0) << engine_->log_tail(40);
-  out_.reset();  // before the cluster they read goes
-  in_.reset();
 }
 
 TEST_F(EngineTest, ABrokerAwayLongerThanTheSessionLosesNoRequest) {
