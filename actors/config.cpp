@@ -65,9 +65,6 @@ std::string validate(const engine_config& cfg) {
     return bad("memory_trim_idle_seconds", "must be 0 (never) or more");
   if (cfg.stop_timeout_seconds < 0)
     return bad("stop_timeout_seconds", "must be 0 (no limit) or more");
-  if (std::string token; !cfg.admin_token_file.empty())
-    if (auto why = read_admin_token(cfg.admin_token_file, token); !why.empty())
-      return bad("admin.token_file", why);
   const auto& in = cfg.instance;
   if (!in.id.empty() && !messages::is_valid_id(in.id))
     return bad("instance.id", "must be 1-128 characters of [A-Za-z0-9._:-]");

@@ -172,6 +172,8 @@ std::string validate(const engine_config& cfg);
 
 // The admin API's token: the first line of `path`, without surrounding
 // blanks. Returns why not, when the file cannot be read or holds none.
+// Not part of validate(): a tailorctl user who may read tailord's
+// configuration but not its secret still gets its topics and addresses.
 std::string read_admin_token(const std::string& path, std::string& token);
 
 // Reads a JSON configuration file over `cfg`; returns an error message naming

@@ -370,6 +370,12 @@ std::unique_ptr<engine> engine::start(engine_config cfg, std::string& err,
   std::unique_ptr<engine> e(new engine);
   resolve_paths(cfg);
   if (err = validate(cfg); !err.empty()) return nullptr;
+  std::string token;
+  if (!cfg.admin_token_file.empty())
+    if (err = read_admin_token(cfg.admin_token_file, token); !err.empty()) {
+      err = "admin.token_file: " + err;
+      return nullptr;
+    }
   for (const auto& [what, dir] : {std::pair{"data_dir", cfg.data_dir},
                                   {"artifact_dir", cfg.artifact_dir},
                                   {"training.data_dir", cfg.training.data_dir}}) {
@@ -441,13 +447,6 @@ std::unique_ptr<engine> engine::start(engine_config cfg, std::string& err,
       e->sys_->spawn(supervisor, cfg, e->stats_, e->health_, shared_db, bases, group);
   admin_server::group_info about{group, cfg.instance.id, cfg.instance.takeover_after_ms};
   e->admin_ = std::make_unique<admin_server>(shared_db, e->stats_, e->health_, 3, about);
-  std::string token;
-  if (!cfg.admin_token_file.empty())
-    if (err = read_admin_token(cfg.admin_token_file, token); !err.empty()) {
-      err = "admin.token_file: " + err;
-      e->stop();
-      return nullptr;
-    }
   if (token.empty() && cfg.admin_host != "127.0.0.1" && cfg.admin_host != "localhost" &&
       cfg.admin_host != "::1")
     spdlog::warn("admin API on {} without admin.token_file: whoever reaches it reads users' "

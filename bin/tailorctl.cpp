@@ -35,7 +35,7 @@ struct common_options {
   std::vector<std::string> props;
   actors::topic_names topics;
   std::map<std::string, std::string> config_props;  // kafka.properties of --config
-  std::string admin_unknown;  // why --config names no admin port; set: admin commands fail
+  std::string admin_unknown;  // why --config cannot reach the admin API; set: admin commands fail
   std::string admin_token;    // the admin API's bearer token, if it has one
 };
 
@@ -169,9 +169,12 @@ void apply_tailord_config(const std::string& path, bool bootstrap_given, bool ad
   if (auto err = actors::load_config_file(path, cfg); !err.empty()) fail("--config: " + err, 2);
   o.topics = cfg.kafka.topics;
   o.config_props = cfg.kafka.properties;
+  // Only the admin commands need it: publishing and following topics go on
+  // without a secret this user may not read.
   if (!token_given && !cfg.admin_token_file.empty())
     if (auto err = actors::read_admin_token(cfg.admin_token_file, o.admin_token); !err.empty())
-      fail("--config: admin.token_file: " + err, 2);
+      o.admin_unknown =
+          "admin.token_file: " + err + " (give --admin-token-file or TAILOR_ADMIN_TOKEN)";
   // What a running tailord wrote once ready: its admin port when the file
   // says 0 (any free one), and the embedded cluster's address.
   json ready;
@@ -194,7 +197,7 @@ void apply_tailord_config(const std::string& path, bool bootstrap_given, bool ad
                "running tailord's ready_file: give --bootstrap-servers",
            2);
   }
-  if (admin_given) return;
+  if (admin_given || !o.admin_unknown.empty()) return;
   int port = cfg.admin_port;
   if (port == 0 && live) port = ready.value("admin_port", 0);
   if (port == 0) {

@@ -321,6 +321,11 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "tailord: -X / kafka.properties: %s\n", bad.c_str());
     return 2;
   }
+  if (std::string token; !cfg.admin_token_file.empty())
+    if (auto why = tailor::actors::read_admin_token(cfg.admin_token_file, token); !why.empty()) {
+      std::fprintf(stderr, "tailord: admin.token_file: %s\n", why.c_str());
+      return 2;
+    }
   if (check_config) {
     std::printf("tailord: the configuration is good\n");
     return 0;

@@ -1091,6 +1091,11 @@ TEST(EngineStartup, BadConfigurationIsRefusedWithAClearMessage) {
   EXPECT_EQ(code, 0) << out;
   EXPECT_NE(out.find("the configuration is good"), std::string::npos) << out;
   EXPECT_FALSE(std::filesystem::exists(dir / "data")) << "a check starts nothing";
+  std::tie(code, out) = run("--config " + (dir / "good.json").string() +
+                            " --admin-token-file " + (dir / "no-token").string() +
+                            " --check-config");
+  EXPECT_EQ(code, 2);
+  EXPECT_NE(out.find("admin.token_file: cannot read"), std::string::npos) << out;
   std::tie(code, out) = run("--version");
   EXPECT_EQ(code, 0) << out;
   EXPECT_EQ(out, std::string("tailord ") + TAILOR_VERSION + "\n");
