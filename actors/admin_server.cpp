@@ -209,10 +209,9 @@ int admin_server::start(const std::string& host, int port, const std::string& to
       res.set_content("not ready: failed: " + failure + "\n", "text/plain");
       return;
     }
-    bool ready = stats_->ready(input_topics_);
-    res.status = ready ? 200 : 503;
-    res.set_content(ready ? "ready\n" : "not ready: consumers have not joined their group yet\n",
-                    "text/plain");
+    const auto why = stats_->not_ready(input_topics_);
+    res.status = why.empty() ? 200 : 503;
+    res.set_content(why.empty() ? "ready\n" : "not ready: " + why + "\n", "text/plain");
   });
   svr.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
     res.set_content(stats_->render() + memory_gauges(*db_), "text/plain; version=0.0.4");

@@ -508,6 +508,7 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
   st.out = std::move(out);
   st.stats = std::move(stats);
   st.on_rebalance = std::make_unique<rebalance_handler>(&st);
+  st.events = watch_brokers("tailord-ingress", st.stats);
   std::string err;
   auto conf = make_conf(st.cfg.kafka,
                         {{"group.id", st.cfg.kafka.group_id},
@@ -529,7 +530,7 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
                          // most that, beside training jobs of seconds.
                          {"queued.max.messages.kbytes", "8192"},
                          {"client.id", "tailord-ingress"}},
-                        err);
+                        err, st.events.get());
   if (conf && conf->set("rebalance_cb", st.on_rebalance.get(), err) == RdKafka::Conf::CONF_OK)
     st.consumer.reset(RdKafka::KafkaConsumer::create(conf.get(), err));
   RdKafka::ErrorCode rc = RdKafka::ERR_NO_ERROR;

@@ -65,6 +65,7 @@ struct ingress_state {
   egress_actor out;
   std::shared_ptr<metrics> stats;
   std::unique_ptr<RdKafka::RebalanceCb> on_rebalance;
+  std::unique_ptr<RdKafka::EventCb> events;  // watch_brokers; outlives the consumer
   std::unique_ptr<RdKafka::KafkaConsumer> consumer;
   std::unique_ptr<queue_wakeup> wakeup;  // reset before the consumer closes
   // The inference partitions' events, kept apart from the other topics'

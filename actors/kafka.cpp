@@ -4,10 +4,17 @@
 #include <librdkafka/rdkafka_mock.h>
 #include <librdkafka/rdkafkacpp.h>
 
+#include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
+#include <optional>
+#include <set>
+#include <string_view>
+
+#include "actors/metrics.hpp"
 
 namespace tailor::actors {
 
@@ -16,14 +23,70 @@ namespace {
 std::atomic<bool> kafka_logs_to_spdlog{false};
 
 // librdkafka's levels are syslog's: 0-3 errors, 4 warnings, 5-6 notices
-// and information, 7 debugging. Called on librdkafka's threads.
-void kafka_log(const rd_kafka_t* rk, int level, const char* facility, const char* line) {
+// and information, 7 debugging.
+void log_line(std::string_view client, int level, std::string_view facility,
+              std::string_view line) {
   const auto to = level <= 3   ? spdlog::level::err
                   : level == 4 ? spdlog::level::warn
                   : level <= 6 ? spdlog::level::info
                                : spdlog::level::debug;
-  spdlog::log(to, "kafka: {} {}: {}", rk ? rd_kafka_name(rk) : "-", facility, line);
+  spdlog::log(to, "kafka: {} {}: {}", client, facility, line);
 }
+
+// Called on librdkafka's threads. The client's id without librdkafka's
+// "#consumer-1": the name a watched client's lines carry too.
+void kafka_log(const rd_kafka_t* rk, int level, const char* facility, const char* line) {
+  std::string_view name = rk ? rd_kafka_name(rk) : "-";
+  log_line(name.substr(0, name.find('#')), level, facility, line);
+}
+
+class broker_watch : public RdKafka::EventCb {
+ public:
+  broker_watch(std::string client, std::shared_ptr<metrics> stats)
+      : client_(std::move(client)), stats_(std::move(stats)) {}
+
+  // Called where the client is polled (its owner's thread).
+  void event_cb(RdKafka::Event& e) override {
+    switch (e.type()) {
+      case RdKafka::Event::EVENT_STATS:
+        if (auto up = brokers_up(e.str())) stats_->set_kafka_brokers_up(client_, *up);
+        break;
+      case RdKafka::Event::EVENT_LOG:
+        // An event callback takes over librdkafka's log callback too.
+        if (kafka_logs_to_spdlog.load())
+          log_line(client_, e.severity(), e.fac(), e.str());
+        else
+          std::fprintf(stderr, "%%%d|%s|%s: %s\n", static_cast<int>(e.severity()),
+                       e.fac().c_str(), client_.c_str(), e.str().c_str());
+        break;
+      case RdKafka::Event::EVENT_ERROR:
+        // And its errors, which would otherwise be logged by librdkafka.
+        spdlog::log(e.fatal() ? spdlog::level::err : spdlog::level::warn, "kafka: {} {}: {}",
+                    client_, RdKafka::err2str(e.err()), e.str());
+        break;
+      default:
+        break;
+    }
+  }
+
+ private:
+  // The brokers of the cluster (node id known) with a connection up, each
+  // once: a bootstrap entry and the logical GroupCoordinator are the same
+  // brokers by other names.
+  static std::optional<int64_t> brokers_up(const std::string& statistics) {
+    const auto j = nlohmann::json::parse(statistics, nullptr, false);
+    const auto brokers = j.is_object() ? j.find("brokers") : j.end();
+    if (!j.is_object() || brokers == j.end() || !brokers->is_object()) return std::nullopt;
+    std::set<int> up;
+    for (const auto& [name, b] : brokers->items())
+      if (b.is_object() && b.value("nodeid", -1) >= 0 && b.value("state", "") == "UP")
+        up.insert(b.value("nodeid", -1));
+    return static_cast<int64_t>(up.size());
+  }
+
+  std::string client_;
+  std::shared_ptr<metrics> stats_;
+};
 
 void route_logs(rd_kafka_conf_t* conf) {
   if (kafka_logs_to_spdlog.load()) rd_kafka_conf_set_log_cb(conf, kafka_log);
@@ -32,6 +95,11 @@ void route_logs(rd_kafka_conf_t* conf) {
 }  // namespace
 
 void log_kafka_through_spdlog() { kafka_logs_to_spdlog.store(true); }
+
+std::unique_ptr<RdKafka::EventCb> watch_brokers(const std::string& client,
+                                                std::shared_ptr<metrics> stats) {
+  return std::make_unique<broker_watch>(client, std::move(stats));
+}
 
 std::unique_ptr<mock_cluster> mock_cluster::start(int brokers, std::string& err) {
   std::unique_ptr<mock_cluster> mc(new mock_cluster);
@@ -94,7 +162,7 @@ std::shared_ptr<RdKafka::ConsumerGroupMetadata> group_membership::current() cons
 
 std::unique_ptr<RdKafka::Conf> make_conf(
     const kafka_config& cfg, const std::vector<std::pair<std::string, std::string>>& extra,
-    std::string& err) {
+    std::string& err, RdKafka::EventCb* events) {
   std::unique_ptr<RdKafka::Conf> conf(RdKafka::Conf::create(RdKafka::Conf::CONF_GLOBAL));
   auto set = [&](const std::string& k, const std::string& v) {
     if (conf->set(k, v, err) != RdKafka::Conf::CONF_OK) {
@@ -104,11 +172,15 @@ std::unique_ptr<RdKafka::Conf> make_conf(
     return true;
   };
   if (!set("bootstrap.servers", cfg.bootstrap_servers)) return nullptr;
+  // Each second: a broker lost shows on /metrics and /readyz within about
+  // that. A consumer's statistics are a few KB.
+  if (events && !set("statistics.interval.ms", "1000")) return nullptr;
   for (const auto& [k, v] : extra)
     if (!set(k, v)) return nullptr;
   for (const auto& [k, v] : cfg.properties)
     if (!set(k, v)) return nullptr;
   route_logs(conf->c_ptr_global());
+  if (events && conf->set("event_cb", events, err) != RdKafka::Conf::CONF_OK) return nullptr;
   return conf;
 }
 

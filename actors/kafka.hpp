@@ -16,6 +16,7 @@
 namespace RdKafka {
 class Conf;
 class ConsumerGroupMetadata;
+class EventCb;
 class KafkaConsumer;
 }
 struct rd_kafka_s;
@@ -23,6 +24,8 @@ struct rd_kafka_mock_cluster_s;
 struct rd_kafka_queue_s;
 
 namespace tailor::actors {
+
+class metrics;
 
 // librdkafka's embedded mock cluster: the demo default when no
 // bootstrap.servers is configured. Lives as long as this object.
@@ -111,12 +114,23 @@ class group_membership {
 // whose stdout is data (tailorctl) keep librdkafka's default.
 void log_kafka_through_spdlog();
 
+// What a consumer of tailord tells beside its messages: its log lines and
+// errors go to spdlog, and librdkafka's statistics (each second) give how
+// many of the cluster's brokers it is connected to, `client`'s
+// tailor_kafka_brokers_up. For consumers only: they keep a connection to
+// their group's coordinator and their partitions' leaders, where an idle
+// producer may rightly hold none. Give it to make_conf; it must outlive the
+// client.
+std::unique_ptr<RdKafka::EventCb> watch_brokers(const std::string& client,
+                                                std::shared_ptr<metrics> stats);
+
 // A client configuration: bootstrap.servers plus `extra`, then every
-// pass-through property (so an operator's setting wins over ours). Returns
-// null and sets `err` on an unknown or invalid property.
+// pass-through property (so an operator's setting wins over ours), and
+// `events` when given (watch_brokers). Returns null and sets `err` on an
+// unknown or invalid property.
 std::unique_ptr<RdKafka::Conf> make_conf(
     const kafka_config& cfg, const std::vector<std::pair<std::string, std::string>>& extra,
-    std::string& err);
+    std::string& err, RdKafka::EventCb* events = nullptr);
 
 // Creates `topics` through the Admin API, those also in `compacted` with
 // cleanup.policy=compact; existing ones are fine (and left as they are).

@@ -127,6 +127,7 @@ nlohmann::json metrics::summary() const {
   json durations = json::object();
   for (const auto& [status, h] : job_duration_) durations[status] = quantiles(h);
   return {{"consumer_lag", lag_},
+          {"kafka_brokers_up", kafka_brokers_up_},
           {"in_flight", in_flight_},
           {"paused", paused},
           {"dlq", dlq_.load()},
@@ -162,9 +163,14 @@ int64_t metrics::work_done() const {
   return n;
 }
 
-bool metrics::ready(std::size_t expected) const {
+std::string metrics::not_ready(std::size_t expected) const {
   std::lock_guard<std::mutex> g(mtx_);
-  return joined_.size() >= expected;
+  if (joined_.size() < expected) return "consumers have not joined their group yet";
+  std::string away;
+  for (const auto& [client, up] : kafka_brokers_up_)
+    if (up == 0) away += (away.empty() ? "" : ", ") + client;
+  if (!away.empty()) return "no Kafka broker reachable (" + away + ")";
+  return {};
 }
 
 std::string metrics::render() const {
@@ -183,6 +189,10 @@ std::string metrics::render() const {
          lag_);
   family("tailor_ingress_in_flight", "gauge", "Events read but not yet answered.", "topic",
          in_flight_);
+  family("tailor_kafka_brokers_up", "gauge",
+         "Kafka brokers a consumer of tailord is connected to (librdkafka's statistics, each "
+         "second); 0: it reaches none.",
+         "client", kafka_brokers_up_);
   family("tailor_ingress_paused", "gauge", "1 while consumption is paused by backpressure.",
          "topic", paused_);
   family("tailor_ingress_pauses_total", "counter", "Times consumption was paused.", "topic",

@@ -74,6 +74,10 @@ class metrics {
   void set_lag(const std::string& topic, int64_t lag) { set(lag_, topic, lag); }
   void add_users(int64_t delta) { users_.fetch_add(delta); }
   void set_ready(const std::string& topic) { set(joined_, topic, 1); }
+  // How many brokers a watched Kafka client (watch_brokers) is connected to.
+  void set_kafka_brokers_up(const std::string& client, int64_t n) {
+    set(kafka_brokers_up_, client, n);
+  }
   void set_in_flight(const std::string& topic, int64_t n) { set(in_flight_, topic, n); }
   void set_paused(const std::string& topic, bool paused) { set(paused_, topic, paused ? 1 : 0); }
 
@@ -239,8 +243,11 @@ class metrics {
   // adapter, errors by code, the group.
   nlohmann::json summary() const;
 
-  // True once every one of `expected` input topics has joined its group.
-  bool ready(std::size_t expected) const;
+  // Why the engine cannot take work now, empty when it can: every one of
+  // `expected` input topics has joined its group, and every watched Kafka
+  // client reaches a broker.
+  std::string not_ready(std::size_t expected) const;
+  bool ready(std::size_t expected) const { return not_ready(expected).empty(); }
   std::string render() const;
 
  private:
@@ -265,7 +272,7 @@ class metrics {
       bank_used_, bank_unplaced_, batch_realtime_, helper_chunks_, helper_late_, helper_lent_,
       helper_eligible_, helper_steps_, step_failures_, device_restarts_, producer_replacements_,
       state_records_, cancels_passed_on_, users_deleted_,
-      transactions_;
+      transactions_, kafka_brokers_up_;
   bounded_counts model_requests_, user_requests_;
   std::map<std::string, std::map<std::string, int64_t>> cache_;  // event -> tier -> count
   std::map<std::string, std::pair<double, double>> batch_thread_;  // device -> running, runnable

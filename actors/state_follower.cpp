@@ -478,6 +478,7 @@ state_follower_actor::behavior_type state_follower(
     return state_follower_actor::behavior_type::make_empty_behavior();
   };
   std::string err;
+  st.events = watch_brokers("tailord-state", st.stats);
   // No group membership: every instance reads every partition. The group
   // id is only librdkafka's requirement for a consumer; nothing is committed.
   auto conf = make_conf(st.cfg.kafka,
@@ -486,7 +487,7 @@ state_follower_actor::behavior_type state_follower(
                          {"enable.auto.offset.store", "false"},
                          {"enable.partition.eof", "true"},
                          {"client.id", "tailord-state"}},
-                        err);
+                        err, st.events.get());
   if (conf) st.consumer.reset(RdKafka::KafkaConsumer::create(conf.get(), err));
   if (!st.consumer) return fail(err);
   std::vector<int32_t> partitions;

@@ -747,7 +747,9 @@ TEST_F(EngineTest, AnAbortedTransactionsEventsAreReadAgainAndAnsweredOnce) {
 // A broker away for longer than the consumer's session (10 s) loses no
 // request: tailord stays up, its answers wait in its producer, and its
 // consumer, which lost its partitions, joins the group again once the broker
-// is back. Run on the mock cluster, whose broker can be taken down on cue.
+// is back. Meanwhile /readyz says that no broker is reachable, and
+// tailor_kafka_brokers_up is 0. Run on the mock cluster, whose broker can be
+// taken down on cue.
 void EngineTest::broker_away_longer_than_the_session(const json& config) {
   start_on_mock(config);
   ASSERT_FALSE(HasFatalFailure());
@@ -771,19 +773,42 @@ void EngineTest::broker_away_longer_than_the_session(const json& config) {
       send_inference(inference("u" + std::to_string(i % 7), "q" + std::to_string(i)));
     in_->flush();
   };
+  const auto brokers_up = [&](const std::string& client) {
+    return metric("tailor_kafka_brokers_up{client=\"" + client + "\"}");
+  };
   send(0, 50);
   ASSERT_TRUE(wait_until([&] { return answered().size() == 50u; }, 30s));
+  // The consumers' statistics come each second: each reaches the broker.
+  EXPECT_TRUE(wait_until(
+      [&] { return brokers_up("tailord-ingress") == 1 && brokers_up("tailord-state") == 1; },
+      10s))
+      << brokers_up("tailord-ingress") << " " << brokers_up("tailord-state");
+  EXPECT_EQ(engine_->get("/readyz"), std::make_pair(200, std::string("ready\n")));
   const auto revoked_before = revoked();
   send(50, 250);
   mock_->set_down(true);
+  // Away from Kafka, the instance says so: it can take no work.
+  std::pair<int, std::string> away;
+  EXPECT_TRUE(wait_until(
+      [&] {
+        away = engine_->get("/readyz");
+        return away.first == 503 && brokers_up("tailord-ingress") == 0;
+      },
+      15s))
+      << away.first << " " << away.second;
+  EXPECT_NE(away.second.find("no Kafka broker reachable (tailord-ingress"), std::string::npos)
+      << away.second;
   // Down until tailord's consumer has given its partitions up (its session
   // ran out): the outage is longer than the session, whatever this host's pace.
   EXPECT_TRUE(wait_until([&] { return revoked() > revoked_before; }, 60s))
       << engine_->log_tail(30);
+  EXPECT_EQ(engine_->get("/readyz").first, 503) << "still away";
   mock_->set_down(false);
   EXPECT_TRUE(wait_until([&] { return answered().size() == 250u; }, 120s))
       << answered().size() << " of 250 answered; log:\n"
       << engine_->log_tail(40);
+  EXPECT_TRUE(wait_until([&] { return engine_->get("/readyz").first == 200; }, 15s))
+      << engine_->get("/readyz").second;
   for (const auto& [request, payloads] : answered())
     EXPECT_EQ(payloads.size(), 1u) << request << ": repeats are byte-identical";
   // The outage is in tailord's log, in its format: librdkafka's lines too.
