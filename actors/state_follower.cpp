@@ -176,6 +176,19 @@ void apply(self_ptr self, const RdKafka::Message& msg) {
     st.stats->count_state_record("rejected");
     return;
   }
+  if (auto* newer = std::get_if<messages::newer_state_record>(&record)) {
+    // Another instance runs a newer tailord (a rolling upgrade): what it
+    // adds is not this version's to follow. Said once per kind, not per
+    // record, as heartbeats of a new kind would come every second.
+    st.stats->count_state_record("newer");
+    if (st.newer_kinds.insert({newer->type, newer->schema_version}).second)
+      spdlog::warn("state: records of type {} with schema_version {} are newer than this "
+                   "tailord ({}) reads; skipped (another instance of the group runs a newer "
+                   "version). First: {}/{}@{}",
+                   newer->type, newer->schema_version, TAILOR_VERSION, msg.topic_name(),
+                   msg.partition(), msg.offset());
+    return;
+  }
   if (auto* alive = std::get_if<messages::instance_alive>(&record)) {
     st.group->heard(alive->instance_id, group_view::clock::now());
     st.stats->count_state_record("followed");

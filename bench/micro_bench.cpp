@@ -494,8 +494,8 @@ void bm_answer_record(benchmark::State& state) {
         state.SkipWithError("a new request id was found, or the lookup failed");
         break;
       }
-      request_record rec{user, id, "inference.request", 42, "", {{channel::results, user, output}},
-                         n};
+      request_record rec{
+          user, id, "inference.request", 42, "", {{channel::results, user, output}}, n, ""};
       history_entry entry{user, n, id, input, ""};  // its output is the record's, as tailord's
       if (auto err = store.put_request(rec, &entry)) {
         state.SkipWithError(caf::to_string(err).c_str());
@@ -522,7 +522,8 @@ void bm_delete_user(benchmark::State& state) {
       caf::error err;
       for (int64_t i = 0; i < answers && !err; ++i) {
         const auto id = "req-" + std::to_string(i);
-        request_record rec{user, id, "inference", 42, "", {{channel::results, user, output}}, i};
+        request_record rec{user, id, "inference", 42, "", {{channel::results, user, output}}, i,
+                           ""};
         history_entry entry{user, i, id, input, ""};
         err = store.put_request(rec, &entry);
       }

@@ -498,7 +498,7 @@ request_record queued_record(const std::string& user_id, const std::string& requ
   const job_event queued{"job.queued", job_id,       request_id,  user_id,
                          std::nullopt, std::nullopt, std::nullopt};
   return request_record{user_id, request_id,           "onboarding", payload_hash,
-                        job_id,  {to_message(queued)}, created_ms};
+                        job_id,  {to_message(queued)}, created_ms, ""};
 }
 
 std::optional<request_record> onboarding_record_of(const model_state& x) {
@@ -609,13 +609,23 @@ std::string parse_state_record(std::string_view bytes, state_record& x) {
   if (!j.is_object()) return "not a JSON object";
   const auto type = j.find("type");
   if (type == j.end() || !type->is_string()) return "type: is required";
+  const auto version = j.find("schema_version");
+  const bool known = *type == "model.state" || *type == "job.state" ||
+                     *type == "instance.alive" || *type == "user.erasure";
+  if (version != j.end() && version->is_number_integer() && version->get<int64_t>() >= 1 &&
+      (version->get<int64_t>() > schema_version || !known)) {
+    x = newer_state_record{type->get<std::string>(), version->get<int64_t>()};
+    return {};
+  }
+  if (!known)
+    return "type: must be model.state, job.state, instance.alive or user.erasure, not " +
+           type->get<std::string>();
   if (*type == "model.state") {
     model_state ms;
     auto why = parse_model_state(bytes, ms);
     x = std::move(ms);
     return why;
   }
-  const auto version = j.find("schema_version");
   if (version == j.end() || *version != schema_version) return "schema_version: must be 1";
   if (*type == "job.state") {
     job_state_record js;
@@ -629,14 +639,10 @@ std::string parse_state_record(std::string_view bytes, state_record& x) {
     x = std::move(ia);
     return why;
   }
-  if (*type == "user.erasure") {
-    user_erasure_record ue;
-    auto why = parse_user_erasure(j, ue);
-    x = std::move(ue);
-    return why;
-  }
-  return "type: must be model.state, job.state, instance.alive or user.erasure, not " +
-         type->get<std::string>();
+  user_erasure_record ue;
+  auto why = parse_user_erasure(j, ue);
+  x = std::move(ue);
+  return why;
 }
 
 std::string to_json(const onboarding_request& x) {

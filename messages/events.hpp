@@ -249,9 +249,18 @@ std::string state_key_of_job(const std::string& job_id);
 std::string state_key_of_user(const std::string& user_id);
 std::string state_key_of_instance(const std::string& instance_id);
 
+// A record this version cannot read because a newer one wrote it: a type
+// it does not know, or a schema_version above its own, as another instance
+// of the group publishes while a rolling upgrade is under way. Skipped,
+// not refused: it is no error of the writer's.
+struct newer_state_record {
+  std::string type;
+  int64_t schema_version = 0;
+};
+
 // Any record of tailor.state, by its type.
-using state_record =
-    std::variant<model_state, job_state_record, instance_alive, user_erasure_record>;
+using state_record = std::variant<model_state, job_state_record, instance_alive,
+                                  user_erasure_record, newer_state_record>;
 // Parses a tailor.state record: empty on success, else what is wrong with it.
 std::string parse_state_record(std::string_view bytes, state_record& x);
 

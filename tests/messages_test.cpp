@@ -437,7 +437,7 @@ TEST(Records, RoundTripThroughJson) {
       "u1",         "r1",
       "onboarding", 0xdeadbeefcafef00dULL,
       "j1",         {{channel::events, "u1", "{\"a\":1}"}, {channel::results, "u1", "x"}},
-      123};
+      123,          ""};
   request_record back;
   ASSERT_TRUE(from_json(to_json(rr), back));
   EXPECT_EQ(to_json(back), to_json(rr));
@@ -558,12 +558,40 @@ TEST(Records, JobStateAndHeartbeatRecordsRoundTripAndParseByType) {
   EXPECT_NE(refused(job, [](json& j) { j.erase("job_id"); }).find("job_id"), std::string::npos);
   EXPECT_NE(refused(job, [](json& j) { j["payload_hash"] = "12"; }).find("payload_hash"),
             std::string::npos);
-  EXPECT_NE(refused(job, [](json& j) { j["schema_version"] = 2; }).find("schema_version"),
+  EXPECT_NE(refused(job, [](json& j) { j["schema_version"] = 0; }).find("schema_version"),
+            std::string::npos);
+  EXPECT_NE(refused(job, [](json& j) { j["schema_version"] = "2"; }).find("schema_version"),
             std::string::npos);
   EXPECT_NE(refused(heartbeat, [](json& j) { j.erase("at_ms"); }).find("at_ms"),
             std::string::npos);
-  EXPECT_NE(refused(heartbeat, [](json& j) { j["type"] = "instance.gone"; }).find("type"),
+  // A type it does not know is refused when nothing says a newer version
+  // wrote it; with a schema_version, it is (a rolling upgrade) and skipped.
+  EXPECT_NE(refused(heartbeat,
+                    [](json& j) {
+                      j["type"] = "instance.gone";
+                      j.erase("schema_version");
+                    })
+                .find("type"),
             std::string::npos);
+  auto newer = [&](const std::string& of, const std::function<void(json&)>& change) {
+    auto j = json::parse(of);
+    change(j);
+    state_record x;
+    EXPECT_EQ(parse_state_record(j.dump(), x), "") << j.dump();
+    return std::holds_alternative<newer_state_record>(x) ? std::get<newer_state_record>(x)
+                                                         : newer_state_record{"(read)", -1};
+  };
+  const auto gone = newer(heartbeat, [](json& j) { j["type"] = "instance.gone"; });
+  EXPECT_EQ(gone.type, "instance.gone");
+  EXPECT_EQ(gone.schema_version, 1);
+  // A known type of a newer schema, even one this version could not read.
+  const auto job2 = newer(job, [](json& j) {
+    j["schema_version"] = 2;
+    j.erase("job_id");
+  });
+  EXPECT_EQ(job2.type, "job.state");
+  EXPECT_EQ(job2.schema_version, 2);
+  EXPECT_EQ(newer(to_json(ms), [](json& j) { j["schema_version"] = 3; }).schema_version, 3);
   // Open without its request (too large to publish): read, and not taken over.
   EXPECT_EQ(refused(job, [](json& j) { j.erase("request"); }), "");
   // A cancel passed on to the owner: still open, and it carries no request

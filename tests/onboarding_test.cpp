@@ -500,6 +500,47 @@ TEST_F(OnboardingTest, ACancelledJobOfASilentInstanceIsClosedByItsTakerWithoutRu
     EXPECT_TRUE(events_of("g", "job", type).empty()) << type;
 }
 
+// A rolling upgrade: another instance, of a newer version, publishes
+// records this one cannot read (a type it does not know, a known type's
+// next schema_version). They are skipped with one warning per kind, not
+// refused as unreadable, and what comes after them is read as before.
+TEST_F(OnboardingTest, StateRecordsOfANewerVersionAreSkippedWithOneWarningEachKind) {
+  start({{"instance", {{"takeover_after_ms", 0}}}});  // the other one is never taken over
+  ASSERT_FALSE(HasFatalFailure());
+  const auto& state_topic = engine_->topics().state;
+  const auto request = onboarding("far", "job");
+  const auto job_id = tailor::messages::job_id_for("far", "job");
+  const auto key = "job/" + job_id;  // one key, one partition: read in this order
+  const auto open =
+      job_state("tailord-far", "queued", job_id, "far", "job", hash_of(request), request);
+  auto next_schema = open;
+  next_schema["schema_version"] = 2;
+  next_schema["priority"] = "high";
+  const json new_kind = {
+      {"type", "instance.draining"}, {"schema_version", 1}, {"instance_id", "tailord-far"}};
+  for (int i = 0; i < 3; ++i) in_->send(state_topic, key, new_kind.dump());
+  for (int i = 0; i < 2; ++i) in_->send(state_topic, key, next_schema.dump());
+  in_->send(state_topic, key, "{not json");
+  in_->send(state_topic, key, open.dump());
+  in_->flush();
+  ASSERT_TRUE(wait_until([&] { return metric("tailor_group_open_jobs") == 1; }, 30s))
+      << "the record after them is read";
+  EXPECT_EQ(metric("tailor_state_records_total{outcome=\"newer\"}"), 5);
+  EXPECT_EQ(metric("tailor_state_records_total{outcome=\"rejected\"}"), 1) << "{not json";
+  const auto log = engine_->log_tail(100000);
+  const auto count = [&](const std::string& what) {
+    std::size_t n = 0;
+    for (auto at = log.find(what); at != std::string::npos; at = log.find(what, at + 1)) ++n;
+    return n;
+  };
+  EXPECT_EQ(count("are newer than this tailord"), 2u) << log;
+  EXPECT_EQ(count("] [warning] state: records of type instance.draining with schema_version 1 "),
+            1u);
+  EXPECT_EQ(count("] [warning] state: records of type job.state with schema_version 2 "), 1u);
+  EXPECT_EQ(count("] [error] state: record "), 1u) << "only the unreadable one is an error";
+  EXPECT_EQ(engine_->get("/healthz").first, 200);
+}
+
 // The state topic lost what an instance has (it was recreated empty, or the
 // models were made before it existed): at its next start the instance
 // publishes its ready models and its open jobs there, so a fresh instance
