@@ -20,10 +20,10 @@ void group_view::heard(const std::string& instance_id, clock::time_point at) {
   heard_[instance_id] = at;
 }
 
-void group_view::clear() {
-  std::lock_guard<std::mutex> guard(mutex_);
-  open_.clear();
-  heard_.clear();
+void group_view::replace_with(group_view&& fresh) {
+  std::scoped_lock guard(mutex_, fresh.mutex_);
+  open_ = std::move(fresh.open_);
+  heard_ = std::move(fresh.heard_);
 }
 
 std::optional<messages::job_state_record> group_view::find(const std::string& job_id) const {

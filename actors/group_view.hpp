@@ -25,7 +25,11 @@ class group_view {
   // When `instance_id` was last heard from, by this process's clock (so
   // that the instances' clocks need not agree).
   void heard(const std::string& instance_id, clock::time_point at);
-  void clear();
+  // Takes `fresh`'s jobs and instances in place of its own, in one step:
+  // a state follower that reads the topic again fills a view of its own
+  // and swaps it in once it has read it all, so that readers of this one
+  // never see it empty or half read.
+  void replace_with(group_view&& fresh);
   std::optional<messages::job_state_record> find(const std::string& job_id) const;
   std::size_t size() const;
   std::map<std::string, clock::time_point> instances() const;

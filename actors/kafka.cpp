@@ -136,6 +136,10 @@ void mock_cluster::fail_requests(int16_t api_key, const std::vector<int>& errors
   rd_kafka_mock_push_request_errors_array(cluster_, api_key, codes.size(), codes.data());
 }
 
+void mock_cluster::clear_failures(int16_t api_key) {
+  rd_kafka_mock_clear_request_errors(cluster_, api_key);
+}
+
 void mock_cluster::set_down(bool down) {
   if (down)
     rd_kafka_mock_broker_set_down(cluster_, -1);

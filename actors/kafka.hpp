@@ -39,6 +39,8 @@ class mock_cluster {
   // Kafka protocol's `api_key` (24: AddPartitionsToTxn ...) fail with these
   // error codes, in turn.
   void fail_requests(int16_t api_key, const std::vector<int>& errors);
+  // Drops the errors fail_requests left for `api_key`.
+  void clear_failures(int16_t api_key);
   // Another: its brokers drop every connection and refuse new ones (down),
   // or take them again (up), keeping their topics and groups.
   void set_down(bool down);

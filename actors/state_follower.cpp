@@ -13,6 +13,12 @@ namespace tailor::actors {
 
 namespace {
 
+// Where a record read now goes: the follower's own view while it reads the
+// topic from its beginning, the shared one once it has read it all.
+group_view& view(state_follower_state& st) {
+  return st.reading ? *st.reading : *st.group;
+}
+
 using self_ptr = state_follower_actor::stateful_pointer<state_follower_state>;
 using answers = std::vector<outgoing_message>;
 
@@ -137,6 +143,8 @@ void publish_missing(self_ptr self) {
 void check_caught_up(self_ptr self) {
   auto& st = self->state;
   if (st.caught_up || !st.behind.empty()) return;
+  st.group->replace_with(std::move(*st.reading));
+  st.reading.reset();
   if (st.hand_over) {
     hand_over_jobs(st);
     publish_missing(self);
@@ -162,7 +170,7 @@ void apply(self_ptr self, const RdKafka::Message& msg) {
   // record deletes them from the store; a job leaves the group too.
   if (msg.len() == 0) {
     if (const auto* key = msg.key(); key && key->rfind("job/", 0) == 0)
-      st.group->erase(key->substr(4));
+      view(st).erase(key->substr(4));
     return;
   }
   // The process's Nth record throws, which ends the follower.
@@ -190,7 +198,7 @@ void apply(self_ptr self, const RdKafka::Message& msg) {
     return;
   }
   if (auto* alive = std::get_if<messages::instance_alive>(&record)) {
-    st.group->heard(alive->instance_id, group_view::clock::now());
+    view(st).heard(alive->instance_id, group_view::clock::now());
     st.stats->count_state_record("followed");
     return;
   }
@@ -199,7 +207,7 @@ void apply(self_ptr self, const RdKafka::Message& msg) {
     // replaced: at most its admission queue and slots' worth each.
     const bool mine = job->owner == st.cfg.instance.id;
     if (mine) job->request.clear();
-    st.group->update(*job);
+    view(st).update(*job);
     if (!is_open_job_state(job->status)) {
       st.untakeable.erase(job->job_id);
       st.cancels.erase(job->job_id);
@@ -480,7 +488,7 @@ state_follower_actor::behavior_type state_follower(
   st.pool = std::move(pool);
   st.out = std::move(out);
   st.group = std::move(group);
-  st.group->clear();  // a fresh follower reads the topic from its beginning
+  st.reading = std::make_unique<group_view>();  // the topic is read from its beginning
   st.hand_over = hand_over;
   st.started = std::chrono::steady_clock::now();
   st.next_progress_log = st.started + std::chrono::seconds(10);

@@ -66,6 +66,10 @@ struct state_follower_state {
   // The group's open jobs, by id, as last published (their owner among
   // them), and when each instance was last heard from.
   std::shared_ptr<group_view> group;
+  // What the topic shows, until this follower has read it all: then it
+  // replaces `group` whole. A follower started again after one failed
+  // leaves the last view in place meanwhile, not an empty one.
+  std::unique_ptr<group_view> reading;
   // Jobs of this instance that another instance marked `cancelling`, each
   // with whether the pool has been asked to cancel it (answered: erased).
   std::map<std::string, bool> cancels;

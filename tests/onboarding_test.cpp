@@ -541,6 +541,64 @@ TEST_F(OnboardingTest, StateRecordsOfANewerVersionAreSkippedWithOneWarningEachKi
   EXPECT_EQ(engine_->get("/healthz").first, 200);
 }
 
+// A state follower started again after one failed reads the topic from its
+// beginning; until it has read it all, the instance keeps the view of the
+// group it had, not an empty one. Here the first follower fails on its
+// third record (tailord's own heartbeat, a job's, and another instance's
+// heartbeat, in some order), and the next ones cannot start for a while
+// (the broker refuses their offset queries): meanwhile a repeat of a job's
+// request open on another instance is answered for that instance, not
+// trained here.
+TEST_F(OnboardingTest, AStateFollowerStartedAgainKeepsTheGroupViewUntilItHasReadTheTopic) {
+  ::setenv("TAILOR_FAULT_STATE", "3", 1);  // read by tailord as it starts
+  // Never taken over; one heartbeat of its own, at its start.
+  start_on_mock({{"instance", {{"takeover_after_ms", 0}, {"heartbeat_ms", 3600000}}}});
+  ::unsetenv("TAILOR_FAULT_STATE");
+  ASSERT_FALSE(HasFatalFailure());
+  const auto& state_topic = engine_->topics().state;
+  const auto request = onboarding("far", "job");
+  const auto job_id = tailor::messages::job_id_for("far", "job");
+  in_->send(state_topic, "job/" + job_id,
+            job_state("tailord-far", "queued", job_id, "far", "job", hash_of(request), request)
+                .dump());
+  in_->flush();
+  auto open_jobs = [&] {
+    const auto g = json::parse(engine_->get("/v1/group").second, nullptr, false);
+    return g.is_object() ? g.value("open_jobs_total", -1) : -1;
+  };
+  ASSERT_TRUE(wait_until([&] { return open_jobs() == 1; }, 30s));
+  // ListOffsets (API key 2) refused until cleared below.
+  mock_->fail_requests(2, std::vector<int>(1000, 29));  // TOPIC_AUTHORIZATION_FAILED
+  in_->send(state_topic, "instance/tailord-far",
+            json{{"type", "instance.alive"},
+                 {"schema_version", 1},
+                 {"instance_id", "tailord-far"},
+                 {"at_ms", 1}}
+                .dump());
+  in_->flush();
+  // The first follower failed, and at least one after it could not start.
+  EXPECT_TRUE(wait_until([&] { return metric("tailor_state_follower_restarts_total") >= 2; }, 30s))
+      << engine_->log_tail(20);
+  EXPECT_EQ(open_jobs(), 1) << "the view stays while no follower has read the topic";
+  send_onboarding(request);
+  in_->flush();
+  const auto queued = await_event("far", "job", "job.queued");
+  EXPECT_EQ(queued.value["job_id"], job_id);
+  EXPECT_EQ(engine_->get("/v1/jobs/" + job_id).first, 404) << "not trained here";
+  mock_->clear_failures(2);
+  // A follower reads the topic again and takes the view over: the second
+  // "read ... following it" in the log.
+  const auto caught_up = [&] {
+    const auto log = engine_->log_tail(100000);
+    const auto first = log.find("; following it");
+    return first != std::string::npos && log.find("; following it", first + 1) != std::string::npos;
+  };
+  EXPECT_TRUE(wait_until(caught_up, 60s)) << engine_->log_tail(20);
+  EXPECT_EQ(open_jobs(), 1);
+  EXPECT_TRUE(events_of("far", "job", "job.admitted").empty()) << "never run here";
+  EXPECT_EQ(engine_->get("/healthz").first, 200);
+}
+
 // The state topic lost what an instance has (it was recreated empty, or the
 // models were made before it existed): at its next start the instance
 // publishes its ready models and its open jobs there, so a fresh instance
