@@ -24,6 +24,7 @@
 #include "model/pretrain.hpp"
 #include "model/row_kernels.hpp"
 #include "model/threads.hpp"
+#include "storage/artifacts.hpp"
 #include "storage/metadata_store.hpp"
 #include "zipf.hpp"
 
@@ -454,6 +455,47 @@ void bm_lora_rows(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations() * rows);
 }
 BENCHMARK(bm_lora_rows)->Arg(0)->Arg(1);
+
+// What the adapter loader does for a cold adapter (a disk load), part by
+// part: S 0 reads the file and checks its checksum; 1 also decodes it
+// (safetensors into LibTorch tensors); 2 also packs it for the bank
+// (bfloat16, as the host tier keeps it). A rank-8 adapter of tailor-base,
+// as the serving bench registers them, its file in the page cache as a
+// warm artifact store's are.
+void bm_load_adapter(benchmark::State& state) {
+  namespace fs = std::filesystem;
+  auto& f = fixture::get();
+  auto ad = lora_adapter::init(f.cfg, {8, 16.0, false}, 7);
+  auto bytes = encode_adapter(ad, f.cfg);
+  if (!bytes) return state.SkipWithError(caf::to_string(bytes.error()).c_str());
+  const auto path = (fs::temp_directory_path() /
+                     ("tailor-micro-adapter-" + std::to_string(::getpid()) + ".safetensors"))
+                        .string();
+  if (auto err = tailor::storage::write_file_atomic(path, *bytes))
+    return state.SkipWithError(caf::to_string(err).c_str());
+  const auto checksum = tailor::storage::checksum_of(*bytes);
+  const auto stage = state.range(0);
+  for (auto _ : state) {
+    auto read = tailor::storage::read_file(path, checksum);
+    if (!read) {
+      state.SkipWithError(caf::to_string(read.error()).c_str());
+      break;
+    }
+    if (stage == 0) {
+      benchmark::DoNotOptimize(read->data());
+      continue;
+    }
+    auto decoded = decode_adapter(std::move(*read), f.cfg, path);
+    if (!decoded) {
+      state.SkipWithError(caf::to_string(decoded.error()).c_str());
+      break;
+    }
+    if (stage == 2) benchmark::DoNotOptimize(packed_adapter::of(*decoded).layers.data());
+  }
+  state.counters["file_kb"] = static_cast<double>(bytes->size()) / 1024.0;
+  fs::remove(path);
+}
+BENCHMARK(bm_load_adapter)->Arg(0)->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond);
 
 // Runs `body` on a metadata store in a fresh temporary directory (named
 // after `name` and the benchmark's argument), removed afterwards.
