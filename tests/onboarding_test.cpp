@@ -55,6 +55,18 @@ std::vector<collector::record> job_states(const collector& state, const std::str
   });
 }
 
+// Publishes on `state_topic` user "far"'s job "job" as open on another
+// instance, tailord-far, with its request; returns that request.
+json publish_far_job(producer& in, const std::string& state_topic) {
+  const auto request = onboarding("far", "job");
+  const auto job_id = tailor::messages::job_id_for("far", "job");
+  in.send(state_topic, "job/" + job_id,
+          job_state("tailord-far", "queued", job_id, "far", "job", hash_of(request), request)
+              .dump());
+  in.flush();
+  return request;
+}
+
 }  // namespace
 
 TEST_F(OnboardingTest, AJobRunsThroughEveryStateAndItsModelIsListed) {
@@ -375,12 +387,8 @@ TEST_F(OnboardingTest, EventsAboutAJobRunningOnAnotherInstanceAreAnsweredForIt) 
   ASSERT_FALSE(HasFatalFailure());
   const auto& state_topic = engine_->topics().state;
   collector state(engine_->bootstrap(), {state_topic});
-  const auto request = onboarding("far", "job");
+  const auto request = publish_far_job(*in_, state_topic);
   const auto job_id = tailor::messages::job_id_for("far", "job");
-  in_->send(state_topic, "job/" + job_id,
-            job_state("tailord-far", "queued", job_id, "far", "job", hash_of(request), request)
-                .dump());
-  in_->flush();
   ASSERT_TRUE(wait_until([&] { return metric("tailor_group_open_jobs") == 1; }, 30s));
   auto group = [&] { return json::parse(engine_->get("/v1/group").second); };
   const auto seen = group();
@@ -556,12 +564,8 @@ TEST_F(OnboardingTest, AStateFollowerStartedAgainKeepsTheGroupViewUntilItHasRead
   ::unsetenv("TAILOR_FAULT_STATE");
   ASSERT_FALSE(HasFatalFailure());
   const auto& state_topic = engine_->topics().state;
-  const auto request = onboarding("far", "job");
+  const auto request = publish_far_job(*in_, state_topic);
   const auto job_id = tailor::messages::job_id_for("far", "job");
-  in_->send(state_topic, "job/" + job_id,
-            job_state("tailord-far", "queued", job_id, "far", "job", hash_of(request), request)
-                .dump());
-  in_->flush();
   auto open_jobs = [&] {
     const auto g = json::parse(engine_->get("/v1/group").second, nullptr, false);
     return g.is_object() ? g.value("open_jobs_total", -1) : -1;
