@@ -336,7 +336,7 @@ void dispatch(self_ptr self, std::shared_ptr<incoming_event> ev, uint64_t genera
         {rej->code, rej->message}, ev->topic, ev->partition, ev->offset, ev->key, ev->payload};
     st.stats->count_dlq();
     st.stats->count_error(to_string(rej->code));
-    publish(self, ev, {{channel::dlq, ev->key, to_json(rec)}}, generation);
+    publish(self, ev, {{channel::dlq, messages::dlq_key_of(ev->key), to_json(rec)}}, generation);
     return;
   }
   auto call = st.route_replies.watch(std::chrono::steady_clock::now(), [self, ev, generation] {

@@ -399,11 +399,17 @@ std::string to_json(const job_event& x) {
   return dump(j);
 }
 
+std::string dlq_key_of(const std::string& key) {
+  return key.size() > dlq_key_max_bytes ? key.substr(0, dlq_key_max_bytes) : key;
+}
+
 std::string to_json(const dlq_record& x) {
   json j = header("dlq.record");
   j["error"] = error_json(x.error);
   j["source"] = {{"topic", x.topic}, {"partition", x.partition}, {"offset", x.offset}};
-  j["key"] = repair_utf8(x.key);
+  j["key"] = repair_utf8(dlq_key_of(x.key));
+  j["key_bytes"] = x.key.size();
+  j["key_truncated"] = x.key.size() > dlq_key_max_bytes;
   // Whole, a large unreadable event's base64 would pass the largest record
   // Kafka takes (1 MB by default), and the DLQ record could never be
   // published: its event would wait for it for good.

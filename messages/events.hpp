@@ -153,6 +153,13 @@ struct user_deletion {
 // The most of an unreadable event's bytes a DLQ record carries; the rest
 // stays in its source topic (the record names topic, partition, offset).
 constexpr std::size_t dlq_payload_max_bytes = 256 * 1024;
+// The most of its Kafka key a DLQ record keeps, as its own key and in the
+// record: a key near Kafka's largest record (the producer may send one)
+// would make the record too large to publish, and its event would be
+// retried for good.
+constexpr std::size_t dlq_key_max_bytes = 16 * 1024;
+// An event's key as its DLQ record carries it: its first dlq_key_max_bytes.
+std::string dlq_key_of(const std::string& key);
 
 struct dlq_record {
   error_info error;

@@ -184,10 +184,15 @@ TEST_F(EngineTest, UnreadableInputGoesToTheDlqAndTheEngineGoesOn) {
   // Kafka takes (1 MB): the DLQ keeps its first 256 KiB.
   const std::string big(900 * 1024, 'x');
   in_->send(t.inference, "k5", big);
+  // A key as large: the DLQ record keeps its first 16 KiB, as Kafka key and
+  // in the record, else the record could not be published either.
+  const std::string long_key(600 * 1024, 'k');
+  in_->send(t.inference, long_key, "{not json");
   send_inference(inference("u2", "after"));
   in_->flush();
   ASSERT_TRUE(wait_until(
-      [&] { return out_->matching(t.dlq, [](const json&) { return true; }).size() >= 5; }, 30s));
+      [&] { return out_->matching(t.dlq, [](const json&) { return true; }).size() >= 6; }, 30s))
+      << engine_->log_tail(10);
   std::map<std::string, json> by_key;
   for (const auto& r : out_->matching(t.dlq, [](const json&) { return true; }))
     by_key[r.key] = r.value;
@@ -204,6 +209,13 @@ TEST_F(EngineTest, UnreadableInputGoesToTheDlqAndTheEngineGoesOn) {
   EXPECT_EQ(by_key["k5"]["payload_truncated"], true);
   EXPECT_EQ(by_key["k5"]["payload_base64"].get<std::string>().size(), 4u * (256 * 1024 + 2) / 3);
   EXPECT_EQ(by_key["k1"]["payload_truncated"], false);
+  EXPECT_EQ(by_key["k1"]["key_truncated"], false);
+  EXPECT_EQ(by_key["k1"]["key_bytes"], 2);
+  const auto& cut = by_key[long_key.substr(0, 16 * 1024)];
+  EXPECT_EQ(cut.value("key", ""), long_key.substr(0, 16 * 1024));
+  EXPECT_EQ(cut["key_bytes"], long_key.size());
+  EXPECT_EQ(cut["key_truncated"], true);
+  EXPECT_EQ(cut["payload_base64"], "e25vdCBqc29u");
   EXPECT_EQ(await_one("u2", "after").value["error"]["code"], "no_ready_model");
 }
 

@@ -398,6 +398,19 @@ TEST(Write, ResultsEventsAndDlqCarryTheContractFields) {
   EXPECT_EQ(j["payload_base64"], "/3s=");
   EXPECT_EQ(j["payload_bytes"], 2);
   EXPECT_EQ(j["payload_truncated"], false);
+  EXPECT_EQ(j["key"], "k");
+  EXPECT_EQ(j["key_bytes"], 1);
+  EXPECT_EQ(j["key_truncated"], false);
+  // A key as large as a record: its first dlq_key_max_bytes, there and as
+  // the record's own Kafka key.
+  d.key = std::string(dlq_key_max_bytes, 'k') + std::string(900 * 1024, 'l');
+  j = json::parse(to_json(d));
+  EXPECT_EQ(j["key"], std::string(dlq_key_max_bytes, 'k'));
+  EXPECT_EQ(j["key_bytes"], d.key.size());
+  EXPECT_EQ(j["key_truncated"], true);
+  EXPECT_EQ(dlq_key_of(d.key), std::string(dlq_key_max_bytes, 'k'));
+  EXPECT_EQ(dlq_key_of("k"), "k");
+  d.key = "k";
   // A large event: its first dlq_payload_max_bytes, and a record that a
   // broker takes (under 1 MB).
   d.payload = std::string(dlq_payload_max_bytes, 'a') + std::string(700 * 1024, 'b');
