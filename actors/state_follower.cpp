@@ -188,12 +188,16 @@ void apply(self_ptr self, const RdKafka::Message& msg) {
     // Another instance runs a newer tailord (a rolling upgrade): what it
     // adds is not this version's to follow. Said once per kind, not per
     // record, as heartbeats of a new kind would come every second.
+    // The kinds remembered are bounded, and so is a type in the log: a
+    // writer gone wrong must not grow either.
     st.stats->count_state_record("newer");
-    if (st.newer_kinds.insert({newer->type, newer->schema_version}).second)
+    const auto type = newer->type.substr(0, 100);
+    if (st.newer_kinds.size() < state_follower_state::max_newer_kinds &&
+        st.newer_kinds.insert({type, newer->schema_version}).second)
       spdlog::warn("state: records of type {} with schema_version {} are newer than this "
                    "tailord ({}) reads; skipped (another instance of the group runs a newer "
                    "version). First: {}/{}@{}",
-                   newer->type, newer->schema_version, TAILOR_VERSION, msg.topic_name(),
+                   type, newer->schema_version, TAILOR_VERSION, msg.topic_name(),
                    msg.partition(), msg.offset());
     return;
   }

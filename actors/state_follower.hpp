@@ -83,6 +83,7 @@ struct state_follower_state {
   std::map<std::string, std::string> last_owner;
   std::set<std::string> seen_models;
   std::set<std::pair<std::string, int64_t>> newer_kinds;  // logged once each
+  static constexpr std::size_t max_newer_kinds = 64;
   std::unique_ptr<RdKafka::EventCb> events;  // watch_brokers; outlives the consumer
   std::unique_ptr<RdKafka::KafkaConsumer> consumer;
   std::unique_ptr<queue_wakeup> wakeup;  // reset before the consumer closes

@@ -34,6 +34,9 @@ std::string broker_bootstrap();
 // Polls `pred` until it holds or `timeout` passes.
 bool wait_until(const std::function<bool()>& pred, std::chrono::milliseconds timeout);
 
+// How many times `what` occurs in `text` (a log, say).
+std::size_t occurrences(const std::string& text, const std::string& what);
+
 struct topic_set {
   std::string onboarding, inference, control, results, events, dlq, state;
 };

@@ -773,12 +773,7 @@ void EngineTest::broker_away_longer_than_the_session(const json& config) {
     return payloads;
   };
   const auto revoked = [&] {
-    const auto log = engine_->log_tail(100000);
-    std::size_t n = 0;
-    for (auto at = log.find("partitions revoked"); at != std::string::npos;
-         at = log.find("partitions revoked", at + 1))
-      ++n;
-    return n;
+    return occurrences(engine_->log_tail(100000), "partitions revoked");
   };
   const auto send = [&](int from, int to) {
     for (int i = from; i < to; ++i)
@@ -955,11 +950,7 @@ TEST_F(EngineTest, AStopThatHangsEndsTailordAfterTheStopTimeoutOrASecondSignal) 
   ASSERT_FALSE(HasFatalFailure());
   // The log goes on across runs: this run's hang is the second one in it.
   auto hangs = [&] {
-    const auto whole = engine_->log_tail(1000000);
-    const std::string line = "the consumer close hangs";
-    std::size_t n = 0;
-    for (auto at = whole.find(line); at != std::string::npos; at = whole.find(line, at + 1)) ++n;
-    return n;
+    return occurrences(engine_->log_tail(1000000), "the consumer close hangs");
   };
   ASSERT_EQ(hangs(), 1u);
   ASSERT_EQ(::kill(engine_->pid(), SIGTERM), 0);

@@ -536,11 +536,7 @@ TEST_F(OnboardingTest, StateRecordsOfANewerVersionAreSkippedWithOneWarningEachKi
   EXPECT_EQ(metric("tailor_state_records_total{outcome=\"newer\"}"), 5);
   EXPECT_EQ(metric("tailor_state_records_total{outcome=\"rejected\"}"), 1) << "{not json";
   const auto log = engine_->log_tail(100000);
-  const auto count = [&](const std::string& what) {
-    std::size_t n = 0;
-    for (auto at = log.find(what); at != std::string::npos; at = log.find(what, at + 1)) ++n;
-    return n;
-  };
+  const auto count = [&](const std::string& what) { return occurrences(log, what); };
   EXPECT_EQ(count("are newer than this tailord"), 2u) << log;
   EXPECT_EQ(count("] [warning] state: records of type instance.draining with schema_version 1 "),
             1u);
@@ -593,9 +589,7 @@ TEST_F(OnboardingTest, AStateFollowerStartedAgainKeepsTheGroupViewUntilItHasRead
   // A follower reads the topic again and takes the view over: the second
   // "read ... following it" in the log.
   const auto caught_up = [&] {
-    const auto log = engine_->log_tail(100000);
-    const auto first = log.find("; following it");
-    return first != std::string::npos && log.find("; following it", first + 1) != std::string::npos;
+    return occurrences(engine_->log_tail(100000), "; following it") >= 2;
   };
   EXPECT_TRUE(wait_until(caught_up, 60s)) << engine_->log_tail(20);
   EXPECT_EQ(open_jobs(), 1);
@@ -660,13 +654,7 @@ TEST_F(OnboardingTest, WhatTheStateTopicLacksIsPublishedAtTheNextStart) {
   EXPECT_EQ(models[0]["model_id"], model_id);
   EXPECT_EQ(second.stop(), 0);
   // The topic lacks nothing now: a restart publishes nothing.
-  auto published = [&] {
-    const auto log = engine_->log_tail(100000);
-    std::size_t n = 0;
-    const std::string line = "were not on";
-    for (auto at = log.find(line); at != std::string::npos; at = log.find(line, at + 1)) ++n;
-    return n;
-  };
+  auto published = [&] { return occurrences(engine_->log_tail(100000), "were not on"); };
   ASSERT_EQ(published(), 1u) << engine_->log_tail(40);
   EXPECT_EQ(engine_->stop(), 0);
   engine_->start();
