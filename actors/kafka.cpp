@@ -9,7 +9,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdio>
 #include <optional>
 #include <set>
 #include <string_view>
@@ -52,12 +51,9 @@ class broker_watch : public RdKafka::EventCb {
         if (auto up = brokers_up(e.str())) stats_->set_kafka_brokers_up(client_, *up);
         break;
       case RdKafka::Event::EVENT_LOG:
-        // An event callback takes over librdkafka's log callback too.
-        if (kafka_logs_to_spdlog.load())
-          log_line(client_, e.severity(), e.fac(), e.str());
-        else
-          std::fprintf(stderr, "%%%d|%s|%s: %s\n", static_cast<int>(e.severity()),
-                       e.fac().c_str(), client_.c_str(), e.str().c_str());
+        // An event callback takes over librdkafka's log callback too. Only
+        // the engine's consumers are watched, and tailord logs through spdlog.
+        log_line(client_, e.severity(), e.fac(), e.str());
         break;
       case RdKafka::Event::EVENT_ERROR:
         // And its errors, which would otherwise be logged by librdkafka.

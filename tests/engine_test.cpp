@@ -414,7 +414,8 @@ TEST_F(EngineTest, TailorctlTakesTopicsAndAddressesFromTailordsConfigurationFile
   std::tie(code, out) = tailorctl(*engine_, config + "status");
   EXPECT_EQ(code, 2) << out;
   EXPECT_NE(out.find("admin.port 0"), std::string::npos) << out;
-  std::tie(code, out) = tailorctl(*engine_, "--config " + engine_->data_dir() + "/none.json status");
+  std::tie(code, out) =
+      tailorctl(*engine_, "--config " + engine_->data_dir() + "/none.json status");
   EXPECT_EQ(code, 2) << out;
   EXPECT_NE(out.find("cannot read configuration file"), std::string::npos) << out;
 }
@@ -439,7 +440,8 @@ TEST_F(EngineTest, AnAdminApiWithATokenAnswersOnlyThoseWhoShowIt) {
   EXPECT_EQ(engine_->get("/healthz").first, 200);
   EXPECT_EQ(engine_->get("/readyz").first, 200);
   const auto admin = " --admin http://127.0.0.1:" + std::to_string(engine_->admin_port());
-  auto [code, out] = tailorctl(*engine_, "--config " + engine_->data_dir() + "/tailord.json status");
+  auto [code, out] =
+      tailorctl(*engine_, "--config " + engine_->data_dir() + "/tailord.json status");
   EXPECT_EQ(code, 0) << out;
   std::tie(code, out) = tailorctl(*engine_, admin + " status");
   EXPECT_EQ(code, 1) << out;
