@@ -344,6 +344,9 @@ int main(int argc, char** argv) {
   infer->add_option("-m,--model", in.model_id, "model id (default: the user's newest ready model)");
   infer->add_option("--max-tokens", in.max_tokens,
                     "tokens to generate at most (generation also ends where the context is full)");
+  infer->add_option("--min-tokens", in.min_tokens,
+                    "tokens to generate before end-of-text may end the text (stop sequences "
+                    "still do)");
   infer->add_option("--temperature", in.temperature, "sampling temperature (0: greedy)");
   infer->add_option("--top-k", in.top_k, "top-k sampling");
   infer->add_option("--top-p", in.top_p, "nucleus sampling");

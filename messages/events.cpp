@@ -230,12 +230,17 @@ void parse_inference(reader& r, const limits& lim, inference_request& x) {
   r.integer("max_tokens", x.max_tokens);
   r.number("temperature", x.temperature);
   r.boolean("ignore_end_of_text", x.ignore_end_of_text);
+  r.integer("min_tokens", x.min_tokens);
   r.integer("top_k", x.top_k);
   r.number("top_p", x.top_p);
   r.integer("seed", x.seed);
   r.strings("stop", x.stop, lim.max_stops, lim.max_stop_bytes, lim.max_stops * lim.max_stop_bytes);
   if (r.failed() && is_unreadable(r.error.code)) return;
   in_range<int64_t>(r, "max_tokens", x.max_tokens, 1, lim.max_tokens, "an integer");
+  in_range<int64_t>(r, "min_tokens", x.min_tokens, 0, lim.max_tokens, "an integer");
+  if (!r.failed() && x.min_tokens && x.max_tokens && *x.min_tokens > *x.max_tokens)
+    r.fail(errc::invalid_argument, "min_tokens: must not exceed max_tokens (" +
+                                       std::to_string(*x.max_tokens) + ")");
   in_range(r, "temperature", x.temperature, 0.0, 10.0, "a number");
   in_range<int64_t>(r, "top_k", x.top_k, 0, 1000000, "an integer");
   if (!r.failed() && x.top_p && !(*x.top_p > 0.0 && *x.top_p <= 1.0))
@@ -682,6 +687,7 @@ std::string to_json(const inference_request& x) {
   if (x.max_tokens) j["max_tokens"] = *x.max_tokens;
   if (x.temperature) j["temperature"] = *x.temperature;
   if (x.ignore_end_of_text) j["ignore_end_of_text"] = *x.ignore_end_of_text;
+  if (x.min_tokens) j["min_tokens"] = *x.min_tokens;
   if (x.top_k) j["top_k"] = *x.top_k;
   if (x.top_p) j["top_p"] = *x.top_p;
   if (x.seed) j["seed"] = *x.seed;

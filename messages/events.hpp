@@ -52,6 +52,7 @@ struct inference_request {
   std::optional<uint64_t> seed;
   std::vector<std::string> stop;
   std::optional<bool> ignore_end_of_text;  // load tests: always generate max_tokens
+  std::optional<int64_t> min_tokens;       // no end-of-text before this many tokens
 };
 
 struct job_cancel {

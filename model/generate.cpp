@@ -376,7 +376,10 @@ std::vector<int64_t> batch_generator::step() {
       r.prompt.clear();
       started_.push_back(r.id);
     }
-    emit(r, sample(r, next_logits, V));
+    // Tokens from end_of_text on are not bytes: before min_tokens the draw
+    // is among the bytes alone.
+    const bool may_end = static_cast<int64_t>(r.out.size()) >= r.s.min_tokens;
+    emit(r, sample(r, next_logits, may_end ? V : std::min(V, end_of_text)));
     next_logits += V;
   }
   std::vector<std::unique_ptr<row>> still;

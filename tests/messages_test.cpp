@@ -232,6 +232,7 @@ TEST(Parse, InferenceFieldsAndRanges) {
   auto j = inference();
   j["model_id"] = "m1";
   j["max_tokens"] = 64;
+  j["min_tokens"] = 8;
   j["temperature"] = 0.7;
   j["top_k"] = 40;
   j["top_p"] = 0.9;
@@ -241,6 +242,7 @@ TEST(Parse, InferenceFieldsAndRanges) {
   EXPECT_EQ(x.prompt, "hi");
   EXPECT_EQ(x.model_id.value_or(""), "m1");
   EXPECT_EQ(x.max_tokens.value_or(0), 64);
+  EXPECT_EQ(x.min_tokens.value_or(0), 8);
   EXPECT_EQ(x.top_k.value_or(0), 40);
   EXPECT_EQ(x.seed.value_or(0), 7u);
   EXPECT_EQ(x.stop, std::vector<std::string>{"\n\n"});
@@ -263,6 +265,23 @@ TEST(Parse, InferenceFieldsAndRanges) {
     EXPECT_EQ(r.message, "max_tokens: must be an integer in [1, 4096]");
     EXPECT_TRUE(r.answerable());
   }
+  // min_tokens: 0 up to max_tokens, and up to the limit without one.
+  j = inference();
+  j["min_tokens"] = 4096;
+  EXPECT_EQ(accept<inference_request>(input_topic::inference, j).min_tokens.value_or(0), 4096);
+  j["min_tokens"] = -1;
+  EXPECT_EQ(reject(input_topic::inference, j).message,
+            "min_tokens: must be an integer in [0, 4096]");
+  j["min_tokens"] = 1.5;
+  EXPECT_EQ(reject(input_topic::inference, j).code, errc::wrong_type);
+  j["max_tokens"] = 10;
+  j["min_tokens"] = 10;
+  EXPECT_EQ(accept<inference_request>(input_topic::inference, j).min_tokens.value_or(0), 10);
+  j["min_tokens"] = 11;
+  auto over = reject(input_topic::inference, j);
+  EXPECT_EQ(over.code, errc::invalid_argument);
+  EXPECT_EQ(over.message, "min_tokens: must not exceed max_tokens (10)");
+  EXPECT_TRUE(over.answerable());
   j = inference();
   j["temperature"] = -0.1;
   EXPECT_EQ(reject(input_topic::inference, j).code, errc::invalid_argument);

@@ -1295,6 +1295,47 @@ TEST_F(ModelTest, MaxTokensAndStopSequencesEndAGeneration) {
   EXPECT_EQ(generate_all(base_, bank_, {"abc"}, {1}, {s})[0].finish_reason, "length");
 }
 
+// min_tokens holds end-of-text back, and only it: on a base that always
+// prefers end-of-text, a row ends at once without it, and with it after
+// exactly min_tokens tokens (or at max_tokens, if that comes first),
+// whatever else shares the batch and whether drawn greedily or sampled.
+TEST_F(ModelTest, MinTokensHoldsEndOfTextBackUntilThatManyTokens) {
+  torch::NoGradGuard ng;
+  auto base = base_weights::init(cfg_, 1);
+  // Every position's final hidden state is lnf_b, and end-of-text's
+  // embedding (the head is tied to it) points the same way: its logit is
+  // ~32 above every other's.
+  base.lnf_w.zero_();
+  base.lnf_b.fill_(0.5);
+  base.wte[end_of_text].copy_(base.lnf_b * 4);
+  for (double temperature : {0.0, 1.0}) {
+    SCOPED_TRACE("temperature " + std::to_string(temperature));
+    auto with = [&](int64_t min_tokens, int64_t max_tokens) {
+      sampling s;
+      s.temperature = temperature;
+      s.seed = 3;
+      s.min_tokens = min_tokens;
+      s.max_tokens = max_tokens;
+      return s;
+    };
+    auto g = generate_all(base, bank_, {"Tell me something.", "Tell me something.", "abc", "x"},
+                          {1, 2, 0, 1}, {with(0, 20), with(5, 20), with(7, 3), with(20, 20)});
+    EXPECT_EQ(g[0].finish_reason, "stop");
+    EXPECT_TRUE(g[0].tokens.empty());
+    EXPECT_EQ(g[1].finish_reason, "stop");
+    EXPECT_EQ(g[1].tokens.size(), 5u);
+    EXPECT_EQ(g[2].finish_reason, "length");
+    EXPECT_EQ(g[2].tokens.size(), 3u);
+    EXPECT_EQ(g[3].finish_reason, "length");
+    EXPECT_EQ(g[3].tokens.size(), 20u);
+    for (const auto& one : g)
+      for (auto t : one.tokens) EXPECT_LT(t, end_of_text);
+    // Alone, a row gives the same tokens.
+    EXPECT_EQ(generate_all(base, bank_, {"Tell me something."}, {2}, {with(5, 20)})[0].tokens,
+              g[1].tokens);
+  }
+}
+
 // max_tokens bounds what is generated, not what is read: a request asking
 // for more than the context leaves room for is read whole and ends at the
 // context. Before, its prompt was cut to make room for max_tokens (to its

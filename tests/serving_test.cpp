@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <pthread.h>
 #include <sched.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <filesystem>
@@ -14,6 +15,7 @@
 
 #include "engine_harness.hpp"
 #include "model/checkpoint.hpp"
+#include "model/generate.hpp"
 #include "model/pretrain.hpp"
 #include "storage/metadata_store.hpp"
 
@@ -361,6 +363,47 @@ TEST_F(ServingTest, APromptLongerThanTheContextIsRefusedAndOneThatFitsIsReadWhol
   EXPECT_EQ(r["finish_reason"], "length") << r.dump();
   EXPECT_EQ(r["usage"]["prompt_tokens"], 64) << r.dump();
   EXPECT_EQ(r["usage"]["completion_tokens"], 1) << r.dump();
+}
+
+// A request's min_tokens reaches its batch row. On a base that always
+// prefers end-of-text (as a prompt that ends a sentence often makes a real
+// one), a request is answered with nothing; with min_tokens, with exactly
+// that many tokens before end-of-text ends it.
+TEST_F(ServingTest, MinTokensKeepsAnAnswerFromEndingBeforeThatManyTokens) {
+  const auto models_dir =
+      fs::temp_directory_path() / ("tailor-terse-base-" + std::to_string(::getpid()));
+  fs::create_directories(models_dir);
+  {
+    auto cfg = tailor::model::named_config("tailor-test");
+    ASSERT_TRUE(cfg);
+    torch::NoGradGuard ng;
+    auto base = tailor::model::base_weights::init(*cfg, 1);
+    // Every final hidden state is lnf_b, and end-of-text's (tied) embedding
+    // points its way: its logit leads every other by ~32.
+    base.lnf_w.zero_();
+    base.lnf_b.fill_(0.5);
+    base.wte[tailor::model::end_of_text].copy_(base.lnf_b * 4);
+    ASSERT_FALSE(tailor::model::save_base((models_dir / "tailor-test.safetensors").string(), base));
+  }
+  start({{"models", {{"dir", models_dir.string()}}}});
+  ASSERT_FALSE(HasFatalFailure());
+  onboard_all({"terse"});
+  auto plain = answer_to(ask("terse", "plain", "Tell me something.", 1));
+  EXPECT_EQ(plain["finish_reason"], "stop") << plain.dump();
+  EXPECT_EQ(plain["text"], "") << plain.dump();
+  auto held = ask("terse", "held", "Tell me something.", 1);
+  held["min_tokens"] = 6;
+  auto r = answer_to(held);
+  EXPECT_EQ(r["finish_reason"], "stop") << r.dump();
+  EXPECT_EQ(r["usage"]["completion_tokens"], 6) << r.dump();
+  EXPECT_NE(r["text"], "") << r.dump();
+  // More than max_tokens allows: refused to the requester, with the reason.
+  auto over = ask("terse", "over", "Tell me something.", 1, 4);
+  over["min_tokens"] = 5;
+  auto refused = answer_to(over);
+  EXPECT_EQ(refused["error"]["code"], "invalid_argument") << refused.dump();
+  EXPECT_EQ(refused["error"]["message"], "min_tokens: must not exceed max_tokens (4)");
+  fs::remove_all(models_dir);
 }
 
 // Design section 6: every instance of a group reads the ready models from
