@@ -89,6 +89,8 @@ std::string validate(const engine_config& cfg) {
     return bad("serving.prefill_chunk", "must not be negative (0: whole prompts)");
   if (v.default_max_tokens < 1 || v.default_max_tokens > cfg.limits.max_tokens)
     return bad("serving.default_max_tokens", "must lie in [1, limits.max_tokens]");
+  if (v.default_min_tokens < 0 || v.default_min_tokens > cfg.limits.max_tokens)
+    return bad("serving.default_min_tokens", "must lie in [0, limits.max_tokens]");
   if (v.default_temperature < 0) return bad("serving.default_temperature", "must not be negative");
   if (v.deadline_ms < 1) return bad("serving.deadline_ms", "must be at least 1");
   if (v.batch_thread != "shared" && v.batch_thread != "realtime")
@@ -240,7 +242,7 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
   if (section("serving",
               {"devices", "max_batch", "max_tokens_in_flight", "device_adapters", "host_adapters",
                "max_rank", "prefix_cache_entries", "prefix_cache_mb", "max_requests_per_user",
-               "default_max_tokens", "default_temperature", "deadline_ms", "pinned_models",
+               "default_max_tokens", "default_min_tokens", "default_temperature", "deadline_ms", "pinned_models",
                "batch_thread", "kv_cache", "products", "prefill_chunk", "step_helper"})) {
     const auto& v = j["serving"];
     auto& sc = cfg.serving;
@@ -258,6 +260,7 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
          take(v, "prefix_cache_mb", sc.prefix_cache_mb, w, err) &&
          take(v, "max_requests_per_user", sc.max_requests_per_user, w, err) &&
          take(v, "default_max_tokens", sc.default_max_tokens, w, err) &&
+         take(v, "default_min_tokens", sc.default_min_tokens, w, err) &&
          take(v, "default_temperature", sc.default_temperature, w, err) &&
          take(v, "deadline_ms", sc.deadline_ms, w, err) &&
          take(v, "pinned_models", sc.pinned_models, w, err) &&

@@ -78,6 +78,7 @@ struct serving_config {
   // steps where it measures faster, "on" in all, "off" none.
   std::string step_helper = "auto";
   int64_t default_max_tokens = 64;
+  int64_t default_min_tokens = 0;  // also for onboarding prompts
   double default_temperature = 0.7;
   int deadline_ms = 60000;  // a request not finished by then ends with finish_reason deadline
   std::vector<std::string> pinned_models;  // kept resident on every device once loaded

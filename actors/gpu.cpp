@@ -794,7 +794,7 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
         s.seed = q.seed.value_or(fnv1a64(q.user_id + '\0' + q.request_id));
         s.stop = q.stop;
         s.ignore_end_of_text = q.ignore_end_of_text.value_or(false);
-        s.min_tokens = q.min_tokens.value_or(0);
+        s.min_tokens = q.min_tokens.value_or(sc.default_min_tokens);
         r->prompt_tokens = model::prompt_tokens(q.prompt);
         // A row ends at the context, whatever max_tokens allows.
         r->budget = std::min(r->prompt_tokens + s.max_tokens, c.base->cfg.context);

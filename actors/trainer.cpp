@@ -61,6 +61,7 @@ std::vector<outgoing_message> prompt_results(const engine_config& cfg,
     s.max_tokens = cfg.training.prompt_max_tokens;
     s.temperature = 0.7;
     s.top_k = 40;
+    s.min_tokens = cfg.serving.default_min_tokens;
     s.seed = o.hp.seed + i;
     prompts.push_back(o.prompts[i]);
     settings.push_back(s);

@@ -345,8 +345,8 @@ int main(int argc, char** argv) {
   infer->add_option("--max-tokens", in.max_tokens,
                     "tokens to generate at most (generation also ends where the context is full)");
   infer->add_option("--min-tokens", in.min_tokens,
-                    "tokens to generate before end-of-text may end the text (stop sequences "
-                    "still do)");
+                    "tokens to generate before end-of-text or a stop sequence may end the "
+                    "text");
   infer->add_option("--temperature", in.temperature, "sampling temperature (0: greedy)");
   infer->add_option("--top-k", in.top_k, "top-k sampling");
   infer->add_option("--top-p", in.top_p, "nucleus sampling");

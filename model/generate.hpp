@@ -42,8 +42,9 @@ struct sampling {
   uint64_t seed = 0;
   std::vector<std::string> stop;
   bool ignore_end_of_text = false;  // benchmarks: always generate max_tokens
-  // End-of-text cannot be drawn before this many tokens: a prompt that ends
-  // a sentence is otherwise often answered with nothing (vLLM's min_tokens).
+  // Neither end-of-text nor a stop sequence ends a text before this many
+  // tokens: a prompt that ends a sentence is otherwise often answered with
+  // nothing (vLLM's min_tokens).
   int64_t min_tokens = 0;
 };
 

@@ -131,6 +131,13 @@ TEST(EngineConfig, ValidationNamesTheOffendingKey) {
   cfg.serving.prefix_cache_mb = 0;
   EXPECT_NE(validate(cfg).find("serving.prefix_cache_mb"), std::string::npos);
   cfg = {};
+  cfg.serving.default_min_tokens = -1;
+  EXPECT_NE(validate(cfg).find("serving.default_min_tokens"), std::string::npos);
+  cfg.serving.default_min_tokens = cfg.limits.max_tokens + 1;
+  EXPECT_NE(validate(cfg).find("serving.default_min_tokens"), std::string::npos);
+  cfg.serving.default_min_tokens = cfg.limits.max_tokens;
+  EXPECT_EQ(validate(cfg), "");
+  cfg = {};
   cfg.serving.batch_thread = "fast";
   EXPECT_NE(validate(cfg).find("serving.batch_thread"), std::string::npos);
   cfg.serving.batch_thread = "realtime";

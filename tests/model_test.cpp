@@ -1333,6 +1333,15 @@ TEST_F(ModelTest, MinTokensHoldsEndOfTextBackUntilThatManyTokens) {
     // Alone, a row gives the same tokens.
     EXPECT_EQ(generate_all(base, bank_, {"Tell me something."}, {2}, {with(5, 20)})[0].tokens,
               g[1].tokens);
+    // A stop sequence is looked for only from the min_tokens-th token on:
+    // with the first token as one, the text ends at the fifth token (cut
+    // off) if that is the same byte, else at end-of-text after it; without
+    // the hold, the first token would have ended it.
+    auto stopping = with(5, 20);
+    stopping.stop = {std::string(1, static_cast<char>(g[1].tokens[0]))};
+    auto stopped = generate_all(base, bank_, {"Tell me something."}, {2}, {stopping})[0];
+    EXPECT_EQ(stopped.finish_reason, "stop");
+    EXPECT_EQ(stopped.tokens.size(), g[1].tokens[4] == g[1].tokens[0] ? 4u : 5u);
   }
 }
 

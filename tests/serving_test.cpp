@@ -368,7 +368,8 @@ TEST_F(ServingTest, APromptLongerThanTheContextIsRefusedAndOneThatFitsIsReadWhol
 // A request's min_tokens reaches its batch row. On a base that always
 // prefers end-of-text (as a prompt that ends a sentence often makes a real
 // one), a request is answered with nothing; with min_tokens, with exactly
-// that many tokens before end-of-text ends it.
+// that many tokens before end-of-text ends it; serving.default_min_tokens
+// stands in for a request's and for an onboarding prompt's.
 TEST_F(ServingTest, MinTokensKeepsAnAnswerFromEndingBeforeThatManyTokens) {
   const auto models_dir =
       fs::temp_directory_path() / ("tailor-terse-base-" + std::to_string(::getpid()));
@@ -403,6 +404,24 @@ TEST_F(ServingTest, MinTokensKeepsAnAnswerFromEndingBeforeThatManyTokens) {
   auto refused = answer_to(over);
   EXPECT_EQ(refused["error"]["code"], "invalid_argument") << refused.dump();
   EXPECT_EQ(refused["error"]["message"], "min_tokens: must not exceed max_tokens (4)");
+  // serving.default_min_tokens: for requests that leave min_tokens out, and
+  // for an onboarding request's prompts; a request's own still wins.
+  ASSERT_EQ(engine_->stop(), 0);
+  engine_->reconfigure({{"serving", {{"default_min_tokens", 3}}}});
+  engine_->start();
+  ASSERT_FALSE(HasFatalFailure());
+  auto defaulted = answer_to(ask("terse", "defaulted", "Tell me something.", 1));
+  EXPECT_EQ(defaulted["finish_reason"], "stop") << defaulted.dump();
+  EXPECT_EQ(defaulted["usage"]["completion_tokens"], 3) << defaulted.dump();
+  auto own = ask("terse", "own", "Tell me something.", 1);
+  own["min_tokens"] = 0;
+  EXPECT_EQ(answer_to(own)["usage"]["completion_tokens"], 0);
+  auto signup_with_prompt = signup("newcomer", 3);
+  signup_with_prompt["prompts"] = {"Tell me something."};
+  send_onboarding(signup_with_prompt);
+  in_->flush();
+  auto welcome = result("newcomer", "signup#0");
+  EXPECT_EQ(welcome["usage"]["completion_tokens"], 3) << welcome.dump();
   fs::remove_all(models_dir);
 }
 
