@@ -242,8 +242,9 @@ std::string load_config_file(const std::string& path, engine_config& cfg) {
   if (section("serving",
               {"devices", "max_batch", "max_tokens_in_flight", "device_adapters", "host_adapters",
                "max_rank", "prefix_cache_entries", "prefix_cache_mb", "max_requests_per_user",
-               "default_max_tokens", "default_min_tokens", "default_temperature", "deadline_ms", "pinned_models",
-               "batch_thread", "kv_cache", "products", "prefill_chunk", "step_helper"})) {
+               "default_max_tokens", "default_min_tokens", "default_temperature", "deadline_ms",
+               "pinned_models", "batch_thread", "kv_cache", "products", "prefill_chunk",
+               "step_helper"})) {
     const auto& v = j["serving"];
     auto& sc = cfg.serving;
     const std::string w = "serving.";
