@@ -52,7 +52,7 @@ struct inference_request {
   std::optional<uint64_t> seed;
   std::vector<std::string> stop;
   std::optional<bool> ignore_end_of_text;  // load tests: always generate max_tokens
-  std::optional<int64_t> min_tokens;       // no end-of-text before this many tokens
+  std::optional<int64_t> min_tokens;       // tokens before end-of-text or a stop may end it
 };
 
 struct job_cancel {

@@ -202,10 +202,9 @@ void batch_generator::emit(row& r, int64_t token) {
   r.out.push_back(token);
   r.bytes.push_back(static_cast<char>(token));
   // As vLLM's: no stop sequence is looked for before min_tokens either.
-  static const std::vector<std::string> no_stops;
   const bool may_stop = static_cast<int64_t>(r.out.size()) >= r.s.min_tokens;
-  for (const auto& stop : may_stop ? r.s.stop : no_stops) {
-    if (stop.size() <= r.bytes.size() &&
+  for (const auto& stop : r.s.stop) {
+    if (may_stop && stop.size() <= r.bytes.size() &&
         r.bytes.compare(r.bytes.size() - stop.size(), stop.size(), stop) == 0) {
       r.bytes.resize(r.bytes.size() - stop.size());
       r.out.resize(r.out.size() - stop.size());
