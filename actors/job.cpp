@@ -190,7 +190,7 @@ void on_outcome(job_ptr self, training_outcome& o) {
     // The state record first: an instance that takes the user over knows
     // the model before anyone is told that it is ready.
     answers outcome{model_state_message(m, st.job, st.cfg.artifact_dir),
-                    job_event_message(ready, "model.ready")};
+                    job_event_message(ready, "model.ready", o.training)};
     for (auto& r : o.results) outcome.push_back(std::move(r));
     self->request(st.db, store_timeout, register_atom_v, m, st.job.job_id, outcome)
         .await(
@@ -286,8 +286,10 @@ outgoing_message cancel_rejected(const std::string& job_id, const std::string& r
   return to_message(ev);
 }
 
-outgoing_message job_event_message(const job_record& j, const std::string& type) {
-  job_event ev{type, j.job_id, j.request_id, j.user_id, std::nullopt, std::nullopt, std::nullopt};
+outgoing_message job_event_message(const job_record& j, const std::string& type,
+                                   std::optional<training_summary> training) {
+  job_event ev{type,         j.job_id,     j.request_id, j.user_id,
+               std::nullopt, std::nullopt, std::nullopt, std::move(training)};
   if (type == "model.ready") ev.model_id = j.model_id;
   if ((type == "job.failed" || type == "job.retrying") && !j.error_code.empty())
     ev.error = error_info{code_of(j.error_code), j.error_message};

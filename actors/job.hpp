@@ -6,6 +6,7 @@
 #include <caf/typed_event_based_actor.hpp>
 #include <caf/typed_response_promise.hpp>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -74,8 +75,10 @@ std::string model_id_for(const std::string& job_id);
 outgoing_message cancel_rejected(const std::string& job_id, const std::string& request_id,
                                  const std::string& user_id, errc code, std::string message);
 
-// The job event of `type` for `job` (with its error for failures).
-outgoing_message job_event_message(const job_record& job, const std::string& type);
+// The job event of `type` for `job`: with its error for failures, with how
+// its training went for model.ready.
+outgoing_message job_event_message(const job_record& job, const std::string& type,
+                                   std::optional<training_summary> training = std::nullopt);
 
 // The ready model `job` made, as the group's other instances read it on
 // tailor.state: its artifact's path relative to `artifact_dir`, and the

@@ -193,8 +193,10 @@ training_outcome run_order(trainer_actor::stateful_pointer<trainer_state> self, 
   out.status = "done";
   out.artifact_path = stored->path;
   out.checksum = stored->checksum;
-  out.steps_done = res->steps_done;
-  out.loss = res->train_loss;
+  out.training = {res->steps_done,        res->best_step,
+                  res->train_texts,       res->validation_texts,
+                  res->train_loss,        res->validation_loss.value_or(0),
+                  res->initial_validation_loss};
   out.results = prompt_results(st.cfg, base, res->adapter, o);
   fs::remove(opt.checkpoint_path, ec);
   return out;

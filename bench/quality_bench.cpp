@@ -3,7 +3,10 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <algorithm>
+#include <random>
 
+#include "messages/events.hpp"
 #include "model/corpus.hpp"
 #include "model/pretrain.hpp"
 #include "model/trainer.hpp"
@@ -20,7 +23,7 @@ struct user_data {
   std::vector<std::string> train, held_out;
 };
 
-std::vector<user_data> users() {
+std::vector<user_data> users(const quality_options& o) {
   std::vector<user_data> out;
   auto add = [&](const std::string& name, const std::vector<std::string>& files) {
     std::vector<std::string> entries;
@@ -31,6 +34,11 @@ std::vector<user_data> users() {
     user_data u;
     u.name = name;
     split_by_hash(entries, 10, u.train, u.held_out);
+    if (o.texts > 0 && static_cast<std::size_t>(o.texts) < u.train.size()) {
+      std::mt19937_64 rng(o.texts_seed ^ messages::fnv1a64(name));
+      std::shuffle(u.train.begin(), u.train.end(), rng);
+      u.train.resize(static_cast<std::size_t>(o.texts));
+    }
     out.push_back(std::move(u));
   };
   for (const auto& f : held_out_user_files()) add(f, {std::string(fortunes_dir) + "/" + f});
@@ -59,7 +67,7 @@ nlohmann::json run_quality(const quality_options& o) {
     bar.update(p.elapsed_s / p.budget_s, text);
   });
   if (!base) throw std::runtime_error(caf::to_string(base.error()));
-  auto us = users();
+  auto us = users(o);
   for (const auto& u : us)
     if (u.train.empty() || u.held_out.empty())
       throw std::runtime_error("no fortunes for user " + u.name +
@@ -75,10 +83,11 @@ nlohmann::json run_quality(const quality_options& o) {
   to.steps = o.steps;
   to.batch_size = o.batch_size;
   to.learning_rate = o.learning_rate;
-  to.eval_every = 25;
+  to.eval_every = o.eval_every;
+  to.validation_fraction = o.validation_fraction;
   std::vector<lora_adapter> adapters;
   std::vector<double> job_seconds;
-  std::vector<int64_t> steps_done;
+  std::vector<int64_t> steps_done, best_steps;
   for (std::size_t i = 0; i < us.size(); ++i) {
     auto t0 = std::chrono::steady_clock::now();
     auto r =
@@ -95,6 +104,7 @@ nlohmann::json run_quality(const quality_options& o) {
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     adapters.push_back(std::move(r->adapter));
     steps_done.push_back(r->steps_done);
+    best_steps.push_back(r->best_step);
   }
   bar.done();
   double ratio_sum = 0;
@@ -118,6 +128,7 @@ nlohmann::json run_quality(const quality_options& o) {
                         {"train_entries", us[u].train.size()},
                         {"held_out_entries", us[u].held_out.size()},
                         {"steps", steps_done[u]},
+                        {"best_step", best_steps[u]},
                         {"base", base_bpb},
                         {"own", own},
                         {"best_other", best_other},
@@ -135,7 +146,11 @@ nlohmann::json run_quality(const quality_options& o) {
   j["hyperparameters"] = {{"steps", o.steps},      {"batch_size", o.batch_size},
                           {"seq_len", to.seq_len}, {"learning_rate", o.learning_rate},
                           {"rank", o.rank},        {"alpha", o.alpha},
-                          {"mlp", o.mlp}};
+                          {"mlp", o.mlp},
+                          {"texts", o.texts},
+                          {"texts_seed", o.texts_seed},
+                          {"validation_fraction", o.validation_fraction},
+                          {"eval_every", o.eval_every}};
   return j;
 }
 

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "messages/jobs.hpp"
+#include "model/trainer.hpp"
 
 namespace tailor::bench {
 
@@ -20,6 +21,12 @@ struct quality_options {
   bool mlp = false;  // adapters on the MLP projections too
   int64_t eval_windows = 128;
   double pretrain_minutes = 10;
+  // A user with a few texts: each user gives only this many of their
+  // training entries (drawn by texts_seed); 0: all of them.
+  int64_t texts = 0;
+  uint64_t texts_seed = 0;
+  double validation_fraction = model::train_options{}.validation_fraction;
+  int64_t eval_every = model::train_options{}.eval_every;  // onboarding's
 };
 
 // Personalization that is real and belongs to its user: eight users (six

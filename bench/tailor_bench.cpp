@@ -86,6 +86,21 @@ int main(int argc, char** argv) {
   quality->add_option("--alpha", qo.alpha, "LoRA alpha (default: 16)")->check(CLI::PositiveNumber);
   quality->add_flag("--mlp", qo.mlp, "adapt the MLP projections too (default: attention only)");
   quality
+      ->add_option("--texts", qo.texts,
+                   "each user gives only this many of their texts, drawn by --texts-seed "
+                   "(default: all)")
+      ->check(CLI::PositiveNumber);
+  quality->add_option("--texts-seed", qo.texts_seed, "which texts --texts draws (default: 0)");
+  quality
+      ->add_option("--validation-fraction", qo.validation_fraction,
+                   "share of a user's texts held out to choose the best adapter (default: 0.1)")
+      ->check(CLI::Range(0.0, 0.9));
+  quality
+      ->add_option("--eval-every", qo.eval_every,
+                   "steps between evaluations on the held-out texts (default: onboarding's, " +
+                       std::to_string(qo.eval_every) + ")")
+      ->check(CLI::PositiveNumber);
+  quality
       ->add_option("--pretrain-minutes", qo.pretrain_minutes,
                    "budget if the base must be pre-trained first (default: 10)")
       ->check(CLI::PositiveNumber);

@@ -401,6 +401,18 @@ std::string to_json(const job_event& x) {
     j["progress"] = {
         {"step", x.progress->step}, {"steps", x.progress->steps}, {"loss", x.progress->loss}};
   if (x.error) j["error"] = error_json(*x.error);
+  if (x.training) {
+    const auto& t = *x.training;
+    j["training"] = {{"steps", t.steps},
+                     {"best_step", t.best_step},
+                     {"train_texts", t.train_texts},
+                     {"validation_texts", t.validation_texts},
+                     {"loss", t.loss}};
+    if (t.validation_texts > 0) {
+      j["training"]["validation_loss"] = t.validation_loss;
+      j["training"]["base_validation_loss"] = t.base_validation_loss;
+    }
+  }
   return dump(j);
 }
 

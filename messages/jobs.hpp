@@ -63,15 +63,14 @@ struct training_outcome {
   bool transient = false;  // a failure worth retrying
   std::string artifact_path;
   std::string checksum;
-  int64_t steps_done = 0;
-  double loss = 0;
+  training_summary training;
   std::vector<outgoing_message> results;  // the prompts' generations
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, training_outcome& x) {
   return f(caf::meta::type_name("training_outcome"), x.status, x.code, x.message, x.transient,
-           x.artifact_path, x.checksum, x.steps_done, x.loss, x.results);
+           x.artifact_path, x.checksum, x.training, x.results);
 }
 
 }  // namespace tailor::messages

@@ -66,6 +66,7 @@ struct run_state {
   double best_val = std::numeric_limits<double>::infinity();
   int64_t bad_evals = 0;
   bool has_best = false;
+  int64_t best_step = 0;  // the step `best` is of; 0: the untrained adapter
 };
 
 std::vector<std::pair<std::string, torch::Tensor*>> named_of(lora_adapter& ad) {
@@ -82,6 +83,7 @@ caf::error save_checkpoint(const std::string& path, lora_adapter& ad, lora_adapt
     ar.write("best_val", torch::tensor(st.best_val, torch::kFloat64));
     ar.write("bad_evals", torch::tensor(st.bad_evals));
     ar.write("has_best", torch::tensor(static_cast<int64_t>(st.has_best)));
+    ar.write("best_step", torch::tensor(st.best_step));
     torch::serialize::OutputArchive opt_ar;
     opt.save(opt_ar);
     ar.write("optimizer", opt_ar);
@@ -113,15 +115,17 @@ caf::error load_checkpoint(const std::string& path, lora_adapter& ad, lora_adapt
       ar.read("best." + n, v);
       t->copy_(v);
     }
-    torch::Tensor s, bv, be, hb;
+    torch::Tensor s, bv, be, hb, bs;
     ar.read("step", s);
     ar.read("best_val", bv);
     ar.read("bad_evals", be);
     ar.read("has_best", hb);
+    ar.read("best_step", bs);  // missing in an older build's checkpoint: it is dropped
     st.step = s.item<int64_t>();
     st.best_val = bv.item<double>();
     st.bad_evals = be.item<int64_t>();
     st.has_best = hb.item<int64_t>() != 0;
+    st.best_step = bs.item<int64_t>();
     torch::serialize::InputArchive opt_ar;
     ar.read("optimizer", opt_ar);
     opt.load(opt_ar);
@@ -216,9 +220,20 @@ caf::expected<train_result> train_lora(const base_weights& base,
   lora_adapter best = clone_adapter(res.adapter);
   torch::optim::AdamW opt(res.adapter.parameters(),
                           torch::optim::AdamWOptions(o.learning_rate).weight_decay(o.weight_decay));
-  run_state st;
   const bool has_val = !val_stream.empty();
   res.initial_validation_loss = has_val ? evaluate(base, nullptr, val_stream, T) : 0.0;
+  // The untrained adapter (B = 0: the base's outputs) is a candidate too: a
+  // user whose few texts only teach the adapter to overfit keeps the base's
+  // answers rather than worse ones (docs/models.md, "A few texts").
+  const auto first_state = [&] {
+    run_state s;
+    if (has_val) {
+      s.best_val = res.initial_validation_loss;
+      s.has_best = true;
+    }
+    return s;
+  };
+  run_state st = first_state();
   if (!o.checkpoint_path.empty() && std::filesystem::exists(o.checkpoint_path)) {
     const auto initial = clone_adapter(res.adapter);
     if (auto err = load_checkpoint(o.checkpoint_path, res.adapter, best, opt, st)) {
@@ -232,7 +247,7 @@ caf::expected<train_result> train_lora(const base_weights& base,
       auto fresh = named_of(from);
       for (std::size_t i = 0; i < to.size(); ++i) to[i].second->copy_(*fresh[i].second);
       best = clone_adapter(initial);
-      st = run_state{};
+      st = first_state();
       opt.state().clear();
       std::error_code ec;
       std::filesystem::remove(o.checkpoint_path, ec);
@@ -272,6 +287,7 @@ caf::expected<train_result> train_lora(const base_weights& base,
         st.best_val = v;
         st.bad_evals = 0;
         st.has_best = true;
+        st.best_step = st.step;
         best = clone_adapter(res.adapter);
       } else {
         ++st.bad_evals;
@@ -286,9 +302,13 @@ caf::expected<train_result> train_lora(const base_weights& base,
     }
   }
   res.steps_done = st.step;
+  res.best_step = st.step;
+  res.train_texts = static_cast<int64_t>(train_texts.size());
+  res.validation_texts = static_cast<int64_t>(val_texts.size());
   if (has_val && st.has_best) {
     res.adapter = std::move(best);
     res.validation_loss = st.best_val;
+    res.best_step = st.best_step;
   }
   for (auto& l : res.adapter.layers)
     for (auto& p : l) {

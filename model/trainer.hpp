@@ -46,8 +46,12 @@ struct train_progress {
 };
 
 struct train_result {
-  lora_adapter adapter;  // the best adapter by validation loss (the last one without validation)
+  // The best adapter by validation loss, the untrained one (the base's
+  // outputs) included; the last one without validation texts.
+  lora_adapter adapter;
   int64_t steps_done = 0;
+  int64_t best_step = 0;  // the step `adapter` is of: 0 for the untrained one
+  int64_t train_texts = 0, validation_texts = 0;
   double train_loss = 0;                  // of the last step
   std::optional<double> validation_loss;  // of the returned adapter
   double initial_validation_loss = 0;     // before training (the base alone)

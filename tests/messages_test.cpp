@@ -401,6 +401,19 @@ TEST(Write, ResultsEventsAndDlqCarryTheContractFields) {
   job_event prog{"job.progress", "j1", "r1", "u1", std::nullopt, progress_info{3, 10, 1.5},
                  std::nullopt};
   EXPECT_EQ(json::parse(to_json(prog))["progress"]["steps"], 10);
+  EXPECT_FALSE(json::parse(to_json(prog)).contains("training"));
+  // model.ready says how training went; without held-out texts, it has no
+  // validation figures rather than zeros that read as a perfect model.
+  job_event ready{"model.ready", "j1", "r1", "u1", "m1", std::nullopt, std::nullopt,
+                  training_summary{100, 0, 1, 1, 0.25, 2.5, 2.5}};
+  j = json::parse(to_json(ready));
+  EXPECT_EQ(j["model_id"], "m1");
+  EXPECT_EQ(j["training"], json::parse(R"({"steps":100,"best_step":0,"train_texts":1,
+      "validation_texts":1,"loss":0.25,"validation_loss":2.5,"base_validation_loss":2.5})"));
+  ready.training = training_summary{100, 100, 1, 0, 0.5, 0, 0};
+  EXPECT_EQ(json::parse(to_json(ready))["training"],
+            json::parse(R"({"steps":100,"best_step":100,"train_texts":1,"validation_texts":0,
+      "loss":0.5})"));
 
   dlq_record d;
   d.error = {errc::invalid_json, "event: is not valid JSON"};

@@ -90,6 +90,18 @@ TEST_F(OnboardingTest, AJobRunsThroughEveryStateAndItsModelIsListed) {
   EXPECT_EQ(progress.back().value["progress"]["step"], 30);
   EXPECT_EQ(progress.back().value["progress"]["steps"], 30);
   EXPECT_GT(progress.back().value["progress"]["loss"].get<double>(), 0.0);
+  // How training went: of its 3 texts one was held out, and the model is the
+  // adapter of the step that did best on it, no worse than the base.
+  const auto& training = ready.value["training"];
+  EXPECT_EQ(training["steps"], 30) << training.dump();
+  EXPECT_EQ(training["train_texts"], 2);
+  EXPECT_EQ(training["validation_texts"], 1);
+  EXPECT_GE(training["best_step"].get<int>(), 0);
+  EXPECT_LE(training["best_step"].get<int>(), 30);
+  EXPECT_EQ(training["loss"], progress.back().value["progress"]["loss"]);
+  EXPECT_GT(training["base_validation_loss"].get<double>(), 0.0);
+  EXPECT_LE(training["validation_loss"].get<double>(),
+            training["base_validation_loss"].get<double>());
 
   std::string model_id = ready.value["model_id"];
   std::string job_id = ready.value["job_id"];

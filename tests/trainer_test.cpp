@@ -112,6 +112,8 @@ TEST_F(TrainerTest, ResumingFromACheckpointEqualsAnUninterruptedRun) {
   EXPECT_EQ(resumed->steps_done, 20);
   EXPECT_LE(max_diff(resumed->adapter, whole->adapter), 1e-6);
   EXPECT_EQ(resumed->validation_loss, whole->validation_loss);
+  EXPECT_GT(whole->best_step, 0);
+  EXPECT_EQ(resumed->best_step, whole->best_step);
 }
 
 // A checkpoint only saves time: one cut short (a crash as it was written)
@@ -139,6 +141,7 @@ TEST_F(TrainerTest, ACheckpointThatCannotBeReadIsDroppedAndTheRunStartsOver) {
     EXPECT_EQ(again->steps_done, 20) << damage;
     EXPECT_LE(max_diff(again->adapter, whole->adapter), 1e-6) << damage;
     EXPECT_EQ(again->validation_loss, whole->validation_loss) << damage;
+    EXPECT_EQ(again->best_step, whole->best_step) << damage;
   }
 }
 
@@ -167,6 +170,36 @@ TEST_F(TrainerTest, EarlyStoppingKeepsTheBestAdapter) {
   for (double v : vals) EXPECT_LE(*r->validation_loss, v);
 }
 
+// A user whose texts can only teach the adapter what the held-out text is
+// not keeps the untrained adapter: the base's answers, not worse ones.
+TEST_F(TrainerTest, TrainingThatOnlyHurtsTheHeldOutTextKeepsTheBase) {
+  auto o = quick();
+  o.steps = 6;
+  o.eval_every = 1;
+  o.learning_rate = 0.5;
+  const std::vector<std::string> texts = {std::string(60, 'q'),
+                                          "0123456789 9876543210 0246813579 1357924680"};
+  std::vector<double> vals;
+  auto r = train_lora(base_, texts, {8, 16, true}, o, [&](const train_progress& p) {
+    if (p.validation_loss) vals.push_back(*p.validation_loss);
+  });
+  ASSERT_TRUE(r) << caf::to_string(r.error());
+  ASSERT_EQ(vals.size(), 6u);
+  for (double v : vals) ASSERT_GT(v, r->initial_validation_loss) << "training helped after all";
+  ASSERT_TRUE(r->validation_loss);
+  EXPECT_EQ(*r->validation_loss, r->initial_validation_loss);
+  EXPECT_EQ(r->steps_done, 6);
+  EXPECT_EQ(r->best_step, 0);
+  EXPECT_EQ(r->train_texts, 1);
+  EXPECT_EQ(r->validation_texts, 1);
+  for (const auto& layer : r->adapter.layers)
+    for (const auto& site : layer) EXPECT_EQ(site.b.abs().max().item<double>(), 0.0);
+  for (const auto& text : texts) {
+    auto stream = token_stream({text});
+    EXPECT_EQ(evaluate(base_, &r->adapter, stream, 32), evaluate(base_, nullptr, stream, 32));
+  }
+}
+
 TEST_F(TrainerTest, BadInputIsAnErrorNotACrash) {
   auto r = train_lora(base_, {"", ""}, {8, 16, false}, quick());
   ASSERT_FALSE(r);
@@ -181,8 +214,12 @@ TEST_F(TrainerTest, BadInputIsAnErrorNotACrash) {
   o.steps = 0;
   o.data_epochs = 0;
   EXPECT_FALSE(train_lora(base_, user_texts(), {8, 16, false}, o));
-  // A single short text trains (it is both train and validation data).
-  EXPECT_TRUE(train_lora(base_, {"hi"}, {2, 4, false}, quick()));
+  // A single short text trains; nothing is held out, and the last step is kept.
+  auto single = train_lora(base_, {"hi"}, {2, 4, false}, quick());
+  ASSERT_TRUE(single);
+  EXPECT_FALSE(single->validation_loss);
+  EXPECT_EQ(single->validation_texts, 0);
+  EXPECT_EQ(single->best_step, single->steps_done);
 }
 
 TEST_F(TrainerTest, BaseAndAdapterFilesRoundTrip) {
