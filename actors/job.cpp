@@ -192,10 +192,12 @@ void on_outcome(job_ptr self, training_outcome& o) {
     answers outcome{model_state_message(m, st.job, st.cfg.artifact_dir),
                     job_event_message(ready, "model.ready", o.training)};
     for (auto& r : o.results) outcome.push_back(std::move(r));
+    const bool as_base = o.training.validation_texts > 0 && o.training.best_step == 0;
     self->request(st.db, store_timeout, register_atom_v, m, st.job.job_id, outcome)
         .await(
             [=](caf::ok_atom) {
               auto& st = self->state;
+              if (as_base) st.stats->count_model_as_base();
               st.job.status = "ready";
               st.job.model_id = m.model_id;
               st.job.outcome = outcome;

@@ -405,6 +405,10 @@ std::string metrics::render() const {
         training_assigned_.load());
   gauge("tailor_training_seconds_total", "counter",
         "Time training slots spent executing training (all slots).", training_seconds_.load());
+  gauge("tailor_models_as_base_total", "counter",
+        "Models made ready as the base: no training step beat the base on the user's held-out "
+        "texts (model.ready's best_step 0), so the untrained adapter was kept.",
+        models_as_base_.load());
   gauge("tailor_training_first_admission_seconds", "gauge",
         "Unix time of the first admission to a training slot (0: none yet).",
         first_admission_.load());

@@ -88,6 +88,8 @@ class metrics {
   int64_t training_assigned() const { return training_assigned_.load(); }
   void add_training_seconds(double s) { add_double(training_seconds_, s); }
   void count_job(const std::string& final_status) { add(jobs_, final_status, 1); }
+  // A model made ready whose adapter is the untrained one (no step beat the base).
+  void count_model_as_base() { models_as_base_.fetch_add(1); }
   void set_first_admission(double unix_s) { first_admission_.store(unix_s); }
   void set_queue_drained(double unix_s) { queue_drained_.store(unix_s); }
   void count_pause(const std::string& topic) { add(pauses_, topic, 1); }
@@ -302,6 +304,7 @@ class metrics {
   std::atomic<int64_t> state_follower_restarts_{0};
   std::atomic<int64_t> jobs_taken_over_{0};
   std::atomic<int64_t> jobs_handed_over_{0};
+  std::atomic<int64_t> models_as_base_{0};
   std::atomic<int64_t> group_live_{0}, group_open_jobs_{0}, group_orphaned_jobs_{0};
   std::atomic<int64_t> job_actor_failures_{0};
 };

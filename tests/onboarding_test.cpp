@@ -121,6 +121,28 @@ TEST_F(OnboardingTest, AJobRunsThroughEveryStateAndItsModelIsListed) {
   EXPECT_EQ(job["model_id"], model_id);
 }
 
+// Texts that only teach the adapter what the held-out one is not: the model
+// is the untrained adapter, model.ready says so, and /metrics counts it.
+TEST_F(OnboardingTest, AUserWhoseTextsDoNotHelpGetsTheBaseAndIsToldSo) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  EXPECT_EQ(metric("tailor_models_as_base_total"), 0.0);
+  auto j = onboarding("few", "signup",
+                      {std::string(80, 'q'), "0123456789 9876543210 0246813579 1357924680"});
+  j["hyperparameters"] = {{"steps", 6}, {"learning_rate", 0.5}, {"rank", 4}};
+  send_onboarding(j);
+  in_->flush();
+  auto ready = await_event("few", "signup", "model.ready");
+  ASSERT_FALSE(HasFailure());
+  const auto& training = ready.value["training"];
+  EXPECT_EQ(training["steps"], 6) << training.dump();
+  EXPECT_EQ(training["validation_texts"], 1);
+  EXPECT_EQ(training["best_step"], 0);
+  EXPECT_EQ(training["validation_loss"], training["base_validation_loss"]);
+  EXPECT_TRUE(wait_until([&] { return metric("tailor_models_as_base_total") == 1.0; }, 10s))
+      << metric("tailor_models_as_base_total");
+}
+
 TEST_F(OnboardingTest, ASpikeLargerThanTheAdmissionQueuePausesConsumptionAndCompletesEveryJob) {
   const int jobs = 40, cap = 4;
   start({{"training", {{"slots", 2}, {"admission_queue", cap}, {"steps", 2}}}});
