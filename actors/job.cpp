@@ -185,6 +185,7 @@ void on_outcome(job_ptr self, training_outcome& o) {
     m.status = "ready";
     m.created_ms = unix_ms();
     m.job_id = st.job.job_id;
+    m.training = o.training;
     auto ready = st.job;
     ready.model_id = m.model_id;
     // The state record first: an instance that takes the user over knows

@@ -401,18 +401,7 @@ std::string to_json(const job_event& x) {
     j["progress"] = {
         {"step", x.progress->step}, {"steps", x.progress->steps}, {"loss", x.progress->loss}};
   if (x.error) j["error"] = error_json(*x.error);
-  if (x.training) {
-    const auto& t = *x.training;
-    j["training"] = {{"steps", t.steps},
-                     {"best_step", t.best_step},
-                     {"train_texts", t.train_texts},
-                     {"validation_texts", t.validation_texts},
-                     {"loss", t.loss}};
-    if (t.validation_texts > 0) {
-      j["training"]["validation_loss"] = t.validation_loss;
-      j["training"]["base_validation_loss"] = t.base_validation_loss;
-    }
-  }
+  if (x.training) j["training"] = *x.training;
   return dump(j);
 }
 
@@ -470,6 +459,7 @@ std::string to_json(const model_state& x) {
                 {"status", m.status},
                 {"created_ms", m.created_ms},
                 {"job_id", m.job_id}});
+  if (m.training.steps > 0) j["training"] = m.training;
   if (!x.request_id.empty()) {
     j["request_id"] = x.request_id;
     j["payload_hash"] = hex64(x.payload_hash);
@@ -507,6 +497,15 @@ std::string parse_model_state(std::string_view bytes, model_state& x) {
   if (!created) return "created_ms: is required";
   m.created_ms = *created;
   if (m.status != "ready") return "status: must be ready, not " + m.status;
+  // Only informative: a malformed one leaves it unrecorded rather than the
+  // model unserved on this instance.
+  if (auto t = j.find("training"); t != j.end()) {
+    try {
+      t->get_to(m.training);
+    } catch (const json::exception&) {
+      m.training = {};
+    }
+  }
   // Confined to the artifact store: relative, and never climbing out of it.
   const auto& a = m.artifact_path;
   if (a.empty() || a.front() == '/' || a == ".." || a.rfind("../", 0) == 0 ||

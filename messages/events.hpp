@@ -1,6 +1,5 @@
 #pragma once
 
-#include <caf/meta/type_name.hpp>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -130,25 +129,6 @@ struct progress_info {
   int64_t step = 0, steps = 0;
   double loss = 0;
 };
-
-// How a finished job's training went, on its model.ready: whether the
-// user's texts made a model that predicts their held-out texts better than
-// the base. best_step 0: the untrained adapter scored best and was kept (the
-// model answers as the base). validation_texts 0: none were held out (a
-// single text), the validation figures are 0 and the last step is kept.
-struct training_summary {
-  int64_t steps = 0;      // steps run
-  int64_t best_step = 0;  // the step whose adapter the model is
-  int64_t train_texts = 0, validation_texts = 0;
-  double loss = 0;  // the last step's training loss (nats per token)
-  double validation_loss = 0, base_validation_loss = 0;  // the model's and the base's
-};
-
-template <class Inspector>
-typename Inspector::result_type inspect(Inspector& f, training_summary& x) {
-  return f(caf::meta::type_name("training_summary"), x.steps, x.best_step, x.train_texts,
-           x.validation_texts, x.loss, x.validation_loss, x.base_validation_loss);
-}
 
 // type: job.queued|job.admitted|job.training|job.progress|job.saving|
 //       job.retrying|job.failed|job.cancelled|model.ready

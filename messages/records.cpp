@@ -83,15 +83,38 @@ bool from_json(std::string_view s, job_record& x) {
   });
 }
 
+void to_json(json& j, const training_summary& x) {
+  j = {{"steps", x.steps},
+       {"best_step", x.best_step},
+       {"train_texts", x.train_texts},
+       {"validation_texts", x.validation_texts},
+       {"loss", x.loss}};
+  if (x.validation_texts > 0) {
+    j["validation_loss"] = x.validation_loss;
+    j["base_validation_loss"] = x.base_validation_loss;
+  }
+}
+
+void from_json(const json& j, training_summary& x) {
+  j.at("steps").get_to(x.steps);
+  j.at("best_step").get_to(x.best_step);
+  j.at("train_texts").get_to(x.train_texts);
+  j.at("validation_texts").get_to(x.validation_texts);
+  j.at("loss").get_to(x.loss);
+  x.validation_loss = x.base_validation_loss = 0;
+  if (x.validation_texts > 0) {
+    j.at("validation_loss").get_to(x.validation_loss);
+    j.at("base_validation_loss").get_to(x.base_validation_loss);
+  }
+}
+
 std::string to_json(const model_record& x) {
-  return dump(json{{"model_id", x.model_id},
-                   {"user_id", x.user_id},
-                   {"base_model", x.base_model},
-                   {"artifact_path", x.artifact_path},
-                   {"checksum", x.checksum},
-                   {"status", x.status},
-                   {"created_ms", x.created_ms},
-                   {"job_id", x.job_id}});
+  json j{{"model_id", x.model_id},     {"user_id", x.user_id},
+         {"base_model", x.base_model}, {"artifact_path", x.artifact_path},
+         {"checksum", x.checksum},     {"status", x.status},
+         {"created_ms", x.created_ms}, {"job_id", x.job_id}};
+  if (x.training.steps > 0) j["training"] = x.training;
+  return dump(j);
 }
 
 bool from_json(std::string_view s, model_record& x) {
@@ -104,6 +127,7 @@ bool from_json(std::string_view s, model_record& x) {
     j.at("status").get_to(x.status);
     j.at("created_ms").get_to(x.created_ms);
     j.at("job_id").get_to(x.job_id);
+    if (j.contains("training")) j.at("training").get_to(x.training);
   });
 }
 

@@ -3,6 +3,7 @@
 #include <caf/meta/type_name.hpp>
 #include <chrono>
 #include <cstdint>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <vector>
 
@@ -99,6 +100,30 @@ typename Inspector::result_type inspect(Inspector& f, job_record& x) {
            x.error_code, x.error_message, x.model_id, x.announced, x.outcome);
 }
 
+// How a finished job's training went, on its model.ready and its model's
+// record: whether the user's texts made a model that predicts their
+// held-out texts better than the base. best_step 0: the untrained adapter scored best and was kept (the
+// model answers as the base). validation_texts 0: none were held out (a
+// single text), the validation figures are 0 and the last step is kept.
+struct training_summary {
+  int64_t steps = 0;      // steps run
+  int64_t best_step = 0;  // the step whose adapter the model is
+  int64_t train_texts = 0, validation_texts = 0;
+  double loss = 0;  // the last step's training loss (nats per token)
+  double validation_loss = 0, base_validation_loss = 0;  // the model's and the base's
+};
+
+// Its JSON object (docs/events.md); without validation texts, the two
+// validation losses are left out. from_json throws on a malformed object.
+void to_json(nlohmann::json& j, const training_summary& x);
+void from_json(const nlohmann::json& j, training_summary& x);
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, training_summary& x) {
+  return f(caf::meta::type_name("training_summary"), x.steps, x.best_step, x.train_texts,
+           x.validation_texts, x.loss, x.validation_loss, x.base_validation_loss);
+}
+
 struct model_record {
   std::string model_id;
   std::string user_id;
@@ -108,12 +133,15 @@ struct model_record {
   std::string status;  // ready|deleted
   int64_t created_ms = 0;
   std::string job_id;
+  // How it was trained; steps 0: not recorded (a model made by an older
+  // version, or registered without training, as the benchmarks' are).
+  training_summary training{};
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, model_record& x) {
   return f(caf::meta::type_name("model_record"), x.model_id, x.user_id, x.base_model,
-           x.artifact_path, x.checksum, x.status, x.created_ms, x.job_id);
+           x.artifact_path, x.checksum, x.status, x.created_ms, x.job_id, x.training);
 }
 
 // One handled request, keyed by (user_id, request_id): the dedup entry.

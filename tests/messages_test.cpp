@@ -494,6 +494,46 @@ TEST(Records, RoundTripThroughJson) {
   EXPECT_FALSE(from_json("nope", jr));
 }
 
+// A model's record keeps how it was trained (model.ready's `training`), in
+// the store and on tailor.state; records of an older version have none.
+TEST(Records, AModelKeepsHowItWasTrainedAndOlderRecordsReadWithout) {
+  model_record m{"model-1", "u1",    "tiny", "adapters/u1/model-1.safetensors", "sha256:ab",
+                 "ready",   42,      "job-1", training_summary{100, 40, 18, 2, 1.25, 1.75, 2.0}};
+  auto j = json::parse(to_json(m));
+  EXPECT_EQ(j["training"], json::parse(R"({"steps":100,"best_step":40,"train_texts":18,
+      "validation_texts":2,"loss":1.25,"validation_loss":1.75,"base_validation_loss":2.0})"));
+  model_record back;
+  ASSERT_TRUE(from_json(to_json(m), back));
+  EXPECT_EQ(back.training.best_step, 40);
+  EXPECT_EQ(back.training.base_validation_loss, 2.0);
+  EXPECT_EQ(to_json(back), to_json(m));
+  j.erase("training");  // as an older version wrote it
+  ASSERT_TRUE(from_json(j.dump(), back = {}));
+  EXPECT_EQ(back.training.steps, 0);
+  EXPECT_FALSE(json::parse(to_json(back)).contains("training"));
+  // A single text: nothing held out, no validation losses.
+  m.training = {100, 100, 1, 0, 0.5, 0, 0};
+  ASSERT_TRUE(from_json(to_json(m), back = {}));
+  EXPECT_EQ(back.training.validation_texts, 0);
+  EXPECT_FALSE(json::parse(to_json(back))["training"].contains("validation_loss"));
+
+  m.training = {100, 40, 18, 2, 1.25, 1.75, 2.0};
+  model_state ms{m, "signup", 7};
+  model_state read;
+  ASSERT_EQ(parse_model_state(to_json(ms), read), "");
+  EXPECT_EQ(to_json(read.model), to_json(m));
+  // Only informative there: a malformed one leaves it unrecorded, and the
+  // model is still read (and served).
+  auto state = json::parse(to_json(ms));
+  state["training"].erase("loss");
+  ASSERT_EQ(parse_model_state(state.dump(), read = {}), "");
+  EXPECT_EQ(read.model.model_id, "model-1");
+  EXPECT_EQ(read.model.training.steps, 0);
+  state["training"] = "much";
+  ASSERT_EQ(parse_model_state(state.dump(), read = {}), "");
+  EXPECT_EQ(read.model.training.steps, 0);
+}
+
 // What instances share on tailor.state: a ready model, its artifact relative
 // to the artifact store. A record that could make an instance read outside
 // its store, or that is not a ready model, is refused with the reason.

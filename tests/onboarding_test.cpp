@@ -110,6 +110,7 @@ TEST_F(OnboardingTest, AJobRunsThroughEveryStateAndItsModelIsListed) {
   EXPECT_EQ(models[0]["model_id"], model_id);
   EXPECT_EQ(models[0]["status"], "ready");
   EXPECT_EQ(models[0]["job_id"], job_id);
+  EXPECT_EQ(models[0]["training"], training) << "the model record keeps how it was trained";
   // The artifact is on disk, and its bytes are the registered ones.
   std::string path = models[0]["artifact_path"];
   auto bytes = tailor::storage::read_file(path, models[0]["checksum"]);

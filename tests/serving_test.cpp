@@ -449,6 +449,18 @@ TEST_F(ServingTest, EveryInstanceOfAGroupServesEveryUsersOwnModel) {
     EXPECT_TRUE(wait_until([&] { return lists(second, u, models[u]); }, 30s))
         << "the second instance does not list " << u << "'s model";
   }
+  // How each model was trained reaches the other instance with it.
+  auto training_of = [&](const engine_process& e, const std::string& u) {
+    for (const auto& m : json::parse(e.get("/v1/users/" + u + "/models").second))
+      if (m.value("model_id", "") == models[u]) return m.value("training", json());
+    return json();
+  };
+  for (const auto& u : users) {
+    const auto here = training_of(*engine_, u);
+    ASSERT_TRUE(here.is_object()) << u << ": " << here.dump();
+    EXPECT_EQ(here.value("steps", 0), 3) << u << ": " << here.dump();
+    EXPECT_EQ(training_of(second, u), here) << u;
+  }
   std::map<std::string, json> before;
   for (const auto& u : users) send_inference(ask(u, "q1", "Who are you?", 7));
   in_->flush();
