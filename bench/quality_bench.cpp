@@ -1,9 +1,9 @@
 #include "quality_bench.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <algorithm>
 #include <random>
 
 #include "messages/events.hpp"

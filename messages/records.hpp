@@ -102,9 +102,10 @@ typename Inspector::result_type inspect(Inspector& f, job_record& x) {
 
 // How a finished job's training went, on its model.ready and its model's
 // record: whether the user's texts made a model that predicts their
-// held-out texts better than the base. best_step 0: the untrained adapter scored best and was kept (the
-// model answers as the base). validation_texts 0: none were held out (a
-// single text), the validation figures are 0 and the last step is kept.
+// held-out texts better than the base. best_step 0: the untrained adapter
+// scored best and was kept (the model answers as the base).
+// validation_texts 0: none were held out (a single text), the validation
+// figures are 0 and the last step is kept.
 struct training_summary {
   int64_t steps = 0;      // steps run
   int64_t best_step = 0;  // the step whose adapter the model is

@@ -65,7 +65,6 @@ struct run_state {
   int64_t step = 0;
   double best_val = std::numeric_limits<double>::infinity();
   int64_t bad_evals = 0;
-  bool has_best = false;
   int64_t best_step = 0;  // the step `best` is of; 0: the untrained adapter
 };
 
@@ -82,7 +81,6 @@ caf::error save_checkpoint(const std::string& path, lora_adapter& ad, lora_adapt
     ar.write("step", torch::tensor(st.step));
     ar.write("best_val", torch::tensor(st.best_val, torch::kFloat64));
     ar.write("bad_evals", torch::tensor(st.bad_evals));
-    ar.write("has_best", torch::tensor(static_cast<int64_t>(st.has_best)));
     ar.write("best_step", torch::tensor(st.best_step));
     torch::serialize::OutputArchive opt_ar;
     opt.save(opt_ar);
@@ -115,16 +113,14 @@ caf::error load_checkpoint(const std::string& path, lora_adapter& ad, lora_adapt
       ar.read("best." + n, v);
       t->copy_(v);
     }
-    torch::Tensor s, bv, be, hb, bs;
+    torch::Tensor s, bv, be, bs;
     ar.read("step", s);
     ar.read("best_val", bv);
     ar.read("bad_evals", be);
-    ar.read("has_best", hb);
     ar.read("best_step", bs);  // missing in an older build's checkpoint: it is dropped
     st.step = s.item<int64_t>();
     st.best_val = bv.item<double>();
     st.bad_evals = be.item<int64_t>();
-    st.has_best = hb.item<int64_t>() != 0;
     st.best_step = bs.item<int64_t>();
     torch::serialize::InputArchive opt_ar;
     ar.read("optimizer", opt_ar);
@@ -227,10 +223,7 @@ caf::expected<train_result> train_lora(const base_weights& base,
   // answers rather than worse ones (docs/models.md, "A few texts").
   const auto first_state = [&] {
     run_state s;
-    if (has_val) {
-      s.best_val = res.initial_validation_loss;
-      s.has_best = true;
-    }
+    if (has_val) s.best_val = res.initial_validation_loss;
     return s;
   };
   run_state st = first_state();
@@ -286,7 +279,6 @@ caf::expected<train_result> train_lora(const base_weights& base,
       if (v < st.best_val) {
         st.best_val = v;
         st.bad_evals = 0;
-        st.has_best = true;
         st.best_step = st.step;
         best = clone_adapter(res.adapter);
       } else {
@@ -305,7 +297,7 @@ caf::expected<train_result> train_lora(const base_weights& base,
   res.best_step = st.step;
   res.train_texts = static_cast<int64_t>(train_texts.size());
   res.validation_texts = static_cast<int64_t>(val_texts.size());
-  if (has_val && st.has_best) {
+  if (has_val) {
     res.adapter = std::move(best);
     res.validation_loss = st.best_val;
     res.best_step = st.best_step;
