@@ -193,10 +193,13 @@ training_outcome run_order(trainer_actor::stateful_pointer<trainer_state> self, 
   out.status = "done";
   out.artifact_path = stored->path;
   out.checksum = stored->checksum;
-  out.training = {res->steps_done,        res->best_step,
-                  res->train_texts,       res->validation_texts,
-                  res->train_loss,        res->validation_loss.value_or(0),
-                  res->initial_validation_loss};
+  out.training = {.steps = res->steps_done,
+                  .best_step = res->best_step,
+                  .train_texts = res->train_texts,
+                  .validation_texts = res->validation_texts,
+                  .loss = res->train_loss,
+                  .validation_loss = res->validation_loss.value_or(0),
+                  .base_validation_loss = res->initial_validation_loss};
   out.results = prompt_results(st.cfg, base, res->adapter, o);
   fs::remove(opt.checkpoint_path, ec);
   return out;
