@@ -25,6 +25,7 @@
 #include "actors/metrics.hpp"
 #include "engine_harness.hpp"
 #include "engine_run.hpp"
+#include "temp_dir.hpp"
 
 using namespace tailor::test;
 namespace fs = std::filesystem;
@@ -1082,9 +1083,7 @@ TEST_F(EngineTest, IdleUserActorsArePassivatedAndComeBackOnTheNextEvent) {
 }
 
 TEST(EngineStartup, BadConfigurationIsRefusedWithAClearMessage) {
-  auto dir =
-      std::filesystem::temp_directory_path() / ("tailor-badcfg-" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
+  const temp_dir dir("badcfg");
   auto run = [&](const std::string& args) {
     auto log = (dir / "out.txt").string();
     std::string cmd = std::string(TAILORD_PATH) + " -d " + (dir / "data").string() + " -p 0 " +
@@ -1139,7 +1138,6 @@ TEST(EngineStartup, BadConfigurationIsRefusedWithAClearMessage) {
   EXPECT_EQ(code, 2);
   EXPECT_NE(out.find("stop_timeout_seconds: must be 0 (no limit) or more"), std::string::npos)
       << out;
-  std::filesystem::remove_all(dir);
 }
 
 // The ingress reads Kafka only when librdkafka says its queue turned
@@ -1521,9 +1519,7 @@ std::vector<pid_t> children_of(pid_t parent) {
 TEST(BenchCleanup, AnInterruptedRunStopsItsTailordAndLeavesNothing) {
   const auto bootstrap = broker_bootstrap();
   ASSERT_FALSE(bootstrap.empty());
-  const auto dir = std::filesystem::temp_directory_path() /
-                   ("tailor-interrupt-" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
+  const temp_dir dir("interrupt");
   const auto config = (dir / "tailord.json").string(), log = (dir / "bench.log").string();
   std::ofstream(config) << test_base_config().dump();
   const pid_t bench = ::fork();
@@ -1578,5 +1574,4 @@ TEST(BenchCleanup, AnInterruptedRunStopsItsTailordAndLeavesNothing) {
     EXPECT_NE(e.path().filename().string().rfind("tailor-bench-" + std::to_string(bench) + "-", 0),
               0u)
         << e.path();
-  std::filesystem::remove_all(dir);
 }

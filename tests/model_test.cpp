@@ -25,6 +25,7 @@
 #include "model/helper_policy.hpp"
 #include "model/step_helper.hpp"
 #include "model/transformer.hpp"
+#include "terse_base.hpp"
 
 using namespace tailor::model;
 
@@ -1301,13 +1302,7 @@ TEST_F(ModelTest, MaxTokensAndStopSequencesEndAGeneration) {
 // whatever else shares the batch and whether drawn greedily or sampled.
 TEST_F(ModelTest, MinTokensHoldsEndOfTextBackUntilThatManyTokens) {
   torch::NoGradGuard ng;
-  auto base = base_weights::init(cfg_, 1);
-  // Every position's final hidden state is lnf_b, and end-of-text's
-  // embedding (the head is tied to it) points the same way: its logit is
-  // ~32 above every other's.
-  base.lnf_w.zero_();
-  base.lnf_b.fill_(0.5);
-  base.wte[end_of_text].copy_(base.lnf_b * 4);
+  const auto base = tailor::test::terse_base(cfg_);
   for (double temperature : {0.0, 1.0}) {
     SCOPED_TRACE("temperature " + std::to_string(temperature));
     auto with = [&](int64_t min_tokens, int64_t max_tokens) {

@@ -1,6 +1,7 @@
 // safetensors I/O: a reference file built byte by byte (independently of the
 // writer) reads back exactly; every malformed case is its own clear error.
 #include "storage/safetensors.hpp"
+#include "temp_dir.hpp"
 
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -94,8 +95,7 @@ TEST(Safetensors, WriterOutputIsReadBackAndPadded) {
 }
 
 TEST(Safetensors, AtomicWriteAndRead) {
-  auto dir = std::filesystem::temp_directory_path() / ("tailor-st-" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
+  const tailor::test::temp_dir dir("st");
   auto path = (dir / "adapter.safetensors").string();
   std::vector<float> a(1000);
   std::iota(a.begin(), a.end(), 0.0f);
@@ -105,7 +105,7 @@ TEST(Safetensors, AtomicWriteAndRead) {
   ASSERT_TRUE(f);
   EXPECT_EQ(std::memcmp(f->data(*f->find("a")).data(), a.data(), a.size() * 4), 0);
   std::size_t files = 0;
-  for ([[maybe_unused]] auto& e : std::filesystem::directory_iterator(dir)) ++files;
+  for ([[maybe_unused]] auto& e : std::filesystem::directory_iterator(dir.path())) ++files;
   EXPECT_EQ(files, 1u) << "no temporary file is left behind";
   // Truncating the stored file makes it unreadable with a clear error.
   std::filesystem::resize_file(path, std::filesystem::file_size(path) - 3);
@@ -114,7 +114,6 @@ TEST(Safetensors, AtomicWriteAndRead) {
   EXPECT_EQ(t.error(), errc::offsets_out_of_range);
   EXPECT_NE(caf::to_string(t.error()).find("adapter.safetensors"), std::string::npos);
   EXPECT_FALSE(safetensors_file::read((dir / "missing").string()));
-  std::filesystem::remove_all(dir);
 }
 
 TEST(Safetensors, MalformedFilesAreRefusedEachWithItsOwnError) {

@@ -18,6 +18,8 @@
 #include "model/generate.hpp"
 #include "model/pretrain.hpp"
 #include "storage/metadata_store.hpp"
+#include "temp_dir.hpp"
+#include "terse_base.hpp"
 
 using namespace tailor::test;
 namespace fs = std::filesystem;
@@ -371,22 +373,12 @@ TEST_F(ServingTest, APromptLongerThanTheContextIsRefusedAndOneThatFitsIsReadWhol
 // that many tokens before end-of-text ends it; serving.default_min_tokens
 // stands in for a request's and for an onboarding prompt's.
 TEST_F(ServingTest, MinTokensKeepsAnAnswerFromEndingBeforeThatManyTokens) {
-  const auto models_dir =
-      fs::temp_directory_path() / ("tailor-terse-base-" + std::to_string(::getpid()));
-  fs::create_directories(models_dir);
-  {
-    auto cfg = tailor::model::named_config("tailor-test");
-    ASSERT_TRUE(cfg);
-    torch::NoGradGuard ng;
-    auto base = tailor::model::base_weights::init(*cfg, 1);
-    // Every final hidden state is lnf_b, and end-of-text's (tied) embedding
-    // points its way: its logit leads every other by ~32.
-    base.lnf_w.zero_();
-    base.lnf_b.fill_(0.5);
-    base.wte[tailor::model::end_of_text].copy_(base.lnf_b * 4);
-    ASSERT_FALSE(tailor::model::save_base((models_dir / "tailor-test.safetensors").string(), base));
-  }
-  start({{"models", {{"dir", models_dir.string()}}}});
+  const temp_dir models_dir("terse-base");
+  auto cfg = tailor::model::named_config("tailor-test");
+  ASSERT_TRUE(cfg);
+  auto base = terse_base(*cfg);
+  ASSERT_FALSE(tailor::model::save_base((models_dir / "tailor-test.safetensors").string(), base));
+  start({{"models", {{"dir", models_dir.path().string()}}}});
   ASSERT_FALSE(HasFatalFailure());
   onboard_all({"terse"});
   auto plain = answer_to(ask("terse", "plain", "Tell me something.", 1));
@@ -422,7 +414,6 @@ TEST_F(ServingTest, MinTokensKeepsAnAnswerFromEndingBeforeThatManyTokens) {
   in_->flush();
   auto welcome = result("newcomer", "signup#0");
   EXPECT_EQ(welcome["usage"]["completion_tokens"], 3) << welcome.dump();
-  fs::remove_all(models_dir);
 }
 
 // Design section 6: every instance of a group reads the ready models from

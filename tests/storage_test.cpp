@@ -21,6 +21,7 @@
 
 #include "storage/artifacts.hpp"
 #include "storage/metadata_store.hpp"
+#include "temp_dir.hpp"
 
 using namespace tailor::storage;
 namespace fs = std::filesystem;
@@ -58,7 +59,8 @@ class StoreTest : public ::testing::Test {
   }
   static request_record request(const std::string& user, const std::string& req,
                                 uint64_t hash = 1) {
-    return request_record{user, req, "onboarding", hash, "", {{channel::events, user, "{}"}}, 1000};
+    return request_record{
+        user, req, "onboarding", hash, "", {{channel::events, user, "{}"}}, 1000, ""};
   }
   static model_record model(const std::string& id, const std::string& user, int64_t t) {
     return model_record{id, user, "tiny", "/a/" + id, "abc", "ready", t, ""};
@@ -356,7 +358,7 @@ TEST_F(StoreTest, ImportedModelsAreListedNewestFirstOnceEach) {
   EXPECT_EQ(ids(), (std::vector<std::string>{"m3", "m2", "m1"}));
   // With the dedup record of the request that made it, unless one is here.
   const request_record made{"u2", "signup", "onboarding", 77, "j9",
-                            {{channel::events, "u2", "{}"}}, 5};
+                            {{channel::events, "u2", "{}"}}, 5, ""};
   EXPECT_EQ(store_->import_model(model("m9", "u2", 5), &made), true);
   auto found = store_->find_request("u2", "signup");
   ASSERT_TRUE(found && *found);
@@ -386,7 +388,7 @@ TEST_F(StoreTest, DeletingAUserLeavesNothingOfThemAndNothingElseGoes) {
     j.request = std::string(1000, 'x');  // still running: its texts are kept
     ASSERT_FALSE(store_->create_job(j, r));
     ASSERT_FALSE(store_->register_model(model("m-" + user, user, 5)));
-    request_record answer{user, "q1", "inference", 3, "", {{channel::results, user, "{}"}}, 9};
+    request_record answer{user, "q1", "inference", 3, "", {{channel::results, user, "{}"}}, 9, ""};
     history_entry entry{user, 9, "q1", "{\"prompt\":\"secret\"}", ""};
     ASSERT_FALSE(store_->put_request(answer, &entry));
     ASSERT_FALSE(store_->append_history({user, 10, "q2", "{}", "{}"}));
@@ -396,7 +398,7 @@ TEST_F(StoreTest, DeletingAUserLeavesNothingOfThemAndNothingElseGoes) {
   EXPECT_FALSE(*store_->erased_at("gone"));
   const auto generation = store_->models_generation();
   const request_record deletion{
-      "gone", "del-1", "deletion", 4, "", {{channel::events, "gone", "d"}}, 20};
+      "gone", "del-1", "deletion", 4, "", {{channel::events, "gone", "d"}}, 20, ""};
   auto erased = store_->delete_user("gone", 20, [&](const user_erasure& e) {
     EXPECT_EQ(e.requests, 2u) << "the answer is made from what went";
     return deletion;
@@ -459,8 +461,8 @@ TEST_F(StoreTest, ADeletionReadLateKeepsWhatWasMadeAfterIt) {
   ASSERT_FALSE(store_->register_model(model("new", "u", 50)));
   ASSERT_FALSE(store_->append_history({"u", 9, "q1", "{}", "{}"}));
   ASSERT_FALSE(store_->append_history({"u", 60, "q2", "{}", "{}"}));
-  request_record before{"u", "q1", "inference", 3, "", {{channel::results, "u", "{}"}}, 9};
-  request_record after{"u", "q2", "inference", 3, "", {{channel::results, "u", "{}"}}, 60};
+  request_record before{"u", "q1", "inference", 3, "", {{channel::results, "u", "{}"}}, 9, ""};
+  request_record after{"u", "q2", "inference", 3, "", {{channel::results, "u", "{}"}}, 60, ""};
   ASSERT_FALSE(store_->put_request(before));
   ASSERT_FALSE(store_->put_request(after));
   auto erased = store_->delete_user("u", 20, {}, true);
@@ -490,7 +492,7 @@ TEST_F(StoreTest, ADeletionReadLateKeepsWhatWasMadeAfterIt) {
 TEST_F(StoreTest, JobsTakenOverAreImportedOnceAndJobsHandedOverRest) {
   auto theirs = job("t1", "u2");
   const request_record made{"u2", "r-t1", "onboarding", 77, "t1", {{channel::events, "u2", "q"}},
-                            5};
+                            5, ""};
   EXPECT_EQ(store_->import_job(theirs, made), true);
   EXPECT_EQ(store_->get_job("t1")->status, "queued");
   auto found = store_->find_request("u2", "r-t1");
@@ -557,8 +559,7 @@ TEST_F(StoreTest, UnfinishedJobsAreThoseNotAtRestYet) {
 }
 
 TEST(Artifacts, AtomicWriteChecksumAndVerifiedRead) {
-  auto dir = fs::temp_directory_path() / ("tailor-art-" + std::to_string(::getpid()));
-  fs::create_directories(dir);
+  const tailor::test::temp_dir dir("art");
   auto path = (dir / "a.bin").string();
   std::string text = "adapter bytes";
   std::vector<std::byte> bytes(reinterpret_cast<const std::byte*>(text.data()),
@@ -578,9 +579,8 @@ TEST(Artifacts, AtomicWriteChecksumAndVerifiedRead) {
   EXPECT_EQ(read_file(path, sum).error(), errc::checksum_mismatch);
   EXPECT_EQ(read_file((dir / "absent").string()).error(), errc::not_found);
   std::size_t files = 0;
-  for (auto& e : fs::directory_iterator(dir)) files += e.is_regular_file();
+  for (auto& e : fs::directory_iterator(dir.path())) files += e.is_regular_file();
   EXPECT_EQ(files, 1u) << "no temporary file is left behind";
-  fs::remove_all(dir);
 }
 
 TEST_F(StoreTest, RequestsAreKeyedByUserAndRequestId) {
@@ -609,7 +609,8 @@ TEST_F(StoreTest, AnswersAndHistoryPastRetentionGoAndTheRestStays) {
                        .count();
   const int64_t old = now - 2 * 24 * 3600 * 1000, recent = now - 3600 * 1000;
   auto answer = [&](const std::string& id, const std::string& kind, int64_t at) {
-    return request_record{"u1", id, kind, 1, "", {{channel::results, "u1", "answer " + id}}, at};
+    return request_record{
+        "u1", id, kind, 1, "", {{channel::results, "u1", "answer " + id}}, at, ""};
   };
   // Answers stored with their entries, output kept once in the record.
   for (auto [id, at] : {std::pair{"old", old}, {"new", recent}}) {
@@ -649,7 +650,8 @@ TEST_F(StoreTest, AnswersAndHistoryPastRetentionGoAndTheRestStays) {
 TEST_F(StoreTest, WithoutRetentionOldAnswersStay) {
   history_entry e{"u1", 1000, "ancient", "in", ""};
   ASSERT_FALSE(store_->put_request(
-      request_record{"u1", "ancient", "inference", 1, "", {{channel::results, "u1", "a"}}, 1000},
+      request_record{
+          "u1", "ancient", "inference", 1, "", {{channel::results, "u1", "a"}}, 1000, ""},
       &e));
   ASSERT_FALSE(store_->compact());
   auto page = store_->page_history("u1", "", 10);
@@ -702,14 +704,16 @@ TEST_F(StoreTest, ARequestWithItsHistoryEntryIsStoredAndPagedLikeAnAppendedOne) 
 // one whose record is gone is a clear error, not an empty output.
 TEST_F(StoreTest, AHistoryEntryReadsTheAnswerItsRecordKeeps) {
   const std::string answer = R"({"request_id":"q1","text":"a \"quoted\" answer"})";
-  request_record rec{"u1", "q1", "inference.request", 7, "", {{channel::results, "u1", answer}}, 5};
+  request_record rec{
+      "u1", "q1", "inference.request", 7, "", {{channel::results, "u1", answer}}, 5, ""};
   const history_entry with{"u1", 100, "q1", R"({"prompt":"hi"})", ""};
   ASSERT_FALSE(store_->put_request(rec, &with));
-  request_record rec2{"u1", "q2", "inference.request", 8, "", {{channel::results, "u1", "{}"}}, 6};
+  request_record rec2{
+      "u1", "q2", "inference.request", 8, "", {{channel::results, "u1", "{}"}}, 6, ""};
   const history_entry other{"u1", 101, "q2", "in2", "not the record's answer"};
   ASSERT_FALSE(store_->put_request(rec2, &other));
   request_record rec3{
-      "u1", "q3", "inference.request", 9, "", {{channel::results, "u1", "{\"n\":3}"}}, 7};
+      "u1", "q3", "inference.request", 9, "", {{channel::results, "u1", "{\"n\":3}"}}, 7, ""};
   ASSERT_FALSE(store_->put_request(rec3));
   ASSERT_FALSE(store_->append_history({"u1", 102, "q3", "in3", ""}));
   auto check = [&](const char* where) {
