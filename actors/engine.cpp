@@ -425,7 +425,7 @@ std::unique_ptr<engine> engine::start(engine_config cfg, std::string& err,
   // times; the sharing policy wakes a worker at once (measured: p50 latency
   // and batch occupancy, docs/architecture.md).
   e->sys_cfg_->set("scheduler.policy", caf::atom("sharing"));
-  // Measured (docs/operations.md, 2026-12-02, evening): one thread instead
+  // Measured (docs/measurements.md, 2026-12-02, evening): one thread instead
   // of CAF's four on this 2-core machine left the batch loop waiting for
   // its core 0.15 of the time instead of 0.24, and 100 adapters served
   // 12 % more tokens/s.

@@ -178,7 +178,7 @@ struct gpu_core {
     fair_shares::share* share = nullptr;  // its user's, until it is answered
     // Its adapter's entry in `adapters`, which stays while a request uses
     // it: the loop's scans of the waiting requests read it without hashing
-    // model ids (docs/operations.md, 2026-12-03, late night).
+    // model ids (docs/measurements.md, 2026-12-03, late night).
     resident* adapter = nullptr;
   };
 
@@ -287,7 +287,7 @@ void publish_gauges(gpu_ptr self) {
 
 // On a machine whose cores the loop shares with Kafka's and the actors'
 // threads, each of them woken preempts it; with 1000 users the loop waited
-// a fifth of its time for its core (docs/operations.md). Realtime gives the
+// a fifth of its time for its core (docs/measurements.md). Realtime gives the
 // loop its core whenever it has a step to run; it sleeps, and yields the
 // core, when it has none. Applied on the first step: that is this thread.
 void apply_batch_thread(gpu_ptr self) {
@@ -434,7 +434,7 @@ void answer(gpu_ptr self, const request_ptr& r, const model::generation& g,
   st.core->shares.release(res.user_id);
   r->share = nullptr;
   // Serialized by the user actor, on a worker: the JSON cost the loop
-  // ~3 % of its time a request at 1,000 adapters (docs/operations.md).
+  // ~3 % of its time a request at 1,000 adapters (docs/measurements.md).
   r->rp.deliver(std::move(res));
 }
 
@@ -716,7 +716,7 @@ void step(gpu_ptr self) {
   // A thread woken onto this core (the user actor taking an answer, Kafka's)
   // would wait for the loop's time slice to end, up to a few ms on this
   // kernel, while the loop goes on stepping; yielding at the step's end
-  // lets it run now. A realtime loop keeps its core (docs/operations.md).
+  // lets it run now. A realtime loop keeps its core (docs/measurements.md).
   if (!c.realtime) sched_yield();
   if (!c.active.empty() || admissible) kick(self);
 }
@@ -756,7 +756,7 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
   if (sc.kv_cache == "float16" && !half)
     spdlog::warn("gpu {}: this CPU has no AVX-512: the key/value cache is float32", st.label);
   // Where the kernel gives no transparent huge pages (mode "never"), a
-  // step with many adapters is ~10% slower (docs/operations.md).
+  // step with many adapters is ~10% slower (docs/measurements.md).
   const bool huge = model::backed_by_huge_pages(c.bank.b.front().front());
   spdlog::info("gpu {}: batches of up to {}, {} products, {} key/value cache, adapter bank {}",
                st.label, sc.max_batch, c.gen->bf16_products() ? "bfloat16" : "float32",

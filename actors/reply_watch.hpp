@@ -13,7 +13,7 @@ namespace tailor::actors {
 // CAF 0.17 never cancels a request's timeout: each one stays on the clock
 // thread until it expires, the reply long come, and then sends the requester
 // a stale message. At thousands of events a second and 120 s, that was
-// ~300,000 timers (docs/operations.md, 2026-12-04, fourth session). Here a
+// ~300,000 timers (docs/measurements.md, 2026-12-04, fourth session). Here a
 // reply only marks its call, and expiry looks at the oldest calls: all have
 // the same timeout, so they expire in the order they were made.
 class reply_watch {

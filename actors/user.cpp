@@ -371,7 +371,7 @@ void serve(user_ptr self, promise_t rp, inference_request x, uint64_t hash, mode
       .then(
           [=](inference_result& result) {
             // Counted and serialized here, on a worker, not on the batch loop
-            // that answered (docs/operations.md, 2026-12-04 (later)).
+            // that answered (docs/measurements.md, 2026-12-04 (later)).
             self->state.stats->count_request(model_id, self->state.user_id);
             const auto& t = result.timings;
             finish_inference(self, x, hash,

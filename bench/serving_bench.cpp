@@ -441,7 +441,7 @@ json run_serving(const serving_options& given) {
   json out;
   // One broker for every run: engine_run would start one for each, and an
   // open loop in the first run on a new broker fell behind in Kafka
-  // (docs/operations.md, 2026-12-03 afternoon), so every run would measure that.
+  // (docs/measurements.md, 2026-12-03 afternoon), so every run would measure that.
   std::optional<kafka_broker> broker;
   if (o.bootstrap.empty()) {
     broker.emplace((std::filesystem::temp_directory_path() /

@@ -10,7 +10,7 @@ struct serving_options {
   std::vector<int> adapters = {1, 100, 1000};
   // A run long enough for its steady state: at ~1,700 requests/s, 1,000
   // were 0.6 s, where one burst of the machine's noise, or every user's
-  // first request, made the figures (docs/operations.md, 2026-12-03).
+  // first request, made the figures (docs/measurements.md, 2026-12-03).
   int requests = 10000;
   int max_tokens = 32;
   double zipf = 1.0;
@@ -35,12 +35,12 @@ struct serving_options {
   // default. librdkafka sends one partition per produce request, so with 4,
   // one user's run costs the broker (on this machine, beside tailord) up to
   // a quarter of the requests of many users' runs; 1 takes that difference
-  // out of a comparison of adapter counts (docs/operations.md).
+  // out of a comparison of adapter counts (docs/measurements.md).
   int partitions = 4;
   // linger.ms of the producer that sends the requests, as a client's: 5 is
   // librdkafka's default. Less sends each request sooner but in more
   // produce requests, which the broker pays for beside tailord; how much
-  // depends on the partitions (docs/operations.md, 2026-12-04).
+  // depends on the partitions (docs/measurements.md, 2026-12-04).
   int client_linger_ms = 5;
   int store_memory_mb = -1;  // tailord's store_memory_mb; -1: its default
 };

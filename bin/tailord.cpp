@@ -47,7 +47,7 @@ bool write_ready_file(const std::string& path, const engine& e) {
 // the tunable or TAILOR_MALLOC_HUGE_PAGES=0. The actors' RocksDB writes and
 // JSON, and the batch loop's temporaries, then fault and miss the TLB per 2
 // MiB, not per 4 KiB: about 4 % less of tailord's CPU per request served
-// (docs/operations.md, 2026-12-04 (later)).
+// (docs/measurements.md, 2026-12-04 (later)).
 void restart_with_huge_page_heap(char** argv) {
   const char* opt_out = std::getenv("TAILOR_MALLOC_HUGE_PAGES");
   if (opt_out != nullptr && std::string(opt_out) == "0") return;

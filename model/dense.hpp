@@ -8,7 +8,7 @@
 // text (batch invariance, which the serving tests hold exactly). And unlike
 // BLAS, which packs the whole matrix on every call, a step of a few rows
 // reads it once: the AVX-512 kernel measured 4-8x faster than OpenBLAS at
-// 1-8 rows and 1.1-1.7x at 256 (docs/operations.md). The AVX2 kernel is as
+// 1-8 rows and 1.1-1.7x at 256 (docs/measurements.md). The AVX2 kernel is as
 // fast at a few rows but slower than OpenBLAS (0.7x) from about 64; it is
 // kept, not BLAS, on machines without AVX-512 for the invariance.
 #include <cstdint>
@@ -34,7 +34,7 @@ void dense(dense_isa isa, const float* x, int64_t rows, int64_t in, const float*
 // The same product with bfloat16 inputs: x and the matrix rounded to
 // nearest even, the sums in float. AVX-512 BF16's dot product does twice
 // the multiply-adds per cycle of a float FMA (1.9x on tailor-base's
-// shapes, docs/operations.md); the error is bfloat16's, ~3 significant
+// shapes, docs/measurements.md); the error is bfloat16's, ~3 significant
 // digits per input. Batch-invariant as dense(). Only where the machine has
 // AVX-512 BF16: callers check dense_bf16_supported().
 bool dense_bf16_supported();

@@ -155,7 +155,7 @@ class batch_generator {
   void emit(row& r, int64_t token);
   // Moves rows down so that row i sits in cache slot i. The forward would
   // read any slot in place, but in slot order it walks the cache in address
-  // order: measured faster than leaving holes (docs/operations.md).
+  // order: measured faster than leaving holes (docs/measurements.md).
   void compact();
   int64_t sample(row& r, const float* logits, int64_t vocab);
   struct prefix_entry {

@@ -8,7 +8,7 @@
 // project's 2-core VM the helper once cut a 64-row step from 1009 to 754 us;
 // on another day, with a round trip between its two vCPUs taking 420 ns
 // (cores that share no cache), the same step took 600 us with it against
-// 505 without, and serving lost 11 % to it (docs/operations.md). So
+// 505 without, and serving lost 11 % to it (docs/measurements.md). So
 // the loop keeps measuring: a trial alternates blocks of steps with and
 // without the helper, pair by pair (the order flipping from pair to pair,
 // so a trend in the load favours neither), and compares their cost per

@@ -348,7 +348,7 @@ TAILOR_AVX512 void attend_chunks(const float* q, const T* k, int64_t ks, const T
 // constant, the loop over a block's 16 positions unrolls and their
 // products go from the loads to sum16 in registers; with run-time strides
 // GCC keeps them on the stack, and the scores cost ~25 % more (a (row,
-// head) of 40 positions in L1, docs/operations.md).
+// head) of 40 positions in L1, docs/measurements.md).
 template <int C, typename T>
 TAILOR_AVX512 void attend_packed(const float* q, const T* k, const T* v, int64_t n, float scale,
                                  float* p, float* out) {

@@ -21,7 +21,7 @@ void configure_allocator();
 // that is not interactive. Such a thread, woken, does not preempt the one
 // running on its core, so the engine's own hops no longer take the batch
 // loop's core in the middle of a step; they run when it yields at the
-// step's end or on another core (docs/operations.md, 2026-12-03). False,
+// step's end or on another core (docs/measurements.md, 2026-12-03). False,
 // with the reason in `err`, when the kernel refuses.
 bool use_batch_scheduling(std::string& err);
 

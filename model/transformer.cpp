@@ -713,7 +713,7 @@ torch::Tensor product(const torch::Tensor& x, const serving_weights::matrix& m,
 // The serving forward's small element-wise steps as plain loops over float
 // tensors on the CPU: through LibTorch each is a dispatch and an
 // allocation, and the layer norms, embeddings and residual sums were a
-// tenth of a serving step (perf, docs/operations.md). Other devices and
+// tenth of a serving step (perf, docs/measurements.md). Other devices and
 // types go through LibTorch.
 bool plain_floats(const torch::Tensor& t) {
   return t.is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous();

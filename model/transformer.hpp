@@ -158,7 +158,7 @@ struct kv_cache {
 // slot `to_slot` of `to`, both [slots, heads, length, head_dim] of one type
 // (a cache layer, or a prefix entry of one slot). A memcpy per head: a step
 // moves a few rows' caches, and ATen's copy of such a strided half view
-// cost ~9 us each, a tenth of a serving step (perf, docs/operations.md).
+// cost ~9 us each, a tenth of a serving step (perf, docs/measurements.md).
 void copy_positions(const torch::Tensor& from, int64_t from_slot, const torch::Tensor& to,
                     int64_t to_slot, int64_t n);
 
@@ -208,7 +208,7 @@ torch::Tensor forward_batched(const base_weights& base, const adapter_bank& bank
 // once the buffer has grown to the largest step a serving step allocates
 // no activations. Through malloc each of a step's ~20 temporaries was a
 // search of a heap that the cached prompts and adapters had fragmented:
-// 5 % of the batch loop at 1,000 adapters (perf, docs/operations.md). A
+// 5 % of the batch loop at 1,000 adapters (perf, docs/measurements.md). A
 // tensor it gives is valid until the next begin() and must not outlive it.
 class forward_scratch {
  public:

@@ -132,7 +132,7 @@ rocksdb::ColumnFamilyOptions plain_table(const std::shared_ptr<rocksdb::Cache>& 
 // its request id, which is new: whole-key Bloom filters, in the memtable
 // and in the table files, answer "absent" without a search. For users
 // drawn from 1,000 the two took a third off an answer's store work
-// (bm_answer_record/1000, median 21 against 30 us; docs/operations.md).
+// (bm_answer_record/1000, median 21 against 30 us; docs/measurements.md).
 rocksdb::ColumnFamilyOptions per_user_table(bool looked_up,
                                             const std::shared_ptr<rocksdb::Cache>& cache) {
   rocksdb::ColumnFamilyOptions o;
