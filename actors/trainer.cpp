@@ -199,7 +199,8 @@ training_outcome run_order(trainer_actor::stateful_pointer<trainer_state> self, 
                   .validation_texts = res->validation_texts,
                   .loss = res->train_loss,
                   .validation_loss = res->validation_loss.value_or(0),
-                  .base_validation_loss = res->initial_validation_loss};
+                  .base_validation_loss = res->initial_validation_loss,
+                  .learning_rate = res->learning_rate};
   out.results = prompt_results(st.cfg, base, res->adapter, o);
   fs::remove(opt.checkpoint_path, ec);
   return out;

@@ -85,9 +85,11 @@ nlohmann::json run_quality(const quality_options& o) {
   to.learning_rate = o.learning_rate;
   to.eval_every = o.eval_every;
   to.validation_fraction = o.validation_fraction;
+  to.small_data_lr_power = o.small_data_lr_power;
   std::vector<lora_adapter> adapters;
   std::vector<double> job_seconds;
   std::vector<int64_t> steps_done, best_steps;
+  std::vector<double> learning_rates;
   for (std::size_t i = 0; i < us.size(); ++i) {
     auto t0 = std::chrono::steady_clock::now();
     auto r =
@@ -105,6 +107,7 @@ nlohmann::json run_quality(const quality_options& o) {
     adapters.push_back(std::move(r->adapter));
     steps_done.push_back(r->steps_done);
     best_steps.push_back(r->best_step);
+    learning_rates.push_back(r->learning_rate);
   }
   bar.done();
   double ratio_sum = 0;
@@ -129,6 +132,7 @@ nlohmann::json run_quality(const quality_options& o) {
                         {"held_out_entries", us[u].held_out.size()},
                         {"steps", steps_done[u]},
                         {"best_step", best_steps[u]},
+                        {"learning_rate", learning_rates[u]},
                         {"base", base_bpb},
                         {"own", own},
                         {"best_other", best_other},
@@ -150,7 +154,8 @@ nlohmann::json run_quality(const quality_options& o) {
                           {"texts", o.texts},
                           {"texts_seed", o.texts_seed},
                           {"validation_fraction", o.validation_fraction},
-                          {"eval_every", o.eval_every}};
+                          {"eval_every", o.eval_every},
+                          {"small_data_lr_power", o.small_data_lr_power}};
   return j;
 }
 

@@ -27,6 +27,7 @@ struct quality_options {
   uint64_t texts_seed = 0;
   double validation_fraction = model::train_options{}.validation_fraction;
   int64_t eval_every = model::train_options{}.eval_every;  // onboarding's
+  double small_data_lr_power = model::train_options{}.small_data_lr_power;  // onboarding's
 };
 
 // Personalization that is real and belongs to its user: eight users (six

@@ -101,6 +101,13 @@ int main(int argc, char** argv) {
                        std::to_string(qo.eval_every) + ")")
       ->check(CLI::PositiveNumber);
   quality
+      ->add_option("--small-data-lr-power", qo.small_data_lr_power,
+                   "steps from the data: the learning rate times (2 / passes)^P when the "
+                   "100-step floor makes more than two passes over a user's texts; 0: never "
+                   "(default: onboarding's, " +
+                       nlohmann::json(qo.small_data_lr_power).dump() + ")")
+      ->check(CLI::NonNegativeNumber);
+  quality
       ->add_option("--pretrain-minutes", qo.pretrain_minutes,
                    "budget if the base must be pre-trained first (default: 10)")
       ->check(CLI::PositiveNumber);

@@ -89,6 +89,7 @@ void to_json(json& j, const training_summary& x) {
        {"train_texts", x.train_texts},
        {"validation_texts", x.validation_texts},
        {"loss", x.loss}};
+  if (x.learning_rate > 0) j["learning_rate"] = x.learning_rate;
   if (x.validation_texts > 0) {
     j["validation_loss"] = x.validation_loss;
     j["base_validation_loss"] = x.base_validation_loss;
@@ -101,6 +102,8 @@ void from_json(const json& j, training_summary& x) {
   j.at("train_texts").get_to(x.train_texts);
   j.at("validation_texts").get_to(x.validation_texts);
   j.at("loss").get_to(x.loss);
+  // Records written before it was recorded have none.
+  x.learning_rate = j.contains("learning_rate") ? j.at("learning_rate").get<double>() : 0.0;
   x.validation_loss = x.base_validation_loss = 0;
   if (x.validation_texts > 0) {
     j.at("validation_loss").get_to(x.validation_loss);

@@ -112,6 +112,7 @@ struct training_summary {
   int64_t train_texts = 0, validation_texts = 0;
   double loss = 0;  // the last step's training loss (nats per token)
   double validation_loss = 0, base_validation_loss = 0;  // the model's and the base's
+  double learning_rate = 0;  // the peak it trained at; 0: not recorded (an older record)
 };
 
 // Its JSON object (docs/events.md); without validation texts, the two
@@ -122,7 +123,8 @@ void from_json(const nlohmann::json& j, training_summary& x);
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, training_summary& x) {
   return f(caf::meta::type_name("training_summary"), x.steps, x.best_step, x.train_texts,
-           x.validation_texts, x.loss, x.validation_loss, x.base_validation_loss);
+           x.validation_texts, x.loss, x.validation_loss, x.base_validation_loss,
+           x.learning_rate);
 }
 
 struct model_record {

@@ -167,6 +167,19 @@ int64_t steps_for_data(const train_options& o, int64_t train_tokens) {
   return std::clamp(steps, o.min_data_steps, std::max(o.min_data_steps, o.max_data_steps));
 }
 
+double learning_rate_for_data(const train_options& o, int64_t train_tokens) {
+  const int64_t steps = steps_for_data(o, train_tokens);
+  // Only below the floor: above it the steps are the data's own passes
+  // (more by the rounding up of one step at most).
+  if (steps != o.min_data_steps || train_tokens < 1) return o.learning_rate;
+  const double passes = static_cast<double>(steps) *
+                        static_cast<double>(std::max<int64_t>(1, o.batch_size)) *
+                        static_cast<double>(std::max<int64_t>(1, o.seq_len)) /
+                        static_cast<double>(train_tokens);
+  if (passes <= o.data_epochs) return o.learning_rate;
+  return o.learning_rate * std::pow(o.data_epochs / passes, o.small_data_lr_power);
+}
+
 caf::expected<train_result> train_lora(const base_weights& base,
                                        const std::vector<std::string>& texts, const lora_config& lc,
                                        const train_options& given, const progress_fn& progress,
@@ -180,10 +193,11 @@ caf::expected<train_result> train_lora(const base_weights& base,
     return caf::make_error(
         errc::invalid_options,
         "batch_size, seq_len, learning_rate and rank must be positive, steps not negative");
-  if (given.steps == 0 &&
-      (given.data_epochs <= 0 || given.min_data_steps < 1 || given.max_data_steps < 1))
+  if (given.steps == 0 && (given.data_epochs <= 0 || given.min_data_steps < 1 ||
+                           given.max_data_steps < 1 || given.small_data_lr_power < 0))
     return caf::make_error(errc::invalid_options,
-                           "data_epochs, min_data_steps and max_data_steps must be positive");
+                           "data_epochs, min_data_steps and max_data_steps must be positive, "
+                           "small_data_lr_power not negative");
   train_options o = given;
   // Deterministic split: shuffle entries by the seed, hold out a fraction.
   std::vector<std::size_t> order(usable.size());
@@ -200,7 +214,11 @@ caf::expected<train_result> train_lora(const base_weights& base,
     (i < n_val ? val_texts : train_texts).push_back(usable[order[i]]);
   const auto train_stream = token_stream(train_texts);
   const auto val_stream = token_stream(val_texts);
-  if (o.steps == 0) o.steps = steps_for_data(o, static_cast<int64_t>(train_stream.size()));
+  if (o.steps == 0) {
+    const auto tokens = static_cast<int64_t>(train_stream.size());
+    o.steps = steps_for_data(o, tokens);
+    o.learning_rate = learning_rate_for_data(o, tokens);
+  }
   const int64_t T = std::min<int64_t>(
       {o.seq_len, base.cfg.context, static_cast<int64_t>(train_stream.size()) - 1});
   auto stream = torch::tensor(train_stream, torch::kLong);
@@ -297,6 +315,7 @@ caf::expected<train_result> train_lora(const base_weights& base,
   res.best_step = st.step;
   res.train_texts = static_cast<int64_t>(train_texts.size());
   res.validation_texts = static_cast<int64_t>(val_texts.size());
+  res.learning_rate = o.learning_rate;
   if (has_val) {
     res.adapter = std::move(best);
     res.validation_loss = st.best_val;

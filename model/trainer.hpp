@@ -25,6 +25,12 @@ struct train_options {
   int64_t min_data_steps = 100;
   int64_t max_data_steps = 1200;
   double learning_rate = 2e-3;
+  // Steps from the data only: when min_data_steps makes more than
+  // data_epochs passes over a small training split, the peak learning rate
+  // is multiplied by (data_epochs / passes)^small_data_lr_power, so that a
+  // user's few texts are not learned by heart within the first evaluations
+  // (docs/models.md, "A few texts"). 0: never scaled.
+  double small_data_lr_power = 0.5;
   int64_t batch_size = 8;
   int64_t seq_len = 128;  // capped at the model's context; 128: the quality sweep's
   double weight_decay = 0.0;
@@ -52,6 +58,7 @@ struct train_result {
   int64_t steps_done = 0;
   int64_t best_step = 0;  // the step `adapter` is of: 0 for the untrained one
   int64_t train_texts = 0, validation_texts = 0;
+  double learning_rate = 0;               // the peak it trained at
   double train_loss = 0;                  // of the last step
   std::optional<double> validation_loss;  // of the returned adapter
   double initial_validation_loss = 0;     // before training (the base alone)
@@ -76,6 +83,10 @@ double evaluate(const base_weights& base, const lora_adapter* adapter,
 
 // The step count that `steps` = 0 stands for, for `train_tokens` tokens.
 int64_t steps_for_data(const train_options& o, int64_t train_tokens);
+
+// The peak learning rate that `steps` = 0 trains `train_tokens` tokens at
+// (small_data_lr_power).
+double learning_rate_for_data(const train_options& o, int64_t train_tokens);
 
 caf::expected<train_result> train_lora(const base_weights& base,
                                        const std::vector<std::string>& texts, const lora_config& lc,

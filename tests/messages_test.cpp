@@ -405,12 +405,13 @@ TEST(Write, ResultsEventsAndDlqCarryTheContractFields) {
   // model.ready says how training went; without held-out texts, it has no
   // validation figures rather than zeros that read as a perfect model.
   job_event ready{"model.ready", "j1", "r1", "u1", "m1", std::nullopt, std::nullopt,
-                  training_summary{100, 0, 1, 1, 0.25, 2.5, 2.5}};
+                  training_summary{100, 0, 1, 1, 0.25, 2.5, 2.5, 0.003}};
   j = json::parse(to_json(ready));
   EXPECT_EQ(j["model_id"], "m1");
   EXPECT_EQ(j["training"], json::parse(R"({"steps":100,"best_step":0,"train_texts":1,
-      "validation_texts":1,"loss":0.25,"validation_loss":2.5,"base_validation_loss":2.5})"));
-  ready.training = training_summary{100, 100, 1, 0, 0.5, 0, 0};
+      "validation_texts":1,"loss":0.25,"validation_loss":2.5,"base_validation_loss":2.5,
+      "learning_rate":0.003})"));
+  ready.training = training_summary{100, 100, 1, 0, 0.5, 0, 0, 0};
   EXPECT_EQ(json::parse(to_json(ready))["training"],
             json::parse(R"({"steps":100,"best_step":100,"train_texts":1,"validation_texts":0,
       "loss":0.5})"));
@@ -498,26 +499,35 @@ TEST(Records, RoundTripThroughJson) {
 // the store and on tailor.state; records of an older version have none.
 TEST(Records, AModelKeepsHowItWasTrainedAndOlderRecordsReadWithout) {
   model_record m{"model-1", "u1",    "tiny", "adapters/u1/model-1.safetensors", "sha256:ab",
-                 "ready",   42,      "job-1", training_summary{100, 40, 18, 2, 1.25, 1.75, 2.0}};
+                 "ready",   42,      "job-1", training_summary{100, 40, 18, 2, 1.25, 1.75, 2.0, 0.0015}};
   auto j = json::parse(to_json(m));
   EXPECT_EQ(j["training"], json::parse(R"({"steps":100,"best_step":40,"train_texts":18,
-      "validation_texts":2,"loss":1.25,"validation_loss":1.75,"base_validation_loss":2.0})"));
+      "validation_texts":2,"loss":1.25,"validation_loss":1.75,"base_validation_loss":2.0,
+      "learning_rate":0.0015})"));
   model_record back;
   ASSERT_TRUE(from_json(to_json(m), back));
   EXPECT_EQ(back.training.best_step, 40);
   EXPECT_EQ(back.training.base_validation_loss, 2.0);
+  EXPECT_EQ(back.training.learning_rate, 0.0015);
   EXPECT_EQ(to_json(back), to_json(m));
+  // Written before the learning rate was recorded: read without it.
+  auto before_rate = j;
+  before_rate["training"].erase("learning_rate");
+  ASSERT_TRUE(from_json(before_rate.dump(), back = {}));
+  EXPECT_EQ(back.training.best_step, 40);
+  EXPECT_EQ(back.training.learning_rate, 0.0);
+  EXPECT_FALSE(json::parse(to_json(back))["training"].contains("learning_rate"));
   j.erase("training");  // as an older version wrote it
   ASSERT_TRUE(from_json(j.dump(), back = {}));
   EXPECT_EQ(back.training.steps, 0);
   EXPECT_FALSE(json::parse(to_json(back)).contains("training"));
   // A single text: nothing held out, no validation losses.
-  m.training = {100, 100, 1, 0, 0.5, 0, 0};
+  m.training = {100, 100, 1, 0, 0.5, 0, 0, 0.003};
   ASSERT_TRUE(from_json(to_json(m), back = {}));
   EXPECT_EQ(back.training.validation_texts, 0);
   EXPECT_FALSE(json::parse(to_json(back))["training"].contains("validation_loss"));
 
-  m.training = {100, 40, 18, 2, 1.25, 1.75, 2.0};
+  m.training = {100, 40, 18, 2, 1.25, 1.75, 2.0, 0.0015};
   model_state ms{m, "signup", 7};
   model_state read;
   ASSERT_EQ(parse_model_state(to_json(ms), read), "");

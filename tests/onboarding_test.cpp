@@ -11,6 +11,7 @@
 #include "engine_harness.hpp"
 #include "messages/events.hpp"
 #include "messages/ids.hpp"
+#include "messages/jobs.hpp"
 #include "storage/artifacts.hpp"
 
 using namespace tailor::test;
@@ -102,6 +103,9 @@ TEST_F(OnboardingTest, AJobRunsThroughEveryStateAndItsModelIsListed) {
   EXPECT_GT(training["base_validation_loss"].get<double>(), 0.0);
   EXPECT_LE(training["validation_loss"].get<double>(),
             training["base_validation_loss"].get<double>());
+  // Steps given: trained at the configured learning rate, not scaled.
+  EXPECT_EQ(training["learning_rate"], tailor::messages::hyperparameter_values{}.learning_rate)
+      << training.dump();
 
   std::string model_id = ready.value["model_id"];
   std::string job_id = ready.value["job_id"];
@@ -140,6 +144,7 @@ TEST_F(OnboardingTest, AUserWhoseTextsDoNotHelpGetsTheBaseAndIsToldSo) {
   EXPECT_EQ(training["validation_texts"], 1);
   EXPECT_EQ(training["best_step"], 0);
   EXPECT_EQ(training["validation_loss"], training["base_validation_loss"]);
+  EXPECT_EQ(training["learning_rate"], 0.5);
   EXPECT_TRUE(wait_until([&] { return metric("tailor_models_as_base_total") == 1.0; }, 10s))
       << metric("tailor_models_as_base_total");
 }

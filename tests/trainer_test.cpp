@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 
@@ -264,6 +265,60 @@ TEST(StepsForData, PassesOverTheDataWithinBounds) {
   EXPECT_EQ(steps_for_data(o, 3'000'000), 1200);  // a corpus: the ceiling
   o.data_epochs = 1;
   EXPECT_EQ(steps_for_data(o, 200'000), 196);
+}
+
+// A user's few texts, stretched to the step floor, would be passed over
+// dozens of times at the full learning rate and learned by heart before the
+// first evaluation: the rate is scaled down by how many more passes than
+// data_epochs the floor makes.
+TEST(LearningRateForData, ScaledDownOnlyWhereTheFloorMakesMorePasses) {
+  train_options o;
+  o.batch_size = 8;
+  o.seq_len = 128;  // 1024 tokens a step
+  o.data_epochs = 2;
+  o.min_data_steps = 100;
+  o.max_data_steps = 1200;
+  o.learning_rate = 3e-3;
+  o.small_data_lr_power = 0.5;
+  EXPECT_EQ(learning_rate_for_data(o, 200'000), 3e-3);  // 391 steps: the data's own
+  EXPECT_EQ(learning_rate_for_data(o, 51'200), 3e-3);   // the floor is two passes
+  EXPECT_DOUBLE_EQ(learning_rate_for_data(o, 10'240), 3e-3 * std::sqrt(0.2));  // 10 passes
+  EXPECT_DOUBLE_EQ(learning_rate_for_data(o, 1'024), 3e-3 * std::sqrt(0.02));  // 100 passes
+  o.small_data_lr_power = 1;
+  EXPECT_DOUBLE_EQ(learning_rate_for_data(o, 10'240), 3e-3 * 0.2);
+  o.small_data_lr_power = 0;
+  EXPECT_EQ(learning_rate_for_data(o, 10'240), 3e-3);
+}
+
+// Steps from the data on a few texts train at the scaled rate, and say so:
+// the same run with those steps and that rate given is the same adapter.
+TEST_F(TrainerTest, AFewTextsTrainAtTheScaledLearningRate) {
+  auto o = quick();
+  o.steps = 0;
+  o.min_data_steps = 20;
+  o.data_epochs = 1;
+  const auto all = user_texts();
+  const std::vector<std::string> few(all.begin(), all.begin() + 3);
+  auto scaled = train_lora(base_, few, {4, 8, false}, o);
+  ASSERT_TRUE(scaled) << caf::to_string(scaled.error());
+  EXPECT_EQ(scaled->steps_done, 20);
+  // Two training texts of ~25 tokens each, 20 steps of 4 x 32: ~50 passes.
+  EXPECT_LT(scaled->learning_rate, o.learning_rate / 5);
+  EXPECT_GT(scaled->learning_rate, o.learning_rate / 20);
+  auto given = o;
+  given.steps = scaled->steps_done;
+  given.learning_rate = scaled->learning_rate;
+  auto same = train_lora(base_, few, {4, 8, false}, given);
+  ASSERT_TRUE(same);
+  EXPECT_EQ(same->learning_rate, scaled->learning_rate);
+  EXPECT_EQ(max_diff(same->adapter, scaled->adapter), 0.0);
+  EXPECT_EQ(same->best_step, scaled->best_step);
+  // Without the scaling: the full rate, another adapter.
+  o.small_data_lr_power = 0;
+  auto full = train_lora(base_, few, {4, 8, false}, o);
+  ASSERT_TRUE(full);
+  EXPECT_EQ(full->learning_rate, o.learning_rate);
+  EXPECT_GT(max_diff(full->adapter, scaled->adapter), 0.0);
 }
 
 TEST_F(TrainerTest, StepsZeroTrainsForTheStepsTheDataCallsFor) {
