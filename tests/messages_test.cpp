@@ -498,8 +498,8 @@ TEST(Records, RoundTripThroughJson) {
 // A model's record keeps how it was trained (model.ready's `training`), in
 // the store and on tailor.state; records of an older version have none.
 TEST(Records, AModelKeepsHowItWasTrainedAndOlderRecordsReadWithout) {
-  model_record m{"model-1", "u1",    "tiny", "adapters/u1/model-1.safetensors", "sha256:ab",
-                 "ready",   42,      "job-1", training_summary{100, 40, 18, 2, 1.25, 1.75, 2.0, 0.0015}};
+  model_record m{"model-1", "u1", "tiny", "adapters/u1/model-1.safetensors", "sha256:ab", "ready",
+                 42, "job-1", training_summary{100, 40, 18, 2, 1.25, 1.75, 2.0, 0.0015}};
   auto j = json::parse(to_json(m));
   EXPECT_EQ(j["training"], json::parse(R"({"steps":100,"best_step":40,"train_texts":18,
       "validation_texts":2,"loss":1.25,"validation_loss":1.75,"base_validation_loss":2.0,
