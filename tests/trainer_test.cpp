@@ -39,6 +39,20 @@ double max_diff(lora_adapter& a, lora_adapter& b) {
   return m;
 }
 
+// Onboarding's steps from the data: 1024 tokens a step, two passes, 100 to
+// 1200 steps, 3e-3 scaled by (2 / passes)^0.5 below the floor.
+train_options onboarding_recipe() {
+  train_options o;
+  o.batch_size = 8;
+  o.seq_len = 128;
+  o.data_epochs = 2;
+  o.min_data_steps = 100;
+  o.max_data_steps = 1200;
+  o.learning_rate = 3e-3;
+  o.small_data_lr_power = 0.5;
+  return o;
+}
+
 class TrainerTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -254,12 +268,7 @@ TEST_F(TrainerTest, BaseAndAdapterFilesRoundTrip) {
 // Without a step count, the data sets it: `data_epochs` passes over the
 // training split, never fewer than min_data_steps nor more than max_data_steps.
 TEST(StepsForData, PassesOverTheDataWithinBounds) {
-  train_options o;
-  o.batch_size = 8;
-  o.seq_len = 128;  // 1024 tokens a step
-  o.data_epochs = 2;
-  o.min_data_steps = 100;
-  o.max_data_steps = 1200;
+  auto o = onboarding_recipe();
   EXPECT_EQ(steps_for_data(o, 10'000), 100);      // a few KB: the floor
   EXPECT_EQ(steps_for_data(o, 200'000), 391);     // ceil(2 * 200000 / 1024)
   EXPECT_EQ(steps_for_data(o, 3'000'000), 1200);  // a corpus: the ceiling
@@ -272,14 +281,7 @@ TEST(StepsForData, PassesOverTheDataWithinBounds) {
 // first evaluation: the rate is scaled down by how many more passes than
 // data_epochs the floor makes.
 TEST(LearningRateForData, ScaledDownOnlyWhereTheFloorMakesMorePasses) {
-  train_options o;
-  o.batch_size = 8;
-  o.seq_len = 128;  // 1024 tokens a step
-  o.data_epochs = 2;
-  o.min_data_steps = 100;
-  o.max_data_steps = 1200;
-  o.learning_rate = 3e-3;
-  o.small_data_lr_power = 0.5;
+  auto o = onboarding_recipe();
   EXPECT_EQ(learning_rate_for_data(o, 200'000), 3e-3);  // 391 steps: the data's own
   EXPECT_EQ(learning_rate_for_data(o, 51'200), 3e-3);   // the floor is two passes
   EXPECT_DOUBLE_EQ(learning_rate_for_data(o, 10'240), 3e-3 * std::sqrt(0.2));  // 10 passes
