@@ -169,8 +169,8 @@ int64_t steps_for_data(const train_options& o, int64_t train_tokens) {
 
 double learning_rate_for_data(const train_options& o, int64_t train_tokens) {
   const int64_t steps = steps_for_data(o, train_tokens);
-  // Only below the floor: above it the steps are the data's own passes
-  // (more by the rounding up of one step at most).
+  // Only where the floor set the steps: elsewhere they are the data's own
+  // data_epochs passes, rounded up to a whole step.
   if (steps != o.min_data_steps || train_tokens < 1) return o.learning_rate;
   const double passes = static_cast<double>(steps) *
                         static_cast<double>(std::max<int64_t>(1, o.batch_size)) *

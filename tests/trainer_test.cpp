@@ -293,7 +293,8 @@ TEST(LearningRateForData, ScaledDownOnlyWhereTheFloorMakesMorePasses) {
 }
 
 // Steps from the data on a few texts train at the scaled rate, and say so:
-// the same run with those steps and that rate given is the same adapter.
+// the same run with those steps and that rate given is the same adapter (as
+// a resumed run is, to 1e-6).
 TEST_F(TrainerTest, AFewTextsTrainAtTheScaledLearningRate) {
   auto o = quick();
   o.steps = 0;
@@ -313,14 +314,14 @@ TEST_F(TrainerTest, AFewTextsTrainAtTheScaledLearningRate) {
   auto same = train_lora(base_, few, {4, 8, false}, given);
   ASSERT_TRUE(same);
   EXPECT_EQ(same->learning_rate, scaled->learning_rate);
-  EXPECT_EQ(max_diff(same->adapter, scaled->adapter), 0.0);
+  EXPECT_LE(max_diff(same->adapter, scaled->adapter), 1e-6);
   EXPECT_EQ(same->best_step, scaled->best_step);
   // Without the scaling: the full rate, another adapter.
   o.small_data_lr_power = 0;
   auto full = train_lora(base_, few, {4, 8, false}, o);
   ASSERT_TRUE(full);
   EXPECT_EQ(full->learning_rate, o.learning_rate);
-  EXPECT_GT(max_diff(full->adapter, scaled->adapter), 0.0);
+  EXPECT_GT(max_diff(full->adapter, scaled->adapter), 1e-3);
 }
 
 TEST_F(TrainerTest, StepsZeroTrainsForTheStepsTheDataCallsFor) {
