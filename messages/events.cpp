@@ -459,7 +459,7 @@ std::string to_json(const model_state& x) {
                 {"status", m.status},
                 {"created_ms", m.created_ms},
                 {"job_id", m.job_id}});
-  if (m.training.steps > 0) j["training"] = m.training;
+  if (m.training.recorded()) j["training"] = m.training;
   if (!x.request_id.empty()) {
     j["request_id"] = x.request_id;
     j["payload_hash"] = hex64(x.payload_hash);

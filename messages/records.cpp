@@ -116,7 +116,7 @@ std::string to_json(const model_record& x) {
          {"base_model", x.base_model}, {"artifact_path", x.artifact_path},
          {"checksum", x.checksum},     {"status", x.status},
          {"created_ms", x.created_ms}, {"job_id", x.job_id}};
-  if (x.training.steps > 0) j["training"] = x.training;
+  if (x.training.recorded()) j["training"] = x.training;
   return dump(j);
 }
 

@@ -113,6 +113,10 @@ struct training_summary {
   double loss = 0;  // the last step's training loss (nats per token)
   double validation_loss = 0, base_validation_loss = 0;  // the model's and the base's
   double learning_rate = 0;  // the peak it trained at; 0: not recorded (an older record)
+
+  // Whether it says anything: a model registered without training (as the
+  // benchmarks' are) or by a version before it was kept has none.
+  bool recorded() const { return steps > 0; }
 };
 
 // Its JSON object (docs/events.md); without validation texts, the two
@@ -136,9 +140,7 @@ struct model_record {
   std::string status;  // ready|deleted
   int64_t created_ms = 0;
   std::string job_id;
-  // How it was trained; steps 0: not recorded (a model made by an older
-  // version, or registered without training, as the benchmarks' are).
-  training_summary training{};
+  training_summary training{};  // how it was trained, where recorded()
 };
 
 template <class Inspector>
