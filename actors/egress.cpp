@@ -107,7 +107,22 @@ bool batch_producer::create(std::string& err) {
       return false;
     }
   }
+  look_up_topics();
   return true;
+}
+
+// The first answers of a start go at once. Kafka away only delays them, as
+// before; the first lookup that fails ends the rest.
+void batch_producer::look_up_topics() {
+  for (const auto c : {channel::results, channel::events, channel::dlq, channel::state}) {
+    std::string err;
+    auto topic = look_up_topic(*producer_, topic_of(topics_, c), lookup_timeout_ms, err);
+    if (!topic) {
+      spdlog::warn("{}: {}: the first message there waits for it", client_id_, err);
+      return;
+    }
+    known_topics_.push_back(std::move(topic));
+  }
 }
 
 batch_producer::txn_result batch_producer::take(RdKafka::Error* e) {
@@ -162,6 +177,7 @@ bool batch_producer::replace(const std::string& reason, std::string& err) {
   // Its messages are not delivered any more; nothing polls it again, so
   // none of its reports reaches a batch.
   producer_->purge(RdKafka::Producer::PURGE_QUEUE | RdKafka::Producer::PURGE_INFLIGHT);
+  known_topics_.clear();
   producer_.reset();
   auto failed = std::move(batches_);
   batches_.clear();

@@ -91,6 +91,9 @@ class batch_producer {
   };
   batch_producer() = default;
   bool create(std::string& err);
+  // Each topic it writes to, looked up as it is made (look_up_topic).
+  void look_up_topics();
+  static constexpr int lookup_timeout_ms = 2000;
   static txn_result take(RdKafka::Error* e);  // and deletes it
   void settle(uint64_t id, const std::string& topic, const std::string& error);
   kafka_config cfg_;
@@ -100,6 +103,8 @@ class batch_producer {
   std::shared_ptr<metrics> stats_;
   std::unique_ptr<RdKafka::DeliveryReportCb> on_delivery_;
   std::unique_ptr<RdKafka::Producer> producer_;
+  // Those topics' handles, which keep them known; gone before the producer.
+  std::vector<std::unique_ptr<RdKafka::Topic>> known_topics_;
   std::map<uint64_t, pending> batches_;
   uint64_t next_batch_ = 1;
 };

@@ -126,6 +126,20 @@ mock_cluster::~mock_cluster() {
   if (rk_) rd_kafka_destroy(rk_);
 }
 
+std::unique_ptr<RdKafka::Topic> look_up_topic(RdKafka::Handle& client, const std::string& topic,
+                                              int timeout_ms, std::string& err) {
+  std::unique_ptr<RdKafka::Topic> handle(RdKafka::Topic::create(&client, topic, nullptr, err));
+  if (!handle) return nullptr;
+  RdKafka::Metadata* md = nullptr;
+  const auto rc = client.metadata(false, handle.get(), &md, timeout_ms);
+  delete md;
+  if (rc != RdKafka::ERR_NO_ERROR) {
+    err = "lookup of " + topic + ": " + RdKafka::err2str(rc);
+    return nullptr;
+  }
+  return handle;
+}
+
 void mock_cluster::fail_requests(int16_t api_key, const std::vector<int>& errors) {
   std::vector<rd_kafka_resp_err_t> codes;
   for (int e : errors) codes.push_back(static_cast<rd_kafka_resp_err_t>(e));
@@ -134,6 +148,10 @@ void mock_cluster::fail_requests(int16_t api_key, const std::vector<int>& errors
 
 void mock_cluster::clear_failures(int16_t api_key) {
   rd_kafka_mock_clear_request_errors(cluster_, api_key);
+}
+
+void mock_cluster::fail_lookups(const std::string& topic, int error) {
+  rd_kafka_mock_topic_set_error(cluster_, topic.c_str(), static_cast<rd_kafka_resp_err_t>(error));
 }
 
 void mock_cluster::set_down(bool down) {

@@ -17,7 +17,9 @@ namespace RdKafka {
 class Conf;
 class ConsumerGroupMetadata;
 class EventCb;
+class Handle;
 class KafkaConsumer;
+class Topic;
 }
 struct rd_kafka_s;
 struct rd_kafka_mock_cluster_s;
@@ -41,6 +43,9 @@ class mock_cluster {
   void fail_requests(int16_t api_key, const std::vector<int>& errors);
   // Drops the errors fail_requests left for `api_key`.
   void clear_failures(int16_t api_key);
+  // Another: Metadata responses give `topic` this error code (0: none
+  // again), so that a client that looks the topic up from now on fails.
+  void fail_lookups(const std::string& topic, int error);
   // Another: its brokers drop every connection and refuse new ones (down),
   // or take them again (up), keeping their topics and groups.
   void set_down(bool down);
@@ -133,6 +138,14 @@ std::unique_ptr<RdKafka::EventCb> watch_brokers(const std::string& client,
 std::unique_ptr<RdKafka::Conf> make_conf(
     const kafka_config& cfg, const std::vector<std::pair<std::string, std::string>>& extra,
     std::string& err, RdKafka::EventCb* events = nullptr);
+
+// Looks `topic` up through `client` now. A producer otherwise learns a
+// topic's partitions at librdkafka's next scan of unknown topics (each
+// second), and its first message there waits for it: a tailord's first
+// answers took up to a second more than the next (docs/measurements.md).
+// The handle keeps the topic known; null, with `err`, when the lookup failed.
+std::unique_ptr<RdKafka::Topic> look_up_topic(RdKafka::Handle& client, const std::string& topic,
+                                              int timeout_ms, std::string& err);
 
 // Creates `topics` through the Admin API, those also in `compacted` with
 // cleanup.policy=compact; existing ones are fine (and left as they are).

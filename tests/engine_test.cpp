@@ -759,6 +759,33 @@ TEST_F(EngineTest, AnAbortedTransactionsEventsAreReadAgainAndAnsweredOnce) {
   EXPECT_EQ(engine_->stop(), 0) << engine_->log_tail(40);
 }
 
+// A producer learns a topic's partitions on its first message to it, and
+// that message waits for librdkafka's next scan of unknown topics (each
+// second): a start's first answers came 0.2-1 s later than the next.
+// tailord's producers look their topics up as they start. Shown on the mock
+// cluster by failing every later lookup of tailor.results: the first answer
+// is still delivered, where without the early lookup it failed and was
+// retried for good.
+TEST_F(EngineTest, TheFirstAnswersNeedNoLookupOfTheirTopic) {
+  start_on_mock(json::object());
+  ASSERT_FALSE(HasFatalFailure());
+  const auto& t = engine_->topics();
+  // The collector reads every output topic: an unreadable event's DLQ
+  // record has come back.
+  in_->send(t.inference, "k1", "{not json");
+  in_->flush();
+  await_match(t.dlq, [](const json& j) { return j.contains("error"); });
+  mock_->fail_lookups(t.results, RdKafka::ERR_TOPIC_AUTHORIZATION_FAILED);
+  send_inference(inference("u1", "first"));
+  in_->flush();
+  // Counted on its delivery report. Not read back: the collector, which
+  // subscribes to tailor.results, rejoins its group over the failed lookup.
+  const auto delivered = "tailor_events_out_total{topic=\"" + t.results + "\"}";
+  EXPECT_TRUE(wait_until([&] { return metric(delivered) == 1; }, 30s)) << engine_->log_tail(20);
+  mock_->fail_lookups(t.results, RdKafka::ERR_NO_ERROR);
+  EXPECT_EQ(engine_->stop(), 0) << engine_->log_tail(20);
+}
+
 // A broker away for longer than the consumer's session (10 s) loses no
 // request: tailord stays up, its answers wait in its producer, and its
 // consumer, which lost its partitions, joins the group again once the broker
