@@ -1,12 +1,14 @@
 // tailorctl: publish requests to Tailor, follow its topics, read the admin API.
 #include <httplib.h>
 #include <librdkafka/rdkafkacpp.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -18,11 +20,6 @@
 #include "actors/config.hpp"
 #include "actors/kafka.hpp"
 #include "messages/events.hpp"
-#include "model/checkpoint.hpp"
-#include "model/pretrain.hpp"
-#include "model/threads.hpp"
-#include "progress.hpp"
-#include "storage/safetensors.hpp"
 
 using json = nlohmann::json;
 using namespace tailor;
@@ -81,6 +78,20 @@ void produce(const common_options& o, const std::string& topic, const std::strin
   rc = p->flush(30000);
   if (rc != RdKafka::ERR_NO_ERROR)
     fail("produce to " + topic + ": not delivered: " + RdKafka::err2str(rc));
+}
+
+// Runs tailor-pretrain, installed beside this program, with `args` in
+// this process's place.
+[[noreturn]] void run_pretrain(const std::vector<std::string>& args) {
+  std::error_code ec;
+  const auto self = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (ec) fail("pretrain: where tailorctl is: " + ec.message());
+  const auto program = (self.parent_path() / "tailor-pretrain").string();
+  std::vector<char*> argv{const_cast<char*>(program.c_str())};
+  for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  ::execv(program.c_str(), argv.data());
+  fail("pretrain: cannot run " + program + ": " + std::strerror(errno));
 }
 
 // Reads `topic` from its current end (or beginning), so that nothing
@@ -278,7 +289,6 @@ std::string read_request_file(const std::string& path, std::string& user_id,
 }  // namespace
 
 int main(int argc, char** argv) {
-  tailor::model::configure_allocator();
   CLI::App app{"tailorctl - talk to a Tailor engine through Kafka and its admin API"};
   app.require_subcommand(1);
   app.set_version_flag("--version", std::string("tailorctl ") + TAILOR_VERSION);
@@ -423,31 +433,14 @@ int main(int argc, char** argv) {
                 "the reason); exit 1 if refused");
   del->add_option("--timeout", timeout, "with --wait: seconds to wait (default: 120)");
 
-  auto* pre =
-      app.add_subcommand("pretrain", "pre-train a base model on the English fortunes and cache it");
-  std::string pre_config = "tailor-base", pre_out;
-  tailor::model::pretrain_options po;
-  int threads = 1, blas_threads = 2;
-  bool force = false;
-  pre->add_option(
-      "--config", pre_config,
-      "model configuration: tailor-base (default), tailor-deep, tailor-wide, tailor-test");
-  pre->add_option("--minutes", po.minutes, "time budget (default: 10)")->check(CLI::PositiveNumber);
-  pre->add_option("--steps", po.max_steps, "stop after this many steps, if sooner than the budget");
-  pre->add_option("--learning-rate", po.learning_rate, "peak learning rate (default: 3e-3)")
-      ->check(CLI::PositiveNumber);
-  pre->add_option("--batch-size", po.batch_size, "sequences per step (default: 16)")
-      ->check(CLI::PositiveNumber);
-  pre->add_option("--seq-len", po.seq_len, "tokens per sequence (default: 128)")
-      ->check(CLI::Range(2, 4096));
-  pre->add_option("--seed", po.seed, "seed (default: 0)");
-  pre->add_option("--threads", threads, "LibTorch intra-op threads (default: 1)")
-      ->check(CLI::PositiveNumber);
-  pre->add_option("--blas-threads", blas_threads, "OpenBLAS threads (default: 2)")
-      ->check(CLI::PositiveNumber);
-  pre->add_option("-o,--out", pre_out,
-                  "write here instead of the cache ($TAILOR_HOME/models/CONFIG.safetensors)");
-  pre->add_flag("--force", force, "pre-train even if the cache has this model");
+  // Pre-training loads LibTorch, which every other subcommand would pay for
+  // at start: it is a program of its own, run from here as before.
+  auto* pre = app.add_subcommand(
+      "pretrain",
+      "pre-train a base model on the English fortunes and cache it: runs tailor-pretrain with "
+      "the arguments that follow (tailorctl pretrain --help lists them)");
+  pre->prefix_command();
+  pre->set_help_flag();
 
   CLI11_PARSE(app, argc, argv);
   if (!token_file.empty())
@@ -460,51 +453,7 @@ int main(int argc, char** argv) {
         app.get_option("--admin")->count() > 0 || std::getenv("TAILOR_ADMIN"),
         !o.admin_token.empty(), o);
 
-  if (pre->parsed()) {
-    namespace tm = tailor::model;
-    auto cfg = tm::named_config(pre_config);
-    if (!cfg) fail(caf::to_string(cfg.error()), 2);
-    auto out = pre_out.empty() ? tm::base_model_path(pre_config) : pre_out;
-    if (!force && std::filesystem::exists(out)) {
-      auto f = tailor::storage::safetensors_file::read(out);
-      std::string bpb = f && f->metadata().count("pretrain.held_out_bits_per_byte")
-                            ? f->metadata().at("pretrain.held_out_bits_per_byte")
-                            : "?";
-      std::printf("%s is cached at %s (held-out %s bits/byte); --force pre-trains it again\n",
-                  pre_config.c_str(), out.c_str(), bpb.c_str());
-      return 0;
-    }
-    tm::configure_threads(threads, blas_threads);
-    std::fprintf(stderr,
-                 "pre-training %s (%ld layers x d_model %ld, context %ld) for %.1f min; BLAS %s, "
-                 "%d+%d threads\n",
-                 pre_config.c_str(), static_cast<long>(cfg->n_layer),
-                 static_cast<long>(cfg->d_model), static_cast<long>(cfg->context), po.minutes,
-                 tm::blas_library().c_str(), tm::intra_op_threads(), tm::blas_threads());
-    tailor::cli::progress_bar bar;
-    auto res = tm::pretrain(*cfg, po, [&](const tm::pretrain_progress& p) {
-      char text[160];
-      double frac = p.budget_s > 0 ? p.elapsed_s / p.budget_s : 0;
-      if (po.max_steps > 0)
-        frac = std::max(frac, static_cast<double>(p.step) / static_cast<double>(po.max_steps));
-      double eta = frac > 0 ? p.elapsed_s / frac - p.elapsed_s : 0;
-      std::snprintf(text, sizeof(text), "step %ld  loss %.3f  %.0f tokens/s  ETA %s",
-                    static_cast<long>(p.step), p.loss, p.tokens_per_s,
-                    tailor::cli::format_duration(eta).c_str());
-      bar.update(frac, text);
-    });
-    bar.done();
-    if (!res) fail(caf::to_string(res.error()));
-    std::filesystem::create_directories(std::filesystem::path(out).parent_path());
-    if (auto err = tm::save_base(out, res->base, tm::pretrain_metadata(*res, po)))
-      fail(caf::to_string(err));
-    std::printf(
-        "pre-trained %s: %ld steps, %ld tokens in %.0f s; held-out %.3f bits/byte (%zu held-out "
-        "entries); saved to %s\n",
-        pre_config.c_str(), static_cast<long>(res->steps), static_cast<long>(res->tokens),
-        res->seconds, res->held_out_bits_per_byte, res->held_out_entries, out.c_str());
-    return 0;
-  }
+  if (pre->parsed()) run_pretrain(pre->remaining());
 
   if (onboard->parsed()) {
     std::string payload;

@@ -75,15 +75,20 @@ void expect_replaced_once_and_healthy(const engine_process& e, const collector& 
   EXPECT_EQ(e.get("/healthz"), std::make_pair(200, std::string("ok\n")));
 }
 
-// Runs tailorctl with `args`; its exit status and what it printed.
-std::pair<int, std::string> tailorctl(const engine_process& e, const std::string& args) {
-  const auto out = e.data_dir() + "/tailorctl.out";
+// Runs tailorctl with `args`; its exit status and what it printed (kept in
+// `dir`).
+std::pair<int, std::string> tailorctl(const std::string& dir, const std::string& args) {
+  const auto out = dir + "/tailorctl.out";
   const int st =
       std::system((std::string(TAILORCTL_PATH) + " " + args + " >" + out + " 2>&1").c_str());
   std::ifstream in(out);
   std::stringstream ss;
   ss << in.rdbuf();
   return {WIFEXITED(st) ? WEXITSTATUS(st) : -1, ss.str()};
+}
+
+std::pair<int, std::string> tailorctl(const engine_process& e, const std::string& args) {
+  return tailorctl(e.data_dir(), args);
 }
 
 }  // namespace
@@ -387,6 +392,24 @@ TEST_F(EngineTest, AdminApi) {
   EXPECT_EQ(engine_->stop(), 0) << "SIGTERM stops tailord cleanly";
   std::tie(ctl_code, ctl_out) = tailorctl(*engine_, status_args);
   EXPECT_EQ(ctl_code, 1) << "no tailord there: " << ctl_out;
+}
+
+// Pre-training is a program of its own, so that tailorctl does not load
+// LibTorch; `tailorctl pretrain` runs it with the arguments that follow.
+TEST(Tailorctl, PretrainRunsTailorPretrainWithItsArguments) {
+  tailor::test::temp_dir dir("ctl-pretrain");
+  const auto model = (dir.path() / "tiny.safetensors").string();
+  auto [code, out] = tailorctl(dir.path().string(),
+                               "pretrain --config tailor-test --steps 2 --minutes 1 -o " + model);
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("pre-trained tailor-test: 2 steps"), std::string::npos) << out;
+  EXPECT_TRUE(std::filesystem::exists(model)) << out;
+  std::tie(code, out) = tailorctl(dir.path().string(), "pretrain --config tailor-test -o " + model);
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("is cached at " + model), std::string::npos) << out;
+  std::tie(code, out) = tailorctl(dir.path().string(), "pretrain --config nope");
+  EXPECT_EQ(code, 2) << out;
+  EXPECT_NE(out.find("unknown model configuration 'nope'"), std::string::npos) << out;
 }
 
 // An operator points tailorctl at tailord's own configuration file: it then
