@@ -78,12 +78,12 @@ void drop_held(ingress_state& st) {
   }
 }
 
-// The assigned partitions of `topic` (all topics when empty).
+// The assigned partitions of `topic`.
 std::vector<RdKafka::TopicPartition*> assigned(ingress_state& st, const std::string& topic) {
   std::vector<RdKafka::TopicPartition*> parts, out;
   if (st.consumer->assignment(parts) != RdKafka::ERR_NO_ERROR) return out;
   for (auto* tp : parts) {
-    if (topic.empty() || tp->topic() == topic)
+    if (tp->topic() == topic)
       out.push_back(tp);
     else
       delete tp;
@@ -424,27 +424,6 @@ bool drain(self_ptr self) {
   return more || (n == 64 && !inference.paused);
 }
 
-void update_lag(ingress_state& st) {
-  auto now = std::chrono::steady_clock::now();
-  if (now < st.next_lag_check) return;
-  st.next_lag_check = now + std::chrono::seconds(2);
-  auto parts = assigned(st, "");
-  std::map<std::string, int64_t> lag;
-  for (auto& [topic, in] : st.inputs) lag[topic] = 0;
-  if (st.consumer->position(parts) == RdKafka::ERR_NO_ERROR) {
-    for (auto* tp : parts) {
-      int64_t lo = 0, hi = 0;
-      if (st.consumer->get_watermark_offsets(tp->topic(), tp->partition(), &lo, &hi) !=
-          RdKafka::ERR_NO_ERROR)
-        continue;
-      auto pos = tp->offset() >= 0 ? tp->offset() : lo;
-      if (hi > pos) lag[tp->topic()] += hi - pos;
-    }
-    for (auto& [topic, n] : lag) st.stats->set_lag(topic, n);
-  }
-  RdKafka::TopicPartition::destroy(parts);
-}
-
 // Serves the delivery reports of the ingress's own producer (none under
 // exactly-once output).
 void poll_answers(self_ptr self) {
@@ -508,7 +487,7 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
   st.out = std::move(out);
   st.stats = std::move(stats);
   st.on_rebalance = std::make_unique<rebalance_handler>(&st);
-  st.events = watch_brokers("tailord-ingress", st.stats);
+  st.events = watch_brokers("tailord-ingress", st.stats, {t.onboarding, t.inference, t.control});
   std::string err;
   auto conf = make_conf(st.cfg.kafka,
                         {{"group.id", st.cfg.kafka.group_id},
@@ -589,7 +568,6 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
           commit(st, false);
           st.next_commit = now + std::chrono::milliseconds(st.cfg.kafka.commit_interval_ms);
         }
-        update_lag(st);
         bool busy = !st.retries.empty();
         for (auto& [topic, in] : st.inputs) busy = busy || in.in_flight > 0;
         self->delayed_send(self, std::chrono::milliseconds(busy ? 10 : 100), tick_atom_v);

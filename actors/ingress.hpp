@@ -91,7 +91,6 @@ struct ingress_state {
   bool dirty = false;  // committable offsets not yet committed
   uint64_t generation =
       0;  // bumped on every revoke: late answers of revoked partitions are dropped
-  std::chrono::steady_clock::time_point next_lag_check{};
   std::chrono::steady_clock::time_point next_commit{};
   // How long the ingress waits for an event's answer from its user actor
   // (watched in route_replies, see dispatch in ingress.cpp), and for the

@@ -41,15 +41,20 @@ void kafka_log(const rd_kafka_t* rk, int level, const char* facility, const char
 
 class broker_watch : public RdKafka::EventCb {
  public:
-  broker_watch(std::string client, std::shared_ptr<metrics> stats)
-      : client_(std::move(client)), stats_(std::move(stats)) {}
+  broker_watch(std::string client, std::shared_ptr<metrics> stats,
+               std::vector<std::string> lag_topics)
+      : client_(std::move(client)), stats_(std::move(stats)), lag_topics_(std::move(lag_topics)) {}
 
   // Called where the client is polled (its owner's thread).
   void event_cb(RdKafka::Event& e) override {
     switch (e.type()) {
-      case RdKafka::Event::EVENT_STATS:
-        if (auto up = brokers_up(e.str())) stats_->set_kafka_brokers_up(client_, *up);
+      case RdKafka::Event::EVENT_STATS: {
+        const auto j = nlohmann::json::parse(e.str(), nullptr, false);
+        if (!j.is_object()) break;
+        if (auto up = brokers_up(j)) stats_->set_kafka_brokers_up(client_, *up);
+        for (const auto& topic : lag_topics_) stats_->set_lag(topic, consumer_lag(j, topic));
         break;
+      }
       case RdKafka::Event::EVENT_LOG:
         // An event callback takes over librdkafka's log callback too. Only
         // the engine's consumers are watched, and tailord logs through spdlog.
@@ -69,10 +74,9 @@ class broker_watch : public RdKafka::EventCb {
   // The brokers of the cluster (node id known) with a connection up, each
   // once: a bootstrap entry and the logical GroupCoordinator are the same
   // brokers by other names.
-  static std::optional<int64_t> brokers_up(const std::string& statistics) {
-    const auto j = nlohmann::json::parse(statistics, nullptr, false);
-    const auto brokers = j.is_object() ? j.find("brokers") : j.end();
-    if (!j.is_object() || brokers == j.end() || !brokers->is_object()) return std::nullopt;
+  static std::optional<int64_t> brokers_up(const nlohmann::json& j) {
+    const auto brokers = j.find("brokers");
+    if (brokers == j.end() || !brokers->is_object()) return std::nullopt;
     std::set<int> up;
     for (const auto& [name, b] : brokers->items())
       if (b.is_object() && b.value("nodeid", -1) >= 0 && b.value("state", "") == "UP")
@@ -82,6 +86,7 @@ class broker_watch : public RdKafka::EventCb {
 
   std::string client_;
   std::shared_ptr<metrics> stats_;
+  std::vector<std::string> lag_topics_;
 };
 
 void route_logs(rd_kafka_conf_t* conf) {
@@ -90,11 +95,28 @@ void route_logs(rd_kafka_conf_t* conf) {
 
 }  // namespace
 
+int64_t consumer_lag(const nlohmann::json& statistics, const std::string& topic) {
+  const auto t = statistics.find("topics");
+  if (t == statistics.end() || !t->is_object() || !t->contains(topic)) return 0;
+  const auto& parts = (*t)[topic].value("partitions", nlohmann::json::object());
+  int64_t sum = 0;
+  for (const auto& [id, p] : parts.items()) {
+    if (id == "-1" || !p.is_object() || !p.value("desired", false)) continue;
+    const int64_t end = p.value("hi_offset", int64_t{-1});
+    int64_t from = p.value("app_offset", int64_t{-1});
+    if (from < 0) from = p.value("committed_offset", int64_t{-1});
+    if (from < 0) from = p.value("lo_offset", int64_t{-1});
+    if (end >= 0 && from >= 0 && end > from) sum += end - from;
+  }
+  return sum;
+}
+
 void log_kafka_through_spdlog() { kafka_logs_to_spdlog.store(true); }
 
 std::unique_ptr<RdKafka::EventCb> watch_brokers(const std::string& client,
-                                                std::shared_ptr<metrics> stats) {
-  return std::make_unique<broker_watch>(client, std::move(stats));
+                                                std::shared_ptr<metrics> stats,
+                                                std::vector<std::string> lag_topics) {
+  return std::make_unique<broker_watch>(client, std::move(stats), std::move(lag_topics));
 }
 
 std::unique_ptr<mock_cluster> mock_cluster::start(int brokers, std::string& err) {

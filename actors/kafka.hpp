@@ -4,9 +4,11 @@
 #include <caf/actor_cast.hpp>
 #include <caf/actor_control_block.hpp>
 #include <caf/send.hpp>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <vector>
 
@@ -121,15 +123,25 @@ class group_membership {
 // whose stdout is data (tailorctl) keep librdkafka's default.
 void log_kafka_through_spdlog();
 
+// From a consumer's statistics (librdkafka's JSON), the messages of
+// `topic` after those it has handed over, over the partitions it is
+// assigned. Before it has handed one over since the assignment (a partition
+// idle since a restart), it counts from the offset committed, where it
+// started; from the partition's start where none was. Partitions whose end
+// is not known yet count none.
+int64_t consumer_lag(const nlohmann::json& statistics, const std::string& topic);
+
 // What a consumer of tailord tells beside its messages: its log lines and
 // errors go to spdlog, and librdkafka's statistics (each second) give how
 // many of the cluster's brokers it is connected to, `client`'s
-// tailor_kafka_brokers_up. For consumers only: they keep a connection to
+// tailor_kafka_brokers_up, and the lag of each of `lag_topics`
+// (tailor_consumer_lag). For consumers only: they keep a connection to
 // their group's coordinator and their partitions' leaders, where an idle
 // producer may rightly hold none. Give it to make_conf; it must outlive the
 // client.
 std::unique_ptr<RdKafka::EventCb> watch_brokers(const std::string& client,
-                                                std::shared_ptr<metrics> stats);
+                                                std::shared_ptr<metrics> stats,
+                                                std::vector<std::string> lag_topics = {});
 
 // A client configuration: bootstrap.servers plus `extra`, then every
 // pass-through property (so an operator's setting wins over ours), and

@@ -15,6 +15,7 @@
 #include <fstream>
 #include <future>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <thread>
 
 #include "actors/config.hpp"
@@ -22,6 +23,7 @@
 #include "actors/fair_shares.hpp"
 #include "actors/gpu.hpp"
 #include "actors/health.hpp"
+#include "actors/kafka.hpp"
 #include "actors/metrics.hpp"
 #include "actors/reply_watch.hpp"
 #include "actors/state_follower.hpp"
@@ -382,6 +384,29 @@ TEST(FairShares, RemembersOnlyUsersInFlightOrAboveTheFloor) {
   auto* back = shares.arrive("heavy");
   shares.lift(*back);
   EXPECT_EQ(back->served, 1e12) << "a user above the floor was forgotten";
+}
+
+// tailor_consumer_lag, from a consumer's statistics: what follows the last
+// message handed over; on a partition not read from since a restart, what
+// follows the committed offset (it once counted the partition's whole
+// history there); from the start where nothing was committed. Partitions
+// not assigned, or whose end is unknown, count none.
+TEST(ConsumerLag, CountsFromTheLastMessageReadElseFromTheCommittedOffset) {
+  const auto stats = nlohmann::json::parse(R"({"topics": {"in": {"partitions": {
+    "0": {"desired": true, "app_offset": 7, "committed_offset": 5, "lo_offset": 0,
+          "hi_offset": 10},
+    "1": {"desired": true, "app_offset": -1001, "committed_offset": 40, "lo_offset": 0,
+          "hi_offset": 40},
+    "2": {"desired": true, "app_offset": -1001, "committed_offset": -1001, "lo_offset": 3,
+          "hi_offset": 8},
+    "3": {"desired": false, "app_offset": -1001, "committed_offset": -1001, "lo_offset": 0,
+          "hi_offset": 99},
+    "4": {"desired": true, "app_offset": -1001, "committed_offset": 2, "lo_offset": 0,
+          "hi_offset": -1001},
+    "-1": {"desired": false, "hi_offset": -1001}}}}})");
+  EXPECT_EQ(consumer_lag(stats, "in"), 3 + 0 + 5);
+  EXPECT_EQ(consumer_lag(stats, "out"), 0);
+  EXPECT_EQ(consumer_lag(nlohmann::json::object(), "in"), 0);
 }
 
 // Per-user request counts on /metrics: at most the limit of series, the

@@ -225,6 +225,27 @@ TEST_F(EngineTest, UnreadableInputGoesToTheDlqAndTheEngineGoesOn) {
   EXPECT_EQ(await_one("u2", "after").value["error"]["code"], "no_ready_model");
 }
 
+// After a restart, partitions with nothing new to read count no lag: each
+// once counted its whole history until a message came there, so that a
+// restart looked like a backlog (40 here) to an operator's alert.
+TEST_F(EngineTest, ARestartShowsNoLagWhereNothingWaits) {
+  start();
+  ASSERT_FALSE(HasFatalFailure());
+  ask_users_without_a_model("u", 8, 40);
+  ASSERT_EQ(engine_->stop(), 0);  // commits what was answered
+  engine_->start();
+  const auto lag = "tailor_consumer_lag{topic=\"" + engine_->topics().inference + "\"}";
+  // Set from each second's statistics of the consumer, assigned by now.
+  ASSERT_TRUE(wait_until([&] { return metric(lag) >= 0; }, 10s));
+  // A false backlog's absence cannot be awaited: three seconds' statistics.
+  EXPECT_FALSE(wait_until([&] { return metric(lag) > 0; }, 3s)) << metric(lag);
+  send_inference(inference("u0", "after"));
+  in_->flush();
+  EXPECT_EQ(await_one("u0", "after").value["error"]["code"], "no_ready_model");
+  EXPECT_TRUE(wait_until([&] { return metric(lag) == 0; }, 10s)) << metric(lag);
+  EXPECT_EQ(engine_->stop(), 0) << engine_->log_tail(20);
+}
+
 // A crash replays only what was answered in the last commit interval, not
 // everything since the engine started: answered offsets are committed while
 // it runs, not only when it stops.
