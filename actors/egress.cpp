@@ -111,14 +111,15 @@ bool batch_producer::create(std::string& err) {
   return true;
 }
 
-// The first answers of a start go at once. Kafka away only delays them, as
-// before; the first lookup that fails ends the rest.
+// The first answers of a start go at once. The first lookup that fails
+// (Kafka away, a topic it does not have) ends the rest: their first
+// messages wait for librdkafka's own lookup, as they did before.
 void batch_producer::look_up_topics() {
   for (const auto c : {channel::results, channel::events, channel::dlq, channel::state}) {
     std::string err;
     auto topic = look_up_topic(*producer_, topic_of(topics_, c), lookup_timeout_ms, err);
     if (!topic) {
-      spdlog::warn("{}: {}: the first message there waits for it", client_id_, err);
+      spdlog::warn("{}: {}", client_id_, err);
       return;
     }
     known_topics_.push_back(std::move(topic));

@@ -119,6 +119,23 @@ std::unique_ptr<RdKafka::EventCb> watch_brokers(const std::string& client,
   return std::make_unique<broker_watch>(client, std::move(stats), std::move(lag_topics));
 }
 
+std::unique_ptr<RdKafka::Topic> look_up_topic(RdKafka::Handle& client, const std::string& topic,
+                                              int timeout_ms, std::string& err) {
+  std::unique_ptr<RdKafka::Topic> handle(RdKafka::Topic::create(&client, topic, nullptr, err));
+  if (!handle) return nullptr;
+  RdKafka::Metadata* md = nullptr;
+  auto rc = client.metadata(false, handle.get(), &md, timeout_ms);
+  std::unique_ptr<RdKafka::Metadata> owned(md);
+  // The request can succeed and the topic still be unknown to the cluster.
+  if (rc == RdKafka::ERR_NO_ERROR && md && !md->topics()->empty())
+    rc = md->topics()->front()->err();
+  if (rc != RdKafka::ERR_NO_ERROR) {
+    err = "lookup of " + topic + ": " + RdKafka::err2str(rc);
+    return nullptr;
+  }
+  return handle;
+}
+
 std::unique_ptr<mock_cluster> mock_cluster::start(int brokers, std::string& err) {
   std::unique_ptr<mock_cluster> mc(new mock_cluster);
   char errstr[512];
@@ -146,20 +163,6 @@ std::unique_ptr<mock_cluster> mock_cluster::start(int brokers, std::string& err)
 mock_cluster::~mock_cluster() {
   if (cluster_) rd_kafka_mock_cluster_destroy(cluster_);
   if (rk_) rd_kafka_destroy(rk_);
-}
-
-std::unique_ptr<RdKafka::Topic> look_up_topic(RdKafka::Handle& client, const std::string& topic,
-                                              int timeout_ms, std::string& err) {
-  std::unique_ptr<RdKafka::Topic> handle(RdKafka::Topic::create(&client, topic, nullptr, err));
-  if (!handle) return nullptr;
-  RdKafka::Metadata* md = nullptr;
-  const auto rc = client.metadata(false, handle.get(), &md, timeout_ms);
-  delete md;
-  if (rc != RdKafka::ERR_NO_ERROR) {
-    err = "lookup of " + topic + ": " + RdKafka::err2str(rc);
-    return nullptr;
-  }
-  return handle;
 }
 
 void mock_cluster::fail_requests(int16_t api_key, const std::vector<int>& errors) {

@@ -68,9 +68,9 @@ void produce(const common_options& o, const std::string& topic, const std::strin
   std::unique_ptr<RdKafka::Producer> p(RdKafka::Producer::create(conf.get(), err));
   if (!p) fail("producer: " + err);
   // Else the message waits up to a second for librdkafka to look the topic
-  // up. Where the lookup fails, the delivery below says why.
-  std::string lookup_err;
-  const auto known = actors::look_up_topic(*p, topic, 10000, lookup_err);
+  // up; and a topic the cluster does not have is said at once.
+  const auto known = actors::look_up_topic(*p, topic, 10000, err);
+  if (!known) fail("produce to " + topic + ": " + err);
   auto rc = p->produce(topic, RdKafka::Topic::PARTITION_UA, RdKafka::Producer::RK_MSG_COPY,
                        const_cast<char*>(payload.data()), payload.size(), key.data(), key.size(), 0,
                        nullptr);
