@@ -449,6 +449,17 @@ TEST_F(EngineTest, TailorctlTakesTopicsAndAddressesFromTailordsConfigurationFile
   EXPECT_NE(out.find("\"no_ready_model\""), std::string::npos) << out;
   const auto answer = await_one("u9", "q9");
   EXPECT_EQ(answer.topic, engine_->topics().results) << "published on the configured topic";
+  // A topic the cluster does not have is said at once, not after a wait.
+  const auto elsewhere = engine_->data_dir() + "/elsewhere.json";
+  std::ofstream(elsewhere) << json{{"kafka",
+                                    {{"bootstrap_servers", engine_->bootstrap()},
+                                     {"topics", {{"inference", "no-such-topic"}}}}}}
+                                  .dump();
+  std::tie(code, out) = tailorctl(*engine_, "--config " + elsewhere + " infer -u u9 -p hello");
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("produce to no-such-topic: lookup of no-such-topic: Broker: Unknown topic"),
+            std::string::npos)
+      << out;
   std::tie(code, out) = tailorctl(*engine_, config + "status");
   EXPECT_EQ(code, 0) << out;
   EXPECT_NE(out.find("\"health\": \"ok\""), std::string::npos) << out;
