@@ -43,6 +43,11 @@ struct kafka_config {
   // isolation.level read_committed see each answer once, even across
   // crashes.
   bool exactly_once = false;
+  // How long tailord's consumers wait at the broker for data (librdkafka's
+  // fetch.wait.max.ms); 0: librdkafka's default, 500 ms. Not a key: set for
+  // the embedded mock cluster, which answers a fetch only after this wait
+  // even when data has arrived (a real broker answers at once).
+  int fetch_wait_ms = 0;
 };
 
 // Fine-tuning (issue 4): the training pool, admission and retries, and the

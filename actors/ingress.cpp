@@ -489,27 +489,28 @@ ingress_actor::behavior_type ingress(ingress_actor::stateful_pointer<ingress_sta
   st.on_rebalance = std::make_unique<rebalance_handler>(&st);
   st.events = watch_brokers("tailord-ingress", st.stats, {t.onboarding, t.inference, t.control});
   std::string err;
-  auto conf = make_conf(st.cfg.kafka,
-                        {{"group.id", st.cfg.kafka.group_id},
-                         {"partition.assignment.strategy", "range"},
-                         {"enable.auto.commit", "false"},
-                         {"enable.auto.offset.store", "false"},
-                         {"auto.offset.reset", "earliest"},
-                         {"enable.partition.eof", "false"},
-                         // A crashed instance's partitions move on after 10 s, not 45.
-                         {"session.timeout.ms", "10000"},
-                         {"heartbeat.interval.ms", "1000"},
-                         // Prefetch at most 8 MB a queue (inference's, the other
-                         // topics'): a held backlog stays in Kafka, not here.
-                         // librdkafka's long poll (fetch.wait.max.ms, 500 ms) is
-                         // kept: inference is held by not reading its queue, so
-                         // its resume waits for no fetch (a 20 ms poll did that
-                         // for paused partitions, at 50 fetches a second idle).
-                         // A resumed onboarding waits for the fetch in flight, at
-                         // most that, beside training jobs of seconds.
-                         {"queued.max.messages.kbytes", "8192"},
-                         {"client.id", "tailord-ingress"}},
-                        err, st.events.get());
+  auto settings = consumer_settings(st.cfg.kafka);
+  settings.insert(settings.begin(),
+                  {{"group.id", st.cfg.kafka.group_id},
+                   {"partition.assignment.strategy", "range"},
+                   {"enable.auto.commit", "false"},
+                   {"enable.auto.offset.store", "false"},
+                   {"auto.offset.reset", "earliest"},
+                   {"enable.partition.eof", "false"},
+                   // A crashed instance's partitions move on after 10 s, not 45.
+                   {"session.timeout.ms", "10000"},
+                   {"heartbeat.interval.ms", "1000"},
+                   // Prefetch at most 8 MB a queue (inference's, the other
+                   // topics'): a held backlog stays in Kafka, not here.
+                   // librdkafka's long poll (fetch.wait.max.ms, 500 ms) is
+                   // kept on a real broker: inference is held by not reading
+                   // its queue, so its resume waits for no fetch (a 20 ms
+                   // poll did that for paused partitions, at 50 fetches a
+                   // second idle). A resumed onboarding waits for the fetch
+                   // in flight, at most that, beside training jobs of seconds.
+                   {"queued.max.messages.kbytes", "8192"},
+                   {"client.id", "tailord-ingress"}});
+  auto conf = make_conf(st.cfg.kafka, settings, err, st.events.get());
   if (conf && conf->set("rebalance_cb", st.on_rebalance.get(), err) == RdKafka::Conf::CONF_OK)
     st.consumer.reset(RdKafka::KafkaConsumer::create(conf.get(), err));
   RdKafka::ErrorCode rc = RdKafka::ERR_NO_ERROR;

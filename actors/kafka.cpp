@@ -179,6 +179,11 @@ void mock_cluster::fail_lookups(const std::string& topic, int error) {
   rd_kafka_mock_topic_set_error(cluster_, topic.c_str(), static_cast<rd_kafka_resp_err_t>(error));
 }
 
+std::vector<std::pair<std::string, std::string>> consumer_settings(const kafka_config& cfg) {
+  if (cfg.fetch_wait_ms <= 0) return {};
+  return {{"fetch.wait.max.ms", std::to_string(cfg.fetch_wait_ms)}};
+}
+
 void mock_cluster::set_down(bool down) {
   if (down)
     rd_kafka_mock_broker_set_down(cluster_, -1);

@@ -159,6 +159,10 @@ std::unique_ptr<RdKafka::Conf> make_conf(
 std::unique_ptr<RdKafka::Topic> look_up_topic(RdKafka::Handle& client, const std::string& topic,
                                               int timeout_ms, std::string& err);
 
+// The settings every consumer of tailord adds to its own: fetch.wait.max.ms
+// where `cfg` sets fetch_wait_ms.
+std::vector<std::pair<std::string, std::string>> consumer_settings(const kafka_config& cfg);
+
 // Creates `topics` through the Admin API, those also in `compacted` with
 // cleanup.policy=compact; existing ones are fine (and left as they are).
 // Returns an error message, empty on success.

@@ -506,13 +506,13 @@ state_follower_actor::behavior_type state_follower(
   st.events = watch_brokers("tailord-state", st.stats);
   // No group membership: every instance reads every partition. The group
   // id is only librdkafka's requirement for a consumer; nothing is committed.
-  auto conf = make_conf(st.cfg.kafka,
-                        {{"group.id", st.cfg.kafka.group_id + ".state"},
-                         {"enable.auto.commit", "false"},
-                         {"enable.auto.offset.store", "false"},
-                         {"enable.partition.eof", "true"},
-                         {"client.id", "tailord-state"}},
-                        err, st.events.get());
+  auto settings = consumer_settings(st.cfg.kafka);
+  settings.insert(settings.begin(), {{"group.id", st.cfg.kafka.group_id + ".state"},
+                                     {"enable.auto.commit", "false"},
+                                     {"enable.auto.offset.store", "false"},
+                                     {"enable.partition.eof", "true"},
+                                     {"client.id", "tailord-state"}});
+  auto conf = make_conf(st.cfg.kafka, settings, err, st.events.get());
   if (conf) st.consumer.reset(RdKafka::KafkaConsumer::create(conf.get(), err));
   if (!st.consumer) return fail(err);
   std::vector<int32_t> partitions;

@@ -100,8 +100,13 @@ class follower {
  public:
   follower(const common_options& o, const std::string& topic, bool from_beginning) {
     std::string err;
-    auto conf = actors::make_conf(
-        kafka_of(o), {{"group.id", random_id("tailorctl")}, {"enable.auto.commit", "false"}}, err);
+    // A broker answers a fetch as data arrives; the demo's embedded cluster
+    // only after fetch.wait.max.ms (500 ms by default), so it is shorter.
+    auto conf = actors::make_conf(kafka_of(o),
+                                  {{"group.id", random_id("tailorctl")},
+                                   {"enable.auto.commit", "false"},
+                                   {"fetch.wait.max.ms", "100"}},
+                                  err);
     if (!conf) fail(err);
     consumer_.reset(RdKafka::KafkaConsumer::create(conf.get(), err));
     if (!consumer_) fail("consumer: " + err);
