@@ -120,7 +120,8 @@ std::unique_ptr<RdKafka::EventCb> watch_brokers(const std::string& client,
 }
 
 std::unique_ptr<RdKafka::Topic> look_up_topic(RdKafka::Handle& client, const std::string& topic,
-                                              int timeout_ms, std::string& err) {
+                                              int timeout_ms, std::string& err,
+                                              std::vector<int32_t>* partitions) {
   std::unique_ptr<RdKafka::Topic> handle(RdKafka::Topic::create(&client, topic, nullptr, err));
   if (!handle) return nullptr;
   RdKafka::Metadata* md = nullptr;
@@ -133,6 +134,8 @@ std::unique_ptr<RdKafka::Topic> look_up_topic(RdKafka::Handle& client, const std
     err = "lookup of " + topic + ": " + RdKafka::err2str(rc);
     return nullptr;
   }
+  if (partitions && !md->topics()->empty())
+    for (const auto* p : *md->topics()->front()->partitions()) partitions->push_back(p->id());
   return handle;
 }
 

@@ -151,13 +151,16 @@ std::unique_ptr<RdKafka::Conf> make_conf(
     const kafka_config& cfg, const std::vector<std::pair<std::string, std::string>>& extra,
     std::string& err, RdKafka::EventCb* events = nullptr);
 
-// Looks `topic` up through `client` now. A producer otherwise learns a
-// topic's partitions at librdkafka's next scan of unknown topics (each
-// second), and its first message there waits for it: a tailord's first
-// answers took up to a second more than the next (docs/measurements.md).
-// The handle keeps the topic known; null, with `err`, when the lookup failed.
+// Looks `topic` up through `client` now: its handle, which keeps the topic
+// known, and its partitions' ids in `partitions` when given; null, with
+// `err`, when the lookup failed or the cluster does not have the topic. A
+// producer otherwise learns a topic's partitions at librdkafka's next scan
+// of unknown topics (each second), and its first message there waits for
+// it: a tailord's first answers took up to a second more than the next
+// (docs/measurements.md).
 std::unique_ptr<RdKafka::Topic> look_up_topic(RdKafka::Handle& client, const std::string& topic,
-                                              int timeout_ms, std::string& err);
+                                              int timeout_ms, std::string& err,
+                                              std::vector<int32_t>* partitions = nullptr);
 
 // The settings every consumer of tailord adds to its own: fetch.wait.max.ms
 // where `cfg` sets fetch_wait_ms.

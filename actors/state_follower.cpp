@@ -34,24 +34,14 @@ double ms_since(std::chrono::steady_clock::time_point t) {
 std::string partition_ends(RdKafka::KafkaConsumer& c, const std::string& topic,
                            std::vector<int32_t>& partitions, std::map<int32_t, int64_t>& ends) {
   std::string err;
-  std::unique_ptr<RdKafka::Topic> t(RdKafka::Topic::create(&c, topic, nullptr, err));
-  if (!t) return err;
-  RdKafka::Metadata* raw = nullptr;
-  if (auto rc = c.metadata(false, t.get(), &raw, metadata_timeout_ms); rc != RdKafka::ERR_NO_ERROR)
-    return "metadata: " + RdKafka::err2str(rc);
-  std::unique_ptr<RdKafka::Metadata> md(raw);
-  const auto* topics = md->topics();
-  if (topics->empty()) return "no metadata";
-  const auto* tm = topics->front();
-  if (tm->err() != RdKafka::ERR_NO_ERROR) return RdKafka::err2str(tm->err());
-  if (tm->partitions()->empty()) return "no partitions";
-  for (const auto* p : *tm->partitions()) {
+  if (!look_up_topic(c, topic, metadata_timeout_ms, err, &partitions)) return err;
+  if (partitions.empty()) return "no partitions";
+  for (const int32_t id : partitions) {
     int64_t low = 0, high = 0;
-    if (auto rc = c.query_watermark_offsets(topic, p->id(), &low, &high, metadata_timeout_ms);
+    if (auto rc = c.query_watermark_offsets(topic, id, &low, &high, metadata_timeout_ms);
         rc != RdKafka::ERR_NO_ERROR)
-      return "partition " + std::to_string(p->id()) + ": " + RdKafka::err2str(rc);
-    partitions.push_back(p->id());
-    if (high > low) ends[p->id()] = high;
+      return "partition " + std::to_string(id) + ": " + RdKafka::err2str(rc);
+    if (high > low) ends[id] = high;
   }
   return {};
 }

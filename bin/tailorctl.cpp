@@ -110,21 +110,17 @@ class follower {
     if (!conf) fail(err);
     consumer_.reset(RdKafka::KafkaConsumer::create(conf.get(), err));
     if (!consumer_) fail("consumer: " + err);
-    RdKafka::Metadata* md = nullptr;
-    std::unique_ptr<RdKafka::Topic> t(RdKafka::Topic::create(consumer_.get(), topic, nullptr, err));
-    auto rc = consumer_->metadata(false, t.get(), &md, 10000);
-    if (rc != RdKafka::ERR_NO_ERROR) fail("metadata of " + topic + ": " + RdKafka::err2str(rc));
-    std::unique_ptr<RdKafka::Metadata> owned(md);
+    std::vector<int32_t> ids;
+    if (!actors::look_up_topic(*consumer_, topic, 10000, err, &ids)) fail(err);
     std::vector<RdKafka::TopicPartition*> parts;
-    for (const auto* tm : *md->topics())
-      for (const auto* pm : *tm->partitions()) {
-        int64_t lo = 0, hi = 0;
-        rc = consumer_->query_watermark_offsets(topic, pm->id(), &lo, &hi, 10000);
-        if (rc != RdKafka::ERR_NO_ERROR) fail("offsets of " + topic + ": " + RdKafka::err2str(rc));
-        parts.push_back(RdKafka::TopicPartition::create(topic, pm->id(), from_beginning ? lo : hi));
-      }
-    if (parts.empty()) fail("topic " + topic + " does not exist");
-    rc = consumer_->assign(parts);
+    for (const int32_t id : ids) {
+      int64_t lo = 0, hi = 0;
+      auto rc = consumer_->query_watermark_offsets(topic, id, &lo, &hi, 10000);
+      if (rc != RdKafka::ERR_NO_ERROR) fail("offsets of " + topic + ": " + RdKafka::err2str(rc));
+      parts.push_back(RdKafka::TopicPartition::create(topic, id, from_beginning ? lo : hi));
+    }
+    if (parts.empty()) fail("topic " + topic + " has no partitions");
+    auto rc = consumer_->assign(parts);
     RdKafka::TopicPartition::destroy(parts);
     if (rc != RdKafka::ERR_NO_ERROR) fail("assign " + topic + ": " + RdKafka::err2str(rc));
   }
