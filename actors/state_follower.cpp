@@ -408,7 +408,7 @@ void watch_group(self_ptr self) {
     if (taker_of(open.job_id, live) == st.cfg.instance.id) mine.push_back(open);
     return true;
   });
-  st.stats->set_group(static_cast<int64_t>(live.size()) - 1, open_jobs, orphaned);
+  st.stats->set_group(static_cast<int64_t>(live.size()), open_jobs, orphaned);
   for (auto& open : mine) {
     if (!open.request.empty() || open.status == "cancelling") {
       take_over(self, std::move(open));

@@ -1,5 +1,6 @@
 #include "messages/events.hpp"
 
+#include <cmath>
 #include <cstdio>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -348,6 +349,10 @@ json header(const char* type) {
   return json{{"type", type}, {"schema_version", schema_version}};
 }
 
+// To the microsecond: finer is noise, and a double's last digits
+// (2.5975669999999997) are noise a reader has to look past.
+double to_microsecond(double ms) { return std::round(ms * 1000.0) / 1000.0; }
+
 json error_json(const error_info& e) {
   return json{{"code", to_string(e.code)}, {"message", e.message}};
 }
@@ -382,9 +387,13 @@ std::string to_json(const inference_result& x) {
   } else {
     j["text"] = repair_utf8(x.text);
     j["finish_reason"] = x.finish_reason;
-    j["timings_ms"] = {{"queue", x.timings.queue},     {"adapter_load", x.timings.adapter_load},
-                       {"prefill", x.timings.prefill}, {"decode", x.timings.decode},
-                       {"total", x.timings.total},     {"route", x.timings.route}};
+    const auto& t = x.timings;
+    j["timings_ms"] = {{"queue", to_microsecond(t.queue)},
+                       {"adapter_load", to_microsecond(t.adapter_load)},
+                       {"prefill", to_microsecond(t.prefill)},
+                       {"decode", to_microsecond(t.decode)},
+                       {"total", to_microsecond(t.total)},
+                       {"route", to_microsecond(t.route)}};
     j["usage"] = {{"prompt_tokens", x.usage.prompt_tokens},
                   {"completion_tokens", x.usage.completion_tokens}};
   }

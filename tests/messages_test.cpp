@@ -375,6 +375,12 @@ TEST(Write, ResultsEventsAndDlqCarryTheContractFields) {
   EXPECT_EQ(j["text"], "hello");
   EXPECT_EQ(j["finish_reason"], "stop");
   EXPECT_EQ(j["timings_ms"]["total"], 10.0);
+  // Timings to the microsecond, without a double's trailing noise.
+  ok.timings.decode = 2.5975669999999997;
+  ok.timings.queue = 0.40074800000000005;
+  const auto text = to_json(ok);
+  EXPECT_NE(text.find(R"("decode":2.598,)"), std::string::npos) << text;
+  EXPECT_NE(text.find(R"("queue":0.401,)"), std::string::npos) << text;
   EXPECT_EQ(j["usage"]["prompt_tokens"], 6);
   EXPECT_EQ(j["usage"]["completion_tokens"], 5);
 

@@ -366,8 +366,8 @@ TEST_F(OnboardingTest, AJobOfAnInstanceGoneSilentIsTakenOverAndEndsWithOneModel)
   auto job = json::parse(engine_->get("/v1/jobs/" + job_id).second);
   EXPECT_EQ(job["status"], "moved") << job.dump();
   EXPECT_EQ(metric("tailor_jobs_handed_over_total"), 1);
-  EXPECT_TRUE(wait_until([&] { return metric("tailor_group_instances_live") == 1; }, 30s))
-      << "the first instance hears the second";
+  EXPECT_TRUE(wait_until([&] { return metric("tailor_group_instances_live") == 2; }, 30s))
+      << "the first instance hears the second, and counts itself";
   models = json::parse(engine_->get("/v1/users/gone/models").second);
   ASSERT_EQ(models.size(), 1u) << models.dump();
   EXPECT_EQ(models[0]["model_id"], model_id);
