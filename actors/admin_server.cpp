@@ -45,7 +45,7 @@ json records_to_json(const auto& records) {
 
 // The process's resident memory and the store's part of it, read at each
 // scrape: what an operator watches a spike of sign-ups by.
-std::string memory_gauges(const storage::metadata_store& db) {
+std::string memory_gauges(storage::metadata_store& db) {
   std::string out;
   if (const auto bytes = resident_memory_bytes(); bytes > 0)
     out += "# HELP process_resident_memory_bytes Resident memory of this process.\n"
@@ -66,6 +66,15 @@ std::string memory_gauges(const storage::metadata_store& db) {
   for (const auto& [table, bytes] : db.written_bytes())
     out += "tailor_store_written_bytes_total{table=\"" + table + "\"} " + std::to_string(bytes) +
            "\n";
+  const auto w = db.writes();
+  out += "# HELP tailor_store_writable Whether the store's writes succeed (0 from a failed write, "
+         "a full disk say, to the next one that succeeds).\n# TYPE tailor_store_writable gauge\n"
+         "tailor_store_writable " +
+         std::string(w.failing.empty() ? "1" : "0") +
+         "\n# HELP tailor_store_write_failures_total Writes to the store that failed since "
+         "start.\n# TYPE tailor_store_write_failures_total counter\n"
+         "tailor_store_write_failures_total " +
+         std::to_string(w.failures) + "\n";
   return out;
 }
 
@@ -197,10 +206,17 @@ int admin_server::start(const std::string& host, int port, const std::string& to
     const auto failure = health_->failure();
     j["version"] = TAILOR_VERSION;
     j["health"] = failure.empty() ? "ok" : "failed: " + failure;
-    j["ready"] = failure.empty() && stats_->ready(input_topics_);
+    const auto writes = db_->writes();
+    j["ready"] = failure.empty() && writes.failing.empty() && stats_->ready(input_topics_);
     j["resident_memory_bytes"] = resident_memory_bytes();
     const auto m = db_->memory();
-    j["store"] = {{"memtables_bytes", m.memtables}, {"block_cache_bytes", m.block_cache}};
+    j["store"] = {{"memtables_bytes", m.memtables},
+                  {"block_cache_bytes", m.block_cache},
+                  {"write_failures", writes.failures}};
+    if (!writes.failing.empty()) {
+      j["store"]["cannot_write"] = writes.failing;
+      j["store"]["cannot_write_since_ms"] = writes.failing_since_ms;
+    }
     reply_json(res, 200, j);
   });
   svr.Get("/readyz", [this](const httplib::Request&, httplib::Response& res) {
@@ -209,7 +225,10 @@ int admin_server::start(const std::string& host, int port, const std::string& to
       res.set_content("not ready: failed: " + failure + "\n", "text/plain");
       return;
     }
-    const auto why = stats_->not_ready(input_topics_);
+    auto why = stats_->not_ready(input_topics_);
+    // Events wait in Kafka until it writes again (a full disk, say).
+    if (const auto writes = db_->writes(); why.empty() && !writes.failing.empty())
+      why = "the store cannot write: " + writes.failing;
     res.status = why.empty() ? 200 : 503;
     res.set_content(why.empty() ? "ready\n" : "not ready: " + why + "\n", "text/plain");
   });

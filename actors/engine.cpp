@@ -413,6 +413,13 @@ std::unique_ptr<engine> engine::start(engine_config cfg, std::string& err,
   store_opts.sync_writes = cfg.sync_writes;
   store_opts.memory_bytes = static_cast<uint64_t>(cfg.store_memory_mb) * 1024 * 1024;
   store_opts.retention = std::chrono::hours(24) * cfg.history_retention_days;
+  store_opts.log = [](storage::store_log_level level, const std::string& line) {
+    using enum storage::store_log_level;
+    spdlog::log(level == error  ? spdlog::level::err
+                : level == warn ? spdlog::level::warn
+                                : spdlog::level::debug,
+                "rocksdb: {}", line);
+  };
   auto db = storage::metadata_store::open(cfg.data_dir + "/metadata", store_opts);
   if (!db) {
     err = caf::to_string(db.error());

@@ -352,8 +352,11 @@ void dispatch(self_ptr self, std::shared_ptr<incoming_event> ev, uint64_t genera
           },
           [self, ev, generation, call](caf::error& err) {
             if (!reply_watch::settle(*call)) return;
-            spdlog::error("ingress {}: event {}/{} not handled, retrying: {}", ev->topic,
-                          ev->partition, ev->offset, caf::to_string(err));
+            if (uint64_t held = 0; self->state.retry_log.allow(held))
+              spdlog::error("ingress {}: event {}/{} not handled, retrying: {}{}", ev->topic,
+                            ev->partition, ev->offset, caf::to_string(err),
+                            held > 0 ? fmt::format(" ({} more retries since the last line)", held)
+                                     : "");
             later(self, [self, ev, generation] { dispatch(self, ev, generation); });
           });
 }

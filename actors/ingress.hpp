@@ -15,6 +15,7 @@
 #include "actors/config.hpp"
 #include "actors/egress.hpp"
 #include "actors/kafka.hpp"
+#include "actors/log_limit.hpp"
 #include "actors/metrics.hpp"
 #include "actors/reply_watch.hpp"
 #include "actors/user.hpp"
@@ -97,6 +98,9 @@ struct ingress_state {
   // egress to publish a job's events, before it tries again.
   static constexpr std::chrono::seconds route_timeout{120};
   reply_watch route_replies{route_timeout};
+  // Events retried each second (a full disk fails them all): a line every
+  // ten seconds, not one per event and second.
+  log_limit retry_log{std::chrono::seconds(10)};
   // Events whose handling failed, re-run from the poll loop once due.
   std::deque<std::pair<std::chrono::steady_clock::time_point, std::function<void()>>> retries;
   ~ingress_state();

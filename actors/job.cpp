@@ -7,6 +7,7 @@
 
 #include "actors/error_text.hpp"
 #include "actors/fault.hpp"
+#include "actors/log_limit.hpp"
 
 namespace tailor::actors {
 
@@ -16,12 +17,6 @@ using answers = std::vector<outgoing_message>;
 using job_ptr = job_actor::stateful_pointer<job_state>;
 
 constexpr auto store_timeout = std::chrono::seconds(30);
-
-errc code_of(const std::string& name) {
-  for (int c = 0; c <= static_cast<int>(errc::adapter_unavailable); ++c)
-    if (to_string(static_cast<errc>(c)) == name) return static_cast<errc>(c);
-  return errc::internal;
-}
 
 // Publishes in order (the egress keeps one producer, so a job's events reach
 // tailor.events in the order sent), then runs `delivered`. A failed delivery
@@ -77,9 +72,19 @@ void advance(job_ptr self, const std::string& to, job_record update, std::functi
             next();
           },
           [=](caf::error& err) {
-            spdlog::error("job {}: cannot persist {}: {}", self->state.job.job_id, to,
-                          caf::to_string(err));
-            park(self, std::chrono::milliseconds(self->state.cfg.training.retry_backoff_ms));
+            auto& st = self->state;
+            // Every job retries each backoff while the store cannot write.
+            static log_limit lines(std::chrono::seconds(10));
+            if (uint64_t held = 0; lines.allow(held))
+              spdlog::error("job {}: cannot persist {}: {}{}", st.job.job_id, to,
+                            caf::to_string(err),
+                            held > 0 ? fmt::format(" ({} more since the last line)", held) : "");
+            if (!st.running)
+              return park(self, std::chrono::milliseconds(st.cfg.training.retry_backoff_ms));
+            // Its slot still runs it: parked now, the job would be admitted
+            // again and run twice at once.
+            st.park_after_run = true;
+            st.abandon->store(true);
           });
 }
 
@@ -158,6 +163,15 @@ void on_outcome(job_ptr self, training_outcome& o) {
   auto& st = self->state;
   self->send(st.pool, release_atom_v, st.job.job_id);
   st.in_slot = false;
+  st.running = false;
+  if (st.park_after_run && o.status != "cancelled") {
+    // Stopped (or done) while the store could not record it: again from
+    // its persisted state and checkpoint after the backoff.
+    st.park_after_run = false;
+    st.abandon->store(false);
+    return park(self, std::chrono::milliseconds(st.cfg.training.retry_backoff_ms));
+  }
+  st.park_after_run = false;
   // Ended on another instance while its run here went on (it was saving,
   // which a cancel does not stop): that end was announced there, and this
   // run's (the same model id) is not announced again.
@@ -217,6 +231,22 @@ void on_outcome(job_ptr self, training_outcome& o) {
   update.error_code = to_string(o.code);
   update.error_message = o.message;
   const auto& tc = st.cfg.training;
+  if (o.code == errc::storage_full) {
+    // The engine's failure, not the job's: it waits for room without using
+    // an attempt, the backoff doubling up to a minute.
+    update.attempts = st.job.attempts;
+    const auto delay = std::min<std::chrono::milliseconds>(
+        std::chrono::milliseconds(static_cast<int64_t>(tc.retry_backoff_ms)
+                                  << std::min(st.full_disk_waits++, 6)),
+        std::chrono::minutes(1));
+    spdlog::warn("job {}: the disk is full ({}); trying again in {} ms", st.job.job_id, o.message,
+                 delay.count());
+    advance(self, "retrying", update, [self, delay] {
+      announce(self, "job.retrying");
+      park(self, delay);
+    });
+    return;
+  }
   if (o.transient && update.attempts < tc.max_attempts) {
     auto delay = std::chrono::milliseconds(static_cast<int64_t>(tc.retry_backoff_ms)
                                            << std::min<int64_t>(update.attempts - 1, 16));
@@ -258,6 +288,7 @@ void run(job_ptr self, trainer_actor slot) {
   order.prompts = req.prompts;
   order.cancel = st.cancel;
   order.abandon = st.abandon;
+  st.running = true;
   self->request(slot, caf::infinite, train_atom_v, std::move(order))
       .then([self](training_outcome& o) { on_outcome(self, o); },
             [self](caf::error& err) {
@@ -295,7 +326,7 @@ outgoing_message job_event_message(const job_record& j, const std::string& type,
                std::nullopt, std::nullopt, std::nullopt, std::move(training)};
   if (type == "model.ready") ev.model_id = j.model_id;
   if ((type == "job.failed" || type == "job.retrying") && !j.error_code.empty())
-    ev.error = error_info{code_of(j.error_code), j.error_message};
+    ev.error = error_info{errc_of(j.error_code), j.error_message};
   return to_message(ev);
 }
 

@@ -55,13 +55,20 @@ struct job_state {
   std::shared_ptr<std::atomic<bool>> abandon;  // the pool's: set once this actor has failed
   std::vector<caf::typed_response_promise<std::vector<outgoing_message>>> cancel_waiters;
   bool in_slot = false;
+  // A run ordered and its outcome not yet back: a failed write then stops
+  // the run (through `abandon`) and parks the job once it is back, never
+  // while the slot still runs it.
+  bool running = false;
+  bool park_after_run = false;
+  int full_disk_waits = 0;  // runs ended by a full disk: its backoff doubles with each
   std::string moved_to;  // the instance that ended the job, once told
   static inline const char* name = "tailor.job";
 };
 
 // `abandon`: the pool sets it when this actor fails, so that a training run
 // it ordered stops at its next step rather than run on beside the job's
-// fresh actor.
+// fresh actor; the actor sets it when the store cannot record the run's
+// progress, and clears it once the run has stopped.
 job_actor::behavior_type job(job_actor::stateful_pointer<job_state> self, job_record rec,
                              engine_config cfg, store_actor db, egress_actor out, job_owner pool,
                              std::shared_ptr<metrics> stats,

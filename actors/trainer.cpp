@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <cerrno>
 #include <chrono>
 #include <filesystem>
 #include <map>
@@ -25,6 +26,10 @@ namespace {
 
 namespace fs = std::filesystem;
 using clock = std::chrono::steady_clock;
+
+bool is_disk_full(const std::error_code& ec) {
+  return ec == std::errc::no_space_on_device || ec.value() == EDQUOT;
+}
 
 training_outcome failure(errc code, std::string message, bool transient) {
   training_outcome o;
@@ -136,7 +141,7 @@ training_outcome run_order(trainer_actor::stateful_pointer<trainer_state> self, 
   // As for the adapter (storage::store_adapter): a store that cannot be
   // written fails the job with its reason, not later as a torch error.
   if (fs::create_directories(checkpoints, ec); ec)
-    return failure(errc::training_failed,
+    return failure(is_disk_full(ec) ? errc::storage_full : errc::training_failed,
                    "creating " + checkpoints.string() + ": " + ec.message(), true);
   // Progress at a bounded rate: the first step, then at most one per
   // interval, and the last one.
@@ -163,6 +168,8 @@ training_outcome run_order(trainer_actor::stateful_pointer<trainer_state> self, 
     if (err.category() == caf::atom("tailor_mdl") &&
         err.code() == static_cast<uint8_t>(model::errc::invalid_options))
       return failure(errc::out_of_bounds, "hyperparameters: " + error_text(err), false);
+    if (err == storage::errc::no_space)
+      return failure(errc::storage_full, "saving a checkpoint: " + error_text(err), true);
     return failure(errc::training_failed, error_text(err), true);
   }
   if (!res->checkpoint_dropped.empty())
@@ -187,8 +194,9 @@ training_outcome run_order(trainer_actor::stateful_pointer<trainer_state> self, 
                    true);
   auto stored = storage::store_adapter(st.cfg.artifact_dir, o.user_id, o.model_id, *bytes);
   if (!stored)
-    return failure(errc::training_failed, "writing the adapter: " + error_text(stored.error()),
-                   true);
+    return failure(stored.error() == storage::errc::no_space ? errc::storage_full
+                                                             : errc::training_failed,
+                   "writing the adapter: " + error_text(stored.error()), true);
   training_outcome out;
   out.status = "done";
   out.artifact_path = stored->path;

@@ -33,8 +33,15 @@ std::string to_string(errc code) {
     case errc::adapter_unavailable: return "adapter_unavailable";
     case errc::prompt_too_long: return "prompt_too_long";
     case errc::user_deleted: return "user_deleted";
+    case errc::storage_full: return "storage_full";
   }
   return "unknown";
+}
+
+errc errc_of(const std::string& name) {
+  for (int c = 0; c <= UINT8_MAX; ++c)
+    if (to_string(static_cast<errc>(c)) == name) return static_cast<errc>(c);
+  return errc::internal;
 }
 
 bool is_unreadable(errc code) {

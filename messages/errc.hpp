@@ -46,9 +46,15 @@ enum class errc : uint8_t {
   // Onboarding and serving: a request sent before its user was deleted
   // (user.delete), read after.
   user_deleted,
+  // Onboarding: the engine's disk is full. Not a failure of the job, which
+  // waits (job.retrying) and goes on once there is room.
+  storage_full,
 };
 
 std::string to_string(errc code);
+
+// The code whose wire spelling is `name`; internal for a name no code has.
+errc errc_of(const std::string& name);
 
 // True for codes that answer an unreadable event (tailor.dlq).
 bool is_unreadable(errc code);

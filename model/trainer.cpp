@@ -1,17 +1,18 @@
 #include "model/trainer.hpp"
 
 #include <ATen/CPUGeneratorImpl.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <filesystem>
 #include <numeric>
 #include <random>
+#include <span>
+#include <sstream>
 
 #include "model/errc.hpp"
 #include "model/generate.hpp"
+#include "storage/artifacts.hpp"
 
 namespace tailor::model {
 
@@ -85,13 +86,22 @@ caf::error save_checkpoint(const std::string& path, lora_adapter& ad, lora_adapt
     torch::serialize::OutputArchive opt_ar;
     opt.save(opt_ar);
     ar.write("optimizer", opt_ar);
-    // A name of its own: two runs of one job (a job taken over from an
-    // instance that only stalled) may save into the same store at once.
-    static std::atomic<uint64_t> seq{0};
-    auto tmp = path + ".tmp-" + std::to_string(::getpid()) + "-" + std::to_string(seq++);
-    ar.save_to(tmp);
-    std::filesystem::rename(tmp, path);
-  } catch (const std::exception& e) {  // edge: LibTorch reports I/O by exception
+    // Into memory, then written by us: LibTorch's own file writer throws
+    // from a destructor when a write fails (a full disk), which ends the
+    // process. The atomic write takes a temporary name of its own, as two
+    // runs of one job (one taken over from an instance that only stalled)
+    // may save into the same store at once.
+    std::ostringstream bytes;
+    ar.save_to(bytes);
+    const auto data = std::move(bytes).str();
+    if (auto err = storage::write_file_atomic(path, std::as_bytes(std::span(data)))) {
+      if (err == storage::errc::no_space) return err;  // its caller waits for room
+      const auto& why = err.context();  // the storage error's own message
+      return caf::make_error(errc::checkpoint_failed,
+                             why.match_elements<std::string>() ? why.get_as<std::string>(0)
+                                                               : caf::to_string(err));
+    }
+  } catch (const std::exception& e) {  // edge: LibTorch reports errors by exception
     return caf::make_error(errc::checkpoint_failed, std::string("save ") + path + ": " + e.what());
   }
   return {};

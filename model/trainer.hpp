@@ -88,6 +88,8 @@ int64_t steps_for_data(const train_options& o, int64_t train_tokens);
 // (small_data_lr_power).
 double learning_rate_for_data(const train_options& o, int64_t train_tokens);
 
+// A checkpoint that cannot be written ends the run with checkpoint_failed,
+// or with storage::errc::no_space when the disk is full.
 caf::expected<train_result> train_lora(const base_weights& base,
                                        const std::vector<std::string>& texts, const lora_config& lc,
                                        const train_options& opt, const progress_fn& progress = {},

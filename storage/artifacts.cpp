@@ -55,7 +55,8 @@ caf::error write_file_atomic(const std::string& path, std::span<const std::byte>
   auto tmp = target;
   tmp += ".tmp-" + std::to_string(::getpid()) + "-" + std::to_string(seq++);
   auto fail = [&](const std::string& what) {
-    return caf::make_error(errc::io_error, what + ": " + std::strerror(errno));
+    const auto code = errno == ENOSPC || errno == EDQUOT ? errc::no_space : errc::io_error;
+    return caf::make_error(code, what + ": " + std::strerror(errno));
   };
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return fail("cannot create " + tmp.string());

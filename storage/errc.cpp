@@ -19,6 +19,7 @@ std::string to_string(errc code) {
     case errc::offsets_overlap: return "offsets_overlap";
     case errc::incomplete_buffer: return "incomplete_buffer";
     case errc::checksum_mismatch: return "checksum_mismatch";
+    case errc::no_space: return "no_space";
   }
   return "unknown";
 }

@@ -24,6 +24,7 @@ enum class errc : uint8_t {
   offsets_overlap,       // two tensors share bytes
   incomplete_buffer,     // data bytes that no tensor covers
   checksum_mismatch,     // an artifact's bytes are not the ones registered
+  no_space,              // the disk is full: ENOSPC, EDQUOT, or RocksDB's NoSpace
 };
 
 std::string to_string(errc code);

@@ -4,6 +4,7 @@
 #include <rocksdb/compaction_filter.h>
 #include <rocksdb/db.h>
 #include <rocksdb/filter_policy.h>
+#include <rocksdb/listener.h>
 #include <rocksdb/slice_transform.h>
 #include <rocksdb/table.h>
 #include <rocksdb/write_batch.h>
@@ -12,7 +13,10 @@
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <cstdarg>
+#include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <limits>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -36,13 +40,76 @@ enum table : std::size_t {
   table_count
 };
 
+// RocksDB's log lines, formatted and handed to store_options::log.
+class forwarding_logger : public rocksdb::Logger {
+ public:
+  explicit forwarding_logger(std::function<void(store_log_level, const std::string&)> sink)
+      : rocksdb::Logger(rocksdb::InfoLogLevel::INFO_LEVEL), sink_(std::move(sink)) {}
+
+  void Logv(const char* format, va_list ap) override {
+    Logv(rocksdb::InfoLogLevel::INFO_LEVEL, format, ap);
+  }
+
+  void Logv(const rocksdb::InfoLogLevel level, const char* format, va_list ap) override {
+    if (level < GetInfoLogLevel()) return;
+    va_list again;
+    va_copy(again, ap);
+    char buf[512];
+    const int n = std::vsnprintf(buf, sizeof buf, format, ap);
+    std::string line;
+    if (n >= 0 && static_cast<std::size_t>(n) < sizeof buf) {
+      line.assign(buf, static_cast<std::size_t>(n));
+    } else if (n >= 0) {
+      line.resize(static_cast<std::size_t>(n) + 1);
+      std::vsnprintf(line.data(), line.size(), format, again);
+      line.pop_back();
+    }
+    va_end(again);
+    // Its INFO (and HEADER) is every flush, compaction and option: debug here.
+    const auto to = level == rocksdb::InfoLogLevel::ERROR_LEVEL ||
+                            level == rocksdb::InfoLogLevel::FATAL_LEVEL
+                        ? store_log_level::error
+                    : level == rocksdb::InfoLogLevel::WARN_LEVEL ? store_log_level::warn
+                                                                 : store_log_level::debug;
+    sink_(to, line);
+  }
+
+ private:
+  std::function<void(store_log_level, const std::string&)> sink_;
+};
+
+// A failed write leaves RocksDB read-only. Its own recovery from a full disk
+// waits for room for a whole memtable (64 MB by default), and refuses a
+// Resume() meanwhile; the store asks for one at its next write instead
+// (impl::try_resume), so this turns RocksDB's off for that error. It also
+// hears that RocksDB left the read-only state.
+class recovery_listener : public rocksdb::EventListener {
+ public:
+  explicit recovery_listener(std::function<void()> recovered) : recovered_(std::move(recovered)) {}
+  void OnErrorRecoveryBegin(rocksdb::BackgroundErrorReason, rocksdb::Status error,
+                            bool* auto_recovery) override {
+    if (error.IsNoSpace()) *auto_recovery = false;
+  }
+  void OnErrorRecoveryEnd(const rocksdb::BackgroundErrorRecoveryInfo& info) override {
+    if (info.new_bg_error.ok()) recovered_();
+  }
+
+ private:
+  std::function<void()> recovered_;
+};
+
+void log_to_stderr(store_log_level level, const std::string& line) {
+  if (level != store_log_level::debug) std::fprintf(stderr, "rocksdb: %s\n", line.c_str());
+}
+
 // A job that will not run again: final, or run by another instance.
 bool is_at_rest(const std::string& status) {
   return messages::is_final_job_status(status) || status == "moved";
 }
 
 caf::error io(const rocksdb::Status& s, const char* what) {
-  return caf::make_error(errc::io_error, std::string(what) + ": " + s.ToString());
+  return caf::make_error(s.IsNoSpace() ? errc::no_space : errc::io_error,
+                         std::string(what) + ": " + s.ToString());
 }
 
 std::string request_key(const std::string& user_id, const std::string& request_id) {
@@ -171,10 +238,54 @@ struct metadata_store::impl {
   std::string history_key(const history_entry& entry);
 
   caf::error write(rocksdb::WriteBatch& batch, const char* what) {
+    if (failing.load(std::memory_order_relaxed)) try_resume();
     auto s = db->Write(wopts, &batch);
-    if (!s.ok()) return io(s, what);
+    if (!s.ok()) {
+      auto err = io(s, what);
+      write_failed(err);
+      return err;
+    }
+    if (failing.load(std::memory_order_relaxed)) writes_recovered();
     count_written(batch);
     return {};
+  }
+
+  // store_writes: `failing` keeps the hot path to one load while writes work.
+  std::atomic<bool> failing{false};
+  std::atomic<uint64_t> write_failures{0};
+  mutable std::mutex writes_mtx;
+  std::string failing_reason;
+  int64_t failing_since_ms = 0;
+
+  // A failed write leaves RocksDB read-only until asked to resume
+  // (recovery_listener): at most once a second, from the next write or
+  // the next look at writes().
+  std::chrono::steady_clock::time_point last_resume{};
+  void try_resume() {
+    {
+      std::lock_guard<std::mutex> guard(writes_mtx);
+      const auto now = std::chrono::steady_clock::now();
+      if (now - last_resume < std::chrono::seconds(1)) return;
+      last_resume = now;
+    }
+    // Not ok: still no room, which the next write reports again.
+    if (db->Resume().ok()) writes_recovered();
+  }
+
+  void write_failed(const caf::error& err) {
+    ++write_failures;
+    std::lock_guard<std::mutex> guard(writes_mtx);
+    if (!failing.exchange(true)) failing_since_ms = messages::unix_ms();
+    failing_reason = err.context().match_elements<std::string>()
+                         ? err.context().get_as<std::string>(0)
+                         : caf::to_string(err);
+  }
+
+  void writes_recovered() {
+    std::lock_guard<std::mutex> guard(writes_mtx);
+    failing = false;
+    failing_reason.clear();
+    failing_since_ms = 0;
   }
 
   // Keys and values written to each table since open (written_bytes()),
@@ -294,6 +405,17 @@ struct metadata_store::impl {
   }
 };
 
+store_writes metadata_store::writes() {
+  auto& im = *impl_;
+  if (im.failing.load()) im.try_resume();
+  store_writes w;
+  w.failures = im.write_failures.load();
+  std::lock_guard<std::mutex> guard(im.writes_mtx);
+  w.failing = im.failing_reason;
+  w.failing_since_ms = im.failing_since_ms;
+  return w;
+}
+
 store_memory metadata_store::memory() const {
   store_memory m;
   auto sum = [&](const std::string& property, uint64_t& into) {
@@ -358,6 +480,10 @@ caf::expected<std::unique_ptr<metadata_store>> metadata_store::open(const std::s
   // user actors' one thread and the store actor.
   dbo.allow_concurrent_memtable_write = false;
   dbo.listeners = opts.listeners;
+  auto* writes = &im;
+  dbo.listeners.push_back(
+      std::make_shared<recovery_listener>([writes] { writes->writes_recovered(); }));
+  dbo.info_log = std::make_shared<forwarding_logger>(opts.log ? opts.log : log_to_stderr);
   std::shared_ptr<rocksdb::Cache> cache;
   if (opts.memory_bytes > 0) {
     cache = rocksdb::NewLRUCache(opts.memory_bytes / 2);
@@ -385,6 +511,10 @@ caf::expected<std::unique_ptr<metadata_store>> metadata_store::open(const std::s
       o.periodic_compaction_seconds = every;
     }
   }
+  // Made here: RocksDB logs a missing directory as an error before it makes it.
+  std::error_code ec;
+  if (std::filesystem::create_directories(path, ec); ec)
+    return caf::make_error(errc::io_error, "create " + path + ": " + ec.message());
   std::vector<rocksdb::ColumnFamilyHandle*> handles;
   auto s = rocksdb::DB::Open(dbo, path, cfs, &handles, &im.db);
   if (!s.ok()) return io(s, ("open " + path).c_str());

@@ -26,6 +26,8 @@ using messages::job_record;
 using messages::model_record;
 using messages::request_record;
 
+enum class store_log_level { debug, warn, error };
+
 struct store_options {
   // fsync the WAL on every write. Off by default: the WAL already survives a
   // killed process; on, it also survives a power cut, at a cost per write.
@@ -43,6 +45,11 @@ struct store_options {
   // compaction, which RocksDB runs at least daily. Onboarding records,
   // jobs and models are kept. 0: forever.
   std::chrono::milliseconds retention{0};
+  // Where RocksDB's own log lines go, instead of a LOG file in the database's
+  // directory: RocksDB 7.8 as Debian builds it (assertions on) aborts the
+  // process when it writes that file again after a failed write, as it does
+  // while the disk is full. Unset: warnings and errors to stderr.
+  std::function<void(store_log_level, const std::string&)> log;
 };
 
 // What the store holds in memory now, by RocksDB's own accounting.
@@ -50,6 +57,15 @@ struct store_memory {
   uint64_t memtables = 0;      // every table's memtables, flushed or not yet
   uint64_t block_cache = 0;    // blocks of table files read
   uint64_t table_readers = 0;  // indexes and filters of open table files
+};
+
+// Whether the store can write, for an operator: while writes fail (a full
+// disk, say), the last failure's reason and since when; both empty once a
+// write succeeds again or RocksDB resumes.
+struct store_writes {
+  std::string failing;
+  int64_t failing_since_ms = 0;
+  uint64_t failures = 0;  // writes failed since open
 };
 
 // What deleting a user removed (metadata_store::delete_user): the models
@@ -77,6 +93,10 @@ class metadata_store {
                                                              store_options opts = {});
   ~metadata_store();
   store_memory memory() const;
+  // While writes fail, first asks RocksDB to resume (at most once a
+  // second), so that a probe sees the store writable once there is room,
+  // with nothing written meanwhile.
+  store_writes writes();
   // Bytes of keys and values written to each table since open, by name.
   std::vector<std::pair<std::string, uint64_t>> written_bytes() const;
   // Compacts the requests and history tables now: what is past retention

@@ -3,8 +3,10 @@
 // lost across a crash.
 #include <gtest/gtest.h>
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <librdkafka/rdkafkacpp.h>
 #include <netinet/in.h>
+#include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -14,6 +16,7 @@
 #include <condition_variable>
 #include <csignal>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -1011,6 +1014,167 @@ TEST_F(EngineTest, AnActorThatCannotBeRestartedEndsTailordAndItsNextRunLosesNoth
   auto jobs = json::parse(engine_->get("/v1/jobs?limit=10000").second);
   EXPECT_EQ(jobs.size(), static_cast<std::size_t>(users)) << "one job per request, none twice";
   EXPECT_EQ(engine_->get("/healthz"), std::make_pair(200, std::string("ok\n")));
+}
+
+namespace {
+
+// A tmpfs of its own, to run full under a tailord's data directory.
+// Mounting one needs root (or CAP_SYS_ADMIN).
+class small_disk {
+ public:
+  explicit small_disk(int megabytes)
+      : dir_((fs::temp_directory_path() / ("tailor-small-disk-" + std::to_string(::getpid()) +
+                                           "-" + std::to_string(megabytes)))
+                 .string()) {
+    fs::create_directories(dir_);
+    const auto size = "size=" + std::to_string(megabytes) + "m";
+    if (::mount("tailor-test", dir_.c_str(), "tmpfs", 0, size.c_str()) != 0) error_ = errno;
+  }
+  ~small_disk() {
+    if (error_ == 0) ::umount2(dir_.c_str(), MNT_DETACH);
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+  int error() const { return error_; }
+  const std::string& path() const { return dir_; }
+  // Fills what is free with one file: true once a write found no room.
+  bool fill() {
+    const int fd = ::open((dir_ + "/filler").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) return false;
+    std::vector<char> block(1 << 20, 'x');
+    while (::write(fd, block.data(), block.size()) > 0) {
+    }
+    const bool full = errno == ENOSPC;
+    ::close(fd);
+    return full;
+  }
+  void make_room() { fs::remove(dir_ + "/filler"); }
+
+ private:
+  std::string dir_;
+  int error_ = 0;
+};
+
+}  // namespace
+
+// How a test on a small disk starts: the disk mounted, or skipped where
+// this user may not mount one.
+#define MOUNT_OR_SKIP(disk)                                                        \
+  do {                                                                             \
+    if ((disk).error() == EPERM && ::geteuid() != 0)                               \
+      GTEST_SKIP() << "mounting a tmpfs needs root or CAP_SYS_ADMIN";              \
+    ASSERT_EQ((disk).error(), 0) << "mount a tmpfs: " << std::strerror((disk).error()); \
+  } while (false)
+
+// The disk of the artifacts runs full while a job trains (the store's
+// write-ahead log keeps the room RocksDB set aside for it). LibTorch's
+// checkpoint writer ended the process there; then each full-disk run used
+// one of the job's three attempts, and the user's sign-up failed within a
+// second. Now the job waits (job.retrying, storage_full) as long as the
+// disk is full, using none, answers keep coming, and once there is room
+// the job ends ready.
+TEST_F(EngineTest, AJobWaitsOutAFullDiskWithoutUsingItsAttempts) {
+  small_disk disk(160);
+  MOUNT_OR_SKIP(disk);
+  // 8 MB of store memory: a write-ahead log of 4 MB, set aside at its start.
+  start({{"data_dir", disk.path() + "/data"},
+         {"store_memory_mb", 8},
+         {"training", {{"slots", 1}, {"checkpoint_every", 5}, {"max_attempts", 3}}}});
+  ASSERT_FALSE(HasFatalFailure());
+  send_onboarding(onboarding("early", "o1"));
+  in_->flush();
+  await_event("early", "o1", "model.ready");
+  send_onboarding(onboarding_with("late", "o2", {{"steps", 4000}}));
+  in_->flush();
+  ASSERT_TRUE(wait_until([&] { return progressed_past("late", "o2", 1); }, 60s));
+  ASSERT_TRUE(disk.fill());
+  // More waits than the job has attempts, at a backoff that doubles from 200 ms.
+  auto waits = [&] {
+    int n = 0;
+    for (const auto& e : events_of("late", "o2", "job.retrying")) {
+      EXPECT_EQ(e.value["error"]["code"], "storage_full") << e.payload;
+      ++n;
+    }
+    return n;
+  };
+  ASSERT_TRUE(wait_until([&] { return waits() >= 4; }, 60s))
+      << waits() << " waits; the end of tailord's log:\n"
+      << engine_->log_tail(30);
+  EXPECT_TRUE(events_of("late", "o2", "job.failed").empty());
+  // Answers go on meanwhile: reading an adapter needs no room.
+  send_inference(inference("early", "q1"));
+  in_->flush();
+  auto answer = await_one("early", "q1");
+  EXPECT_FALSE(answer.value.contains("error")) << answer.payload;
+  disk.make_room();
+  await_event("late", "o2", "model.ready", 120s);
+  EXPECT_EQ(events_of("late", "o2", "model.ready").size(), 1u);
+  EXPECT_TRUE(events_of("late", "o2", "job.failed").empty());
+  auto jobs = json::parse(engine_->get("/v1/jobs?limit=10").second);
+  for (const auto& j : jobs) {
+    if (j["user_id"] == "late") {
+      EXPECT_EQ(j["attempts"], 0) << j.dump();
+    }
+  }
+  EXPECT_EQ(engine_->stop(), 0) << engine_->log_tail(30);
+}
+
+// The store's disk runs full (no room set aside: the write-ahead log of
+// the default store memory, 64 MB, does not fit on it): RocksDB's writes
+// fail. RocksDB's own log file ended the process there (an assertion in
+// Debian's build). Now tailord keeps running and says why it is not ready;
+// requests wait in Kafka, and once there is room every one is answered,
+// once, and the job that was training ends ready.
+TEST_F(EngineTest, AFullStoreEndsNothingAndLosesNothing) {
+  small_disk disk(48);
+  MOUNT_OR_SKIP(disk);
+  start({{"data_dir", disk.path() + "/data"},
+         {"training", {{"slots", 1}, {"checkpoint_every", 5}}}});
+  ASSERT_FALSE(HasFatalFailure());
+  send_onboarding(onboarding("early", "o1"));
+  in_->flush();
+  await_event("early", "o1", "model.ready");
+  send_onboarding(onboarding_with("late", "o2", {{"steps", 4000}}));
+  in_->flush();
+  ASSERT_TRUE(wait_until([&] { return progressed_past("late", "o2", 1); }, 60s));
+  ASSERT_TRUE(disk.fill());
+  const int n = 12;  // under the user's 16 requests in flight: all wait for room
+  for (int i = 0; i < n; ++i) send_inference(inference("early", "q" + std::to_string(i)));
+  in_->flush();
+  std::pair<int, std::string> ready;
+  ASSERT_TRUE(wait_until(
+      [&] {
+        ready = engine_->get("/readyz");
+        return ready.first == 503;
+      },
+      30s))
+      << "the end of tailord's log:\n"
+      << engine_->log_tail(30);
+  EXPECT_NE(ready.second.find("not ready: the store cannot write: "), std::string::npos)
+      << ready.second;
+  EXPECT_NE(ready.second.find("No space left on device"), std::string::npos) << ready.second;
+  EXPECT_EQ(metric("tailor_store_writable"), 0);
+  const auto status = json::parse(engine_->get("/v1/status").second);
+  EXPECT_EQ(status["ready"], false);
+  EXPECT_TRUE(status["store"].contains("cannot_write")) << status.dump();
+  // Retried, not given up: each event's retry fails again, a second apart.
+  ASSERT_TRUE(wait_until([&] { return metric("tailor_store_write_failures_total") >= 3 * n; },
+                         60s));
+  EXPECT_EQ(engine_->get("/healthz"), std::make_pair(200, std::string("ok\n")));
+  disk.make_room();
+  for (int i = 0; i < n; ++i) {
+    auto r = await_one("early", "q" + std::to_string(i));
+    EXPECT_FALSE(r.value.contains("error")) << r.payload;
+  }
+  await_event("late", "o2", "model.ready", 120s);
+  EXPECT_TRUE(wait_until([&] { return engine_->get("/readyz").first == 200; }, 10s));
+  EXPECT_EQ(metric("tailor_store_writable"), 1);
+  for (int i = 0; i < n; ++i)
+    EXPECT_EQ(answers_to("early", "q" + std::to_string(i)).size(), 1u) << i;
+  EXPECT_EQ(events_of("late", "o2", "model.ready").size(), 1u);
+  EXPECT_TRUE(events_of("late", "o2", "job.failed").empty());
+  EXPECT_FALSE(fs::exists(disk.path() + "/data/metadata/LOG")) << "RocksDB's log goes to ours";
+  EXPECT_EQ(engine_->stop(), 0) << engine_->log_tail(30);
 }
 
 // A stop that does not end (a fault injector: the consumer's close never

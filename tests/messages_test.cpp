@@ -332,6 +332,11 @@ TEST(Serialize, UserDeletion) {
   EXPECT_FALSE(refused.contains("deleted"));
   EXPECT_EQ(to_string(errc::user_deleted), "user_deleted");
   EXPECT_FALSE(is_unreadable(errc::user_deleted));
+  // A stored job's error code reads back as the code it was, the last ones too.
+  for (auto c : {errc::invalid_json, errc::prompt_too_long, errc::user_deleted,
+                 errc::storage_full})
+    EXPECT_EQ(errc_of(to_string(c)), c) << to_string(c);
+  EXPECT_EQ(errc_of("no such code"), errc::internal);
   state_record any;
   ASSERT_EQ(parse_state_record(to_json(user_erasure_record{"u1", "tailord-a", 99}), any), "");
   ASSERT_TRUE(std::holds_alternative<user_erasure_record>(any));
