@@ -422,7 +422,7 @@ std::unique_ptr<engine> engine::start(engine_config cfg, std::string& err,
   };
   auto db = storage::metadata_store::open(cfg.data_dir + "/metadata", store_opts);
   if (!db) {
-    err = caf::to_string(db.error());
+    err = error_text(db.error());
     return nullptr;
   }
   std::shared_ptr<storage::metadata_store> shared_db(std::move(*db));
