@@ -279,13 +279,17 @@ void finish_inference(user_ptr self, inference_request x, uint64_t hash, outgoin
     for (auto& rp : it->second.waiters) rp.deliver(answers{result});
     st.inflight.erase(it);
     st.device_failures.erase(x.request_id);
+    st.unstored.erase(x.request_id);
     // Stored: a repeat is answered from the store, before any cancel check.
     if (auto c = find_early_cancel(st, x.request_id); c != st.early_cancels.end())
       st.early_cancels.erase(c);
   };
   // Not recorded: every waiter's event is retried by the ingress, and the
-  // retry generates the same text (same seed).
-  auto failed = [=](const caf::error& err) { fail_waiters(self, x.request_id, err); };
+  // retry stores this answer (user_state::unstored).
+  auto failed = [=](const caf::error& err) {
+    self->state.unstored[x.request_id] = {hash, result};
+    fail_waiters(self, x.request_id, err);
+  };
   if (!st.cfg.sync_writes) {
     // One write for both: a second (the history's, on the store actor) cost
     // as much again in WAL appends and memtable inserts.
@@ -406,6 +410,12 @@ void handle_inference(user_ptr self, promise_t rp, inference_request x, uint64_t
       return answer(errc::duplicate_request_id, "request_id: " + x.request_id +
                                                     " was already used by user " + st.user_id +
                                                     " for a different request");
+    }
+    // Generated before, and its storing failed: stored now, not generated again.
+    if (auto it = st.unstored.find(x.request_id);
+        it != st.unstored.end() && it->second.payload_hash == hash) {
+      st.inflight[x.request_id] = user_state::pending{hash, {}, {rp}};
+      return finish_inference(self, x, hash, it->second.result);
     }
     if (x.model_id) {
       const auto& model_id = *x.model_id;
@@ -653,6 +663,7 @@ void erase_now(user_ptr self) {
   st.erased_at = e.at_ms;
   st.newest.reset();
   st.device_failures.clear();
+  st.unstored.clear();
   e.rp.deliver(std::move(out));
   end_erasure(self);
 }

@@ -69,6 +69,14 @@ struct user_state {
   // is answered: one that keeps failing devices gets an error result.
   std::map<std::string, int> device_failures;
   static constexpr int max_device_failures = 3;
+  // Answers generated whose storing failed (a full disk), by request id:
+  // the ingress retries the event, which then stores this answer rather
+  // than generate it again, each second for as long as the disk is full.
+  struct unstored_answer {
+    uint64_t payload_hash = 0;
+    outgoing_message result;
+  };
+  std::map<std::string, unstored_answer> unstored;
   // Cancels of requests not in flight and not answered, oldest first: a
   // cancel and its request come on different topics, so the cancel may be
   // read first (minutes first, while backpressure holds inference), or

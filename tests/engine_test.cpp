@@ -1124,7 +1124,7 @@ TEST_F(EngineTest, AJobWaitsOutAFullDiskWithoutUsingItsAttempts) {
 // fail. RocksDB's own log file ended the process there (an assertion in
 // Debian's build). Now tailord keeps running and says why it is not ready;
 // requests wait in Kafka, and once there is room every one is answered,
-// once, and the job that was training ends ready.
+// once, generated once, and the job that was training ends ready.
 TEST_F(EngineTest, AFullStoreEndsNothingAndLosesNothing) {
   small_disk disk(48);
   MOUNT_OR_SKIP(disk);
@@ -1171,6 +1171,11 @@ TEST_F(EngineTest, AFullStoreEndsNothingAndLosesNothing) {
   EXPECT_EQ(metric("tailor_store_writable"), 1);
   for (int i = 0; i < n; ++i)
     EXPECT_EQ(answers_to("early", "q" + std::to_string(i)).size(), 1u) << i;
+  // Each generated once: a retry stores the answer it kept, not a new one.
+  const auto m = engine_->get("/metrics").second;
+  const std::string served = "\ntailor_user_requests_total{user=\"early\"} ";
+  ASSERT_NE(m.find(served), std::string::npos);
+  EXPECT_EQ(std::stod(m.substr(m.find(served) + served.size())), n);
   EXPECT_EQ(events_of("late", "o2", "model.ready").size(), 1u);
   EXPECT_TRUE(events_of("late", "o2", "job.failed").empty());
   EXPECT_FALSE(fs::exists(disk.path() + "/data/metadata/LOG")) << "RocksDB's log goes to ours";
