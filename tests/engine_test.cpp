@@ -37,6 +37,10 @@ class EngineTest : public engine_test {
  protected:
   std::map<std::string, int> answers_while_partitions_move(json extra);
   void broker_away_longer_than_the_session(const json& config);
+  // Starts tailord on `data_dir` (with `extra`), makes user early's model,
+  // starts a long job for user late and, once it trains, runs `fill`.
+  void fill_the_disk_while_a_job_trains(const std::string& data_dir, json extra,
+                                        const std::function<bool()>& fill);
 };
 
 namespace {
@@ -1057,6 +1061,21 @@ class small_disk {
 
 }  // namespace
 
+void EngineTest::fill_the_disk_while_a_job_trains(const std::string& data_dir, json extra,
+                                                  const std::function<bool()>& fill) {
+  extra.merge_patch(
+      {{"data_dir", data_dir}, {"training", {{"slots", 1}, {"checkpoint_every", 5}}}});
+  start(extra);
+  ASSERT_FALSE(HasFatalFailure());
+  send_onboarding(onboarding("early", "o1"));
+  in_->flush();
+  await_event("early", "o1", "model.ready");
+  send_onboarding(onboarding_with("late", "o2", {{"steps", 4000}}));
+  in_->flush();
+  ASSERT_TRUE(wait_until([&] { return progressed_past("late", "o2", 1); }, 60s));
+  ASSERT_TRUE(fill());
+}
+
 // How a test on a small disk starts: the disk mounted, or skipped where
 // this user may not mount one.
 #define MOUNT_OR_SKIP(disk)                                                        \
@@ -1077,17 +1096,10 @@ TEST_F(EngineTest, AJobWaitsOutAFullDiskWithoutUsingItsAttempts) {
   small_disk disk(160);
   MOUNT_OR_SKIP(disk);
   // 8 MB of store memory: a write-ahead log of 4 MB, set aside at its start.
-  start({{"data_dir", disk.path() + "/data"},
-         {"store_memory_mb", 8},
-         {"training", {{"slots", 1}, {"checkpoint_every", 5}, {"max_attempts", 3}}}});
+  fill_the_disk_while_a_job_trains(disk.path() + "/data",
+                                   {{"store_memory_mb", 8}, {"training", {{"max_attempts", 3}}}},
+                                   [&] { return disk.fill(); });
   ASSERT_FALSE(HasFatalFailure());
-  send_onboarding(onboarding("early", "o1"));
-  in_->flush();
-  await_event("early", "o1", "model.ready");
-  send_onboarding(onboarding_with("late", "o2", {{"steps", 4000}}));
-  in_->flush();
-  ASSERT_TRUE(wait_until([&] { return progressed_past("late", "o2", 1); }, 60s));
-  ASSERT_TRUE(disk.fill());
   // More waits than the job has attempts, at a backoff that doubles from 200 ms.
   auto waits = [&] {
     int n = 0;
@@ -1128,16 +1140,9 @@ TEST_F(EngineTest, AJobWaitsOutAFullDiskWithoutUsingItsAttempts) {
 TEST_F(EngineTest, AFullStoreEndsNothingAndLosesNothing) {
   small_disk disk(48);
   MOUNT_OR_SKIP(disk);
-  start({{"data_dir", disk.path() + "/data"},
-         {"training", {{"slots", 1}, {"checkpoint_every", 5}}}});
+  fill_the_disk_while_a_job_trains(disk.path() + "/data", json::object(),
+                                   [&] { return disk.fill(); });
   ASSERT_FALSE(HasFatalFailure());
-  send_onboarding(onboarding("early", "o1"));
-  in_->flush();
-  await_event("early", "o1", "model.ready");
-  send_onboarding(onboarding_with("late", "o2", {{"steps", 4000}}));
-  in_->flush();
-  ASSERT_TRUE(wait_until([&] { return progressed_past("late", "o2", 1); }, 60s));
-  ASSERT_TRUE(disk.fill());
   const int n = 12;  // under the user's 16 requests in flight: all wait for room
   for (int i = 0; i < n; ++i) send_inference(inference("early", "q" + std::to_string(i)));
   in_->flush();
