@@ -2,7 +2,9 @@
 
 #include <spdlog/spdlog.h>
 
+#include <chrono>
 #include <filesystem>
+#include <thread>
 
 #include "actors/error_text.hpp"
 #include "actors/fault.hpp"
@@ -36,10 +38,20 @@ std::string partition_ends(RdKafka::KafkaConsumer& c, const std::string& topic,
   std::string err;
   if (!look_up_topic(c, topic, metadata_timeout_ms, err, &partitions)) return err;
   if (partitions.empty()) return "no partitions";
+  // A topic just made (the first start on a cluster) has partitions without
+  // a leader for a moment: waited for, not a failure of the follower.
+  const auto leaderless_until =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(metadata_timeout_ms);
   for (const int32_t id : partitions) {
     int64_t low = 0, high = 0;
-    if (auto rc = c.query_watermark_offsets(topic, id, &low, &high, metadata_timeout_ms);
-        rc != RdKafka::ERR_NO_ERROR)
+    auto rc = c.query_watermark_offsets(topic, id, &low, &high, metadata_timeout_ms);
+    while ((rc == RdKafka::ERR_NOT_LEADER_FOR_PARTITION ||
+            rc == RdKafka::ERR_LEADER_NOT_AVAILABLE) &&
+           std::chrono::steady_clock::now() < leaderless_until) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      rc = c.query_watermark_offsets(topic, id, &low, &high, metadata_timeout_ms);
+    }
+    if (rc != RdKafka::ERR_NO_ERROR)
       return "partition " + std::to_string(id) + ": " + RdKafka::err2str(rc);
     if (high > low) ends[id] = high;
   }

@@ -65,6 +65,7 @@ class forwarding_logger : public rocksdb::Logger {
       line.pop_back();
     }
     va_end(again);
+    while (!line.empty() && line.back() == '\n') line.pop_back();  // some lines end in one
     // Its INFO (and HEADER) is every flush, compaction and option: debug here.
     const auto to = level == rocksdb::InfoLogLevel::ERROR_LEVEL ||
                             level == rocksdb::InfoLogLevel::FATAL_LEVEL
