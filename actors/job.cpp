@@ -164,14 +164,17 @@ void on_outcome(job_ptr self, training_outcome& o) {
   self->send(st.pool, release_atom_v, st.job.job_id);
   st.in_slot = false;
   st.running = false;
-  if (st.park_after_run && o.status != "cancelled") {
-    // Stopped (or done) while the store could not record it: again from
-    // its persisted state and checkpoint after the backoff.
+  const bool park_now = st.park_after_run;
+  if (park_now) {
+    // The run is back: the next may run (a cancelled job's next run, too,
+    // should its cancel fail to be stored).
     st.park_after_run = false;
     st.abandon->store(false);
-    return park(self, std::chrono::milliseconds(st.cfg.training.retry_backoff_ms));
   }
-  st.park_after_run = false;
+  // Stopped (or done) while the store could not record it: again from its
+  // persisted state and checkpoint after the backoff.
+  if (park_now && o.status != "cancelled")
+    return park(self, std::chrono::milliseconds(st.cfg.training.retry_backoff_ms));
   // Ended on another instance while its run here went on (it was saving,
   // which a cancel does not stop): that end was announced there, and this
   // run's (the same model id) is not announced again.
