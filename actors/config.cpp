@@ -97,8 +97,9 @@ std::string validate(const engine_config& cfg) {
     return bad("serving.batch_thread", "must be \"shared\" or \"realtime\"");
   if (v.kv_cache != "float16" && v.kv_cache != "float32")
     return bad("serving.kv_cache", "must be \"float16\" or \"float32\"");
-  if (v.products != "float32" && v.products != "bfloat16")
-    return bad("serving.products", "must be \"float32\" or \"bfloat16\"");
+  if (v.products != "auto" && v.products != "amx" && v.products != "bfloat16" &&
+      v.products != "float32")
+    return bad("serving.products", "must be \"auto\", \"amx\", \"bfloat16\" or \"float32\"");
   if (v.step_helper != "auto" && v.step_helper != "on" && v.step_helper != "off")
     return bad("serving.step_helper", "must be \"auto\", \"on\" or \"off\"");
   if (v.max_rank < b.max_rank)

@@ -94,10 +94,11 @@ struct serving_config {
   // The keys and values a device keeps of each running sequence and cached
   // prompt: "float16" (half the memory and reads) or "float32".
   std::string kv_cache = "float16";
-  // The serving forward's matrix products: "bfloat16" (inputs rounded to
-  // bfloat16, sums in float; twice the multiply-adds per cycle where the CPU
-  // has AVX-512 BF16, and float32 where it has not) or "float32".
-  std::string products = "bfloat16";
+  // The serving forward's matrix products: "amx" (inputs rounded to
+  // bfloat16, sums in float, on AMX's tiles), "bfloat16" (the same on
+  // AVX-512 BF16's dot product), "float32", or "auto": the first of these
+  // the CPU has. A CPU without the one asked for runs the next (tailord warns).
+  std::string products = "auto";
 };
 
 // How LibTorch and OpenBLAS use the cores (process-wide): each training slot

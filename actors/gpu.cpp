@@ -373,6 +373,13 @@ void release_adapter(gpu_core& c, gpu_core::request& r) {
   sync_idle(c, a);
 }
 
+// serving.products as the model names it ("auto": the best there is).
+model::product_kind wanted_products(const std::string& products) {
+  if (products == "float32") return model::product_kind::float32;
+  if (products == "bfloat16") return model::product_kind::bfloat16;
+  return model::product_kind::amx;
+}
+
 // The device's batch: rows, key/value and prefix caches, step helper. Made
 // at start, and again when a step failed.
 std::unique_ptr<model::batch_generator> make_generator(gpu_state& st) {
@@ -382,7 +389,7 @@ std::unique_ptr<model::batch_generator> make_generator(gpu_state& st) {
       *c.base, c.bank, sc.max_batch, sc.prefix_cache_entries,
       static_cast<int64_t>(sc.prefix_cache_mb) << 20,
       model::serving_precision{sc.kv_cache == "float16" ? torch::kHalf : torch::kFloat32,
-                               sc.products == "bfloat16"});
+                               wanted_products(sc.products)});
   gen->set_prefill_chunk(sc.prefill_chunk);
   // Steps of fewer tokens gained nothing from it (tailor-micro,
   // bm_decode_step_bf16_helped): they end before it has woken.
@@ -749,9 +756,11 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
   c.gen = make_generator(st);
   st.stats->set_serving_busy(st.label, 0.0);  // the series exists before the first step
   c.fault_step = fault_point("TAILOR_FAULT_STEP", "gpu " + st.label, "step with rows", false);
-  if (sc.products == "bfloat16" && !c.gen->bf16_products())
-    spdlog::warn("gpu {}: this CPU has no AVX-512 BF16: the products run in float32",
-                 st.label);
+  const auto products = c.gen->products();
+  if (sc.products != "auto" && sc.products != model::product_name(products))
+    spdlog::warn("gpu {}: this CPU cannot run {} products (AMX needs AMX-BF16 and Linux 5.16+, "
+                 "bfloat16 AVX-512 BF16): they run in {}",
+                 st.label, sc.products, model::product_name(products));
   const bool half = c.gen->kv_type() == torch::kHalf;
   if (sc.kv_cache == "float16" && !half)
     spdlog::warn("gpu {}: this CPU has no AVX-512: the key/value cache is float32", st.label);
@@ -759,7 +768,7 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
   // step with many adapters is ~10% slower (docs/measurements.md).
   const bool huge = model::backed_by_huge_pages(c.bank.b.front().front());
   spdlog::info("gpu {}: batches of up to {}, {} products, {} key/value cache, adapter bank {}",
-               st.label, sc.max_batch, c.gen->bf16_products() ? "bfloat16" : "float32",
+               st.label, sc.max_batch, model::product_name(products),
                half ? "float16" : "float32", huge ? "on huge pages" : "on 4 KiB pages");
   return {
       [self](infer_atom, inference_order& o) -> caf::result<inference_result> {

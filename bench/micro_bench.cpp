@@ -20,6 +20,7 @@
 
 #include "messages/events.hpp"
 #include "model/checkpoint.hpp"
+#include "model/dense.hpp"
 #include "model/generate.hpp"
 #include "model/pretrain.hpp"
 #include "model/row_kernels.hpp"
@@ -55,6 +56,12 @@ struct fixture {
     return f;
   }
 };
+
+// tailord's default precision (a float16 key/value cache, serving.products
+// auto: AMX's tiles where the machine has them), and the same with AVX-512
+// BF16's dot product (serving.products bfloat16).
+const serving_precision served{torch::kHalf, product_kind::amx};
+const serving_precision dot_bf16{torch::kHalf, product_kind::bfloat16};
 
 // max_tokens leaves the whole prompt in the context (the prefill keeps only
 // context - max_tokens of it) and rows running through the steps measured.
@@ -130,7 +137,7 @@ BENCHMARK(bm_join)->Arg(0)->Arg(24)->Arg(56)->Unit(benchmark::kMicrosecond);
 void bm_burst(benchmark::State& state) {
   auto& f = fixture::get();
   const auto chunk = state.range(0);
-  batch_generator g(f.base, f.bank, 64, 0, 0, {torch::kHalf, true});
+  batch_generator g(f.base, f.bank, 64, 0, 0, served);
   g.set_prefill_chunk(chunk);
   g.add_batch(requests(32, 0));
   for (int k = 0; k < 10; ++k) g.step();
@@ -192,11 +199,11 @@ BENCHMARK(bm_decode_step)->Arg(1)->Arg(8)->Arg(32)->Arg(64)->Unit(benchmark::kMi
 // The same with a float16 key/value cache (serving.kv_cache), and with
 // bfloat16 products too (serving.products).
 void bm_decode_step_f16(benchmark::State& state) {
-  decode_step(state, {torch::kHalf, false});
+  decode_step(state, {torch::kHalf, product_kind::float32});
 }
 BENCHMARK(bm_decode_step_f16)->Arg(1)->Arg(64)->Unit(benchmark::kMicrosecond);
 void bm_decode_step_bf16(benchmark::State& state) {
-  decode_step(state, {torch::kHalf, true});
+  decode_step(state, dot_bf16);
 }
 BENCHMARK(bm_decode_step_bf16)
     ->Arg(1)
@@ -204,13 +211,99 @@ BENCHMARK(bm_decode_step_bf16)
     ->Arg(16)
     ->Arg(64)
     ->Unit(benchmark::kMicrosecond);
+// The same with AMX's tiles (tailord's default where the machine has them).
+void bm_decode_step_amx(benchmark::State& state) {
+  decode_step(state, served);
+}
+BENCHMARK(bm_decode_step_amx)->Arg(1)->Arg(8)->Arg(16)->Arg(64)->Unit(benchmark::kMicrosecond);
 // The same with a step helper on the other core.
 void bm_decode_step_bf16_helped(benchmark::State& state) {
-  decode_step(state, {torch::kHalf, true}, true);
+  decode_step(state, dot_bf16, true);
 }
 BENCHMARK(bm_decode_step_bf16_helped)
     ->Arg(1)
     ->Arg(8)
+    ->Arg(16)
+    ->Arg(64)
+    ->Unit(benchmark::kMicrosecond);
+
+// The two bfloat16 kernels on one of the base's products (its MLP's first:
+// 256 inputs, 1,024 outputs) over `rows` rows, in turn in one run:
+// `amx_over_dot` is how many times faster AMX is (serving.products amx
+// against bfloat16). Items are rows through both.
+void bm_dense_bf16_kernels(benchmark::State& state) {
+  if (!dense_bf16_supported(bf16_isa::amx)) {
+    state.SkipWithError("this machine has no AMX");
+    return;
+  }
+  const int64_t rows = state.range(0), in = 256, out = 1024;
+  std::mt19937 rng(1);
+  std::normal_distribution<float> normal;
+  std::vector<float> x(static_cast<std::size_t>(rows * in)), wt(static_cast<std::size_t>(in * out)),
+      b(static_cast<std::size_t>(out)), y(static_cast<std::size_t>(rows * out));
+  for (auto* v : {&x, &wt, &b})
+    for (auto& e : *v) e = normal(rng);
+  const auto packed = packed_bf16(wt.data(), in, out);
+  double us[2] = {0, 0};
+  for (auto _ : state)
+    for (auto isa : {bf16_isa::dot, bf16_isa::amx}) {
+      const auto t0 = std::chrono::steady_clock::now();
+      dense_bf16(isa, x.data(), rows, in, packed.data(), out, b.data(), y.data());
+      benchmark::DoNotOptimize(y.data());
+      us[isa == bf16_isa::amx] +=
+          std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+    }
+  const auto n = static_cast<double>(state.iterations());
+  state.counters["dot_us"] = us[0] / n;
+  state.counters["amx_us"] = us[1] / n;
+  state.counters["amx_over_dot"] = us[0] / us[1];
+  state.SetItemsProcessed(state.iterations() * rows);
+}
+BENCHMARK(bm_dense_bf16_kernels)->Arg(1)->Arg(4)->Arg(16)->Arg(64)->Unit(benchmark::kMicrosecond);
+
+// Decode steps of `rows` rows (each with its own adapter) with either
+// kernel, a step of each in turn in one run: `amx_over_dot` is how many
+// times faster a step is with AMX's tiles (tailord's default).
+void bm_decode_step_kernels(benchmark::State& state) {
+  if (!dense_bf16_supported(bf16_isa::amx)) {
+    state.SkipWithError("this machine has no AMX");
+    return;
+  }
+  auto& f = fixture::get();
+  const auto rows = state.range(0);
+  std::unique_ptr<batch_generator> g[2];
+  auto fill = [&] {
+    for (int k = 0; k < 2; ++k) {
+      g[k] = std::make_unique<batch_generator>(f.base, f.bank, rows, 0, 0, k ? served : dot_bf16);
+      g[k]->add_batch(requests(rows, 0));
+    }
+  };
+  fill();
+  double us[2] = {0, 0};
+  int steps = 0;
+  for (auto _ : state) {
+    for (int k = 0; k < 2; ++k) {
+      const auto t0 = std::chrono::steady_clock::now();
+      benchmark::DoNotOptimize(g[k]->step());
+      us[k] +=
+          std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+    }
+    if (++steps == 64) {  // keep the sequences at serving lengths
+      state.PauseTiming();
+      fill();
+      steps = 0;
+      state.ResumeTiming();
+    }
+  }
+  const auto n = static_cast<double>(state.iterations());
+  state.counters["dot_us"] = us[0] / n;
+  state.counters["amx_us"] = us[1] / n;
+  state.counters["amx_over_dot"] = us[0] / us[1];
+  state.SetItemsProcessed(state.iterations() * rows);
+}
+BENCHMARK(bm_decode_step_kernels)
+    ->Arg(1)
+    ->Arg(4)
     ->Arg(16)
     ->Arg(64)
     ->Unit(benchmark::kMicrosecond);
@@ -270,20 +363,20 @@ BENCHMARK(bm_continuous)
 // The same with a float16 key/value cache (serving.kv_cache), and with
 // bfloat16 products too (serving.products).
 void bm_continuous_f16(benchmark::State& state) {
-  continuous(state, 0, {torch::kHalf, false});
+  continuous(state, 0, {torch::kHalf, product_kind::float32});
 }
 BENCHMARK(bm_continuous_f16)->Args({64, 1})->Args({64, 256})->Unit(benchmark::kMicrosecond);
 void bm_continuous_bf16(benchmark::State& state) {
-  continuous(state, 0, {torch::kHalf, true});
+  continuous(state, 0, dot_bf16);
 }
 BENCHMARK(bm_continuous_bf16)->Args({64, 1})->Args({64, 256})->Unit(benchmark::kMicrosecond);
 // The same with adapters drawn from Zipf(1), as the serving bench's.
 void bm_continuous_zipf_bf16(benchmark::State& state) {
-  continuous(state, 0, {torch::kHalf, true}, true);
+  continuous(state, 0, dot_bf16, true);
 }
 BENCHMARK(bm_continuous_zipf_bf16)->Args({64, 100})->Args({64, 256})->Unit(benchmark::kMicrosecond);
 void bm_continuous_zipf_bf16_helped(benchmark::State& state) {
-  continuous(state, 0, {torch::kHalf, true}, true, true);
+  continuous(state, 0, dot_bf16, true, true);
 }
 BENCHMARK(bm_continuous_zipf_bf16_helped)->Args({64, 100})->Unit(benchmark::kMicrosecond);
 
@@ -296,7 +389,7 @@ BENCHMARK(bm_continuous_prefix)->Args({64, 64})->Args({64, 256})->Unit(benchmark
 // bm_continuous_zipf_bf16 (tailord's default precision, Zipf adapters) with
 // the prefix cache above: the closest to a serving run's steps.
 void bm_continuous_prefix_bf16(benchmark::State& state) {
-  continuous(state, 256, {torch::kHalf, true}, true);
+  continuous(state, 256, dot_bf16, true);
 }
 BENCHMARK(bm_continuous_prefix_bf16)
     ->Args({64, 1})
@@ -326,7 +419,7 @@ void bm_prefix_admit(benchmark::State& state) {
   auto& f = fixture::get();
   const auto entries = state.range(0);
   auto bank = adapter_bank::make(f.cfg, 256, 16, false);
-  batch_generator g(f.base, bank, 4, entries, 0, {torch::kHalf, true});
+  batch_generator g(f.base, bank, 4, entries, 0, served);
   auto s = temperature_sampling(1);
   s.max_tokens = 1;
   cache_prompts(bank, g, entries, s);
@@ -353,7 +446,7 @@ void bm_prefix_admit_cold(benchmark::State& state) {
   auto& f = fixture::get();
   const auto batch = state.range(0);
   auto bank = adapter_bank::make(f.cfg, 256, 16, false);
-  batch_generator g(f.base, bank, batch, 1024, 0, {torch::kHalf, true});
+  batch_generator g(f.base, bank, batch, 1024, 0, served);
   auto s = temperature_sampling(1);
   s.max_tokens = 1;
   cache_prompts(bank, g, bank.size, s);

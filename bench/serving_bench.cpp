@@ -154,7 +154,7 @@ result_log& result_log_reset(result_log& log) {
 
 // The configuration of a run's tailord (serving and Kafka settings; engine_run
 // adds the data directory and topic names).
-json tailord_config(const serving_options& o, int max_batch) {
+json tailord_config(const serving_options& o, int max_batch, const std::string& products) {
   json config = o.config;  // the operator's, with the bench's own options over it
   config.merge_patch({{"base_models", {o.base_model}},
                       {"default_base_model", o.base_model},
@@ -163,7 +163,7 @@ json tailord_config(const serving_options& o, int max_batch) {
                         {"max_requests_per_user", 100000},
                         {"batch_thread", o.batch_thread},
                         {"kv_cache", o.kv_cache},
-                        {"products", o.products}}},
+                        {"products", products}}},
                       {"kafka", {{"topic_partitions", o.partitions}}},
                       {"compute", {{"intra_op_threads", 1}, {"blas_threads", 1}}}});
   if (o.store_memory_mb >= 0) config["store_memory_mb"] = o.store_memory_mb;
@@ -172,12 +172,13 @@ json tailord_config(const serving_options& o, int max_batch) {
 
 // One run: a tailord with `n` adapters and `max_batch`, the requests sent
 // closed- or open-loop; its figures.
-json run_once(const serving_options& o, int n, int max_batch, const char* label) {
+json run_once(const serving_options& o, int n, int max_batch, const std::string& products,
+              const char* label) {
   engine_run_options ro;
   ro.bootstrap = o.bootstrap;
   ro.keep_topics = o.keep_topics;
   ro.tailord = o.tailord;
-  ro.config = tailord_config(o, max_batch);
+  ro.config = tailord_config(o, max_batch, products);
   ro.prepare = [&](const std::string& dir) { register_adapters(dir, n, o); };
   std::fprintf(stderr, "%s: %d adapters, batch up to %d: starting tailord...\n", label, n,
                max_batch);
@@ -462,6 +463,7 @@ json run_serving(const serving_options& given) {
   out["kv_cache"] = o.kv_cache;
   out["store_memory_mb"] = o.store_memory_mb;
   out["products"] = o.products;
+  out["baseline_products"] = o.baseline_products;
   // A per-model endpoint serves one request at a time: no cross-user batch.
   const int baseline_n = std::find(o.adapters.begin(), o.adapters.end(), 100) != o.adapters.end()
                              ? 100
@@ -472,8 +474,11 @@ json run_serving(const serving_options& given) {
     // Also the prefix of the run's request ids.
     const std::string suffix = o.repeats > 1 ? "-round" + std::to_string(round) : "";
     for (std::size_t i = 0; i < o.adapters.size(); ++i)
-      batched[i].push_back(run_once(o, o.adapters[i], o.max_batch, ("batched" + suffix).c_str()));
-    if (o.baseline) baseline.push_back(run_once(o, baseline_n, 1, ("baseline" + suffix).c_str()));
+      batched[i].push_back(
+          run_once(o, o.adapters[i], o.max_batch, o.products, ("batched" + suffix).c_str()));
+    if (o.baseline)
+      baseline.push_back(
+          run_once(o, baseline_n, 1, o.baseline_products, ("baseline" + suffix).c_str()));
   }
   out["runs"] = json::array();
   for (const auto& runs : batched) out["runs"].push_back(median_run(runs, "tokens_per_s"));

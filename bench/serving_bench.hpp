@@ -19,7 +19,10 @@ struct serving_options {
   int max_batch = 64;
   std::string batch_thread = "shared";  // tailord's serving.batch_thread
   std::string kv_cache = "float16";     // tailord's serving.kv_cache
-  std::string products = "bfloat16";    // tailord's serving.products
+  std::string products = "auto";        // tailord's serving.products
+  // The baseline's: AVX-512 BF16's dot product, the fastest at one row
+  // (AMX's tiles, the batched runs' default, take ~1.6x as long there).
+  std::string baseline_products = "bfloat16";
   int rank = 8;
   std::string base_model = "tailor-base";
   std::string bootstrap;  // empty: start a broker, one for every run

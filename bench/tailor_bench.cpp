@@ -184,8 +184,14 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"float16", "float32"}));
   serving
       ->add_option("--products", so.products,
-                   "tailord's serving.products: bfloat16 or float32 (default: bfloat16)")
-      ->check(CLI::IsMember({"bfloat16", "float32"}));
+                   "tailord's serving.products in the batched runs: auto, amx, bfloat16 or "
+                   "float32 (default: auto)")
+      ->check(CLI::IsMember({"auto", "amx", "bfloat16", "float32"}));
+  serving
+      ->add_option("--baseline-products", so.baseline_products,
+                   "tailord's serving.products in the baseline (default: bfloat16, the fastest "
+                   "at one row)")
+      ->check(CLI::IsMember({"auto", "amx", "bfloat16", "float32"}));
   serving->add_option("--rank", so.rank, "LoRA rank of the adapters (default: 8)")
       ->check(CLI::Range(1, 16));
   serving->add_option("--base-model", so.base_model, "base model (default: tailor-base)");

@@ -1,8 +1,12 @@
 #include "model/dense.hpp"
 
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cstring>
 #include <bit>
 #include <type_traits>
 #include <vector>
@@ -187,16 +191,15 @@ TAILOR_AVX512_BF16 inline void block_bf16(const uint32_t* x, int64_t pairs, cons
 }
 
 // x's rows as bfloat16 pairs (rounded to nearest even; a zero pads an odd
-// row), then the blocks of dense_avx512's shape.
-TAILOR_AVX512_BF16 void dense_bf16_avx512(const float* x, int64_t rows, int64_t in,
-                                          const uint16_t* packed, int64_t out, const float* b,
-                                          float* y) {
+// row), into this thread's buffer of at least `capacity` rows (grown, never
+// shrunk: products of different widths alternate in a step, and regrowing
+// would zero the difference each time, a memset per product).
+TAILOR_AVX512_BF16 const uint32_t* bf16_pairs(const float* x, int64_t rows, int64_t in,
+                                              int64_t capacity) {
   const int64_t pairs = (in + 1) / 2;
-  // Grown, never shrunk: products of different widths alternate in a step,
-  // and regrowing would zero the difference each time (a memset per product).
   thread_local std::vector<uint32_t> xb;
-  if (xb.size() < static_cast<std::size_t>(rows * pairs))
-    xb.resize(static_cast<std::size_t>(rows * pairs));
+  if (xb.size() < static_cast<std::size_t>(capacity * pairs))
+    xb.resize(static_cast<std::size_t>(capacity * pairs));
   auto* xh = reinterpret_cast<uint16_t*>(xb.data());
   for (int64_t m = 0; m < rows; ++m) {
     if (in % 2 != 0) xh[m * 2 * pairs + in] = 0;  // the odd input's partner
@@ -206,11 +209,109 @@ TAILOR_AVX512_BF16 void dense_bf16_avx512(const float* x, int64_t rows, int64_t 
       _mm256_mask_storeu_epi16(xh + m * 2 * pairs + k, mk, (__m256i)h);
     }
   }
+  return xb.data();
+}
+
+// The rows as bfloat16 pairs, then the blocks of dense_avx512's shape.
+TAILOR_AVX512_BF16 void dense_bf16_dot(const float* x, int64_t rows, int64_t in,
+                                       const uint16_t* packed, int64_t out, const float* b,
+                                       float* y) {
+  const int64_t pairs = (in + 1) / 2;
   const auto* w = reinterpret_cast<const uint32_t*>(packed);
-  const uint32_t* x0 = xb.data();
+  // A pointer, not the thread's buffer: the helper's chunks read it too.
+  const uint32_t* x0 = bf16_pairs(x, rows, in, rows);
   each_block(rows, out, b, [&](auto r, const block_at& at) TAILOR_AVX512_BF16 {
     block_bf16<decltype(r)::value>(x0 + at.m * pairs, pairs, w + at.n * pairs, out, at.m0, at.m1,
                                    at.b0, at.b1, y + at.m * out + at.n);
+  });
+}
+
+// AMX. An element is C = 0; C = tdpbf16ps(C, 32 inputs of the row, the
+// same 32 of the column) for the inputs in order, 32 at a time (the last
+// step fewer when `in` is not a multiple of 32); then C + b. A tile of 16
+// rows computes each row alone, so a row's bits do not depend on the
+// others: x is padded to whole tiles, and the padding's sums are dropped.
+#define TAILOR_AMX \
+  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// The layout of LDTILECFG's operand.
+struct tile_config {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};  // bytes per row
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0 and 1: a block's sums (16 rows by 16 outputs each); 4: 16 rows'
+// next 16 pairs of inputs; 6 and 7: the matrix's next 16 pairs of the two
+// halves of the block. 5, 2, 3: the same for the last `tail` pairs, when
+// the pairs are not a multiple of 16. The configuration is per thread and
+// anything on it (oneDNN, for one) may have changed it since, so each
+// chunk reads it back (STTILECFG, ~15 ns) and loads it only when it differs
+// (LDTILECFG, ~130 ns, zeroes every tile).
+TAILOR_AMX void configure_tiles(int64_t tail) {
+  alignas(64) tile_config want;
+  for (int t : {0, 1, 4, 6, 7}) {
+    want.rows[t] = 16;
+    want.colsb[t] = 64;
+  }
+  if (tail > 0) {
+    want.rows[5] = 16;
+    want.colsb[5] = static_cast<uint16_t>(tail * 4);
+    want.rows[2] = want.rows[3] = static_cast<uint8_t>(tail);
+    want.colsb[2] = want.colsb[3] = 64;
+  }
+  alignas(64) tile_config have;
+  _tile_storeconfig(&have);
+  if (std::memcmp(&want, &have, sizeof want) != 0) _tile_loadconfig(&want);
+}
+
+TAILOR_AMX void dense_bf16_amx(const float* x, int64_t rows, int64_t in, const uint16_t* packed,
+                               int64_t out, const float* b, float* y) {
+  const int64_t pairs = (in + 1) / 2, full = pairs / 16 * 16, tail = pairs - full;
+  const int64_t stride = pairs * 4;  // bytes from one row's inputs to the next's
+  // The padding rows keep whatever an earlier product left: their sums are
+  // dropped, and no row's sums read another's.
+  const uint32_t* x0 = bf16_pairs(x, rows, in, (rows + 15) / 16 * 16);
+  const auto* w = reinterpret_cast<const uint32_t*>(packed);
+  parallel_chunks((out + 31) / 32, [&](int64_t c) TAILOR_AMX {
+    configure_tiles(tail);
+    const int64_t n = c * 32, left = out - n;
+    const __mmask16 m0 = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+    const __mmask16 m1 = left >= 32   ? 0xFFFF
+                         : left <= 16 ? 0
+                                      : static_cast<__mmask16>((1u << (left - 16)) - 1);
+    const __m512 b0 = b ? _mm512_maskz_loadu_ps(m0, b + n) : _mm512_setzero_ps();
+    const __m512 b1 = b ? _mm512_maskz_loadu_ps(m1, b + n + 16) : _mm512_setzero_ps();
+    const uint32_t* wb = w + c * pairs * 32;  // the block: `pairs` rows of 128 bytes
+    alignas(64) float sums[16 * 32];
+    for (int64_t m = 0; m < rows; m += 16) {
+      const uint32_t* xm = x0 + m * pairs;
+      _tile_zero(0);
+      _tile_zero(1);
+      for (int64_t k = 0; k < full; k += 16) {
+        _tile_loadd(4, xm + k, stride);
+        _tile_loadd(6, wb + k * 32, 128);
+        _tile_loadd(7, wb + k * 32 + 16, 128);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+      }
+      if (tail > 0) {
+        _tile_loadd(5, xm + full, stride);
+        _tile_loadd(2, wb + full * 32, 128);
+        _tile_loadd(3, wb + full * 32 + 16, 128);
+        _tile_dpbf16ps(0, 5, 2);
+        _tile_dpbf16ps(1, 5, 3);
+      }
+      _tile_stored(0, sums, 128);
+      _tile_stored(1, sums + 16, 128);
+      for (int64_t r = 0; r < std::min<int64_t>(16, rows - m); ++r) {
+        float* yr = y + (m + r) * out + n;
+        _mm512_mask_storeu_ps(yr, m0, _mm512_add_ps(_mm512_load_ps(sums + r * 32), b0));
+        _mm512_mask_storeu_ps(yr + 16, m1, _mm512_add_ps(_mm512_load_ps(sums + r * 32 + 16), b1));
+      }
+    }
   });
 }
 
@@ -223,13 +324,25 @@ uint16_t round_to_bf16(float f) {
 
 }  // namespace
 
-bool dense_bf16_supported() {
-  static const bool yes = __builtin_cpu_supports("avx512f") &&
+bool dense_bf16_supported(bf16_isa isa) {
+  static const bool dot = __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") &&
                           __builtin_cpu_supports("avx512bf16");
-  return yes;
+  // g++ 12's __builtin_cpu_supports does not know AMX: CPUID leaf 7 says
+  // (EDX bit 24 AMX-TILE, bit 22 AMX-BF16); then the kernel's leave for
+  // the tiles' state, once per process.
+  static const bool amx = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!dot || __get_cpuid_count(7, 0, &a, &b, &c, &d) == 0) return false;
+    if ((d & (1u << 24)) == 0 || (d & (1u << 22)) == 0) return false;
+    constexpr long arch_req_xcomp_perm = 0x1023, xfeature_xtiledata = 18;
+    return ::syscall(SYS_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0;
+  }();
+  return isa == bf16_isa::amx ? amx : dot;
 }
+
+const char* bf16_name(bf16_isa isa) { return isa == bf16_isa::amx ? "amx" : "dot"; }
 
 std::vector<uint16_t> packed_bf16(const float* wt, int64_t in, int64_t out) {
   const int64_t pairs = (in + 1) / 2, blocks = (out + 31) / 32;
@@ -241,9 +354,12 @@ std::vector<uint16_t> packed_bf16(const float* wt, int64_t in, int64_t out) {
   return p;
 }
 
-void dense_bf16(const float* x, int64_t rows, int64_t in, const uint16_t* packed, int64_t out,
-                const float* b, float* y) {
-  dense_bf16_avx512(x, rows, in, packed, out, b, y);
+void dense_bf16(bf16_isa isa, const float* x, int64_t rows, int64_t in, const uint16_t* packed,
+                int64_t out, const float* b, float* y) {
+  if (isa == bf16_isa::amx)
+    dense_bf16_amx(x, rows, in, packed, out, b, y);
+  else
+    dense_bf16_dot(x, rows, in, packed, out, b, y);
 }
 
 bool dense_supported(dense_isa isa) {

@@ -32,18 +32,29 @@ void dense(dense_isa isa, const float* x, int64_t rows, int64_t in, const float*
            const float* b, float* y);
 
 // The same product with bfloat16 inputs: x and the matrix rounded to
-// nearest even, the sums in float. AVX-512 BF16's dot product does twice
-// the multiply-adds per cycle of a float FMA (1.9x on tailor-base's
-// shapes, docs/measurements.md); the error is bfloat16's, ~3 significant
-// digits per input. Batch-invariant as dense(). Only where the machine has
-// AVX-512 BF16: callers check dense_bf16_supported().
-bool dense_bf16_supported();
+// nearest even, the sums in float; the error is bfloat16's, ~3 significant
+// digits per input. Two kernels, each batch-invariant as dense(), over one
+// packing of the matrix:
+// - `dot`: AVX-512 BF16's dot product, twice the multiply-adds per cycle of
+//   a float FMA (1.9x on tailor-base's shapes, docs/measurements.md).
+// - `amx`: AMX's tile product, 16 rows by 16 outputs by 32 inputs an
+//   instruction: 4-8x `dot` from 16 rows (tailor-micro, bm_dense_bf16), but
+//   ~0.6x at one row, which fills a tile as 16 would. Its sums round
+//   otherwise than `dot`'s (AMX's order inside an instruction is its own),
+//   so a process must use one kernel for every batch, never switch by rows.
+// Each runs only where the machine has it: callers check
+// dense_bf16_supported(). AMX also needs the kernel's leave to use its
+// tiles (Linux 5.16+), which the first check asks for.
+enum class bf16_isa { dot, amx };
+bool dense_bf16_supported(bf16_isa isa);
+const char* bf16_name(bf16_isa isa);  // "dot", "amx"
 // wt [in, out] as dense_bf16 reads it: by blocks of 32 outputs, for each
 // pair of consecutive inputs and each output of the block, the two weights
 // side by side ([ceil(out / 32), ceil(in / 2), 32, 2] bfloat16 bits; zeros
-// pad an odd `in` and the last block's missing outputs).
+// pad an odd `in` and the last block's missing outputs). AMX reads 16 of
+// a block's pairs by 16 of its outputs as one tile.
 std::vector<uint16_t> packed_bf16(const float* wt, int64_t in, int64_t out);
-void dense_bf16(const float* x, int64_t rows, int64_t in, const uint16_t* packed, int64_t out,
-                const float* b, float* y);
+void dense_bf16(bf16_isa isa, const float* x, int64_t rows, int64_t in, const uint16_t* packed,
+                int64_t out, const float* b, float* y);
 
 }  // namespace tailor::model

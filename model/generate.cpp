@@ -57,7 +57,7 @@ struct batch_generator::row {
 batch_generator::batch_generator(const base_weights& base, const adapter_bank& bank,
                                  int64_t max_rows, int64_t prefix_entries,
                                  int64_t prefix_bytes, serving_precision precision)
-    : weights_(serving_weights::of(base, precision.bf16_products)),
+    : weights_(serving_weights::of(base, precision.products)),
       bank_(bank),
       cache_(kv_cache::make(base.cfg, max_rows,
                             row_kernels_supported(row_isa::avx512) ? precision.kv

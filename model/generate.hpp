@@ -77,7 +77,9 @@ struct serving_precision {
   // converts it in hardware (the AVX-512 row kernels); float otherwise, as
   // widening half in portable code costs more than the reads it saves.
   torch::ScalarType kv = torch::kFloat32;
-  bool bf16_products = false;  // bfloat16 products where the machine can (serving_weights)
+  // The products (serving_weights): float by default, or bfloat16 on AVX-512
+  // BF16's dot product or AMX's tiles, where the machine has them.
+  product_kind products = product_kind::float32;
 };
 class batch_generator {
  public:
@@ -145,9 +147,9 @@ class batch_generator {
   void forget_prefixes(uint64_t identity);
   // Bytes of keys and values the prefix cache holds now.
   int64_t prefix_cache_bytes() const { return prefix_used_; }
-  // Whether the products run in bfloat16 (asked for, and the machine can),
-  // and the key/value cache's type.
-  bool bf16_products() const { return weights_.bf16_products(); }
+  // How the products run (what was asked for, where the machine can), and
+  // the key/value cache's type.
+  product_kind products() const { return weights_.products; }
   torch::ScalarType kv_type() const { return cache_.k.front().scalar_type(); }
 
  private:

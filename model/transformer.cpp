@@ -669,11 +669,32 @@ row_adapters row_adapters::subset(const std::vector<int64_t>& keep) const {
   return out;
 }
 
-serving_weights serving_weights::of(const base_weights& base, bool bf16) {
+const char* product_name(product_kind k) {
+  switch (k) {
+    case product_kind::amx:
+      return "amx";
+    case product_kind::bfloat16:
+      return "bfloat16";
+    case product_kind::float32:
+      break;
+  }
+  return "float32";
+}
+
+product_kind runnable_products(product_kind wanted) {
+  if (wanted == product_kind::amx && !dense_bf16_supported(bf16_isa::amx))
+    wanted = product_kind::bfloat16;
+  if (wanted == product_kind::bfloat16 && !dense_bf16_supported(bf16_isa::dot))
+    wanted = product_kind::float32;
+  return wanted;
+}
+
+serving_weights serving_weights::of(const base_weights& base, product_kind wanted) {
   torch::NoGradGuard no_grad;  // copies for inference, whatever the base's flags
   serving_weights w;
   w.base = &base;
-  const bool packed = bf16 && dense_bf16_supported();
+  w.products = runnable_products(wanted);
+  const bool packed = w.products != product_kind::float32;
   auto t = [&](const torch::Tensor& m) {
     matrix out{m.t().contiguous().to(torch::kFloat32), {}};
     if (packed)
@@ -690,10 +711,11 @@ namespace {
 
 // x [.., in] times the matrix `w` [out, in] (`m` is it transposed, and
 // packed for bfloat16 products if they are on), plus `b` unless undefined:
-// dense() or dense_bf16() for float tensors on the CPU, LibTorch for any
-// other device.
+// dense() or dense_bf16() (as `kind` says) for float tensors on the CPU,
+// LibTorch for any other device.
 torch::Tensor product(const torch::Tensor& x, const serving_weights::matrix& m,
-                      const torch::Tensor& w, const torch::Tensor& b, forward_scratch* scratch) {
+                      const torch::Tensor& w, const torch::Tensor& b, product_kind kind,
+                      forward_scratch* scratch) {
   if (!x.is_cpu() || x.scalar_type() != torch::kFloat) return torch::linear(x, w, b);
   auto xc = x.contiguous();
   const int64_t in = m.t.size(0), out = m.t.size(1);
@@ -702,8 +724,8 @@ torch::Tensor product(const torch::Tensor& x, const serving_weights::matrix& m,
   auto y = new_floats(scratch, shape);
   const float* bias = b.defined() ? b.data_ptr<float>() : nullptr;
   if (!m.packed.empty())
-    dense_bf16(xc.data_ptr<float>(), xc.numel() / in, in, m.packed.data(), out, bias,
-               y.data_ptr<float>());
+    dense_bf16(kind == product_kind::amx ? bf16_isa::amx : bf16_isa::dot, xc.data_ptr<float>(),
+               xc.numel() / in, in, m.packed.data(), out, bias, y.data_ptr<float>());
   else
     dense(xc.data_ptr<float>(), xc.numel() / in, in, m.t.data_ptr<float>(), out, bias,
           y.data_ptr<float>());
@@ -773,7 +795,7 @@ std::vector<torch::Tensor> qkv_of(const serving_weights& w, const row_adapters& 
   const auto& l = w.base->layers[i];
   const int64_t D = x.size(-1);
   auto h = norm_rows(x, l.ln1_w, l.ln1_b, scratch);
-  auto qkv = product(h, w.layers[i].qkv, l.qkv_w, l.qkv_b, scratch);
+  auto qkv = product(h, w.layers[i].qkv, l.qkv_w, l.qkv_b, w.products, scratch);
   if (!ga.a.empty()) add_lora_rows(h, ga.a[i][site_qkv], ga.b[i][site_qkv], ga, qkv);
   return qkv.split(D, -1);
 }
@@ -787,11 +809,11 @@ torch::Tensor after_attention(const serving_weights& w, const row_adapters& ga, 
   const auto& l = w.base->layers[i];
   const auto& lt = w.layers[i];
   const bool lora = !ga.a.empty();
-  auto proj = product(y, lt.proj, l.proj_w, l.proj_b, scratch);
+  auto proj = product(y, lt.proj, l.proj_w, l.proj_b, w.products, scratch);
   if (lora) add_lora_rows(y, ga.a[i][site_proj], ga.b[i][site_proj], ga, proj);
   auto x = add_residual(x_in, proj);
   auto h2 = norm_rows(x, l.ln2_w, l.ln2_b, scratch);
-  auto f = product(h2, lt.fc, l.fc_w, l.fc_b, scratch);
+  auto f = product(h2, lt.fc, l.fc_w, l.fc_b, w.products, scratch);
   if (lora && ga.mlp) add_lora_rows(h2, ga.a[i][site_fc], ga.b[i][site_fc], ga, f);
   // In place by our loop: torch::gelu goes through oneDNN, whose set-up per
   // call was a sixth of a one-row step (perf, bm_decode_step_bf16/1).
@@ -804,7 +826,7 @@ torch::Tensor after_attention(const serving_weights& w, const row_adapters& ga, 
     });
   } else
     f = torch::gelu(f);
-  auto o = product(f, lt.out, l.out_w, l.out_b, scratch);
+  auto o = product(f, lt.out, l.out_w, l.out_b, w.products, scratch);
   if (lora && ga.mlp) add_lora_rows(f, ga.a[i][site_out], ga.b[i][site_out], ga, o);
   return add_residual(x, o);
 }
@@ -935,7 +957,7 @@ torch::Tensor forward_tokens(const serving_weights& sw, const row_adapters& ga,
     }
   }
   x = norm_rows(x.view({-1, D}), w.lnf_w, w.lnf_b, scratch);
-  return product(x, sw.head, w.wte, {}, scratch);
+  return product(x, sw.head, w.wte, {}, sw.products, scratch);
 }
 
 }  // namespace tailor::model

@@ -173,9 +173,16 @@ torch::Tensor forward_single(const base_weights& base, const lora_adapter* adapt
 // not depend on the batch. Built once per batch generator; it refers to
 // `base`, which must outlive it and not change.
 //
-// With `bf16` (and a machine with AVX-512 BF16: see dense_bf16), the
-// products run in bfloat16 over packed copies of the matrices (`packed`),
-// at twice the multiply-adds per cycle; bf16_products() says whether they do.
+// `products` says how it computes the products (serving.products): in
+// float over `t`, or on bfloat16 inputs over packed copies of the matrices
+// (`packed`), with AVX-512 BF16's dot product (`bfloat16`, twice the
+// multiply-adds per cycle of float) or AMX's tiles (`amx`, 4-8x `bfloat16`
+// from 16 rows, ~0.6x at one): see dense_bf16.
+enum class product_kind { float32, bfloat16, amx };
+const char* product_name(product_kind k);  // "float32", "bfloat16", "amx"
+// `wanted` where this machine runs it, else the next one down: amx, then
+// bfloat16, then float32.
+product_kind runnable_products(product_kind wanted);
 struct serving_weights {
   struct matrix {
     torch::Tensor t;                // [in, out]
@@ -187,8 +194,9 @@ struct serving_weights {
   const base_weights* base = nullptr;
   std::vector<layer> layers;
   matrix head;  // wte transposed: [d_model, vocab]
-  bool bf16_products() const { return !head.packed.empty(); }
-  static serving_weights of(const base_weights& base, bool bf16 = false);
+  product_kind products = product_kind::float32;  // what runs: runnable_products(wanted)
+  static serving_weights of(const base_weights& base,
+                            product_kind wanted = product_kind::float32);
 };
 
 // The batched multi-adapter forward over a rectangle of tokens (forward_tokens

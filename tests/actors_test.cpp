@@ -151,8 +151,10 @@ TEST(EngineConfig, ValidationNamesTheOffendingKey) {
   EXPECT_EQ(validate(cfg), "");
   cfg.serving.products = "float16";
   EXPECT_NE(validate(cfg).find("serving.products"), std::string::npos);
-  cfg.serving.products = "float32";
-  EXPECT_EQ(validate(cfg), "");
+  for (const char* products : {"auto", "amx", "bfloat16", "float32"}) {
+    cfg.serving.products = products;
+    EXPECT_EQ(validate(cfg), "") << products;
+  }
   cfg = {};
   cfg.serving.prefill_chunk = -1;
   EXPECT_NE(validate(cfg).find("serving.prefill_chunk"), std::string::npos);
@@ -287,7 +289,7 @@ TEST(EngineConfig, FileSectionsRefuseUnknownKeys) {
   EXPECT_EQ(cfg.serving.kv_cache, "float32");
   EXPECT_EQ(engine_config{}.serving.kv_cache, "float16");
   EXPECT_EQ(cfg.serving.products, "float32");
-  EXPECT_EQ(engine_config{}.serving.products, "bfloat16");
+  EXPECT_EQ(engine_config{}.serving.products, "auto");
   EXPECT_EQ(cfg.training.slots, 3);
   EXPECT_EQ(cfg.training.defaults.steps, 7);
   EXPECT_EQ(cfg.compute.blas_threads, 2);

@@ -116,7 +116,7 @@ class ModelTest : public ::testing::Test {
                                                   const std::vector<int64_t>& place,
                                                   const std::vector<int64_t>& slot,
                                                   const std::vector<int64_t>& cached,
-                                                  torch::ScalarType type, bool bf16_products,
+                                                  torch::ScalarType type, product_kind products,
                                                   double tolerance);
   model_config cfg_;
   base_weights base_;
@@ -282,6 +282,18 @@ constexpr double float16_cache_tolerance = 1e-3;
 // model.
 constexpr double bf16_products_tolerance = 1e-2;
 
+// Float, and a float16 cache with each kind of bfloat16 products (where
+// the machine has none, they run what it has).
+std::vector<serving_precision> reduced_precisions() {
+  return {serving_precision{},
+          serving_precision{torch::kHalf, product_kind::bfloat16},
+          serving_precision{torch::kHalf, product_kind::amx}};
+}
+std::string precision_name(const serving_precision& p) {
+  return std::string(p.kv == torch::kHalf ? "float16" : "float") + " cache, " +
+         product_name(runnable_products(p.products)) + " products";
+}
+
 // A cache of each kind, with what its logits must match a float forward to.
 std::vector<std::pair<torch::ScalarType, double>> cache_kinds() {
   return {{torch::kFloat32, 1e-4}, {torch::kHalf, float16_cache_tolerance}};
@@ -345,20 +357,24 @@ TEST_F(ModelTest, OneForwardOverPromptsAndDecodeTokensEqualsFullRecomputation) {
   const std::vector<int64_t> cached = {0, 8, 0, 3};
   for (auto [type, tolerance] : cache_kinds()) {
     SCOPED_TRACE(type == torch::kHalf ? "float16 cache" : "float cache");
-    one_forward_over_prompts_and_decode_tokens(seqs, place, slot, cached, type, false, tolerance);
+    one_forward_over_prompts_and_decode_tokens(seqs, place, slot, cached, type,
+                                               product_kind::float32, tolerance);
   }
-  // bfloat16 products and a float16 cache, where the machine has them.
-  SCOPED_TRACE("bfloat16 products");
-  one_forward_over_prompts_and_decode_tokens(seqs, place, slot, cached, torch::kHalf, true,
-                                             bf16_products_tolerance);
+  // bfloat16 products (either kernel) and a float16 cache, where the
+  // machine has them.
+  for (auto products : {product_kind::bfloat16, product_kind::amx}) {
+    SCOPED_TRACE(product_name(runnable_products(products)));
+    one_forward_over_prompts_and_decode_tokens(seqs, place, slot, cached, torch::kHalf, products,
+                                               bf16_products_tolerance);
+  }
 }
 
 void ModelTest::one_forward_over_prompts_and_decode_tokens(
     std::vector<std::vector<int64_t>> seqs, const std::vector<int64_t>& place,
     const std::vector<int64_t>& slot, const std::vector<int64_t>& cached, torch::ScalarType type,
-    bool bf16_products, double tolerance) {
+    product_kind products, double tolerance) {
   auto cache = kv_cache::make(cfg_, 6, type);
-  const auto weights = serving_weights::of(base_, bf16_products);
+  const auto weights = serving_weights::of(base_, products);
   double largest = 0;
   for (std::size_t r = 0; r < seqs.size(); ++r) {
     if (cached[r] == 0) continue;
@@ -453,12 +469,13 @@ bool is_float_sum_of_products(const torch::Tensor& y, const torch::Tensor& x,
 }
 
 // Shapes around the kernels' blocks: rows by eights and fours and a tail,
-// an odd number of inputs, columns by 16 and 32 and a remainder, the tied
-// head's 257; with and without a bias.
+// and past AMX's tile of 16; an odd number of inputs, and inputs by 32 with
+// a tail; columns by 16 and 32 and a remainder, the tied head's 257; with
+// and without a bias.
 template <typename Check>
 void for_each_product_shape(Check check) {
-  for (int64_t rows : {1, 3, 4, 9})
-    for (int64_t in : {1, 5, 128})
+  for (int64_t rows : {1, 3, 4, 9, 17})
+    for (int64_t in : {1, 5, 40, 128})
       for (int64_t out : {1, 7, 16, 33, 257})
         for (bool bias : {true, false}) check(rows, in, out, bias);
 }
@@ -503,31 +520,38 @@ TEST(Dense, ARowsProductIsTheSameBitsInAnyBatch) {
   }
 }
 
-// bfloat16 products: the sums of the rounded inputs' products, in float;
-// and, like dense(), the same bits for a row in any batch. A machine
-// without AVX-512 BF16 must not claim them.
+// bfloat16 products, by each kernel the machine has: the sums of the
+// rounded inputs' products, in float; and, like dense(), the same bits for
+// a row in any batch (AMX: rows by tiles of 16, inputs by 32 and a tail). A
+// machine without a kernel must not claim it.
 TEST(Dense, Bfloat16ProductsSumTheRoundedInputsAndDoNotDependOnTheBatch) {
-  if (!dense_bf16_supported()) {
-    auto base = base_weights::init(tiny(), 1);
-    EXPECT_FALSE(serving_weights::of(base, true).bf16_products());
-    return;
-  }
+  auto base = base_weights::init(tiny(), 1);
+  const auto best = dense_bf16_supported(bf16_isa::amx)   ? product_kind::amx
+                    : dense_bf16_supported(bf16_isa::dot) ? product_kind::bfloat16
+                                                          : product_kind::float32;
+  EXPECT_EQ(serving_weights::of(base, product_kind::amx).products, best);
   torch::manual_seed(7);
-  for_each_product_shape([&](int64_t rows, int64_t in, int64_t out, bool bias) {
-    auto x = torch::randn({rows, in}), wt = torch::randn({in, out}), b = torch::randn({out});
-    const auto packed = packed_bf16(wt.data_ptr<float>(), in, out);
-    const float* bp = bias ? b.data_ptr<float>() : nullptr;
-    auto y = torch::full({rows, out}, std::nanf(""));
-    dense_bf16(x.data_ptr<float>(), rows, in, packed.data(), out, bp, y.data_ptr<float>());
-    EXPECT_TRUE(is_float_sum_of_products(y, bf16(x), bf16(wt), bias ? b : torch::Tensor()))
-        << "rows " << rows << " in " << in << " out " << out << (bias ? " with" : " without")
-        << " bias";
-    for (int64_t r = 0; r < rows; ++r) {
-      auto alone = torch::empty({1, out});
-      dense_bf16(x[r].data_ptr<float>(), 1, in, packed.data(), out, bp, alone.data_ptr<float>());
-      EXPECT_TRUE(torch::equal(alone[0], y[r])) << "row " << r << " of " << rows;
-    }
-  });
+  for (auto isa : {bf16_isa::dot, bf16_isa::amx}) {
+    if (!dense_bf16_supported(isa)) continue;
+    SCOPED_TRACE(bf16_name(isa));
+    for_each_product_shape([&](int64_t rows, int64_t in, int64_t out, bool bias) {
+      auto x = torch::randn({rows, in}), wt = torch::randn({in, out}), b = torch::randn({out});
+      const auto packed = packed_bf16(wt.data_ptr<float>(), in, out);
+      const float* bp = bias ? b.data_ptr<float>() : nullptr;
+      auto y = torch::full({rows, out}, std::nanf(""));
+      dense_bf16(isa, x.data_ptr<float>(), rows, in, packed.data(), out, bp, y.data_ptr<float>());
+      EXPECT_TRUE(is_float_sum_of_products(y, bf16(x), bf16(wt), bias ? b : torch::Tensor()))
+          << "rows " << rows << " in " << in << " out " << out << (bias ? " with" : " without")
+          << " bias";
+      for (int64_t r = 0; r < rows; ++r) {
+        auto alone = torch::empty({1, out});
+        dense_bf16(isa, x[r].data_ptr<float>(), 1, in, packed.data(), out, bp,
+                   alone.data_ptr<float>());
+        EXPECT_TRUE(torch::equal(alone[0], y[r]))
+            << "row " << r << " of " << rows << ", in " << in << " out " << out;
+      }
+    });
+  }
 }
 
 std::vector<row_isa> runnable_row_kernels() {
@@ -815,14 +839,14 @@ TEST_F(ModelTest, AServedRowsLogitsAreTheSameBitsInAnyStep) {
     return forward_tokens(weights, row_adapters::of(bank_, places), tokens, positions, slots,
                           cache, last)[0];
   };
-  for (bool bf16_products : {false, true}) {
-    const auto weights = serving_weights::of(base_, bf16_products);
+  for (auto products : {product_kind::float32, product_kind::bfloat16, product_kind::amx}) {
+    const auto weights = serving_weights::of(base_, products);
     for (auto type : {torch::kFloat32, torch::kHalf}) {
       auto alone = logits_of_row(false, weights, type),
            crowded = logits_of_row(true, weights, type);
       EXPECT_TRUE(torch::equal(alone, crowded))
           << (type == torch::kHalf ? "float16" : "float") << " cache"
-          << (bf16_products ? ", bfloat16 products" : "") << ": largest difference "
+          << ", " << product_name(weights.products) << " products: largest difference "
           << max_diff(alone, crowded);
     }
   }
@@ -834,7 +858,7 @@ TEST_F(ModelTest, AServedRowsLogitsAreTheSameBitsInAnyStep) {
 // bit, as forwards through malloc; and once the buffer has held the largest
 // step it does not grow again.
 TEST_F(ModelTest, AForwardOnTheScratchBufferEqualsOneOnFreshMemory) {
-  const auto weights = serving_weights::of(base_, true);
+  const auto weights = serving_weights::of(base_, product_kind::amx);
   auto fresh = kv_cache::make(cfg_, 6, torch::kHalf);
   auto reused = kv_cache::make(cfg_, 6, torch::kHalf);
   forward_scratch scratch(256);  // a block of 256 floats, so that steps outgrow it
@@ -878,11 +902,13 @@ TEST_F(ModelTest, AForwardOnTheScratchBufferEqualsOneOnFreshMemory) {
 TEST_F(ModelTest, AGeneratorTakesReducedPrecisionOnlyWhereTheMachineHasItsInstructions) {
   batch_generator plain(base_, bank_, 2);
   EXPECT_EQ(plain.kv_type(), torch::kFloat32);
-  EXPECT_FALSE(plain.bf16_products());
-  batch_generator reduced(base_, bank_, 2, 0, 0, {torch::kHalf, true});
+  EXPECT_EQ(plain.products(), product_kind::float32);
+  batch_generator reduced(base_, bank_, 2, 0, 0, {torch::kHalf, product_kind::amx});
   EXPECT_EQ(reduced.kv_type(),
             row_kernels_supported(row_isa::avx512) ? torch::kHalf : torch::kFloat32);
-  EXPECT_EQ(reduced.bf16_products(), dense_bf16_supported());
+  EXPECT_EQ(reduced.products(), dense_bf16_supported(bf16_isa::amx)   ? product_kind::amx
+                                : dense_bf16_supported(bf16_isa::dot) ? product_kind::bfloat16
+                                                                      : product_kind::float32);
   // Either way it serves.
   auto s = sampled(3, 12);
   s.ignore_end_of_text = true;
@@ -901,8 +927,8 @@ TEST_F(ModelTest, PromptsInChunksGiveTheSameTextOverMoreSteps) {
   const std::vector<int64_t> places = {1, 2, 0, 3};
   int64_t prompt_tokens = 0;
   for (const auto& p : prompts) prompt_tokens += static_cast<int64_t>(p.size()) + 1;
-  for (auto precision : {serving_precision{}, serving_precision{torch::kHalf, true}}) {
-    SCOPED_TRACE(precision.bf16_products ? "float16 cache, bfloat16 products" : "float");
+  for (auto precision : reduced_precisions()) {
+    SCOPED_TRACE(precision_name(precision));
     // Two rounds of the same prompts: the second copies what the prefix
     // cache kept and computes the rest in chunks from there.
     auto run = [&](int64_t chunk, std::vector<int>& steps_to_start) {
@@ -1210,8 +1236,8 @@ TEST_F(ModelTest, AStepHelperChangesNoText) {
   const std::vector<std::string> prompts = {"a prompt of some length, with words", "hello", "x",
                                             "another prompt", "and one more", "the sixth"};
   const std::vector<int64_t> places = {1, 2, 0, 3, 1, 2};
-  for (auto precision : {serving_precision{}, serving_precision{torch::kHalf, true}}) {
-    SCOPED_TRACE(precision.bf16_products ? "float16 cache, bfloat16 products" : "float");
+  for (auto precision : reduced_precisions()) {
+    SCOPED_TRACE(precision_name(precision));
     auto texts = [&](batch_generator& g) {
       std::vector<batch_generator::new_sequence> seqs;
       for (std::size_t i = 0; i < prompts.size(); ++i)
