@@ -57,6 +57,22 @@ struct block_at {
   __m512 b0, b1;
 };
 
+// Column block c (of 32) at row 0: its masks and bias.
+__attribute__((target("avx512f"))) inline block_at column_block(int64_t c, int64_t out,
+                                                               const float* b) {
+  const int64_t n = c * 32, left = out - n;
+  block_at at{0, n, 0, 0, _mm512_setzero_ps(), _mm512_setzero_ps()};
+  at.m0 = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+  at.m1 = left >= 32   ? 0xFFFF
+          : left <= 16 ? 0
+                       : static_cast<__mmask16>((1u << (left - 16)) - 1);
+  if (b) {
+    at.b0 = _mm512_maskz_loadu_ps(at.m0, b + n);
+    at.b1 = _mm512_maskz_loadu_ps(at.m1, b + n + 16);
+  }
+  return at;
+}
+
 // Columns in blocks of 32, and within one block every row (by eights, then
 // fours, then one by one), so the block's slice of the matrix stays in L1
 // while the rows pass over it: block(std::integral_constant<int, R>, at)
@@ -66,16 +82,7 @@ template <typename Block>
 __attribute__((target("avx512f"))) inline void each_block(int64_t rows, int64_t out,
                                                           const float* b, Block&& block) {
   parallel_chunks((out + 31) / 32, [&](int64_t c) __attribute__((target("avx512f"))) {
-    const int64_t n = c * 32, left = out - n;
-    block_at at{0, n, 0, 0, _mm512_setzero_ps(), _mm512_setzero_ps()};
-    at.m0 = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
-    at.m1 = left >= 32   ? 0xFFFF
-            : left <= 16 ? 0
-                         : static_cast<__mmask16>((1u << (left - 16)) - 1);
-    if (b) {
-      at.b0 = _mm512_maskz_loadu_ps(at.m0, b + n);
-      at.b1 = _mm512_maskz_loadu_ps(at.m1, b + n + 16);
-    }
+    block_at at = column_block(c, out, b);
     for (; at.m + 8 <= rows; at.m += 8) block(std::integral_constant<int, 8>{}, at);
     for (; at.m + 4 <= rows; at.m += 4) block(std::integral_constant<int, 4>{}, at);
     for (; at.m < rows; ++at.m) block(std::integral_constant<int, 1>{}, at);
@@ -277,13 +284,7 @@ TAILOR_AMX void dense_bf16_amx(const float* x, int64_t rows, int64_t in, const u
   const auto* w = reinterpret_cast<const uint32_t*>(packed);
   parallel_chunks((out + 31) / 32, [&](int64_t c) TAILOR_AMX {
     configure_tiles(tail);
-    const int64_t n = c * 32, left = out - n;
-    const __mmask16 m0 = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
-    const __mmask16 m1 = left >= 32   ? 0xFFFF
-                         : left <= 16 ? 0
-                                      : static_cast<__mmask16>((1u << (left - 16)) - 1);
-    const __m512 b0 = b ? _mm512_maskz_loadu_ps(m0, b + n) : _mm512_setzero_ps();
-    const __m512 b1 = b ? _mm512_maskz_loadu_ps(m1, b + n + 16) : _mm512_setzero_ps();
+    const block_at at = column_block(c, out, b);
     const uint32_t* wb = w + c * pairs * 32;  // the block: `pairs` rows of 128 bytes
     alignas(64) float sums[16 * 32];
     for (int64_t m = 0; m < rows; m += 16) {
@@ -307,9 +308,10 @@ TAILOR_AMX void dense_bf16_amx(const float* x, int64_t rows, int64_t in, const u
       _tile_stored(0, sums, 128);
       _tile_stored(1, sums + 16, 128);
       for (int64_t r = 0; r < std::min<int64_t>(16, rows - m); ++r) {
-        float* yr = y + (m + r) * out + n;
-        _mm512_mask_storeu_ps(yr, m0, _mm512_add_ps(_mm512_load_ps(sums + r * 32), b0));
-        _mm512_mask_storeu_ps(yr + 16, m1, _mm512_add_ps(_mm512_load_ps(sums + r * 32 + 16), b1));
+        float* yr = y + (m + r) * out + at.n;
+        _mm512_mask_storeu_ps(yr, at.m0, _mm512_add_ps(_mm512_load_ps(sums + r * 32), at.b0));
+        _mm512_mask_storeu_ps(yr + 16, at.m1,
+                              _mm512_add_ps(_mm512_load_ps(sums + r * 32 + 16), at.b1));
       }
     }
   });
