@@ -757,6 +757,7 @@ gpu_actor::behavior_type gpu(gpu_actor::stateful_pointer<gpu_state> self, int de
   st.stats->set_serving_busy(st.label, 0.0);  // the series exists before the first step
   c.fault_step = fault_point("TAILOR_FAULT_STEP", "gpu " + st.label, "step with rows", false);
   const auto products = c.gen->products();
+  st.stats->set_serving_products(st.label, model::product_name(products));
   if (sc.products != "auto" && sc.products != model::product_name(products))
     spdlog::warn("gpu {}: this CPU cannot run {} products (AMX needs AMX-BF16 and Linux 5.16+, "
                  "bfloat16 AVX-512 BF16): they run in {}",

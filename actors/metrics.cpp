@@ -323,6 +323,14 @@ std::string metrics::render() const {
          "Batch steps the step helper took part in (serving.step_helper auto: half of each "
          "trial's, and those after a trial that found it faster).",
          "device", helper_steps_);
+  if (!serving_products_.empty()) {
+    out << "# HELP tailor_serving_products 1 for the kind of matrix products a device computes "
+           "(serving.products as this CPU runs it: amx, bfloat16 or float32).\n"
+           "# TYPE tailor_serving_products gauge\n";
+    for (const auto& [device, kind] : serving_products_)
+      out << "tailor_serving_products{device=\"" << device << "\",products=\"" << kind
+          << "\"} 1\n";
+  }
   out.precision(15);
   if (!serving_busy_.empty()) {
     out << "# HELP tailor_serving_busy_seconds_total Time a device's batch loop spent in steps; "

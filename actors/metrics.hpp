@@ -211,6 +211,12 @@ class metrics {
   void set_batch_realtime(const std::string& device, bool realtime) {
     set(batch_realtime_, device, realtime ? 1 : 0);
   }
+  // How a device computes its matrix products ("amx", "bfloat16",
+  // "float32": serving.products as this CPU runs it).
+  void set_serving_products(const std::string& device, const std::string& products) {
+    std::lock_guard<std::mutex> g(mtx_);
+    serving_products_[device] = products;
+  }
   // What a device's step helper did (serving.step_helper): chunks of steps it
   // ran, the times the loop waited long for one and lent the helper its core
   // meanwhile, the steps it could have taken part in and those it did, and
@@ -279,6 +285,7 @@ class metrics {
   std::map<std::string, std::map<std::string, int64_t>> cache_;  // event -> tier -> count
   std::map<std::string, std::pair<double, double>> batch_thread_;  // device -> running, runnable
   std::map<std::string, double> serving_busy_;                      // device -> seconds
+  std::map<std::string, std::string> serving_products_;             // device -> kernel
   struct device_base {
     double busy = 0, running = 0, runnable = 0;
     helper_figures helper;

@@ -725,6 +725,15 @@ TEST_F(ServingTest, ConcurrentRequestsAreBatchedAndEachEqualsItsResultAlone) {
     EXPECT_EQ(metric("tailor_user_requests_total{user=\"" + u + "\"}"), 4) << u;
     EXPECT_EQ(metric("tailor_model_requests_total{model=\"" + models[u] + "\"}"), 4) << u;
   }
+  // By default the device computes its products with the best kernel this
+  // CPU has (serving.products auto: AMX's tiles where it has them), and
+  // says which: the one whose texts must not depend on the batch.
+  namespace tm = tailor::model;
+  const std::string products =
+      tm::product_name(tm::runnable_products(tm::product_kind::amx));
+  EXPECT_EQ(metric("tailor_serving_products{device=\"tailor-test/0\",products=\"" + products +
+                   "\"}"),
+            1);
   // Each request again, alone: the same text (same seed, whatever shared the batch).
   for (int i = 0; i < 64; ++i) {
     send_inference(ask(users[i % 16], "alone" + std::to_string(i), "Tell me something.", 100 + i));
