@@ -228,15 +228,17 @@ BENCHMARK(bm_decode_step_bf16_helped)
     ->Unit(benchmark::kMicrosecond);
 
 // The two bfloat16 kernels on one of the base's products (its MLP's first:
-// 256 inputs, 1,024 outputs) over `rows` rows, in turn in one run:
-// `amx_over_dot` is how many times faster AMX is (serving.products amx
-// against bfloat16). Items are rows through both.
+// d_model inputs, 4 d_model outputs; 128 and 512 in tailor-base) over
+// `rows` rows, in turn in one run: `amx_over_dot` is how many times faster
+// AMX is (serving.products amx against bfloat16). Items are rows through
+// both.
 void bm_dense_bf16_kernels(benchmark::State& state) {
   if (!dense_bf16_supported(bf16_isa::amx)) {
     state.SkipWithError("this machine has no AMX");
     return;
   }
-  const int64_t rows = state.range(0), in = 256, out = 1024;
+  const auto& cfg = fixture::get().cfg;
+  const int64_t rows = state.range(0), in = cfg.d_model, out = 4 * cfg.d_model;
   std::mt19937 rng(1);
   std::normal_distribution<float> normal;
   std::vector<float> x(static_cast<std::size_t>(rows * in)), wt(static_cast<std::size_t>(in * out)),

@@ -21,7 +21,8 @@ struct serving_options {
   std::string kv_cache = "float16";     // tailord's serving.kv_cache
   std::string products = "auto";        // tailord's serving.products
   // The baseline's: AVX-512 BF16's dot product, the fastest at one row
-  // (AMX's tiles, the batched runs' default, take ~1.6x as long there).
+  // (AMX's tiles, the batched runs' default, take ~1.15x as long there,
+  // and up to ~1.25x for a whole one-row step: tailor-micro).
   std::string baseline_products = "bfloat16";
   int rank = 8;
   std::string base_model = "tailor-base";

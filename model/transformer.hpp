@@ -176,8 +176,8 @@ torch::Tensor forward_single(const base_weights& base, const lora_adapter* adapt
 // `products` says how it computes the products (serving.products): in
 // float over `t`, or on bfloat16 inputs over packed copies of the matrices
 // (`packed`), with AVX-512 BF16's dot product (`bfloat16`, twice the
-// multiply-adds per cycle of float) or AMX's tiles (`amx`, 4-8x `bfloat16`
-// from 16 rows, ~0.6x at one): see dense_bf16.
+// multiply-adds per cycle of float) or AMX's tiles (`amx`, 6-7x `bfloat16`
+// from 16 rows, ~0.85x at one): see dense_bf16.
 enum class product_kind { float32, bfloat16, amx };
 const char* product_name(product_kind k);  // "float32", "bfloat16", "amx"
 // `wanted` where this machine runs it, else the next one down: amx, then
