@@ -227,6 +227,16 @@ BENCHMARK(bm_decode_step_bf16_helped)
     ->Arg(64)
     ->Unit(benchmark::kMicrosecond);
 
+// The counters of a benchmark that ran both bfloat16 kernels in turn (`us`:
+// microseconds of the dot product's and of AMX's, in all): each one's mean
+// per iteration and how many times faster AMX was.
+void report_kernels(benchmark::State& state, const double (&us)[2]) {
+  const auto n = static_cast<double>(state.iterations());
+  state.counters["dot_us"] = us[0] / n;
+  state.counters["amx_us"] = us[1] / n;
+  state.counters["amx_over_dot"] = us[0] / us[1];
+}
+
 // The two bfloat16 kernels on one of the base's products (its MLP's first:
 // d_model inputs, 4 d_model outputs; 128 and 512 in tailor-base) over
 // `rows` rows, in turn in one run: `amx_over_dot` is how many times faster
@@ -255,10 +265,7 @@ void bm_dense_bf16_kernels(benchmark::State& state) {
       us[isa == bf16_isa::amx] +=
           std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
     }
-  const auto n = static_cast<double>(state.iterations());
-  state.counters["dot_us"] = us[0] / n;
-  state.counters["amx_us"] = us[1] / n;
-  state.counters["amx_over_dot"] = us[0] / us[1];
+  report_kernels(state, us);
   state.SetItemsProcessed(state.iterations() * rows);
 }
 BENCHMARK(bm_dense_bf16_kernels)->Arg(1)->Arg(4)->Arg(16)->Arg(64)->Unit(benchmark::kMicrosecond);
@@ -297,10 +304,7 @@ void bm_decode_step_kernels(benchmark::State& state) {
       state.ResumeTiming();
     }
   }
-  const auto n = static_cast<double>(state.iterations());
-  state.counters["dot_us"] = us[0] / n;
-  state.counters["amx_us"] = us[1] / n;
-  state.counters["amx_over_dot"] = us[0] / us[1];
+  report_kernels(state, us);
   state.SetItemsProcessed(state.iterations() * rows);
 }
 BENCHMARK(bm_decode_step_kernels)

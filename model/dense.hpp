@@ -40,9 +40,9 @@ void dense(dense_isa isa, const float* x, int64_t rows, int64_t in, const float*
 // - `amx`: AMX's tile product, 16 rows by 16 outputs by 32 inputs an
 //   instruction: 6-7x `dot` from 16 rows on tailor-base's shapes
 //   (tailor-micro, bm_dense_bf16_kernels), but ~0.85x at one row, which
-//   fills a tile as 16 would. Its sums round
-//   otherwise than `dot`'s (AMX's order inside an instruction is its own),
-//   so a process must use one kernel for every batch, never switch by rows.
+//   fills a tile as 16 would. Its sums round otherwise than `dot`'s (AMX's
+//   order inside an instruction is its own), so a process must use one
+//   kernel for every batch, never switch by rows.
 // Each runs only where the machine has it: callers check
 // dense_bf16_supported(). AMX also needs the kernel's leave to use its
 // tiles (Linux 5.16+), which the first check asks for.

@@ -282,6 +282,14 @@ constexpr double float16_cache_tolerance = 1e-3;
 // model.
 constexpr double bf16_products_tolerance = 1e-2;
 
+// The best products this machine runs: AMX's, else AVX-512 BF16's, else
+// float (what runnable_products must pick for product_kind::amx).
+product_kind best_products() {
+  return dense_bf16_supported(bf16_isa::amx)   ? product_kind::amx
+         : dense_bf16_supported(bf16_isa::dot) ? product_kind::bfloat16
+                                               : product_kind::float32;
+}
+
 // Float, and a float16 cache with each kind of bfloat16 products (where
 // the machine has none, they run what it has).
 std::vector<serving_precision> reduced_precisions() {
@@ -526,10 +534,7 @@ TEST(Dense, ARowsProductIsTheSameBitsInAnyBatch) {
 // machine without a kernel must not claim it.
 TEST(Dense, Bfloat16ProductsSumTheRoundedInputsAndDoNotDependOnTheBatch) {
   auto base = base_weights::init(tiny(), 1);
-  const auto best = dense_bf16_supported(bf16_isa::amx)   ? product_kind::amx
-                    : dense_bf16_supported(bf16_isa::dot) ? product_kind::bfloat16
-                                                          : product_kind::float32;
-  EXPECT_EQ(serving_weights::of(base, product_kind::amx).products, best);
+  EXPECT_EQ(serving_weights::of(base, product_kind::amx).products, best_products());
   torch::manual_seed(7);
   for (auto isa : {bf16_isa::dot, bf16_isa::amx}) {
     if (!dense_bf16_supported(isa)) continue;
@@ -906,9 +911,7 @@ TEST_F(ModelTest, AGeneratorTakesReducedPrecisionOnlyWhereTheMachineHasItsInstru
   batch_generator reduced(base_, bank_, 2, 0, 0, {torch::kHalf, product_kind::amx});
   EXPECT_EQ(reduced.kv_type(),
             row_kernels_supported(row_isa::avx512) ? torch::kHalf : torch::kFloat32);
-  EXPECT_EQ(reduced.products(), dense_bf16_supported(bf16_isa::amx)   ? product_kind::amx
-                                : dense_bf16_supported(bf16_isa::dot) ? product_kind::bfloat16
-                                                                      : product_kind::float32);
+  EXPECT_EQ(reduced.products(), best_products());
   // Either way it serves.
   auto s = sampled(3, 12);
   s.ignore_end_of_text = true;
