@@ -373,10 +373,11 @@ void release_adapter(gpu_core& c, gpu_core::request& r) {
   sync_idle(c, a);
 }
 
-// serving.products as the model names it ("auto": the best there is).
+// serving.products as the model names it: by the model's own names, and
+// "amx" for "auto" (the model runs the best of it the CPU has).
 model::product_kind wanted_products(const std::string& products) {
-  if (products == "float32") return model::product_kind::float32;
-  if (products == "bfloat16") return model::product_kind::bfloat16;
+  for (auto k : {model::product_kind::float32, model::product_kind::bfloat16})
+    if (products == model::product_name(k)) return k;
   return model::product_kind::amx;
 }
 
