@@ -149,6 +149,14 @@ nlohmann::json cpu_us_per_request(const std::map<std::string, uint64_t>& before,
   return growth_per_request(before, after, 1e6 / ticks_per_second / requests);
 }
 
+double step_cpu_us(const nlohmann::json& tailord_us_per_request) {
+  double sum = 0;
+  for (const auto& [thread, us] : tailord_us_per_request.items())
+    if (thread.rfind("tailor.batch.", 0) == 0 || thread.rfind("tailor.help.", 0) == 0)
+      sum += us.get<double>();
+  return sum;
+}
+
 std::optional<uint64_t> parse_context_switches(std::string_view status) {
   std::optional<uint64_t> sum;
   for (const std::string_view key : {"voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"}) {

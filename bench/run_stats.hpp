@@ -62,6 +62,11 @@ nlohmann::json cpu_us_per_request(const std::map<std::string, uint64_t>& before,
                                   const std::map<std::string, uint64_t>& after, double requests,
                                   double ticks_per_second);
 
+// Of cpu_us_per_request's figures for tailord, the batch loops' and their
+// step helpers' (threads tailor.batch.N and tailor.help.N): the engine's
+// compute a request, apart from Kafka, the actors and the client.
+double step_cpu_us(const nlohmann::json& tailord_us_per_request);
+
 // A thread's context switches so far (voluntary and not) from the text of
 // its /proc/PID/task/TID/status; nullopt where neither count is in it.
 std::optional<uint64_t> parse_context_switches(std::string_view status);

@@ -386,6 +386,7 @@ json run_once(const serving_options& o, int n, int max_batch, const std::string&
   out["cpu_us_per_request"] = {
       {"tailord", cpu_us_per_request(tailord_threads0, tailord_threads1, o.requests, ticks)},
       {"bench", cpu_us_per_request(bench_threads0, bench_threads1, o.requests, ticks)}};
+  out["step_cpu_us_per_request"] = step_cpu_us(out["cpu_us_per_request"]["tailord"]);
   out["switches_per_request"] = {
       {"tailord", switches_per_request(tailord_switches0, tailord_switches1, o.requests)},
       {"bench", switches_per_request(bench_switches0, bench_switches1, o.requests)}};
@@ -494,6 +495,24 @@ json run_serving(const serving_options& given) {
         const auto by_round = round_ratios(batched[i], baseline, "tokens_per_s");
         out["batched_over_baseline_by_round"] = by_round;
         out["batched_over_baseline_round_median"] = median(by_round);
+        // The baseline's step CPU a request over the batched run's, by
+        // round: what batching saves the engine's compute, so the ratio of
+        // tokens a second if the batch loop were all the machine ran.
+        // Missing where /proc could not be read.
+        auto measured = [](const std::vector<json>& rs) {
+          return std::all_of(rs.begin(), rs.end(), [](const json& r) {
+            return r.value("step_cpu_us_per_request", 0.0) > 0;
+          });
+        };
+        if (measured(baseline) && measured(batched[i])) {
+          const auto cpu = round_ratios(baseline, batched[i], "step_cpu_us_per_request");
+          out["baseline_step_cpu_over_batched_by_round"] = cpu;
+          out["baseline_step_cpu_over_batched"] = median(cpu);
+          std::fprintf(stderr,
+                       "%d adapters: %.2f times the baseline's tokens a second (round median); "
+                       "the baseline's step CPU a request was %.2f times theirs\n",
+                       baseline_n, median(by_round), median(cpu));
+        }
       }
   }
   const auto& runs = out["runs"];

@@ -19,6 +19,7 @@ using tailor::bench::parse_cpu_times;
 using tailor::bench::read_cpu_times;
 using tailor::bench::steal_share;
 using tailor::bench::cpu_us_per_request;
+using tailor::bench::step_cpu_us;
 using tailor::bench::parse_context_switches;
 using tailor::bench::switches_per_request;
 using tailor::bench::thread_context_switches;
@@ -118,6 +119,14 @@ TEST(ThreadCpu, ANameAndItsUserPlusSystemTicksFromAThreadsStatLine) {
 
 // ... and each thread's context switches per request, which cost this
 // machine's threads CPU of their own.
+TEST(ThreadCpu, StepCpuIsTheBatchLoopsAndTheirHelpersAlone) {
+  const nlohmann::json us{{"tailor.batch.0", 300.0}, {"tailor.help.0", 40.0},
+                          {"tailor.batch.1", 200.0}, {"caf.actor", 50.0},
+                          {"rdk:broker1", 20.0},     {"total", 610.0}};
+  EXPECT_DOUBLE_EQ(step_cpu_us(us), 540.0);
+  EXPECT_DOUBLE_EQ(step_cpu_us(nlohmann::json::object()), 0.0) << "no /proc: nothing measured";
+}
+
 TEST(ThreadSwitches, VoluntaryAndInvoluntaryFromAStatusTextAndPerRequestByName) {
   EXPECT_EQ(parse_context_switches("Name:\tcaf.clock\nState:\tS (sleeping)\n"
                                    "voluntary_ctxt_switches:\t120\n"
