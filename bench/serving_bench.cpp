@@ -522,6 +522,8 @@ json run_serving(const serving_options& given) {
     const auto by_round = round_ratios(batched.back(), batched.front(), "tokens_per_s");
     out["last_over_first_by_round"] = by_round;
     out["last_over_first_round_median"] = median(by_round);
+    std::fprintf(stderr, "%d adapters: %.2f times the tokens a second of %d (round median)\n",
+                 o.adapters.back(), median(by_round), o.adapters.front());
   }
   return out;
 }
