@@ -392,8 +392,10 @@ void bm_continuous_prefix(benchmark::State& state) {
   continuous(state, 256);
 }
 BENCHMARK(bm_continuous_prefix)->Args({64, 64})->Args({64, 256})->Unit(benchmark::kMicrosecond);
-// bm_continuous_zipf_bf16 (tailord's default precision, Zipf adapters) with
-// the prefix cache above: the closest to a serving run's steps.
+// bm_continuous_zipf_bf16 (a float16 cache and AVX-512 BF16's products,
+// Zipf adapters) with the prefix cache above: the closest to a serving
+// run's steps with serving.products bfloat16 (tailord's default before
+// AMX; bm_decode_step_kernels compares the two kernels' steps).
 void bm_continuous_prefix_bf16(benchmark::State& state) {
   continuous(state, 256, dot_bf16, true);
 }
