@@ -440,6 +440,10 @@ json run_serving(const serving_options& given) {
   if (!o.tailord_config.empty())
     if (auto err = read_tailord_config(o.tailord_config, o.config); !err.empty())
       throw std::runtime_error(err);
+  // Before a broker starts: a name no configuration has is the caller's mistake.
+  const auto base_cfg = model::named_config(o.base_model);
+  if (!base_cfg)
+    throw std::runtime_error("--base-model: " + caf::to_string(base_cfg.error()));
   json out;
   // One broker for every run: engine_run would start one for each, and an
   // open loop in the first run on a new broker fell behind in Kafka
@@ -465,6 +469,12 @@ json run_serving(const serving_options& given) {
   out["store_memory_mb"] = o.store_memory_mb;
   out["products"] = o.products;
   out["baseline_products"] = o.baseline_products;
+  out["base_model"] = o.base_model;
+  // What a one-row step reads for its products, against the core's L2: a
+  // base whose weights fit in L2 gains less from batching (bench/README.md).
+  out["base_product_params"] = base_cfg->product_params();
+  const long l2 = ::sysconf(_SC_LEVEL2_CACHE_SIZE);
+  out["l2_cache_bytes"] = l2 > 0 ? l2 : 0;
   // A per-model endpoint serves one request at a time: no cross-user batch.
   const int baseline_n = std::find(o.adapters.begin(), o.adapters.end(), 100) != o.adapters.end()
                              ? 100
@@ -512,6 +522,12 @@ json run_serving(const serving_options& given) {
                        "%d adapters: %.2f times the baseline's tokens a second (round median); "
                        "the baseline's step CPU a request was %.2f times theirs\n",
                        baseline_n, median(by_round), median(cpu));
+          if (l2 > 0)
+            std::fprintf(stderr,
+                         "%s's products read %.2f MiB of bfloat16 weights a step; this core's "
+                         "L2 holds %.2f MiB\n",
+                         o.base_model.c_str(), 2.0 * base_cfg->product_params() / (1 << 20),
+                         static_cast<double>(l2) / (1 << 20));
         }
       }
   }

@@ -22,6 +22,13 @@ struct model_config {
   int64_t vocab = 257;  // bytes + end-of-text
 
   int64_t head_dim() const { return d_model / n_head; }
+  // Weights of the matrix products every token goes through (each layer's
+  // QKV, attention output and two MLP projections, and the output head tied
+  // to the embeddings): what a one-row serving step reads, and what
+  // batching shares between rows.
+  int64_t product_params() const {
+    return n_layer * 12 * d_model * d_model + d_model * vocab;
+  }
   std::map<std::string, std::string> to_metadata() const;
   // Reads a config from safetensors metadata; an error message on failure.
   static std::optional<model_config> from_metadata(const std::map<std::string, std::string>& m,

@@ -15,6 +15,7 @@
 #include <cerrno>
 #include <condition_variable>
 #include <csignal>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -1745,6 +1746,24 @@ TEST(BenchCleanup, ARunThatFailsToStartLeavesNoTopicsAndNoDirectory) {
       << left.size() << " topics left, the first " << left.front();
   for (const auto& e : std::filesystem::directory_iterator(std::filesystem::temp_directory_path()))
     EXPECT_NE(e.path().filename().string().rfind("tailor-bench-" + pid + "-", 0), 0u) << e.path();
+}
+
+// A base model no configuration names is refused at once, with the names
+// there are, before the bench starts a broker (half a minute) for nothing.
+TEST(BenchArguments, AnUnknownBaseModelIsRefusedBeforeABrokerStarts) {
+  const std::string cmd = std::string(TAILOR_BENCH_PATH) +
+                          " serving --base-model no-such-base --adapters 1 --requests 1 2>&1";
+  FILE* out = ::popen(cmd.c_str(), "r");
+  ASSERT_NE(out, nullptr);
+  std::string text;
+  char buf[4096];
+  for (std::size_t n; (n = std::fread(buf, 1, sizeof buf, out)) > 0;) text.append(buf, n);
+  const int status = ::pclose(out);
+  ASSERT_TRUE(WIFEXITED(status)) << text;
+  EXPECT_EQ(WEXITSTATUS(status), 1) << text;
+  EXPECT_NE(text.find("unknown model configuration 'no-such-base'"), std::string::npos) << text;
+  EXPECT_NE(text.find("tailor-base"), std::string::npos) << text;
+  EXPECT_EQ(text.find("starting a Kafka broker"), std::string::npos) << text;
 }
 
 namespace {

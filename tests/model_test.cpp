@@ -488,6 +488,23 @@ void for_each_product_shape(Check check) {
         for (bool bias : {true, false}) check(rows, in, out, bias);
 }
 
+// What a one-row step reads for its products (the bench reports it next
+// to the CPU's L2): every matrix the serving forward multiplies by, counted
+// from the weights themselves, for each named configuration.
+TEST(Dense, ProductParamsCountTheServingMatrices) {
+  for (const char* name : {"tailor-test", "tailor-base", "tailor-deep", "tailor-wide"}) {
+    SCOPED_TRACE(name);
+    auto cfg = named_config(name);
+    ASSERT_TRUE(cfg);
+    const auto base = base_weights::init(*cfg, 1);
+    const auto w = serving_weights::of(base);
+    int64_t params = w.head.t.numel();
+    for (const auto& l : w.layers)
+      for (const auto* m : {&l.qkv, &l.proj, &l.fc, &l.out}) params += m->t.numel();
+    EXPECT_EQ(cfg->product_params(), params);
+  }
+}
+
 TEST(Dense, EveryKernelComputesTheProductForAnyShape) {
   torch::manual_seed(2);
   for (auto isa : runnable_kernels())
