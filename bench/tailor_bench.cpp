@@ -194,7 +194,10 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"auto", "amx", "bfloat16", "float32"}));
   serving->add_option("--rank", so.rank, "LoRA rank of the adapters (default: 8)")
       ->check(CLI::Range(1, 16));
-  serving->add_option("--base-model", so.base_model, "base model (default: tailor-base)");
+  serving->add_option("--base-model", so.base_model,
+                      "base model every run serves: tailor-base (default), tailor-deep, "
+                      "tailor-wide; one not in the model cache is pre-trained by the first "
+                      "run's tailord (up to 10 min; tailor-pretrain --config NAME does it ahead)");
   serving->add_option(
       "--bootstrap", so.bootstrap,
       "Kafka bootstrap servers (default: start one broker with scripts/kafka-broker for all "
