@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <cstdio>
 #include <filesystem>
 #include <limits>
 #include <map>
@@ -35,22 +36,22 @@ std::string user_of(int k) {
   return "user-" + std::to_string(k);
 }
 
-// Registers `n` adapters (random, of the trained shape) for users 0..n-1 in
-// a fresh data directory, as a finished onboarding would have.
-void register_adapters(const std::string& data_dir, int n, const serving_options& o) {
-  auto cfg = model::named_config(o.base_model);
-  if (!cfg) throw std::runtime_error("unknown base model " + o.base_model);
+// Registers `n` adapters (random, of the trained shape of `base`, the
+// configuration of o.base_model) for users 0..n-1 in a fresh data
+// directory, as a finished onboarding would have.
+void register_adapters(const std::string& data_dir, int n, const model::model_config& base,
+                       const serving_options& o) {
   std::filesystem::create_directories(data_dir);
   auto db = storage::metadata_store::open(data_dir + "/metadata");
   if (!db) throw std::runtime_error("metadata store: " + caf::to_string(db.error()));
   model::lora_config lc;
   lc.rank = o.rank;
   for (int k = 0; k < n; ++k) {
-    auto ad = model::lora_adapter::init(*cfg, lc, static_cast<uint64_t>(k) + 1);
+    auto ad = model::lora_adapter::init(base, lc, static_cast<uint64_t>(k) + 1);
     torch::NoGradGuard no_grad;
     for (auto& layer : ad.layers)
       for (auto& p : layer) p.b = torch::randn_like(p.b) * 0.02;  // a trained-looking B
-    auto bytes = model::encode_adapter(ad, *cfg);
+    auto bytes = model::encode_adapter(ad, base);
     if (!bytes) throw std::runtime_error("encode: " + caf::to_string(bytes.error()));
     auto m = storage::register_ready_adapter(**db, data_dir + "/artifacts", user_of(k),
                                              "model-bench-" + std::to_string(k), o.base_model,
@@ -170,16 +171,16 @@ json tailord_config(const serving_options& o, int max_batch, const std::string& 
   return config;
 }
 
-// One run: a tailord with `n` adapters and `max_batch`, the requests sent
-// closed- or open-loop; its figures.
-json run_once(const serving_options& o, int n, int max_batch, const std::string& products,
-              const char* label) {
+// One run: a tailord with `n` adapters of `base` and `max_batch`, the
+// requests sent closed- or open-loop; its figures.
+json run_once(const serving_options& o, const model::model_config& base, int n, int max_batch,
+              const std::string& products, const char* label) {
   engine_run_options ro;
   ro.bootstrap = o.bootstrap;
   ro.keep_topics = o.keep_topics;
   ro.tailord = o.tailord;
   ro.config = tailord_config(o, max_batch, products);
-  ro.prepare = [&](const std::string& dir) { register_adapters(dir, n, o); };
+  ro.prepare = [&](const std::string& dir) { register_adapters(dir, n, base, o); };
   std::fprintf(stderr, "%s: %d adapters, batch up to %d: starting tailord...\n", label, n,
                max_batch);
   engine_run engine(ro);
@@ -486,10 +487,12 @@ json run_serving(const serving_options& given) {
     const std::string suffix = o.repeats > 1 ? "-round" + std::to_string(round) : "";
     for (std::size_t i = 0; i < o.adapters.size(); ++i)
       batched[i].push_back(
-          run_once(o, o.adapters[i], o.max_batch, o.products, ("batched" + suffix).c_str()));
+          run_once(o, *base_cfg, o.adapters[i], o.max_batch, o.products,
+                   ("batched" + suffix).c_str()));
     if (o.baseline)
       baseline.push_back(
-          run_once(o, baseline_n, 1, o.baseline_products, ("baseline" + suffix).c_str()));
+          run_once(o, *base_cfg, baseline_n, 1, o.baseline_products,
+                   ("baseline" + suffix).c_str()));
   }
   out["runs"] = json::array();
   for (const auto& runs : batched) out["runs"].push_back(median_run(runs, "tokens_per_s"));
@@ -514,21 +517,25 @@ json run_serving(const serving_options& given) {
             return r.value("step_cpu_us_per_request", 0.0) > 0;
           });
         };
+        std::string cpu_text;
         if (measured(baseline) && measured(batched[i])) {
           const auto cpu = round_ratios(baseline, batched[i], "step_cpu_us_per_request");
           out["baseline_step_cpu_over_batched_by_round"] = cpu;
           out["baseline_step_cpu_over_batched"] = median(cpu);
-          std::fprintf(stderr,
-                       "%d adapters: %.2f times the baseline's tokens a second (round median); "
-                       "the baseline's step CPU a request was %.2f times theirs\n",
-                       baseline_n, median(by_round), median(cpu));
-          if (l2 > 0)
-            std::fprintf(stderr,
-                         "%s's products read %.2f MiB of bfloat16 weights a step; this core's "
-                         "L2 holds %.2f MiB\n",
-                         o.base_model.c_str(), 2.0 * base_cfg->product_params() / (1 << 20),
-                         static_cast<double>(l2) / (1 << 20));
+          char text[96];
+          std::snprintf(text, sizeof text,
+                        "; the baseline's step CPU a request was %.2f times theirs", median(cpu));
+          cpu_text = text;
         }
+        std::fprintf(stderr,
+                     "%d adapters: %.2f times the baseline's tokens a second (round median)%s\n",
+                     baseline_n, median(by_round), cpu_text.c_str());
+        if (l2 > 0)
+          std::fprintf(stderr,
+                       "%s's products read %.2f MiB of bfloat16 weights a step; this core's "
+                       "L2 holds %.2f MiB\n",
+                       o.base_model.c_str(), 2.0 * base_cfg->product_params() / (1 << 20),
+                       static_cast<double>(l2) / (1 << 20));
       }
   }
   const auto& runs = out["runs"];
